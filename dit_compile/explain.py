@@ -1,0 +1,66 @@
+"""``dit_compile.explain``: what the region pass finds in a model, before anything is compiled."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .passes.regions import NoBlockStructure, RegionMap, find_regions
+
+
+@dataclass
+class Report:
+    model: str
+    graphs: int = 0                                        # Dynamo graphs traced (>1: graph breaks)
+    stacks: dict[str, int] = field(default_factory=dict)   # stack -> block count
+    streams: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)   # role -> graph input
+    input_rule: str = ""
+    regions: list[tuple[str, int]] = field(default_factory=list)  # (region, node count)
+    fallback: str | None = None                            # why mixcache would not cache
+
+    def __str__(self) -> str:
+        lines = [f"{self.model}: {self.graphs} graph(s)"]
+        if self.fallback:
+            lines.append(f"  fallback to plain Inductor: {self.fallback}")
+        for s, k in self.stacks.items():
+            lines.append(f"  stack {s}: {k} blocks, residual stream(s) {self.streams.get(s, [])}")
+        if self.inputs:
+            lines.append(f"  inputs ({self.input_rule}): "
+                         + ", ".join(f"{r}={n}" for r, n in self.inputs.items()))
+        if self.regions:
+            lines.append("  regions: " + " ".join(f"{n}[{k}]" for n, k in self.regions))
+        return "\n".join(lines)
+
+
+def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
+    """Trace ``model(*args, **kwargs)`` with Dynamo and report the regions mixcache would use.
+
+    Runs the model once (eagerly, through Dynamo's graph); compiles nothing with Inductor.
+    """
+    report = Report(type(getattr(model, "_orig_mod", model)).__name__)
+    found: list[RegionMap | NoBlockStructure] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
+        try:
+            found.append(find_regions(gm))
+        except NoBlockStructure as why:
+            found.append(why)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(getattr(model, "_orig_mod", model), backend=record)(*args, **kwargs)
+    report.graphs = len(found)
+    if len(found) > 1:
+        report.fallback = (f"the forward traced as {len(found)} graphs (graph breaks): step and cfg "
+                           "guards need one graph; run torch._dynamo.explain to see the breaks")
+    maps = [f for f in found if isinstance(f, RegionMap)]
+    if not maps:
+        report.fallback = str(found[0]) if found else "Dynamo traced no graph"
+        return report
+    rmap = max(maps, key=lambda m: sum(m.stacks.values()))
+    report.stacks, report.streams = rmap.stacks, rmap.streams
+    report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
+    report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
+    return report

@@ -1,0 +1,1 @@
+"""FX passes over the Dynamo graph of a DiT forward."""

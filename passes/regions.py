@@ -1,0 +1,286 @@
+"""Find the block structure of a DiT forward in Dynamo's graph.
+
+Contract: ``find_regions(gm)`` reads a Dynamo-traced ``GraphModule`` and returns a ``RegionMap``
+that assigns every node except placeholders and the output to exactly one region, in graph order:
+
+    prologue | stack A: block 0, block 1, ... | glue | stack B: block 0, ... | epilogue
+
+It never changes the graph. Where no repeated block structure is found it raises
+``NoBlockStructure`` with a reason a user can act on; the backend then falls back to plain Inductor.
+
+How blocks are found, with no per-model table: every node Dynamo records carries
+``meta["nn_module_stack"]``, the chain of modules whose ``forward`` it ran in. A *stack* is a
+container path whose children ``<path>.0, <path>.1, ...`` are two or more modules of one class that
+is not a ``torch.nn`` builtin (an ``nn.ModuleList`` of transformer blocks, not a ``Sequential`` of
+layers). Only the shallowest stacks count, so a refiner stack inside a text embedder stays part of
+the prologue. Which inputs are the latent, the timestep and the text condition is answered by the
+names diffusers pipelines pass them under, and failing that (a positional call) by dataflow.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+PROLOGUE, BLOCK, GLUE, EPILOGUE = "prologue", "block", "glue", "epilogue"
+
+
+class NoBlockStructure(Exception):
+    """The graph has no repeated block stack that the region pass can use."""
+
+
+@dataclass
+class Region:
+    name: str                      # "prologue", "blocks.3", "glue.0", "epilogue"
+    kind: str                      # PROLOGUE | BLOCK | GLUE | EPILOGUE
+    nodes: list[fx.Node]
+    stack: str | None = None       # e.g. "blocks"; set for kind == BLOCK
+    index: int | None = None       # position in its stack
+
+
+@dataclass
+class RegionMap:
+    regions: list[Region]
+    stacks: dict[str, int]                         # stack path -> number of blocks
+    inputs: dict[str, str]                         # role -> placeholder name
+    input_rule: str                                # "names" or "dataflow"
+    streams: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # stack -> shapes
+
+    def region_of(self) -> dict[fx.Node, int]:
+        return {n: i for i, r in enumerate(self.regions) for n in r.nodes}
+
+    @property
+    def blocks(self) -> list[Region]:
+        return [r for r in self.regions if r.kind == BLOCK]
+
+
+# Dynamo spells module paths differently across versions:
+#   "L['self'].__dict__['_modules']['blocks'].0"   (2.13)
+#   "L['self'].blocks[0]", "L['self']._modules['blocks']._modules['0']"
+_PATH_TOKENS = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]|\._modules\['([^']+)'\]|\['([^']+)'\]|\[(\d+)\]|\.(\w+)")
+
+
+def module_path(raw: str) -> str:
+    """Normalise a Dynamo module path to a dotted fqn ("blocks.0.attn1")."""
+    raw = re.sub(r"^L\['self'\]|^self", "", raw)
+    parts = [next(g for g in m.groups() if g is not None) for m in _PATH_TOKENS.finditer(raw)]
+    return ".".join(p for p in parts if p not in ("__dict__", "_modules"))
+
+
+def _stack_entries(node: fx.Node) -> list[tuple[str, type]]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(module_path(path), cls) for path, cls in stack.values()]
+
+
+def _block_candidates(node: fx.Node) -> list[tuple[str, int, type]]:
+    """(container, index, class) for every `<container>.<int>` module the node ran inside."""
+    out = []
+    for path, cls in _stack_entries(node):
+        head, _, tail = path.rpartition(".")
+        if head and tail.isdigit():
+            out.append((head, int(tail), cls))
+    return out
+
+
+def _is_builtin(cls: type) -> bool:
+    return getattr(cls, "__module__", "").startswith("torch.nn")
+
+
+def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
+    members: dict[str, dict[int, type]] = {}
+    for n in nodes:
+        for head, idx, cls in _block_candidates(n):
+            members.setdefault(head, {})[idx] = cls
+    stacks = {
+        head: len(idx_cls)
+        for head, idx_cls in members.items()
+        if len(idx_cls) >= 2
+        and len(set(idx_cls.values())) == 1
+        and not _is_builtin(next(iter(idx_cls.values())))
+        and sorted(idx_cls) == list(range(len(idx_cls)))
+    }
+    if not stacks:
+        return {}
+    depth = min(h.count(".") for h in stacks)
+    # A stack nested in another stack's block (or deeper than the main ones) belongs to its parent.
+    return {h: k for h, k in stacks.items() if h.count(".") == depth}
+
+
+def _label(node: fx.Node, stacks: dict[str, int]) -> tuple[str, int] | None:
+    for head, idx, _ in _block_candidates(node):
+        if head in stacks:
+            return head, idx
+    return None
+
+
+def _compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def find_regions(gm: fx.GraphModule) -> RegionMap:
+    """Partition ``gm``'s nodes into prologue, blocks of each stack, glue and epilogue.
+
+    Raises ``NoBlockStructure`` when there is no stack, or when block nodes interleave in a way
+    that contiguous regions cannot express.
+    """
+    nodes = _compute_nodes(gm)
+    stacks = _find_stacks(nodes)
+    if not stacks:
+        raise NoBlockStructure(
+            "no nn.ModuleList of two or more identical blocks was traced; a model compiled block by "
+            "block (diffusers' compile_repeated_blocks) or one without a transformer stack has no "
+            "step, cfg or block boundary to cache at")
+
+    # Label each node with its block; nodes outside every block (loop glue, views on the stream)
+    # that sit between two runs of one block join that block.
+    labels = [_label(n, stacks) for n in nodes]
+    runs: list[tuple[tuple[str, int] | None, list[fx.Node]]] = []
+    for n, lab in zip(nodes, labels):
+        if runs and runs[-1][0] == lab:
+            runs[-1][1].append(n)
+        else:
+            runs.append((lab, [n]))
+    merged: list[tuple[tuple[str, int] | None, list[fx.Node]]] = []
+    for lab, run in runs:
+        if (lab is not None and len(merged) >= 2 and merged[-1][0] is None
+                and merged[-2][0] == lab):
+            gap = merged.pop()[1]
+            merged[-1][1].extend(gap + run)
+        elif merged and merged[-1][0] == lab:
+            merged[-1][1].extend(run)
+        else:
+            merged.append((lab, run))
+
+    seen: set[tuple[str, int]] = set()
+    for lab, _ in merged:
+        if lab is None:
+            continue
+        if lab in seen:
+            raise NoBlockStructure(f"the nodes of block {lab[0]}.{lab[1]} are interleaved with other "
+                                   "blocks' nodes, so it is not one contiguous region")
+        seen.add(lab)
+
+    regions: list[Region] = []
+    n_block_runs = sum(lab is not None for lab, _ in merged)
+    blocks_seen = 0
+    glue = 0
+    for lab, run in merged:
+        if lab is not None:
+            regions.append(Region(f"{lab[0]}.{lab[1]}", BLOCK, run, lab[0], lab[1]))
+            blocks_seen += 1
+        elif blocks_seen == 0:
+            regions.append(Region(PROLOGUE, PROLOGUE, run))
+        elif blocks_seen == n_block_runs:
+            regions.append(Region(EPILOGUE, EPILOGUE, run))
+        else:
+            regions.append(Region(f"glue.{glue}", GLUE, run))
+            glue += 1
+
+    traced = {h: sum(1 for r in regions if r.stack == h) for h in stacks}
+    roles, rule = identify_inputs(gm)
+    rmap = RegionMap(regions, traced, roles, rule)
+    rmap.streams = {h: [_shape(n) for n in carried] for h, carried in residual_streams(rmap).items()}
+    return rmap
+
+
+def _shape(n: fx.Node) -> tuple[int | str, ...]:
+    """Static sizes as ints, symbolic ones (dynamic shapes) by their expression."""
+    v = n.meta.get("example_value")
+    if not isinstance(v, torch.Tensor):
+        return ()
+    return tuple(d if isinstance(d, int) else str(d) for d in v.shape)
+
+
+def dataflow(gm: fx.GraphModule) -> nx.DiGraph:
+    """The graph's def-use edges as a networkx DiGraph over nodes."""
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n)
+        for u in n.all_input_nodes:
+            g.add_edge(u, n)
+    return g
+
+
+def residual_streams(rmap: RegionMap) -> dict[str, list[fx.Node]]:
+    """For each stack, the values block 0 leaves to block 1: the residual stream(s) it carries.
+
+    A value is a stream when block i defines it and block i+1 reads it; taking them from the first
+    pair suffices because blocks of one stack have one signature.
+    """
+    out: dict[str, list[fx.Node]] = {}
+    blocks = rmap.blocks
+    for a, b in zip(blocks, blocks[1:]):
+        if a.stack != b.stack or a.stack in out:
+            continue
+        defined = set(a.nodes)
+        carried = []
+        for n in b.nodes:
+            for u in n.all_input_nodes:
+                if u in defined and u not in carried:
+                    carried.append(u)
+        out[a.stack] = carried
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Which graph inputs are the latent, the timestep and the text condition.
+
+_ROLE_NAMES = {"latent": "hidden_states", "timestep": "timestep", "text": "encoder_hidden_states"}
+
+
+def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:
+    """Tensor placeholders that are call arguments, not the model's parameters or buffers."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder" or not isinstance(n.meta.get("example_value"), torch.Tensor):
+            continue
+        src = _source_name(n)
+        if not (src.startswith("L['self']") or src.startswith("self")
+                or isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)):
+            out.append(n)
+    return out
+
+
+def _source_name(n: fx.Node) -> str:
+    ga = n.meta.get("grapharg")
+    src = getattr(getattr(ga, "source", None), "name", n.name)
+    return src() if callable(src) else src
+
+
+def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
+    """Map roles ("latent", "timestep", "text") to placeholder names, and say by which rule."""
+    ins = user_inputs(gm)
+    roles: dict[str, str] = {}
+    for role, kw in _ROLE_NAMES.items():
+        for n in ins:
+            if re.search(rf"\['{kw}'\]$", _source_name(n)):
+                roles[role] = n.name
+    if len(roles) == len(_ROLE_NAMES):
+        return roles, "names"
+
+    # Positional call: fall back to dataflow and shapes.
+    taken = set(roles.values())
+    free = [n for n in ins if n.name not in taken]
+    val = {n: n.meta["example_value"] for n in free}
+    if "timestep" not in roles:
+        # The timestep is the small input a sinusoidal embedding (sin/cos) is taken of.
+        g = dataflow(gm)
+        trig = [n for n in gm.graph.nodes if n.op == "call_function"
+                and getattr(n.target, "__name__", "") in ("sin", "cos")]
+        cands = [n for n in free if val[n].dim() <= 2 and any(nx.has_path(g, n, t) for t in trig)]
+        if cands:
+            roles["timestep"] = min(cands, key=lambda n: (val[n].dim(), val[n].numel())).name
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    out_shapes = {_shape(o) for o in out_node.all_input_nodes}
+    rest = [n for n in free if n.name not in roles.values() and val[n].is_floating_point()
+            and val[n].dim() >= 3]
+    if "latent" not in roles and rest:
+        same = [n for n in rest if _shape(n) in out_shapes]
+        roles["latent"] = max(same or rest, key=lambda n: val[n].numel()).name
+    rest = [n for n in rest if n.name not in roles.values() and val[n].dim() == 3]
+    if "text" not in roles and rest:
+        roles["text"] = max(rest, key=lambda n: val[n].numel()).name
+    return roles, "dataflow"

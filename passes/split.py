@@ -1,0 +1,143 @@
+"""Split a graph at its region boundaries into pieces and a flat plan that stitches them.
+
+Contract: ``split(gm, rmap)`` returns a ``Plan`` whose pieces are the regions of ``rmap`` as
+``GraphModule``s of their own (made by ``torch.fx.passes.split_module``), each with the slots it
+reads and writes in one value table. Running the pieces in order over that table computes exactly
+what ``gm`` computes: this is the invariant the property tests check. ``gm`` is left untouched.
+
+The table is the executor's whole state per call: slot ``i < n_inputs`` is graph input ``i``
+(Dynamo's calling convention), later slots are region outputs. Resolving names to slots here, once,
+is what keeps the per-step work of the executor to indexing.
+"""
+from __future__ import annotations
+
+import hashlib
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module
+from torch.utils import _pytree as pytree
+
+from .regions import RegionMap, Region
+
+
+@dataclass
+class Piece:
+    region: Region
+    module: fx.GraphModule
+    args: tuple[int, ...]           # slots read, in the piece's placeholder order
+    outs: tuple[int, ...]           # slots written, one per output of the piece
+    example_inputs: list[Any]       # fake tensors / symints for compiling the piece
+    single: bool                    # the piece returns one value, not a tuple
+
+    def signature(self) -> str:
+        """Structural hash: pieces with equal signatures compute the same function of their args."""
+        return graph_signature(self.module, self.example_inputs)
+
+
+@dataclass
+class Plan:
+    n_inputs: int
+    n_slots: int
+    pieces: list[Piece]
+    out_spec: pytree.TreeSpec
+    out_leaves: list[int | tuple[str, Any]]   # slot, or ("const", value)
+    rmap: RegionMap
+
+
+def _example(n: fx.Node) -> Any:
+    return n.meta.get("example_value", n.meta.get("val"))
+
+
+def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
+    region_of = rmap.region_of()
+    parent = split_module(gm, None, lambda n: region_of[n], keep_original_order=True)
+    examples = {n.name: _example(n) for n in gm.graph.nodes}
+
+    slot: dict[fx.Node, int] = {}
+    n_inputs = 0
+    pieces: list[Piece] = []
+    calls: dict[fx.Node, tuple[int, ...]] = {}   # parent call -> slot of its output i
+    out_node = None
+    next_slot = 0
+    for node in parent.graph.nodes:
+        if node.op == "placeholder":
+            slot[node] = next_slot
+            next_slot += 1
+            n_inputs += 1
+        elif node.op == "call_module":
+            sub: fx.GraphModule = getattr(parent, node.target)
+            idx = int(node.target.rsplit("_", 1)[1])
+            sub_out = next(n for n in sub.graph.nodes if n.op == "output")
+            single = not isinstance(sub_out.args[0], (tuple, list))
+            n_out = 1 if single else len(sub_out.args[0])
+            calls[node] = tuple(range(next_slot, next_slot + n_out))
+            next_slot += n_out
+            outs = calls[node] if single else _canonical_outputs(sub, sub_out, calls[node])
+            phs = [p for p in sub.graph.nodes if p.op == "placeholder"]
+            piece = Piece(rmap.regions[idx], sub, tuple(slot[a] for a in node.args), outs,
+                          [examples[p.target] for p in phs], single)
+            if single:
+                slot[node] = outs[0]
+            pieces.append(piece)
+        elif node.op == "call_function" and node.target is operator.getitem:
+            src, i = node.args
+            slot[node] = calls[src][i]
+        elif node.op == "output":
+            out_node = node
+        else:  # pragma: no cover - split_module emits nothing else
+            raise AssertionError(f"unexpected node in split parent: {node.format_node()}")
+
+    leaves, spec = pytree.tree_flatten(out_node.args[0])
+    out_leaves = [slot[x] if isinstance(x, fx.Node) else ("const", x) for x in leaves]
+    return Plan(n_inputs, next_slot, pieces, spec, out_leaves, rmap)
+
+
+def _canonical_outputs(sub: fx.GraphModule, out: fx.Node, slots: tuple[int, ...]) -> tuple[int, ...]:
+    """Return a piece's outputs in the order its graph defines them, not the order later pieces
+    happen to read them: identical blocks then have identical graphs, and stream i of one block is
+    stream i of the next. ``slots[i]`` is where split_module's output i goes; the result says
+    where each reordered output goes."""
+    rets = list(out.args[0])
+    pos = {n: i for i, n in enumerate(sub.graph.nodes)}
+    perm = sorted(range(len(rets)), key=lambda j: pos.get(rets[j], -1))
+    out.args = (tuple(rets[j] for j in perm),)
+    sub.recompile()
+    return tuple(slots[j] for j in perm)
+
+
+def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
+    """Hash of a graph's ops and wiring plus its inputs' metadata, blind to node names."""
+    index: dict[fx.Node, int] = {}
+    h = hashlib.sha1()
+
+    def enc(a: Any) -> Any:
+        return pytree.tree_map(lambda x: ("%", index[x]) if isinstance(x, fx.Node) else x, a)
+
+    for i, n in enumerate(gm.graph.nodes):
+        index[n] = i
+        if n.op in ("call_function", "call_method"):
+            target = f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', n.target)}"
+        elif n.op == "get_attr":  # a constant baked into the piece: equal only if equal values
+            target = _constant_key(getattr(gm, n.target))
+        else:
+            target = n.op
+        h.update(repr((n.op, target, enc(n.args), enc(n.kwargs))).encode())
+    for v in example_inputs:
+        if isinstance(v, torch.Tensor):
+            h.update(repr((tuple(v.shape), v.stride(), v.dtype, v.device.type)).encode())
+        else:
+            h.update(repr(type(v)).encode())
+    return h.hexdigest()
+
+
+def _constant_key(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.numel() <= 4096 and not value.is_meta:
+            return f"t{tuple(value.shape)}{value.dtype}" + hashlib.sha1(
+                value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        return f"id{id(value)}"
+    return repr(value)

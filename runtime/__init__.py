@@ -1,0 +1,1 @@
+"""The runtime behind a compiled model: cache state, policy, executor."""

@@ -1,0 +1,37 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def capture(model: torch.nn.Module, kwargs: dict) -> torch.fx.GraphModule:
+    """Dynamo's graph of ``model(**kwargs)`` (fullgraph); its real inputs are in ``gm.inputs``."""
+    graphs = []
+    torch._dynamo.reset()
+
+    def record(gm, example_inputs, **_):
+        gm.inputs = list(example_inputs)
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=record, fullgraph=True)(**kwargs, return_dict=False) \
+            if "return_dict" in _params(model) else \
+            torch.compile(model, backend=record, fullgraph=True)(**kwargs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def _params(model):
+    import inspect
+    return inspect.signature(inspect.unwrap(type(model).forward)).parameters

@@ -1,0 +1,73 @@
+"""The backend end to end: registration, options, Inductor agreement, no recompiles."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dit_compile
+import dit_compile.backend as backend
+import tiny_models
+
+
+def test_registered_by_entry_point_without_import():
+    code = textwrap.dedent("""
+        import sys, torch
+        m = torch.nn.Linear(2, 2)
+        assert "mixcache" in torch._dynamo.list_backends(exclude_tags=())
+        assert "dit_compile" not in sys.modules
+        torch.compile(m, backend="mixcache", options={"regions": "eager"})(torch.ones(1, 2))
+        assert "dit_compile" in sys.modules
+    """)
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"regionz": "eager"}, r"unknown mixcache option\(s\) \['regionz'\]; valid options: \["),
+    ({"regions": "tvm"}, r"regions='tvm': must be one of \('inductor', 'eager'\)"),
+    ({"cache_memory": -1}, r"cache_memory=-1: must be a positive"),
+])
+def test_bad_options_are_clear_errors(options, match):
+    model, kw = tiny_models.wan(layers=2)
+    with pytest.raises(Exception, match=match):
+        torch.compile(model, backend="mixcache", options=options)(**kw, return_dict=False)
+
+
+@pytest.mark.inductor
+def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch):
+    model, kw = tiny_models.wan(layers=4)
+    compiles, traces = [], []
+    real_compile, real_find = backend.compile_fx, backend.find_regions
+    monkeypatch.setattr(backend, "compile_fx", lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
+    monkeypatch.setattr(backend, "find_regions", lambda gm: traces.append(1) or real_find(gm))
+    with torch.no_grad():
+        ours = torch.compile(model, backend="mixcache", fullgraph=True)
+        out = ours(**kw, return_dict=False)[0]
+        plain = torch.compile(model, backend="inductor", fullgraph=True)(**kw, return_dict=False)[0]
+        torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+        assert len(compiles) == 3, "prologue, one shared block, epilogue"
+        # A new timestep (every denoising step) reuses the compiled graph: no recompilation.
+        for t in (400.0, 300.0, 17.0):
+            kw["timestep"] = torch.full_like(kw["timestep"], t)
+            ref = model(**kw, return_dict=False)[0]
+            torch.testing.assert_close(ours(**kw, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
+    assert len(traces) == 1 and len(compiles) == 3
+
+
+def test_graph_breaks_fall_back_per_graph_and_stay_correct():
+    """HiDream's MoE dispatch syncs to the host and breaks the graph: still a correct result."""
+    model, kw = tiny_models.hidream()
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        with pytest.warns(UserWarning, match="mixcache"):
+            out = torch.compile(model, backend="mixcache", options={"regions": "eager"})(
+                **kw, return_dict=False)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_reports_regions():
+    model, kw = tiny_models.wan(layers=2)
+    text = str(dit_compile.explain(model, **kw, return_dict=False))
+    assert "stack blocks: 2 blocks" in text and "timestep=" in text

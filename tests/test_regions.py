@@ -1,0 +1,144 @@
+"""The region pass on diffusers' own DiTs and on random DiT-like modules."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import dit_compile
+from conftest import capture
+from dit_compile.passes.regions import BLOCK, EPILOGUE, PROLOGUE, NoBlockStructure, find_regions
+from dit_compile.passes.split import split
+from dit_compile.runtime.executor import Executor
+import random_dits
+import tiny_models
+
+EXPECTED = {
+    "wan": {"blocks": 3},
+    "flux": {"transformer_blocks": 2, "single_transformer_blocks": 2},
+    "hunyuan": {"transformer_blocks": 2, "single_transformer_blocks": 2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_diffusers_models_regions(name):
+    model, kw = tiny_models.MODELS[name]()
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert report.fallback is None
+    assert report.stacks == EXPECTED[name]
+    assert set(report.inputs) == {"latent", "timestep", "text"}
+    assert report.input_rule == "names"
+    kinds = [r for r, _ in report.regions]
+    assert kinds[0] == PROLOGUE and kinds[-1] == EPILOGUE
+    for stack, shapes in report.streams.items():
+        assert shapes and all(len(s) == 3 for s in shapes), (stack, shapes)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_diffusers_models_stitched_equal_eager(name):
+    model, kw = tiny_models.MODELS[name]()
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        compiled = torch.compile(model, backend="mixcache", options={"regions": "eager"},
+                                 fullgraph=True)
+        out = compiled(**kw, return_dict=False)[0]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_positional_call_identifies_inputs_by_dataflow():
+    model, kw = tiny_models.wan()
+    args = (kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"])
+    report = dit_compile.explain(model, *args, return_dict=False)
+    assert report.input_rule == "dataflow"
+    assert report.inputs == {"latent": "l_args_0_", "timestep": "l_args_1_", "text": "l_args_2_"}
+
+
+def _check_partition(gm, rmap):
+    compute = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    owners = {}
+    for i, region in enumerate(rmap.regions):
+        for n in region.nodes:
+            assert n not in owners, f"{n} in two regions"
+            owners[n] = i
+    assert set(owners) == set(compute), "some node is in no region"
+    # Regions are contiguous in graph order and appear in order.
+    order = [owners[n] for n in compute]
+    assert order == sorted(order)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(random_dits.specs())
+def test_random_dits_partition_and_stitch(spec):
+    model, kw = random_dits.build(spec)
+    gm = capture(model, kw)
+    rmap = find_regions(gm)
+    _check_partition(gm, rmap)
+    stacks = {"blocks": spec.depths[0]}
+    if len(spec.depths) > 1:
+        stacks["single_blocks"] = spec.depths[1]
+    assert rmap.stacks == stacks
+    assert rmap.inputs["latent"] and rmap.inputs["timestep"] and rmap.inputs["text"]
+    assert sum(r.kind == BLOCK for r in rmap.regions) == sum(spec.depths)
+
+    plan = split(gm, rmap)
+    run = Executor(plan, [p.module for p in plan.pieces])
+    inputs = gm.inputs
+    with torch.no_grad():
+        torch.testing.assert_close(run(*inputs), gm(*inputs), rtol=0, atol=0)
+        torch.testing.assert_close(run(*inputs)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_identical_blocks_share_one_signature():
+    model, kw = tiny_models.wan(layers=4)
+    plan = split(gm := capture(model, kw), find_regions(gm))
+    sigs = [p.signature() for p in plan.pieces if p.region.kind == BLOCK]
+    assert len(sigs) == 4 and len(set(sigs)) == 1
+
+
+def test_blocks_with_different_shapes_do_not_share():
+    spec = random_dits.Spec(dim=8, depths=(2, 2), cross_attn=True, adaln=True, gated=True,
+                            two_streams=True, extra_input=False, batch=1, tokens=4)
+    model, kw = random_dits.build(spec)
+    plan = split(gm := capture(model, kw), find_regions(gm))
+    by_stack = {}
+    for p in plan.pieces:
+        if p.region.kind == BLOCK:
+            by_stack.setdefault(p.region.stack, set()).add(p.signature())
+    assert len(by_stack["blocks"]) == 1 and len(by_stack["single_blocks"]) == 1
+    assert by_stack["blocks"] != by_stack["single_blocks"]
+
+
+class ConvNet(torch.nn.Module):
+    """U-Net-like: down, middle, up with a skip; no repeated block list."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.mid = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(torch.relu(self.mid(torch.relu(self.down(x))))) + x
+
+
+@pytest.mark.parametrize("model,x", [
+    (torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+     torch.randn(2, 4)),
+    (ConvNet(), torch.randn(1, 3, 8, 8)),
+])
+def test_no_block_structure_falls_back_with_warning(model, x):
+    with pytest.raises(NoBlockStructure):
+        gm = capture(model.eval(), {"x": x} if isinstance(model, ConvNet) else {"input": x})
+        find_regions(gm)
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.warns(UserWarning, match=rf"mixcache: {type(model).__name__}: no nn.ModuleList"):
+        out = torch.compile(model, backend="mixcache")(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert dit_compile.explain(model, x).fallback
+
+
+def test_block_level_graph_warns(recwarn):
+    """compile_repeated_blocks hands the backend one block: no boundaries, a clear warning."""
+    model, kw = tiny_models.wan(layers=2)
+    model.compile_repeated_blocks(backend="mixcache")
+    with torch.no_grad():
+        model(**kw, return_dict=False)
+    assert any("compile_repeated_blocks" in str(w.message) for w in recwarn.list)

@@ -1,0 +1,68 @@
+"""diffusers' own transformer classes at tiny configs, with inputs shaped as their pipelines pass them.
+
+Each factory returns (model, kwargs) for ``model(**kwargs, return_dict=False)``; weights are random
+(seeded), fp32, eval mode.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def wan(layers: int = 3, batch: int = 1, frames: int = 2, size: int = 8) -> tuple[torch.nn.Module, dict]:
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                              in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                              num_layers=layers, cross_attn_norm=True, rope_max_seq_len=32).eval()
+    return m, dict(hidden_states=torch.randn(batch, 4, frames, size, size),
+                   timestep=torch.full((batch,), 500.0),
+                   encoder_hidden_states=torch.randn(batch, 5, 16))
+
+
+def flux(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                               pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
+    seq, txt = 16, 6
+    return m, dict(hidden_states=torch.randn(batch, seq, 4),
+                   encoder_hidden_states=torch.randn(batch, txt, 32),
+                   pooled_projections=torch.randn(batch, 32), timestep=torch.full((batch,), 0.5),
+                   img_ids=torch.randn(seq, 3), txt_ids=torch.randn(txt, 3))
+
+
+def hunyuan(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(0)
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                       attention_head_dim=10, num_layers=2, num_single_layers=2,
+                                       num_refiner_layers=2, patch_size=1, patch_size_t=1,
+                                       guidance_embeds=True, text_embed_dim=16,
+                                       pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)).eval()
+    return m, dict(hidden_states=torch.randn(batch, 4, 2, 4, 4), timestep=torch.full((batch,), 500.0),
+                   encoder_hidden_states=torch.randn(batch, 6, 16),
+                   pooled_projections=torch.randn(batch, 8),
+                   encoder_attention_mask=torch.ones(batch, 6),
+                   guidance=torch.full((batch,), 3500.0))
+
+
+def hidream(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    from diffusers import HiDreamImageTransformer2DModel
+    torch.manual_seed(0)
+    m = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                       num_single_layers=2, attention_head_dim=8,
+                                       num_attention_heads=4, caption_channels=[8, 4],
+                                       text_emb_dim=8, num_routed_experts=2,
+                                       num_activated_experts=2, axes_dims_rope=(4, 2, 2),
+                                       max_resolution=(32, 32), llama_layers=(0, 1, 2, 3)).eval()
+    return m, dict(hidden_states=torch.randn(batch, 4, 16, 16), timesteps=torch.full((batch,), 500.0),
+                   encoder_hidden_states_t5=torch.randn(batch, 8, 8),
+                   encoder_hidden_states_llama3=torch.randn(4, batch, 8, 4),
+                   pooled_embeds=torch.randn(batch, 8))
+
+
+MODELS: dict[str, Callable[..., tuple[torch.nn.Module, dict[str, Any]]]] = {
+    "wan": wan, "flux": flux, "hunyuan": hunyuan, "hidream": hidream}
