@@ -8,8 +8,33 @@ import is needed. Where the package is importable but not installed, pass the fu
 """
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from .backend import mixcache
 from .explain import Report, explain
 from .options import OptionError, Options
+from .runtime.cache import CacheMemoryError, find_state
+from .runtime.policy import PolicyError
 
-__all__ = ["mixcache", "explain", "Report", "Options", "OptionError"]
+__all__ = ["mixcache", "explain", "stats", "reset", "Report", "Options", "OptionError",
+           "PolicyError", "CacheMemoryError"]
+
+
+def stats(model: torch.nn.Module) -> dict[str, Any]:
+    """What the cache computed and reused for ``model`` (compiled with a ``cache`` option):
+    calls, computed, reused per granularity, the fraction of FLOPs computed, cached bytes, and a
+    per-call trace (generation, step, branch, timestep, action, signal)."""
+    state = find_state(model)
+    if state is None:
+        raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "
+                         "and a 'cache' option, and run it once")
+    return state.stats()
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Drop everything cached for ``model``: the next call starts a new generation."""
+    state = find_state(model)
+    if state is not None:
+        state.reset()

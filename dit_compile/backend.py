@@ -10,9 +10,11 @@ import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
 from .options import Options
-from .passes.regions import NoBlockStructure, find_regions
+from .passes.regions import BLOCK, NoBlockStructure, find_regions
 from .passes.split import Plan, split
-from .runtime.executor import Executor
+from .runtime.cache import StateFactory
+from .runtime.executor import Executor, GuardedExecutor
+from .runtime.policy import make_policy
 
 
 def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | None = None,
@@ -35,8 +37,18 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     # 3. compile: each distinct piece once; identical blocks share the artifact.
     fns = compile_pieces(plan, opts, inductor)
 
-    # 4. stitch: the executor runs the pieces, asking the runtime at each guard point.
-    return Executor(plan, fns)
+    # 4. stitch: the executor runs the pieces, asking the policy at each guard point.
+    n_blocks = sum(p.region.kind == BLOCK for p in plan.pieces)
+    policy = make_policy(opts.cache, n_blocks)
+    if policy is None:
+        return Executor(plan, fns)
+    missing = {"latent", "timestep"} - set(rmap.inputs)
+    if missing:
+        warnings.warn(f"mixcache: {_model_name()}: could not tell which input is the "
+                      f"{' and the '.join(sorted(missing))}; running without caching.", stacklevel=2)
+        return Executor(plan, fns)
+    state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")))
+    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan))
 
 
 def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any]) -> list[Callable[..., Any]]:
@@ -53,6 +65,32 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any]) -> list[
                                            config_patches=inductor)
         fns.append(compiled[key])
     return fns
+
+
+def piece_flops(plan: Plan) -> list[float]:
+    """Each piece's share of the forward's FLOPs, counted on the fake inputs (nothing runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counts = []
+    try:
+        for p in plan.pieces:
+            with FlopCounterMode(display=False) as fc:
+                p.module(*p.example_inputs)
+            counts.append(float(fc.get_total_flops()))
+    except Exception:  # a piece fake execution cannot count: weigh blocks equally instead
+        counts = [1.0 if p.region.kind == BLOCK else 0.0 for p in plan.pieces]
+    total = sum(counts) or 1.0
+    return [c / total for c in counts]
+
+
+def anchor_slot(gm: fx.GraphModule) -> int | None:
+    """A graph input that is one of the model's parameters: the runtime finds the model's cache
+    state on it. Dynamo reuses one graph for every instance of a model class (parameters are
+    inputs), so the state must follow the parameters passed in, not the module traced first."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, n in enumerate(phs):
+        if isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter):
+            return i
+    return None
 
 
 def _inductor_config(mode: str | None) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class Plan:
     out_spec: pytree.TreeSpec
     out_leaves: list[int | tuple[str, Any]]   # slot, or ("const", value)
     rmap: RegionMap
+    input_names: list[str]                   # graph input i's placeholder name
+    slot_examples: dict[int, Any]            # fake value of each slot some piece reads
 
 
 def _example(n: fx.Node) -> Any:
@@ -58,6 +60,8 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
     examples = {n.name: _example(n) for n in gm.graph.nodes}
 
     slot: dict[fx.Node, int] = {}
+    input_names: list[str] = []
+    slot_examples: dict[int, Any] = {}
     n_inputs = 0
     pieces: list[Piece] = []
     calls: dict[fx.Node, tuple[int, ...]] = {}   # parent call -> slot of its output i
@@ -66,6 +70,7 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
     for node in parent.graph.nodes:
         if node.op == "placeholder":
             slot[node] = next_slot
+            input_names.append(node.name)
             next_slot += 1
             n_inputs += 1
         elif node.op == "call_module":
@@ -82,6 +87,7 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
                           [examples[p.target] for p in phs], single)
             if single:
                 slot[node] = outs[0]
+            slot_examples.update(zip(piece.args, piece.example_inputs))
             pieces.append(piece)
         elif node.op == "call_function" and node.target is operator.getitem:
             src, i = node.args
@@ -93,7 +99,7 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
 
     leaves, spec = pytree.tree_flatten(out_node.args[0])
     out_leaves = [slot[x] if isinstance(x, fx.Node) else ("const", x) for x in leaves]
-    return Plan(n_inputs, next_slot, pieces, spec, out_leaves, rmap)
+    return Plan(n_inputs, next_slot, pieces, spec, out_leaves, rmap, input_names, slot_examples)
 
 
 def _canonical_outputs(sub: fx.GraphModule, out: fx.Node, slots: tuple[int, ...]) -> tuple[int, ...]:

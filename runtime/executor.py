@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import torch
 from torch.utils import _pytree as pytree
 
+from ..passes.regions import BLOCK
 from ..passes.split import Plan
+from .cache import BranchCache, CacheState, StateFactory, Step
+from .policy import CFG, STEP, Policy
 
 
 class Executor:
@@ -55,3 +59,143 @@ class Executor:
         env = [*args, *self._pad]
         self.run(env)
         return self.output(env)
+
+
+class GuardedExecutor(Executor):
+    """The executor with MixCache guard points: step and cfg at entry, block after the probe.
+
+    Compile time fixes where the guards sit (piece indices) and which slots the block span reads
+    and writes; per call, the policy's answers pick one of three paths over the same pieces.
+    """
+
+    def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
+                 states: StateFactory, anchor: int | None, flops: Sequence[float]):
+        super().__init__(plan, fns)
+        self.policy, self.states, self.anchor, self.flops = policy, states, anchor, list(flops)
+        roles, names = plan.rmap.inputs, plan.input_names
+        self.latent = names.index(roles["latent"])
+        self.t = names.index(roles["timestep"])
+        self.sig_slots = [names.index(roles[r]) for r in ("latent", "timestep", "text") if r in roles]
+        blocks = [i for i, p in enumerate(plan.pieces) if p.region.kind == BLOCK]
+        a, b = policy.span
+        self.first = blocks[0]
+        self.probe_end = blocks[policy.probe - 1] + 1
+        self.span = (blocks[a], blocks[b - 1] + 1)
+        ex = plan.slot_examples
+        # The probe's residual: its first stream output minus the matching stream into block 0.
+        first_ins = [s for s in plan.pieces[self.first].args if s >= plan.n_inputs or s in self.sig_slots]
+        self.probe_pairs = _pair(plan.pieces[self.probe_end - 1].outs, first_ins, ex)[:1]
+        # The span: its outputs, each paired with the same-shaped stream entering it (residual
+        # reuse) or unpaired (the value itself is reused).
+        s0, s1 = self.span
+        defined = {o for p in plan.pieces[s0:s1] for o in p.outs}
+        later = {i for p in plan.pieces[s1:] for i in p.args} | {
+            s for s in plan.out_leaves if isinstance(s, int)}
+        outs = [o for p in plan.pieces[s0:s1] for o in p.outs if o in later]
+        self.span_pairs = _pair(outs, list(plan.pieces[s0 - 1].outs), ex, keep_unpaired=True)
+        self.span_flops = sum(self.flops[s0:s1])
+        self.out_slots = [s for s in plan.out_leaves if isinstance(s, int)]
+
+    def __call__(self, *args: Any) -> Any:
+        env = [*args, *self._pad]
+        st = self.states(None if self.anchor is None else env[self.anchor])
+        pol = self.policy
+        x = env[self.latent]
+        step = st.begin(float(env[self.t].reshape(-1)[0]), tuple(
+            (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots))
+        bc = st.branch(step.branch)
+        action, signal = pol.step(step, st, x)
+
+        if action == CFG:
+            outs = [o0 + d for o0, d in zip(st.current[0], st.cfg_diff)]
+            return self._finish(st, env, step, bc, outs, CFG, 0.0, signal, x)
+        if action == STEP:
+            return self._finish(st, env, step, bc, self._reuse_step(bc, x, step.t), STEP, 0.0, signal, x)
+
+        # Compute, with the block guard between the probe and the span.
+        self.run(env, 0, self.first)
+        stream0 = [env[i] for _, i in self.probe_pairs]
+        self.run(env, self.first, self.probe_end)
+        flops, kind = 1.0, "compute"
+        if pol.uses_blocks:
+            o, _ = self.probe_pairs[0] if self.probe_pairs else (self.plan.pieces[self.probe_end - 1].outs[0], None)
+            probe = env[o] - stream0[0] if stream0 else env[o]
+            self.run(env, self.probe_end, self.span[0])
+            skip, bsig = pol.block(step, bc, probe)
+            signal = bsig if bsig is not None else signal
+            ins = [env[i] if i is not None else None for _, i in self.span_pairs]
+            if skip is True:
+                for (o, _), v, r in zip(self.span_pairs, ins, bc.span):
+                    env[o] = r if v is None else v + r
+                flops, kind = 1.0 - self.span_flops, "block"
+            else:
+                self.run(env, *self.span)
+                fresh = [env[o] if v is None else env[o] - v for (o, _), v in zip(self.span_pairs, ins)]
+                if skip is not False:
+                    # Per sample: the samples that may reuse take the cached residual and keep it;
+                    # the others take and cache what was just computed, as alone they would.
+                    fresh = [torch.where(_bcast(skip, f), r, f) for f, r in zip(fresh, bc.span)]
+                    for (o, _), v, f in zip(self.span_pairs, ins, fresh):
+                        env[o] = f if v is None else v + f
+                bc.span = [st.keep(f) for f in fresh]
+            bc.probe = st.keep(probe)
+            self.run(env, self.span[1])
+        else:
+            self.run(env, self.probe_end)
+        outs = [env[s] for s in self.out_slots]
+        return self._finish(st, env, step, bc, outs, kind, flops, signal, x)
+
+    def _reuse_step(self, bc: BranchCache, x: torch.Tensor, t: float) -> list[torch.Tensor]:
+        (ta, a), = bc.outputs[-1:]
+        if self.policy.step_mode == "residual":
+            return [x + (o - bc.latent) for o in a]
+        if self.policy.extrapolate and len(bc.outputs) == 2:
+            tb, b = bc.outputs[0]
+            w = (t - ta) / (ta - tb) if ta != tb else 0.0
+            return [oa + (oa - ob) * w for oa, ob in zip(a, b)]
+        return list(a)
+
+    def _finish(self, st: CacheState, env: list[Any], step: Step, bc: BranchCache, outs: list[torch.Tensor],
+                kind: str, flops: float, signal: float | None, x: torch.Tensor) -> Any:
+        computed = kind in ("compute", "block")
+        st.current[step.branch] = [st.keep(o) for o in outs]
+        if kind == "compute":
+            bc.reused_in_a_row = 0
+        else:
+            bc.reused_in_a_row += 1
+        if computed:
+            st.computed.add(step.branch)
+            bc.outputs = (bc.outputs + [(step.t, st.current[step.branch])])[-2:]
+            bc.latent = st.keep(x)
+            bc.accumulated = None
+            if step.branch >= 1 and 0 in st.computed:
+                st.cfg_diff = [o - o0 for o, o0 in zip(st.current[step.branch], st.current[0])]
+                st.cfg_step = step.step
+        bc.last_input = st.keep(x)
+        st.record(step, kind, flops, signal)
+        st.check_memory()
+        for s, o in zip(self.out_slots, outs):
+            env[s] = o
+        return self.output(env)
+
+
+def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _pair(outs: Sequence[int], ins: Sequence[int], examples: dict[int, Any],
+          keep_unpaired: bool = False) -> list[tuple[int, int | None]]:
+    """Pair each output slot with the first unused input slot of the same shape and dtype."""
+    def meta(s: int) -> Any:
+        v = examples.get(s)
+        return (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+
+    free = list(ins)
+    pairs: list[tuple[int, int | None]] = []
+    for o in outs:
+        match = next((i for i in free if meta(i) is not None and meta(i) == meta(o)), None)
+        if match is not None:
+            free.remove(match)
+        if match is not None or keep_unpaired:
+            pairs.append((o, match))
+    return pairs

@@ -1,0 +1,190 @@
+"""Cache state of one compiled model: what was computed, what may be reused, and when it goes stale.
+
+One ``CacheState`` per model (attached to the module, reachable with ``dit_compile.stats(model)``),
+never a module global. Its lifecycle rules are the safety net under every policy:
+
+* A *generation* is one run of the sampler. The runtime sees it only through the inputs: a
+  timestep that goes up, or a new input signature (shapes, dtypes, device of the latent, the text
+  condition and the timestep), starts a new generation, and everything cached is dropped.
+* Within a generation a new, lower timestep is a new *step*; the same timestep again is the next
+  guidance *branch* (WanPipeline calls the transformer once for the conditional and once for the
+  unconditional prediction at each step).
+* ``reset()`` drops everything explicitly.
+* Cached tensors count against ``memory`` (bytes); a store that would exceed it raises
+  ``CacheMemoryError`` rather than silently dropping what a policy relies on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+STATE_ATTR = "_dit_compile_state"
+
+
+class CacheMemoryError(RuntimeError):
+    """Storing a cached tensor would exceed the ``cache_memory`` bound."""
+
+
+@dataclass
+class Step:
+    """Where the current call sits: generation, step index, branch, timestep."""
+    generation: int
+    step: int
+    branch: int
+    t: float
+
+
+@dataclass
+class Record:
+    generation: int
+    step: int
+    branch: int
+    t: float
+    action: str                 # "compute", "step", "cfg", "block"
+    flops: float                # fraction of a full forward's FLOPs computed
+    signal: float | None = None
+
+
+@dataclass
+class BranchCache:
+    outputs: list[tuple[float, list[torch.Tensor]]] = field(default_factory=list)  # last two computed
+    latent: torch.Tensor | None = None          # input latent at the last computed step
+    probe: torch.Tensor | None = None           # probe residual at the last computed span
+    span: list[torch.Tensor] | None = None      # span residuals (or values) at that step
+    accumulated: torch.Tensor | None = None     # accumulated signal since the last compute
+    last_input: torch.Tensor | None = None      # latent at the previous call (for input signals)
+    reused_in_a_row: int = 0
+
+
+class CacheState:
+    def __init__(self, memory: int | None = None, clone: bool = False):
+        self.memory = memory
+        self.clone = clone              # CUDA graphs overwrite outputs on replay: keep copies
+        self.records: list[Record] = []
+        self.generation = -1
+        self._signature: Any = None
+        self._last_t: float | None = None
+        self._step = 0
+        self._branch = 0
+        self.branches: dict[int, BranchCache] = {}
+        self.cfg_diff: list[torch.Tensor] | None = None   # out[branch 1] - out[branch 0]
+        self.cfg_step: int | None = None                  # step at which cfg_diff was taken
+        self.current: dict[int, list[torch.Tensor]] = {}   # this step's output per branch
+        self.computed: set[int] = set()                    # branches computed (not reused) this step
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.branches.clear()
+        self.cfg_diff = None
+        self.cfg_step = None
+        self.current.clear()
+        self.computed.clear()
+        self._signature = None
+        self._last_t = None
+
+    def begin(self, t: float, signature: Any) -> Step:
+        """Place a call in its generation, step and branch; drop the cache on a new generation."""
+        if signature != self._signature or self._last_t is None or t > self._last_t:
+            self.reset()
+            self._signature = signature
+            self.generation += 1
+            self._step, self._branch = 0, 0
+        elif t == self._last_t:
+            self._branch += 1
+        else:
+            self._step += 1
+            self._branch = 0
+            self.current.clear()
+            self.computed.clear()
+        self._last_t = t
+        return Step(self.generation, self._step, self._branch, t)
+
+    def branch(self, b: int) -> BranchCache:
+        return self.branches.setdefault(b, BranchCache())
+
+    # -- storage ---------------------------------------------------------------------------
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone() if self.clone else x
+
+    def check_memory(self) -> None:
+        if self.memory is None:
+            return
+        used = self.bytes()
+        if used > self.memory:
+            raise CacheMemoryError(
+                f"mixcache: cached tensors need {used} bytes, over cache_memory={self.memory}; "
+                "raise the bound, cache fewer granularities, or shrink the batch")
+
+    def bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in self._tensors():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    def _tensors(self):
+        for bc in self.branches.values():
+            for _, outs in bc.outputs:
+                yield from outs
+            yield from (x for x in (bc.latent, bc.probe, bc.last_input, bc.accumulated)
+                        if x is not None)
+            yield from bc.span or ()
+        yield from self.cfg_diff or ()
+        for outs in self.current.values():
+            yield from outs
+
+    # -- what happened ---------------------------------------------------------------------
+    def record(self, step: Step, action: str, flops: float, signal: float | None = None) -> None:
+        self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
+                                   signal))
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of computed and reused work per granularity, and per step, for the user."""
+        calls = len(self.records)
+        by_action: dict[str, int] = {}
+        for r in self.records:
+            by_action[r.action] = by_action.get(r.action, 0) + 1
+        return {
+            "calls": calls,
+            "computed": by_action.get("compute", 0),
+            "reused": {k: v for k, v in by_action.items() if k != "compute"},
+            "flops_fraction": (sum(r.flops for r in self.records) / calls) if calls else 1.0,
+            "cached_bytes": self.bytes(),
+            "trace": [r.__dict__.copy() for r in self.records],
+        }
+
+
+class StateFactory:
+    """Finds, or makes, the CacheState of the model whose parameter is ``anchor``.
+
+    The state hangs on one of the model's own parameters (the model's, so ``stats(model)`` can
+    find it, and per instance, so two models compiled to one graph never share it)."""
+
+    def __init__(self, memory: int | None, clone: bool):
+        self.memory, self.clone = memory, clone
+        self._orphan: CacheState | None = None   # a traced function with no parameters
+
+    def __call__(self, anchor: Any) -> CacheState:
+        if anchor is None:
+            self._orphan = self._orphan or CacheState(self.memory, self.clone)
+            return self._orphan
+        state = getattr(anchor, STATE_ATTR, None)
+        if state is None:
+            state = CacheState(self.memory, self.clone)
+            setattr(anchor, STATE_ATTR, state)
+        return state
+
+
+def find_state(model: torch.nn.Module) -> CacheState | None:
+    """The CacheState the runtime attached to one of ``model``'s parameters, if any."""
+    model = getattr(model, "_orig_mod", model)
+    for p in model.parameters():
+        state = getattr(p, STATE_ATTR, None)
+        if state is not None:
+            return state
+    return None

@@ -1,0 +1,182 @@
+"""Policies: at each guard point, compute or reuse, and at which granularity.
+
+A policy answers two questions per call, from signals the executor hands it:
+
+* ``step(...)``: before anything runs: ``"compute"``, ``"step"`` (reuse the whole forward) or
+  ``"cfg"`` (rebuild this guidance branch from the other one), with an optional per-sample mask
+  when samples of a batch disagree.
+* ``block(...)``: after the probe blocks ran: reuse the cached residual of the span, per sample.
+
+Forced schedules and the threshold rules that reproduce known single-granularity caches
+(First-Block-Cache, TeaCache/EasyCache, FasterCache's cfg reuse) are all policies over the same
+guard points. ``make_policy`` parses the user's ``cache`` option into one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cache import BranchCache, CacheState, Step
+
+COMPUTE, STEP, CFG = "compute", "step", "cfg"
+RULES = ("schedule", "first_block", "teacache", "fastercache")
+
+
+class PolicyError(ValueError):
+    """The ``cache`` option names something that does not exist or a value out of range."""
+
+
+def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample relative L1 change ``mean|a - b| / mean|b|`` over all but the batch dim."""
+    dims = tuple(range(1, a.dim()))
+    num = (a.float() - b.float()).abs().mean(dim=dims)
+    return num / b.float().abs().mean(dim=dims).clamp_min(1e-12)
+
+
+@dataclass
+class Policy:
+    """Composite of the rules the user turned on; every field has a no-reuse default."""
+    # forced schedule
+    step_steps: frozenset[int] = frozenset()
+    cfg_steps: frozenset[int] = frozenset()
+    block_steps: frozenset[int] = frozenset()
+    # threshold rules
+    first_block: float | None = None        # FBCache threshold on the probe residual
+    teacache: float | None = None           # accumulated input-change threshold for step reuse
+    cfg_every: int | None = None            # FasterCache: recompute cfg every N steps
+    start: int = 0                          # no threshold-rule reuse before this step
+    # shared knobs
+    probe: int = 1                          # blocks run before the block decision
+    span: tuple[int, int | None] = (1, None)  # flat block indices the block guard may skip
+    step_mode: str = "output"               # "output" | "residual" (over the latent)
+    extrapolate: bool = False               # first-order step reuse from the last two computes
+    max_reuse: int | None = None            # bound on consecutive reuses per branch
+    per_sample: bool = True                 # decisions per sample of a batch
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_blocks(self) -> bool:
+        return bool(self.block_steps) or self.first_block is not None
+
+    def _bounded(self, bc: BranchCache) -> bool:
+        return self.max_reuse is not None and bc.reused_in_a_row >= self.max_reuse
+
+    def step(self, s: Step, state: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
+        """(action, signal) before the forward runs."""
+        bc = state.branch(s.branch)
+        have_out = bool(bc.outputs)
+        signal = None
+        if self.teacache is not None and bc.last_input is not None:
+            change = rel_l1(latent, bc.last_input)
+            bc.accumulated = change if bc.accumulated is None else bc.accumulated + change
+            signal = float(bc.accumulated.max())
+        if self._bounded(bc):
+            return COMPUTE, signal
+        if s.step in self.step_steps and have_out:
+            return STEP, signal
+        if s.branch >= 1 and state.cfg_diff is not None and state.current.get(0) is not None:
+            if s.step in self.cfg_steps:
+                return CFG, signal
+            if (self.cfg_every is not None and s.step >= self.start
+                    and (s.step - self.start) % self.cfg_every != 0):
+                return CFG, signal
+        if self.teacache is not None and have_out and s.step >= self.start and bc.accumulated is not None:
+            # A whole forward is skipped only when every sample of the batch may skip it: a
+            # sample whose input moved computes, and so does the batch with it.
+            if bool((bc.accumulated < self.teacache).all()):
+                return STEP, signal
+        return COMPUTE, signal
+
+    def block(self, s: Step, bc: BranchCache, probe: torch.Tensor
+              ) -> tuple[bool | torch.Tensor, float | None]:
+        """Reuse the span? True/False for the batch, or a per-sample mask; plus the signal."""
+        if bc.span is None or self._bounded(bc):
+            return False, None
+        if s.step in self.block_steps:
+            return True, None
+        if self.first_block is None or bc.probe is None or s.step < self.start:
+            return False, None
+        change = rel_l1(probe, bc.probe)
+        signal = float(change.max())
+        mask = change < self.first_block
+        if not self.per_sample:
+            return bool(mask.all()), signal
+        if bool(mask.all()):
+            return True, signal
+        return (mask if bool(mask.any()) else False), signal
+
+
+def _steps(value: Any, what: str) -> frozenset[int]:
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise PolicyError(f"schedule {what!r} must be a list of step indices, got {value!r}")
+    if any(v < 1 for v in value):
+        raise PolicyError(f"schedule {what!r}={sorted(value)}: step indices start at 0 and step 0 "
+                          "cannot reuse anything (nothing is cached before the first step)")
+    return frozenset(value)
+
+
+def _threshold(spec: dict, name: str) -> float:
+    v = spec.get("threshold")
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 10:
+        raise PolicyError(f"{name} threshold={v!r}: must be a number in (0, 10]")
+    return float(v)
+
+
+_KEYS = {
+    "schedule": {"rule", "step", "cfg", "block"},
+    "first_block": {"rule", "threshold"},
+    "teacache": {"rule", "threshold"},
+    "fastercache": {"rule", "every"},
+}
+_COMMON = {"probe", "span", "step_mode", "extrapolate", "max_reuse", "per_sample", "start"}
+
+
+def make_policy(cache: Any, n_blocks: int) -> Policy | None:
+    """Parse the ``cache`` option (a rule dict or a list of them) against a model of ``n_blocks``."""
+    if cache is None:
+        return None
+    specs = [cache] if isinstance(cache, dict) else cache
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(s, dict) for s in specs):
+        raise PolicyError(f"cache must be a dict or a list of dicts with a 'rule' in {RULES}")
+    kw: dict[str, Any] = {}
+    for spec in specs:
+        rule = spec.get("rule")
+        if rule not in RULES:
+            raise PolicyError(f"cache rule {rule!r}: must be one of {RULES}")
+        unknown = set(spec) - _KEYS[rule] - _COMMON
+        if unknown:
+            raise PolicyError(f"cache rule {rule!r}: unknown key(s) {sorted(unknown)}; valid: "
+                              f"{sorted(_KEYS[rule] | _COMMON)}")
+        for k in _COMMON & set(spec):
+            kw[k] = spec[k]
+        if rule == "schedule":
+            kw["step_steps"] = _steps(spec.get("step", []), "step")
+            kw["cfg_steps"] = _steps(spec.get("cfg", []), "cfg")
+            kw["block_steps"] = _steps(spec.get("block", []), "block")
+        elif rule == "first_block":
+            kw["first_block"] = _threshold(spec, rule)
+        elif rule == "teacache":
+            kw["teacache"] = _threshold(spec, rule)
+        elif rule == "fastercache":
+            every = spec.get("every")
+            if not isinstance(every, int) or every < 2:
+                raise PolicyError(f"fastercache every={every!r}: must be an integer >= 2")
+            kw["cfg_every"] = every
+    policy = Policy(**kw)
+    probe, (a, b) = policy.probe, tuple(policy.span)
+    b = n_blocks if b is None else b
+    if not (isinstance(probe, int) and 1 <= probe < n_blocks):
+        raise PolicyError(f"probe={probe!r}: must be between 1 and {n_blocks - 1} (the model has "
+                          f"{n_blocks} blocks)")
+    if not (isinstance(a, int) and isinstance(b, int) and probe <= a < b <= n_blocks):
+        raise PolicyError(f"span={list(policy.span)}: must satisfy probe ({probe}) <= start < end <= "
+                          f"{n_blocks} (the model has {n_blocks} blocks, numbered 0..{n_blocks - 1})")
+    policy.span = (a, b)
+    if policy.step_mode not in ("output", "residual"):
+        raise PolicyError(f"step_mode={policy.step_mode!r}: must be 'output' or 'residual'")
+    if policy.max_reuse is not None and (not isinstance(policy.max_reuse, int) or policy.max_reuse < 1):
+        raise PolicyError(f"max_reuse={policy.max_reuse!r}: must be a positive integer or None")
+    return policy

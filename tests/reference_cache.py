@@ -1,0 +1,80 @@
+"""Plain eager references of the reuse rules, written independently of the runtime.
+
+``Reference(model, step=..., cfg=..., block=..., span=(a, b))`` is called like the model over one
+generation (timesteps going down, one call per guidance branch) and reuses exactly what the forced
+schedule says, by wrapping the model's own blocks. Single-stream block stacks only.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class _Span(torch.nn.Module):
+    def __init__(self, block, first: bool, last: bool, ref: "Reference"):
+        super().__init__()
+        self.block, self.first, self.last, self.ref = block, first, last, ref
+
+    def forward(self, hidden_states, *args, **kwargs):
+        r = self.ref
+        if r.reuse_span:
+            return hidden_states + r.span_res[r.branch] if self.first else hidden_states
+        if self.first:
+            r.span_in = hidden_states
+        out = self.block(hidden_states, *args, **kwargs)
+        if self.last:
+            r.fresh_res = out - r.span_in
+        return out
+
+
+class Reference:
+    def __init__(self, model, blocks_attr: str = "blocks", step=(), cfg=(), block=(), span=(1, None)):
+        self.model = copy.deepcopy(model)
+        blocks = getattr(self.model, blocks_attr)
+        a, b = span[0], span[1] if span[1] is not None else len(blocks)
+        for i in range(a, b):
+            blocks[i] = _Span(blocks[i], i == a, i == b - 1, self)
+        self.step_s, self.cfg_s, self.block_s = set(step), set(cfg), set(block)
+        self.last_t, self.step, self.branch = None, -1, 0
+        self.out = {}          # branch -> last computed output
+        self.span_res = {}     # branch -> last computed span residual
+        self.current = {}      # branch -> this step's output
+        self.computed = set()
+        self.diff = None
+        self.reuse_span = False
+
+    def __call__(self, **kw):
+        t = float(kw["timestep"].reshape(-1)[0])
+        if self.last_t is None or t > self.last_t:
+            raise AssertionError("the reference covers one generation")
+        if t == self.last_t:
+            self.branch += 1
+        else:
+            self.step, self.branch = self.step + 1, 0
+            self.current, self.computed = {}, set()
+        self.last_t = t
+        b = self.branch
+        if self.step in self.step_s and b in self.out:
+            y = self.out[b]
+            self.current[b] = y
+            return y
+        if b >= 1 and self.step in self.cfg_s and self.diff is not None and 0 in self.current:
+            y = self.current[0] + self.diff
+            self.current[b] = y
+            return y
+        self.reuse_span = self.step in self.block_s and b in self.span_res
+        with torch.no_grad():
+            y = self.model(**kw)[0]
+        if not self.reuse_span:
+            self.span_res[b] = self.fresh_res
+        self.reuse_span = False
+        self.out[b] = self.current[b] = y
+        self.computed.add(b)
+        if b >= 1 and 0 in self.computed:
+            self.diff = y - self.current[0]
+        return y
+
+    def start(self, t0: float) -> "Reference":
+        self.last_t = float("inf")
+        return self
