@@ -1,0 +1,135 @@
+"""Speed at real shapes (GPU): Wan2.1-T2V-1.3B-shaped transformer (random bf16 weights) inside
+diffusers' WanPipeline, 480x832, 33 frames, 512 text tokens, CFG 5.0, UniPC flow shift 3.0.
+
+    python bench/wan_speed.py [--steps 20] [--config 1.3b|14b|tiny] [--only NAME ...]
+
+Methods, in one process: eager, plain torch.compile (Inductor), diffusers' regional compilation
+(compile_repeated_blocks), mixcache with caching off, and mixcache forced schedules next to the
+fraction of FLOPs they compute. Prints a markdown table with the command, device, versions, date.
+``--config tiny`` is a CPU smoke test of the script itself, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+
+import torch
+
+CONFIGS = {
+    "1.3b": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30,
+                 text_dim=4096, in_channels=16, out_channels=16, freq_dim=256),
+    "14b": dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+                text_dim=4096, in_channels=16, out_channels=16, freq_dim=256),
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=4,
+                 text_dim=32, in_channels=16, out_channels=16, freq_dim=32),
+}
+
+
+def schedules(steps: int, layers: int) -> dict[str, dict]:
+    half = list(range(2, steps, 2))
+    return {
+        "mixcache step 1/2": {"rule": "schedule", "step": half},
+        "mixcache cfg 1/2": {"rule": "schedule", "cfg": list(range(1, steps, 2))},
+        "mixcache blocks 2-N 1/2": {"rule": "schedule", "block": half},
+        "mixcache blocks 2-N 19/20 (FBCache anchor)": {"rule": "schedule", "block": list(range(1, steps))},
+        "mixcache mix": {"rule": "schedule", "step": list(range(4, steps, 4)),
+                         "cfg": list(range(1, steps, 2)), "block": list(range(2, steps, 4))},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--config", default="1.3b", choices=sorted(CONFIGS))
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    import diffusers
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    import dit_compile
+
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    tiny = args.config == "tiny"
+    h, w, frames, text = (64, 64, 5, 16) if tiny else (480, 832, 33, 512)
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                  eps=1e-6, rope_max_seq_len=1024, **CONFIGS[args.config])
+    model = model.to(dev, dtype).eval()
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                    flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator(dev).manual_seed(0)
+    embeds = torch.randn(1, text, CONFIGS[args.config]["text_dim"], device=dev, dtype=dtype, generator=g)
+    neg = torch.randn_like(embeds)
+
+    def generate():
+        out = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg, height=h, width=w,
+                   num_frames=frames, num_inference_steps=args.steps, guidance_scale=5.0,
+                   output_type="latent", generator=torch.Generator(dev).manual_seed(1)).frames
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    def measure(reps: int = 2):
+        t0 = time.perf_counter()
+        out = generate()
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = generate()
+        return out, first, (time.perf_counter() - t0) / reps
+
+    methods: list[tuple[str, object]] = [
+        ("eager", lambda: model),
+        ("torch.compile (inductor)", lambda: torch.compile(model)),
+        ("regional (compile_repeated_blocks)", "regional"),
+        ("mixcache (cache off)", lambda: torch.compile(model, backend="mixcache")),
+    ]
+    for name, cache in schedules(args.steps, CONFIGS[args.config]["num_layers"]).items():
+        methods.append((name, lambda c=cache: torch.compile(model, backend="mixcache",
+                                                            options={"cache": c})))
+    rows, ref = [], None
+    with torch.no_grad():
+        for name, make in methods:
+            if args.only and not any(o in name for o in args.only) and name != "eager":
+                continue
+            torch._dynamo.reset()
+            if make == "regional":
+                m = WanTransformer3DModel.from_config(model.config).to(dev, dtype).eval()
+                m.load_state_dict(model.state_dict())
+                m.compile_repeated_blocks()
+                pipe.transformer = m
+            else:
+                pipe.transformer = make()
+            out, first, t = measure()
+            frac = 1.0
+            try:
+                frac = dit_compile.stats(pipe.transformer)["flops_fraction"]
+                dit_compile.reset(pipe.transformer)
+            except ValueError:
+                pass
+            if ref is None:
+                ref = out
+            err = float((out.float() - ref.float()).abs().max())
+            rows.append((name, t, first, frac, err))
+            print(f"{name}: {t:.3f} s/gen, first {first:.1f} s, flops {frac:.2f}", flush=True)
+            pipe.transformer = model
+    base = next(r[1] for r in rows if r[0].startswith("torch.compile")) if any(
+        r[0].startswith("torch.compile") for r in rows) else rows[0][1]
+    dev_name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    print(f"\n`python {' '.join(sys.argv)}` on {dev_name}, torch {torch.__version__}, "
+          f"diffusers {diffusers.__version__}, {datetime.date.today()}, {args.config} config, "
+          f"{h}x{w}x{frames}, {text} text tokens, {args.steps} steps, CFG 5.0\n")
+    print("| method | s / generation | first generation (s) | vs Inductor | FLOPs computed | max abs diff vs eager |")
+    print("|---|---|---|---|---|---|")
+    for name, t, first, frac, err in rows:
+        print(f"| {name} | {t:.3f} | {first:.1f} | {base / t:.2f}x | {frac:.2f} | {err:.3g} |")
+
+
+if __name__ == "__main__":
+    main()
