@@ -19,3 +19,63 @@ def run_wan(pipe, steps: int = 8, seed: int = 0, size: int = 64, frames: int = 5
     return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, height=size, width=size,
                 num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
                 output_type="latent", generator=g).frames
+
+
+def flux_pipeline(transformer: torch.nn.Module):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def run_flux(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.transformer.config
+    return pipe(prompt_embeds=torch.randn(1, 6, cfg.joint_attention_dim, generator=g),
+                pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                height=size, width=size, num_inference_steps=steps, guidance_scale=3.5,
+                output_type="latent", generator=g).images
+
+
+def hunyuan_pipeline(transformer: torch.nn.Module):
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
+                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None,
+                                tokenizer_2=None)
+
+
+def run_hunyuan(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Tensor:
+    """True CFG (negative prompt, two transformer calls per step)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.transformer.config
+    text = lambda: torch.randn(1, 6, cfg.text_embed_dim, generator=g)  # noqa: E731
+    pooled = lambda: torch.randn(1, cfg.pooled_projection_dim, generator=g)  # noqa: E731
+    return pipe(prompt_embeds=text(), pooled_prompt_embeds=pooled(),
+                prompt_attention_mask=torch.ones(1, 6), negative_prompt_embeds=text(),
+                negative_pooled_prompt_embeds=pooled(), negative_prompt_attention_mask=torch.ones(1, 6),
+                true_cfg_scale=3.0, height=size, width=size, num_frames=5,
+                num_inference_steps=steps, output_type="latent", generator=g).frames
+
+
+def cogvideox_transformer(layers: int = 2) -> torch.nn.Module:
+    from diffusers import CogVideoXTransformer3DModel
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4,
+                                       out_channels=4, time_embed_dim=2, text_embed_dim=32,
+                                       num_layers=layers, sample_width=8, sample_height=8,
+                                       sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                       max_text_seq_length=16).eval()
+
+
+def cogvideox_pipeline(transformer: torch.nn.Module):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+
+
+def run_cogvideox(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
+    """Batched CFG: both guidance branches in one transformer call."""
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt_embeds=torch.randn(1, 16, 32, generator=g),
+                negative_prompt_embeds=torch.randn(1, 16, 32, generator=g), height=64, width=64,
+                num_frames=9, num_inference_steps=steps, guidance_scale=6.0, output_type="latent",
+                generator=g).frames

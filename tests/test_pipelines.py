@@ -1,0 +1,52 @@
+"""mixcache inside diffusers' own pipelines (tiny random components, prompt_embeds in, latents out)."""
+import os
+import sys
+
+import pytest
+import torch
+
+import dit_compile
+import tiny_models
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import pipelines  # noqa: E402
+
+# name: (transformer factory, pipeline factory, run, transformer calls per step)
+CASES = {
+    "wan": (lambda: tiny_models.wan(layers=3)[0], pipelines.wan_pipeline, pipelines.run_wan, 2),
+    "flux": (lambda: tiny_models.flux()[0], pipelines.flux_pipeline, pipelines.run_flux, 1),
+    "hunyuan": (lambda: tiny_models.hunyuan()[0], pipelines.hunyuan_pipeline, pipelines.run_hunyuan, 2),
+    "cogvideox": (pipelines.cogvideox_transformer, pipelines.cogvideox_pipeline,
+                  pipelines.run_cogvideox, 1),
+}
+STEPS = 4
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pipeline_cache_off_equals_eager_and_cache_on_runs(name):
+    make, make_pipe, run, calls = CASES[name]
+    model = make()
+    pipe = make_pipe(model)
+    pipe.set_progress_bar_config(disable=True)
+    ref = run(pipe, STEPS)
+
+    pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    torch.testing.assert_close(run(pipe, STEPS), ref, rtol=1e-5, atol=1e-5)
+
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": [{"rule": "schedule", "step": [2], "block": [3]},
+                                      {"rule": "fastercache", "every": 2}]})
+    out = run(pipe, STEPS)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    run(pipe, STEPS)     # a second generation in a row
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert len(trace) == 2 * STEPS * calls
+    assert {r["generation"] for r in trace} == {0, 1}
+    assert max(r["branch"] for r in trace) == calls - 1
+    for gen in (0, 1):
+        acts = [r["action"] for r in trace if r["generation"] == gen]
+        assert acts[:calls] == ["compute"] * calls, "a generation starts from nothing cached"
+        assert "step" in acts and "block" in acts
+        if calls == 2:
+            assert "cfg" in acts
