@@ -27,7 +27,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     try:
         rmap = find_regions(gm)
     except NoBlockStructure as why:
-        warnings.warn(f"mixcache: {_model_name()}: {why}. Compiling the whole graph with plain "
+        warnings.warn(f"mixcache: {_fallback_reason(why)}. Compiling this graph with plain "
                       "Inductor, without caching.", stacklevel=2)
         return compile_fx(gm, example_inputs, config_patches=inductor)
 
@@ -113,6 +113,20 @@ def traced_module() -> torch.nn.Module | None:
         if isinstance(frame.get(key), torch.nn.Module):
             return frame[key]
     return None
+
+
+def _fallback_reason(why: Exception) -> str:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        code = InstructionTranslator.current_tx().f_code.co_name
+    except Exception:
+        code = ""
+    if code.startswith("torch_dynamo_resume_in"):
+        # Every fragment after a graph break lands here: one message for all of them.
+        return ("graph breaks split the forward into several graphs (this one resumes after a "
+                "break); mixcache needs the whole forward in one graph: torch._dynamo.explain "
+                "shows the breaks")
+    return f"{_model_name()}: {why}"
 
 
 def _model_name() -> str:
