@@ -45,7 +45,8 @@ class Record:
     t: float
     action: str                 # "compute", "step", "cfg", "block"
     flops: float                # fraction of a full forward's FLOPs computed
-    signal: float | None = None
+    signal: float | None = None  # the deciding signal (rule threshold signal or estimated error)
+    spent: float | None = None   # error spent since the last full compute (MixCache)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class BranchCache:
     accumulated: torch.Tensor | None = None     # accumulated signal since the last compute
     last_input: torch.Tensor | None = None      # latent at the previous call (for input signals)
     reused_in_a_row: int = 0
+    signals: dict[str, Any] = field(default_factory=dict)   # the policy's own per-branch signals
 
 
 class CacheState:
@@ -74,6 +76,8 @@ class CacheState:
         self.cfg_step: int | None = None                  # step at which cfg_diff was taken
         self.current: dict[int, list[torch.Tensor]] = {}   # this step's output per branch
         self.computed: set[int] = set()                    # branches computed (not reused) this step
+        self.signals: dict[str, Any] = {}                  # the policy's own cross-branch signals
+        self.t_first = 0.0                                 # timestep of the generation's first call
 
     # -- lifecycle -------------------------------------------------------------------------
     def reset(self) -> None:
@@ -82,6 +86,7 @@ class CacheState:
         self.cfg_step = None
         self.current.clear()
         self.computed.clear()
+        self.signals.clear()
         self._signature = None
         self._last_t = None
 
@@ -92,6 +97,7 @@ class CacheState:
             self._signature = signature
             self.generation += 1
             self._step, self._branch = 0, 0
+            self.t_first = t
         elif t == self._last_t:
             self._branch += 1
         else:
@@ -135,13 +141,17 @@ class CacheState:
                         if x is not None)
             yield from bc.span or ()
         yield from self.cfg_diff or ()
+        yield from (v for v in self.signals.values() if isinstance(v, torch.Tensor))
         for outs in self.current.values():
             yield from outs
 
     # -- what happened ---------------------------------------------------------------------
-    def record(self, step: Step, action: str, flops: float, signal: float | None = None) -> None:
+    def record(self, step: Step, action: str, flops: float, signal: float | None = None,
+               spent: Any = None) -> None:
+        if isinstance(spent, torch.Tensor):
+            spent = float(spent.max())
         self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
-                                   signal))
+                                   signal, spent))
 
     def stats(self) -> dict[str, Any]:
         """Counts of computed and reused work per granularity, and per step, for the user."""

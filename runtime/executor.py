@@ -121,7 +121,7 @@ class GuardedExecutor(Executor):
             o, _ = self.probe_pairs[0] if self.probe_pairs else (self.plan.pieces[self.probe_end - 1].outs[0], None)
             probe = env[o] - stream0[0] if stream0 else env[o]
             self.run(env, self.probe_end, self.span[0])
-            skip, bsig = pol.block(step, bc, probe)
+            skip, bsig = pol.block(step, st, bc, probe)
             signal = bsig if bsig is not None else signal
             ins = [env[i] if i is not None else None for _, i in self.span_pairs]
             if skip is True:
@@ -172,7 +172,8 @@ class GuardedExecutor(Executor):
                 st.cfg_diff = [o - o0 for o, o0 in zip(st.current[step.branch], st.current[0])]
                 st.cfg_step = step.step
         bc.last_input = st.keep(x)
-        st.record(step, kind, flops, signal)
+        self.policy.observe(step, st, bc, outs, kind)
+        st.record(step, kind, flops, signal, bc.signals.get("spent"))
         st.check_memory()
         for s, o in zip(self.out_slots, outs):
             env[s] = o

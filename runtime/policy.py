@@ -21,7 +21,7 @@ import torch
 from .cache import BranchCache, CacheState, Step
 
 COMPUTE, STEP, CFG = "compute", "step", "cfg"
-RULES = ("schedule", "first_block", "teacache", "fastercache")
+RULES = ("mixcache", "schedule", "first_block", "teacache", "fastercache")
 
 
 class PolicyError(ValueError):
@@ -89,7 +89,7 @@ class Policy:
                 return STEP, signal
         return COMPUTE, signal
 
-    def block(self, s: Step, bc: BranchCache, probe: torch.Tensor
+    def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:
         """Reuse the span? True/False for the batch, or a per-sample mask; plus the signal."""
         if bc.span is None or self._bounded(bc):
@@ -106,6 +106,11 @@ class Policy:
         if bool(mask.all()):
             return True, signal
         return (mask if bool(mask.any()) else False), signal
+
+
+    def observe(self, s: Step, st: CacheState, bc: BranchCache, outs: list[torch.Tensor],
+                kind: str) -> None:
+        """Threshold rules keep their signals in the branch cache as they decide."""
 
 
 def _steps(value: Any, what: str) -> frozenset[int]:
@@ -134,10 +139,24 @@ _KEYS = {
 _COMMON = {"probe", "span", "step_mode", "extrapolate", "max_reuse", "per_sample", "start"}
 
 
-def make_policy(cache: Any, n_blocks: int) -> Policy | None:
-    """Parse the ``cache`` option (a rule dict or a list of them) against a model of ``n_blocks``."""
+def make_policy(cache: Any, n_blocks: int) -> "Policy | MixCache | None":
+    """Parse the ``cache`` option against a model of ``n_blocks`` blocks: ``None`` (reuse
+    nothing), a MixCache preset name, ``{"rule": "mixcache", ...}``, or a rule dict / list of them."""
+    from .mixcache import PRESETS, make_mixcache
     if cache is None:
         return None
+    if isinstance(cache, str):
+        if cache not in PRESETS:
+            raise PolicyError(f"cache={cache!r}: a preset is one of {sorted(PRESETS)}")
+        cache = {"rule": "mixcache", "preset": cache}
+    if isinstance(cache, dict) and cache.get("rule") == "mixcache":
+        policy = make_mixcache(cache)
+    else:
+        policy = _rules(cache)
+    return _check_blocks(policy, n_blocks)
+
+
+def _rules(cache: Any) -> Policy:
     specs = [cache] if isinstance(cache, dict) else cache
     if not isinstance(specs, (list, tuple)) or not all(isinstance(s, dict) for s in specs):
         raise PolicyError(f"cache must be a dict or a list of dicts with a 'rule' in {RULES}")
@@ -146,6 +165,8 @@ def make_policy(cache: Any, n_blocks: int) -> Policy | None:
         rule = spec.get("rule")
         if rule not in RULES:
             raise PolicyError(f"cache rule {rule!r}: must be one of {RULES}")
+        if rule == "mixcache":
+            raise PolicyError("the mixcache rule decides every granularity itself: give it alone")
         unknown = set(spec) - _KEYS[rule] - _COMMON
         if unknown:
             raise PolicyError(f"cache rule {rule!r}: unknown key(s) {sorted(unknown)}; valid: "
@@ -165,7 +186,10 @@ def make_policy(cache: Any, n_blocks: int) -> Policy | None:
             if not isinstance(every, int) or every < 2:
                 raise PolicyError(f"fastercache every={every!r}: must be an integer >= 2")
             kw["cfg_every"] = every
-    policy = Policy(**kw)
+    return Policy(**kw)
+
+
+def _check_blocks(policy: Any, n_blocks: int) -> Any:
     probe, (a, b) = policy.probe, tuple(policy.span)
     b = n_blocks if b is None else b
     if not (isinstance(probe, int) and 1 <= probe < n_blocks):

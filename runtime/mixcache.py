@@ -1,0 +1,148 @@
+"""The MixCache policy: a context-aware trigger, then at each call the granularity that saves the
+most compute for the error it is expected to add.
+
+Signals, all of which the runtime already has (no extra forward):
+
+* ``probe``: relative L1 change of the probe residual (first block(s)) since the last call of the
+  same branch. It is the trigger's signal: early in sampling the trajectory is still being decided
+  and the probe moves a lot; caching may start once it settles below ``settle`` and the noise level
+  has fallen below ``1 - warmup`` of where the generation started. It is also the block-reuse
+  error estimate (First-Block-Cache's proxy for how much the deep blocks' residual moved).
+* ``out_rate``: relative change of the output per unit of timestep between the last two computed
+  calls of the branch; step reuse at ``t`` is expected to be off by ``out_rate * |t - t_last|``.
+* ``cfg_rate``: change of the guidance-branch difference per unit of timestep, relative to the
+  output; rebuilding a branch from the other is expected to be off by ``cfg_rate * |t - t_diff|``.
+
+Decision: the error already spent since the last full compute counts against ``budget``; among the
+granularities whose estimate fits in what is left, step or cfg reuse (which save the whole call)
+beat block reuse (which saves the span), and the smaller estimate wins a tie. ``max_reuse`` bounds
+consecutive reuse, so drift never runs unchecked. Block decisions are per sample; step and cfg
+reuse skip the whole call, so they need every sample's estimate to fit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import BranchCache, CacheState, Step
+from .policy import CFG, COMPUTE, STEP, PolicyError, rel_l1
+
+GRANULARITIES = ("step", "cfg", "block")
+
+# Budgets in relative-L1 units of the transformer output; tuned on the trained reference models
+# (bench/quality.py), not on random weights, which have no step redundancy to find.
+PRESETS: dict[str, dict] = {
+    "quality": dict(budget=0.03, warmup=0.2, max_reuse=2),
+    "balanced": dict(budget=0.08, warmup=0.15, max_reuse=3),
+    "fast": dict(budget=0.2, warmup=0.1, max_reuse=5),
+}
+
+
+@dataclass
+class MixCache:
+    budget: float = 0.08
+    warmup: float = 0.15
+    settle: float = 0.5
+    max_reuse: int = 3
+    granularities: tuple[str, ...] = GRANULARITIES
+    per_sample: bool = True
+    probe: int = 1
+    span: tuple[int, int | None] = (1, None)
+    step_mode: str = "output"
+    extrapolate: bool = False
+
+    # The probe always runs: its residual is the trigger's signal even when blocks are not reused.
+    uses_blocks = True
+
+    def _triggered(self, s: Step, st: CacheState, bc: BranchCache) -> bool:
+        return (s.t <= (1.0 - self.warmup) * st.t_first and bc.signals.get("settled", False)
+                and bc.reused_in_a_row < self.max_reuse)
+
+    def _left(self, bc: BranchCache) -> torch.Tensor | float:
+        return self.budget - bc.signals.get("spent", 0.0)
+
+    def step(self, s: Step, st: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
+        bc = st.branch(s.branch)
+        if self.budget <= 0 or not self._triggered(s, st, bc):
+            return COMPUTE, None
+        left = float(torch.as_tensor(self._left(bc)).min())
+        options = []
+        if "step" in self.granularities and "out_rate" in bc.signals and bc.outputs:
+            options.append((bc.signals["out_rate"] * abs(s.t - bc.outputs[-1][0]), STEP))
+        if ("cfg" in self.granularities and s.branch >= 1 and st.cfg_diff is not None
+                and st.current.get(0) is not None and "cfg_rate" in st.signals):
+            options.append((st.signals["cfg_rate"] * abs(s.t - st.signals["cfg_t"]), CFG))
+        fits = sorted(o for o in options if o[0] <= left)
+        if not fits:
+            return COMPUTE, None
+        err, action = fits[0]
+        bc.signals["spent"] = bc.signals.get("spent", 0.0) + err
+        return action, err
+
+    def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
+              ) -> tuple[bool | torch.Tensor, float | None]:
+        sig = bc.signals
+        sig.pop("mask", None)
+        if bc.probe is None or bc.probe.shape != probe.shape:
+            return False, None
+        change = rel_l1(probe, bc.probe)
+        settled = change < self.settle
+        sig["settled"] = bool(settled.all())
+        if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
+                or bc.reused_in_a_row >= self.max_reuse or s.t > (1.0 - self.warmup) * st.t_first
+                or not bool(settled.any())):
+            return False, float(change.max())
+        mask = settled & (change <= torch.as_tensor(self._left(bc), device=change.device))
+        if not self.per_sample:
+            mask = mask.all().expand_as(mask)
+        if not bool(mask.any()):
+            return False, float(change.max())
+        sig["mask"] = mask
+        sig["spent"] = sig.get("spent", 0.0) + torch.where(mask, change, torch.zeros_like(change))
+        return (True if bool(mask.all()) else mask), float(change.max())
+
+    def observe(self, s: Step, st: CacheState, bc: BranchCache, outs: list[torch.Tensor],
+                kind: str) -> None:
+        """Update the rates after a call; a full compute clears the error spent (per sample)."""
+        sig = bc.signals
+        if kind == "compute":
+            sig["spent"] = 0.0
+        elif kind == "block" and "mask" in sig:
+            m = sig["mask"]
+            sig["spent"] = torch.where(m, sig["spent"], torch.zeros_like(sig["spent"]))
+        if kind in ("compute", "block") and len(bc.outputs) == 2:
+            (tb, b), (ta, a) = bc.outputs
+            if ta != tb:
+                sig["out_rate"] = float(rel_l1(a[0], b[0]).max()) / abs(ta - tb)
+        if st.cfg_step == s.step and s.branch >= 1 and kind in ("compute", "block"):
+            prev, prev_t = st.signals.get("cfg_prev"), st.signals.get("cfg_t")
+            d = st.cfg_diff[0]
+            if prev is not None and prev_t is not None and prev_t != s.t:
+                dims = tuple(range(1, d.dim()))
+                num = (d.float() - prev.float()).abs().mean(dims)
+                den = outs[0].float().abs().mean(dims).clamp_min(1e-12)
+                st.signals["cfg_rate"] = float((num / den).max()) / abs(prev_t - s.t)
+            st.signals["cfg_prev"], st.signals["cfg_t"] = d, s.t
+
+
+def make_mixcache(spec: dict) -> MixCache:
+    """``{"rule": "mixcache", "preset": "balanced", ...overrides}`` or a preset name alone."""
+    spec = dict(spec)
+    spec.pop("rule", None)
+    preset = spec.pop("preset", "balanced")
+    if preset not in PRESETS:
+        raise PolicyError(f"mixcache preset {preset!r}: must be one of {sorted(PRESETS)}")
+    kw = {**PRESETS[preset], **spec}
+    valid = set(MixCache.__dataclass_fields__)
+    unknown = set(kw) - valid
+    if unknown:
+        raise PolicyError(f"mixcache: unknown key(s) {sorted(unknown)}; valid: "
+                          f"{sorted(valid | {'preset'})}")
+    if "budget" in kw and (not isinstance(kw["budget"], (int, float)) or kw["budget"] < 0):
+        raise PolicyError(f"mixcache budget={kw['budget']!r}: must be a number >= 0")
+    gran = tuple(kw.get("granularities", GRANULARITIES))
+    if not gran or set(gran) - set(GRANULARITIES):
+        raise PolicyError(f"mixcache granularities={list(gran)}: a non-empty subset of {GRANULARITIES}")
+    kw["granularities"] = gran
+    return MixCache(**kw)

@@ -1,0 +1,126 @@
+"""Invariants of the MixCache policy, on random DiTs and at the level of single decisions."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dit_compile
+import random_dits
+import tiny_models
+from dit_compile.runtime.cache import BranchCache, CacheState, Step
+from dit_compile.runtime.mixcache import PRESETS, make_mixcache
+from test_cache import compiled, generation
+
+STEPS = tuple(float(t) for t in range(1000, 0, -100))
+
+
+def _runs(trace, branch):
+    """Lengths of the runs of consecutive reuse for one branch."""
+    runs, n = [], 0
+    for r in trace:
+        if r["branch"] != branch:
+            continue
+        n = 0 if r["action"] == "compute" else n + 1
+        runs.append(n)
+    return runs
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(spec=random_dits.specs().filter(lambda s: not s.two_streams),
+       budget=st.sampled_from([0.0, 0.05, 0.3, 2.0]), warmup=st.sampled_from([0.0, 0.2, 0.5]),
+       max_reuse=st.integers(1, 3))
+def test_trigger_bound_and_zero_budget(spec, budget, warmup, max_reuse):
+    torch._dynamo.reset()
+    model, kw = random_dits.build(spec)
+    cache = {"rule": "mixcache", "budget": budget, "warmup": warmup, "max_reuse": max_reuse,
+             "settle": 10.0}
+    f = compiled(model, cache)
+    generation(f, kw, steps=STEPS)
+    trace = dit_compile.stats(f)["trace"]
+    reused = [r for r in trace if r["action"] != "compute"]
+    if budget == 0:
+        assert not reused, "an error budget of zero reuses nothing"
+    for r in reused:
+        assert r["t"] <= (1 - warmup) * STEPS[0], "no reuse before the trigger"
+    for b in (0, 1):
+        assert max(_runs(trace, b)) <= max_reuse, "consecutive reuse is bounded"
+
+
+def test_block_decisions_independent_across_samples():
+    model, kw = tiny_models.wan(layers=4, batch=2)
+    kw["return_dict"] = False
+    kw["hidden_states"][1] *= 4.0
+    cache = {"rule": "mixcache", "budget": 0.3, "warmup": 0.1, "settle": 10.0,
+             "granularities": ["block"]}
+    f = compiled(model, cache)
+    both = generation(f, kw, steps=STEPS, branches=1)
+    assert "block" in [r["action"] for r in dit_compile.stats(f)["trace"]], "the test must reuse"
+    alone = []
+    for i in range(2):
+        torch._dynamo.reset()
+        one = {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in kw.items()}
+        alone.append(generation(compiled(tiny_models.wan(layers=4)[0], cache), one, steps=STEPS,
+                                branches=1))
+    for k, y in enumerate(both):
+        torch.testing.assert_close(y, torch.cat([alone[0][k], alone[1][k]]), rtol=1e-5, atol=1e-5)
+
+
+def _state_with_signals(out_rate, cfg_rate, probe_prev, probe_now, t, t_last):
+    st_ = CacheState()
+    s0 = st_.begin(1000.0, "sig")
+    st_.t_first = 1000.0
+    bc = st_.branch(1)
+    bc.signals.update(settled=True, out_rate=out_rate)
+    bc.outputs = [(t_last, [torch.zeros(1, 2)])]
+    bc.span = [torch.zeros(1, 2)]
+    bc.probe = probe_prev
+    st_.cfg_diff = [torch.zeros(1, 2)]
+    st_.current[0] = [torch.zeros(1, 2)]
+    st_.signals.update(cfg_rate=cfg_rate, cfg_t=t_last)
+    return st_, bc, Step(s0.generation, 5, 1, t), probe_now
+
+
+@settings(max_examples=60, deadline=None)
+@given(out_rate=st.floats(0, 1e-2), cfg_rate=st.floats(0, 1e-2), t=st.floats(1, 700),
+       dt=st.floats(1, 200), noise=st.floats(0, 1),
+       budgets=st.tuples(st.floats(0, 1), st.floats(0, 1)).map(sorted))
+def test_larger_budget_never_reuses_less(out_rate, cfg_rate, t, dt, noise, budgets):
+    """Decision by decision: the same signals under a larger budget reuse at least as much."""
+    torch.manual_seed(0)
+    prev = torch.randn(3, 4, 5)
+    now = prev + noise * torch.randn(3, 4, 5)
+    reuse = []
+    for budget in budgets:
+        pol = make_mixcache({"budget": budget, "warmup": 0.0, "settle": 10.0})
+        st_, bc, s, probe = _state_with_signals(out_rate, cfg_rate, prev, now, t, t + dt)
+        action, _ = pol.step(s, st_, torch.zeros(1))
+        blocks, _ = pol.block(s, st_, bc, probe)
+        n_blocks = int(blocks.sum()) if torch.is_tensor(blocks) else 3 * bool(blocks)
+        reuse.append((action != "compute", n_blocks))
+    assert reuse[1][0] >= reuse[0][0]
+    if not reuse[1][0] and not reuse[0][0]:
+        assert reuse[1][1] >= reuse[0][1]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_parse_and_reuse_on_a_generation(preset):
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    f = compiled(model, preset)
+    generation(f, kw, steps=tuple(float(t) for t in range(1000, 0, -50)))
+    s = dit_compile.stats(f)
+    assert s["calls"] == 40 and s["flops_fraction"] <= 1.0
+    assert all(set(r) >= {"action", "signal", "spent", "t"} for r in s["trace"])
+
+
+@pytest.mark.parametrize("cache,match", [
+    ("turbo", r"preset is one of"),
+    ({"rule": "mixcache", "preset": "turbo"}, r"preset 'turbo'"),
+    ({"rule": "mixcache", "budget": -1}, r"budget=-1"),
+    ({"rule": "mixcache", "granularities": ["layer"]}, r"granularities"),
+    ([{"rule": "mixcache"}, {"rule": "first_block", "threshold": 0.1}], r"give it alone"),
+])
+def test_bad_mixcache_options(cache, match):
+    model, kw = tiny_models.wan(layers=3)
+    with pytest.raises(Exception, match=match):
+        compiled(model, cache)(**kw, return_dict=False)
