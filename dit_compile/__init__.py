@@ -15,11 +15,12 @@ import torch
 from .backend import mixcache
 from .explain import Report, explain
 from .options import OptionError, Options
+from .passes.moe import lower_moe, register_moe, restore_moe
 from .runtime.cache import CacheMemoryError, find_state
 from .runtime.policy import PolicyError
 
-__all__ = ["mixcache", "explain", "stats", "reset", "Report", "Options", "OptionError",
-           "PolicyError", "CacheMemoryError"]
+__all__ = ["mixcache", "explain", "stats", "reset", "lower_moe", "register_moe", "restore_moe",
+           "Report", "Options", "OptionError", "PolicyError", "CacheMemoryError"]
 
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:

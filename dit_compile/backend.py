@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
 from .options import Options
+from .passes.moe import find_moe
 from .passes.regions import BLOCK, NoBlockStructure, find_regions
 from .passes.split import Plan, split
 from .runtime.cache import StateFactory
@@ -22,6 +23,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     """Compile one Dynamo graph of a DiT forward into regions stitched by the runtime."""
     opts = Options.parse(options)
     inductor = _inductor_config(mode)
+    _warn_unlowered_moe(traced_module())
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:
@@ -113,6 +115,19 @@ def traced_module() -> torch.nn.Module | None:
         if isinstance(frame.get(key), torch.nn.Module):
             return frame[key]
     return None
+
+
+def _warn_unlowered_moe(module: torch.nn.Module | None) -> None:
+    """An MoE dispatch that syncs to the host breaks the graph before any backend sees it; only
+    lowering the module before torch.compile helps, so say so, naming the layers."""
+    if module is None:
+        return
+    pending = [path for path, lowered in find_moe(module).items() if not lowered]
+    if pending:
+        warnings.warn(f"mixcache: {type(module).__name__}: {len(pending)} MoE dispatch(es) "
+                      f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}) sync to the "
+                      "host and break the graph; call dit_compile.lower_moe(model) before "
+                      "torch.compile to run them as one fused op in one graph", stacklevel=3)
 
 
 def _fallback_reason(why: Exception) -> str:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .passes.moe import find_moe
 from .passes.regions import NoBlockStructure, RegionMap, find_regions
 
 
@@ -19,11 +20,16 @@ class Report:
     input_rule: str = ""
     regions: list[tuple[str, int]] = field(default_factory=list)  # (region, node count)
     fallback: str | None = None                            # why mixcache would not cache
+    moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.graphs} graph(s)"]
         if self.fallback:
             lines.append(f"  fallback to plain Inductor: {self.fallback}")
+        if self.moe:
+            pending = [p for p, ok in self.moe.items() if not ok]
+            lines.append(f"  MoE dispatches: {len(self.moe)}, not lowered: {len(pending)}"
+                         + (" (call dit_compile.lower_moe(model))" if pending else ""))
         for s, k in self.stacks.items():
             lines.append(f"  stack {s}: {k} blocks, residual stream(s) {self.streams.get(s, [])}")
         if self.inputs:
@@ -40,6 +46,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     Runs the model once (eagerly, through Dynamo's graph); compiles nothing with Inductor.
     """
     report = Report(type(getattr(model, "_orig_mod", model)).__name__)
+    report.moe = find_moe(getattr(model, "_orig_mod", model))
     found: list[RegionMap | NoBlockStructure] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):

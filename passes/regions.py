@@ -102,11 +102,26 @@ def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
         and not _is_builtin(next(iter(idx_cls.values())))
         and sorted(idx_cls) == list(range(len(idx_cls)))
     }
+    # Blocks carry a stream: block i+1 reads (through any glue) what block i made. A list of
+    # parallel layers, such as HiDream's per-caption projections, is not a stack.
+    stacks = {h: k for h, k in stacks.items() if _is_chained(nodes, h, k)}
     if not stacks:
         return {}
     depth = min(h.count(".") for h in stacks)
     # A stack nested in another stack's block (or deeper than the main ones) belongs to its parent.
     return {h: k for h, k in stacks.items() if h.count(".") == depth}
+
+
+def _is_chained(nodes: list[fx.Node], head: str, count: int) -> bool:
+    last: dict[fx.Node, int] = {}        # highest block of `head` among a node's ancestors
+    chained: set[int] = set()
+    for n in nodes:
+        own = next((i for h, i, _ in _block_candidates(n) if h == head), -1)
+        deps = [last.get(u, -1) for u in n.all_input_nodes]
+        if own >= 1 and own - 1 in deps:
+            chained.add(own)
+        last[n] = max([own, *deps])
+    return chained >= set(range(1, count))
 
 
 def _label(node: fx.Node, stacks: dict[str, int]) -> tuple[str, int] | None:

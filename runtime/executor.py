@@ -82,17 +82,23 @@ class GuardedExecutor(Executor):
         self.probe_end = blocks[policy.probe - 1] + 1
         self.span = (blocks[a], blocks[b - 1] + 1)
         ex = plan.slot_examples
-        # The probe's residual: its first stream output minus the matching stream into block 0.
-        first_ins = [s for s in plan.pieces[self.first].args if s >= plan.n_inputs or s in self.sig_slots]
-        self.probe_pairs = _pair(plan.pieces[self.probe_end - 1].outs, first_ins, ex)[:1]
+        # The probe's residual: its first stream output minus the same-shaped stream into block 0
+        # (or the output itself where none matches).
+        probe_outs = plan.pieces[self.probe_end - 1].outs
+        first_ins = [s for s in plan.pieces[self.first].args if s >= plan.n_inputs]
+        pairs = _pair(probe_outs, first_ins, ex)
+        self.probe_out, self.probe_in = pairs[0] if pairs else (probe_outs[0], None)
         # The span: its outputs, each paired with the same-shaped stream entering it (residual
         # reuse) or unpaired (the value itself is reused).
         s0, s1 = self.span
-        defined = {o for p in plan.pieces[s0:s1] for o in p.outs}
         later = {i for p in plan.pieces[s1:] for i in p.args} | {
             s for s in plan.out_leaves if isinstance(s, int)}
         outs = [o for p in plan.pieces[s0:s1] for o in p.outs if o in later]
-        self.span_pairs = _pair(outs, list(plan.pieces[s0 - 1].outs), ex, keep_unpaired=True)
+        # Candidates: region outputs alive at the span start, the most recent first (the stream
+        # the previous block left beats an older value of the same shape).
+        alive = {i for p in plan.pieces[s0:] for i in p.args} | later
+        before = [o for p in plan.pieces[:s0] for o in p.outs if o in alive]
+        self.span_pairs = _pair(outs, before[::-1], ex, keep_unpaired=True)
         self.span_flops = sum(self.flops[s0:s1])
         self.out_slots = [s for s in plan.out_leaves if isinstance(s, int)]
 
@@ -110,16 +116,16 @@ class GuardedExecutor(Executor):
             outs = [o0 + d for o0, d in zip(st.current[0], st.cfg_diff)]
             return self._finish(st, env, step, bc, outs, CFG, 0.0, signal, x)
         if action == STEP:
-            return self._finish(st, env, step, bc, self._reuse_step(bc, x, step.t), STEP, 0.0, signal, x)
+            outs = self._reuse_step(bc, x, step.t)
+            return self._finish(st, env, step, bc, outs, STEP, 0.0, signal, x)
 
         # Compute, with the block guard between the probe and the span.
         self.run(env, 0, self.first)
-        stream0 = [env[i] for _, i in self.probe_pairs]
+        stream0 = None if self.probe_in is None else env[self.probe_in]
         self.run(env, self.first, self.probe_end)
         flops, kind = 1.0, "compute"
         if pol.uses_blocks:
-            o, _ = self.probe_pairs[0] if self.probe_pairs else (self.plan.pieces[self.probe_end - 1].outs[0], None)
-            probe = env[o] - stream0[0] if stream0 else env[o]
+            probe = env[self.probe_out] if stream0 is None else env[self.probe_out] - stream0
             self.run(env, self.probe_end, self.span[0])
             skip, bsig = pol.block(step, st, bc, probe)
             signal = bsig if bsig is not None else signal
@@ -130,7 +136,8 @@ class GuardedExecutor(Executor):
                 flops, kind = 1.0 - self.span_flops, "block"
             else:
                 self.run(env, *self.span)
-                fresh = [env[o] if v is None else env[o] - v for (o, _), v in zip(self.span_pairs, ins)]
+                fresh = [env[o] if v is None else env[o] - v
+                         for (o, _), v in zip(self.span_pairs, ins)]
                 if skip is not False:
                     # Per sample: the samples that may reuse take the cached residual and keep it;
                     # the others take and cache what was just computed, as alone they would.
@@ -155,8 +162,9 @@ class GuardedExecutor(Executor):
             return [oa + (oa - ob) * w for oa, ob in zip(a, b)]
         return list(a)
 
-    def _finish(self, st: CacheState, env: list[Any], step: Step, bc: BranchCache, outs: list[torch.Tensor],
-                kind: str, flops: float, signal: float | None, x: torch.Tensor) -> Any:
+    def _finish(self, st: CacheState, env: list[Any], step: Step, bc: BranchCache,
+                outs: list[torch.Tensor], kind: str, flops: float, signal: float | None,
+                x: torch.Tensor) -> Any:
         computed = kind in ("compute", "block")
         st.current[step.branch] = [st.keep(o) for o in outs]
         if kind == "compute":

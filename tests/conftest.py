@@ -1,8 +1,14 @@
 import os
 import sys
 
-import pytest
 import torch
+
+# Without CUDA, Triton kernels run under Triton's interpreter; it reads the switch when triton is
+# first imported (Inductor may import it before any kernel test runs), so set it here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -71,3 +71,23 @@ def test_explain_reports_regions():
     model, kw = tiny_models.wan(layers=2)
     text = str(dit_compile.explain(model, **kw, return_dict=False))
     assert "stack blocks: 2 blocks" in text and "timestep=" in text
+
+
+def test_hidream_after_moe_lowering_is_one_graph_with_regions():
+    """With its MoE lowered (and HiDream's data-dependent unpatchify captured), the whole forward is
+    one graph: stacks found, stitched output equal to eager, the unlowered model was warned about."""
+    model, kw = tiny_models.hidream()
+    with pytest.warns(UserWarning, match=r"4 MoE dispatch\(es\).*dit_compile.lower_moe"):
+        torch.compile(model, backend="mixcache", options={"regions": "eager"})(**kw, return_dict=False)
+    torch._dynamo.reset()
+    assert dit_compile.lower_moe(model) == 4
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        report = dit_compile.explain(model, **kw, return_dict=False)
+        assert report.graphs == 1 and report.fallback is None
+        assert report.stacks == {"double_stream_blocks": 2, "single_stream_blocks": 2}
+        torch._dynamo.reset()
+        with torch.no_grad():
+            ref = model(**kw, return_dict=False)[0]
+            out = torch.compile(model, backend="mixcache", options={"regions": "eager"},
+                                fullgraph=True)(**kw, return_dict=False)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

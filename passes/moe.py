@@ -1,0 +1,400 @@
+"""Lower mixture-of-experts dispatch to one call of the custom op ``dit_compile::moe_ffn``.
+
+Why this pass works on the module, before tracing
+-------------------------------------------------
+diffusers' HiDream ``MOEFeedForwardSwiGLU.moe_infer`` reads per-expert token counts back to the host
+(``bincount().cpu().numpy()``) and loops over them; NucleusMoE's ``SwiGLUExperts`` loop calls
+``.tolist()``. Dynamo breaks the graph there, so a backend only ever receives the pieces around the
+loop, never the loop: an FX pass in the backend is too late. Letting Dynamo trace through does not
+help either: with ``capture_scalar_outputs`` and ``capture_dynamic_output_shape_ops`` the bincount
+has a data-dependent length and ``for ... in tokens_per_expert`` fails with "Could not extract
+specialized integer from data-dependent expression" (checked on torch 2.13, diffusers 0.42).
+``torch._dynamo.substitute_in_graph`` could swap the function, but for every instance of the class at
+once, only under Dynamo, and the substitute still needs stacked weights that live on the instance.
+
+So the dispatch is replaced on the *instance*: the module's dispatch method becomes an instance
+attribute that adapts its arguments and calls the op with stacked expert weights. Dynamo traces that
+like any Python method, the op stays one opaque node (its fake implementation gives the output shape),
+and eager calls get the same speed-up. The class, other instances and module globals are untouched;
+:func:`restore_moe` undoes it.
+
+Public API
+----------
+``lower_moe(model) -> int``
+    Walk ``model`` and lower every recognised dispatch (idempotent). Recognised today, by class (also
+    subclasses) and then by structure:
+
+    * HiDream ``MOEFeedForwardSwiGLU``: ``experts`` is an ``nn.ModuleList`` of identical
+      ``HiDreamImageFeedForwardSwiGLU`` (plain bias-free ``nn.Linear`` ``w1`` gate, ``w3`` up,
+      ``w2`` down) next to a top-k ``gate``; ``moe_infer(x, flat_ids, flat_weights)`` is replaced.
+      The training-mode branch of ``forward`` is left as is.
+    * NucleusMoE ``SwiGLUExperts`` (expert-choice routing): ``forward(x, num_tokens_per_expert)`` on
+      rows already grouped by expert is replaced; each row is a token with k = 1 and weight 1, rows
+      past the counted ones are dropped (zeros, as in the loop). Its stacked ``gate_up_proj`` and
+      ``down_proj`` are passed as transposed views: no copy, nothing to keep in sync.
+
+    A module that has the class but not the structure (LoRA-wrapped projections, unequal experts)
+    is skipped with a warning.
+
+``register_moe(module, method, *, experts=None, projections=("w1", "w3", "w2"), weights=None, route=None)``
+    Mark your own MoE for lowering. Factor the routed part into a method that takes
+    ``(x [T, D], expert_ids [T, k], routing_weights [T, k])`` and returns ``[T, D]`` (or pass
+    ``route`` to adapt other arguments), then name where the expert weights are::
+
+        class MyMoE(nn.Module):
+            def forward(self, x):
+                weights, ids = self.router(x).softmax(-1).topk(2)
+                return self.shared(x) + self.dispatch(x, ids, weights)
+
+            def dispatch(self, x, ids, weights):  # the slow loop, left as it is
+                ...
+
+        register_moe(my_moe, "dispatch", experts="experts")  # experts[i].w1 / .w3 / .w2 nn.Linear
+        # or, with weights already stacked as [E, H, D], [E, H, D], [E, D, H] tensors:
+        register_moe(my_moe, "dispatch", weights=lambda m: (m.w_gate, m.w_up, m.w_down))
+
+    ``weights`` is called on every dispatch, so it must only read module attributes (then Dynamo
+    sees live parameters, and views such as ``.transpose`` are free). Each expert must compute
+    ``down(silu(gate(x)) * up(x))``; the op trusts this, it cannot check it.
+
+``restore_moe(model) -> int``
+    Undo the lowering everywhere in ``model``.
+
+``find_moe(model) -> dict[str, bool]``
+    Every known MoE dispatch in ``model`` by module path, and whether it is lowered (for reports and
+    warnings before compiling).
+
+``count_moe_ops(gm) -> int``
+    How many op calls a traced graph holds.
+
+Keeping stacked weights in sync with the experts
+------------------------------------------------
+Per-expert ``nn.Linear`` weights are stacked once into non-persistent buffers ``_moe_w1``,
+``_moe_w3``, ``_moe_w2`` on the dispatching module, and each expert's parameter is re-pointed
+(``param.data``) to its slice of the stack. Memory is not doubled, the state dict keeps its keys, and
+anything that updates parameters in place (``load_state_dict``, ``copy_``, optimizers, PEFT's
+``fuse_lora``) updates the stack too. Two things replace the parameters' storage and would leave the
+stack stale, so both restack: ``module._apply`` (``.to()``, ``.half()``, ``.cuda()``) is wrapped on
+the instance, and a ``load_state_dict`` post-hook restacks when the aliasing is broken (``assign=True``).
+Not covered: ``copy.deepcopy`` (the copy's parameters and stack are separate tensors: right values,
+twice the memory, in-place updates stop reaching the stack), code that rebinds ``param.data`` or swaps
+parameter objects by other means, and LoRA
+layers added to experts after lowering (the lowered dispatch would ignore them); call
+:func:`lower_moe` again after such changes (it restacks), or :func:`restore_moe` to go back.
+
+The lowered dispatch is inference-only: the op has no autograd formula, so backward raises.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels.moe_op import moe_ffn
+
+__all__ = ["count_moe_ops", "find_moe", "lower_moe", "register_moe", "restore_moe"]
+
+Route = Callable[..., tuple[Tensor, Tensor, Tensor]]
+Weights = Callable[[nn.Module], tuple[Tensor, Tensor, Tensor]]
+
+_SPEC_ATTR = "_dit_moe_spec"
+_STACK_BUFFERS = ("_moe_w1", "_moe_w3", "_moe_w2")
+
+
+@dataclass(frozen=True)
+class _MoESpec:
+    """How one module's dispatch was lowered; stored on the module so restore/restack can find it."""
+
+    method: str
+    route: Route  # (module, *args, **kwargs) -> (x, expert_ids, routing_weights)
+    weights: Weights  # module -> (w1, w3, w2), read at every call
+    experts: str | None  # attribute of the per-expert ModuleList whose weights we stacked, if any
+    projections: tuple[str, str, str]  # gate, up, down attribute names inside each expert
+
+
+# ---------------------------------------------------------------------------------------------------
+# Substitution
+
+
+def _lowered_dispatch(spec: _MoESpec) -> Callable[..., Tensor]:
+    # A closure over the spec only, never the module, so that copy.deepcopy of the module (which
+    # rebinds the bound method to the copy) yields a copy that dispatches on its own weights.
+    def dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        x, expert_ids, routing_weights = spec.route(self, *args, **kwargs)
+        w1, w3, w2 = spec.weights(self)
+        return moe_ffn(x, expert_ids, routing_weights, w1, w3, w2)
+
+    return dispatch
+
+
+def _plain_route(module: nn.Module, x: Tensor, expert_ids: Tensor, routing_weights: Tensor):
+    return x, expert_ids, routing_weights
+
+
+def register_moe(
+    module: nn.Module,
+    method: str,
+    *,
+    experts: str | None = None,
+    projections: tuple[str, str, str] = ("w1", "w3", "w2"),
+    weights: Weights | None = None,
+    route: Route | None = None,
+) -> None:
+    """Replace ``module.<method>`` on this instance by a call of ``dit_compile::moe_ffn``.
+
+    Exactly one of ``experts`` (name of an ``nn.ModuleList`` attribute whose members hold bias-free
+    ``nn.Linear`` layers named by ``projections``: gate, up, down) and ``weights`` (module ->
+    stacked ``(w1 [E, H, D], w3 [E, H, D], w2 [E, D, H])``) must be given. ``route(module, *args,
+    **kwargs) -> (x [T, D], expert_ids [T, k], routing_weights [T, k])`` adapts the method's
+    arguments; without it the method is called as ``(x, expert_ids, routing_weights)``. The method's
+    replacement returns the op's ``[T, D]``. Registering an already lowered module again restacks
+    its weights. Raises ``ValueError`` when the experts do not have the required structure.
+    """
+    if (experts is None) == (weights is None):
+        raise ValueError("register_moe: pass exactly one of experts= and weights=")
+    if not callable(getattr(module, method, None)):
+        raise ValueError(f"register_moe: {type(module).__name__} has no method {method!r}")
+    if experts is not None:
+        problem = _swiglu_experts_problem(getattr(module, experts, None), projections)
+        if problem:
+            raise ValueError(f"register_moe: {type(module).__name__}.{experts}: {problem}")
+    _unregister(module)
+    spec = _MoESpec(
+        method=method,
+        route=route if route is not None else _plain_route,
+        weights=weights if weights is not None else _stacked_buffers,
+        experts=experts,
+        projections=tuple(projections),
+    )
+    if experts is not None:
+        _stack_experts(module, spec)
+        # Instance attributes, so that only this module's conversions and loads restack.
+        module._apply = types.MethodType(_apply_then_restack, module)
+        module._dit_moe_load_hook = module.register_load_state_dict_post_hook(_restack_after_load)
+    setattr(module, _SPEC_ATTR, spec)
+    setattr(module, method, types.MethodType(_lowered_dispatch(spec), module))
+
+
+def _unregister(module: nn.Module) -> bool:
+    spec: _MoESpec | None = module.__dict__.pop(_SPEC_ATTR, None)
+    if spec is None:
+        return False
+    module.__dict__.pop(spec.method, None)
+    module.__dict__.pop("_apply", None)
+    hook = module.__dict__.pop("_dit_moe_load_hook", None)
+    if hook is not None:
+        hook.remove()
+    for name in _STACK_BUFFERS:
+        module._buffers.pop(name, None)
+    # Expert parameters stay views of the dropped stack: same values, and the slices together keep
+    # exactly the stack's storage alive, so no memory is lost.
+    return True
+
+
+def restore_moe(model: nn.Module) -> int:
+    """Give every lowered module in ``model`` its original dispatch back; returns how many."""
+    return sum(_unregister(m) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stacked expert weights
+
+
+def _stacked_buffers(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    return module._moe_w1, module._moe_w3, module._moe_w2
+
+
+def _expert_params(module: nn.Module, spec: _MoESpec) -> list[list[nn.Parameter]]:
+    experts = getattr(module, spec.experts)
+    return [[getattr(expert, name).weight for expert in experts] for name in spec.projections]
+
+
+def _is_stacked(module: nn.Module, spec: _MoESpec) -> bool:
+    for buffer_name, params in zip(_STACK_BUFFERS, _expert_params(module, spec)):
+        stack = module._buffers.get(buffer_name)
+        if stack is None or len(params) != stack.shape[0]:
+            return False
+        for i, param in enumerate(params):
+            if param.dtype != stack.dtype or param.device != stack.device or param.data_ptr() != stack[i].data_ptr():
+                return False
+    return True
+
+
+@torch.no_grad()
+def _stack_experts(module: nn.Module, spec: _MoESpec) -> None:
+    """Stack each projection's expert weights into a buffer and make the parameters its slices."""
+    for buffer_name, params in zip(_STACK_BUFFERS, _expert_params(module, spec)):
+        module._buffers.pop(buffer_name, None)
+        stack = torch.stack([p.detach() for p in params])
+        for i, param in enumerate(params):
+            param.data = stack[i]
+        module.register_buffer(buffer_name, stack, persistent=False)
+
+
+def _apply_then_restack(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+    # Drop the stacks first so that .to() converts each weight once, then rebuild them from the
+    # converted parameters (the conversion gave those new storage, breaking the aliasing).
+    for name in _STACK_BUFFERS:
+        self._buffers.pop(name, None)
+    result = type(self)._apply(self, fn, recurse)
+    _stack_experts(self, getattr(self, _SPEC_ATTR))
+    return result
+
+
+def _restack_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    spec = getattr(module, _SPEC_ATTR, None)
+    if spec is not None and spec.experts is not None and not _is_stacked(module, spec):
+        _stack_experts(module, spec)
+
+
+def _swiglu_experts_problem(experts: Any, projections: tuple[str, str, str]) -> str | None:
+    """Why ``experts`` is not a non-empty ModuleList of identical bias-free SwiGLU experts, or None."""
+    if not isinstance(experts, nn.ModuleList) or len(experts) == 0:
+        return "not a non-empty nn.ModuleList"
+    reference = None
+    for i, expert in enumerate(experts):
+        layers = [getattr(expert, name, None) for name in projections]
+        # Exactly nn.Linear: a LoRA or quantisation wrapper computes something the op would not.
+        if any(type(layer) is not nn.Linear or layer.bias is not None for layer in layers):
+            return f"expert {i}: {projections} must be plain bias-free nn.Linear"
+        gate, up, down = (layer.weight for layer in layers)
+        if gate.shape != up.shape or down.shape != gate.shape[::-1]:
+            return f"expert {i}: gate/up [H, D] and down [D, H] shapes disagree"
+        signature = (gate.shape, gate.dtype, gate.device, up.dtype, up.device, down.dtype, down.device)
+        if reference is None:
+            reference = signature
+        elif signature != reference:
+            return f"expert {i}: shape, dtype or device differs from expert 0"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recognised diffusers classes
+
+
+def _hidream_route(module: nn.Module, x: Tensor, flat_expert_indices: Tensor, flat_expert_weights: Tensor):
+    # moe_infer gets topk_idx.view(-1) and topk_weight.view(-1, 1) of [T, k] tensors.
+    top_k = module.num_activated_experts
+    return x, flat_expert_indices.view(-1, top_k), flat_expert_weights.view(-1, top_k)
+
+
+def _lower_hidream(module: nn.Module) -> str | None:
+    experts = getattr(module, "experts", None)
+    problem = _swiglu_experts_problem(experts, ("w1", "w3", "w2"))
+    if problem is None and not all(_has_class(e, _HIDREAM_EXPERT) for e in experts):
+        problem = "experts are not HiDreamImageFeedForwardSwiGLU"
+    if problem is None and not isinstance(getattr(module, "num_activated_experts", None), int):
+        problem = "no integer num_activated_experts"
+    if problem is None:
+        register_moe(module, "moe_infer", experts="experts", route=_hidream_route)
+    return problem
+
+
+def _nucleus_route(module: nn.Module, x: Tensor, num_tokens_per_expert: Tensor):
+    # Rows arrive grouped by expert; row r belongs to the first expert whose cumulative count
+    # exceeds r. Rows past the total get id E: the op drops them, leaving zero rows as the loop does.
+    ends = num_tokens_per_expert.cumsum(0)
+    rows = torch.arange(x.shape[0], device=x.device, dtype=ends.dtype)
+    expert_ids = torch.searchsorted(ends, rows, right=True)
+    return x, expert_ids[:, None], x.new_ones(x.shape[0], 1)
+
+
+def _nucleus_weights(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    # gate_up_proj [E, D, 2H] (gate = first half of the last dim), down_proj [E, H, D]: transposed
+    # views give the op's [E, H, D] and [E, D, H] without a copy.
+    gate_up, down = module.gate_up_proj, module.down_proj
+    hidden = gate_up.shape[-1] // 2
+    return gate_up[..., :hidden].transpose(1, 2), gate_up[..., hidden:].transpose(1, 2), down.transpose(1, 2)
+
+
+def _lower_nucleus(module: nn.Module) -> str | None:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.dim() == down.dim() == 3):
+        return "gate_up_proj / down_proj are not stacked [E, D, 2H] / [E, H, D] tensors"
+    num_experts, dim, twice_hidden = gate_up.shape
+    if twice_hidden % 2 or tuple(down.shape) != (num_experts, twice_hidden // 2, dim) or gate_up.dtype != down.dtype:
+        return f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} do not match"
+    register_moe(module, "forward", weights=_nucleus_weights, route=_nucleus_route)
+    return None
+
+
+_DIFFUSERS = "diffusers.models.transformers."
+_HIDREAM_EXPERT = (_DIFFUSERS + "transformer_hidream_image", "HiDreamImageFeedForwardSwiGLU")
+# Matched by (module, qualname) along the MRO: no diffusers import, subclasses included.
+_RECOGNISERS: dict[tuple[str, str], Callable[[nn.Module], str | None]] = {
+    (_DIFFUSERS + "transformer_hidream_image", "MOEFeedForwardSwiGLU"): _lower_hidream,
+    (_DIFFUSERS + "transformer_nucleusmoe_image", "SwiGLUExperts"): _lower_nucleus,
+}
+
+
+def _has_class(obj: object, key: tuple[str, str]) -> bool:
+    return any((cls.__module__, cls.__qualname__) == key for cls in type(obj).__mro__)
+
+
+def _recogniser(module: nn.Module) -> Callable[[nn.Module], str | None] | None:
+    for cls in type(module).__mro__:
+        lower = _RECOGNISERS.get((cls.__module__, cls.__qualname__))
+        if lower is not None:
+            return lower
+    return None
+
+
+def lower_moe(model: nn.Module) -> int:
+    """Lower every recognised MoE dispatch in ``model`` (itself included) to ``dit_compile::moe_ffn``.
+
+    Idempotent: already lowered modules (by this function or :func:`register_moe`) are kept, and their
+    stacked weights rebuilt if a parameter no longer aliases them. Returns the number of lowered
+    dispatches in ``model`` after the call. Modules of a recognised class that fail the structural
+    check are skipped with a ``UserWarning`` naming the reason.
+    """
+    lowered = 0
+    for name, module in model.named_modules():
+        spec: _MoESpec | None = module.__dict__.get(_SPEC_ATTR)
+        if spec is not None:
+            if spec.experts is not None and not _is_stacked(module, spec):
+                _stack_experts(module, spec)
+            lowered += 1
+            continue
+        lower = _recogniser(module)
+        if lower is None:
+            continue
+        problem = lower(module)
+        if problem is None:
+            lowered += 1
+        else:
+            warnings.warn(f"dit_compile: MoE dispatch of {name or type(module).__name__} left as is: {problem}", stacklevel=2)
+    return lowered
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks for a backend or a report
+
+
+def _is_moe_op(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.ops.dit_compile.moe_ffn.default, torch.ops.dit_compile.moe_ffn)
+
+
+def count_moe_ops(gm: torch.fx.GraphModule) -> int:
+    """Number of ``dit_compile::moe_ffn`` calls in a traced graph."""
+    return sum(_is_moe_op(node) for node in gm.graph.nodes)
+
+
+def find_moe(model: nn.Module) -> dict[str, bool]:
+    """Every MoE dispatch in ``model`` this pass knows (recognised class or registered), by module
+    path ("" for ``model`` itself), mapped to whether it is lowered. A False entry will break
+    Dynamo's graph: call :func:`lower_moe` before ``torch.compile``.
+
+    A module, not a graph: once the dispatch has broken the graph, Dynamo resumes inside the
+    module's own frames and ``nn_module_stack`` no longer names the MoE module in the pieces.
+    """
+    return {
+        name: _SPEC_ATTR in module.__dict__
+        for name, module in model.named_modules()
+        if _SPEC_ATTR in module.__dict__ or _recogniser(module) is not None
+    }

@@ -1,0 +1,409 @@
+"""MoE lowering: the Triton kernel, the op dit_compile::moe_ffn, and the pass that substitutes it.
+
+Without CUDA the kernel runs under Triton's interpreter, which must be switched on before the kernel
+module is imported (Triton reads TRITON_INTERPRET when a function is decorated). With CUDA the same
+tests run the compiled kernel, and the interpreter is left off for the rest of the session.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dit_compile.kernels.moe_op import moe_ffn, moe_ffn_reference
+from dit_compile.passes.moe import count_moe_ops, find_moe, lower_moe, register_moe, restore_moe
+
+triton = pytest.importorskip("triton")
+from dit_compile.kernels.moe import MoEConfig, build_task_map, moe_ffn_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Small tiles so that tiny problems still span several tiles, partial tiles and masked edges.
+SMALL = MoEConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
+
+
+def make_problem(num_tokens, top_k, num_experts, dim, hidden, *, ids=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, dim, generator=g)
+    if ids is None:
+        ids = torch.rand(num_tokens, num_experts, generator=g).argsort(-1)[:, :top_k]  # distinct per token
+    weights = torch.rand(num_tokens, top_k, generator=g)
+    w1 = torch.randn(num_experts, hidden, dim, generator=g) / dim**0.5
+    w3 = torch.randn(num_experts, hidden, dim, generator=g) / dim**0.5
+    w2 = torch.randn(num_experts, dim, hidden, generator=g) / hidden**0.5
+    floats = [t.to(DEVICE, dtype) for t in (x, weights, w1, w3, w2)]
+    return floats[0], ids.to(DEVICE), floats[1], floats[2], floats[3], floats[4]
+
+
+def reference64(x, ids, weights, w1, w3, w2):
+    return moe_ffn_reference(*(t.cpu().double() if t.is_floating_point() else t.cpu() for t in (x, ids, weights, w1, w3, w2)))
+
+
+def assert_kernel_matches(args, atol=2e-5, rtol=1e-4, config=SMALL):
+    out = moe_ffn_triton(*args, config=config)
+    assert out.shape == args[0].shape and out.dtype == args[0].dtype
+    torch.testing.assert_close(out.cpu().double(), reference64(*args), atol=atol, rtol=rtol)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Task map
+
+
+def test_task_map_tiles_every_row_once_within_one_expert():
+    ids = torch.tensor([[3, 0], [3, 1], [3, 0], [3, 9], [-1, 3]] * 5)  # skewed; 9 and -1 are out of range
+    num_experts, block_m = 5, 4
+    task = build_task_map(ids, num_experts, block_m)
+    flat = ids.reshape(-1)
+    assert task.tile_expert.numel() == triton.cdiv(flat.numel(), block_m) + num_experts
+    covered = []
+    for expert, start, end in zip(task.tile_expert.tolist(), task.tile_start.tolist(), task.tile_end.tolist()):
+        if expert == num_experts:
+            continue
+        rows = task.sorted_rows[start : min(start + block_m, end)].long()
+        assert (flat[rows] == expert).all()
+        covered += rows.tolist()
+    valid = ((flat >= 0) & (flat < num_experts)).nonzero().flatten().tolist()
+    assert sorted(covered) == valid
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel against a float64 reference
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["uniform", "all_to_one_expert", "idle_experts", "single_token", "ragged_tiles", "top1", "top3"],
+)
+def test_kernel_matches_reference(case):
+    T, k, E, D, H = {
+        "uniform": (32, 2, 4, 32, 32),
+        "all_to_one_expert": (21, 1, 4, 24, 40),
+        "idle_experts": (19, 2, 6, 24, 40),
+        "single_token": (1, 2, 4, 24, 40),
+        "ragged_tiles": (37, 2, 3, 40, 24),
+        "top1": (23, 1, 4, 24, 40),
+        "top3": (13, 3, 5, 24, 40),
+    }[case]
+    ids = None
+    if case == "all_to_one_expert":
+        ids = torch.full((T, 1), 2)
+    elif case == "idle_experts":  # experts 0, 3 and 5 get nothing
+        ids = torch.stack([torch.randint(1, 3, (T,)), torch.full((T,), 4)], dim=1)
+    assert_kernel_matches(make_problem(T, k, E, D, H, ids=ids))
+
+
+def test_kernel_drops_out_of_range_ids():
+    x, ids, weights, w1, w3, w2 = make_problem(9, 2, 3, 24, 40)
+    ids[0, 1], ids[4, 0], ids[4, 1] = 3, -1, 7
+    out = assert_kernel_matches((x, ids, weights, w1, w3, w2))
+    assert out[4].abs().max() == 0
+
+
+def test_kernel_reads_transposed_weight_views():
+    # NucleusMoE stores gate/up as [E, D, 2H] and down as [E, H, D]; the op gets transposed views.
+    x, ids, weights, w1, w3, w2 = make_problem(17, 2, 3, 24, 40)
+    gate_up = torch.cat([w1, w3], dim=1).transpose(1, 2).contiguous()  # [E, D, 2H]
+    down = w2.transpose(1, 2).contiguous()  # [E, H, D]
+    views = (gate_up[..., :40].transpose(1, 2), gate_up[..., 40:].transpose(1, 2), down.transpose(1, 2))
+    assert not views[0].is_contiguous()
+    assert_kernel_matches((x, ids, weights, *views))
+
+
+def test_kernel_default_config_and_half_precision():
+    args = make_problem(29, 2, 4, 32, 64, dtype=torch.float16)
+    out = moe_ffn_triton(*args)
+    torch.testing.assert_close(out, moe_ffn_reference(*(a.cpu() for a in args)).to(DEVICE), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out.cpu().double(), reference64(*args), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter's bf16 dot multiplies raw bits)")
+def test_kernel_low_precision_on_gpu(dtype):
+    args = make_problem(300, 2, 4, 256, 512, dtype=dtype)
+    out = moe_ffn_triton(*args)
+    torch.testing.assert_close(out.cpu().double(), reference64(*args), atol=3e-2, rtol=3e-2)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    num_tokens=st.integers(1, 40),
+    top_k=st.integers(1, 3),
+    num_experts=st.integers(3, 6),
+    skew=st.floats(0.0, 3.0),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_random_routing(num_tokens, top_k, num_experts, skew, seed):
+    # Zipf-like expert popularity; top-k without replacement, as a router's topk gives.
+    g = torch.Generator().manual_seed(seed)
+    popularity = torch.arange(1, num_experts + 1, dtype=torch.float64) ** -skew
+    ids = torch.multinomial(popularity.expand(num_tokens, -1), top_k, generator=g)
+    assert_kernel_matches(make_problem(num_tokens, top_k, num_experts, 24, 40, ids=ids, seed=seed))
+
+
+# --------------------------------------------------------------------------------------------------
+# The op
+
+
+class _TinyMoE(nn.Module):
+    def __init__(self, num_experts=4, dim=16, hidden=24, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, hidden, dim) / dim**0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, dim, hidden) / hidden**0.5)
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(self.top_k, dim=-1)
+        return x + moe_ffn(x, ids, weights, self.w1, self.w3, self.w2)
+
+
+def test_op_cpu_matches_reference_and_opcheck():
+    args = [t.cpu() for t in make_problem(11, 2, 4, 24, 40)]
+    torch.testing.assert_close(moe_ffn(*args).double(), reference64(*args), atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(moe_ffn, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_op_fake_shapes_and_checks():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(7, 24, dtype=torch.bfloat16)
+        ids, weights = torch.empty(7, 2, dtype=torch.int32), torch.empty(7, 2)
+        w1, w2 = torch.empty(4, 40, 24, dtype=torch.bfloat16), torch.empty(4, 24, 40, dtype=torch.bfloat16)
+        out = moe_ffn(x, ids, weights, w1, w1, w2)
+        assert out.shape == (7, 24) and out.dtype == torch.bfloat16
+        with pytest.raises(RuntimeError, match="w2 must be"):
+            moe_ffn(x, ids, weights, w1, w1, w1)
+
+
+def test_op_exports_as_one_node():
+    model, x = _TinyMoE().eval(), torch.randn(9, 16)
+    exported = torch.export.export(model, (x,))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.dit_compile.moe_ffn.default) == 1
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.inductor
+def test_op_compiles_fullgraph_with_inductor():
+    model, x = _TinyMoE().eval(), torch.randn(9, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="inductor", fullgraph=True)(x), model(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# The pass on diffusers' models
+
+
+def tiny_hidream():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=(0, 1),
+    ).eval()  # fmt: skip
+    latent = torch.randn(1, 4, 8, 8)
+    kwargs = dict(
+        timesteps=torch.tensor([500]), encoder_hidden_states_t5=torch.randn(1, 6, 8),
+        encoder_hidden_states_llama3=torch.randn(2, 1, 5, 4), pooled_embeds=torch.randn(1, 8), return_dict=False,
+    )  # fmt: skip
+    # The patchified form a pipeline passes for non-square images. Its img_sizes is a list of ints;
+    # a 4-D latent makes forward build img_sizes as a tensor, and unpatchify then slices with
+    # tensor values: a graph break of its own, unrelated to MoE (see the capture_scalar_outputs test).
+    tokens, _, _, img_ids = model.patchify(latent)
+    patchified = dict(
+        kwargs, hidden_states=tokens, hidden_states_masks=torch.ones(1, tokens.shape[1]), img_ids=img_ids, img_sizes=[(4, 4)]
+    )
+    return model, dict(kwargs, hidden_states=latent), patchified
+
+
+def _graphs(model, kwargs, **compile_kwargs):
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=record, **compile_kwargs)(**kwargs)[0]
+    return graphs, out
+
+
+def test_hidream_lowered_matches_eager_and_compiles_fullgraph():
+    model, latent_kwargs, kwargs = tiny_hidream()
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+        assert torch.equal(model(**latent_kwargs)[0], expected)
+    assert find_moe(model) == {"double_stream_blocks.0.block.ff_i": False, "single_stream_blocks.0.block.ff_i": False}
+    assert lower_moe(model) == 2 and lower_moe(model) == 2
+    assert all(find_moe(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    graphs, out = _graphs(model, kwargs, fullgraph=True)
+    assert len(graphs) == 1 and count_moe_ops(graphs[0]) == 2
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        graphs, out = _graphs(model, latent_kwargs, fullgraph=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    assert restore_moe(model) == 2 and not any(find_moe(model).values())
+    torch._dynamo.reset()
+    graphs, _ = _graphs(model, kwargs)
+    assert len(graphs) > 1 and sum(count_moe_ops(g) for g in graphs) == 0  # the original loop breaks
+
+
+def test_hidream_stack_stays_in_sync():
+    model, _, kwargs = tiny_hidream()
+    lower_moe(model)
+    moe = model.double_stream_blocks[0].block.ff_i
+
+    def aliased():
+        return all(
+            getattr(e, name).weight.data_ptr() == stack[i].data_ptr()
+            for name, stack in (("w1", moe._moe_w1), ("w3", moe._moe_w3), ("w2", moe._moe_w2))
+            for i, e in enumerate(moe.experts)
+        )
+
+    assert aliased() and not any("_moe_" in key for key in model.state_dict())
+    with torch.no_grad():
+        moe.experts[1].w3.weight.mul_(2)  # in place: the stack sees it
+    assert torch.equal(moe._moe_w3[1], moe.experts[1].w3.weight)
+
+    model.to(torch.float64)  # new storage for every parameter: restacked
+    assert moe._moe_w1.dtype == torch.float64 and aliased()
+    model.to(torch.float32)
+    state = {k: v.clone() * 1.5 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)  # new parameter objects: restacked
+    assert aliased() and torch.equal(moe._moe_w2[3], state["double_stream_blocks.0.block.ff_i.experts.3.w2.weight"])
+
+    clone = copy.deepcopy(model)  # documented: the copy works but is not aliased until lowered again
+    lower_moe(clone)
+    clone_moe = clone.double_stream_blocks[0].block.ff_i
+    assert clone_moe.experts[0].w1.weight.data_ptr() == clone_moe._moe_w1[0].data_ptr()
+    with torch.no_grad():
+        lowered = model(**kwargs)[0]
+        torch.testing.assert_close(clone(**kwargs)[0], lowered)
+        restore_moe(model)
+        torch.testing.assert_close(model(**kwargs)[0], lowered, atol=1e-5, rtol=1e-5)
+
+
+def test_nucleus_lowered_matches_eager_and_compiles_fullgraph():
+    from diffusers import NucleusMoEImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = NucleusMoEImageTransformer2DModel(
+        patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, axes_dims_rope=(2, 2, 4), moe_intermediate_dim=24, num_experts=4,
+        capacity_factors=2.0, dense_moe_strategy="all_moe",
+    ).eval()  # fmt: skip
+    for p in model.parameters():  # the experts are allocated with torch.empty
+        nn.init.normal_(p, std=0.2)
+    kwargs = dict(
+        hidden_states=torch.randn(1, 16, 16), img_shapes=[(1, 4, 4)], encoder_hidden_states=torch.randn(1, 5, 12),
+        encoder_hidden_states_mask=torch.ones(1, 5, dtype=torch.bool), timestep=torch.tensor([0.5]), return_dict=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+    # Unlowered, torch 2.13 traces the loop's .tolist() under fullgraph=True with unbacked sizes and
+    # unrolls it: 2 matmuls per expert per layer, each of a data-dependent size.
+    assert lower_moe(model) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kwargs)[0], expected, atol=1e-5, rtol=1e-5)
+    graphs, out = _graphs(model, kwargs, fullgraph=True)
+    assert len(graphs) == 1 and count_moe_ops(graphs[0]) == 2
+    assert not any(n.target in (torch.matmul, torch.Tensor.matmul) for n in graphs[0].graph.nodes)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nucleus_padding_rows_are_zero():
+    from diffusers.models.transformers.transformer_nucleusmoe_image import SwiGLUExperts
+
+    experts = SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
+    nn.init.normal_(experts.gate_up_proj)
+    nn.init.normal_(experts.down_proj)
+    x, counts = torch.randn(10, 8), torch.tensor([3, 0, 4])  # 3 padding rows
+    with torch.no_grad():
+        expected = experts(x, counts)
+        lower_moe(experts)
+        torch.testing.assert_close(experts(x, counts), expected, atol=1e-5, rtol=1e-5)
+    assert experts(x, counts)[7:].abs().max() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A user's own MoE
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, dim, hidden, bias=False):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(dim, hidden, bias=bias), nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class _UserMoE(nn.Module):
+    def __init__(self, num_experts=3, dim=16, hidden=24, bias=False):
+        super().__init__()
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(_SwiGLU(dim, hidden, bias) for _ in range(num_experts))
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
+        return x + self.dispatch(x, ids, weights)
+
+    def dispatch(self, x, ids, weights):
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (ids == e).nonzero(as_tuple=True)  # data-dependent: breaks the graph
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out
+
+
+def test_register_moe_for_user_module():
+    torch.manual_seed(0)
+    model, x = _UserMoE(), torch.randn(13, 16)
+    with torch.no_grad():
+        expected = model(x)
+    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    assert find_moe(model) == {"": True} and lower_moe(model) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        out = torch.compile(model, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="bias-free"):
+        register_moe(_UserMoE(bias=True), "dispatch", experts="experts", projections=("gate", "up", "down"))
+    with pytest.raises(ValueError, match="exactly one"):
+        register_moe(model, "dispatch")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: the op through Inductor on the device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_op_on_cuda_through_inductor():
+    model = _TinyMoE(num_experts=8, dim=128, hidden=256).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(1000, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = torch.compile(model, backend="inductor", fullgraph=True)(x)
+        weights, ids = model.router(x).softmax(-1).topk(2, dim=-1)
+        ref = x.double().cpu() + reference64(x, ids, weights, model.w1, model.w3, model.w2)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=5e-2, rtol=5e-2)
