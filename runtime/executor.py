@@ -144,8 +144,11 @@ class GuardedExecutor(Executor):
                     fresh = [torch.where(_bcast(skip, f), r, f) for f, r in zip(fresh, bc.span)]
                     for (o, _), v, f in zip(self.span_pairs, ins, fresh):
                         env[o] = f if v is None else v + f
+                    probe = torch.where(_bcast(skip, probe), bc.probe, probe)
                 bc.span = [st.keep(f) for f in fresh]
-            bc.probe = st.keep(probe)
+                # The probe is compared with its value when the cached residual was taken (as
+                # First-Block-Cache does), so slow drift adds up instead of hiding step by step.
+                bc.probe = st.keep(probe)
             self.run(env, self.span[1])
         else:
             self.run(env, self.probe_end)

@@ -13,7 +13,7 @@ guard points. ``make_policy`` parses the user's ``cache`` option into one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,7 +54,6 @@ class Policy:
     extrapolate: bool = False               # first-order step reuse from the last two computes
     max_reuse: int | None = None            # bound on consecutive reuses per branch
     per_sample: bool = True                 # decisions per sample of a batch
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def uses_blocks(self) -> bool:
@@ -100,7 +99,7 @@ class Policy:
             return False, None
         change = rel_l1(probe, bc.probe)
         signal = float(change.max())
-        mask = change < self.first_block
+        mask = change <= self.first_block
         if not self.per_sample:
             return bool(mask.all()), signal
         if bool(mask.all()):

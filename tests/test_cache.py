@@ -193,3 +193,23 @@ def test_wan_pipeline_with_cache_two_generations():
     assert [r["branch"] for r in trace[:4]] == [0, 1, 0, 1]
     assert {r["generation"] for r in trace} == {0, 1}
     assert [r["action"] for r in trace if r["branch"] == 1 and r["step"] > 0] == ["cfg"] * 6
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.5])
+def test_first_block_rule_reproduces_diffusers_first_block_cache(threshold):
+    """The first_block rule over mixcache's guard points gives what diffusers' own hook gives."""
+    import os, sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import pipelines
+    from diffusers.hooks import FirstBlockCacheConfig
+    model, _ = tiny_models.wan(layers=4)
+    pipe = pipelines.wan_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    ref = pipelines.run_wan(pipe, steps=8)
+    model.disable_cache()
+    pipe.transformer = compiled(model, {"rule": "first_block", "threshold": threshold,
+                                        "per_sample": False})
+    out = pipelines.run_wan(pipe, steps=8)
+    assert dit_compile.stats(pipe.transformer)["reused"].get("block", 0) > 0
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
