@@ -91,3 +91,22 @@ def test_hidream_after_moe_lowering_is_one_graph_with_regions():
             out = torch.compile(model, backend="mixcache", options={"regions": "eager"},
                                 fullgraph=True)(**kw, return_dict=False)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_wheel_installs_subpackages_under_dit_compile_only(tmp_path):
+    """passes/, runtime/ and kernels/ ship as dit_compile.*, never as top-level packages."""
+    import os
+    import zipfile
+    root = os.path.join(os.path.dirname(__file__), "..")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(tmp_path), root],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"dit_compile"}
+    for sub in ("passes/regions.py", "runtime/executor.py", "kernels/moe_op.py"):
+        assert f"dit_compile/{sub}" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "mixcache = dit_compile.backend:mixcache" in zipfile.ZipFile(wheel).read(entry).decode()
