@@ -31,8 +31,9 @@ class PolicyError(ValueError):
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample relative L1 change ``mean|a - b| / mean|b|`` over all but the batch dim."""
     dims = tuple(range(1, a.dim()))
-    num = (a.float() - b.float()).abs().mean(dim=dims)
-    return num / b.float().abs().mean(dim=dims).clamp_min(1e-12)
+    # Accumulate in fp32 without materialising fp32 copies of bf16 activations.
+    num = (a - b).abs().mean(dim=dims, dtype=torch.float32)
+    return num / b.abs().mean(dim=dims, dtype=torch.float32).clamp_min(1e-12)
 
 
 @dataclass
