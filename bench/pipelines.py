@@ -79,3 +79,22 @@ def run_cogvideox(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
                 negative_prompt_embeds=torch.randn(1, 16, 32, generator=g), height=64, width=64,
                 num_frames=9, num_inference_steps=steps, guidance_scale=6.0, output_type="latent",
                 generator=g).frames
+
+
+def run_pixel_wan(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                  seed: int, frames: int, size: int, channels: int = 3, steps: int = 20,
+                  guidance: float = 4.0) -> torch.Tensor:
+    """WanPipeline on a pixel-space transformer (bench/train.py's reference models).
+
+    WanPipeline sizes its own noise for a VAE latent (4x temporal, 8x spatial compression), which
+    a pixel-space model does not have, so the noise ``[1, channels, frames, size, size]`` is drawn
+    here from ``seed`` and handed in as ``latents=``: the pipeline then only runs its scheduler
+    loop and CFG (conditional call, then unconditional, same timestep). Returns ``[1, C, F, H, W]``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, channels, frames, size, size, generator=g)
+    # num_frames only sizes the noise WanPipeline would draw itself; pass a value it accepts
+    # (4k + 1) so it does not warn about one it never uses.
+    return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                latents=noise, height=size, width=size, num_frames=(frames - 1) // 4 * 4 + 1,
+                num_inference_steps=steps, guidance_scale=guidance, output_type="latent").frames
