@@ -101,6 +101,9 @@ class GuardedExecutor(Executor):
         self.span_pairs = _pair(outs, before[::-1], ex, keep_unpaired=True)
         self.span_flops = sum(self.flops[s0:s1])
         self.out_slots = [s for s in plan.out_leaves if isinstance(s, int)]
+        # Keep the latent only for the policies that read it, decided once here.
+        self._keep_latent = policy.step_mode == "residual"
+        self._keep_input = getattr(policy, "teacache", None) is not None
 
     def __call__(self, *args: Any) -> Any:
         env = [*args, *self._pad]
@@ -177,12 +180,14 @@ class GuardedExecutor(Executor):
         if computed:
             st.computed.add(step.branch)
             bc.outputs = (bc.outputs + [(step.t, st.current[step.branch])])[-2:]
-            bc.latent = st.keep(x)
+            if self._keep_latent:
+                bc.latent = st.keep(x)
             bc.accumulated = None
             if step.branch >= 1 and 0 in st.computed:
                 st.cfg_diff = [o - o0 for o, o0 in zip(st.current[step.branch], st.current[0])]
                 st.cfg_step = step.step
-        bc.last_input = st.keep(x)
+        if self._keep_input:
+            bc.last_input = st.keep(x)
         self.policy.observe(step, st, bc, outs, kind)
         st.record(step, kind, flops, signal, bc.signals.get("spent"))
         st.check_memory()
