@@ -11,10 +11,11 @@ from torch._inductor.compile_fx import compile_fx
 
 from .options import Options
 from .passes.moe import find_moe
-from .passes.regions import BLOCK, NoBlockStructure, find_regions
+from .passes.regions import BLOCK, NoBlockStructure, RegionMap, find_regions, user_inputs
 from .passes.split import Plan, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
+from .runtime.halves import HalfBatch
 from .runtime.policy import make_policy
 
 
@@ -50,7 +51,9 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
                       f"{' and the '.join(sorted(missing))}; running without caching.", stacklevel=2)
         return Executor(plan, fns)
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")))
-    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan))
+    halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
+              if getattr(policy, "cfg_on_halves", False) else None)
+    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan), halves)
 
 
 def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any]) -> list[Callable[..., Any]]:
@@ -93,6 +96,49 @@ def anchor_slot(gm: fx.GraphModule) -> int | None:
         if isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter):
             return i
     return None
+
+
+def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
+               compile: bool) -> HalfBatch | str:
+    """The half-batch forward for cfg reuse on batched-CFG calls, or why there is none.
+
+    Built here because only compile time sees both sides: Dynamo's frame (the module and the real
+    arguments of the first call) and the graph (which input each argument became)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(example_inputs):
+        return "the graph's inputs do not line up with the example inputs"
+    user = {n.name for n in user_inputs(gm)}
+    placeholders = [(_source(n), n.name not in user) for n in phs]
+    names = [n.name for n in phs]
+    roles = [names.index(rmap.inputs[r]) for r in ("latent", "text", "timestep") if r in rmap.inputs]
+    latent = example_inputs[names.index(rmap.inputs["latent"])]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    # The executor's outputs are the graph's node outputs (constants stay in the output spec).
+    shapes = [_static_shape(x.meta.get("example_value"))
+              for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
+    return HalfBatch.build(traced_module(), _traced_locals(), placeholders, example_inputs, roles,
+                           latent.shape[0] if latent.dim() else 0, shapes, compile)
+
+
+def _source(n: fx.Node) -> str:
+    src = getattr(getattr(n.meta.get("grapharg"), "source", None), "name", n.name)
+    return src() if callable(src) else src
+
+
+def _static_shape(v: Any) -> tuple[int | None, ...] | None:
+    if not isinstance(v, torch.Tensor):
+        return None
+    return tuple(d if isinstance(d, int) else None for d in v.shape)
+
+
+def _traced_locals() -> dict[str, Any] | None:
+    """The locals of the frame Dynamo is tracing, as they were on entry: the forward's arguments
+    of the first call (or the arguments of the decorator that wraps the forward)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        return dict(InstructionTranslator.current_tx().f_locals)
+    except Exception:  # outside a trace, or Dynamo internals moved
+        return None
 
 
 def _inductor_config(mode: str | None) -> dict[str, Any]:

@@ -9,6 +9,9 @@ never a module global. Its lifecycle rules are the safety net under every policy
 * Within a generation a new, lower timestep is a new *step*; the same timestep again is the next
   guidance *branch* (WanPipeline calls the transformer once for the conditional and once for the
   unconditional prediction at each step).
+* A call that batches both guidance branches (CogVideoXPipeline: uncond half, cond half) is marked
+  ``halves``; its branch difference is ``out[:k] - out[k:]``. Whether calls are batched this way is
+  part of the signature, so a branch difference never crosses from one layout to the other.
 * ``reset()`` drops everything explicitly.
 * Cached tensors count against ``memory`` (bytes); a store that would exceed it raises
   ``CacheMemoryError`` rather than silently dropping what a policy relies on.
@@ -30,11 +33,13 @@ class CacheMemoryError(RuntimeError):
 
 @dataclass
 class Step:
-    """Where the current call sits: generation, step index, branch, timestep."""
+    """Where the current call sits: generation, step index, branch, timestep, and whether the call
+    carries both guidance branches as batch halves (and the runtime can compute one half alone)."""
     generation: int
     step: int
     branch: int
     t: float
+    halves: bool = False
 
 
 @dataclass
@@ -72,7 +77,8 @@ class CacheState:
         self._step = 0
         self._branch = 0
         self.branches: dict[int, BranchCache] = {}
-        self.cfg_diff: list[torch.Tensor] | None = None   # out[branch 1] - out[branch 0]
+        self.cfg_diff: list[torch.Tensor] | None = None   # out[branch 1] - out[branch 0], or
+                                                           # out[:k] - out[k:] on batch halves
         self.cfg_step: int | None = None                  # step at which cfg_diff was taken
         self.current: dict[int, list[torch.Tensor]] = {}   # this step's output per branch
         self.computed: set[int] = set()                    # branches computed (not reused) this step
@@ -90,8 +96,9 @@ class CacheState:
         self._signature = None
         self._last_t = None
 
-    def begin(self, t: float, signature: Any) -> Step:
+    def begin(self, t: float, signature: Any, halves: bool = False) -> Step:
         """Place a call in its generation, step and branch; drop the cache on a new generation."""
+        signature = (signature, halves)
         if signature != self._signature or self._last_t is None or t > self._last_t:
             self.reset()
             self._signature = signature
@@ -106,7 +113,7 @@ class CacheState:
             self.current.clear()
             self.computed.clear()
         self._last_t = t
-        return Step(self.generation, self._step, self._branch, t)
+        return Step(self.generation, self._step, self._branch, t, halves)
 
     def branch(self, b: int) -> BranchCache:
         return self.branches.setdefault(b, BranchCache())

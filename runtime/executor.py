@@ -7,6 +7,7 @@ decided at compile time (which slots each piece reads and writes, when a slot is
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -15,7 +16,8 @@ from torch.utils import _pytree as pytree
 from ..passes.regions import BLOCK
 from ..passes.split import Plan
 from .cache import BranchCache, CacheState, StateFactory, Step
-from .policy import CFG, STEP, Policy
+from .halves import HalfBatch, is_batched_cfg
+from .policy import CFG, COMPUTE, STEP, Policy
 
 
 class Executor:
@@ -69,12 +71,20 @@ class GuardedExecutor(Executor):
     """
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
-                 states: StateFactory, anchor: int | None, flops: Sequence[float]):
+                 states: StateFactory, anchor: int | None, flops: Sequence[float],
+                 halves: HalfBatch | str | None = None):
         super().__init__(plan, fns)
         self.policy, self.states, self.anchor, self.flops = policy, states, anchor, list(flops)
         roles, names = plan.rmap.inputs, plan.input_names
         self.latent = names.index(roles["latent"])
         self.t = names.index(roles["timestep"])
+        # Batched CFG: the half-batch forward, or why there is none (said once, when a batched-CFG
+        # call shows up and the policy would reuse on it). Told apart only where the policy may
+        # reuse cfg on it and the text input is known.
+        self.text = names.index(roles["text"]) if "text" in roles else None
+        self.halves = halves if isinstance(halves, HalfBatch) else None
+        self._no_halves = halves if isinstance(halves, str) else None
+        self._detect = self.text is not None and bool(getattr(policy, "cfg_on_halves", False))
         self.sig_slots = [names.index(roles[r]) for r in ("latent", "timestep", "text") if r in roles]
         blocks = [i for i, p in enumerate(plan.pieces) if p.region.kind == BLOCK]
         a, b = policy.span
@@ -111,10 +121,16 @@ class GuardedExecutor(Executor):
         pol = self.policy
         x = env[self.latent]
         step = st.begin(float(env[self.t].reshape(-1)[0]), tuple(
-            (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots))
+            (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
+            halves=self._detect and self._halves_call(env))
         bc = st.branch(step.branch)
         action, signal = pol.step(step, st, x)
 
+        if action == CFG and step.halves:
+            outs = self._cfg_halves(env, st.cfg_diff)
+            if outs is not None:
+                return self._finish(st, env, step, bc, outs, CFG, 0.5, signal, x)
+            action = COMPUTE
         if action == CFG:
             outs = [o0 + d for o0, d in zip(st.current[0], st.cfg_diff)]
             return self._finish(st, env, step, bc, outs, CFG, 0.0, signal, x)
@@ -158,6 +174,29 @@ class GuardedExecutor(Executor):
         outs = [env[s] for s in self.out_slots]
         return self._finish(st, env, step, bc, outs, kind, flops, signal, x)
 
+    def _halves_call(self, env: list[Any]) -> bool:
+        """A batched-CFG call that the half-batch forward can take."""
+        if self.halves is None and self._no_halves is None:
+            return False        # no half-batch forward, and the user was told why
+        if not is_batched_cfg(env[self.latent], env[self.text], env[self.t]):
+            return False
+        if self.halves is None:
+            warnings.warn(f"mixcache: a batched-CFG call (both guidance branches in one batch), "
+                          f"but no half-batch forward: {self._no_halves}; cfg reuse computes the "
+                          "full batch instead", stacklevel=3)
+            self._no_halves = None
+            return False
+        return True
+
+    def _cfg_halves(self, env: list[Any], diff: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The conditional half computed, the unconditional half rebuilt as cond + (uncond - cond)
+        from the last full compute; in the call's order (uncond first, as the pipelines batch)."""
+        k = env[self.latent].shape[0] // 2
+        cond = self.halves(env, k)
+        if cond is None:
+            return None
+        return [torch.cat([c + d, c]) for c, d in zip(cond, diff)]
+
     def _reuse_step(self, bc: BranchCache, x: torch.Tensor, t: float) -> list[torch.Tensor]:
         (ta, a), = bc.outputs[-1:]
         if self.policy.step_mode == "residual":
@@ -183,7 +222,11 @@ class GuardedExecutor(Executor):
             if self._keep_latent:
                 bc.latent = st.keep(x)
             bc.accumulated = None
-            if step.branch >= 1 and 0 in st.computed:
+            if step.halves:
+                k = outs[0].shape[0] // 2
+                st.cfg_diff = [o[:k] - o[k:] for o in outs]
+                st.cfg_step = step.step
+            elif step.branch >= 1 and 0 in st.computed:
                 st.cfg_diff = [o - o0 for o, o0 in zip(st.current[step.branch], st.current[0])]
                 st.cfg_step = step.step
         if self._keep_input:

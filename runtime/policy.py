@@ -3,8 +3,9 @@
 A policy answers two questions per call, from signals the executor hands it:
 
 * ``step(...)``: before anything runs: ``"compute"``, ``"step"`` (reuse the whole forward) or
-  ``"cfg"`` (rebuild this guidance branch from the other one), with an optional per-sample mask
-  when samples of a batch disagree.
+  ``"cfg"`` (rebuild this guidance branch from the other one; on a call that batches both branches,
+  ``step.halves``, compute the conditional half and rebuild the unconditional one), with an
+  optional per-sample mask when samples of a batch disagree.
 * ``block(...)``: after the probe blocks ran: reuse the cached residual of the span, per sample.
 
 Forced schedules and the threshold rules that reproduce known single-granularity caches
@@ -60,6 +61,12 @@ class Policy:
     def uses_blocks(self) -> bool:
         return bool(self.block_steps) or self.first_block is not None
 
+    @property
+    def cfg_on_halves(self) -> bool:
+        """Whether cfg reuse may be asked of batched-CFG calls: only then does the executor pay
+        for telling such a call apart (a compare of the latent halves) at every call."""
+        return bool(self.cfg_steps) or self.cfg_every is not None
+
     def _bounded(self, bc: BranchCache) -> bool:
         return self.max_reuse is not None and bc.reused_in_a_row >= self.max_reuse
 
@@ -76,7 +83,7 @@ class Policy:
             return COMPUTE, signal
         if s.step in self.step_steps and have_out:
             return STEP, signal
-        if s.branch >= 1 and state.cfg_diff is not None and state.current.get(0) is not None:
+        if _cfg_ready(s, state):
             if s.step in self.cfg_steps:
                 return CFG, signal
             if (self.cfg_every is not None and s.step >= self.start
@@ -111,6 +118,17 @@ class Policy:
     def observe(self, s: Step, st: CacheState, bc: BranchCache, outs: list[torch.Tensor],
                 kind: str) -> None:
         """Threshold rules keep their signals in the branch cache as they decide."""
+
+
+def _cfg_ready(s: Step, state: CacheState) -> bool:
+    """A branch difference to rebuild this call from: on batch halves, the one taken at the last
+    computed step (halves are part of the signature, so it is of this layout); per-branch calls
+    also need this step's branch 0."""
+    if state.cfg_diff is None:
+        return False
+    if s.halves:
+        return True
+    return s.branch >= 1 and state.current.get(0) is not None
 
 
 def _steps(value: Any, what: str) -> frozenset[int]:

@@ -78,3 +78,46 @@ class Reference:
     def start(self, t0: float) -> "Reference":
         self.last_t = float("inf")
         return self
+
+
+class BatchedCfgReference:
+    """Eager reference of cfg reuse on batch halves (a pipeline that batches [uncond, cond] into one
+    call, as CogVideoXPipeline does), written independently of the runtime.
+
+    Installs itself as the forward of a copy of ``model`` (``.model``, to hand to the pipeline): on
+    the steps in ``cfg`` with a difference cached, it runs the model on the cond half only and
+    rebuilds the uncond half as ``cond + (uncond - cond)`` from the last step that computed both.
+    A timestep that goes up starts a new generation, with nothing cached.
+    """
+
+    def __init__(self, model, cfg=()):
+        self.model = copy.deepcopy(model)
+        self._forward = self.model.forward
+        self.cfg_s = set(cfg)
+        self.last_t, self.step, self.diff = None, -1, None
+        self.model.forward = self
+
+    def __call__(self, hidden_states, encoder_hidden_states, timestep, return_dict=True, **kw):
+        t = float(timestep.reshape(-1)[0])
+        if self.last_t is None or t > self.last_t:
+            self.step, self.diff = 0, None
+        elif t < self.last_t:
+            self.step += 1
+        else:
+            raise AssertionError("the batched reference expects one call per step")
+        self.last_t = t
+        k = hidden_states.shape[0] // 2
+        with torch.no_grad():
+            if self.step in self.cfg_s and self.diff is not None:
+                cond = self._forward(hidden_states=hidden_states[k:],
+                                     encoder_hidden_states=encoder_hidden_states[k:],
+                                     timestep=timestep[k:], return_dict=False, **kw)[0]
+                y = torch.cat([cond + self.diff, cond])
+            else:
+                y = self._forward(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                  timestep=timestep, return_dict=False, **kw)[0]
+                self.diff = y[:k] - y[k:]
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+            return Transformer2DModelOutput(sample=y)
+        return (y,)

@@ -1,0 +1,217 @@
+"""The half-batch forward: cfg reuse for pipelines that batch both guidance branches into one call.
+
+CogVideoXPipeline (and PixArt, SD3, LTX, ...) call the transformer once per step with batch 2k:
+the latent repeated twice, the text ``cat([negative, positive])``, the timestep expanded. cfg reuse
+there means computing only the conditional half (batch k) and rebuilding the unconditional half
+from the difference cached at the last step where both were computed.
+
+Why a second forward and not the pieces: Dynamo under static shapes bakes the batch size into the
+graph's view/reshape arguments, so the compiled pieces cannot run batch k. The half-batch forward is
+the module's own ``forward``, called through ``torch.func.functional_call`` with the *runtime*
+graph inputs as its parameters and buffers: one Dynamo graph serves every instance of a model class
+(parameters are graph inputs), so the instance traced at compile time is only the code, never the
+weights. It runs eager under ``regions="eager"``, else through its own ``torch.compile(...,
+backend="inductor")``, compiled on first use. Inside the executor Dynamo's frame hook is off (the
+backend's callable runs under ``torch._dynamo.disable``), so an eager call stays eager and a nested
+``torch.compile`` sets its own hook and compiles normally (checked on torch 2.13).
+
+``HalfBatch.build`` makes the *recipe* at compile time: each parameter of the module's forward is a
+pytree whose tensor leaves are graph inputs (found by identity: Dynamo hands the backend the real
+tensors of the first call) and whose other leaves are constants (None, bools, option dicts: Dynamo
+guards on what it read of them, so every call that reaches this graph agrees). Anything the recipe
+cannot account for is a reason not to build it, and the executor then computes the full batch.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+_IN, _CONST = "in", "const"
+
+
+def _functional(module: torch.nn.Module, state: dict[str, torch.Tensor], args: tuple,
+                kwargs: dict[str, Any]) -> Any:
+    return torch.func.functional_call(module, state, args, kwargs)
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with a code object of its own: Dynamo keeps its compiled entries (and its
+    recompile limit) per code object, so each recipe compiles apart from every other model's."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+
+
+@dataclass
+class HalfBatch:
+    """Runs the module's forward on the conditional half of a batched-CFG call."""
+    module: weakref.ref                     # the traced instance: its code (weights come from env)
+    signature: inspect.Signature            # of the bound forward (no self)
+    args: dict[str, tuple[pytree.TreeSpec, list[tuple[str, Any]]]]  # name -> (spec, leaf recipes)
+    state: list[tuple[str, int]]            # parameter/buffer name -> graph input
+    pinned: list[tuple[int, weakref.ref]]   # other module tensors: must be the traced ones
+    batch_inputs: frozenset[int]            # graph inputs that carry the batch (when dim 0 = 2k)
+    out_shapes: list[tuple[Any, ...]]      # graph outputs' shapes past dim 0
+    compile: bool                           # Inductor (True) or eager
+    _fn: Callable[..., Any] | None = field(default=None, repr=False)
+    _warned: set[str] = field(default_factory=set, repr=False)
+    _broken: str | None = field(default=None, repr=False)   # a decline that no later call escapes
+
+    @classmethod
+    def build(cls, module: torch.nn.Module | None, frame: Mapping[str, Any] | None,
+              placeholders: Sequence[tuple[str, bool]], example_inputs: Sequence[Any],
+              batch_roles: Sequence[int], batch: int,
+              out_shapes: Sequence[tuple[Any, ...] | None], compile: bool) -> "HalfBatch | str":
+        """The recipe, or why there is none.
+
+        ``placeholders[i]``: graph input i's source name and whether it comes from the module
+        (``self``) rather than the call; ``batch_roles``: the graph inputs the region pass named
+        latent/text/timestep; ``batch``: the latent's dim 0; ``out_shapes``: the shape of each graph
+        output (None: not a tensor)."""
+        if module is None or frame is None:
+            return "the traced module or its call arguments are unknown"
+        try:
+            sig = inspect.signature(module.forward)
+            bound = _bind(sig, frame)
+        except (TypeError, ValueError) as e:
+            return f"cannot read the arguments of {type(module).__name__}.forward ({e})"
+        if bound is None:
+            return f"cannot read the arguments of {type(module).__name__}.forward"
+
+        if any(isinstance(x, torch._subclasses.FakeTensor) for x in example_inputs):
+            return "the backend was given fake example inputs, so arguments cannot be matched"
+        index = {id(x): i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor)}
+        args: dict[str, tuple[pytree.TreeSpec, list[tuple[str, Any]]]] = {}
+        covered: set[int] = set()
+        top_level: set[int] = set()
+        for name, value in bound.items():
+            leaves, spec = pytree.tree_flatten(value)
+            recipe = []
+            for leaf in leaves:
+                if isinstance(leaf, torch.Tensor):
+                    if id(leaf) not in index:
+                        return f"forward argument {name!r} holds a tensor the graph does not take"
+                    recipe.append((_IN, index[id(leaf)]))
+                    covered.add(index[id(leaf)])
+                else:
+                    recipe.append((_CONST, leaf))
+            if isinstance(value, torch.Tensor):
+                top_level.add(index[id(value)])
+            args[name] = (spec, recipe)
+
+        named = {id(t): n for n, t in (*module.named_parameters(remove_duplicate=False),
+                                       *module.named_buffers(remove_duplicate=False))}
+        state, pinned = [], []
+        for i, ((source, from_module), x) in enumerate(zip(placeholders, example_inputs)):
+            if not isinstance(x, torch.Tensor) or i in covered:
+                continue
+            if not from_module:
+                return f"graph input {source} is not a tensor argument of forward"
+            if id(x) in named:
+                state.append((named[id(x)], i))
+            else:
+                pinned.append((i, weakref.ref(x)))
+        if batch < 2 or batch % 2:
+            return f"the batch ({batch}) is not two halves"
+        if not out_shapes or any(not sh or sh[0] != batch for sh in out_shapes):
+            return "an output of the graph does not carry the batch in dim 0"
+        # The region pass's latent/text/timestep, and any other tensor passed as an argument of
+        # its own: both carry the batch when their dim 0 is 2k. Tensors inside tuples (rotary
+        # tables, ids) are per position in diffusers' models, and never sliced.
+        batch_inputs = frozenset(set(batch_roles) | top_level)
+        return cls(weakref.ref(module), sig, args, state, pinned, batch_inputs,
+                   [tuple(sh[1:]) for sh in out_shapes], compile)
+
+    def __call__(self, env: Sequence[Any], k: int) -> list[torch.Tensor] | None:
+        """The graph's outputs for the second half (``[k:]``) of the batch, or None (with a
+        warning, once per reason) where this call cannot take the half-batch path."""
+        module = self.module()
+        if module is None:
+            self._broken = "the module traced at compile time was freed"
+        if self._broken is not None:
+            return self._decline(self._broken)
+        if any(env[i] is not ref() for i, ref in self.pinned):
+            return self._decline("a tensor of the module that is not a parameter or buffer differs "
+                                 "from the one traced")
+        arguments = {}
+        for name in self.signature.parameters:
+            if name in self.args:
+                spec, recipe = self.args[name]
+                leaves = [self._leaf(env, r, k) for r in recipe]
+                arguments[name] = pytree.tree_unflatten(leaves, spec)
+        call = inspect.BoundArguments(self.signature, arguments)
+        state = {name: env[i] for name, i in self.state}
+        out = self._forward()(module, state, call.args, call.kwargs)
+        outs = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        if not _shapes_match(outs, k, self.out_shapes):
+            # Not worth a half forward per call to find out again.
+            self._broken = "the module's outputs do not match the graph's outputs"
+            return self._decline(self._broken)
+        return outs
+
+    def _leaf(self, env: Sequence[Any], recipe: tuple[str, Any], k: int) -> Any:
+        kind, v = recipe
+        if kind == _CONST:
+            return v
+        x = env[v]
+        if v in self.batch_inputs and x.dim() >= 1 and x.shape[0] == 2 * k:
+            return x[k:]
+        return x
+
+    def _forward(self) -> Callable[..., Any]:
+        if self._fn is None:
+            # dynamic=False: the pieces are static-shape graphs, and so is this one; without it
+            # Dynamo would mark the batch dynamic on the first shape change.
+            self._fn = (torch.compile(_own_code(_functional), backend="inductor", dynamic=False)
+                        if self.compile else _functional)
+        return self._fn
+
+    def _decline(self, why: str) -> None:
+        if why not in self._warned:
+            self._warned.add(why)
+            warnings.warn(f"mixcache: batched-CFG call: {why}; computing the full batch instead "
+                          "of one half", stacklevel=3)
+        return None
+
+
+def _shapes_match(outs: Sequence[torch.Tensor], k: int, shapes: Sequence[tuple[Any, ...]]) -> bool:
+    """The module's tensor outputs, in pytree order, against the graph's (Dynamo's graph returns
+    the tensors of the forward's result in the order it rebuilds that result); symbolic sizes of a
+    dynamic-shape graph are not compared."""
+    if len(outs) != len(shapes):
+        return False
+    for o, sh in zip(outs, shapes):
+        if o.dim() != len(sh) + 1 or o.shape[0] != k:
+            return False
+        if any(isinstance(d, int) and d != e for d, e in zip(sh, o.shape[1:])):
+            return False
+    return True
+
+
+def _bind(sig: inspect.Signature, frame: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The forward's arguments from the traced frame's locals: the forward itself (its parameters
+    are locals), or a decorator's ``wrapper(self, *args, **kwargs)`` around it (diffusers'
+    ``apply_lora_scale``)."""
+    names = list(sig.parameters)
+    if all(n in frame for n in names):
+        return {n: frame[n] for n in names}
+    if isinstance(frame.get("args"), tuple) and isinstance(frame.get("kwargs"), dict):
+        return dict(sig.bind(*frame["args"], **frame["kwargs"]).arguments)
+    return None
+
+
+def is_batched_cfg(latent: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor) -> bool:
+    """Both guidance branches in one batch: even batch, equal latent halves (and timestep halves),
+    different text halves. Cheapest tests first; two prompts with two latents fail the second."""
+    n = latent.shape[0] if latent.dim() else 0
+    if n < 2 or n % 2 or text.dim() == 0 or text.shape[0] != n:
+        return False
+    k = n // 2
+    if timestep.dim() >= 1 and timestep.shape[0] == n and not torch.equal(timestep[:k], timestep[k:]):
+        return False
+    return torch.equal(latent[:k], latent[k:]) and not torch.equal(text[:k], text[k:])

@@ -1,0 +1,192 @@
+"""cfg reuse on batch halves: CogVideoXPipeline batches [uncond, cond] into one transformer call.
+
+On a reuse step the runtime computes the cond half alone and rebuilds the uncond half from the
+difference cached at the last full compute; checked against an eager reference of the same rule
+inside diffusers' own pipeline, and for what must never share anything.
+"""
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+import dit_compile
+import dit_compile.backend as backend
+from reference_cache import BatchedCfgReference
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import pipelines  # noqa: E402
+
+STEPS = 5
+
+
+def _pipe(model):
+    pipe = pipelines.cogvideox_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _compile(model, cache, **opts):
+    return torch.compile(model, backend="mixcache",
+                         options={"regions": "eager", "cache": cache, **opts})
+
+
+def _reference(model, cfg_steps):
+    """The eager reference's pipeline output (a generation) for the given cfg steps."""
+    return pipelines.run_cogvideox(_pipe(BatchedCfgReference(model, cfg=cfg_steps).model), STEPS)
+
+
+def _check_trace(trace, cfg_steps, generations):
+    assert len(trace) == STEPS * generations
+    for r in trace:
+        assert r["branch"] == 0, "one call per step"
+        if r["step"] in cfg_steps:
+            assert (r["action"], r["flops"]) == ("cfg", 0.5), r
+        else:
+            assert (r["action"], r["flops"]) == ("compute", 1.0), r
+
+
+@pytest.mark.parametrize("cache,cfg_steps", [
+    ({"rule": "schedule", "cfg": [1, 3, 4]}, {1, 3, 4}),
+    ({"rule": "fastercache", "every": 2}, {1, 3}),
+])
+def test_cogvideox_batched_cfg_matches_eager_reference(cache, cfg_steps):
+    model = pipelines.cogvideox_transformer()
+    ref = _reference(model, cfg_steps)
+    full = pipelines.run_cogvideox(_pipe(model), STEPS)
+    assert (ref - full).abs().max() > 1e-3, "the rule must change the result for the test to bite"
+
+    pipe = _pipe(model)
+    pipe.transformer = _compile(model, cache)
+    with warnings.catch_warnings():
+        # The half-batch path exists: mixcache has nothing to warn about.
+        warnings.filterwarnings("error", message="mixcache")
+        torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), ref, rtol=1e-5, atol=1e-5)
+        # A second generation starts from nothing cached and reuses the same way.
+        torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), ref, rtol=1e-5, atol=1e-5)
+    _check_trace(dit_compile.stats(pipe.transformer)["trace"], cfg_steps, generations=2)
+
+
+def test_two_instances_share_the_graph_not_the_weights(monkeypatch):
+    """Dynamo serves every instance of a class with one graph: the half forward must run the
+    weights of the instance being called, not those of the one traced."""
+    traces = []
+    real = backend.find_regions
+    monkeypatch.setattr(backend, "find_regions", lambda gm: traces.append(1) or real(gm))
+    m1 = pipelines.cogvideox_transformer()
+    m2 = pipelines.cogvideox_transformer()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cache = {"rule": "schedule", "cfg": [2, 4]}
+    for m in (m1, m2):
+        pipe = _pipe(m)
+        pipe.transformer = _compile(m, cache)
+        torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), _reference(m, {2, 4}),
+                                   rtol=1e-5, atol=1e-5)
+        _check_trace(dit_compile.stats(pipe.transformer)["trace"], {2, 4}, generations=1)
+    assert len(traces) == 1, "the second instance reuses the first one's graph"
+
+
+def _calls(model, latents, texts):
+    """A generation of direct calls: batch 2, timestep expanded to the batch."""
+    outs = []
+    with torch.no_grad():
+        for t in (900, 700, 500, 300):
+            outs.append(model(hidden_states=latents, encoder_hidden_states=texts,
+                              timestep=torch.full((2,), t), return_dict=False)[0])
+    return outs
+
+
+@pytest.mark.parametrize("same_latent,same_text", [(False, False), (False, True), (True, True)])
+def test_batch_that_is_not_cfg_shares_nothing(same_latent, same_text):
+    """Two prompts with their own latents (or the same prompt twice) are not guidance branches."""
+    model = pipelines.cogvideox_transformer()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 3, 4, 8, 8, generator=g)
+    texts = torch.randn(2, 16, 32, generator=g)
+    if same_latent:
+        latents[1] = latents[0]
+    if same_text:
+        texts[1] = texts[0]
+    f = _compile(model, [{"rule": "schedule", "cfg": [1, 2, 3]}, {"rule": "fastercache", "every": 2}])
+    for x, y in zip(_calls(f, latents, texts), _calls(model, latents, texts)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert dit_compile.stats(f)["reused"] == {}
+
+
+def test_direct_calls_keep_the_output_structure():
+    """return_dict=True: the model's output class around the rebuilt batch."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    model = pipelines.cogvideox_transformer()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 3, 4, 8, 8, generator=g).repeat(2, 1, 1, 1, 1)
+    texts = torch.randn(2, 16, 32, generator=g)
+    f = _compile(model, {"rule": "schedule", "cfg": [1, 2]})
+    ref = BatchedCfgReference(model, cfg=[1, 2]).model
+    with torch.no_grad():
+        for t in (900, 700, 500):
+            call = dict(hidden_states=latents, encoder_hidden_states=texts,
+                        timestep=torch.full((2,), t))
+            ours, theirs = f(**call), ref(**call)
+            assert isinstance(ours, Transformer2DModelOutput)
+            torch.testing.assert_close(ours.sample, theirs.sample, rtol=1e-5, atol=1e-5)
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute", "cfg", "cfg"]
+
+
+def test_no_half_forward_warns_once_and_computes_the_full_batch():
+    """A tensor argument the graph never takes (``ofs``, unused by this config) leaves the recipe
+    unbuildable: say why, once, and compute everything."""
+    model = pipelines.cogvideox_transformer()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 3, 4, 8, 8, generator=g).repeat(2, 1, 1, 1, 1)
+    texts = torch.randn(2, 16, 32, generator=g)
+    f = _compile(model, {"rule": "schedule", "cfg": [1, 2, 3]})
+
+    def run(m):
+        outs = []
+        with torch.no_grad():
+            for t in (900, 700, 500, 300):
+                outs.append(m(hidden_states=latents, encoder_hidden_states=texts,
+                              timestep=torch.full((2,), t), ofs=torch.ones(2),
+                              return_dict=False)[0])
+        return outs
+
+    with pytest.warns(UserWarning, match=r"no half-batch forward: forward argument 'ofs'") as rec:
+        ours = run(f)
+    assert sum("half-batch" in str(w.message) for w in rec) == 1
+    for x, y in zip(ours, run(model)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert dit_compile.stats(f)["reused"] == {}
+
+
+@pytest.mark.inductor
+def test_half_forward_through_inductor_matches_reference():
+    """The half-batch forward compiled with its own torch.compile, called from inside ours."""
+    from torch._dynamo.utils import counters
+    model = pipelines.cogvideox_transformer()
+    ref = _reference(model, {2, 3})
+    pipe = _pipe(model)
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"cache": {"rule": "schedule", "cfg": [2, 3]}})
+    counters.clear()
+    torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), ref, rtol=1e-4, atol=1e-4)
+    assert counters["frames"]["ok"] == 2, "the model's graph, then the half forward's"
+    _check_trace(dit_compile.stats(pipe.transformer)["trace"], {2, 3}, generations=1)
+
+
+def test_layout_is_part_of_the_signature():
+    """A branch difference taken on batch halves is never used by a per-branch call, nor the
+    other way round: a change of layout starts a new generation."""
+    from dit_compile.runtime.cache import CacheState
+    from dit_compile.runtime.policy import CFG, COMPUTE, Policy
+    st = CacheState()
+    pol = Policy(cfg_steps=frozenset({1, 2}))
+    st.begin(900.0, "sig", halves=True)
+    st.cfg_diff = [torch.zeros(1)]
+    assert pol.step(st.begin(800.0, "sig", halves=True), st, torch.zeros(2))[0] == CFG
+    s = st.begin(700.0, "sig", halves=False)
+    assert (s.generation, s.step, st.cfg_diff) == (1, 0, None)
+    assert pol.step(s, st, torch.zeros(2))[0] == COMPUTE
