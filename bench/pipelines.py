@@ -89,12 +89,20 @@ def run_pixel_wan(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: tor
     WanPipeline sizes its own noise for a VAE latent (4x temporal, 8x spatial compression), which
     a pixel-space model does not have, so the noise ``[1, channels, frames, size, size]`` is drawn
     here from ``seed`` and handed in as ``latents=``: the pipeline then only runs its scheduler
-    loop and CFG (conditional call, then unconditional, same timestep). Returns ``[1, C, F, H, W]``.
+    loop and CFG (conditional call, then unconditional, same timestep).
+
+    The noise is drawn on the CPU whatever the transformer's device, so a GPU run starts from the
+    same noise as a CPU run, and then moved to the transformer's device; it stays float32, the
+    dtype WanPipeline keeps its latents in (it casts them to the transformer's dtype per call).
+    Returns ``[1, C, F, H, W]`` as float32 on the CPU, where the metrics are computed.
     """
+    device = pipe.transformer.device
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(1, channels, frames, size, size, generator=g)
+    noise = torch.randn(1, channels, frames, size, size, generator=g).to(device)
     # num_frames only sizes the noise WanPipeline would draw itself; pass a value it accepts
     # (4k + 1) so it does not warn about one it never uses.
-    return pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                latents=noise, height=size, width=size, num_frames=(frames - 1) // 4 * 4 + 1,
-                num_inference_steps=steps, guidance_scale=guidance, output_type="latent").frames
+    out = pipe(prompt_embeds=prompt_embeds.to(device),
+               negative_prompt_embeds=negative_prompt_embeds.to(device),
+               latents=noise, height=size, width=size, num_frames=(frames - 1) // 4 * 4 + 1,
+               num_inference_steps=steps, guidance_scale=guidance, output_type="latent").frames
+    return out.float().cpu()

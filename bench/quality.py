@@ -1,6 +1,7 @@
 """The speed/quality harness: every caching method, on the trained reference DiTs, judged the same way.
 
     python bench/quality.py --model small [--cases 16] [--steps 20] [--plot out.png] [--json out.json]
+    python bench/quality.py --model large --device cuda [--dtype bf16] ...     # on a GPU
 
 For each method (full compute; ``backend="mixcache"`` configurations; diffusers' own cache hooks
 through ``transformer.enable_cache``) and each of the same ``--cases`` (condition, seed) pairs:
@@ -10,9 +11,12 @@ through ``transformer.enable_cache``) and each of the same ``--cases`` (conditio
   ``[0, 1]``, data range 1); SSIM per frame and channel with an 11-tap Gaussian window (sigma 1.5);
 * speed: wall time of the generation in this process, as full compute's time over the method's
   (totals over all cases; full compute is timed first and again last, and the mean of the two is
-  the reference, so slow drift of a shared machine shows up instead of hiding in one row). The
-  process's CPU time is reported beside it: on a machine shared with other work it moves less
-  than wall time (with one thread it is the time this process actually ran);
+  the reference, so slow drift of a shared machine shows up instead of hiding in one row). On a
+  GPU (``--device cuda``) the clock is read after ``torch.cuda.synchronize()`` at both ends. The
+  process's CPU time is reported beside it on the CPU: on a machine shared with other work it
+  moves less than wall time (with one thread it is the time this process actually ran). On a GPU
+  it counts the host's kernel launches and synchronize waits, not the work, so the table leaves
+  that column out there (the ``--json`` file keeps the values);
 * FLOPs: the fraction of full compute's transformer FLOPs the method actually ran. For mixcache,
   from ``dit_compile.stats`` (each call's share, counted by the backend with torch's
   ``FlopCounterMode`` per compiled piece). For full compute and diffusers' hooks, a second,
@@ -23,6 +27,12 @@ through ``transformer.enable_cache``) and each of the same ``--cases`` (conditio
 Every generation is diffusers' ``WanPipeline`` (``bench/train.py``'s ``Trained.sample``: CFG with two
 transformer calls per step, flow-matching Euler scheduler). Methods run one after another in one
 process, each warmed up by one untimed generation (compilation, first-call allocation).
+
+``--device`` (cpu, cuda, auto) and ``--dtype`` (fp32, bf16) pick where and in what the model runs;
+the initial noise is drawn on the CPU from the seed either way, and the metrics are computed on the
+CPU. Full compute in the same device and dtype is the reference, so PSNR/SSIM judge the method, not
+the dtype. The device (its name), dtype, torch and diffusers versions go into the run metadata and
+the header line of the table.
 """
 from __future__ import annotations
 
@@ -34,10 +44,11 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -47,6 +58,8 @@ import train  # noqa: E402
 
 #: PSNR of a bit-identical output is infinite; per-case values are capped here before averaging.
 PSNR_CAP = 100.0
+
+T = TypeVar("T")
 
 
 # -- cases and metrics ------------------------------------------------------------------------
@@ -315,6 +328,17 @@ class Row:
                 "error": self.error}
 
 
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float, float]:
+    """``fn()``, and the wall and process CPU seconds it took. On CUDA the clock is read only
+    after the device's queue is drained, at the start (so earlier work is not charged to ``fn``)
+    and at the end (so all of ``fn``'s kernels are)."""
+    train.synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    train.synchronize(device)
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
 def _count_flops(fn: Callable[[], Any]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
@@ -342,10 +366,10 @@ def evaluate(model: train.Trained, methods: list[Method], cases: list[Case], ste
             model.sample(pipe, warm.condition, warm.seed, steps=steps)      # warm-up, untimed
             for i, case in enumerate(cases):
                 method.before(pipe.transformer)
-                t0, c0 = time.perf_counter(), time.process_time()
-                out = model.sample(pipe, case.condition, case.seed, steps=steps)
-                row.seconds.append(time.perf_counter() - t0)
-                row.cpu.append(time.process_time() - c0)
+                out, wall, cpu = timed(lambda: model.sample(pipe, case.condition, case.seed,
+                                                            steps=steps), model.device)
+                row.seconds.append(wall)
+                row.cpu.append(cpu)
                 frac = method.counted(pipe.transformer)
                 if method is methods[0]:
                     refs.append(out)
@@ -369,7 +393,8 @@ def evaluate(model: train.Trained, methods: list[Method], cases: list[Case], ste
     bar.close()
     meta = {"model": model.config.name, "cases": len(cases), "steps": steps,
             "guidance": model.config.guidance, "shift": model.config.shift,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), **train.runtime_info(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
             "full_flops_per_generation": full_flops}
     return rows, meta
 
@@ -381,33 +406,51 @@ def reference_seconds(rows: list[Row]) -> tuple[float, float]:
             sum(sum(r.cpu) for r in full) / len(full))
 
 
+def _on_gpu(meta: dict[str, Any]) -> bool:
+    # Runs saved before the device was recorded all ran on the CPU.
+    return meta.get("device", "cpu").startswith("cuda")
+
+
+def _platform(meta: dict[str, Any]) -> str:
+    """Where a run ran, for headers: device (its name on a GPU), dtype, versions, threads."""
+    device = f"{meta['device_name']} ({meta['device']})" if _on_gpu(meta) else "cpu"
+    diffusers = f", diffusers {meta['diffusers']}" if "diffusers" in meta else ""
+    return (f"{device}, {meta.get('dtype', 'float32')}, torch {meta['torch']}{diffusers}, "
+            f"{meta['threads']} CPU thread(s)")
+
+
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
-    """The results as a markdown table (one row per method)."""
+    """The results as a markdown table (one row per method). On a GPU run the CPU-time speedup
+    column is left out (see the module docstring)."""
     ref, ref_cpu = reference_seconds(rows)
+    gpu = _on_gpu(meta)
+    columns = ["method", "speedup (wall)", *([] if gpu else ["speedup (CPU time)"]),
+               "FLOPs computed", "PSNR dB mean (min)", "SSIM mean (min)"]
     lines = ([f"`{meta['command']}`", ""] if meta.get("command") else []) + [
              f"model `{meta['model']}`, {meta['cases']} cases, {meta['steps']} steps, CFG "
-             f"{meta['guidance']}, shift {meta['shift']}, torch {meta['torch']}, "
-             f"{meta['threads']} CPU thread(s); full compute {ref / meta['cases']:.3f} s/generation "
-             "(wall)",
+             f"{meta['guidance']}, shift {meta['shift']}, {_platform(meta)}; full compute "
+             f"{ref / meta['cases']:.3f} s/generation "
+             + ("(wall, CUDA-synchronized; CPU time not shown: on a GPU it is launch and wait "
+                "time)" if gpu else "(wall)"),
              "",
-             "| method | speedup (wall) | speedup (CPU time) | FLOPs computed | PSNR dB mean (min) "
-             "| SSIM mean (min) |",
-             "|---|---|---|---|---|---|"]
+             "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
     for r in rows:
         s = r.summary(ref, ref_cpu)
         if r.error and not r.psnr:
-            lines.append(f"| {r.name} | failed: {r.error} | | | | |")
+            lines.append(f"| {r.name} | failed: {r.error} |" + " |" * (len(columns) - 2))
             continue
-        lines.append(f"| {r.name} | {s['speedup']:.2f}x | {s['speedup_cpu']:.2f}x | "
-                     f"{s['flops_fraction']:.2f} | "
-                     f"{s['psnr_mean']:.1f} ({s['psnr_min']:.1f}) | "
-                     f"{s['ssim_mean']:.4f} ({s['ssim_min']:.4f}) |")
+        cpu = [] if gpu else [f"{s['speedup_cpu']:.2f}x"]
+        cells = [r.name, f"{s['speedup']:.2f}x", *cpu, f"{s['flops_fraction']:.2f}",
+                 f"{s['psnr_mean']:.1f} ({s['psnr_min']:.1f})",
+                 f"{s['ssim_mean']:.4f} ({s['ssim_min']:.4f})"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[Row], meta: dict[str, Any], out: str) -> None:
-    """Speedup (wall time, CPU time, and 1 / FLOPs fraction) against mean PSNR, one point per
-    method, as a PNG.
+    """Speedup (wall time, CPU time (not on a GPU run), and 1 / FLOPs fraction) against mean PSNR,
+    one point per method, as a PNG.
     Skipped with a message when matplotlib is not installed (it is not a dependency)."""
     try:
         import matplotlib
@@ -418,9 +461,11 @@ def plot(rows: list[Row], meta: dict[str, Any], out: str) -> None:
         return
     ref = reference_seconds(rows)
     colours = {"full": "black", "mixcache": "tab:blue", "diffusers": "tab:orange"}
-    panels = {"speedup": "speedup, wall time (CPU machine)", "speedup_cpu": "speedup, CPU time",
+    gpu = _on_gpu(meta)
+    panels = {"speedup": f"speedup, wall time ({meta['device_name'] if gpu else 'CPU machine'})",
+              **({} if gpu else {"speedup_cpu": "speedup, CPU time"}),
               "flops": "1 / FLOPs fraction (machine-independent)"}
-    fig, axes = plt.subplots(1, 3, figsize=(19, 6), dpi=100)
+    fig, axes = plt.subplots(1, len(panels), figsize=(19 * len(panels) / 3, 6), dpi=100)
     for ax, (what, label) in zip(axes, panels.items()):
         for r in rows:
             if not r.psnr or r.name == "full compute (again)":
@@ -437,7 +482,7 @@ def plot(rows: list[Row], meta: dict[str, Any], out: str) -> None:
     # Centre right: the PSNR range between the cached methods and the capped exact ones is empty.
     axes[0].legend(handles=handles, loc="center right")
     fig.suptitle(f"model {meta['model']}: {meta['cases']} cases, {meta['steps']} steps, "
-                 f"{meta['threads']} CPU thread(s)")
+                 f"{_platform(meta)}")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -466,6 +511,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="add a mixcache configuration, e.g. 'fb 0.15={\"rule\": \"first_block\", "
                          "\"threshold\": 0.15}' (the JSON is the cache option); repeatable")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", type=train.device_arg, default="cpu",
+                    help="cpu (default), cuda, cuda:N, or auto (cuda where available)")
+    ap.add_argument("--dtype", choices=sorted(train.DTYPES), default="fp32",
+                    help="the model's dtype (the reference, full compute, runs in it too)")
     ap.add_argument("--plot", help="write the speedup-vs-PSNR plot here (PNG)")
     ap.add_argument("--json", help="write the per-method summaries and per-case values here")
     ap.add_argument("--no-progress", action="store_true")
@@ -481,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cases < 16:
         ap.error("--cases must be at least 16 (the evaluation protocol's minimum)")
     torch.set_num_threads(args.threads)
-    model = train.load(args.model)
+    model = train.load(args.model, device=args.device, dtype=train.DTYPES[args.dtype])
     methods = default_methods(args.steps, args.regions)
     for spec in args.mixcache:
         name, sep, cache = spec.partition("=")
@@ -493,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         rows, meta = evaluate(model, methods, make_cases(args.cases), args.steps,
                               progress=not args.no_progress)
-    meta["command"] = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta["command"] = "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(markdown(rows, meta))
     if args.plot:
         plot(rows, meta, args.plot)

@@ -4,6 +4,7 @@ that they follow their condition.
 
     python bench/train.py train --preset small            # then --preset large
     python bench/train.py check --name small               # re-run the condition check
+    python bench/train.py train --preset large --device cuda [--bf16-autocast]   # on a GPU
 
 A model lives in ``bench/models/<name>/``:
 
@@ -26,6 +27,7 @@ x_0 + s * noise``, the transformer sees ``timestep = 1000 s`` and predicts ``noi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -44,6 +46,58 @@ import data  # noqa: E402
 import pipelines  # noqa: E402
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+
+#: ``--dtype`` values: the dtype the reference models are run in.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` / ``cuda:N``, or ``auto`` (CUDA where torch sees a GPU, else CPU).
+
+    Checked here so that asking for a GPU that is not there is one error naming the device, not
+    a failure deep inside torch at the first kernel."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(name)!r}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r} requested, but torch {torch.__version__} sees no "
+                         "CUDA GPU (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(name)!r} requested, but torch sees "
+                         f"{torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def device_arg(name: str) -> torch.device:
+    """``resolve_device`` as an argparse ``type``: a bad or missing device is a usage error."""
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def runtime_info(device: torch.device) -> dict[str, Any]:
+    """Where a run ran, for its metadata: the device and its name, torch and diffusers versions."""
+    import diffusers
+    info = {"device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 @dataclass
@@ -115,7 +169,7 @@ class ConditionEmbedding(nn.Module):
 
     def embed(self, cond: data.Condition) -> torch.Tensor:
         """The conditional ``prompt_embeds`` ``[1, A, text_dim]`` of one condition."""
-        return self(torch.tensor([cond.indices()])).detach()
+        return self(torch.tensor([cond.indices()], device=self.null.device)).detach()
 
     def negative(self) -> torch.Tensor:
         """The unconditional ``negative_prompt_embeds`` ``[1, A, text_dim]``."""
@@ -167,6 +221,15 @@ class Trained:
     config: TrainConfig
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (diffusers' reading: modules kept in float32 aside)."""
+        return self.transformer.dtype
+
     def pipeline(self):
         """diffusers' WanPipeline around the transformer, with the scheduler it was meant for."""
         from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
@@ -178,8 +241,9 @@ class Trained:
     @torch.no_grad()
     def sample(self, pipe, cond: data.Condition, seed: int, steps: int | None = None,
                guidance: float | None = None) -> torch.Tensor:
-        """One video ``[1, 3, F, H, W]`` (in ``[-1, 1]`` where the model is good) through ``pipe``
-        (``self.pipeline()``, or one whose transformer was swapped for a compiled/cached one)."""
+        """One video ``[1, 3, F, H, W]`` (in ``[-1, 1]`` where the model is good), float32 on the
+        CPU whatever the model's device, through ``pipe`` (``self.pipeline()``, or one whose
+        transformer was swapped for a compiled/cached one)."""
         c = self.config
         return pipelines.run_pixel_wan(
             pipe, self.condition.embed(cond), self.condition.negative(), seed=seed,
@@ -191,8 +255,22 @@ def model_dir(name: str) -> str:
     return os.path.join(MODELS_DIR, name)
 
 
-def load(name: str) -> Trained:
-    """Load ``bench/models/<name>`` (eval mode, CPU, float32)."""
+def _cast(transformer: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``transformer``'s floating weights to ``dtype`` as ``from_pretrained(torch_dtype=...)``
+    does: modules the model keeps in float32 (Wan: rope, time embedder, norms, scale-shift
+    tables) stay float32. A plain ``.to(dtype)`` would cast those too (diffusers warns that it
+    can give inconsistent results), and bf16 runs here should be the ones diffusers users get."""
+    keep = transformer._keep_in_fp32_modules or []
+    for name, t in [*transformer.named_parameters(), *transformer.named_buffers()]:
+        if t.is_floating_point() and not any(m in name.split(".") for m in keep):
+            t.data = t.data.to(dtype)
+
+
+def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+         ) -> Trained:
+    """Load ``bench/models/<name>`` (eval mode) on ``device`` (see ``resolve_device``) in
+    ``dtype``."""
+    device = resolve_device(device)
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
     path = model_dir(name)
@@ -205,8 +283,12 @@ def load(name: str) -> Trained:
     transformer = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(tdir))
     transformer.load_state_dict(load_file(os.path.join(tdir, "diffusion_pytorch_model.safetensors")))
     transformer.eval()
+    if dtype != torch.float32:
+        _cast(transformer, dtype)
+    transformer.to(device)
     cond = ConditionEmbedding(cfg.text_dim)
     cond.load_state_dict(load_file(os.path.join(path, "condition.safetensors")))
+    cond.to(device=device, dtype=dtype)
     # Inference only: no parameter needs a gradient, and a parameter view that requires one
     # (the null sequence passed as negative_prompt_embeds) trips torch's FlopCounterMode.
     transformer.requires_grad_(False)
@@ -231,17 +313,31 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def train(cfg: TrainConfig, command: str, progress: bool = True) -> Trained:
-    """Train one model from scratch; deterministic in ``cfg.seed`` on a given machine."""
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train(cfg: TrainConfig, command: str, progress: bool = True,
+          device: torch.device = torch.device("cpu"), bf16_autocast: bool = False) -> Trained:
+    """Train one model from scratch on ``device``; deterministic in ``cfg.seed`` on a given
+    machine. ``bf16_autocast``: the forward pass under ``torch.autocast`` in bfloat16 (weights,
+    optimizer and loss stay float32)."""
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     transformer = build_transformer(cfg).train()
     if cfg.identity_init:
         init_identity_path(transformer, cfg.seed)
     cond = ConditionEmbedding(cfg.text_dim)
+    # Initialised on the CPU and then moved, and every random draw below stays on the CPU
+    # generator: the same initial weights, noise and batches on every device.
+    transformer.to(device)
+    cond.to(device)
     params = list(transformer.parameters()) + list(cond.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses: list[float] = []
+    # Losses are read back (a device sync) only every 50 steps, so that on a GPU the CPU renders
+    # the next batch while the device still works on this one.
+    pending: list[torch.Tensor] = []
     # Data seeds are disjoint from the evaluation seeds (which are small integers): every
     # training video is new, so there is no fixed set to overfit.
     seed_base = 10_000_000 * (cfg.seed + 1)
@@ -255,23 +351,30 @@ def train(cfg: TrainConfig, command: str, progress: bool = True) -> Trained:
         s = _sigmas(cfg.batch, g)
         xs = (1 - s)[:, None, None, None, None] * x0 + s[:, None, None, None, None] * noise
         drop = torch.rand(cfg.batch, generator=g) < cfg.drop
-        pred = transformer(hidden_states=xs, timestep=s * 1000, encoder_hidden_states=cond(idx, drop),
-                           return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        xs, s, idx, drop, target = (t.to(device) for t in (xs, s, idx, drop, noise - x0))
+        with _autocast(device, bf16_autocast):
+            pred = transformer(hidden_states=xs, timestep=s * 1000,
+                               encoder_hidden_states=cond(idx, drop), return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
+        pending.append(loss.detach())
         bar.update(1)
         if step % 50 == 0:
+            losses += [float(x) for x in pending]
+            pending.clear()
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    losses += [float(x) for x in pending]
+    synchronize(device)
     bar.close()
     seconds = time.perf_counter() - t0
     meta = {"command": command, "config": dataclasses.asdict(cfg), "train_seconds": round(seconds, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), **runtime_info(device),
+            "autocast": "bf16" if bf16_autocast else None,
             "params": sum(p.numel() for p in transformer.parameters()),
             "loss": losses}
     return Trained(transformer.eval(), cond.eval(), cfg, meta)
@@ -288,7 +391,7 @@ def save(model: Trained) -> str:
     path = model_dir(model.config.name)
     os.makedirs(path, exist_ok=True)
     model.transformer.save_pretrained(os.path.join(path, "transformer"), safe_serialization=True)
-    save_file({k: v.detach().contiguous() for k, v in model.condition.state_dict().items()},
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.condition.state_dict().items()},
               os.path.join(path, "condition.safetensors"))
     losses = model.meta["loss"]
     meta = dict(model.meta)
@@ -422,11 +525,15 @@ def main(argv: list[str] | None = None) -> None:
         else:
             tr.add_argument(flag, type=type(f.default) if f.default is not dataclasses.MISSING else int)
     tr.add_argument("--patch", type=int, nargs=3)
+    tr.add_argument("--bf16-autocast", action="store_true",
+                    help="forward pass under torch.autocast(bfloat16) (recorded in model.json)")
     ck = sub.add_parser("check", help="re-run the condition check of a saved model")
     ck.add_argument("--name", required=True)
     for p in (tr, ck):
         p.add_argument("--threads", type=int, default=1,
                        help="torch CPU threads (default 1: the machine is shared)")
+        p.add_argument("--device", type=device_arg, default="cpu",
+                       help="cpu (default), cuda, cuda:N, or auto (cuda where available)")
         p.add_argument("--cases", type=int, default=48, help="cases of the condition check")
         p.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -438,11 +545,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig(**{**PRESETS[args.preset], **given, "name": args.name or args.preset})
         cfg.patch = tuple(cfg.patch)
         command = "python bench/train.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        model = train(cfg, command, progress)
+        model = train(cfg, command, progress, args.device, args.bf16_autocast)
         print(f"trained {cfg.name} in {model.meta['train_seconds']} s; saved to {save(model)}")
         run_check(model, args.cases, progress)
     else:
-        run_check(load(args.name), args.cases, progress)
+        run_check(load(args.name, device=args.device), args.cases, progress)
 
 
 if __name__ == "__main__":
