@@ -56,7 +56,8 @@ def main() -> None:
         ref, _, t_eager = timed(pipe, args.steps)
         rows = [("eager", t_eager, None, float("inf"), 1.0)]
         runs = [("inductor", dict(backend="inductor")),
-                ("mixcache", dict(backend="mixcache")),
+                ("mixcache (cache off)", dict(backend="mixcache", options={"cache": None})),
+                ("mixcache (default: balanced)", dict(backend="mixcache")),
                 ("mixcache first_block+fastercache",
                  dict(backend="mixcache", options={"cache": [
                      {"rule": "first_block", "threshold": 0.2, "start": 4},

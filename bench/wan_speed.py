@@ -88,7 +88,8 @@ def main() -> None:
         ("eager", lambda: model),
         ("torch.compile (inductor)", lambda: torch.compile(model)),
         ("regional (compile_repeated_blocks)", "regional"),
-        ("mixcache (cache off)", lambda: torch.compile(model, backend="mixcache")),
+        ("mixcache (cache off)", lambda: torch.compile(model, backend="mixcache",
+                                                       options={"cache": None})),
     ]
     for name, cache in schedules(args.steps, CONFIGS[args.config]["num_layers"]).items():
         methods.append((name, lambda c=cache: torch.compile(model, backend="mixcache",

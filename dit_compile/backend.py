@@ -47,6 +47,8 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         return Executor(plan, fns)
     missing = {"latent", "timestep"} - set(rmap.inputs)
     if missing:
+        if "cache" not in (options or {}):
+            return Executor(plan, fns)      # the default cache was not asked for: no warning
         warnings.warn(f"mixcache: {_model_name()}: could not tell which input is the "
                       f"{' and the '.join(sorted(missing))}; running without caching.", stacklevel=2)
         return Executor(plan, fns)

@@ -19,8 +19,9 @@ class Options:
     regions: str = "inductor"
     # Share one compiled artifact between blocks whose graphs are identical.
     share_blocks: bool = True
-    # Caching: None (compute everything), or a dict parsed by runtime.policy.make_policy.
-    cache: Any = None
+    # Caching: the MixCache "balanced" preset unless told otherwise; None computes everything (and
+    # matches plain Inductor); a preset name, or a dict/list parsed by runtime.policy.make_policy.
+    cache: Any = "balanced"
     # Memory bound on cached tensors, in bytes (None: unbounded).
     cache_memory: int | None = None
 

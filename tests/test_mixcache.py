@@ -113,6 +113,29 @@ def test_presets_parse_and_reuse_on_a_generation(preset):
     assert all(set(r) >= {"action", "signal", "spent", "t"} for r in s["trace"])
 
 
+def test_default_is_balanced_and_none_turns_caching_off():
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    steps = tuple(float(t) for t in range(1000, 0, -50))
+    default = torch.compile(model, backend="mixcache", fullgraph=True, options={"regions": "eager"})
+    generation(default, kw, steps=steps)
+    balanced = [r["action"] for r in dit_compile.stats(default)["trace"]]
+    torch._dynamo.reset()
+    preset = compiled(tiny_models.wan(layers=4)[0], "balanced")
+    generation(preset, kw, steps=steps)
+    assert balanced == [r["action"] for r in dit_compile.stats(preset)["trace"]]
+    assert "step" in balanced, "the default reuses steps"
+
+    torch._dynamo.reset()
+    off = compiled(tiny_models.wan(layers=4)[0], None)
+    outs = generation(off, kw, steps=steps)
+    with pytest.raises(ValueError, match="no mixcache state"):
+        dit_compile.stats(off)      # nothing cached, so no state was ever made
+    ref = generation(lambda **k: model(**k), kw, steps=steps)
+    for y, r in zip(outs, ref):
+        torch.testing.assert_close(y, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cache,match", [
     ("turbo", r"preset is one of"),
     ({"rule": "mixcache", "preset": "turbo"}, r"preset 'turbo'"),

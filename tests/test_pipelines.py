@@ -38,7 +38,7 @@ def test_pipeline_cache_off_equals_eager_and_cache_on_runs(name):
     pipe.set_progress_bar_config(disable=True)
     ref = run(pipe, STEPS)
 
-    pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})
     torch.testing.assert_close(run(pipe, STEPS), ref, rtol=1e-5, atol=1e-5)
 
     torch._dynamo.reset()

@@ -1,0 +1,85 @@
+"""Choose MixCache presets on cases the evaluation never sees.
+
+    python bench/tune_presets.py --model small [--cases 8] [--sweep default|FILE.json]
+
+The evaluation cases of ``bench/quality.py`` are seeds ``0..15`` with conditions from one fixed
+RNG; tuning on them would grade the presets on their own training set. Here the cases are seeds
+``500..`` with conditions from another RNG, and each configuration reports only what the choice
+needs: the mean fraction of FLOPs computed (the backend's own record) and PSNR against full
+compute (mean and worst case). No timing: that is the harness's job, on the evaluation cases.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data  # noqa: E402
+import quality  # noqa: E402
+import train  # noqa: E402
+
+
+def tuning_cases(n: int) -> list[quality.Case]:
+    rng = random.Random(77)
+    sizes = (len(data.SHAPES), len(data.COLOURS), len(data.MOTIONS), len(data.BACKGROUNDS))
+    return [quality.Case(data.Condition(*[rng.randrange(k) for k in sizes]), 500 + i)
+            for i in range(n)]
+
+
+def default_sweep() -> dict[str, Any]:
+    """The presets, the budgets and reuse bounds around them, and uniform cadences to beat."""
+    sweep: dict[str, Any] = {p: p for p in ("quality", "balanced", "fast")}
+    for max_reuse in (1, 2, 3):
+        for budget in (0.004, 0.008, 0.016):
+            sweep[f"budget {budget} max_reuse {max_reuse}"] = {
+                "rule": "mixcache", "budget": budget, "max_reuse": max_reuse}
+    sweep["every 2nd step reused from step 3"] = {
+        "rule": "schedule", "step": list(range(3, 20, 2)), "extrapolate": True}
+    sweep["2 of 3 steps reused from step 2"] = {
+        "rule": "schedule", "step": [k for k in range(2, 20) if k % 3 != 0], "extrapolate": True}
+    return sweep
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sweep", default="default", help="'default' or a JSON file {name: cache}")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    sweep = default_sweep() if args.sweep == "default" else json.load(open(args.sweep))
+    model = train.load(args.model)
+    pipe = model.pipeline()
+    cases = tuning_cases(args.cases)
+    import dit_compile
+    with torch.no_grad():
+        refs = [model.sample(pipe, c.condition, c.seed, steps=args.steps) for c in cases]
+        print(f"model `{args.model}`, {args.cases} tuning cases, {args.steps} steps\n")
+        print("| configuration | FLOPs computed | PSNR dB mean (min) |\n|---|---|---|")
+        for name, cache in sweep.items():
+            torch._dynamo.reset()
+            pipe.transformer = torch.compile(model.transformer, backend="mixcache",
+                                             options={"regions": "eager", "cache": cache})
+            psnrs, fracs = [], []
+            for case, ref in zip(cases, refs):
+                dit_compile.reset(pipe.transformer)
+                seen = len(quality.mixcache_trace(pipe.transformer))
+                out = model.sample(pipe, case.condition, case.seed, steps=args.steps)
+                trace = quality.mixcache_trace(pipe.transformer)[seen:]
+                fracs.append(sum(r["flops"] for r in trace) / len(trace))
+                psnrs.append(quality.psnr(out, ref))
+            print(f"| {name} | {sum(fracs) / len(fracs):.3f} | "
+                  f"{sum(psnrs) / len(psnrs):.1f} ({min(psnrs):.1f}) |", flush=True)
+            pipe.transformer = model.transformer
+            torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()
