@@ -46,13 +46,46 @@ def default_sweep() -> dict[str, Any]:
     return sweep
 
 
+def replay(name: str, steps: int) -> None:
+    """The steps each preset reused (per guidance branch) on the 16 evaluation cases, and how often
+    each schedule occurred: the most common one is what a real-size replay should force."""
+    import collections
+
+    import dit_compile
+    torch.set_num_threads(1)
+    model = train.load(name)
+    pipe = model.pipeline()
+    with torch.no_grad():
+        for preset in ("quality", "balanced", "fast"):
+            torch._dynamo.reset()
+            pipe.transformer = torch.compile(model.transformer, backend="mixcache",
+                                             options={"regions": "eager", "cache": preset})
+            seen: collections.Counter = collections.Counter()
+            for case in quality.make_cases(16):
+                dit_compile.reset(pipe.transformer)
+                start = len(quality.mixcache_trace(pipe.transformer))
+                model.sample(pipe, case.condition, case.seed, steps=steps)
+                trace = quality.mixcache_trace(pipe.transformer)[start:]
+                seen[tuple(tuple(r["step"] for r in trace if r["branch"] == b and
+                                 r["action"] == "step") for b in (0, 1))] += 1
+            for (b0, b1), n in seen.most_common():
+                print(f"{name} {preset}: {n}/16 cases reused steps {list(b0)} (branch 0), "
+                      f"{list(b1)} (branch 1)")
+            pipe.transformer = model.transformer
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="small")
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sweep", default="default", help="'default' or a JSON file {name: cache}")
+    ap.add_argument("--replay", action="store_true",
+                    help="print, per preset, the steps it reused on each evaluation case (the "
+                         "forced schedules bench/wan_speed.py replays at real size)")
     args = ap.parse_args(argv)
+    if args.replay:
+        return replay(args.model, args.steps)
     torch.set_num_threads(1)
     sweep = default_sweep() if args.sweep == "default" else json.load(open(args.sweep))
     model = train.load(args.model)

@@ -5,7 +5,8 @@ diffusers' WanPipeline, 480x832, 33 frames, 512 text tokens, CFG 5.0, UniPC flow
 
 Methods, in one process: eager, plain torch.compile (Inductor), diffusers' regional compilation
 (compile_repeated_blocks), mixcache with caching off, and mixcache forced schedules next to the
-fraction of FLOPs they compute. Prints a markdown table with the command, device, versions, date.
+fraction of FLOPs they compute, and (at 20 steps) the schedules the MixCache presets chose on the
+trained models, replayed. Prints a markdown table with the command, device, versions, date.
 ``--config tiny`` is a CPU smoke test of the script itself, not a measurement.
 """
 from __future__ import annotations
@@ -37,7 +38,20 @@ def schedules(steps: int, layers: int) -> dict[str, dict]:
         "mixcache blocks 2-N 19/20 (FBCache anchor)": {"rule": "schedule", "block": list(range(1, steps))},
         "mixcache mix": {"rule": "schedule", "step": list(range(4, steps, 4)),
                          "cfg": list(range(1, steps, 2)), "block": list(range(2, steps, 4))},
+        **({f"replayed {p} (large)": {"rule": "schedule", "step": s, "extrapolate": True}
+            for p, s in REPLAYED.items()} if steps == 20 else {}),
     }
+
+
+# The steps each MixCache preset reused on the trained `large` model (the most common schedule
+# over the 16 evaluation cases, the same on both guidance branches), from
+# `python bench/tune_presets.py --model large --replay`. Replayed at real size as forced schedules,
+# they say what wall-clock speedup those decisions give there (random weights: no quality claim).
+REPLAYED = {
+    "quality": [3, 4, 6, 8, 10, 12, 14, 19],
+    "balanced": [3, 4, 6, 7, 9, 10, 12, 13, 15, 17, 19],
+    "fast": [3, 4, 6, 7, 9, 10, 12, 13, 15, 16, 18, 19],
+}
 
 
 def main() -> None:
