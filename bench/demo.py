@@ -66,9 +66,11 @@ def main() -> None:
             torch._dynamo.reset()
             pipe.transformer = torch.compile(model, **kw)
             out, first, t = timed(pipe, args.steps)
-            frac = dit_compile.stats(pipe.transformer)["flops_fraction"] if "options" in kw else 1.0
-            if "options" in kw:
+            try:
+                frac = dit_compile.stats(pipe.transformer)["flops_fraction"]
                 dit_compile.reset(pipe.transformer)
+            except ValueError:      # nothing cached (inductor, or cache=None): all computed
+                frac = 1.0
             rows.append((name, t, first, psnr(out, ref), frac))
     print(f"\n{args.steps} steps, CFG 5.0, {args.layers} layers, torch {torch.__version__}, CPU threads "
           f"{torch.get_num_threads()}")

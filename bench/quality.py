@@ -168,10 +168,9 @@ class MixCache(Method):
 
     def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
         torch._dynamo.reset()             # a fresh compile per method: no cache entry is shared
-        options: dict[str, Any] = {"regions": self.regions}
-        if self.cache is not None:
-            options["cache"] = self.cache
-        return torch.compile(model.transformer, backend="mixcache", options=options)
+        # cache=None is passed, not left out: left out, the backend's default preset would cache.
+        return torch.compile(model.transformer, backend="mixcache",
+                             options={"regions": self.regions, "cache": self.cache})
 
     def detach(self, model: train.Trained) -> None:
         torch._dynamo.reset()

@@ -24,13 +24,13 @@ __all__ = ["mixcache", "explain", "stats", "reset", "lower_moe", "register_moe",
 
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:
-    """What the cache computed and reused for ``model`` (compiled with a ``cache`` option):
+    """What the cache computed and reused for ``model`` (compiled with caching on):
     calls, computed, reused per granularity, the fraction of FLOPs computed, cached bytes, and a
     per-call trace (generation, step, branch, timestep, action, signal)."""
     state = find_state(model)
     if state is None:
         raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "
-                         "and a 'cache' option, and run it once")
+                         "with caching on (the default; not cache=None), and run it once")
     return state.stats()
 
 

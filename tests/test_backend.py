@@ -56,6 +56,26 @@ def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch):
     assert len(traces) == 1 and len(compiles) == 3
 
 
+@pytest.mark.inductor
+def test_bf16_cache_off_is_within_the_eager_vs_inductor_difference():
+    """In bf16 the regions may round differently from the whole graph, but no further from eager
+    than plain Inductor's own rounding is (the issue's bar for bf16 on the GPU, held here on CPU)."""
+    model, kw = tiny_models.wan(layers=3)
+    model = model.to(torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) for k, v in kw.items()}
+    with torch.no_grad():
+        eager = model(**kw, return_dict=False)[0].float()
+        plain = torch.compile(model, backend="inductor")(**kw, return_dict=False)[0].float()
+        torch._dynamo.reset()
+        ours = torch.compile(model, backend="mixcache", options={"cache": None})(
+            **kw, return_dict=False)[0].float()
+    assert ours.dtype == plain.dtype and ours.shape == plain.shape
+    bar = (plain - eager).abs().max()
+    # One bf16 ulp of the output's magnitude as slack, for outputs where Inductor matches exactly.
+    ulp = eager.abs().max() * 2.0 ** -7
+    assert (ours - eager).abs().max() <= 2 * bar + ulp, ((ours - eager).abs().max(), bar)
+
+
 def test_graph_breaks_fall_back_per_graph_and_stay_correct():
     """HiDream's MoE dispatch syncs to the host and breaks the graph: still a correct result."""
     model, kw = tiny_models.hidream()
