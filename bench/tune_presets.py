@@ -1,6 +1,6 @@
 """Choose MixCache presets on cases the evaluation never sees.
 
-    python bench/tune_presets.py --model small [--cases 8] [--sweep default|FILE.json]
+    python bench/tune_presets.py --model small [--cases 16] [--sweep default|FILE.json] [--replay]
 
 The evaluation cases of ``bench/quality.py`` are seeds ``0..15`` with conditions from one fixed
 RNG; tuning on them would grade the presets on their own training set. Here the cases are seeds
@@ -36,7 +36,7 @@ def default_sweep() -> dict[str, Any]:
     """The presets, the budgets and reuse bounds around them, and uniform cadences to beat."""
     sweep: dict[str, Any] = {p: p for p in ("quality", "balanced", "fast")}
     for max_reuse in (1, 2, 3):
-        for budget in (0.004, 0.008, 0.016):
+        for budget in (0.004, 0.008, 0.012, 0.016, 0.024):
             sweep[f"budget {budget} max_reuse {max_reuse}"] = {
                 "rule": "mixcache", "budget": budget, "max_reuse": max_reuse}
     sweep["every 2nd step reused from step 3"] = {
@@ -77,7 +77,7 @@ def replay(name: str, steps: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="small")
-    ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--cases", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sweep", default="default", help="'default' or a JSON file {name: cache}")
     ap.add_argument("--replay", action="store_true",

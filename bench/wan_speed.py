@@ -48,9 +48,9 @@ def schedules(steps: int, layers: int) -> dict[str, dict]:
 # `python bench/tune_presets.py --model large --replay`. Replayed at real size as forced schedules,
 # they say what wall-clock speedup those decisions give there (random weights: no quality claim).
 REPLAYED = {
-    "quality": [3, 4, 6, 8, 10, 12, 14, 19],
-    "balanced": [3, 4, 6, 7, 9, 10, 12, 13, 15, 17, 19],
-    "fast": [3, 4, 6, 7, 9, 10, 12, 13, 15, 16, 18, 19],
+    "quality": [2, 4, 6, 8, 10, 12, 14, 16, 19],
+    "balanced": [2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 19],
+    "fast": [2, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 18, 19],
 }
 
 

@@ -41,23 +41,23 @@ from .policy import CFG, COMPUTE, STEP, PolicyError, rel_l1
 GRANULARITIES = ("step", "cfg", "block")
 
 # Budgets: relative error of the output times the fraction of the noise range it is used over.
-# Chosen on the trained reference models with cases disjoint from the evaluation cases
-# (bench/quality.py; numbers in bench/RESULTS.md). There, whole-step reuse with first-order
-# extrapolation gave the best PSNR for the FLOPs saved; cfg reuse lost 5-20 dB for the same FLOPs
-# (with CFG 4 an error in the guidance difference is amplified threefold) and block reuse more,
-# so the presets reuse steps only and the other granularities stay available through
-# `granularities`. Three reuses in a row cost more than they saved at every budget tried.
-_STEP = dict(granularities=("step",), extrapolate=True, warmup=0.03, max_reuse=2)
+# Chosen with bench/tune_presets.py on 16 cases disjoint from the evaluation cases (numbers in
+# bench/RESULTS.md). There, whole-step reuse with first-order extrapolation gave the best PSNR for
+# the FLOPs saved; cfg reuse lost 5-20 dB for the same FLOPs (with CFG 4 an error in the guidance
+# difference is amplified threefold) and block reuse more, so the presets reuse steps only and the
+# other granularities stay available through `granularities`. The reuse bound sets the rhythm
+# (one in two, two in three, three in four at most) and the budget where the rhythm breaks.
+_STEP = dict(granularities=("step",), extrapolate=True, warmup=0.03)
 PRESETS: dict[str, dict] = {
-    "quality": dict(_STEP, budget=0.004),
-    "balanced": dict(_STEP, budget=0.008),
-    "fast": dict(_STEP, budget=0.016),
+    "quality": dict(_STEP, budget=0.008, max_reuse=1),
+    "balanced": dict(_STEP, budget=0.012, max_reuse=2),
+    "fast": dict(_STEP, budget=0.024, max_reuse=3),
 }
 
 
 @dataclass
 class MixCache:
-    budget: float = 0.008
+    budget: float = 0.012
     warmup: float = 0.03
     settle: float = 0.5
     max_reuse: int = 2
@@ -94,8 +94,10 @@ class MixCache:
         options = []
         if "step" in self.granularities and "out_rate" in bc.signals and bc.outputs:
             # Reusing the last output is off by how fast it moves; extrapolating from the last
-            # two is off by how fast that slope itself changes.
-            rate = bc.signals.get("curvature") if self.extrapolate else bc.signals["out_rate"]
+            # two is off by how fast that slope itself changes (until the slope has changed once,
+            # three computed calls in, the first rate stands in for it).
+            rate = (bc.signals.get("curvature", bc.signals["out_rate"]) if self.extrapolate
+                    else bc.signals["out_rate"])
             if rate is not None:
                 options.append((rate * abs(s.t - bc.outputs[-1][0]) * h, STEP))
         if ("cfg" in self.granularities and s.branch >= 1 and st.cfg_diff is not None
