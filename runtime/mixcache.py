@@ -4,20 +4,25 @@ most compute for the error it is expected to add.
 Signals, all of which the runtime already has (no extra forward):
 
 * ``probe``: relative L1 change of the probe residual (first block(s)) since the last call of the
-  same branch. It is the trigger's signal: early in sampling the trajectory is still being decided
-  and the probe moves a lot; caching may start once it settles below ``settle`` and the noise level
-  has fallen below ``1 - warmup`` of where the generation started. It is also the block-reuse
-  error estimate (First-Block-Cache's proxy for how much the deep blocks' residual moved).
+  same branch. It gates the trigger (caching may start once it settles below ``settle`` and the
+  noise level has fallen below ``1 - warmup`` of where the generation started) and it is the
+  block-reuse error estimate (First-Block-Cache's proxy for how much the deep blocks' residual
+  moved). It is not the step estimate: ranked against the damage of reusing single steps on the
+  trained models (``bench/signal_study.py``, 144 single-step reuses per model), the probe's change
+  orders them with Spearman 0.28 / 0.35 (small / large), the input latent's (TeaCache's signal)
+  0.38 / 0.31, the output's own change 0.67 / 0.61. The step estimate is built from the output.
 * ``out_rate``: relative change of the output per unit of timestep between the last two computed
   calls of the branch; reusing the last output at ``t`` is off by ``out_rate * |t - t_last|``.
   With ``extrapolate`` (first-order, from the last two computed outputs) the error is that of a
   linear predictor: ``curvature`` (change of that slope, relative to the output) times the distance.
   The sampler then multiplies that output error by its step length, so the estimate is weighted by
   the step about to be taken: the last spacing of timesteps, and never more than ``t`` itself (no
-  step goes below zero). Measured on the trained models (bench/quality.py, 20 flow-matching steps
-  with shift 3): the steps grow from 0.02 to 0.14 of the noise range towards the end, and reusing
-  the penultimate step alone cost 34 dB of PSNR where a middle step cost 51 dB; the final step,
-  whose length is tiny, cost 46 dB. Unweighted, the policy reused exactly the steps that hurt.
+  step goes below zero). With 20 flow-matching steps at shift 3 the steps grow from 0.02 to 0.14
+  of the noise range, and on `small` reusing the penultimate step alone left the video at 33.7 dB
+  where a middle step left it at 51-53 dB (the same study). The weighting orders single steps less
+  well (Spearman 0.51 / 0.41 against 0.69 / 0.61), yet as the budget of a policy that reuses many
+  steps it chose better schedules in the tuning sweeps (reuse early, where steps are short; compute
+  late, where they are long): one step's damage is not the whole of a schedule's.
 * ``cfg_rate``: change of the guidance-branch difference per unit of timestep, relative to the
   output; rebuilding a branch from the other is expected to be off by ``cfg_rate * |t - t_diff|``.
 
