@@ -23,7 +23,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
              mode: str | None = None) -> Callable[..., Any]:
     """Compile one Dynamo graph of a DiT forward into regions stitched by the runtime."""
     opts = Options.parse(options)
-    inductor = _inductor_config(mode)
+    inductor = _inductor_config(mode or opts.mode)
     _warn_unlowered_moe(traced_module())
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.

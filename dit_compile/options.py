@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 REGION_COMPILERS = ("inductor", "eager")
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class OptionError(ValueError):
@@ -24,6 +25,9 @@ class Options:
     cache: Any = "balanced"
     # Memory bound on cached tensors, in bytes (None: unbounded).
     cache_memory: int | None = None
+    # Inductor's mode for the regions. torch.compile refuses mode= beside options=, so a user who
+    # sets options and wants CUDA graphs ("reduce-overhead") says it here.
+    mode: str | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "Options":
@@ -37,6 +41,8 @@ class Options:
             raise OptionError(f"option regions={opts.regions!r}: must be one of {REGION_COMPILERS}")
         if not isinstance(opts.share_blocks, bool):
             raise OptionError(f"option share_blocks={opts.share_blocks!r}: must be True or False")
+        if opts.mode is not None and opts.mode not in INDUCTOR_MODES:
+            raise OptionError(f"option mode={opts.mode!r}: must be one of {INDUCTOR_MODES} or None")
         if opts.cache_memory is not None and (not isinstance(opts.cache_memory, int)
                                               or opts.cache_memory <= 0):
             raise OptionError(f"option cache_memory={opts.cache_memory!r}: must be a positive "
