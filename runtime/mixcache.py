@@ -28,11 +28,10 @@ Signals, all of which the runtime already has (no extra forward):
 
 Every estimate is an output error times the step length, so they add up to the error the reuse
 leaves in the latent. Decision: the error already spent since the last full compute counts
-against ``budget``; among the
-granularities whose estimate fits in what is left, step or cfg reuse (which save the whole call)
-beat block reuse (which saves the span), and the smaller estimate wins a tie. ``max_reuse`` bounds
-consecutive reuse, so drift never runs unchecked. Block decisions are per sample; step and cfg
-reuse skip the whole call, so they need every sample's estimate to fit.
+against ``budget``; among the granularities whose estimate fits in what is left, step or cfg reuse
+(which save the whole call) beat block reuse (which saves the span), and the smaller estimate wins
+a tie. ``max_reuse`` bounds consecutive reuse, so drift never runs unchecked. Block decisions are
+per sample; step and cfg reuse skip the whole call, so they need every sample's estimate to fit.
 """
 from __future__ import annotations
 
@@ -103,8 +102,7 @@ class MixCache:
             # three computed calls in, the first rate stands in for it).
             rate = (bc.signals.get("curvature", bc.signals["out_rate"]) if self.extrapolate
                     else bc.signals["out_rate"])
-            if rate is not None:
-                options.append((rate * abs(s.t - bc.outputs[-1][0]) * h, STEP))
+            options.append((rate * abs(s.t - bc.outputs[-1][0]) * h, STEP))
         if ("cfg" in self.granularities and s.branch >= 1 and st.cfg_diff is not None
                 and st.current.get(0) is not None and "cfg_rate" in st.signals):
             options.append((st.signals["cfg_rate"] * abs(s.t - st.signals["cfg_t"]) * h, CFG))
