@@ -55,3 +55,21 @@ def test_pipeline_cache_off_equals_eager_and_cache_on_runs(name):
         acts = [r["action"] for r in trace if r["generation"] == gen]
         assert acts[:calls] == ["compute"] * calls, "a generation starts from nothing cached"
         assert set(acts) - {"compute"} == expected
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_default_cache_runs_in_every_pipeline(name):
+    """No cache option: the balanced preset decides, in each pipeline's own calling pattern."""
+    make, make_pipe, run, calls, _ = CASES[name]
+    model = make()
+    pipe = make_pipe(model)
+    pipe.set_progress_bar_config(disable=True)
+    ref = run(pipe, 8)
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    out = run(pipe, 8)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert len(trace) == 8 * calls
+    assert {r["action"] for r in trace} <= {"compute", "step"}, "the presets reuse whole steps"
+    assert [r["action"] for r in trace[:calls]] == ["compute"] * calls
