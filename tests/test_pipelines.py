@@ -30,15 +30,22 @@ STEPS = 4
 CACHE = [{"rule": "schedule", "step": [2], "block": [3]}, {"rule": "fastercache", "every": 2}]
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_pipeline_cache_off_equals_eager_and_cache_on_runs(name):
-    make, make_pipe, run, calls, expected = CASES[name]
+def _eager_run(name, steps):
+    """The case's model, its pipeline, and the pipeline's eager output over ``steps``."""
+    make, make_pipe, run, _, _ = CASES[name]
     model = make()
     pipe = make_pipe(model)
     pipe.set_progress_bar_config(disable=True)
-    ref = run(pipe, STEPS)
+    return model, pipe, run(pipe, steps)
 
-    pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pipeline_cache_off_equals_eager_and_cache_on_runs(name):
+    _, _, run, calls, expected = CASES[name]
+    model, pipe, ref = _eager_run(name, STEPS)
+
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"regions": "eager", "cache": None})
     torch.testing.assert_close(run(pipe, STEPS), ref, rtol=1e-5, atol=1e-5)
 
     torch._dynamo.reset()
@@ -60,11 +67,8 @@ def test_pipeline_cache_off_equals_eager_and_cache_on_runs(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_default_cache_runs_in_every_pipeline(name):
     """No cache option: the balanced preset decides, in each pipeline's own calling pattern."""
-    make, make_pipe, run, calls, _ = CASES[name]
-    model = make()
-    pipe = make_pipe(model)
-    pipe.set_progress_bar_config(disable=True)
-    ref = run(pipe, 8)
+    _, _, run, calls, _ = CASES[name]
+    model, pipe, ref = _eager_run(name, 8)
     torch._dynamo.reset()
     pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager"})
     out = run(pipe, 8)
