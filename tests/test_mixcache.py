@@ -102,6 +102,41 @@ def test_larger_budget_never_reuses_less(out_rate, cfg_rate, t, dt, noise, budge
         assert reuse[1][1] >= reuse[0][1]
 
 
+def _two_branches(rates, t_last=600.0, t=500.0):
+    """A state one step after both guidance branches computed at ``t_last``."""
+    st_ = CacheState()
+    st_.begin(1000.0, "sig")
+    st_.t_first = 1000.0
+    for b, rate in enumerate(rates):
+        bc = st_.branch(b)
+        bc.signals.update(settled=True, out_rate=rate, prev_t=t_last)
+        bc.outputs = [(t_last, [torch.zeros(1, 2)])]
+    return st_, [Step(0, 5, b, t) for b in range(len(rates))]
+
+
+@pytest.mark.parametrize("rates,reused", [((1e-4, 1e-4), True), ((1e-4, 1.0), False),
+                                          ((1.0, 1e-4), False)])
+def test_guidance_branches_share_the_step_decision(rates, reused):
+    """Step reuse is decided once per step: a branch whose estimate does not fit keeps the other
+    from reusing too, whichever of the two is called first."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0})
+    st_, steps = _two_branches(rates)
+    actions = [pol.step(s, st_, torch.zeros(1))[0] for s in steps]
+    assert actions == (["step", "step"] if reused else ["compute", "compute"])
+
+
+def test_branches_reuse_at_the_same_steps_in_a_generation():
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "mixcache", "budget": 0.05, "warmup": 0.0, "settle": 10.0,
+                         "max_reuse": 3})
+    generation(f, kw, steps=tuple(float(t) for t in range(1000, 0, -50)))
+    trace = dit_compile.stats(f)["trace"]
+    by_branch = [[r["action"] for r in trace if r["branch"] == b] for b in (0, 1)]
+    assert "step" in by_branch[0], "the test must reuse"
+    assert by_branch[0] == by_branch[1]
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_parse_and_reuse_on_a_generation(preset):
     model, kw = tiny_models.wan(layers=4)
