@@ -12,6 +12,9 @@ never a module global. Its lifecycle rules are the safety net under every policy
 * A call that batches both guidance branches (CogVideoXPipeline: uncond half, cond half) is marked
   ``halves``; its branch difference is ``out[:k] - out[k:]``. Whether calls are batched this way is
   part of the signature, so a branch difference never crosses from one layout to the other.
+* A step has at most ``MAX_BRANCHES`` calls; one more at the same timestep starts a new generation
+  (a one-step sampler called again looks like one endless step, whose branch caches would
+  otherwise pile up without bound). No policy reuses anything at step 0, so this costs no reuse.
 * ``reset()`` drops everything explicitly.
 * Cached tensors count against ``memory`` (bytes); a store that would exceed it raises
   ``CacheMemoryError`` rather than silently dropping what a policy relies on.
@@ -25,6 +28,7 @@ import torch
 
 
 STATE_ATTR = "_dit_compile_state"
+MAX_BRANCHES = 4    # calls per step; classifier-free guidance makes 2, a second guidance 3
 
 
 class CacheMemoryError(RuntimeError):
@@ -99,7 +103,8 @@ class CacheState:
     def begin(self, t: float, signature: Any, halves: bool = False) -> Step:
         """Place a call in its generation, step and branch; drop the cache on a new generation."""
         signature = (signature, halves)
-        if signature != self._signature or self._last_t is None or t > self._last_t:
+        if (signature != self._signature or self._last_t is None or t > self._last_t
+                or (t == self._last_t and self._branch + 1 >= MAX_BRANCHES)):
             self.reset()
             self._signature = signature
             self.generation += 1

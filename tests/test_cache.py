@@ -104,6 +104,20 @@ def test_new_generation_drops_cache():
     assert [r["action"] for r in dit_compile.stats(f)["trace"] if r["step"] == 0] == ["compute"] * 4
 
 
+def test_one_step_sampler_called_again_keeps_state_bounded():
+    """A one-step generation repeated looks like one step with ever more branches: past
+    MAX_BRANCHES calls at one timestep a new generation starts, so the cached state stays bounded."""
+    from dit_compile.runtime.cache import MAX_BRANCHES, find_state
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [1]})
+    generation(f, kw, steps=STEPS[:1], branches=3 * MAX_BRANCHES)
+    state = find_state(f)
+    assert len(state.branches) <= MAX_BRANCHES
+    assert len({r["generation"] for r in dit_compile.stats(f)["trace"]}) == 3
+    assert all(r["action"] == "compute" for r in dit_compile.stats(f)["trace"])
+
+
 def test_shape_change_mid_generation_is_a_new_generation():
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
