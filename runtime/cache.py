@@ -12,6 +12,11 @@ never a module global. Its lifecycle rules are the safety net under every policy
 * A call that batches both guidance branches (CogVideoXPipeline: uncond half, cond half) is marked
   ``halves``; its branch difference is ``out[:k] - out[k:]``. Whether calls are batched this way is
   part of the signature, so a branch difference never crosses from one layout to the other.
+* A branch whose text condition changes within a generation (a new prompt, same shapes) loses its
+  cache and the branch difference: what was computed for the old prompt is never reused for the
+  new one. The same tensor object as before, not modified in place, is the same prompt (no compare,
+  no sync); another tensor is compared by value, so a pipeline that rebuilds equal embeddings at
+  every step keeps its cache.
 * A step has at most ``MAX_BRANCHES`` calls; one more at the same timestep starts a new generation
   (a one-step sampler called again looks like one endless step, whose branch caches would
   otherwise pile up without bound). No policy reuses anything at step 0, so this costs no reuse.
@@ -68,6 +73,7 @@ class BranchCache:
     last_input: torch.Tensor | None = None      # latent at the previous call (for input signals)
     reused_in_a_row: int = 0
     signals: dict[str, Any] = field(default_factory=dict)   # the policy's own per-branch signals
+    text: tuple[torch.Tensor, int | None] | None = None  # last call's text condition, version
 
 
 class CacheState:
@@ -100,8 +106,10 @@ class CacheState:
         self._signature = None
         self._last_t = None
 
-    def begin(self, t: float, signature: Any, halves: bool = False) -> Step:
-        """Place a call in its generation, step and branch; drop the cache on a new generation."""
+    def begin(self, t: float, signature: Any, halves: bool = False,
+              text: torch.Tensor | None = None) -> Step:
+        """Place a call in its generation, step and branch; drop the cache on a new generation,
+        and a branch's cache when its text condition changed."""
         signature = (signature, halves)
         if (signature != self._signature or self._last_t is None or t > self._last_t
                 or (t == self._last_t and self._branch + 1 >= MAX_BRANCHES)):
@@ -118,7 +126,21 @@ class CacheState:
             self.current.clear()
             self.computed.clear()
         self._last_t = t
+        if text is not None:
+            self._check_text(self._branch, text)
         return Step(self.generation, self._step, self._branch, t, halves)
+
+    def _check_text(self, b: int, text: torch.Tensor) -> None:
+        bc = self.branch(b)
+        if bc.text is not None:
+            old, version = bc.text
+            same = (old is text and _version(text) == version) or (
+                old is not text and torch.equal(old, text))
+            if not same:
+                bc = self.branches[b] = BranchCache()
+                self.cfg_diff, self.cfg_step = None, None
+                self.signals.clear()
+        bc.text = (text, _version(text))
 
     def branch(self, b: int) -> BranchCache:
         return self.branches.setdefault(b, BranchCache())
@@ -210,3 +232,8 @@ def find_state(model: torch.nn.Module) -> CacheState | None:
         if state is not None:
             return state
     return None
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter; inference tensors (``torch.inference_mode``) have none."""
+    return None if t.is_inference() else t._version

@@ -122,7 +122,8 @@ class GuardedExecutor(Executor):
         x = env[self.latent]
         step = st.begin(float(env[self.t].reshape(-1)[0]), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
-            halves=self._detect and self._halves_call(env))
+            halves=self._detect and self._halves_call(env),
+            text=None if self.text is None else env[self.text])
         bc = st.branch(step.branch)
         action, signal = pol.step(step, st, x)
 

@@ -137,7 +137,7 @@ class MixCache:
         if not self._triggered(s, st, bc):
             return COMPUTE, None
         left = float(torch.as_tensor(self._left(bc)).min())
-        options = [] if err is None else [(err, STEP)]
+        options = [] if err is None or not bc.outputs else [(err, STEP)]
         if ("cfg" in self.granularities and s.branch >= 1 and st.cfg_diff is not None
                 and st.current.get(0) is not None and "cfg_rate" in st.signals):
             h = self._step_length(s, st, bc)

@@ -104,6 +104,32 @@ def test_new_generation_drops_cache():
     assert [r["action"] for r in dit_compile.stats(f)["trace"] if r["step"] == 0] == ["compute"] * 4
 
 
+def _calls(f, kw, texts):
+    """One call per (timestep, text) in order; ``texts[k]`` lists step k's branch texts."""
+    with torch.no_grad():
+        return [f(**dict(kw, timestep=torch.full_like(kw["timestep"], t), encoder_hidden_states=e))[0]
+                for t, es in zip(STEPS, texts) for e in es]
+
+
+def test_prompt_change_mid_generation_is_never_served_from_cache():
+    """A new prompt (same shapes) for branch 0 from step 3 on: its first call computes, for the
+    new prompt; the other branch keeps its cache. Equal embeddings rebuilt as a new tensor at
+    every step are the same prompt and keep reusing."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    cond, uncond = kw["encoder_hidden_states"], -kw["encoder_hidden_states"]
+    other = torch.randn_like(cond)
+    f = compiled(model, {"rule": "schedule", "step": [1, 2, 3, 4]})
+    texts = [[cond.clone(), uncond]] * 3 + [[other, uncond]] * 2
+    outs = _calls(f, kw, texts)
+    actions = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(f)["trace"]]
+    assert actions[2:6] == [(1, 0, "step"), (1, 1, "step"), (2, 0, "step"), (2, 1, "step")]
+    assert actions[6:] == [(3, 0, "compute"), (3, 1, "step"), (4, 0, "step"), (4, 1, "step")]
+    ref = _calls(_rd(model), kw, texts)
+    torch.testing.assert_close(outs[6], ref[6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[8], outs[6])    # step reuse of the new prompt's output
+
+
 def test_one_step_sampler_called_again_keeps_state_bounded():
     """A one-step generation repeated looks like one step with ever more branches: past
     MAX_BRANCHES calls at one timestep a new generation starts, so the cached state stays bounded."""
