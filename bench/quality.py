@@ -148,8 +148,10 @@ class Method:
 def mixcache_trace(transformer: torch.nn.Module) -> list[dict[str, Any]]:
     """Every call the mixcache runtime recorded for ``transformer`` so far ([] before the first).
 
-    The runtime's state lives on the model's parameters and outlives one compile or generation,
-    so a caller slices off the records of the generation it ran."""
+    The runtime's state lives on the model's parameters and outlives one generation (a new
+    configuration compiled for the same model gets a fresh one at its first call), so a caller
+    resets it (``dit_compile.reset``, which clears the records too) or slices off the records of
+    the generation it ran."""
     import dit_compile
     try:
         return dit_compile.stats(transformer)["trace"]

@@ -35,7 +35,9 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Drop everything cached for ``model``: the next call starts a new generation."""
+    """Drop everything cached and counted for ``model``: the next call starts a new generation,
+    and ``stats(model)`` counts from there."""
     state = find_state(model)
     if state is not None:
         state.reset()
+        state.records.clear()

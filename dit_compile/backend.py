@@ -52,7 +52,8 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         warnings.warn(f"mixcache: {_model_name()}: could not tell which input is the "
                       f"{' and the '.join(sorted(missing))}; running without caching.", stacklevel=2)
         return Executor(plan, fns)
-    state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")))
+    state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
+                         key=repr(policy))
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "cfg_on_halves", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan), halves)

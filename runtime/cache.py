@@ -77,9 +77,10 @@ class BranchCache:
 
 
 class CacheState:
-    def __init__(self, memory: int | None = None, clone: bool = False):
+    def __init__(self, memory: int | None = None, clone: bool = False, key: Any = None):
         self.memory = memory
         self.clone = clone              # CUDA graphs overwrite outputs on replay: keep copies
+        self.key = key                  # the configuration that made it (see StateFactory)
         self.records: list[Record] = []
         self.generation = -1
         self._signature: Any = None
@@ -207,19 +208,25 @@ class StateFactory:
     """Finds, or makes, the CacheState of the model whose parameter is ``anchor``.
 
     The state hangs on one of the model's own parameters (the model's, so ``stats(model)`` can
-    find it, and per instance, so two models compiled to one graph never share it)."""
+    find it, and per instance, so two models compiled to one graph never share it). It belongs to
+    one configuration (``key``: the policy, the memory bound, whether outputs are copied): a model
+    compiled again with another one gets a fresh state, so neither the cache nor the counters of
+    one configuration leak into the other, and a state made without CUDA graphs never serves one
+    that needs copies of what it caches. Graphs of the same configuration (a recompile for a new
+    shape) share the state."""
 
-    def __init__(self, memory: int | None, clone: bool):
+    def __init__(self, memory: int | None, clone: bool, key: Any = None):
         self.memory, self.clone = memory, clone
+        self.key = (key, memory, clone)
         self._orphan: CacheState | None = None   # a traced function with no parameters
 
     def __call__(self, anchor: Any) -> CacheState:
         if anchor is None:
-            self._orphan = self._orphan or CacheState(self.memory, self.clone)
+            self._orphan = self._orphan or CacheState(self.memory, self.clone, self.key)
             return self._orphan
         state = getattr(anchor, STATE_ATTR, None)
-        if state is None:
-            state = CacheState(self.memory, self.clone)
+        if state is None or state.key != self.key:
+            state = CacheState(self.memory, self.clone, self.key)
             setattr(anchor, STATE_ATTR, state)
         return state
 

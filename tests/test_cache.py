@@ -176,6 +176,26 @@ def test_reset_and_two_models_share_nothing():
     assert dit_compile.stats(f1)["trace"][-1]["action"] == "compute"
 
 
+def test_model_compiled_again_with_other_options_gets_a_fresh_state():
+    """Compiling the same model again with another cache configuration (as a benchmark does from
+    one method to the next) starts from a fresh state: no counters, no cache, and the new
+    configuration's settings (under CUDA graphs, copies of what it caches)."""
+    from dit_compile.runtime.cache import find_state
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    generation(compiled(model, {"rule": "schedule", "step": [1, 2, 3]}), kw, steps=STEPS[:4])
+    first = find_state(model)
+    assert first.stats()["flops_fraction"] == pytest.approx(0.25) and not first.clone
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [2]},
+                               "mode": "reduce-overhead"})
+    generation(f, kw, steps=STEPS[:4])
+    s = dit_compile.stats(f)
+    assert s["calls"] == 8 and s["flops_fraction"] == pytest.approx(0.75)
+    assert find_state(model) is not first and find_state(model).clone
+
+
 def test_block_decisions_are_per_sample():
     """A batch of two prompts gives each sample what it gets alone under First-Block-Cache."""
     model, kw = tiny_models.wan(layers=4, batch=2)
