@@ -1,0 +1,68 @@
+"""Compile the MoE kernels for Hopper (sm_90) without a GPU, as the JIT would at launch.
+
+    python tests/sm90_compile.py     # prints one JSON line per (dtype, config, kernel)
+
+Triton compiles ahead of time for a named target with the ptxas its wheel ships, so a machine
+without a GPU can check that the kernels build for the H100 and what the build contains. The JIT
+specialises launch arguments: an integer equal to 1 becomes a constant and pointers and integers
+divisible by 16 are marked so; for contiguous tensors that is what makes the loads vectorised and
+asynchronous. The same specialisation is given here: innermost strides 1, the rest divisible by 16.
+Run in its own process: the interpreter (``TRITON_INTERPRET=1``) replaces ``@triton.jit`` at import.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dit_compile.kernels import moe
+
+INDEX_PTRS = ("sorted_rows_ptr", "tile_expert_ptr", "tile_start_ptr", "tile_end_ptr")
+UNIT_STRIDES = ("stride_xd", "stride_w1d", "stride_w3d", "stride_hh", "stride_w2h", "stride_yd")
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_sm90(fn, dtype: torch.dtype, cfg: moe.MoEConfig, top_k: int = 2):
+    """Compile one kernel for sm_90 with the launch's constants and the JIT's specialisation."""
+    ty = TYPES[dtype]
+    names = list(inspect.signature(fn.fn).parameters)
+    blocks = {"TOP_K": top_k, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+              "BLOCK_K": cfg.block_k, "PRECISION": "tf32"}
+    sig, consts = {}, {}
+    for n in names:
+        if n in blocks or n in UNIT_STRIDES:
+            sig[n], consts[n] = "constexpr", blocks.get(n, 1)
+        elif n in INDEX_PTRS:
+            sig[n] = "*i32"
+        elif n == "rw_ptr":
+            sig[n] = "*fp32"
+        elif n == "y_ptr":          # the down kernel's per-(token, slot) rows are fp32 for k > 1
+            sig[n] = "*fp32" if top_k > 1 else "*" + ty
+        elif n.endswith("_ptr"):
+            sig[n] = "*" + ty
+        else:
+            sig[n] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] != "constexpr"}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def main() -> None:
+    for dtype in TYPES:
+        for rows in (512, 32768):         # the configs choose_config picks at 256 and 16384 tokens, k=2
+            cfg = moe.choose_config(rows, 4, dtype)
+            for fn in (moe._gate_up_kernel, moe._down_kernel):
+                ptx = compile_sm90(fn, dtype, cfg).asm["ptx"]
+                print(json.dumps({"kernel": fn.fn.__name__, "dtype": TYPES[dtype], "rows": rows,
+                                  "wgmma": "wgmma.mma_async" in ptx, "async_copy": "cp.async" in ptx,
+                                  "scalar_16bit_loads": ptx.count("ld.global.b16")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
