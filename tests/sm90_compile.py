@@ -22,19 +22,25 @@ from triton.compiler import ASTSource
 from dit_compile.kernels import moe
 
 INDEX_PTRS = ("sorted_rows_ptr", "tile_expert_ptr", "tile_start_ptr", "tile_end_ptr")
-UNIT_STRIDES = ("stride_xd", "stride_w1d", "stride_w3d", "stride_hh", "stride_w2h", "stride_yd")
+# Which strides are 1: HiDream's stacked experts (w1, w3 [E, H, D] and w2 [E, D, H], contiguous) and
+# NucleusMoE's, passed as transposed views of gate_up [E, D, 2H] and down [E, H, D].
+UNIT_STRIDES = {
+    "hidream": ("stride_xd", "stride_w1d", "stride_w3d", "stride_hh", "stride_w2h", "stride_yd"),
+    "nucleus": ("stride_xd", "stride_w1h", "stride_w3h", "stride_hh", "stride_w2d", "stride_yd"),
+}
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def compile_sm90(fn, dtype: torch.dtype, cfg: moe.MoEConfig, top_k: int = 2):
+def compile_sm90(fn, dtype: torch.dtype, cfg: moe.MoEConfig, layout: str, top_k: int = 2):
     """Compile one kernel for sm_90 with the launch's constants and the JIT's specialisation."""
+    unit = UNIT_STRIDES[layout]
     ty = TYPES[dtype]
     names = list(inspect.signature(fn.fn).parameters)
     blocks = {"TOP_K": top_k, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
               "BLOCK_K": cfg.block_k, "PRECISION": "tf32"}
     sig, consts = {}, {}
     for n in names:
-        if n in blocks or n in UNIT_STRIDES:
+        if n in blocks or n in unit:
             sig[n], consts[n] = "constexpr", blocks.get(n, 1)
         elif n in INDEX_PTRS:
             sig[n] = "*i32"
@@ -54,14 +60,18 @@ def compile_sm90(fn, dtype: torch.dtype, cfg: moe.MoEConfig, top_k: int = 2):
 
 
 def main() -> None:
-    for dtype in TYPES:
-        for rows in (512, 32768):         # the configs choose_config picks at 256 and 16384 tokens, k=2
-            cfg = moe.choose_config(rows, 4, dtype)
-            for fn in (moe._gate_up_kernel, moe._down_kernel):
-                ptx = compile_sm90(fn, dtype, cfg).asm["ptx"]
-                print(json.dumps({"kernel": fn.fn.__name__, "dtype": TYPES[dtype], "rows": rows,
-                                  "wgmma": "wgmma.mma_async" in ptx, "async_copy": "cp.async" in ptx,
-                                  "scalar_16bit_loads": ptx.count("ld.global.b16")}), flush=True)
+    for layout in UNIT_STRIDES:
+        for dtype in TYPES:
+            for rows in (512, 32768):     # the configs choose_config picks at 256 and 16384 tokens, k=2
+                cfg = moe.choose_config(rows, 4, dtype)
+                for fn in (moe._gate_up_kernel, moe._down_kernel):
+                    ptx = compile_sm90(fn, dtype, cfg, layout).asm["ptx"]
+                    print(json.dumps({"kernel": fn.fn.__name__, "layout": layout,
+                                      "dtype": TYPES[dtype], "rows": rows,
+                                      "wgmma": "wgmma.mma_async" in ptx,
+                                      "async_copy": "cp.async" in ptx,
+                                      "scalar_16bit_loads": ptx.count("ld.global.b16")}),
+                          flush=True)
 
 
 if __name__ == "__main__":

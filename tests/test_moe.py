@@ -214,8 +214,9 @@ def _ptxas() -> str | None:
 @pytest.mark.skipif(_ptxas() is None, reason="this Triton ships no ptxas to compile for sm_90")
 def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     """Without a GPU: both kernels build for the H100 (sm_90) at the configs the launcher picks, in
-    bf16 and fp16, and the build uses Hopper's wgmma and asynchronous, vectorised loads (what the
-    speed goals rest on). Runs in its own process: here the interpreter has replaced @triton.jit."""
+    bf16 and fp16, for HiDream's weight layout and NucleusMoE's transposed views, and every build
+    uses Hopper's wgmma and asynchronous, vectorised loads (what the speed goals rest on). Runs in
+    its own process: here the interpreter has replaced @triton.jit."""
     import json
     import subprocess
     import sys
@@ -224,7 +225,7 @@ def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     r = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     builds = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(builds) == 8
+    assert len(builds) == 16
     for b in builds:
         assert b["wgmma"] and b["async_copy"] and b["scalar_16bit_loads"] == 0, b
 
