@@ -22,7 +22,9 @@ through ``transformer.enable_cache``) and each of the same ``--cases`` (conditio
   ``FlopCounterMode`` per compiled piece). For full compute and diffusers' hooks, a second,
   untimed run of the same case under ``FlopCounterMode`` counts the matmul/attention/conv FLOPs
   that really executed (the hooks decide from the same inputs, so the rerun takes the same
-  decisions); the ratio to full compute's count is the fraction.
+  decisions); the ratio to full compute's count is the fraction.  ``--no-flop-count`` skips that rerun
+  (most of a GPU run's device time; the fractions do not depend on the machine, so a CPU run's
+  stand), and those rows show no FLOPs.
 
 Every generation is diffusers' ``WanPipeline`` (``bench/train.py``'s ``Trained.sample``: CFG with two
 transformer calls per step, flow-matching Euler scheduler). Methods run one after another in one
@@ -348,15 +350,27 @@ def _count_flops(fn: Callable[[], Any]) -> float:
 
 
 def evaluate(model: train.Trained, methods: list[Method], cases: list[Case], steps: int,
-             progress: bool = True) -> tuple[list[Row], dict[str, Any]]:
+             progress: bool = True, count_flops: bool = True,
+             on_row: Callable[[list[Row], dict[str, Any]], None] | None = None
+             ) -> tuple[list[Row], dict[str, Any]]:
     """Run every method on every case; returns the rows (full compute first, and its repeat
-    last) and run metadata. A method that raises is recorded with its error, not fatal."""
+    last) and run metadata. A method that raises is recorded with its error, not fatal.
+
+    ``count_flops=False`` skips the untimed second run per case that counts what a method without
+    its own record (diffusers' hooks) executed: on a GPU that rerun costs more device time than the
+    timed runs, and the fractions do not depend on the machine (the CPU run has them); such rows
+    then have no FLOPs. ``on_row(rows, meta)`` is called after each method, so a run cut short
+    still leaves what it finished."""
     from tqdm.auto import tqdm
     pipe = model.pipeline()
     warm = Case(data.Condition(0, 0, 0, 0), 999)
     refs: list[torch.Tensor] = []
     full_flops = 0.0
     rows: list[Row] = []
+    meta = {"model": model.config.name, "cases": len(cases), "steps": steps,
+            "guidance": model.config.guidance, "shift": model.config.shift,
+            "threads": torch.get_num_threads(), **train.runtime_info(model.device),
+            "dtype": str(model.dtype).removeprefix("torch.")}
     plan = [methods[0]] + methods[1:] + [Method("full compute (again)")]
     bar = tqdm(total=len(plan) * len(cases), desc=f"quality {model.config.name}", disable=not progress)
     for method in plan:
@@ -371,17 +385,17 @@ def evaluate(model: train.Trained, methods: list[Method], cases: list[Case], ste
                                                             steps=steps), model.device)
                 row.seconds.append(wall)
                 row.cpu.append(cpu)
-                frac = method.counted(pipe.transformer)
+                frac = 1.0 if method.family == "full" else method.counted(pipe.transformer)
                 if method is methods[0]:
                     refs.append(out)
-                    if i == 0:    # every case has the same shapes, so the same full FLOPs
+                    if i == 0 and count_flops:  # every case has the same shapes and full FLOPs
                         full_flops = _count_flops(
                             lambda: model.sample(pipe, case.condition, case.seed, steps=steps))
-                    frac = 1.0
-                elif frac is None:
+                elif frac is None and count_flops:
                     frac = _count_flops(
                         lambda: model.sample(pipe, case.condition, case.seed, steps=steps)) / full_flops
-                row.flops.append(frac)
+                if frac is not None:
+                    row.flops.append(frac)
                 row.psnr.append(psnr(out, refs[i]))
                 row.ssim.append(ssim(out, refs[i]))
                 bar.update(1)
@@ -391,12 +405,10 @@ def evaluate(model: train.Trained, methods: list[Method], cases: list[Case], ste
         finally:
             method.detach(model)
             pipe.transformer = model.transformer
+        meta["full_flops_per_generation"] = full_flops or None
+        if on_row is not None:
+            on_row(rows, meta)
     bar.close()
-    meta = {"model": model.config.name, "cases": len(cases), "steps": steps,
-            "guidance": model.config.guidance, "shift": model.config.shift,
-            "threads": torch.get_num_threads(), **train.runtime_info(model.device),
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "full_flops_per_generation": full_flops}
     return rows, meta
 
 
@@ -442,7 +454,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
             lines.append(f"| {r.name} | failed: {r.error} |" + " |" * (len(columns) - 2))
             continue
         cpu = [] if gpu else [f"{s['speedup_cpu']:.2f}x"]
-        cells = [r.name, f"{s['speedup']:.2f}x", *cpu, f"{s['flops_fraction']:.2f}",
+        flops = "-" if s["flops_fraction"] is None else f"{s['flops_fraction']:.2f}"
+        cells = [r.name, f"{s['speedup']:.2f}x", *cpu, flops,
                  f"{s['psnr_mean']:.1f} ({s['psnr_min']:.1f})",
                  f"{s['ssim_mean']:.4f} ({s['ssim_min']:.4f})"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -472,6 +485,8 @@ def plot(rows: list[Row], meta: dict[str, Any], out: str) -> None:
             if not r.psnr or r.name == "full compute (again)":
                 continue
             s = r.summary(*ref)
+            if what == "flops" and s["flops_fraction"] is None:
+                continue            # not counted in this run (--no-flop-count)
             y = s[what] if what != "flops" else 1 / max(s["flops_fraction"], 1e-9)
             ax.scatter(s["psnr_mean"], y, c=colours[r.family], s=25)
             ax.annotate(r.name.replace("diffusers ", "").replace("mixcache ", "mc "),
@@ -487,6 +502,16 @@ def plot(rows: list[Row], meta: dict[str, Any], out: str) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def save_json(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
+    """The per-method summaries and per-case values, for ``--from-json`` and for RESULTS.md."""
+    ref = reference_seconds(rows)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": [{**r.summary(*ref), "seconds": r.seconds, "cpu": r.cpu,
+                                           "psnr": r.psnr, "ssim": r.ssim, "flops": r.flops}
+                                          for r in rows]}, f, indent=1)
+        f.write("\n")
 
 
 def load_json(path: str) -> tuple[list[Row], dict[str, Any]]:
@@ -519,6 +544,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", help="write the speedup-vs-PSNR plot here (PNG)")
     ap.add_argument("--json", help="write the per-method summaries and per-case values here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-flop-count", action="store_true",
+                    help="do not rerun each case of diffusers' hooks under FlopCounterMode to count "
+                         "their FLOPs (machine-independent: take them from a CPU run); saves most "
+                         "of the device time of a GPU run")
     ap.add_argument("--from-json", metavar="JSON",
                     help="run nothing: re-render the table (and --plot) from a saved --json file")
     args = ap.parse_args(argv)
@@ -540,21 +569,26 @@ def main(argv: list[str] | None = None) -> None:
         methods.append(MixCache(f"mixcache {name}", json.loads(cache), args.regions))
     if args.only:
         methods = [methods[0]] + [m for m in methods[1:] if any(s in m.name for s in args.only)]
+    command = "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+    def on_row(rows: list[Row], meta: dict[str, Any]) -> None:
+        # A run cut short (a device call's time limit) keeps every method it finished.
+        meta["command"] = command
+        if args.json:
+            save_json(args.json, rows, meta)
+        if args.no_progress:
+            s = rows[-1].summary(*reference_seconds(rows))
+            print(f"done: {s['method']}: {s['seconds_total']:.2f} s, PSNR {s['psnr_mean']}, "
+                  f"FLOPs {s['flops_fraction']}{', ' + s['error'] if s['error'] else ''}",
+                  file=sys.stderr, flush=True)
+
     with torch.no_grad():
         rows, meta = evaluate(model, methods, make_cases(args.cases), args.steps,
-                              progress=not args.no_progress)
-    meta["command"] = "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+                              progress=not args.no_progress, count_flops=not args.no_flop_count,
+                              on_row=on_row)
     print(markdown(rows, meta))
     if args.plot:
         plot(rows, meta, args.plot)
-    if args.json:
-        ref = reference_seconds(rows)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": [{**r.summary(*ref), "seconds": r.seconds, "cpu": r.cpu,
-                                               "psnr": r.psnr,
-                                               "ssim": r.ssim, "flops": r.flops} for r in rows]},
-                      f, indent=1)
-            f.write("\n")
 
 
 if __name__ == "__main__":
