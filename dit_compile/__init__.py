@@ -3,8 +3,9 @@
     torch.compile(transformer, backend="mixcache")
 
 Installing the package registers the backend through the ``torch_dynamo_backends`` entry point; no
-import is needed. Where the package is importable but not installed, pass the function itself:
-``torch.compile(transformer, backend=dit_compile.mixcache)``.
+import is needed. Its subpackages live in ``passes/``, ``runtime/`` and ``kernels/`` at the
+repository root and are mapped under ``dit_compile`` by the install (``package-dir``), so the source
+tree on ``sys.path`` alone is not a working package: install it (``pip install -e .``).
 """
 from __future__ import annotations
 

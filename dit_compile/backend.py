@@ -49,8 +49,11 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     if missing:
         if "cache" not in (options or {}):
             return Executor(plan, fns)      # the default cache was not asked for: no warning
+        hint = (" A timestep given as a Python number is a constant of the graph, not an input"
+                ": pass it as a tensor, as diffusers' pipelines do." if "timestep" in missing else "")
         warnings.warn(f"mixcache: {_model_name()}: could not tell which input is the "
-                      f"{' and the '.join(sorted(missing))}; running without caching.", stacklevel=2)
+                      f"{' and the '.join(sorted(missing))}; running without caching.{hint}",
+                      stacklevel=2)
         return Executor(plan, fns)
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
                          key=repr(policy))

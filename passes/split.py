@@ -47,7 +47,7 @@ class Plan:
     out_leaves: list[int | tuple[str, Any]]   # slot, or ("const", value)
     rmap: RegionMap
     input_names: list[str]                   # graph input i's placeholder name
-    slot_examples: dict[int, Any]            # fake value of each slot some piece reads
+    slot_examples: dict[int, Any]            # fake value of each slot read or returned
 
 
 def _example(n: fx.Node) -> Any:
@@ -99,6 +99,11 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
 
     leaves, spec = pytree.tree_flatten(out_node.args[0])
     out_leaves = [slot[x] if isinstance(x, fx.Node) else ("const", x) for x in leaves]
+    # split_module keeps the output's structure: leaf i here is leaf i of the traced graph's.
+    gm_out = next(n for n in gm.graph.nodes if n.op == "output")
+    for x, g in zip(leaves, pytree.tree_leaves(gm_out.args[0])):
+        if isinstance(x, fx.Node) and isinstance(g, fx.Node):
+            slot_examples.setdefault(slot[x], _example(g))
     return Plan(n_inputs, next_slot, pieces, spec, out_leaves, rmap, input_names, slot_examples)
 
 
@@ -125,13 +130,7 @@ def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
 
     for i, n in enumerate(gm.graph.nodes):
         index[n] = i
-        if n.op in ("call_function", "call_method"):
-            target = f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', n.target)}"
-        elif n.op == "get_attr":  # a constant baked into the piece: equal only if equal values
-            target = _constant_key(getattr(gm, n.target))
-        else:
-            target = n.op
-        h.update(repr((n.op, target, enc(n.args), enc(n.kwargs))).encode())
+        h.update(repr((n.op, _target(gm, n), enc(n.args), enc(n.kwargs))).encode())
     for v in example_inputs:
         if isinstance(v, torch.Tensor):
             h.update(repr((tuple(v.shape), v.stride(), v.dtype, v.device.type)).encode())
@@ -140,10 +139,59 @@ def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
     return h.hexdigest()
 
 
+def output_keys(gm: fx.GraphModule) -> list[str]:
+    """Per output of ``gm``, a hash of the computation that produces it from the graph's
+    arguments (by position), blind to node names and to everything else in the graph. Equal keys in
+    two graphs: the same function of the same argument positions, even where one graph lost other
+    outputs (the last block of a stack, whose unused outputs were pruned)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    rets = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    keys = []
+    for r in rets:
+        cone: set[fx.Node] = set()
+        todo = [r] if isinstance(r, fx.Node) else []
+        while todo:
+            n = todo.pop()
+            if n not in cone:
+                cone.add(n)
+                todo.extend(n.all_input_nodes)
+        index: dict[fx.Node, Any] = {}
+        h = hashlib.sha1(repr(r if not isinstance(r, fx.Node) else None).encode())
+        for n in gm.graph.nodes:
+            if n not in cone:
+                continue
+            if n.op == "placeholder":
+                index[n] = ("arg", position[n])
+                continue
+            index[n] = len(index)
+            h.update(repr((n.op, _target(gm, n), pytree.tree_map(
+                lambda x: ("%", index[x]) if isinstance(x, fx.Node) else x, (n.args, n.kwargs)))
+            ).encode())
+        if isinstance(r, fx.Node):
+            h.update(repr(index[r]).encode())
+        keys.append(h.hexdigest())
+    return keys
+
+
+def _target(gm: fx.GraphModule, n: fx.Node) -> str:
+    if n.op in ("call_function", "call_method"):
+        return f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', n.target)}"
+    if n.op == "get_attr":  # a constant baked into the piece: equal only if equal values
+        return _constant_key(getattr(gm, n.target))
+    return n.op
+
+
 def _constant_key(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         if value.numel() <= 4096 and not value.is_meta:
             return f"t{tuple(value.shape)}{value.dtype}" + hashlib.sha1(
                 value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        return f"id{id(value)}"
+    # A subgraph (torch.cond's branches, a checkpointed body) holds its own constants: equal only
+    # if its graph is; any other module is equal only to itself (its repr says nothing).
+    if isinstance(value, fx.GraphModule):
+        return "g" + graph_signature(value, [])
+    if isinstance(value, torch.nn.Module):
         return f"id{id(value)}"
     return repr(value)

@@ -4,19 +4,25 @@ One ``CacheState`` per model (attached to the module, reachable with ``dit_compi
 never a module global. Its lifecycle rules are the safety net under every policy:
 
 * A *generation* is one run of the sampler. The runtime sees it only through the inputs: a
-  timestep that goes up, or a new input signature (shapes, dtypes, device of the latent, the text
-  condition and the timestep), starts a new generation, and everything cached is dropped.
-* Within a generation a new, lower timestep is a new *step*; the same timestep again is the next
-  guidance *branch* (WanPipeline calls the transformer once for the conditional and once for the
-  unconditional prediction at each step).
+  timestep that goes up, or a new input signature (shapes, dtypes, device of the latent and the
+  timestep), starts a new generation, and everything cached is dropped.
+* Within a generation a new, lower timestep is a new *step*; the same timestep again *on the same
+  latent* is the next guidance *branch* (WanPipeline calls the transformer once for the conditional
+  and once for the unconditional prediction at each step, on one latent). The same timestep on
+  another latent is not a branch: at the first step it is a new generation (a one-step run followed
+  by another run starts where the last one ended), later a new step (a sampler that evaluates twice
+  at one timestep, as Heun's corrector does; timesteps cast to bf16, as Flux's pipelines do, that
+  round two steps to one value). The latent is compared as the text is, below.
 * A call that batches both guidance branches (CogVideoXPipeline: uncond half, cond half) is marked
   ``halves``; its branch difference is ``out[:k] - out[k:]``. Whether calls are batched this way is
   part of the signature, so a branch difference never crosses from one layout to the other.
-* A branch whose text condition changes within a generation (a new prompt, same shapes) loses its
-  cache and the branch difference: what was computed for the old prompt is never reused for the
-  new one. The same tensor object as before, not modified in place, is the same prompt (no compare,
-  no sync); another tensor is compared by value, so a pipeline that rebuilds equal embeddings at
-  every step keeps its cache.
+* A branch whose text condition changes within a generation (a new prompt, of any length) loses
+  its cache and its branch difference (all of them, for branch 0): what was computed for the old
+  prompt is never reused for the new one. The text is not part of the signature, so guidance
+  branches whose prompts differ in length (Qwen-Image trims each to its own) stay one generation.
+  The same tensor object as before, not modified in place, is the same value (no compare, no sync);
+  another tensor is compared by value, so a pipeline that rebuilds equal embeddings at every step
+  keeps its cache.
 * A step has at most ``MAX_BRANCHES`` calls; one more at the same timestep starts a new generation
   (a one-step sampler called again looks like one endless step, whose branch caches would
   otherwise pile up without bound). No policy reuses anything at step 0, so this costs no reuse.
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 
 STATE_ATTR = "_dit_compile_state"
@@ -71,9 +78,20 @@ class BranchCache:
     span: list[torch.Tensor] | None = None      # span residuals (or values) at that step
     accumulated: torch.Tensor | None = None     # accumulated signal since the last compute
     last_input: torch.Tensor | None = None      # latent at the previous call (for input signals)
-    reused_in_a_row: int = 0
+    reused_in_a_row: int | torch.Tensor = 0     # per sample where only some reused the span
     signals: dict[str, Any] = field(default_factory=dict)   # the policy's own per-branch signals
     text: tuple[torch.Tensor, int | None] | None = None  # last call's text condition, version
+
+    @property
+    def most_reused(self) -> int:
+        """The longest run of consecutive reuse among the samples: what bounds a reuse of the
+        whole call."""
+        n = self.reused_in_a_row
+        return int(n.max()) if isinstance(n, torch.Tensor) else n
+
+    def below(self, bound: int | None) -> bool | torch.Tensor:
+        """Per sample (or for all): may reuse once more under ``bound`` consecutive reuses."""
+        return True if bound is None else self.reused_in_a_row < bound
 
 
 class CacheState:
@@ -87,10 +105,12 @@ class CacheState:
         self._last_t: float | None = None
         self._step = 0
         self._branch = 0
+        self._latent: tuple[torch.Tensor, int | None] | None = None  # this step's, with version
         self.branches: dict[int, BranchCache] = {}
-        self.cfg_diff: list[torch.Tensor] | None = None   # out[branch 1] - out[branch 0], or
-                                                           # out[:k] - out[k:] on batch halves
-        self.cfg_step: int | None = None                  # step at which cfg_diff was taken
+        # Per branch b >= 1: out[b] - out[0], and the step it was taken at; on batch halves (one
+        # call per step, branch 0) out[:k] - out[k:] under key 0.
+        self.cfg_diff: dict[int, list[torch.Tensor]] = {}
+        self.cfg_step: dict[int, int] = {}
         self.current: dict[int, list[torch.Tensor]] = {}   # this step's output per branch
         self.computed: set[int] = set()                    # branches computed (not reused) this step
         self.signals: dict[str, Any] = {}                  # the policy's own cross-branch signals
@@ -99,8 +119,9 @@ class CacheState:
     # -- lifecycle -------------------------------------------------------------------------
     def reset(self) -> None:
         self.branches.clear()
-        self.cfg_diff = None
-        self.cfg_step = None
+        self.cfg_diff.clear()
+        self.cfg_step.clear()
+        self._latent = None
         self.current.clear()
         self.computed.clear()
         self.signals.clear()
@@ -108,18 +129,22 @@ class CacheState:
         self._last_t = None
 
     def begin(self, t: float, signature: Any, halves: bool = False,
-              text: torch.Tensor | None = None) -> Step:
+              text: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> Step:
         """Place a call in its generation, step and branch; drop the cache on a new generation,
-        and a branch's cache when its text condition changed."""
+        and a branch's cache when its text condition changed. ``latent`` None (callers that have
+        none, unit tests): a repeated timestep is the next branch."""
         signature = (signature, halves)
+        repeat = t == self._last_t and signature == self._signature
+        branch = repeat and (latent is None or _same(self._latent, latent))
         if (signature != self._signature or self._last_t is None or t > self._last_t
-                or (t == self._last_t and self._branch + 1 >= MAX_BRANCHES)):
+                or (branch and self._branch + 1 >= MAX_BRANCHES)
+                or (repeat and not branch and self._step == 0)):
             self.reset()
             self._signature = signature
             self.generation += 1
             self._step, self._branch = 0, 0
             self.t_first = t
-        elif t == self._last_t:
+        elif branch:
             self._branch += 1
         else:
             self._step += 1
@@ -127,20 +152,21 @@ class CacheState:
             self.current.clear()
             self.computed.clear()
         self._last_t = t
+        if self._branch == 0 and latent is not None:
+            self._latent = (latent, _version(latent))
         if text is not None:
             self._check_text(self._branch, text)
         return Step(self.generation, self._step, self._branch, t, halves)
 
     def _check_text(self, b: int, text: torch.Tensor) -> None:
         bc = self.branch(b)
-        if bc.text is not None:
-            old, version = bc.text
-            same = (old is text and _version(text) == version) or (
-                old is not text and torch.equal(old, text))
-            if not same:
-                bc = self.branches[b] = BranchCache()
-                self.cfg_diff, self.cfg_step = None, None
-                self.signals.clear()
+        if bc.text is not None and not _same(bc.text, text):
+            bc = self.branches[b] = BranchCache()
+            # Every difference is taken against branch 0: its new prompt voids them all.
+            for k in (list(self.cfg_diff) if b == 0 else [b]):
+                self.cfg_diff.pop(k, None)
+                self.cfg_step.pop(k, None)
+            self.signals.clear()
         bc.text = (text, _version(text))
 
     def branch(self, b: int) -> BranchCache:
@@ -175,8 +201,10 @@ class CacheState:
             yield from (x for x in (bc.latent, bc.probe, bc.last_input, bc.accumulated)
                         if x is not None)
             yield from bc.span or ()
-        yield from self.cfg_diff or ()
-        yield from (v for v in self.signals.values() if isinstance(v, torch.Tensor))
+            yield from _tensor_leaves(bc.signals)
+        for diff in self.cfg_diff.values():
+            yield from diff
+        yield from _tensor_leaves(self.signals)
         for outs in self.current.values():
             yield from outs
 
@@ -239,6 +267,22 @@ def find_state(model: torch.nn.Module) -> CacheState | None:
         if state is not None:
             return state
     return None
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [v for v in pytree.tree_leaves(tree) if isinstance(v, torch.Tensor)]
+
+
+def _same(kept: tuple[torch.Tensor, int | None] | None, x: torch.Tensor) -> bool:
+    """Whether ``x`` holds the value ``kept`` held: the same object not modified in place since
+    (no compare, no sync), or another tensor of equal shape, dtype, device and values."""
+    if kept is None:
+        return False
+    old, version = kept
+    if old is x:
+        return _version(x) == version
+    return (old.shape == x.shape and old.dtype == x.dtype and old.device == x.device
+            and torch.equal(old, x))
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -14,10 +14,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..passes.regions import BLOCK
-from ..passes.split import Plan
+from ..passes.split import Plan, output_keys
 from .cache import BranchCache, CacheState, StateFactory, Step
 from .halves import HalfBatch, is_batched_cfg
-from .policy import CFG, COMPUTE, STEP, Policy
+from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
 
 
 class Executor:
@@ -85,55 +85,61 @@ class GuardedExecutor(Executor):
         self.halves = halves if isinstance(halves, HalfBatch) else None
         self._no_halves = halves if isinstance(halves, str) else None
         self._detect = self.text is not None and bool(getattr(policy, "cfg_on_halves", False))
-        self.sig_slots = [names.index(roles[r]) for r in ("latent", "timestep", "text") if r in roles]
+        # The text is not in the signature: its changes are the branch's own (CacheState).
+        self.sig_slots = [self.latent, self.t]
         blocks = [i for i, p in enumerate(plan.pieces) if p.region.kind == BLOCK]
         a, b = policy.span
         self.first = blocks[0]
         self.probe_end = blocks[policy.probe - 1] + 1
         self.span = (blocks[a], blocks[b - 1] + 1)
         ex = plan.slot_examples
-        # The probe's residual: its first stream output minus the same-shaped stream into block 0
-        # (or the output itself where none matches).
+        streams = Streams(plan)
+        # The probe's residual: its first stream output minus the same stream into block 0 (or the
+        # output itself where none is found).
         probe_outs = plan.pieces[self.probe_end - 1].outs
         first_ins = [s for s in plan.pieces[self.first].args if s >= plan.n_inputs]
-        pairs = _pair(probe_outs, first_ins, ex)
+        pairs = streams.pair(probe_outs, self.first, first_ins, ex)
         self.probe_out, self.probe_in = pairs[0] if pairs else (probe_outs[0], None)
-        # The span: its outputs, each paired with the same-shaped stream entering it (residual
-        # reuse) or unpaired (the value itself is reused).
+        # The span: its outputs, each paired with the same stream entering it (residual reuse) or
+        # unpaired (the value itself is reused).
         s0, s1 = self.span
         later = {i for p in plan.pieces[s1:] for i in p.args} | {
             s for s in plan.out_leaves if isinstance(s, int)}
         outs = [o for p in plan.pieces[s0:s1] for o in p.outs if o in later]
-        # Candidates: region outputs alive at the span start, the most recent first (the stream
-        # the previous block left beats an older value of the same shape).
+        # Fallback candidates: region outputs alive at the span start, the most recent first (the
+        # stream the previous block left beats an older value of the same shape).
         alive = {i for p in plan.pieces[s0:] for i in p.args} | later
         before = [o for p in plan.pieces[:s0] for o in p.outs if o in alive]
-        self.span_pairs = _pair(outs, before[::-1], ex, keep_unpaired=True)
+        self.span_pairs = streams.pair(outs, s0, before[::-1], ex, keep_unpaired=True)
         self.span_flops = sum(self.flops[s0:s1])
         self.out_slots = [s for s in plan.out_leaves if isinstance(s, int)]
         # Keep the latent only for the policies that read it, decided once here.
         self._keep_latent = policy.step_mode == "residual"
         self._keep_input = getattr(policy, "teacache", None) is not None
+        if self._keep_latent:
+            _check_residual_shapes(ex.get(self.latent), [ex.get(s) for s in self.out_slots])
 
     def __call__(self, *args: Any) -> Any:
         env = [*args, *self._pad]
         st = self.states(None if self.anchor is None else env[self.anchor])
         pol = self.policy
         x = env[self.latent]
-        step = st.begin(float(env[self.t].reshape(-1)[0]), tuple(
+        # The call's noise level: the largest timestep, as Wan 2.2's per-token timesteps are zero
+        # on the conditioning frame's tokens at every step.
+        step = st.begin(float(env[self.t].max()), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=self._detect and self._halves_call(env),
-            text=None if self.text is None else env[self.text])
+            text=None if self.text is None else env[self.text], latent=x)
         bc = st.branch(step.branch)
         action, signal = pol.step(step, st, x)
 
         if action == CFG and step.halves:
-            outs = self._cfg_halves(env, st.cfg_diff)
+            outs = self._cfg_halves(env, st.cfg_diff[step.branch])
             if outs is not None:
                 return self._finish(st, env, step, bc, outs, CFG, 0.5, signal, x)
             action = COMPUTE
         if action == CFG:
-            outs = [o0 + d for o0, d in zip(st.current[0], st.cfg_diff)]
+            outs = [o0 + d for o0, d in zip(st.current[0], st.cfg_diff[step.branch])]
             return self._finish(st, env, step, bc, outs, CFG, 0.0, signal, x)
         if action == STEP:
             outs = self._reuse_step(bc, x, step.t)
@@ -143,7 +149,7 @@ class GuardedExecutor(Executor):
         self.run(env, 0, self.first)
         stream0 = None if self.probe_in is None else env[self.probe_in]
         self.run(env, self.first, self.probe_end)
-        flops, kind = 1.0, "compute"
+        flops, kind, mask = 1.0, "compute", None
         if pol.uses_blocks:
             probe = env[self.probe_out] if stream0 is None else env[self.probe_out] - stream0
             self.run(env, self.probe_end, self.span[0])
@@ -156,16 +162,19 @@ class GuardedExecutor(Executor):
                 flops, kind = 1.0 - self.span_flops, "block"
             else:
                 self.run(env, *self.span)
-                fresh = [env[o] if v is None else env[o] - v
-                         for (o, _), v in zip(self.span_pairs, ins)]
-                if skip is not False:
-                    # Per sample: the samples that may reuse take the cached residual and keep it;
-                    # the others take and cache what was just computed, as alone they would.
-                    fresh = [torch.where(_bcast(skip, f), r, f) for f, r in zip(fresh, bc.span)]
-                    for (o, _), v, f in zip(self.span_pairs, ins, fresh):
-                        env[o] = f if v is None else v + f
-                    probe = torch.where(_bcast(skip, probe), bc.probe, probe)
-                bc.span = [st.keep(f) for f in fresh]
+                if pol.reuses_blocks:   # else the span's residual is never read: not kept
+                    fresh = [env[o] if v is None else env[o] - v
+                             for (o, _), v in zip(self.span_pairs, ins)]
+                    if skip is not False:
+                        # Per sample: the samples that may reuse take the cached residual and
+                        # keep it; the others take and cache what was just computed, as alone
+                        # they would. The batch computed the span: block reuse at full FLOPs.
+                        fresh = [torch.where(_bcast(skip, f), r, f) for f, r in zip(fresh, bc.span)]
+                        for (o, _), v, f in zip(self.span_pairs, ins, fresh):
+                            env[o] = f if v is None else v + f
+                        probe = torch.where(_bcast(skip, probe), bc.probe, probe)
+                        kind, mask = "block", skip
+                    bc.span = [st.keep(f) for f in fresh]
                 # The probe is compared with its value when the cached residual was taken (as
                 # First-Block-Cache does), so slow drift adds up instead of hiding step by step.
                 bc.probe = st.keep(probe)
@@ -173,7 +182,7 @@ class GuardedExecutor(Executor):
         else:
             self.run(env, self.probe_end)
         outs = [env[s] for s in self.out_slots]
-        return self._finish(st, env, step, bc, outs, kind, flops, signal, x)
+        return self._finish(st, env, step, bc, outs, kind, flops, signal, x, mask)
 
     def _halves_call(self, env: list[Any]) -> bool:
         """A batched-CFG call that the half-batch forward can take."""
@@ -210,28 +219,33 @@ class GuardedExecutor(Executor):
 
     def _finish(self, st: CacheState, env: list[Any], step: Step, bc: BranchCache,
                 outs: list[torch.Tensor], kind: str, flops: float, signal: float | None,
-                x: torch.Tensor) -> Any:
+                x: torch.Tensor, mask: torch.Tensor | None = None) -> Any:
+        """Cache what this call produced and record it. ``mask``: the samples that reused the
+        block span when only some did (their consecutive-reuse count goes on, the others' ends)."""
         computed = kind in ("compute", "block")
         st.current[step.branch] = [st.keep(o) for o in outs]
         if kind == "compute":
             bc.reused_in_a_row = 0
+        elif mask is not None:
+            bc.reused_in_a_row = torch.where(mask, bc.reused_in_a_row + 1, 0)
         else:
-            bc.reused_in_a_row += 1
+            bc.reused_in_a_row = bc.reused_in_a_row + 1
         if computed:
             st.computed.add(step.branch)
             bc.outputs = (bc.outputs + [(step.t, st.current[step.branch])])[-2:]
             if self._keep_latent:
-                bc.latent = st.keep(x)
+                bc.latent = x.clone()   # a copy: a sampler may update its latent in place
             bc.accumulated = None
             if step.halves:
                 k = outs[0].shape[0] // 2
-                st.cfg_diff = [o[:k] - o[k:] for o in outs]
-                st.cfg_step = step.step
+                st.cfg_diff[step.branch] = [o[:k] - o[k:] for o in outs]
+                st.cfg_step[step.branch] = step.step
             elif step.branch >= 1 and 0 in st.computed:
-                st.cfg_diff = [o - o0 for o, o0 in zip(st.current[step.branch], st.current[0])]
-                st.cfg_step = step.step
+                st.cfg_diff[step.branch] = [o - o0 for o, o0 in
+                                            zip(st.current[step.branch], st.current[0])]
+                st.cfg_step[step.branch] = step.step
         if self._keep_input:
-            bc.last_input = st.keep(x)
+            bc.last_input = x.clone()
         self.policy.observe(step, st, bc, outs, kind)
         st.record(step, kind, flops, signal, bc.signals.get("spent"))
         st.check_memory()
@@ -240,23 +254,80 @@ class GuardedExecutor(Executor):
         return self.output(env)
 
 
+def _check_residual_shapes(latent: Any, outs: list[Any]) -> None:
+    """Residual step reuse adds the output's change to the latent: both must have one shape."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    def same(a: Any, b: Any) -> bool:
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim()
+                and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape)))
+    bad = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
+           for o in outs if not same(o, latent)]
+    if bad:
+        shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else None
+        raise PolicyError(f"step_mode='residual' adds the output's change to the input latent, but "
+                          f"the latent has shape {shape} and the output {bad[0]} (a model with "
+                          "extra input channels, such as image-to-video): use step_mode='output'")
+
+
 def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _pair(outs: Sequence[int], ins: Sequence[int], examples: dict[int, Any],
-          keep_unpaired: bool = False) -> list[tuple[int, int | None]]:
-    """Pair each output slot with the first unused input slot of the same shape and dtype."""
-    def meta(s: int) -> Any:
-        v = examples.get(s)
-        return (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+class Streams:
+    """Which slot carries the same residual stream as another, read off the plan's wiring.
 
-    free = list(ins)
-    pairs: list[tuple[int, int | None]] = []
-    for o in outs:
-        match = next((i for i in free if meta(i) is not None and meta(i) == meta(o)), None)
-        if match is not None:
-            free.remove(match)
-        if match is not None or keep_unpaired:
-            pairs.append((o, match))
-    return pairs
+    Two streams of one shape (Flux's text and image tokens at equal lengths) cannot be told apart
+    by shape. The wiring tells them apart: each block output has a key, the computation behind it
+    (``output_keys``: equal in every block that computes it, the last one of a stack too, whose
+    other outputs were pruned). Where a block's output of key ``k`` goes into the next block's
+    argument ``a`` and that block computes ``k`` too, the output of key ``k`` carries the stream
+    that entered at argument ``a``. Following that backwards from a block's output reaches the slot
+    its stream had before a given piece; across a piece with no such map (a stack of one block, a
+    glue region) the stream is lost and shape decides."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.keys = [output_keys(p.module) if p.region.kind == BLOCK else [] for p in plan.pieces]
+        self.producer = {o: (i, m) for i, p in enumerate(plan.pieces) for m, o in enumerate(p.outs)}
+        self.carry: dict[str, int] = {}     # output key -> the argument its stream comes from
+        for i in range(len(plan.pieces) - 1):
+            p, q, keys = plan.pieces[i], plan.pieces[i + 1], set(self.keys[i + 1])
+            for a, s in enumerate(q.args):
+                if s in p.outs and self.keys[i] and self.keys[i][p.outs.index(s)] in keys:
+                    self.carry[self.keys[i][p.outs.index(s)]] = a
+
+    def source(self, slot: int, start: int) -> int | None:
+        """The slot holding ``slot``'s stream before piece ``start`` ran, or None if lost."""
+        while slot in self.producer and self.producer[slot][0] >= start:
+            i, m = self.producer[slot]
+            a = self.carry.get(self.keys[i][m]) if m < len(self.keys[i]) else None
+            if a is None:
+                return None
+            slot = self.plan.pieces[i].args[a]
+        return slot
+
+    def pair(self, outs: Sequence[int], start: int, ins: Sequence[int], examples: dict[int, Any],
+             keep_unpaired: bool = False) -> list[tuple[int, int | None]]:
+        """Pair each output slot with the input slot (of ``ins``, the values alive before piece
+        ``start``) that carried its stream; failing that, with the first unused one of the same
+        shape and dtype."""
+        def meta(s: int) -> Any:
+            v = examples.get(s)
+            return (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+
+        free = list(ins)
+        traced = {o: self.source(o, start) for o in outs}
+        for src in traced.values():
+            if src in free:
+                free.remove(src)
+        pairs: list[tuple[int, int | None]] = []
+        for o in outs:
+            src = traced[o]
+            match = src if src in ins and meta(src) == meta(o) else next(
+                (i for i in free if meta(i) is not None and meta(i) == meta(o)), None)
+            if match is not None and match in free:
+                free.remove(match)
+            if match is not None or keep_unpaired:
+                pairs.append((o, match))
+        return pairs

@@ -77,9 +77,13 @@ class MixCache:
     # The probe always runs: its residual is the trigger's signal even when blocks are not reused.
     uses_blocks = True
 
+    @property
+    def reuses_blocks(self) -> bool:
+        return "block" in self.granularities
+
     def _triggered(self, s: Step, st: CacheState, bc: BranchCache) -> bool:
         return (s.t <= (1.0 - self.warmup) * st.t_first and bc.signals.get("settled", False)
-                and bc.reused_in_a_row < self.max_reuse)
+                and bc.most_reused < self.max_reuse)
 
     @staticmethod
     def _step_length(s: Step, st: CacheState, bc: BranchCache) -> float:
@@ -138,10 +142,11 @@ class MixCache:
             return COMPUTE, None
         left = float(torch.as_tensor(self._left(bc)).min())
         options = [] if err is None or not bc.outputs else [(err, STEP)]
-        if ("cfg" in self.granularities and s.branch >= 1 and st.cfg_diff is not None
-                and st.current.get(0) is not None and "cfg_rate" in st.signals):
+        cfg = st.signals.get("cfg", {}).get(s.branch, {})
+        if ("cfg" in self.granularities and s.branch >= 1 and s.branch in st.cfg_diff
+                and st.current.get(0) is not None and "rate" in cfg):
             h = self._step_length(s, st, bc)
-            options.append((st.signals["cfg_rate"] * abs(s.t - st.signals["cfg_t"]) * h, CFG))
+            options.append((cfg["rate"] * abs(s.t - cfg["t"]) * h, CFG))
         fits = sorted(o for o in options if o[0] <= left)
         if not fits:
             return COMPUTE, None
@@ -160,10 +165,10 @@ class MixCache:
         err = change * self._step_length(s, st, bc)
         sig["settled"] = bool(settled.all())
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
-                or bc.reused_in_a_row >= self.max_reuse or s.t > (1.0 - self.warmup) * st.t_first
-                or not bool(settled.any())):
+                or s.t > (1.0 - self.warmup) * st.t_first or not bool(settled.any())):
             return False, float(change.max())
-        mask = settled & (err <= torch.as_tensor(self._left(bc), device=change.device))
+        mask = (settled & (err <= torch.as_tensor(self._left(bc), device=change.device))
+                & bc.below(self.max_reuse))
         if not self.per_sample:
             mask = mask.all().expand_as(mask)
         if not bool(mask.any()):
@@ -193,15 +198,31 @@ class MixCache:
                     den = a[0].abs().mean(dims, dtype=torch.float32).clamp_min(1e-12)
                     sig["curvature"] = float((num / den).max())
                 sig["slope"] = slope
-        if st.cfg_step == s.step and s.branch >= 1 and kind in ("compute", "block"):
-            prev, prev_t = st.signals.get("cfg_prev"), st.signals.get("cfg_t")
-            d = st.cfg_diff[0]
-            if prev is not None and prev_t is not None and prev_t != s.t:
+        if st.cfg_step.get(s.branch) == s.step and s.branch >= 1 and kind in ("compute", "block"):
+            # Per branch, in the shared signals: a new prompt on any branch clears them.
+            cfg = st.signals.setdefault("cfg", {}).setdefault(s.branch, {})
+            d = st.cfg_diff[s.branch][0]
+            if "prev" in cfg and cfg["t"] != s.t:
                 dims = tuple(range(1, d.dim()))
-                num = (d.float() - prev.float()).abs().mean(dims)
+                num = (d.float() - cfg["prev"].float()).abs().mean(dims)
                 den = outs[0].float().abs().mean(dims).clamp_min(1e-12)
-                st.signals["cfg_rate"] = float((num / den).max()) / abs(prev_t - s.t)
-            st.signals["cfg_prev"], st.signals["cfg_t"] = d, s.t
+                cfg["rate"] = float((num / den).max()) / abs(cfg["t"] - s.t)
+            cfg["prev"], cfg["t"] = d, s.t
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_VALID = {
+    "budget": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "warmup": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "settle": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "max_reuse": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                  "an integer >= 1"),
+    "per_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "extrapolate": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 def make_mixcache(spec: dict) -> MixCache:
@@ -217,8 +238,9 @@ def make_mixcache(spec: dict) -> MixCache:
     if unknown:
         raise PolicyError(f"mixcache: unknown key(s) {sorted(unknown)}; valid: "
                           f"{sorted(valid | {'preset'})}")
-    if "budget" in kw and (not isinstance(kw["budget"], (int, float)) or kw["budget"] < 0):
-        raise PolicyError(f"mixcache budget={kw['budget']!r}: must be a number >= 0")
+    for key, (ok, what) in _VALID.items():
+        if key in kw and not ok(kw[key]):
+            raise PolicyError(f"mixcache {key}={kw[key]!r}: must be {what}")
     gran = tuple(kw.get("granularities", GRANULARITIES))
     if not gran or set(gran) - set(GRANULARITIES):
         raise PolicyError(f"mixcache granularities={list(gran)}: a non-empty subset of {GRANULARITIES}")

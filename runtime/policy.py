@@ -59,7 +59,13 @@ class Policy:
 
     @property
     def uses_blocks(self) -> bool:
+        """Whether calls stop at the block guard (the probe runs and ``block`` is asked)."""
         return bool(self.block_steps) or self.first_block is not None
+
+    @property
+    def reuses_blocks(self) -> bool:
+        """Whether the block span's residual may be reused (and so is kept)."""
+        return self.uses_blocks
 
     @property
     def cfg_on_halves(self) -> bool:
@@ -68,7 +74,8 @@ class Policy:
         return bool(self.cfg_steps) or self.cfg_every is not None
 
     def _bounded(self, bc: BranchCache) -> bool:
-        return self.max_reuse is not None and bc.reused_in_a_row >= self.max_reuse
+        """A reuse of the whole call would exceed the bound for some sample."""
+        return self.max_reuse is not None and bc.most_reused >= self.max_reuse
 
     def step(self, s: Step, state: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
         """(action, signal) before the forward runs."""
@@ -99,15 +106,15 @@ class Policy:
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:
         """Reuse the span? True/False for the batch, or a per-sample mask; plus the signal."""
-        if bc.span is None or self._bounded(bc):
+        if bc.span is None:
             return False, None
         if s.step in self.block_steps:
-            return True, None
+            return not self._bounded(bc), None
         if self.first_block is None or bc.probe is None or s.step < self.start:
             return False, None
         change = rel_l1(probe, bc.probe)
         signal = float(change.max())
-        mask = change <= self.first_block
+        mask = (change <= self.first_block) & bc.below(self.max_reuse)
         if not self.per_sample:
             return bool(mask.all()), signal
         if bool(mask.all()):
@@ -123,8 +130,8 @@ class Policy:
 def _cfg_ready(s: Step, state: CacheState) -> bool:
     """A branch difference to rebuild this call from: on batch halves, the one taken at the last
     computed step (halves are part of the signature, so it is of this layout); per-branch calls
-    also need this step's branch 0."""
-    if state.cfg_diff is None:
+    need their own branch's difference and this step's branch 0."""
+    if s.branch not in state.cfg_diff:
         return False
     if s.halves:
         return True

@@ -41,7 +41,7 @@ class Reference:
         self.span_res = {}     # branch -> last computed span residual
         self.current = {}      # branch -> this step's output
         self.computed = set()
-        self.diff = None
+        self.diff = {}         # branch >= 1 -> its output minus branch 0's, where both computed
         self.reuse_span = False
 
     def __call__(self, **kw):
@@ -59,8 +59,8 @@ class Reference:
             y = self.out[b]
             self.current[b] = y
             return y
-        if b >= 1 and self.step in self.cfg_s and self.diff is not None and 0 in self.current:
-            y = self.current[0] + self.diff
+        if b >= 1 and self.step in self.cfg_s and b in self.diff and 0 in self.current:
+            y = self.current[0] + self.diff[b]
             self.current[b] = y
             return y
         self.reuse_span = self.step in self.block_s and b in self.span_res
@@ -72,7 +72,7 @@ class Reference:
         self.out[b] = self.current[b] = y
         self.computed.add(b)
         if b >= 1 and 0 in self.computed:
-            self.diff = y - self.current[0]
+            self.diff[b] = y - self.current[0]
         return y
 
     def start(self, t0: float) -> "Reference":

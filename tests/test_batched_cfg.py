@@ -185,8 +185,8 @@ def test_layout_is_part_of_the_signature():
     st = CacheState()
     pol = Policy(cfg_steps=frozenset({1, 2}))
     st.begin(900.0, "sig", halves=True)
-    st.cfg_diff = [torch.zeros(1)]
+    st.cfg_diff[0] = [torch.zeros(1)]
     assert pol.step(st.begin(800.0, "sig", halves=True), st, torch.zeros(2))[0] == CFG
     s = st.begin(700.0, "sig", halves=False)
-    assert (s.generation, s.step, st.cfg_diff) == (1, 0, None)
+    assert (s.generation, s.step, st.cfg_diff) == (1, 0, {})
     assert pol.step(s, st, torch.zeros(2))[0] == COMPUTE

@@ -45,18 +45,19 @@ schedules = st.fixed_dictionaries({
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=random_dits.specs().filter(lambda s: len(s.depths) == 1 and not s.two_streams),
-       sched=schedules, data=st.data())
-def test_forced_schedules_match_eager_reference(spec, sched, data):
+       sched=schedules, branches=st.integers(1, 3), data=st.data())
+def test_forced_schedules_match_eager_reference(spec, sched, branches, data):
+    """Up to three guidance branches a step: each is rebuilt from its own difference to branch 0."""
     torch._dynamo.reset()
     model, kw = random_dits.build(spec)
     n = spec.depths[0]
     a = data.draw(st.integers(1, n - 1))
     b = data.draw(st.integers(a + 1, n))
     cache = {"rule": "schedule", **{k: sorted(v) for k, v in sched.items()}, "span": [a, b]}
-    ours = generation(compiled(model, cache), kw)
+    ours = generation(compiled(model, cache), kw, branches=branches)
     ref = Reference(model, step=sched["step"], cfg=sched["cfg"], block=sched["block"],
                     span=(a, b)).start(STEPS[0])
-    theirs = generation(ref, kw)
+    theirs = generation(ref, kw, branches=branches)
     for i, (x, y) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
 
@@ -144,6 +145,98 @@ def test_one_step_sampler_called_again_keeps_state_bounded():
     assert all(r["action"] == "compute" for r in dit_compile.stats(f)["trace"])
 
 
+def test_same_timestep_on_another_latent_is_not_a_guidance_branch():
+    """Guidance branches share the step's latent. The same timestep on another latent is a new
+    generation at the first step (a one-step run followed by another run starting where it ended)
+    and a new step later (a sampler that evaluates twice at one timestep, as Heun's does, or
+    timesteps rounded to one value in bf16): never a branch rebuilt from another's difference."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "cfg": [1, 2, 3]})
+    cond, uncond = kw["encoder_hidden_states"], -kw["encoder_hidden_states"]
+    latents = [torch.randn_like(kw["hidden_states"]) for _ in range(4)]
+    calls = [(900.0, 0, cond), (900.0, 0, uncond),   # a one-step run: two branches, one latent
+             (900.0, 1, cond), (900.0, 1, uncond),   # the next run starts at the same timestep
+             (750.0, 2, cond), (750.0, 2, uncond),   # its step 1
+             (750.0, 3, cond), (750.0, 3, uncond)]   # evaluated again at 750 on a new latent
+    with torch.no_grad():
+        outs = [f(**dict(kw, hidden_states=latents[x], timestep=torch.tensor([t]),
+                         encoder_hidden_states=e))[0] for t, x, e in calls]
+        ref = [model(**dict(kw, hidden_states=latents[x], timestep=torch.tensor([t]),
+                            encoder_hidden_states=e))[0] for t, x, e in calls]
+    seen = [(r["generation"], r["step"], r["branch"], r["action"]) for r in dit_compile.stats(f)["trace"]]
+    assert seen == [(0, 0, 0, "compute"), (0, 0, 1, "compute"), (1, 0, 0, "compute"),
+                    (1, 0, 1, "compute"), (1, 1, 0, "compute"), (1, 1, 1, "cfg"),
+                    (1, 2, 0, "compute"), (1, 2, 1, "cfg")]
+    for i in (2, 3, 4, 6):
+        torch.testing.assert_close(outs[i], ref[i], rtol=1e-5, atol=1e-5)
+    # Rebuilt from this generation's own difference, taken at its first step.
+    torch.testing.assert_close(outs[5], outs[4] + (ref[3] - ref[2]), rtol=1e-5, atol=1e-5)
+
+
+def test_latent_updated_in_place_is_seen_to_change():
+    """A sampler that updates its latent in place (``x.add_(...)``) gets the decisions of one that
+    makes a new tensor: the input a rule compares against is a copy, not the live tensor."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    cache = {"rule": "teacache", "threshold": 0.5}
+    runs = []
+    for in_place in (False, True):
+        torch._dynamo.reset()
+        f = compiled(tiny_models.wan(layers=3)[0], cache)
+        x = kw["hidden_states"].clone()
+        with torch.no_grad():
+            for t in STEPS:
+                v = f(**dict(kw, hidden_states=x, timestep=torch.tensor([t])))[0]
+                x = x.add_(0.3 * v) if in_place else x + 0.3 * v
+        runs.append(([r["signal"] for r in dit_compile.stats(f)["trace"]], x))
+    assert runs[0][0] == runs[1][0]
+    assert all(sig is None or sig > 0 for sig in runs[1][0])
+    torch.testing.assert_close(runs[0][1], runs[1][1])
+
+
+def test_guidance_branches_with_prompts_of_different_lengths_are_one_generation():
+    """A negative prompt of another length than the prompt (Qwen-Image trims each to its own) is
+    the other branch of the same generation, and caching goes on."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [2, 3]})
+    texts = [[kw["encoder_hidden_states"], torch.randn(1, 3, 16)]] * 4
+    _calls(f, kw, texts)
+    s = dit_compile.stats(f)
+    assert {r["generation"] for r in s["trace"]} == {0}
+    assert s["reused"] == {"step": 4}
+
+
+def test_per_token_timesteps_give_the_noise_level():
+    """Wan 2.2's per-token timesteps (batch, tokens) are zero on the conditioning frame's tokens:
+    the call's noise level is the largest, so steps and generations are told apart as usual."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [2]})
+    tokens = 2 * 4 * 4          # frames x (8 / 2) x (8 / 2) patches
+    with torch.no_grad():
+        for t in STEPS[:3]:
+            ts = torch.full((1, tokens), t)
+            ts[:, :16] = 0.0        # the first frame is the condition
+            y = f(**dict(kw, timestep=ts))[0]
+    trace = dit_compile.stats(f)["trace"]
+    assert [(r["generation"], r["step"], r["t"], r["action"]) for r in trace] == [
+        (0, 0, STEPS[0], "compute"), (0, 1, STEPS[1], "compute"), (0, 2, STEPS[2], "step")]
+
+
+def test_residual_step_mode_needs_an_output_shaped_like_the_latent():
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                  in_channels=8, out_channels=4, text_dim=16, freq_dim=16,
+                                  ffn_dim=32, num_layers=3, rope_max_seq_len=32).eval()
+    f = compiled(model, {"rule": "schedule", "step": [1], "step_mode": "residual"})
+    with pytest.raises(Exception, match=r"step_mode='residual'.*\(1, 8, 2, 8, 8\).*\(1, 4, 2, 8, 8\)"):
+        f(hidden_states=torch.randn(1, 8, 2, 8, 8), timestep=torch.tensor([900.0]),
+          encoder_hidden_states=torch.randn(1, 5, 16), return_dict=False)
+
+
 def test_shape_change_mid_generation_is_a_new_generation():
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
@@ -211,6 +304,75 @@ def test_block_decisions_are_per_sample():
         alone.append(generation(compiled(m, cache), one, branches=1))
     for k, y in enumerate(both):
         torch.testing.assert_close(y, torch.cat([alone[0][k], alone[1][k]]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("text_len", [6, 16])
+def test_flux_block_reuse_pairs_each_stream_with_itself(text_len):
+    """Flux's blocks carry the text and the image tokens; at equal lengths (16 and 16 here, as at
+    256x256 with 256 text tokens) the two have one shape, and the image stream leaving the span
+    must still be rebuilt from the image stream entering it. Eager reference: hooks on the
+    model's own first and last span blocks (diffusers' Flux blocks return (text, image))."""
+    model, kw = tiny_models.flux()
+    kw = dict(kw, encoder_hidden_states=torch.randn(1, text_len, 32),
+              txt_ids=torch.randn(text_len, 3), return_dict=False)
+    f = compiled(model, {"rule": "schedule", "block": [1, 2], "span": [1, 4]})
+    ref, _ = tiny_models.flux()
+    seen: dict = {}
+
+    def enter(mod, args, out):
+        seen["in"] = out[1]
+
+    def leave(mod, args, out):
+        if seen.get("reuse"):
+            return (out[0], seen["in"] + seen["res"])
+        seen["res"] = out[1] - seen["in"]
+    ref.transformer_blocks[0].register_forward_hook(enter)
+    ref.single_transformer_blocks[-1].register_forward_hook(leave)
+    x = kw["hidden_states"]
+    with torch.no_grad():
+        for step, t in enumerate((0.9, 0.7, 0.5)):
+            x = x + 0.3 * torch.randn_like(x)
+            call = dict(kw, hidden_states=x, timestep=torch.tensor([t]))
+            seen["reuse"] = step in (1, 2)
+            torch.testing.assert_close(f(**call)[0], ref(**call)[0], rtol=1e-5, atol=1e-5)
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute", "block", "block"]
+
+
+@pytest.mark.parametrize("cache", [
+    {"rule": "first_block", "threshold": 0.05, "max_reuse": 1},
+    {"rule": "mixcache", "budget": 10.0, "warmup": 0.0, "settle": 0.2, "max_reuse": 1,
+     "granularities": ["block"]}])
+def test_consecutive_reuse_is_bounded_per_sample(cache):
+    """Sample 0's latent holds still and may reuse the span at every step; sample 1's jumps and
+    computes. Sample 0 still reuses at most ``max_reuse`` times in a row, as it does alone (a
+    call where only some samples reuse is not a full compute for the others)."""
+    model, kw = tiny_models.wan(layers=4, batch=2)
+    kw["return_dict"] = False
+    g = torch.Generator().manual_seed(1)
+    steps = tuple(float(t) for t in range(1000, 0, -100))
+    f = compiled(model, cache)
+    both = []
+    with torch.no_grad():
+        for t in steps:
+            x = kw["hidden_states"].clone()
+            x[1] = 3 * torch.randn(x[1].shape, generator=g)
+            both.append(f(**dict(kw, hidden_states=x, timestep=torch.full((2,), t)))[0])
+    torch._dynamo.reset()
+    one = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in kw.items()}
+    alone = generation(compiled(tiny_models.wan(layers=4)[0], cache), one, steps=steps, branches=1)
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]].count("block") >= 3
+    for y, a in zip(both, alone):
+        torch.testing.assert_close(y[:1], a, rtol=1e-5, atol=1e-5)
+
+
+def test_three_guidance_branches_each_rebuilt_from_its_own_difference():
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    sched = dict(cfg=[1, 2, 4])
+    ours = generation(compiled(model, {"rule": "schedule", **sched}), kw, branches=3)
+    theirs = generation(Reference(model, **sched).start(STEPS[0]), kw, branches=3)
+    for i, (x, y) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
 
 
 def test_memory_bound_is_a_clear_error():

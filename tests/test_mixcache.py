@@ -74,9 +74,9 @@ def _state_with_signals(out_rate, cfg_rate, probe_prev, probe_now, t, t_last):
     bc.outputs = [(t_last, [torch.zeros(1, 2)])]
     bc.span = [torch.zeros(1, 2)]
     bc.probe = probe_prev
-    st_.cfg_diff = [torch.zeros(1, 2)]
+    st_.cfg_diff[1] = [torch.zeros(1, 2)]
     st_.current[0] = [torch.zeros(1, 2)]
-    st_.signals.update(cfg_rate=cfg_rate, cfg_t=t_last)
+    st_.signals["cfg"] = {1: {"rate": cfg_rate, "t": t_last}}
     return st_, bc, Step(s0.generation, 5, 1, t), probe_now
 
 
@@ -175,6 +175,8 @@ def test_default_is_balanced_and_none_turns_caching_off():
     ("turbo", r"preset is one of"),
     ({"rule": "mixcache", "preset": "turbo"}, r"preset 'turbo'"),
     ({"rule": "mixcache", "budget": -1}, r"budget=-1"),
+    ({"rule": "mixcache", "max_reuse": None}, r"max_reuse=None: must be an integer >= 1"),
+    ({"rule": "mixcache", "warmup": 1.0}, r"warmup=1.0: must be a number in \[0, 1\)"),
     ({"rule": "mixcache", "granularities": ["layer"]}, r"granularities"),
     ([{"rule": "mixcache"}, {"rule": "first_block", "threshold": 0.1}], r"give it alone"),
 ])

@@ -106,6 +106,45 @@ def test_blocks_with_different_shapes_do_not_share():
     assert by_stack["blocks"] != by_stack["single_blocks"]
 
 
+class CondBlock(torch.nn.Module):
+    """A block whose per-layer constant lives inside torch.cond's branches (a subgraph)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.lin, self.scale = torch.nn.Linear(8, 8), scale
+
+    def forward(self, x, t):
+        h = self.lin(x)
+        return x + torch.cond(t.sum() > 0, lambda h: h * self.scale, lambda h: h / self.scale, (h,))
+
+
+class CondNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.blocks = torch.nn.ModuleList(CondBlock(s) for s in (1.0, 2.0, 3.0))
+
+    def forward(self, hidden_states, timestep):
+        x = self.proj(hidden_states)
+        for b in self.blocks:
+            x = b(x, timestep)
+        return self.out(x)
+
+
+def test_blocks_differing_inside_a_subgraph_do_not_share():
+    """Blocks equal but for a constant inside a subgraph (a torch.cond branch, a checkpointed
+    body) are different functions: one compiled artifact for all of them would be wrong."""
+    torch.manual_seed(0)
+    model = CondNet().eval()
+    kw = dict(hidden_states=torch.randn(1, 4, 8), timestep=torch.ones(1))
+    plan = split(gm := capture(model, kw), find_regions(gm))
+    assert len({p.signature() for p in plan.pieces if p.region.kind == BLOCK}) == 3
+    f = torch.compile(model, backend="mixcache", fullgraph=True,
+                      options={"regions": "eager", "cache": None})
+    with torch.no_grad():
+        torch.testing.assert_close(f(**kw), model(**kw))
+
+
 class ConvNet(torch.nn.Module):
     """U-Net-like: down, middle, up with a skip; no repeated block list."""
 
