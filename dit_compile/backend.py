@@ -41,7 +41,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     fns = compile_pieces(plan, opts, inductor)
 
     # 4. stitch: the executor runs the pieces, asking the policy at each guard point.
-    n_blocks = sum(p.region.kind == BLOCK for p in plan.pieces)
+    n_blocks = len(rmap.guarded)      # the blocks of the stacks the latent flows through
     policy = make_policy(opts.cache, n_blocks)
     if policy is None:
         return Executor(plan, fns)

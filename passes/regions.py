@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 PROLOGUE, BLOCK, GLUE, EPILOGUE = "prologue", "block", "glue", "epilogue"
 
@@ -48,6 +49,7 @@ class RegionMap:
     inputs: dict[str, str]                         # role -> placeholder name
     input_rule: str                                # "names" or "dataflow"
     streams: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # stack -> shapes
+    latent_stacks: list[str] = field(default_factory=list)  # the stacks the latent flows through
 
     def region_of(self) -> dict[fx.Node, int]:
         return {n: i for i, r in enumerate(self.regions) for n in r.nodes}
@@ -55,6 +57,11 @@ class RegionMap:
     @property
     def blocks(self) -> list[Region]:
         return [r for r in self.regions if r.kind == BLOCK]
+
+    @property
+    def guarded(self) -> list[Region]:
+        """The blocks the block guard's probe and span count: those of the latent's stacks."""
+        return [r for r in self.blocks if r.stack in self.latent_stacks]
 
 
 # Dynamo spells module paths differently across versions:
@@ -198,7 +205,23 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
     roles, rule = identify_inputs(gm)
     rmap = RegionMap(regions, traced, roles, rule)
     rmap.streams = {h: [_shape(n) for n in carried] for h, carried in residual_streams(rmap).items()}
+    rmap.latent_stacks = latent_stacks(gm, roles.get("latent"), list(traced))
     return rmap
+
+
+def latent_stacks(gm: fx.GraphModule, latent: str | None, stacks: list[str]) -> list[str]:
+    """The stacks whose blocks read values computed from the latent (through tensors; a shape
+    read off the latent does not count). A stack over the text alone (Kandinsky 5's text blocks,
+    Lumina 2's context refiner) says nothing of how the latent moves, so the block guard's probe
+    must not sit there. All stacks where the latent is not known."""
+    reached = {n for n in gm.graph.nodes if n.op == "placeholder" and n.name == latent}
+    for n in gm.graph.nodes:
+        if (n not in reached and any(u in reached for u in n.all_input_nodes)
+                and any(isinstance(v, torch.Tensor)
+                        for v in pytree.tree_leaves(n.meta.get("example_value")))):
+            reached.add(n)
+    hit = {lab[0] for n in reached if (lab := _label(n, dict.fromkeys(stacks, 0)))}
+    return [h for h in stacks if h in hit] or list(stacks)
 
 
 def _shape(n: fx.Node) -> tuple[int | str, ...]:
@@ -222,21 +245,32 @@ def dataflow(gm: fx.GraphModule) -> nx.DiGraph:
 def residual_streams(rmap: RegionMap) -> dict[str, list[fx.Node]]:
     """For each stack, the values block 0 leaves to block 1: the residual stream(s) it carries.
 
-    A value is a stream when block i defines it and block i+1 reads it; taking them from the first
-    pair suffices because blocks of one stack have one signature.
+    A value is a stream when block 0 defines it and block 1 reads it, directly or through nodes
+    outside the stack (glue between the blocks, or the blocks of another stack interleaved with
+    this one, as Latte's spatial and temporal blocks are). Taking them from the first pair
+    suffices because blocks of one stack have one signature.
     """
+    owner = {n: r for r in rmap.blocks for n in r.nodes}
+    first: dict[str, dict[int, Region]] = {}
+    for r in rmap.blocks:
+        if r.index is not None and r.index < 2:
+            first.setdefault(r.stack, {})[r.index] = r
     out: dict[str, list[fx.Node]] = {}
-    blocks = rmap.blocks
-    for a, b in zip(blocks, blocks[1:]):
-        if a.stack != b.stack or a.stack in out:
+    for stack, pair in first.items():
+        if len(pair) < 2:
             continue
-        defined = set(a.nodes)
-        carried = []
-        for n in b.nodes:
-            for u in n.all_input_nodes:
-                if u in defined and u not in carried:
-                    carried.append(u)
-        out[a.stack] = carried
+        defined, carried, seen = set(pair[0].nodes), [], set()
+        todo = [u for n in pair[1].nodes for u in n.all_input_nodes if owner.get(u) is not pair[1]]
+        while todo:
+            u = todo.pop(0)
+            if u in seen:
+                continue
+            seen.add(u)
+            if u in defined:
+                carried.append(u)
+            elif u not in owner or owner[u].stack != stack:
+                todo.extend(u.all_input_nodes)
+        out[stack] = carried
     return out
 
 

@@ -87,7 +87,8 @@ class GuardedExecutor(Executor):
         self._detect = self.text is not None and bool(getattr(policy, "cfg_on_halves", False))
         # The text is not in the signature: its changes are the branch's own (CacheState).
         self.sig_slots = [self.latent, self.t]
-        blocks = [i for i, p in enumerate(plan.pieces) if p.region.kind == BLOCK]
+        guarded = plan.rmap.guarded
+        blocks = [i for i, p in enumerate(plan.pieces) if any(p.region is r for r in guarded)]
         a, b = policy.span
         self.first = blocks[0]
         self.probe_end = blocks[policy.probe - 1] + 1
@@ -112,6 +113,10 @@ class GuardedExecutor(Executor):
         before = [o for p in plan.pieces[:s0] for o in p.outs if o in alive]
         self.span_pairs = streams.pair(outs, s0, before[::-1], ex, keep_unpaired=True)
         self.span_flops = sum(self.flops[s0:s1])
+        # Streams read before the probe and the span are kept as they were: copied where a block
+        # writes into its input in place (decided here, once).
+        self._copy_probe_in = any(p.writes_in_place() for p in plan.pieces[self.first:self.probe_end])
+        self._copy_span_in = any(p.writes_in_place() for p in plan.pieces[s0:s1])
         self.out_slots = [s for s in plan.out_leaves if isinstance(s, int)]
         # Keep the latent only for the policies that read it, decided once here.
         self._keep_latent = policy.step_mode == "residual"
@@ -148,6 +153,8 @@ class GuardedExecutor(Executor):
         # Compute, with the block guard between the probe and the span.
         self.run(env, 0, self.first)
         stream0 = None if self.probe_in is None else env[self.probe_in]
+        if stream0 is not None and self._copy_probe_in:
+            stream0 = stream0.clone()
         self.run(env, self.first, self.probe_end)
         flops, kind, mask = 1.0, "compute", None
         if pol.uses_blocks:
@@ -155,7 +162,8 @@ class GuardedExecutor(Executor):
             self.run(env, self.probe_end, self.span[0])
             skip, bsig = pol.block(step, st, bc, probe)
             signal = bsig if bsig is not None else signal
-            ins = [env[i] if i is not None else None for _, i in self.span_pairs]
+            ins = [None if i is None else env[i].clone() if self._copy_span_in else env[i]
+                   for _, i in self.span_pairs]
             if skip is True:
                 for (o, _), v, r in zip(self.span_pairs, ins, bc.span):
                     env[o] = r if v is None else v + r

@@ -21,7 +21,7 @@ class _Span(torch.nn.Module):
         if r.reuse_span:
             return hidden_states + r.span_res[r.branch] if self.first else hidden_states
         if self.first:
-            r.span_in = hidden_states
+            r.span_in = hidden_states.clone()    # a block may write into its input in place
         out = self.block(hidden_states, *args, **kwargs)
         if self.last:
             r.fresh_res = out - r.span_in

@@ -375,6 +375,49 @@ def test_three_guidance_branches_each_rebuilt_from_its_own_difference():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
 
 
+class InPlaceBlock(torch.nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.lin, self.ada = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, x, t):
+        x += torch.tanh(self.lin(x)) * self.ada(t)[:, None]
+        return x
+
+
+class InPlaceNet(torch.nn.Module):
+    """Blocks that add to the residual stream in place: a block's output is its input tensor."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.proj, self.t, self.out = torch.nn.Linear(d, d), torch.nn.Linear(2, d), torch.nn.Linear(d, d)
+        self.blocks = torch.nn.ModuleList(InPlaceBlock(d) for _ in range(4))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        t = self.t(torch.stack([torch.sin(timestep / 100), torch.cos(timestep / 100)], -1))
+        x = self.proj(hidden_states) + encoder_hidden_states.mean(1, keepdim=True)
+        for b in self.blocks:
+            x = b(x, t)
+        return (self.out(x),)
+
+
+def test_blocks_writing_their_stream_in_place_keep_the_rule():
+    """The stream read before the probe and the span is the value before the blocks wrote into
+    it: the probe's residual is not 0 and the span's cached residual is the real one."""
+    torch.manual_seed(0)
+    model = InPlaceNet().eval()
+    kw = dict(hidden_states=torch.randn(1, 8, 16), timestep=torch.tensor([500.0]),
+              encoder_hidden_states=torch.randn(1, 3, 16))
+    sched = dict(block=[2, 4])
+    ours = generation(compiled(model, {"rule": "schedule", **sched}), kw, branches=1)
+    ref = Reference(model, **sched).start(STEPS[0])
+    for x, y in zip(ours, generation(ref, kw, branches=1)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    f = compiled(InPlaceNet().eval(), {"rule": "first_block", "threshold": 0.05})
+    generation(f, kw, branches=1)
+    assert all(r["signal"] is None or r["signal"] > 0.05 for r in dit_compile.stats(f)["trace"])
+
+
 def test_memory_bound_is_a_clear_error():
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False

@@ -28,8 +28,20 @@ def test_diffusers_models_regions(name):
     assert report.input_rule == "names"
     kinds = [r for r, _ in report.regions]
     assert kinds[0] == PROLOGUE and kinds[-1] == EPILOGUE
+    assert set(report.streams) == set(report.stacks)
     for stack, shapes in report.streams.items():
         assert shapes and all(len(s) == 3 for s in shapes), (stack, shapes)
+
+
+def test_streams_of_stacks_separated_by_glue():
+    """HiDream's double-stream blocks hand their streams to the single-stream ones through glue
+    (a concat), and each single block's output passes through glue to the next."""
+    model, kw = tiny_models.hidream()
+    dit_compile.lower_moe(model)
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert report.fallback is None
+    assert report.streams == {"double_stream_blocks": [(1, 64, 32), (1, 24, 32)],
+                              "single_stream_blocks": [(1, 88, 32)]}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -104,6 +116,24 @@ def test_blocks_with_different_shapes_do_not_share():
             by_stack.setdefault(p.region.stack, set()).add(p.signature())
     assert len(by_stack["blocks"]) == 1 and len(by_stack["single_blocks"]) == 1
     assert by_stack["blocks"] != by_stack["single_blocks"]
+
+
+def test_block_guard_sits_in_the_stacks_the_latent_flows_through():
+    """Kandinsky 5 runs a text-only stack before the visual one: its residual never sees the
+    latent, so First-Block-Cache probing there would reuse the span on a brand-new latent."""
+    model, kw = tiny_models.kandinsky5()
+    rmap = find_regions(capture(model, kw))
+    assert set(rmap.stacks) == {"text_transformer_blocks", "visual_transformer_blocks"}
+    assert rmap.latent_stacks == ["visual_transformer_blocks"]
+    f = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "first_block", "threshold": 0.05}})
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in (500.0, 499.0, 498.0):
+            call = dict(kw, timestep=torch.full((1,), t), return_dict=False,
+                        hidden_states=torch.randn(kw["hidden_states"].shape, generator=g))
+            torch.testing.assert_close(f(**call)[0], model(**call)[0], rtol=1e-5, atol=1e-5)
+    assert dit_compile.stats(f)["reused"] == {}
 
 
 class CondBlock(torch.nn.Module):

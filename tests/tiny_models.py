@@ -64,5 +64,23 @@ def hidream(batch: int = 1) -> tuple[torch.nn.Module, dict]:
                    pooled_embeds=torch.randn(batch, 8))
 
 
+def kandinsky5(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    """A text-only block stack before the visual one."""
+    from diffusers import Kandinsky5Transformer3DModel
+    torch.manual_seed(0)
+    m = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16,
+                                     out_visual_dim=4, patch_size=(1, 2, 2), model_dim=16, ff_dim=32,
+                                     num_text_blocks=2, num_visual_blocks=3, axes_dims=(4, 2, 2)).eval()
+    with torch.no_grad():   # zero-initialised modulation: give the timestep a path to the output
+        for name, p in m.named_parameters():
+            if "modulation" in name:
+                p.normal_(0, 0.1)
+    return m, dict(hidden_states=torch.randn(batch, 2, 8, 8, 4),
+                   encoder_hidden_states=torch.randn(batch, 5, 16),
+                   pooled_projections=torch.randn(batch, 8), timestep=torch.full((batch,), 500.0),
+                   visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
+                   text_rope_pos=torch.arange(5))
+
+
 MODELS: dict[str, Callable[..., tuple[torch.nn.Module, dict[str, Any]]]] = {
     "wan": wan, "flux": flux, "hunyuan": hunyuan, "hidream": hidream}
