@@ -9,8 +9,9 @@ import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
+from .frames import (compiled_model, model_name, traced_locals, traced_module, warn_fallback,
+                     warn_unlowered_moe)
 from .options import Options
-from .passes.moe import find_moe
 from .passes.regions import BLOCK, NoBlockStructure, RegionMap, find_regions, user_inputs
 from .passes.split import Plan, split
 from .runtime.cache import StateFactory
@@ -24,14 +25,13 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     """Compile one Dynamo graph of a DiT forward into regions stitched by the runtime."""
     opts = Options.parse(options)
     inductor = _inductor_config(mode or opts.mode)
-    _warn_unlowered_moe(traced_module())
+    warn_unlowered_moe(compiled_model() or traced_module())
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:
         rmap = find_regions(gm)
     except NoBlockStructure as why:
-        warnings.warn(f"mixcache: {_fallback_reason(why)}. Compiling this graph with plain "
-                      "Inductor, without caching.", stacklevel=2)
+        warn_fallback(gm, why)
         return compile_fx(gm, example_inputs, config_patches=inductor)
 
     # 2. guards: split at the region boundaries into pieces over one value table.
@@ -51,7 +51,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
             return Executor(plan, fns)      # the default cache was not asked for: no warning
         hint = (" A timestep given as a Python number is a constant of the graph, not an input"
                 ": pass it as a tensor, as diffusers' pipelines do." if "timestep" in missing else "")
-        warnings.warn(f"mixcache: {_model_name()}: could not tell which input is the "
+        warnings.warn(f"mixcache: {model_name()}: could not tell which input is the "
                       f"{' and the '.join(sorted(missing))}; running without caching.{hint}",
                       stacklevel=2)
         return Executor(plan, fns)
@@ -122,7 +122,7 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
     # The executor's outputs are the graph's node outputs (constants stay in the output spec).
     shapes = [_static_shape(x.meta.get("example_value"))
               for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
-    return HalfBatch.build(traced_module(), _traced_locals(), placeholders, example_inputs, roles,
+    return HalfBatch.build(traced_module(), traced_locals(), placeholders, example_inputs, roles,
                            latent.shape[0] if latent.dim() else 0, shapes, compile)
 
 
@@ -137,65 +137,7 @@ def _static_shape(v: Any) -> tuple[int | None, ...] | None:
     return tuple(d if isinstance(d, int) else None for d in v.shape)
 
 
-def _traced_locals() -> dict[str, Any] | None:
-    """The locals of the frame Dynamo is tracing, as they were on entry: the forward's arguments
-    of the first call (or the arguments of the decorator that wraps the forward)."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        return dict(InstructionTranslator.current_tx().f_locals)
-    except Exception:  # outside a trace, or Dynamo internals moved
-        return None
-
-
 def _inductor_config(mode: str | None) -> dict[str, Any]:
     if mode is None or mode == "default":
         return {}
     return dict(torch._inductor.list_mode_options(mode))
-
-
-def traced_module() -> torch.nn.Module | None:
-    """The nn.Module whose forward Dynamo is tracing right now, if any."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        tx = InstructionTranslator.current_tx()
-        frame = tx.f_locals
-    except Exception:  # outside a trace, or Dynamo internals moved
-        return None
-    # A diffusers forward is traced with its module as `self`; a plain nn.Module through a
-    # wrapper that holds it as `fn`.
-    for key in ("self", "fn"):
-        if isinstance(frame.get(key), torch.nn.Module):
-            return frame[key]
-    return None
-
-
-def _warn_unlowered_moe(module: torch.nn.Module | None) -> None:
-    """An MoE dispatch that syncs to the host breaks the graph before any backend sees it; only
-    lowering the module before torch.compile helps, so say so, naming the layers."""
-    if module is None:
-        return
-    pending = [path for path, lowered in find_moe(module).items() if not lowered]
-    if pending:
-        warnings.warn(f"mixcache: {type(module).__name__}: {len(pending)} MoE dispatch(es) "
-                      f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}) sync to the "
-                      "host and break the graph; call dit_compile.lower_moe(model) before "
-                      "torch.compile to run them as one fused op in one graph", stacklevel=3)
-
-
-def _fallback_reason(why: Exception) -> str:
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        code = InstructionTranslator.current_tx().f_code.co_name
-    except Exception:
-        code = ""
-    if code.startswith("torch_dynamo_resume_in"):
-        # Every fragment after a graph break lands here: one message for all of them.
-        return ("graph breaks split the forward into several graphs (this one resumes after a "
-                "break); mixcache needs the whole forward in one graph: torch._dynamo.explain "
-                "shows the breaks")
-    return f"{_model_name()}: {why}"
-
-
-def _model_name() -> str:
-    mod = traced_module()
-    return type(mod).__name__ if mod is not None else "the traced function"

@@ -1,8 +1,10 @@
 """``dit_compile.explain``: what the region pass finds in a model, before anything is compiled."""
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -56,18 +58,40 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             found.append(why)
         return gm.forward
 
-    with torch.no_grad():
+    with torch.no_grad(), _shape_history_kept():
         torch.compile(getattr(model, "_orig_mod", model), backend=record)(*args, **kwargs)
     report.graphs = len(found)
     if len(found) > 1:
         report.fallback = (f"the forward traced as {len(found)} graphs (graph breaks): step and cfg "
                            "guards need one graph; run torch._dynamo.explain to see the breaks")
+    elif len(found) == 1 and isinstance(found[0], NoBlockStructure):
+        report.fallback = str(found[0])
+    elif not found:
+        report.fallback = "Dynamo traced no graph"
     maps = [f for f in found if isinstance(f, RegionMap)]
     if not maps:
-        report.fallback = str(found[0]) if found else "Dynamo traced no graph"
         return report
     rmap = max(maps, key=lambda m: sum(m.stacks.values()))
     report.stacks, report.streams = rmap.stacks, rmap.streams
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
     return report
+
+
+@contextlib.contextmanager
+def _shape_history_kept() -> Iterator[None]:
+    """Undo what explain's trace teaches Dynamo about input shapes. Dynamo remembers each code
+    object's shapes across torch.compile calls (its automatic-dynamic state), so a later compile at
+    another size would otherwise get a dynamic-shape graph: explain must not change what compiles."""
+    try:
+        from torch._dynamo import pgo
+        saved = copy.deepcopy(pgo.get_code_state())
+    except Exception:  # a torch without this state has nothing to undo
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            state = pgo.get_code_state()    # looked up again: a reset during the trace replaces it
+            state.clear()
+            state.update(saved)

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 REGION_COMPILERS = ("inductor", "eager")
-INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Only where torch cannot list its own modes; torch adds modes ("lite" in 2.13), so ask it first.
+_FALLBACK_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def inductor_modes() -> tuple[str, ...]:
+    """The modes the installed torch's Inductor accepts (``torch.compile(mode=...)``)."""
+    try:
+        import torch._inductor
+        return tuple(torch._inductor.list_mode_options())
+    except Exception:  # a torch without the listing: the modes every version has
+        return _FALLBACK_MODES
 
 
 class OptionError(ValueError):
@@ -36,15 +47,25 @@ class Options:
         unknown = sorted(set(options) - set(fields))
         if unknown:
             raise OptionError(f"unknown mixcache option(s) {unknown}; valid options: {sorted(fields)}")
+        if options.get("cache_memory") is not None:
+            options["cache_memory"] = _byte_count(options["cache_memory"])
         opts = cls(**options)
         if opts.regions not in REGION_COMPILERS:
             raise OptionError(f"option regions={opts.regions!r}: must be one of {REGION_COMPILERS}")
         if not isinstance(opts.share_blocks, bool):
             raise OptionError(f"option share_blocks={opts.share_blocks!r}: must be True or False")
-        if opts.mode is not None and opts.mode not in INDUCTOR_MODES:
-            raise OptionError(f"option mode={opts.mode!r}: must be one of {INDUCTOR_MODES} or None")
-        if opts.cache_memory is not None and (not isinstance(opts.cache_memory, int)
-                                              or opts.cache_memory <= 0):
-            raise OptionError(f"option cache_memory={opts.cache_memory!r}: must be a positive "
-                              "number of bytes or None")
+        modes = inductor_modes()
+        if opts.mode is not None and opts.mode not in modes:
+            raise OptionError(f"option mode={opts.mode!r}: must be one of {modes} or None")
         return opts
+
+
+def _byte_count(value: Any) -> int:
+    """``cache_memory`` as an int: whole-number floats (``2e9``) are bytes too; a bool is not a
+    size (Python counts it as an int, so ``True`` would bound the cache to one byte)."""
+    whole = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+             and (isinstance(value, numbers.Integral) or float(value).is_integer()))
+    if not whole or value <= 0:
+        raise OptionError(f"option cache_memory={value!r}: must be a positive whole number of bytes "
+                          "(such as 2e9) or None")
+    return int(value)

@@ -19,7 +19,9 @@ backend's callable runs under ``torch._dynamo.disable``), so an eager call stays
 pytree whose tensor leaves are graph inputs (found by identity: Dynamo hands the backend the real
 tensors of the first call) and whose other leaves are constants (None, bools, option dicts: Dynamo
 guards on what it read of them, so every call that reaches this graph agrees). Anything the recipe
-cannot account for is a reason not to build it, and the executor then computes the full batch.
+cannot account for is a reason not to build it, and the executor then computes the full batch; so
+it does, from then on, where the half forward raises (a model this recipe misreads must cost speed,
+never the generation).
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ class HalfBatch:
         index = {id(x): i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor)}
         args: dict[str, tuple[pytree.TreeSpec, list[tuple[str, Any]]]] = {}
         covered: set[int] = set()
-        top_level: set[int] = set()
+        per_sample: set[int] = set()
         for name, value in bound.items():
             leaves, spec = pytree.tree_flatten(value)
             recipe = []
@@ -101,7 +103,9 @@ class HalfBatch:
                 else:
                     recipe.append((_CONST, leaf))
             if isinstance(value, torch.Tensor):
-                top_level.add(index[id(value)])
+                per_sample.add(index[id(value)])
+            elif isinstance(value, Mapping):
+                per_sample |= _per_sample_leaves(value, index, batch)
             args[name] = (spec, recipe)
 
         named = {id(t): n for n, t in (*module.named_parameters(remove_duplicate=False),
@@ -120,10 +124,11 @@ class HalfBatch:
             return f"the batch ({batch}) is not two halves"
         if not out_shapes or any(not sh or sh[0] != batch for sh in out_shapes):
             return "an output of the graph does not carry the batch in dim 0"
-        # The region pass's latent/text/timestep, and any other tensor passed as an argument of
-        # its own: both carry the batch when their dim 0 is 2k. Tensors inside tuples (rotary
-        # tables, ids) are per position in diffusers' models, and never sliced.
-        batch_inputs = frozenset(set(batch_roles) | top_level)
+        # The region pass's latent/text/timestep, any other tensor passed as an argument of its
+        # own, and the batch-sized tensors of a dict argument: all carry the batch when their dim 0
+        # is 2k. Tensors inside tuples (rotary tables, ids) are per position in diffusers' models,
+        # and never sliced.
+        batch_inputs = frozenset(set(batch_roles) | per_sample)
         return cls(weakref.ref(module), sig, args, state, pinned, batch_inputs,
                    [tuple(sh[1:]) for sh in out_shapes], compile)
 
@@ -146,7 +151,12 @@ class HalfBatch:
                 arguments[name] = pytree.tree_unflatten(leaves, spec)
         call = inspect.BoundArguments(self.signature, arguments)
         state = {name: env[i] for name, i in self.state}
-        out = self._forward()(module, state, call.args, call.kwargs)
+        try:
+            out = self._forward()(module, state, call.args, call.kwargs)
+        except Exception as e:  # a cfg reuse step must never end the generation
+            # The full batch is still computable; a forward that failed once fails again.
+            self._broken = f"the half-batch forward raised {type(e).__name__}: {_first_line(e)}"
+            return self._decline(self._broken)
         outs = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
         if not _shapes_match(outs, k, self.out_shapes):
             # Not worth a half forward per call to find out again.
@@ -177,6 +187,20 @@ class HalfBatch:
             warnings.warn(f"mixcache: batched-CFG call: {why}; computing the full batch instead "
                           "of one half", stacklevel=3)
         return None
+
+
+def _per_sample_leaves(value: Mapping[Any, Any], index: Mapping[int, int], batch: int) -> set[int]:
+    """The graph inputs of a dict argument's tensors whose dim 0 is the batch. diffusers passes
+    per-sample conditions this way (PixArt's ``added_cond_kwargs`` resolution and aspect ratio, SD3's
+    ``joint_attention_kwargs`` image embeddings); a tensor sized otherwise at compile time is not
+    per sample, whatever its size at run time."""
+    return {index[id(x)] for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)
+            and id(x) in index and x.dim() >= 1 and x.shape[0] == batch}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _shapes_match(outs: Sequence[torch.Tensor], k: int, shapes: Sequence[tuple[Any, ...]]) -> bool:

@@ -28,12 +28,30 @@ def test_registered_by_entry_point_without_import():
     ({"regionz": "eager"}, r"unknown mixcache option\(s\) \['regionz'\]; valid options: \["),
     ({"regions": "tvm"}, r"regions='tvm': must be one of \('inductor', 'eager'\)"),
     ({"cache_memory": -1}, r"cache_memory=-1: must be a positive"),
-    ({"mode": "turbo"}, r"mode='turbo': must be one of \('default', 'reduce-overhead'"),
+    ({"mode": "turbo"}, r"mode='turbo': must be one of \('default', .*'reduce-overhead'"),
 ])
 def test_bad_options_are_clear_errors(options, match):
     model, kw = tiny_models.wan(layers=2)
     with pytest.raises(Exception, match=match):
         torch.compile(model, backend="mixcache", options=options)(**kw, return_dict=False)
+
+
+def test_cache_memory_takes_whole_numbers_not_bools():
+    assert dit_compile.Options.parse({"cache_memory": 2e9}).cache_memory == 2_000_000_000
+    assert type(dit_compile.Options.parse({"cache_memory": 2e9}).cache_memory) is int
+    for bad in (True, 1.5, "2e9", 0):
+        with pytest.raises(dit_compile.OptionError, match=rf"cache_memory={bad!r}: must be a positive"):
+            dit_compile.Options.parse({"cache_memory": bad})
+
+
+def test_modes_are_the_installed_inductors():
+    """torch adds modes ("lite" in 2.13): every mode Inductor lists is accepted, named in the error."""
+    modes = list(torch._inductor.list_mode_options())
+    for mode in modes:
+        assert dit_compile.Options.parse({"mode": mode}).mode == mode
+    with pytest.raises(dit_compile.OptionError) as err:
+        dit_compile.Options.parse({"mode": "turbo"})
+    assert all(repr(m) in str(err.value) for m in modes)
 
 
 @pytest.mark.inductor
@@ -77,21 +95,85 @@ def test_bf16_cache_off_is_within_the_eager_vs_inductor_difference():
     assert (ours - eager).abs().max() <= 2 * bar + ulp, ((ours - eager).abs().max(), bar)
 
 
+def _mixcache_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if str(w.message).startswith("mixcache")]
+
+
 def test_graph_breaks_fall_back_per_graph_and_stay_correct():
-    """HiDream's MoE dispatch syncs to the host and breaks the graph: still a correct result."""
+    """HiDream's MoE dispatch syncs to the host and breaks the graph into 17: still a correct
+    result, and one warning of each kind, naming the model (not a fragment's frame) and why."""
     model, kw = tiny_models.hidream()
     with torch.no_grad():
         ref = model(**kw, return_dict=False)[0]
-        with pytest.warns(UserWarning, match="mixcache"):
+        with pytest.warns(UserWarning, match="mixcache") as rec:
             out = torch.compile(model, backend="mixcache", options={"regions": "eager"})(
                 **kw, return_dict=False)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    fallback = [w for w in _mixcache_warnings(rec) if "plain Inductor" in w]
+    moe = [w for w in _mixcache_warnings(rec) if "MoE dispatch" in w]
+    assert len(fallback) == 1 and len(moe) == 1, _mixcache_warnings(rec)
+    assert fallback[0].startswith("mixcache: HiDreamImageTransformer2DModel: graph breaks split")
+    assert "fullgraph=True" in fallback[0] and "TORCH_LOGS=graph_breaks" in fallback[0]
+    assert moe[0].startswith("mixcache: HiDreamImageTransformer2DModel: 4 MoE dispatch(es)")
+
+
+def _wan_with_graph_break():
+    """A graph break inside the block loop: Dynamo runs the forward eagerly and compiles the frames
+    it calls (the rotary and time embeddings, each block, the norm) one by one."""
+    model, kw = tiny_models.wan(layers=2)
+    model.blocks[1].register_forward_pre_hook(lambda mod, args: torch._dynamo.graph_break())
+    return model, kw
+
+
+def test_graph_break_fragments_warn_once_naming_the_model():
+    model, kw = _wan_with_graph_break()
+    compiled = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
+        for _ in range(2):
+            out = compiled(**kw, return_dict=False)[0]
+    assert _mixcache_warnings(rec) == [_mixcache_warnings(rec)[0]], _mixcache_warnings(rec)
+    assert _mixcache_warnings(rec)[0].startswith("mixcache: WanTransformer3DModel: graph breaks")
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_whole_graph_without_blocks_warns_the_region_pass_reason():
+    """No graph break, no block stack: the reason is the region pass's, not graph breaks."""
+    with pytest.warns(UserWarning, match=r"mixcache: Linear: no nn.ModuleList of two or more") as rec:
+        torch.compile(torch.nn.Linear(3, 3), backend="mixcache", options={"regions": "eager"})(
+            torch.ones(2, 3))
+    assert len(_mixcache_warnings(rec)) == 1
 
 
 def test_explain_reports_regions():
     model, kw = tiny_models.wan(layers=2)
     text = str(dit_compile.explain(model, **kw, return_dict=False))
     assert "stack blocks: 2 blocks" in text and "timestep=" in text
+
+
+def test_explain_names_graph_breaks_when_no_graph_has_blocks():
+    model, kw = _wan_with_graph_break()
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert report.graphs > 1 and not report.stacks
+    assert report.fallback.startswith(f"the forward traced as {report.graphs} graphs (graph breaks)")
+
+
+def test_explain_leaves_later_compiles_static(monkeypatch):
+    """explain's trace at one size must not teach Dynamo that the shape changes: compiling at
+    another size afterwards gives a static-shape graph, as it does without explain."""
+    model, kw = tiny_models.wan(layers=2, size=8)
+    _, small = tiny_models.wan(layers=2, size=4)
+    dit_compile.explain(model, **small, return_dict=False)
+    graphs = []
+    real = backend.find_regions
+    monkeypatch.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real(gm))
+    with torch.no_grad():
+        torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})(
+            **kw, return_dict=False)
+    assert len(graphs) == 1
+    inputs = [n.meta["example_value"] for n in graphs[0].graph.nodes if n.op == "placeholder"]
+    assert all(isinstance(x, torch.Tensor) for x in inputs), "a symbolic size became an input"
+    assert all(isinstance(d, int) for x in inputs for d in x.shape)
 
 
 def test_hidream_after_moe_lowering_is_one_graph_with_regions():

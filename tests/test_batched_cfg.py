@@ -190,3 +190,73 @@ def test_layout_is_part_of_the_signature():
     s = st.begin(700.0, "sig", halves=False)
     assert (s.generation, s.step, st.cfg_diff) == (1, 0, {})
     assert pol.step(s, st, torch.zeros(2))[0] == COMPUTE
+
+
+def _pixart():
+    """PixArt-alpha as at 1024px: ``use_additional_conditions``, so the pipeline passes
+    ``added_cond_kwargs`` resolution (2k, 2) and aspect ratio (2k, 1) beside the batched CFG
+    (their embeddings take a third of the width each: heads x head_dim divisible by 3)."""
+    import diffusers
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=24, sample_size=8, patch_size=2, caption_channels=12,
+        use_additional_conditions=True).eval()
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 8, 8, generator=g)
+    # Per-sample conditions that differ between the halves: only the cond half's may reach it.
+    call = dict(hidden_states=torch.cat([latent, latent]),
+                encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
+                added_cond_kwargs={"resolution": torch.tensor([[64.0, 64.0], [32.0, 48.0]]),
+                                   "aspect_ratio": torch.tensor([[1.0], [1.5]])})
+    return model, call
+
+
+def _cond_half(call):
+    """The call's conditional half ([k:]), dict arguments included."""
+    k = call["hidden_states"].shape[0] // 2
+    return {n: ({a: t[k:] for a, t in v.items()} if isinstance(v, dict) else v[k:])
+            for n, v in call.items()}
+
+
+def test_dict_arguments_are_sliced_to_the_half():
+    """A cfg reuse step on PixArt computes the cond half with the cond half's ``added_cond_kwargs``
+    and rebuilds the uncond half from the difference of the last full compute."""
+    model, call = _pixart()
+    f = _compile(model, {"rule": "fastercache", "every": 2})
+    ours, expected, diff = [], [], None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        for i, t in enumerate((900, 600, 300)):
+            call["timestep"] = torch.full((2,), t)
+            ours.append(f(**call, return_dict=False)[0])
+            if i == 1:
+                cond = model(**_cond_half(call), return_dict=False)[0]
+                expected.append(torch.cat([cond + diff, cond]))
+            else:
+                expected.append(model(**call, return_dict=False)[0])
+                diff = expected[-1][:1] - expected[-1][1:]
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute", "cfg", "compute"]
+    full = model(**dict(call, timestep=torch.full((2,), 600)), return_dict=False)[0]
+    assert (expected[1] - full).abs().max() > 1e-3, "the reuse must change the result to bite"
+    for x, y in zip(ours, expected):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_half_forward_that_raises_warns_once_and_computes_the_full_batch(monkeypatch):
+    from dit_compile.runtime import halves
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("the half forward broke\nsecond line")
+
+    monkeypatch.setattr(halves, "_functional", broken)
+    model, call = _pixart()
+    f = _compile(model, {"rule": "schedule", "cfg": [1, 2, 3]})
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"half-batch forward raised RuntimeError: "
+                                       r"the half forward broke; computing the full batch") as rec:
+        for t in (900, 700, 500, 300):
+            call["timestep"] = torch.full((2,), t)
+            torch.testing.assert_close(f(**call, return_dict=False)[0],
+                                       model(**call, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+    assert sum("half-batch forward raised" in str(w.message) for w in rec) == 1
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute"] * 4

@@ -1,0 +1,147 @@
+"""What Dynamo is tracing, read off the Python frames, and the warnings that name it.
+
+The backend sees one graph at a time; which model it belongs to, what arguments the traced forward
+got, and whether the graph is the whole forward or one fragment of a broken one are only on the
+stack. Warnings that name the model are said once per model (a flag on the model itself: state
+lives with the model, never in a module global).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .passes.moe import find_moe
+from .passes.regions import NoBlockStructure
+
+
+def traced_module() -> torch.nn.Module | None:
+    """The nn.Module whose forward Dynamo is tracing right now, if any."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        frame = tx.f_locals
+    except Exception:  # outside a trace, or Dynamo internals moved
+        return None
+    # A diffusers forward is traced with its module as `self`; a plain nn.Module through a
+    # wrapper that holds it as `fn`.
+    for key in ("self", "fn"):
+        if isinstance(frame.get(key), torch.nn.Module):
+            return frame[key]
+    return None
+
+
+def traced_locals() -> dict[str, Any] | None:
+    """The locals of the frame Dynamo is tracing, as they were on entry: the forward's arguments
+    of the first call (or the arguments of the decorator that wraps the forward)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        return dict(InstructionTranslator.current_tx().f_locals)
+    except Exception:  # outside a trace, or Dynamo internals moved
+        return None
+
+
+def compiled_model() -> torch.nn.Module | None:
+    """The model torch.compile was called on, found on the Python stack: the outermost
+    ``OptimizedModule`` (its ``_orig_mod``) or module compiled in place (``model.compile()``).
+    Dynamo's own frame is no guide after a graph break: it may be a submodule's or a helper's."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    found = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, OptimizedModule):
+                found = owner._orig_mod
+                while isinstance(found, OptimizedModule):   # torch.compile of a compiled model
+                    found = found._orig_mod
+            elif (isinstance(owner, torch.nn.Module)
+                  and getattr(owner, "_compiled_call_impl", None) is not None):
+                found = owner
+        frame = frame.f_back
+    return found
+
+
+def warn_unlowered_moe(model: torch.nn.Module | None) -> None:
+    """An MoE dispatch that syncs to the host breaks the graph before any backend sees it; only
+    lowering the model before torch.compile helps, so say so, once, naming the layers."""
+    if model is None:
+        return
+    pending = [path for path, lowered in find_moe(model).items() if not lowered]
+    if pending and _first_time(model, "_mixcache_moe_warned"):
+        warnings.warn(f"mixcache: {type(model).__name__}: {len(pending)} MoE dispatch(es) "
+                      f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}) sync to the "
+                      "host and break the graph; call dit_compile.lower_moe(model) before "
+                      "torch.compile to run them as one fused op in one graph", stacklevel=3)
+
+
+def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure) -> None:
+    """Say once per model why it compiles without caching: graph breaks where this graph is one
+    fragment of the forward (the region pass's own reason would name the fragment's frame and
+    mislead), else what the region pass found missing."""
+    root = compiled_model() or traced_module()
+    if not _first_time(root, "_mixcache_fallback_warned"):
+        return
+    name = type(root).__name__ if root is not None else "the traced function"
+    if _is_fragment(gm, root):
+        reason = ("graph breaks split its forward into several graphs, and mixcache needs the whole "
+                  "forward in one graph to find its block stack (torch.compile(..., fullgraph=True) "
+                  "raises at the first break; TORCH_LOGS=graph_breaks lists them all)")
+    else:
+        reason = str(why)
+    warnings.warn(f"mixcache: {name}: {reason}. Compiling each graph without a block stack with "
+                  "plain Inductor, without caching.", stacklevel=3)
+
+
+def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
+    """Whether this graph is only part of the model's forward: it ends at a graph break, resumes
+    after one, or comes from a frame the forward calls while itself running eagerly (Dynamo gives
+    up tracing a forward that breaks inside a loop, and compiles each submodule, helper or method
+    it calls apart)."""
+    if getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False):
+        return True
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        code = InstructionTranslator.current_tx().f_code
+    except Exception:  # outside a trace, or Dynamo internals moved
+        return False
+    if code.co_name.startswith("torch_dynamo_resume_in"):
+        return True
+    return root is not None and _forward_runs_eagerly(root)
+
+
+def _forward_runs_eagerly(model: torch.nn.Module) -> bool:
+    """The model's forward (or a decorator around it, such as diffusers' ``apply_lora_scale``) is
+    on the Python stack with its own code: Dynamo left it to the interpreter. The frame being
+    compiled is not on the stack yet, and a forward that Dynamo did transform runs other code."""
+    codes = set()
+    fn = getattr(type(model).forward, "__func__", type(model).forward)
+    while hasattr(fn, "__code__"):
+        codes.add(fn.__code__)
+        fn = getattr(fn, "__wrapped__", None)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in codes and frame.f_locals.get("self") is model:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _first_time(model: torch.nn.Module | None, flag: str) -> bool:
+    """True the first time ``flag`` is asked of ``model`` (always, with no model to hold it): every
+    graph-break fragment and every recompile reaches the backend, the user needs to hear it once."""
+    if model is None:
+        return True
+    if getattr(model, flag, False):
+        return False
+    # Written while Dynamo traces: the guards it builds afterwards see it, so no recompile.
+    setattr(model, flag, True)
+    return True
+
+
+def model_name() -> str:
+    mod = compiled_model() or traced_module()
+    return type(mod).__name__ if mod is not None else "the traced function"
