@@ -96,11 +96,17 @@ def _is_builtin(cls: type) -> bool:
     return getattr(cls, "__module__", "").startswith("torch.nn")
 
 
-def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
+def _members(nodes: list[fx.Node]) -> dict[str, dict[int, type]]:
+    """Container path -> {index: class} of the ``<container>.<int>`` modules the nodes ran in."""
     members: dict[str, dict[int, type]] = {}
     for n in nodes:
         for head, idx, cls in _block_candidates(n):
             members.setdefault(head, {})[idx] = cls
+    return members
+
+
+def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
+    members = _members(nodes)
     stacks = {
         head: len(idx_cls)
         for head, idx_cls in members.items()
@@ -117,6 +123,17 @@ def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
     depth = min(h.count(".") for h in stacks)
     # A stack nested in another stack's block (or deeper than the main ones) belongs to its parent.
     return {h: k for h, k in stacks.items() if h.count(".") == depth}
+
+
+def _skipped_blocks(nodes: list[fx.Node]) -> tuple[str, list[int]] | None:
+    """A container of one block class whose traced indices have holes: the forward skipped some."""
+    for head, idx_cls in _members(nodes).items():
+        classes = set(idx_cls.values())
+        if len(idx_cls) >= 2 and len(classes) == 1 and not _is_builtin(next(iter(classes))):
+            missing = sorted(set(range(max(idx_cls) + 1)) - set(idx_cls))
+            if missing:
+                return head, missing
+    return None
 
 
 def _is_chained(nodes: list[fx.Node], head: str, count: int) -> bool:
@@ -150,6 +167,12 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
     """
     nodes = _compute_nodes(gm)
     stacks = _find_stacks(nodes)
+    if not stacks and (gaps := _skipped_blocks(nodes)):
+        head, missing = gaps
+        raise NoBlockStructure(
+            f"blocks {missing} of {head} were not traced (a forward that skips layers, such as "
+            "SD3's skip-layer guidance call): the stack is not whole, so this graph has no block "
+            "boundary to cache at; the calls that run every block are cached as usual")
     if not stacks:
         raise NoBlockStructure(
             "no nn.ModuleList of two or more identical blocks was traced; a model compiled block by "

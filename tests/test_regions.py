@@ -136,6 +136,15 @@ def test_block_guard_sits_in_the_stacks_the_latent_flows_through():
     assert dit_compile.stats(f)["reused"] == {}
 
 
+def test_a_call_that_skips_layers_falls_back_saying_so():
+    """SD3's skip-layer guidance call leaves blocks out of the trace: that graph runs without
+    caching (correctly), and the reason names the skipped blocks, not a missing stack."""
+    model, kw = tiny_models.sd3()
+    report = dit_compile.explain(model, **kw, skip_layers=[1], return_dict=False)
+    assert "blocks [1] of transformer_blocks were not traced" in report.fallback
+    assert dit_compile.explain(model, **kw, return_dict=False).fallback is None
+
+
 class CondBlock(torch.nn.Module):
     """A block whose per-layer constant lives inside torch.cond's branches (a subgraph)."""
 

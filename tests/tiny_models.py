@@ -64,6 +64,18 @@ def hidream(batch: int = 1) -> tuple[torch.nn.Module, dict]:
                    pooled_embeds=torch.randn(batch, 8))
 
 
+def sd3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3,
+                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                              caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                              pos_embed_max_size=16).eval()
+    return m, dict(hidden_states=torch.randn(batch, 4, 8, 8),
+                   encoder_hidden_states=torch.randn(batch, 5, 16),
+                   pooled_projections=torch.randn(batch, 8), timestep=torch.full((batch,), 500.0))
+
+
 def kandinsky5(batch: int = 1) -> tuple[torch.nn.Module, dict]:
     """A text-only block stack before the visual one."""
     from diffusers import Kandinsky5Transformer3DModel
