@@ -82,11 +82,20 @@ parameter objects by other means, and LoRA
 layers added to experts after lowering (the lowered dispatch would ignore them); call
 :func:`lower_moe` again after such changes (it restacks), or :func:`restore_moe` to go back.
 
-The lowered dispatch is inference-only: the op has no autograd formula, so backward raises.
+The op has no autograd formula: where autograd would record the call (grad enabled and an input or
+an expert weight requiring grad: training), the dispatch runs the module's original method instead,
+so the model stays differentiable (and slow there); under ``torch.no_grad`` / ``inference_mode``, as
+pipelines run, it is the op. ``no_grad=True`` says the original itself runs under no_grad (HiDream's
+``moe_infer``), and the op then always runs, as the original would without gradients. Under
+``torch.autocast`` the stacked weights and the input are cast to the autocast dtype, as autocast
+casts the experts' linear layers. Also not covered: ``enable_layerwise_casting`` and other hooks on
+the expert layers added after lowering (the stack keeps the old dtype: lower after them, or call
+:func:`lower_moe` again), and pickling a lowered module (``restore_moe`` first).
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 from collections.abc import Callable
@@ -116,6 +125,7 @@ class _MoESpec:
     weights: Weights  # module -> (w1, w3, w2), read at every call
     experts: str | None  # attribute of the per-expert ModuleList whose weights we stacked, if any
     projections: tuple[str, str, str]  # gate, up, down attribute names inside each expert
+    no_grad: bool = False  # the original runs under no_grad (HiDream's moe_infer): so does the op
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,9 +136,18 @@ def _lowered_dispatch(spec: _MoESpec) -> Callable[..., Tensor]:
     # A closure over the spec only, never the module, so that copy.deepcopy of the module (which
     # rebinds the bound method to the copy) yields a copy that dispatches on its own weights.
     def dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-        x, expert_ids, routing_weights = spec.route(self, *args, **kwargs)
-        w1, w3, w2 = spec.weights(self)
-        return moe_ffn(x, expert_ids, routing_weights, w1, w3, w2)
+        with torch.no_grad() if spec.no_grad else contextlib.nullcontext():
+            x, expert_ids, routing_weights = spec.route(self, *args, **kwargs)
+            w1, w3, w2 = spec.weights(self)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2)):
+                # Autograd would record this call and the op has no backward: the original
+                # method (training, or a forward that needs gradients) stays differentiable.
+                return getattr(type(self), spec.method)(self, *args, **kwargs)
+            if torch.is_autocast_enabled(x.device.type):
+                # What autocast does to the experts' nn.Linear layers, done to the stacked ones.
+                dtype = torch.get_autocast_dtype(x.device.type)
+                x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
+            return moe_ffn(x, expert_ids, routing_weights, w1, w3, w2)
 
     return dispatch
 
@@ -145,6 +164,7 @@ def register_moe(
     projections: tuple[str, str, str] = ("w1", "w3", "w2"),
     weights: Weights | None = None,
     route: Route | None = None,
+    no_grad: bool = False,
 ) -> None:
     """Replace ``module.<method>`` on this instance by a call of ``dit_compile::moe_ffn``.
 
@@ -153,12 +173,15 @@ def register_moe(
     stacked ``(w1 [E, H, D], w3 [E, H, D], w2 [E, D, H])``) must be given. ``route(module, *args,
     **kwargs) -> (x [T, D], expert_ids [T, k], routing_weights [T, k])`` adapts the method's
     arguments; without it the method is called as ``(x, expert_ids, routing_weights)``. The method's
-    replacement returns the op's ``[T, D]``. Registering an already lowered module again restacks
-    its weights. Raises ``ValueError`` when the experts do not have the required structure.
+    replacement returns the op's ``[T, D]``. ``no_grad``: the method runs under ``torch.no_grad``
+    (as HiDream's does), so the op may run even where gradients are enabled; otherwise a call that
+    autograd would record runs the original method. Registering an already lowered module again
+    restacks its weights. Raises ``ValueError`` when the experts do not have the required structure
+    or ``method`` is not a method of the module's class.
     """
     if (experts is None) == (weights is None):
         raise ValueError("register_moe: pass exactly one of experts= and weights=")
-    if not callable(getattr(module, method, None)):
+    if not callable(getattr(type(module), method, None)):
         raise ValueError(f"register_moe: {type(module).__name__} has no method {method!r}")
     if experts is not None:
         problem = _swiglu_experts_problem(getattr(module, experts, None), projections)
@@ -171,6 +194,7 @@ def register_moe(
         weights=weights if weights is not None else _stacked_buffers,
         experts=experts,
         projections=tuple(projections),
+        no_grad=no_grad,
     )
     if experts is not None:
         _stack_experts(module, spec)
@@ -292,7 +316,7 @@ def _lower_hidream(module: nn.Module) -> str | None:
     if problem is None and not isinstance(getattr(module, "num_activated_experts", None), int):
         problem = "no integer num_activated_experts"
     if problem is None:
-        register_moe(module, "moe_infer", experts="experts", route=_hidream_route)
+        register_moe(module, "moe_infer", experts="experts", route=_hidream_route, no_grad=True)
     return problem
 
 

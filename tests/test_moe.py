@@ -454,6 +454,52 @@ def test_register_moe_for_user_module():
         register_moe(model, "dispatch")
 
 
+def test_lowered_dispatch_stays_differentiable_where_autograd_records():
+    """Training (grad enabled, weights requiring grad): the original method runs, so gradients are
+    eager's; the op (no backward) runs where nothing is recorded."""
+    torch.manual_seed(0)
+    model, x = _UserMoE(), torch.randn(13, 16, requires_grad=True)
+    ref = copy.deepcopy(model)
+    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    model(x).square().sum().backward()
+    grads = [x.grad.clone()] + [p.grad for p in model.parameters()]
+    x.grad = None
+    ref(x).square().sum().backward()
+    for g, r in zip(grads, [x.grad] + [p.grad for p in ref.parameters()]):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_hidream_dispatch_keeps_no_grad_and_autocast():
+    """diffusers runs HiDream's moe_infer under no_grad: lowered, a forward with grad enabled
+    still runs (and backpropagates through the rest) as eager's does; under autocast the experts
+    compute in the autocast dtype, as their linear layers would."""
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+    torch.manual_seed(0)
+    moe = MOEFeedForwardSwiGLU(dim=16, hidden_dim=24, num_routed_experts=4, num_activated_experts=2).eval()
+    ref = copy.deepcopy(moe)
+    assert lower_moe(moe) == 1
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    out = moe(x)
+    out.sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    expected = ref(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, x.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low, eager = moe(x), ref(x)
+    assert low.dtype == eager.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), eager.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_register_moe_rejects_a_non_method_before_changing_anything():
+    model = _UserMoE()
+    with pytest.raises(ValueError, match="has no method 'experts'"):
+        register_moe(model, "experts", experts="experts", projections=("gate", "up", "down"))
+    assert "_moe_w1" not in model._buffers and "_apply" not in model.__dict__
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: the op through Inductor on the device
 
