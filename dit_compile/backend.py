@@ -12,8 +12,8 @@ from torch._inductor.compile_fx import compile_fx
 from .frames import (compiled_model, model_name, traced_locals, traced_module, warn_fallback,
                      warn_unlowered_moe)
 from .options import Options
-from .passes.regions import BLOCK, NoBlockStructure, RegionMap, find_regions, user_inputs
-from .passes.split import Plan, split
+from .passes.regions import BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions, user_inputs
+from .passes.split import Piece, Plan, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.halves import HalfBatch
@@ -63,12 +63,16 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
 
 
 def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any]) -> list[Callable[..., Any]]:
+    """Each distinct piece compiled once (identical blocks share it). Glue of a few ops between
+    blocks runs as it is: Chroma slices its per-block modulation there, one constant apart from
+    block to block, and Inductor would compile each of them for a kernel or two it cannot fuse
+    into anything."""
     compiled: dict[str, Callable[..., Any]] = {}
     fns = []
     for i, piece in enumerate(plan.pieces):
         key = piece.signature() if opts.share_blocks else str(i)
         if key not in compiled:
-            if opts.regions == "eager":
+            if opts.regions == "eager" or _small_glue(piece):
                 compiled[key] = piece.module
             else:
                 # compile_fx owns and may mutate the graph it is given.
@@ -76,6 +80,11 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any]) -> list[
                                            config_patches=inductor)
         fns.append(compiled[key])
     return fns
+
+
+def _small_glue(piece: Piece) -> bool:
+    ops = [n for n in piece.module.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    return piece.region.kind == GLUE and len(ops) <= 4
 
 
 def piece_flops(plan: Plan) -> list[float]:

@@ -75,6 +75,27 @@ def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch):
     assert len(traces) == 1 and len(compiles) == 3
 
 
+def test_small_glue_between_blocks_is_not_compiled(monkeypatch):
+    """Chroma slices each block's modulation from one embedding between blocks: a few ops, one
+    constant apart from block to block. Compiling each would cost a compile per block for nothing."""
+    from dit_compile.passes.regions import GLUE
+    model, kw = tiny_models.chroma()
+    compiled = []
+    monkeypatch.setattr(backend, "compile_fx",
+                        lambda gm, *a, **k: compiled.append(gm) or gm.forward)
+    plans = []
+    real_split = backend.split
+    monkeypatch.setattr(backend, "split", lambda gm, rmap: plans.append(real_split(gm, rmap)) or plans[-1])
+    with torch.no_grad():
+        out = torch.compile(model, backend="mixcache", fullgraph=True,
+                            options={"cache": None})(**kw, return_dict=False)[0]
+        torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+    kinds = [p.region.kind for p in plans[0].pieces]
+    assert kinds.count(GLUE) >= 3
+    distinct = {p.signature() for p in plans[0].pieces if p.region.kind != GLUE}
+    assert len(compiled) == len(distinct), "the prologue, each distinct block, the epilogue: no glue"
+
+
 @pytest.mark.inductor
 def test_bf16_cache_off_is_within_the_eager_vs_inductor_difference():
     """In bf16 the regions may round differently from the whole graph, but no further from eager

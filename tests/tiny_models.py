@@ -76,6 +76,20 @@ def sd3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
                    pooled_projections=torch.randn(batch, 8), timestep=torch.full((batch,), 500.0))
 
 
+def chroma(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    """Per-block modulation sliced from one pooled embedding between blocks (glue)."""
+    from diffusers import ChromaTransformer2DModel
+    torch.manual_seed(0)
+    m = ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=3,
+                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                 axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+                                 approximator_hidden_dim=16, approximator_layers=2).eval()
+    return m, dict(hidden_states=torch.randn(batch, 16, 4),
+                   encoder_hidden_states=torch.randn(batch, 6, 32),
+                   timestep=torch.full((batch,), 0.5), img_ids=torch.randn(16, 3),
+                   txt_ids=torch.randn(6, 3))
+
+
 def kandinsky5(batch: int = 1) -> tuple[torch.nn.Module, dict]:
     """A text-only block stack before the visual one."""
     from diffusers import Kandinsky5Transformer3DModel
