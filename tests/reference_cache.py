@@ -2,7 +2,9 @@
 
 ``Reference(model, step=..., cfg=..., block=..., span=(a, b))`` is called like the model over one
 generation (timesteps going down, one call per guidance branch) and reuses exactly what the forced
-schedule says, by wrapping the model's own blocks. Single-stream block stacks only.
+schedule says, by wrapping the model's own blocks. One stack; its blocks carry one stream, or two
+where a block says so (``block.two``, the test DiTs' dual-stream blocks: ``(x, txt) -> (x, txt)``),
+each stream's residual reused on its own.
 """
 from __future__ import annotations
 
@@ -18,13 +20,17 @@ class _Span(torch.nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         r = self.ref
+        two = getattr(self.block, "two", False)
+        streams = (hidden_states, args[0]) if two else (hidden_states,)
         if r.reuse_span:
-            return hidden_states + r.span_res[r.branch] if self.first else hidden_states
-        if self.first:
-            r.span_in = hidden_states.clone()    # a block may write into its input in place
+            if self.first:
+                streams = tuple(s + d for s, d in zip(streams, r.span_res[r.branch]))
+            return streams if two else streams[0]
+        if self.first:   # copies: a block may write into its input in place
+            r.span_in = tuple(s.clone() for s in streams)
         out = self.block(hidden_states, *args, **kwargs)
         if self.last:
-            r.fresh_res = out - r.span_in
+            r.fresh_res = tuple(o - i for o, i in zip(out if two else (out,), r.span_in))
         return out
 
 

@@ -44,10 +44,12 @@ schedules = st.fixed_dictionaries({
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-@given(spec=random_dits.specs().filter(lambda s: len(s.depths) == 1 and not s.two_streams),
+@given(spec=random_dits.specs().filter(lambda s: len(s.depths) == 1),
        sched=schedules, branches=st.integers(1, 3), data=st.data())
 def test_forced_schedules_match_eager_reference(spec, sched, branches, data):
-    """Up to three guidance branches a step: each is rebuilt from its own difference to branch 0."""
+    """Up to three guidance branches a step, each rebuilt from its own difference to branch 0;
+    dual-stream blocks, whose two streams have one shape where the image has 3 tokens as the text
+    does, each rebuilt from its own residual."""
     torch._dynamo.reset()
     model, kw = random_dits.build(spec)
     n = spec.depths[0]
@@ -304,6 +306,22 @@ def test_block_decisions_are_per_sample():
         alone.append(generation(compiled(m, cache), one, branches=1))
     for k, y in enumerate(both):
         torch.testing.assert_close(y, torch.cat([alone[0][k], alone[1][k]]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("span", [(1, 3), (1, 4)])
+def test_dual_stream_blocks_of_one_shape_reuse_each_stream_own_residual(span):
+    """Image and text streams of one shape (3 tokens each): the span's outputs are rebuilt from
+    their own streams, as the eager reference does (the span ending mid-stack leaves both streams
+    to the blocks after it)."""
+    spec = random_dits.Spec(dim=8, depths=(4,), cross_attn=True, adaln=True, gated=True,
+                            two_streams=True, extra_input=False, batch=1, tokens=3)
+    model, kw = random_dits.build(spec)
+    sched = dict(block=[2, 3, 5])
+    ours = generation(compiled(model, {"rule": "schedule", **sched, "span": list(span)}), kw,
+                      branches=1)
+    ref = Reference(model, **sched, span=span).start(STEPS[0])
+    for x, y in zip(ours, generation(ref, kw, branches=1)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("text_len", [6, 16])
