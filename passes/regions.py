@@ -243,7 +243,8 @@ def latent_stacks(gm: fx.GraphModule, latent: str | None, stacks: list[str]) -> 
                 and any(isinstance(v, torch.Tensor)
                         for v in pytree.tree_leaves(n.meta.get("example_value")))):
             reached.add(n)
-    hit = {lab[0] for n in reached if (lab := _label(n, dict.fromkeys(stacks, 0)))}
+    counts = dict.fromkeys(stacks, 0)
+    hit = {lab[0] for n in reached if (lab := _label(n, counts))}
     return [h for h in stacks if h in hit] or list(stacks)
 
 
