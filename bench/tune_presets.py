@@ -33,16 +33,27 @@ def tuning_cases(n: int) -> list[quality.Case]:
 
 
 def default_sweep() -> dict[str, Any]:
-    """The presets, the budgets and reuse bounds around them, and uniform cadences to beat."""
+    """The presets, the budgets and reuse bounds around them at first and second order, and uniform
+    cadences to beat."""
     sweep: dict[str, Any] = {p: p for p in ("quality", "balanced", "fast")}
     for max_reuse in (1, 2, 3):
         for budget in (0.004, 0.008, 0.012, 0.016, 0.024):
             sweep[f"budget {budget} max_reuse {max_reuse}"] = {
-                "rule": "mixcache", "budget": budget, "max_reuse": max_reuse}
-    sweep["every 2nd step reused from step 3"] = {
-        "rule": "schedule", "step": list(range(3, 20, 2)), "extrapolate": True}
-    sweep["2 of 3 steps reused from step 2"] = {
-        "rule": "schedule", "step": [k for k in range(2, 20) if k % 3 != 0], "extrapolate": True}
+                "rule": "mixcache", "budget": budget, "max_reuse": max_reuse, "extrapolate": 1}
+    for max_reuse, budgets in ((1, (0.006, 0.008, 0.01)), (2, (0.012, 0.016, 0.02)),
+                               (3, (0.02, 0.024, 0.03))):
+        for budget in budgets:
+            sweep[f"order 2 budget {budget} max_reuse {max_reuse}"] = {
+                "rule": "mixcache", "budget": budget, "max_reuse": max_reuse, "extrapolate": 2}
+    for order in (1, 2):
+        sweep[f"every 2nd step reused from step 3, order {order}"] = {
+            "rule": "schedule", "step": list(range(3, 20, 2)), "extrapolate": order}
+        sweep[f"2 of 3 steps reused from step 2, order {order}"] = {
+            "rule": "schedule", "step": [k for k in range(2, 20) if k % 3 != 0],
+            "extrapolate": order}
+        sweep[f"steps 0, 1, 4, 7, ..., 16, 18 computed, order {order}"] = {
+            "rule": "schedule", "step": [k for k in range(2, 20) if k not in (4, 7, 10, 13, 16, 18)],
+            "extrapolate": order}
     return sweep
 
 

@@ -32,6 +32,7 @@ CONFIGS = {
 
 
 def schedules(steps: int, layers: int) -> dict[str, dict]:
+    from dit_compile.runtime.mixcache import PRESETS
     half = list(range(2, steps, 2))
     return {
         "mixcache step 1/2": {"rule": "schedule", "step": half},
@@ -40,7 +41,8 @@ def schedules(steps: int, layers: int) -> dict[str, dict]:
         "mixcache blocks 2-N 19/20 (FBCache anchor)": {"rule": "schedule", "block": list(range(1, steps))},
         "mixcache mix": {"rule": "schedule", "step": list(range(4, steps, 4)),
                          "cfg": list(range(1, steps, 2)), "block": list(range(2, steps, 4))},
-        **({f"replayed {p} (large)": {"rule": "schedule", "step": s, "extrapolate": True}
+        **({f"replayed {p} (large)": {"rule": "schedule", "step": s,
+                                       "extrapolate": PRESETS[p]["extrapolate"]}
             for p, s in REPLAYED.items()} if steps == 20 else {}),
     }
 
@@ -48,7 +50,8 @@ def schedules(steps: int, layers: int) -> dict[str, dict]:
 # The steps each MixCache preset reused on the trained `large` model (the most common schedule
 # over the 16 evaluation cases, the same on both guidance branches), from
 # `python bench/tune_presets.py --model large --replay`. Replayed at real size as forced schedules,
-# they say what wall-clock speedup those decisions give there (random weights: no quality claim).
+# extrapolated to the preset's order, they say what wall-clock speedup those decisions give there
+# (random weights: no quality claim).
 REPLAYED = {
     "quality": [2, 4, 6, 8, 10, 12, 14, 16, 19],
     "balanced": [2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 19],

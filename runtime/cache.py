@@ -72,7 +72,7 @@ class Record:
 
 @dataclass
 class BranchCache:
-    outputs: list[tuple[float, list[torch.Tensor]]] = field(default_factory=list)  # last two computed
+    outputs: list[tuple[float, list[torch.Tensor]]] = field(default_factory=list)  # last computed
     latent: torch.Tensor | None = None          # input latent at the last computed step
     probe: torch.Tensor | None = None           # probe residual at the last computed span
     span: list[torch.Tensor] | None = None      # span residuals (or values) at that step
@@ -267,6 +267,34 @@ def find_state(model: torch.nn.Module) -> CacheState | None:
         if state is not None:
             return state
     return None
+
+
+def extrapolate(outputs: list[tuple[float, list[torch.Tensor]]], t: float, order: int
+                ) -> list[torch.Tensor]:
+    """The outputs at ``t`` predicted from the last ``order + 1`` computed ``(t_i, outputs_i)``:
+    the polynomial in t through them (Lagrange form), of lower order where fewer are at hand or
+    two share a timestep. Order 0 is the last output itself."""
+    points: list[tuple[float, list[torch.Tensor]]] = []
+    for ti, y in reversed(outputs):
+        if len(points) <= order and all(ti != tj for tj, _ in points):
+            points.append((ti, y))
+    if len(points) == 1:
+        return list(points[0][1])
+    weights = []
+    for i, (ti, _) in enumerate(points):
+        w = 1.0
+        for j, (tj, _) in enumerate(points):
+            if j != i:
+                w *= (t - tj) / (ti - tj)
+        weights.append(w)
+    # The weights are large and of both signs (1, -3, 3 for the next point of an evenly spaced
+    # sequence at order 2): summed in bf16 the roundings of the terms add up to several ulps of the
+    # result, so the sum is taken in float32 at least.
+    out = []
+    for ys in zip(*(y for _, y in points)):
+        acc = torch.promote_types(ys[0].dtype, torch.float32)
+        out.append(sum(w * y.to(acc) for w, y in zip(weights, ys)).to(ys[0].dtype))
+    return out
 
 
 def _tensor_leaves(tree: Any) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..passes.regions import BLOCK
 from ..passes.split import Plan, output_keys
-from .cache import BranchCache, CacheState, StateFactory, Step
+from .cache import BranchCache, CacheState, StateFactory, Step, extrapolate
 from .halves import HalfBatch, is_batched_cfg
 from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
 
@@ -121,6 +121,8 @@ class GuardedExecutor(Executor):
         # Keep the latent only for the policies that read it, decided once here.
         self._keep_latent = policy.step_mode == "residual"
         self._keep_input = getattr(policy, "teacache", None) is not None
+        # The computed outputs an extrapolation of this order reads; two at least (rates).
+        self._n_outputs = max(2, policy.extrapolate + 1)
         if self._keep_latent:
             _check_residual_shapes(ex.get(self.latent), [ex.get(s) for s in self.out_slots])
 
@@ -216,14 +218,9 @@ class GuardedExecutor(Executor):
         return [torch.cat([c + d, c]) for c, d in zip(cond, diff)]
 
     def _reuse_step(self, bc: BranchCache, x: torch.Tensor, t: float) -> list[torch.Tensor]:
-        (ta, a), = bc.outputs[-1:]
         if self.policy.step_mode == "residual":
-            return [x + (o - bc.latent) for o in a]
-        if self.policy.extrapolate and len(bc.outputs) == 2:
-            tb, b = bc.outputs[0]
-            w = (t - ta) / (ta - tb) if ta != tb else 0.0
-            return [oa + (oa - ob) * w for oa, ob in zip(a, b)]
-        return list(a)
+            return [x + (o - bc.latent) for o in bc.outputs[-1][1]]
+        return extrapolate(bc.outputs, t, self.policy.extrapolate)
 
     def _finish(self, st: CacheState, env: list[Any], step: Step, bc: BranchCache,
                 outs: list[torch.Tensor], kind: str, flops: float, signal: float | None,
@@ -240,7 +237,7 @@ class GuardedExecutor(Executor):
             bc.reused_in_a_row = bc.reused_in_a_row + 1
         if computed:
             st.computed.add(step.branch)
-            bc.outputs = (bc.outputs + [(step.t, st.current[step.branch])])[-2:]
+            bc.outputs = (bc.outputs + [(step.t, st.current[step.branch])])[-self._n_outputs:]
             if self._keep_latent:
                 bc.latent = x.clone()   # a copy: a sampler may update its latent in place
             bc.accumulated = None

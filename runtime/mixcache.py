@@ -13,8 +13,11 @@ Signals, all of which the runtime already has (no extra forward):
   0.38 / 0.31, the output's own change 0.67 / 0.61. The step estimate is built from the output.
 * ``out_rate``: relative change of the output per unit of timestep between the last two computed
   calls of the branch; reusing the last output at ``t`` is off by ``out_rate * |t - t_last|``.
-  With ``extrapolate`` (first-order, from the last two computed outputs) the error is that of a
+  With ``extrapolate`` (first order, from the last two computed outputs) the error is that of a
   linear predictor: ``curvature`` (change of that slope, relative to the output) times the distance.
+  The same estimate stands for second order (``extrapolate=2``, through the last three): it is the
+  size of the term the parabola corrects, so it bounds that predictor's error from above, and the
+  budgets of the presets that use it were tuned with it.
   The sampler then multiplies that output error by its step length, so the estimate is weighted by
   the step about to be taken: the last spacing of timesteps, and never more than ``t`` itself (no
   step goes below zero). With 20 flow-matching steps at shift 3 the steps grow from 0.02 to 0.14
@@ -48,22 +51,26 @@ GRANULARITIES = ("step", "cfg", "block")
 
 # Budgets: relative error of the output times the fraction of the noise range it is used over.
 # Chosen with bench/tune_presets.py on 16 cases disjoint from the evaluation cases (numbers in
-# bench/RESULTS.md). There, whole-step reuse with first-order extrapolation gave the best PSNR for
-# the FLOPs saved; cfg reuse lost 5-20 dB for the same FLOPs (with CFG 4 an error in the guidance
-# difference is amplified threefold) and block reuse more, so the presets reuse steps only and the
-# other granularities stay available through `granularities`. The reuse bound sets the rhythm
-# (one in two, two in three, three in four at most) and the budget where the rhythm breaks.
-_STEP = dict(granularities=("step",), extrapolate=True, warmup=0.03)
+# bench/RESULTS.md). There, whole-step reuse with extrapolation gave the best PSNR for the FLOPs
+# saved; cfg reuse lost 5-20 dB for the same FLOPs (with CFG 4 an error in the guidance difference
+# is amplified threefold) and block reuse more, so the presets reuse steps only and the other
+# granularities stay available through `granularities`. The reuse bound sets the rhythm (one in
+# two, two in three, three in four at most) and the budget where the rhythm breaks. Second-order
+# extrapolation (through the last three computed outputs) pays where reuse runs are one or two
+# steps long: on the tuning cases, at the same FLOPs or fewer, 1.2-3.0 dB more for `quality` and
+# 0.2-2.2 dB for `balanced`; with runs of three, at `fast`'s budget, it lost 1.7 dB on `small` (a
+# parabola through points three steps apart, carried three more), so `fast` stays first order.
+_STEP = dict(granularities=("step",), warmup=0.03)
 PRESETS: dict[str, dict] = {
-    "quality": dict(_STEP, budget=0.008, max_reuse=1),
-    "balanced": dict(_STEP, budget=0.016, max_reuse=2),
-    "fast": dict(_STEP, budget=0.024, max_reuse=3),
+    "quality": dict(_STEP, extrapolate=2, budget=0.008, max_reuse=1),
+    "balanced": dict(_STEP, extrapolate=2, budget=0.02, max_reuse=2),
+    "fast": dict(_STEP, extrapolate=1, budget=0.024, max_reuse=3),
 }
 
 
 @dataclass
 class MixCache:
-    budget: float = 0.016
+    budget: float = 0.02
     warmup: float = 0.03
     settle: float = 0.5
     max_reuse: int = 2
@@ -72,7 +79,7 @@ class MixCache:
     probe: int = 1
     span: tuple[int, int | None] = (1, None)
     step_mode: str = "output"
-    extrapolate: bool = False
+    extrapolate: int = 2
 
     # The probe always runs: its residual is the trigger's signal even when blocks are not reused.
     uses_blocks = True
@@ -187,8 +194,8 @@ class MixCache:
         elif kind == "block" and "mask" in sig:
             m = sig["mask"]
             sig["spent"] = torch.where(m, sig["spent"], torch.zeros_like(sig["spent"]))
-        if kind in ("compute", "block") and len(bc.outputs) == 2:
-            (tb, b), (ta, a) = bc.outputs
+        if kind in ("compute", "block") and len(bc.outputs) >= 2:
+            (tb, b), (ta, a) = bc.outputs[-2:]
             if ta != tb:
                 sig["out_rate"] = float(rel_l1(a[0], b[0]).max()) / abs(ta - tb)
                 slope = (a[0] - b[0]) / (ta - tb)
@@ -221,7 +228,6 @@ _VALID = {
     "max_reuse": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                   "an integer >= 1"),
     "per_sample": (lambda v: isinstance(v, bool), "true or false"),
-    "extrapolate": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

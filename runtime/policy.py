@@ -53,7 +53,8 @@ class Policy:
     probe: int = 1                          # blocks run before the block decision
     span: tuple[int, int | None] = (1, None)  # flat block indices the block guard may skip
     step_mode: str = "output"               # "output" | "residual" (over the latent)
-    extrapolate: bool = False               # first-order step reuse from the last two computes
+    extrapolate: int = 0                    # step reuse: order of the polynomial through the
+                                            # last computes (True: 1, first order)
     max_reuse: int | None = None            # bound on consecutive reuses per branch
     per_sample: bool = True                 # decisions per sample of a batch
 
@@ -226,6 +227,12 @@ def _check_blocks(policy: Any, n_blocks: int) -> Any:
     policy.span = (a, b)
     if policy.step_mode not in ("output", "residual"):
         raise PolicyError(f"step_mode={policy.step_mode!r}: must be 'output' or 'residual'")
+    order = policy.extrapolate
+    if not isinstance(order, int) or order not in (0, 1, 2):
+        raise PolicyError(f"extrapolate={order!r}: must be false (reuse the last output), true or 1 "
+                          "(first order, from the last two computed outputs) or 2 (second order, "
+                          "from the last three)")
+    policy.extrapolate = int(order)
     if policy.max_reuse is not None and (not isinstance(policy.max_reuse, int) or policy.max_reuse < 1):
         raise PolicyError(f"max_reuse={policy.max_reuse!r}: must be a positive integer or None")
     return policy

@@ -4,7 +4,8 @@
 generation (timesteps going down, one call per guidance branch) and reuses exactly what the forced
 schedule says, by wrapping the model's own blocks. One stack; its blocks carry one stream, or two
 where a block says so (``block.two``, the test DiTs' dual-stream blocks: ``(x, txt) -> (x, txt)``),
-each stream's residual reused on its own.
+each stream's residual reused on its own. Step reuse with ``order`` k fits the polynomial of degree
+k in t through the last k + 1 computed outputs (as many as there are) and evaluates it.
 """
 from __future__ import annotations
 
@@ -35,15 +36,17 @@ class _Span(torch.nn.Module):
 
 
 class Reference:
-    def __init__(self, model, blocks_attr: str = "blocks", step=(), cfg=(), block=(), span=(1, None)):
+    def __init__(self, model, blocks_attr: str = "blocks", step=(), cfg=(), block=(), span=(1, None),
+                 order=0):
         self.model = copy.deepcopy(model)
+        self.order = order
         blocks = getattr(self.model, blocks_attr)
         a, b = span[0], span[1] if span[1] is not None else len(blocks)
         for i in range(a, b):
             blocks[i] = _Span(blocks[i], i == a, i == b - 1, self)
         self.step_s, self.cfg_s, self.block_s = set(step), set(cfg), set(block)
         self.last_t, self.step, self.branch = None, -1, 0
-        self.out = {}          # branch -> last computed output
+        self.out = {}          # branch -> computed (t, output), oldest first
         self.span_res = {}     # branch -> last computed span residual
         self.current = {}      # branch -> this step's output
         self.computed = set()
@@ -62,7 +65,7 @@ class Reference:
         self.last_t = t
         b = self.branch
         if self.step in self.step_s and b in self.out:
-            y = self.out[b]
+            y = _fit(self.out[b][-(self.order + 1):], t)
             self.current[b] = y
             return y
         if b >= 1 and self.step in self.cfg_s and b in self.diff and 0 in self.current:
@@ -75,7 +78,8 @@ class Reference:
         if not self.reuse_span:
             self.span_res[b] = self.fresh_res
         self.reuse_span = False
-        self.out[b] = self.current[b] = y
+        self.out.setdefault(b, []).append((t, y))
+        self.current[b] = y
         self.computed.add(b)
         if b >= 1 and 0 in self.computed:
             self.diff[b] = y - self.current[0]
@@ -84,6 +88,16 @@ class Reference:
     def start(self, t0: float) -> "Reference":
         self.last_t = float("inf")
         return self
+
+
+def _fit(points, t):
+    """The least-squares (here: exact) polynomial through ``points`` = [(t_i, y_i)], at ``t``."""
+    ts = torch.tensor([p[0] for p in points], dtype=torch.float64) / 1000.0
+    ys = torch.stack([p[1].double().flatten() for p in points])
+    vander = ts[:, None] ** torch.arange(len(points), dtype=torch.float64)
+    coef = torch.linalg.lstsq(vander, ys).solution
+    at = (t / 1000.0) ** torch.arange(len(points), dtype=torch.float64)
+    return (at @ coef).reshape(points[-1][1].shape).to(points[-1][1].dtype)
 
 
 class BatchedCfgReference:

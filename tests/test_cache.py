@@ -45,20 +45,22 @@ schedules = st.fixed_dictionaries({
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=random_dits.specs().filter(lambda s: len(s.depths) == 1),
-       sched=schedules, branches=st.integers(1, 3), data=st.data())
-def test_forced_schedules_match_eager_reference(spec, sched, branches, data):
+       sched=schedules, branches=st.integers(1, 3), order=st.sampled_from([False, True, 2]),
+       data=st.data())
+def test_forced_schedules_match_eager_reference(spec, sched, branches, order, data):
     """Up to three guidance branches a step, each rebuilt from its own difference to branch 0;
     dual-stream blocks, whose two streams have one shape where the image has 3 tokens as the text
-    does, each rebuilt from its own residual."""
+    does, each rebuilt from its own residual; step reuse extrapolated to each order."""
     torch._dynamo.reset()
     model, kw = random_dits.build(spec)
     n = spec.depths[0]
     a = data.draw(st.integers(1, n - 1))
     b = data.draw(st.integers(a + 1, n))
-    cache = {"rule": "schedule", **{k: sorted(v) for k, v in sched.items()}, "span": [a, b]}
+    cache = {"rule": "schedule", **{k: sorted(v) for k, v in sched.items()}, "span": [a, b],
+             "extrapolate": order}
     ours = generation(compiled(model, cache), kw, branches=branches)
     ref = Reference(model, step=sched["step"], cfg=sched["cfg"], block=sched["block"],
-                    span=(a, b)).start(STEPS[0])
+                    span=(a, b), order=int(order)).start(STEPS[0])
     theirs = generation(ref, kw, branches=branches)
     for i, (x, y) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
@@ -78,6 +80,37 @@ def test_wan_forced_schedule_matches_reference_and_counts():
     assert s["reused"] == {"step": 2, "cfg": 2, "block": 4}
     assert [(r["step"], r["branch"]) for r in s["trace"]][:4] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert 0 < s["flops_fraction"] < 1
+
+
+@pytest.mark.parametrize("order", [True, 2])
+def test_extrapolated_step_reuse_matches_reference(order):
+    """Steps 3 and 5 reused after three computed steps: first order reads two, second order
+    three, and the two differ (so neither stands in for the other unseen)."""
+    model, kw = tiny_models.wan(layers=2)
+    kw["return_dict"] = False
+    sched = dict(step=[3, 5])
+    ours = generation(compiled(model, {"rule": "schedule", **sched, "extrapolate": order}), kw)
+    refs = {k: generation(Reference(model, **sched, order=k).start(STEPS[0]), kw) for k in (1, 2)}
+    for x, y in zip(ours, refs[int(order)]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    reused = 6      # step 3, branch 0
+    assert not torch.allclose(ours[reused], ours[reused - 2])
+    assert not torch.allclose(refs[1][reused], refs[2][reused], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_extrapolation_in_bf16_is_rounded_once(order):
+    """A bf16 model's extrapolated output is the exact polynomial's value rounded to bf16 (within
+    half an ulp, 2**-8 relative): summed in bf16, the large weights of both signs would add up the
+    roundings of every term."""
+    from dit_compile.runtime.cache import extrapolate
+    g = torch.Generator().manual_seed(0)
+    ys = [torch.randn(4096, generator=g) * 3 + k * torch.linspace(0, 1, 4096) for k in range(3)]
+    pts = [(t, [y.to(torch.bfloat16)]) for t, y in zip((900.0, 870.0, 830.0), ys)]
+    exact = extrapolate([(t, [y.double() for y in v]) for t, v in pts], 790.0, order)[0]
+    got = extrapolate(pts, 790.0, order)[0]
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= exact.abs() * 2.0 ** -8).all()
 
 
 def test_no_cache_option_reuses_nothing_and_no_recompiles(monkeypatch):
@@ -451,6 +484,8 @@ def test_memory_bound_is_a_clear_error():
     ({"rule": "first_block", "threshold": -0.1}, r"threshold=-0.1"),
     ({"rule": "fastercache", "every": 1}, r"every=1"),
     ({"rule": "magic"}, r"cache rule 'magic'"),
+    ({"rule": "schedule", "step": [2], "extrapolate": 3}, r"extrapolate=3: must be"),
+    ({"rule": "mixcache", "extrapolate": "yes"}, r"extrapolate='yes': must be"),
     ({"rule": "teacache", "threshold": 0.1, "treshold": 1}, r"unknown key\(s\) \['treshold'\]"),
 ])
 def test_bad_cache_options(cache, match):
