@@ -28,12 +28,12 @@ def _runs(trace, branch):
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=random_dits.specs().filter(lambda s: not s.two_streams),
        budget=st.sampled_from([0.0, 0.05, 0.3, 2.0]), warmup=st.sampled_from([0.0, 0.2, 0.5]),
-       max_reuse=st.integers(1, 3))
-def test_trigger_bound_and_zero_budget(spec, budget, warmup, max_reuse):
+       max_reuse=st.integers(1, 3), order=st.sampled_from([0, 1, 2]))
+def test_trigger_bound_and_zero_budget(spec, budget, warmup, max_reuse, order):
     torch._dynamo.reset()
     model, kw = random_dits.build(spec)
     cache = {"rule": "mixcache", "budget": budget, "warmup": warmup, "max_reuse": max_reuse,
-             "settle": 10.0}
+             "settle": 10.0, "extrapolate": order}
     f = compiled(model, cache)
     generation(f, kw, steps=STEPS)
     trace = dit_compile.stats(f)["trace"]
