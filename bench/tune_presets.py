@@ -40,7 +40,7 @@ def default_sweep() -> dict[str, Any]:
         for budget in (0.004, 0.008, 0.012, 0.016, 0.024):
             sweep[f"budget {budget} max_reuse {max_reuse}"] = {
                 "rule": "mixcache", "budget": budget, "max_reuse": max_reuse, "extrapolate": 1}
-    for max_reuse, budgets in ((1, (0.006, 0.008, 0.01)), (2, (0.012, 0.016, 0.02)),
+    for max_reuse, budgets in ((1, (0.006, 0.008, 0.01)), (2, (0.012, 0.016, 0.02, 0.024)),
                                (3, (0.02, 0.024, 0.03))):
         for budget in budgets:
             sweep[f"order 2 budget {budget} max_reuse {max_reuse}"] = {

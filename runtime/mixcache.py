@@ -5,8 +5,9 @@ Signals, all of which the runtime already has (no extra forward):
 
 * ``probe``: relative L1 change of the probe residual (first block(s)) since the last call of the
   same branch. It gates the trigger (caching may start once it settles below ``settle`` and the
-  noise level has fallen below ``1 - warmup`` of where the generation started) and it is the
-  block-reuse error estimate (First-Block-Cache's proxy for how much the deep blocks' residual
+  noise level has fallen below ``1 - warmup`` of where the generation started; per sample, and once
+  a sample's probe has settled a later jump does not stop caching again: from there the budget
+  decides) and it is the block-reuse error estimate (First-Block-Cache's proxy for how much the deep blocks' residual
   moved). It is not the step estimate: ranked against the damage of reusing single steps on the
   trained models (``bench/signal_study.py``, 144 single-step reuses per model), the probe's change
   orders them with Spearman 0.28 / 0.35 (small / large), the input latent's (TeaCache's signal)
@@ -58,7 +59,7 @@ GRANULARITIES = ("step", "cfg", "block")
 # two, two in three, three in four at most) and the budget where the rhythm breaks. Second-order
 # extrapolation (through the last three computed outputs) pays where reuse runs are one or two
 # steps long: on the tuning cases, at the same FLOPs or fewer, 1.2-3.0 dB more for `quality` and
-# 0.2-2.2 dB for `balanced`; with runs of three, at `fast`'s budget, it lost 1.7 dB on `small` (a
+# 0.2-2.0 dB for `balanced`; with runs of three, at `fast`'s budget, it lost 1.3 dB on `small` (a
 # parabola through points three steps apart, carried three more), so `fast` stays first order.
 _STEP = dict(granularities=("step",), warmup=0.03)
 PRESETS: dict[str, dict] = {
@@ -168,7 +169,15 @@ class MixCache:
         if bc.probe is None or bc.probe.shape != probe.shape:
             return False, None
         change = rel_l1(probe, bc.probe)
+        # The trigger says when caching may start, not when it must stop. The probe jumps again
+        # over the last, longest steps; re-arming there computed the final step on top of a
+        # forced compute before it: on the tuning cases the presets spent 0.003-0.019 more of the
+        # FLOPs for at most 0.8 dB of mean PSNR and none of the worst case (bench/RESULTS.md).
         settled = change < self.settle
+        latched = sig.get("settled_mask")
+        if latched is not None and latched.shape == settled.shape:
+            settled = settled | latched
+        sig["settled_mask"] = settled
         err = change * self._step_length(s, st, bc)
         sig["settled"] = bool(settled.all())
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None

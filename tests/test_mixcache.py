@@ -102,6 +102,28 @@ def test_larger_budget_never_reuses_less(out_rate, cfg_rate, t, dt, noise, budge
         assert reuse[1][1] >= reuse[0][1]
 
 
+def test_trigger_stays_on_once_the_probe_has_settled():
+    """The probe decides when caching may start, per sample; once every sample's has settled, a
+    later jump (the last, longest steps of a generation) leaves the decision to the error budget."""
+    pol = make_mixcache({"budget": 1.0, "warmup": 0.0, "settle": 0.5, "granularities": ["step"]})
+    st_, bc, s, _ = _state_with_signals(1e-4, 0.0, None, None, 500.0, 600.0)
+    del bc.signals["settled"]
+    bc.probe = torch.ones(2, 3, 4)
+
+    def settled(*changes):
+        """Both samples' probes move by these relative amounts; is the trigger on?"""
+        pol.block(s, st_, bc, bc.probe * (1 + torch.tensor(changes).view(-1, 1, 1)))
+        return bc.signals["settled"]
+
+    assert not settled(0.9, 0.9)
+    assert pol.step(s, st_, torch.zeros(1))[0] == "compute"
+    assert not settled(0.1, 0.9), "step reuse needs every sample settled"
+    assert settled(0.9, 0.1), "the first sample stays settled"
+    assert settled(0.9, 0.9)
+    later = Step(s.generation, s.step + 1, s.branch, s.t)     # a step decides once
+    assert pol.step(later, st_, torch.zeros(1))[0] == "step"
+
+
 def _two_branches(rates, t_last=600.0, t=500.0):
     """A state one step after both guidance branches computed at ``t_last``."""
     st_ = CacheState()
