@@ -5,20 +5,21 @@ Signals, all of which the runtime already has (no extra forward):
 
 * ``probe``: relative L1 change of the probe residual (first block(s)) since the last call of the
   same branch. It gates the trigger (caching may start once it settles below ``settle`` and the
-  noise level has fallen below ``1 - warmup`` of where the generation started; per sample, and once
-  a sample's probe has settled a later jump does not stop caching again: from there the budget
-  decides) and it is the block-reuse error estimate (First-Block-Cache's proxy for how much the deep blocks' residual
-  moved). It is not the step estimate: ranked against the damage of reusing single steps on the
-  trained models (``bench/signal_study.py``, 144 single-step reuses per model), the probe's change
-  orders them with Spearman 0.28 / 0.35 (small / large), the input latent's (TeaCache's signal)
-  0.38 / 0.31, the output's own change 0.67 / 0.61. The step estimate is built from the output.
+  noise level has fallen below ``1 - warmup`` of where the generation started; per sample, and
+  once a sample's probe has settled a later jump does not stop caching again: from there the
+  budget decides) and it is the block-reuse error estimate (First-Block-Cache's proxy for how much
+  the deep blocks' residual moved). It is not the step estimate: ranked against the damage of
+  reusing single steps on the trained models (``bench/signal_study.py``, 144 single-step reuses
+  per model), the probe's change orders them with Spearman 0.28 / 0.35 (small / large), the input
+  latent's (TeaCache's signal) 0.38 / 0.31, the output's own change 0.67 / 0.61. The step estimate
+  is built from the output.
 * ``out_rate``: relative change of the output per unit of timestep between the last two computed
   calls of the branch; reusing the last output at ``t`` is off by ``out_rate * |t - t_last|``.
   With ``extrapolate`` (first order, from the last two computed outputs) the error is that of a
   linear predictor: ``curvature`` (change of that slope, relative to the output) times the distance.
   The same estimate stands for second order (``extrapolate=2``, through the last three): it is the
-  size of the term the parabola corrects, so it bounds that predictor's error from above, and the
-  budgets of the presets that use it were tuned with it.
+  size of the term the parabola corrects, a conservative stand-in for that predictor's error, and
+  the budgets of the presets that use it were tuned with it.
   The sampler then multiplies that output error by its step length, so the estimate is weighted by
   the step about to be taken: the last spacing of timesteps, and never more than ``t`` itself (no
   step goes below zero). With 20 flow-matching steps at shift 3 the steps grow from 0.02 to 0.14
