@@ -1,34 +1,106 @@
 #!/usr/bin/env bash
-# Every GPU measurement the issues ask for, in four parts that each fit one device call (10 min).
+# Every GPU measurement the issues ask for, sized to the device lease: 15 minutes of device time a
+# session (machine start, every call and idle wait together), at most 10 minutes a call, 8 files back.
 # Run from the repo root on the GPU machine, after `bash ../shared/gpu-wheels.sh` here (it fills
-# .whl/, which the call carries). Logs and tables land in $OUT (or ./gpu-out), one file per part:
+# .whl/, which the call carries):
 #
-#   bash bench/gpu_suite.sh tests     # GPU-only tests (Triton MoE kernel, CUDA harness), MoE bench
-#   bash bench/gpu_suite.sh speed     # issue 2: eager / torch.compile / regional / mixcache off
-#   bash bench/gpu_suite.sh caching   # issues 3 and 6: forced and replayed schedules at 1.3B shape
-#   bash bench/gpu_suite.sh harness [large|small]   # issues 4, 6: trained-model harness, GPU wall time
+#   bash bench/gpu_suite.sh [BUDGET_S]      # every part that fits in BUDGET_S seconds (default 540)
+#   bash bench/gpu_suite.sh PART ...        # the named parts only, each given the whole budget
 #
-# Each part prints its tables; copy them into bench/RESULTS.md with the command and the date.
+# Parts, in the order they run (most settled per second of device time first; rough H100 times):
+#   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
+#             the harness on CUDA)                                                         ~1 min
+#   wan       1.3B shape in WanPipeline: eager, regional compile, mixcache with caching off,
+#             issue 3's forced schedules, issue 6's replayed preset schedules                ~5 min
+#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense              ~1-2 min
+#   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`              ~2 min
+#   small     the same, `small`                                                              ~2 min
+#   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
+#             mixcache with caching off, in one process                                     ~4 min
+#
+# Each part gets what is left of the budget and is stopped when that runs out; what it printed up to
+# then still comes back (every script prints its rows as they finish; the harness writes its JSON
+# after each method). A part that finishes leaves a mark in /tmp on the machine, so the same command
+# again, on the still-warm machine, goes on where the last call stopped. Results land in $OUT (or
+# ./gpu-out), at most 7 files: summary.md (printed last), log.txt, wan.md, moe.md, inductor.md,
+# quality_large.json, quality_small.json. The harness tables and plots are rendered here from the
+# JSON (`python bench/quality.py --from-json ...`); copy the tables into bench/RESULTS.md with the
+# command and the date.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+self=$(realpath "$0")
+cd "$(dirname "$self")/.."
 out=${OUT:-gpu-out}
-mkdir -p "$out"
+done_dir=/tmp/gpu-suite-done
+mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
+PARTS=(check wan moe large small inductor)
 
-if [ -d .whl ] && ! python3 -c 'import diffusers' 2>/dev/null; then
+part() {
+  case "$1" in
+    check)
+      # The tests marked gpu, and the Triton kernel tests (interpreted on the CPU, native here).
+      python3 -P -m pytest -q -p no:cacheprovider tests -k "gpu or kernel or task_map" ;;
+    wan)
+      # Against mixcache with caching off; the `inductor` part puts that beside plain Inductor.
+      python3 bench/wan_speed.py --config 1.3b --steps 20 --only regional "cache off" "mixcache " \
+        replayed > "$out/wan.md" ;;
+    moe)
+      python3 bench/moe_bench.py > "$out/moe.md" ;;
+    large|small)
+      # FLOPs are not recounted (--no-flop-count): they do not depend on the machine, the CPU run
+      # has them, and the recount would take most of the device time.
+      python3 bench/quality.py --model "$1" --device cuda --no-progress --no-flop-count \
+        --mixcache 'preset quality="quality"' --mixcache 'preset balanced="balanced"' \
+        --mixcache 'preset fast="fast"' --json "$out/quality_$1.json" ;;
+    inductor)
+      python3 bench/wan_speed.py --config 1.3b --steps 20 --only "torch.compile" "cache off" \
+        > "$out/inductor.md" ;;
+    *)
+      echo "unknown part $1; parts: ${PARTS[*]}" >&2; return 2 ;;
+  esac
+}
+
+# Children (`bash gpu_suite.sh --part NAME`, under `timeout`) run one part and nothing else. Each
+# run starts with empty Inductor and Triton caches: the first-generation column is compile time,
+# and a part run again on a warm machine would otherwise report the last run's cache hits.
+if [ "${1:-}" = --part ]; then
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) part "$2"
+  exit
+fi
+
+budget=540
+if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+  budget=$1
+  shift
+fi
+selected=("$@")
+[ ${#selected[@]} -eq 0 ] && selected=("${PARTS[@]}")
+for p in "${selected[@]}"; do
+  [[ " ${PARTS[*]} " == *" $p "* ]] || { echo "unknown part $p; parts: ${PARTS[*]}" >&2; exit 2; }
+done
+deadline=$((SECONDS + budget))
+log=$out/log.txt
+summary=$out/summary.md
+
+# The wheels (diffusers), once per machine.
+if [ -d .whl ] && ! PYTHONPATH=/tmp/site python3 -c 'import diffusers' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 fi
 # The package itself, installed (not just put on the path): its subpackages live in passes/,
 # runtime/ and kernels/ at the root and the backend registers through its entry point, so only an
-# install has both. --no-deps and no build isolation: nothing can be fetched there, and the image has
-# setuptools. The source tree must not shadow it: scripts run as `python3 FILE` (their own folder
-# goes first on the path, not the root) and pytest as `python3 -P -m pytest` (no current folder).
+# install has both. --no-deps and no build isolation: nothing can be fetched there, and the image
+# has setuptools. Reinstalled every call (the tree may have changed). The source tree must not
+# shadow it: scripts run as `python3 FILE` (their own folder goes first on the path, not the root)
+# and pytest as `python3 -P -m pytest` (no current folder).
 rm -rf /tmp/dit
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
   --target /tmp/dit . || exit 1
 export PYTHONPATH=/tmp/site:/tmp/dit
-python3 -P - <<'PY' | tee "$out/versions.txt" || exit 1
+{
+  echo "# GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${budget} s"
+  echo
+  python3 -P - <<'PY'
 import sys, torch, triton, diffusers
 import dit_compile
 if not torch.cuda.is_available():
@@ -36,39 +108,36 @@ if not torch.cuda.is_available():
 if not dit_compile.__file__.startswith("/tmp/dit/"):
     sys.exit(f"dit_compile imported from {dit_compile.__file__}, not the install in /tmp/dit")
 torch._dynamo.lookup_backend("mixcache")      # registered through the entry point
-print("torch", torch.__version__, "triton", triton.__version__, "diffusers", diffusers.__version__,
-      torch.cuda.get_device_name())
+print("torch", torch.__version__, "| triton", triton.__version__, "| diffusers", diffusers.__version__,
+      "|", torch.cuda.get_device_name())
 PY
+} > "$summary" 2>&1 || { cat "$summary"; exit 1; }
+printf '\n| part | result | seconds |\n|---|---|---|\n' >> "$summary"
 
-case "${1:-}" in
-  tests)
-    python3 -P -m pytest -q -p no:cacheprovider tests/test_moe.py tests/test_quality.py \
-      -k "cuda or gpu or kernel or task_map" 2>&1 | tee "$out/tests.log"
-    python3 bench/moe_bench.py 2>&1 | tee "$out/moe_bench.md"
-    ;;
-  speed)
-    python3 bench/wan_speed.py --config 1.3b --steps 20 --only "torch.compile" regional "cache off" \
-      2>&1 | tee "$out/wan_speed_backend.md"
-    ;;
-  caching)
-    # Against mixcache with caching off (its row in `speed` says how close it is to Inductor):
-    # plain Inductor's whole-graph compile would cost another ~2.5 min of device time here.
-    python3 bench/wan_speed.py --config 1.3b --steps 20 --only "mixcache " replayed \
-      2>&1 | tee "$out/wan_speed_caching.md"
-    ;;
-  harness)
-    # FLOPs are not recounted here (--no-flop-count): they do not depend on the machine, the CPU
-    # run has them, and the recount would take most of the device time. Rows land in the JSON as
-    # each method finishes. `harness large` or `harness small` runs one model.
-    for m in ${2:-large small}; do
-      python3 bench/quality.py --model "$m" --device cuda --no-progress --no-flop-count \
-        --mixcache 'preset quality="quality"' --mixcache 'preset balanced="balanced"' \
-        --mixcache 'preset fast="fast"' --json "$out/quality_$m.json" \
-        --plot "$out/quality_$m.png" 2>&1 | tee "$out/quality_$m.md"
-    done
-    ;;
-  *)
-    echo "usage: bash bench/gpu_suite.sh tests|speed|caching|harness [large|small]" >&2
-    exit 2
-    ;;
-esac
+for p in "${selected[@]}"; do
+  if [ -e "$done_dir/$p" ]; then
+    echo "| $p | done by an earlier call on this machine | |" >> "$summary"
+    continue
+  fi
+  left=$((deadline - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "| $p | not started: ${left} s of the budget left | |" >> "$summary"
+    continue
+  fi
+  echo "== $p ($left s left) ==" >> "$log"
+  start=$SECONDS
+  # timeout signals the part's whole process group (python and its compile workers).
+  timeout --kill-after=10 "$left" bash "$self" --part "$p" >> "$log" 2>&1
+  rc=$?
+  took=$((SECONDS - start))
+  case $rc in
+    0) touch "$done_dir/$p"; result=ok ;;
+    124|137) result="stopped at the budget (partial output)" ;;
+    *) result="failed, exit $rc (see log.txt)" ;;
+  esac
+  echo "| $p | $result | $took |" >> "$summary"
+done
+# The reply shows the end of the output: the log's last lines, then the summary.
+tail -n 40 "$log"
+echo
+cat "$summary"

@@ -535,7 +535,8 @@ def main(argv: list[str] | None = None) -> None:
                          "so speedups are the caching's own)")
     ap.add_argument("--mixcache", action="append", default=[], metavar="NAME=JSON",
                     help="add a mixcache configuration, e.g. 'fb 0.15={\"rule\": \"first_block\", "
-                         "\"threshold\": 0.15}' (the JSON is the cache option); repeatable")
+                         "\"threshold\": 0.15}' (the JSON is the cache option); repeatable; these "
+                         "run first, after full compute")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", type=train.device_arg, default="cpu",
                     help="cpu (default), cuda, cuda:N, or auto (cuda where available)")
@@ -561,12 +562,16 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--cases must be at least 16 (the evaluation protocol's minimum)")
     torch.set_num_threads(args.threads)
     model = train.load(args.model, device=args.device, dtype=train.DTYPES[args.dtype])
-    methods = default_methods(args.steps, args.regions)
+    named = []
     for spec in args.mixcache:
         name, sep, cache = spec.partition("=")
         if not sep:
             ap.error(f"--mixcache {spec!r}: expected NAME=JSON")
-        methods.append(MixCache(f"mixcache {name}", json.loads(cache), args.regions))
+        named.append(MixCache(f"mixcache {name}", json.loads(cache), args.regions))
+    # The configurations the command names run right after full compute: a run cut short (a
+    # device call's time limit) has them first.
+    full, *others = default_methods(args.steps, args.regions)
+    methods = [full, *named, *others]
     if args.only:
         methods = [methods[0]] + [m for m in methods[1:] if any(s in m.name for s in args.only)]
     command = "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)

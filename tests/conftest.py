@@ -13,6 +13,17 @@ import pytest  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, saying so, where there is no CUDA device (CI has none);
+    ``pytest -m gpu`` runs exactly them on a GPU machine (bench/gpu_suite.sh)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()

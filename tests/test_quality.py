@@ -133,9 +133,6 @@ def test_data_is_deterministic_and_labelled():
 
 # -- devices ----------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 def _harness_json(tmp_path, name: str, *args: str) -> dict:
     """A tiny harness run (2 steps, full compute and one mixcache rule) as its --json output."""
     out = tmp_path / f"{name}.json"
@@ -146,6 +143,19 @@ def _harness_json(tmp_path, name: str, *args: str) -> dict:
 
 def _per_case(run: dict) -> list:
     return [(r["method"], r["psnr"], r["ssim"], r["flops"], r["error"]) for r in run["rows"]]
+
+
+def test_named_configurations_run_first(tmp_path):
+    """A run cut short by a device call's limit keeps what the command asked for: the --mixcache
+    configurations run right after full compute, before the built-in methods."""
+    out = tmp_path / "named.json"
+    quality.main(["--steps", "2", "--only", "fastercache every 2 from step 2", "mine",
+                  "--mixcache", 'mine={"rule": "schedule", "step": [1]}', "--no-progress",
+                  "--json", str(out)])
+    run = json.loads(out.read_text())
+    assert [r["method"] for r in run["rows"]] == [
+        "full compute", "mixcache mine", "mixcache fastercache every 2 from step 2",
+        "full compute (again)"]
 
 
 def test_explicit_cpu_device_is_the_default(small, tmp_path, capsys):
@@ -184,7 +194,7 @@ def test_device_names():
         train.resolve_device("tpu")
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype, psnr_min", [(torch.float32, 40.0), (torch.bfloat16, 30.0)])
 def test_cuda_sample_matches_cpu(small, dtype, psnr_min):
     """Same noise (drawn on the CPU), same model: the GPU's output is the CPU's up to rounding
@@ -198,7 +208,7 @@ def test_cuda_sample_matches_cpu(small, dtype, psnr_min):
     assert quality.psnr(out, ref) >= psnr_min
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_harness_on_cuda(tmp_path, capsys):
     run = _harness_json(tmp_path, "cuda", "--device", "cuda", "--dtype", "bf16")
     meta = run["meta"]
