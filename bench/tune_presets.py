@@ -1,6 +1,6 @@
 """Choose MixCache presets on cases the evaluation never sees.
 
-    python bench/tune_presets.py --model small [--cases 16] [--sweep default|FILE.json] [--replay]
+    python bench/tune_presets.py --model small [--cases 16] [--sweep default|hybrid|FILE.json] [--replay]
 
 The evaluation cases of ``bench/quality.py`` are seeds ``0..15`` with conditions from one fixed
 RNG; tuning on them would grade the presets on their own training set. Here the cases are seeds
@@ -57,6 +57,23 @@ def default_sweep() -> dict[str, Any]:
     return sweep
 
 
+def hybrid_sweep() -> dict[str, Any]:
+    """``balanced`` with cfg and block reuse allowed beside step reuse, and forced schedules that
+    set block reuse against whole-step reuse at the same steps."""
+    sweep: dict[str, Any] = {"balanced": "balanced"}
+    for gran in (("step", "block"), ("step", "cfg"), ("step", "cfg", "block")):
+        for budget, max_reuse in ((0.02, 2), (0.03, 3)):
+            sweep[f"{' + '.join(gran)}, budget {budget} max_reuse {max_reuse}"] = {
+                "rule": "mixcache", "extrapolate": 2, "granularities": list(gran),
+                "budget": budget, "max_reuse": max_reuse}
+    forced = {"block reuse at steps 7, 13": dict(block=[7, 13]),
+              "step reuse at steps 7, 13, order 2": dict(step=[7, 13], extrapolate=2),
+              "step reuse at steps 7, 13, order 0": dict(step=[7, 13], extrapolate=0),
+              "block reuse at steps 5-8": dict(block=[5, 6, 7, 8]),
+              "step reuse at steps 5-8, order 0": dict(step=[5, 6, 7, 8], extrapolate=0)}
+    return {**sweep, **{k: {"rule": "schedule", **v} for k, v in forced.items()}}
+
+
 def replay(name: str, steps: int) -> None:
     """The steps each preset reused (per guidance branch) on the 16 evaluation cases, and how often
     each schedule occurred: the most common one is what a real-size replay should force."""
@@ -90,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="small")
     ap.add_argument("--cases", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--sweep", default="default", help="'default' or a JSON file {name: cache}")
+    ap.add_argument("--sweep", default="default",
+                    help="'default', 'hybrid' (cfg and block reuse beside step reuse) or a JSON "
+                         "file {name: cache}")
     ap.add_argument("--replay", action="store_true",
                     help="print, per preset, the steps it reused on each evaluation case (the "
                          "forced schedules bench/wan_speed.py replays at real size)")
@@ -98,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.replay:
         return replay(args.model, args.steps)
     torch.set_num_threads(1)
-    sweep = default_sweep() if args.sweep == "default" else json.load(open(args.sweep))
+    sweep = ({"default": default_sweep, "hybrid": hybrid_sweep}[args.sweep]()
+             if args.sweep in ("default", "hybrid") else json.load(open(args.sweep)))
     model = train.load(args.model)
     pipe = model.pipeline()
     cases = tuning_cases(args.cases)

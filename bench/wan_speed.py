@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import logging
 import platform
 import shlex
 import sys
@@ -65,6 +66,10 @@ def main() -> None:
     ap.add_argument("--config", default="1.3b", choices=sorted(CONFIGS))
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args()
+    # The backend's compile-time breakdown (per distinct piece) to stderr: the first-generation
+    # column is Dynamo's trace plus these.
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("dit_compile").setLevel(logging.INFO)
     import diffusers
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 

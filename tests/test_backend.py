@@ -1,4 +1,5 @@
 """The backend end to end: registration, options, Inductor agreement, no recompiles."""
+import logging
 import subprocess
 import sys
 import textwrap
@@ -55,7 +56,8 @@ def test_modes_are_the_installed_inductors():
 
 
 @pytest.mark.inductor
-def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch):
+def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="dit_compile")
     model, kw = tiny_models.wan(layers=4)
     compiles, traces = [], []
     real_compile, real_find = backend.compile_fx, backend.find_regions
@@ -67,6 +69,10 @@ def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch):
         plain = torch.compile(model, backend="inductor", fullgraph=True)(**kw, return_dict=False)[0]
         torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
         assert len(compiles) == 3, "prologue, one shared block, epilogue"
+        # The compile-time breakdown a first generation is read from: one line per compile.
+        kinds = [r.getMessage().split("(")[1].split(",")[0] for r in caplog.records
+                 if "compiled piece" in r.getMessage()]
+        assert kinds == ["prologue", "block", "epilogue"]
         # A new timestep (every denoising step) reuses the compiled graph: no recompilation.
         for t in (400.0, 300.0, 17.0):
             kw["timestep"] = torch.full_like(kw["timestep"], t)
