@@ -114,6 +114,10 @@ def main() -> None:
         ("regional (compile_repeated_blocks)", "regional"),
         ("mixcache (cache off)", lambda: torch.compile(model, backend="mixcache",
                                                        options={"cache": None})),
+        # Inductor for the blocks only: how much of the first generation the prologue's and the
+        # epilogue's compiles cost, and what they save per generation.
+        ("mixcache (cache off, blocks compiled)", lambda: torch.compile(
+            model, backend="mixcache", options={"cache": None, "regions": "blocks"})),
     ]
     for name, cache in schedules(args.steps, CONFIGS[args.config]["num_layers"]).items():
         methods.append((name, lambda c=cache: torch.compile(model, backend="mixcache",

@@ -81,7 +81,8 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any]) -> list[
     for i, piece in enumerate(plan.pieces):
         key = piece.signature() if opts.share_blocks else str(i)
         if key not in compiled:
-            if opts.regions == "eager" or _small_glue(piece):
+            if (opts.regions == "eager" or _small_glue(piece)
+                    or (opts.regions == "blocks" and piece.region.kind != BLOCK)):
                 compiled[key] = piece.module
             else:
                 start = time.perf_counter()

@@ -6,7 +6,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-REGION_COMPILERS = ("inductor", "eager")
+REGION_COMPILERS = ("inductor", "blocks", "eager")
 # Only where torch cannot list its own modes; torch adds modes ("lite" in 2.13), so ask it first.
 _FALLBACK_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -26,8 +26,10 @@ class OptionError(ValueError):
 
 @dataclass(frozen=True)
 class Options:
-    # How each region is compiled: "inductor" (the product) or "eager" (run the region's FX graph
-    # as is; for tests and debugging, where Inductor's compile time is not wanted).
+    # How each region is compiled: "inductor" (the product), "blocks" (Inductor for the blocks
+    # only; the prologue, glue and epilogue run as FX graphs, as regional compilation leaves them
+    # eager: a shorter first generation for a few more kernel launches per call) or "eager" (every
+    # region's FX graph as is; for tests and debugging, where Inductor's compile time is not wanted).
     regions: str = "inductor"
     # Share one compiled artifact between blocks whose graphs are identical.
     share_blocks: bool = True

@@ -27,7 +27,7 @@ def test_registered_by_entry_point_without_import():
 
 @pytest.mark.parametrize("options,match", [
     ({"regionz": "eager"}, r"unknown mixcache option\(s\) \['regionz'\]; valid options: \["),
-    ({"regions": "tvm"}, r"regions='tvm': must be one of \('inductor', 'eager'\)"),
+    ({"regions": "tvm"}, r"regions='tvm': must be one of \('inductor', 'blocks', 'eager'\)"),
     ({"cache_memory": -1}, r"cache_memory=-1: must be a positive"),
     ({"mode": "turbo"}, r"mode='turbo': must be one of \('default', .*'reduce-overhead'"),
 ])
@@ -100,6 +100,24 @@ def test_small_glue_between_blocks_is_not_compiled(monkeypatch):
     assert kinds.count(GLUE) >= 3
     distinct = {p.signature() for p in plans[0].pieces if p.region.kind != GLUE}
     assert len(compiled) == len(distinct), "the prologue, each distinct block, the epilogue: no glue"
+
+
+def test_blocks_mode_compiles_the_blocks_only(monkeypatch):
+    """regions="blocks": Inductor for each distinct block, the prologue and the epilogue as they
+    are (as regional compilation leaves them), the same output."""
+    from dit_compile.passes.regions import BLOCK
+    model, kw = tiny_models.wan(layers=3)
+    compiled, plans = [], []
+    monkeypatch.setattr(backend, "compile_fx", lambda gm, *a, **k: compiled.append(gm) or gm.forward)
+    real_split = backend.split
+    monkeypatch.setattr(backend, "split", lambda gm, rmap: plans.append(real_split(gm, rmap)) or plans[-1])
+    with torch.no_grad():
+        out = torch.compile(model, backend="mixcache", fullgraph=True,
+                            options={"cache": None, "regions": "blocks"})(**kw, return_dict=False)[0]
+        torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+    blocks = [p for p in plans[0].pieces if p.region.kind == BLOCK]
+    assert len(blocks) == 3 and len(compiled) == 1
+    assert [n.op for n in compiled[0].graph.nodes] == [n.op for n in blocks[0].module.graph.nodes]
 
 
 @pytest.mark.inductor
