@@ -13,7 +13,8 @@
 #   wan       1.3B shape in WanPipeline: eager, regional compile, mixcache with caching off,
 #             issue 3's forced schedules, issue 6's replayed preset schedules                ~5 min
 #   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense              ~1-2 min
-#   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`              ~2 min
+#   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`, and where
+#             `balanced`'s generation time goes (bench/call_costs.py)                         ~2 min
 #   small     the same, `small`                                                              ~2 min
 #   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
 #             mixcache with caching off, in one process                                     ~4 min
@@ -51,7 +52,8 @@ part() {
       # has them, and the recount would take most of the device time.
       python3 bench/quality.py --model "$1" --device cuda --no-progress --no-flop-count \
         --mixcache 'preset quality="quality"' --mixcache 'preset balanced="balanced"' \
-        --mixcache 'preset fast="fast"' --json "$out/quality_$1.json" ;;
+        --mixcache 'preset fast="fast"' --json "$out/quality_$1.json" &&
+      python3 bench/call_costs.py --model "$1" --device cuda ;;   # into log.txt: a few seconds
     inductor)
       python3 bench/wan_speed.py --config 1.3b --steps 20 --only "torch.compile" "cache off" \
         > "$out/inductor.md" ;;

@@ -1,0 +1,91 @@
+"""Where a cached generation's time goes: transformer calls by what the runtime did, and the pipeline.
+
+    python bench/call_costs.py --model small [--preset balanced] [--cases 4] [--device cuda]
+
+A generation's wall time is its computed calls, its reused calls (the runtime's bookkeeping and
+the extrapolation, which FLOPs do not count) and the pipeline's own work between calls (scheduler
+step, guidance combine), which no cache skips. The FLOPs fraction bounds the speedup only where the
+last two are nothing: this says how far from nothing they are. Full compute and the preset, same
+cases, one process; each call timed by forward hooks on the compiled model (after a
+synchronize on CUDA, so a call's kernels are charged to it). Not a benchmark of the method
+(that is bench/quality.py); a breakdown.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quality  # noqa: E402
+import train  # noqa: E402
+
+
+def breakdown(model: train.Trained, cache, cases: list[quality.Case], steps: int) -> dict:
+    """Mean per generation: total and pipeline milliseconds, and per action (calls, ms per call)."""
+    import dit_compile
+    torch._dynamo.reset()
+    f = torch.compile(model.transformer, backend="mixcache",
+                      options={"regions": "eager", "cache": cache})
+    pipe = model.pipeline()
+    pipe.transformer = f
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    start = [0.0]
+
+    def before(module, args):
+        train.synchronize(model.device)
+        start[0] = time.perf_counter()
+
+    def after(module, args, out):
+        train.synchronize(model.device)
+        action = dit_compile.stats(f)["trace"][-1]["action"] if cache is not None else "compute"
+        times[action].append(time.perf_counter() - start[0])
+
+    f.register_forward_pre_hook(before)
+    f.register_forward_hook(after)
+    with torch.no_grad():
+        model.sample(pipe, cases[0].condition, cases[0].seed, steps=steps)     # warm-up
+        times.clear()
+        t0 = time.perf_counter()
+        for case in cases:
+            if cache is not None:
+                dit_compile.reset(f)
+            model.sample(pipe, case.condition, case.seed, steps=steps)
+        total = time.perf_counter() - t0
+    n = len(cases)
+    inside = sum(sum(v) for v in times.values())
+    return {"total": 1e3 * total / n, "pipeline": 1e3 * (total - inside) / n,
+            "calls": {a: (len(v) / n, 1e3 * sum(v) / len(v)) for a, v in times.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--preset", default="balanced")
+    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", type=train.device_arg, default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model = train.load(args.model, device=args.device)
+    cases = quality.make_cases(args.cases)
+    full = breakdown(model, None, cases, args.steps)
+    ours = breakdown(model, args.preset, cases, args.steps)
+    print(f"`python bench/call_costs.py {' '.join(sys.argv[1:] if argv is None else argv)}`: "
+          f"model `{args.model}`, {args.cases} cases, {args.steps} steps, "
+          f"{train.runtime_info(model.device)['device_name']}, torch {torch.__version__}\n")
+    print("| method | ms / generation | pipeline, ms | calls: count x ms each |\n|---|---|---|---|")
+    for name, r in (("full compute", full), (f"mixcache {args.preset}", ours)):
+        calls = ", ".join(f"{a} {k:g} x {ms:.2f}" for a, (k, ms) in r["calls"].items())
+        print(f"| {name} | {r['total']:.1f} | {r['pipeline']:.1f} | {calls} |")
+    computed = sum(k * ms for a, (k, ms) in ours["calls"].items() if a != "step")
+    print(f"\nspeedup {full['total'] / ours['total']:.2f}x; with the reused calls and the pipeline "
+          f"free it would be {full['total'] / computed:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
