@@ -28,6 +28,7 @@ import train  # noqa: E402
 def breakdown(model: train.Trained, cache, cases: list[quality.Case], steps: int) -> dict:
     """Mean per generation: total and pipeline milliseconds, and per action (calls, ms per call)."""
     import dit_compile
+    from dit_compile.runtime.cache import find_state
     torch._dynamo.reset()
     f = torch.compile(model.transformer, backend="mixcache",
                       options={"regions": "eager", "cache": cache})
@@ -42,8 +43,11 @@ def breakdown(model: train.Trained, cache, cases: list[quality.Case], steps: int
 
     def after(module, args, out):
         train.synchronize(model.device)
-        action = dit_compile.stats(f)["trace"][-1]["action"] if cache is not None else "compute"
-        times[action].append(time.perf_counter() - start[0])
+        elapsed = time.perf_counter() - start[0]
+        # The runtime's last record, read directly: dit_compile.stats builds the whole trace, which
+        # would charge a growing cost to every call.
+        state = find_state(f) if cache is not None else None
+        times[state.records[-1].action if state is not None else "compute"].append(elapsed)
 
     f.register_forward_pre_hook(before)
     f.register_forward_hook(after)
