@@ -10,9 +10,9 @@
 # Parts, in the order they run (most settled per second of device time first; rough H100 times):
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
 #             the harness on CUDA)                                                         ~1 min
+#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense              ~1-2 min
 #   wan       1.3B shape in WanPipeline: eager, regional compile, mixcache with caching off,
 #             issue 3's forced schedules, issue 6's replayed preset schedules                ~5 min
-#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense              ~1-2 min
 #   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`, and where
 #             `balanced`'s generation time goes (bench/call_costs.py)                         ~2 min
 #   small     the same, `small`                                                              ~2 min
@@ -34,7 +34,7 @@ out=${OUT:-gpu-out}
 done_dir=/tmp/gpu-suite-done
 mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
-PARTS=(check wan moe large small inductor)
+PARTS=(check moe wan large small inductor)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=180)
