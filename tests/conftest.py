@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` skip, saying so, where there is no CUDA device (CI has none);
-    ``pytest -m gpu`` runs exactly them on a GPU machine (bench/gpu_suite.sh)."""
+    """Tests marked ``gpu`` skip, saying so, where there is no CUDA device (CI has none); on a GPU
+    machine ``pytest -m gpu`` runs them alone (bench/gpu_suite.sh adds the Triton kernel tests)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -584,7 +584,7 @@ def test_cuda_graph_replays_do_not_reach_the_cache():
     def run(f):
         # The caller's copy: a replay may rewrite the buffer it was handed (the pipeline consumes
         # it at once, as this does).
-        out = [y.clone() for y in generation(lambda **k: tuple(t.clone() for t in f(**k)), kw)]
+        out = generation(lambda **k: tuple(t.clone() for t in f(**k)), kw)
         return out, [r["action"] for r in dit_compile.stats(f)["trace"][-len(out):]]
 
     with torch.no_grad():
