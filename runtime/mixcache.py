@@ -97,9 +97,12 @@ class MixCache:
     @staticmethod
     def _step_length(s: Step, st: CacheState, bc: BranchCache) -> float:
         """The sampler step about to use this call's output, as a fraction of the noise range: the
-        last spacing of timesteps, capped at ``t`` (no step goes below zero)."""
+        last spacing of timesteps, capped at ``t`` (no step goes below zero). A second call at one
+        timestep (Heun's corrector evaluates there again, on the corrected latent) steps on from
+        there: its spacing is the last one that was not zero."""
         prev = bc.signals.get("prev_t", bc.outputs[-1][0] if bc.outputs else s.t)
-        return min(abs(s.t - prev), abs(s.t)) / max(abs(st.t_first), 1e-12)
+        spacing = abs(s.t - prev) or bc.signals.get("spacing", 0.0)
+        return min(spacing, abs(s.t)) / max(abs(st.t_first), 1e-12)
 
     def _left(self, bc: BranchCache) -> torch.Tensor | float:
         return self.budget - bc.signals.get("spent", 0.0)
@@ -107,6 +110,11 @@ class MixCache:
     def _step_error(self, s: Step, st: CacheState, bc: BranchCache) -> float | None:
         """Expected error of reusing this branch's last output at ``s.t``; None while it may not."""
         if not self._triggered(s, st, bc) or "out_rate" not in bc.signals or not bc.outputs:
+            return None
+        if s.t == bc.signals.get("prev_t"):
+            # The estimate measures how far the timestep moved. Here only the latent did (Heun's
+            # second evaluation at one timestep), and any reuse would hand back the very output
+            # of the last call: nothing says what that costs, so compute.
             return None
         # Reusing the last output is off by how fast it moves; extrapolating from the last two is
         # off by how fast that slope itself changes (until the slope has changed once, three
@@ -153,7 +161,7 @@ class MixCache:
         options = [] if err is None or not bc.outputs else [(err, STEP)]
         cfg = st.signals.get("cfg", {}).get(s.branch, {})
         if ("cfg" in self.granularities and s.branch >= 1 and s.branch in st.cfg_diff
-                and st.current.get(0) is not None and "rate" in cfg):
+                and st.current.get(0) is not None and "rate" in cfg and cfg["t"] != s.t):
             h = self._step_length(s, st, bc)
             options.append((cfg["rate"] * abs(s.t - cfg["t"]) * h, CFG))
         fits = sorted(o for o in options if o[0] <= left)
@@ -198,6 +206,8 @@ class MixCache:
                 kind: str) -> None:
         """Update the rates after a call; a full compute clears the error spent (per sample)."""
         sig = bc.signals
+        if sig.get("prev_t", s.t) != s.t:
+            sig["spacing"] = abs(s.t - sig["prev_t"])
         sig["prev_t"] = s.t
         if kind == "compute":
             sig["spent"] = 0.0

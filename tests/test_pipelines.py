@@ -77,3 +77,25 @@ def test_default_cache_runs_in_every_pipeline(name):
     assert len(trace) == 8 * calls
     assert {r["action"] for r in trace} <= {"compute", "step"}, "the presets reuse whole steps"
     assert [r["action"] for r in trace[:calls]] == ["compute"] * calls
+
+
+def test_heun_second_evaluation_at_a_timestep_is_computed():
+    """Heun's sampler calls the model twice at one timestep, the second time on the corrected
+    latent. The policy's estimates measure how far the timestep moved, so there they would call a
+    reuse free and hand back the last call's output: the default cache must compute such calls,
+    and still reuse at the others."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+    torch._dynamo.reset()
+    pipe = pipelines.wan_pipeline(torch.compile(tiny_models.wan(layers=3)[0], backend="mixcache",
+                                                options={"regions": "eager"}))
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    pipelines.run_wan(pipe, 20, size=32)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert len(trace) == 2 * 39
+    for b in (0, 1):
+        calls = [r for r in trace if r["branch"] == b]
+        assert any(r["action"] == "step" for r in calls), "the test must reuse"
+        for prev, r in zip(calls, calls[1:]):
+            if r["t"] == prev["t"]:
+                assert r["action"] == "compute", f"step {r['step']} reused at its own timestep"
