@@ -90,6 +90,11 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure) -> None:
         reason = ("graph breaks split its forward into several graphs, and mixcache needs the whole "
                   "forward in one graph to find its block stack (torch.compile(..., fullgraph=True) "
                   "raises at the first break; TORCH_LOGS=graph_breaks lists them all)")
+        if getattr(root, "is_cache_enabled", False):
+            # diffusers' cache hooks keep Python state per call: the likeliest break, and a second
+            # cache on top of the one this backend is for.
+            reason += ("; diffusers' own cache hooks are on (enable_cache): call "
+                       f"{name}.disable_cache() before torch.compile and let mixcache cache")
     else:
         reason = str(why)
     warnings.warn(f"mixcache: {name}: {reason}. Compiling each graph without a block stack with "

@@ -182,6 +182,20 @@ def test_graph_break_fragments_warn_once_naming_the_model():
         torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_diffusers_cache_hooks_are_named_in_the_fallback_warning():
+    from diffusers import FirstBlockCacheConfig
+    model, kw = tiny_models.wan(layers=3)
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    compiled = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    with (torch.no_grad(), model.cache_context("cond"),
+          pytest.warns(UserWarning, match="mixcache") as rec):
+        out = compiled(**kw, return_dict=False)[0]     # the first call computes every block
+    assert "WanTransformer3DModel.disable_cache()" in _mixcache_warnings(rec)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_whole_graph_without_blocks_warns_the_region_pass_reason():
     """No graph break, no block stack: the reason is the region pass's, not graph breaks."""
     with pytest.warns(UserWarning, match=r"mixcache: Linear: no nn.ModuleList of two or more") as rec:
