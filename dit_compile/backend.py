@@ -45,7 +45,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     plan = split(gm, rmap)
 
     # 3. compile: each distinct piece once; identical blocks share the artifact.
-    fns = compile_pieces(plan, opts, inductor)
+    fns = compile_pieces(plan, opts, inductor, example_inputs)
     log.info("mixcache: %s: %d pieces, %d distinct; backend %.2f s", model_name(),
              len(plan.pieces), len({id(f) for f in fns}), time.perf_counter() - start)
 
@@ -71,11 +71,19 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan), halves)
 
 
-def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any]) -> list[Callable[..., Any]]:
+def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
+                   example_inputs: list[Any]) -> list[Callable[..., Any]]:
     """Each distinct piece compiled once (identical blocks share it). Glue of a few ops between
     blocks runs as it is: Chroma slices its per-block modulation there, one constant apart from
     block to block, and Inductor would compile each of them for a kernel or two it cannot fuse
-    into anything."""
+    into anything.
+
+    A piece is compiled with the graph's own inputs where it reads them (values between pieces
+    exist only as fake tensors), as plain Inductor is given the graph's: a Python float that Dynamo
+    made an input (``dynamic=True`` does so with every module's float, a norm's eps among them)
+    then either becomes tensor math or makes AOTAutograd restart Dynamo's analysis with that float
+    specialized, as it does for plain Inductor. From a fake value alone the float is data-dependent,
+    and the compile of the first block that passes it to ``layer_norm`` fails."""
     compiled: dict[str, Callable[..., Any]] = {}
     fns = []
     for i, piece in enumerate(plan.pieces):
@@ -87,7 +95,9 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any]) -> list[
             else:
                 start = time.perf_counter()
                 # compile_fx owns and may mutate the graph it is given.
-                compiled[key] = compile_fx(copy.deepcopy(piece.module), piece.example_inputs,
+                inputs = [example_inputs[s] if s < plan.n_inputs else x
+                          for s, x in zip(piece.args, piece.example_inputs)]
+                compiled[key] = compile_fx(copy.deepcopy(piece.module), inputs,
                                            config_patches=inductor)
                 log.info("mixcache: compiled piece %d (%s, %d nodes) in %.2f s", i,
                          piece.region.kind, len(piece.module.graph.nodes),

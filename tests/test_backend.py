@@ -81,6 +81,26 @@ def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch, 
     assert len(traces) == 1 and len(compiles) == 3
 
 
+@pytest.mark.inductor
+def test_dynamic_shapes_compile_through_inductor_without_recompiles(monkeypatch):
+    """dynamic=True makes every module's Python float (a norm's eps) a graph input. Plain Inductor,
+    handed the real inputs, specializes those it cannot turn into tensor math (AOTAutograd restarts
+    Dynamo's analysis); compiled from fake values alone, the first block failed."""
+    model, kw = tiny_models.wan(layers=2, frames=2)
+    traces = []
+    real_find = backend.find_regions
+    monkeypatch.setattr(backend, "find_regions", lambda gm: traces.append(1) or real_find(gm))
+    ours = torch.compile(model, backend="mixcache", fullgraph=True, dynamic=True,
+                         options={"cache": None})
+    with torch.no_grad():
+        for frames in (2, 3):
+            kw["hidden_states"] = torch.randn(1, 4, frames, 8, 8)
+            torch.testing.assert_close(ours(**kw, return_dict=False)[0],
+                                       model(**kw, return_dict=False)[0], rtol=1e-4, atol=1e-4)
+            first = first if frames == 3 else len(traces)
+    assert len(traces) == first, "another frame count is the same graph"
+
+
 def test_small_glue_between_blocks_is_not_compiled(monkeypatch):
     """Chroma slices each block's modulation from one embedding between blocks: a few ops, one
     constant apart from block to block. Compiling each would cost a compile per block for nothing."""
