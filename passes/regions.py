@@ -12,8 +12,8 @@ How blocks are found, with no per-model table: every node Dynamo records carries
 ``meta["nn_module_stack"]``, the chain of modules whose ``forward`` it ran in. A *stack* is a
 container path whose children ``<path>.0, <path>.1, ...`` are two or more modules of one class that
 is not a ``torch.nn`` builtin (an ``nn.ModuleList`` of transformer blocks, not a ``Sequential`` of
-layers). Only the shallowest stacks count, so a refiner stack inside a text embedder stays part of
-the prologue. Which inputs are the latent, the timestep and the text condition is answered by the
+layers). Only the outermost stacks count (those with the fewest modules running around them), so a
+refiner stack inside a text embedder stays part of the prologue. Which inputs are the latent, the timestep and the text condition is answered by the
 names diffusers pipelines pass them under, and failing that (a positional call) by dataflow.
 """
 from __future__ import annotations
@@ -120,9 +120,17 @@ def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
     stacks = {h: k for h, k in stacks.items() if _is_chained(nodes, h, k)}
     if not stacks:
         return {}
-    depth = min(h.count(".") for h in stacks)
-    # A stack nested in another stack's block (or deeper than the main ones) belongs to its parent.
-    return {h: k for h, k in stacks.items() if h.count(".") == depth}
+    # A stack nested in another stack's block, or run inside a module of the prologue (HunyuanVideo's
+    # token refiner), belongs to that module: depth is the number of modules that ran around the
+    # stack's blocks. Containers that only hold (an nn.ModuleDict of stacks per modality, as in
+    # Flux3's mode_blocks["image"]) never run, and do not count.
+    depth = {h: _depth(nodes, h) for h in stacks}
+    return {h: k for h, k in stacks.items() if depth[h] == min(depth.values())}
+
+
+def _depth(nodes: list[fx.Node], head: str) -> int:
+    return min(sum(1 for path, _ in _stack_entries(n) if path and head.startswith(path + "."))
+               for n in nodes if any(h == head for h, _, _ in _block_candidates(n)))
 
 
 def _skipped_blocks(nodes: list[fx.Node]) -> tuple[str, list[int]] | None:

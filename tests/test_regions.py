@@ -15,6 +15,7 @@ EXPECTED = {
     "wan": {"blocks": 3},
     "flux": {"transformer_blocks": 2, "single_transformer_blocks": 2},
     "hunyuan": {"transformer_blocks": 2, "single_transformer_blocks": 2},
+    "flux3": {"txt_mode_blocks": 2, "mode_blocks.image": 2, "single_transformer_blocks": 2},
 }
 
 

@@ -108,5 +108,20 @@ def kandinsky5(batch: int = 1) -> tuple[torch.nn.Module, dict]:
                    text_rope_pos=torch.arange(5))
 
 
+def flux3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    """Image blocks in an nn.ModuleDict (``mode_blocks["image"]``), one level below the text and
+    single-stream stacks."""
+    from diffusers import Flux3Transformer2DModel
+    torch.manual_seed(0)
+    m = Flux3Transformer2DModel(in_channels=4, cond_in_channels=4, num_layers=2, num_single_layers=2,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                timestep_channels=16, axes_dims_rope=(4, 4, 4, 4)).eval()
+    seq, txt = 16, 6
+    return m, dict(hidden_states=torch.randn(batch, seq, 4),
+                   encoder_hidden_states=torch.randn(batch, txt, 16),
+                   timestep=torch.full((batch,), 0.5), img_ids=torch.randn(seq, 4),
+                   txt_ids=torch.randn(txt, 4))
+
+
 MODELS: dict[str, Callable[..., tuple[torch.nn.Module, dict[str, Any]]]] = {
-    "wan": wan, "flux": flux, "hunyuan": hunyuan, "hidream": hidream}
+    "wan": wan, "flux": flux, "hunyuan": hunyuan, "hidream": hidream, "flux3": flux3}
