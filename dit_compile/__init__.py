@@ -31,7 +31,9 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     state = find_state(model)
     if state is None:
         raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "
-                         "with caching on (the default; not cache=None), and run it once")
+                         "with caching on (the default; not cache=None), and run it once; a "
+                         "model that runs without caching was warned why (graph breaks, no "
+                         "block stack, inputs not found)")
     return state.stats()
 
 

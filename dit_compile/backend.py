@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from .frames import (compiled_model, model_name, traced_locals, traced_module, warn_fallback,
-                     warn_unlowered_moe)
+from .frames import (compiled_model, is_fragment, model_name, traced_locals, traced_module,
+                     warn_fallback, warn_unlowered_moe)
 from .options import Options
 from .passes.regions import BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions, user_inputs
 from .passes.split import Piece, Plan, split
@@ -38,7 +38,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     try:
         rmap = find_regions(gm)
     except NoBlockStructure as why:
-        warn_fallback(gm, why)
+        warn_fallback(gm, why, options)
         return compile_fx(gm, example_inputs, config_patches=inductor)
 
     # 2. guards: split at the region boundaries into pieces over one value table.
@@ -56,6 +56,9 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         return Executor(plan, fns)
     missing = {"latent", "timestep"} - set(rmap.inputs)
     if missing:
+        if is_fragment(gm):     # a graph break before the blocks: their inputs are intermediates
+            warn_fallback(gm, None, options)
+            return Executor(plan, fns)
         if "cache" not in (options or {}):
             return Executor(plan, fns)      # the default cache was not asked for: no warning
         hint = (" A timestep given as a Python number is a constant of the graph, not an input"

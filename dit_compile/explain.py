@@ -27,7 +27,7 @@ class Report:
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.graphs} graph(s)"]
         if self.fallback:
-            lines.append(f"  fallback to plain Inductor: {self.fallback}")
+            lines.append(f"  no caching: {self.fallback}")
         if self.moe:
             pending = [p for p, ok in self.moe.items() if not ok]
             lines.append(f"  MoE dispatches: {len(self.moe)}, not lowered: {len(pending)}"

@@ -78,17 +78,23 @@ def warn_unlowered_moe(model: torch.nn.Module | None) -> None:
                       "torch.compile to run them as one fused op in one graph", stacklevel=3)
 
 
-def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure) -> None:
-    """Say once per model why it compiles without caching: graph breaks where this graph is one
-    fragment of the forward (the region pass's own reason would name the fragment's frame and
-    mislead), else what the region pass found missing."""
+def is_fragment(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is one of several graphs that graph breaks made of the model's forward."""
+    return _is_fragment(gm, compiled_model() or traced_module())
+
+
+def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any = None) -> None:
+    """Say once per model and configuration why it compiles without caching: graph breaks where
+    this graph is one fragment of the forward (the region pass's own reason, or the inputs a
+    fragment lacks, would name the fragment and mislead), else what the region pass found
+    missing. ``why`` None: the region pass found blocks, in a fragment."""
     root = compiled_model() or traced_module()
-    if not _first_time(root, "_mixcache_fallback_warned"):
+    if not _first_time(root, "_mixcache_fallback_warned", config):
         return
     name = type(root).__name__ if root is not None else "the traced function"
-    if _is_fragment(gm, root):
+    if why is None or _is_fragment(gm, root):
         reason = ("graph breaks split its forward into several graphs, and mixcache needs the whole "
-                  "forward in one graph to find its block stack (torch.compile(..., fullgraph=True) "
+                  "forward in one graph to cache it (torch.compile(..., fullgraph=True) "
                   "raises at the first break; TORCH_LOGS=graph_breaks lists them all)")
         if getattr(root, "is_cache_enabled", False):
             # diffusers' cache hooks keep Python state per call: the likeliest break, and a second
@@ -97,8 +103,8 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure) -> None:
                        f"{name}.disable_cache() before torch.compile and let mixcache cache")
     else:
         reason = str(why)
-    warnings.warn(f"mixcache: {name}: {reason}. Compiling each graph without a block stack with "
-                  "plain Inductor, without caching.", stacklevel=3)
+    warnings.warn(f"mixcache: {name}: {reason}. Compiling each graph with Inductor (by regions "
+                  "where it holds a block stack), without caching.", stacklevel=3)
 
 
 def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
@@ -135,15 +141,17 @@ def _forward_runs_eagerly(model: torch.nn.Module) -> bool:
     return False
 
 
-def _first_time(model: torch.nn.Module | None, flag: str) -> bool:
-    """True the first time ``flag`` is asked of ``model`` (always, with no model to hold it): every
-    graph-break fragment and every recompile reaches the backend, the user needs to hear it once."""
+def _first_time(model: torch.nn.Module | None, flag: str, config: Any = None) -> bool:
+    """True the first time ``flag`` is asked of ``model`` for ``config`` (always, with no model to
+    hold it): every graph-break fragment and every recompile reaches the backend, the user needs to
+    hear it once, and again if the model is compiled anew with other options."""
     if model is None:
         return True
-    if getattr(model, flag, False):
+    key = repr(config)
+    if getattr(model, flag, None) == key:
         return False
     # Written while Dynamo traces: the guards it builds afterwards see it, so no recompile.
-    setattr(model, flag, True)
+    setattr(model, flag, key)
     return True
 
 

@@ -123,5 +123,19 @@ def flux3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
                    txt_ids=torch.randn(txt, 4))
 
 
+def lumina2(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    """Its forward graph-breaks before the blocks (a Python set of the caption lengths decides
+    whether to mask): the graph that holds them reads intermediates, not the model's inputs."""
+    from diffusers import Lumina2Transformer2DModel
+    torch.manual_seed(0)
+    m = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=24,
+                                  num_layers=2, num_refiner_layers=1, num_attention_heads=3,
+                                  num_kv_heads=1, multiple_of=2, axes_dim_rope=(4, 2, 2),
+                                  axes_lens=(128, 128, 128), cap_feat_dim=8).eval()
+    return m, dict(hidden_states=torch.randn(batch, 4, 8, 8), timestep=torch.full((batch,), 0.5),
+                   encoder_hidden_states=torch.randn(batch, 6, 8),
+                   encoder_attention_mask=torch.ones(batch, 6, dtype=torch.bool))
+
+
 MODELS: dict[str, Callable[..., tuple[torch.nn.Module, dict[str, Any]]]] = {
     "wan": wan, "flux": flux, "hunyuan": hunyuan, "hidream": hidream, "flux3": flux3}
