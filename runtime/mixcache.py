@@ -99,10 +99,11 @@ class MixCache:
         """The sampler step about to use this call's output, as a fraction of the noise range: the
         last spacing of timesteps, capped at ``t`` (no step goes below zero). A second call at one
         timestep (Heun's corrector evaluates there again, on the corrected latent) steps on from
-        there: its spacing is the last one that was not zero."""
+        there: its spacing is the last one that was not zero. A call at ``t`` = 0 (DDPM's last)
+        still has its output used, for x0: its step is the spacing, never free."""
         prev = bc.signals.get("prev_t", bc.outputs[-1][0] if bc.outputs else s.t)
         spacing = abs(s.t - prev) or bc.signals.get("spacing", 0.0)
-        return min(spacing, abs(s.t)) / max(abs(st.t_first), 1e-12)
+        return (min(spacing, abs(s.t)) or spacing) / max(abs(st.t_first), 1e-12)
 
     def _left(self, bc: BranchCache) -> torch.Tensor | float:
         return self.budget - bc.signals.get("spent", 0.0)

@@ -147,6 +147,15 @@ def test_guidance_branches_share_the_step_decision(rates, reused):
     assert actions == (["step", "step"] if reused else ["compute", "compute"])
 
 
+@pytest.mark.parametrize("rate,reused", [(1.0, False), (1e-6, True)])
+def test_a_call_at_timestep_zero_is_not_free(rate, reused):
+    """DDPM's last call is at t = 0 and its output still makes x0: capping the step length at t
+    made every reuse there free, whatever the output's rate of change."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "extrapolate": 0})
+    st_, steps = _two_branches((rate,), t_last=100.0, t=0.0)
+    assert pol.step(steps[0], st_, torch.zeros(1))[0] == ("step" if reused else "compute")
+
+
 def test_branches_reuse_at_the_same_steps_in_a_generation():
     model, kw = tiny_models.wan(layers=4)
     kw["return_dict"] = False
