@@ -13,8 +13,9 @@ How blocks are found, with no per-model table: every node Dynamo records carries
 container path whose children ``<path>.0, <path>.1, ...`` are two or more modules of one class that
 is not a ``torch.nn`` builtin (an ``nn.ModuleList`` of transformer blocks, not a ``Sequential`` of
 layers). Only the outermost stacks count (those with the fewest modules running around them), so a
-refiner stack inside a text embedder stays part of the prologue. Which inputs are the latent, the timestep and the text condition is answered by the
-names diffusers pipelines pass them under, and failing that (a positional call) by dataflow.
+refiner stack inside a text embedder stays part of the prologue. Which inputs are the latent, the
+timestep and the text condition is answered by the names diffusers pipelines pass them under, and
+failing that (a positional call) by dataflow.
 """
 from __future__ import annotations
 
