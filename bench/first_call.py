@@ -1,0 +1,124 @@
+"""Where a first call's time goes: Dynamo's trace against the compiles, for each way of compiling.
+
+    python bench/first_call.py [--layers 30] [--device cpu|cuda] [--config tiny|1.3b]
+
+Issue 2 asks that mixcache's first generation (compile included) be no slower than regional
+compilation's. Each method runs in a fresh process with empty Inductor and Triton caches, after
+importing what a pipeline imports (diffusers' pipelines pull in transformers), so the first call
+pays what a user's first generation pays for the transformer: Dynamo's trace and the compiles.
+``dynamo trace only`` is ``backend="eager"``: the trace and nothing else. For mixcache the
+backend's own time (region pass, split, compiles) is read from its INFO log; the rest of the first
+call is Dynamo and running the model once. Not a benchmark of per-call speed (bench/wan_speed.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+METHODS = {
+    "dynamo trace only": "eager",
+    "regional (compile_repeated_blocks)": "regional",
+    "mixcache, cache off": "mixcache",
+    "mixcache, cache off, regions=blocks": "blocks",
+}
+
+CONFIGS = {  # WanTransformer3DModel: tiny for the CPU, the Wan2.1-T2V-1.3B shape for a GPU
+    "tiny": (dict(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
+                  ffn_dim=64, rope_max_seq_len=64), (1, 4, 3, 16, 16), 8),
+    "1.3b": (dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256,
+                  ffn_dim=8960), (1, 16, 9, 60, 104), 512),
+}
+
+
+def one(method: str, layers: int, device: str, config: str) -> dict:
+    """Runs in the child process: build, compile, time the first and second call."""
+    import logging
+    import re
+    import time
+
+    import diffusers.pipelines  # noqa: F401  what a pipeline process has imported
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("dit_compile").addHandler(handler)
+    logging.getLogger("dit_compile").setLevel(logging.INFO)
+
+    kw, latent, text = CONFIGS[config]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=latent[1], out_channels=latent[1],
+                              num_layers=layers, cross_attn_norm=True, eps=1e-6, **kw)
+    m = m.to(device, dtype).eval()
+    x = torch.randn(latent, device=device, dtype=dtype)
+    e = torch.randn(1, text, kw["text_dim"], device=device, dtype=dtype)
+    if method == "regional":
+        m.compile_repeated_blocks(fullgraph=True)
+        f = m
+    elif method == "eager":
+        f = torch.compile(m, backend="eager", fullgraph=True)
+    else:
+        opts = {"cache": None, **({"regions": "blocks"} if method == "blocks" else {})}
+        f = torch.compile(m, backend="mixcache", fullgraph=True, options=opts)
+
+    def call(t: float) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            f(x, torch.tensor([t], device=device), e, return_dict=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = call(900.0)
+    second = call(800.0)
+    backend = next((float(m.group(1)) for r in records
+                    if (m := re.search(r"backend ([\d.]+) s", r))), None)
+    return {"first": first, "second": second, "backend": backend}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one(args.child, args.layers, args.device, args.config)))
+        return
+
+    import diffusers
+    import torch
+    rows = []
+    for name, method in METHODS.items():
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                       TRITON_CACHE_DIR=os.path.join(cache, "triton"), PYTHONWARNINGS="ignore")
+            out = subprocess.run([sys.executable, __file__, "--child", method, "--layers",
+                                  str(args.layers), "--device", args.device, "--config", args.config],
+                                 env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append((name, r))
+        print(f"done: {name}: first call {r['first']:.2f} s", file=sys.stderr)
+
+    print(f"`python bench/first_call.py --layers {args.layers} --device {args.device} --config "
+          f"{args.config}`\n\n{args.config} Wan, {args.layers} layers, {args.device}, torch "
+          f"{torch.__version__}, diffusers {diffusers.__version__}, {os.cpu_count()} CPUs; each "
+          "method in a fresh process with empty compile caches\n")
+    print("| method | first call, s | of which mixcache's backend, s | second call, s |")
+    print("|---|---|---|---|")
+    for name, r in rows:
+        backend = f"{r['backend']:.2f}" if r["backend"] is not None else "-"
+        print(f"| {name} | {r['first']:.2f} | {backend} | {r['second']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
