@@ -1,0 +1,141 @@
+"""More of diffusers' DiTs, each a block structure the named models do not have: the region pass
+finds their stacks with no per-model table, and a forced schedule reuses what it says.
+
+Single-stack models are checked against the eager reference of the reuse rules (step, cfg and block
+reuse, ``reference_cache.Reference`` wrapping the model's own blocks); models with several stacks
+(dual-stream, interleaved, control blocks) against eager with caching off, and by their counts.
+"""
+import pytest
+import torch
+
+import dit_compile
+from reference_cache import Reference
+from test_cache import STEPS, compiled, generation
+
+
+def _seeded(cls_name: str, **config):
+    import diffusers
+    torch.manual_seed(0)
+    return getattr(diffusers, cls_name)(**config).eval()
+
+
+def sana():
+    m = _seeded("SanaTransformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=3,
+                attention_head_dim=8, num_attention_heads=2, num_cross_attention_heads=2,
+                cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+                sample_size=8)
+    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                   timestep=torch.full((1,), 500.0))
+
+
+def pixart():
+    m = _seeded("PixArtTransformer2DModel", sample_size=8, num_layers=3, patch_size=2,
+                attention_head_dim=8, num_attention_heads=2, in_channels=4, cross_attention_dim=16,
+                out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+                num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+                norm_eps=1e-6, use_additional_conditions=False, caption_channels=16)
+    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                   timestep=torch.full((1,), 500.0),
+                   added_cond_kwargs={"aspect_ratio": None, "resolution": None})
+
+
+def ltx():
+    """Video latents flattened to tokens, frame and patch counts as Python ints."""
+    m = _seeded("LTXVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+                attention_head_dim=8, cross_attention_dim=16, num_layers=3, caption_channels=16)
+    return m, dict(hidden_states=torch.randn(1, 2 * 4 * 4, 4), encoder_hidden_states=torch.randn(1, 6, 16),
+                   timestep=torch.full((1,), 500.0), encoder_attention_mask=torch.ones(1, 6),
+                   num_frames=2, height=4, width=4)
+
+
+def hunyuandit():
+    """The second half of the blocks reads long skips from the first half."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    m = _seeded("HunyuanDiT2DModel", sample_size=8, patch_size=2, num_attention_heads=2,
+                attention_head_dim=8, in_channels=4, cross_attention_dim=16, cross_attention_dim_t5=16,
+                pooled_projection_dim=8, hidden_size=16, num_layers=6, text_len=6, text_len_t5=6)
+    with torch.no_grad():   # the skip projections: give the long skips weight
+        for name, p in m.named_parameters():
+            if "skip" in name:
+                p.normal_(0, 0.3)
+    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 6, 16), text_embedding_mask=torch.ones(1, 6),
+                   encoder_hidden_states_t5=torch.randn(1, 6, 16),
+                   text_embedding_mask_t5=torch.ones(1, 6),
+                   image_meta_size=torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]]),
+                   style=torch.zeros(1, dtype=torch.long),
+                   image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4)))
+
+
+def latte():
+    """Spatial and temporal blocks interleaved: two stacks, one loop."""
+    m = _seeded("LatteTransformer3DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                out_channels=8, num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+                activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                caption_channels=16, video_length=2)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 6, 16), enable_temporal_attentions=True)
+
+
+def wan_vace():
+    """Control blocks whose hints the main blocks add."""
+    m = _seeded("WanVACETransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
+                attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1],
+                vace_in_channels=8)
+    with torch.no_grad():   # zero-initialised hint projections: give the control a path
+        for name, p in m.named_parameters():
+            if "vace_blocks" in name and "proj_out" in name:
+                p.normal_(0, 0.1)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 5, 16),
+                   control_hidden_states=torch.randn(1, 8, 2, 8, 8))
+
+
+def qwenimage():
+    """Dual-stream blocks that return (text, image), text first."""
+    m = _seeded("QwenImageTransformer2DModel", patch_size=2, in_channels=16, out_channels=4,
+                num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                axes_dims_rope=(8, 4, 4))
+    return m, dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 7, 16),
+                   encoder_hidden_states_mask=torch.ones(1, 7), timestep=torch.full((1,), 500.0),
+                   img_shapes=[[(1, 4, 4)]])
+
+
+# name: (factory, stacks the region pass must find, the single stack's attribute or None)
+ZOO = {
+    "sana": (sana, {"transformer_blocks": 3}, "transformer_blocks"),
+    "pixart": (pixart, {"transformer_blocks": 3}, "transformer_blocks"),
+    "ltx": (ltx, {"transformer_blocks": 3}, "transformer_blocks"),
+    "hunyuandit": (hunyuandit, {"blocks": 6}, "blocks"),
+    "latte": (latte, {"transformer_blocks": 2, "temporal_transformer_blocks": 2}, None),
+    "wan_vace": (wan_vace, {"vace_blocks": 2, "blocks": 2}, None),
+    "qwenimage": (qwenimage, {"transformer_blocks": 2}, None),
+}
+SCHEDULE = dict(step=[2], cfg=[3], block=[4])
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_more_diffusers_dits(name):
+    make, stacks, blocks_attr = ZOO[name]
+    model, kw = make()
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert report.fallback is None and report.stacks == stacks
+    assert {"latent", "timestep"} <= set(report.inputs)
+    kw["return_dict"] = False
+
+    f = compiled(model, {"rule": "schedule", **SCHEDULE})
+    ours = generation(f, kw)
+    counts = dit_compile.stats(f)["reused"]
+    assert counts == {"step": 2, "cfg": 1, "block": 2}, counts
+    if blocks_attr is not None:
+        ref = Reference(model, blocks_attr=blocks_attr, **SCHEDULE).start(STEPS[0])
+        theirs = generation(ref, kw)
+    else:   # computed calls against eager; reused ones only where a reference exists
+        torch._dynamo.reset()
+        theirs = generation(compiled(model, None), kw)
+        computed = [i for i, r in enumerate(dit_compile.stats(f)["trace"]) if r["action"] == "compute"]
+        ours, theirs = [ours[i] for i in computed], [theirs[i] for i in computed]
+    for i, (x, y) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
