@@ -16,6 +16,9 @@
 #   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`, and where
 #             `balanced`'s generation time goes (bench/call_costs.py)                         ~2 min
 #   small     the same, `small`                                                              ~2 min
+#   first     issue 2's first-generation goal: each compile method's first call at the 1.3B shape
+#             in a fresh process with empty caches (wan's rows share one process, so a later row
+#             may hit what an earlier one compiled)                                         ~2 min
 #   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
 #             mixcache with caching off, in one process                                     ~4 min
 #
@@ -23,8 +26,8 @@
 # then still comes back (every script prints its rows as they finish; the harness writes its JSON
 # after each method). A part that finishes leaves a mark in /tmp on the machine, so the same command
 # again, on the still-warm machine, goes on where the last call stopped. Results land in $OUT (or
-# ./gpu-out), at most 7 files: summary.md (printed last), log.txt, wan.md, moe.md, inductor.md,
-# quality_large.json, quality_small.json. The harness tables and plots are rendered here from the
+# ./gpu-out), at most 8 files: summary.md (printed last), log.txt, wan.md, moe.md, first.md,
+# inductor.md, quality_large.json, quality_small.json. The harness tables and plots are rendered here from the
 # JSON (`python bench/quality.py --from-json ...`); copy the tables into bench/RESULTS.md with the
 # command and the date.
 set -uo pipefail
@@ -34,7 +37,7 @@ out=${OUT:-gpu-out}
 done_dir=/tmp/gpu-suite-done
 mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
-PARTS=(check moe wan large small inductor)
+PARTS=(check moe wan large small first inductor)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=180)
@@ -57,6 +60,8 @@ part() {
         --mixcache 'preset quality="quality"' --mixcache 'preset balanced="balanced"' \
         --mixcache 'preset fast="fast"' --json "$out/quality_$1.json" &&
       python3 bench/call_costs.py --model "$1" --device cuda ;;   # into log.txt: a few seconds
+    first)
+      python3 bench/first_call.py --device cuda --config 1.3b --layers 30 > "$out/first.md" ;;
     inductor)
       python3 bench/wan_speed.py --config 1.3b --steps 20 --only "torch.compile" "cache off" \
         > "$out/inductor.md" ;;
