@@ -32,6 +32,12 @@ CONFIGS = {
 }
 
 
+def model_kwargs(config: dict) -> dict:
+    """WanTransformer3DModel's arguments for one of CONFIGS (the Wan2.1 fixed settings added)."""
+    return dict(patch_size=(1, 2, 2), cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                eps=1e-6, rope_max_seq_len=1024, **config)
+
+
 def schedules(steps: int, layers: int) -> dict[str, dict]:
     from dit_compile.runtime.mixcache import PRESETS
     half = list(range(2, steps, 2))
@@ -80,8 +86,7 @@ def main() -> None:
     tiny = args.config == "tiny"
     h, w, frames, text = (64, 64, 5, 16) if tiny else (480, 832, 33, 512)
     torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                  eps=1e-6, rope_max_seq_len=1024, **CONFIGS[args.config])
+    model = WanTransformer3DModel(**model_kwargs(CONFIGS[args.config]))
     model = model.to(dev, dtype).eval()
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                     flow_shift=3.0)
