@@ -81,10 +81,10 @@ def run_cogvideox(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
                 generator=g).frames
 
 
-def run_pixel_wan(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
-                  seed: int, frames: int, size: int, channels: int = 3, steps: int = 20,
-                  guidance: float = 4.0) -> torch.Tensor:
-    """WanPipeline on a pixel-space transformer (bench/train.py's reference models).
+def pixel_wan_kwargs(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                     seed: int, frames: int, size: int, channels: int = 3, steps: int = 20,
+                     guidance: float = 4.0) -> dict:
+    """WanPipeline's arguments for a pixel-space transformer (bench/train.py's reference models).
 
     WanPipeline sizes its own noise for a VAE latent (4x temporal, 8x spatial compression), which
     a pixel-space model does not have, so the noise ``[1, channels, frames, size, size]`` is drawn
@@ -94,15 +94,14 @@ def run_pixel_wan(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: tor
     The noise is drawn on the CPU whatever the transformer's device, so a GPU run starts from the
     same noise as a CPU run, and then moved to the transformer's device; it stays float32, the
     dtype WanPipeline keeps its latents in (it casts them to the transformer's dtype per call).
-    Returns ``[1, C, F, H, W]`` as float32 on the CPU, where the metrics are computed.
     """
     device = pipe.transformer.device
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(1, channels, frames, size, size, generator=g).to(device)
     # num_frames only sizes the noise WanPipeline would draw itself; pass a value it accepts
     # (4k + 1) so it does not warn about one it never uses.
-    out = pipe(prompt_embeds=prompt_embeds.to(device),
-               negative_prompt_embeds=negative_prompt_embeds.to(device),
-               latents=noise, height=size, width=size, num_frames=(frames - 1) // 4 * 4 + 1,
-               num_inference_steps=steps, guidance_scale=guidance, output_type="latent").frames
-    return out.float().cpu()
+    return dict(prompt_embeds=prompt_embeds.to(device),
+                negative_prompt_embeds=negative_prompt_embeds.to(device),
+                latents=noise, height=size, width=size, num_frames=(frames - 1) // 4 * 4 + 1,
+                num_inference_steps=steps, guidance_scale=guidance, output_type="latent")
+

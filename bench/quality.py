@@ -209,6 +209,88 @@ class DiffusersHook(Method):
         model.transformer.disable_cache()
 
 
+class SketchRender(Method):
+    """The sketch/render split: the model takes the high-noise steps and ``render`` (another
+    trained model, made to read this one's condition: ``train.reading_condition_of``) the rest,
+    below the boundary ``dit_compile.calibrate_split`` learns for ``tolerance`` on calibration
+    cases (seeds the evaluation never uses). With ``cache``, both run compiled with
+    ``backend="mixcache"`` (each its own cache state) and the FLOPs come from their records,
+    each call weighted by its model's share of a large call."""
+    family = "sketch"
+
+    def __init__(self, name: str, render: str, tolerance: float, steps: int, cache: Any = None,
+                 regions: str = "eager"):
+        super().__init__(name)
+        self.render, self.tolerance, self.steps = render, tolerance, steps
+        self.cache, self.regions = cache, regions
+        self.boundary: float | None = None
+        self._seen: dict[int, int] = {}
+
+    def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
+        import dit_compile
+        from dit_compile.sketch import costs
+        self.pipe = pipe
+        small = train.reading_condition_of(
+            train.load(self.render, device=model.device, dtype=model.dtype), model)
+        cases = [Case(data.random_condition(random.Random(31 + i)), 3000 + i) for i in range(4)]
+        cal = dit_compile.calibrate_split(
+            pipe, small, [model.sample_kwargs(pipe, c.condition, c.seed, self.steps) for c in cases],
+            self.tolerance)
+        self.boundary = cal.boundary
+        self.name = f"{self.name} (boundary {cal.boundary:.3f}: {cal.small_steps} small steps)"
+        print(f"{self.name}, calibration (sigma: distance, cost): " + ", ".join(
+            f"{s:.3f}: {d:.3f}, {c:.4f}" for s, d, c in
+            zip(cal.sigmas, cal.distances, costs(cal.sigmas, cal.distances))), file=sys.stderr)
+        large = model.transformer
+        if self.cache is not None:
+            torch._dynamo.reset()
+            self._share = _call_flops(small, model) / _call_flops(large, model)
+            opts = {"regions": self.regions, "cache": self.cache}
+            large = torch.compile(large, backend="mixcache", options=opts)
+            small = torch.compile(small, backend="mixcache", options=opts)
+        self.models = (large, small)
+        pipe.register_modules(transformer_2=small)
+        pipe.register_to_config(boundary_ratio=cal.boundary)
+        return large
+
+    def detach(self, model: train.Trained) -> None:
+        self.pipe.register_modules(transformer_2=None)
+        self.pipe.register_to_config(boundary_ratio=None)
+        torch._dynamo.reset()
+
+    def before(self, transformer: torch.nn.Module) -> None:
+        import dit_compile
+        if self.cache is not None:
+            for m in self.models:
+                dit_compile.reset(m)
+            self._seen = {id(m): len(mixcache_trace(m)) for m in self.models}
+
+    def counted(self, transformer: torch.nn.Module) -> float | None:
+        if self.cache is None:
+            return None         # the FLOP-counting rerun counts both models' calls
+        large, small = (mixcache_trace(m)[self._seen[id(m)]:] for m in self.models)
+        done = sum(r["flops"] for r in large) + self._share * sum(r["flops"] for r in small)
+        return done / (len(large) + len(small))
+
+
+def _call_flops(transformer: torch.nn.Module, model: train.Trained) -> float:
+    """FLOPs of one call of ``transformer`` at ``model``'s sample shape."""
+    c = model.config
+    x = torch.zeros(1, 3, c.frames, c.size, c.size, device=model.device, dtype=model.dtype)
+    t = torch.tensor([500.0], device=model.device)
+    text = model.condition.negative()
+    return _count_flops(lambda: transformer(x, t, text, return_dict=False))
+
+
+def sketch_methods(render: str, steps: int, regions: str = "eager") -> list[Method]:
+    """The split at a few tolerances, and at the lowest with ``balanced`` caching on both."""
+    methods: list[Method] = [SketchRender(f"sketch/render {render} tolerance {tol}", render, tol,
+                                          steps) for tol in (0.05, 0.15, 0.3)]
+    methods.append(SketchRender(f"sketch/render {render} tolerance 0.05 + mixcache balanced",
+                                render, 0.05, steps, "balanced", regions))
+    return methods
+
+
 def _hooks():
     import diffusers.hooks as h
     return h
@@ -378,6 +460,7 @@ def evaluate(model: train.Trained, methods: list[Method], cases: list[Case], ste
         rows.append(row)
         try:
             pipe.transformer = method.attach(model, pipe)
+            row.name = method.name      # attach may name what it chose (a calibrated boundary)
             model.sample(pipe, warm.condition, warm.seed, steps=steps)      # warm-up, untimed
             for i, case in enumerate(cases):
                 method.before(pipe.transformer)
@@ -474,7 +557,8 @@ def plot(rows: list[Row], meta: dict[str, Any], out: str) -> None:
         print(f"matplotlib not installed: no plot written to {out} (pip install matplotlib)")
         return
     ref = reference_seconds(rows)
-    colours = {"full": "black", "mixcache": "tab:blue", "diffusers": "tab:orange"}
+    colours = {"full": "black", "mixcache": "tab:blue", "diffusers": "tab:orange",
+               "sketch": "tab:green"}
     gpu = _on_gpu(meta)
     panels = {"speedup": f"speedup, wall time ({meta['device_name'] if gpu else 'CPU machine'})",
               **({} if gpu else {"speedup_cpu": "speedup, CPU time"}),
@@ -537,6 +621,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="add a mixcache configuration, e.g. 'fb 0.15={\"rule\": \"first_block\", "
                          "\"threshold\": 0.15}' (the JSON is the cache option); repeatable; these "
                          "run first, after full compute")
+    ap.add_argument("--render", metavar="MODEL",
+                    help="add the sketch/render split with this trained model (under bench/models) "
+                         "taking the low-noise steps")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", type=train.device_arg, default="cpu",
                     help="cpu (default), cuda, cuda:N, or auto (cuda where available)")
@@ -571,7 +658,8 @@ def main(argv: list[str] | None = None) -> None:
     # The configurations the command names run right after full compute: a run cut short (a
     # device call's time limit) has them first.
     full, *others = default_methods(args.steps, args.regions)
-    methods = [full, *named, *others]
+    sketch = sketch_methods(args.render, args.steps, args.regions) if args.render else []
+    methods = [full, *named, *others, *sketch]
     if args.only:
         methods = [methods[0]] + [m for m in methods[1:] if any(s in m.name for s in args.only)]
     command = "python bench/quality.py " + shlex.join(sys.argv[1:] if argv is None else argv)

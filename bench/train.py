@@ -244,11 +244,42 @@ class Trained:
         """One video ``[1, 3, F, H, W]`` (in ``[-1, 1]`` where the model is good), float32 on the
         CPU whatever the model's device, through ``pipe`` (``self.pipeline()``, or one whose
         transformer was swapped for a compiled/cached one)."""
+        return pipe(**self.sample_kwargs(pipe, cond, seed, steps, guidance)).frames.float().cpu()
+
+    def sample_kwargs(self, pipe, cond: data.Condition, seed: int, steps: int | None = None,
+                      guidance: float | None = None) -> dict[str, Any]:
+        """``pipe``'s arguments for the video ``sample`` makes."""
         c = self.config
-        return pipelines.run_pixel_wan(
+        return pipelines.pixel_wan_kwargs(
             pipe, self.condition.embed(cond), self.condition.negative(), seed=seed,
             frames=c.frames, size=c.size, steps=steps or c.sample_steps,
             guidance=c.guidance if guidance is None else guidance)
+
+
+def reading_condition_of(model: Trained, other: Trained) -> nn.Module:
+    """A copy of ``model``'s transformer that takes ``other``'s ``prompt_embeds``, for a pipeline
+    that hands one text condition to two models (the sketch/render split).
+
+    The two were trained apart, each with its own condition tables, so the same condition is one
+    vector in each. Every vector either model can be given (the 16 table rows and the 4 null
+    tokens, 20 vectors of ``text_dim`` = 32) maps to its counterpart through one linear map
+    ``M`` (least squares on 20 equations in 32 unknowns per column: exact, since ``other``'s 20
+    vectors are independent). The transformer's text projection starts with a linear layer, so
+    ``M`` folds into its weight: for every condition the copy computes what ``model`` computes
+    from its own embedding, up to float rounding."""
+    import copy
+
+    def vectors(c: ConditionEmbedding) -> torch.Tensor:
+        return torch.cat([*(t.weight for t in c.tables), c.null]).double()
+    src, dst = vectors(other.condition), vectors(model.condition)
+    m = torch.linalg.lstsq(src, dst).solution            # src @ m = dst, [text_dim, text_dim]
+    if float((src @ m - dst).abs().max()) > 1e-6 * float(dst.abs().max()):
+        raise ValueError("the condition vectors do not map linearly onto each other")
+    out = copy.deepcopy(model.transformer)
+    first = out.condition_embedder.text_embedder.linear_1
+    with torch.no_grad():
+        first.weight.copy_((first.weight.double() @ m.T).to(first.weight.dtype))
+    return out
 
 
 def model_dir(name: str) -> str:

@@ -19,9 +19,11 @@ from .options import OptionError, Options
 from .passes.moe import lower_moe, register_moe, restore_moe
 from .runtime.cache import CacheMemoryError, find_state
 from .runtime.policy import PolicyError
+from .sketch import Calibration, calibrate_split, sketch_render
 
 __all__ = ["mixcache", "explain", "stats", "reset", "lower_moe", "register_moe", "restore_moe",
-           "Report", "Options", "OptionError", "PolicyError", "CacheMemoryError"]
+           "calibrate_split", "sketch_render", "Calibration", "Report", "Options", "OptionError",
+           "PolicyError", "CacheMemoryError"]
 
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:

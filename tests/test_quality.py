@@ -106,6 +106,26 @@ def test_small_model_follows_its_colour_condition(small):
     assert hits >= 5, f"{hits}/6 colours recovered"
 
 
+def test_small_model_reads_the_large_models_condition(small):
+    """The sketch/render split hands one condition to both trained models: the small one, made to
+    read the large one's embeddings, computes what it computes from its own, for every condition
+    and the null (unconditional) sequence."""
+    large = train.load("large")
+    render = train.reading_condition_of(small, large)
+    x = torch.randn(1, 3, small.config.frames, small.config.size, small.config.size)
+    t = torch.tensor([700.0])
+    # Six conditions that use every row of every table, and the null sequence.
+    pairs = [tuple(m.condition.embed(data.Condition(i % 4, i, i % 4, i % 2)) for m in (small, large))
+             for i in range(len(data.COLOURS))]
+    pairs.append((small.condition.negative(), large.condition.negative()))
+    with torch.no_grad():
+        for own, theirs in pairs:
+            torch.testing.assert_close(render(x, t, theirs, return_dict=False)[0],
+                                       small.transformer(x, t, own, return_dict=False)[0],
+                                       rtol=1e-5, atol=1e-5)
+    assert render is not small.transformer          # a copy: the small model is untouched
+
+
 def test_metrics():
     torch.manual_seed(0)
     x = torch.rand(1, 3, 4, 16, 16) * 2 - 1

@@ -1,0 +1,170 @@
+"""The sketch/render split: calibration of the boundary, and diffusers' WanPipeline switching at it."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dit_compile
+import tiny_models
+from dit_compile.sketch import _boundary, costs
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import pipelines  # noqa: E402
+
+STEPS = 5
+
+
+def wan_kwargs(seed: int, steps: int = STEPS) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(1, 8, 16, generator=g),
+                negative_prompt_embeds=torch.randn(1, 8, 16, generator=g), height=64, width=64,
+                num_frames=5, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
+                latents=torch.randn(1, 4, 2, 8, 8, generator=g))
+
+
+@pytest.fixture
+def models():
+    """A tiny Wan pair: 3 blocks and 2, each its own random weights, one latent and text space."""
+    large = tiny_models.wan(layers=3)[0]
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "num_layers": 2}).eval()
+    pipe = pipelines.wan_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    return large, small, pipe
+
+
+def timesteps_of(model: torch.nn.Module) -> tuple[list[float], torch.utils.hooks.RemovableHandle]:
+    seen: list[float] = []
+    handle = model.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(float(kwargs["timestep"].max())), with_kwargs=True)
+    return seen, handle
+
+
+def test_the_pipeline_switches_to_the_small_model_below_the_boundary(models):
+    large, small, pipe = models
+    split = dit_compile.sketch_render(pipe, small, 0.5)
+    assert pipe.config.boundary_ratio is None and pipe.transformer_2 is None  # left as it was
+    big, h1 = timesteps_of(large)
+    little, h2 = timesteps_of(small)
+    with torch.no_grad():
+        split(**wan_kwargs(0))
+    h1.remove()
+    h2.remove()
+    assert big and little and len(big) + len(little) == 2 * STEPS
+    assert min(big) >= 500 > max(little)
+
+
+def test_tolerance_zero_keeps_the_large_model_and_its_output(models):
+    large, small, pipe = models
+    with torch.no_grad():
+        ref = pipe(**wan_kwargs(0)).frames
+    cal = dit_compile.calibrate_split(pipe, small, [wan_kwargs(1), wan_kwargs(2)], 0.0)
+    assert cal.boundary == 0.0 and cal.small_steps == 0
+    assert len(cal.sigmas) == len(cal.distances) == STEPS and min(cal.distances) > 0
+    # Calibration leaves the pipeline as it found it.
+    assert pipe.transformer is large and pipe.config.boundary_ratio is None
+    little, handle = timesteps_of(small)
+    with torch.no_grad():
+        out = dit_compile.sketch_render(pipe, small, cal)(**wan_kwargs(0)).frames
+    handle.remove()
+    assert little == [] and torch.equal(out, ref)
+
+
+def test_a_small_model_equal_to_the_large_one_takes_every_step(models):
+    large, _, pipe = models
+    twin = copy.deepcopy(large)
+    cal = dit_compile.calibrate_split(pipe, twin, [wan_kwargs(1)], 0.0)
+    assert cal.distances == [0.0] * STEPS and cal.small_steps == STEPS
+    big, handle = timesteps_of(large)
+    with torch.no_grad():
+        ref = pipe(**wan_kwargs(0)).frames
+        out = dit_compile.sketch_render(pipe, twin, cal)(**wan_kwargs(0)).frames
+    handle.remove()
+    assert len(big) == 2 * STEPS        # all of them from the reference run
+    torch.testing.assert_close(out, ref)
+
+
+def test_the_calibrated_tail_is_what_the_tolerance_allows(models):
+    _, small, pipe = models
+    cal = dit_compile.calibrate_split(pipe, small, [wan_kwargs(1)], 0.0)
+    c = costs(cal.sigmas, cal.distances)
+    for k in range(1, STEPS):
+        tol = sum(c[k:])        # exactly the last STEPS - k steps' costs
+        got = dit_compile.calibrate_split(pipe, small, [wan_kwargs(1)], tol * (1 + 1e-6))
+        assert got.small_steps == STEPS - k
+        assert cal.sigmas[k] < got.boundary < cal.sigmas[k - 1]
+
+
+def test_split_pipeline_with_both_models_compiled_matches_eager(models):
+    large, small, pipe = models
+    with torch.no_grad():
+        ref = dit_compile.sketch_render(pipe, small, 0.5)(**wan_kwargs(0)).frames
+    opts = {"cache": None, "regions": "eager"}
+    pipe.transformer = torch.compile(large, backend="mixcache", options=opts)
+    split = dit_compile.sketch_render(
+        pipe, torch.compile(small, backend="mixcache", options=opts), 0.5)
+    with torch.no_grad():
+        out = split(**wan_kwargs(0)).frames
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_each_model_of_the_split_keeps_its_own_cache_state(models):
+    large, small, pipe = models
+    opts = {"cache": {"rule": "schedule", "step": [1, 2, 3, 4]}, "regions": "eager"}
+    pipe.transformer = torch.compile(large, backend="mixcache", options=opts)
+    split = dit_compile.sketch_render(
+        pipe, torch.compile(small, backend="mixcache", options=opts), 0.5)
+    with torch.no_grad():
+        split(**wan_kwargs(0))
+    big, little = dit_compile.stats(large)["trace"], dit_compile.stats(small)["trace"]
+    assert len(big) + len(little) == 2 * STEPS
+    assert min(r["t"] for r in big) >= 500 > max(r["t"] for r in little)
+    # Each model's first step is its own generation's step 0: computed, never a reuse of the
+    # other model's output.
+    for trace in (big, little):
+        assert [r["action"] for r in trace if r["step"] == 0] == ["compute", "compute"]
+        assert {r["generation"] for r in trace} == {0}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.001, 0.2), st.floats(0, 2)), min_size=1, max_size=30),
+       st.floats(0, 1), st.floats(0, 1))
+def test_boundary_rule(steps, tol_a, tol_b):
+    """The small model's tail costs at most the tolerance, one more step would cost more, and a
+    larger tolerance never hands fewer steps to the small model."""
+    gaps, distances = zip(*steps)
+    sigmas = [sum(gaps[i:]) for i in range(len(gaps))]       # descending, the last > 0
+    lo, hi = sorted((tol_a, tol_b))
+    c = costs(sigmas, list(distances))
+    for tol in (lo, hi):
+        b = _boundary(sigmas, list(distances), tol)
+        tail = [i for i, s in enumerate(sigmas) if s < b]
+        assert tail == list(range(len(sigmas) - len(tail), len(sigmas)))
+        assert sum(c[i] for i in tail) <= tol
+        if len(tail) < len(sigmas):
+            assert sum(c[i] for i in tail) + c[len(sigmas) - len(tail) - 1] > tol
+    n = lambda tol: sum(s < _boundary(sigmas, list(distances), tol) for s in sigmas)  # noqa: E731
+    assert n(lo) <= n(hi)
+
+
+def test_bad_inputs_are_clear_errors(models):
+    large, small, pipe = models
+    other = type(large).from_config({**large.config, "in_channels": 8})
+    with pytest.raises(ValueError, match="in_channels"):
+        dit_compile.sketch_render(pipe, other, 0.5)
+    with pytest.raises(ValueError, match="transformer itself"):
+        dit_compile.calibrate_split(pipe, large, [wan_kwargs(1)], 0.1)
+    with pytest.raises(ValueError, match="tolerance"):
+        dit_compile.calibrate_split(pipe, small, [wan_kwargs(1)], -1)
+    with pytest.raises(ValueError, match="same timesteps"):
+        dit_compile.calibrate_split(pipe, small, [wan_kwargs(1), wan_kwargs(2, steps=3)], 0.1)
+    assert pipe.transformer is large and pipe.config.boundary_ratio is None
+    with pytest.raises(ValueError, match="boundary"):
+        dit_compile.sketch_render(pipe, small, -0.5)
+    flux = pipelines.flux_pipeline(tiny_models.flux()[0])
+    with pytest.raises(TypeError, match="FluxPipeline"):
+        dit_compile.sketch_render(flux, small, 0.5)
