@@ -15,13 +15,14 @@ import torch
 
 from .backend import mixcache
 from .explain import Report, explain
+from .export import Exported, export, load
 from .options import OptionError, Options
 from .passes.moe import lower_moe, register_moe, restore_moe
 from .runtime.cache import CacheMemoryError, find_state
 from .runtime.policy import PolicyError
 from .sketch import Calibration, calibrate_split, sketch_render
 
-__all__ = ["mixcache", "explain", "stats", "reset", "lower_moe", "register_moe", "restore_moe",
+__all__ = ["mixcache", "explain", "stats", "reset", "export", "load", "Exported", "lower_moe", "register_moe", "restore_moe",
            "calibrate_split", "sketch_render", "Calibration", "Report", "Options", "OptionError",
            "PolicyError", "CacheMemoryError"]
 

@@ -21,10 +21,11 @@ from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
 
 
 class Executor:
+    # What __init__ decides from the plan, all of it plain data (slot numbers, flags, FLOP shares):
+    # an exported model (dit_compile.export) saves it and is rebuilt from it, with no graph.
+    LAYOUT: tuple[str, ...] = ("wiring", "n_pad", "out_leaves")
+
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]]):
-        self.plan = plan
-        self.fns = list(fns)
-        self._pad = [None] * (plan.n_slots - plan.n_inputs)
         out_slots = {s for s in plan.out_leaves if isinstance(s, int)}
         # Free each slot after the last piece that reads it, so block outputs of a 40-layer stack
         # are not all alive at once; outputs and graph inputs are never freed here.
@@ -36,10 +37,29 @@ class Executor:
         for s, i in last_read.items():
             if s >= plan.n_inputs and s not in out_slots:
                 frees[i].append(s)
-        self.calls = [(fn, p.args, p.outs, p.single, tuple(f))
-                      for fn, p, f in zip(self.fns, plan.pieces, frees)]
-        self._flat_out = plan.out_spec.num_leaves == len(plan.out_leaves) and all(
-            isinstance(s, int) for s in plan.out_leaves)
+        self.wiring = [(p.args, p.outs, p.single, tuple(f)) for p, f in zip(plan.pieces, frees)]
+        self.n_pad = plan.n_slots - plan.n_inputs
+        self.out_leaves, self.out_spec = list(plan.out_leaves), plan.out_spec
+        self._bind(fns)
+
+    def _bind(self, fns: Sequence[Callable[..., Any]]) -> None:
+        self.fns = list(fns)
+        self._pad = [None] * self.n_pad
+        self.calls = [(fn, *w) for fn, w in zip(self.fns, self.wiring)]
+
+    def layout(self) -> dict[str, Any]:
+        """The compile-time decisions (``LAYOUT``), for ``rebuild``."""
+        return {k: getattr(self, k) for k in self.LAYOUT}
+
+    @classmethod
+    def rebuild(cls, layout: dict[str, Any], out_spec: pytree.TreeSpec,
+                fns: Sequence[Callable[..., Any]], **runtime: Any) -> "Executor":
+        """The executor ``layout`` describes, running ``fns``; ``runtime``: what a guarded one
+        holds beside its layout (policy, states, halves)."""
+        ex = cls.__new__(cls)
+        ex.__dict__.update(layout, out_spec=out_spec, **runtime)
+        ex._bind(fns)
+        return ex
 
     def run(self, env: list[Any], start: int = 0, stop: int | None = None) -> None:
         """Run pieces ``start:stop`` over ``env`` in place."""
@@ -54,8 +74,8 @@ class Executor:
                 env[s] = None
 
     def output(self, env: list[Any]) -> Any:
-        leaves = [env[s] if isinstance(s, int) else s[1] for s in self.plan.out_leaves]
-        return pytree.tree_unflatten(leaves, self.plan.out_spec)
+        leaves = [env[s] if isinstance(s, int) else s[1] for s in self.out_leaves]
+        return pytree.tree_unflatten(leaves, self.out_spec)
 
     def __call__(self, *args: Any) -> Any:
         env = [*args, *self._pad]
@@ -69,6 +89,10 @@ class GuardedExecutor(Executor):
     Compile time fixes where the guards sit (piece indices) and which slots the block span reads
     and writes; per call, the policy's answers pick one of three paths over the same pieces.
     """
+    LAYOUT = Executor.LAYOUT + (
+        "anchor", "flops", "latent", "t", "text", "_detect", "sig_slots", "first", "probe_end",
+        "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
+        "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs")
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
                  states: StateFactory, anchor: int | None, flops: Sequence[float],

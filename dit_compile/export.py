@@ -1,0 +1,209 @@
+"""Ahead-of-time export of the rewritten model: regions as ``torch.export`` programs, the runtime's
+plan as data, the weights as tensors; ``load`` runs it with no model source.
+
+    dit_compile.export(transformer, "wan.dit", dict(hidden_states=x, timestep=t,
+                       encoder_hidden_states=e, return_dict=False), options={"cache": "balanced"})
+    model = dit_compile.load("wan.dit")           # diffusers need not be installed
+    out = model(hidden_states=x, timestep=t, encoder_hidden_states=e)
+
+What is saved (a directory): ``manifest.json`` (format version, torch version, the options, where
+each graph input comes from: a keyword argument by name or a saved tensor, which program each
+piece runs, the executor's layout: slots, guard positions, FLOP shares; the output's pytree spec),
+``program_<k>.pt2`` (``torch.export.save``; one per distinct region, so a 30-block stack saves its
+block once) and ``tensors.pt`` (parameters and buffers, by graph input). Decisions stay explicit:
+the layout is what the backend decided at compile time, and the cache policy is rebuilt from the
+saved options, so a loaded model caches exactly as ``backend="mixcache"`` with those options does.
+
+The export is of one input signature (the shapes of the example call), as ``torch.export`` is;
+batched-CFG calls (cfg reuse on batch halves) compute the full batch. On a GPU each program can go
+on to AOTInductor (``torch._inductor.aoti_compile_and_package``); ``load`` runs the programs as
+exported, through their ``module()``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .options import Options
+from .passes.regions import NoBlockStructure, find_regions, user_inputs
+from .passes.split import split
+from .runtime.cache import StateFactory
+from .runtime.executor import Executor, GuardedExecutor
+from .runtime.policy import make_policy
+
+FORMAT = 1
+_NO_HALVES = "an exported model has no half-batch forward"
+
+
+def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
+           options: dict[str, Any] | None = None) -> None:
+    """Trace ``model(**kwargs)`` as ``torch.compile`` does, rewrite it as ``backend="mixcache"``
+    with ``options`` does, and save it under ``path`` (module docstring). Tensor keyword arguments
+    are the loaded model's inputs; every other argument is fixed at the values given here."""
+    opts = Options.parse(options)
+    traced = _capture(model, kwargs)
+    if traced.why is not None:
+        raise ValueError(f"dit_compile.export: {type(model).__name__}: {traced.why}; export needs "
+                         "the block structure the backend rewrites")
+    rmap, plan, inputs = traced.rmap, traced.plan, traced.inputs
+
+    # One program per distinct piece, exported from the real inputs where the piece reads graph
+    # inputs and zeros of the traced shapes elsewhere (export traces; values do not matter).
+    programs: dict[str, int] = {}
+    uses: list[int] = []
+    os.makedirs(path, exist_ok=True)
+    with torch.no_grad():
+        for piece in plan.pieces:
+            key = piece.signature()
+            if key not in programs:
+                args = tuple(inputs[s] if s < plan.n_inputs else _zeros_like(x)
+                             for s, x in zip(piece.args, piece.example_inputs))
+                ep = torch.export.export(piece.module, args)
+                programs[key] = len(programs)
+                torch.export.save(ep, os.path.join(path, f"program_{programs[key]}.pt2"))
+            uses.append(programs[key])
+
+    policy = make_policy(opts.cache, len(rmap.guarded))
+    fns = [None] * len(plan.pieces)
+    if policy is None:
+        executor: Executor = Executor(plan, fns)
+    else:
+        missing = {"latent", "timestep"} - set(rmap.inputs)
+        if missing:
+            raise ValueError(f"dit_compile.export: could not tell which input is the "
+                             f"{' and the '.join(sorted(missing))}, so nothing can be cached; "
+                             "export with options={'cache': None}")
+        from .backend import piece_flops
+        executor = GuardedExecutor(plan, fns, policy, StateFactory(None, False), traced.anchor,
+                                   piece_flops(plan), _NO_HALVES)
+
+    sources: list[dict[str, Any]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (keyword, x) in enumerate(zip(traced.keywords, inputs)):
+        if keyword is not None:
+            sources.append({"argument": keyword})
+        elif isinstance(x, torch.Tensor):
+            tensors[str(i)] = x.detach()
+            sources.append({"tensor": str(i)})
+        else:
+            raise ValueError(f"dit_compile.export: graph input {i} is a {type(x).__name__}, "
+                             "not a tensor (a dynamic shape?); export traces static shapes")
+    torch.save(tensors, os.path.join(path, "tensors.pt"))
+    manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
+                "options": options or {}, "n_blocks": len(rmap.guarded), "inputs": sources,
+                "programs": uses, "guarded": policy is not None, "layout": executor.layout(),
+                "out_spec": pytree.treespec_dumps(executor.out_spec)}
+    try:
+        text = json.dumps(manifest, indent=1)
+    except TypeError as e:
+        raise ValueError(f"dit_compile.export: the model returns a constant that cannot be saved "
+                         f"({e})") from None
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        f.write(text + "\n")
+
+
+class Exported(torch.nn.Module):
+    """A model saved by ``export``: call it with the tensor keyword arguments given at export.
+    Its weights are its parameters, so ``dit_compile.stats`` and ``dit_compile.reset`` work on
+    it as on a compiled model."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        with open(os.path.join(path, "manifest.json")) as f:
+            m = json.load(f)
+        if m.get("format") != FORMAT:
+            raise ValueError(f"dit_compile.load: {path} has format {m.get('format')!r}, this "
+                             f"version reads {FORMAT}")
+        tensors = torch.load(os.path.join(path, "tensors.pt"), weights_only=True)
+        self.weights = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
+        self.sources = [(s.get("argument"), s.get("tensor")) for s in m["inputs"]]
+        self.arguments = [a for a, _ in self.sources if a is not None]
+        programs = {k: torch.export.load(os.path.join(path, f"program_{k}.pt2")).module()
+                    for k in sorted(set(m["programs"]))}
+        fns = [programs[k] for k in m["programs"]]
+        spec = pytree.treespec_loads(m["out_spec"])
+        if m["guarded"]:
+            opts = Options.parse(m["options"])
+            policy = make_policy(opts.cache, m["n_blocks"])
+            self.executor = GuardedExecutor.rebuild(
+                m["layout"], spec, fns, policy=policy, halves=None, _no_halves=_NO_HALVES,
+                states=StateFactory(opts.cache_memory, False, key=repr(policy)))
+        else:
+            self.executor = Executor.rebuild(m["layout"], spec, fns)
+        self.model_name = m["model"]
+
+    def forward(self, **kwargs: Any) -> Any:
+        missing = [a for a in self.arguments if a not in kwargs]
+        if missing:
+            raise TypeError(f"{self.model_name} (exported) needs the tensor argument(s) {missing}; "
+                            f"it takes {self.arguments}")
+        return self.executor(*[kwargs[a] if a is not None else self.weights[t]
+                               for a, t in self.sources])
+
+
+def load(path: str) -> Exported:
+    """The model ``export`` saved under ``path``."""
+    return Exported(path)
+
+
+@dataclass
+class _Traced:
+    inputs: list[Any]
+    keywords: list[str | None]      # per graph input: the keyword argument it is, or None
+    anchor: int | None
+    rmap: Any = None
+    plan: Any = None
+    why: NoBlockStructure | None = None
+
+
+def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
+    """Dynamo's graph of ``model(**kwargs)`` (one graph: a break is an error), read while Dynamo
+    still holds what each input is (its sources go when the compile ends): the regions, the plan,
+    and which keyword argument each user input came from."""
+    from .backend import anchor_slot
+    traced: list[_Traced] = []
+
+    def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
+        user = {n.name for n in user_inputs(gm)}
+        keywords = [_keyword(n) if n.name in user else None
+                    for n in gm.graph.nodes if n.op == "placeholder"]
+        t = _Traced(list(example_inputs), keywords, anchor_slot(gm))
+        try:
+            t.rmap = find_regions(gm)
+            t.plan = split(gm, t.rmap)
+        except NoBlockStructure as why:
+            t.why = why
+        traced.append(t)
+        return gm.forward
+
+    torch._dynamo.reset()       # a fresh trace: the recording backend must see this model's graph
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=record, fullgraph=True, dynamic=False)(**kwargs)
+    finally:
+        torch._dynamo.reset()
+    return traced[0]
+
+
+def _keyword(n: fx.Node) -> str:
+    """The keyword argument a user input came from: ``L['hidden_states']``, or through a
+    decorator's ``**kwargs`` (diffusers' forwards) ``L['kwargs']['hidden_states']``."""
+    from .passes.regions import _source_name
+    src = _source_name(n)
+    m = re.fullmatch(r"L\['(?:kwargs'\]\[')?(\w+)'\]", src)
+    if m is None:
+        raise ValueError(f"dit_compile.export: graph input {src} is not a keyword argument of the "
+                         "call; pass the model's tensors as keyword arguments")
+    return m.group(1)
+
+
+def _zeros_like(x: Any) -> Any:
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, torch.Tensor) else x

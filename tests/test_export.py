@@ -1,0 +1,87 @@
+"""Ahead-of-time export: the rewritten model saved as torch.export programs + plan + tensors, and
+loaded without the model's source."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dit_compile
+import tiny_models
+
+SCHEDULE = {"rule": "schedule", "step": [2], "cfg": [3], "block": [4]}
+
+
+def calls(kw: dict, steps: int = 6):
+    """A generation as WanPipeline makes it: two guidance branches (another text) per timestep."""
+    other = torch.randn_like(kw["encoder_hidden_states"])
+    for i, t in enumerate(torch.linspace(900, 100, steps)):
+        x = kw["hidden_states"] * (1 - i / 10)
+        for text in (kw["encoder_hidden_states"], other):
+            yield dict(hidden_states=x, timestep=t.reshape(1), encoder_hidden_states=text)
+
+
+def test_exported_model_matches_eager(tmp_path):
+    model, kw = tiny_models.wan(layers=3)
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    # prologue, one block for the three, epilogue
+    assert len(set(manifest["programs"])) == 3 and len(manifest["programs"]) == 5
+    loaded = dit_compile.load(str(tmp_path))
+    with torch.no_grad():
+        for call in calls(kw, steps=2):
+            torch.testing.assert_close(loaded(**call)[0], model(**call, return_dict=False)[0],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_exported_model_caches_as_the_backend_does(tmp_path):
+    model, kw = tiny_models.wan(layers=4)
+    options = {"cache": SCHEDULE, "regions": "eager"}
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, options)
+    loaded = dit_compile.load(str(tmp_path))
+    compiled = torch.compile(model, backend="mixcache", options=options)
+    with torch.no_grad():
+        for call in calls(kw):
+            torch.testing.assert_close(loaded(**call)[0], compiled(**call, return_dict=False)[0],
+                                       rtol=1e-5, atol=1e-5)
+    got = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(loaded)["trace"]]
+    assert got == [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(model)["trace"]]
+    assert {"step", "cfg", "block"} <= {a for _, _, a in got}
+    dit_compile.reset(loaded)
+    with pytest.raises(ValueError, match="no mixcache state"):
+        dit_compile.stats(torch.nn.Linear(2, 2))
+    assert dit_compile.stats(loaded)["calls"] == 0
+
+
+def test_loading_needs_no_model_source(tmp_path):
+    model, kw = tiny_models.wan(layers=3)
+    dit_compile.export(model, str(tmp_path / "m"), {**kw, "return_dict": False}, {"cache": None})
+    torch.save({k: v for k, v in kw.items()}, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        torch.save(model(**kw, return_dict=False)[0], tmp_path / "ref.pt")
+    script = (
+        "import sys, torch, dit_compile\n"
+        f"m = dit_compile.load({str(tmp_path / 'm')!r})\n"
+        f"out = m(**torch.load({str(tmp_path / 'inputs.pt')!r}))[0]\n"
+        f"torch.testing.assert_close(out, torch.load({str(tmp_path / 'ref.pt')!r}))\n"
+        "assert 'diffusers' not in sys.modules, 'the model source was imported'\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_bad_exports_and_calls_are_clear_errors(tmp_path):
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="block structure"):
+        dit_compile.export(mlp, str(tmp_path / "mlp"), {"input": torch.randn(2, 4)})
+    model, kw = tiny_models.wan(layers=3)
+    dit_compile.export(model, str(tmp_path / "wan"), {**kw, "return_dict": False}, {"cache": None})
+    loaded = dit_compile.load(str(tmp_path / "wan"))
+    with pytest.raises(TypeError, match="encoder_hidden_states"):
+        loaded(hidden_states=kw["hidden_states"], timestep=kw["timestep"])
+    manifest = tmp_path / "wan" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
+    with pytest.raises(ValueError, match="format 99"):
+        dit_compile.load(str(tmp_path / "wan"))
