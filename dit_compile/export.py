@@ -10,14 +10,14 @@ What is saved (a directory): ``manifest.json`` (format version, torch version, t
 each graph input comes from: a keyword argument by name or a saved tensor, which program each
 piece runs, the executor's layout: slots, guard positions, FLOP shares; the output's pytree spec),
 ``program_<k>.pt2`` (``torch.export.save``; one per distinct region, so a 30-block stack saves its
-block once) and ``tensors.pt`` (parameters and buffers, by graph input). Decisions stay explicit:
+block once; with ``aoti=True`` also ``program_<k>.aoti.pt2``, AOTInductor's package of it) and
+``tensors.pt`` (parameters and buffers, by graph input). Decisions stay explicit:
 the layout is what the backend decided at compile time, and the cache policy is rebuilt from the
 saved options, so a loaded model caches exactly as ``backend="mixcache"`` with those options does.
 
 The export is of one input signature (the shapes of the example call), as ``torch.export`` is;
-batched-CFG calls (cfg reuse on batch halves) compute the full batch. On a GPU each program can go
-on to AOTInductor (``torch._inductor.aoti_compile_and_package``); ``load`` runs the programs as
-exported, through their ``module()``.
+batched-CFG calls (cfg reuse on batch halves) compute the full batch. ``load`` runs AOTInductor's
+packages where the export made them, else the programs as exported (their ``module()``).
 """
 from __future__ import annotations
 
@@ -43,10 +43,12 @@ _NO_HALVES = "an exported model has no half-batch forward"
 
 
 def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
-           options: dict[str, Any] | None = None) -> None:
+           options: dict[str, Any] | None = None, aoti: bool = False) -> None:
     """Trace ``model(**kwargs)`` as ``torch.compile`` does, rewrite it as ``backend="mixcache"``
     with ``options`` does, and save it under ``path`` (module docstring). Tensor keyword arguments
-    are the loaded model's inputs; every other argument is fixed at the values given here."""
+    are the loaded model's inputs; every other argument is fixed at the values given here.
+    ``aoti``: also compile each program ahead of time with AOTInductor, for the device of the
+    example inputs (``load`` then runs the compiled packages: no compile at load time)."""
     opts = Options.parse(options)
     traced = _capture(model, kwargs)
     if traced.why is not None:
@@ -68,6 +70,9 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
                 ep = torch.export.export(piece.module, args)
                 programs[key] = len(programs)
                 torch.export.save(ep, os.path.join(path, f"program_{programs[key]}.pt2"))
+                if aoti:
+                    torch._inductor.aoti_compile_and_package(
+                        ep, package_path=os.path.join(path, f"program_{programs[key]}.aoti.pt2"))
             uses.append(programs[key])
 
     policy = make_policy(opts.cache, len(rmap.guarded))
@@ -98,7 +103,7 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     torch.save(tensors, os.path.join(path, "tensors.pt"))
     manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
                 "options": options or {}, "n_blocks": len(rmap.guarded), "inputs": sources,
-                "programs": uses, "guarded": policy is not None, "layout": executor.layout(),
+                "programs": uses, "aoti": aoti, "guarded": policy is not None, "layout": executor.layout(),
                 "out_spec": pytree.treespec_dumps(executor.out_spec)}
     try:
         text = json.dumps(manifest, indent=1)
@@ -126,8 +131,7 @@ class Exported(torch.nn.Module):
             {k: torch.nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
         self.sources = [(s.get("argument"), s.get("tensor")) for s in m["inputs"]]
         self.arguments = [a for a, _ in self.sources if a is not None]
-        programs = {k: torch.export.load(os.path.join(path, f"program_{k}.pt2")).module()
-                    for k in sorted(set(m["programs"]))}
+        programs = {k: _program(path, k, m.get("aoti", False)) for k in sorted(set(m["programs"]))}
         fns = [programs[k] for k in m["programs"]]
         spec = pytree.treespec_loads(m["out_spec"])
         if m["guarded"]:
@@ -147,6 +151,12 @@ class Exported(torch.nn.Module):
                             f"it takes {self.arguments}")
         return self.executor(*[kwargs[a] if a is not None else self.weights[t]
                                for a, t in self.sources])
+
+
+def _program(path: str, k: int, aoti: bool) -> Any:
+    if aoti:
+        return torch._inductor.aoti_load_package(os.path.join(path, f"program_{k}.aoti.pt2"))
+    return torch.export.load(os.path.join(path, f"program_{k}.pt2")).module()
 
 
 def load(path: str) -> Exported:

@@ -85,3 +85,19 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
     with pytest.raises(ValueError, match="format 99"):
         dit_compile.load(str(tmp_path / "wan"))
+
+
+def test_aoti_packages_run_as_the_programs_do(tmp_path):
+    """AOTInductor compiles each distinct program once at export; load runs the packages."""
+    model, kw = tiny_models.wan(layers=3)
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": SCHEDULE},
+                       aoti=True)
+    assert sorted(p.name for p in tmp_path.glob("*.aoti.pt2")) == [
+        f"program_{k}.aoti.pt2" for k in range(3)]
+    loaded = dit_compile.load(str(tmp_path))
+    reference = torch.compile(model, backend="mixcache",
+                              options={"cache": SCHEDULE, "regions": "eager"})
+    with torch.no_grad():
+        for call in calls(kw):
+            torch.testing.assert_close(loaded(**call)[0], reference(**call, return_dict=False)[0],
+                                       rtol=1e-4, atol=1e-4)
