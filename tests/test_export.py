@@ -101,3 +101,16 @@ def test_aoti_packages_run_as_the_programs_do(tmp_path):
         for call in calls(kw):
             torch.testing.assert_close(loaded(**call)[0], reference(**call, return_dict=False)[0],
                                        rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_aoti_export_on_gpu(tmp_path):
+    model, kw = tiny_models.wan(layers=3)
+    model = model.cuda()
+    kw = {k: v.cuda() for k, v in kw.items()}
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None},
+                       aoti=True)
+    loaded = dit_compile.load(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kw)[0], model(**kw, return_dict=False)[0],
+                                   rtol=1e-4, atol=1e-4)
