@@ -104,7 +104,8 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
                 "options": options or {}, "n_blocks": len(rmap.guarded), "inputs": sources,
                 "programs": uses, "aoti": aoti, "guarded": policy is not None, "layout": executor.layout(),
-                "out_spec": pytree.treespec_dumps(executor.out_spec)}
+                "out_spec": pytree.treespec_dumps(executor.out_spec),
+                "returns": {"spec": traced.returns[0], "leaves": traced.returns[1]}}
     try:
         text = json.dumps(manifest, indent=1)
     except TypeError as e:
@@ -130,7 +131,7 @@ class Exported(torch.nn.Module):
         self.weights = torch.nn.ParameterDict(
             {k: torch.nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
         self.sources = [(s.get("argument"), s.get("tensor")) for s in m["inputs"]]
-        self.arguments = [a for a, _ in self.sources if a is not None]
+        self.arguments = list(dict.fromkeys(a[0] for a, _ in self.sources if a is not None))
         programs = {k: _program(path, k, m.get("aoti", False)) for k in sorted(set(m["programs"]))}
         fns = [programs[k] for k in m["programs"]]
         spec = pytree.treespec_loads(m["out_spec"])
@@ -143,14 +144,24 @@ class Exported(torch.nn.Module):
         else:
             self.executor = Executor.rebuild(m["layout"], spec, fns)
         self.model_name = m["model"]
+        self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
 
     def forward(self, **kwargs: Any) -> Any:
         missing = [a for a in self.arguments if a not in kwargs]
         if missing:
             raise TypeError(f"{self.model_name} (exported) needs the tensor argument(s) {missing}; "
                             f"it takes {self.arguments}")
-        return self.executor(*[kwargs[a] if a is not None else self.weights[t]
-                               for a, t in self.sources])
+        out = pytree.tree_leaves(self.executor(*[_at(kwargs, a) if a is not None
+                                                 else self.weights[t] for a, t in self.sources]))
+        spec, leaves = self.returns
+        return pytree.tree_unflatten([out[v] if k == "output" else v for k, v in leaves], spec)
+
+
+def _at(kwargs: dict[str, Any], path: list) -> Any:
+    value = kwargs[path[0]]
+    for step in path[1:]:
+        value = value[step]
+    return value
 
 
 def _program(path: str, k: int, aoti: bool) -> Any:
@@ -167,11 +178,13 @@ def load(path: str) -> Exported:
 @dataclass
 class _Traced:
     inputs: list[Any]
-    keywords: list[str | None]      # per graph input: the keyword argument it is, or None
+    keywords: list[list | None]     # per graph input: its path in the call's keyword arguments
+                                    # (name, then indices into tuples/lists/dicts), or None
     anchor: int | None
     rmap: Any = None
     plan: Any = None
     why: NoBlockStructure | None = None
+    returns: Any = None             # (spec, leaves) of what the call returned, see _returns
 
 
 def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
@@ -183,7 +196,7 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
 
     def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
         user = {n.name for n in user_inputs(gm)}
-        keywords = [_keyword(n) if n.name in user else None
+        keywords = [_keyword_path(n) if n.name in user else None
                     for n in gm.graph.nodes if n.op == "placeholder"]
         t = _Traced(list(example_inputs), keywords, anchor_slot(gm))
         try:
@@ -192,27 +205,69 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
         except NoBlockStructure as why:
             t.why = why
         traced.append(t)
-        return gm.forward
 
+        def run(*args: Any) -> Any:
+            graph_out.extend(pytree.tree_leaves(gm.forward(*args)))
+            return graph_out
+        return run
+
+    graph_out: list[Any] = []
     torch._dynamo.reset()       # a fresh trace: the recording backend must see this model's graph
     try:
         with torch.no_grad():
-            torch.compile(model, backend=record, fullgraph=True, dynamic=False)(**kwargs)
+            result = torch.compile(model, backend=record, fullgraph=True, dynamic=False)(**kwargs)
+    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+        from .passes.moe import find_moe
+        moe = [p for p, lowered in find_moe(model).items() if not lowered]
+        hint = (f"its MoE dispatch ({moe[0] or 'the model'}) syncs to the host: call "
+                "dit_compile.lower_moe(model) first" if moe else
+                "dit_compile.explain(model, ...) shows where it breaks")
+        raise ValueError(f"dit_compile.export: Dynamo could not trace {type(model).__name__} as "
+                         f"one graph ({str(e).splitlines()[0]}); export needs one graph: "
+                         f"{hint}") from e
     finally:
         torch._dynamo.reset()
+    bad = [p for p in traced[0].keywords if isinstance(p, str)]
+    if bad:
+        raise ValueError(f"dit_compile.export: graph input {bad[0]} is not (inside) a keyword "
+                         "argument of the call; pass the model's tensors as keyword arguments")
+    traced[0].returns = _returns(result, graph_out)
     return traced[0]
 
 
-def _keyword(n: fx.Node) -> str:
-    """The keyword argument a user input came from: ``L['hidden_states']``, or through a
-    decorator's ``**kwargs`` (diffusers' forwards) ``L['kwargs']['hidden_states']``."""
+def _returns(result: Any, graph_out: list[Any]) -> tuple[str, list]:
+    """What the call returned, as the graph's outputs: Dynamo's own bytecode rebuilds the return
+    value around the graph (a bare tensor, a tuple, a dict), so the export records it, each
+    tensor as the graph output it is (by identity) and anything else as a constant."""
+    leaves, spec = pytree.tree_flatten(result)
+    out: list = []
+    for leaf in leaves:
+        i = next((i for i, g in enumerate(graph_out) if g is leaf), None)
+        if i is not None:
+            out.append(["output", i])
+        elif isinstance(leaf, (int, float, bool, str, type(None))):
+            out.append(["const", leaf])
+        else:
+            raise ValueError(f"dit_compile.export: the model returns a {type(leaf).__name__} that "
+                             "is not one of the graph's outputs; export a call with "
+                             "return_dict=False")
+    return pytree.treespec_dumps(spec), out
+
+
+def _keyword_path(n: fx.Node) -> list | str:
+    """Where a user input sits in the call's keyword arguments: ``L['hidden_states']`` ->
+    ``["hidden_states"]``, ``L['rope'][0]`` -> ``["rope", 0]``; through a decorator's
+    ``**kwargs`` (diffusers' forwards) the source starts ``L['kwargs']``. The source itself where
+    it is not such a path (a positional argument, a global)."""
     from .passes.regions import _source_name
     src = _source_name(n)
-    m = re.fullmatch(r"L\['(?:kwargs'\]\[')?(\w+)'\]", src)
-    if m is None:
-        raise ValueError(f"dit_compile.export: graph input {src} is not a keyword argument of the "
-                         "call; pass the model's tensors as keyword arguments")
-    return m.group(1)
+    steps = re.findall(r"\[(?:'(\w+)'|(\d+))\]", src)
+    if not src.startswith("L[") or "".join(f"['{k}']" if k else f"[{i}]" for k, i in steps) != src[1:]:
+        return src
+    path: list = [k if k else int(i) for k, i in steps]
+    if path[0] == "kwargs" and len(path) > 1 and isinstance(path[1], str):
+        path = path[1:]
+    return path if isinstance(path[0], str) else src
 
 
 def _zeros_like(x: Any) -> Any:

@@ -72,7 +72,21 @@ def test_loading_needs_no_model_source(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_inputs_inside_tuples_are_found(tmp_path):
+    """Kandinsky 5 takes its rotary positions as tuples of tensors: each leaf is an input."""
+    model, kw = tiny_models.kandinsky5()
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert any(len(s.get("argument", [])) > 1 for s in manifest["inputs"])
+    with torch.no_grad():
+        torch.testing.assert_close(dit_compile.load(str(tmp_path))(**kw)[0],
+                                   model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_bad_exports_and_calls_are_clear_errors(tmp_path):
+    hidream, kw = tiny_models.hidream()
+    with pytest.raises(ValueError, match="lower_moe"):
+        dit_compile.export(hidream, str(tmp_path / "hd"), {**kw, "return_dict": False})
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="block structure"):
         dit_compile.export(mlp, str(tmp_path / "mlp"), {"input": torch.randn(2, 4)})
