@@ -21,11 +21,12 @@ packages where the export made them, else the programs as exported (their ``modu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -101,7 +102,9 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
             raise ValueError(f"dit_compile.export: graph input {i} is a {type(x).__name__}, "
                              "not a tensor (a dynamic shape?); export traces static shapes")
     torch.save(tensors, os.path.join(path, "tensors.pt"))
+    config = dict(getattr(model, "config", None) or {})   # diffusers' models: what pipelines read
     manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
+                "config": {k: v for k, v in config.items() if _plain(v)},
                 "options": options or {}, "n_blocks": len(rmap.guarded), "inputs": sources,
                 "programs": uses, "aoti": aoti, "guarded": policy is not None, "layout": executor.layout(),
                 "out_spec": pytree.treespec_dumps(executor.out_spec),
@@ -118,7 +121,9 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
 class Exported(torch.nn.Module):
     """A model saved by ``export``: call it with the tensor keyword arguments given at export.
     Its weights are its parameters, so ``dit_compile.stats`` and ``dit_compile.reset`` work on
-    it as on a compiled model."""
+    it as on a compiled model. It has what diffusers' pipelines read of their transformer
+    (``config``, ``dtype``, ``device``, ``cache_context``), so it can take a pipeline's
+    ``transformer`` slot."""
 
     def __init__(self, path: str):
         super().__init__()
@@ -144,7 +149,23 @@ class Exported(torch.nn.Module):
         else:
             self.executor = Executor.rebuild(m["layout"], spec, fns)
         self.model_name = m["model"]
+        self.config = _Config(m.get("config", {}))
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((w.dtype for w in self.weights.values() if w.is_floating_point()),
+                    torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.weights.values())).device
+
+    @contextlib.contextmanager
+    def cache_context(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """diffusers' pipelines name each guidance branch's call (and step) for their cache
+        hooks; this model's cache tells branches apart by itself."""
+        yield
 
     def forward(self, **kwargs: Any) -> Any:
         missing = [a for a in self.arguments if a not in kwargs]
@@ -155,6 +176,24 @@ class Exported(torch.nn.Module):
                                                  else self.weights[t] for a, t in self.sources]))
         spec, leaves = self.returns
         return pytree.tree_unflatten([out[v] if k == "output" else v for k, v in leaves], spec)
+
+
+class _Config(dict):
+    """The exported model's diffusers config, read as attributes as pipelines do."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _plain(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
 
 
 def _at(kwargs: dict[str, Any], path: list) -> Any:

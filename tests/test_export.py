@@ -11,6 +11,9 @@ import torch
 import dit_compile
 import tiny_models
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import pipelines  # noqa: E402
+
 SCHEDULE = {"rule": "schedule", "step": [2], "cfg": [3], "block": [4]}
 
 
@@ -53,6 +56,23 @@ def test_exported_model_caches_as_the_backend_does(tmp_path):
     with pytest.raises(ValueError, match="no mixcache state"):
         dit_compile.stats(torch.nn.Linear(2, 2))
     assert dit_compile.stats(loaded)["calls"] == 0
+
+
+def test_exported_model_takes_the_pipelines_transformer_slot(tmp_path):
+    """In diffusers' own WanPipeline, the loaded model with the default cache gives what the
+    backend gives with it (the pipeline reads its config, dtype, device, cache_context)."""
+    model, _ = tiny_models.wan(layers=3)
+    call = dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.tensor([999.0]),
+                encoder_hidden_states=torch.randn(1, 8, 16), return_dict=False)  # run_wan's shapes
+    dit_compile.export(model, str(tmp_path), call, {"regions": "eager"})
+    pipe = pipelines.wan_pipeline(dit_compile.load(str(tmp_path)))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipelines.run_wan(pipe, steps=8)
+    reference = pipelines.wan_pipeline(
+        torch.compile(model, backend="mixcache", options={"regions": "eager"}))
+    reference.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(out, pipelines.run_wan(reference, steps=8), rtol=1e-5, atol=1e-5)
+    assert dit_compile.stats(pipe.transformer)["reused"], "the default cache reused nothing"
 
 
 def test_loading_needs_no_model_source(tmp_path):
