@@ -6,9 +6,10 @@ plan as data, the weights as tensors; ``load`` runs it with no model source.
     model = dit_compile.load("wan.dit")           # diffusers need not be installed
     out = model(hidden_states=x, timestep=t, encoder_hidden_states=e)
 
-What is saved (a directory): ``manifest.json`` (format version, torch version, the options, where
-each graph input comes from: a keyword argument by name or a saved tensor, which program each
-piece runs, the executor's layout: slots, guard positions, FLOP shares; the output's pytree spec),
+What is saved (a directory): ``manifest.json`` (format version, torch version, the options, the
+model's diffusers config, where each graph input comes from: a keyword argument (a path into it)
+or a saved tensor, which program each piece runs, the executor's layout: slots, guard positions,
+FLOP shares; the graph's output spec and the structure the call returned around it),
 ``program_<k>.pt2`` (``torch.export.save``; one per distinct region, so a 30-block stack saves its
 block once; with ``aoti=True`` also ``program_<k>.aoti.pt2``, AOTInductor's package of it) and
 ``tensors.pt`` (parameters and buffers, by graph input). Decisions stay explicit:
@@ -51,48 +52,77 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     ``aoti``: also compile each program ahead of time with AOTInductor, for the device of the
     example inputs (``load`` then runs the compiled packages: no compile at load time)."""
     opts = Options.parse(options)
+    # 1. trace and rewrite: one Dynamo graph, its regions and pieces (the backend's passes).
     traced = _capture(model, kwargs)
     if traced.why is not None:
         raise ValueError(f"dit_compile.export: {type(model).__name__}: {traced.why}; export needs "
                          "the block structure the backend rewrites")
-    rmap, plan, inputs = traced.rmap, traced.plan, traced.inputs
+    os.makedirs(path, exist_ok=True)
+    # 2. programs: one per distinct piece.
+    programs = _save_programs(traced, path, aoti)
+    # 3. the executor the backend would build, for its layout only (nothing runs).
+    executor = _executor(traced, opts)
+    # 4. inputs: keyword arguments by path, the rest (parameters, buffers) saved as tensors.
+    sources, tensors = _sources(traced)
+    torch.save(tensors, os.path.join(path, "tensors.pt"))
+    config = dict(getattr(model, "config", None) or {})   # diffusers' models: what pipelines read
+    manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
+                "config": {k: v for k, v in config.items() if _plain(v)},
+                "options": options or {}, "n_blocks": len(traced.rmap.guarded),
+                "inputs": sources, "programs": programs, "aoti": aoti,
+                "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
+                "out_spec": pytree.treespec_dumps(executor.out_spec),
+                "returns": {"spec": traced.returns[0], "leaves": traced.returns[1]}}
+    try:
+        text = json.dumps(manifest, indent=1)
+    except TypeError as e:      # a constant among the graph's outputs that JSON cannot hold
+        raise ValueError(f"dit_compile.export: {e}: the model's output cannot be saved") from None
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        f.write(text + "\n")
 
-    # One program per distinct piece, exported from the real inputs where the piece reads graph
-    # inputs and zeros of the traced shapes elsewhere (export traces; values do not matter).
+
+def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[int]:
+    """``torch.export`` each distinct piece once (from the real inputs where it reads graph
+    inputs, zeros of the traced shapes elsewhere: export traces, values do not matter); the
+    program each piece runs."""
+    plan, inputs = traced.plan, traced.inputs
     programs: dict[str, int] = {}
     uses: list[int] = []
-    os.makedirs(path, exist_ok=True)
     with torch.no_grad():
         for piece in plan.pieces:
             key = piece.signature()
             if key not in programs:
+                k = programs[key] = len(programs)
                 args = tuple(inputs[s] if s < plan.n_inputs else _zeros_like(x)
                              for s, x in zip(piece.args, piece.example_inputs))
                 ep = torch.export.export(piece.module, args)
-                programs[key] = len(programs)
-                torch.export.save(ep, os.path.join(path, f"program_{programs[key]}.pt2"))
+                torch.export.save(ep, os.path.join(path, f"program_{k}.pt2"))
                 if aoti:
                     torch._inductor.aoti_compile_and_package(
-                        ep, package_path=os.path.join(path, f"program_{programs[key]}.aoti.pt2"))
+                        ep, package_path=os.path.join(path, f"program_{k}.aoti.pt2"))
             uses.append(programs[key])
+    return uses
 
-    policy = make_policy(opts.cache, len(rmap.guarded))
-    fns = [None] * len(plan.pieces)
+
+def _executor(traced: "_Traced", opts: Options) -> Executor:
+    policy = make_policy(opts.cache, len(traced.rmap.guarded))
+    fns = [None] * len(traced.plan.pieces)
     if policy is None:
-        executor: Executor = Executor(plan, fns)
-    else:
-        missing = {"latent", "timestep"} - set(rmap.inputs)
-        if missing:
-            raise ValueError(f"dit_compile.export: could not tell which input is the "
-                             f"{' and the '.join(sorted(missing))}, so nothing can be cached; "
-                             "export with options={'cache': None}")
-        from .backend import piece_flops
-        executor = GuardedExecutor(plan, fns, policy, StateFactory(None, False), traced.anchor,
-                                   piece_flops(plan), _NO_HALVES)
+        return Executor(traced.plan, fns)
+    missing = {"latent", "timestep"} - set(traced.rmap.inputs)
+    if missing:
+        raise ValueError(f"dit_compile.export: could not tell which input is the "
+                         f"{' and the '.join(sorted(missing))}, so nothing can be cached; "
+                         "export with options={'cache': None}")
+    from .backend import piece_flops
+    return GuardedExecutor(traced.plan, fns, policy, StateFactory(None, False), traced.anchor,
+                           piece_flops(traced.plan), _NO_HALVES)
 
+
+def _sources(traced: "_Traced") -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     sources: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
-    for i, (keyword, x) in enumerate(zip(traced.keywords, inputs)):
+    for i, (keyword, x) in enumerate(zip(traced.keywords, traced.inputs)):
         if keyword is not None:
             sources.append({"argument": keyword})
         elif isinstance(x, torch.Tensor):
@@ -101,21 +131,7 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
         else:
             raise ValueError(f"dit_compile.export: graph input {i} is a {type(x).__name__}, "
                              "not a tensor (a dynamic shape?); export traces static shapes")
-    torch.save(tensors, os.path.join(path, "tensors.pt"))
-    config = dict(getattr(model, "config", None) or {})   # diffusers' models: what pipelines read
-    manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
-                "config": {k: v for k, v in config.items() if _plain(v)},
-                "options": options or {}, "n_blocks": len(rmap.guarded), "inputs": sources,
-                "programs": uses, "aoti": aoti, "guarded": policy is not None, "layout": executor.layout(),
-                "out_spec": pytree.treespec_dumps(executor.out_spec),
-                "returns": {"spec": traced.returns[0], "leaves": traced.returns[1]}}
-    try:
-        text = json.dumps(manifest, indent=1)
-    except TypeError as e:
-        raise ValueError(f"dit_compile.export: the model returns a constant that cannot be saved "
-                         f"({e})") from None
-    with open(os.path.join(path, "manifest.json"), "w") as f:
-        f.write(text + "\n")
+    return sources, tensors
 
 
 class Exported(torch.nn.Module):
