@@ -104,4 +104,3 @@ def pixel_wan_kwargs(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: 
                 negative_prompt_embeds=negative_prompt_embeds.to(device),
                 latents=noise, height=size, width=size, num_frames=(frames - 1) // 4 * 4 + 1,
                 num_inference_steps=steps, guidance_scale=guidance, output_type="latent")
-
