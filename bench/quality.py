@@ -2,6 +2,7 @@
 
     python bench/quality.py --model small [--cases 16] [--steps 20] [--plot out.png] [--json out.json]
     python bench/quality.py --model large --device cuda [--dtype bf16] ...     # on a GPU
+    python bench/quality.py --model large --render small --only sketch         # the split
 
 For each method (full compute; ``backend="mixcache"`` configurations; diffusers' own cache hooks
 through ``transformer.enable_cache``) and each of the same ``--cases`` (condition, seed) pairs:
@@ -223,7 +224,6 @@ class SketchRender(Method):
         super().__init__(name)
         self.render, self.tolerance, self.steps = render, tolerance, steps
         self.cache, self.regions = cache, regions
-        self.boundary: float | None = None
         self._seen: dict[int, int] = {}
 
     def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
@@ -236,7 +236,6 @@ class SketchRender(Method):
         cal = dit_compile.calibrate_split(
             pipe, small, [model.sample_kwargs(pipe, c.condition, c.seed, self.steps) for c in cases],
             self.tolerance)
-        self.boundary = cal.boundary
         self.name = f"{self.name} (boundary {cal.boundary:.3f}: {cal.small_steps} small steps)"
         print(f"{self.name}, calibration (sigma: distance, cost): " + ", ".join(
             f"{s:.3f}: {d:.3f}, {c:.4f}" for s, d, c in
