@@ -20,7 +20,8 @@
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
 #             may hit what an earlier one compiled)                                         ~2 min
 #   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
-#             mixcache with caching off, in one process                                     ~4 min
+#             mixcache with caching off, in one process; then the exported model (AOTInductor)
+#             in the same pipeline: export time, load time, per generation                 ~6 min
 #
 # Each part gets what is left of the budget and is stopped when that runs out; what it printed up to
 # then still comes back (every script prints its rows as they finish; the harness writes its JSON
@@ -64,7 +65,7 @@ part() {
       python3 bench/first_call.py --device cuda --config 1.3b --layers 30 > "$out/first.md" ;;
     inductor)
       python3 bench/wan_speed.py --config 1.3b --steps 20 --only "torch.compile" "cache off" \
-        > "$out/inductor.md" ;;
+        exported > "$out/inductor.md" ;;
     *)
       echo "unknown part $1; parts: ${PARTS[*]}" >&2; return 2 ;;
   esac

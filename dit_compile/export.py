@@ -68,6 +68,7 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     config = dict(getattr(model, "config", None) or {})   # diffusers' models: what pipelines read
     manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
                 "config": {k: v for k, v in config.items() if _plain(v)},
+                "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None,
                 "options": options or {}, "n_blocks": len(traced.rmap.guarded),
                 "inputs": sources, "programs": programs, "aoti": aoti,
                 "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
@@ -124,7 +125,9 @@ def _sources(traced: "_Traced") -> tuple[list[dict[str, Any]], dict[str, torch.T
     tensors: dict[str, torch.Tensor] = {}
     for i, (keyword, x) in enumerate(zip(traced.keywords, traced.inputs)):
         if keyword is not None:
-            sources.append({"argument": keyword})
+            sources.append({"argument": keyword, "shape": list(x.shape),
+                            "dtype": str(x.dtype).removeprefix("torch."),
+                            "device": x.device.type})
         elif isinstance(x, torch.Tensor):
             tensors[str(i)] = x.detach()
             sources.append({"tensor": str(i)})
@@ -152,6 +155,10 @@ class Exported(torch.nn.Module):
         self.weights = torch.nn.ParameterDict(
             {k: torch.nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
         self.sources = [(s.get("argument"), s.get("tensor")) for s in m["inputs"]]
+        # The one input signature the programs were traced at; AOTInductor's packages do not
+        # check what they are given, so a call is checked here, as Dynamo's guards would.
+        self.signature = [(s["argument"], tuple(s["shape"]), getattr(torch, s["dtype"]),
+                           s["device"]) for s in m["inputs"] if "argument" in s]
         self.arguments = list(dict.fromkeys(a[0] for a, _ in self.sources if a is not None))
         programs = {k: _program(path, k, m.get("aoti", False)) for k in sorted(set(m["programs"]))}
         fns = [programs[k] for k in m["programs"]]
@@ -166,12 +173,14 @@ class Exported(torch.nn.Module):
             self.executor = Executor.rebuild(m["layout"], spec, fns)
         self.model_name = m["model"]
         self.config = _Config(m.get("config", {}))
+        self._dtype = getattr(torch, m["dtype"]) if m.get("dtype") else None
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
 
     @property
     def dtype(self) -> torch.dtype:
-        return next((w.dtype for w in self.weights.values() if w.is_floating_point()),
-                    torch.float32)
+        """The model's dtype as diffusers read it at export (modules kept in float32 aside)."""
+        return self._dtype or next(
+            (w.dtype for w in self.weights.values() if w.is_floating_point()), torch.float32)
 
     @property
     def device(self) -> torch.device:
@@ -188,6 +197,15 @@ class Exported(torch.nn.Module):
         if missing:
             raise TypeError(f"{self.model_name} (exported) needs the tensor argument(s) {missing}; "
                             f"it takes {self.arguments}")
+        for path, shape, dtype, device in self.signature:
+            x = _at(kwargs, path)
+            if (not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype
+                    or x.device.type != device):
+                got = (f"{tuple(x.shape)} {x.dtype} on {x.device.type}"
+                       if isinstance(x, torch.Tensor) else type(x).__name__)
+                raise ValueError(f"{self.model_name} (exported): {_name(path)} is {got}; it was "
+                                 f"exported for {shape} {dtype} on {device} (export again for "
+                                 "other inputs)")
         out = pytree.tree_leaves(self.executor(*[_at(kwargs, a) if a is not None
                                                  else self.weights[t] for a, t in self.sources]))
         spec, leaves = self.returns
@@ -210,6 +228,10 @@ def _plain(v: Any) -> bool:
         return True
     except TypeError:
         return False
+
+
+def _name(path: list) -> str:
+    return path[0] + "".join(f"[{p!r}]" for p in path[1:])
 
 
 def _at(kwargs: dict[str, Any], path: list) -> Any:

@@ -115,6 +115,12 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     loaded = dit_compile.load(str(tmp_path / "wan"))
     with pytest.raises(TypeError, match="encoder_hidden_states"):
         loaded(hidden_states=kw["hidden_states"], timestep=kw["timestep"])
+    # Another signature than the one exported (UniPC's timesteps are int64): an error, not a
+    # program reading the wrong dtype.
+    with pytest.raises(ValueError, match="timestep is .*int64.*exported for"):
+        loaded(**{**kw, "timestep": kw["timestep"].long()})
+    with pytest.raises(ValueError, match=r"hidden_states is \(1, 4, 2, 8, 16\)"):
+        loaded(**{**kw, "hidden_states": torch.randn(1, 4, 2, 8, 16)})
     manifest = tmp_path / "wan" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
     with pytest.raises(ValueError, match="format 99"):
