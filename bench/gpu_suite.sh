@@ -7,18 +7,20 @@
 #   bash bench/gpu_suite.sh [BUDGET_S]      # every part that fits in BUDGET_S seconds (default 540)
 #   bash bench/gpu_suite.sh PART ...        # the named parts only, each given the whole budget
 #
-# Parts, in the order they run (most settled per second of device time first; rough H100 times):
+# Parts, in the order they run (most settled per second of device time first; rough times, and in
+# brackets what the H200 run of 2026-11-30 took, bench/RESULTS.md):
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
-#             the harness on CUDA)                                                         ~1 min
-#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense              ~1-2 min
+#             the harness on CUDA)                                          ~1 min [crashed at 110 s]
+#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense       ~1-2 min [29 s]
 #   wan       1.3B shape in WanPipeline: eager, regional compile, mixcache with caching off,
-#             issue 3's forced schedules, issue 6's replayed preset schedules                ~5 min
+#             issue 3's forced schedules, issue 6's replayed preset schedules
+#                                                             ~5 min [4 rows in 202 s, then crashed]
 #   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`, and where
-#             `balanced`'s generation time goes (bench/call_costs.py)                         ~2 min
-#   small     the same, `small`                                                              ~2 min
+#             `balanced`'s generation time goes (bench/call_costs.py)              ~2 min [179 s]
+#   small     the same, `small`                                        ~2 min [14 of 31 methods in 59 s]
 #   first     issue 2's first-generation goal: each compile method's first call at the 1.3B shape
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
-#             may hit what an earlier one compiled)                                         ~2 min
+#             may hit what an earlier one compiled)                                ~2 min [154 s]
 #   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
 #             mixcache with caching off, in one process; then the exported model (AOTInductor)
 #             in the same pipeline: export time, load time, per generation                 ~6 min
