@@ -14,7 +14,8 @@ from torch._inductor.compile_fx import compile_fx
 from .frames import (compiled_model, is_fragment, model_name, traced_locals, traced_module,
                      warn_fallback, warn_unlowered_moe)
 from .options import Options
-from .passes.regions import BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions, user_inputs
+from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
+                             source_name, user_inputs)
 from .passes.split import Piece, Plan, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
@@ -150,7 +151,7 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
     if len(phs) != len(example_inputs):
         return "the graph's inputs do not line up with the example inputs"
     user = {n.name for n in user_inputs(gm)}
-    placeholders = [(_source(n), n.name not in user) for n in phs]
+    placeholders = [(source_name(n), n.name not in user) for n in phs]
     names = [n.name for n in phs]
     roles = [names.index(rmap.inputs[r]) for r in ("latent", "text", "timestep") if r in rmap.inputs]
     latent = example_inputs[names.index(rmap.inputs["latent"])]
@@ -160,11 +161,6 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
               for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
     return HalfBatch.build(traced_module(), traced_locals(), placeholders, example_inputs, roles,
                            latent.shape[0] if latent.dim() else 0, shapes, compile)
-
-
-def _source(n: fx.Node) -> str:
-    src = getattr(getattr(n.meta.get("grapharg"), "source", None), "name", n.name)
-    return src() if callable(src) else src
 
 
 def _static_shape(v: Any) -> tuple[int | None, ...] | None:

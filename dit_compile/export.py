@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .options import Options
-from .passes.regions import NoBlockStructure, find_regions, user_inputs
+from .passes.regions import NoBlockStructure, find_regions, source_name, user_inputs
 from .passes.split import split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
@@ -284,8 +284,9 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
         traced.append(t)
 
         def run(*args: Any) -> Any:
-            graph_out.extend(pytree.tree_leaves(gm.forward(*args)))
-            return graph_out
+            out = gm.forward(*args)
+            graph_out[:] = pytree.tree_leaves(out)    # the objects the bytecode returns from
+            return out
         return run
 
     graph_out: list[Any] = []
@@ -336,8 +337,7 @@ def _keyword_path(n: fx.Node) -> list | str:
     ``["hidden_states"]``, ``L['rope'][0]`` -> ``["rope", 0]``; through a decorator's
     ``**kwargs`` (diffusers' forwards) the source starts ``L['kwargs']``. The source itself where
     it is not such a path (a positional argument, a global)."""
-    from .passes.regions import _source_name
-    src = _source_name(n)
+    src = source_name(n)
     steps = re.findall(r"\[(?:'(\w+)'|(\d+))\]", src)
     if not src.startswith("L[") or "".join(f"['{k}']" if k else f"[{i}]" for k, i in steps) != src[1:]:
         return src

@@ -319,14 +319,15 @@ def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:
     for n in gm.graph.nodes:
         if n.op != "placeholder" or not isinstance(n.meta.get("example_value"), torch.Tensor):
             continue
-        src = _source_name(n)
+        src = source_name(n)
         if not (src.startswith("L['self']") or src.startswith("self")
                 or isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)):
             out.append(n)
     return out
 
 
-def _source_name(n: fx.Node) -> str:
+def source_name(n: fx.Node) -> str:
+    """Where Dynamo took a placeholder from (``L['hidden_states']``, ``L['self']...``)."""
     ga = n.meta.get("grapharg")
     src = getattr(getattr(ga, "source", None), "name", n.name)
     return src() if callable(src) else src
@@ -338,7 +339,7 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
     roles: dict[str, str] = {}
     for role, kw in _ROLE_NAMES.items():
         for n in ins:
-            if re.search(rf"\['{kw}'\]$", _source_name(n)):
+            if re.search(rf"\['{kw}'\]$", source_name(n)):
                 roles[role] = n.name
     if len(roles) == len(_ROLE_NAMES):
         return roles, "names"
