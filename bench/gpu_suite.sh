@@ -20,7 +20,8 @@
 #   small     the same, `small`                                        ~2 min [14 of 31 methods in 59 s]
 #   first     issue 2's first-generation goal: each compile method's first call at the 1.3B shape
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
-#             may hit what an earlier one compiled)                                ~2 min [154 s]
+#             may hit what an earlier one compiled); then the same with Wan's block class
+#             marked as a nested compile region          ~4 min [154 s for the first four rows]
 #   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
 #             mixcache with caching off, in one process; then the exported model (AOTInductor)
 #             in the same pipeline: export time, load time, per generation                 ~6 min

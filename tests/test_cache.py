@@ -597,3 +597,36 @@ def test_cuda_graph_replays_do_not_reach_the_cache():
     assert actions == ref_actions and {"step", "cfg", "block"} <= set(actions)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def nested_wan_blocks(monkeypatch):
+    """Wan's block class marked as a nested compile region, as PyTorch advises for a shorter
+    trace: Dynamo traces one block and stamps the other calls out as ``invoke_subgraph`` nodes."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    torch._dynamo.reset()
+    monkeypatch.setattr(WanTransformerBlock, "forward",
+                        torch.compiler.nested_compile_region(WanTransformerBlock.forward))
+    yield
+    monkeypatch.undo()
+    torch._dynamo.reset()
+
+
+def test_blocks_marked_as_nested_compile_regions_are_guarded_blocks(nested_wan_blocks):
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    report = dit_compile.explain(model, **kw)
+    assert "4 blocks" in str(report)
+    graphs = []
+    real = backend.find_regions
+    sched = dict(step=[2], cfg=[1, 3], block=[4, 5])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real(gm))
+        f = compiled(model, {"rule": "schedule", **sched, "span": [1, 4]})
+        ours = generation(f, kw)
+    assert any(n.target is torch.ops.higher_order.invoke_subgraph
+               for n in graphs[0].graph.nodes), "the blocks reached the backend as subgraph calls"
+    ref = Reference(model, **sched, span=(1, 4)).start(STEPS[0])
+    for x, y in zip(ours, generation(ref, kw)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert dit_compile.stats(f)["reused"] == {"step": 2, "cfg": 2, "block": 4}
