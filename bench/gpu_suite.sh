@@ -11,7 +11,8 @@
 # brackets what the H200 run of 2026-11-30 took, bench/RESULTS.md):
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
 #             the harness on CUDA)                                          ~1 min [crashed at 110 s]
-#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense       ~1-2 min [29 s]
+#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, and the kernel's
+#             tile configs (--sweep)                           ~2-3 min [29 s without the sweep]
 #   wan       1.3B shape in WanPipeline: eager, regional compile, mixcache with caching off,
 #             issue 3's forced schedules, issue 6's replayed preset schedules
 #                                                             ~5 min [4 rows in 202 s, then crashed]
@@ -56,7 +57,7 @@ part() {
       python3 bench/wan_speed.py --config 1.3b --steps 20 --only regional "cache off" "mixcache " \
         replayed > "$out/wan.md" ;;
     moe)
-      python3 bench/moe_bench.py > "$out/moe.md" ;;
+      python3 bench/moe_bench.py --sweep > "$out/moe.md" ;;
     large|small)
       # FLOPs are not recounted (--no-flop-count): they do not depend on the machine, the CPU run
       # has them, and the recount would take most of the device time.

@@ -195,8 +195,11 @@ def method_dense(layer: Layer, bias: Tensor | None) -> Callable[[Tensor], Tensor
 
 METHODS = {"op": method_op, "eager": method_eager, "grouped_mm": method_grouped_mm, "dense": method_dense}
 
-# Candidates for --sweep: (block_m, block_n, block_k, num_warps, num_stages).
-SWEEP = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4)]
+# Candidates for --sweep: (block_m, block_n, block_k, num_warps, num_stages, down_block_n, group_m).
+# group_m 1 is the tile-major order the kernels had before grouped ordering (2026-11-30).
+SWEEP = [(64, 128, 64, 8, 3, None, 8), (64, 128, 64, 8, 3, None, 1), (128, 64, 64, 8, 3, 128, 8),
+         (128, 64, 64, 8, 3, 64, 1), (128, 128, 64, 8, 3, 128, 8), (128, 64, 64, 8, 4, 256, 8),
+         (64, 64, 64, 4, 4, 128, 16), (32, 128, 128, 4, 3, 128, 8), (16, 64, 128, 4, 4, 64, 8)]
 
 
 def sweep_kernel(layer: Layer, bias: Tensor | None, x: Tensor) -> str:
@@ -216,8 +219,24 @@ def sweep_kernel(layer: Layer, bias: Tensor | None, x: Tensor) -> str:
         except Exception as error:  # e.g. out of shared memory for this config on this GPU
             print(f"  config {cfg} failed: {type(error).__name__}", file=sys.stderr)
     best = min(times, key=times.get)
-    fmt = "m{0.block_m} n{0.block_n} k{0.block_k} w{0.num_warps} s{0.num_stages}".format
-    return f"best {fmt(best)} {times[best]:.3f} ms; default {fmt(default)} {times.get(default, float('nan')):.3f} ms"
+    fmt = "m{0.block_m} n{0.block_n} k{0.block_k} w{0.num_warps} s{0.num_stages} dn{0.down_block_n} g{0.group_m}".format
+    every = ", ".join(f"{fmt(c)} {t:.3f}" for c, t in sorted(times.items(), key=lambda ct: ct[1]))
+    return (f"best {fmt(best)} {times[best]:.3f} ms; default {fmt(default)} "
+            f"{times.get(default, float('nan')):.3f} ms; all: {every}")
+
+
+def host_ms(run: Callable[[Tensor], Tensor], x: Tensor, calls: int = 20) -> float:
+    """Milliseconds the host takes to issue one call, the device left to catch up afterwards. Near
+    the device time, the method is bound by its launches (or waits on the device, as eager
+    dispatch does for its token counts), not by its kernels."""
+    import time
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run(x)
+    host = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    return host
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,8 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
     print(f"grouped_mm: {getattr(GROUPED_MM, '__module__', None)}.{getattr(GROUPED_MM, '__name__', None)}")
     print()
-    print("| model | tokens | routing | busiest expert | method | ms | TFLOP/s | vs eager |")
-    print("|---|---:|---|---:|---|---:|---:|---:|")
+    print("| model | tokens | routing | busiest expert | method | ms | TFLOP/s | vs eager | host ms |")
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|")
     for model in args.models:
         layer = make_layer(SHAPES[model], device, dtype)
         shape = layer.shape
@@ -269,20 +288,21 @@ def main(argv: list[str] | None = None) -> None:
                 _, ids = route(x, layer, bias)
                 busiest = torch.bincount(ids.reshape(-1), minlength=shape.num_experts).max().item() / ids.numel()
                 flops = 2 * 3 * num_tokens * shape.top_k * shape.dim * shape.hidden
-                times = {}
+                times, hosts = {}, {}
                 for name, run in runs.items():
                     if failed[name] is None:
                         times[name] = triton.testing.do_bench(lambda: run(x), warmup=10, rep=50, return_mode="median")
+                        hosts[name] = host_ms(run, x)
                 for name in runs:
                     if failed[name] is not None:
-                        cells = f"failed check: {failed[name]} | | "
+                        cells = f"failed check: {failed[name]} | | | "
                     else:
                         ms = times[name]
                         speedup = f"{times['eager'] / ms:.2f}x" if "eager" in times else ""
-                        cells = f"{ms:.3f} | {flops / ms / 1e9:.0f} | {speedup}"
+                        cells = f"{ms:.3f} | {flops / ms / 1e9:.0f} | {speedup} | {hosts[name]:.3f}"
                     print(f"| {shape.name} | {num_tokens} | {routing} | {busiest:.0%} | {name} | {cells} |", flush=True)
                 if args.sweep:
-                    print(f"| {shape.name} | {num_tokens} | {routing} | | kernel sweep | {sweep_kernel(layer, bias, x)} | | |")
+                    print(f"| {shape.name} | {num_tokens} | {routing} | | kernel sweep | {sweep_kernel(layer, bias, x)} | | | |")
                 del x
         del layer, runs
         torch.cuda.empty_cache()

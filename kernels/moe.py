@@ -6,19 +6,29 @@ Computes ``dit_compile::moe_ffn`` (contract and plain-torch reference: :mod:`dit
 
 Every (token, slot) pair is a *row*; row ``r = t * k + j``, R = T * k rows in all. The pipeline:
 
-1. :func:`build_task_map`, torch ops only, all on the device and none reading a value back to the host
-   (no ``.item()``, no ``.cpu()``, no ``torch.bincount`` whose output length is data-dependent): count
-   rows per expert, sort rows by expert, cut each expert's run of rows into tiles of ``BLOCK_M`` rows and
-   write one entry per tile: (expert, first sorted row, end of that expert's rows). An expert's run
-   starts a fresh tile, so a tile never mixes experts; that costs at most one partial tile per expert,
-   hence the worst-case tile count ``cdiv(R, BLOCK_M) + E`` that sizes the grid on the host from shapes
-   alone. Entries past the real tiles carry expert ``E`` and their programs exit at once. Looking up
-   a program's task is one load (an O(1) table, the idea of vLLM's ``moe_align_block_size``).
+1. The task map, on the device and never read back by the host: count rows per expert, sort rows by
+   expert (stable), cut each expert's run of rows into tiles of ``BLOCK_M`` rows and write one entry
+   per tile: (expert, first sorted row, end of that expert's rows). An expert's run starts a fresh
+   tile, so a tile never mixes experts; that costs at most one partial tile per expert, hence the
+   worst-case tile count ``cdiv(R, BLOCK_M) + E`` that sizes the grid on the host from shapes alone.
+   Entries past the real tiles carry expert ``E`` and their programs exit at once. Looking up a
+   program's task is one load (an O(1) table, the idea of vLLM's ``moe_align_block_size``).
+   :func:`_task_map_kernel` builds it in one launch with one program: at the sizes where a layer's
+   time is launch latency (a few hundred tokens), the dozen torch ops of :func:`task_map_reference`
+   would cost more than the GEMMs. Its serial loop over rows grows with R times the number of
+   experts, so past :data:`ONE_PROGRAM_WORK` the torch version, which the kernel is tested against,
+   builds the map instead.
 2. :func:`_gate_up_kernel`: per (tile, block of H), the gate and up projections in one pass over D, two
    fp32 accumulators, ``silu(gate) * up`` fused; writes the hidden activation per row, in sorted order.
 3. :func:`_down_kernel`: per (tile, block of D), the down projection, times the row's routing weight,
    stored at the row's own (token, slot) position: every output element has exactly one writer.
 4. Combine: ``y.view(T, k, D).sum(1)`` in fp32, then the cast to x's dtype.
+
+Both GEMM kernels run on a 1-D grid in grouped order (Triton's matmul tutorial): ``GROUP_M``
+consecutive tiles, mostly of one expert, sweep the column blocks together, so a wave of programs
+shares the weight columns and the rows it reads in L2. In tile-major order a wave read a different
+row tile per program, and at 16384 tokens every column block read the whole activation from memory
+again.
 
 Why a sorted combine rather than fp32 atomics: the result is bitwise reproducible run to run. The
 cache policy of this project compares block outputs across steps, and scheduling noise in those
@@ -40,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["MoEConfig", "TaskMap", "build_task_map", "choose_config", "moe_ffn_triton"]
+__all__ = ["MoEConfig", "TaskMap", "build_task_map", "choose_config", "moe_ffn_triton", "task_map_reference"]
 
 
 class TaskMap(NamedTuple):
@@ -50,7 +60,8 @@ class TaskMap(NamedTuple):
     tile_expert [G]:    expert of tile g; ``E`` for the grid's spare tiles (their programs exit).
     tile_start  [G]:    first position in ``sorted_rows`` of tile g.
     tile_end    [G]:    end (exclusive) of tile g's expert's rows in ``sorted_rows``; a tile's rows
-                        are ``[tile_start, min(tile_start + BLOCK_M, tile_end))``.
+                        are ``[tile_start, min(tile_start + BLOCK_M, tile_end))``. Spare tiles: no
+                        meaning (their programs exit before reading them).
     G = cdiv(R, BLOCK_M) + E, known on the host from shapes alone.
     """
 
@@ -60,8 +71,8 @@ class TaskMap(NamedTuple):
     tile_end: Tensor
 
 
-def build_task_map(expert_ids: Tensor, num_experts: int, block_m: int) -> TaskMap:
-    """Sort the (token, slot) rows of ``expert_ids`` [T, k] by expert and tile them; no host sync."""
+def task_map_reference(expert_ids: Tensor, num_experts: int, block_m: int) -> TaskMap:
+    """The task map of ``expert_ids`` [T, k] in torch ops, on the device and with no host sync."""
     device = expert_ids.device
     flat = expert_ids.reshape(-1).to(torch.int64)
     num_rows = flat.numel()
@@ -88,16 +99,101 @@ def build_task_map(expert_ids: Tensor, num_experts: int, block_m: int) -> TaskMa
     return TaskMap(sorted_rows, tile_expert, tile_start, tile_end)
 
 
+# Rows times bins (experts + 1, to a power of two) past which one program's serial loop over the
+# rows costs more than the reference's launches: HiDream (4 experts) stays on the kernel to 64k
+# rows, NucleusMoE (128 experts) to 2k.
+ONE_PROGRAM_WORK = 1 << 19
+
+
+@triton.jit
+def _task_map_kernel(
+    ids_ptr,  # [R] expert id of each row, any integer dtype
+    sorted_rows_ptr,  # [R] int32 out
+    tile_expert_ptr,  # [G] int32 out
+    tile_start_ptr,  # [G] int32 out
+    tile_end_ptr,  # [G] int32 out
+    num_rows,
+    num_tiles,
+    num_experts,
+    BLOCK_M: tl.constexpr,
+    BINS: tl.constexpr,  # experts + 1 (the out-of-range bin), to a power of two
+    CHUNK: tl.constexpr,  # rows per step of the loops; CHUNK * BINS values live in registers
+):
+    # One program, three passes: count rows per bin; place each row at its expert's start plus its
+    # rank among that expert's earlier rows (a cumsum of one-hot columns keeps the sort stable);
+    # tile. Bin num_experts takes out-of-range ids: it sorts last and owns no tiles.
+    bins = tl.arange(0, BINS)
+    expert_bin = bins < num_experts
+    counts = tl.zeros([BINS], dtype=tl.int32)
+    for r0 in range(0, num_rows, CHUNK):
+        rows = r0 + tl.arange(0, CHUNK)
+        valid = rows < num_rows
+        e = tl.load(ids_ptr + rows, mask=valid, other=0)
+        e = tl.where((e >= 0) & (e < num_experts), e, num_experts).to(tl.int32)
+        counts += tl.sum(((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+    row_end = tl.cumsum(counts, axis=0)
+    row_start = row_end - counts
+    tiles = tl.where(expert_bin, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_end_of_bin = tl.cumsum(tiles, axis=0)
+    tile_begin_of_bin = tile_end_of_bin - tiles
+
+    placed = row_start  # next free position of each bin
+    for r0 in range(0, num_rows, CHUNK):
+        rows = r0 + tl.arange(0, CHUNK)
+        valid = rows < num_rows
+        e = tl.load(ids_ptr + rows, mask=valid, other=0)
+        e = tl.where((e >= 0) & (e < num_experts), e, num_experts).to(tl.int32)
+        onehot = ((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32)  # [CHUNK, BINS]
+        position = tl.cumsum(onehot, axis=0) - 1 + placed[None, :]
+        tl.store(sorted_rows_ptr + tl.sum(onehot * position, axis=1), rows.to(tl.int32), mask=valid)
+        placed += tl.sum(onehot, axis=0)
+
+    for g0 in range(0, num_tiles, CHUNK):
+        tile = g0 + tl.arange(0, CHUNK)
+        # The owner of tile g is the number of experts whose tiles all come before g (experts with
+        # no rows own none); past the last real tile that is num_experts: a spare tile.
+        owner = tl.sum(((tile_end_of_bin[None, :] <= tile[:, None]) & expert_bin[None, :]).to(tl.int32), axis=1)
+        own = (bins[None, :] == owner[:, None]) & expert_bin[None, :]  # [CHUNK, BINS]
+        start = row_start[None, :] + (tile[:, None] - tile_begin_of_bin[None, :]) * BLOCK_M
+        valid = tile < num_tiles
+        tl.store(tile_expert_ptr + tile, owner, mask=valid)
+        tl.store(tile_start_ptr + tile, tl.sum(tl.where(own, start, 0), axis=1), mask=valid)
+        tl.store(tile_end_ptr + tile, tl.sum(tl.where(own, row_end[None, :], 0), axis=1), mask=valid)
+
+
+def build_task_map(expert_ids: Tensor, num_experts: int, block_m: int) -> TaskMap:
+    """The task map of ``expert_ids`` [T, k]: one launch of :func:`_task_map_kernel` where one program
+    does the work quickly, else :func:`task_map_reference`. No host sync either way."""
+    flat = expert_ids.reshape(-1).contiguous()  # a [T, 1] slice reshapes to a strided view
+    num_rows = flat.numel()
+    bins = triton.next_power_of_2(num_experts + 1)
+    if num_rows * bins > ONE_PROGRAM_WORK:
+        return task_map_reference(expert_ids, num_experts, block_m)
+    num_tiles = triton.cdiv(num_rows, block_m) + num_experts
+    sorted_rows = torch.empty(num_rows, dtype=torch.int32, device=flat.device)
+    tile_expert, tile_start, tile_end = torch.empty(3, num_tiles, dtype=torch.int32, device=flat.device)
+    chunk = max(16, min(1024, 8192 // bins))  # 32 values a thread at 8 warps: no spills on sm_90
+    _task_map_kernel[(1,)](
+        flat, sorted_rows, tile_expert, tile_start, tile_end, num_rows, num_tiles, num_experts,
+        BLOCK_M=block_m, BINS=bins, CHUNK=chunk, num_warps=8,
+    )  # fmt: skip
+    return TaskMap(sorted_rows, tile_expert, tile_start, tile_end)
+
+
 @dataclass(frozen=True)
 class MoEConfig:
-    """Tile sizes and launch parameters shared by both kernels (BLOCK_N tiles H in the gate/up kernel
-    and D in the down kernel; BLOCK_K tiles the reduction dim, D then H)."""
+    """Tile sizes and launch parameters. BLOCK_M is shared (the task map is cut in BLOCK_M-row
+    tiles); the gate/up kernel tiles H by ``block_n`` with two accumulators, the down kernel tiles D
+    by ``down_block_n`` (``block_n`` when None); BLOCK_K tiles the reduction dim, D then H.
+    ``group_m`` tiles sweep the column blocks together (L2 reuse; 1 is tile-major order)."""
 
     block_m: int = 64
     block_n: int = 128
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    down_block_n: int | None = None
+    group_m: int = 8
 
 
 def choose_config(num_rows: int, num_experts: int, dtype: torch.dtype) -> MoEConfig:
@@ -110,10 +206,24 @@ def choose_config(num_rows: int, num_experts: int, dtype: torch.dtype) -> MoECon
     if dtype == torch.float32:
         return MoEConfig(block_m=min(block_m, 64), block_n=64, block_k=32, num_warps=4, num_stages=2)
     # The gate/up kernel holds two [BLOCK_M, BLOCK_N] fp32 accumulators: keep them near 64 registers
-    # per thread. Untuned on hardware so far: bench/moe_bench.py --sweep times the alternatives.
+    # per thread. The down kernel holds one, so it takes twice the columns for the same registers
+    # (a 128x64 tile re-read its [BLOCK_M, H] rows for every 64 of D's columns). Untuned on
+    # hardware so far: bench/moe_bench.py --sweep times the alternatives.
     if block_m == 128:
-        return MoEConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
+        return MoEConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3, down_block_n=128)
     return MoEConfig(block_m=block_m, block_n=128, block_k=64, num_warps=8 if block_m == 64 else 4, num_stages=3)
+
+
+@triton.jit
+def _grouped_tile(pid, num_tiles, num_col_blocks, GROUP_M: tl.constexpr):
+    """(tile, column block) of program ``pid`` on a 1-D grid: GROUP_M tiles per group, the group's
+    programs column block by column block, so that the programs running together share weights."""
+    per_group = GROUP_M * num_col_blocks
+    first_tile = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_tiles - first_tile, GROUP_M)
+    tile = first_tile + (pid % per_group) % group_size
+    col = (pid % per_group) // group_size
+    return tile, col
 
 
 @triton.jit
@@ -139,14 +249,15 @@ def _gate_up_kernel(
     stride_w3d,
     stride_hr,
     stride_hh,
+    num_tiles,
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    tile, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
     if expert >= num_experts:  # a spare tile of the worst-case grid
         return
@@ -205,13 +316,14 @@ def _down_kernel(
     stride_w2h,
     stride_yr,
     stride_yd,
+    num_tiles,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    tile, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(D, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
     if expert >= num_experts:
         return
@@ -257,9 +369,9 @@ def moe_ffn_triton(
     """Launch the pipeline above. Shapes as in ``dit_compile::moe_ffn``: x [T, D], expert_ids and
     routing_weights [T, k], w1 and w3 [E, H, D], w2 [E, D, H] (any strides); returns [T, D] in x's dtype.
 
-    Arguments are not validated here (the op does it). A dozen small torch ops build the task map,
-    then one Triton launch per projection; nothing waits for the device. Runs on CPU tensors under
-    ``TRITON_INTERPRET=1``.
+    Arguments are not validated here (the op does it). One launch builds the task map (a dozen small
+    torch ops on large problems), then one Triton launch per projection; nothing waits for the
+    device. Runs on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     num_tokens, dim = x.shape
     top_k = expert_ids.shape[1]
@@ -274,15 +386,16 @@ def moe_ffn_triton(
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
 
     hidden = torch.empty(num_rows, hidden_dim, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(num_tiles, triton.cdiv(hidden_dim, cfg.block_n))](
+    _gate_up_kernel[(num_tiles * triton.cdiv(hidden_dim, cfg.block_n),)](
         x, w1, w3, hidden,
         task.sorted_rows, task.tile_expert, task.tile_start, task.tile_end,
         hidden_dim, dim, num_experts,
         x.stride(0), x.stride(1),
         w1.stride(0), w1.stride(1), w1.stride(2),
         w3.stride(0), w3.stride(1), w3.stride(2),
-        hidden.stride(0), hidden.stride(1),
-        TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
+        hidden.stride(0), hidden.stride(1), num_tiles,
+        TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -290,14 +403,15 @@ def moe_ffn_triton(
     # With k == 1 a row is a token, so the kernel writes the output itself.
     y = torch.zeros(num_rows, dim, dtype=x.dtype if top_k == 1 else torch.float32, device=x.device)
     weights = routing_weights.reshape(-1).contiguous()  # the kernel indexes it by flat row
-    _down_kernel[(num_tiles, triton.cdiv(dim, cfg.block_n))](
+    down_n = cfg.down_block_n or cfg.block_n
+    _down_kernel[(num_tiles * triton.cdiv(dim, down_n),)](
         hidden, w2, weights, y,
         task.sorted_rows, task.tile_expert, task.tile_start, task.tile_end,
         dim, hidden_dim, num_experts,
         hidden.stride(0), hidden.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
-        y.stride(0), y.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
+        y.stride(0), y.stride(1), num_tiles,
+        BLOCK_M=cfg.block_m, BLOCK_N=down_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if top_k == 1:

@@ -36,8 +36,9 @@ def compile_sm90(fn, dtype: torch.dtype, cfg: moe.MoEConfig, layout: str, top_k:
     unit = UNIT_STRIDES[layout]
     ty = TYPES[dtype]
     names = list(inspect.signature(fn.fn).parameters)
-    blocks = {"TOP_K": top_k, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-              "BLOCK_K": cfg.block_k, "PRECISION": "tf32"}
+    block_n = cfg.block_n if fn is moe._gate_up_kernel else (cfg.down_block_n or cfg.block_n)
+    blocks = {"TOP_K": top_k, "BLOCK_M": cfg.block_m, "BLOCK_N": block_n,
+              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "PRECISION": "tf32"}
     sig, consts = {}, {}
     for n in names:
         if n in blocks or n in unit:
@@ -59,6 +60,18 @@ def compile_sm90(fn, dtype: torch.dtype, cfg: moe.MoEConfig, layout: str, top_k:
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def compile_task_map_sm90(num_experts: int, block_m: int):
+    """The task-map kernel for sm_90 at the constants build_task_map gives it (router ids int64)."""
+    fn = moe._task_map_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    bins = triton.next_power_of_2(num_experts + 1)
+    consts = {"BLOCK_M": block_m, "BINS": bins, "CHUNK": max(16, min(1024, 8192 // bins))}
+    sig = {n: "constexpr" if n in consts else "*i64" if n == "ids_ptr" else
+           "*i32" if n.endswith("_ptr") else "i32" for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+
 def main() -> None:
     for layout in UNIT_STRIDES:
         for dtype in TYPES:
@@ -72,6 +85,9 @@ def main() -> None:
                                       "async_copy": "cp.async" in ptx,
                                       "scalar_16bit_loads": ptx.count("ld.global.b16")}),
                           flush=True)
+    for num_experts in (4, 128):     # HiDream, NucleusMoE
+        compile_task_map_sm90(num_experts, 64)
+        print(json.dumps({"kernel": "_task_map_kernel", "experts": num_experts}), flush=True)
 
 
 if __name__ == "__main__":

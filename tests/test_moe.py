@@ -24,7 +24,8 @@ from dit_compile.kernels.moe_op import moe_ffn, moe_ffn_reference
 from dit_compile.passes.moe import count_moe_ops, find_moe, lower_moe, register_moe, restore_moe
 
 triton = pytest.importorskip("triton")
-from dit_compile.kernels.moe import MoEConfig, build_task_map, moe_ffn_triton  # noqa: E402
+from dit_compile.kernels.moe import (MoEConfig, build_task_map, moe_ffn_triton,  # noqa: E402
+                                     task_map_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -90,21 +91,53 @@ def assert_kernel_matches(args, atol=2e-5, rtol=1e-4, config=SMALL):
 # Task map
 
 
-def test_task_map_tiles_every_row_once_within_one_expert():
+@kernel_test
+@pytest.mark.parametrize("build", [build_task_map, task_map_reference])
+def test_task_map_tiles_every_row_once_within_one_expert(build):
     ids = torch.tensor([[3, 0], [3, 1], [3, 0], [3, 9], [-1, 3]] * 5)  # skewed; 9 and -1 are out of range
     num_experts, block_m = 5, 4
-    task = build_task_map(ids, num_experts, block_m)
+    task = build(ids.to(DEVICE), num_experts, block_m)
     flat = ids.reshape(-1)
     assert task.tile_expert.numel() == triton.cdiv(flat.numel(), block_m) + num_experts
     covered = []
     for expert, start, end in zip(task.tile_expert.tolist(), task.tile_start.tolist(), task.tile_end.tolist()):
         if expert == num_experts:
             continue
-        rows = task.sorted_rows[start : min(start + block_m, end)].long()
+        rows = task.sorted_rows[start : min(start + block_m, end)].long().cpu()
         assert (flat[rows] == expert).all()
         covered += rows.tolist()
     valid = ((flat >= 0) & (flat < num_experts)).nonzero().flatten().tolist()
     assert sorted(covered) == valid
+
+
+@kernel_test
+@settings(max_examples=25, deadline=None)
+@given(num_rows=st.integers(1, 300), num_experts=st.integers(1, 9), block_m=st.sampled_from([1, 4, 16]),
+       out_of_range=st.booleans(), dtype=st.sampled_from([torch.int32, torch.int64]), seed=st.integers(0, 2**16))
+def test_task_map_kernel_is_the_reference(num_rows, num_experts, block_m, out_of_range, dtype, seed):
+    """The one-launch task map writes what the torch ops write: the same stable order of rows and,
+    for every real tile, the same expert and row range; spare tiles carry expert E."""
+    g = torch.Generator().manual_seed(seed)
+    low, high = (-2, num_experts + 2) if out_of_range else (0, num_experts)
+    # Router ids sliced from a wider tensor, as [T, 1] views are: strided once flattened.
+    ids = torch.randint(low, high, (num_rows, 2), generator=g, dtype=dtype)[:, :1].to(DEVICE)
+    ref, got = task_map_reference(ids, num_experts, block_m), build_task_map(ids, num_experts, block_m)
+    assert torch.equal(got.sorted_rows, ref.sorted_rows)
+    assert torch.equal(got.tile_expert, ref.tile_expert)
+    real = ref.tile_expert < num_experts
+    assert torch.equal(got.tile_start[real], ref.tile_start[real])
+    assert torch.equal(got.tile_end[real], ref.tile_end[real])
+
+
+def test_task_map_of_a_large_problem_is_built_by_the_reference(monkeypatch):
+    """Past ONE_PROGRAM_WORK the serial kernel would cost more than the torch ops' launches."""
+    from dit_compile.kernels import moe
+    monkeypatch.setattr(moe, "ONE_PROGRAM_WORK", 64)
+    monkeypatch.setattr(moe, "_task_map_kernel", None)     # launching it would fail the test
+    ids = torch.randint(0, 4, (40, 2)).to(DEVICE)
+    task = moe.build_task_map(ids, 4, 16)
+    ref = task_map_reference(ids, 4, 16)
+    assert all(torch.equal(a, b) for a, b in zip(task, ref))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,10 +246,11 @@ def _ptxas() -> str | None:
 
 @pytest.mark.skipif(_ptxas() is None, reason="this Triton ships no ptxas to compile for sm_90")
 def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
-    """Without a GPU: both kernels build for the H100 (sm_90) at the configs the launcher picks, in
-    bf16 and fp16, for HiDream's weight layout and NucleusMoE's transposed views, and every build
-    uses Hopper's wgmma and asynchronous, vectorised loads (what the speed goals rest on). Runs in
-    its own process: here the interpreter has replaced @triton.jit."""
+    """Without a GPU: both GEMM kernels build for the H100 (sm_90) at the configs the launcher
+    picks, in bf16 and fp16, for HiDream's weight layout and NucleusMoE's transposed views, and every
+    build uses Hopper's wgmma and asynchronous, vectorised loads (what the speed goals rest on); the
+    task-map kernel builds for both models' expert counts. Runs in its own process: here the
+    interpreter has replaced @triton.jit."""
     import json
     import subprocess
     import sys
@@ -225,6 +259,8 @@ def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     r = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     builds = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [b["kernel"] for b in builds[16:]] == ["_task_map_kernel"] * 2
+    builds = builds[:16]
     assert len(builds) == 16
     for b in builds:
         assert b["wgmma"] and b["async_copy"] and b["scalar_16bit_loads"] == 0, b
