@@ -168,6 +168,18 @@ def test_kernel_matches_reference(case):
 
 
 @kernel_test
+def test_kernel_program_order_and_down_tile_change_nothing():
+    """Grouped order (any group size, one larger than the tile count too) and the down kernel's own
+    column tile only reorder and re-cut the same dot products: the output is bitwise the same."""
+    import dataclasses
+    args = make_problem(37, 2, 3, 40, 48)
+    base = assert_kernel_matches(args, config=dataclasses.replace(SMALL, group_m=1))
+    for group_m, down_n in ((3, None), (64, 32), (8, 16)):
+        cfg = dataclasses.replace(SMALL, group_m=group_m, down_block_n=down_n)
+        assert torch.equal(moe_ffn_triton(*args, config=cfg), base), (group_m, down_n)
+
+
+@kernel_test
 def test_kernel_drops_out_of_range_ids():
     x, ids, weights, w1, w3, w2 = make_problem(9, 2, 3, 24, 40)
     ids[0, 1], ids[4, 0], ids[4, 1] = 3, -1, 7
