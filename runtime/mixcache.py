@@ -30,6 +30,8 @@ Signals, all of which the runtime already has (no extra forward):
   late, where they are long): one step's damage is not the whole of a schedule's.
 * ``cfg_rate``: change of the guidance-branch difference per unit of timestep, relative to the
   output; rebuilding a branch from the other is expected to be off by ``cfg_rate * |t - t_diff|``.
+  Where a pipeline batches both branches into one call (CogVideoX), the same estimate holds for
+  the unconditional half rebuilt from the conditional one; that reuse saves half the call.
 
 Every estimate is an output error times the step length, so they add up to the error the reuse
 leaves in the latent. Decision: the error already spent since the last full compute counts
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import BranchCache, CacheState, Step
-from .policy import CFG, COMPUTE, STEP, PolicyError, rel_l1
+from .policy import CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1
 
 GRANULARITIES = ("step", "cfg", "block")
 
@@ -89,6 +91,12 @@ class MixCache:
     @property
     def reuses_blocks(self) -> bool:
         return "block" in self.granularities
+
+    @property
+    def cfg_on_halves(self) -> bool:
+        """cfg reuse on batched-CFG calls (both branches as batch halves of one call): the half
+        that is rebuilt is estimated as on separate calls, from its own difference's rate."""
+        return "cfg" in self.granularities
 
     def _triggered(self, s: Step, st: CacheState, bc: BranchCache) -> bool:
         return (s.t <= (1.0 - self.warmup) * st.t_first and bc.signals.get("settled", False)
@@ -161,8 +169,7 @@ class MixCache:
         left = float(torch.as_tensor(self._left(bc)).min())
         options = [] if err is None or not bc.outputs else [(err, STEP)]
         cfg = st.signals.get("cfg", {}).get(s.branch, {})
-        if ("cfg" in self.granularities and s.branch >= 1 and s.branch in st.cfg_diff
-                and st.current.get(0) is not None and "rate" in cfg and cfg["t"] != s.t):
+        if "cfg" in self.granularities and cfg_ready(s, st) and "rate" in cfg and cfg["t"] != s.t:
             h = self._step_length(s, st, bc)
             options.append((cfg["rate"] * abs(s.t - cfg["t"]) * h, CFG))
         fits = sorted(o for o in options if o[0] <= left)
@@ -226,14 +233,17 @@ class MixCache:
                     den = a[0].abs().mean(dims, dtype=torch.float32).clamp_min(1e-12)
                     sig["curvature"] = float((num / den).max())
                 sig["slope"] = slope
-        if st.cfg_step.get(s.branch) == s.step and s.branch >= 1 and kind in ("compute", "block"):
-            # Per branch, in the shared signals: a new prompt on any branch clears them.
+        if (st.cfg_step.get(s.branch) == s.step and (s.branch >= 1 or s.halves)
+                and kind in ("compute", "block")):
+            # Per branch, in the shared signals: a new prompt on any branch clears them. On batch
+            # halves the difference is per pair of samples, relative to the conditional half.
             cfg = st.signals.setdefault("cfg", {}).setdefault(s.branch, {})
             d = st.cfg_diff[s.branch][0]
+            out = outs[0][d.shape[0]:] if s.halves else outs[0]
             if "prev" in cfg and cfg["t"] != s.t:
                 dims = tuple(range(1, d.dim()))
                 num = (d.float() - cfg["prev"].float()).abs().mean(dims)
-                den = outs[0].float().abs().mean(dims).clamp_min(1e-12)
+                den = out.float().abs().mean(dims).clamp_min(1e-12)
                 cfg["rate"] = float((num / den).max()) / abs(cfg["t"] - s.t)
             cfg["prev"], cfg["t"] = d, s.t
 

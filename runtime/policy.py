@@ -91,7 +91,7 @@ class Policy:
             return COMPUTE, signal
         if s.step in self.step_steps and have_out:
             return STEP, signal
-        if _cfg_ready(s, state):
+        if cfg_ready(s, state):
             if s.step in self.cfg_steps:
                 return CFG, signal
             if (self.cfg_every is not None and s.step >= self.start
@@ -128,7 +128,7 @@ class Policy:
         """Threshold rules keep their signals in the branch cache as they decide."""
 
 
-def _cfg_ready(s: Step, state: CacheState) -> bool:
+def cfg_ready(s: Step, state: CacheState) -> bool:
     """A branch difference to rebuild this call from: on batch halves, the one taken at the last
     computed step (halves are part of the signature, so it is of this layout); per-branch calls
     need their own branch's difference and this step's branch 0."""

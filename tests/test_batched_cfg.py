@@ -260,3 +260,18 @@ def test_half_forward_that_raises_warns_once_and_computes_the_full_batch(monkeyp
                                        model(**call, return_dict=False)[0], rtol=1e-5, atol=1e-5)
     assert sum("half-batch forward raised" in str(w.message) for w in rec) == 1
     assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute"] * 4
+
+
+def test_mixcache_reuses_cfg_on_batch_halves_as_its_forced_schedule_would():
+    """MixCache given the cfg granularity decides cfg reuse on batched calls too: the steps it
+    chose, forced as a schedule and as the eager reference, give the same generation."""
+    model = pipelines.cogvideox_transformer()
+    pipe = _pipe(model)
+    pipe.transformer = _compile(model, {"rule": "mixcache", "granularities": ["cfg"],
+                                        "budget": 1.0, "warmup": 0.0, "settle": 10.0})
+    ours = pipelines.run_cogvideox(pipe, STEPS)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    chosen = {r["step"] for r in trace if r["action"] == "cfg"}
+    assert chosen and all(r["flops"] == 0.5 for r in trace if r["action"] == "cfg")
+    torch.testing.assert_close(ours, _reference(model, chosen), rtol=1e-5, atol=1e-5)
+    _check_trace(trace, chosen, generations=1)
