@@ -148,7 +148,7 @@ def test_aoti_export_on_gpu(tmp_path):
     """In a child process: on an H200 with torch 2.11 loading the packages crashed the process
     (a segfault in aoti_load_package), which must fail this test, not end the whole run."""
     script = f"""
-import sys, torch, dit_compile
+import glob, sys, torch, dit_compile
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 import tiny_models
 model, kw = tiny_models.wan(layers=3)
@@ -156,10 +156,16 @@ model = model.cuda()
 kw = {{k: v.cuda() for k, v in kw.items()}}
 dit_compile.export(model, {str(tmp_path)!r}, {{**kw, "return_dict": False}}, {{"cache": None}},
                    aoti=True)
+# Each package alone first, named as it goes: if one crashes the process, the log says which.
+for package in sorted(glob.glob({str(tmp_path)!r} + "/*.aoti.pt2")):
+    print("loading", package, file=sys.stderr, flush=True)
+    torch._inductor.aoti_load_package(package)
 loaded = dit_compile.load({str(tmp_path)!r})
 with torch.no_grad():
     torch.testing.assert_close(loaded(**kw)[0], model(**kw, return_dict=False)[0],
                                rtol=1e-4, atol=1e-4)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    # faulthandler: a segfault prints the Python stack it happened under.
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True,
+                          text=True)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
