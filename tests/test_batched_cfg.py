@@ -275,3 +275,22 @@ def test_mixcache_reuses_cfg_on_batch_halves_as_its_forced_schedule_would():
     assert chosen and all(r["flops"] == 0.5 for r in trace if r["action"] == "cfg")
     torch.testing.assert_close(ours, _reference(model, chosen), rtol=1e-5, atol=1e-5)
     _check_trace(trace, chosen, generations=1)
+
+
+def test_mixcache_mixed_granularities_on_batch_halves_replay_as_a_schedule():
+    """Step, cfg (on the halves) and block reuse chosen by MixCache in one generation: the same
+    decisions forced as a schedule give the same output, bit for bit."""
+    spec = {"rule": "mixcache", "granularities": ["step", "cfg", "block"], "budget": 1.0,
+            "warmup": 0.0, "settle": 10.0, "per_sample": False, "max_reuse": 2}
+    model = pipelines.cogvideox_transformer()
+    pipe = _pipe(model)
+    pipe.transformer = _compile(model, spec)
+    ours = pipelines.run_cogvideox(pipe, 8)
+    actions: dict[str, list[int]] = {}
+    for r in dit_compile.stats(pipe.transformer)["trace"]:
+        actions.setdefault(r["action"], []).append(r["step"])
+    assert {"cfg", "block"} <= set(actions), actions
+    torch._dynamo.reset()
+    pipe.transformer = _compile(model, {"rule": "schedule", "extrapolate": 2,
+                                        **{k: v for k, v in actions.items() if k != "compute"}})
+    assert torch.equal(pipelines.run_cogvideox(pipe, 8), ours)
