@@ -170,13 +170,16 @@ def test_kernel_matches_reference(case):
 @kernel_test
 def test_kernel_program_order_and_down_tile_change_nothing():
     """Grouped order (any group size, one larger than the tile count too) and the down kernel's own
-    column tile only reorder and re-cut the same dot products: the output is bitwise the same."""
+    column tile only reorder and re-cut the same dot products: the output is the same (bitwise
+    where the interpreter runs them; compiled, another tile shape may order a dot's terms apart)."""
     import dataclasses
     args = make_problem(37, 2, 3, 40, 48)
     base = assert_kernel_matches(args, config=dataclasses.replace(SMALL, group_m=1))
+    tol = 0.0 if DEVICE == "cpu" else 1e-6
     for group_m, down_n in ((3, None), (64, 32), (8, 16)):
         cfg = dataclasses.replace(SMALL, group_m=group_m, down_block_n=down_n)
-        assert torch.equal(moe_ffn_triton(*args, config=cfg), base), (group_m, down_n)
+        torch.testing.assert_close(moe_ffn_triton(*args, config=cfg), base, rtol=tol, atol=tol,
+                                   msg=f"group_m={group_m}, down_block_n={down_n}")
 
 
 @kernel_test
