@@ -22,7 +22,8 @@ Every (token, slot) pair is a *row*; row ``r = t * k + j``, R = T * k rows in al
    fp32 accumulators, ``silu(gate) * up`` fused; writes the hidden activation per row, in sorted order.
 3. :func:`_down_kernel`: per (tile, block of D), the down projection, times the row's routing weight,
    stored at the row's own (token, slot) position: every output element has exactly one writer.
-4. Combine: ``y.view(T, k, D).sum(1)`` in fp32, then the cast to x's dtype.
+4. :func:`_combine_kernel`: per token, the sum of its k rows in fp32, cast to x's dtype; rows whose
+   expert id is out of range count as zero (they were never written).
 
 Both GEMM kernels run on a 1-D grid in grouped order (Triton's matmul tutorial): ``GROUP_M``
 consecutive tiles, mostly of one expert, sweep the column blocks together, so a wave of programs
@@ -36,8 +37,8 @@ signals would leak into its decisions; a skewed routing would also pile atomics 
 The price is one [R, D] fp32 round trip, small beside the 3 GEMMs (about 4% at HiDream shapes). With
 k == 1 the rows are the tokens and the kernel writes the output directly.
 
-Rows whose expert id is outside [0, E) sort after all experts, belong to no tile and keep the zeros
-their output rows start with.
+Rows whose expert id is outside [0, E) sort after all experts and belong to no tile: the combine
+skips them, and with k == 1 their output rows keep the zeros they start with.
 """
 
 from __future__ import annotations
@@ -356,6 +357,27 @@ def _down_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _combine_kernel(
+    y_ptr,  # [T * k, D] fp32: row t * k + j holds slot j's weighted expert output
+    ids_ptr,  # [T * k] expert ids (any integer dtype); rows out of [0, E) were never written
+    out_ptr,  # [T, D] out, x's dtype
+    D,
+    num_experts,
+    TOP_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # in slot order: the sum is the same every run
+        e = tl.load(ids_ptr + token * TOP_K + j)
+        row = tl.load(y_ptr + (token * TOP_K + j) * D + offs, mask=mask, other=0.0)
+        acc += tl.where((e >= 0) & (e < num_experts), row, 0.0)  # a select: garbage stays out
+    tl.store(out_ptr + token * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def moe_ffn_triton(
     x: Tensor,
     expert_ids: Tensor,
@@ -399,9 +421,12 @@ def moe_ffn_triton(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
-    # Zeros: rows with an out-of-range expert id are never written and must contribute nothing.
-    # With k == 1 a row is a token, so the kernel writes the output itself.
-    y = torch.zeros(num_rows, dim, dtype=x.dtype if top_k == 1 else torch.float32, device=x.device)
+    # With k == 1 a row is a token, so the kernel writes the output itself, into zeros: rows with
+    # an out-of-range expert id are never written. With k > 1 the combine skips those rows.
+    if top_k == 1:
+        y = torch.zeros(num_rows, dim, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(num_rows, dim, dtype=torch.float32, device=x.device)
     weights = routing_weights.reshape(-1).contiguous()  # the kernel indexes it by flat row
     down_n = cfg.down_block_n or cfg.block_n
     _down_kernel[(num_tiles * triton.cdiv(dim, down_n),)](
@@ -416,4 +441,9 @@ def moe_ffn_triton(
     )  # fmt: skip
     if top_k == 1:
         return y
-    return y.view(num_tokens, top_k, dim).sum(1).to(x.dtype)
+    out = torch.empty(num_tokens, dim, dtype=x.dtype, device=x.device)
+    block_d = min(1024, triton.next_power_of_2(dim))
+    _combine_kernel[(num_tokens, triton.cdiv(dim, block_d))](
+        y, expert_ids.reshape(-1).contiguous(), out, dim, num_experts, TOP_K=top_k, BLOCK_D=block_d,
+    )  # fmt: skip
+    return out

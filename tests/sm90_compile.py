@@ -72,6 +72,17 @@ def compile_task_map_sm90(num_experts: int, block_m: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 
 
+def compile_combine_sm90(dtype: torch.dtype, top_k: int = 2):
+    """The combine kernel for sm_90: fp32 rows in, x's dtype out, router ids int64."""
+    fn = moe._combine_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    consts = {"TOP_K": top_k, "BLOCK_D": 1024}
+    sig = {n: "constexpr" if n in consts else {"y_ptr": "*fp32", "ids_ptr": "*i64",
+           "out_ptr": "*" + TYPES[dtype]}.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
 def main() -> None:
     for layout in UNIT_STRIDES:
         for dtype in TYPES:
@@ -88,6 +99,9 @@ def main() -> None:
     for num_experts in (4, 128):     # HiDream, NucleusMoE
         compile_task_map_sm90(num_experts, 64)
         print(json.dumps({"kernel": "_task_map_kernel", "experts": num_experts}), flush=True)
+    for dtype in TYPES:
+        compile_combine_sm90(dtype)
+        print(json.dumps({"kernel": "_combine_kernel", "dtype": TYPES[dtype]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -264,8 +264,8 @@ def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     """Without a GPU: both GEMM kernels build for the H100 (sm_90) at the configs the launcher
     picks, in bf16 and fp16, for HiDream's weight layout and NucleusMoE's transposed views, and every
     build uses Hopper's wgmma and asynchronous, vectorised loads (what the speed goals rest on); the
-    task-map kernel builds for both models' expert counts. Runs in its own process: here the
-    interpreter has replaced @triton.jit."""
+    task-map kernel builds for both models' expert counts, the combine for both dtypes. Runs in
+    its own process: here the interpreter has replaced @triton.jit."""
     import json
     import subprocess
     import sys
@@ -274,7 +274,7 @@ def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     r = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     builds = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert [b["kernel"] for b in builds[16:]] == ["_task_map_kernel"] * 2
+    assert [b["kernel"] for b in builds[16:]] == ["_task_map_kernel"] * 2 + ["_combine_kernel"] * 2
     builds = builds[:16]
     assert len(builds) == 16
     for b in builds:
