@@ -392,8 +392,8 @@ def moe_ffn_triton(
     routing_weights [T, k], w1 and w3 [E, H, D], w2 [E, D, H] (any strides); returns [T, D] in x's dtype.
 
     Arguments are not validated here (the op does it). One launch builds the task map (a dozen small
-    torch ops on large problems), then one Triton launch per projection; nothing waits for the
-    device. Runs on CPU tensors under ``TRITON_INTERPRET=1``.
+    torch ops on large problems), one per projection and one combines the k rows of each token;
+    nothing waits for the device. Runs on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     num_tokens, dim = x.shape
     top_k = expert_ids.shape[1]
