@@ -45,7 +45,7 @@ export PYTHONUNBUFFERED=1
 PARTS=(check moe wan large small first inductor)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
-declare -A CAP=([check]=180)
+declare -A CAP=([check]=240)
 
 part() {
   case "$1" in
