@@ -182,6 +182,40 @@ def test_kernel_program_order_and_down_tile_change_nothing():
                                    msg=f"group_m={group_m}, down_block_n={down_n}")
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_launcher_leaves_all_work_to_four_kernels(monkeypatch, top_k):
+    """At a few hundred tokens a MoE layer's time is its launches: the op must make four (task
+    map, gate/up, down, combine; three with k == 1) and no torch kernel beside them but the
+    zero-fill of k == 1's output. A stray torch op (a sum, a cast, a copy) fails here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from dit_compile.kernels import moe
+    launched, ops = [], []
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    names = ["_task_map_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel"]
+    for name in names:
+        monkeypatch.setattr(moe, name, Launch(name))
+    # Contiguous, as a router's topk returns them (a strided view is copied once, by contiguous).
+    args = [t.cpu().contiguous() for t in make_problem(40, top_k, 4, 16, 24)]
+    with Record():
+        moe.moe_ffn_triton(*args)
+    assert launched == (names if top_k > 1 else names[:3])
+    allowed = {"empty", "view", "unbind", "_unsafe_view", "reshape", "alias"} | (
+        {"zeros", "zero_", "fill_"} if top_k == 1 else set())
+    assert set(ops) <= allowed, sorted(set(ops) - allowed)
+
+
 @kernel_test
 def test_kernel_drops_out_of_range_ids():
     x, ids, weights, w1, w3, w2 = make_problem(9, 2, 3, 24, 40)
