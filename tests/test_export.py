@@ -39,6 +39,25 @@ def test_exported_model_matches_eager(tmp_path):
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_blocks_marked_as_nested_compile_regions_export_the_same(tmp_path, monkeypatch):
+    """Blocks that reach the backend as invoke_subgraph calls export as one shared program too."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    torch._dynamo.reset()
+    monkeypatch.setattr(WanTransformerBlock, "forward",
+                        torch.compiler.nested_compile_region(WanTransformerBlock.forward))
+    model, kw = tiny_models.wan(layers=3)
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(set(manifest["programs"])) == 3 and len(manifest["programs"]) == 5
+    loaded = dit_compile.load(str(tmp_path))
+    with torch.no_grad():
+        for call in calls(kw, steps=2):
+            torch.testing.assert_close(loaded(**call)[0], model(**call, return_dict=False)[0],
+                                       rtol=1e-5, atol=1e-5)
+
+
 def test_exported_model_caches_as_the_backend_does(tmp_path):
     model, kw = tiny_models.wan(layers=4)
     options = {"cache": SCHEDULE, "regions": "eager"}
