@@ -31,6 +31,16 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def nested_wan_blocks(monkeypatch):
+    """Wan's block class marked as a nested compile region, as PyTorch advises for a shorter
+    trace: Dynamo traces one block and stamps the other calls out as ``invoke_subgraph`` nodes.
+    (Undone after the test, before _fresh_dynamo's reset.)"""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    monkeypatch.setattr(WanTransformerBlock, "forward",
+                        torch.compiler.nested_compile_region(WanTransformerBlock.forward))
+
+
 def capture(model: torch.nn.Module, kwargs: dict) -> torch.fx.GraphModule:
     """Dynamo's graph of ``model(**kwargs)`` (fullgraph); its real inputs are in ``gm.inputs``."""
     graphs = []

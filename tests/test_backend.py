@@ -82,14 +82,10 @@ def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch, 
 
 
 @pytest.mark.inductor
-def test_blocks_marked_as_nested_compile_regions_compile_once(monkeypatch):
+def test_blocks_marked_as_nested_compile_regions_compile_once(monkeypatch, nested_wan_blocks):
     """nested_compile_region on the block class shortens Dynamo's trace (one block traced, the
     rest stamped out as invoke_subgraph calls): the same pieces, one shared block compile, plain
     Inductor's output."""
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-    torch._dynamo.reset()
-    monkeypatch.setattr(WanTransformerBlock, "forward",
-                        torch.compiler.nested_compile_region(WanTransformerBlock.forward))
     model, kw = tiny_models.wan(layers=3)
     compiles = []
     real_compile = backend.compile_fx
@@ -100,8 +96,6 @@ def test_blocks_marked_as_nested_compile_regions_compile_once(monkeypatch):
         plain = torch.compile(model, backend="inductor", fullgraph=True)(**kw, return_dict=False)[0]
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
     assert len(compiles) == 3, "prologue, one shared block, epilogue"
-    monkeypatch.undo()
-    torch._dynamo.reset()
 
 
 @pytest.mark.inductor

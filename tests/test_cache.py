@@ -599,19 +599,6 @@ def test_cuda_graph_replays_do_not_reach_the_cache():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def nested_wan_blocks(monkeypatch):
-    """Wan's block class marked as a nested compile region, as PyTorch advises for a shorter
-    trace: Dynamo traces one block and stamps the other calls out as ``invoke_subgraph`` nodes."""
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-    torch._dynamo.reset()
-    monkeypatch.setattr(WanTransformerBlock, "forward",
-                        torch.compiler.nested_compile_region(WanTransformerBlock.forward))
-    yield
-    monkeypatch.undo()
-    torch._dynamo.reset()
-
-
 def test_blocks_marked_as_nested_compile_regions_are_guarded_blocks(nested_wan_blocks):
     model, kw = tiny_models.wan(layers=4)
     kw["return_dict"] = False

@@ -26,30 +26,16 @@ def calls(kw: dict, steps: int = 6):
             yield dict(hidden_states=x, timestep=t.reshape(1), encoder_hidden_states=text)
 
 
-def test_exported_model_matches_eager(tmp_path):
+@pytest.mark.parametrize("nested", [False, True])
+def test_exported_model_matches_eager(tmp_path, request, nested):
+    """``nested``: Wan's block class marked as a nested compile region, so that the blocks reach the
+    backend as invoke_subgraph calls; they export as one shared program all the same."""
+    if nested:
+        request.getfixturevalue("nested_wan_blocks")
     model, kw = tiny_models.wan(layers=3)
     dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     # prologue, one block for the three, epilogue
-    assert len(set(manifest["programs"])) == 3 and len(manifest["programs"]) == 5
-    loaded = dit_compile.load(str(tmp_path))
-    with torch.no_grad():
-        for call in calls(kw, steps=2):
-            torch.testing.assert_close(loaded(**call)[0], model(**call, return_dict=False)[0],
-                                       rtol=1e-5, atol=1e-5)
-
-
-def test_blocks_marked_as_nested_compile_regions_export_the_same(tmp_path, monkeypatch):
-    """Blocks that reach the backend as invoke_subgraph calls export as one shared program too."""
-    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-    torch._dynamo.reset()
-    monkeypatch.setattr(WanTransformerBlock, "forward",
-                        torch.compiler.nested_compile_region(WanTransformerBlock.forward))
-    model, kw = tiny_models.wan(layers=3)
-    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
-    monkeypatch.undo()
-    torch._dynamo.reset()
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert len(set(manifest["programs"])) == 3 and len(manifest["programs"]) == 5
     loaded = dit_compile.load(str(tmp_path))
     with torch.no_grad():
