@@ -163,8 +163,9 @@ def _task_map_kernel(
 
 
 def build_task_map(expert_ids: Tensor, num_experts: int, block_m: int) -> TaskMap:
-    """The task map of ``expert_ids`` [T, k]: one launch of :func:`_task_map_kernel` where one program
-    does the work quickly, else :func:`task_map_reference`. No host sync either way."""
+    """The task map of ``expert_ids`` [T, k] (or flat, [T * k]): one launch of
+    :func:`_task_map_kernel` where one program does the work quickly, else
+    :func:`task_map_reference`. No host sync either way."""
     flat = expert_ids.reshape(-1).contiguous()  # a [T, 1] slice reshapes to a strided view
     num_rows = flat.numel()
     bins = triton.next_power_of_2(num_experts + 1)
@@ -402,7 +403,8 @@ def moe_ffn_triton(
     if num_rows == 0:
         return x.new_zeros(num_tokens, dim)
     cfg = config or choose_config(num_rows, num_experts, x.dtype)
-    task = build_task_map(expert_ids, num_experts, cfg.block_m)
+    ids = expert_ids.reshape(-1).contiguous()  # row t * k + j; read by the task map and the combine
+    task = build_task_map(ids, num_experts, cfg.block_m)
     num_tiles = task.tile_expert.numel()
     # fp32 inputs get true fp32 products (torch's default for fp32 matmul), not TF32.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -444,6 +446,6 @@ def moe_ffn_triton(
     out = torch.empty(num_tokens, dim, dtype=x.dtype, device=x.device)
     block_d = min(1024, triton.next_power_of_2(dim))
     _combine_kernel[(num_tokens, triton.cdiv(dim, block_d))](
-        y, expert_ids.reshape(-1).contiguous(), out, dim, num_experts, TOP_K=top_k, BLOCK_D=block_d,
+        y, ids, out, dim, num_experts, TOP_K=top_k, BLOCK_D=block_d,
     )  # fmt: skip
     return out
