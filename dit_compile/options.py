@@ -59,6 +59,10 @@ class Options:
         modes = inductor_modes()
         if opts.mode is not None and opts.mode not in modes:
             raise OptionError(f"option mode={opts.mode!r}: must be one of {modes} or None")
+        # The cache spec is checked here, before the model is seen, so a bad one is an error even
+        # where the backend falls back to plain Inductor; the block indices wait for the blocks.
+        from .runtime.policy import make_policy
+        make_policy(opts.cache, None)
         return opts
 
 

@@ -165,9 +165,10 @@ _KEYS = {
 _COMMON = {"probe", "span", "step_mode", "extrapolate", "max_reuse", "per_sample", "start"}
 
 
-def make_policy(cache: Any, n_blocks: int) -> "Policy | MixCache | None":
+def make_policy(cache: Any, n_blocks: int | None) -> "Policy | MixCache | None":
     """Parse the ``cache`` option against a model of ``n_blocks`` blocks: ``None`` (reuse
-    nothing), a MixCache preset name, ``{"rule": "mixcache", ...}``, or a rule dict / list of them."""
+    nothing), a MixCache preset name, ``{"rule": "mixcache", ...}``, or a rule dict / list of them.
+    ``n_blocks`` None (before the model is seen): every check but the block indices'."""
     from .mixcache import PRESETS, make_mixcache
     if cache is None:
         return None
@@ -215,16 +216,9 @@ def _rules(cache: Any) -> Policy:
     return Policy(**kw)
 
 
-def _check_blocks(policy: Any, n_blocks: int) -> Any:
-    probe, (a, b) = policy.probe, tuple(policy.span)
-    b = n_blocks if b is None else b
-    if not (isinstance(probe, int) and 1 <= probe < n_blocks):
-        raise PolicyError(f"probe={probe!r}: must be between 1 and {n_blocks - 1} (the model has "
-                          f"{n_blocks} blocks)")
-    if not (isinstance(a, int) and isinstance(b, int) and probe <= a < b <= n_blocks):
-        raise PolicyError(f"span={list(policy.span)}: must satisfy probe ({probe}) <= start < end <= "
-                          f"{n_blocks} (the model has {n_blocks} blocks, numbered 0..{n_blocks - 1})")
-    policy.span = (a, b)
+def _check_blocks(policy: Any, n_blocks: int | None) -> Any:
+    if n_blocks is not None:
+        _check_span(policy, n_blocks)
     if policy.step_mode not in ("output", "residual"):
         raise PolicyError(f"step_mode={policy.step_mode!r}: must be 'output' or 'residual'")
     order = policy.extrapolate
@@ -236,3 +230,15 @@ def _check_blocks(policy: Any, n_blocks: int) -> Any:
     if policy.max_reuse is not None and (not isinstance(policy.max_reuse, int) or policy.max_reuse < 1):
         raise PolicyError(f"max_reuse={policy.max_reuse!r}: must be a positive integer or None")
     return policy
+
+
+def _check_span(policy: Any, n_blocks: int) -> None:
+    probe, (a, b) = policy.probe, tuple(policy.span)
+    b = n_blocks if b is None else b
+    if not (isinstance(probe, int) and 1 <= probe < n_blocks):
+        raise PolicyError(f"probe={probe!r}: must be between 1 and {n_blocks - 1} (the model has "
+                          f"{n_blocks} blocks)")
+    if not (isinstance(a, int) and isinstance(b, int) and probe <= a < b <= n_blocks):
+        raise PolicyError(f"span={list(policy.span)}: must satisfy probe ({probe}) <= start < end <= "
+                          f"{n_blocks} (the model has {n_blocks} blocks, numbered 0..{n_blocks - 1})")
+    policy.span = (a, b)

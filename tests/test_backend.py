@@ -37,6 +37,20 @@ def test_bad_options_are_clear_errors(options, match):
         torch.compile(model, backend="mixcache", options=options)(**kw, return_dict=False)
 
 
+@pytest.mark.parametrize("cache,match", [
+    ("bogus", r"cache='bogus': a preset is one of"),
+    ({"rule": "teacache", "threshold": -5}, r"teacache threshold=-5"),
+    ({"rule": "schedule", "step": [2], "extrapolate": 3}, r"extrapolate=3: must be"),
+])
+def test_bad_cache_is_an_error_where_the_backend_falls_back(cache, match):
+    """A model with no block structure falls back to plain Inductor before any block is found:
+    the cache option is still checked, not silently dropped."""
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    with pytest.raises(Exception, match=match):
+        torch.compile(mlp, backend="mixcache", options={"cache": cache, "regions": "eager"})(
+            torch.randn(2, 8))
+
+
 def test_cache_memory_takes_whole_numbers_not_bools():
     assert dit_compile.Options.parse({"cache_memory": 2e9}).cache_memory == 2_000_000_000
     assert type(dit_compile.Options.parse({"cache_memory": 2e9}).cache_memory) is int

@@ -272,17 +272,25 @@ def test_residual_step_mode_needs_an_output_shaped_like_the_latent():
           encoder_hidden_states=torch.randn(1, 5, 16), return_dict=False)
 
 
-def test_shape_change_mid_generation_is_a_new_generation():
+@pytest.mark.parametrize("change", ["latent shape", "timestep dtype"])
+def test_shape_or_dtype_change_mid_generation_is_a_new_generation(change):
+    """A forced schedule would reuse at step 2: a call of another signature there computes, as the
+    first call of a new generation (UniPC hands int64 timesteps where others hand floats)."""
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
     f = compiled(model, {"rule": "schedule", "step": [1, 2, 3]})
     generation(f, kw, steps=STEPS[:2], branches=1)
-    other = dict(kw, hidden_states=torch.randn(1, 4, 2, 8, 12))
+    t = torch.tensor([STEPS[2]])
+    if change == "latent shape":
+        other = dict(kw, hidden_states=torch.randn(1, 4, 2, 8, 12), timestep=t)
+    else:
+        other = dict(kw, timestep=t.to(torch.int64))
     with torch.no_grad():
-        y = f(**dict(other, timestep=torch.tensor([STEPS[2]])))[0]
-        torch.testing.assert_close(y, model(**dict(other, timestep=torch.tensor([STEPS[2]])))[0],
-                                   rtol=1e-5, atol=1e-5)
-    assert dit_compile.stats(f)["trace"][-1]["action"] == "compute"
+        y = f(**other)[0]
+        torch.testing.assert_close(y, model(**other)[0], rtol=1e-5, atol=1e-5)
+    trace = dit_compile.stats(f)["trace"]
+    assert trace[-1]["action"] == "compute"
+    assert trace[-1]["generation"] == trace[0]["generation"] + 1
 
 
 def test_reset_and_two_models_share_nothing():
@@ -324,21 +332,64 @@ def test_model_compiled_again_with_other_options_gets_a_fresh_state():
     assert find_state(model) is not first and find_state(model).clone
 
 
+def _settling_and_moving(batch_kw):
+    """Latents per step for a batch of two: sample 0's holds still (its probe settles), sample 1's
+    is redrawn at every step (its probe keeps moving), so a First-Block-Cache decision splits."""
+    g = torch.Generator().manual_seed(0)
+    x = batch_kw["hidden_states"]
+    return [torch.cat([x[:1], torch.randn(x[1:].shape, generator=g)]) for _ in STEPS]
+
+
+def _run(f, kw, latents):
+    with torch.no_grad():
+        return [f(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))[0]
+                for x, t in zip(latents, STEPS)]
+
+
 def test_block_decisions_are_per_sample():
-    """A batch of two prompts gives each sample what it gets alone under First-Block-Cache."""
+    """A batch of two gives each sample what it gets alone under First-Block-Cache, at steps
+    where one sample reuses the span and the other computes it."""
     model, kw = tiny_models.wan(layers=4, batch=2)
     kw["return_dict"] = False
-    kw["hidden_states"][1] *= 3.0
+    latents = _settling_and_moving(kw)
     cache = {"rule": "first_block", "threshold": 0.35}
-    both = generation(compiled(model, cache), kw, branches=1)
+    f = compiled(model, cache)
+    both = _run(f, kw, latents)
+    split = [r for r in dit_compile.stats(f)["trace"] if r["action"] == "block" and r["flops"] == 1.0]
+    assert split, "the premise: the two samples disagree at some step"
     alone = []
     for i in range(2):
         torch._dynamo.reset()
         one = {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in kw.items()}
-        m = tiny_models.wan(layers=4)[0]
-        alone.append(generation(compiled(m, cache), one, branches=1))
+        alone.append(_run(compiled(tiny_models.wan(layers=4)[0], cache), one,
+                          [x[i:i + 1] for x in latents]))
     for k, y in enumerate(both):
         torch.testing.assert_close(y, torch.cat([alone[0][k], alone[1][k]]), rtol=1e-5, atol=1e-5)
+
+
+def test_one_decision_per_batch_when_asked():
+    """``per_sample=False``: where the samples disagree, the batch computes the span for both
+    (plain eager, no reuse at that step); where they agree, it reuses for both."""
+    model, kw = tiny_models.wan(layers=4, batch=2)
+    kw["return_dict"] = False
+    latents = _settling_and_moving(kw)
+    cache = {"rule": "first_block", "threshold": 0.35}
+    traces = {}
+    for per_sample in (True, False):
+        torch._dynamo.reset()
+        f = compiled(model, {**cache, "per_sample": per_sample})
+        outs = _run(f, kw, latents)
+        traces[per_sample] = dit_compile.stats(f)["trace"]
+    split = {r["step"] for r in traces[True] if r["action"] == "block" and r["flops"] == 1.0}
+    assert split, "the premise: per sample, the two samples disagree at some step"
+    joint = {r["step"]: r for r in traces[False]}
+    assert all(joint[s]["action"] == "compute" for s in split)
+    assert all(r["flops"] < 1.0 for r in traces[False] if r["action"] == "block")
+    with torch.no_grad():
+        for step in split:
+            eager = model(**dict(kw, hidden_states=latents[step],
+                                 timestep=torch.full_like(kw["timestep"], STEPS[step])))[0]
+            torch.testing.assert_close(outs[step], eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("span", [(1, 3), (1, 4)])
