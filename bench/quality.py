@@ -335,6 +335,9 @@ def default_methods(steps: int, regions: str = "eager") -> list[Method]:
     for th in (0.05, 0.1, 0.2):
         methods.append(MixCache(f"mixcache teacache {th}",
                                 {"rule": "teacache", "threshold": th, "start": 2}, regions))
+    for th in (0.05, 0.1, 0.2):
+        methods.append(MixCache(f"mixcache easycache {th}", {"rule": "teacache", "signal": "output",
+                                                             "threshold": th, "start": 2}, regions))
     for every, start in ((2, 2), (3, 2), (2, 6)):
         methods.append(MixCache(f"mixcache fastercache every {every} from step {start}",
                                 {"rule": "fastercache", "every": every, "start": start}, regions))

@@ -9,7 +9,7 @@ A policy answers two questions per call, from signals the executor hands it:
 * ``block(...)``: after the probe blocks ran: reuse the cached residual of the span, per sample.
 
 Forced schedules and the threshold rules that reproduce known single-granularity caches
-(First-Block-Cache, TeaCache/EasyCache, FasterCache's cfg reuse) are all policies over the same
+(First-Block-Cache, TeaCache and EasyCache, FasterCache's cfg reuse) are all policies over the same
 guard points. ``make_policy`` parses the user's ``cache`` option into one.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ class Policy:
     block_steps: frozenset[int] = frozenset()
     # threshold rules
     first_block: float | None = None        # FBCache threshold on the probe residual
-    teacache: float | None = None           # accumulated input-change threshold for step reuse
+    teacache: float | None = None           # accumulated-change threshold for step reuse
+    teacache_signal: str = "input"          # what changes: "input" (TeaCache) or "output" (EasyCache)
     cfg_every: int | None = None            # FasterCache: recompute cfg every N steps
     start: int = 0                          # no threshold-rule reuse before this step
     # shared knobs
@@ -84,9 +85,10 @@ class Policy:
         have_out = bool(bc.outputs)
         signal = None
         if self.teacache is not None and bc.last_input is not None:
-            change = rel_l1(latent, bc.last_input)
-            bc.accumulated = change if bc.accumulated is None else bc.accumulated + change
-            signal = float(bc.accumulated.max())
+            change = self._change(bc, latent)
+            if change is not None:
+                bc.accumulated = change if bc.accumulated is None else bc.accumulated + change
+                signal = float(bc.accumulated.max())
         if self._bounded(bc):
             return COMPUTE, signal
         if s.step in self.step_steps and have_out:
@@ -123,9 +125,29 @@ class Policy:
         return (mask if bool(mask.any()) else False), signal
 
 
+    def _change(self, bc: BranchCache, latent: torch.Tensor) -> torch.Tensor | None:
+        """Per sample, how far this call is from the last: the input latent's relative change
+        (TeaCache), or that change times the output's rate of change per input change between the
+        last two computed calls, an estimate of the output's own change (EasyCache). None while
+        there is no rate yet."""
+        change = rel_l1(latent, bc.last_input)
+        if self.teacache_signal == "input":
+            return change
+        rate = bc.signals.get("output_rate")
+        return None if rate is None else change * rate
+
     def observe(self, s: Step, st: CacheState, bc: BranchCache, outs: list[torch.Tensor],
                 kind: str) -> None:
-        """Threshold rules keep their signals in the branch cache as they decide."""
+        """EasyCache's rate, taken at each computed call: the output's relative change over the
+        input's, since the last computed call (``bc.last_input`` is this call's latent here)."""
+        if self.teacache_signal != "output" or kind not in ("compute", "block"):
+            return
+        sig = bc.signals
+        if "input_at_compute" in sig and len(bc.outputs) >= 2:
+            out_change = rel_l1(bc.outputs[-1][1][0], bc.outputs[-2][1][0])
+            sig["output_rate"] = out_change / rel_l1(bc.last_input, sig["input_at_compute"]
+                                                     ).clamp_min(1e-12)
+        sig["input_at_compute"] = bc.last_input
 
 
 def cfg_ready(s: Step, state: CacheState) -> bool:
@@ -159,7 +181,7 @@ def _threshold(spec: dict, name: str) -> float:
 _KEYS = {
     "schedule": {"rule", "step", "cfg", "block"},
     "first_block": {"rule", "threshold"},
-    "teacache": {"rule", "threshold"},
+    "teacache": {"rule", "threshold", "signal"},
     "fastercache": {"rule", "every"},
 }
 _COMMON = {"probe", "span", "step_mode", "extrapolate", "max_reuse", "per_sample", "start"}
@@ -208,6 +230,11 @@ def _rules(cache: Any) -> Policy:
             kw["first_block"] = _threshold(spec, rule)
         elif rule == "teacache":
             kw["teacache"] = _threshold(spec, rule)
+            kw["teacache_signal"] = spec.get("signal", "input")
+            if kw["teacache_signal"] not in ("input", "output"):
+                raise PolicyError(f"teacache signal={kw['teacache_signal']!r}: must be 'input' "
+                                  "(the input latent's change, TeaCache) or 'output' (the "
+                                  "output's change estimated from it, EasyCache)")
         elif rule == "fastercache":
             every = spec.get("every")
             if not isinstance(every, int) or every < 2:

@@ -209,6 +209,56 @@ def test_same_timestep_on_another_latent_is_not_a_guidance_branch():
     torch.testing.assert_close(outs[5], outs[4] + (ref[3] - ref[2]), rtol=1e-5, atol=1e-5)
 
 
+def _rel(a, b):
+    return (a - b).abs().flatten(1).mean(1) / b.abs().flatten(1).mean(1)
+
+
+def _teacache_reference(model, kw, threshold, signal, start):
+    """TeaCache (``signal="input"``) and EasyCache (``"output"``) written out over one Euler
+    sampler run, per sample of the batch: the change since the last call (the input's, or the
+    input's times the output's rate of change per input change between the last two computes)
+    accumulates from the last compute, and the whole step reuses the last output while every
+    sample's sum stays below the threshold."""
+    x, prev, acc, rate, computed, outs, actions = kw["hidden_states"].clone(), None, None, None, [], [], []
+    for i, t in enumerate(STEPS):
+        if prev is not None and (signal == "input" or rate is not None):
+            change = _rel(x, prev) * (1.0 if signal == "input" else rate)
+            acc = change if acc is None else acc + change
+        if i >= start and computed and acc is not None and bool((acc < threshold).all()):
+            y = computed[-1][1]
+            actions.append("step")
+        else:
+            with torch.no_grad():
+                y = model(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))[0]
+            if computed:
+                rate = _rel(y, computed[-1][1]) / _rel(x, computed[-1][0]).clamp_min(1e-12)
+            computed.append((x, y))
+            acc = None
+            actions.append("compute")
+        outs.append(y)
+        prev, x = x, x + (STEPS[i + 1] - t if i + 1 < len(STEPS) else -t) / 1000.0 * y
+    return outs, actions
+
+
+@pytest.mark.parametrize("signal,threshold", [("input", 0.1), ("output", 0.3)])
+def test_teacache_and_easycache_match_eager_reference(signal, threshold):
+    """Per sample of a batch of two latents, inside an Euler sampler whose latent moves."""
+    model, kw = tiny_models.wan(layers=3, batch=2)
+    kw["return_dict"] = False
+    kw["hidden_states"][1] *= 2.0
+    ref, actions = _teacache_reference(model, kw, threshold, signal, start=1)
+    assert "step" in actions and actions.count("compute") >= 3, actions     # the premise
+    f = compiled(model, {"rule": "teacache", "threshold": threshold, "signal": signal, "start": 1})
+    x, outs = kw["hidden_states"].clone(), []
+    with torch.no_grad():
+        for i, t in enumerate(STEPS):
+            outs.append(f(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))[0])
+            x = x + (STEPS[i + 1] - t if i + 1 < len(STEPS) else -t) / 1000.0 * outs[-1]
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == actions
+    for i, (a, b) in enumerate(zip(outs, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+
+
 def test_latent_updated_in_place_is_seen_to_change():
     """A sampler that updates its latent in place (``x.add_(...)``) gets the decisions of one that
     makes a new tensor: the input a rule compares against is a copy, not the live tensor."""
@@ -538,6 +588,7 @@ def test_memory_bound_is_a_clear_error():
     ({"rule": "schedule", "step": [2], "extrapolate": 3}, r"extrapolate=3: must be"),
     ({"rule": "mixcache", "extrapolate": "yes"}, r"extrapolate='yes': must be"),
     ({"rule": "teacache", "threshold": 0.1, "treshold": 1}, r"unknown key\(s\) \['treshold'\]"),
+    ({"rule": "teacache", "threshold": 0.1, "signal": "latent"}, r"signal='latent': must be 'input'"),
 ])
 def test_bad_cache_options(cache, match):
     model, kw = tiny_models.wan(layers=3)
