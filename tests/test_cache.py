@@ -259,6 +259,28 @@ def test_teacache_and_easycache_match_eager_reference(signal, threshold):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"call {i}")
 
 
+def test_residual_step_reuse_matches_eager_reference():
+    """``step_mode="residual"``: a reused step returns this call's latent plus the output's
+    residual over the latent at the last compute (what the model added), not the old output."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    reuse = {2, 4, 5}
+    f = compiled(model, {"rule": "schedule", "step": sorted(reuse), "step_mode": "residual"})
+    x, last = kw["hidden_states"].clone(), None
+    with torch.no_grad():
+        for i, t in enumerate(STEPS):
+            call = dict(kw, hidden_states=x, timestep=torch.tensor([t]))
+            ours = f(**call)[0]
+            if i in reuse:
+                theirs = x + (last[1] - last[0])
+            else:
+                theirs = model(**call)[0]
+                last = (x, theirs)
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"step {i}")
+            x = x + 0.2 * ours
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]].count("step") == len(reuse)
+
+
 def test_latent_updated_in_place_is_seen_to_change():
     """A sampler that updates its latent in place (``x.add_(...)``) gets the decisions of one that
     makes a new tensor: the input a rule compares against is a copy, not the live tensor."""
@@ -669,6 +691,46 @@ def test_reduce_overhead_keeps_copies_of_what_it_returns():
     for a, b, c in zip(clean, dirty, dirty_too):
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(a, c)
+
+
+def _replaying(fn):
+    """``fn`` as a CUDA graph runs it: its outputs are written into buffers of its own, which its
+    next call (the same piece at the next forward) overwrites."""
+    buffers = []
+
+    def run(*args):
+        leaves, spec = torch.utils._pytree.tree_flatten(fn(*args))
+        if not buffers:
+            buffers.extend(torch.empty_like(x) if torch.is_tensor(x) else None for x in leaves)
+        for b, x in zip(buffers, leaves):
+            if b is not None:
+                b.copy_(x)
+        return torch.utils._pytree.tree_unflatten(
+            [x if b is None else b for b, x in zip(buffers, leaves)], spec)
+    return run
+
+
+@pytest.mark.parametrize("mode,safe", [("reduce-overhead", True), (None, False)])
+def test_replayed_piece_outputs_never_reach_the_cache(monkeypatch, mode, safe):
+    """Every piece's outputs overwritten by its next call, as CUDA graph replays do, under a forced
+    schedule reusing steps, guidance branches and block spans: under mode="reduce-overhead" the
+    generation is the one without replays. Without that mode the cache holds the buffers, and the
+    same replays change the generation: the simulation reaches what the cache holds."""
+    real = backend.compile_pieces
+    monkeypatch.setattr(backend, "compile_pieces",
+                        lambda *a, **k: [_replaying(fn) for fn in real(*a, **k)])
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    cache = {"rule": "schedule", "step": [2, 5], "cfg": [1, 3], "block": [3, 4], "span": [1, 4],
+             "extrapolate": 1}
+    f = compiled(model, cache, mode=mode)
+    # The caller keeps copies, as it must of what a CUDA graph returns.
+    replayed = generation(lambda **k: tuple(y.clone() for y in f(**k)), kw)
+    monkeypatch.setattr(backend, "compile_pieces", real)
+    torch._dynamo.reset()
+    plain = generation(compiled(tiny_models.wan(layers=4)[0], cache), kw)
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(replayed, plain))
+    assert same == safe
 
 
 @pytest.mark.gpu
