@@ -29,8 +29,9 @@ __all__ = ["mixcache", "explain", "stats", "reset", "export", "load", "Exported"
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:
     """What the cache computed and reused for ``model`` (compiled with caching on):
-    calls, computed, reused per granularity, the fraction of FLOPs computed, cached bytes, and a
-    per-call trace (generation, step, branch, timestep, action, signal)."""
+    calls, computed, reused per granularity, the fraction of FLOPs computed (all since the last
+    ``reset``), cached bytes, and a per-call trace (generation, step, branch, timestep, action,
+    signal) of the last 16 generations."""
     state = find_state(model)
     if state is None:
         raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "
@@ -46,4 +47,4 @@ def reset(model: torch.nn.Module) -> None:
     state = find_state(model)
     if state is not None:
         state.reset()
-        state.records.clear()
+        state.clear_stats()

@@ -41,6 +41,9 @@ from torch.utils import _pytree as pytree
 
 STATE_ATTR = "_dit_compile_state"
 MAX_BRANCHES = 4    # calls per step; classifier-free guidance makes 2, a second guidance 3
+# The per-call trace keeps the last this many generations: a server that generates for days must
+# not grow it without bound. The counts in ``stats`` cover every call since the last reset.
+TRACE_GENERATIONS = 16
 
 
 class CacheMemoryError(RuntimeError):
@@ -99,7 +102,9 @@ class CacheState:
         self.memory = memory
         self.clone = clone              # CUDA graphs overwrite outputs on replay: keep copies
         self.key = key                  # the configuration that made it (see StateFactory)
-        self.records: list[Record] = []
+        self.records: list[Record] = []     # the trace: the last TRACE_GENERATIONS generations
+        self.counts: dict[str, int] = {}    # calls per action since the last clear_stats()
+        self.flops = 0.0                    # FLOPs fractions summed over those calls
         self.generation = -1
         self._signature: Any = None
         self._last_t: float | None = None
@@ -213,20 +218,29 @@ class CacheState:
                spent: Any = None) -> None:
         if isinstance(spent, torch.Tensor):
             spent = float(spent.max())
+        if self.records and self.records[-1].generation != step.generation:
+            oldest = step.generation - TRACE_GENERATIONS + 1
+            if self.records[0].generation < oldest:
+                self.records = [r for r in self.records if r.generation >= oldest]
         self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
                                    signal, spent))
+        self.counts[action] = self.counts.get(action, 0) + 1
+        self.flops += flops
+
+    def clear_stats(self) -> None:
+        self.records.clear()
+        self.counts.clear()
+        self.flops = 0.0
 
     def stats(self) -> dict[str, Any]:
-        """Counts of computed and reused work per granularity, and per step, for the user."""
-        calls = len(self.records)
-        by_action: dict[str, int] = {}
-        for r in self.records:
-            by_action[r.action] = by_action.get(r.action, 0) + 1
+        """Counts of computed and reused work per granularity since the last ``clear_stats``, and
+        the per-call trace of the last ``TRACE_GENERATIONS`` generations, for the user."""
+        calls = sum(self.counts.values())
         return {
             "calls": calls,
-            "computed": by_action.get("compute", 0),
-            "reused": {k: v for k, v in by_action.items() if k != "compute"},
-            "flops_fraction": (sum(r.flops for r in self.records) / calls) if calls else 1.0,
+            "computed": self.counts.get("compute", 0),
+            "reused": {k: v for k, v in self.counts.items() if k != "compute"},
+            "flops_fraction": self.flops / calls if calls else 1.0,
             "cached_bytes": self.bytes(),
             "trace": [r.__dict__.copy() for r in self.records],
         }

@@ -14,7 +14,8 @@ guard points. ``make_policy`` parses the user's ``cache`` option into one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ class Policy:
                                             # last computes (True: 1, first order)
     max_reuse: int | None = None            # bound on consecutive reuses per branch
     per_sample: bool = True                 # decisions per sample of a batch
+    _told_beyond: bool = field(default=False, repr=False, compare=False)
 
     @property
     def uses_blocks(self) -> bool:
@@ -81,6 +83,8 @@ class Policy:
 
     def step(self, s: Step, state: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
         """(action, signal) before the forward runs."""
+        if s.step == 0 and s.branch == 0 and not self._told_beyond:
+            self._check_schedule_length(s, state)
         bc = state.branch(s.branch)
         have_out = bool(bc.outputs)
         signal = None
@@ -105,6 +109,22 @@ class Policy:
             if bool((bc.accumulated < self.teacache).all()):
                 return STEP, signal
         return COMPUTE, signal
+
+    def _check_schedule_length(self, s: Step, state: CacheState) -> None:
+        """A schedule's step indices are checked against the generation only once one has ended
+        (its length is known at its end): steps past the last one never applied, and saying so
+        once beats a schedule that silently reuses less than it says."""
+        last = state.records[-1] if state.records else None
+        if last is None or last.generation == s.generation:
+            return
+        named = {"step": self.step_steps, "cfg": self.cfg_steps, "block": self.block_steps}
+        beyond = {k: sorted(v for v in steps if v > last.step) for k, steps in named.items()}
+        beyond = {k: v for k, v in beyond.items() if v}
+        if beyond:
+            self._told_beyond = True
+            warnings.warn(f"mixcache: the forced schedule names steps {beyond}, past the last step "
+                          f"({last.step}, counting from 0) of the generation that just ended: they "
+                          "never applied", stacklevel=4)
 
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:

@@ -1,5 +1,7 @@
 """Cache guards and runtime state: forced schedules against an eager reference, lifecycle rules,
 per-sample decisions, memory bound, bad input."""
+import warnings
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -363,6 +365,41 @@ def test_shape_or_dtype_change_mid_generation_is_a_new_generation(change):
     trace = dit_compile.stats(f)["trace"]
     assert trace[-1]["action"] == "compute"
     assert trace[-1]["generation"] == trace[0]["generation"] + 1
+
+
+def test_schedule_past_the_last_step_is_said_once():
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [2, 9], "block": [12]})
+    generation(f, kw, steps=STEPS[:4], branches=1)
+    with pytest.warns(UserWarning, match=r"names steps \{'step': \[9\], 'block': \[12\]\}, past the "
+                      r"last step \(3"):
+        generation(f, kw, steps=STEPS[:4], branches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generation(f, kw, steps=STEPS[:4], branches=1)
+    assert dit_compile.stats(f)["reused"] == {"step": 3}
+
+
+def test_trace_is_bounded_and_counts_are_not():
+    """A long-running server: the per-call trace keeps the last generations only, while the counts
+    cover every call since the last reset."""
+    from dit_compile.runtime.cache import TRACE_GENERATIONS
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [1]})
+    runs = TRACE_GENERATIONS + 3
+    for _ in range(runs):
+        generation(f, kw, steps=STEPS[:2], branches=1)
+    stats = dit_compile.stats(f)
+    assert stats["calls"] == 2 * runs and stats["reused"] == {"step": runs}
+    assert stats["flops_fraction"] == pytest.approx(0.5)
+    gens = [r["generation"] for r in stats["trace"]]
+    assert sorted(set(gens)) == list(range(runs - TRACE_GENERATIONS, runs))
+    assert len(gens) == 2 * TRACE_GENERATIONS
+    dit_compile.reset(f)
+    generation(f, kw, steps=STEPS[:1], branches=1)
+    assert dit_compile.stats(f)["calls"] == 1 and len(dit_compile.stats(f)["trace"]) == 1
 
 
 def test_reset_and_two_models_share_nothing():
