@@ -664,9 +664,10 @@ def test_wan_pipeline_with_cache_two_generations():
     pipe.set_progress_bar_config(disable=True)
     ref = pipelines.run_wan(pipe, steps=4)
     pipe.transformer = compiled(model, {"rule": "schedule", "cfg": [1, 2, 3]})
-    torch.testing.assert_close(pipelines.run_wan(pipe, steps=4)[:, :, :1], ref[:, :, :1],
-                               rtol=1e6, atol=1e6)  # runs; exact equality is not expected
-    pipelines.run_wan(pipe, steps=4)
+    first = pipelines.run_wan(pipe, steps=4)
+    assert first.shape == ref.shape and not torch.equal(first, ref)     # reuse changed something
+    # The second generation starts from nothing cached: the same seed gives the same video.
+    torch.testing.assert_close(pipelines.run_wan(pipe, steps=4), first, rtol=0, atol=0)
     trace = dit_compile.stats(pipe.transformer)["trace"]
     assert len(trace) == 16
     assert [r["branch"] for r in trace[:4]] == [0, 1, 0, 1]
