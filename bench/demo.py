@@ -37,11 +37,12 @@ def timed(pipe, steps: int, reps: int = 3) -> tuple[torch.Tensor, float, float]:
     return out, first, (time.perf_counter() - t0) / reps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[tuple]:
+    """Print the table; return its rows (method, s/gen, first gen, PSNR dB, FLOPs fraction)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--layers", type=int, default=8)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from diffusers import WanTransformer3DModel
     torch.manual_seed(0)
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16,
@@ -78,6 +79,7 @@ def main() -> None:
     for name, t, first, p, frac in rows:
         print(f"{name:36s} {t:8.3f} {first if first else float('nan'):10.2f} {t_eager / t:7.2f}x "
               f"{p:8.1f} {frac:6.2f}")
+    return rows
 
 
 if __name__ == "__main__":

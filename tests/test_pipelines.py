@@ -100,3 +100,17 @@ def test_heun_second_evaluation_at_a_timestep_is_computed():
         for prev, r in zip(calls, calls[1:]):
             if r["t"] == prev["t"]:
                 assert r["action"] == "compute", f"step {r['step']} reused at its own timestep"
+
+
+@pytest.mark.inductor
+def test_readme_demo_runs(capsys):
+    """The README's first command ends in ``python bench/demo.py``: at a small size, each of its
+    rows runs, and with caching off the backend gives what eager gives."""
+    import demo
+    rows = {name: (psnr, frac) for name, _, _, psnr, frac in demo.main(["--steps", "3", "--layers", "2"])}
+    assert list(rows) == ["eager", "inductor", "mixcache (cache off)", "mixcache (default: balanced)",
+                          "mixcache first_block+fastercache"]
+    assert rows["mixcache (cache off)"][1] == 1.0
+    assert rows["mixcache (cache off)"][0] > 80 and rows["inductor"][0] > 80   # fp32 rounding apart
+    assert all(0 < frac <= 1 for _, frac in rows.values())
+    assert "mixcache (cache off)" in capsys.readouterr().out
