@@ -96,6 +96,19 @@ def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch, 
 
 
 @pytest.mark.inductor
+def test_two_stacks_match_plain_inductor():
+    """Flux: double-stream blocks, glue, single-stream blocks, each stack's pieces compiled by
+    Inductor and stitched, against plain Inductor (fp32 CPU: allclose 1e-5)."""
+    model, kw = tiny_models.flux()
+    with torch.no_grad():
+        ours = torch.compile(model, backend="mixcache", fullgraph=True,
+                             options={"cache": None})(**kw, return_dict=False)[0]
+        plain = torch.compile(model, backend="inductor", fullgraph=True)(**kw, return_dict=False)[0]
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    assert list(dit_compile.explain(model, **kw, return_dict=False).stacks.values()) == [2, 2]
+
+
+@pytest.mark.inductor
 def test_blocks_marked_as_nested_compile_regions_compile_once(monkeypatch, nested_wan_blocks):
     """nested_compile_region on the block class shortens Dynamo's trace (one block traced, the
     rest stamped out as invoke_subgraph calls): the same pieces, one shared block compile, plain
