@@ -4,15 +4,25 @@ most compute for the error it is expected to add.
 Signals, all of which the runtime already has (no extra forward):
 
 * ``probe``: relative L1 change of the probe residual (first block(s)) since the last call of the
-  same branch. It gates the trigger (caching may start once it settles below ``settle`` and the
-  noise level has fallen below ``1 - warmup`` of where the generation started; per sample, and
-  once a sample's probe has settled a later jump does not stop caching again: from there the
-  budget decides) and it is the block-reuse error estimate (First-Block-Cache's proxy for how much
-  the deep blocks' residual moved). It is not the step estimate: ranked against the damage of
-  reusing single steps on the trained models (``bench/signal_study.py``, 144 single-step reuses
-  per model), the probe's change orders them with Spearman 0.28 / 0.35 (small / large), the input
-  latent's (TeaCache's signal) 0.38 / 0.31, the output's own change 0.67 / 0.61. The step estimate
-  is built from the output.
+  same branch, the block-reuse error estimate (First-Block-Cache's proxy for how much the deep
+  blocks' residual moved). It runs only where blocks may be reused. It is neither the step
+  estimate nor the trigger: ranked against the damage of reusing single steps on the trained
+  models (``bench/signal_study.py``, 144 single-step reuses per model), the probe's change orders
+  them with Spearman 0.28 / 0.35 (small / large), the input latent's (TeaCache's signal) 0.38 /
+  0.31, the output's own change 0.67 / 0.61. The output predicts best, so the step estimate and
+  the trigger are built from it.
+* The trigger: caching may start once the noise level has fallen below ``1 - warmup`` of where the
+  generation started and the output has settled: its relative change between the last two
+  computed calls, per unit of the noise range, below ``settle`` (per sample; once settled it stays
+  on for the generation, and from there the budget decides). On the trained models the output
+  moves at 1.5-2.6 per unit over the first steps and 0.5-1.0 in the middle
+  (``bench/RESULTS.md``). A trigger that holds caching off over those first steps costs FLOPs and
+  fidelity at once there (tuning cases, `balanced`: at ``settle`` 1.0 0.72-0.78 of the FLOPs at
+  29.8 / 31.4 dB, against 0.40 at 31.5 / 33.9 dB where it does not bind): the budget's estimate is
+  weighted by the step length, and the first steps are the shortest, so the reuse an early hold
+  forbids is the cheapest there is, and what the budget then spends late costs more. So
+  ``settle`` = 3.0 is a guard for models whose outputs move faster than these do, not a brake on
+  them; the warm-up in noise level and the budget decide when caching starts.
 * ``out_rate``: relative change of the output per unit of timestep between the last two computed
   calls of the branch; reusing the last output at ``t`` is off by ``out_rate * |t - t_last|``.
   With ``extrapolate`` (first order, from the last two computed outputs) the error is that of a
@@ -76,7 +86,7 @@ PRESETS: dict[str, dict] = {
 class MixCache:
     budget: float = 0.02
     warmup: float = 0.03
-    settle: float = 0.5
+    settle: float = 3.0
     max_reuse: int = 2
     granularities: tuple[str, ...] = GRANULARITIES
     per_sample: bool = True
@@ -85,12 +95,15 @@ class MixCache:
     step_mode: str = "output"
     extrapolate: int = 2
 
-    # The probe always runs: its residual is the trigger's signal even when blocks are not reused.
-    uses_blocks = True
-
     @property
     def reuses_blocks(self) -> bool:
         return "block" in self.granularities
+
+    @property
+    def uses_blocks(self) -> bool:
+        """The probe runs (and the call stops at the block guard) only where blocks may be reused:
+        the trigger reads the output."""
+        return self.reuses_blocks
 
     @property
     def cfg_on_halves(self) -> bool:
@@ -173,8 +186,8 @@ class MixCache:
             h = self._step_length(s, st, bc)
             options.append((cfg["rate"] * abs(s.t - cfg["t"]) * h, CFG))
         fits = sorted(o for o in options if o[0] <= left)
-        if not fits:
-            return COMPUTE, None
+        if not fits:    # the trace shows the smallest estimate that did not fit
+            return COMPUTE, min(options)[0] if options else None
         err, action = fits[0]
         bc.signals["spent"] = bc.signals.get("spent", 0.0) + err
         return action, err
@@ -186,17 +199,10 @@ class MixCache:
         if bc.probe is None or bc.probe.shape != probe.shape:
             return False, None
         change = rel_l1(probe, bc.probe)
-        # The trigger says when caching may start, not when it must stop. The probe jumps again
-        # over the last, longest steps; re-arming there computed the final step on top of a
-        # forced compute before it: on the tuning cases the presets spent 0.003-0.019 more of the
-        # FLOPs for at most 0.8 dB of mean PSNR and none of the worst case (bench/RESULTS.md).
-        settled = change < self.settle
-        latched = sig.get("settled_mask")
-        if latched is not None and latched.shape == settled.shape:
-            settled = settled | latched
-        sig["settled_mask"] = settled
+        settled = sig.get("settled_mask")
+        if settled is None or settled.shape != change.shape:
+            settled = torch.zeros_like(change, dtype=torch.bool)
         err = change * self._step_length(s, st, bc)
-        sig["settled"] = bool(settled.all())
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
                 or s.t > (1.0 - self.warmup) * st.t_first or not bool(settled.any())):
             return False, float(change.max())
@@ -225,7 +231,13 @@ class MixCache:
         if kind in ("compute", "block") and len(bc.outputs) >= 2:
             (tb, b), (ta, a) = bc.outputs[-2:]
             if ta != tb:
-                sig["out_rate"] = float(rel_l1(a[0], b[0]).max()) / abs(ta - tb)
+                change = rel_l1(a[0], b[0])
+                sig["out_rate"] = float(change.max()) / abs(ta - tb)
+                # The trigger says when caching may start, not when it must stop: the output
+                # moves fastest again over the last, longest steps, and re-arming there would
+                # compute the final step on top of a forced compute before it (with the probe as
+                # the signal, 0.003-0.019 more of the FLOPs for at most 0.8 dB; bench/RESULTS.md).
+                _latch(sig, change * abs(st.t_first) / abs(ta - tb) < self.settle)
                 slope = (a[0] - b[0]) / (ta - tb)
                 if "slope" in sig:
                     dims = tuple(range(1, slope.dim()))
@@ -246,6 +258,16 @@ class MixCache:
                 den = out.float().abs().mean(dims).clamp_min(1e-12)
                 cfg["rate"] = float((num / den).max()) / abs(cfg["t"] - s.t)
             cfg["prev"], cfg["t"] = d, s.t
+
+
+def _latch(sig: dict, settled: torch.Tensor) -> torch.Tensor:
+    """Per sample, settled now or before (the trigger stays on once settled)."""
+    latched = sig.get("settled_mask")
+    if latched is not None and latched.shape == settled.shape:
+        settled = settled | latched
+    sig["settled_mask"] = settled
+    sig["settled"] = bool(settled.all())
+    return settled
 
 
 def _number(v: object) -> bool:

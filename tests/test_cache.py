@@ -551,7 +551,7 @@ def test_flux_block_reuse_pairs_each_stream_with_itself(text_len):
 
 @pytest.mark.parametrize("cache", [
     {"rule": "first_block", "threshold": 0.05, "max_reuse": 1},
-    {"rule": "mixcache", "budget": 10.0, "warmup": 0.0, "settle": 0.2, "max_reuse": 1,
+    {"rule": "mixcache", "budget": 10.0, "warmup": 0.0, "settle": 3.0, "max_reuse": 1,
      "granularities": ["block"]}])
 def test_consecutive_reuse_is_bounded_per_sample(cache):
     """Sample 0's latent holds still and may reuse the span at every step; sample 1's jumps and

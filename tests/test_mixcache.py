@@ -102,26 +102,33 @@ def test_larger_budget_never_reuses_less(out_rate, cfg_rate, t, dt, noise, budge
         assert reuse[1][1] >= reuse[0][1]
 
 
-def test_trigger_stays_on_once_the_probe_has_settled():
-    """The probe decides when caching may start, per sample; once every sample's has settled, a
-    later jump (the last, longest steps of a generation) leaves the decision to the error budget."""
-    pol = make_mixcache({"budget": 1.0, "warmup": 0.0, "settle": 0.5, "granularities": ["step"]})
-    st_, bc, s, _ = _state_with_signals(1e-4, 0.0, None, None, 500.0, 600.0)
-    del bc.signals["settled"]
-    bc.probe = torch.ones(2, 3, 4)
+def test_trigger_stays_on_once_the_output_has_settled():
+    """The output's relative change per unit of noise level decides when caching may start, per
+    sample; once every sample's has settled, a later jump (the last, longest steps of a
+    generation) leaves the decision to the error budget."""
+    pol = make_mixcache({"budget": 1.0, "warmup": 0.0, "settle": 3.0, "granularities": ["step"]})
+    st_ = CacheState()
+    st_.begin(1000.0, "sig")
+    bc = st_.branch(0)
+    y = torch.ones(2, 3, 4)
+    calls = [(0, 1000.0)]
 
     def settled(*changes):
-        """Both samples' probes move by these relative amounts; is the trigger on?"""
-        pol.block(s, st_, bc, bc.probe * (1 + torch.tensor(changes).view(-1, 1, 1)))
+        """Each sample's output moves by these relative amounts over 0.1 of the noise range (a
+        change of 0.3 there is the settle bound of 3.0); is the trigger on?"""
+        step, t = calls[-1][0] + 1, calls[-1][1] - 100.0
+        calls.append((step, t))
+        bc.outputs = [(t + 100.0, [y]), (t, [y * (1 + torch.tensor(changes).view(-1, 1, 1))])]
+        pol.observe(Step(0, step, 0, t), st_, bc, bc.outputs[-1][1], "compute")
         return bc.signals["settled"]
 
     assert not settled(0.9, 0.9)
-    assert pol.step(s, st_, torch.zeros(1))[0] == "compute"
+    assert pol.step(Step(0, 2, 0, 800.0), st_, torch.zeros(1))[0] == "compute"
     assert not settled(0.1, 0.9), "step reuse needs every sample settled"
     assert settled(0.9, 0.1), "the first sample stays settled"
     assert settled(0.9, 0.9)
-    later = Step(s.generation, s.step + 1, s.branch, s.t)     # a step decides once
-    assert pol.step(later, st_, torch.zeros(1))[0] == "step"
+    bc.signals["out_rate"] = 1e-6
+    assert pol.step(Step(0, 5, 0, 500.0), st_, torch.zeros(1))[0] == "step"
 
 
 def _two_branches(rates, t_last=600.0, t=500.0):
