@@ -19,7 +19,9 @@ if not torch.cuda.is_available():
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import dit_compile
 from dit_compile.kernels.moe_op import moe_ffn, moe_ffn_reference
 from dit_compile.passes.moe import count_moe_ops, find_moe, lower_moe, register_moe, restore_moe
 
@@ -135,9 +137,26 @@ def test_task_map_of_a_large_problem_is_built_by_the_reference(monkeypatch):
     monkeypatch.setattr(moe, "ONE_PROGRAM_WORK", 64)
     monkeypatch.setattr(moe, "_task_map_kernel", None)     # launching it would fail the test
     ids = torch.randint(0, 4, (40, 2)).to(DEVICE)
-    task = moe.build_task_map(ids, 4, 16)
+    with _HostSyncs() as syncs:
+        task = moe.build_task_map(ids, 4, 16)
+    assert not syncs.seen, f"no host sync on this path either: {syncs.seen}"
     ref = task_map_reference(ids, 4, 16)
     assert all(torch.equal(a, b) for a, b in zip(task, ref))
+
+
+class _HostSyncs(TorchDispatchMode):
+    """The ops that read a device value on the host (a sync on CUDA), or whose output size does."""
+    SYNCING = {"_local_scalar_dense", "item", "nonzero", "unique", "_unique2", "bincount",
+               "masked_select", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCING:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,6 +494,13 @@ def test_nucleus_lowered_matches_eager_and_compiles_fullgraph():
     assert len(graphs) == 1 and count_moe_ops(graphs[0]) == 2
     assert not any(n.target in (torch.matmul, torch.Tensor.matmul) for n in graphs[0].graph.nodes)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # And under the backend: its regions found, the same output.
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="mixcache", fullgraph=True,
+                            options={"regions": "eager", "cache": None})(**kwargs)[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert dit_compile.explain(model, **kwargs).fallback is None
 
 
 def test_nucleus_padding_rows_are_zero():
