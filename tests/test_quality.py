@@ -237,3 +237,28 @@ def test_harness_on_cuda(tmp_path, capsys):
     assert all(r["error"] is None for r in run["rows"]), run["rows"]
     out = capsys.readouterr().out
     assert meta["device_name"] in out and "speedup (CPU time)" not in out
+
+
+def test_training_runs_saves_and_loads(tmp_path, monkeypatch):
+    """bench/train.py end to end at a toy size: a few steps, saved as the committed models are,
+    loaded back to the same weights and samples; the committed weights stay within 25 MB."""
+    monkeypatch.setattr(train, "MODELS_DIR", str(tmp_path))
+    cfg = train.TrainConfig(name="toy", layers=1, heads=4, head_dim=24, ffn=32, frames=2, size=16,
+                            patch=(1, 4, 4), steps=3, batch=2, warmup=1)
+    model = train.train(cfg, command="test", progress=False)
+    assert len(model.meta["loss"]) == 3 and all(x > 0 for x in model.meta["loss"])
+    path = train.save(model)
+    for f in ("model.json", "loss.png", "condition.safetensors",
+              "transformer/diffusion_pytorch_model.safetensors"):
+        assert os.path.exists(os.path.join(path, f)), f
+    again = train.load("toy")
+    for (k, a), (_, b) in zip(model.transformer.state_dict().items(),
+                              again.transformer.state_dict().items()):
+        assert torch.equal(a, b), k
+    pipe, pipe2 = model.pipeline(), again.pipeline()
+    cond = data.Condition(0, 0, 0, 0)
+    torch.testing.assert_close(model.sample(pipe, cond, 0, steps=2), again.sample(pipe2, cond, 0, steps=2))
+    for name in ("small", "large"):
+        weights = os.path.join(os.path.dirname(__file__), "..", "bench", "models", name,
+                               "transformer", "diffusion_pytorch_model.safetensors")
+        assert os.path.getsize(weights) <= 25 * 2**20
