@@ -158,17 +158,16 @@ class MixCache:
         if decided is not None and decided[0] == s.step:
             return decided[1].get(s.branch)
         lead = st.branch(s.branch).signals.get("prev_t")
-        errors: dict[int, float] = {}
+        estimates: dict[int, float | None] = {}
         for b, bc in st.branches.items():
             if b != s.branch and bc.signals.get("prev_t") != lead:
                 continue        # not called at the last step (guidance off there): not tied
-            err = self._step_error(s, st, bc)
-            if err is None or err > float(torch.as_tensor(self._left(bc)).min()):
-                errors = {}
-                break
-            errors[b] = err
-        st.signals["step_errors"] = (s.step, errors)
-        return errors.get(s.branch)
+            estimates[b] = self._step_error(s, st, bc)
+        fit = all(e is not None and e <= float(torch.as_tensor(self._left(st.branches[b])).min())
+                  for b, e in estimates.items())
+        # The estimates are kept either way: a computed call's trace shows the one that did not fit.
+        st.signals["step_errors"] = (s.step, estimates if fit else {}, estimates)
+        return estimates.get(s.branch) if fit else None
 
     def step(self, s: Step, st: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
         bc = st.branch(s.branch)
@@ -187,7 +186,11 @@ class MixCache:
             options.append((cfg["rate"] * abs(s.t - cfg["t"]) * h, CFG))
         fits = sorted(o for o in options if o[0] <= left)
         if not fits:    # the trace shows the smallest estimate that did not fit
-            return COMPUTE, min(options)[0] if options else None
+            decided = st.signals.get("step_errors")
+            refused = [e for e, _ in options] + (
+                [decided[2].get(s.branch)] if decided is not None and decided[0] == s.step else [])
+            refused = [e for e in refused if e is not None]
+            return COMPUTE, min(refused) if refused else None
         err, action = fits[0]
         bc.signals["spent"] = bc.signals.get("spent", 0.0) + err
         return action, err

@@ -262,3 +262,21 @@ def test_training_runs_saves_and_loads(tmp_path, monkeypatch):
         weights = os.path.join(os.path.dirname(__file__), "..", "bench", "models", name,
                                "transformer", "diffusion_pytorch_model.safetensors")
         assert os.path.getsize(weights) <= 25 * 2**20
+
+
+def test_trace_shows_each_decision_within_the_budget(small, tmp_path):
+    """What bench/trace_plot.py draws, from dit_compile.stats: every reuse's estimated error and
+    the error spent stay within `balanced`'s budget; computed calls after the trigger show the
+    estimate that did not fit."""
+    import trace_plot
+    from dit_compile.runtime.mixcache import PRESETS
+    budget = PRESETS["balanced"]["budget"]
+    trace = trace_plot.generation_trace("small", "balanced", 0, STEPS)
+    assert len(trace) == 2 * STEPS
+    reused = [r for r in trace if r["action"] != "compute"]
+    assert reused and all(0 <= r["signal"] <= r["spent"] <= budget + 1e-12 for r in reused)
+    refused = [r for r in trace if r["action"] == "compute" and r["signal"] is not None]
+    assert refused and all(r["signal"] > 0 for r in refused)
+    if __import__("importlib").util.find_spec("matplotlib"):
+        trace_plot.plot(trace, budget, "balanced", str(tmp_path / "trace.png"))
+        assert (tmp_path / "trace.png").stat().st_size > 0
