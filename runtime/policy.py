@@ -144,7 +144,6 @@ class Policy:
             return True, signal
         return (mask if bool(mask.any()) else False), signal
 
-
     def _change(self, bc: BranchCache, latent: torch.Tensor) -> torch.Tensor | None:
         """Per sample, how far this call is from the last: the input latent's relative change
         (TeaCache), or that change times the output's rate of change per input change between the
