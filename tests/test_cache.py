@@ -221,7 +221,8 @@ def _teacache_reference(model, kw, threshold, signal, start):
     input's times the output's rate of change per input change between the last two computes)
     accumulates from the last compute, and the whole step reuses the last output while every
     sample's sum stays below the threshold."""
-    x, prev, acc, rate, computed, outs, actions = kw["hidden_states"].clone(), None, None, None, [], [], []
+    x, prev, acc, rate = kw["hidden_states"].clone(), None, None, None
+    computed, outs, actions = [], [], []
     for i, t in enumerate(STEPS):
         if prev is not None and (signal == "input" or rate is not None):
             change = _rel(x, prev) * (1.0 if signal == "input" else rate)
