@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
 from .frames import (compiled_model, is_fragment, model_name, traced_locals, traced_module,
-                     warn_fallback, warn_unlowered_moe)
+                     lower_moe_and_retrace, warn_fallback)
 from .options import Options
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
                              source_name, user_inputs)
@@ -33,7 +33,8 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     start = time.perf_counter()
     opts = Options.parse(options)
     inductor = _inductor_config(mode or opts.mode)
-    warn_unlowered_moe(compiled_model() or traced_module())
+    # 0. lowering: MoE dispatches that synced to the host broke this trace; lowered, the next is whole.
+    lower_moe_and_retrace(compiled_model() or traced_module(), opts.lower_moe)
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:

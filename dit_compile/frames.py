@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .passes.moe import find_moe
+from .passes.moe import find_moe, lower_moe
 from .passes.regions import NoBlockStructure
 
 
@@ -65,17 +65,45 @@ def compiled_model() -> torch.nn.Module | None:
     return found
 
 
-def warn_unlowered_moe(model: torch.nn.Module | None) -> None:
-    """An MoE dispatch that syncs to the host breaks the graph before any backend sees it; only
-    lowering the model before torch.compile helps, so say so, once, naming the layers."""
+def lower_moe_and_retrace(model: torch.nn.Module | None, enabled: bool) -> None:
+    """Lower the MoE dispatches of the model being compiled, once, and have Dynamo trace its forward
+    again.
+
+    A dispatch that syncs to the host (HiDream's, NucleusMoE's) breaks the graph before any backend
+    sees it: the graphs this backend gets can no longer be rewritten, but the model can
+    (``passes.moe.lower_moe``, in place). Dynamo keeps what it made of the broken forward on the
+    forward's code object: either the code marked to run eagerly (a break inside the block loop) or
+    the graphs around the break. Clearing that code's cache, as ``torch._dynamo.reset()`` does for
+    every code, makes the next call trace the lowered forward whole. This call runs as Dynamo
+    arranged it: in fragments, with the dispatches it has not reached yet already lowered.
+    """
     if model is None:
         return
     pending = [path for path, lowered in find_moe(model).items() if not lowered]
-    if pending and _first_time(model, "_mixcache_moe_warned"):
-        warnings.warn(f"mixcache: {type(model).__name__}: {len(pending)} MoE dispatch(es) "
-                      f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}) sync to the "
-                      "host and break the graph; call dit_compile.lower_moe(model) before "
-                      "torch.compile to run them as one fused op in one graph", stacklevel=3)
+    if not pending or not _first_time(model, "_mixcache_moe_seen"):
+        return
+    name = f"mixcache: {type(model).__name__}: {len(pending)} MoE dispatch(es) " \
+           f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''})"
+    codes = _forward_codes(model)
+    try:
+        from torch._dynamo.eval_frame import reset_code
+    except ImportError:   # Dynamo internals moved: lowering now would never be traced
+        reset_code = None
+    if not enabled or reset_code is None or _tracing(codes):
+        # _tracing: the forward itself is being compiled now, and Dynamo caches the result after
+        # this backend returns, past any reset.
+        warnings.warn(f"{name} sync to the host and break the graph; call "
+                      "dit_compile.lower_moe(model) before torch.compile to run them as one fused op "
+                      "in one graph", stacklevel=3)
+        return
+    lowered = lower_moe(model)
+    for code in codes:
+        reset_code(code)
+    model._mixcache_retrace = True      # this call's other graphs: fragments of a forward now gone
+    warnings.warn(f"{name} broke the graph: lowered {lowered} in place to one fused op "
+                  "(dit_compile::moe_ffn, as dit_compile.lower_moe does). This first call runs in "
+                  "fragments, the next ones as one graph. dit_compile.restore_moe(model) undoes it; "
+                  "options={'lower_moe': False} leaves the model as it is", stacklevel=3)
 
 
 def is_fragment(gm: fx.GraphModule) -> bool:
@@ -89,7 +117,7 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     fragment lacks, would name the fragment and mislead), else what the region pass found
     missing. ``why`` None: the region pass found blocks, in a fragment."""
     root = compiled_model() or traced_module()
-    if not _first_time(root, "_mixcache_fallback_warned", config):
+    if _retrace_pending(root) or not _first_time(root, "_mixcache_fallback_warned", config):
         return
     name = type(root).__name__ if root is not None else "the traced function"
     if why is None or _is_fragment(gm, root):
@@ -128,16 +156,44 @@ def _forward_runs_eagerly(model: torch.nn.Module) -> bool:
     """The model's forward (or a decorator around it, such as diffusers' ``apply_lora_scale``) is
     on the Python stack with its own code: Dynamo left it to the interpreter. The frame being
     compiled is not on the stack yet, and a forward that Dynamo did transform runs other code."""
-    codes = set()
-    fn = getattr(type(model).forward, "__func__", type(model).forward)
-    while hasattr(fn, "__code__"):
-        codes.add(fn.__code__)
-        fn = getattr(fn, "__wrapped__", None)
+    codes = _forward_codes(model)
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code in codes and frame.f_locals.get("self") is model:
             return True
         frame = frame.f_back
+    return False
+
+
+def _forward_codes(model: torch.nn.Module) -> set:
+    """The code of the model's forward and of the decorators around it (diffusers'
+    ``apply_lora_scale``): whichever of them Dynamo saw first holds what it made of the forward."""
+    codes = set()
+    fn = getattr(type(model).forward, "__func__", type(model).forward)
+    while hasattr(fn, "__code__"):
+        codes.add(fn.__code__)
+        fn = getattr(fn, "__wrapped__", None)
+    return codes
+
+
+def _tracing(codes: set) -> bool:
+    """Whether Dynamo is compiling one of ``codes`` right now."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        return InstructionTranslator.current_tx().f_code in codes
+    except Exception:  # outside a trace, or Dynamo internals moved
+        return False
+
+
+def _retrace_pending(model: torch.nn.Module | None) -> bool:
+    """Whether ``model``'s MoE was lowered during this call (``lower_moe_and_retrace``): its graphs
+    are fragments of a forward that the next call traces again, so no fallback to warn of yet. The
+    next trace of the forward itself ends the wait."""
+    if model is None or not model.__dict__.get("_mixcache_retrace"):
+        return False
+    if not _tracing(_forward_codes(model)):
+        return True
+    del model._mixcache_retrace
     return False
 
 

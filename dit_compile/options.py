@@ -36,6 +36,9 @@ class Options:
     # Caching: the MixCache "balanced" preset unless told otherwise; None computes everything (and
     # matches plain Inductor); a preset name, or a dict/list parsed by runtime.policy.make_policy.
     cache: Any = "balanced"
+    # Lower MoE dispatches that sync to the host (HiDream, NucleusMoE) in place, as
+    # dit_compile.lower_moe does, when they break the graph: the next call traces one graph.
+    lower_moe: bool = True
     # Memory bound on cached tensors, in bytes (None: unbounded).
     cache_memory: int | None = None
     # Inductor's mode for the regions. torch.compile refuses mode= beside options=, so a user who
@@ -54,8 +57,9 @@ class Options:
         opts = cls(**options)
         if opts.regions not in REGION_COMPILERS:
             raise OptionError(f"option regions={opts.regions!r}: must be one of {REGION_COMPILERS}")
-        if not isinstance(opts.share_blocks, bool):
-            raise OptionError(f"option share_blocks={opts.share_blocks!r}: must be True or False")
+        for flag in ("share_blocks", "lower_moe"):
+            if not isinstance(getattr(opts, flag), bool):
+                raise OptionError(f"option {flag}={getattr(opts, flag)!r}: must be True or False")
         modes = inductor_modes()
         if opts.mode is not None and opts.mode not in modes:
             raise OptionError(f"option mode={opts.mode!r}: must be one of {modes} or None")

@@ -16,7 +16,9 @@ So the dispatch is replaced on the *instance*: the module's dispatch method beco
 attribute that adapts its arguments and calls the op with stacked expert weights. Dynamo traces that
 like any Python method, the op stays one opaque node (its fake implementation gives the output shape),
 and eager calls get the same speed-up. The class, other instances and module globals are untouched;
-:func:`restore_moe` undoes it.
+:func:`restore_moe` undoes it. ``backend="mixcache"`` calls :func:`lower_moe` itself on the model
+whose dispatch broke its trace, and has Dynamo trace that forward again
+(``dit_compile.frames.lower_moe_and_retrace``).
 
 Public API
 ----------

@@ -3,6 +3,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -210,13 +211,15 @@ def _mixcache_warnings(record) -> list[str]:
 
 
 def test_graph_breaks_fall_back_per_graph_and_stay_correct():
-    """HiDream's MoE dispatch syncs to the host and breaks the graph into 17: still a correct
-    result, and one warning of each kind, naming the model (not a fragment's frame) and why."""
+    """HiDream's MoE dispatch, left as it is (lower_moe=False), syncs to the host and breaks the
+    graph into 17: still a correct result, and one warning of each kind, naming the model (not a
+    fragment's frame) and why."""
     model, kw = tiny_models.hidream()
     with torch.no_grad():
         ref = model(**kw, return_dict=False)[0]
         with pytest.warns(UserWarning, match="mixcache") as rec:
-            out = torch.compile(model, backend="mixcache", options={"regions": "eager"})(
+            out = torch.compile(model, backend="mixcache",
+                                options={"regions": "eager", "lower_moe": False})(
                 **kw, return_dict=False)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     fallback = [w for w in _mixcache_warnings(rec) if "without caching" in w]
@@ -225,6 +228,8 @@ def test_graph_breaks_fall_back_per_graph_and_stay_correct():
     assert fallback[0].startswith("mixcache: HiDreamImageTransformer2DModel: graph breaks split")
     assert "fullgraph=True" in fallback[0] and "TORCH_LOGS=graph_breaks" in fallback[0]
     assert moe[0].startswith("mixcache: HiDreamImageTransformer2DModel: 4 MoE dispatch(es)")
+    assert "call dit_compile.lower_moe(model) before torch.compile" in moe[0]
+    assert not any(dit_compile.passes.moe.find_moe(model).values()), "the model was changed"
 
 
 def _wan_with_graph_break():
@@ -321,13 +326,41 @@ def test_explain_leaves_later_compiles_static(monkeypatch):
     assert all(isinstance(d, int) for x in inputs for d in x.shape)
 
 
+def test_moe_lowered_under_the_backend_then_one_graph():
+    """Compiled as it is, HiDream's first call breaks at its MoE dispatches; the backend lowers them
+    in place (saying so) and has Dynamo trace the forward again: the next call is one graph holding
+    the 4 fused ops, its stacks found (no fallback warning), its output that of the original model."""
+    from dit_compile.passes.moe import count_moe_ops, find_moe
+    model, kw = tiny_models.hidream()
+    ops = []
+
+    def counting(gm, example_inputs):       # mixcache, counting the graphs it gets
+        ops.append(count_moe_ops(gm))
+        return backend.mixcache(gm, example_inputs, options={"regions": "eager", "cache": None})
+
+    compiled = torch.compile(model, backend=counting)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        with pytest.warns(UserWarning, match="mixcache") as rec:
+            first = compiled(**kw, return_dict=False)[0]
+        assert len(ops) > 1     # fragments: the first dispatch broke the trace before the lowering
+        (moe,) = _mixcache_warnings(rec)            # and no fallback warning: the next is whole
+        assert "4 MoE dispatch(es)" in moe and "lowered 4 in place" in moe
+        assert all(find_moe(model).values())
+        ops.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = compiled(**kw, return_dict=False)[0]
+    assert ops == [4]
+    torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, ref, rtol=1e-5, atol=1e-5)
+    assert dit_compile.restore_moe(model) == 4 and not any(find_moe(model).values())
+
+
 def test_hidream_after_moe_lowering_is_one_graph_with_regions():
     """With its MoE lowered (and HiDream's data-dependent unpatchify captured), the whole forward is
-    one graph: stacks found, stitched output equal to eager, the unlowered model was warned about."""
+    one graph: stacks found, stitched output equal to eager."""
     model, kw = tiny_models.hidream()
-    with pytest.warns(UserWarning, match=r"4 MoE dispatch\(es\).*dit_compile.lower_moe"):
-        torch.compile(model, backend="mixcache", options={"regions": "eager"})(**kw, return_dict=False)
-    torch._dynamo.reset()
     assert dit_compile.lower_moe(model) == 4
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         report = dit_compile.explain(model, **kw, return_dict=False)
