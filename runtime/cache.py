@@ -71,11 +71,14 @@ class Record:
     flops: float                # fraction of a full forward's FLOPs computed
     signal: float | None = None  # the deciding signal (rule threshold signal or estimated error)
     spent: float | None = None   # error spent since the last full compute (MixCache)
+    reused: tuple[bool, ...] | None = None  # which samples reused, where only some did
 
 
 @dataclass
 class BranchCache:
-    outputs: list[tuple[float, list[torch.Tensor]]] = field(default_factory=list)  # last computed
+    # The last computed outputs, oldest first, with their timestep: one for the batch, or one per
+    # sample once samples have computed at different steps (see push_outputs).
+    outputs: list[tuple[float | tuple[float, ...], list[torch.Tensor]]] = field(default_factory=list)
     latent: torch.Tensor | None = None          # input latent at the last computed step
     probe: torch.Tensor | None = None           # probe residual at the last computed span
     span: list[torch.Tensor] | None = None      # span residuals (or values) at that step
@@ -215,15 +218,17 @@ class CacheState:
 
     # -- what happened ---------------------------------------------------------------------
     def record(self, step: Step, action: str, flops: float, signal: float | None = None,
-               spent: Any = None) -> None:
+               spent: Any = None, reused: torch.Tensor | None = None) -> None:
         if isinstance(spent, torch.Tensor):
             spent = float(spent.max())
+        if reused is not None:
+            reused = tuple(bool(r) for r in reused.tolist())
         if self.records and self.records[-1].generation != step.generation:
             oldest = step.generation - TRACE_GENERATIONS + 1
             if self.records[0].generation < oldest:
                 self.records = [r for r in self.records if r.generation >= oldest]
         self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
-                                   signal, spent))
+                                   signal, spent, reused))
         self.counts[action] = self.counts.get(action, 0) + 1
         self.flops += flops
 
@@ -283,34 +288,80 @@ def find_state(model: torch.nn.Module) -> CacheState | None:
     return None
 
 
-def extrapolate(outputs: list[tuple[float, list[torch.Tensor]]], t: float, order: int
+def sample_times(t: float | tuple[float, ...], n: int) -> torch.Tensor:
+    """An output's timestep, one per sample (float64, CPU)."""
+    return torch.as_tensor(t, dtype=torch.float64).expand(n).clone()
+
+
+def push_outputs(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, outs: list[torch.Tensor],
+                 keep: int, fresh: torch.Tensor | None = None) -> list[tuple[Any, list[torch.Tensor]]]:
+    """The history of computed outputs with ``(t, outs)`` added, ``keep`` long at most; only for
+    the samples in ``fresh`` (None: all), where only some of the batch computed.
+
+    Each sample's history is then its own: entry ``-1`` is its last computed output, ``-2`` the one
+    before, with that sample's timestep (a tuple of one per sample where they differ). A sample with
+    fewer entries repeats its oldest at the front; the repeat shares a timestep, so an extrapolation
+    through it drops to the lower order, as it would with that sample alone."""
+    pushed = (outputs + [(t, outs)])[-keep:]
+    if fresh is None or not outputs:
+        return pushed
+    kept = ([outputs[0]] * (len(pushed) - len(outputs)) + outputs)[-len(pushed):]
+    fresh = fresh.cpu()
+    history = []
+    for (tn, yn), (to, yo) in zip(pushed, kept):
+        n = yn[0].shape[0]
+        times = torch.where(fresh, sample_times(tn, n), sample_times(to, n)).tolist()
+        mask = fresh.to(yn[0].device).reshape(-1, *([1] * (yn[0].dim() - 1)))
+        history.append((times[0] if len(set(times)) == 1 else tuple(times),
+                        [torch.where(mask, a, b) for a, b in zip(yn, yo)]))
+    return history
+
+
+def extrapolate(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, order: int
                 ) -> list[torch.Tensor]:
     """The outputs at ``t`` predicted from the last ``order + 1`` computed ``(t_i, outputs_i)``:
     the polynomial in t through them (Lagrange form), of lower order where fewer are at hand or
-    two share a timestep. Order 0 is the last output itself."""
-    points: list[tuple[float, list[torch.Tensor]]] = []
-    for ti, y in reversed(outputs):
-        if len(points) <= order and all(ti != tj for tj, _ in points):
-            points.append((ti, y))
-    if len(points) == 1:
-        return list(points[0][1])
-    weights = []
-    for i, (ti, _) in enumerate(points):
-        w = 1.0
-        for j, (tj, _) in enumerate(points):
-            if j != i:
-                w *= (t - tj) / (ti - tj)
-        weights.append(w)
+    two share a timestep. Order 0 is the last output itself. Per sample where the samples' last
+    computed steps differ (``push_outputs``)."""
+    n = outputs[-1][1][0].shape[0]
+    per_sample = any(isinstance(ti, tuple) for ti, _ in outputs)
+    # weights[i][b]: the weight of entry i for sample b.
+    weights = [[0.0] * (n if per_sample else 1) for _ in outputs]
+    entries: set[int] = set()
+    for b in range(len(weights[0])):
+        points: list[tuple[float, int]] = []
+        for i in reversed(range(len(outputs))):
+            ti = outputs[i][0][b] if isinstance(outputs[i][0], tuple) else outputs[i][0]
+            if len(points) <= order and all(ti != tj for tj, _ in points):
+                points.append((ti, i))
+        for ti, i in points:
+            w = 1.0
+            for tj, j in points:
+                if j != i:
+                    w *= (t - tj) / (ti - tj)
+            weights[i][b] = w
+            entries.add(i)
+    used = sorted(entries)
+    if used == [len(outputs) - 1]:
+        return list(outputs[-1][1])
     # The weights are large and of both signs (1, -3, 3 for the next point of an evenly spaced
     # sequence at order 2): summed in bf16 the roundings of the terms add up to several ulps of the
     # result, so the sum is taken in float32 at least. Accumulated in place (add_ promotes a bf16
     # term itself): a reused call of a launch-bound model pays per kernel, and this is half of them.
     out = []
-    for ys in zip(*(y for _, y in points)):
-        acc = ys[0].to(torch.promote_types(ys[0].dtype, torch.float32)) * weights[0]
-        for w, y in zip(weights[1:], ys[1:]):
-            acc.add_(y, alpha=w)
-        out.append(acc.to(ys[0].dtype))
+    for k, y0 in enumerate(outputs[used[-1]][1]):
+        acc = None
+        for i in reversed(used):
+            y = outputs[i][1][k]
+            if per_sample:
+                w = torch.tensor(weights[i], dtype=torch.float32, device=y.device)
+                term = y * w.reshape(-1, *([1] * (y.dim() - 1)))
+                acc = term if acc is None else acc.add_(term)
+            elif acc is None:
+                acc = y.to(torch.promote_types(y.dtype, torch.float32)) * weights[i][0]
+            else:
+                acc.add_(y, alpha=weights[i][0])
+        out.append(acc.to(y0.dtype))
     return out
 
 

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..passes.regions import BLOCK
 from ..passes.split import Plan, output_keys
-from .cache import BranchCache, CacheState, StateFactory, Step, extrapolate
+from .cache import BranchCache, CacheState, StateFactory, Step, extrapolate, push_outputs
 from .halves import HalfBatch, is_batched_cfg
 from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
 
@@ -174,7 +174,15 @@ class GuardedExecutor(Executor):
             return self._finish(st, env, step, bc, outs, CFG, 0.0, signal, x)
         if action == STEP:
             outs = self._reuse_step(bc, x, step.t)
-            return self._finish(st, env, step, bc, outs, STEP, 0.0, signal, x)
+            reused = bc.signals.get("step_mask")
+            if reused is None:
+                return self._finish(st, env, step, bc, outs, STEP, 0.0, signal, x)
+            # Only some samples reuse: the batch runs (the graph is compiled for it, and the
+            # others need it) and those take their prediction, as each would alone.
+            self.run(env)
+            reused = reused.to(x.device)
+            outs = [torch.where(_bcast(reused, p), p, env[s]) for p, s in zip(outs, self.out_slots)]
+            return self._finish(st, env, step, bc, outs, STEP, 1.0, signal, x, reused)
 
         # Compute, with the block guard between the probe and the span.
         self.run(env, 0, self.first)
@@ -249,9 +257,11 @@ class GuardedExecutor(Executor):
     def _finish(self, st: CacheState, env: list[Any], step: Step, bc: BranchCache,
                 outs: list[torch.Tensor], kind: str, flops: float, signal: float | None,
                 x: torch.Tensor, mask: torch.Tensor | None = None) -> Any:
-        """Cache what this call produced and record it. ``mask``: the samples that reused the
-        block span when only some did (their consecutive-reuse count goes on, the others' ends)."""
-        computed = kind in ("compute", "block")
+        """Cache what this call produced and record it. ``mask``: the samples that reused (the
+        block span, or the step) when only some did: their consecutive-reuse count goes on, the
+        others' ends; after a partial step reuse, only the others' outputs enter the history."""
+        fresh = ~mask if kind == STEP and mask is not None else None
+        computed = kind in ("compute", "block") or fresh is not None
         st.current[step.branch] = [st.keep(o) for o in outs]
         if kind == "compute":
             bc.reused_in_a_row = 0
@@ -260,11 +270,15 @@ class GuardedExecutor(Executor):
         else:
             bc.reused_in_a_row = bc.reused_in_a_row + 1
         if computed:
-            st.computed.add(step.branch)
-            bc.outputs = (bc.outputs + [(step.t, st.current[step.branch])])[-self._n_outputs:]
-            if self._keep_latent:
-                bc.latent = x.clone()   # a copy: a sampler may update its latent in place
+            bc.outputs = push_outputs(bc.outputs, step.t, st.current[step.branch],
+                                      self._n_outputs, fresh)
+            if self._keep_latent:       # a copy: a sampler may update its latent in place
+                bc.latent = (x.clone() if fresh is None else
+                             torch.where(_bcast(fresh, x), x, bc.latent))
             bc.accumulated = None
+        if computed and fresh is None:
+            # The branch difference is of whole calls: a partial step reuse leaves it as it was.
+            st.computed.add(step.branch)
             if step.halves:
                 k = outs[0].shape[0] // 2
                 st.cfg_diff[step.branch] = [o[:k] - o[k:] for o in outs]
@@ -276,7 +290,7 @@ class GuardedExecutor(Executor):
         if self._keep_input:
             bc.last_input = x.clone()
         self.policy.observe(step, st, bc, outs, kind)
-        st.record(step, kind, flops, signal, bc.signals.get("spent"))
+        st.record(step, kind, flops, signal, bc.signals.get("spent"), mask)
         st.check_memory()
         for s, o in zip(self.out_slots, outs):
             env[s] = o

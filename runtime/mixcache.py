@@ -47,10 +47,15 @@ Every estimate is an output error times the step length, so they add up to the e
 leaves in the latent. Decision: the error already spent since the last full compute counts
 against ``budget``; among the granularities whose estimate fits in what is left, step or cfg reuse
 (which save the whole call) beat block reuse (which saves the span), and the smaller estimate wins
-a tie. ``max_reuse`` bounds consecutive reuse, so drift never runs unchecked. Block decisions are
-per sample; step and cfg reuse skip the whole call, so they need every sample's estimate to fit,
-and step reuse is one decision per step for both guidance branches (each branch's estimate must
-fit), so the errors the two predictions carry largely cancel in their difference.
+a tie. ``max_reuse`` bounds consecutive reuse, so drift never runs unchecked. Step reuse is one
+decision per step for both guidance branches (each branch's estimate must fit), so the errors the
+two predictions carry largely cancel in their difference.
+
+Per sample: every signal, the error spent and the consecutive-reuse count are kept per sample, and
+step and block decisions are each sample's own, the ones it would take alone. A call skipped
+whole needs every sample to reuse; where only some may, the batch is computed and those samples
+take their prediction (or cached residual), and only the others' outputs enter the history, so
+later estimates and extrapolations stay each sample's own. cfg reuse is a decision for the batch.
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import BranchCache, CacheState, Step
+from .cache import BranchCache, CacheState, Step, sample_times
 from .policy import CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1
 
 GRANULARITIES = ("step", "cfg", "block")
@@ -111,9 +116,13 @@ class MixCache:
         that is rebuilt is estimated as on separate calls, from its own difference's rate."""
         return "cfg" in self.granularities
 
-    def _triggered(self, s: Step, st: CacheState, bc: BranchCache) -> bool:
-        return (s.t <= (1.0 - self.warmup) * st.t_first and bc.signals.get("settled", False)
-                and bc.most_reused < self.max_reuse)
+    def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> torch.Tensor:
+        """Per sample (bool, CPU): past the warm-up, settled, under the bound on consecutive reuse."""
+        settled = torch.as_tensor(bc.signals.get("settled_mask", bc.signals.get("settled", False)))
+        if s.t > (1.0 - self.warmup) * st.t_first or settled.numel() not in (1, n):
+            return torch.zeros(n, dtype=torch.bool)
+        below = torch.as_tensor(bc.below(self.max_reuse)).cpu()
+        return (settled.cpu() & below).expand(n).clone()
 
     @staticmethod
     def _step_length(s: Step, st: CacheState, bc: BranchCache) -> float:
@@ -122,18 +131,22 @@ class MixCache:
         timestep (Heun's corrector evaluates there again, on the corrected latent) steps on from
         there: its spacing is the last one that was not zero. A call at ``t`` = 0 (DDPM's last)
         still has its output used, for x0: its step is the spacing, never free."""
-        prev = bc.signals.get("prev_t", bc.outputs[-1][0] if bc.outputs else s.t)
+        last = bc.outputs[-1][0] if bc.outputs else s.t
+        prev = bc.signals.get("prev_t", max(last) if isinstance(last, tuple) else last)
         spacing = abs(s.t - prev) or bc.signals.get("spacing", 0.0)
         return (min(spacing, abs(s.t)) or spacing) / max(abs(st.t_first), 1e-12)
 
     def _left(self, bc: BranchCache) -> torch.Tensor | float:
         return self.budget - bc.signals.get("spent", 0.0)
 
-    def _step_error(self, s: Step, st: CacheState, bc: BranchCache) -> float | None:
-        """Expected error of reusing this branch's last output at ``s.t``; None while it may not."""
-        if not self._triggered(s, st, bc) or "out_rate" not in bc.signals or not bc.outputs:
+    def _step_error(self, s: Step, st: CacheState, bc: BranchCache, n: int
+                    ) -> torch.Tensor | None:
+        """Per sample, the expected error of reusing this branch's last output (extrapolated) at
+        ``s.t``, inf where that sample may not reuse yet; None where nothing says what it costs."""
+        sig = bc.signals
+        if "out_rate" not in sig or not bc.outputs:
             return None
-        if s.t == bc.signals.get("prev_t"):
+        if s.t == sig.get("prev_t"):
             # The estimate measures how far the timestep moved. Here only the latent did (Heun's
             # second evaluation at one timestep), and any reuse would hand back the very output
             # of the last call: nothing says what that costs, so compute.
@@ -141,59 +154,91 @@ class MixCache:
         # Reusing the last output is off by how fast it moves; extrapolating from the last two is
         # off by how fast that slope itself changes (until the slope has changed once, three
         # computed calls in, the first rate stands in for it).
-        rate = (bc.signals.get("curvature", bc.signals["out_rate"]) if self.extrapolate
-                else bc.signals["out_rate"])
-        return rate * abs(s.t - bc.outputs[-1][0]) * self._step_length(s, st, bc)
+        rate = _per_sample(sig["out_rate"], n)
+        if self.extrapolate and "curvature" in sig:
+            curvature = _per_sample(sig["curvature"], n)
+            rate = torch.where(curvature.isnan(), rate, curvature)
+        distance = (s.t - sample_times(bc.outputs[-1][0], n)).abs()
+        err = rate * distance * self._step_length(s, st, bc)
+        return torch.where(self._allowed(s, st, bc, n), err, torch.inf)
 
-    def _shared_step_error(self, s: Step, st: CacheState) -> float | None:
-        """Step reuse is one decision per step for all guidance branches, taken at the step's first
-        call: every branch called at the last step must be able to reuse within its budget.
+    def _shared_step_error(self, s: Step, st: CacheState, n: int
+                           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """This branch's per-sample step estimates, and which samples reuse the step: decided once
+        per step for all guidance branches, at the step's first call. A sample reuses where every
+        branch called at the last step can reuse it within that branch's budget.
 
         Branches that reuse at different steps make errors that do not cancel in the guidance
         difference, which the pipeline multiplies by the guidance scale; reused together, both are
         extrapolated over the same steps and their errors largely do. On the trained models' tuning
         cases, tying the branches raised the mean PSNR by 0.5-2.6 dB and the worst case by up to
-        6.6 dB, for at most 0.013 more of the FLOPs (bench/RESULTS.md)."""
+        6.6 dB, for at most 0.013 more of the FLOPs (bench/RESULTS.md). On batched-CFG calls the
+        two halves of a pair are the two branches: tied the same way."""
         decided = st.signals.get("step_errors")
         if decided is not None and decided[0] == s.step:
-            return decided[1].get(s.branch)
+            return decided[2].get(s.branch), decided[1]
         lead = st.branch(s.branch).signals.get("prev_t")
-        estimates: dict[int, float | None] = {}
+        estimates: dict[int, torch.Tensor | None] = {}
+        fit = torch.ones(n, dtype=torch.bool)
         for b, bc in st.branches.items():
             if b != s.branch and bc.signals.get("prev_t") != lead:
                 continue        # not called at the last step (guidance off there): not tied
-            estimates[b] = self._step_error(s, st, bc)
-        fit = all(e is not None and e <= float(torch.as_tensor(self._left(st.branches[b])).min())
-                  for b, e in estimates.items())
+            estimates[b] = e = self._step_error(s, st, bc, n)
+            fit = fit & (e <= _per_sample(self._left(bc), n)) if e is not None else fit & False
+        if s.halves and n % 2 == 0:
+            pair = fit[: n // 2] & fit[n // 2:]
+            fit = torch.cat([pair, pair])
+        if not self.per_sample:
+            fit = fit.all().expand(n).clone()
         # The estimates are kept either way: a computed call's trace shows the one that did not fit.
-        st.signals["step_errors"] = (s.step, estimates if fit else {}, estimates)
-        return estimates.get(s.branch) if fit else None
+        st.signals["step_errors"] = (s.step, fit, estimates)
+        return estimates.get(s.branch), fit
 
     def step(self, s: Step, st: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
         bc = st.branch(s.branch)
+        bc.signals.pop("step_mask", None)
         if self.budget <= 0:
             return COMPUTE, None
+        n = latent.shape[0]
         # Decided at the step's first call even when that branch may not reuse, so the others
         # follow it.
-        err = self._shared_step_error(s, st) if "step" in self.granularities else None
-        if not self._triggered(s, st, bc):
+        err, fit = (self._shared_step_error(s, st, n) if "step" in self.granularities
+                    else (None, torch.zeros(n, dtype=torch.bool)))
+        allowed = self._allowed(s, st, bc, n)
+        if not bool(allowed.any()):
             return COMPUTE, None
-        left = float(torch.as_tensor(self._left(bc)).min())
-        options = [] if err is None or not bc.outputs else [(err, STEP)]
+        # Step and cfg reuse save the whole call: the smaller estimate of those that fit wins.
+        fits = [] if err is None or not bc.outputs or not bool(fit.all()) else [
+            (float(err.max()), STEP)]
         cfg = st.signals.get("cfg", {}).get(s.branch, {})
-        if "cfg" in self.granularities and cfg_ready(s, st) and "rate" in cfg and cfg["t"] != s.t:
-            h = self._step_length(s, st, bc)
-            options.append((cfg["rate"] * abs(s.t - cfg["t"]) * h, CFG))
-        fits = sorted(o for o in options if o[0] <= left)
-        if not fits:    # the trace shows the smallest estimate that did not fit
-            decided = st.signals.get("step_errors")
-            refused = [e for e, _ in options] + (
-                [decided[2].get(s.branch)] if decided is not None and decided[0] == s.step else [])
-            refused = [e for e in refused if e is not None]
-            return COMPUTE, min(refused) if refused else None
-        err, action = fits[0]
-        bc.signals["spent"] = bc.signals.get("spent", 0.0) + err
-        return action, err
+        if ("cfg" in self.granularities and bool(allowed.all()) and cfg_ready(s, st)
+                and "rate" in cfg and cfg["t"] != s.t):
+            estimate = cfg["rate"] * abs(s.t - cfg["t"]) * self._step_length(s, st, bc)
+            if estimate <= float(_per_sample(self._left(bc), n).min()):
+                fits.append((estimate, CFG))
+        if fits:
+            estimate, action = min(fits)
+            self._spend(bc, err if action == STEP else estimate, n)
+            return action, estimate
+        if err is not None and bc.outputs and bool(fit.any()):
+            # Some samples may reuse the step, others not: the batch is computed (the graph is
+            # compiled for it) and the samples that may reuse take their prediction, as each
+            # would alone. No FLOPs saved; the decision is the sample's own, whatever its batch.
+            bc.signals["step_mask"] = fit
+            self._spend(bc, torch.where(fit, err, 0.0), n)
+            return STEP, float(err[fit].max())
+        # The trace shows the smallest estimate that did not fit.
+        refused = [float(err.min())] if err is not None else []
+        if not refused and "step_errors" in st.signals and st.signals["step_errors"][0] == s.step:
+            mine = st.signals["step_errors"][2].get(s.branch)
+            refused = [float(mine.min())] if mine is not None else []
+        refused = [e for e in refused if e != float("inf")]
+        return COMPUTE, min(refused) if refused else None
+
+    def _spend(self, bc: BranchCache, err: torch.Tensor | float, n: int) -> None:
+        """Charge ``err`` (per sample, or for all) to the branch's budget: kept per sample on the
+        CPU, where the decisions are taken."""
+        bc.signals["spent"] = _per_sample(bc.signals.get("spent", 0.0), n) + _per_sample(err, n)
 
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:
@@ -202,52 +247,45 @@ class MixCache:
         if bc.probe is None or bc.probe.shape != probe.shape:
             return False, None
         change = rel_l1(probe, bc.probe)
-        settled = sig.get("settled_mask")
-        if settled is None or settled.shape != change.shape:
+        n = change.shape[0]
+        settled = torch.as_tensor(sig.get("settled_mask", False)).to(change.device)
+        if settled.numel() not in (1, n):
             settled = torch.zeros_like(change, dtype=torch.bool)
         err = change * self._step_length(s, st, bc)
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
                 or s.t > (1.0 - self.warmup) * st.t_first or not bool(settled.any())):
             return False, float(change.max())
-        mask = (settled & (err <= torch.as_tensor(self._left(bc), device=change.device))
-                & bc.below(self.max_reuse))
+        left = _per_sample(self._left(bc), n).to(change.device)
+        below = torch.as_tensor(bc.below(self.max_reuse)).to(change.device)
+        mask = settled & (err <= left) & below
         if not self.per_sample:
             mask = mask.all().expand_as(mask)
         if not bool(mask.any()):
             return False, float(change.max())
         sig["mask"] = mask
-        sig["spent"] = sig.get("spent", 0.0) + torch.where(mask, err, torch.zeros_like(err))
+        self._spend(bc, torch.where(mask, err, torch.zeros_like(err)).cpu(), n)
         return (True if bool(mask.all()) else mask), float(change.max())
 
     def observe(self, s: Step, st: CacheState, bc: BranchCache, outs: list[torch.Tensor],
                 kind: str) -> None:
-        """Update the rates after a call; a full compute clears the error spent (per sample)."""
+        """Update the rates after a call, per sample from the samples that computed; a full
+        compute clears the error spent (per sample)."""
         sig = bc.signals
         if sig.get("prev_t", s.t) != s.t:
             sig["spacing"] = abs(s.t - sig["prev_t"])
         sig["prev_t"] = s.t
-        if kind == "compute":
+        # The samples that reused: all for a step, cfg or block reuse of the whole call; some for
+        # a partial one (the others computed); none for a compute.
+        reused = {"compute": None, "block": sig.get("mask", True),
+                  STEP: sig.get("step_mask", True)}.get(kind, True)
+        if reused is None:
             sig["spent"] = 0.0
-        elif kind == "block" and "mask" in sig:
-            m = sig["mask"]
-            sig["spent"] = torch.where(m, sig["spent"], torch.zeros_like(sig["spent"]))
-        if kind in ("compute", "block") and len(bc.outputs) >= 2:
-            (tb, b), (ta, a) = bc.outputs[-2:]
-            if ta != tb:
-                change = rel_l1(a[0], b[0])
-                sig["out_rate"] = float(change.max()) / abs(ta - tb)
-                # The trigger says when caching may start, not when it must stop: the output
-                # moves fastest again over the last, longest steps, and re-arming there would
-                # compute the final step on top of a forced compute before it (with the probe as
-                # the signal, 0.003-0.019 more of the FLOPs for at most 0.8 dB; bench/RESULTS.md).
-                _latch(sig, change * abs(st.t_first) / abs(ta - tb) < self.settle)
-                slope = (a[0] - b[0]) / (ta - tb)
-                if "slope" in sig:
-                    dims = tuple(range(1, slope.dim()))
-                    num = (slope - sig["slope"]).abs().mean(dims, dtype=torch.float32)
-                    den = a[0].abs().mean(dims, dtype=torch.float32).clamp_min(1e-12)
-                    sig["curvature"] = float((num / den).max())
-                sig["slope"] = slope
+        elif reused is not True:
+            n = reused.shape[0]
+            sig["spent"] = torch.where(reused.cpu(), _per_sample(sig.get("spent", 0.0), n), 0.0)
+        computed = (kind in ("compute", "block") or (kind == STEP and reused is not True))
+        if computed and len(bc.outputs) >= 2:
+            self._observe_rates(st, bc, None if kind == "block" or reused is None else ~reused)
         if (st.cfg_step.get(s.branch) == s.step and (s.branch >= 1 or s.halves)
                 and kind in ("compute", "block")):
             # Per branch, in the shared signals: a new prompt on any branch clears them. On batch
@@ -261,6 +299,50 @@ class MixCache:
                 den = out.float().abs().mean(dims).clamp_min(1e-12)
                 cfg["rate"] = float((num / den).max()) / abs(cfg["t"] - s.t)
             cfg["prev"], cfg["t"] = d, s.t
+
+    def _observe_rates(self, st: CacheState, bc: BranchCache, fresh: torch.Tensor | None) -> None:
+        """The output's rate, the trigger and the curvature from each sample's last two computed
+        outputs; only for the samples in ``fresh`` (None: all), whose history just moved on."""
+        sig = bc.signals
+        (tb, b), (ta, a) = bc.outputs[-2:]
+        n = a[0].shape[0]
+        dt = sample_times(ta, n) - sample_times(tb, n)
+        valid = dt != 0      # two calls at one timestep (Heun) say nothing of the rate
+        if fresh is not None:
+            valid = valid & fresh.cpu()
+        if not bool(valid.any()):
+            return
+        dt = torch.where(valid, dt, 1.0)
+        change = rel_l1(a[0], b[0]).double().cpu()
+        rate = change / dt.abs()
+        sig["out_rate"] = torch.where(valid, rate, _per_sample(sig.get("out_rate", torch.inf), n))
+        # The trigger says when caching may start, not when it must stop: the output moves
+        # fastest again over the last, longest steps, and re-arming there would compute the final
+        # step on top of a forced compute before it (with the probe as the signal, 0.003-0.019
+        # more of the FLOPs for at most 0.8 dB; bench/RESULTS.md).
+        _latch(sig, valid & (change * abs(st.t_first) / dt.abs() < self.settle))
+        uniform = bool((dt == dt[0]).all())
+        slope = (a[0] - b[0]) / (float(dt[0]) if uniform else
+                                 _bcast(dt.to(a[0].device, a[0].dtype), a[0]))
+        if "slope" in sig:
+            dims = tuple(range(1, slope.dim()))
+            num = (slope - sig["slope"]).abs().mean(dims, dtype=torch.float32)
+            den = a[0].abs().mean(dims, dtype=torch.float32).clamp_min(1e-12)
+            curvature = (num / den).double().cpu()
+            sig["curvature"] = torch.where(
+                valid, curvature, _per_sample(sig.get("curvature", torch.nan), n))
+        if not bool(valid.all()):
+            slope = torch.where(_bcast(valid.to(slope.device), slope), slope, sig["slope"])
+        sig["slope"] = slope
+
+
+def _per_sample(x: torch.Tensor | float, n: int) -> torch.Tensor:
+    """A number, or one per sample (any device), as n float64 values on the CPU."""
+    return torch.as_tensor(x, dtype=torch.float64).cpu().expand(n).clone()
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _latch(sig: dict, settled: torch.Tensor) -> torch.Tensor:

@@ -46,23 +46,36 @@ def test_trigger_bound_and_zero_budget(spec, budget, warmup, max_reuse, order):
         assert max(_runs(trace, b)) <= max_reuse, "consecutive reuse is bounded"
 
 
-def test_block_decisions_independent_across_samples():
+@pytest.mark.parametrize("granularity,budget,order", [("block", 0.01, 1), ("step", 0.05, 1),
+                                                     ("step", 0.05, 2)])
+def test_decisions_independent_across_samples(granularity, budget, order):
+    """A batch of two samples takes, per sample, the decisions each takes alone, and each comes
+    out as it does alone."""
     model, kw = tiny_models.wan(layers=4, batch=2)
     kw["return_dict"] = False
-    kw["hidden_states"][1] *= 4.0
-    cache = {"rule": "mixcache", "budget": 0.3, "warmup": 0.1, "settle": 10.0,
-             "granularities": ["block"]}
+    kw["encoder_hidden_states"][1] *= 10.0     # another prompt: the samples part ways
+    cache = {"rule": "mixcache", "budget": budget, "warmup": 0.1, "settle": 10.0,
+             "granularities": [granularity], "extrapolate": order}
     f = compiled(model, cache)
     both = generation(f, kw, steps=STEPS, branches=1)
-    assert "block" in [r["action"] for r in dit_compile.stats(f)["trace"]], "the test must reuse"
+    trace = dit_compile.stats(f)["trace"]
+    assert any(r["reused"] is not None and len(set(r["reused"])) == 2 for r in trace), \
+        "the test must reach a call where only one sample reuses"
     alone = []
     for i in range(2):
         torch._dynamo.reset()
         one = {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in kw.items()}
-        alone.append(generation(compiled(tiny_models.wan(layers=4)[0], cache), one, steps=STEPS,
-                                branches=1))
+        g = compiled(tiny_models.wan(layers=4)[0], cache)
+        alone.append(generation(g, one, steps=STEPS, branches=1))
+        assert _reused(trace, i) == _reused(dit_compile.stats(g)["trace"], 0)
     for k, y in enumerate(both):
         torch.testing.assert_close(y, torch.cat([alone[0][k], alone[1][k]]), rtol=1e-5, atol=1e-5)
+
+
+def _reused(trace, sample):
+    """Whether ``sample`` reused, call by call."""
+    return [r["action"] != "compute" and (r["reused"] is None or r["reused"][sample])
+            for r in trace]
 
 
 def _state_with_signals(out_rate, cfg_rate, probe_prev, probe_now, t, t_last):
@@ -123,12 +136,17 @@ def test_trigger_stays_on_once_the_output_has_settled():
         return bc.signals["settled"]
 
     assert not settled(0.9, 0.9)
-    assert pol.step(Step(0, 2, 0, 800.0), st_, torch.zeros(1))[0] == "compute"
-    assert not settled(0.1, 0.9), "step reuse needs every sample settled"
+    assert pol.step(Step(0, 2, 0, 800.0), st_, torch.zeros(2))[0] == "compute"
+    assert not settled(0.1, 0.9), "the second sample has not settled"
+    # The first sample alone may reuse the step: the batch computes, that sample takes its
+    # prediction.
+    assert pol.step(Step(0, 3, 0, 600.0), st_, torch.zeros(2))[0] == "step"
+    assert bc.signals["step_mask"].tolist() == [True, False]
     assert settled(0.9, 0.1), "the first sample stays settled"
     assert settled(0.9, 0.9)
     bc.signals["out_rate"] = 1e-6
-    assert pol.step(Step(0, 5, 0, 500.0), st_, torch.zeros(1))[0] == "step"
+    assert pol.step(Step(0, 6, 0, 400.0), st_, torch.zeros(2))[0] == "step"
+    assert "step_mask" not in bc.signals, "every sample reuses: the call is skipped"
 
 
 def _two_branches(rates, t_last=600.0, t=500.0):

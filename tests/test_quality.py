@@ -94,6 +94,49 @@ def test_balanced_preset_keeps_psnr_and_saves_flops(small):
     assert sum(fracs) / len(fracs) <= BALANCED_FLOPS_MAX, f"FLOPs fractions {fracs}"
 
 
+def _batched(small: train.Trained, pipe, cases) -> dict:
+    """WanPipeline's arguments for several cases in one batch."""
+    each = [small.sample_kwargs(pipe, c.condition, c.seed, steps=STEPS) for c in cases]
+    return dict(each[0], **{k: torch.cat([e[k] for e in each])
+                            for k in ("prompt_embeds", "negative_prompt_embeds", "latents")})
+
+
+def _reuses(trace: list[dict], sample: int) -> list[bool]:
+    return [r["action"] != "compute" and (r["reused"] is None or r["reused"][sample])
+            for r in trace]
+
+
+def test_step_decisions_are_each_samples_own(small):
+    """`balanced` on a batch of two cases reuses the steps each case reuses alone, where they
+    differ too (the batch computes, the sample that may reuse takes its prediction), and each
+    sample comes out as it does alone. With per_sample=False the batch takes one decision."""
+    pipe = small.pipeline()
+    cases = CASES[2:4]      # they part ways over the last steps
+    with torch.no_grad():
+        pipe.transformer = torch.compile(small.transformer, backend="mixcache",
+                                         options={"regions": "eager", "cache": "balanced"})
+        alone, traces = [], []
+        for case in cases:
+            dit_compile.reset(pipe.transformer)
+            alone.append(pipe(**_batched(small, pipe, [case])).frames.float())
+            traces.append(dit_compile.stats(pipe.transformer)["trace"])
+        dit_compile.reset(pipe.transformer)
+        both = pipe(**_batched(small, pipe, cases)).frames.float()
+        trace = dit_compile.stats(pipe.transformer)["trace"]
+        assert any(r["reused"] is not None and len(set(r["reused"])) == 2 for r in trace), \
+            "the test must reach a step only one of the two reuses"
+        for k in range(2):
+            assert _reuses(trace, k) == _reuses(traces[k], 0)
+            torch.testing.assert_close(both[k:k + 1], alone[k], rtol=0, atol=1e-4)
+
+        pipe.transformer = torch.compile(small.transformer, backend="mixcache", options={
+            "regions": "eager", "cache": {"rule": "mixcache", "per_sample": False}})
+        pipe(**_batched(small, pipe, cases))
+        trace = dit_compile.stats(pipe.transformer)["trace"]
+        assert any(r["action"] == "step" for r in trace)
+        assert all(r["reused"] is None for r in trace), "one decision for the batch"
+
+
 def test_small_model_follows_its_colour_condition(small):
     """One sample per colour; the generator's colour is read back from each. Chance is 1/6."""
     pipe = small.pipeline()
