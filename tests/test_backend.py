@@ -353,12 +353,13 @@ def test_explain_leaves_later_compiles_static(monkeypatch):
     assert all(isinstance(d, int) for x in inputs for d in x.shape)
 
 
-def test_moe_lowered_under_the_backend_then_one_graph():
-    """Compiled as it is, HiDream's first call breaks at its MoE dispatches; the backend lowers them
-    in place (saying so) and has Dynamo trace the forward again: the next call is one graph holding
-    the 4 fused ops, its stacks found (no fallback warning), its output that of the original model."""
+@pytest.mark.parametrize("name,n", [("hidream", 4), ("nucleus", 2)])
+def test_moe_lowered_under_the_backend_then_one_graph(name, n):
+    """Compiled as it is, the first call breaks at the MoE dispatches; the backend lowers them in
+    place (saying so) and has Dynamo trace the forward again: the next call is one graph holding
+    the fused ops, its stacks found (no fallback warning), its output that of the original model."""
     from dit_compile.passes.moe import count_moe_ops, find_moe
-    model, kw = _patchified_hidream()
+    model, kw = _patchified_hidream() if name == "hidream" else tiny_models.nucleus()
     ops = []
 
     def counting(gm, example_inputs):       # mixcache, counting the graphs it gets
@@ -372,16 +373,16 @@ def test_moe_lowered_under_the_backend_then_one_graph():
             first = compiled(**kw, return_dict=False)[0]
         assert len(ops) > 1     # fragments: the first dispatch broke the trace before the lowering
         (moe,) = _mixcache_warnings(rec)            # and no fallback warning: the next is whole
-        assert "4 MoE dispatch(es)" in moe and "lowered 4 in place" in moe
+        assert f"{n} MoE dispatch(es)" in moe and f"lowered {n} in place" in moe
         assert all(find_moe(model).values())
         ops.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             second = compiled(**kw, return_dict=False)[0]
-    assert ops == [4]
+    assert ops == [n]
     torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, ref, rtol=1e-5, atol=1e-5)
-    assert dit_compile.restore_moe(model) == 4 and not any(find_moe(model).values())
+    assert dit_compile.restore_moe(model) == n and not any(find_moe(model).values())
 
 
 def test_hidream_after_moe_lowering_is_one_graph_with_regions():

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dit_compile
+import tiny_models
 from dit_compile.kernels.moe_op import moe_ffn, moe_ffn_reference
 from dit_compile.passes.moe import count_moe_ops, find_moe, lower_moe, register_moe, restore_moe
 
@@ -469,20 +470,8 @@ def test_hidream_stack_stays_in_sync():
 
 
 def test_nucleus_lowered_matches_eager_and_compiles_fullgraph():
-    from diffusers import NucleusMoEImageTransformer2DModel
-
-    torch.manual_seed(0)
-    model = NucleusMoEImageTransformer2DModel(
-        patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=12, axes_dims_rope=(2, 2, 4), moe_intermediate_dim=24, num_experts=4,
-        capacity_factors=2.0, dense_moe_strategy="all_moe",
-    ).eval()  # fmt: skip
-    for p in model.parameters():  # the experts are allocated with torch.empty
-        nn.init.normal_(p, std=0.2)
-    kwargs = dict(
-        hidden_states=torch.randn(1, 16, 16), img_shapes=[(1, 4, 4)], encoder_hidden_states=torch.randn(1, 5, 12),
-        encoder_hidden_states_mask=torch.ones(1, 5, dtype=torch.bool), timestep=torch.tensor([0.5]), return_dict=False,
-    )  # fmt: skip
+    model, kwargs = tiny_models.nucleus()
+    kwargs["return_dict"] = False
     with torch.no_grad():
         expected = model(**kwargs)[0]
     # Unlowered, torch 2.13 traces the loop's .tolist() under fullgraph=True with unbacked sizes and

@@ -123,6 +123,23 @@ def flux3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
                    txt_ids=torch.randn(txt, 4))
 
 
+def nucleus(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    """NucleusMoE: expert-choice routing, its experts' loop syncs to the host."""
+    from diffusers import NucleusMoEImageTransformer2DModel
+    torch.manual_seed(0)
+    m = NucleusMoEImageTransformer2DModel(patch_size=2, in_channels=16, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2,
+                                          joint_attention_dim=12, axes_dims_rope=(2, 2, 4),
+                                          moe_intermediate_dim=24, num_experts=4,
+                                          capacity_factors=2.0, dense_moe_strategy="all_moe").eval()
+    for p in m.parameters():    # the experts are allocated with torch.empty
+        torch.nn.init.normal_(p, std=0.2)
+    return m, dict(hidden_states=torch.randn(batch, 16, 16), img_shapes=[(1, 4, 4)] * batch,
+                   encoder_hidden_states=torch.randn(batch, 5, 12),
+                   encoder_hidden_states_mask=torch.ones(batch, 5, dtype=torch.bool),
+                   timestep=torch.full((batch,), 0.5))
+
+
 def lumina2(batch: int = 1) -> tuple[torch.nn.Module, dict]:
     """Its forward graph-breaks before the blocks (a Python set of the caption lengths decides
     whether to mask): the graph that holds them reads intermediates, not the model's inputs."""
