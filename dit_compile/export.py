@@ -16,6 +16,9 @@ block once; with ``aoti=True`` also ``program_<k>.aoti.pt2``, AOTInductor's pack
 the layout is what the backend decided at compile time, and the cache policy is rebuilt from the
 saved options, so a loaded model caches exactly as ``backend="mixcache"`` with those options does.
 
+MoE dispatches that sync to the host (HiDream's, NucleusMoE's) are lowered while exporting, as the
+backend lowers them (option ``lower_moe``), and restored after: the programs hold the fused op.
+
 The export is of one input signature (the shapes of the example call), as ``torch.export`` is;
 batched-CFG calls (cfg reuse on batch halves) compute the full batch. ``load`` runs AOTInductor's
 packages where the export made them, else the programs as exported (their ``module()``).
@@ -52,6 +55,28 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     ``aoti``: also compile each program ahead of time with AOTInductor, for the device of the
     example inputs (``load`` then runs the compiled packages: no compile at load time)."""
     opts = Options.parse(options)
+    # 0. lowering: MoE dispatches that would break the graph, for the export only.
+    with _lowered_moe(model, opts.lower_moe):
+        _export(model, path, kwargs, options, opts, aoti)
+
+
+@contextlib.contextmanager
+def _lowered_moe(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """The model's unlowered MoE dispatches lowered (``passes.moe.lower_moe``) while exporting, and
+    restored after: the saved programs hold the fused op, the model is left as it was."""
+    from .passes.moe import find_moe, lower_moe, restore_moe
+    pending = [p for p, lowered in find_moe(model).items() if not lowered] if enabled else []
+    if pending:
+        lower_moe(model)
+    try:
+        yield
+    finally:
+        for p in pending:
+            restore_moe(model.get_submodule(p))
+
+
+def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
+            options: dict[str, Any] | None, opts: Options, aoti: bool) -> None:
     # 1. trace and rewrite: one Dynamo graph, its regions and pieces (the backend's passes).
     traced = _capture(model, kwargs)
     if traced.why is not None:
@@ -297,8 +322,8 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
         from .passes.moe import find_moe
         moe = [p for p, lowered in find_moe(model).items() if not lowered]
-        hint = (f"its MoE dispatch ({moe[0] or 'the model'}) syncs to the host: call "
-                "dit_compile.lower_moe(model) first" if moe else
+        hint = (f"its MoE dispatch ({moe[0] or 'the model'}) syncs to the host: leave option "
+                "lower_moe on, or call dit_compile.lower_moe(model) first" if moe else
                 "dit_compile.explain(model, ...) shows where it breaks")
         raise ValueError(f"dit_compile.export: Dynamo could not trace {type(model).__name__} as "
                          f"one graph ({str(e).splitlines()[0]}); export needs one graph: "
