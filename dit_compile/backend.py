@@ -41,6 +41,8 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         rmap = find_regions(gm)
     except NoBlockStructure as why:
         warn_fallback(gm, why, options)
+        if opts.regions == "eager":     # asked for no Inductor at all: the graph as it is
+            return gm.forward
         return compile_fx(gm, example_inputs, config_patches=inductor)
 
     # 2. guards: split at the region boundaries into pieces over one value table.

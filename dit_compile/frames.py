@@ -131,8 +131,10 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
                        f"{name}.disable_cache() before torch.compile and let mixcache cache")
     else:
         reason = str(why)
-    warnings.warn(f"mixcache: {name}: {reason}. Compiling each graph with Inductor (by regions "
-                  "where it holds a block stack), without caching.", stacklevel=3)
+    eager = isinstance(config, dict) and config.get("regions") == "eager"
+    how = ("Running each graph as it is (regions='eager')" if eager else
+           "Compiling each graph with Inductor (by regions where it holds a block stack)")
+    warnings.warn(f"mixcache: {name}: {reason}. {how}, without caching.", stacklevel=3)
 
 
 def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
