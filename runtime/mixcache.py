@@ -210,12 +210,12 @@ class MixCache:
         # Step and cfg reuse save the whole call: the smaller estimate of those that fit wins.
         fits = [] if err is None or not bc.outputs or not bool(fit.all()) else [
             (float(err.max()), STEP)]
-        cfg = st.signals.get("cfg", {}).get(s.branch, {})
+        cfg, refused = st.signals.get("cfg", {}).get(s.branch, {}), []
         if ("cfg" in self.granularities and bool(allowed.all()) and cfg_ready(s, st)
                 and "rate" in cfg and cfg["t"] != s.t):
             estimate = cfg["rate"] * abs(s.t - cfg["t"]) * self._step_length(s, st, bc)
-            if estimate <= float(_per_sample(self._left(bc), n).min()):
-                fits.append((estimate, CFG))
+            fit_cfg = estimate <= float(_per_sample(self._left(bc), n).min())
+            (fits if fit_cfg else refused).append((estimate, CFG))
         if fits:
             estimate, action = min(fits)
             self._spend(bc, err if action == STEP else estimate, n)
@@ -228,12 +228,9 @@ class MixCache:
             self._spend(bc, torch.where(fit, err, 0.0), n)
             return STEP, float(err[fit].max())
         # The trace shows the smallest estimate that did not fit.
-        refused = [float(err.min())] if err is not None else []
-        if not refused and "step_errors" in st.signals and st.signals["step_errors"][0] == s.step:
-            mine = st.signals["step_errors"][2].get(s.branch)
-            refused = [float(mine.min())] if mine is not None else []
-        refused = [e for e in refused if e != float("inf")]
-        return COMPUTE, min(refused) if refused else None
+        estimates = [e for e, _ in refused] + ([float(err.min())] if err is not None else [])
+        estimates = [e for e in estimates if e != float("inf")]
+        return COMPUTE, min(estimates) if estimates else None
 
     def _spend(self, bc: BranchCache, err: torch.Tensor | float, n: int) -> None:
         """Charge ``err`` (per sample, or for all) to the branch's budget: kept per sample on the
@@ -331,7 +328,7 @@ class MixCache:
             curvature = (num / den).double().cpu()
             sig["curvature"] = torch.where(
                 valid, curvature, _per_sample(sig.get("curvature", torch.nan), n))
-        if not bool(valid.all()):
+        if not bool(valid.all()) and "slope" in sig:
             slope = torch.where(_bcast(valid.to(slope.device), slope), slope, sig["slope"])
         sig["slope"] = slope
 
