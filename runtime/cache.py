@@ -290,7 +290,9 @@ def find_state(model: torch.nn.Module) -> CacheState | None:
 
 def sample_times(t: float | tuple[float, ...], n: int) -> torch.Tensor:
     """An output's timestep, one per sample (float64, CPU)."""
-    return torch.as_tensor(t, dtype=torch.float64).expand(n).clone()
+    if isinstance(t, tuple):
+        return torch.tensor(t, dtype=torch.float64)
+    return torch.full((n,), t, dtype=torch.float64)
 
 
 def push_outputs(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, outs: list[torch.Tensor],

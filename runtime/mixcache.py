@@ -119,10 +119,12 @@ class MixCache:
     def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> torch.Tensor:
         """Per sample (bool, CPU): past the warm-up, settled, under the bound on consecutive reuse."""
         settled = torch.as_tensor(bc.signals.get("settled_mask", bc.signals.get("settled", False)))
-        if s.t > (1.0 - self.warmup) * st.t_first or settled.numel() not in (1, n):
+        below = bc.below(self.max_reuse)    # a bool while the batch reused alike
+        if (s.t > (1.0 - self.warmup) * st.t_first or settled.numel() not in (1, n)
+                or below is False):
             return torch.zeros(n, dtype=torch.bool)
-        below = torch.as_tensor(bc.below(self.max_reuse)).cpu()
-        return (settled.cpu() & below).expand(n).clone()
+        settled = settled.expand(n)
+        return settled if below is True else settled & below.cpu()
 
     @staticmethod
     def _step_length(s: Step, st: CacheState, bc: BranchCache) -> float:
@@ -158,8 +160,9 @@ class MixCache:
         if self.extrapolate and "curvature" in sig:
             curvature = _per_sample(sig["curvature"], n)
             rate = torch.where(curvature.isnan(), rate, curvature)
-        distance = (s.t - sample_times(bc.outputs[-1][0], n)).abs()
-        err = rate * distance * self._step_length(s, st, bc)
+        last = bc.outputs[-1][0]
+        distance = (s.t - sample_times(last, n)).abs() if isinstance(last, tuple) else abs(s.t - last)
+        err = rate * (distance * self._step_length(s, st, bc))
         return torch.where(self._allowed(s, st, bc, n), err, torch.inf)
 
     def _shared_step_error(self, s: Step, st: CacheState, n: int
@@ -184,7 +187,7 @@ class MixCache:
             if b != s.branch and bc.signals.get("prev_t") != lead:
                 continue        # not called at the last step (guidance off there): not tied
             estimates[b] = e = self._step_error(s, st, bc, n)
-            fit = fit & (e <= _per_sample(self._left(bc), n)) if e is not None else fit & False
+            fit = fit & (e <= self._left(bc)) if e is not None else fit & False
         if s.halves and n % 2 == 0:
             pair = fit[: n // 2] & fit[n // 2:]
             fit = torch.cat([pair, pair])
@@ -235,7 +238,8 @@ class MixCache:
     def _spend(self, bc: BranchCache, err: torch.Tensor | float, n: int) -> None:
         """Charge ``err`` (per sample, or for all) to the branch's budget: kept per sample on the
         CPU, where the decisions are taken."""
-        bc.signals["spent"] = _per_sample(bc.signals.get("spent", 0.0), n) + _per_sample(err, n)
+        spent = bc.signals.get("spent", 0.0) + err
+        bc.signals["spent"] = spent if isinstance(spent, float) else _per_sample(spent, n)
 
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:
@@ -334,8 +338,14 @@ class MixCache:
 
 
 def _per_sample(x: torch.Tensor | float, n: int) -> torch.Tensor:
-    """A number, or one per sample (any device), as n float64 values on the CPU."""
-    return torch.as_tensor(x, dtype=torch.float64).cpu().expand(n).clone()
+    """A number, or one per sample (any device), as n float64 values on the CPU. Not copied where
+    it already is that (nothing here writes these in place): this runs a dozen times in a reused
+    call, whose whole cost is bookkeeping."""
+    if not isinstance(x, torch.Tensor):
+        return torch.full((n,), x, dtype=torch.float64)
+    if x.dtype != torch.float64 or x.device.type != "cpu":
+        x = x.to("cpu", torch.float64)
+    return x if x.shape == (n,) else x.expand(n)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -357,7 +367,8 @@ def _number(v: object) -> bool:
 
 
 _VALID = {
-    "budget": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    # Finite: an infinite budget would let an estimate of inf (a sample not yet allowed) fit.
+    "budget": (lambda v: _number(v) and 0 <= v < float("inf"), "a finite number >= 0"),
     "warmup": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "settle": (lambda v: _number(v) and v > 0, "a number > 0"),
     "max_reuse": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,

@@ -236,6 +236,7 @@ def test_default_is_balanced_and_none_turns_caching_off():
     ("turbo", r"preset is one of"),
     ({"rule": "mixcache", "preset": "turbo"}, r"preset 'turbo'"),
     ({"rule": "mixcache", "budget": -1}, r"budget=-1"),
+    ({"rule": "mixcache", "budget": float("inf")}, r"budget=inf: must be a finite number"),
     ({"rule": "mixcache", "max_reuse": None}, r"max_reuse=None: must be an integer >= 1"),
     ({"rule": "mixcache", "warmup": 1.0}, r"warmup=1.0: must be a number in \[0, 1\)"),
     ({"rule": "mixcache", "granularities": ["layer"]}, r"granularities"),
