@@ -19,6 +19,10 @@
 #   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`, and where
 #             `balanced`'s generation time goes (bench/call_costs.py)              ~2 min [179 s]
 #   small     the same, `small`                                        ~2 min [14 of 31 methods in 59 s]
+#   graphs    `small` again, its regions compiled by Inductor with CUDA graphs (mode
+#             reduce-overhead): `balanced` beside the same backend computing everything, for
+#             launch-bound calls where the eager rows above pay Python per kernel; table in log.txt
+#                                                                                     ~3 min [-]
 #   first     issue 2's first-generation goal: each compile method's first call at the 1.3B shape
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
 #             may hit what an earlier one compiled); then the same with Wan's block class
@@ -42,7 +46,7 @@ out=${OUT:-gpu-out}
 done_dir=/tmp/gpu-suite-done
 mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
-PARTS=(check moe wan large small first inductor)
+PARTS=(check moe wan large small graphs first inductor)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=240)
@@ -65,6 +69,10 @@ part() {
         --mixcache 'preset quality="quality"' --mixcache 'preset balanced="balanced"' \
         --mixcache 'preset fast="fast"' --json "$out/quality_$1.json" &&
       python3 bench/call_costs.py --model "$1" --device cuda ;;   # into log.txt: a few seconds
+    graphs)
+      python3 bench/quality.py --model small --device cuda --no-progress --no-flop-count \
+        --regions inductor --mode reduce-overhead --only "cache off" "preset" \
+        --mixcache 'preset balanced="balanced"' ;;
     first)
       python3 bench/first_call.py --device cuda --config 1.3b --layers 30 > "$out/first.md" ;;
     inductor)

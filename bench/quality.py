@@ -163,19 +163,20 @@ def mixcache_trace(transformer: torch.nn.Module) -> list[dict[str, Any]]:
 
 
 class MixCache(Method):
-    """``torch.compile(transformer, backend="mixcache", options={"regions": regions, "cache": cache})``."""
+    """``torch.compile(transformer, backend="mixcache", options={**options, "cache": cache})``;
+    ``options`` the backend's other options (default: ``{"regions": "eager"}``)."""
     family = "mixcache"
 
-    def __init__(self, name: str, cache: Any, regions: str = "eager"):
+    def __init__(self, name: str, cache: Any, options: dict[str, Any] | None = None):
         super().__init__(name)
-        self.cache, self.regions = cache, regions
+        self.cache, self.options = cache, {"regions": "eager", **(options or {})}
         self._seen = 0
 
     def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
         torch._dynamo.reset()             # a fresh compile per method: no cache entry is shared
         # cache=None is passed, not left out: left out, the backend's default preset would cache.
         return torch.compile(model.transformer, backend="mixcache",
-                             options={"regions": self.regions, "cache": self.cache})
+                             options={**self.options, "cache": self.cache})
 
     def detach(self, model: train.Trained) -> None:
         torch._dynamo.reset()
@@ -220,10 +221,10 @@ class SketchRender(Method):
     family = "sketch"
 
     def __init__(self, name: str, render: str, tolerance: float, steps: int, cache: Any = None,
-                 regions: str = "eager"):
+                 options: dict[str, Any] | None = None):
         super().__init__(name)
         self.render, self.tolerance, self.steps = render, tolerance, steps
-        self.cache, self.regions = cache, regions
+        self.cache, self.options = cache, {"regions": "eager", **(options or {})}
         self._seen: dict[int, int] = {}
 
     def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
@@ -244,7 +245,7 @@ class SketchRender(Method):
         if self.cache is not None:
             torch._dynamo.reset()
             self._share = _call_flops(small, model) / _call_flops(large, model)
-            opts = {"regions": self.regions, "cache": self.cache}
+            opts = {**self.options, "cache": self.cache}
             large = torch.compile(large, backend="mixcache", options=opts)
             small = torch.compile(small, backend="mixcache", options=opts)
         self.models = (large, small)
@@ -281,12 +282,12 @@ def _call_flops(transformer: torch.nn.Module, model: train.Trained) -> float:
     return _count_flops(lambda: transformer(x, t, text, return_dict=False))
 
 
-def sketch_methods(render: str, steps: int, regions: str = "eager") -> list[Method]:
+def sketch_methods(render: str, steps: int, options: dict[str, Any] | None = None) -> list[Method]:
     """The split at a few tolerances, and at the lowest with ``balanced`` caching on both."""
     methods: list[Method] = [SketchRender(f"sketch/render {render} tolerance {tol}", render, tol,
                                           steps) for tol in (0.05, 0.15, 0.3)]
     methods.append(SketchRender(f"sketch/render {render} tolerance 0.05 + mixcache balanced",
-                                render, 0.05, steps, "balanced", regions))
+                                render, 0.05, steps, "balanced", options))
     return methods
 
 
@@ -315,7 +316,7 @@ def _mag_ratios(model: train.Trained, pipe, steps: int, seeds: tuple[int, ...] =
     return [sum(r[i] for r in runs) / len(runs) for i in range(steps)]
 
 
-def default_methods(steps: int, regions: str = "eager") -> list[Method]:
+def default_methods(steps: int, options: dict[str, Any] | None = None) -> list[Method]:
     """Full compute, mixcache rules at several settings, and each diffusers hook at several.
 
     Thresholds were picked on the trained models to span light to aggressive reuse; ``start`` (no
@@ -328,22 +329,22 @@ def default_methods(steps: int, regions: str = "eager") -> list[Method]:
         return lambda model, pipe: factory(current_timestep_callback=lambda: pipe.current_timestep)
 
     methods: list[Method] = [Method("full compute")]
-    methods.append(MixCache("mixcache cache off", None, regions))
+    methods.append(MixCache("mixcache cache off", None, options))
     for th in (0.05, 0.1, 0.2):
         methods.append(MixCache(f"mixcache first_block {th}",
-                                {"rule": "first_block", "threshold": th, "start": 2}, regions))
+                                {"rule": "first_block", "threshold": th, "start": 2}, options))
     for th in (0.05, 0.1, 0.2):
         methods.append(MixCache(f"mixcache teacache {th}",
-                                {"rule": "teacache", "threshold": th, "start": 2}, regions))
+                                {"rule": "teacache", "threshold": th, "start": 2}, options))
     for th in (0.05, 0.1, 0.2):
         methods.append(MixCache(f"mixcache easycache {th}", {"rule": "teacache", "signal": "output",
-                                                             "threshold": th, "start": 2}, regions))
+                                                             "threshold": th, "start": 2}, options))
     for every, start in ((2, 2), (3, 2), (2, 6)):
         methods.append(MixCache(f"mixcache fastercache every {every} from step {start}",
-                                {"rule": "fastercache", "every": every, "start": start}, regions))
+                                {"rule": "fastercache", "every": every, "start": start}, options))
     methods.append(MixCache("mixcache first_block 0.05 + fastercache 2 from step 6",
                             [{"rule": "first_block", "threshold": 0.05, "start": 2},
-                             {"rule": "fastercache", "every": 2, "start": 6}], regions))
+                             {"rule": "fastercache", "every": 2, "start": 6}], options))
     for th in (0.05, 0.1, 0.2):
         methods.append(DiffusersHook(f"diffusers FirstBlockCache {th}",
                                      lambda m, p, th=th: h.FirstBlockCacheConfig(threshold=th)))
@@ -619,6 +620,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--regions", default="eager", choices=("eager", "inductor"),
                     help="how mixcache compiles its regions (eager: the same math as full compute, "
                          "so speedups are the caching's own)")
+    ap.add_argument("--mode", help="Inductor's mode for mixcache's regions, with --regions inductor "
+                                    "(e.g. reduce-overhead: CUDA graphs)")
     ap.add_argument("--mixcache", action="append", default=[], metavar="NAME=JSON",
                     help="add a mixcache configuration, e.g. 'fb 0.15={\"rule\": \"first_block\", "
                          "\"threshold\": 0.15}' (the JSON is the cache option); repeatable; these "
@@ -651,16 +654,19 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--cases must be at least 16 (the evaluation protocol's minimum)")
     torch.set_num_threads(args.threads)
     model = train.load(args.model, device=args.device, dtype=train.DTYPES[args.dtype])
+    options: dict[str, Any] = {"regions": args.regions}
+    if args.mode is not None:
+        options["mode"] = args.mode
     named = []
     for spec in args.mixcache:
         name, sep, cache = spec.partition("=")
         if not sep:
             ap.error(f"--mixcache {spec!r}: expected NAME=JSON")
-        named.append(MixCache(f"mixcache {name}", json.loads(cache), args.regions))
+        named.append(MixCache(f"mixcache {name}", json.loads(cache), options))
     # The configurations the command names run right after full compute: a run cut short (a
     # device call's time limit) has them first.
-    full, *others = default_methods(args.steps, args.regions)
-    sketch = sketch_methods(args.render, args.steps, args.regions) if args.render else []
+    full, *others = default_methods(args.steps, options)
+    sketch = sketch_methods(args.render, args.steps, options) if args.render else []
     methods = [full, *named, *others, *sketch]
     if args.only:
         methods = [methods[0]] + [m for m in methods[1:] if any(s in m.name for s in args.only)]
