@@ -9,8 +9,9 @@ signals the runtime could have read at that call, each as the relative L1 change
 step of the conditional branch:
 
 * ``probe``: the first block's residual (First-Block-Cache's signal);
-* ``input``: the latent entering the transformer (TeaCache-like; the modulated input is a fixed
-  function of it and the timestep);
+* ``input``: the latent entering the transformer;
+* ``modulated``: the first block's timestep-modulated input, ``norm1(x) * (1 + scale) + shift``,
+  where its attention reads it (TeaCache's signal);
 * ``output``: the transformer's output (what step reuse replaces);
 
 the estimates MixCache builds from the output (its rate of change per unit of timestep times the
@@ -52,11 +53,14 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def record_signals(model: train.Trained, pipe, case: quality.Case, steps: int) -> list[dict]:
-    """Per step (conditional branch, the first call of each step): t, latent, probe residual and
-    output of a full-compute generation."""
+    """Per step (conditional branch, the first call of each step): t, latent, the first block's
+    modulated input, probe residual and output of a full-compute generation."""
     calls: list[dict] = []
     block0 = model.transformer.blocks[0]
     probe: dict[str, torch.Tensor] = {}
+
+    def on_attention(mod, args, kwargs):
+        probe["m"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
 
     def on_block(mod, args, kwargs, out):
         probe["r"] = (out - args[0]).detach().clone()
@@ -64,9 +68,11 @@ def record_signals(model: train.Trained, pipe, case: quality.Case, steps: int) -
     def on_model(mod, args, kwargs, out):
         calls.append({"t": float(kwargs["timestep"].reshape(-1)[0]),
                       "input": kwargs["hidden_states"].detach().clone(),
-                      "probe": probe["r"], "output": out[0].detach().clone()})
+                      "modulated": probe["m"], "probe": probe["r"],
+                      "output": out[0].detach().clone()})
 
-    hooks = [block0.register_forward_hook(on_block, with_kwargs=True),
+    hooks = [block0.attn1.register_forward_pre_hook(on_attention, with_kwargs=True),
+             block0.register_forward_hook(on_block, with_kwargs=True),
              model.transformer.register_forward_hook(on_model, with_kwargs=True)]
     try:
         model.sample(pipe, case.condition, case.seed, steps=steps)
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                 found = {
                     "probe": _rel(calls[k]["probe"], calls[k - 1]["probe"]),
                     "input": _rel(calls[k]["input"], calls[k - 1]["input"]),
+                    "modulated": _rel(calls[k]["modulated"], calls[k - 1]["modulated"]),
                     # The output at k is what reuse replaces: the runtime has k-1 against k-2.
                     "output": _rel(calls[k - 1]["output"], calls[k - 2]["output"]),
                     "output rate x distance": rate * abs(t[k] - t[k - 1]),

@@ -1,6 +1,7 @@
 """``backend="mixcache"``: the torch.compile backend, one linear pipeline of named passes."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -14,6 +15,7 @@ from torch._inductor.compile_fx import compile_fx
 from .frames import (compiled_model, is_fragment, model_name, traced_locals, traced_module,
                      lower_moe_and_retrace, warn_fallback)
 from .options import Options
+from .passes.modulation import Modulation, modulated_input
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
                              source_name, user_inputs)
 from .passes.split import Piece, Plan, split
@@ -75,7 +77,23 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
                          key=repr(policy))
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "cfg_on_halves", False) else None)
-    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan), halves)
+    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan), halves,
+                           modulation_of(plan, policy))
+
+
+def modulation_of(plan: Plan, policy: Any) -> Modulation | None:
+    """The first block's modulated input, where the policy decides on it (TeaCache); where the
+    block has none, the policy falls back to the latent's change, with a warning."""
+    if not getattr(policy, "reads_modulation", False):
+        return None
+    found = modulated_input(plan)
+    if found is None:
+        warnings.warn(f"mixcache: {model_name()}: teacache signal 'modulated': no linear layer of "
+                      "the first block reads both the latent and the timestep (or the block is "
+                      "one opaque call); deciding on the input latent's change instead "
+                      "(signal 'input')", stacklevel=2)
+        policy.teacache_signal = "input"
+    return found
 
 
 def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
@@ -120,12 +138,23 @@ def _small_glue(piece: Piece) -> bool:
 
 def piece_flops(plan: Plan) -> list[float]:
     """Each piece's share of the forward's FLOPs, counted on the fake inputs (nothing runs)."""
+    from torch._guards import detect_fake_mode
     from torch.utils.flop_counter import FlopCounterMode
     counts = []
     try:
         for p in plan.pieces:
-            with FlopCounterMode(display=False) as fc:
-                p.module(*p.example_inputs)
+            # A piece may hold real constants (Wan's rotary frequencies, made in its forward):
+            # under the inputs' own fake mode they are converted, not refused.
+            mode = detect_fake_mode(p.example_inputs)
+            allowed = mode is not None and mode.allow_non_fake_inputs
+            try:
+                if mode is not None:
+                    mode.allow_non_fake_inputs = True
+                with mode or contextlib.nullcontext(), FlopCounterMode(display=False) as fc:
+                    p.module(*p.example_inputs)
+            finally:
+                if mode is not None:
+                    mode.allow_non_fake_inputs = allowed
             counts.append(float(fc.get_total_flops()))
     except Exception:  # a piece fake execution cannot count: weigh blocks equally instead
         counts = [1.0 if p.region.kind == BLOCK else 0.0 for p in plan.pieces]

@@ -140,6 +140,10 @@ def _executor(traced: "_Traced", opts: Options) -> Executor:
         raise ValueError(f"dit_compile.export: could not tell which input is the "
                          f"{' and the '.join(sorted(missing))}, so nothing can be cached; "
                          "export with options={'cache': None}")
+    if getattr(policy, "reads_modulation", False):
+        raise ValueError("dit_compile.export: the teacache rule's signal 'modulated' (the first "
+                         "block's modulated input) is not exported; export with signal 'input' "
+                         "(the latent's change) or another rule")
     from .backend import piece_flops
     return GuardedExecutor(traced.plan, fns, policy, StateFactory(None, False), traced.anchor,
                            piece_flops(traced.plan), _NO_HALVES)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from ..passes.modulation import Modulation
 from ..passes.regions import BLOCK
 from ..passes.split import Plan, output_keys
 from .cache import BranchCache, CacheState, StateFactory, Step, extrapolate, push_outputs
@@ -94,9 +95,13 @@ class GuardedExecutor(Executor):
         "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
         "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs")
 
+    # Not part of the layout (a graph, not data): an exported model has none.
+    modulation: Modulation | None = None
+    _pre_flops = 0.0
+
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
                  states: StateFactory, anchor: int | None, flops: Sequence[float],
-                 halves: HalfBatch | str | None = None):
+                 halves: HalfBatch | str | None = None, modulation: Modulation | None = None):
         super().__init__(plan, fns)
         self.policy, self.states, self.anchor, self.flops = policy, states, anchor, list(flops)
         roles, names = plan.rmap.inputs, plan.input_names
@@ -137,6 +142,11 @@ class GuardedExecutor(Executor):
         before = [o for p in plan.pieces[:s0] for o in p.outs if o in alive]
         self.span_pairs = streams.pair(outs, s0, before[::-1], ex, keep_unpaired=True)
         self.span_flops = sum(self.flops[s0:s1])
+        # The first block's modulated input, where the policy decides on it (TeaCache): computed
+        # after the pieces before that block, which then count in every call.
+        if modulation is not None:
+            assert modulation.piece == self.first, "the modulation belongs to the first block"
+            self.modulation, self._pre_flops = modulation, sum(self.flops[:self.first])
         # Streams read before the probe and the span are kept as they were: copied where a block
         # writes into its input in place (decided here, once).
         self._copy_probe_in = any(p.writes_in_place() for p in plan.pieces[self.first:self.probe_end])
@@ -162,30 +172,40 @@ class GuardedExecutor(Executor):
             halves=self._detect and self._halves_call(env),
             text=None if self.text is None else env[self.text], latent=x)
         bc = st.branch(step.branch)
-        action, signal = pol.step(step, st, x)
+        ran, seen, pre = 0, x, 0.0
+        if self.modulation is not None:
+            # TeaCache decides on the first block's modulated input: the pieces before that block
+            # run ahead of the decision (a reuse wastes them, as TeaCache's does), then the
+            # block's norm and modulation alone.
+            self.run(env, 0, self.first)
+            ran, pre = self.first, self._pre_flops
+            seen = self.modulation.module(*[env[i] for i in self.modulation.args])
+        action, signal = pol.step(step, st, seen)
+        if self._keep_input:        # a copy: a sampler may update its latent in place
+            bc.last_input = seen.clone()
 
         if action == CFG and step.halves:
             outs = self._cfg_halves(env, st.cfg_diff[step.branch])
             if outs is not None:
-                return self._finish(st, env, step, bc, outs, CFG, 0.5, signal, x)
+                return self._finish(st, env, step, bc, outs, CFG, 0.5 + pre, signal, x)
             action = COMPUTE
         if action == CFG:
             outs = [o0 + d for o0, d in zip(st.current[0], st.cfg_diff[step.branch])]
-            return self._finish(st, env, step, bc, outs, CFG, 0.0, signal, x)
+            return self._finish(st, env, step, bc, outs, CFG, pre, signal, x)
         if action == STEP:
             outs = self._reuse_step(bc, x, step.t)
             reused = bc.signals.get("step_mask")
             if reused is None:
-                return self._finish(st, env, step, bc, outs, STEP, 0.0, signal, x)
+                return self._finish(st, env, step, bc, outs, STEP, pre, signal, x)
             # Only some samples reuse: the batch runs (the graph is compiled for it, and the
             # others need it) and those take their prediction, as each would alone.
-            self.run(env)
+            self.run(env, ran)
             reused = reused.to(x.device)
             outs = [torch.where(_bcast(reused, p), p, env[s]) for p, s in zip(outs, self.out_slots)]
             return self._finish(st, env, step, bc, outs, STEP, 1.0, signal, x, reused)
 
         # Compute, with the block guard between the probe and the span.
-        self.run(env, 0, self.first)
+        self.run(env, ran, self.first)
         stream0 = None if self.probe_in is None else env[self.probe_in]
         if stream0 is not None and self._copy_probe_in:
             stream0 = stream0.clone()
@@ -287,8 +307,6 @@ class GuardedExecutor(Executor):
                 st.cfg_diff[step.branch] = [o - o0 for o, o0 in
                                             zip(st.current[step.branch], st.current[0])]
                 st.cfg_step[step.branch] = step.step
-        if self._keep_input:
-            bc.last_input = x.clone()
         self.policy.observe(step, st, bc, outs, kind)
         st.record(step, kind, flops, signal, bc.signals.get("spent"), mask)
         st.check_memory()

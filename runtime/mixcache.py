@@ -8,9 +8,9 @@ Signals, all of which the runtime already has (no extra forward):
   blocks' residual moved). It runs only where blocks may be reused. It is neither the step
   estimate nor the trigger: ranked against the damage of reusing single steps on the trained
   models (``bench/signal_study.py``, 144 single-step reuses per model), the probe's change orders
-  them with Spearman 0.28 / 0.35 (small / large), the input latent's (TeaCache's signal) 0.38 /
-  0.31, the output's own change 0.67 / 0.61. The output predicts best, so the step estimate and
-  the trigger are built from it.
+  them with Spearman 0.28 / 0.35 (small / large), the input latent's 0.38 / 0.31, the first
+  block's timestep-modulated input's (TeaCache's signal) 0.29 / 0.37, the output's own change
+  0.67 / 0.61. The output predicts best, so the step estimate and the trigger are built from it.
 * The trigger: caching may start once the noise level has fallen below ``1 - warmup`` of where the
   generation started and the output has settled: its relative change between the last two
   computed calls, per unit of the noise range, below ``settle`` (per sample; once settled it stays

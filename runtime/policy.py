@@ -48,7 +48,9 @@ class Policy:
     # threshold rules
     first_block: float | None = None        # FBCache threshold on the probe residual
     teacache: float | None = None           # accumulated-change threshold for step reuse
-    teacache_signal: str = "input"          # what changes: "input" (TeaCache) or "output" (EasyCache)
+    teacache_signal: str = "modulated"      # what changes: "modulated" (the first block's
+                                            # timestep-modulated input: TeaCache), "input" (the
+                                            # latent) or "output" (EasyCache)
     cfg_every: int | None = None            # FasterCache: recompute cfg every N steps
     start: int = 0                          # no threshold-rule reuse before this step
     # shared knobs
@@ -70,6 +72,12 @@ class Policy:
     def reuses_blocks(self) -> bool:
         """Whether the block span's residual may be reused (and so is kept)."""
         return self.uses_blocks
+
+    @property
+    def reads_modulation(self) -> bool:
+        """Whether ``step`` is handed the first block's modulated input instead of the latent
+        (the pieces before that block then run ahead of the decision)."""
+        return self.teacache is not None and self.teacache_signal == "modulated"
 
     @property
     def cfg_on_halves(self) -> bool:
@@ -145,12 +153,13 @@ class Policy:
         return (mask if bool(mask.any()) else False), signal
 
     def _change(self, bc: BranchCache, latent: torch.Tensor) -> torch.Tensor | None:
-        """Per sample, how far this call is from the last: the input latent's relative change
-        (TeaCache), or that change times the output's rate of change per input change between the
-        last two computed calls, an estimate of the output's own change (EasyCache). None while
-        there is no rate yet."""
+        """Per sample, how far this call is from the last: the relative change of what ``step``
+        was handed, the first block's modulated input (TeaCache) or the latent, or the latent's
+        change times the output's rate of change per input change between the last two computed
+        calls, an estimate of the output's own change (EasyCache). None while there is no rate
+        yet."""
         change = rel_l1(latent, bc.last_input)
-        if self.teacache_signal == "input":
+        if self.teacache_signal != "output":
             return change
         rate = bc.signals.get("output_rate")
         return None if rate is None else change * rate
@@ -249,11 +258,13 @@ def _rules(cache: Any) -> Policy:
             kw["first_block"] = _threshold(spec, rule)
         elif rule == "teacache":
             kw["teacache"] = _threshold(spec, rule)
-            kw["teacache_signal"] = spec.get("signal", "input")
-            if kw["teacache_signal"] not in ("input", "output"):
-                raise PolicyError(f"teacache signal={kw['teacache_signal']!r}: must be 'input' "
-                                  "(the input latent's change, TeaCache) or 'output' (the "
-                                  "output's change estimated from it, EasyCache)")
+            kw["teacache_signal"] = spec.get("signal", "modulated")
+            if kw["teacache_signal"] not in ("modulated", "input", "output"):
+                raise PolicyError(f"teacache signal={kw['teacache_signal']!r}: must be "
+                                  "'modulated' (the change of the first block's timestep-"
+                                  "modulated input, TeaCache), 'input' (the input latent's) or "
+                                  "'output' (the output's change estimated from the latent's, "
+                                  "EasyCache)")
         elif rule == "fastercache":
             every = spec.get("every")
             if not isinstance(every, int) or every < 2:

@@ -419,3 +419,21 @@ def test_wheel_installs_subpackages_under_dit_compile_only(tmp_path):
         assert f"dit_compile/{sub}" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "mixcache = dit_compile.backend:mixcache" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_piece_flops_are_counted_not_guessed():
+    """Wan's prologue makes a real tensor (rotary frequencies) beside the fake inputs: its FLOPs
+    are still counted, so the prologue and epilogue weigh something and the shares are the
+    pieces' own, not the equal-blocks fallback."""
+    from conftest import capture
+    from dit_compile.passes.regions import find_regions
+    from dit_compile.passes.split import split
+    model, kw = tiny_models.wan(layers=3)
+    gm = capture(model, kw)
+    plan = split(gm, find_regions(gm))
+    shares = backend.piece_flops(plan)
+    kinds = [p.region.kind for p in plan.pieces]
+    assert sum(shares) == pytest.approx(1.0)
+    assert shares[kinds.index("prologue")] > 0 and shares[kinds.index("epilogue")] > 0, shares
+    blocks = [s for s, k in zip(shares, kinds) if k == "block"]
+    assert blocks[0] == pytest.approx(blocks[-1]) and blocks[0] != pytest.approx(1 / 3), shares

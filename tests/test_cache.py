@@ -215,17 +215,34 @@ def _rel(a, b):
     return (a - b).abs().flatten(1).mean(1) / b.abs().flatten(1).mean(1)
 
 
+def _modulated(model, kw, x, t):
+    """What the first block's self-attention reads (its timestep-modulated input), caught by a
+    hook on diffusers' own module: the signal TeaCache reads."""
+    seen = []
+    hook = model.blocks[0].attn1.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
 def _teacache_reference(model, kw, threshold, signal, start):
-    """TeaCache (``signal="input"``) and EasyCache (``"output"``) written out over one Euler
-    sampler run, per sample of the batch: the change since the last call (the input's, or the
-    input's times the output's rate of change per input change between the last two computes)
+    """TeaCache (``signal="modulated"``, or ``"input"`` on the latent) and EasyCache
+    (``"output"``) written out over one Euler sampler run, per sample of the batch: the change
+    since the last call (of the first block's modulated input or of the latent, or the latent's
+    times the output's rate of change per input change between the last two computes)
     accumulates from the last compute, and the whole step reuses the last output while every
     sample's sum stays below the threshold."""
     x, prev, acc, rate = kw["hidden_states"].clone(), None, None, None
     computed, outs, actions = [], [], []
     for i, t in enumerate(STEPS):
-        if prev is not None and (signal == "input" or rate is not None):
-            change = _rel(x, prev) * (1.0 if signal == "input" else rate)
+        seen = _modulated(model, kw, x, t) if signal == "modulated" else x
+        if prev is not None and (signal != "output" or rate is not None):
+            change = _rel(seen, prev) * (1.0 if signal != "output" else rate)
             acc = change if acc is None else acc + change
         if i >= start and computed and acc is not None and bool((acc < threshold).all()):
             y = computed[-1][1]
@@ -239,11 +256,11 @@ def _teacache_reference(model, kw, threshold, signal, start):
             acc = None
             actions.append("compute")
         outs.append(y)
-        prev, x = x, x + (STEPS[i + 1] - t if i + 1 < len(STEPS) else -t) / 1000.0 * y
+        prev, x = seen, x + (STEPS[i + 1] - t if i + 1 < len(STEPS) else -t) / 1000.0 * y
     return outs, actions
 
 
-@pytest.mark.parametrize("signal,threshold", [("input", 0.1), ("output", 0.3)])
+@pytest.mark.parametrize("signal,threshold", [("modulated", 0.15), ("input", 0.1), ("output", 0.3)])
 def test_teacache_and_easycache_match_eager_reference(signal, threshold):
     """Per sample of a batch of two latents, inside an Euler sampler whose latent moves."""
     model, kw = tiny_models.wan(layers=3, batch=2)
@@ -648,7 +665,7 @@ def test_memory_bound_is_a_clear_error():
     ({"rule": "schedule", "step": [2], "extrapolate": 3}, r"extrapolate=3: must be"),
     ({"rule": "mixcache", "extrapolate": "yes"}, r"extrapolate='yes': must be"),
     ({"rule": "teacache", "threshold": 0.1, "treshold": 1}, r"unknown key\(s\) \['treshold'\]"),
-    ({"rule": "teacache", "threshold": 0.1, "signal": "latent"}, r"signal='latent': must be 'input'"),
+    ({"rule": "teacache", "threshold": 0.1, "signal": "latent"}, r"signal='latent': must be 'modulated'"),
 ])
 def test_bad_cache_options(cache, match):
     model, kw = tiny_models.wan(layers=3)

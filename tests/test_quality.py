@@ -26,7 +26,7 @@ import train  # noqa: E402
 
 # The fixed configuration: whole-step reuse (TeaCache-style) while the accumulated relative change
 # of the input latent stays under 0.1, never before step 2.
-CACHE = {"rule": "teacache", "threshold": 0.1, "start": 2}
+CACHE = {"rule": "teacache", "signal": "input", "threshold": 0.1, "start": 2}
 STEPS = 20
 CASES = quality.make_cases(16)[:4]
 # Bounds, with margin over what this configuration measured on these cases when they were set

@@ -1,0 +1,105 @@
+"""The modulation pass: the first block's timestep-modulated input, TeaCache's signal."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import dit_compile
+from conftest import capture
+from dit_compile.passes.modulation import modulated_input
+from dit_compile.passes.regions import find_regions
+from dit_compile.passes.split import split
+from dit_compile.runtime.executor import Executor
+import random_dits
+import tiny_models
+
+
+def _found_and_value(model, kw):
+    """The pass's module run on the value table as it stands when the first block starts."""
+    gm = capture(model, kw)
+    plan = split(gm, find_regions(gm))
+    found = modulated_input(plan)
+    if found is None:
+        return None
+    run = Executor(plan, [p.module for p in plan.pieces])
+    env = [*gm.inputs, *run._pad]
+    with torch.no_grad():
+        run.run(env, 0, found.piece)
+        return found.module(*[env[i] for i in found.args])
+
+
+def _seen_by(module, model, kw):
+    """What ``module`` is called with, in one eager call of ``model``."""
+    seen = []
+    hook = module.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**kw)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(random_dits.specs())
+def test_random_dits_modulated_input_found_exactly_where_blocks_modulate(spec):
+    """Found iff the blocks are adaLN-modulated by the timestep, and then it is what the first
+    block's attention projects, to the bit."""
+    model, kw = random_dits.build(spec)
+    value = _found_and_value(model, kw)
+    if not spec.adaln:
+        assert value is None
+        return
+    assert value is not None
+    torch.testing.assert_close(value, _seen_by(model.blocks[0].qkv, model, kw), rtol=0, atol=0)
+
+
+def test_wan_modulated_input_is_what_its_first_attention_reads():
+    model, kw = tiny_models.wan(layers=3, batch=2)
+    value = _found_and_value(model, kw)
+    torch.testing.assert_close(value, _seen_by(model.blocks[0].attn1, model, kw),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["flux", "hunyuan", "sd3"])
+def test_diffusers_models_have_a_modulated_input(name):
+    model, kw = getattr(tiny_models, name)()
+    value = _found_and_value(model, kw)
+    assert value is not None and value.dim() == 3 and value.shape[0] == 1
+
+
+def test_no_modulated_input_warns_and_decides_on_the_latent():
+    """A model whose blocks the timestep does not modulate: a warning naming the fallback, and
+    the rule then behaves as signal 'input' does."""
+    spec = random_dits.Spec(dim=8, depths=(3,), cross_attn=False, adaln=False, gated=False,
+                            two_streams=False, extra_input=False, batch=1, tokens=4)
+    model, kw = random_dits.build(spec)
+    outs = {}
+    for signal in ("modulated", "input"):
+        torch._dynamo.reset()
+        f = torch.compile(model, backend="mixcache", options={
+            "regions": "eager", "cache": {"rule": "teacache", "threshold": 0.5, "signal": signal}})
+        x, outs[signal] = kw["hidden_states"].clone(), []
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            for t in (900.0, 800.0, 700.0, 600.0):
+                outs[signal].append(f(**dict(kw, hidden_states=x, timestep=torch.tensor([t])))[0])
+                x = x - 0.05 * outs[signal][-1]
+        told = [str(w.message) for w in caught if "teacache signal 'modulated'" in str(w.message)]
+        assert len(told) == (1 if signal == "modulated" else 0), told
+        actions = [r["action"] for r in dit_compile.stats(f)["trace"]]
+        outs[signal + " actions"] = actions
+    assert "step" in outs["input actions"]      # the premise: the rule reuses here
+    assert outs["modulated actions"] == outs["input actions"]
+    for a, b in zip(outs["modulated"], outs["input"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_export_refuses_the_modulated_signal(tmp_path):
+    model, kw = tiny_models.wan(layers=2)
+    with pytest.raises(ValueError, match="signal 'modulated'.*not exported"):
+        dit_compile.export(model, str(tmp_path / "m"), kw, options={
+            "cache": {"rule": "teacache", "threshold": 0.1}})
