@@ -8,8 +8,10 @@ from typing import Any, Iterator
 
 import torch
 
+from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.regions import NoBlockStructure, RegionMap, find_regions
+from .passes.split import split
 
 
 @dataclass
@@ -23,6 +25,7 @@ class Report:
     regions: list[tuple[str, int]] = field(default_factory=list)  # (region, node count)
     fallback: str | None = None                            # why mixcache would not cache
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
+    modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.graphs} graph(s)"]
@@ -40,6 +43,9 @@ class Report:
                          + ", ".join(f"{r}={n}" for r, n in self.inputs.items()))
         if self.regions:
             lines.append("  regions: " + " ".join(f"{n}[{k}]" for n, k in self.regions))
+            lines.append("  first block's modulated input (teacache's signal): " + (
+                f"{self.modulated}" if self.modulated is not None
+                else "none (teacache decides on the latent's change)"))
         return "\n".join(lines)
 
 
@@ -51,12 +57,18 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report = Report(type(getattr(model, "_orig_mod", model)).__name__)
     report.moe = find_moe(getattr(model, "_orig_mod", model))
     found: list[RegionMap | NoBlockStructure] = []
+    modulated: dict[int, tuple[int, ...] | None] = {}   # by graph, where blocks were found
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
         try:
             found.append(find_regions(gm))
         except NoBlockStructure as why:
             found.append(why)
+            return gm.forward
+        mod = modulated_input(split(gm, found[-1]))
+        if mod is not None:
+            out = mod.module.graph.output_node().args[0]
+            modulated[len(found) - 1] = tuple(out.meta["example_value"].shape)
         return gm.forward
 
     with torch.no_grad(), _shape_history_kept():
@@ -73,6 +85,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     if not maps:
         return report
     rmap = max(maps, key=lambda m: sum(m.stacks.values()))
+    report.modulated = modulated.get(found.index(rmap))
     report.stacks, report.streams = rmap.stacks, rmap.streams
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]

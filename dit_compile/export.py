@@ -12,9 +12,11 @@ or a saved tensor, which program each piece runs, the executor's layout: slots, 
 FLOP shares; the graph's output spec and the structure the call returned around it),
 ``program_<k>.pt2`` (``torch.export.save``; one per distinct region, so a 30-block stack saves its
 block once; with ``aoti=True`` also ``program_<k>.aoti.pt2``, AOTInductor's package of it) and
-``tensors.pt`` (parameters and buffers, by graph input). Decisions stay explicit:
-the layout is what the backend decided at compile time, and the cache policy is rebuilt from the
-saved options, so a loaded model caches exactly as ``backend="mixcache"`` with those options does.
+``tensors.pt`` (parameters and buffers, by graph input); where the cache decides on the first
+block's modulated input (TeaCache), ``program_modulation.pt2``, that input's graph. Decisions stay
+explicit: the layout is what the backend decided at compile time, and the cache policy is rebuilt
+from the saved options, so a loaded model caches exactly as ``backend="mixcache"`` with those
+options does.
 
 MoE dispatches that sync to the host (HiDream's, NucleusMoE's) are lowered while exporting, as the
 backend lowers them (option ``lower_moe``), and restored after: the programs hold the fused op.
@@ -37,6 +39,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .options import Options
+from .passes.modulation import Modulation
 from .passes.regions import NoBlockStructure, find_regions, source_name, user_inputs
 from .passes.split import split
 from .runtime.cache import StateFactory
@@ -45,6 +48,7 @@ from .runtime.policy import make_policy
 
 FORMAT = 1
 _NO_HALVES = "an exported model has no half-batch forward"
+_MODULATION = "modulation"      # the program of TeaCache's signal, beside the numbered pieces
 
 
 def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
@@ -87,6 +91,7 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     programs = _save_programs(traced, path, aoti)
     # 3. the executor the backend would build, for its layout only (nothing runs).
     executor = _executor(traced, opts)
+    modulation = _save_modulation(traced, executor, path, aoti)
     # 4. inputs: keyword arguments by path, the rest (parameters, buffers) saved as tensors.
     sources, tensors = _sources(traced)
     torch.save(tensors, os.path.join(path, "tensors.pt"))
@@ -97,6 +102,7 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
                 "options": options or {}, "n_blocks": len(traced.rmap.guarded),
                 "inputs": sources, "programs": programs, "aoti": aoti,
                 "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
+                "modulation": modulation,
                 "out_spec": pytree.treespec_dumps(executor.out_spec),
                 "returns": {"spec": traced.returns[0], "leaves": traced.returns[1]}}
     try:
@@ -140,13 +146,28 @@ def _executor(traced: "_Traced", opts: Options) -> Executor:
         raise ValueError(f"dit_compile.export: could not tell which input is the "
                          f"{' and the '.join(sorted(missing))}, so nothing can be cached; "
                          "export with options={'cache': None}")
-    if getattr(policy, "reads_modulation", False):
-        raise ValueError("dit_compile.export: the teacache rule's signal 'modulated' (the first "
-                         "block's modulated input) is not exported; export with signal 'input' "
-                         "(the latent's change) or another rule")
-    from .backend import piece_flops
+    from .backend import modulation_of, piece_flops
     return GuardedExecutor(traced.plan, fns, policy, StateFactory(None, False), traced.anchor,
-                           piece_flops(traced.plan), _NO_HALVES)
+                           piece_flops(traced.plan), _NO_HALVES, modulation_of(traced.plan, policy))
+
+
+def _save_modulation(traced: "_Traced", executor: Executor, path: str, aoti: bool
+                     ) -> dict[str, Any] | None:
+    """The first block's modulated input (TeaCache's signal), where the executor decides on it:
+    its graph exported as a program of its own, and the slots it reads."""
+    mod = getattr(executor, "modulation", None)
+    if mod is None:
+        return None
+    plan, inputs = traced.plan, traced.inputs
+    args = tuple(inputs[s] if s < plan.n_inputs else _zeros_like(plan.slot_examples[s])
+                 for s in mod.args)
+    with torch.no_grad():
+        ep = torch.export.export(mod.module, args)
+    torch.export.save(ep, os.path.join(path, f"program_{_MODULATION}.pt2"))
+    if aoti:
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=os.path.join(path, f"program_{_MODULATION}.aoti.pt2"))
+    return {"args": list(mod.args), "piece": mod.piece}
 
 
 def _sources(traced: "_Traced") -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
@@ -198,6 +219,13 @@ class Exported(torch.nn.Module):
             self.executor = GuardedExecutor.rebuild(
                 m["layout"], spec, fns, policy=policy, halves=None, _no_halves=_NO_HALVES,
                 states=StateFactory(opts.cache_memory, False, key=repr(policy)))
+            mod = m.get("modulation")
+            if mod is not None:
+                self.executor.set_modulation(Modulation(
+                    _program(path, _MODULATION, m.get("aoti", False)), tuple(mod["args"]),
+                    mod["piece"]))
+            elif getattr(policy, "reads_modulation", False):
+                policy.teacache_signal = "input"    # as the export decided (and warned)
         else:
             self.executor = Executor.rebuild(m["layout"], spec, fns)
         self.model_name = m["model"]
@@ -270,7 +298,7 @@ def _at(kwargs: dict[str, Any], path: list) -> Any:
     return value
 
 
-def _program(path: str, k: int, aoti: bool) -> Any:
+def _program(path: str, k: int | str, aoti: bool) -> Any:
     if aoti:
         return torch._inductor.aoti_load_package(os.path.join(path, f"program_{k}.aoti.pt2"))
     return torch.export.load(os.path.join(path, f"program_{k}.pt2")).module()

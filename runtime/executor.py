@@ -95,7 +95,7 @@ class GuardedExecutor(Executor):
         "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
         "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs")
 
-    # Not part of the layout (a graph, not data): an exported model has none.
+    # Not part of the layout (a graph, not data): an exported model saves it as a program.
     modulation: Modulation | None = None
     _pre_flops = 0.0
 
@@ -145,8 +145,7 @@ class GuardedExecutor(Executor):
         # The first block's modulated input, where the policy decides on it (TeaCache): computed
         # after the pieces before that block, which then count in every call.
         if modulation is not None:
-            assert modulation.piece == self.first, "the modulation belongs to the first block"
-            self.modulation, self._pre_flops = modulation, sum(self.flops[:self.first])
+            self.set_modulation(modulation)
         # Streams read before the probe and the span are kept as they were: copied where a block
         # writes into its input in place (decided here, once).
         self._copy_probe_in = any(p.writes_in_place() for p in plan.pieces[self.first:self.probe_end])
@@ -159,6 +158,12 @@ class GuardedExecutor(Executor):
         self._n_outputs = max(2, policy.extrapolate + 1)
         if self._keep_latent:
             _check_residual_shapes(ex.get(self.latent), [ex.get(s) for s in self.out_slots])
+
+    def set_modulation(self, modulation: Modulation) -> None:
+        """Decide on the first block's modulated input (TeaCache): the pieces before that block
+        then run in every call, reused or not."""
+        assert modulation.piece == self.first, "the modulation belongs to the first block"
+        self.modulation, self._pre_flops = modulation, sum(self.flops[:self.first])
 
     def __call__(self, *args: Any) -> Any:
         env = [*args, *self._pad]

@@ -324,8 +324,12 @@ def test_whole_graph_without_blocks_warns_the_region_pass_reason():
 
 def test_explain_reports_regions():
     model, kw = tiny_models.wan(layers=2)
-    text = str(dit_compile.explain(model, **kw, return_dict=False))
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    text = str(report)
     assert "stack blocks: 2 blocks" in text and "timestep=" in text
+    # Wan's first block projects norm1(x) * (1 + scale) + shift: the residual stream's shape.
+    assert report.modulated == report.streams["blocks"][0] == (1, 32, 16)
+    assert "modulated input (teacache's signal): (1, 32, 16)" in text
 
 
 def test_explain_names_graph_breaks_when_no_graph_has_blocks():

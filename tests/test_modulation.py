@@ -98,8 +98,22 @@ def test_no_modulated_input_warns_and_decides_on_the_latent():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_export_refuses_the_modulated_signal(tmp_path):
-    model, kw = tiny_models.wan(layers=2)
-    with pytest.raises(ValueError, match="signal 'modulated'.*not exported"):
-        dit_compile.export(model, str(tmp_path / "m"), kw, options={
-            "cache": {"rule": "teacache", "threshold": 0.1}})
+def test_exported_model_decides_on_the_modulated_input_as_the_backend_does(tmp_path):
+    """The modulated input's graph is saved as a program of its own: the loaded model reuses the
+    same steps as the compiled one, with the same outputs."""
+    model, kw = tiny_models.wan(layers=3)
+    options = {"cache": {"rule": "teacache", "threshold": 0.3}, "regions": "eager"}
+    dit_compile.export(model, str(tmp_path / "m"), {**kw, "return_dict": False}, options)
+    assert (tmp_path / "m" / "program_modulation.pt2").exists()
+    loaded = dit_compile.load(str(tmp_path / "m"))
+    compiled = torch.compile(model, backend="mixcache", options=options)
+    with torch.no_grad():
+        for i, t in enumerate(torch.linspace(900, 100, 8)):
+            call = dict(kw, hidden_states=kw["hidden_states"] * (1 - i / 20), timestep=t.reshape(1))
+            torch.testing.assert_close(loaded(**call)[0], compiled(**call, return_dict=False)[0],
+                                       rtol=1e-5, atol=1e-5)
+    got, want = (dit_compile.stats(m)["trace"] for m in (loaded, model))
+    assert [r["action"] for r in got] == [r["action"] for r in want]
+    assert "step" in {r["action"] for r in got}     # the premise: the rule reuses here
+    for r, w in zip(got, want):     # decided on the same signal, not on the latent's change
+        assert r["signal"] == pytest.approx(w["signal"], rel=1e-4)
