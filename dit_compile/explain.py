@@ -57,7 +57,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report = Report(type(getattr(model, "_orig_mod", model)).__name__)
     report.moe = find_moe(getattr(model, "_orig_mod", model))
     found: list[RegionMap | NoBlockStructure] = []
-    modulated: dict[int, tuple[int, ...] | None] = {}   # by graph, where blocks were found
+    modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
         try:
