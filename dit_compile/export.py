@@ -114,26 +114,32 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
 
 
 def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[int]:
-    """``torch.export`` each distinct piece once (from the real inputs where it reads graph
-    inputs, zeros of the traced shapes elsewhere: export traces, values do not matter); the
-    program each piece runs."""
-    plan, inputs = traced.plan, traced.inputs
+    """Each distinct piece saved once (``_save_program``); the program each piece runs."""
     programs: dict[str, int] = {}
     uses: list[int] = []
-    with torch.no_grad():
-        for piece in plan.pieces:
-            key = piece.signature()
-            if key not in programs:
-                k = programs[key] = len(programs)
-                args = tuple(inputs[s] if s < plan.n_inputs else _zeros_like(x)
-                             for s, x in zip(piece.args, piece.example_inputs))
-                ep = torch.export.export(piece.module, args)
-                torch.export.save(ep, os.path.join(path, f"program_{k}.pt2"))
-                if aoti:
-                    torch._inductor.aoti_compile_and_package(
-                        ep, package_path=os.path.join(path, f"program_{k}.aoti.pt2"))
-            uses.append(programs[key])
+    for piece in traced.plan.pieces:
+        key = piece.signature()
+        if key not in programs:
+            programs[key] = len(programs)
+            _save_program(traced, piece.module, piece.args, path, programs[key], aoti)
+        uses.append(programs[key])
     return uses
+
+
+def _save_program(traced: "_Traced", module: fx.GraphModule, slots: tuple[int, ...], path: str,
+                  name: int | str, aoti: bool) -> None:
+    """``torch.export`` ``module``, which reads ``slots``, from the real inputs where it reads
+    graph inputs and zeros of the traced shapes elsewhere (export traces, values do not matter),
+    as ``program_<name>.pt2`` (and AOTInductor's package of it)."""
+    plan, inputs = traced.plan, traced.inputs
+    args = tuple(inputs[s] if s < plan.n_inputs else _zeros_like(plan.slot_examples[s])
+                 for s in slots)
+    with torch.no_grad():
+        ep = torch.export.export(module, args)
+    torch.export.save(ep, os.path.join(path, f"program_{name}.pt2"))
+    if aoti:
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=os.path.join(path, f"program_{name}.aoti.pt2"))
 
 
 def _executor(traced: "_Traced", opts: Options) -> Executor:
@@ -158,15 +164,7 @@ def _save_modulation(traced: "_Traced", executor: Executor, path: str, aoti: boo
     mod = getattr(executor, "modulation", None)
     if mod is None:
         return None
-    plan, inputs = traced.plan, traced.inputs
-    args = tuple(inputs[s] if s < plan.n_inputs else _zeros_like(plan.slot_examples[s])
-                 for s in mod.args)
-    with torch.no_grad():
-        ep = torch.export.export(mod.module, args)
-    torch.export.save(ep, os.path.join(path, f"program_{_MODULATION}.pt2"))
-    if aoti:
-        torch._inductor.aoti_compile_and_package(
-            ep, package_path=os.path.join(path, f"program_{_MODULATION}.aoti.pt2"))
+    _save_program(traced, mod.module, mod.args, path, _MODULATION, aoti)
     return {"args": list(mod.args), "piece": mod.piece}
 
 
