@@ -78,17 +78,17 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "cfg_on_halves", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan), halves,
-                           modulation_of(plan, policy))
+                           modulation_of(plan, policy, model_name()))
 
 
-def modulation_of(plan: Plan, policy: Any) -> Modulation | None:
+def modulation_of(plan: Plan, policy: Any, name: str) -> Modulation | None:
     """The first block's modulated input, where the policy decides on it (TeaCache); where the
     block has none, the policy falls back to the latent's change, with a warning."""
     if not getattr(policy, "reads_modulation", False):
         return None
     found = modulated_input(plan)
     if found is None:
-        warnings.warn(f"mixcache: {model_name()}: teacache signal 'modulated': no linear layer of "
+        warnings.warn(f"mixcache: {name}: teacache signal 'modulated': no linear layer of "
                       "the first block reads both the latent and the timestep (or the block is "
                       "one opaque call); deciding on the input latent's change instead "
                       "(signal 'input')", stacklevel=2)

@@ -90,7 +90,7 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     # 2. programs: one per distinct piece.
     programs = _save_programs(traced, path, aoti)
     # 3. the executor the backend would build, for its layout only (nothing runs).
-    executor = _executor(traced, opts)
+    executor = _executor(traced, opts, type(model).__name__)
     modulation = _save_modulation(traced, executor, path, aoti)
     # 4. inputs: keyword arguments by path, the rest (parameters, buffers) saved as tensors.
     sources, tensors = _sources(traced)
@@ -142,7 +142,7 @@ def _save_program(traced: "_Traced", module: fx.GraphModule, slots: tuple[int, .
             ep, package_path=os.path.join(path, f"program_{name}.aoti.pt2"))
 
 
-def _executor(traced: "_Traced", opts: Options) -> Executor:
+def _executor(traced: "_Traced", opts: Options, name: str) -> Executor:
     policy = make_policy(opts.cache, len(traced.rmap.guarded))
     fns = [None] * len(traced.plan.pieces)
     if policy is None:
@@ -154,7 +154,8 @@ def _executor(traced: "_Traced", opts: Options) -> Executor:
                          "export with options={'cache': None}")
     from .backend import modulation_of, piece_flops
     return GuardedExecutor(traced.plan, fns, policy, StateFactory(None, False), traced.anchor,
-                           piece_flops(traced.plan), _NO_HALVES, modulation_of(traced.plan, policy))
+                           piece_flops(traced.plan), _NO_HALVES,
+                           modulation_of(traced.plan, policy, name))
 
 
 def _save_modulation(traced: "_Traced", executor: Executor, path: str, aoti: bool

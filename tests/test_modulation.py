@@ -90,12 +90,28 @@ def test_no_modulated_input_warns_and_decides_on_the_latent():
                 x = x - 0.05 * outs[signal][-1]
         told = [str(w.message) for w in caught if "teacache signal 'modulated'" in str(w.message)]
         assert len(told) == (1 if signal == "modulated" else 0), told
+        assert all(type(model).__name__ in m for m in told), told
         actions = [r["action"] for r in dit_compile.stats(f)["trace"]]
         outs[signal + " actions"] = actions
     assert "step" in outs["input actions"]      # the premise: the rule reuses here
     assert outs["modulated actions"] == outs["input actions"]
     for a, b in zip(outs["modulated"], outs["input"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_export_without_modulated_input_warns_naming_the_model(tmp_path):
+    """Export decides as the backend does, and says so naming the model (not the traced
+    function: nothing is being traced by torch.compile there)."""
+    spec = random_dits.Spec(dim=8, depths=(3,), cross_attn=False, adaln=False, gated=False,
+                            two_streams=False, extra_input=False, batch=1, tokens=4)
+    model, kw = random_dits.build(spec)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dit_compile.export(model, str(tmp_path / "m"), kw, {"cache": {"rule": "teacache",
+                                                                      "threshold": 0.5}})
+    told = [str(w.message) for w in caught if "teacache signal 'modulated'" in str(w.message)]
+    assert len(told) == 1 and f"mixcache: {type(model).__name__}:" in told[0], told
+    assert not (tmp_path / "m" / "program_modulation.pt2").exists()
 
 
 def test_exported_model_decides_on_the_modulated_input_as_the_backend_does(tmp_path):
