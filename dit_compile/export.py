@@ -174,7 +174,7 @@ def _sources(traced: "_Traced") -> tuple[list[dict[str, Any]], dict[str, torch.T
     tensors: dict[str, torch.Tensor] = {}
     for i, (keyword, x) in enumerate(zip(traced.keywords, traced.inputs)):
         if keyword is not None:
-            sources.append({"argument": keyword, "shape": list(x.shape),
+            sources.append({"argument": keyword, "shape": list(x.shape), "stride": list(x.stride()),
                             "dtype": str(x.dtype).removeprefix("torch."),
                             "device": x.device.type})
         elif isinstance(x, torch.Tensor):
@@ -208,6 +208,11 @@ class Exported(torch.nn.Module):
         # check what they are given, so a call is checked here, as Dynamo's guards would.
         self.signature = [(s["argument"], tuple(s["shape"]), getattr(torch, s["dtype"]),
                            s["device"]) for s in m["inputs"] if "argument" in s]
+        # They also read their inputs with the strides they were compiled for: an argument laid
+        # out otherwise (a pipeline's timestep expanded over the batch, stride 0) is copied into
+        # that layout first. Programs run by torch.export read any layout.
+        self.strides = {i: tuple(s["stride"]) for i, s in enumerate(m["inputs"])
+                        if m.get("aoti") and "argument" in s and "stride" in s}
         self.arguments = list(dict.fromkeys(a[0] for a, _ in self.sources if a is not None))
         programs = {k: _program(path, k, m.get("aoti", False)) for k in sorted(set(m["programs"]))}
         fns = [programs[k] for k in m["programs"]]
@@ -262,8 +267,12 @@ class Exported(torch.nn.Module):
                 raise ValueError(f"{self.model_name} (exported): {_name(path)} is {got}; it was "
                                  f"exported for {shape} {dtype} on {device} (export again for "
                                  "other inputs)")
-        out = pytree.tree_leaves(self.executor(*[_at(kwargs, a) if a is not None
-                                                 else self.weights[t] for a, t in self.sources]))
+        args = [_at(kwargs, a) if a is not None else self.weights[t] for a, t in self.sources]
+        for i, stride in self.strides.items():
+            if args[i].stride() != stride:
+                args[i] = torch.empty_strided(args[i].shape, stride, dtype=args[i].dtype,
+                                              device=args[i].device).copy_(args[i])
+        out = pytree.tree_leaves(self.executor(*args))
         spec, leaves = self.returns
         return pytree.tree_unflatten([out[v] if k == "output" else v for k, v in leaves], spec)
 
@@ -404,4 +413,9 @@ def _keyword_path(n: fx.Node) -> list | str:
 
 
 def _zeros_like(x: Any) -> Any:
-    return torch.zeros(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, torch.Tensor) else x
+    """Zeros with ``x``'s strides as well as its shape: AOTInductor compiles a program for the
+    strides of its example inputs and never checks them, and a value between pieces is often a
+    transposed view (HunyuanVideo's tokens after its patch embedding)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).zero_()
