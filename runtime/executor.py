@@ -225,20 +225,23 @@ class GuardedExecutor(Executor):
                    for _, i in self.span_pairs]
             if skip is True:
                 for (o, _), v, r in zip(self.span_pairs, ins, bc.span):
-                    env[o] = r if v is None else v + r
+                    env[o] = r if v is None else _laid_out_as(r, torch.add, v, r)
                 flops, kind = 1.0 - self.span_flops, "block"
             else:
                 self.run(env, *self.span)
                 if pol.reuses_blocks:   # else the span's residual is never read: not kept
-                    fresh = [env[o] if v is None else env[o] - v
+                    # Residuals in the layout of the span's own outputs, so that a reused
+                    # stream enters the next compiled piece as a computed one does.
+                    fresh = [env[o] if v is None else _laid_out_as(env[o], torch.sub, env[o], v)
                              for (o, _), v in zip(self.span_pairs, ins)]
                     if skip is not False:
                         # Per sample: the samples that may reuse take the cached residual and
                         # keep it; the others take and cache what was just computed, as alone
                         # they would. The batch computed the span: block reuse at full FLOPs.
-                        fresh = [torch.where(_bcast(skip, f), r, f) for f, r in zip(fresh, bc.span)]
+                        fresh = [_laid_out_as(f, torch.where, _bcast(skip, f), r, f)
+                                 for f, r in zip(fresh, bc.span)]
                         for (o, _), v, f in zip(self.span_pairs, ins, fresh):
-                            env[o] = f if v is None else v + f
+                            env[o] = f if v is None else _laid_out_as(f, torch.add, v, f)
                         probe = torch.where(_bcast(skip, probe), bc.probe, probe)
                         kind, mask = "block", skip
                     bc.span = [st.keep(f) for f in fresh]
@@ -334,6 +337,14 @@ def _check_residual_shapes(latent: Any, outs: list[Any]) -> None:
         raise PolicyError(f"step_mode='residual' adds the output's change to the input latent, but "
                           f"the latent has shape {shape} and the output {bad[0]} (a model with "
                           "extra input channels, such as image-to-video): use step_mode='output'")
+
+
+def _laid_out_as(like: torch.Tensor, op: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """``op(*args)`` written in ``like``'s layout. An elementwise op of two differently laid-out
+    tensors (a block's input stream contiguous, its output a transposed view, as in HunyuanVideo)
+    picks a layout of its own, and a piece compiled by Inductor takes its inputs in the strides it
+    was traced with (it asserts them; an AOTInductor package reads them unchecked)."""
+    return op(*args, out=torch.empty_like(like))
 
 
 def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

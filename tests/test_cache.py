@@ -714,6 +714,27 @@ def test_first_block_rule_reproduces_diffusers_first_block_cache(threshold):
 
 
 @pytest.mark.inductor
+def test_forced_schedule_through_inductor_equals_it_on_the_eager_regions():
+    """Every reuse path with the regions compiled by Inductor, against the same rule on the FX
+    regions as they are. HunyuanVideo's streams leave its blocks as transposed views while its
+    residual enters them contiguous; a reused span's output (input plus cached residual) took a
+    layout of its own, and Inductor's next region, compiled for the traced strides, refused it."""
+    model, kw = tiny_models.hunyuan()
+    kw["return_dict"] = False
+    schedule = {"rule": "schedule", "block": [1, 2], "step": [3], "cfg": [4]}
+    outs, actions = {}, {}
+    for regions in ("eager", "inductor"):
+        torch._dynamo.reset()
+        f = torch.compile(model, backend="mixcache", options={"regions": regions, "cache": schedule})
+        outs[regions] = generation(f, kw)
+        actions[regions] = [r["action"] for r in dit_compile.stats(f)["trace"][-len(outs[regions]):]]
+    assert actions["inductor"] == actions["eager"]
+    assert {"block", "step", "cfg"} <= set(actions["inductor"])     # the premise: every path ran
+    for a, b in zip(outs["inductor"], outs["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.inductor
 def test_reduce_overhead_keeps_copies_of_what_it_returns():
     """CUDA graphs overwrite a graph's outputs on the next replay, so a cache holding the returned
     tensors would reuse whatever the replay wrote (a known failure of hook-based caches). Under
