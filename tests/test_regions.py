@@ -58,6 +58,8 @@ def test_diffusers_models_stitched_equal_eager(name):
 
 def test_positional_call_identifies_inputs_by_dataflow():
     model, kw = tiny_models.wan()
+    if not hasattr(type(model).forward, "__wrapped__"):
+        pytest.skip("this diffusers does not wrap the forward: a positional call keeps its names")
     args = (kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"])
     report = dit_compile.explain(model, *args, return_dict=False)
     assert report.input_rule == "dataflow"

@@ -5,18 +5,21 @@ Single-stack models are checked against the eager reference of the reuse rules (
 reuse, ``reference_cache.Reference`` wrapping the model's own blocks); models with several stacks
 (dual-stream, interleaved, control blocks) against eager with caching off, and by their counts.
 """
+import inspect
+
 import pytest
 import torch
 
 import dit_compile
 from reference_cache import Reference
 from test_cache import STEPS, compiled, generation
+from tiny_models import diffusers_class
 
 
 def _seeded(cls_name: str, **config):
-    import diffusers
+    cls = diffusers_class(cls_name)
     torch.manual_seed(0)
-    return getattr(diffusers, cls_name)(**config).eval()
+    return cls(**config).eval()
 
 
 def sana():
@@ -64,7 +67,8 @@ def hunyuandit():
                    text_embedding_mask_t5=torch.ones(1, 6),
                    image_meta_size=torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]]),
                    style=torch.zeros(1, dtype=torch.long),
-                   image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4)))
+                   image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4),
+                                                            output_type="pt"))
 
 
 def latte():
@@ -98,9 +102,12 @@ def qwenimage():
     m = _seeded("QwenImageTransformer2DModel", patch_size=2, in_channels=16, out_channels=4,
                 num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                 axes_dims_rope=(8, 4, 4))
-    return m, dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 7, 16),
-                   encoder_hidden_states_mask=torch.ones(1, 7), timestep=torch.full((1,), 500.0),
-                   img_shapes=[[(1, 4, 4)]])
+    kw = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 7, 16),
+              encoder_hidden_states_mask=torch.ones(1, 7), timestep=torch.full((1,), 500.0),
+              img_shapes=[[(1, 4, 4)]])
+    if "txt_seq_lens" in inspect.signature(type(m).forward).parameters:
+        kw["txt_seq_lens"] = [7]    # older diffusers (0.35) did not read it off the mask
+    return m, kw
 
 
 # name: (factory, stacks the region pass must find, the single stack's attribute or None)

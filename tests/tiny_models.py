@@ -7,11 +7,22 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import pytest
 import torch
 
 
+def diffusers_class(name: str) -> type:
+    """diffusers' class ``name``; the test skips where the installed diffusers has none (the
+    package supports older releases than the newest models need)."""
+    import diffusers
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        pytest.skip(f"diffusers {diffusers.__version__} has no {name}")
+    return cls
+
+
 def wan(layers: int = 3, batch: int = 1, frames: int = 2, size: int = 8) -> tuple[torch.nn.Module, dict]:
-    from diffusers import WanTransformer3DModel
+    WanTransformer3DModel = diffusers_class("WanTransformer3DModel")
     torch.manual_seed(0)
     m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                               in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
@@ -22,7 +33,7 @@ def wan(layers: int = 3, batch: int = 1, frames: int = 2, size: int = 8) -> tupl
 
 
 def flux(batch: int = 1) -> tuple[torch.nn.Module, dict]:
-    from diffusers import FluxTransformer2DModel
+    FluxTransformer2DModel = diffusers_class("FluxTransformer2DModel")
     torch.manual_seed(0)
     m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -35,7 +46,7 @@ def flux(batch: int = 1) -> tuple[torch.nn.Module, dict]:
 
 
 def hunyuan(batch: int = 1) -> tuple[torch.nn.Module, dict]:
-    from diffusers import HunyuanVideoTransformer3DModel
+    HunyuanVideoTransformer3DModel = diffusers_class("HunyuanVideoTransformer3DModel")
     torch.manual_seed(0)
     m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
                                        attention_head_dim=10, num_layers=2, num_single_layers=2,
@@ -50,7 +61,7 @@ def hunyuan(batch: int = 1) -> tuple[torch.nn.Module, dict]:
 
 
 def hidream(batch: int = 1) -> tuple[torch.nn.Module, dict]:
-    from diffusers import HiDreamImageTransformer2DModel
+    HiDreamImageTransformer2DModel = diffusers_class("HiDreamImageTransformer2DModel")
     torch.manual_seed(0)
     m = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                        num_single_layers=2, attention_head_dim=8,
@@ -65,7 +76,7 @@ def hidream(batch: int = 1) -> tuple[torch.nn.Module, dict]:
 
 
 def sd3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
-    from diffusers import SD3Transformer2DModel
+    SD3Transformer2DModel = diffusers_class("SD3Transformer2DModel")
     torch.manual_seed(0)
     m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3,
                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
@@ -78,7 +89,7 @@ def sd3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
 
 def chroma(batch: int = 1) -> tuple[torch.nn.Module, dict]:
     """Per-block modulation sliced from one pooled embedding between blocks (glue)."""
-    from diffusers import ChromaTransformer2DModel
+    ChromaTransformer2DModel = diffusers_class("ChromaTransformer2DModel")
     torch.manual_seed(0)
     m = ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=3,
                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -92,7 +103,7 @@ def chroma(batch: int = 1) -> tuple[torch.nn.Module, dict]:
 
 def kandinsky5(batch: int = 1) -> tuple[torch.nn.Module, dict]:
     """A text-only block stack before the visual one."""
-    from diffusers import Kandinsky5Transformer3DModel
+    Kandinsky5Transformer3DModel = diffusers_class("Kandinsky5Transformer3DModel")
     torch.manual_seed(0)
     m = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16,
                                      out_visual_dim=4, patch_size=(1, 2, 2), model_dim=16, ff_dim=32,
@@ -111,7 +122,7 @@ def kandinsky5(batch: int = 1) -> tuple[torch.nn.Module, dict]:
 def flux3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
     """Image blocks in an nn.ModuleDict (``mode_blocks["image"]``), one level below the text and
     single-stream stacks."""
-    from diffusers import Flux3Transformer2DModel
+    Flux3Transformer2DModel = diffusers_class("Flux3Transformer2DModel")
     torch.manual_seed(0)
     m = Flux3Transformer2DModel(in_channels=4, cond_in_channels=4, num_layers=2, num_single_layers=2,
                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
@@ -125,7 +136,7 @@ def flux3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
 
 def nucleus(batch: int = 1) -> tuple[torch.nn.Module, dict]:
     """NucleusMoE: expert-choice routing, its experts' loop syncs to the host."""
-    from diffusers import NucleusMoEImageTransformer2DModel
+    NucleusMoEImageTransformer2DModel = diffusers_class("NucleusMoEImageTransformer2DModel")
     torch.manual_seed(0)
     m = NucleusMoEImageTransformer2DModel(patch_size=2, in_channels=16, num_layers=2,
                                           attention_head_dim=8, num_attention_heads=2,
@@ -143,7 +154,7 @@ def nucleus(batch: int = 1) -> tuple[torch.nn.Module, dict]:
 def lumina2(batch: int = 1) -> tuple[torch.nn.Module, dict]:
     """Its forward graph-breaks before the blocks (a Python set of the caption lengths decides
     whether to mask): the graph that holds them reads intermediates, not the model's inputs."""
-    from diffusers import Lumina2Transformer2DModel
+    Lumina2Transformer2DModel = diffusers_class("Lumina2Transformer2DModel")
     torch.manual_seed(0)
     m = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=24,
                                   num_layers=2, num_refiner_layers=1, num_attention_heads=3,
