@@ -340,11 +340,15 @@ def _check_residual_shapes(latent: Any, outs: list[Any]) -> None:
 
 
 def _laid_out_as(like: torch.Tensor, op: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """``op(*args)`` written in ``like``'s layout. An elementwise op of two differently laid-out
+    """``op(*args)`` written in ``like``'s strides. An elementwise op of two differently laid-out
     tensors (a block's input stream contiguous, its output a transposed view, as in HunyuanVideo)
     picks a layout of its own, and a piece compiled by Inductor takes its inputs in the strides it
-    was traced with (it asserts them; an AOTInductor package reads them unchecked)."""
-    return op(*args, out=torch.empty_like(like))
+    was traced with (it asserts them; an AOTInductor package reads them unchecked). Strides, not
+    ``empty_like``'s layout: a stream may be a slice of a wider buffer (HunyuanVideo's image
+    tokens cut from the joint sequence, a batch stride past their own size), and ``empty_like``
+    makes such a tensor dense."""
+    return op(*args, out=torch.empty_strided(like.shape, like.stride(), dtype=like.dtype,
+                                             device=like.device))
 
 
 def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
