@@ -1,7 +1,6 @@
 """``backend="mixcache"``: the torch.compile backend, one linear pipeline of named passes."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -77,7 +76,8 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
                          key=repr(policy))
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "cfg_on_halves", False) else None)
-    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), piece_flops(plan), halves,
+    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
+                           piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()))
 
 
@@ -136,30 +136,58 @@ def _small_glue(piece: Piece) -> bool:
     return piece.region.kind == GLUE and len(ops) <= 4
 
 
-def piece_flops(plan: Plan) -> list[float]:
-    """Each piece's share of the forward's FLOPs, counted on the fake inputs (nothing runs)."""
+def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float]:
+    """Each piece's share of the forward's FLOPs, counted on fake inputs (nothing runs).
+
+    The inputs are made afresh in their own fake mode, with concrete sizes (a dynamic dimension at
+    its hint, the size of the call being compiled): under symbolic sizes a piece's broadcasts
+    fail in the fake kernels, which log an error with a traceback before raising. A 0-d graph input
+    is taken as the constant it is (``graph_inputs``: the real ones): under dynamic=True a module's
+    float (a norm's eps) is such an input, and its ``.item()`` would be data-dependent. A piece may
+    hold real constants (Wan's rotary frequencies, made in its forward): the mode converts them."""
     from torch._guards import detect_fake_mode
     from torch.utils.flop_counter import FlopCounterMode
     counts = []
+    mode = detect_fake_mode([x for p in plan.pieces for x in p.example_inputs])
+    allowed = mode is not None and mode.allow_non_fake_inputs
     try:
-        for p in plan.pieces:
-            # A piece may hold real constants (Wan's rotary frequencies, made in its forward):
-            # under the inputs' own fake mode they are converted, not refused.
-            mode = detect_fake_mode(p.example_inputs)
-            allowed = mode is not None and mode.allow_non_fake_inputs
-            try:
-                if mode is not None:
-                    mode.allow_non_fake_inputs = True
-                with mode or contextlib.nullcontext(), FlopCounterMode(display=False) as fc:
-                    p.module(*p.example_inputs)
-            finally:
-                if mode is not None:
-                    mode.allow_non_fake_inputs = allowed
-            counts.append(float(fc.get_total_flops()))
+        if mode is None:
+            raise RuntimeError("no fake inputs")
+        mode.allow_non_fake_inputs = True
+        with mode:
+            for p in plan.pieces:
+                inputs = [_constant(mode, graph_inputs[s]) if _scalar(graph_inputs, s, plan)
+                          else _concrete(x) for s, x in zip(p.args, p.example_inputs)]
+                with FlopCounterMode(display=False) as fc:
+                    p.module(*inputs)
+                counts.append(float(fc.get_total_flops()))
     except Exception:  # a piece fake execution cannot count: weigh blocks equally instead
         counts = [1.0 if p.region.kind == BLOCK else 0.0 for p in plan.pieces]
+    finally:
+        if mode is not None:
+            mode.allow_non_fake_inputs = allowed
     total = sum(counts) or 1.0
     return [c / total for c in counts]
+
+
+def _scalar(graph_inputs: list[Any] | None, slot: int, plan: Plan) -> bool:
+    return (graph_inputs is not None and slot < plan.n_inputs
+            and isinstance(graph_inputs[slot], torch.Tensor) and graph_inputs[slot].dim() == 0
+            and not isinstance(graph_inputs[slot], torch._subclasses.FakeTensor))
+
+
+def _constant(mode: Any, x: torch.Tensor) -> torch.Tensor:
+    return mode.fake_tensor_converter.from_real_tensor(mode, x, make_constant=True)
+
+
+def _concrete(x: Any) -> Any:
+    """``x`` with its symbolic sizes at their hints: a tensor of the current fake mode, or a number."""
+    def hint(d: Any) -> int:
+        return d if isinstance(d, int) else int(d.node.hint)
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided([hint(d) for d in x.shape], [hint(d) for d in x.stride()],
+                                   dtype=x.dtype, device=x.device)
+    return hint(x) if isinstance(x, torch.SymInt) else x
 
 
 def anchor_slot(gm: fx.GraphModule) -> int | None:

@@ -154,7 +154,7 @@ def _executor(traced: "_Traced", opts: Options, name: str) -> Executor:
                          "export with options={'cache': None}")
     from .backend import modulation_of, piece_flops
     return GuardedExecutor(traced.plan, fns, policy, StateFactory(None, False), traced.anchor,
-                           piece_flops(traced.plan), _NO_HALVES,
+                           piece_flops(traced.plan, traced.inputs), _NO_HALVES,
                            modulation_of(traced.plan, policy, name))
 
 
