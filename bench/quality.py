@@ -194,6 +194,33 @@ class MixCache(Method):
         return sum(r["flops"] for r in trace) / len(trace)
 
 
+class FittedTeaCache(MixCache):
+    """TeaCache with its polynomial: ``dit_compile.fit_teacache`` maps the change of the first
+    block's modulated input to the output's on calibration seeds (MagCache's, not evaluation
+    seeds), and the rule accumulates that. Fitted once per model, kept in ``fits``."""
+
+    def __init__(self, name: str, threshold: float, steps: int, fits: dict[int, list[float]],
+                 options: dict[str, Any] | None = None, seeds: tuple[int, ...] = (1000, 1001)):
+        self.rule = {"rule": "teacache", "threshold": threshold, "start": 2}
+        super().__init__(name, self.rule, options)
+        self.steps, self.fits, self.seeds = steps, fits, seeds
+
+    def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
+        import dit_compile
+        if id(model) not in self.fits:
+            pipe.transformer = super().attach(model, pipe)
+            runs = [(data.Condition(0, i % len(data.COLOURS), 0, 0), seed)
+                    for i, seed in enumerate(self.seeds)]
+            try:
+                self.fits[id(model)] = dit_compile.fit_teacache(pipe.transformer, lambda: [
+                    model.sample(pipe, c, seed, steps=self.steps) for c, seed in runs])
+            finally:
+                pipe.transformer = model.transformer
+            print(f"{self.name}: fitted coefficients {self.fits[id(model)]}", file=sys.stderr)
+        self.cache = dict(self.rule, coefficients=self.fits[id(model)])
+        return super().attach(model, pipe)
+
+
 class DiffusersHook(Method):
     """diffusers' ``transformer.enable_cache(config)``; ``make_config(model, pipe)`` builds the
     config (it may run calibration generations first)."""
@@ -336,6 +363,9 @@ def default_methods(steps: int, options: dict[str, Any] | None = None) -> list[M
     for th in (0.05, 0.1, 0.2):
         methods.append(MixCache(f"mixcache teacache {th}",
                                 {"rule": "teacache", "threshold": th, "start": 2}, options))
+    fits: dict[int, list[float]] = {}
+    for th in (0.05, 0.1, 0.2):
+        methods.append(FittedTeaCache(f"mixcache teacache fitted {th}", th, steps, fits, options))
     for th in (0.05, 0.1, 0.2):
         methods.append(MixCache(f"mixcache easycache {th}", {"rule": "teacache", "signal": "output",
                                                              "threshold": th, "start": 2}, options))

@@ -21,9 +21,10 @@ from .passes.moe import lower_moe, register_moe, restore_moe
 from .runtime.cache import CacheMemoryError, find_state
 from .runtime.policy import PolicyError
 from .sketch import Calibration, calibrate_split, sketch_render
+from .teacache import fit_teacache
 
 __all__ = ["mixcache", "explain", "stats", "reset", "export", "load", "Exported", "lower_moe", "register_moe", "restore_moe",
-           "calibrate_split", "sketch_render", "Calibration", "Report", "Options", "OptionError",
+           "calibrate_split", "sketch_render", "fit_teacache", "Calibration", "Report", "Options", "OptionError",
            "PolicyError", "CacheMemoryError"]
 
 

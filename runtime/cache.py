@@ -123,6 +123,9 @@ class CacheState:
         self.computed: set[int] = set()                    # branches computed (not reused) this step
         self.signals: dict[str, Any] = {}                  # the policy's own cross-branch signals
         self.t_first = 0.0                                 # timestep of the generation's first call
+        # While dit_compile.fit_teacache records: per call, the (signal's, output's) relative
+        # change since the branch's last call; None otherwise. A new generation keeps it.
+        self.calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def reset(self) -> None:

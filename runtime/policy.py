@@ -14,6 +14,7 @@ guard points. ``make_policy`` parses the user's ``cache`` option into one.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,8 @@ class Policy:
     teacache_signal: str = "modulated"      # what changes: "modulated" (the first block's
                                             # timestep-modulated input: TeaCache), "input" (the
                                             # latent) or "output" (EasyCache)
+    teacache_coefficients: tuple[float, ...] | None = None  # TeaCache's polynomial over that
+                                            # change, highest degree first (fit_teacache)
     cfg_every: int | None = None            # FasterCache: recompute cfg every N steps
     start: int = 0                          # no threshold-rule reuse before this step
     # shared knobs
@@ -94,6 +97,11 @@ class Policy:
         if s.step == 0 and s.branch == 0 and not self._told_beyond:
             self._check_schedule_length(s, state)
         bc = state.branch(s.branch)
+        if state.calibration is not None:
+            # fit_teacache records: every call computes, and keeps the signal's raw change.
+            if self.teacache is not None and bc.last_input is not None:
+                bc.signals["fit_change"] = rel_l1(latent, bc.last_input)
+            return COMPUTE, None
         have_out = bool(bc.outputs)
         signal = None
         if self.teacache is not None and bc.last_input is not None:
@@ -137,7 +145,7 @@ class Policy:
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:
         """Reuse the span? True/False for the batch, or a per-sample mask; plus the signal."""
-        if bc.span is None:
+        if bc.span is None or st.calibration is not None:
             return False, None
         if s.step in self.block_steps:
             return not self._bounded(bc), None
@@ -157,25 +165,45 @@ class Policy:
         was handed, the first block's modulated input (TeaCache) or the latent, or the latent's
         change times the output's rate of change per input change between the last two computed
         calls, an estimate of the output's own change (EasyCache). None while there is no rate
-        yet."""
+        yet. TeaCache's coefficients map the change through their polynomial, clamped at zero: a
+        fitted polynomial can dip below it near zero change, and a negative change would shrink
+        the accumulated one, reusing ever after."""
         change = rel_l1(latent, bc.last_input)
-        if self.teacache_signal != "output":
-            return change
-        rate = bc.signals.get("output_rate")
-        return None if rate is None else change * rate
+        if self.teacache_signal == "output":
+            rate = bc.signals.get("output_rate")
+            return None if rate is None else change * rate
+        if self.teacache_coefficients is not None:
+            change = polyval(self.teacache_coefficients, change).clamp_min(0)
+        return change
 
     def observe(self, s: Step, st: CacheState, bc: BranchCache, outs: list[torch.Tensor],
                 kind: str) -> None:
-        """EasyCache's rate, taken at each computed call: the output's relative change over the
-        input's, since the last computed call (``bc.last_input`` is this call's latent here)."""
+        """After a call: under fit_teacache, the pair (signal's change, output's change) since the
+        branch's last call; EasyCache's rate, taken at each computed call: the output's relative
+        change over the input's, since the last computed call (``bc.last_input`` is this call's
+        latent here)."""
+        sig = bc.signals
+        if st.calibration is not None and self.teacache is not None:
+            change, last = sig.pop("fit_change", None), sig.get("fit_output")
+            if change is not None and last is not None:
+                st.calibration.append((change, rel_l1(outs[0], last)))
+            sig["fit_output"] = st.current[s.branch][0]
+            return
         if self.teacache_signal != "output" or kind not in ("compute", "block"):
             return
-        sig = bc.signals
         if "input_at_compute" in sig and len(bc.outputs) >= 2:
             out_change = rel_l1(bc.outputs[-1][1][0], bc.outputs[-2][1][0])
             sig["output_rate"] = out_change / rel_l1(bc.last_input, sig["input_at_compute"]
                                                      ).clamp_min(1e-12)
         sig["input_at_compute"] = bc.last_input
+
+
+def polyval(coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+    """The polynomial with ``coefficients`` (highest degree first) at ``x`` (Horner)."""
+    y = torch.zeros_like(x)
+    for c in coefficients:
+        y = y * x + c
+    return y
 
 
 def cfg_ready(s: Step, state: CacheState) -> bool:
@@ -209,7 +237,7 @@ def _threshold(spec: dict, name: str) -> float:
 _KEYS = {
     "schedule": {"rule", "step", "cfg", "block"},
     "first_block": {"rule", "threshold"},
-    "teacache": {"rule", "threshold", "signal"},
+    "teacache": {"rule", "threshold", "signal", "coefficients"},
     "fastercache": {"rule", "every"},
 }
 _COMMON = {"probe", "span", "step_mode", "extrapolate", "max_reuse", "per_sample", "start"}
@@ -265,12 +293,30 @@ def _rules(cache: Any) -> Policy:
                                   "modulated input, TeaCache), 'input' (the input latent's) or "
                                   "'output' (the output's change estimated from the latent's, "
                                   "EasyCache)")
+            kw["teacache_coefficients"] = _coefficients(spec.get("coefficients"),
+                                                        kw["teacache_signal"])
         elif rule == "fastercache":
             every = spec.get("every")
             if not isinstance(every, int) or every < 2:
                 raise PolicyError(f"fastercache every={every!r}: must be an integer >= 2")
             kw["cfg_every"] = every
     return Policy(**kw)
+
+
+def _coefficients(value: Any, signal: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    if signal == "output":
+        raise PolicyError("teacache coefficients rescale the change of signal 'modulated' or "
+                          "'input'; signal 'output' (EasyCache) is already an estimate of the "
+                          "output's change")
+    if (not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 8
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                       and math.isfinite(c) for c in value)):
+        raise PolicyError(f"teacache coefficients={value!r}: must be a list of 1 to 8 finite "
+                          "numbers, highest degree first (numpy.polyfit's order, TeaCache's), as "
+                          "dit_compile.fit_teacache returns them")
+    return tuple(float(c) for c in value)
 
 
 def _check_blocks(policy: Any, n_blocks: int | None) -> Any:

@@ -230,19 +230,24 @@ def _modulated(model, kw, x, t):
     return seen[0]
 
 
-def _teacache_reference(model, kw, threshold, signal, start):
+def _teacache_reference(model, kw, threshold, signal, start, coefficients=None):
     """TeaCache (``signal="modulated"``, or ``"input"`` on the latent) and EasyCache
     (``"output"``) written out over one Euler sampler run, per sample of the batch: the change
-    since the last call (of the first block's modulated input or of the latent, or the latent's
-    times the output's rate of change per input change between the last two computes)
-    accumulates from the last compute, and the whole step reuses the last output while every
-    sample's sum stays below the threshold."""
+    since the last call (of the first block's modulated input or of the latent, through
+    TeaCache's polynomial where ``coefficients`` are given, or the latent's times the output's
+    rate of change per input change between the last two computes) accumulates from the last
+    compute, and the whole step reuses the last output while every sample's sum stays below the
+    threshold."""
+    import numpy as np
     x, prev, acc, rate = kw["hidden_states"].clone(), None, None, None
     computed, outs, actions = [], [], []
     for i, t in enumerate(STEPS):
         seen = _modulated(model, kw, x, t) if signal == "modulated" else x
         if prev is not None and (signal != "output" or rate is not None):
             change = _rel(seen, prev) * (1.0 if signal != "output" else rate)
+            if coefficients is not None:
+                change = torch.from_numpy(np.polyval(coefficients, change.double().numpy())
+                                          ).float().clamp_min(0)
             acc = change if acc is None else acc + change
         if i >= start and computed and acc is not None and bool((acc < threshold).all()):
             y = computed[-1][1]
@@ -260,15 +265,21 @@ def _teacache_reference(model, kw, threshold, signal, start):
     return outs, actions
 
 
-@pytest.mark.parametrize("signal,threshold", [("modulated", 0.15), ("input", 0.1), ("output", 0.3)])
-def test_teacache_and_easycache_match_eager_reference(signal, threshold):
+@pytest.mark.parametrize("signal,threshold,coefficients", [
+    ("modulated", 0.15, None), ("input", 0.1, None), ("output", 0.3, None),
+    # Flatter than the identity (more reuse), the first below zero near zero change.
+    ("modulated", 0.15, [-3.0, 1.0, -0.01]), ("input", 0.1, [0.5, 0.0])])
+def test_teacache_and_easycache_match_eager_reference(signal, threshold, coefficients):
     """Per sample of a batch of two latents, inside an Euler sampler whose latent moves."""
     model, kw = tiny_models.wan(layers=3, batch=2)
     kw["return_dict"] = False
     kw["hidden_states"][1] *= 2.0
-    ref, actions = _teacache_reference(model, kw, threshold, signal, start=1)
-    assert "step" in actions and actions.count("compute") >= 3, actions     # the premise
-    f = compiled(model, {"rule": "teacache", "threshold": threshold, "signal": signal, "start": 1})
+    ref, actions = _teacache_reference(model, kw, threshold, signal, 1, coefficients)
+    assert "step" in actions and actions.count("compute") >= 2, actions     # the premise
+    if coefficients is not None:    # the polynomial decides: without it, other decisions
+        assert _teacache_reference(model, kw, threshold, signal, 1)[1] != actions
+    rule = {"rule": "teacache", "threshold": threshold, "signal": signal, "start": 1}
+    f = compiled(model, rule if coefficients is None else dict(rule, coefficients=coefficients))
     x, outs = kw["hidden_states"].clone(), []
     with torch.no_grad():
         for i, t in enumerate(STEPS):
@@ -299,6 +310,59 @@ def test_residual_step_reuse_matches_eager_reference():
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"step {i}")
             x = x + 0.2 * ours
     assert [r["action"] for r in dit_compile.stats(f)["trace"]].count("step") == len(reuse)
+
+
+def test_fit_teacache_fits_the_changes_every_branch_saw():
+    """``fit_teacache``: while ``run`` generates, every call computes, and the polynomial is the
+    least-squares fit of the output's relative change on the modulated input's between each
+    branch's consecutive calls, per sample, as computed here from the eager model."""
+    import numpy as np
+    model, kw = tiny_models.wan(layers=3, batch=2)
+    kw["return_dict"] = False
+    kw["hidden_states"][1] *= 2.0
+    texts = [kw["encoder_hidden_states"], -kw["encoder_hidden_states"]]
+
+    def sample(f):
+        x, calls = kw["hidden_states"].clone(), []
+        with torch.no_grad():
+            for i, t in enumerate(STEPS):
+                ys = [f(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t),
+                               encoder_hidden_states=e))[0] for e in texts]
+                calls.append((x, t, ys))
+                dt = (STEPS[i + 1] if i + 1 < len(STEPS) else 0.0) - t
+                x = x + dt / 1000.0 * (ys[1] + 3.0 * (ys[0] - ys[1]))    # a guided Euler step
+        return calls
+
+    f = compiled(model, {"rule": "teacache", "threshold": 10.0, "start": 1})
+    runs = []
+    fitted = dit_compile.fit_teacache(f, lambda: runs.append(sample(f)), degree=2)
+    assert len(runs) == 2           # the first compiled the model, the second was recorded
+    assert dit_compile.stats(f)["calls"] == 0       # dropped after, as reset does
+    ref = sample(model)
+    torch.testing.assert_close(runs[1][-1][2][0], ref[-1][2][0], rtol=1e-5, atol=1e-5)  # no reuse
+    mods = [_modulated(model, kw, x, t) for x, t, _ in ref]
+    x = torch.cat([_rel(mods[i], mods[i - 1]) for i in range(1, len(ref)) for _ in texts])
+    y = torch.cat([_rel(ref[i][2][b], ref[i - 1][2][b]) for i in range(1, len(ref))
+                   for b in range(len(texts))])
+    expected = np.polyfit(x.double().numpy(), y.double().numpy(), 2)
+    np.testing.assert_allclose(fitted, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    # Once the model has run, one recorded run is all it takes; the fit is the same.
+    again = dit_compile.fit_teacache(f, lambda: runs.append(sample(f)), degree=2)
+    assert len(runs) == 3
+    np.testing.assert_allclose(again, fitted, rtol=1e-6, atol=1e-9)
+    # Another compile of the same module ran since: its state is the model's now, and the first
+    # run of this one replaces it with this configuration's own.
+    h = compiled(model, {"rule": "first_block", "threshold": 0.1})
+    generation(h, kw)
+    again = dit_compile.fit_teacache(f, lambda: runs.append(sample(f)), degree=2)
+    assert len(runs) == 5
+    np.testing.assert_allclose(again, fitted, rtol=1e-6, atol=1e-9)
+
+    g = compiled(tiny_models.wan(layers=3)[0], {"rule": "first_block", "threshold": 0.1})
+    with pytest.raises(ValueError, match="nothing recorded: the model must be compiled with a teacache"):
+        dit_compile.fit_teacache(g, lambda: generation(g, tiny_models.wan(layers=3)[1]))
+    with pytest.raises(ValueError, match="degree=9"):
+        dit_compile.fit_teacache(f, lambda: None, degree=9)
 
 
 def test_latent_updated_in_place_is_seen_to_change():
@@ -666,6 +730,10 @@ def test_memory_bound_is_a_clear_error():
     ({"rule": "mixcache", "extrapolate": "yes"}, r"extrapolate='yes': must be"),
     ({"rule": "teacache", "threshold": 0.1, "treshold": 1}, r"unknown key\(s\) \['treshold'\]"),
     ({"rule": "teacache", "threshold": 0.1, "signal": "latent"}, r"signal='latent': must be 'modulated'"),
+    ({"rule": "teacache", "threshold": 0.1, "coefficients": [1, float("nan")]}, r"coefficients=.*finite"),
+    ({"rule": "teacache", "threshold": 0.1, "coefficients": 2.0}, r"coefficients=2.0: must be a list"),
+    ({"rule": "teacache", "threshold": 0.1, "coefficients": [1.0], "signal": "output"},
+     r"signal 'output' \(EasyCache\) is already"),
 ])
 def test_bad_cache_options(cache, match):
     model, kw = tiny_models.wan(layers=3)
