@@ -8,9 +8,10 @@ Issue 2 asks that mixcache's first generation (compile included) be no slower th
 compilation's. Each method runs in a fresh process with empty Inductor and Triton caches, after
 importing what a pipeline imports (diffusers' pipelines pull in transformers), so the first call
 pays what a user's first generation pays for the transformer: Dynamo's trace and the compiles.
-``dynamo trace only`` is ``backend="eager"``: the trace and nothing else. "blocks nested" marks
-Wan's block class with ``torch.compiler.nested_compile_region``, so that Dynamo traces one block
-and stamps out the rest (a user's one line; the backend cannot shorten the trace it is handed).
+``dynamo trace only`` is ``backend="eager"``: the trace and nothing else. "blocks nested" calls
+``dit_compile.nest_blocks(model)`` first (``torch.compiler.nested_compile_region`` on this model's
+blocks), so that Dynamo traces one block and stamps out the rest (a user's one line; the backend
+cannot shorten the trace it is handed).
 For mixcache the backend's own time (region pass, split, compiles) is read from its INFO log; the
 rest of the first call is Dynamo and running the model once. Not a benchmark of per-call speed (bench/wan_speed.py).
 """
@@ -67,8 +68,8 @@ def one(method: str, layers: int, device: str, config: str) -> dict:
     x = torch.randn(latent, device=device, dtype=dtype)
     e = torch.randn(1, text, kw["text_dim"], device=device, dtype=dtype)
     if method.startswith("nested-"):
-        from diffusers.models.transformers.transformer_wan import WanTransformerBlock
-        WanTransformerBlock.forward = torch.compiler.nested_compile_region(WanTransformerBlock.forward)
+        import dit_compile
+        dit_compile.nest_blocks(m)
         method = method.removeprefix("nested-")
     if method == "regional":
         m.compile_repeated_blocks(fullgraph=True)

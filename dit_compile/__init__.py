@@ -18,12 +18,14 @@ from .explain import Report, explain
 from .export import Exported, export, load
 from .options import OptionError, Options
 from .passes.moe import lower_moe, register_moe, restore_moe
-from .runtime.cache import CacheMemoryError, find_state
+from .passes.nesting import nest_blocks, unnest_blocks
+from .runtime.cache import CacheMemoryError, find_state, model_states
 from .runtime.policy import PolicyError
 from .sketch import Calibration, calibrate_split, sketch_render
 from .teacache import fit_teacache
 
 __all__ = ["mixcache", "explain", "stats", "reset", "export", "load", "Exported", "lower_moe", "register_moe", "restore_moe",
+           "nest_blocks", "unnest_blocks",
            "calibrate_split", "sketch_render", "fit_teacache", "Calibration", "Report", "Options", "OptionError",
            "PolicyError", "CacheMemoryError"]
 
@@ -44,8 +46,8 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
 
 def reset(model: torch.nn.Module) -> None:
     """Drop everything cached and counted for ``model``: the next call starts a new generation,
-    and ``stats(model)`` counts from there."""
-    state = find_state(model)
-    if state is not None:
+    and ``stats(model)`` counts from there. Every state of the model's, where graphs of it hold
+    several (compiled again in another form): none of them is reused after a reset."""
+    for state in model_states(model):
         state.reset()
         state.clear_stats()

@@ -159,7 +159,7 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
                 inputs = [_constant(mode, graph_inputs[s]) if _scalar(graph_inputs, s, plan)
                           else _concrete(x) for s, x in zip(p.args, p.example_inputs)]
                 with FlopCounterMode(display=False) as fc:
-                    p.module(*inputs)
+                    _Inlined(p.module).run(*inputs)
                 counts.append(float(fc.get_total_flops()))
     except Exception:  # a piece fake execution cannot count: weigh blocks equally instead
         counts = [1.0 if p.region.kind == BLOCK else 0.0 for p in plan.pieces]
@@ -168,6 +168,18 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
             mode.allow_non_fake_inputs = allowed
     total = sum(counts) or 1.0
     return [c / total for c in counts]
+
+
+class _Inlined(fx.Interpreter):
+    """Runs a graph with its nested compile regions (``invoke_subgraph``, blocks marked with
+    ``nested_compile_region``) run as their own graphs: FlopCounterMode has no rule for that
+    higher-order op, so the op would count nothing, and fail."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target is torch.ops.higher_order.invoke_subgraph:
+            subgraph, _, *operands = args
+            return tuple(_Inlined(subgraph).run(*operands))
+        return super().call_function(target, args, kwargs)
 
 
 def _scalar(graph_inputs: list[Any] | None, slot: int, plan: Plan) -> bool:

@@ -32,6 +32,7 @@ never a module global. Its lifecycle rules are the safety net under every policy
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,7 @@ class CacheState:
         self.computed: set[int] = set()                    # branches computed (not reused) this step
         self.signals: dict[str, Any] = {}                  # the policy's own cross-branch signals
         self.t_first = 0.0                                 # timestep of the generation's first call
+        self.last_call = 0                                 # monotonic ns of the last call begun
         # While dit_compile.fit_teacache records: per call, the (signal's, output's) relative
         # change since the branch's last call; None otherwise. A new generation keeps it.
         self.calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -144,6 +146,7 @@ class CacheState:
         """Place a call in its generation, step and branch; drop the cache on a new generation,
         and a branch's cache when its text condition changed. ``latent`` None (callers that have
         none, unit tests): a repeated timestep is the next branch."""
+        self.last_call = time.monotonic_ns()
         signature = (signature, halves)
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
@@ -282,13 +285,23 @@ class StateFactory:
 
 
 def find_state(model: torch.nn.Module) -> CacheState | None:
-    """The CacheState the runtime attached to one of ``model``'s parameters, if any."""
+    """The CacheState the runtime attached to one of ``model``'s parameters and used last, if any.
+
+    Graphs of one model may anchor their states on different parameters (the same model compiled
+    again, with its blocks nested, traces its parameters in another order): the one that ran last
+    is the model's current state, not the first found."""
+    return max(model_states(model), key=lambda s: s.last_call, default=None)
+
+
+def model_states(model: torch.nn.Module) -> list[CacheState]:
+    """Every CacheState attached to ``model``'s parameters, once each."""
     model = getattr(model, "_orig_mod", model)
+    states = {}
     for p in model.parameters():
         state = getattr(p, STATE_ATTR, None)
         if state is not None:
-            return state
-    return None
+            states[id(state)] = state
+    return list(states.values())
 
 
 def sample_times(t: float | tuple[float, ...], n: int) -> torch.Tensor:

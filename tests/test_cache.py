@@ -523,6 +523,28 @@ def test_model_compiled_again_with_other_options_gets_a_fresh_state():
     assert find_state(model) is not first and find_state(model).clone
 
 
+def test_states_on_several_parameters_the_last_used_is_the_models_and_reset_drops_all():
+    """Graphs of one model can anchor their states on different parameters (traced in another
+    order). ``stats`` then reads the state used last, and ``reset`` drops every one of them, so
+    no graph of the model reuses anything after it."""
+    from dit_compile.runtime.cache import StateFactory, find_state
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [1]})
+    generation(f, kw, steps=STEPS[:2])
+    mine = find_state(model)
+    params = [p for p in model.parameters() if getattr(p, "_dit_compile_state", None) is None]
+    other = StateFactory(None, False, key=mine.key)(params[-1])
+    assert find_state(model) is mine        # the other one has not been used yet
+    other.begin(900.0, "sig")
+    assert find_state(model) is other
+    generation(f, kw, steps=STEPS[:1])
+    assert find_state(model) is mine and dit_compile.stats(f)["calls"] == 6
+    other.current[0] = [torch.ones(1)]
+    dit_compile.reset(f)
+    assert mine.stats()["calls"] == 0 and not mine.branches and not other.current
+
+
 def _settling_and_moving(batch_kw):
     """Latents per step for a batch of two: sample 0's holds still (its probe settles), sample 1's
     is redrawn at every step (its probe keeps moving), so a First-Block-Cache decision splits."""

@@ -123,10 +123,15 @@ ZOO = {
 SCHEDULE = dict(step=[2], cfg=[3], block=[4])
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["inlined", "nested"])
 @pytest.mark.parametrize("name", sorted(ZOO))
-def test_more_diffusers_dits(name):
+def test_more_diffusers_dits(name, nested):
+    """``nested``: the blocks as nested compile regions (``nest_blocks``): found, guarded and
+    reused as the inlined ones."""
     make, stacks, blocks_attr = ZOO[name]
     model, kw = make()
+    if nested:
+        assert dit_compile.nest_blocks(model) >= sum(stacks.values())
     report = dit_compile.explain(model, **kw, return_dict=False)
     assert report.fallback is None and report.stacks == stacks
     assert {"latent", "timestep"} <= set(report.inputs)

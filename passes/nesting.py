@@ -1,0 +1,86 @@
+"""Block stacks as nested compile regions, so that Dynamo traces one block of a stack, not all.
+
+Dynamo inlines every block of a model's stack before any backend sees the graph: at 30 blocks that
+trace is most of a first call. ``torch.compiler.nested_compile_region`` on a block's forward makes
+Dynamo trace it once and stamp out the other calls as ``invoke_subgraph`` nodes, which the region
+pass reads as blocks. Marking the block *class* would change every model of that class in the
+process; ``nest_blocks`` marks this model's blocks only, by moving each to a subclass that differs
+from its class in nothing but the marked forward (same name, so module paths, ``isinstance`` and
+diffusers' ``_repeated_blocks`` see the block they saw). A module rewrite before tracing, like the
+MoE lowering: no backend can shorten the trace it is handed.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+NESTED_FROM = "_dit_compile_nested_from"    # on a nested subclass: the class it stands in for
+_subclasses: dict[type, type] = {}          # one subclass per block class, so blocks share it
+
+
+def block_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
+    """The model's repeated block stacks: every ``nn.ModuleList`` of two or more modules of one
+    class that is not inside another such stack's blocks (an MoE's experts are not a stack)."""
+    stacks: dict[str, nn.ModuleList] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{s}.") for s in stacks):
+            continue
+        if (isinstance(module, nn.ModuleList) and len(module) >= 2
+                and len({_original(type(b)) for b in module}) == 1):
+            stacks[name] = module
+    return stacks
+
+
+def nest_blocks(model: nn.Module) -> int:
+    """Mark every block of ``model``'s stacks as a nested compile region, in place; returns the
+    number of blocks now marked (again: the same number, nothing changes). Call before
+    ``torch.compile``; ``unnest_blocks`` undoes it. The outputs are the same; the first call
+    traces one block per stack."""
+    n = 0
+    for stack in block_stacks(model).values():
+        for block in stack:
+            block.__class__ = _nested(_original(type(block)))
+            n += 1
+    return n
+
+
+def unnest_blocks(model: nn.Module) -> int:
+    """Undo ``nest_blocks``: every marked block of ``model`` back to its own class; returns how
+    many were marked."""
+    n = 0
+    for module in model.modules():
+        original = type(module).__dict__.get(NESTED_FROM)
+        if original is not None:
+            module.__class__ = original
+            n += 1
+    return n
+
+
+def _unaliased(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` whose tensor outputs, when compiled, are copies: a nested region's outputs may
+    not alias each other or its inputs (Flux's and HunyuanVideo's single-stream blocks return the
+    two halves of one tensor as views), and Inductor writes each copy where the viewed tensor would
+    have been written. Run eagerly, nothing is copied."""
+    @functools.wraps(forward)
+    def unaliased(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        out = forward(self, *args, **kwargs)
+        if not torch.compiler.is_compiling():
+            return out
+        return pytree.tree_map_only(torch.Tensor, torch.clone, out)
+    return unaliased
+
+
+def _original(cls: type) -> type:
+    return cls.__dict__.get(NESTED_FROM, cls)
+
+
+def _nested(cls: type) -> type:
+    if cls not in _subclasses:
+        _subclasses[cls] = type(cls.__name__, (cls,), {
+            "forward": torch.compiler.nested_compile_region(_unaliased(cls.forward)),
+            NESTED_FROM: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _subclasses[cls]

@@ -1,0 +1,104 @@
+"""``nest_blocks``: a model's block stacks as nested compile regions, per instance. The trace holds
+one block per stack and ``invoke_subgraph`` calls; the backend finds, guards and counts them as the
+inlined blocks, with the same outputs."""
+import pytest
+import torch
+
+import dit_compile
+import dit_compile.backend as backend
+import tiny_models
+from dit_compile.passes.moe import lower_moe
+from test_cache import STEPS
+
+
+def _subgraph_calls(gm: torch.fx.GraphModule) -> int:
+    return sum(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes)
+
+
+def _traced(model, kw):
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record, fullgraph=True)(**kw, return_dict=False)
+    return graphs[0]
+
+
+def test_nest_blocks_marks_this_models_blocks_only():
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    model, kw = tiny_models.wan(layers=3)
+    other, _ = tiny_models.wan(layers=3)
+    keys = list(model.state_dict())
+    assert dit_compile.nest_blocks(model) == 3 and dit_compile.nest_blocks(model) == 3
+    block = model.blocks[0]
+    assert isinstance(block, WanTransformerBlock) and type(block) is not WanTransformerBlock
+    assert type(block).__name__ == "WanTransformerBlock" and list(model.state_dict()) == keys
+    assert type(other.blocks[0]) is WanTransformerBlock
+    assert _subgraph_calls(_traced(model, kw)) == 3
+    assert _subgraph_calls(_traced(other, kw)) == 0     # another model of the class: as it was
+    assert dit_compile.unnest_blocks(model) == 3 and type(model.blocks[0]) is WanTransformerBlock
+    assert _subgraph_calls(_traced(model, kw)) == 0
+
+
+def _generation(f, kw):
+    """One sampler-like run: a lower timestep each call, the latent moved by the output."""
+    key = "timesteps" if "timesteps" in kw else "timestep"
+    scale = 1.0 if float(kw[key].max()) > 1 else 1e-3     # Flux's timesteps are in [0, 1]
+    x, outs = kw["hidden_states"].clone(), []
+    with torch.no_grad():
+        for t in STEPS:
+            y = f(**dict(kw, hidden_states=x, return_dict=False,
+                         **{key: torch.full_like(kw[key], t * scale)}))[0]
+            outs.append(y)
+            x = x + 0.1 * y.reshape(x.shape) if y.numel() == x.numel() else x
+    return outs
+
+
+@pytest.mark.parametrize("name", sorted(tiny_models.MODELS))
+def test_nested_blocks_are_guarded_and_counted_as_inlined_ones(name):
+    """The same forced schedule (step, block reuse) on a model with nested blocks and on the same
+    model inlined: the same outputs, the same reuse and the same FLOPs fraction (each nested block
+    counted through its subgraph), read from the state the nested graph used (it may hang on
+    another parameter than the inlined graph's, which then holds a stale one). Flux's and HunyuanVideo's single-stream blocks return views
+    of one tensor, which a nested region may not: nest_blocks copies them when compiled."""
+    model, kw = tiny_models.MODELS[name]()
+    if name == "hidream":
+        lower_moe(model)
+    cache = {"rule": "schedule", "step": [2], "block": [1, 3, 4]}
+    runs = []
+    for nested in (False, True):
+        if nested:
+            assert dit_compile.nest_blocks(model) >= 2
+        graphs = []
+        real = backend.find_regions
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real(gm))
+            torch._dynamo.reset()
+            f = torch.compile(model, backend="mixcache", fullgraph=True,
+                              options={"regions": "eager", "cache": cache})
+            dit_compile.reset(f)    # the inlined run's counts; its state may hang elsewhere
+            outs = _generation(f, kw)
+        assert (_subgraph_calls(graphs[0]) > 0) == nested
+        s = dit_compile.stats(f)
+        runs.append((outs, s["reused"], s["flops_fraction"]))
+    (ref, reused, flops), (outs, nested_reused, nested_flops) = runs
+    assert reused == nested_reused == {"step": 1, "block": 3}
+    assert nested_flops == pytest.approx(flops, rel=1e-9)
+    for i, (a, b) in enumerate(zip(outs, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"call {i}")
+
+
+@pytest.mark.inductor
+def test_nested_flux_through_inductor_equals_plain_inductor():
+    """The copies that unalias Flux's single-stream outputs compile, and change nothing."""
+    model, kw = tiny_models.flux()
+    with torch.no_grad():
+        plain = torch.compile(model, backend="inductor", fullgraph=True)(**kw, return_dict=False)[0]
+        dit_compile.nest_blocks(model)
+        torch._dynamo.reset()
+        ours = torch.compile(model, backend="mixcache", fullgraph=True,
+                             options={"cache": None})(**kw, return_dict=False)[0]
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
