@@ -155,12 +155,16 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
             raise RuntimeError("no fake inputs")
         mode.allow_non_fake_inputs = True
         with mode:
+            counted: dict[str, float] = {}    # identical pieces (the blocks) are counted once
             for p in plan.pieces:
-                inputs = [_constant(mode, graph_inputs[s]) if _scalar(graph_inputs, s, plan)
-                          else _concrete(x) for s, x in zip(p.args, p.example_inputs)]
-                with FlopCounterMode(display=False) as fc:
-                    _Inlined(p.module).run(*inputs)
-                counts.append(float(fc.get_total_flops()))
+                key = p.signature()
+                if key not in counted:
+                    inputs = [_constant(mode, graph_inputs[s]) if _scalar(graph_inputs, s, plan)
+                              else _concrete(x) for s, x in zip(p.args, p.example_inputs)]
+                    with FlopCounterMode(display=False) as fc:
+                        _Inlined(p.module).run(*inputs)
+                    counted[key] = float(fc.get_total_flops())
+                counts.append(counted[key])
     except Exception:  # a piece fake execution cannot count: weigh blocks equally instead
         counts = [1.0 if p.region.kind == BLOCK else 0.0 for p in plan.pieces]
     finally:
