@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,10 +32,14 @@ class Piece:
     outs: tuple[int, ...]           # slots written, one per output of the piece
     example_inputs: list[Any]       # fake tensors / symints for compiling the piece
     single: bool                    # the piece returns one value, not a tuple
+    _signature: str | None = field(default=None, repr=False, compare=False)
 
     def signature(self) -> str:
-        """Structural hash: pieces with equal signatures compute the same function of their args."""
-        return graph_signature(self.module, self.example_inputs)
+        """Structural hash: pieces with equal signatures compute the same function of their args.
+        Taken once, as split made the piece (sharing and the FLOP count both key on it)."""
+        if self._signature is None:
+            self._signature = graph_signature(self.module, self.example_inputs)
+        return self._signature
 
     def writes_in_place(self) -> bool:
         """Whether the piece may write into a tensor it is given (a block doing ``x += f(x)``):
