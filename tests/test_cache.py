@@ -265,13 +265,16 @@ def _teacache_reference(model, kw, threshold, signal, start, coefficients=None):
     return outs, actions
 
 
-@pytest.mark.parametrize("signal,threshold,coefficients", [
-    ("modulated", 0.15, None), ("input", 0.1, None), ("output", 0.3, None),
+@pytest.mark.parametrize("signal,threshold,coefficients,nested", [
+    ("modulated", 0.15, None, False), ("input", 0.1, None, False), ("output", 0.3, None, False),
     # Flatter than the identity (more reuse), the first below zero near zero change.
-    ("modulated", 0.15, [-3.0, 1.0, -0.01]), ("input", 0.1, [0.5, 0.0])])
-def test_teacache_and_easycache_match_eager_reference(signal, threshold, coefficients):
+    ("modulated", 0.15, [-3.0, 1.0, -0.01], False), ("input", 0.1, [0.5, 0.0], False),
+    ("modulated", 0.15, None, True)])   # read inside a nested block (nest_blocks)
+def test_teacache_and_easycache_match_eager_reference(signal, threshold, coefficients, nested):
     """Per sample of a batch of two latents, inside an Euler sampler whose latent moves."""
     model, kw = tiny_models.wan(layers=3, batch=2)
+    if nested:
+        dit_compile.nest_blocks(model)
     kw["return_dict"] = False
     kw["hidden_states"][1] *= 2.0
     ref, actions = _teacache_reference(model, kw, threshold, signal, 1, coefficients)

@@ -57,8 +57,12 @@ def test_random_dits_modulated_input_found_exactly_where_blocks_modulate(spec):
     torch.testing.assert_close(value, _seen_by(model.blocks[0].qkv, model, kw), rtol=0, atol=0)
 
 
-def test_wan_modulated_input_is_what_its_first_attention_reads():
+@pytest.mark.parametrize("nested", [False, True], ids=["inlined", "nested"])
+def test_wan_modulated_input_is_what_its_first_attention_reads(nested):
+    """``nested``: the block is one invoke_subgraph call (nest_blocks); the pass looks into it."""
     model, kw = tiny_models.wan(layers=3, batch=2)
+    if nested:
+        dit_compile.nest_blocks(model)
     value = _found_and_value(model, kw)
     torch.testing.assert_close(value, _seen_by(model.blocks[0].attn1, model, kw),
                                rtol=1e-6, atol=1e-6)
@@ -66,9 +70,12 @@ def test_wan_modulated_input_is_what_its_first_attention_reads():
 
 @pytest.mark.parametrize("name", ["flux", "hunyuan", "sd3"])
 def test_diffusers_models_have_a_modulated_input(name):
+    """Found in the inlined blocks, and the same value in the nested ones."""
     model, kw = getattr(tiny_models, name)()
     value = _found_and_value(model, kw)
     assert value is not None and value.dim() == 3 and value.shape[0] == 1
+    dit_compile.nest_blocks(model)
+    torch.testing.assert_close(_found_and_value(model, kw), value, rtol=0, atol=0)
 
 
 def test_no_modulated_input_warns_and_decides_on_the_latent():
