@@ -74,6 +74,19 @@ def _unaliased(forward: Callable[..., Any]) -> Callable[..., Any]:
     return unaliased
 
 
+def _views_copied(region: Callable[..., Any]) -> Callable[..., Any]:
+    """``region`` called, when compiled, with copies of the tensor arguments that are views: a
+    nested region's inputs may not alias each other either (CogVideoX hands its first block the
+    text and video halves of one tensor). Run eagerly, nothing is copied."""
+    @functools.wraps(region)
+    def views_copied(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            args, kwargs = pytree.tree_map_only(
+                torch.Tensor, lambda t: t.clone() if t._base is not None else t, (args, kwargs))
+        return region(self, *args, **kwargs)
+    return views_copied
+
+
 def _original(cls: type) -> type:
     return cls.__dict__.get(NESTED_FROM, cls)
 
@@ -81,6 +94,6 @@ def _original(cls: type) -> type:
 def _nested(cls: type) -> type:
     if cls not in _subclasses:
         _subclasses[cls] = type(cls.__name__, (cls,), {
-            "forward": torch.compiler.nested_compile_region(_unaliased(cls.forward)),
+            "forward": _views_copied(torch.compiler.nested_compile_region(_unaliased(cls.forward))),
             NESTED_FROM: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return _subclasses[cls]

@@ -102,3 +102,21 @@ def test_nested_flux_through_inductor_equals_plain_inductor():
         ours = torch.compile(model, backend="mixcache", fullgraph=True,
                              options={"cache": None})(**kw, return_dict=False)[0]
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_nested_cogvideox_halves_match_eager_reference():
+    """CogVideoX hands its first block two views of one tensor (a nested region's inputs may not
+    alias: nest_blocks copies them when compiled), and batches both guidance branches: cfg reuse
+    computes the conditional half through the nested blocks."""
+    import warnings
+    from test_batched_cfg import STEPS as N, _check_trace, _pipe, _reference, pipelines
+    model = pipelines.cogvideox_transformer()
+    ref = _reference(model, {1, 3, 4})
+    assert dit_compile.nest_blocks(model) >= 2
+    pipe = _pipe(model)
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "schedule", "cfg": [1, 3, 4]}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        torch.testing.assert_close(pipelines.run_cogvideox(pipe, N), ref, rtol=1e-5, atol=1e-5)
+    _check_trace(dit_compile.stats(pipe.transformer)["trace"], {1, 3, 4}, generations=1)
