@@ -287,9 +287,9 @@ class StateFactory:
 def find_state(model: torch.nn.Module) -> CacheState | None:
     """The CacheState the runtime attached to one of ``model``'s parameters and used last, if any.
 
-    Graphs of one model may anchor their states on different parameters (the same model compiled
-    again, with its blocks nested, traces its parameters in another order): the one that ran last
-    is the model's current state, not the first found."""
+    Graphs of one model may anchor their states on different parameters (each anchors on its
+    first parameter input, and two graphs of a model need not trace its parameters in one order):
+    the one that ran last is the model's current state, not the first found."""
     return max(model_states(model), key=lambda s: s.last_call, default=None)
 
 
