@@ -78,6 +78,27 @@ def test_mixcache_keeps_quality_while_reusing_compute(small):
     assert sum(fracs) / len(fracs) <= FLOPS_MAX, f"FLOPs fractions {fracs}, bound {FLOPS_MAX}"
 
 
+def test_fitted_teacache_polynomial_beats_the_raw_change(small):
+    """TeaCache's polynomial, fitted by ``fit_teacache`` on two calibration generations (other
+    seeds than the cases), maps the modulated input's change to the output's: at the same
+    threshold it reuses more and stays closer to full compute than the raw change (measured when
+    set: 0.45 of the FLOPs at 26.6 dB mean against 0.50 at 25.8)."""
+    rule = {"rule": "teacache", "threshold": 0.1, "start": 2}
+    pipe = small.pipeline()
+    pipe.transformer = torch.compile(small.transformer, backend="mixcache",
+                                     options={"regions": "eager", "cache": rule})
+    calibration = [(data.Condition(0, i, 0, 0), seed) for i, seed in enumerate((1000, 1001))]
+    with torch.no_grad():
+        coefficients = dit_compile.fit_teacache(pipe.transformer, lambda: [
+            small.sample(pipe, c, seed, steps=STEPS) for c, seed in calibration])
+    assert len(coefficients) == 5
+    raw_psnr, raw_flops, _ = _fidelity(small, rule)
+    psnr, flops, _ = _fidelity(small, dict(rule, coefficients=coefficients))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(psnr) > mean(raw_psnr) and mean(flops) < mean(raw_flops), \
+        (psnr, flops, raw_psnr, raw_flops)
+
+
 # The MixCache `balanced` preset, measured on these 4 cases when set (torch 2.13 CPU): PSNR per
 # case 36.1, 36.4, 32.6, 28.0 dB (mean 33.3), FLOPs fraction 0.40 on each. The first-order preset
 # before it gave 37.6, 33.4, 35.2, 28.8; before the guidance branches shared one step decision, the
