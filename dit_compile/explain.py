@@ -26,6 +26,7 @@ class Report:
     fallback: str | None = None                            # why mixcache would not cache
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
     modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
+    nested: int = 0                                        # block calls traced as nested regions
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.graphs} graph(s)"]
@@ -38,6 +39,11 @@ class Report:
                             "dit_compile.lower_moe(model) now)" if pending else ""))
         for s, k in self.stacks.items():
             lines.append(f"  stack {s}: {k} blocks, residual stream(s) {self.streams.get(s, [])}")
+        if self.stacks and self.nested:
+            lines.append(f"  blocks traced: one per stack, {self.nested} calls nested")
+        elif self.stacks:
+            lines.append("  blocks traced: every one (dit_compile.nest_blocks(model) traces one "
+                         "per stack: a shorter first call)")
         if self.inputs:
             lines.append(f"  inputs ({self.input_rule}): "
                          + ", ".join(f"{r}={n}" for r, n in self.inputs.items()))
@@ -59,7 +65,11 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     found: list[RegionMap | NoBlockStructure] = []
     modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
 
+    nested: dict[int, int] = {}                    # invoke_subgraph calls, by graph
+
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
+        nested[len(found)] = sum(n.target is torch.ops.higher_order.invoke_subgraph
+                                 for n in gm.graph.nodes)
         try:
             found.append(find_regions(gm))
         except NoBlockStructure as why:
@@ -86,6 +96,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         return report
     rmap = max(maps, key=lambda m: sum(m.stacks.values()))
     report.modulated = modulated.get(found.index(rmap))
+    report.nested = nested[found.index(rmap)]
     report.stacks, report.streams = rmap.stacks, rmap.streams
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]

@@ -39,6 +39,9 @@ def test_nest_blocks_marks_this_models_blocks_only():
     assert type(other.blocks[0]) is WanTransformerBlock
     assert _subgraph_calls(_traced(model, kw)) == 3
     assert _subgraph_calls(_traced(other, kw)) == 0     # another model of the class: as it was
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert report.nested == 3 and "one per stack, 3 calls nested" in str(report)
+    assert dit_compile.explain(other, **kw, return_dict=False).nested == 0
     assert dit_compile.unnest_blocks(model) == 3 and type(model.blocks[0]) is WanTransformerBlock
     assert _subgraph_calls(_traced(model, kw)) == 0
 
