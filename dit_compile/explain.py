@@ -64,7 +64,6 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.moe = find_moe(getattr(model, "_orig_mod", model))
     found: list[RegionMap | NoBlockStructure] = []
     modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
-
     nested: dict[int, int] = {}                    # invoke_subgraph calls, by graph
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
