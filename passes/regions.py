@@ -276,12 +276,13 @@ def dataflow(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 def residual_streams(rmap: RegionMap) -> dict[str, list[fx.Node]]:
-    """For each stack, the values block 0 leaves to block 1: the residual stream(s) it carries.
+    """For each stack, the tensors block 0 leaves to block 1: the residual stream(s) it carries.
 
-    A value is a stream when block 0 defines it and block 1 reads it, directly or through nodes
+    A tensor is a stream when block 0 defines it and block 1 reads it, directly or through nodes
     outside the stack (glue between the blocks, or the blocks of another stack interleaved with
     this one, as Latte's spatial and temporal blocks are). Taking them from the first pair
-    suffices because blocks of one stack have one signature.
+    suffices because blocks of one stack have one signature. Sizes a block passes on (the text
+    length HunyuanVideo 1.5's masks select, known only at run time) are not streams.
     """
     owner = {n: r for r in rmap.blocks for n in r.nodes}
     first: dict[str, dict[int, Region]] = {}
@@ -300,7 +301,8 @@ def residual_streams(rmap: RegionMap) -> dict[str, list[fx.Node]]:
                 continue
             seen.add(u)
             if u in defined:
-                carried.append(u)
+                if isinstance(u.meta.get("example_value"), torch.Tensor):
+                    carried.append(u)
             elif u not in owner or owner[u].stack != stack:
                 todo.extend(u.all_input_nodes)
         out[stack] = carried

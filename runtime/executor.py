@@ -323,15 +323,19 @@ class GuardedExecutor(Executor):
         return self.output(env)
 
 
+def _same_shape(a: Any, b: Any) -> bool:
+    """Both tensors, of a shape known to be equal. Sizes may be symbolic, even data-dependent
+    (HunyuanVideo 1.5 selects its text tokens by mask): ``==`` on those would guard on a value the
+    compile cannot know, so what is not known equal counts as different."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim()
+            and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape)))
+
+
 def _check_residual_shapes(latent: Any, outs: list[Any]) -> None:
     """Residual step reuse adds the output's change to the latent: both must have one shape."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    def same(a: Any, b: Any) -> bool:
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim()
-                and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape)))
     bad = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
-           for o in outs if not same(o, latent)]
+           for o in outs if not _same_shape(o, latent)]
     if bad:
         shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else None
         raise PolicyError(f"step_mode='residual' adds the output's change to the input latent, but "
@@ -393,9 +397,9 @@ class Streams:
         """Pair each output slot with the input slot (of ``ins``, the values alive before piece
         ``start``) that carried its stream; failing that, with the first unused one of the same
         shape and dtype."""
-        def meta(s: int) -> Any:
-            v = examples.get(s)
-            return (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None
+        def alike(a: int, b: int) -> bool:
+            x, y = examples.get(a), examples.get(b)
+            return _same_shape(x, y) and x.dtype == y.dtype
 
         free = list(ins)
         traced = {o: self.source(o, start) for o in outs}
@@ -405,8 +409,8 @@ class Streams:
         pairs: list[tuple[int, int | None]] = []
         for o in outs:
             src = traced[o]
-            match = src if src in ins and meta(src) == meta(o) else next(
-                (i for i in free if meta(i) is not None and meta(i) == meta(o)), None)
+            match = src if src in ins and alike(src, o) else next(
+                (i for i in free if alike(i, o)), None)
             if match is not None and match in free:
                 free.remove(match)
             if match is not None or keep_unpaired:

@@ -68,6 +68,23 @@ def test_forced_schedules_match_eager_reference(spec, sched, branches, order, da
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
 
 
+def test_streams_of_data_dependent_length_pair_by_what_is_known():
+    """A stream whose length is known only at run time (HunyuanVideo 1.5 keeps the text tokens its
+    masks select) is never compared to a guess: the executor pairs block outputs with inputs by
+    shape where the wiring does not say, and ``==`` on such a size makes the compile guard on a
+    value it cannot know, which fails it. Unknown counts as different; equal symbols as equal."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from dit_compile.runtime.executor import _same_shape
+    env = ShapeEnv()
+    u = env.create_unbacked_symint()
+    with FakeTensorMode(shape_env=env):
+        text, image = torch.empty(1, u, 8), torch.empty(1, 4, 8)
+        assert not _same_shape(text, image) and not _same_shape(image, text)
+        assert _same_shape(text, torch.empty(1, u, 8)) and _same_shape(image, torch.empty(1, 4, 8))
+
+
 def test_wan_forced_schedule_matches_reference_and_counts():
     model, kw = tiny_models.wan(layers=4)
     kw["return_dict"] = False
