@@ -36,6 +36,23 @@ def run_flux(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Tenso
                 output_type="latent", generator=g).images
 
 
+def zimage_pipeline(transformer: torch.nn.Module):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                          tokenizer=None, transformer=transformer)
+
+
+def run_zimage(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Tensor:
+    """CFG batched into one call: the two captions and the latent twice, as lists. The timestep
+    the pipeline passes rises: 1 - sigma."""
+    g = torch.Generator().manual_seed(seed)
+    dim = pipe.transformer.config.cap_feat_dim
+    return pipe(prompt_embeds=[torch.randn(8, dim, generator=g)],
+                negative_prompt_embeds=[torch.randn(8, dim, generator=g)], height=size, width=size,
+                num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
+                generator=g).images
+
+
 def hunyuan_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
     return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,

@@ -73,7 +73,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
                       stacklevel=2)
         return Executor(plan, fns)
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
-                         key=repr(policy))
+                         key=repr(policy), timestep=opts.timestep)
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "cfg_on_halves", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),

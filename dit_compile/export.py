@@ -153,7 +153,8 @@ def _executor(traced: "_Traced", opts: Options, name: str) -> Executor:
                          f"{' and the '.join(sorted(missing))}, so nothing can be cached; "
                          "export with options={'cache': None}")
     from .backend import modulation_of, piece_flops
-    return GuardedExecutor(traced.plan, fns, policy, StateFactory(None, False), traced.anchor,
+    states = StateFactory(None, False, timestep=opts.timestep)
+    return GuardedExecutor(traced.plan, fns, policy, states, traced.anchor,
                            piece_flops(traced.plan, traced.inputs), _NO_HALVES,
                            modulation_of(traced.plan, policy, name))
 
@@ -222,7 +223,8 @@ class Exported(torch.nn.Module):
             policy = make_policy(opts.cache, m["n_blocks"])
             self.executor = GuardedExecutor.rebuild(
                 m["layout"], spec, fns, policy=policy, halves=None, _no_halves=_NO_HALVES,
-                states=StateFactory(opts.cache_memory, False, key=repr(policy)))
+                states=StateFactory(opts.cache_memory, False, key=repr(policy),
+                                    timestep=opts.timestep))
             mod = m.get("modulation")
             if mod is not None:
                 self.executor.set_modulation(Modulation(

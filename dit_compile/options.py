@@ -39,6 +39,10 @@ class Options:
     # Lower MoE dispatches that sync to the host (HiDream, NucleusMoE) in place, as
     # dit_compile.lower_moe does, when they break the graph: the next call traces one graph.
     lower_moe: bool = True
+    # How the pipeline's timestep moves through a generation: "falling" with the noise (t or
+    # sigma, most pipelines) or "rising" (1 - sigma in [0, 1]: Lumina 2's and Z-Image's). The
+    # runtime tells generations and steps apart by it.
+    timestep: str = "falling"
     # Memory bound on cached tensors, in bytes (None: unbounded).
     cache_memory: int | None = None
     # Inductor's mode for the regions. torch.compile refuses mode= beside options=, so a user who
@@ -57,6 +61,10 @@ class Options:
         opts = cls(**options)
         if opts.regions not in REGION_COMPILERS:
             raise OptionError(f"option regions={opts.regions!r}: must be one of {REGION_COMPILERS}")
+        from .runtime.cache import TIMESTEP_DIRECTIONS
+        if opts.timestep not in TIMESTEP_DIRECTIONS:
+            raise OptionError(f"option timestep={opts.timestep!r}: must be one of "
+                              f"{TIMESTEP_DIRECTIONS}")
         for flag in ("share_blocks", "lower_moe"):
             if not isinstance(getattr(opts, flag), bool):
                 raise OptionError(f"option {flag}={getattr(opts, flag)!r}: must be True or False")

@@ -5,7 +5,11 @@ never a module global. Its lifecycle rules are the safety net under every policy
 
 * A *generation* is one run of the sampler. The runtime sees it only through the inputs: a
   timestep that goes up, or a new input signature (shapes, dtypes, device of the latent and the
-  timestep), starts a new generation, and everything cached is dropped.
+  timestep), starts a new generation, and everything cached is dropped. "Up" is in noise level:
+  most pipelines pass a timestep that falls with the noise (t, or sigma); some pass ``1 - sigma``,
+  which rises (Lumina 2's, Z-Image's), and are compiled with ``timestep="rising"``, under which
+  the runtime reads the noise level as ``1 - timestep``. Seen under the default, such a pipeline
+  makes every call a new generation (never a stale reuse; no reuse at all), and says so once.
 * Within a generation a new, lower timestep is a new *step*; the same timestep again *on the same
   latent* is the next guidance *branch* (WanPipeline calls the transformer once for the conditional
   and once for the unconditional prediction at each step, on one latent). The same timestep on
@@ -33,6 +37,7 @@ never a module global. Its lifecycle rules are the safety net under every policy
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +46,10 @@ from torch.utils import _pytree as pytree
 
 
 STATE_ATTR = "_dit_compile_state"
+TIMESTEP_DIRECTIONS = ("falling", "rising")
+# One-step generations in a row, each timestep above the last, before the runtime says that the
+# pipeline's timestep seems to rise (a sampler restarted once or twice is no such sign).
+RISING_HINT_AFTER = 3
 MAX_BRANCHES = 4    # calls per step; classifier-free guidance makes 2, a second guidance 3
 # The per-call trace keeps the last this many generations: a server that generates for days must
 # not grow it without bound. The counts in ``stats`` cover every call since the last reset.
@@ -102,10 +111,17 @@ class BranchCache:
 
 
 class CacheState:
-    def __init__(self, memory: int | None = None, clone: bool = False, key: Any = None):
+    def __init__(self, memory: int | None = None, clone: bool = False, key: Any = None,
+                 timestep: str = "falling"):
         self.memory = memory
         self.clone = clone              # CUDA graphs overwrite outputs on replay: keep copies
         self.key = key                  # the configuration that made it (see StateFactory)
+        self.rising = timestep == "rising"  # the pipeline passes 1 - sigma (see the module doc)
+        # One-step generations in a row, each started higher; past RISING_HINT_AFTER the timestep
+        # is taken to rise through generations, and every call is a generation of its own: the
+        # next generation's first call, lower, would otherwise pass for the last one's next step.
+        self._rises = 0
+        self._rise_told = False
         self.records: list[Record] = []     # the trace: the last TRACE_GENERATIONS generations
         self.counts: dict[str, int] = {}    # calls per action since the last clear_stats()
         self.flops = 0.0                    # FLOPs fractions summed over those calls
@@ -141,6 +157,20 @@ class CacheState:
         self._signature = None
         self._last_t = None
 
+    def noise_level(self, timestep: torch.Tensor) -> float:
+        """The call's noise level, on the timestep's own scale: the largest timestep (Wan 2.2's
+        per-token timesteps are zero on the conditioning frame's tokens at every step), or under
+        ``timestep="rising"`` one minus the smallest (one host sync either way)."""
+        if not self.rising:
+            return float(timestep.max())
+        lo, hi = timestep.aminmax()
+        lo, hi = float(lo), float(hi)
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"mixcache: timestep='rising' reads the timestep as 1 - sigma, in [0, 1]"
+                             f", but this call's runs from {lo} to {hi}: a timestep that falls "
+                             "through a generation needs no option (timestep='falling')")
+        return 1.0 - lo
+
     def begin(self, t: float, signature: Any, halves: bool = False,
               text: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> Step:
         """Place a call in its generation, step and branch; drop the cache on a new generation,
@@ -151,8 +181,9 @@ class CacheState:
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
         if (signature != self._signature or self._last_t is None or t > self._last_t
-                or (branch and self._branch + 1 >= MAX_BRANCHES)
+                or self._rise_told or (branch and self._branch + 1 >= MAX_BRANCHES)
                 or (repeat and not branch and self._step == 0)):
+            self._note_rise(t)
             self.reset()
             self._signature = signature
             self.generation += 1
@@ -171,6 +202,19 @@ class CacheState:
         if text is not None:
             self._check_text(self._branch, text)
         return Step(self.generation, self._step, self._branch, t, halves)
+
+    def _note_rise(self, t: float) -> None:
+        """Count one-step generations that each start above the last; say once, when they keep
+        coming, that the pipeline's timestep seems to rise through a generation."""
+        rose = self._last_t is not None and t > self._last_t and self._step == 0
+        self._rises = self._rises + 1 if rose else 0
+        if self._rises == RISING_HINT_AFTER and not self._rise_told:
+            self._rise_told = True
+            warnings.warn(
+                f"mixcache: the timestep went up at each of the last {self._rises + 1} steps, so "
+                "each call starts a new generation and nothing is reused. If this pipeline's "
+                "timestep rises through a generation (Lumina 2's and Z-Image's pass 1 - sigma), "
+                "compile with options={'timestep': 'rising'}", stacklevel=4)
 
     def _check_text(self, b: int, text: torch.Tensor) -> None:
         bc = self.branch(b)
@@ -268,20 +312,23 @@ class StateFactory:
     that needs copies of what it caches. Graphs of the same configuration (a recompile for a new
     shape) share the state."""
 
-    def __init__(self, memory: int | None, clone: bool, key: Any = None):
-        self.memory, self.clone = memory, clone
-        self.key = (key, memory, clone)
+    def __init__(self, memory: int | None, clone: bool, key: Any = None, timestep: str = "falling"):
+        self.memory, self.clone, self.timestep = memory, clone, timestep
+        self.key = (key, memory, clone, timestep)
         self._orphan: CacheState | None = None   # a traced function with no parameters
 
     def __call__(self, anchor: Any) -> CacheState:
         if anchor is None:
-            self._orphan = self._orphan or CacheState(self.memory, self.clone, self.key)
+            self._orphan = self._orphan or self._new()
             return self._orphan
         state = getattr(anchor, STATE_ATTR, None)
         if state is None or state.key != self.key:
-            state = CacheState(self.memory, self.clone, self.key)
+            state = self._new()
             setattr(anchor, STATE_ATTR, state)
         return state
+
+    def _new(self) -> CacheState:
+        return CacheState(self.memory, self.clone, self.key, self.timestep)
 
 
 def find_state(model: torch.nn.Module) -> CacheState | None:

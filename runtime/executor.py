@@ -170,9 +170,7 @@ class GuardedExecutor(Executor):
         st = self.states(None if self.anchor is None else env[self.anchor])
         pol = self.policy
         x = env[self.latent]
-        # The call's noise level: the largest timestep, as Wan 2.2's per-token timesteps are zero
-        # on the conditioning frame's tokens at every step.
-        step = st.begin(float(env[self.t].max()), tuple(
+        step = st.begin(st.noise_level(env[self.t]), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=self._detect and self._halves_call(env),
             text=None if self.text is None else env[self.text], latent=x)

@@ -37,9 +37,10 @@ class _Span(torch.nn.Module):
 
 class Reference:
     def __init__(self, model, blocks_attr: str = "blocks", step=(), cfg=(), block=(), span=(1, None),
-                 order=0):
+                 order=0, rising=False):
         self.model = copy.deepcopy(model)
         self.order = order
+        self.sign = -1.0 if rising else 1.0     # a timestep that rises through the generation
         blocks = getattr(self.model, blocks_attr)
         a, b = span[0], span[1] if span[1] is not None else len(blocks)
         for i in range(a, b):
@@ -55,7 +56,7 @@ class Reference:
 
     def __call__(self, **kw):
         t = float(kw["timestep"].reshape(-1)[0])
-        if self.last_t is None or t > self.last_t:
+        if self.last_t is None or self.sign * t > self.sign * self.last_t:
             raise AssertionError("the reference covers one generation")
         if t == self.last_t:
             self.branch += 1
@@ -86,7 +87,7 @@ class Reference:
         return y
 
     def start(self, t0: float) -> "Reference":
-        self.last_t = float("inf")
+        self.last_t = self.sign * float("inf")
         return self
 
 

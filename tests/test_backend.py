@@ -31,6 +31,7 @@ def test_registered_by_entry_point_without_import():
     ({"regions": "tvm"}, r"regions='tvm': must be one of \('inductor', 'blocks', 'eager'\)"),
     ({"cache_memory": -1}, r"cache_memory=-1: must be a positive"),
     ({"mode": "turbo"}, r"mode='turbo': must be one of \('default', .*'reduce-overhead'"),
+    ({"timestep": "up"}, r"timestep='up': must be one of \('falling', 'rising'\)"),
 ])
 def test_bad_options_are_clear_errors(options, match):
     model, kw = tiny_models.wan(layers=2)

@@ -85,6 +85,47 @@ def test_streams_of_data_dependent_length_pair_by_what_is_known():
         assert _same_shape(text, torch.empty(1, u, 8)) and _same_shape(image, torch.empty(1, 4, 8))
 
 
+@pytest.mark.parametrize("order", [False, 2])
+def test_rising_timestep_option(order):
+    """A pipeline that passes 1 - sigma (Lumina 2, Z-Image): its timestep rises through a
+    generation. With timestep='rising' steps, branches and generations are told apart as for a
+    falling one, and a forced schedule (extrapolated in the timestep, to each order) matches the
+    eager reference over two generations in a row, the second starting from the cache's scratch."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    rising = tuple(1.0 - t / 1000.0 for t in STEPS)
+    sched = dict(step=[3, 5], cfg=[2], block=[4])
+    f = compiled(model, {"rule": "schedule", **sched, "extrapolate": order}, timestep="rising")
+    for _ in range(2):
+        ours = generation(f, kw, steps=rising)
+        ref = Reference(model, **sched, order=int(order), rising=True).start(rising[0])
+        for i, (x, y) in enumerate(zip(ours, generation(ref, kw, steps=rising))):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+    s = dit_compile.stats(f)
+    assert s["reused"] == {"step": 8, "cfg": 2, "block": 4}
+    assert [r["step"] for r in s["trace"] if r["branch"] == 0] == list(range(len(STEPS))) * 2
+
+
+def test_rising_timestep_seen_under_the_default_says_so_once():
+    """Unasked, a rising timestep makes every call a new generation: nothing is reused (never a
+    stale reuse), and the user is told once which option fits. A timestep past [0, 1] under
+    timestep='rising' is an error that says what the option reads."""
+    model, kw = tiny_models.wan(layers=2)
+    kw["return_dict"] = False
+    rising = tuple(1.0 - t / 1000.0 for t in STEPS)
+    f = compiled(model, {"rule": "schedule", "step": [2, 3, 4]})
+    with pytest.warns(UserWarning) as rec:
+        generation(f, kw, steps=rising)
+        generation(f, kw, steps=rising)
+    hints = [str(w.message) for w in rec if "timestep" in str(w.message)]
+    assert len(hints) == 1 and "options={'timestep': 'rising'}" in hints[0], hints
+    assert dit_compile.stats(f)["reused"] == {}
+    torch._dynamo.reset()
+    f = compiled(model, {"rule": "schedule", "step": [2]}, timestep="rising")
+    with pytest.raises(Exception, match="1 - sigma"):
+        generation(f, kw, steps=STEPS)
+
+
 def test_wan_forced_schedule_matches_reference_and_counts():
     model, kw = tiny_models.wan(layers=4)
     kw["return_dict"] = False

@@ -80,6 +80,34 @@ def test_default_cache_runs_in_every_pipeline(name):
     assert [r["action"] for r in trace[:calls]] == ["compute"] * calls
 
 
+def test_rising_timestep_in_zimage_pipeline():
+    """ZImagePipeline passes 1 - sigma, rising through a generation, and batches CFG into one call
+    of lists. With timestep='rising' a forced schedule reuses what it says in each of two
+    generations in a row, the same each time; unasked, nothing is reused, with one hint."""
+    model, _ = tiny_models.zimage()
+    pipe = pipelines.zimage_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipelines.run_zimage(pipe, 6)
+    sched = {"rule": "schedule", "step": [2, 4], "block": [3]}
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"regions": "eager", "cache": sched, "timestep": "rising"})
+    out = pipelines.run_zimage(pipe, 6)
+    torch.testing.assert_close(pipelines.run_zimage(pipe, 6), out, rtol=0, atol=0)
+    assert not torch.allclose(out, ref, rtol=1e-5, atol=1e-5), "the schedule must change something"
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert [(r["generation"], r["step"], r["action"]) for r in trace] == [
+        (g, i, a) for g in (0, 1) for i, a in enumerate(
+            ["compute", "compute", "step", "block", "step", "compute"])]
+
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"regions": "eager", "cache": sched})
+    with pytest.warns(UserWarning, match="'timestep': 'rising'"):
+        out = pipelines.run_zimage(pipe, 6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert dit_compile.stats(pipe.transformer)["reused"] == {}
+
+
 def test_heun_second_evaluation_at_a_timestep_is_computed():
     """Heun's sampler calls the model twice at one timestep, the second time on the corrected
     latent. The policy's estimates measure how far the timestep moved, so there they would call a

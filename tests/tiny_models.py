@@ -165,5 +165,18 @@ def lumina2(batch: int = 1) -> tuple[torch.nn.Module, dict]:
                    encoder_attention_mask=torch.ones(batch, 6, dtype=torch.bool))
 
 
+def zimage(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+    """Lists in (one latent and one caption per sample), and a timestep that rises through a
+    generation as its pipeline passes it: 1 - sigma."""
+    ZImageTransformer2DModel = diffusers_class("ZImageTransformer2DModel")
+    torch.manual_seed(0)
+    m = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16,
+                                 n_layers=3, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                 cap_feat_dim=16, rope_theta=256.0, axes_dims=[4, 2, 2],
+                                 axes_lens=[64, 16, 16]).eval()
+    return m, dict(x=[torch.randn(4, 1, 8, 8) for _ in range(batch)], t=torch.full((batch,), 0.5),
+                   cap_feats=[torch.randn(8, 16) for _ in range(batch)])
+
+
 MODELS: dict[str, Callable[..., tuple[torch.nn.Module, dict[str, Any]]]] = {
     "wan": wan, "flux": flux, "hunyuan": hunyuan, "hidream": hidream, "flux3": flux3}
