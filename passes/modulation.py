@@ -99,6 +99,27 @@ def _inlined(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, "inlined")
 
 
+# Ops whose arguments after the first lend only their dtype, device or shape, and ops that read
+# no values at all: Z-Image casts its timestep embedding with ``type_as(latent)``, which makes
+# the embedding no more a function of the latent than before.
+_LIKE_METHODS = {"type_as", "expand_as", "view_as", "reshape_as", "to", "new_zeros", "new_ones",
+                 "new_empty", "size", "dim"}
+_NO_VALUES = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.ops.aten.sym_size.int}
+
+
+def _data_inputs(n: fx.Node) -> list[fx.Node]:
+    """The inputs whose values ``n`` computes with."""
+    if n.op == "call_method" and n.target in _LIKE_METHODS:
+        if n.target in ("size", "dim"):
+            return []
+        first = n.args[0] if n.args else None
+        data = [first] if isinstance(first, fx.Node) and n.target[:4] != "new_" else []
+        return data
+    if n.op == "call_function" and n.target in _NO_VALUES:
+        return []
+    return n.all_input_nodes
+
+
 def _node_depends(gm: fx.GraphModule, placeholder_deps: list[frozenset[str]]
                   ) -> dict[fx.Node, frozenset[str]]:
     deps: dict[fx.Node, frozenset[str]] = {}
@@ -107,7 +128,7 @@ def _node_depends(gm: fx.GraphModule, placeholder_deps: list[frozenset[str]]
         if n.op == "placeholder":
             deps[n] = next(phs)
         else:
-            deps[n] = frozenset().union(*(deps[a] for a in n.all_input_nodes))
+            deps[n] = frozenset().union(*(deps[a] for a in _data_inputs(n)))
     return deps
 
 

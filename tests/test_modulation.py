@@ -78,6 +78,18 @@ def test_diffusers_models_have_a_modulated_input(name):
     torch.testing.assert_close(_found_and_value(model, kw), value, rtol=0, atol=0)
 
 
+def test_a_cast_to_the_latents_dtype_is_no_dependence_on_the_latent():
+    """Z-Image casts its timestep embedding with ``type_as(latent)``: the modulation's own linear
+    layer then seems to read both the latent and the timestep, yet reads the timestep alone. The
+    signal is what the first attention projects, the modulated tokens."""
+    model, kw = tiny_models.zimage()
+    with torch.no_grad():
+        model(**kw)     # Z-Image builds its rotary table at its first call, outside any graph
+    value = _found_and_value(model, kw)
+    torch.testing.assert_close(value, _seen_by(model.layers[0].attention.to_q, model, kw),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_no_modulated_input_warns_and_decides_on_the_latent():
     """A model whose blocks the timestep does not modulate: a warning naming the fallback, and
     the rule then behaves as signal 'input' does."""
