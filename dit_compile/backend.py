@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from .frames import (compiled_model, is_fragment, model_name, traced_locals, traced_module,
-                     lower_moe_and_retrace, warn_fallback)
+from .frames import (compiled_model, is_fragment, lower_moe_and_retrace, model_name,
+                     retrace_once_after_break, traced_locals, traced_module, warn_fallback)
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
@@ -34,8 +34,11 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     start = time.perf_counter()
     opts = Options.parse(options)
     inductor = _inductor_config(mode or opts.mode)
-    # 0. lowering: MoE dispatches that synced to the host broke this trace; lowered, the next is whole.
-    lower_moe_and_retrace(compiled_model() or traced_module(), opts.lower_moe)
+    # 0. lowering: MoE dispatches that synced to the host broke this trace; lowered, the next is
+    #    whole. Any other break: traced once more at the next call (a first call's lazy init).
+    model = compiled_model() or traced_module()
+    lower_moe_and_retrace(model, opts.lower_moe)
+    retrace_once_after_break(gm, model)
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:

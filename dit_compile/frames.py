@@ -7,6 +7,7 @@ lives with the model, never in a module global).
 """
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from typing import Any
@@ -16,6 +17,8 @@ import torch.fx as fx
 
 from .passes.moe import find_moe, lower_moe
 from .passes.regions import NoBlockStructure
+
+log = logging.getLogger("dit_compile")
 
 
 def traced_module() -> torch.nn.Module | None:
@@ -106,6 +109,33 @@ def lower_moe_and_retrace(model: torch.nn.Module | None, enabled: bool) -> None:
                   "options={'lower_moe': False} leaves the model as it is", stacklevel=3)
 
 
+def retrace_once_after_break(gm: fx.GraphModule, model: torch.nn.Module | None) -> None:
+    """Have Dynamo trace the model's forward once more, the first time a graph break splits it.
+
+    Some breaks happen at the first call only: a table built lazily under a context manager Dynamo
+    does not trace (Z-Image's rotary frequencies, made under ``torch.device("cpu")`` when first
+    needed). The fragments Dynamo compiled around such a break guard nothing that changes after it,
+    so they would serve every later call, and no call would be cached. Clearing what Dynamo holds
+    for the forward's code makes the next call trace it again: whole, if the break is gone; if not,
+    the same fragments, and this is not tried again (the cost: one more trace; the fallback warning,
+    said at the first fragment, says that this is tried). Only
+    from a fragment compiled outside the forward's own trace (a resumed frame, a submodule's): the
+    forward's trace caches its result after the backend returns, past any reset."""
+    if model is None or _retrace_pending(model) or not is_fragment(gm):
+        return
+    codes = _forward_codes(model)
+    if _tracing(codes) or not _first_time(model, "_mixcache_retraced"):
+        return
+    try:
+        from torch._dynamo.eval_frame import reset_code
+    except ImportError:   # Dynamo internals moved: the fragments stay, as they would without this
+        return
+    for code in codes:
+        reset_code(code)
+    log.info("mixcache: %s: a graph break split the forward; tracing it again at the next call",
+             type(model).__name__)
+
+
 def is_fragment(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` is one of several graphs that graph breaks made of the model's forward."""
     return _is_fragment(gm, compiled_model() or traced_module())
@@ -124,6 +154,9 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
         reason = ("graph breaks split its forward into several graphs, and mixcache needs the whole "
                   "forward in one graph to cache it (torch.compile(..., fullgraph=True) "
                   "raises at the first break; TORCH_LOGS=graph_breaks lists them all)")
+        if root is not None and not root.__dict__.get("_mixcache_retraced"):
+            reason += ("; the forward is traced once more at its next call, in case the break is "
+                       "the first call's alone (a table built lazily), and cached from there if so")
         if getattr(root, "is_cache_enabled", False):
             # diffusers' cache hooks keep Python state per call: the likeliest break, and a second
             # cache on top of the one this backend is for.

@@ -280,6 +280,30 @@ def test_graph_break_fragments_warn_once_naming_the_model():
         torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_break_only_the_first_call_makes_is_traced_past():
+    """Z-Image builds its rotary table at its first call, under a context manager Dynamo does not
+    trace: that call breaks the graph, later ones would not, yet Dynamo's fragments (whose guards
+    read nothing that changed) would serve them all, uncached. The backend has the forward traced
+    once more: from the second call on, one graph, cached as asked. The first call's warning says
+    that this will be tried."""
+    model, kw = tiny_models.zimage()
+    sched = {"rule": "schedule", "step": [2, 4]}
+    compiled = torch.compile(model, backend="mixcache",
+                             options={"regions": "eager", "cache": sched, "timestep": "rising"})
+    with warnings.catch_warnings(record=True) as rec, torch.no_grad():
+        warnings.simplefilter("always")
+        for t in (0.1, 0.3, 0.5, 0.7, 0.9):
+            out = compiled(**dict(kw, t=torch.full_like(kw["t"], t)), return_dict=False)[0]
+    said = _mixcache_warnings(rec)
+    assert len(said) == 1 and "traced once more at its next call" in said[0], said
+    trace = dit_compile.stats(compiled)["trace"]
+    assert [(r["step"], r["action"]) for r in trace] == [
+        (0, "compute"), (1, "compute"), (2, "step"), (3, "compute")], "the first call: fragments"
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(**dict(kw, t=torch.full_like(kw["t"], 0.9)),
+                                              return_dict=False)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_graph_break_before_the_blocks_says_so_once_per_configuration():
     """Lumina2 breaks before its blocks; the graph that holds them reads intermediates. The user
     hears of the graph break, not that a timestep should be a tensor (it is one), and hears it
