@@ -27,11 +27,14 @@ class Report:
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
     modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
     nested: int = 0                                        # block calls traced as nested regions
+    breaks: list[str] = field(default_factory=list)        # Dynamo's reasons, most frequent first
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.graphs} graph(s)"]
         if self.fallback:
             lines.append(f"  no caching: {self.fallback}")
+        for reason in self.breaks:
+            lines.append("  graph break: " + reason.replace("\n", "\n    "))
         if self.moe:
             pending = [p for p, ok in self.moe.items() if not ok]
             lines.append(f"  MoE dispatches: {len(self.moe)}, not lowered: {len(pending)}"
@@ -80,6 +83,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             modulated[len(found) - 1] = tuple(out.meta["example_value"].shape)
         return gm.forward
 
+    from torch._dynamo.utils import counters
+    seen = dict(counters["graph_break"])
     with torch.no_grad(), _shape_history_kept():
         # Twice where the first trace broke, as the backend retraces once: a break only a first
         # call makes (a table built lazily) is gone the second time. A new backend object each
@@ -93,7 +98,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.graphs = len(found)
     if len(found) > 1:
         report.fallback = (f"the forward traced as {len(found)} graphs (graph breaks): step and cfg "
-                           "guards need one graph; run torch._dynamo.explain to see the breaks")
+                           "guards need one graph")
+        report.breaks = _new_breaks(seen, counters["graph_break"])
     elif len(found) == 1 and isinstance(found[0], NoBlockStructure):
         report.fallback = str(found[0])
     elif not found:
@@ -108,6 +114,19 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
     return report
+
+
+def _new_breaks(before: dict[str, int], after: dict[str, int], keep: int = 3) -> list[str]:
+    """The graph-break reasons Dynamo counted during explain's trace (its counters are the
+    process's, hence the difference), most frequent first: each one's summary and Dynamo's hint,
+    which often names the fix (a config flag, a rewrite)."""
+    new = {r: n - before.get(r, 0) for r, n in after.items() if n > before.get(r, 0)}
+    out = []
+    for reason in sorted(new, key=new.get, reverse=True)[:keep]:
+        lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
+        kept = [lines[0]] + [ln for ln in lines[1:] if ln.startswith("Hint:")] if lines else []
+        out.append("\n".join(kept) + (f" (x{new[reason]})" if new[reason] > 1 else ""))
+    return out
 
 
 @contextlib.contextmanager

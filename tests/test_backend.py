@@ -362,6 +362,12 @@ def test_explain_names_graph_breaks_when_no_graph_has_blocks():
     report = dit_compile.explain(model, **kw, return_dict=False)
     assert report.graphs > 1 and not report.stacks
     assert report.fallback.startswith(f"the forward traced as {report.graphs} graphs (graph breaks)")
+    # Dynamo's own reason, and only this trace's: another model's break earlier in the process
+    # is not this model's.
+    assert len(report.breaks) == 1 and "graph_break()" in report.breaks[0], report.breaks
+    assert "graph break: " in str(report)
+    again = dit_compile.explain(model, **kw, return_dict=False)
+    assert again.breaks == report.breaks
 
 
 def test_explain_leaves_later_compiles_static(monkeypatch):
