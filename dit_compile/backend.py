@@ -152,6 +152,10 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
     from torch.utils.flop_counter import FlopCounterMode
     counts = []
     mode = detect_fake_mode([x for p in plan.pieces for x in p.example_inputs])
+    # A fake kernel that fails logs an error with its traceback before raising (constant_pad_nd
+    # on a size only known at run time: Mochi's nonzero); the failure is handled below.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    fake_log_disabled, fake_log.disabled = fake_log.disabled, True
     allowed = mode is not None and mode.allow_non_fake_inputs
     try:
         if mode is None:
@@ -168,11 +172,14 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
                         _Inlined(p.module).run(*inputs)
                     counted[key] = float(fc.get_total_flops())
                 counts.append(counted[key])
-    except Exception:  # a piece fake execution cannot count: weigh blocks equally instead
+    except Exception as why:  # a piece fake execution cannot count: weigh blocks equally instead
+        log.info("mixcache: %s: FLOPs not counted (%s: %s); blocks weighed equally", model_name(),
+                 type(why).__name__, str(why).splitlines()[0] if str(why) else "")
         counts = [1.0 if p.region.kind == BLOCK else 0.0 for p in plan.pieces]
     finally:
         if mode is not None:
             mode.allow_non_fake_inputs = allowed
+        fake_log.disabled = fake_log_disabled
     total = sum(counts) or 1.0
     return [c / total for c in counts]
 

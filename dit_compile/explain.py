@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .frames import forget_forward
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.regions import NoBlockStructure, RegionMap, find_regions
@@ -84,16 +85,20 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         return gm.forward
 
     from torch._dynamo.utils import counters
+    target = getattr(model, "_orig_mod", model)
     seen = dict(counters["graph_break"])
     with torch.no_grad(), _shape_history_kept():
         # Twice where the first trace broke, as the backend retraces once: a break only a first
-        # call makes (a table built lazily) is gone the second time. A new backend object each
-        # time, so Dynamo does not serve the first trace's graphs.
-        for _ in range(2):
+        # call makes (a table built lazily) is gone the second time, and a forward Dynamo gave up
+        # on earlier (under other settings) is looked at afresh. A new backend object each time,
+        # so Dynamo does not serve the first trace's graphs.
+        for attempt in range(2):
+            if attempt:
+                forget_forward(target)
             found.clear(), modulated.clear(), nested.clear()
-            torch.compile(getattr(model, "_orig_mod", model),
-                          backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(*args, **kwargs)
-            if len(found) <= 1:
+            torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
+                *args, **kwargs)
+            if len(found) == 1:
                 break
     report.graphs = len(found)
     if len(found) > 1:

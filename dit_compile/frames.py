@@ -87,21 +87,15 @@ def lower_moe_and_retrace(model: torch.nn.Module | None, enabled: bool) -> None:
         return
     name = f"mixcache: {type(model).__name__}: {len(pending)} MoE dispatch(es) " \
            f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''})"
-    codes = _forward_codes(model)
-    try:
-        from torch._dynamo.eval_frame import reset_code
-    except ImportError:   # Dynamo internals moved: lowering now would never be traced
-        reset_code = None
-    if not enabled or reset_code is None or _tracing(codes):
+    if not enabled or _reset_code() is None or _tracing(_forward_codes(model)):
         # _tracing: the forward itself is being compiled now, and Dynamo caches the result after
-        # this backend returns, past any reset.
+        # this backend returns, past any reset. No reset_code: lowering would never be traced.
         warnings.warn(f"{name} sync to the host and break the graph; call "
                       "dit_compile.lower_moe(model) before torch.compile to run them as one fused op "
                       "in one graph", stacklevel=3)
         return
     lowered = lower_moe(model)
-    for code in codes:
-        reset_code(code)
+    forget_forward(model)
     model._mixcache_retrace = True      # this call's other graphs: fragments of a forward now gone
     warnings.warn(f"{name} broke the graph: lowered {lowered} in place to one fused op "
                   "(dit_compile::moe_ffn, as dit_compile.lower_moe does). This first call runs in "
@@ -123,17 +117,32 @@ def retrace_once_after_break(gm: fx.GraphModule, model: torch.nn.Module | None) 
     forward's trace caches its result after the backend returns, past any reset."""
     if model is None or _retrace_pending(model) or not is_fragment(gm):
         return
-    codes = _forward_codes(model)
-    if _tracing(codes) or not _first_time(model, "_mixcache_retraced"):
+    if _tracing(_forward_codes(model)) or not _first_time(model, "_mixcache_retraced"):
         return
-    try:
-        from torch._dynamo.eval_frame import reset_code
-    except ImportError:   # Dynamo internals moved: the fragments stay, as they would without this
+    if not forget_forward(model):
         return
-    for code in codes:
-        reset_code(code)
     log.info("mixcache: %s: a graph break split the forward; tracing it again at the next call",
              type(model).__name__)
+
+
+def forget_forward(model: torch.nn.Module) -> bool:
+    """Drop what Dynamo holds for the model's forward (its code and the decorators around it):
+    compiled graphs, and the mark that makes it run a forward it gave up on eagerly. The next call
+    traces it afresh. False where Dynamo's internals moved and nothing was dropped."""
+    reset_code = _reset_code()
+    if reset_code is None:
+        return False
+    for code in _forward_codes(model):
+        reset_code(code)
+    return True
+
+
+def _reset_code() -> Any:
+    try:
+        from torch._dynamo.eval_frame import reset_code
+        return reset_code
+    except ImportError:
+        return None
 
 
 def is_fragment(gm: fx.GraphModule) -> bool:

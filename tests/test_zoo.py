@@ -151,3 +151,38 @@ def test_more_diffusers_dits(name, nested):
         ours, theirs = [ours[i] for i in computed], [theirs[i] for i in computed]
     for i, (x, y) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+
+
+def mochi():
+    """Its attention keeps each sample's valid text tokens with nonzero: a graph break per block
+    unless Dynamo captures ops whose output shape depends on data."""
+    m = _seeded("MochiTransformer3DModel", patch_size=2, num_attention_heads=2, attention_head_dim=8,
+                num_layers=3, pooled_projection_dim=16, in_channels=4, out_channels=None,
+                qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
+                max_sequence_length=16)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                   timestep=torch.full((1,), 500.0),
+                   encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool))
+
+
+def test_mochi_caches_once_its_breaks_are_captured(caplog):
+    """explain names Mochi's break with Dynamo's hint; with that flag set the forward is one graph,
+    cached as a forced schedule says (computed calls equal eager), and the FLOP count, which cannot
+    run the padding of a size known only at run time, falls back without an error in the log."""
+    model, kw = mochi()
+    kw["return_dict"] = False
+    report = dit_compile.explain(model, **kw)
+    assert report.fallback and any("capture_dynamic_output_shape_ops = True" in b
+                                   for b in report.breaks), report
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        assert dit_compile.explain(model, **kw).fallback is None
+        torch._dynamo.reset()
+        f = compiled(model, {"rule": "schedule", **SCHEDULE})
+        ours = generation(f, kw)
+        torch._dynamo.reset()
+        theirs = generation(compiled(model, None), kw)
+    trace = dit_compile.stats(f)["trace"]
+    assert dit_compile.stats(f)["reused"] == {"step": 2, "cfg": 1, "block": 2}
+    for i in [i for i, r in enumerate(trace) if r["action"] == "compute"]:
+        torch.testing.assert_close(ours[i], theirs[i], rtol=1e-5, atol=1e-5, msg=f"call {i}")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.records
