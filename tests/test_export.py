@@ -17,11 +17,13 @@ import pipelines  # noqa: E402
 SCHEDULE = {"rule": "schedule", "step": [2], "cfg": [3], "block": [4]}
 
 
-def calls(kw: dict, steps: int = 6):
-    """A generation as WanPipeline makes it: two guidance branches (another text) per timestep."""
+def calls(kw: dict, steps: int = 6, rising: bool = False):
+    """A generation as WanPipeline makes it: two guidance branches (another text) per timestep;
+    ``rising``: the timestep as 1 - sigma, as ZImagePipeline passes it."""
     other = torch.randn_like(kw["encoder_hidden_states"])
     for i, t in enumerate(torch.linspace(900, 100, steps)):
         x = kw["hidden_states"] * (1 - i / 10)
+        t = 1 - t / 1000 if rising else t
         for text in (kw["encoder_hidden_states"], other):
             yield dict(hidden_states=x, timestep=t.reshape(1), encoder_hidden_states=text)
 
@@ -44,14 +46,16 @@ def test_exported_model_matches_eager(tmp_path, nested):
                                        rtol=1e-5, atol=1e-5)
 
 
-def test_exported_model_caches_as_the_backend_does(tmp_path):
+@pytest.mark.parametrize("rising", [False, True], ids=["falling", "rising"])
+def test_exported_model_caches_as_the_backend_does(tmp_path, rising):
+    """``rising``: the option timestep='rising' is saved with the model and read back."""
     model, kw = tiny_models.wan(layers=4)
-    options = {"cache": SCHEDULE, "regions": "eager"}
+    options = {"cache": SCHEDULE, "regions": "eager", **({"timestep": "rising"} if rising else {})}
     dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, options)
     loaded = dit_compile.load(str(tmp_path))
     compiled = torch.compile(model, backend="mixcache", options=options)
     with torch.no_grad():
-        for call in calls(kw):
+        for call in calls(kw, rising=rising):
             torch.testing.assert_close(loaded(**call)[0], compiled(**call, return_dict=False)[0],
                                        rtol=1e-5, atol=1e-5)
     got = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(loaded)["trace"]]
