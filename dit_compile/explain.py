@@ -86,7 +86,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
 
     from torch._dynamo.utils import counters
     target = getattr(model, "_orig_mod", model)
-    seen = dict(counters["graph_break"])
+    seen = _break_counts(counters)
     with torch.no_grad(), _shape_history_kept():
         # Twice where the first trace broke, as the backend retraces once: a break only a first
         # call makes (a table built lazily) is gone the second time, and a forward Dynamo gave up
@@ -104,7 +104,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     if len(found) > 1:
         report.fallback = (f"the forward traced as {len(found)} graphs (graph breaks): step and cfg "
                            "guards need one graph")
-        report.breaks = _new_breaks(seen, counters["graph_break"])
+        report.breaks = _new_breaks(seen, _break_counts(counters))
     elif len(found) == 1 and isinstance(found[0], NoBlockStructure):
         report.fallback = str(found[0])
     elif not found:
@@ -119,6 +119,17 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
     return report
+
+
+def _break_counts(counters: Any) -> dict[str, int]:
+    """Dynamo's counts of graph-break reasons: a break inside a traced frame counts under
+    ``graph_break``, one that ends the frame's trace (a ``.item()`` without
+    capture_scalar_outputs, FramePack's) under ``unimplemented``."""
+    counts: dict[str, int] = {}
+    for kind in ("graph_break", "unimplemented"):
+        for reason, n in counters[kind].items():
+            counts[reason] = max(counts.get(reason, 0), n)
+    return counts
 
 
 def _new_breaks(before: dict[str, int], after: dict[str, int], keep: int = 3) -> list[str]:

@@ -231,8 +231,10 @@ class CacheState:
         return self.branches.setdefault(b, BranchCache())
 
     # -- storage ---------------------------------------------------------------------------
-    def keep(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clone() if self.clone else x
+    def keep(self, x: Any) -> Any:
+        """``x`` as it may be cached: a copy under CUDA graphs. A size a block passes on (a text
+        length known only at run time) is a number, kept as it is."""
+        return x.clone() if self.clone and isinstance(x, torch.Tensor) else x
 
     def check_memory(self) -> None:
         if self.memory is None:
@@ -247,7 +249,7 @@ class CacheState:
         seen: set[int] = set()
         total = 0
         for t in self._tensors():
-            if id(t) not in seen:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
         return total

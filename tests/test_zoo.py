@@ -186,3 +186,48 @@ def test_mochi_caches_once_its_breaks_are_captured(caplog):
     for i in [i for i, r in enumerate(trace) if r["action"] == "compute"]:
         torch.testing.assert_close(ours[i], theirs[i], rtol=1e-5, atol=1e-5, msg=f"call {i}")
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.records
+
+
+def framepack():
+    """Its text is cut to the mask's length with ``.item()``: a size known only at run time, which
+    its blocks pass on beside the streams."""
+    m = _seeded("HunyuanVideoFramepackTransformer3DModel", in_channels=4, out_channels=4,
+                num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=2,
+                num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+                text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+                image_condition_type=None, has_image_proj=True, image_proj_dim=16,
+                has_clean_x_embedder=True)
+    idx = torch.arange(10)
+    pre, x4, x2, x1, lat = idx.split([1, 4, 2, 1, 2])
+    mask = torch.ones(1, 6)
+    mask[:, -1] = 0
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 6, 16), encoder_attention_mask=mask,
+                   pooled_projections=torch.randn(1, 8), image_embeds=torch.randn(1, 5, 16),
+                   indices_latents=lat, guidance=torch.full((1,), 6000.0),
+                   latents_clean=torch.randn(1, 4, 2, 8, 8), indices_latents_clean=torch.cat([pre, x1]),
+                   latents_history_2x=torch.randn(1, 4, 2, 8, 8), indices_latents_history_2x=x2,
+                   latents_history_4x=torch.randn(1, 4, 4, 8, 8), indices_latents_history_4x=x4)
+
+
+def test_framepack_caches_a_size_its_blocks_pass_on():
+    """explain names the ``.item()`` break (a frame-ending one, which Dynamo counts apart); with
+    scalars and data-dependent shapes captured the forward is one graph whose blocks hand on the
+    text length as a number. A reused span hands it on as it is, the memory bound counts tensors
+    only, and the computed calls equal eager."""
+    model, kw = framepack()
+    kw["return_dict"] = False
+    report = dit_compile.explain(model, **kw)
+    assert any("capture_scalar_outputs = True" in b for b in report.breaks), report
+    with torch._dynamo.config.patch(capture_scalar_outputs=True,
+                                    capture_dynamic_output_shape_ops=True):
+        torch._dynamo.reset()
+        f = compiled(model, {"rule": "schedule", **SCHEDULE, "extrapolate": 1},
+                     cache_memory=10**9)
+        ours = generation(f, kw)
+        torch._dynamo.reset()
+        theirs = generation(compiled(model, None), kw)
+    stats = dit_compile.stats(f)
+    assert stats["reused"] == {"step": 2, "cfg": 1, "block": 2} and stats["cached_bytes"] > 0
+    for i in [i for i, r in enumerate(stats["trace"]) if r["action"] == "compute"]:
+        torch.testing.assert_close(ours[i], theirs[i], rtol=1e-5, atol=1e-5, msg=f"call {i}")
