@@ -134,15 +134,19 @@ def _break_counts(counters: Any) -> dict[str, int]:
 
 def _new_breaks(before: dict[str, int], after: dict[str, int], keep: int = 3) -> list[str]:
     """The graph-break reasons Dynamo counted during explain's trace (its counters are the
-    process's, hence the difference), most frequent first: each one's summary and Dynamo's hint,
-    which often names the fix (a config flag, a rewrite)."""
-    new = {r: n - before.get(r, 0) for r, n in after.items() if n > before.get(r, 0)}
-    out = []
-    for reason in sorted(new, key=new.get, reverse=True)[:keep]:
-        lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
-        kept = [lines[0]] + [ln for ln in lines[1:] if ln.startswith("Hint:")] if lines else []
-        out.append("\n".join(kept) + (f" (x{new[reason]})" if new[reason] > 1 else ""))
-    return out
+    process's, hence the difference), most frequent first: each one's summary and Dynamo's first
+    hint, which often names the fix (a config flag, a rewrite). Reasons with one summary are one
+    (Dynamo words a break again where a resumed frame meets it, with a note on the earlier one)."""
+    counts: dict[str, int] = {}
+    hints: dict[str, str] = {}
+    for reason, n in after.items():
+        if n > before.get(reason, 0):
+            lines = [ln.strip() for ln in reason.splitlines() if ln.strip()] or ["?"]
+            counts[lines[0]] = counts.get(lines[0], 0) + n - before.get(reason, 0)
+            hints.setdefault(lines[0], next((ln for ln in lines[1:] if ln.startswith("Hint:")), ""))
+    return [summary + (f"\n{hints[summary]}" if hints[summary] else "")
+            + (f" (x{counts[summary]})" if counts[summary] > 1 else "")
+            for summary in sorted(counts, key=counts.get, reverse=True)[:keep]]
 
 
 @contextlib.contextmanager

@@ -367,7 +367,7 @@ def test_explain_names_graph_breaks_when_no_graph_has_blocks():
     assert len(report.breaks) == 1 and "graph_break()" in report.breaks[0], report.breaks
     assert "graph break: " in str(report)
     again = dit_compile.explain(model, **kw, return_dict=False)
-    assert again.breaks == report.breaks
+    assert [b.splitlines()[0] for b in again.breaks] == [b.splitlines()[0] for b in report.breaks]
 
 
 def test_explain_leaves_later_compiles_static(monkeypatch):
