@@ -53,6 +53,32 @@ def run_zimage(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Ten
                 generator=g).images
 
 
+def dit_transformer(layers: int = 3) -> torch.nn.Module:
+    """The class-conditional DiT (ImageNet classes; class 1000 is DiTPipeline's null class)."""
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                 out_channels=8, num_layers=layers, sample_size=8, patch_size=2,
+                                 num_embeds_ada_norm=1000).eval()
+
+
+def dit_pipeline(transformer: torch.nn.Module):
+    """DiTPipeline decodes always: a one-level VAE, tiny."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,),
+                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+
+
+def run_dit(pipe, steps: int = 6, seed: int = 0) -> torch.Tensor:
+    """CFG batched into one call: [latents, latents] with [labels, null class]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.from_numpy(pipe(class_labels=[3], guidance_scale=4.0, num_inference_steps=steps,
+                                 generator=g, output_type="np").images)
+
+
 def hunyuan_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
     return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,

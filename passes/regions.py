@@ -312,7 +312,11 @@ def residual_streams(rmap: RegionMap) -> dict[str, list[fx.Node]]:
 # ---------------------------------------------------------------------------------------------
 # Which graph inputs are the latent, the timestep and the text condition.
 
-_ROLE_NAMES = {"latent": "hidden_states", "timestep": "timestep", "text": "encoder_hidden_states"}
+# Inputs by the names diffusers gives them, the first found of each role's list. The condition is
+# the text embedding, or the class labels of class-conditional DiTs (DiTPipeline batches them with
+# the null class for guidance, as others batch the text).
+_ROLE_NAMES = {"latent": ("hidden_states",), "timestep": ("timestep",),
+               "text": ("encoder_hidden_states", "class_labels")}
 
 
 def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -339,10 +343,10 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
     """Map roles ("latent", "timestep", "text") to placeholder names, and say by which rule."""
     ins = user_inputs(gm)
     roles: dict[str, str] = {}
-    for role, kw in _ROLE_NAMES.items():
-        for n in ins:
-            if re.search(rf"\['{kw}'\]$", source_name(n)):
-                roles[role] = n.name
+    for role, names in _ROLE_NAMES.items():
+        found = {kw: n.name for kw in names for n in ins if re.search(rf"\['{kw}'\]$", source_name(n))}
+        if found:
+            roles[role] = next(found[kw] for kw in names if kw in found)
     if len(roles) == len(_ROLE_NAMES):
         return roles, "names"
 

@@ -108,17 +108,20 @@ class BatchedCfgReference:
     Installs itself as the forward of a copy of ``model`` (``.model``, to hand to the pipeline): on
     the steps in ``cfg`` with a difference cached, it runs the model on the cond half only and
     rebuilds the uncond half as ``cond + (uncond - cond)`` from the last step that computed both.
-    A timestep that goes up starts a new generation, with nothing cached.
+    A timestep that goes up starts a new generation, with nothing cached. ``cond``: the name of
+    the condition argument (DiTPipeline batches ``class_labels`` with the null class).
     """
 
-    def __init__(self, model, cfg=()):
+    def __init__(self, model, cfg=(), cond="encoder_hidden_states"):
         self.model = copy.deepcopy(model)
         self._forward = self.model.forward
         self.cfg_s = set(cfg)
+        self.cond = cond
         self.last_t, self.step, self.diff = None, -1, None
         self.model.forward = self
 
-    def __call__(self, hidden_states, encoder_hidden_states, timestep, return_dict=True, **kw):
+    def __call__(self, hidden_states, timestep=None, return_dict=True, **kw):
+        c = kw.pop(self.cond)
         t = float(timestep.reshape(-1)[0])
         if self.last_t is None or t > self.last_t:
             self.step, self.diff = 0, None
@@ -130,12 +133,11 @@ class BatchedCfgReference:
         k = hidden_states.shape[0] // 2
         with torch.no_grad():
             if self.step in self.cfg_s and self.diff is not None:
-                cond = self._forward(hidden_states=hidden_states[k:],
-                                     encoder_hidden_states=encoder_hidden_states[k:],
+                cond = self._forward(hidden_states=hidden_states[k:], **{self.cond: c[k:]},
                                      timestep=timestep[k:], return_dict=False, **kw)[0]
                 y = torch.cat([cond + self.diff, cond])
             else:
-                y = self._forward(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                y = self._forward(hidden_states=hidden_states, **{self.cond: c},
                                   timestep=timestep, return_dict=False, **kw)[0]
                 self.diff = y[:k] - y[k:]
         if return_dict:

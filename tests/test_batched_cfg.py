@@ -68,6 +68,26 @@ def test_cogvideox_batched_cfg_matches_eager_reference(cache, cfg_steps):
     _check_trace(dit_compile.stats(pipe.transformer)["trace"], cfg_steps, generations=2)
 
 
+def test_class_labels_are_the_condition_of_a_class_conditional_dit():
+    """DiTPipeline batches [labels, null class] with the latent twice: the labels are the
+    condition (found by their name), so cfg reuse works on the batch halves there as well, equal
+    to the eager reference of the rule through the pipeline's own VAE decode."""
+    model = pipelines.dit_transformer()
+    assert dit_compile.explain(model, hidden_states=torch.randn(2, 4, 8, 8),
+                               timestep=torch.tensor([500, 500]),
+                               class_labels=torch.tensor([3, 1000])).inputs["text"] == \
+        "l_class_labels_"
+    pipe = pipelines.dit_pipeline(_compile(model, {"rule": "schedule", "cfg": [2, 4]}))
+    pipe.set_progress_bar_config(disable=True)
+    ours = pipelines.run_dit(pipe)
+    assert dit_compile.stats(pipe.transformer)["reused"] == {"cfg": 2}
+    pipe.transformer = BatchedCfgReference(model, cfg=[2, 4], cond="class_labels").model
+    torch.testing.assert_close(ours, pipelines.run_dit(pipe), rtol=1e-5, atol=1e-5)
+    pipe.transformer = model
+    assert not torch.allclose(ours, pipelines.run_dit(pipe), rtol=1e-4, atol=1e-4), \
+        "the reuse must change something"
+
+
 def test_two_instances_share_the_graph_not_the_weights(monkeypatch):
     """Dynamo serves every instance of a class with one graph: the half forward must run the
     weights of the instance being called, not those of the one traced."""
