@@ -16,7 +16,7 @@ from .frames import (compiled_model, is_fragment, lower_moe_and_retrace, model_n
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
-                             source_name, user_inputs)
+                             missing_inputs, source_name, user_inputs)
 from .passes.split import Piece, Plan, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
@@ -62,17 +62,14 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     policy = make_policy(opts.cache, n_blocks)
     if policy is None:
         return Executor(plan, fns)
-    missing = {"latent", "timestep"} - set(rmap.inputs)
+    missing = missing_inputs(rmap.inputs)
     if missing:
         if is_fragment(gm):     # a graph break before the blocks: their inputs are intermediates
             warn_fallback(gm, None, options)
             return Executor(plan, fns)
         if "cache" not in (options or {}):
             return Executor(plan, fns)      # the default cache was not asked for: no warning
-        hint = (" A timestep given as a Python number is a constant of the graph, not an input"
-                ": pass it as a tensor, as diffusers' pipelines do." if "timestep" in missing else "")
-        warnings.warn(f"mixcache: {model_name()}: could not tell which input is the "
-                      f"{' and the '.join(sorted(missing))}; running without caching.{hint}",
+        warnings.warn(f"mixcache: {model_name()}: {missing}; running without caching",
                       stacklevel=2)
         return Executor(plan, fns)
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),

@@ -11,7 +11,7 @@ import torch
 from .frames import forget_forward
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
-from .passes.regions import NoBlockStructure, RegionMap, find_regions
+from .passes.regions import NoBlockStructure, RegionMap, find_regions, missing_inputs
 from .passes.split import split
 
 
@@ -113,6 +113,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     if not maps:
         return report
     rmap = max(maps, key=lambda m: sum(m.stacks.values()))
+    if report.fallback is None:     # as the backend: no reuse without the latent and timestep
+        report.fallback = missing_inputs(rmap.inputs)
     report.modulated = modulated.get(found.index(rmap))
     report.nested = nested[found.index(rmap)]
     report.stacks, report.streams = rmap.stacks, rmap.streams

@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from .options import Options
 from .passes.modulation import Modulation
-from .passes.regions import NoBlockStructure, find_regions, source_name, user_inputs
+from .passes.regions import NoBlockStructure, find_regions, missing_inputs, source_name, user_inputs
 from .passes.split import split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
@@ -147,10 +147,9 @@ def _executor(traced: "_Traced", opts: Options, name: str) -> Executor:
     fns = [None] * len(traced.plan.pieces)
     if policy is None:
         return Executor(traced.plan, fns)
-    missing = {"latent", "timestep"} - set(traced.rmap.inputs)
+    missing = missing_inputs(traced.rmap.inputs)
     if missing:
-        raise ValueError(f"dit_compile.export: could not tell which input is the "
-                         f"{' and the '.join(sorted(missing))}, so nothing can be cached; "
+        raise ValueError(f"dit_compile.export: {missing}, so nothing can be cached; "
                          "export with options={'cache': None}")
     from .backend import modulation_of, piece_flops
     states = StateFactory(None, False, timestep=opts.timestep)

@@ -319,6 +319,20 @@ _ROLE_NAMES = {"latent": ("hidden_states",), "timestep": ("timestep",),
                "text": ("encoder_hidden_states", "class_labels")}
 
 
+def missing_inputs(roles: dict[str, str]) -> str | None:
+    """Why nothing can be cached where the latent or the timestep input was not found, or None.
+    The reuse rules need both: the timestep orders steps and generations, the latent's change is
+    what the estimates measure."""
+    missing = {"latent", "timestep"} - set(roles)
+    if not missing:
+        return None
+    hint = (" (a timestep given as a Python number is a constant of the graph, not an input: pass "
+            "it as a tensor, as diffusers' pipelines do; a module called with no timestep, such "
+            "as a transformer inside a U-Net's blocks, has none to cache by)"
+            if "timestep" in missing else "")
+    return f"could not tell which input is the {' and the '.join(sorted(missing))}{hint}"
+
+
 def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:
     """Tensor placeholders that are call arguments, not the model's parameters or buffers."""
     out = []

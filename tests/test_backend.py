@@ -304,6 +304,29 @@ def test_a_break_only_the_first_call_makes_is_traced_past():
                                               return_dict=False)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_no_timestep_input_is_said_by_explain_and_the_backend_alike():
+    """A Transformer2DModel as a U-Net calls it inside its blocks: block stacks, but no timestep.
+    explain says that nothing will be cached and why, the backend warns the same once and
+    computes every call, as eager does."""
+    from diffusers import Transformer2DModel
+    torch.manual_seed(0)
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                               norm_num_groups=4, cross_attention_dim=16, num_layers=3).eval()
+    kw = dict(hidden_states=torch.randn(1, 16, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+              return_dict=False)
+    report = dit_compile.explain(model, **kw)
+    assert report.stacks == {"transformer_blocks": 3}
+    assert report.fallback.startswith("could not tell which input is the timestep"), report
+    compiled = torch.compile(model, backend="mixcache",
+                             options={"regions": "eager", "cache": "balanced"})
+    with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
+        out = compiled(**kw)[0]
+    said = _mixcache_warnings(rec)
+    assert len(said) == 1 and report.fallback in said[0] and "U-Net" in said[0], said
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(**kw)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_graph_break_before_the_blocks_says_so_once_per_configuration():
     """Lumina2 breaks before its blocks; the graph that holds them reads intermediates. The user
     hears of the graph break, not that a timestep should be a tensor (it is one), and hears it
