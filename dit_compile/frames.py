@@ -111,10 +111,10 @@ def retrace_once_after_break(gm: fx.GraphModule, model: torch.nn.Module | None) 
     needed). The fragments Dynamo compiled around such a break guard nothing that changes after it,
     so they would serve every later call, and no call would be cached. Clearing what Dynamo holds
     for the forward's code makes the next call trace it again: whole, if the break is gone; if not,
-    the same fragments, and this is not tried again (the cost: one more trace; the fallback warning,
-    said at the first fragment, says that this is tried). Only
-    from a fragment compiled outside the forward's own trace (a resumed frame, a submodule's): the
-    forward's trace caches its result after the backend returns, past any reset."""
+    the same fragments, and this is not tried again (the cost: one more trace; the fallback
+    warning, said at the first fragment, says that this is tried). Only from a fragment compiled
+    outside the forward's own trace (a resumed frame, a submodule's): the forward's trace caches
+    its result after the backend returns, past any reset."""
     if model is None or _retrace_pending(model) or not is_fragment(gm):
         return
     if _tracing(_forward_codes(model)) or not _first_time(model, "_mixcache_retraced"):
