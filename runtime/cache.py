@@ -163,8 +163,7 @@ class CacheState:
         ``timestep="rising"`` one minus the smallest (one host sync either way)."""
         if not self.rising:
             return float(timestep.max())
-        lo, hi = timestep.aminmax()
-        lo, hi = float(lo), float(hi)
+        lo, hi = torch.stack(timestep.aminmax()).tolist()
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"mixcache: timestep='rising' reads the timestep as 1 - sigma, in [0, 1]"
                              f", but this call's runs from {lo} to {hi}: a timestep that falls "
