@@ -113,7 +113,7 @@ class GuardedExecutor(Executor):
         self.text = names.index(roles["text"]) if "text" in roles else None
         self.halves = halves if isinstance(halves, HalfBatch) else None
         self._no_halves = halves if isinstance(halves, str) else None
-        self._detect = self.text is not None and bool(getattr(policy, "cfg_on_halves", False))
+        self._detect = self.text is not None and bool(getattr(policy, "ties_halves", False))
         # The text is not in the signature: its changes are the branch's own (CacheState).
         self.sig_slots = [self.latent, self.t]
         guarded = plan.rmap.guarded
@@ -253,17 +253,16 @@ class GuardedExecutor(Executor):
         return self._finish(st, env, step, bc, outs, kind, flops, signal, x, mask)
 
     def _halves_call(self, env: list[Any]) -> bool:
-        """A batched-CFG call that the half-batch forward can take."""
-        if self.halves is None and self._no_halves is None:
-            return False        # no half-batch forward, and the user was told why
+        """A batched-CFG call: both guidance branches as the halves of one batch. Without a
+        half-batch forward (the user is told why, once) cfg reuse cannot take it, and no branch
+        difference is kept for it; its halves still decide as one."""
         if not is_batched_cfg(env[self.latent], env[self.text], env[self.t]):
             return False
-        if self.halves is None:
+        if self.halves is None and self._no_halves is not None:
             warnings.warn(f"mixcache: a batched-CFG call (both guidance branches in one batch), "
                           f"but no half-batch forward: {self._no_halves}; cfg reuse computes the "
                           "full batch instead", stacklevel=3)
             self._no_halves = None
-            return False
         return True
 
     def _cfg_halves(self, env: list[Any], diff: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -306,9 +305,10 @@ class GuardedExecutor(Executor):
             # The branch difference is of whole calls: a partial step reuse leaves it as it was.
             st.computed.add(step.branch)
             if step.halves:
-                k = outs[0].shape[0] // 2
-                st.cfg_diff[step.branch] = [o[:k] - o[k:] for o in outs]
-                st.cfg_step[step.branch] = step.step
+                if self.halves is not None:     # only a half-batch forward rebuilds from it
+                    k = outs[0].shape[0] // 2
+                    st.cfg_diff[step.branch] = [o[:k] - o[k:] for o in outs]
+                    st.cfg_step[step.branch] = step.step
             elif step.branch >= 1 and 0 in st.computed:
                 st.cfg_diff[step.branch] = [o - o0 for o, o0 in
                                             zip(st.current[step.branch], st.current[0])]

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import BranchCache, CacheState, Step, sample_times
-from .policy import CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1
+from .policy import CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1, tie_halves
 
 GRANULARITIES = ("step", "cfg", "block")
 
@@ -115,6 +115,10 @@ class MixCache:
         """cfg reuse on batched-CFG calls (both branches as batch halves of one call): the half
         that is rebuilt is estimated as on separate calls, from its own difference's rate."""
         return "cfg" in self.granularities
+
+    @property
+    def ties_halves(self) -> bool:
+        return self.cfg_on_halves or (self.per_sample and bool({"step", "block"} & set(self.granularities)))
 
     def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> torch.Tensor:
         """Per sample (bool, CPU): past the warm-up, settled, under the bound on consecutive reuse."""
@@ -188,9 +192,7 @@ class MixCache:
                 continue        # not called at the last step (guidance off there): not tied
             estimates[b] = e = self._step_error(s, st, bc, n)
             fit = fit & (e <= self._left(bc)) if e is not None else fit & False
-        if s.halves and n % 2 == 0:
-            pair = fit[: n // 2] & fit[n // 2:]
-            fit = torch.cat([pair, pair])
+        fit = tie_halves(s, fit)
         if not self.per_sample:
             fit = fit.all().expand(n).clone()
         # The estimates are kept either way: a computed call's trace shows the one that did not fit.
@@ -258,7 +260,7 @@ class MixCache:
             return False, float(change.max())
         left = _per_sample(self._left(bc), n).to(change.device)
         below = torch.as_tensor(bc.below(self.max_reuse)).to(change.device)
-        mask = settled & (err <= left) & below
+        mask = tie_halves(s, settled & (err <= left) & below)
         if not self.per_sample:
             mask = mask.all().expand_as(mask)
         if not bool(mask.any()):

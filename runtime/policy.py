@@ -84,9 +84,15 @@ class Policy:
 
     @property
     def cfg_on_halves(self) -> bool:
-        """Whether cfg reuse may be asked of batched-CFG calls: only then does the executor pay
-        for telling such a call apart (a compare of the latent halves) at every call."""
+        """Whether cfg reuse may be asked of batched-CFG calls."""
         return bool(self.cfg_steps) or self.cfg_every is not None
+
+    @property
+    def ties_halves(self) -> bool:
+        """Whether batched-CFG calls must be told apart (a compare of the latent halves at every
+        call): for cfg reuse on their halves, or where decisions are per sample, so that a pair's
+        halves, its two guidance branches, decide as one (``tie_halves``)."""
+        return self.cfg_on_halves or (self.per_sample and self.first_block is not None)
 
     def _bounded(self, bc: BranchCache) -> bool:
         """A reuse of the whole call would exceed the bound for some sample."""
@@ -153,7 +159,7 @@ class Policy:
             return False, None
         change = rel_l1(probe, bc.probe)
         signal = float(change.max())
-        mask = (change <= self.first_block) & bc.below(self.max_reuse)
+        mask = tie_halves(s, (change <= self.first_block) & bc.below(self.max_reuse))
         if not self.per_sample:
             return bool(mask.all()), signal
         if bool(mask.all()):
@@ -204,6 +210,18 @@ def polyval(coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     for c in coefficients:
         y = y * x + c
     return y
+
+
+def tie_halves(s: Step, mask: torch.Tensor) -> torch.Tensor:
+    """A per-sample decision with the two halves of a batched-CFG call (the pair's guidance
+    branches) tied: a pair reuses only where both halves may. Branches that reuse apart make errors
+    that do not cancel in the guidance difference, which the pipeline multiplies by its scale; a
+    call whose halves decide apart would also compute the whole batch for one half's sake."""
+    n = mask.shape[0]
+    if not s.halves or n % 2:
+        return mask
+    pair = mask[: n // 2] & mask[n // 2:]
+    return torch.cat([pair, pair])
 
 
 def cfg_ready(s: Step, state: CacheState) -> bool:

@@ -88,6 +88,23 @@ def test_class_labels_are_the_condition_of_a_class_conditional_dit():
         "the reuse must change something"
 
 
+@pytest.mark.parametrize("name", ["cogvideox", "dit"])
+def test_default_cache_decides_for_both_halves_of_a_batched_cfg_call(name):
+    """The presets reuse steps only, so they need no half-batch forward, but their decisions are
+    per sample: the halves of a batched-CFG call (its two guidance branches) must still decide as
+    one, or a call reuses for one half while the whole batch computes, and the guidance
+    difference is taken between a prediction and a computed output."""
+    make, pipe_of, run = {"cogvideox": (pipelines.cogvideox_transformer, _pipe, None),
+                          "dit": (pipelines.dit_transformer, pipelines.dit_pipeline, pipelines.run_dit)}[name]
+    pipe = pipe_of(_compile(make(), "balanced"))
+    pipe.set_progress_bar_config(disable=True)
+    (run or pipelines.run_cogvideox)(pipe, 20)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    steps = [r for r in trace if r["action"] == "step"]
+    assert steps, "the test must reuse"
+    assert all(r["reused"] is None for r in steps), [r["reused"] for r in steps]
+
+
 def test_two_instances_share_the_graph_not_the_weights(monkeypatch):
     """Dynamo serves every instance of a class with one graph: the half forward must run the
     weights of the instance being called, not those of the one traced."""
