@@ -79,6 +79,31 @@ def run_dit(pipe, steps: int = 6, seed: int = 0) -> torch.Tensor:
                                  generator=g, output_type="np").images)
 
 
+def hunyuanimage_pipeline(transformer: torch.nn.Module):
+    """HunyuanImage 2.1: guidance through its guider (one call per branch), two text encoders."""
+    from diffusers import (AdaptiveProjectedMixGuidance, FlowMatchEulerDiscreteScheduler,
+                           HunyuanImagePipeline)
+    return HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), vae=None, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+        guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5,
+                                            adaptive_projected_guidance_start_step=3))
+
+
+def run_hunyuanimage(pipe, steps: int = 6, seed: int = 0) -> torch.Tensor:
+    """With the ByT5 text (prompt_embeds_2) it ships with: masks select its tokens."""
+    g = torch.Generator().manual_seed(seed)
+    mask2 = torch.zeros(1, 5)
+    mask2[:, :3] = 1
+    return pipe(prompt_embeds=torch.randn(1, 6, 16, generator=g), prompt_embeds_mask=torch.ones(1, 6),
+                negative_prompt_embeds=torch.randn(1, 6, 16, generator=g),
+                negative_prompt_embeds_mask=torch.ones(1, 6),
+                prompt_embeds_2=torch.randn(1, 5, 8, generator=g), prompt_embeds_mask_2=mask2,
+                negative_prompt_embeds_2=torch.randn(1, 5, 8, generator=g),
+                negative_prompt_embeds_mask_2=mask2.clone(), height=128, width=128,
+                num_inference_steps=steps, output_type="latent", generator=g).images
+
+
 def hunyuan_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
     return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,

@@ -62,11 +62,14 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     policy = make_policy(opts.cache, n_blocks)
     if policy is None:
         return Executor(plan, fns)
+    if is_fragment(gm):
+        # One graph of a forward that breaks: its inputs may be any intermediates, named like the
+        # model's own (HunyuanImage's token refiner, a frame of its own, takes the text as
+        # `hidden_states` and a `timestep`), so no reuse rule can be trusted with them.
+        warn_fallback(gm, None, options)
+        return Executor(plan, fns)
     missing = missing_inputs(rmap.inputs)
     if missing:
-        if is_fragment(gm):     # a graph break before the blocks: their inputs are intermediates
-            warn_fallback(gm, None, options)
-            return Executor(plan, fns)
         if "cache" not in (options or {}):
             return Executor(plan, fns)      # the default cache was not asked for: no warning
         warnings.warn(f"mixcache: {model_name()}: {missing}; running without caching",

@@ -108,6 +108,28 @@ def test_rising_timestep_in_zimage_pipeline():
     assert dit_compile.stats(pipe.transformer)["reused"] == {}
 
 
+def test_a_broken_forward_caches_none_of_its_graphs():
+    """HunyuanImage with its ByT5 text breaks the graph (masks select the tokens), and Dynamo
+    compiles its token refiner as a frame of its own, whose inputs are named `hidden_states` (the
+    text) and `timestep`. No graph of a broken forward is cached: the refiner's refined text was
+    once carried from one prompt's call to the other's. With a forced schedule, the pipeline's
+    output is eager's, and the user is told why."""
+    from diffusers import HunyuanImageTransformer2DModel
+    torch.manual_seed(0)
+    model = HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_single_layers=2, num_refiner_layers=2, mlp_ratio=2.0, patch_size=(1, 1),
+        text_embed_dim=16, text_embed_2_dim=8, rope_axes_dim=(4, 4)).eval()
+    pipe = pipelines.hunyuanimage_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipelines.run_hunyuanimage(pipe)
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "schedule", "step": [2, 4], "cfg": [3], "block": [5]}})
+    with pytest.warns(UserWarning, match="graph breaks split its forward"):
+        out = pipelines.run_hunyuanimage(pipe)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_heun_second_evaluation_at_a_timestep_is_computed():
     """Heun's sampler calls the model twice at one timestep, the second time on the corrected
     latent. The policy's estimates measure how far the timestep moved, so there they would call a
