@@ -159,7 +159,8 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     if _retrace_pending(root) or not _first_time(root, "_mixcache_fallback_warned", config):
         return
     name = type(root).__name__ if root is not None else "the traced function"
-    if why is None or _is_fragment(gm, root):
+    fragment = why is None or _is_fragment(gm, root)
+    if fragment:
         reason = ("graph breaks split its forward into several graphs, and mixcache needs the whole "
                   "forward in one graph to cache it (torch.compile(..., fullgraph=True) "
                   "raises at the first break; dit_compile.explain(model, *inputs) names them with "
@@ -175,8 +176,9 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     else:
         reason = str(why)
     eager = isinstance(config, dict) and config.get("regions") == "eager"
-    how = ("Running each graph as it is (regions='eager')" if eager else
-           "Compiling each graph with Inductor (by regions where it holds a block stack)")
+    which = "each graph" if fragment else "this graph"   # one graph of a whole forward: the others cache
+    how = (f"Running {which} as it is (regions='eager')" if eager else
+           f"Compiling {which} with Inductor (by regions where it holds a block stack)")
     warnings.warn(f"mixcache: {name}: {reason}. {how}, without caching.", stacklevel=3)
 
 
