@@ -128,6 +128,7 @@ class CacheState:
         self.generation = -1
         self._signature: Any = None
         self._last_t: float | None = None
+        self._timestep: tuple[torch.Tensor, int | None] | None = None  # the last call's, with version
         self._step = 0
         self._branch = 0
         self._latent: tuple[torch.Tensor, int | None] | None = None  # this step's, with version
@@ -171,17 +172,20 @@ class CacheState:
         return 1.0 - lo
 
     def begin(self, t: float, signature: Any, halves: bool = False,
-              text: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> Step:
+              text: torch.Tensor | None = None, latent: torch.Tensor | None = None,
+              timestep: torch.Tensor | None = None) -> Step:
         """Place a call in its generation, step and branch; drop the cache on a new generation,
         and a branch's cache when its text condition changed. ``latent`` None (callers that have
-        none, unit tests): a repeated timestep is the next branch."""
+        none, unit tests): a repeated timestep is the next branch. ``timestep``: the call's own
+        (per sample or per token), where ``t`` is its noise level."""
         self.last_call = time.monotonic_ns()
         signature = (signature, halves)
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
         if (signature != self._signature or self._last_t is None or t > self._last_t
                 or self._rise_told or (branch and self._branch + 1 >= MAX_BRANCHES)
-                or (repeat and not branch and self._step == 0)):
+                or (repeat and not branch and self._step == 0
+                    and not self._fell_below_max(timestep))):
             self._note_rise(t)
             self.reset()
             self._signature = signature
@@ -196,11 +200,20 @@ class CacheState:
             self.current.clear()
             self.computed.clear()
         self._last_t = t
+        self._timestep = None if timestep is None else (timestep, _version(timestep))
         if self._branch == 0 and latent is not None:
             self._latent = (latent, _version(latent))
         if text is not None:
             self._check_text(self._branch, text)
         return Step(self.generation, self._step, self._branch, t, halves)
+
+    def _fell_below_max(self, timestep: torch.Tensor | None) -> bool:
+        """Whether some of the call's per-token (or per-sample) timesteps fell since the last call
+        while their largest stayed: a sampler that denoises parts of the latent in turn (SkyReels'
+        asynchronous diffusion forcing holds its last frames at 999 while the first ones move).
+        That is the next step, not a run begun anew where the last one ended."""
+        return (timestep is not None and timestep.numel() > 1 and self._timestep is not None
+                and not _same(self._timestep, timestep))
 
     def _note_rise(self, t: float) -> None:
         """Count one-step generations that each start above the last; say once, when they keep

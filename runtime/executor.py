@@ -173,7 +173,7 @@ class GuardedExecutor(Executor):
         step = st.begin(st.noise_level(env[self.t]), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=self._detect and self._halves_call(env),
-            text=None if self.text is None else env[self.text], latent=x)
+            text=None if self.text is None else env[self.text], latent=x, timestep=env[self.t])
         bc = st.branch(step.branch)
         ran, seen, pre = 0, x, 0.0
         if self.modulation is not None:

@@ -126,6 +126,30 @@ def test_rising_timestep_seen_under_the_default_says_so_once():
         generation(f, kw, steps=STEPS)
 
 
+def test_per_token_timesteps_that_fall_below_a_held_maximum_are_steps():
+    """Diffusion forcing (SkyReels-V2, asynchronous) denoises the first frames while the last stay
+    at full noise: the per-token maximum holds for a few steps while the latent moves. Those calls
+    are the generation's next steps, not new generations (which would drop the cache each time);
+    the next generation, back at full noise everywhere, is one."""
+    model, kw = tiny_models.wan(layers=2)
+    kw["return_dict"] = False
+    first = (999.0, 800.0, 600.0, 400.0, 200.0, 100.0)     # the first frame's tokens
+    last = (999.0, 999.0, 999.0, 700.0, 400.0, 200.0)      # the second frame's, held at first
+    f = compiled(model, {"rule": "schedule", "step": [4]})
+    with torch.no_grad():
+        for _ in range(2):
+            for a, b in zip(first, last):
+                ts = torch.tensor([[a] * 16 + [b] * 16])
+                x = kw["hidden_states"] * (a / 1000)
+                for sign in (1.0, -1.0):
+                    f(**dict(kw, hidden_states=x, timestep=ts,
+                             encoder_hidden_states=kw["encoder_hidden_states"] * sign))
+    trace = dit_compile.stats(f)["trace"]
+    assert [(r["generation"], r["step"], r["branch"]) for r in trace] == [
+        (g, i, b) for g in (0, 1) for i in range(6) for b in (0, 1)]
+    assert [r["action"] for r in trace].count("step") == 4
+
+
 def test_wan_forced_schedule_matches_reference_and_counts():
     model, kw = tiny_models.wan(layers=4)
     kw["return_dict"] = False
