@@ -110,11 +110,9 @@ _NO_VALUES = {torch.zeros_like, torch.ones_like, torch.empty_like, torch.ops.ate
 def _data_inputs(n: fx.Node) -> list[fx.Node]:
     """The inputs whose values ``n`` computes with."""
     if n.op == "call_method" and n.target in _LIKE_METHODS:
-        if n.target in ("size", "dim"):
-            return []
         first = n.args[0] if n.args else None
-        data = [first] if isinstance(first, fx.Node) and n.target[:4] != "new_" else []
-        return data
+        reads = n.target not in ("size", "dim") and not n.target.startswith("new_")
+        return [first] if reads and isinstance(first, fx.Node) else []
     if n.op == "call_function" and n.target in _NO_VALUES:
         return []
     return n.all_input_nodes

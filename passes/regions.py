@@ -358,7 +358,8 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
     ins = user_inputs(gm)
     roles: dict[str, str] = {}
     for role, names in _ROLE_NAMES.items():
-        found = {kw: n.name for kw in names for n in ins if re.search(rf"\['{kw}'\]$", source_name(n))}
+        found = {kw: n.name for kw in names for n in ins
+                 if re.search(rf"\['{kw}'\]$", source_name(n))}
         if found:
             roles[role] = next(found[kw] for kw in names if kw in found)
     if len(roles) == len(_ROLE_NAMES):

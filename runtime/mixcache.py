@@ -118,7 +118,8 @@ class MixCache:
 
     @property
     def ties_halves(self) -> bool:
-        return self.cfg_on_halves or (self.per_sample and bool({"step", "block"} & set(self.granularities)))
+        per_sample = self.per_sample and bool({"step", "block"} & set(self.granularities))
+        return self.cfg_on_halves or per_sample
 
     def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> torch.Tensor:
         """Per sample (bool, CPU): past the warm-up, settled, under the bound on consecutive reuse."""
