@@ -82,6 +82,7 @@ class Record:
     signal: float | None = None  # the deciding signal (rule threshold signal or estimated error)
     spent: float | None = None   # error spent since the last full compute (MixCache)
     reused: tuple[bool, ...] | None = None  # which samples reused, where only some did
+    halves: bool = False         # the call carried both guidance branches as batch halves
 
 
 @dataclass
@@ -292,7 +293,7 @@ class CacheState:
             if self.records[0].generation < oldest:
                 self.records = [r for r in self.records if r.generation >= oldest]
         self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
-                                   signal, spent, reused))
+                                   signal, spent, reused, step.halves))
         self.counts[action] = self.counts.get(action, 0) + 1
         self.flops += flops
 

@@ -64,7 +64,7 @@ class Policy:
                                             # last computes (True: 1, first order)
     max_reuse: int | None = None            # bound on consecutive reuses per branch
     per_sample: bool = True                 # decisions per sample of a batch
-    _told_beyond: bool = field(default=False, repr=False, compare=False)
+    _told_schedule: bool = field(default=False, repr=False, compare=False)
 
     @property
     def uses_blocks(self) -> bool:
@@ -100,8 +100,8 @@ class Policy:
 
     def step(self, s: Step, state: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
         """(action, signal) before the forward runs."""
-        if s.step == 0 and s.branch == 0 and not self._told_beyond:
-            self._check_schedule_length(s, state)
+        if s.step == 0 and s.branch == 0 and not self._told_schedule:
+            self._check_schedule(s, state)
         bc = state.branch(s.branch)
         if state.calibration is not None:
             # fit_teacache records: every call computes, and keeps the signal's raw change.
@@ -132,10 +132,11 @@ class Policy:
                 return STEP, signal
         return COMPUTE, signal
 
-    def _check_schedule_length(self, s: Step, state: CacheState) -> None:
-        """A schedule's step indices are checked against the generation only once one has ended
-        (its length is known at its end): steps past the last one never applied, and saying so
-        once beats a schedule that silently reuses less than it says."""
+    def _check_schedule(self, s: Step, state: CacheState) -> None:
+        """A schedule is checked against a generation only once one has ended (its length and
+        branches are known at its end): steps past the last one, and cfg reuse where every step
+        called the transformer with one guidance branch, never applied. Saying so once beats a
+        schedule that silently reuses less than it says."""
         last = state.records[-1] if state.records else None
         if last is None or last.generation == s.generation:
             return
@@ -143,10 +144,18 @@ class Policy:
         beyond = {k: sorted(v for v in steps if v > last.step) for k, steps in named.items()}
         beyond = {k: v for k, v in beyond.items() if v}
         if beyond:
-            self._told_beyond = True
+            self._told_schedule = True
             warnings.warn(f"mixcache: the forced schedule names steps {beyond}, past the last step "
                           f"({last.step}, counting from 0) of the generation that just ended: they "
                           "never applied", stacklevel=4)
+        ended = [r for r in state.records if r.generation == last.generation]
+        if self.cfg_on_halves and not any(r.branch or r.halves for r in ended):
+            self._told_schedule = True
+            warnings.warn("mixcache: cfg reuse is asked for, but the generation that just ended "
+                          "called the transformer with one guidance branch per step (guidance "
+                          "off, e.g. guidance_scale <= 1, or a guidance-distilled model such as "
+                          "Flux): there is no other branch to rebuild one from, so it never "
+                          "applied", stacklevel=4)
 
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:

@@ -154,6 +154,25 @@ def test_batch_that_is_not_cfg_shares_nothing(same_latent, same_text):
     assert dit_compile.stats(f)["reused"] == {}
 
 
+@pytest.mark.parametrize("cfg_batch", [True, False])
+def test_cfg_reuse_on_halves_is_not_said_to_lack_a_branch(cfg_batch):
+    """Batch halves are two guidance branches: a schedule that reused them is not warned about
+    when the generation ends; a batch of two prompts (no guidance) is."""
+    import warnings
+    model = pipelines.cogvideox_transformer()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1 if cfg_batch else 2, 3, 4, 8, 8, generator=g).expand(2, -1, -1, -1, -1)
+    texts = torch.randn(2, 16, 32, generator=g)
+    f = _compile(model, {"rule": "schedule", "cfg": [1, 2]})
+    _calls(f, latents, texts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _calls(f, latents, texts)
+    said = [w for w in caught if "one guidance branch per step" in str(w.message)]
+    assert len(said) == (0 if cfg_batch else 1)
+    assert bool(dit_compile.stats(f)["reused"]) == cfg_batch
+
+
 def test_direct_calls_keep_the_output_structure():
     """return_dict=True: the model's output class around the rebuilt batch."""
     from diffusers.models.modeling_outputs import Transformer2DModelOutput

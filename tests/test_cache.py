@@ -548,6 +548,28 @@ def test_schedule_past_the_last_step_is_said_once():
     assert dit_compile.stats(f)["reused"] == {"step": 3}
 
 
+@pytest.mark.parametrize("cache", [{"rule": "schedule", "cfg": [1, 2]},
+                                   {"rule": "fastercache", "every": 2}])
+def test_cfg_reuse_without_a_second_branch_is_said_once(cache):
+    """Guidance off (or a guidance-distilled model): each step calls the transformer once, so
+    there is no branch to rebuild another from. That is said when the generation ends, not left
+    to look like a schedule that applied; with two branches nothing is said."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generation(f, kw, steps=STEPS[:4], branches=2)
+        generation(f, kw, steps=STEPS[:4], branches=2)
+        generation(f, kw, steps=STEPS[:4], branches=1)
+    assert dit_compile.stats(f)["reused"]["cfg"] > 0
+    with pytest.warns(UserWarning, match="one guidance branch per step"):
+        generation(f, kw, steps=STEPS[:4], branches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generation(f, kw, steps=STEPS[:4], branches=1)
+
+
 def test_trace_is_bounded_and_counts_are_not():
     """A long-running server: the per-call trace keeps the last generations only, while the counts
     cover every call since the last reset."""
