@@ -175,6 +175,25 @@ def test_dynamic_shapes_compile_through_inductor_without_recompiles(monkeypatch)
     assert graphs[1] == graphs[0], "another frame count is the same graph"
 
 
+@pytest.mark.inductor
+def test_dynamic_shapes_with_a_forced_schedule_match_the_reference():
+    """Under dynamic=True one graph serves every latent shape: each shape's generation reuses as
+    the schedule says and equals the eager reference of that schedule at that shape."""
+    from reference_cache import Reference
+    from test_cache import STEPS, generation
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    sched = dict(step=[2], cfg=[1, 3], block=[4, 5])
+    f = torch.compile(model, backend="mixcache", dynamic=True,
+                      options={"cache": {"rule": "schedule", **sched}})
+    for frames, size in ((2, 8), (3, 12)):
+        kw["hidden_states"] = torch.randn(1, 4, frames, size, size)
+        ours = generation(f, kw)
+        for x, y in zip(ours, generation(Reference(model, **sched).start(STEPS[0]), kw)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert dit_compile.stats(f)["reused"] == {"step": 4, "cfg": 4, "block": 8}
+
+
 def test_small_glue_between_blocks_is_not_compiled(monkeypatch):
     """Chroma slices each block's modulation from one embedding between blocks: a few ops, one
     constant apart from block to block. Compiling each would cost a compile per block for nothing."""
