@@ -1,5 +1,6 @@
-"""More of diffusers' DiTs, each a block structure the named models do not have: the region pass
-finds their stacks with no per-model table, and a forced schedule reuses what it says.
+"""More of diffusers' DiTs (here, and tiny configs of 23 more in zoo_video.py and zoo_image.py):
+the region pass finds their stacks and inputs with no per-model table, and a forced schedule reuses
+what it says.
 
 Single-stack models are checked against the eager reference of the reuse rules (step, cfg and block
 reuse, ``reference_cache.Reference`` wrapping the model's own blocks); models with several stacks
@@ -11,32 +12,28 @@ import pytest
 import torch
 
 import dit_compile
+import zoo_image
+import zoo_video
 from reference_cache import Reference
 from test_cache import STEPS, compiled, generation
-from tiny_models import diffusers_class
-
-
-def _seeded(cls_name: str, **config):
-    cls = diffusers_class(cls_name)
-    torch.manual_seed(0)
-    return cls(**config).eval()
+from tiny_models import seeded
 
 
 def sana():
-    m = _seeded("SanaTransformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=3,
-                attention_head_dim=8, num_attention_heads=2, num_cross_attention_heads=2,
-                cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
-                sample_size=8)
+    m = seeded("SanaTransformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=3,
+               attention_head_dim=8, num_attention_heads=2, num_cross_attention_heads=2,
+               cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+               sample_size=8)
     return m, dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
                    timestep=torch.full((1,), 500.0))
 
 
 def pixart():
-    m = _seeded("PixArtTransformer2DModel", sample_size=8, num_layers=3, patch_size=2,
-                attention_head_dim=8, num_attention_heads=2, in_channels=4, cross_attention_dim=16,
-                out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-                num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
-                norm_eps=1e-6, use_additional_conditions=False, caption_channels=16)
+    m = seeded("PixArtTransformer2DModel", sample_size=8, num_layers=3, patch_size=2,
+               attention_head_dim=8, num_attention_heads=2, in_channels=4, cross_attention_dim=16,
+               out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+               num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+               norm_eps=1e-6, use_additional_conditions=False, caption_channels=16)
     return m, dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
                    timestep=torch.full((1,), 500.0),
                    added_cond_kwargs={"aspect_ratio": None, "resolution": None})
@@ -44,8 +41,8 @@ def pixart():
 
 def ltx():
     """Video latents flattened to tokens, frame and patch counts as Python ints."""
-    m = _seeded("LTXVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
-                attention_head_dim=8, cross_attention_dim=16, num_layers=3, caption_channels=16)
+    m = seeded("LTXVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=8, cross_attention_dim=16, num_layers=3, caption_channels=16)
     return m, dict(hidden_states=torch.randn(1, 2 * 4 * 4, 4), encoder_hidden_states=torch.randn(1, 6, 16),
                    timestep=torch.full((1,), 500.0), encoder_attention_mask=torch.ones(1, 6),
                    num_frames=2, height=4, width=4)
@@ -54,9 +51,9 @@ def ltx():
 def hunyuandit():
     """The second half of the blocks reads long skips from the first half."""
     from diffusers.models.embeddings import get_2d_rotary_pos_embed
-    m = _seeded("HunyuanDiT2DModel", sample_size=8, patch_size=2, num_attention_heads=2,
-                attention_head_dim=8, in_channels=4, cross_attention_dim=16, cross_attention_dim_t5=16,
-                pooled_projection_dim=8, hidden_size=16, num_layers=6, text_len=6, text_len_t5=6)
+    m = seeded("HunyuanDiT2DModel", sample_size=8, patch_size=2, num_attention_heads=2,
+               attention_head_dim=8, in_channels=4, cross_attention_dim=16, cross_attention_dim_t5=16,
+               pooled_projection_dim=8, hidden_size=16, num_layers=6, text_len=6, text_len_t5=6)
     with torch.no_grad():   # the skip projections: give the long skips weight
         for name, p in m.named_parameters():
             if "skip" in name:
@@ -73,21 +70,21 @@ def hunyuandit():
 
 def latte():
     """Spatial and temporal blocks interleaved: two stacks, one loop."""
-    m = _seeded("LatteTransformer3DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                out_channels=8, num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
-                activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-                norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-                caption_channels=16, video_length=2)
+    m = seeded("LatteTransformer3DModel", num_attention_heads=2, attention_head_dim=8, in_channels=4,
+               out_channels=8, num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+               activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+               norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+               caption_channels=16, video_length=2)
     return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
                    encoder_hidden_states=torch.randn(1, 6, 16), enable_temporal_attentions=True)
 
 
 def wan_vace():
     """Control blocks whose hints the main blocks add."""
-    m = _seeded("WanVACETransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
-                attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
-                ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1],
-                vace_in_channels=8)
+    m = seeded("WanVACETransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
+               attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+               ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1],
+               vace_in_channels=8)
     with torch.no_grad():   # zero-initialised hint projections: give the control a path
         for name, p in m.named_parameters():
             if "vace_blocks" in name and "proj_out" in name:
@@ -99,9 +96,9 @@ def wan_vace():
 
 def qwenimage():
     """Dual-stream blocks that return (text, image), text first."""
-    m = _seeded("QwenImageTransformer2DModel", patch_size=2, in_channels=16, out_channels=4,
-                num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                axes_dims_rope=(8, 4, 4))
+    m = seeded("QwenImageTransformer2DModel", patch_size=2, in_channels=16, out_channels=4,
+               num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+               axes_dims_rope=(8, 4, 4))
     kw = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 7, 16),
               encoder_hidden_states_mask=torch.ones(1, 7), timestep=torch.full((1,), 500.0),
               img_shapes=[[(1, 4, 4)]])
@@ -119,6 +116,8 @@ ZOO = {
     "latte": (latte, {"transformer_blocks": 2, "temporal_transformer_blocks": 2}, None),
     "wan_vace": (wan_vace, {"vace_blocks": 2, "blocks": 2}, None),
     "qwenimage": (qwenimage, {"transformer_blocks": 2}, None),
+    **zoo_video.ZOO,
+    **zoo_image.ZOO,
 }
 SCHEDULE = dict(step=[2], cfg=[3], block=[4])
 
@@ -134,19 +133,21 @@ def test_more_diffusers_dits(name, nested):
         assert dit_compile.nest_blocks(model) >= sum(stacks.values())
     report = dit_compile.explain(model, **kw, return_dict=False)
     assert report.fallback is None and report.stacks == stacks
-    assert {"latent", "timestep"} <= set(report.inputs)
+    assert {"latent", "timestep", "text"} <= set(report.inputs)
+    # The branches' condition: the argument whose name ends the text input's (l_kwargs_<name>_).
+    text = max((k for k in kw if report.inputs["text"].endswith(f"_{k}_")), key=len)
     kw["return_dict"] = False
 
     f = compiled(model, {"rule": "schedule", **SCHEDULE})
-    ours = generation(f, kw)
+    ours = generation(f, kw, text=text)
     counts = dit_compile.stats(f)["reused"]
     assert counts == {"step": 2, "cfg": 1, "block": 2}, counts
     if blocks_attr is not None:
         ref = Reference(model, blocks_attr=blocks_attr, **SCHEDULE).start(STEPS[0])
-        theirs = generation(ref, kw)
+        theirs = generation(ref, kw, text=text)
     else:   # computed calls against eager; reused ones only where a reference exists
         torch._dynamo.reset()
-        theirs = generation(compiled(model, None), kw)
+        theirs = generation(compiled(model, None), kw, text=text)
         computed = [i for i, r in enumerate(dit_compile.stats(f)["trace"]) if r["action"] == "compute"]
         ours, theirs = [ours[i] for i in computed], [theirs[i] for i in computed]
     for i, (x, y) in enumerate(zip(ours, theirs)):
@@ -156,10 +157,10 @@ def test_more_diffusers_dits(name, nested):
 def mochi():
     """Its attention keeps each sample's valid text tokens with nonzero: a graph break per block
     unless Dynamo captures ops whose output shape depends on data."""
-    m = _seeded("MochiTransformer3DModel", patch_size=2, num_attention_heads=2, attention_head_dim=8,
-                num_layers=3, pooled_projection_dim=16, in_channels=4, out_channels=None,
-                qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
-                max_sequence_length=16)
+    m = seeded("MochiTransformer3DModel", patch_size=2, num_attention_heads=2, attention_head_dim=8,
+               num_layers=3, pooled_projection_dim=16, in_channels=4, out_channels=None,
+               qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4, activation_fn="swiglu",
+               max_sequence_length=16)
     return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
                    timestep=torch.full((1,), 500.0),
                    encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool))
@@ -191,12 +192,12 @@ def test_mochi_caches_once_its_breaks_are_captured(caplog):
 def framepack():
     """Its text is cut to the mask's length with ``.item()``: a size known only at run time, which
     its blocks pass on beside the streams."""
-    m = _seeded("HunyuanVideoFramepackTransformer3DModel", in_channels=4, out_channels=4,
-                num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=2,
-                num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-                text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
-                image_condition_type=None, has_image_proj=True, image_proj_dim=16,
-                has_clean_x_embedder=True)
+    m = seeded("HunyuanVideoFramepackTransformer3DModel", in_channels=4, out_channels=4,
+               num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=2,
+               num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+               text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+               image_condition_type=None, has_image_proj=True, image_proj_dim=16,
+               has_clean_x_embedder=True)
     idx = torch.arange(10)
     pre, x4, x2, x1, lat = idx.split([1, 4, 2, 1, 2])
     mask = torch.ones(1, 6)

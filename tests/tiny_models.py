@@ -21,6 +21,13 @@ def diffusers_class(name: str) -> type:
     return cls
 
 
+def seeded(cls_name: str, **config) -> torch.nn.Module:
+    """diffusers' class ``cls_name`` built from ``config`` with seed 0, in eval mode."""
+    cls = diffusers_class(cls_name)
+    torch.manual_seed(0)
+    return cls(**config).eval()
+
+
 def wan(layers: int = 3, batch: int = 1, frames: int = 2, size: int = 8) -> tuple[torch.nn.Module, dict]:
     WanTransformer3DModel = diffusers_class("WanTransformer3DModel")
     torch.manual_seed(0)

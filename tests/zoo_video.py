@@ -1,0 +1,154 @@
+"""diffusers' video DiTs at tiny configs for test_zoo: constructors and ``ZOO`` in its format."""
+import torch
+
+from tiny_models import seeded
+
+
+def allegro():
+    """Rotary frequencies and token positions passed in, as its pipeline builds them."""
+    m = seeded("AllegroTransformer3DModel", patch_size=2, patch_size_t=1, num_attention_heads=2,
+               attention_head_dim=12, in_channels=4, out_channels=4, num_layers=3,
+               cross_attention_dim=24, sample_height=8, sample_width=8, sample_frames=2,
+               caption_channels=16)
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+    *freqs, t, h, w = get_3d_rotary_pos_embed_allegro(12, ((0, 0), (4, 4)), (4, 4), 2,
+                                                      interpolation_scale=(2.2, 2.0, 2.0))
+    pos = torch.cartesian_prod(t.long(), h.long(), w.long()).T.reshape(3, 1, -1)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                   timestep=torch.full((1,), 500.0), encoder_attention_mask=torch.ones(1, 6),
+                   image_rotary_emb=(tuple(freqs), tuple(pos)))
+
+
+def chronoedit():
+    """Image tokens before the text, which its attention takes as the last 512 (its text length);
+    two latent frames, whose rotary frequencies it takes from the ends of its temporal range."""
+    m = seeded("ChronoEditTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
+               attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+               ffn_dim=32, num_layers=3, image_dim=16, added_kv_proj_dim=16, rope_max_seq_len=32)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 512, 16),
+                   encoder_hidden_states_image=torch.randn(1, 5, 16))
+
+
+def consisid():
+    """Frames before channels; face features from a local extractor, added by perceiver
+    cross-attention after each block (a second stack, interleaved)."""
+    m = seeded("ConsisIDTransformer3DModel", num_attention_heads=2, attention_head_dim=16,
+               in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=16, num_layers=2,
+               sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+               temporal_compression_ratio=4, max_text_seq_length=6,
+               use_rotary_positional_embeddings=True, is_train_face=True, cross_attn_interval=1,
+               cross_attn_dim_head=8, cross_attn_num_heads=2, LFE_id_dim=8, LFE_vit_dim=8,
+               LFE_depth=2, LFE_dim_head=4, LFE_num_heads=2, LFE_num_id_token=2, LFE_num_querie=4,
+               LFE_output_dim=21, LFE_ff_mult=1, LFE_num_scale=2)   # 21: the perceivers' kv width
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    rope = get_3d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), 2, use_real=True)
+    return m, dict(hidden_states=torch.randn(1, 2, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                   timestep=torch.full((1,), 500.0), image_rotary_emb=rope, id_cond=torch.randn(1, 8),
+                   id_vit_hidden=[torch.randn(1, 5, 8) for _ in range(2)])
+
+
+def cosmos():
+    m = seeded("CosmosTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=16, num_layers=3, mlp_ratio=2.0, text_embed_dim=16,
+               adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2),
+               concat_padding_mask=False)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 6, 16), fps=24)
+
+
+def easyanimate():
+    """MMDiT blocks that return (image, text)."""
+    m = seeded("EasyAnimateTransformer3DModel", num_attention_heads=2, attention_head_dim=16,
+               in_channels=4, out_channels=4, patch_size=2, sample_width=8, sample_height=8,
+               num_layers=2, mmdit_layers=2, time_embed_dim=8, text_embed_dim=16)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 6, 16))
+
+
+def sana_video():
+    m = seeded("SanaVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=8, num_layers=3, num_cross_attention_heads=2,
+               cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+               sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                   timestep=torch.full((1,), 500.0), encoder_attention_mask=torch.ones(1, 6))
+
+
+def skyreels_v2():
+    """Diffusion forcing: one timestep per latent frame."""
+    m = seeded("SkyReelsV2Transformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
+               attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+               ffn_dim=32, num_layers=3, rope_max_seq_len=32, inject_sample_info=True)
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1, 2), 500.0),
+                   encoder_hidden_states=torch.randn(1, 5, 16), enable_diffusion_forcing=True, fps=[0])
+
+
+def ltx2():
+    """Video and audio streams through one stack, each with its own text; two outputs."""
+    m = seeded("LTX2VideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4,
+               audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8,
+               audio_cross_attention_dim=16, num_layers=2, caption_channels=16)
+    return m, dict(hidden_states=torch.randn(1, 2 * 4 * 4, 4), audio_hidden_states=torch.randn(1, 5, 4),
+                   encoder_hidden_states=torch.randn(1, 6, 16),
+                   audio_encoder_hidden_states=torch.randn(1, 6, 16), timestep=torch.full((1,), 500.0),
+                   encoder_attention_mask=torch.ones(1, 6), audio_encoder_attention_mask=torch.ones(1, 6),
+                   num_frames=2, height=4, width=4, fps=24.0, audio_num_frames=5)
+
+
+def motif_video():
+    """Dual- then single-stream blocks; the last single block, a decoder, runs on the latent as it
+    entered the blocks with the stream the others made as its context."""
+    m = seeded("MotifVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+               attention_head_dim=8, num_layers=2, num_single_layers=3, num_decoder_layers=1,
+               patch_size=2, text_embed_dim=16, rope_axes_dim=(4, 2, 2))
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 6, 16), encoder_attention_mask=torch.ones(1, 6))
+
+
+def helios():
+    """History latents at three scales joined before the blocks, modulated as at t = 0."""
+    m = seeded("HeliosTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
+               attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+               ffn_dim=32, num_layers=3, rope_dim=(4, 2, 2))
+    prefix, long, mid, short, latent = torch.arange(10).split([1, 4, 2, 1, 2])
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 5, 16), indices_hidden_states=latent[None],
+                   indices_latents_history_short=torch.cat([prefix, short])[None],
+                   indices_latents_history_mid=mid[None], indices_latents_history_long=long[None],
+                   latents_history_short=torch.randn(1, 4, 2, 8, 8),
+                   latents_history_mid=torch.randn(1, 4, 2, 8, 8),
+                   latents_history_long=torch.randn(1, 4, 4, 8, 8))
+
+
+def wan_animate():
+    """A face adapter after every other block (a second stack, interleaved); pose latents added to
+    all frames but the first."""
+    m = seeded("WanAnimateTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
+               attention_head_dim=8, in_channels=12, latent_channels=4, out_channels=4, text_dim=16,
+               freq_dim=16, ffn_dim=32, num_layers=4, image_dim=16, added_kv_proj_dim=16,
+               rope_max_seq_len=32, motion_encoder_channel_sizes={"8": 8, "4": 8},
+               motion_encoder_size=8, motion_style_dim=8, motion_dim=4, motion_encoder_dim=8,
+               face_encoder_hidden_dim=8, face_encoder_num_heads=2, inject_face_latents_blocks=2)
+    return m, dict(hidden_states=torch.randn(1, 12, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 512, 16),
+                   encoder_hidden_states_image=torch.randn(1, 5, 16),
+                   pose_hidden_states=torch.randn(1, 4, 1, 8, 8),
+                   face_pixel_values=torch.randn(1, 3, 1, 8, 8))
+
+
+# name: (factory, stacks the region pass must find, the single stack's attribute or None)
+ZOO = {
+    "allegro": (allegro, {"transformer_blocks": 3}, "transformer_blocks"),
+    "chronoedit": (chronoedit, {"blocks": 3}, "blocks"),
+    "consisid": (consisid, {"transformer_blocks": 2, "perceiver_cross_attention": 2}, None),
+    "cosmos": (cosmos, {"transformer_blocks": 3}, "transformer_blocks"),
+    "easyanimate": (easyanimate, {"transformer_blocks": 2}, None),
+    "sana_video": (sana_video, {"transformer_blocks": 3}, "transformer_blocks"),
+    "skyreels_v2": (skyreels_v2, {"blocks": 3}, "blocks"),
+    "ltx2": (ltx2, {"transformer_blocks": 2}, None),
+    "motif_video": (motif_video, {"transformer_blocks": 2, "single_transformer_blocks": 3}, None),
+    "helios": (helios, {"blocks": 3}, "blocks"),
+    "wan_animate": (wan_animate, {"blocks": 4, "face_adapter": 2}, None),
+}
