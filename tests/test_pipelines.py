@@ -114,9 +114,8 @@ def test_a_broken_forward_caches_none_of_its_graphs():
     text) and `timestep`. No graph of a broken forward is cached: the refiner's refined text was
     once carried from one prompt's call to the other's. With a forced schedule, the pipeline's
     output is eager's, and the user is told why."""
-    from diffusers import HunyuanImageTransformer2DModel
     torch.manual_seed(0)
-    model = HunyuanImageTransformer2DModel(
+    model = tiny_models.diffusers_class("HunyuanImageTransformer2DModel")(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_single_layers=2, num_refiner_layers=2, mlp_ratio=2.0, patch_size=(1, 1),
         text_embed_dim=16, text_embed_2_dim=8, rope_axes_dim=(4, 4)).eval()

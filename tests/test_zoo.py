@@ -16,7 +16,7 @@ import zoo_image
 import zoo_video
 from reference_cache import Reference
 from test_cache import STEPS, compiled, generation
-from tiny_models import seeded
+from tiny_models import diffusers_version, seeded
 
 
 def sana():
@@ -216,10 +216,9 @@ def test_framepack_caches_a_size_its_blocks_pass_on():
     scalars and data-dependent shapes captured the forward is one graph whose blocks hand on the
     text length as a number. A reused span hands it on as it is, the memory bound counts tensors
     only, and the computed calls equal eager."""
-    import diffusers
-    if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) < (0, 36):
-        pytest.skip(f"diffusers {diffusers.__version__}: its rotary embedding guards on the "
-                    "data-dependent text length (traces from 0.36 on)")
+    if diffusers_version() < (0, 36):
+        pytest.skip("diffusers < 0.36: its rotary embedding guards on the data-dependent text "
+                    "length")
     model, kw = framepack()
     kw["return_dict"] = False
     report = dit_compile.explain(model, **kw)

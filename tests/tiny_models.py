@@ -21,6 +21,12 @@ def diffusers_class(name: str) -> type:
     return cls
 
 
+def diffusers_version() -> tuple[int, int]:
+    """The installed diffusers' (major, minor): where an older release traces otherwise."""
+    import diffusers
+    return tuple(int(p) for p in diffusers.__version__.split(".")[:2])
+
+
 def seeded(cls_name: str, **config) -> torch.nn.Module:
     """diffusers' class ``cls_name`` built from ``config`` with seed 0, in eval mode."""
     cls = diffusers_class(cls_name)
