@@ -75,14 +75,22 @@ def _unaliased(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _views_copied(region: Callable[..., Any]) -> Callable[..., Any]:
-    """``region`` called, when compiled, with copies of the tensor arguments that are views: a
-    nested region's inputs may not alias each other either (CogVideoX hands its first block the
-    text and video halves of one tensor). Run eagerly, nothing is copied."""
+    """``region`` called, when compiled, with copies of the tensor arguments that alias another:
+    a nested region's inputs may not alias each other (CogVideoX hands its first block the text
+    and video halves of one tensor). Views of a tensor no other argument shares are handed on as
+    they are (Wan's text, modulation and rotary tables, every block, every call). Run eagerly,
+    nothing is copied."""
     @functools.wraps(region)
     def views_copied(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
-            args, kwargs = pytree.tree_map_only(
-                torch.Tensor, lambda t: t.clone() if t._base is not None else t, (args, kwargs))
+            # By position and `is`, never id(): Dynamo would guard on the objects' ids.
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            tensors = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor)]
+            root = {i: flat[i] if flat[i]._base is None else flat[i]._base for i in tensors}
+            shared = [i for i in tensors if any(root[i] is root[j] for j in tensors if j != i)]
+            for i in shared:
+                flat[i] = flat[i].clone()
+            args, kwargs = pytree.tree_unflatten(flat, spec)
         return region(self, *args, **kwargs)
     return views_copied
 

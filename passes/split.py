@@ -93,6 +93,7 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
             n_inputs += 1
         elif node.op == "call_module":
             sub: fx.GraphModule = getattr(parent, node.target)
+            _drop_unread_attributes(sub)
             idx = int(node.target.rsplit("_", 1)[1])
             sub_out = next(n for n in sub.graph.nodes if n.op == "output")
             single = not isinstance(sub_out.args[0], (tuple, list))
@@ -123,6 +124,19 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
         if isinstance(x, fx.Node) and isinstance(g, fx.Node):
             slot_examples.setdefault(slot[x], _example(g))
     return Plan(n_inputs, next_slot, pieces, spec, out_leaves, rmap, input_names, slot_examples)
+
+
+def _drop_unread_attributes(sub: fx.GraphModule) -> None:
+    """Remove attribute reads nothing uses (``getattr`` has no side effect). Dynamo records
+    ``t._base`` where ``t`` is a view, read or not: ``nest_blocks`` reads it of every argument,
+    and where only the first block is handed a view (Wan before diffusers 0.40), that block would
+    no longer be identical to the others and would compile apart."""
+    dead = [n for n in sub.graph.nodes
+            if n.op == "call_function" and n.target is getattr and not n.users]
+    for n in reversed(dead):
+        sub.graph.erase_node(n)
+    if dead:
+        sub.recompile()
 
 
 def _canonical_outputs(sub: fx.GraphModule, out: fx.Node, slots: tuple[int, ...]) -> tuple[int, ...]:

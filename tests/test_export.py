@@ -37,10 +37,8 @@ def test_exported_model_matches_eager(tmp_path, nested):
         dit_compile.nest_blocks(model)
     dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    # prologue, one block for the three, epilogue; before diffusers 0.40 Wan hands its first block
-    # a view (the patch tokens transposed), which a nested block copies: one program more
-    copies = nested and tiny_models.diffusers_version() < (0, 40)
-    assert len(set(manifest["programs"])) == 3 + copies and len(manifest["programs"]) == 5
+    # prologue, one block for the three, epilogue
+    assert len(set(manifest["programs"])) == 3 and len(manifest["programs"]) == 5
     loaded = dit_compile.load(str(tmp_path))
     with torch.no_grad():
         for call in calls(kw, steps=2):

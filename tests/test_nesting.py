@@ -37,13 +37,38 @@ def test_nest_blocks_marks_this_models_blocks_only():
     assert isinstance(block, WanTransformerBlock) and type(block) is not WanTransformerBlock
     assert type(block).__name__ == "WanTransformerBlock" and list(model.state_dict()) == keys
     assert type(other.blocks[0]) is WanTransformerBlock
-    assert _subgraph_calls(_traced(model, kw)) == 3
+    graph = _traced(model, kw)
+    assert _subgraph_calls(graph) == 3
+    # The views each block is handed (text, modulation, rotary tables) alias nothing else it gets:
+    # handed on as they are, not copied per block and call.
+    assert not any(n.target in ("clone", torch.clone) for n in graph.graph.nodes)
     assert _subgraph_calls(_traced(other, kw)) == 0     # another model of the class: as it was
     report = dit_compile.explain(model, **kw, return_dict=False)
     assert report.nested == 3 and "one per stack, 3 calls nested" in str(report)
     assert dit_compile.explain(other, **kw, return_dict=False).nested == 0
     assert dit_compile.unnest_blocks(model) == 3 and type(model.blocks[0]) is WanTransformerBlock
     assert _subgraph_calls(_traced(model, kw)) == 0
+
+
+def test_a_nested_block_handed_two_views_of_one_tensor_gets_copies():
+    """A nested region's inputs may not alias each other: where two arguments share a tensor
+    (CogVideoX's text and video halves of one sequence), the nested block is handed copies."""
+    model, kw = tiny_models.wan(layers=2)
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(**kw)
+    (x, text, temb, rope), kwargs = seen["args"], seen["kwargs"]
+    joint, n = torch.cat([x, text], dim=1), x.shape[1]
+    block = model.blocks[1]
+    dit_compile.nest_blocks(model)
+
+    def call(joint):
+        return block(joint[:, :n], joint[:, n:], temb, rope, **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(call, fullgraph=True)(joint), call(joint),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def _generation(f, kw):
