@@ -14,6 +14,7 @@ guard points. ``make_policy`` parses the user's ``cache`` option into one.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -148,7 +149,8 @@ class Policy:
             warnings.warn(f"mixcache: the forced schedule names steps {beyond}, past the last step "
                           f"({last.step}, counting from 0) of the generation that just ended: they "
                           "never applied", stacklevel=4)
-        ended = [r for r in state.records if r.generation == last.generation]
+        ended = itertools.takewhile(lambda r: r.generation == last.generation,
+                                    reversed(state.records))
         if self.cfg_on_halves and not any(r.branch or r.halves for r in ended):
             self._told_schedule = True
             warnings.warn("mixcache: cfg reuse is asked for, but the generation that just ended "
