@@ -133,14 +133,18 @@ def test_nested_flux_through_inductor_equals_plain_inductor():
 
 
 def test_nested_cogvideox_halves_match_eager_reference():
-    """CogVideoX hands its first block two views of one tensor (a nested region's inputs may not
-    alias: nest_blocks copies them when compiled), and batches both guidance branches: cfg reuse
-    computes the conditional half through the nested blocks."""
+    """CogVideoX batches both guidance branches: cfg reuse computes the conditional half through
+    the nested blocks. Its first block is handed two views of one tensor (copied when compiled: a
+    nested region's inputs may not alias). Three blocks: Dynamo inlines a subgraph called once,
+    so two blocks would not show that the blocks are nested."""
     import warnings
     from test_batched_cfg import STEPS as N, _check_trace, _pipe, _reference, pipelines
-    model = pipelines.cogvideox_transformer()
+    model = pipelines.cogvideox_transformer(layers=3)
     ref = _reference(model, {1, 3, 4})
-    assert dit_compile.nest_blocks(model) >= 2
+    assert dit_compile.nest_blocks(model) == 3
+    kw = dict(hidden_states=torch.randn(2, 3, 4, 8, 8), encoder_hidden_states=torch.randn(2, 16, 32),
+              timestep=torch.full((2,), 500))
+    assert _subgraph_calls(_traced(model, kw)) == 3
     pipe = _pipe(model)
     pipe.transformer = torch.compile(model, backend="mixcache", options={
         "regions": "eager", "cache": {"rule": "schedule", "cfg": [1, 3, 4]}})
