@@ -50,22 +50,30 @@ def test_nest_blocks_marks_this_models_blocks_only():
     assert _subgraph_calls(_traced(model, kw)) == 0
 
 
-def test_a_nested_block_handed_two_views_of_one_tensor_gets_copies():
+@pytest.mark.parametrize("shared", ["sequence", "rotary pair"])
+def test_a_nested_block_handed_two_views_of_one_tensor_gets_copies(shared):
     """A nested region's inputs may not alias each other: where two arguments share a tensor
-    (CogVideoX's text and video halves of one sequence), the nested block is handed copies."""
+    (CogVideoX's text and video halves of one sequence; here also the two tables of Wan's rotary
+    pair, one level down in a tuple), the nested block is handed copies."""
     model, kw = tiny_models.wan(layers=2)
     seen = {}
     model.blocks[0].register_forward_pre_hook(
         lambda m, args, kwargs: seen.update(args=args, kwargs=kwargs), with_kwargs=True)
     with torch.no_grad():
         model(**kw)
-    (x, text, temb, rope), kwargs = seen["args"], seen["kwargs"]
-    joint, n = torch.cat([x, text], dim=1), x.shape[1]
+    (x, text, temb, (cos, sin)), kwargs = seen["args"], seen["kwargs"]
     block = model.blocks[1]
     dit_compile.nest_blocks(model)
+    if shared == "sequence":
+        joint, n = torch.cat([x, text], dim=1), x.shape[1]
 
-    def call(joint):
-        return block(joint[:, :n], joint[:, n:], temb, rope, **kwargs)
+        def call(joint):
+            return block(joint[:, :n], joint[:, n:], temb, (cos, sin), **kwargs)
+    else:
+        joint, n = torch.cat([cos, sin], dim=-1), cos.shape[-1]
+
+        def call(joint):
+            return block(x, text, temb, (joint[..., :n], joint[..., n:]), **kwargs)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(call, fullgraph=True)(joint), call(joint),
                                    rtol=1e-5, atol=1e-5)
