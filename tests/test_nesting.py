@@ -79,6 +79,21 @@ def test_a_nested_block_handed_two_views_of_one_tensor_gets_copies(shared):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_the_look_for_shared_tensors_is_true_wherever_two_arguments_may_share():
+    """The shallow look that spares most block calls the pytree flatten: true for a tensor twice,
+    two views of one tensor, a view beside its base, at the top or one level into a tuple, and
+    wherever it cannot see (a dict, deeper nesting); false only for tensors that share nothing."""
+    from dit_compile.passes.nesting import _may_share
+    a, b, x = torch.randn(4, 6), torch.randn(4, 6), torch.randn(2, 3)
+    assert not _may_share((a, b, (x[0], a.t().contiguous()), None, 1.0), {"c": torch.ones(1)})
+    assert _may_share((a, b), {"again": a})
+    assert _may_share((a[:2], b), {"other": a[2:]})
+    assert _may_share((a, (b, a[0])), {})
+    assert _may_share((x, (a[:, :3], a[:, 3:])), {})
+    assert _may_share((a,), {"attention_kwargs": {"scale": 1.0}})
+    assert _may_share((a, ((b,),)), {})
+
+
 def _generation(f, kw):
     """One sampler-like run: a lower timestep each call, the latent moved by the output."""
     key = "timesteps" if "timesteps" in kw else "timestep"
