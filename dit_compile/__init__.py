@@ -40,7 +40,7 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "
                          "with caching on (the default; not cache=None), and run it once; a "
                          "model that runs without caching was warned why (graph breaks, no "
-                         "block stack, inputs not found)")
+                         "block stack, inputs not found, autograd recording)")
     return state.stats()
 
 

@@ -62,6 +62,15 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     policy = make_policy(opts.cache, n_blocks)
     if policy is None:
         return Executor(plan, fns)
+    if records_autograd(example_inputs):
+        # Dynamo guards on grad mode and on each input's requires_grad, so this graph runs only
+        # where autograd records: a reused output would be another call's, with its graph.
+        warnings.warn(f"mixcache: {model_name()}: autograd records this forward (grad enabled, "
+                      "inputs or parameters that require grad), so nothing is cached: a reused "
+                      "output would belong to another call and carry its graph. Call the model "
+                      "under torch.no_grad() or torch.inference_mode() to cache (diffusers' "
+                      "pipelines do).", stacklevel=2)
+        return Executor(plan, fns)
     if is_fragment(gm):
         # One graph of a forward that breaks: its inputs may be any intermediates, named like the
         # model's own (HunyuanImage's token refiner, a frame of its own, takes the text as
@@ -82,6 +91,13 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()))
+
+
+def records_autograd(example_inputs: list[Any]) -> bool:
+    """Whether autograd records the graph these inputs were traced with (training, or gradients
+    through the model, as some guidance methods take)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
 def modulation_of(plan: Plan, policy: Any, name: str) -> Modulation | None:

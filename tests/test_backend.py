@@ -542,3 +542,40 @@ def test_piece_flops_counted_under_dynamic_shapes_without_error_logs(caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[:2000]
     assert dynamic == pytest.approx(static)
     assert static[0] > 0        # counted: the fallback gives the prologue nothing
+
+
+def test_where_autograd_records_nothing_is_cached_and_gradients_match_eager():
+    """A training loop (timesteps drawn at random, so often falling like a sampler's) under a
+    forced schedule that reuses from the second call: where autograd records, a reused output
+    would be another batch's and carry its graph. Nothing is cached, the user is told why once,
+    and outputs and gradients equal eager's. Under no_grad the same compiled model caches."""
+    from test_cache import STEPS, generation
+    model, kw = tiny_models.wan(layers=3)
+    model.train()
+    f = torch.compile(model, backend="mixcache", fullgraph=True,
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [1, 2, 3]}})
+    torch.manual_seed(1)
+    batches = [(torch.randn_like(kw["hidden_states"]), torch.full((1,), t))
+               for t in (900.0, 700.0, 500.0, 300.0)]
+
+    def train_step(fn, x, t):
+        model.zero_grad()
+        out = fn(**dict(kw, hidden_states=x, timestep=t), return_dict=False)[0]
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = [train_step(f, x, t) for x, t in batches]
+    said = [w for w in caught if "autograd records" in str(w.message)]
+    assert len(said) == 1 and "WanTransformer3DModel" in str(said[0].message)
+    for (out, grads), (x, t) in zip(ours, batches):
+        ref_out, ref_grads = train_step(model, x, t)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    model.eval()
+    kw["return_dict"] = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        generation(f, kw)       # under no_grad: recompiled for that grad mode, and cached
+    assert dit_compile.stats(f)["reused"]["step"] == 6     # 3 steps x 2 branches
