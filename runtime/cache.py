@@ -1,7 +1,9 @@
 """Cache state of one compiled model: what was computed, what may be reused, and when it goes stale.
 
-One ``CacheState`` per model (attached to the module, reachable with ``dit_compile.stats(model)``),
-never a module global. Its lifecycle rules are the safety net under every policy:
+One ``CacheState`` per model and thread (attached to the module, reachable with
+``dit_compile.stats(model)``), never a module global: two threads that generate at once with one
+compiled model interleave their calls, which the inputs cannot tell from one generation, so each
+thread keeps its own. Its lifecycle rules are the safety net under every policy:
 
 * A *generation* is one run of the sampler. The runtime sees it only through the inputs: a
   timestep that goes up, or a new input signature (shapes, dtypes, device of the latent and the
@@ -36,6 +38,7 @@ never a module global. Its lifecycle rules are the safety net under every policy
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -317,51 +320,64 @@ class CacheState:
 
 
 class StateFactory:
-    """Finds, or makes, the CacheState of the model whose parameter is ``anchor``.
+    """Finds, or makes, the CacheState of the model whose parameter is ``anchor``, for the calling
+    thread.
 
-    The state hangs on one of the model's own parameters (the model's, so ``stats(model)`` can
-    find it, and per instance, so two models compiled to one graph never share it). It belongs to
-    one configuration (``key``: the policy, the memory bound, whether outputs are copied): a model
-    compiled again with another one gets a fresh state, so neither the cache nor the counters of
-    one configuration leak into the other, and a state made without CUDA graphs never serves one
-    that needs copies of what it caches. Graphs of the same configuration (a recompile for a new
-    shape) share the state."""
+    The states hang on one of the model's own parameters (the model's, so ``stats(model)`` can
+    find them, and per instance, so two models compiled to one graph never share one), one per
+    thread: two pipelines running at once in two threads of a server call the model in turns, and
+    one state would take the other's calls for its own steps and branches (and reuse across them).
+    A state belongs to one configuration (``key``: the policy, the memory bound, whether outputs
+    are copied): a model compiled again with another one gets a fresh state, so neither the cache
+    nor the counters of one configuration leak into the other, and a state made without CUDA
+    graphs never serves one that needs copies of what it caches. Graphs of the same configuration
+    (a recompile for a new shape) share the state."""
 
     def __init__(self, memory: int | None, clone: bool, key: Any = None, timestep: str = "falling"):
         self.memory, self.clone, self.timestep = memory, clone, timestep
         self.key = (key, memory, clone, timestep)
-        self._orphan: CacheState | None = None   # a traced function with no parameters
+        self._orphans: dict[threading.Thread, CacheState] = {}  # a function with no parameters
 
     def __call__(self, anchor: Any) -> CacheState:
-        if anchor is None:
-            self._orphan = self._orphan or self._new()
-            return self._orphan
-        state = getattr(anchor, STATE_ATTR, None)
+        states = self._orphans if anchor is None else getattr(anchor, STATE_ATTR, None)
+        if states is None:
+            states = {}
+            setattr(anchor, STATE_ATTR, states)
+        # Keyed by the thread, not its ident: a new thread may get an ended one's ident.
+        thread = threading.current_thread()
+        state = states.get(thread)
         if state is None or state.key != self.key:
-            state = self._new()
-            setattr(anchor, STATE_ATTR, state)
+            _drop_ended_threads(states)
+            state = states[thread] = self._new()
         return state
 
     def _new(self) -> CacheState:
         return CacheState(self.memory, self.clone, self.key, self.timestep)
 
 
+def _drop_ended_threads(states: dict[threading.Thread, CacheState]) -> None:
+    """Forget the states of threads that have ended (a server's worker threads come and go):
+    their caches would otherwise outlive them."""
+    for thread in [t for t in states if not t.is_alive()]:
+        del states[thread]
+
+
 def find_state(model: torch.nn.Module) -> CacheState | None:
     """The CacheState the runtime attached to one of ``model``'s parameters and used last, if any.
 
     Graphs of one model may anchor their states on different parameters (each anchors on its
-    first parameter input, and two graphs of a model need not trace its parameters in one order):
-    the one that ran last is the model's current state, not the first found."""
+    first parameter input, and two graphs of a model need not trace its parameters in one order),
+    and each thread has its own: the one that ran last is the model's current state, not the
+    first found."""
     return max(model_states(model), key=lambda s: s.last_call, default=None)
 
 
 def model_states(model: torch.nn.Module) -> list[CacheState]:
-    """Every CacheState attached to ``model``'s parameters, once each."""
+    """Every CacheState attached to ``model``'s parameters (all threads'), once each."""
     model = getattr(model, "_orig_mod", model)
     states = {}
     for p in model.parameters():
-        state = getattr(p, STATE_ATTR, None)
-        if state is not None:
+        for state in getattr(p, STATE_ATTR, {}).values():
             states[id(state)] = state
     return list(states.values())
 

@@ -611,6 +611,50 @@ def test_reset_and_two_models_share_nothing():
     assert dit_compile.stats(f1)["trace"][-1]["action"] == "compute"
 
 
+def test_two_threads_generating_at_once_share_nothing():
+    """Two threads run a generation each with one compiled model, call by call in turns (a
+    server running two pipelines at once). Each thread's generation reuses as the schedule says
+    and equals the same generation run alone; one state for both would take one thread's calls
+    for the other's steps and branches. A thread that ended leaves no state behind."""
+    import threading
+    from dit_compile.runtime.cache import model_states
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [2], "cfg": [1, 3], "block": [4]})
+    latents = [torch.randn_like(kw["hidden_states"]) for _ in range(2)]
+    alone = []
+    for x in latents:
+        dit_compile.reset(f)
+        alone.append(generation(f, dict(kw, hidden_states=x)))
+    expected = dit_compile.stats(f)["reused"]
+    assert expected == {"step": 2, "cfg": 2, "block": 2}
+    turns, outs, counts = threading.Barrier(2), {}, {}
+
+    class InTurns:              # every call waits for the other thread's call of that turn
+        def __call__(self, **call):
+            turns.wait()
+            return f(**call)
+
+    def run(i):
+        outs[i] = generation(InTurns(), dict(kw, hidden_states=latents[i]))
+        counts[i] = dit_compile.stats(f)["reused"]     # this thread's state was used last
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert counts[i] == expected
+        for a, b in zip(outs[i], alone[i]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(model_states(model)) == 3
+    # A state made for a new thread drops those of the threads that ended.
+    last = threading.Thread(target=generation, args=(f, kw, STEPS[:1]))
+    last.start()
+    last.join()
+    assert len(model_states(model)) == 2        # this thread's and the last one's
+
+
 def test_model_compiled_again_with_other_options_gets_a_fresh_state():
     """Compiling the same model again with another cache configuration (as a benchmark does from
     one method to the next) starts from a fresh state: no counters, no cache, and the new
