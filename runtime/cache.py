@@ -336,12 +336,12 @@ class StateFactory:
     def __init__(self, memory: int | None, clone: bool, key: Any = None, timestep: str = "falling"):
         self.memory, self.clone, self.timestep = memory, clone, timestep
         self.key = (key, memory, clone, timestep)
-        self._orphans: dict[threading.Thread, CacheState] = {}  # a function with no parameters
+        self._orphans = ThreadStates()     # a traced function with no parameters
 
     def __call__(self, anchor: Any) -> CacheState:
         states = self._orphans if anchor is None else getattr(anchor, STATE_ATTR, None)
         if states is None:
-            states = {}
+            states = ThreadStates()
             setattr(anchor, STATE_ATTR, states)
         # Keyed by the thread, not its ident: a new thread may get an ended one's ident.
         thread = threading.current_thread()
@@ -355,7 +355,16 @@ class StateFactory:
         return CacheState(self.memory, self.clone, self.key, self.timestep)
 
 
-def _drop_ended_threads(states: dict[threading.Thread, CacheState]) -> None:
+class ThreadStates(dict):
+    """A parameter's CacheStates, by thread. Runtime state, not the model's: a copy of the model
+    (``copy.deepcopy``, ``torch.save(model)``) gets none, so it shares nothing with the original
+    (and a Thread does not pickle)."""
+
+    def __reduce__(self) -> tuple:
+        return ThreadStates, ()
+
+
+def _drop_ended_threads(states: ThreadStates) -> None:
     """Forget the states of threads that have ended (a server's worker threads come and go):
     their caches would otherwise outlive them."""
     for thread in [t for t in states if not t.is_alive()]:

@@ -655,6 +655,25 @@ def test_two_threads_generating_at_once_share_nothing():
     assert len(model_states(model)) == 2        # this thread's and the last one's
 
 
+def test_a_copy_or_a_saved_model_carries_no_cache_state():
+    """The cache state is the runtime's, not the model's: ``torch.save(model)`` after a cached
+    generation works (the states are keyed by thread, and a thread does not pickle), and neither
+    the loaded model nor a deep copy brings any state along."""
+    import copy
+    import io
+    from dit_compile.runtime.cache import model_states
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    generation(compiled(model, {"rule": "schedule", "step": [1]}), kw, steps=STEPS[:2])
+    assert len(model_states(model)) == 1 and dit_compile.stats(model)["cached_bytes"] > 0
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert model_states(loaded) == [] and model_states(copy.deepcopy(model)) == []
+    assert len(model_states(model)) == 1
+
+
 def test_model_compiled_again_with_other_options_gets_a_fresh_state():
     """Compiling the same model again with another cache configuration (as a benchmark does from
     one method to the next) starts from a fresh state: no counters, no cache, and the new
