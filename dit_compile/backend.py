@@ -11,8 +11,9 @@ import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from .frames import (compiled_model, is_fragment, lower_moe_and_retrace, model_name,
-                     retrace_once_after_break, traced_locals, traced_module, warn_fallback)
+from .frames import (compiled_model, install_moe_hook, is_fragment, lower_moe_and_retrace,
+                     model_name, retrace_once_after_break, traced_locals, traced_module,
+                     warn_fallback)
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
@@ -34,8 +35,10 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     start = time.perf_counter()
     opts = Options.parse(options)
     inductor = _inductor_config(mode or opts.mode)
-    # 0. lowering: MoE dispatches that synced to the host broke this trace; lowered, the next is
+    # 0. lowering: MoE dispatches are lowered as a compile starts (install_moe_hook); one that
+    #    broke this trace anyway (a model not on the stack) is lowered now, and the next trace is
     #    whole. Any other break: traced once more at the next call (a first call's lazy init).
+    install_moe_hook()
     model = compiled_model() or traced_module()
     lower_moe_and_retrace(model, opts.lower_moe)
     retrace_once_after_break(gm, model)
@@ -275,3 +278,6 @@ def _inductor_config(mode: str | None) -> dict[str, Any]:
     if mode is None or mode == "default":
         return {}
     return dict(torch._inductor.list_mode_options(mode))
+
+
+install_moe_hook()     # loaded by the entry point as torch.compile names the backend

@@ -3,7 +3,9 @@
 The backend sees one graph at a time; which model it belongs to, what arguments the traced forward
 got, and whether the graph is the whole forward or one fragment of a broken one are only on the
 stack. Warnings that name the model are said once per model (a flag on the model itself: state
-lives with the model, never in a module global).
+lives with the model, never in a module global). The one thing the backend does before a trace,
+lowering a model's MoE dispatches as its compile starts, also reads the stack (which backend and
+options, which model): Dynamo's start-of-compile callback is the only hook it has there.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .options import Options
 from .passes.moe import find_moe, lower_moe
 from .passes.regions import NoBlockStructure
 
@@ -66,6 +69,62 @@ def compiled_model() -> torch.nn.Module | None:
                 found = owner
         frame = frame.f_back
     return found
+
+
+def install_moe_hook() -> None:
+    """Have Dynamo call ``lower_moe_before_trace`` as each compile starts. Said again at every
+    mixcache compile: ``torch._dynamo.reset()`` drops Dynamo's callbacks, and this is the only hook
+    a backend has that runs before the trace (torch.compile hands a named backend nothing else)."""
+    handler = torch._dynamo.callback_handler
+    if lower_moe_before_trace not in getattr(handler, "start_callbacks", (lower_moe_before_trace,)):
+        handler.register_start_callback(lower_moe_before_trace)
+
+
+def lower_moe_before_trace(_: Any = None) -> None:
+    """Dynamo's start-of-compile callback: where mixcache compiles a model whose MoE dispatches
+    sync to the host (HiDream's, NucleusMoE's), lower them in place before Dynamo traces it, so the
+    trace is whole from the first call and ``fullgraph=True`` works; ``lower_moe=False`` leaves the
+    model as it is. Any other backend's compile, and a model that is not on the stack (a compiled
+    function that calls it), are left to ``lower_moe_and_retrace``. Never fails a compile."""
+    try:
+        options = _mixcache_options()
+        if options is None or not Options.parse(options).lower_moe:
+            return
+        model = compiled_model()
+        pending = [] if model is None else [p for p, done in find_moe(model).items() if not done]
+        if not pending:
+            return
+        lowered = lower_moe(model)
+    except Exception as why:  # a bad option or Dynamo internals moved: the backend's path remains
+        log.debug("mixcache: MoE lowering before the trace skipped: %s", why)
+        return
+    warnings.warn(f"mixcache: {type(model).__name__}: {len(pending)} MoE dispatch(es) "
+                  f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}) sync to the "
+                  f"host and would break the graph: lowered {lowered} in place before tracing, to "
+                  "one fused op (dit_compile::moe_ffn, as dit_compile.lower_moe does). "
+                  "dit_compile.restore_moe(model) undoes it; options={'lower_moe': False} leaves "
+                  "the model as it is", stacklevel=2)
+
+
+def _mixcache_options() -> dict | None:
+    """The options of the compile starting now, where its backend is mixcache; None for any other.
+    Dynamo's frame converter, on the stack, holds the backend, inside Dynamo's wrappers and
+    torch.compile's (which holds the options)."""
+    from .backend import mixcache
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        backend = getattr(owner, "_torchdynamo_orig_backend", None)
+        if backend is not None:
+            for _ in range(8):
+                if backend is mixcache:
+                    return {}
+                if getattr(backend, "compiler_fn", None) is mixcache:
+                    return dict((getattr(backend, "kwargs", None) or {}).get("options") or {})
+                backend = getattr(backend, "_torchdynamo_orig_backend", None)
+            return None
+        frame = frame.f_back
+    return None
 
 
 def lower_moe_and_retrace(model: torch.nn.Module | None, enabled: bool) -> None:

@@ -462,6 +462,60 @@ def test_moe_lowered_under_the_backend_then_one_graph(name, n):
     assert dit_compile.restore_moe(model) == n and not any(find_moe(model).values())
 
 
+def test_moe_lowered_before_the_trace_so_fullgraph_works():
+    """As a mixcache compile starts, Dynamo's start callback lowers the model's MoE dispatches in
+    place (saying so), so the first trace is whole: fullgraph=True compiles the unmodified model
+    (NucleusMoE here; HiDream in a fresh process below), in one graph, its output the original
+    model's. Another backend's compile leaves a model as it is, and so does lower_moe=False."""
+    from dit_compile.frames import install_moe_hook
+    from dit_compile.passes.moe import find_moe
+    model, kw = tiny_models.nucleus()
+    n = 2
+    torch._dynamo.reset()
+    install_moe_hook()          # the reset dropped Dynamo's callbacks; a fresh process has it
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        torch.compile(model, backend="eager")(**kw, return_dict=False)
+        assert not any(find_moe(model).values())
+        torch.compile(model, backend="mixcache", options={"lower_moe": False, "cache": None})(
+            **kw, return_dict=False)
+        assert not any(find_moe(model).values())
+        torch._dynamo.reset()
+        install_moe_hook()
+        graphs = []
+        real = backend.find_regions
+        with pytest.MonkeyPatch.context() as mp, pytest.warns(UserWarning, match="mixcache") as rec:
+            mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real(gm))
+            out = torch.compile(model, backend="mixcache", fullgraph=True,
+                                options={"regions": "eager"})(**kw, return_dict=False)[0]
+    (said,) = _mixcache_warnings(rec)
+    assert f"{n} MoE dispatch(es)" in said and f"lowered {n} in place before tracing" in said
+    assert len(graphs) == 1 and all(find_moe(model).values())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert dit_compile.restore_moe(model) == n
+
+
+def test_moe_model_compiles_fullgraph_in_a_fresh_process_without_import():
+    """What a user runs: a fresh interpreter, no import of dit_compile, HiDream as diffusers makes
+    it, torch.compile(..., backend="mixcache", fullgraph=True): one graph, eager's output."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        import tiny_models
+        model, kw = tiny_models.hidream()
+        with torch.no_grad():
+            ref = model(**kw, return_dict=False)[0]
+            out = torch.compile(model, backend="mixcache", fullgraph=True,
+                                options={"regions": "eager"})(**kw, return_dict=False)[0]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        print("ok")
+    """)
+    import os
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code, os.path.dirname(__file__)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 def test_hidream_after_moe_lowering_is_one_graph_with_regions():
     """With its MoE lowered (and HiDream's data-dependent unpatchify captured), the whole forward is
     one graph: stacks found, stitched output equal to eager."""
