@@ -517,19 +517,18 @@ def test_moe_model_compiles_fullgraph_in_a_fresh_process_without_import():
 
 
 def test_hidream_after_moe_lowering_is_one_graph_with_regions():
-    """With its MoE lowered (and HiDream's data-dependent unpatchify captured), the whole forward is
-    one graph: stacks found, stitched output equal to eager."""
+    """With its MoE lowered, the whole forward is one graph: stacks found, stitched output equal
+    to eager."""
     model, kw = tiny_models.hidream()
     assert dit_compile.lower_moe(model) == 4
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        report = dit_compile.explain(model, **kw, return_dict=False)
-        assert report.graphs == 1 and report.fallback is None
-        assert report.stacks == {"double_stream_blocks": 2, "single_stream_blocks": 2}
-        torch._dynamo.reset()
-        with torch.no_grad():
-            ref = model(**kw, return_dict=False)[0]
-            out = torch.compile(model, backend="mixcache", options={"regions": "eager"},
-                                fullgraph=True)(**kw, return_dict=False)[0]
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert report.graphs == 1 and report.fallback is None
+    assert report.stacks == {"double_stream_blocks": 2, "single_stream_blocks": 2}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        out = torch.compile(model, backend="mixcache", options={"regions": "eager"},
+                            fullgraph=True)(**kw, return_dict=False)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
