@@ -39,7 +39,7 @@ class Report:
         if self.moe:
             pending = [p for p, ok in self.moe.items() if not ok]
             lines.append(f"  MoE dispatches: {len(self.moe)}, not lowered: {len(pending)}"
-                         + (" (backend='mixcache' lowers them at the first call, "
+                         + (" (backend='mixcache' lowers them before its first trace, "
                             "dit_compile.lower_moe(model) now)" if pending else ""))
         for s, k in self.stacks.items():
             lines.append(f"  stack {s}: {k} blocks, residual stream(s) {self.streams.get(s, [])}")
