@@ -130,5 +130,18 @@ def _nested(cls: type) -> type:
     if cls not in _subclasses:
         _subclasses[cls] = type(cls.__name__, (cls,), {
             "forward": _views_copied(torch.compiler.nested_compile_region(_unaliased(cls.forward))),
+            "__reduce_ex__": _reduce_nested,
             NESTED_FROM: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return _subclasses[cls]
+
+
+def _reduce_nested(self: nn.Module, protocol: int) -> tuple:
+    """A nested block pickles (``torch.save(model)``, ``copy.deepcopy``) by the class it stands in
+    for and comes back nested: pickle finds a class by its name, which names the original."""
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))    # (__newobj__, (cls,), state, ...)
+    return (_new_nested, (_original(type(self)),), *rest)
+
+
+def _new_nested(cls: type) -> nn.Module:
+    nested = _nested(cls)
+    return nested.__new__(nested)

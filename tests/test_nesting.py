@@ -50,6 +50,26 @@ def test_nest_blocks_marks_this_models_blocks_only():
     assert _subgraph_calls(_traced(model, kw)) == 0
 
 
+def test_a_nested_model_saves_and_copies_nested():
+    """torch.save(model) and copy.deepcopy of a model with nested blocks work, and bring the
+    blocks back nested: the copy traces with its blocks as subgraphs and gives the same output."""
+    import copy
+    import io
+    from dit_compile.passes.nesting import NESTED_FROM
+    model, kw = tiny_models.wan(layers=3)
+    dit_compile.nest_blocks(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert type(other.blocks[0]) is type(model.blocks[0])
+        assert NESTED_FROM in type(other.blocks[0]).__dict__
+        assert _subgraph_calls(_traced(other, kw)) == 3
+        with torch.no_grad():
+            torch.testing.assert_close(other(**kw, return_dict=False)[0],
+                                       model(**kw, return_dict=False)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shared", ["sequence", "rotary pair"])
 def test_a_nested_block_handed_two_views_of_one_tensor_gets_copies(shared):
     """A nested region's inputs may not alias each other: where two arguments share a tensor
