@@ -618,6 +618,12 @@ def test_two_threads_generating_at_once_share_nothing():
     for the other's steps and branches. A thread that ended leaves no state behind."""
     import threading
     from dit_compile.runtime.cache import model_states
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 12):
+        # Reproduced with backend="eager", no dit_compile: after compiled code ran in two
+        # threads at once, torch 2.11's Dynamo traces a later model's graph break in the main
+        # thread otherwise (Z-Image's lazy rotary table: one fragment of the forward, not four),
+        # and test_a_break_only_the_first_call_makes_is_traced_past then fails in this process.
+        pytest.skip("torch 2.11: compiled code run in two threads changes later traces")
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
     f = compiled(model, {"rule": "schedule", "step": [2], "cfg": [1, 3], "block": [4]})
