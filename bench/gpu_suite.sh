@@ -25,8 +25,8 @@
 #                                                                                     ~3 min [-]
 #   first     issue 2's first-generation goal: each compile method's first call at the 1.3B shape
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
-#             may hit what an earlier one compiled); then the same with Wan's block class
-#             marked as a nested compile region          ~4 min [154 s for the first four rows]
+#             may hit what an earlier one compiled); the nested rows only on torch 2.12 and
+#             later (2.11 traces every nested block again)  ~3 min [154 s for the first four rows]
 #   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
 #             mixcache with caching off, in one process; then the exported model (AOTInductor)
 #             in the same pipeline: export time, load time, per generation                 ~6 min

@@ -50,6 +50,19 @@ def test_nest_blocks_marks_this_models_blocks_only():
     assert _subgraph_calls(_traced(model, kw)) == 0
 
 
+@pytest.mark.parametrize("reuses", [True, False])
+def test_nest_blocks_warns_where_dynamo_traces_every_nested_call(monkeypatch, reuses, recwarn):
+    import dit_compile.passes.nesting as nesting
+    # Reuse came with the region's max_reuse_entries (2.12); 2.11, measured, traces each call.
+    version = tuple(int(v) for v in torch.__version__.split(".")[:2])
+    assert nesting.reuses_nested_regions() == (version >= (2, 12))
+    monkeypatch.setattr(nesting, "reuses_nested_regions", lambda: reuses)
+    model, _ = tiny_models.wan(layers=2)
+    assert dit_compile.nest_blocks(model) == 2        # nested as asked, either way
+    slower = [w for w in recwarn if "makes the first call slower" in str(w.message)]
+    assert len(slower) == (0 if reuses else 1)
+
+
 def test_a_nested_model_saves_and_copies_nested():
     """torch.save(model) and copy.deepcopy of a model with nested blocks work, and bring the
     blocks back nested: the copy traces with its blocks as subgraphs and gives the same output."""
