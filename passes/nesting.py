@@ -21,6 +21,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 NESTED_FROM = "_dit_compile_nested_from"    # on a nested subclass: the class it stands in for
+# Traces Dynamo may keep of nested blocks in one compile (torch's default is 8, then it fails the
+# compile). A block that cannot reuse another's trace (a Python constant that differs from block
+# to block) is traced again, as if inlined: slower, never a failed compile at the ninth block.
+# The blocks of every nested class share one count: their forwards share one code object.
+MAX_TRACES = 4096
 _subclasses: dict[type, type] = {}          # one subclass per block class, so blocks share it
 
 
@@ -146,10 +151,15 @@ def _original(cls: type) -> type:
 def _nested(cls: type) -> type:
     if cls not in _subclasses:
         _subclasses[cls] = type(cls.__name__, (cls,), {
-            "forward": _views_copied(torch.compiler.nested_compile_region(_unaliased(cls.forward))),
+            "forward": _views_copied(_nested_region(_unaliased(cls.forward))),
             "__reduce_ex__": _reduce_nested,
             NESTED_FROM: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return _subclasses[cls]
+
+
+def _nested_region(forward: Callable[..., Any]) -> Callable[..., Any]:
+    limit = {"max_reuse_entries": MAX_TRACES} if reuses_nested_regions() else {}
+    return torch.compiler.nested_compile_region(forward, **limit)
 
 
 def _reduce_nested(self: nn.Module, protocol: int) -> tuple:

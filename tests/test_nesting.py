@@ -175,6 +175,30 @@ def test_nested_blocks_are_guarded_and_counted_as_inlined_ones(name):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"call {i}")
 
 
+def test_blocks_that_differ_by_a_constant_are_traced_each_not_a_failed_compile():
+    """A block whose graph holds a Python constant of its own (here each first norm's eps) reuses
+    no other block's trace. Past torch's default of 8 traces per region Dynamo failed the whole
+    compile at the ninth block; such blocks are traced one by one instead, as inlined ones are,
+    with the same outputs and reuse as the model inlined."""
+    model, kw = tiny_models.wan(layers=10)
+    for i, block in enumerate(model.blocks):
+        block.norm1.eps = 1e-6 * (i + 1)
+    cache = {"rule": "schedule", "step": [2], "block": [3]}
+    runs = []
+    for nested in (False, True):
+        if nested:
+            assert dit_compile.nest_blocks(model) == 10
+        torch._dynamo.reset()
+        f = torch.compile(model, backend="mixcache", fullgraph=True,
+                          options={"regions": "eager", "cache": cache})
+        dit_compile.reset(f)    # the inlined run's counts; its state may hang elsewhere
+        runs.append((_generation(f, kw), dit_compile.stats(f)["reused"]))
+    (ref, reused), (outs, nested_reused) = runs
+    assert reused == nested_reused == {"step": 1, "block": 1}
+    for i, (a, b) in enumerate(zip(outs, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"call {i}")
+
+
 @pytest.mark.inductor
 def test_nested_flux_through_inductor_equals_plain_inductor():
     """The copies that unalias Flux's single-stream outputs compile, and change nothing."""
