@@ -24,7 +24,7 @@ NESTED_FROM = "_dit_compile_nested_from"    # on a nested subclass: the class it
 # Traces Dynamo may keep of nested blocks in one compile (torch's default is 8, then it fails the
 # compile). A block that cannot reuse another's trace (a Python constant that differs from block
 # to block) is traced again, as if inlined: slower, never a failed compile at the ninth block.
-# The blocks of every nested class share one count: their forwards share one code object.
+# The blocks of every nested class share one count: their regions share code objects.
 MAX_TRACES = 4096
 _subclasses: dict[type, type] = {}          # one subclass per block class, so blocks share it
 
@@ -96,52 +96,117 @@ def _unaliased(forward: Callable[..., Any]) -> Callable[..., Any]:
     return unaliased
 
 
-def _views_copied(region: Callable[..., Any]) -> Callable[..., Any]:
-    """``region`` called, when compiled, with copies of the tensor arguments that alias another:
-    a nested region's inputs may not alias each other (CogVideoX hands its first block the text
-    and video halves of one tensor). Views of a tensor no other argument shares are handed on as
-    they are (Wan's text, modulation and rotary tables, every block, every call). Run eagerly,
-    nothing is copied."""
-    @functools.wraps(region)
-    def views_copied(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling() and _may_share(args, kwargs):
+def _flat_region(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` as a nested compile region, called, when compiled, with its arguments laid
+    flat and with copies of the tensors that share a tensor with another.
+
+    Flat: a layout string and the leaves, each argument a leaf or a tuple of leaves (Wan's rotary
+    pair). Dynamo checks every later call of a region against its first trace, and that check
+    takes a fast path for flat arguments; with a tuple or a keyword it flattens them with pytree
+    at every call (0.9 s of a 30-block tiny Wan's 3.9 s nested trace on the CPU, torch 2.13).
+    Arguments that nest deeper (a dict, a list) go through as they are.
+
+    Copies: a nested region's inputs may not alias each other (CogVideoX hands its first block
+    the text and video halves of one tensor). Views that share with no other argument are handed
+    on as they are (Wan's text, modulation and rotary tables, every block, every call).
+
+    Run eagerly, nothing is laid out or copied."""
+    region = _nested_region(forward)
+    flat = _nested_region(_from_leaves(forward))
+
+    @functools.wraps(forward)
+    def nested(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            return forward(self, *args, **kwargs)
+        laid_out = _flattened(args, kwargs)
+        if laid_out is None:
             args, kwargs = _unshared(args, kwargs)
-        return region(self, *args, **kwargs)
-    return views_copied
+            return region(self, *args, **kwargs)
+        layout, leaves = laid_out
+        return flat(self, layout, *_copied_shared(leaves))
+    return nested
 
 
-def _may_share(args: tuple, kwargs: dict) -> bool:
-    """Whether two tensor arguments may share a tensor: a cheap look at the arguments and one
-    level into tuples and lists (Wan's rotary pair), true where it cannot see further. Dynamo
-    traces this at every block call of a first call, so it is plain loops, with no pytree and no
-    generator: with them, a 30-block tiny Wan's nested trace took 5.0 s on the CPU, 3.8 s
-    without (3.4 s with no look at all)."""
-    roots: list[torch.Tensor] = []
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, dict):
-            return True
-        for b in (a if isinstance(a, (tuple, list)) else (a,)):
+# Dynamo traces the three below at every nested call of a first call: plain loops and plain
+# tuples and lists, with no pytree and no generator (each costs trace time per call).
+def _flattened(args: tuple, kwargs: dict) -> tuple[str, list] | None:
+    """``(layout, leaves)`` of a call whose arguments are leaves or tuples of leaves, None where
+    one nests deeper. The layout lists the arguments, ``name=`` before a keyword's: ``t`` a leaf,
+    a number a tuple of that many."""
+    parts: list[str] = []
+    leaves: list[Any] = []
+    for a in args:
+        part = _laid_out(a, leaves)
+        if part is None:
+            return None
+        parts.append(part)
+    for name, a in kwargs.items():
+        part = _laid_out(a, leaves)
+        if part is None:
+            return None
+        parts.append(name + "=" + part)
+    return ",".join(parts), leaves
+
+
+def _laid_out(a: Any, leaves: list) -> str | None:
+    if type(a) is tuple:        # a named tuple would come back as a plain one
+        for b in a:
             if isinstance(b, (tuple, list, dict)):
-                return True
-            if isinstance(b, torch.Tensor):
-                root = b if b._base is None else b._base
-                for r in roots:
-                    if r is root:
-                        return True
-                roots.append(root)
-    return False
+                return None
+        leaves.extend(a)
+        return str(len(a))
+    if isinstance(a, (tuple, list, dict)):
+        return None
+    leaves.append(a)
+    return "t"
+
+
+def _from_leaves(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` called with the arguments that ``layout`` and ``leaves`` stand for (inside the
+    region: traced once, not per call)."""
+    def from_leaves(self: nn.Module, layout: str, *leaves: Any) -> Any:
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        i = 0
+        for part in (layout.split(",") if layout else []):
+            name, _, kind = part.rpartition("=")
+            if kind == "t":
+                value, i = leaves[i], i + 1
+            else:
+                value, i = tuple(leaves[i:i + int(kind)]), i + int(kind)
+            if name:
+                kwargs[name] = value
+            else:
+                args.append(value)
+        return forward(self, *args, **kwargs)
+    return from_leaves
+
+
+def _copied_shared(leaves: list) -> list:
+    """``leaves`` with a copy of every tensor that shares its tensor with another (by position and
+    `is`, never id(): Dynamo would guard on the objects' ids)."""
+    tensors: list[int] = []
+    roots: list[torch.Tensor] = []
+    for i in range(len(leaves)):
+        x = leaves[i]
+        if isinstance(x, torch.Tensor):
+            base = x._base
+            tensors.append(i)
+            roots.append(x if base is None else base)
+    out = None      # a new list only where something is copied
+    for a in range(len(roots)):
+        for b in range(len(roots)):
+            if a != b and roots[a] is roots[b]:
+                out = list(leaves) if out is None else out
+                out[tensors[a]] = leaves[tensors[a]].clone()
+                break
+    return leaves if out is None else out
 
 
 def _unshared(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``args`` and ``kwargs`` with a copy of every tensor that shares its tensor with another
-    (by position and `is`, never id(): Dynamo would guard on the objects' ids)."""
+    """``args`` and ``kwargs`` with a copy of every tensor that shares its tensor with another."""
     flat, spec = pytree.tree_flatten((args, kwargs))
-    tensors = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor)]
-    root = {i: flat[i] if flat[i]._base is None else flat[i]._base for i in tensors}
-    shared = [i for i in tensors if any(root[i] is root[j] for j in tensors if j != i)]
-    for i in shared:
-        flat[i] = flat[i].clone()
-    return pytree.tree_unflatten(flat, spec)
+    return pytree.tree_unflatten(_copied_shared(flat), spec)
 
 
 def _original(cls: type) -> type:
@@ -151,7 +216,7 @@ def _original(cls: type) -> type:
 def _nested(cls: type) -> type:
     if cls not in _subclasses:
         _subclasses[cls] = type(cls.__name__, (cls,), {
-            "forward": _views_copied(_nested_region(_unaliased(cls.forward))),
+            "forward": _flat_region(_unaliased(cls.forward)),
             "__reduce_ex__": _reduce_nested,
             NESTED_FROM: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return _subclasses[cls]

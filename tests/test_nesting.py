@@ -2,6 +2,7 @@
 one block per stack and ``invoke_subgraph`` calls; the backend finds, guards and counts them as the
 inlined blocks, with the same outputs."""
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 import dit_compile
@@ -57,6 +58,7 @@ def test_nest_blocks_warns_where_dynamo_traces_every_nested_call(monkeypatch, re
     version = tuple(int(v) for v in torch.__version__.split(".")[:2])
     assert nesting.reuses_nested_regions() == (version >= (2, 12))
     monkeypatch.setattr(nesting, "reuses_nested_regions", lambda: reuses)
+    monkeypatch.setattr(nesting, "_subclasses", {})     # the classes made here die with the test
     model, _ = tiny_models.wan(layers=2)
     assert dit_compile.nest_blocks(model) == 2        # nested as asked, either way
     slower = [w for w in recwarn if "makes the first call slower" in str(w.message)]
@@ -112,19 +114,60 @@ def test_a_nested_block_handed_two_views_of_one_tensor_gets_copies(shared):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_the_look_for_shared_tensors_is_true_wherever_two_arguments_may_share():
-    """The shallow look that spares most block calls the pytree flatten: true for a tensor twice,
-    two views of one tensor, a view beside its base, at the top or one level into a tuple, and
-    wherever it cannot see (a dict, deeper nesting); false only for tensors that share nothing."""
-    from dit_compile.passes.nesting import _may_share
-    a, b, x = torch.randn(4, 6), torch.randn(4, 6), torch.randn(2, 3)
-    assert not _may_share((a, b, (x[0], a.t().contiguous()), None, 1.0), {"c": torch.ones(1)})
-    assert _may_share((a, b), {"again": a})
-    assert _may_share((a[:2], b), {"other": a[2:]})
-    assert _may_share((a, (b, a[0])), {})
-    assert _may_share((x, (a[:, :3], a[:, 3:])), {})
-    assert _may_share((a,), {"attention_kwargs": {"scale": 1.0}})
-    assert _may_share((a, ((b,),)), {})
+_A, _B = torch.randn(4, 6), torch.randn(4, 6)
+# Leaves a block may be handed: tensors, views of one tensor, a view and its base, constants.
+_LEAVES = [_A, _B, _A[:2], _A[2:], _B.t(), torch.ones(3), None, 1, 2.5, "s"]
+_leaf = st.sampled_from(range(len(_LEAVES))).map(lambda i: _LEAVES[i])
+_argument = st.one_of(
+    _leaf, st.tuples(_leaf, _leaf), st.tuples(),
+    st.lists(_leaf, max_size=2), st.dictionaries(st.sampled_from("xy"), _leaf, max_size=1),
+    st.tuples(_leaf, st.tuples(_leaf)), st.builds(torch.return_types.max, st.tuples(_leaf, _leaf)))
+
+
+def _same(a, b) -> bool:
+    """The same structure of the same objects (a tensor compared by identity)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b
+
+
+@settings(max_examples=200, deadline=None)
+@given(args=st.lists(_argument, max_size=4),
+       kwargs=st.dictionaries(st.sampled_from(["temb", "rotary_emb", "mask"]), _argument))
+def test_arguments_laid_flat_come_back_as_they_were(args, kwargs):
+    """A nested block's arguments laid flat (leaves, and tuples of leaves) and rebuilt inside the
+    region are the objects the block was handed, keywords as keywords; any argument that nests
+    deeper (a list, a dict, a tuple in a tuple, a named tuple) goes through unflattened."""
+    from dit_compile.passes.nesting import _flattened, _from_leaves
+    laid_out = _flattened(tuple(args), kwargs)
+    deeper = any(type(a) is not tuple and isinstance(a, (tuple, list, dict))
+                 or type(a) is tuple and any(isinstance(b, (tuple, list, dict)) for b in a)
+                 for a in (*args, *kwargs.values()))
+    assert (laid_out is None) == deeper
+    if laid_out is not None:
+        layout, leaves = laid_out
+        back = _from_leaves(lambda self, *a, **k: (a, k))(None, layout, *leaves)
+        assert _same(back, (tuple(args), kwargs))
+
+
+@settings(max_examples=100, deadline=None)
+@given(leaves=st.lists(_leaf, max_size=6))
+def test_tensors_that_share_a_tensor_are_copied_and_no_others(leaves):
+    """Copied: a tensor twice, two views of one tensor, a view beside its base; handed on as it
+    is: every tensor that shares nothing with another leaf, and every constant."""
+    from dit_compile.passes.nesting import _copied_shared
+    root = [x._base if isinstance(x, torch.Tensor) and x._base is not None else x for x in leaves]
+    out = _copied_shared(leaves)
+    for i, (x, y) in enumerate(zip(leaves, out)):
+        shared = isinstance(x, torch.Tensor) and any(
+            root[j] is root[i] for j in range(len(leaves)) if j != i)
+        assert (y is not x) == shared
+        if shared:
+            assert torch.equal(x, y) and y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
 
 
 def _generation(f, kw):
