@@ -188,7 +188,7 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
                     inputs = [_constant(mode, graph_inputs[s]) if _scalar(graph_inputs, s, plan)
                               else _concrete(x) for s, x in zip(p.args, p.example_inputs)]
                     with FlopCounterMode(display=False) as fc:
-                        _Inlined(p.module).run(*inputs)
+                        p.module(*inputs)
                     counted[key] = float(fc.get_total_flops())
                 counts.append(counted[key])
     except Exception as why:  # a piece fake execution cannot count: weigh blocks equally instead
@@ -201,18 +201,6 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
         fake_log.disabled = fake_log_disabled
     total = sum(counts) or 1.0
     return [c / total for c in counts]
-
-
-class _Inlined(fx.Interpreter):
-    """Runs a graph with its nested compile regions (``invoke_subgraph``, blocks marked with
-    ``nested_compile_region``) run as their own graphs: FlopCounterMode has no rule for that
-    higher-order op, so the op would count nothing, and fail."""
-
-    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if target is torch.ops.higher_order.invoke_subgraph:
-            subgraph, _, *operands = args
-            return tuple(_Inlined(subgraph).run(*operands))
-        return super().call_function(target, args, kwargs)
 
 
 def _scalar(graph_inputs: list[Any] | None, slot: int, plan: Plan) -> bool:

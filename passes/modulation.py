@@ -4,9 +4,8 @@ Contract: ``modulated_input(plan)`` returns a ``Modulation``: a ``GraphModule`` 
 from slots of the value table alive when the first block the latent flows through starts, the
 input of that block's first linear layer that depends on both the latent and the timestep (in an
 adaLN block, ``norm(x) * (1 + scale) + shift``, what its attention projects), with the slots it
-reads and the index of that block's piece. A block that is a nested compile region (one
-``invoke_subgraph`` call) is looked into: its subgraph is inlined into a copy of the piece first.
-None where the block has no such layer (its layers read only one of the two), or where the latent
+reads and the index of that block's piece (a nested block's piece holds its region's nodes:
+split inlines it). None where the block has no such layer (its layers read only one of the two), or where the latent
 or the timestep input is unknown. ``plan`` is not changed.
 
 Found by dataflow, with no per-model table: which slots depend on the latent and the timestep is
@@ -50,7 +49,7 @@ def modulated_input(plan: Plan) -> Modulation | None:
         for s, d in zip(p.outs, outs):
             depends[s] = d
     block = plan.pieces[piece]
-    gm = _inlined(block.module)
+    gm = block.module
     within = _node_depends(gm, [depends.get(s, frozenset()) for s in block.args])
     target = next((n.args[0] for n in gm.graph.nodes
                    if n.op == "call_function" and n.target in _LINEAR and n.args
@@ -59,44 +58,6 @@ def modulated_input(plan: Plan) -> Modulation | None:
         return None
     module, args = _cone(gm, target, block.args)
     return Modulation(module, args, piece)
-
-
-def _inlined(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with each ``invoke_subgraph`` call (a nested compile region) replaced by its
-    subgraph's nodes, and the ``getitem``s of its result by the subgraph's outputs; the same
-    placeholders, in order. ``gm`` itself where it has no such call, or one this cannot inline
-    (a subgraph that reads attributes of its own, a result used whole)."""
-    invoke = torch.ops.higher_order.invoke_subgraph
-    if not any(n.target is invoke for n in gm.graph.nodes):
-        return gm
-    graph = fx.Graph()
-    env: dict[fx.Node, object] = {}
-    results: dict[fx.Node, list[object]] = {}
-    try:
-        for n in gm.graph.nodes:
-            if n.target is invoke:
-                sub = _inlined(getattr(gm, n.args[0].target))
-                operands = iter(env[a] if isinstance(a, fx.Node) else a for a in n.args[2:])
-                inner: dict[fx.Node, object] = {}
-                for m in sub.graph.nodes:
-                    if m.op == "placeholder":
-                        inner[m] = next(operands)
-                    elif m.op == "output":
-                        results[n] = [inner[o] if isinstance(o, fx.Node) else o
-                                      for o in m.args[0]]
-                    elif m.op == "get_attr":
-                        return gm
-                    else:
-                        inner[m] = graph.node_copy(m, inner.__getitem__)
-            elif n.op == "get_attr" and all(u.target is invoke for u in n.users):
-                continue        # the subgraph itself, inlined where it is called
-            elif n.target is operator.getitem and n.args[0] in results:
-                env[n] = results[n.args[0]][n.args[1]]
-            else:
-                env[n] = graph.node_copy(n, env.__getitem__)
-    except KeyError:        # an invoke_subgraph result read other than by getitem
-        return gm
-    return fx.GraphModule(gm, graph, "inlined")
 
 
 # Ops whose arguments after the first lend only their dtype, device or shape, and ops that read

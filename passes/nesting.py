@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import operator
 import warnings
 from typing import Any, Callable
 
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -207,6 +210,64 @@ def _unshared(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``args`` and ``kwargs`` with a copy of every tensor that shares its tensor with another."""
     flat, spec = pytree.tree_flatten((args, kwargs))
     return pytree.tree_unflatten(_copied_shared(flat), spec)
+
+
+def inline_nested(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with each nested region's call (``invoke_subgraph``, nested ones too) replaced by the
+    region's own nodes, and the ``getitem``s of its result by the region's outputs; the same
+    placeholders in order, the same outputs. ``gm`` itself where it has no such call, or where a
+    result is read other than by ``getitem``.
+
+    The backend inlines every piece it compiles: nesting is for Dynamo's trace, and once the
+    region pass has found the blocks, a piece holding the region's nodes is the piece an inlined
+    block gives. Inductor then compiles both alike, and FLOP counting and the modulation pass see
+    plain ops. Under ``dynamic=True`` Dynamo hands a region a block's floats (a norm's eps) as
+    Python numbers, which the region reads with ``.item()`` as if they were tensors, and its own
+    graph fails in ``invoke_subgraph`` with any backend: inlined, such a read is the number."""
+    invoke = torch.ops.higher_order.invoke_subgraph
+    if not any(n.target is invoke for n in gm.graph.nodes):
+        return gm
+    root, graph = nn.Module(), fx.Graph()
+    names = itertools.count()
+    results: dict[fx.Node, list[Any]] = {}
+
+    def copy(source: fx.GraphModule, env: dict[fx.Node, Any]) -> Any:
+        """``source``'s nodes appended to ``graph``, its placeholders those in ``env`` where given;
+        returns what its output node returns."""
+        for n in source.graph.nodes:
+            if n in env:
+                continue
+            if n.op == "output":
+                return fx.map_arg(n.args[0], env.__getitem__)
+            if n.target is invoke:
+                region = getattr(source, n.args[0].target)
+                operands = [env[a] if isinstance(a, fx.Node) else a for a in n.args[2:]]
+                phs = [p for p in region.graph.nodes if p.op == "placeholder"]
+                results[n] = list(copy(region, dict(zip(phs, operands))))
+            elif n.op == "get_attr" and n.users and all(u.target is invoke for u in n.users):
+                continue        # a region's graph, inlined where it is called
+            elif n.target is operator.getitem and n.args[0] in results:
+                env[n] = results[n.args[0]][n.args[1]]
+            elif n.op == "call_method" and n.target == "item" and _number(env.get(n.args[0])):
+                env[n] = env[n.args[0]]
+            else:
+                env[n] = graph.node_copy(n, env.__getitem__)
+                if n.op in ("get_attr", "call_module"):     # kept in root, under a name of its own
+                    env[n].target = f"_inlined_{next(names)}"
+                    setattr(root, env[n].target, operator.attrgetter(n.target)(source))
+        raise AssertionError("a graph with no output node")
+
+    try:
+        graph.output(copy(gm, {}))
+    except KeyError:        # a region's result read whole: left as it is
+        return gm
+    return fx.GraphModule(root, graph, type(gm).__name__)
+
+
+def _number(x: Any) -> bool:
+    if isinstance(x, fx.Node):
+        x = x.meta.get("example_value", x.meta.get("val"))
+    return isinstance(x, (int, float, torch.SymInt, torch.SymFloat))
 
 
 def _original(cls: type) -> type:

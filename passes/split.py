@@ -1,8 +1,9 @@
 """Split a graph at its region boundaries into pieces and a flat plan that stitches them.
 
 Contract: ``split(gm, rmap)`` returns a ``Plan`` whose pieces are the regions of ``rmap`` as
-``GraphModule``s of their own (made by ``torch.fx.passes.split_module``), each with the slots it
-reads and writes in one value table. Running the pieces in order over that table computes exactly
+``GraphModule``s of their own (made by ``torch.fx.passes.split_module``; a nested block's
+``invoke_subgraph`` call inlined, see ``nesting.inline_nested``), each with the slots it reads and
+writes in one value table. Running the pieces in order over that table computes exactly
 what ``gm`` computes: this is the invariant the property tests check. ``gm`` is left untouched.
 
 The table is the executor's whole state per call: slot ``i < n_inputs`` is graph input ``i``
@@ -21,6 +22,7 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 from torch.utils import _pytree as pytree
 
+from .nesting import inline_nested
 from .regions import RegionMap, Region
 
 
@@ -92,7 +94,7 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
             next_slot += 1
             n_inputs += 1
         elif node.op == "call_module":
-            sub: fx.GraphModule = getattr(parent, node.target)
+            sub = inline_nested(getattr(parent, node.target))
             _drop_unread_attributes(sub)
             idx = int(node.target.rsplit("_", 1)[1])
             sub_out = next(n for n in sub.graph.nodes if n.op == "output")

@@ -1,6 +1,8 @@
 """``nest_blocks``: a model's block stacks as nested compile regions, per instance. The trace holds
 one block per stack and ``invoke_subgraph`` calls; the backend finds, guards and counts them as the
 inlined blocks, with the same outputs."""
+import operator
+
 import pytest
 from hypothesis import given, settings, strategies as st
 import torch
@@ -238,6 +240,88 @@ def test_blocks_that_differ_by_a_constant_are_traced_each_not_a_failed_compile()
         runs.append((_generation(f, kw), dit_compile.stats(f)["reused"]))
     (ref, reused), (outs, nested_reused) = runs
     assert reused == nested_reused == {"step": 1, "block": 1}
+    for i, (a, b) in enumerate(zip(outs, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"call {i}")
+
+
+def test_inlining_nested_regions_keeps_what_the_graph_computes():
+    """``inline_nested`` on Dynamo's graph of a region called twice that calls another region,
+    and on a region holding a constant and a module of its own: no ``invoke_subgraph`` left, the
+    same placeholders, the same outputs."""
+    from dit_compile.passes.nesting import inline_nested
+    invoke = torch.ops.higher_order.invoke_subgraph
+
+    @torch.compiler.nested_compile_region
+    def inner(x):
+        return (x * 2).sin(), x.cos()
+
+    @torch.compiler.nested_compile_region
+    def outer(x, y):
+        a, b = inner(x + 1.0)
+        return a + y, b
+
+    def f(x, y):
+        p, q = outer(x, y)
+        r, s = outer(p, q)
+        return r * s
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(f, backend=lambda gm, _: graphs.append(gm) or gm.forward,
+                  fullgraph=True)(torch.randn(6), torch.randn(6))
+
+    region = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    region.table, region.lin = torch.randn(6), torch.nn.Linear(6, 6)
+    x = region.graph.placeholder("x")
+    y = region.graph.call_module("lin", (region.graph.call_function(
+        torch.add, (x, region.graph.get_attr("table"))),))
+    region.graph.output((y, region.graph.call_method("sin", (x,))))
+    region.recompile()
+    outer_graph = torch.fx.Graph()
+    root = torch.nn.Module()
+    root.region = region
+    x = outer_graph.placeholder("x")
+    call = outer_graph.call_function(invoke, (outer_graph.get_attr("region"), "region", x))
+    first, second = (outer_graph.call_function(operator.getitem, (call, i)) for i in (0, 1))
+    outer_graph.output(outer_graph.call_function(torch.add, (first, second)))
+    made = torch.fx.GraphModule(root, outer_graph)
+
+    for gm, inputs in ((graphs[0], (torch.randn(6), torch.randn(6))), (made, (torch.randn(6),))):
+        assert any(n.target is invoke for n in gm.graph.nodes)
+        flat = inline_nested(gm)
+        assert not any(n.target is invoke for n in flat.graph.nodes)
+        assert ([n.target for n in flat.graph.nodes if n.op == "placeholder"]
+                == [n.target for n in gm.graph.nodes if n.op == "placeholder"])
+        with torch.no_grad():
+            torch.testing.assert_close(flat(*inputs), gm(*inputs), rtol=0, atol=0)
+
+
+def test_nested_blocks_under_dynamic_shapes_equal_inlined_ones():
+    """Under ``dynamic=True`` Dynamo hands a block's floats (its norms' eps) to a nested region as
+    Python floats, where the region reads them with ``.item()``: Dynamo's own graph then fails in
+    ``invoke_subgraph`` with any backend, plain Inductor's too. The backend inlines each nested
+    call into its piece and reads such a number as it is: the same outputs and reuse as the model
+    inlined, at two sizes (each a generation of its own) with no recompile for the second."""
+    cache = {"rule": "schedule", "step": [2], "block": [1]}
+    runs = []
+    for nested in (False, True):
+        model, _ = tiny_models.wan(layers=3)
+        if nested:
+            dit_compile.nest_blocks(model)
+        torch._dynamo.reset()
+        graphs = []
+        real = backend.find_regions
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real(gm))
+            f = torch.compile(model, backend="mixcache", dynamic=True, fullgraph=True,
+                              options={"regions": "eager", "cache": cache})
+            outs = []
+            for size in (8, 12):
+                outs += _generation(f, tiny_models.wan(layers=3, size=size)[1])
+            n_graphs = len(graphs)
+        assert any(_subgraph_calls(g) for g in graphs) == nested
+        runs.append((outs, dit_compile.stats(f)["reused"], n_graphs))
+    (ref, reused, n_ref), (outs, nested_reused, n_nested) = runs
+    assert reused == nested_reused == {"step": 2, "block": 2} and n_nested == n_ref
     for i, (a, b) in enumerate(zip(outs, ref)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"call {i}")
 
