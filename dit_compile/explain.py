@@ -11,6 +11,7 @@ import torch
 from .frames import forget_forward
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
+from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.regions import NoBlockStructure, RegionMap, find_regions, missing_inputs
 from .passes.split import split
 
@@ -28,6 +29,8 @@ class Report:
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
     modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
     nested: int = 0                                        # block calls traced as nested regions
+    nested_regions: int = 0                                # distinct regions those calls run
+    marked: bool = False                                   # nest_blocks marked its blocks
     breaks: list[str] = field(default_factory=list)        # Dynamo's reasons, most frequent first
 
     def __str__(self) -> str:
@@ -44,7 +47,13 @@ class Report:
         for s, k in self.stacks.items():
             lines.append(f"  stack {s}: {k} blocks, residual stream(s) {self.streams.get(s, [])}")
         if self.stacks and self.nested:
-            lines.append(f"  blocks traced: one per stack, {self.nested} calls nested")
+            lines.append(f"  blocks nested: {self.nested} calls of {self.nested_regions} "
+                         "region(s), " + ("each traced once" if reuses_nested_regions() else
+                                          f"each call traced again by torch {torch.__version__} "
+                                          "(slower than inlined: dit_compile.unnest_blocks(model))"))
+        elif self.stacks and self.marked:
+            lines.append("  blocks traced: every one, though nested (no block could reuse "
+                         "another's trace: each has a constant of its own)")
         elif self.stacks:
             lines.append("  blocks traced: every one (dit_compile.nest_blocks(model) traces one "
                          "per stack: a shorter first call)")
@@ -68,11 +77,11 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.moe = find_moe(getattr(model, "_orig_mod", model))
     found: list[RegionMap | NoBlockStructure] = []
     modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
-    nested: dict[int, int] = {}                    # invoke_subgraph calls, by graph
+    nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
-        nested[len(found)] = sum(n.target is torch.ops.higher_order.invoke_subgraph
-                                 for n in gm.graph.nodes)
+        nested[len(found)] = [n.args[1] for n in gm.graph.nodes
+                              if n.target is torch.ops.higher_order.invoke_subgraph]
         try:
             found.append(find_regions(gm))
         except NoBlockStructure as why:
@@ -116,7 +125,9 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     if report.fallback is None:     # as the backend: no reuse without the latent and timestep
         report.fallback = missing_inputs(rmap.inputs)
     report.modulated = modulated.get(found.index(rmap))
-    report.nested = nested[found.index(rmap)]
+    calls = nested[found.index(rmap)]
+    report.nested, report.nested_regions = len(calls), len(set(calls))
+    report.marked = any(NESTED_FROM in type(m).__dict__ for m in target.modules())
     report.stacks, report.streams = rmap.stacks, rmap.streams
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]

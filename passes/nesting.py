@@ -228,7 +228,9 @@ def inline_nested(gm: fx.GraphModule) -> fx.GraphModule:
     block gives. Inductor then compiles both alike, and FLOP counting and the modulation pass see
     plain ops. Under ``dynamic=True`` Dynamo hands a region a block's floats (a norm's eps) as
     Python numbers, which the region reads with ``.item()`` as if they were tensors, and its own
-    graph fails in ``invoke_subgraph`` with any backend: inlined, such a read is the number."""
+    graph fails in ``invoke_subgraph`` with any backend: inlined, such a read is the number.
+    (torch 2.13 has a pass of its own, ``torch._higher_order_ops.passes.inline_invoke_subgraph``,
+    which leaves such reads as they are; torch 2.11 and 2.12 have none.)"""
     invoke = torch.ops.higher_order.invoke_subgraph
     if not any(n.target is invoke for n in gm.graph.nodes):
         return gm
