@@ -68,6 +68,16 @@ class Report:
         return "\n".join(lines)
 
 
+def _marked(model: torch.nn.Module) -> bool:
+    return any(NESTED_FROM in type(m).__dict__ for m in model.modules())
+
+
+def _region_break(why: Exception) -> str:
+    """Dynamo's reason for a break inside a nested region, without its stack."""
+    reason = str(why).split("Got graph break/error:", 1)[-1].strip()
+    return reason.split("\n\n", 1)[0].strip()     # the reason, the operator, the hints
+
+
 def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     """Trace ``model(*args, **kwargs)`` with Dynamo and report the regions mixcache would use.
 
@@ -105,8 +115,18 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             if attempt:
                 forget_forward(target)
             found.clear(), modulated.clear(), nested.clear()
-            torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
-                *args, **kwargs)
+            try:
+                torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
+                    *args, **kwargs)
+            except torch._dynamo.exc.UncapturedHigherOrderOpError as why:
+                if not _marked(target):
+                    raise
+                # A break inside a nested region fails the whole compile, with any backend.
+                report.marked, report.breaks = True, [_region_break(why)]
+                report.fallback = ("a nested block does not trace whole, so torch.compile fails "
+                                   "on this model: nest_blocks needs blocks with no graph break "
+                                   "inside (dit_compile.unnest_blocks(model) undoes it)")
+                return report
             if len(found) == 1:
                 break
     report.graphs = len(found)
@@ -127,7 +147,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.modulated = modulated.get(found.index(rmap))
     calls = nested[found.index(rmap)]
     report.nested, report.nested_regions = len(calls), len(set(calls))
-    report.marked = any(NESTED_FROM in type(m).__dict__ for m in target.modules())
+    report.marked = _marked(target)
     report.stacks, report.streams = rmap.stacks, rmap.streams
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]

@@ -301,6 +301,25 @@ def test_inlining_nested_regions_keeps_what_the_graph_computes():
             torch.testing.assert_close(flat(*inputs), gm(*inputs), rtol=0, atol=0)
 
 
+def test_explain_names_a_break_inside_a_nested_block():
+    """A graph break inside a nested block (Mochi's nonzero) fails torch.compile with any backend,
+    where inlined it only breaks the graph. explain says so, with Dynamo's reason and hint, instead
+    of raising; with the break captured, the nested blocks are found."""
+    from test_zoo import mochi
+    model, kw = mochi()
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(model)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.UncapturedHigherOrderOpError), torch.no_grad():
+        torch.compile(model, backend="eager")(**kw)
+    report = dit_compile.explain(model, **kw)
+    assert "a nested block does not trace whole" in report.fallback
+    assert any("capture_dynamic_output_shape_ops = True" in b for b in report.breaks), report
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        report = dit_compile.explain(model, **kw)
+    assert report.fallback is None and report.nested >= 2, report
+
+
 def test_nested_blocks_under_dynamic_shapes_equal_inlined_ones():
     """Under ``dynamic=True`` Dynamo hands a block's floats (its norms' eps) to a nested region as
     Python floats, where the region reads them with ``.item()``: Dynamo's own graph then fails in
