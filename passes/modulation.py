@@ -5,8 +5,8 @@ from slots of the value table alive when the first block the latent flows throug
 input of that block's first linear layer that depends on both the latent and the timestep (in an
 adaLN block, ``norm(x) * (1 + scale) + shift``, what its attention projects), with the slots it
 reads and the index of that block's piece (a nested block's piece holds its region's nodes:
-split inlines it). None where the block has no such layer (its layers read only one of the two), or where the latent
-or the timestep input is unknown. ``plan`` is not changed.
+split inlines it). None where the block has no such layer (its layers read only one of the two),
+or where the latent or the timestep input is unknown. ``plan`` is not changed.
 
 Found by dataflow, with no per-model table: which slots depend on the latent and the timestep is
 propagated through the pieces before the block, then through the block's own graph; the module

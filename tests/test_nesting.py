@@ -171,7 +171,8 @@ def test_tensors_that_share_a_tensor_are_copied_and_no_others(leaves):
             root[j] is root[i] for j in range(len(leaves)) if j != i)
         assert (y is not x) == shared
         if shared:
-            assert torch.equal(x, y) and y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+            assert torch.equal(x, y)
+            assert y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
 
 
 def _generation(f, kw):
