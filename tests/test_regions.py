@@ -1,7 +1,7 @@
 """The region pass on diffusers' own DiTs and on random DiT-like modules."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dit_compile
 from conftest import capture
@@ -80,9 +80,13 @@ def _check_partition(gm, rmap):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
-@given(random_dits.specs())
-def test_random_dits_partition_and_stitch(spec):
+@given(random_dits.specs(), st.booleans())
+def test_random_dits_partition_and_stitch(spec, nested):
+    """``nested``: the blocks as nested compile regions (``nest_blocks``), which split inlines into
+    the pieces: the same partition, and the same outputs."""
     model, kw = random_dits.build(spec)
+    if nested:
+        dit_compile.nest_blocks(model)
     gm = capture(model, kw)
     rmap = find_regions(gm)
     _check_partition(gm, rmap)
@@ -94,6 +98,8 @@ def test_random_dits_partition_and_stitch(spec):
     assert sum(r.kind == BLOCK for r in rmap.regions) == sum(spec.depths)
 
     plan = split(gm, rmap)
+    invoke = torch.ops.higher_order.invoke_subgraph
+    assert not any(n.target is invoke for p in plan.pieces for n in p.module.graph.nodes)
     run = Executor(plan, [p.module for p in plan.pieces])
     inputs = gm.inputs
     with torch.no_grad():
