@@ -135,8 +135,8 @@ def _flat_region(forward: Callable[..., Any]) -> Callable[..., Any]:
     return nested
 
 
-# Dynamo traces the three below at every nested call of a first call: plain loops and plain
-# tuples and lists, with no pytree and no generator (each costs trace time per call).
+# Dynamo traces _flattened, _laid_out and _copied_shared at every nested call of a first call:
+# plain loops, tuples and lists, with no pytree and no generator (each costs trace time per call).
 def _flattened(args: tuple, kwargs: dict) -> tuple[str, list] | None:
     """``(layout, leaves)`` of a call whose arguments are leaves or tuples of leaves, None where
     one nests deeper. The layout lists the arguments, ``name=`` before a keyword's: ``t`` a leaf,
