@@ -6,7 +6,8 @@ diffusers' WanPipeline, 480x832, 33 frames, 512 text tokens, CFG 5.0, UniPC flow
 Methods, in one process: eager, plain torch.compile (Inductor), diffusers' regional compilation
 (compile_repeated_blocks), mixcache with caching off, and mixcache forced schedules next to the
 fraction of FLOPs they compute, and (at 20 steps) the schedules the MixCache presets chose on the
-trained models, replayed. Prints a markdown table with the command, device, versions, date.
+trained models, replayed; diffusers' First-Block-Cache under regional compilation, always reusing,
+is issue 3's anchor. Prints a markdown table with the command, device, versions, date.
 ``--config tiny`` is a CPU smoke test of the script itself, not a measurement.
 """
 from __future__ import annotations
@@ -139,6 +140,11 @@ def main() -> None:
     # the AOTInductor packages crashed the process (a segfault in aoti_load_package), and with it
     # every row after it.
     methods.append(("exported with AOTInductor, no caching", "exported"))
+    # Issue 3's anchor, in this process: diffusers' own First-Block-Cache under regional
+    # compilation, at a threshold that always reuses (the first block's change is never above
+    # infinity), so blocks 2-N are skipped on every step after the first, as in the forced
+    # schedule "blocks 2-N 19/20".
+    methods.append(("diffusers FirstBlockCache always reusing, regional (anchor)", "fbcache"))
     for name, cache in schedules(args.steps, CONFIGS[args.config]["num_layers"]).items():
         methods.append((name, lambda c=cache: torch.compile(model, backend="mixcache",
                                                             options={"cache": c})))
@@ -150,6 +156,11 @@ def main() -> None:
             torch._dynamo.reset()
             if make == "regional":
                 pipe.transformer = copy.deepcopy(model)   # compile_repeated_blocks: in place
+                pipe.transformer.compile_repeated_blocks()
+            elif make == "fbcache":
+                from diffusers.hooks import FirstBlockCacheConfig
+                pipe.transformer = copy.deepcopy(model)
+                pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float("inf")))
                 pipe.transformer.compile_repeated_blocks()
             elif make == "exported":
                 latent = (1, model.config.in_channels, (frames - 1) // 4 + 1, h // 8, w // 8)
@@ -167,7 +178,7 @@ def main() -> None:
             else:
                 pipe.transformer = make()
             out, first, t = measure()
-            frac = 1.0
+            frac = None if make == "fbcache" else 1.0      # a hook's skips are not counted here
             try:
                 frac = dit_compile.stats(pipe.transformer)["flops_fraction"]
                 dit_compile.reset(pipe.transformer)
@@ -178,7 +189,7 @@ def main() -> None:
             err = float((out.float() - ref.float()).abs().max())
             rows.append((name, t, first, frac, err))
             # A row as soon as it is measured: a run stopped early keeps what it had.
-            print(f"{name}: {t:.3f} s/gen, first {first:.1f} s, flops {frac:.2f}, "
+            print(f"{name}: {t:.3f} s/gen, first {first:.1f} s, flops {_share(frac)}, "
                   f"max abs diff vs eager {err:.3g}", flush=True)
             pipe.transformer = model
     # The baseline: plain Inductor where it ran; else mixcache with caching off (its equal, the
@@ -201,9 +212,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     calls = 2 * args.steps              # CFG: two transformer calls a step
     for name, t, first, frac, err in rows:
-        fixed = f"{1e3 * (t - frac * base) / ((1 - frac) * calls):.2f}" if frac < 0.99 else ""
-        print(f"| {name} | {t:.3f} | {first:.1f} | {base / t:.2f}x | {frac:.2f} | {fixed} | "
+        fixed = (f"{1e3 * (t - frac * base) / ((1 - frac) * calls):.2f}"
+                 if frac is not None and frac < 0.99 else "")
+        print(f"| {name} | {t:.3f} | {first:.1f} | {base / t:.2f}x | {_share(frac)} | {fixed} | "
               f"{err:.3g} |")
+
+
+def _share(frac: float | None) -> str:
+    return "-" if frac is None else f"{frac:.2f}"
 
 
 if __name__ == "__main__":
