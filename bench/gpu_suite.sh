@@ -7,29 +7,34 @@
 #   bash bench/gpu_suite.sh [BUDGET_S]      # every part that fits in BUDGET_S seconds (default 540)
 #   bash bench/gpu_suite.sh PART ...        # the named parts only, each given the whole budget
 #
-# Parts, in the order they run (most settled per second of device time first; rough times, and in
-# brackets what the H200 run of 2026-11-30 took, bench/RESULTS.md):
+# Parts, in the order they run: the figures no lease has measured yet first, then the ones the first
+# lease measured (2026-11-30, H200; in brackets what each took then, bench/RESULTS.md), since a
+# session's device time fits about half of them:
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
-#             the harness on CUDA)                                          ~1 min [crashed at 110 s]
+#             the harness on CUDA, the exported model loaded in a child process)
+#                                                                   ~1 min [crashed at 110 s]
 #   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, and the kernel's
 #             tile configs (--sweep)                           ~2-3 min [29 s without the sweep]
-#   wan       1.3B shape in WanPipeline: eager, regional compile, mixcache with caching off,
-#             issue 3's forced schedules, issue 6's replayed preset schedules
-#                                                             ~5 min [4 rows in 202 s, then crashed]
-#   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`, and where
-#             `balanced`'s generation time goes (bench/call_costs.py)              ~2 min [179 s]
-#   small     the same, `small`                                        ~2 min [14 of 31 methods in 59 s]
+#   wan       1.3B shape in WanPipeline: eager, regional compile and mixcache with caching off
+#             (the baselines, again in this process), issue 3's forced schedules and its anchor
+#             (diffusers' First-Block-Cache, regional, always reusing), issue 6's replayed preset
+#             schedules                                       ~5 min [4 rows in 202 s, then crashed]
+#   small     issues 4 and 6: the trained-model harness in GPU wall time, `small`, and where
+#             `balanced`'s generation time goes (bench/call_costs.py)
+#                                                               ~2 min [14 of 31 methods in 59 s]
 #   graphs    `small` again, its regions compiled by Inductor with CUDA graphs (mode
 #             reduce-overhead): `balanced` beside the same backend computing everything, for
 #             launch-bound calls where the eager rows above pay Python per kernel; table in log.txt
 #                                                                                     ~3 min [-]
+#   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
+#             mixcache with caching off, in one process; then the exported model (AOTInductor)
+#             in the same pipeline: export time, load time, per generation            ~6 min [-]
+#   large     the same harness as `small`, `large` (measured in full by the first lease: again,
+#             after the runtime's changes since)                                    ~3 min [179 s]
 #   first     issue 2's first-generation goal: each compile method's first call at the 1.3B shape
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
 #             may hit what an earlier one compiled); the nested rows only on torch 2.12 and
 #             later (2.11 traces every nested block again)  ~3 min [154 s for the first four rows]
-#   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
-#             mixcache with caching off, in one process; then the exported model (AOTInductor)
-#             in the same pipeline: export time, load time, per generation                 ~6 min
 #
 # Each part gets what is left of the budget and is stopped when that runs out; what it printed up to
 # then still comes back (every script prints its rows as they finish; the harness writes its JSON
@@ -46,7 +51,7 @@ out=${OUT:-gpu-out}
 done_dir=/tmp/gpu-suite-done
 mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
-PARTS=(check moe wan large small graphs first inductor)
+PARTS=(check moe wan small graphs inductor large first)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=240)
@@ -58,8 +63,11 @@ part() {
       python3 -P -m pytest -q -p no:cacheprovider tests -k "gpu or kernel or task_map" ;;
     wan)
       # Against mixcache with caching off; the `inductor` part puts that beside plain Inductor.
-      python3 bench/wan_speed.py --config 1.3b --steps 20 --only regional "cache off" "mixcache " \
-        replayed > "$out/wan.md" ;;
+      # Not again: `regions="blocks"` (settled by the first lease) and nested blocks (slower to
+      # trace on the image's torch 2.11, and nest_blocks warns there).
+      python3 bench/wan_speed.py --config 1.3b --steps 20 --only regional "mixcache (cache off)" \
+        "mixcache step" "mixcache cfg" "mixcache blocks" "mixcache mix" replayed diffusers \
+        > "$out/wan.md" ;;
     moe)
       python3 bench/moe_bench.py --sweep > "$out/moe.md" ;;
     large|small)
