@@ -7,18 +7,18 @@
 #   bash bench/gpu_suite.sh [BUDGET_S]      # every part that fits in BUDGET_S seconds (default 540)
 #   bash bench/gpu_suite.sh PART ...        # the named parts only, each given the whole budget
 #
-# Parts, in the order they run: the figures no lease has measured yet first, then the ones the first
-# lease measured (2026-11-30, H200; in brackets what each took then, bench/RESULTS.md), since a
-# session's device time fits about half of them:
+# Parts, in the order they run: the figures no lease has measured yet first (wan's could settle
+# issue 3), then the ones the first lease measured (2026-11-30, H200; in brackets what each took
+# then, bench/RESULTS.md), since a session's device time fits about half of them:
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
 #             the harness on CUDA, the exported model loaded in a child process)
 #                                                                   ~1 min [crashed at 110 s]
-#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, and the kernel's
-#             tile configs (--sweep)                           ~2-3 min [29 s without the sweep]
 #   wan       1.3B shape in WanPipeline: eager, regional compile and mixcache with caching off
 #             (the baselines, again in this process), issue 3's forced schedules and its anchor
 #             (diffusers' First-Block-Cache, regional, always reusing), issue 6's replayed preset
 #             schedules                                       ~5 min [4 rows in 202 s, then crashed]
+#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, and the kernel's
+#             tile configs (--sweep)                           ~2-3 min [29 s without the sweep]
 #   small     issues 4 and 6: the trained-model harness in GPU wall time, `small`, and where
 #             `balanced`'s generation time goes (bench/call_costs.py)
 #                                                               ~2 min [14 of 31 methods in 59 s]
@@ -51,7 +51,7 @@ out=${OUT:-gpu-out}
 done_dir=/tmp/gpu-suite-done
 mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
-PARTS=(check moe wan small graphs inductor large first)
+PARTS=(check wan moe small graphs inductor large first)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=240)
