@@ -28,7 +28,9 @@ thread keeps its own. Its lifecycle rules are the safety net under every policy:
   branches whose prompts differ in length (Qwen-Image trims each to its own) stay one generation.
   The same tensor object as before, not modified in place, is the same value (no compare, no sync);
   another tensor is compared by value, so a pipeline that rebuilds equal embeddings at every step
-  keeps its cache.
+  keeps its cache. Under ``torch.inference_mode`` tensors keep no in-place version, so there the
+  runtime keeps a copy of the text, latent and timestep it last saw and compares against that: a
+  prompt written into the same tensor is still a new prompt.
 * A step has at most ``MAX_BRANCHES`` calls; one more at the same timestep starts a new generation
   (a one-step sampler called again looks like one endless step, whose branch caches would
   otherwise pile up without bound). No policy reuses anything at step 0, so this costs no reuse.
@@ -47,6 +49,10 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+
+# A tensor as the runtime keeps it to recognise its value later: (tensor, in-place version,
+# copy); the copy only for inference tensors, which have no version (see _held).
+Held = tuple[torch.Tensor, int | None, torch.Tensor | None]
 
 STATE_ATTR = "_dit_compile_state"
 TIMESTEP_DIRECTIONS = ("falling", "rising")
@@ -100,7 +106,7 @@ class BranchCache:
     last_input: torch.Tensor | None = None      # latent at the previous call (for input signals)
     reused_in_a_row: int | torch.Tensor = 0     # per sample where only some reused the span
     signals: dict[str, Any] = field(default_factory=dict)   # the policy's own per-branch signals
-    text: tuple[torch.Tensor, int | None] | None = None  # last call's text condition, version
+    text: Held | None = None                     # last call's text condition
 
     @property
     def most_reused(self) -> int:
@@ -132,10 +138,10 @@ class CacheState:
         self.generation = -1
         self._signature: Any = None
         self._last_t: float | None = None
-        self._timestep: tuple[torch.Tensor, int | None] | None = None  # the last call's, with version
+        self._timestep: Held | None = None  # the last call's
         self._step = 0
         self._branch = 0
-        self._latent: tuple[torch.Tensor, int | None] | None = None  # this step's, with version
+        self._latent: Held | None = None  # this step's
         self.branches: dict[int, BranchCache] = {}
         # Per branch b >= 1: out[b] - out[0], and the step it was taken at; on batch halves (one
         # call per step, branch 0) out[:k] - out[k:] under key 0.
@@ -204,9 +210,9 @@ class CacheState:
             self.current.clear()
             self.computed.clear()
         self._last_t = t
-        self._timestep = None if timestep is None else (timestep, _version(timestep))
+        self._timestep = None if timestep is None else _held(timestep)
         if self._branch == 0 and latent is not None:
-            self._latent = (latent, _version(latent))
+            self._latent = _held(latent)
         if text is not None:
             self._check_text(self._branch, text)
         return Step(self.generation, self._step, self._branch, t, halves)
@@ -234,14 +240,18 @@ class CacheState:
 
     def _check_text(self, b: int, text: torch.Tensor) -> None:
         bc = self.branch(b)
-        if bc.text is not None and not _same(bc.text, text):
+        if bc.text is not None and _same(bc.text, text):
+            if bc.text[2] is None:      # held by version: the next call takes the fast path
+                bc.text = _held(text)
+            return
+        if bc.text is not None:
             bc = self.branches[b] = BranchCache()
             # Every difference is taken against branch 0: its new prompt voids them all.
             for k in (list(self.cfg_diff) if b == 0 else [b]):
                 self.cfg_diff.pop(k, None)
                 self.cfg_step.pop(k, None)
             self.signals.clear()
-        bc.text = (text, _version(text))
+        bc.text = _held(text)
 
     def branch(self, b: int) -> BranchCache:
         return self.branches.setdefault(b, BranchCache())
@@ -474,18 +484,27 @@ def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [v for v in pytree.tree_leaves(tree) if isinstance(v, torch.Tensor)]
 
 
-def _same(kept: tuple[torch.Tensor, int | None] | None, x: torch.Tensor) -> bool:
+def _held(x: torch.Tensor) -> Held:
+    """``x`` as the runtime keeps it to tell later whether a tensor holds the same value: with its
+    in-place version counter, or, for an inference tensor (``torch.inference_mode``: no counter),
+    with a copy, since the object itself may have been written to since."""
+    if x.is_inference():
+        return x, None, x.clone()
+    return x, x._version, None
+
+
+def _same(kept: Held | None, x: torch.Tensor) -> bool:
     """Whether ``x`` holds the value ``kept`` held: the same object not modified in place since
-    (no compare, no sync), or another tensor of equal shape, dtype, device and values."""
+    (no compare, no sync), or another tensor of equal shape, dtype, device and values; against the
+    copy, where one was kept."""
     if kept is None:
         return False
-    old, version = kept
-    if old is x:
-        return _version(x) == version
-    return (old.shape == x.shape and old.dtype == x.dtype and old.device == x.device
-            and torch.equal(old, x))
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """The in-place version counter; inference tensors (``torch.inference_mode``) have none."""
-    return None if t.is_inference() else t._version
+    old, version, copy = kept
+    if copy is None:
+        if old is x:
+            return x._version == version
+        if old._version != version:     # written to since: what it held is gone
+            return False
+        copy = old
+    return (copy.shape == x.shape and copy.dtype == x.dtype and copy.device == x.device
+            and torch.equal(copy, x))

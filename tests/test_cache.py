@@ -1134,3 +1134,44 @@ def test_blocks_marked_as_nested_compile_regions_are_guarded_blocks(nested_wan_b
     for x, y in zip(ours, generation(ref, kw)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     assert dit_compile.stats(f)["reused"] == {"step": 2, "cfg": 2, "block": 4}
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_prompt_or_latent_changed_in_place_is_a_change(mode):
+    """The runtime takes the same tensor object, not modified in place, for the same value without
+    comparing it. Changed in place (a callback that writes new embeddings into ``prompt_embeds``; a
+    sampler that corrects its latent in place and evaluates again at the same timestep), it is
+    another value: a new prompt for its branch, a new step. Under ``torch.inference_mode`` tensors
+    keep no version counter, so there the runtime compares against a copy of what it last saw."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    context = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    f = compiled(model, {"rule": "schedule", "step": [1, 2, 3, 4]})
+    with context():
+        cond = kw["encoder_hidden_states"].clone()
+        uncond, other = -cond, torch.randn_like(cond)
+        outs = []
+        for i, t in enumerate(STEPS[:5]):
+            if i == 3:
+                cond.copy_(other)       # the same object from here on, holding another prompt
+            outs += [f(**dict(kw, timestep=torch.full_like(kw["timestep"], t),
+                              encoder_hidden_states=e))[0] for e in (cond, uncond)]
+        ref = model(**dict(kw, timestep=torch.full_like(kw["timestep"], STEPS[3]),
+                           encoder_hidden_states=other))[0]
+    actions = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(f)["trace"]]
+    assert actions[6:] == [(3, 0, "compute"), (3, 1, "step"), (4, 0, "step"), (4, 1, "step")]
+    torch.testing.assert_close(outs[6], ref, rtol=1e-5, atol=1e-5)
+
+    torch._dynamo.reset()
+    f = compiled(model, {"rule": "schedule", "cfg": [1, 2, 3]})
+    with context():
+        x = torch.randn_like(kw["hidden_states"])
+        cond, uncond = kw["encoder_hidden_states"].clone(), -kw["encoder_hidden_states"]
+        for t, correct in ((900.0, False), (750.0, False), (750.0, True)):
+            if correct:
+                x.mul_(0.5)             # corrected in place, evaluated again at 750
+            for e in (cond, uncond):
+                f(**dict(kw, hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=e))
+    seen = [(r["generation"], r["step"], r["branch"]) for r in dit_compile.stats(f)["trace"]]
+    assert seen == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
+
