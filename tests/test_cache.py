@@ -1175,3 +1175,21 @@ def test_prompt_or_latent_changed_in_place_is_a_change(mode):
     seen = [(r["generation"], r["step"], r["branch"]) for r in dit_compile.stats(f)["trace"]]
     assert seen == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
 
+
+@pytest.mark.parametrize("rule", [
+    {"rule": "schedule", "step": [1, 2, 3, 4, 5, 6, 7, 8, 9]},
+    {"rule": "teacache", "threshold": 10.0, "signal": "input"},
+    {"rule": "schedule", "cfg": [1, 2, 3, 4, 5, 6, 7, 8, 9]}])
+def test_max_reuse_bounds_the_rules_whole_call_reuse(rule):
+    """``max_reuse`` (a key every rule takes) bounds a branch's consecutive reuses of whole calls
+    (step reuse; cfg reuse of branch 1) as it does block reuse: a rule that would reuse every
+    step after the first computes every third with ``max_reuse`` 2."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    steps = tuple(float(t) for t in range(950, 0, -95))
+    f = compiled(model, {**rule, "max_reuse": 2})
+    generation(f, kw, steps=steps)
+    branch = 1 if "cfg" in rule else 0
+    actions = [r["action"] for r in dit_compile.stats(f)["trace"] if r["branch"] == branch]
+    reused = "cfg" if "cfg" in rule else "step"
+    assert actions == ["compute"] + ["compute" if i % 3 == 0 else reused for i in range(1, 10)]
