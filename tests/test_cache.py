@@ -1193,3 +1193,19 @@ def test_max_reuse_bounds_the_rules_whole_call_reuse(rule):
     actions = [r["action"] for r in dit_compile.stats(f)["trace"] if r["branch"] == branch]
     reused = "cfg" if "cfg" in rule else "step"
     assert actions == ["compute"] + ["compute" if i % 3 == 0 else reused for i in range(1, 10)]
+
+
+def test_branch_difference_is_taken_between_computed_outputs_only():
+    """cfg reuse rebuilds a branch from the difference taken at the last step where both branches
+    were computed. Branch 1's prompt changes at step 2, where branch 0 reuses its step: the new
+    prompt's branch computes, but its difference to branch 0's prediction is not taken, so at step
+    3 no difference for the new prompt exists yet and branch 1 computes instead of rebuilding."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [2], "cfg": [3, 4]})
+    cond, uncond, other = kw["encoder_hidden_states"], -kw["encoder_hidden_states"], \
+        torch.randn_like(kw["encoder_hidden_states"])
+    _calls(f, kw, [[cond, uncond]] * 2 + [[cond, other]] * 3)
+    actions = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(f)["trace"]]
+    assert actions[4:] == [(2, 0, "step"), (2, 1, "compute"), (3, 0, "compute"),
+                           (3, 1, "compute"), (4, 0, "compute"), (4, 1, "cfg")]
