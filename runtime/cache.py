@@ -210,7 +210,8 @@ class CacheState:
             self.current.clear()
             self.computed.clear()
         self._last_t = t
-        self._timestep = None if timestep is None else _held(timestep)
+        # Only a per-sample or per-token timestep is compared later (_fell_below_max).
+        self._timestep = None if timestep is None or timestep.numel() == 1 else _held(timestep)
         if self._branch == 0 and latent is not None:
             self._latent = _held(latent)
         if text is not None:
