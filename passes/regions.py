@@ -370,10 +370,12 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
     free = [n for n in ins if n.name not in taken]
     val = {n: n.meta["example_value"] for n in free}
     if "timestep" not in roles:
-        # The timestep is the small input a sinusoidal embedding (sin/cos) is taken of.
+        # The timestep is the smallest input a sinusoid (sin/cos) is taken of: rotary embeddings
+        # take theirs of position ids (Flux's, as ``freqs.cos()``), which are larger.
         g = dataflow(gm)
-        trig = [n for n in gm.graph.nodes if n.op == "call_function"
-                and getattr(n.target, "__name__", "") in ("sin", "cos")]
+        trig = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+                and (n.target if n.op == "call_method" else getattr(n.target, "__name__", ""))
+                in ("sin", "cos")]
         cands = [n for n in free if val[n].dim() <= 2 and any(nx.has_path(g, n, t) for t in trig)]
         if cands:
             roles["timestep"] = min(cands, key=lambda n: (val[n].dim(), val[n].numel())).name

@@ -54,6 +54,18 @@ def test_nest_blocks_marks_this_models_blocks_only():
     assert _subgraph_calls(_traced(model, kw)) == 0
 
 
+def test_modules_inside_a_nested_block_are_left_as_they_are():
+    """HiDream's MoE experts, a ModuleList of identical modules inside each block, are part of
+    their block, not a stack: a region nested inside the block's region would be traced apart."""
+    from dit_compile.passes.nesting import NESTED_FROM
+    model, _ = tiny_models.hidream()
+    dit_compile.nest_blocks(model)
+    marked = [name for name, m in model.named_modules() if NESTED_FROM in type(m).__dict__]
+    assert {"double_stream_blocks.0", "single_stream_blocks.1"} <= set(marked)
+    assert any(".experts." in name for name, _ in model.named_modules())
+    assert not [(a, b) for a in marked for b in marked if b.startswith(a + ".")]
+
+
 @pytest.mark.parametrize("reuses", [True, False])
 def test_nest_blocks_warns_where_dynamo_traces_every_nested_call(monkeypatch, reuses, recwarn):
     import dit_compile.passes.nesting as nesting

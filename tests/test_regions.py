@@ -56,14 +56,26 @@ def test_diffusers_models_stitched_equal_eager(name):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_positional_call_identifies_inputs_by_dataflow():
-    model, kw = tiny_models.wan()
+POSITIONAL = {  # the keywords in the forward's order, and where each role sits among them
+    "wan": (("hidden_states", "timestep", "encoder_hidden_states"), (0, 1, 2)),
+    # Flux's position ids feed sinusoids too (its rotary embedding), and its text holds more
+    # numbers than its latent: the timestep is the smallest input a sin/cos reads, the latent
+    # the input shaped like the output.
+    "flux": (("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+              "img_ids", "txt_ids"), (0, 3, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POSITIONAL))
+def test_positional_call_identifies_inputs_by_dataflow(name):
+    model, kw = tiny_models.MODELS[name]()
     if not hasattr(type(model).forward, "__wrapped__"):
         pytest.skip("this diffusers does not wrap the forward: a positional call keeps its names")
-    args = (kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"])
-    report = dit_compile.explain(model, *args, return_dict=False)
+    order, (latent, timestep, text) = POSITIONAL[name]
+    report = dit_compile.explain(model, *(kw[k] for k in order), return_dict=False)
     assert report.input_rule == "dataflow"
-    assert report.inputs == {"latent": "l_args_0_", "timestep": "l_args_1_", "text": "l_args_2_"}
+    assert report.inputs == {"latent": f"l_args_{latent}_", "timestep": f"l_args_{timestep}_",
+                             "text": f"l_args_{text}_"}
 
 
 def _check_partition(gm, rmap):
@@ -125,6 +137,53 @@ def test_blocks_with_different_shapes_do_not_share():
             by_stack.setdefault(p.region.stack, set()).add(p.signature())
     assert len(by_stack["blocks"]) == 1 and len(by_stack["single_blocks"]) == 1
     assert by_stack["blocks"] != by_stack["single_blocks"]
+
+
+class WidthBlock(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, hidden), torch.nn.Linear(hidden, 8)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class WidthNet(torch.nn.Module):
+    def __init__(self, widths: tuple[int, ...]):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(WidthBlock(h) for h in widths)
+
+    def forward(self, hidden_states):
+        for b in self.blocks:
+            hidden_states = b(hidden_states)
+        return hidden_states
+
+
+def test_blocks_of_one_graph_but_other_weight_shapes_do_not_share():
+    """Blocks of one class whose MLPs are of other widths trace to the same ops and wiring; only
+    the shapes of their weights (graph inputs) differ. A compiled piece is specialised to its
+    inputs' shapes, so those blocks must not share one."""
+    model = WidthNet((16, 16, 32))
+    plan = split(gm := capture(model, {"hidden_states": torch.randn(1, 4, 8)}), find_regions(gm))
+    sigs = [p.signature() for p in plan.pieces if p.region.kind == BLOCK]
+    assert len(sigs) == 3 and sigs[0] == sigs[1] != sigs[2]
+
+
+def test_constants_inside_a_piece_are_told_apart_by_value():
+    """A tensor constant baked into a piece (``get_attr``) is part of the function it computes."""
+    def traced(value):
+        class Scaled(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c = torch.full((4,), value)
+
+            def forward(self, x):
+                return x * self.c
+        return torch.fx.symbolic_trace(Scaled())
+    from dit_compile.passes.split import graph_signature
+    one, two, other = traced(1.0), traced(1.0), traced(2.0)
+    assert any(n.op == "get_attr" for n in one.graph.nodes)
+    assert graph_signature(one, []) == graph_signature(two, []) != graph_signature(other, [])
 
 
 def test_block_guard_sits_in_the_stacks_the_latent_flows_through():

@@ -142,6 +142,9 @@ def test_more_diffusers_dits(name, nested):
         assert dit_compile.nest_blocks(model) >= sum(stacks.values())
     report = dit_compile.explain(model, **kw, return_dict=False)
     assert report.fallback is None and report.stacks == stacks
+    # Each stack carries a stream from block to block, also where it passes through glue or
+    # through the blocks of a stack interleaved with it (Latte, ConsisID, Wan-Animate).
+    assert all(report.streams.get(s) for s in stacks), report.streams
     assert {"latent", "timestep", "text"} <= set(report.inputs)
     # The branches' condition: the argument whose name ends the text input's (l_kwargs_<name>_).
     text = max((k for k in kw if report.inputs["text"].endswith(f"_{k}_")), key=len)
