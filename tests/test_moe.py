@@ -551,6 +551,14 @@ def test_register_moe_for_user_module():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="bias-free"):
         register_moe(_UserMoE(bias=True), "dispatch", experts="experts", projections=("gate", "up", "down"))
+
+    class Doubled(nn.Linear):   # a subclass computing something else (as LoRA or quantisation)
+        def forward(self, x):
+            return 2 * super().forward(x)
+    wrapped = _UserMoE()
+    wrapped.experts[1].up = Doubled(16, 24, bias=False)
+    with pytest.raises(ValueError, match="plain bias-free nn.Linear"):
+        register_moe(wrapped, "dispatch", experts="experts", projections=("gate", "up", "down"))
     with pytest.raises(ValueError, match="exactly one"):
         register_moe(model, "dispatch")
 
@@ -588,6 +596,11 @@ def test_hidream_dispatch_keeps_no_grad_and_autocast():
     expected.sum().backward()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, x.grad, atol=1e-5, rtol=1e-5)
+    # ... through the op, where the original would sync to the host: one graph with grad enabled.
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(moe, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)(x)
+    assert [count_moe_ops(g) for g in graphs] == [1]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low, eager = moe(x), ref(x)
     assert low.dtype == eager.dtype == torch.bfloat16

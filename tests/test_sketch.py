@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import dit_compile
 import tiny_models
-from dit_compile.sketch import _boundary, costs
+from dit_compile.sketch import _boundary, _distance, costs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import pipelines  # noqa: E402
@@ -128,6 +128,22 @@ def test_each_model_of_the_split_keeps_its_own_cache_state(models):
     for trace in (big, little):
         assert [r["action"] for r in trace if r["step"] == 0] == ["compute", "compute"]
         assert {r["generation"] for r in trace} == {0}
+
+
+def test_costs_weigh_each_distance_by_its_step_length():
+    """A step's cost is the models' distance there times the noise level the step covers (to the
+    next step's; the last step's to zero)."""
+    assert costs([1.0, 0.5, 0.1], [0.2, 0.4, 1.0]) == pytest.approx([0.1, 0.16, 0.1])
+
+
+def test_distance_is_taken_between_guided_predictions():
+    """Two calls at a step are the conditional and unconditional predictions: the models are
+    compared on the guided one the sampler steps with, uncond + g (cond - uncond)."""
+    cond, uncond = torch.ones(4), torch.zeros(4)
+    branches = [(cond, cond), (uncond, uncond + 0.5)]   # (large, small): apart on uncond only
+    assert _distance(branches, 5.0) == pytest.approx(abs(3.0 - 5.0) / 5.0)
+    assert _distance(branches, 1.0) == 0.0               # guidance 1: the conditional alone
+    assert _distance([(cond, 2 * cond)], 5.0) == pytest.approx(1.0)   # one call: already guided
 
 
 @settings(max_examples=200, deadline=None)
