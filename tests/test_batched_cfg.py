@@ -302,7 +302,10 @@ def test_dict_arguments_are_sliced_to_the_half():
 def test_half_forward_that_raises_warns_once_and_computes_the_full_batch(monkeypatch):
     from dit_compile.runtime import halves
 
+    calls = []
+
     def broken(*_args, **_kwargs):
+        calls.append(1)
         raise RuntimeError("the half forward broke\nsecond line")
 
     monkeypatch.setattr(halves, "_functional", broken)
@@ -316,6 +319,56 @@ def test_half_forward_that_raises_warns_once_and_computes_the_full_batch(monkeyp
                                        model(**call, return_dict=False)[0], rtol=1e-5, atol=1e-5)
     assert sum("half-batch forward raised" in str(w.message) for w in rec) == 1
     assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute"] * 4
+    assert len(calls) == 1      # a forward that failed once is not tried at every cfg step
+
+
+class Halved(torch.nn.Module):
+    """Stands for a transformer: a weight (a parameter) and a table that is neither parameter nor
+    buffer (Dynamo still hands it to the graph as an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.table = torch.ones(4)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        h = self.lin(hidden_states) * timestep[:, None, None] * self.table
+        return (h + encoder_hidden_states.mean(1, keepdim=True),)
+
+
+def _recipe(batch=2, out_shapes=None):
+    """HalfBatch.build as the backend calls it, for ``Halved`` at ``batch``."""
+    from dit_compile.runtime.halves import HalfBatch
+    model = Halved()
+    x, e = torch.randn(batch, 3, 4), torch.randn(batch, 5, 4)
+    call = dict(hidden_states=x, timestep=torch.full((batch,), 0.5), encoder_hidden_states=e)
+    inputs = [x, call["timestep"], e, model.lin.weight, model.lin.bias, model.table]
+    placeholders = [("L['hidden_states']", False), ("L['timestep']", False),
+                    ("L['encoder_hidden_states']", False), ("L['self'].lin.weight", True),
+                    ("L['self'].lin.bias", True), ("L['self'].table", True)]
+    recipe = HalfBatch.build(model, call, placeholders, inputs, [0, 2, 1], batch,
+                             out_shapes or [(batch, 3, 4)], compile=False)
+    return model, inputs, recipe
+
+
+def test_half_forward_runs_what_the_module_computes_on_the_half_or_declines():
+    """The conditional half computed alone equals the module on that half; a timestep of one
+    sample (broadcast over the batch) is handed on whole, not sliced. Where the half cannot be
+    trusted it declines (None, with a warning): a batch of odd size, outputs of other shapes
+    than the graph's, a module tensor other than the one traced."""
+    model, inputs, half = _recipe()
+    x, t, e = inputs[:3]
+    with torch.no_grad():
+        ref = model(x[1:], t[1:], e[1:])[0]
+        torch.testing.assert_close(half(inputs, 1)[0], ref)
+        one_t = [x, t[:1], e, *inputs[3:]]
+        torch.testing.assert_close(half(one_t, 1)[0], ref)
+    assert "not two halves" in _recipe(batch=3)[2]
+    _, inputs, wrong = _recipe(out_shapes=[(2, 3, 8)])
+    with pytest.warns(UserWarning, match="outputs do not match the graph's"):
+        assert wrong(inputs, 1) is None
+    with pytest.warns(UserWarning, match="not a parameter or buffer differs"):
+        assert half([*inputs[:5], torch.zeros(4)], 1) is None
 
 
 def test_mixcache_reuses_cfg_on_batch_halves_as_its_forced_schedule_would():
