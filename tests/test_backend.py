@@ -32,6 +32,8 @@ def test_registered_by_entry_point_without_import():
     ({"cache_memory": -1}, r"cache_memory=-1: must be a positive"),
     ({"mode": "turbo"}, r"mode='turbo': must be one of \('default', .*'reduce-overhead'"),
     ({"timestep": "up"}, r"timestep='up': must be one of \('falling', 'rising'\)"),
+    ({"share_blocks": "no"}, r"share_blocks='no': must be True or False"),   # a str is truthy
+    ({"lower_moe": 0}, r"lower_moe=0: must be True or False"),
 ])
 def test_bad_options_are_clear_errors(options, match):
     model, kw = tiny_models.wan(layers=2)
