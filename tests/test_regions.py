@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dit_compile
 from conftest import capture
 from dit_compile.passes.regions import BLOCK, EPILOGUE, PROLOGUE, NoBlockStructure, find_regions
-from dit_compile.passes.split import split
+from dit_compile.passes.split import graph_signature, split
 from dit_compile.runtime.executor import Executor
 import random_dits
 import tiny_models
@@ -180,7 +180,6 @@ def test_constants_inside_a_piece_are_told_apart_by_value():
             def forward(self, x):
                 return x * self.c
         return torch.fx.symbolic_trace(Scaled())
-    from dit_compile.passes.split import graph_signature
     one, two, other = traced(1.0), traced(1.0), traced(2.0)
     assert any(n.op == "get_attr" for n in one.graph.nodes)
     assert graph_signature(one, []) == graph_signature(two, []) != graph_signature(other, [])
