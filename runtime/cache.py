@@ -395,6 +395,12 @@ def find_state(model: torch.nn.Module) -> CacheState | None:
 def model_states(model: torch.nn.Module) -> list[CacheState]:
     """Every CacheState attached to ``model``'s parameters (all threads'), once each."""
     model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, torch.nn.Module):
+        # torch.compile of a function returns a function: the state is on the model it calls.
+        name = getattr(model, "__qualname__", None)
+        raise TypeError("mixcache keeps its cache state on the model's parameters: pass the "
+                        "nn.Module (for a compiled function, the model it calls), not "
+                        f"{type(model).__name__}{f' {name!r}' if name else ''}")
     states = {}
     for p in model.parameters():
         for state in getattr(p, STATE_ATTR, {}).values():

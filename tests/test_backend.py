@@ -325,6 +325,59 @@ def test_a_break_only_the_first_call_makes_is_traced_past():
                                               return_dict=False)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_break_every_call_makes_is_traced_past_once_only():
+    """Lumina2 breaks before its blocks at every call. The forward is traced once more after its
+    first call (the break might have been the first call's alone); after that its fragments serve,
+    and a new batch size recompiles the fragments it needs, never the forward as a whole again
+    (which would drop the graphs of every size compiled so far)."""
+    model, kw = tiny_models.lumina2()
+    _, kw2 = tiny_models.lumina2(batch=2)
+    graphs = []
+
+    def counting(gm, example_inputs):       # mixcache, counting the graphs it gets
+        graphs.append(gm)
+        return backend.mixcache(gm, example_inputs, options={"regions": "eager"})
+
+    compiled = torch.compile(model, backend=counting)
+    seen = []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for inputs in (kw, kw, kw2, kw2, kw2, kw, kw2):
+            out = compiled(**inputs, return_dict=False)[0]
+            seen.append(len(graphs))
+    assert seen[1] == seen[0] + 1, f"the forward traced once more: {seen}"
+    assert seen[2:] == [seen[2]] * 5, f"compiled again after the first call at batch 2: {seen}"
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(**kw2, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_function_that_breaks_before_the_model_is_not_cached():
+    """A compiled function (a denoising step) that breaks before it calls the model: the graph
+    after the break holds the whole forward, but resumes mid-function, with the function's locals
+    for inputs and its own work on the output. A fragment: warned, and every step computed, forced
+    schedule or not. The state is the model's: ``stats`` of the function says to pass the model."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+
+    def step(x, t):
+        x = x * 1.0
+        torch._dynamo.graph_break()
+        return x - 0.1 * model(**dict(kw, hidden_states=x, timestep=t))[0]
+
+    sched = {"rule": "schedule", "step": [1, 2]}
+    compiled = torch.compile(step, backend="mixcache", options={"regions": "eager", "cache": sched})
+    x = kw["hidden_states"]
+    with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
+        for t in (900.0, 800.0, 700.0):
+            t = torch.tensor([t])
+            torch.testing.assert_close(compiled(x, t), step(x, t), rtol=1e-5, atol=1e-5)
+    assert "mixcache: the traced function: graph breaks split" in _mixcache_warnings(rec)[0]
+    with pytest.raises(ValueError, match="no mixcache state"):
+        dit_compile.stats(model)
+    with pytest.raises(TypeError, match="pass the nn.Module .* not function"):
+        dit_compile.stats(compiled)
+
+
 def test_no_timestep_input_is_said_by_explain_and_the_backend_alike():
     """A Transformer2DModel as a U-Net calls it inside its blocks: block stacks, but no timestep.
     explain says that nothing will be cached and why, the backend warns the same once and
