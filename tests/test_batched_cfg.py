@@ -50,6 +50,7 @@ def _check_trace(trace, cfg_steps, generations):
 @pytest.mark.parametrize("cache,cfg_steps", [
     ({"rule": "schedule", "cfg": [1, 3, 4]}, {1, 3, 4}),
     ({"rule": "fastercache", "every": 2}, {1, 3}),
+    ({"rule": "fastercache", "every": 2, "start": 2}, {3}),     # computes at 2, counts from there
 ])
 def test_cogvideox_batched_cfg_matches_eager_reference(cache, cfg_steps):
     model = pipelines.cogvideox_transformer()

@@ -319,10 +319,10 @@ def _teacache_reference(model, kw, threshold, signal, start, coefficients=None):
     TeaCache's polynomial where ``coefficients`` are given, or the latent's times the output's
     rate of change per input change between the last two computes) accumulates from the last
     compute, and the whole step reuses the last output while every sample's sum stays below the
-    threshold."""
+    threshold. Also returns the signal of each call: the largest sum, where one was taken."""
     import numpy as np
     x, prev, acc, rate = kw["hidden_states"].clone(), None, None, None
-    computed, outs, actions = [], [], []
+    computed, outs, actions, signals = [], [], [], []
     for i, t in enumerate(STEPS):
         seen = _modulated(model, kw, x, t) if signal == "modulated" else x
         if prev is not None and (signal != "output" or rate is not None):
@@ -331,6 +331,9 @@ def _teacache_reference(model, kw, threshold, signal, start, coefficients=None):
                 change = torch.from_numpy(np.polyval(coefficients, change.double().numpy())
                                           ).float().clamp_min(0)
             acc = change if acc is None else acc + change
+            signals.append(float(acc.max()))
+        else:
+            signals.append(None)
         if i >= start and computed and acc is not None and bool((acc < threshold).all()):
             y = computed[-1][1]
             actions.append("step")
@@ -344,7 +347,7 @@ def _teacache_reference(model, kw, threshold, signal, start, coefficients=None):
             actions.append("compute")
         outs.append(y)
         prev, x = seen, x + (STEPS[i + 1] - t if i + 1 < len(STEPS) else -t) / 1000.0 * y
-    return outs, actions
+    return outs, actions, signals
 
 
 @pytest.mark.parametrize("signal,threshold,coefficients,nested", [
@@ -359,20 +362,49 @@ def test_teacache_and_easycache_match_eager_reference(signal, threshold, coeffic
         dit_compile.nest_blocks(model)
     kw["return_dict"] = False
     kw["hidden_states"][1] *= 2.0
-    ref, actions = _teacache_reference(model, kw, threshold, signal, 1, coefficients)
+    # From a step where the rule, started a step sooner, would reuse (the premise): not before.
+    start = 3 if signal == "output" else 2      # EasyCache has its rate after two computes
+    ref, actions, signals = _teacache_reference(model, kw, threshold, signal, start, coefficients)
+    early = _teacache_reference(model, kw, threshold, signal, start - 1, coefficients)[1]
+    assert early[start - 1] == "step" and actions[start - 1] == "compute"
     assert "step" in actions and actions.count("compute") >= 2, actions     # the premise
     if coefficients is not None:    # the polynomial decides: without it, other decisions
-        assert _teacache_reference(model, kw, threshold, signal, 1)[1] != actions
-    rule = {"rule": "teacache", "threshold": threshold, "signal": signal, "start": 1}
+        assert _teacache_reference(model, kw, threshold, signal, start)[1] != actions
+    rule = {"rule": "teacache", "threshold": threshold, "signal": signal, "start": start}
     f = compiled(model, rule if coefficients is None else dict(rule, coefficients=coefficients))
     x, outs = kw["hidden_states"].clone(), []
     with torch.no_grad():
         for i, t in enumerate(STEPS):
             outs.append(f(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))[0])
             x = x + (STEPS[i + 1] - t if i + 1 < len(STEPS) else -t) / 1000.0 * outs[-1]
-    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == actions
+    trace = dit_compile.stats(f)["trace"]
+    assert [r["action"] for r in trace] == actions
+    # The sums too, not only the decisions they led to: the trace shows what the rule added up.
+    assert [r["signal"] for r in trace] == pytest.approx(signals, rel=1e-4, abs=1e-7)
     for i, (a, b) in enumerate(zip(outs, ref)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+
+
+def test_teacache_polynomial_below_zero_adds_nothing():
+    """A fitted polynomial may dip below zero near zero change. The mapped change is clamped
+    there: a still step adds nothing to the sum, and takes back nothing that earlier steps added,
+    or the rule would reuse past its threshold after every step that hardly moved."""
+    from dit_compile.runtime.cache import CacheState, Step
+    from dit_compile.runtime.policy import make_policy
+    pol = make_policy({"rule": "teacache", "threshold": 0.35, "signal": "input",
+                       "coefficients": [1.0, -0.1]}, None)       # change - 0.1
+    state = CacheState()
+    state.begin(1000.0, "sig")
+    bc = state.branch(0)
+    bc.outputs = [(1000.0, [torch.zeros(1, 4)])]
+    bc.last_input = torch.ones(1, 4)
+    decisions = []
+    for step, move in enumerate((1.3, 1.01, 1.3), start=1):    # relative changes 0.3, 0.01, 0.3
+        latent = bc.last_input * move
+        decisions.append(pol.step(Step(0, step, 0, 1000.0 - 100 * step), state, latent))
+        bc.last_input = latent
+    assert [a for a, _ in decisions] == ["step", "step", "compute"]
+    assert [sig for _, sig in decisions] == pytest.approx([0.2, 0.2, 0.4])
 
 
 def test_residual_step_reuse_matches_eager_reference():
@@ -442,6 +474,11 @@ def test_fit_teacache_fits_the_changes_every_branch_saw():
     again = dit_compile.fit_teacache(f, lambda: runs.append(sample(f)), degree=2)
     assert len(runs) == 5
     np.testing.assert_allclose(again, fitted, rtol=1e-6, atol=1e-9)
+
+    # One step's change per sample (both branches see one latent): two points cannot fix a
+    # polynomial of degree 4.
+    with pytest.raises(ValueError, match="2 distinct changes recorded, too few for a polynomial"):
+        dit_compile.fit_teacache(f, lambda: generation(f, kw, steps=STEPS[:2]), degree=4)
 
     g = compiled(tiny_models.wan(layers=3)[0], {"rule": "first_block", "threshold": 0.1})
     with pytest.raises(ValueError, match="nothing recorded: the model must be compiled with a teacache"):
@@ -536,9 +573,11 @@ def test_shape_or_dtype_change_mid_generation_is_a_new_generation(change):
 
 
 def test_schedule_past_the_last_step_is_said_once():
+    """Steps count from 0: a schedule that names the last step (3 of 0..3) names a step that
+    applied, and only those past it are said."""
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
-    f = compiled(model, {"rule": "schedule", "step": [2, 9], "block": [12]})
+    f = compiled(model, {"rule": "schedule", "step": [2, 3, 9], "block": [12]})
     generation(f, kw, steps=STEPS[:4], branches=1)
     with pytest.warns(UserWarning, match=r"names steps \{'step': \[9\], 'block': \[12\]\}, past the "
                       r"last step \(3"):
@@ -546,7 +585,7 @@ def test_schedule_past_the_last_step_is_said_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generation(f, kw, steps=STEPS[:4], branches=1)
-    assert dit_compile.stats(f)["reused"] == {"step": 3}
+    assert dit_compile.stats(f)["reused"] == {"step": 6}
 
 
 @pytest.mark.parametrize("cache", [{"rule": "schedule", "cfg": [1, 2]},
@@ -921,7 +960,10 @@ def test_memory_bound_is_a_clear_error():
     ({"rule": "schedule", "step": [0]}, "step 0 cannot reuse"),
     ({"rule": "schedule", "block": [2], "span": [1, 9]}, r"span=\[1, 9\].*has 3 blocks"),
     ({"rule": "schedule", "block": [2], "probe": 3}, r"probe=3"),
+    ({"rule": "schedule", "block": [2], "probe": 2, "span": [1, 3]},
+     r"span=\[1, 3\]: must satisfy probe \(2\) <= start"),     # the probe's blocks always run
     ({"rule": "first_block", "threshold": -0.1}, r"threshold=-0.1"),
+    ({"rule": "teacache", "threshold": 0}, r"threshold=0: must be a number in \(0, 10\]"),
     ({"rule": "fastercache", "every": 1}, r"every=1"),
     ({"rule": "magic"}, r"cache rule 'magic'"),
     ({"rule": "schedule", "step": [2], "extrapolate": 3}, r"extrapolate=3: must be"),
@@ -1176,22 +1218,23 @@ def test_prompt_or_latent_changed_in_place_is_a_change(mode):
     assert seen == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
 
 
-@pytest.mark.parametrize("rule", [
-    {"rule": "schedule", "step": [1, 2, 3, 4, 5, 6, 7, 8, 9]},
-    {"rule": "teacache", "threshold": 10.0, "signal": "input"},
-    {"rule": "schedule", "cfg": [1, 2, 3, 4, 5, 6, 7, 8, 9]}])
-def test_max_reuse_bounds_the_rules_whole_call_reuse(rule):
-    """``max_reuse`` (a key every rule takes) bounds a branch's consecutive reuses of whole calls
-    (step reuse; cfg reuse of branch 1) as it does block reuse: a rule that would reuse every
-    step after the first computes every third with ``max_reuse`` 2."""
+@pytest.mark.parametrize("rule,reused", [
+    ({"rule": "schedule", "step": [1, 2, 3, 4, 5, 6, 7, 8, 9]}, "step"),
+    ({"rule": "teacache", "threshold": 10.0, "signal": "input"}, "step"),
+    ({"rule": "schedule", "cfg": [1, 2, 3, 4, 5, 6, 7, 8, 9]}, "cfg"),
+    ({"rule": "schedule", "block": [1, 2, 3, 4, 5, 6, 7, 8, 9]}, "block"),
+    ({"rule": "first_block", "threshold": 10.0}, "block")])
+def test_max_reuse_bounds_each_rule(rule, reused):
+    """``max_reuse`` (a key every rule takes) bounds a branch's consecutive reuses, of whole calls
+    (step reuse; cfg reuse of branch 1) and of the block span alike: a rule that would reuse at
+    every step after the first computes every third with ``max_reuse`` 2."""
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
     steps = tuple(float(t) for t in range(950, 0, -95))
     f = compiled(model, {**rule, "max_reuse": 2})
     generation(f, kw, steps=steps)
-    branch = 1 if "cfg" in rule else 0
+    branch = 1 if reused == "cfg" else 0
     actions = [r["action"] for r in dit_compile.stats(f)["trace"] if r["branch"] == branch]
-    reused = "cfg" if "cfg" in rule else "step"
     assert actions == ["compute"] + ["compute" if i % 3 == 0 else reused for i in range(1, 10)]
 
 

@@ -92,7 +92,7 @@ def _state_with_signals(out_rate, cfg_rate, probe_prev, probe_now, t, t_last):
     s0 = st_.begin(1000.0, "sig")
     st_.t_first = 1000.0
     bc = st_.branch(1)
-    bc.signals.update(settled=True, out_rate=out_rate)
+    bc.signals.update(settled=True, settled_mask=torch.tensor(True), out_rate=out_rate)
     bc.outputs = [(t_last, [torch.zeros(1, 2)])]
     bc.span = [torch.zeros(1, 2)]
     bc.probe = probe_prev
@@ -188,6 +188,80 @@ def test_a_call_at_timestep_zero_is_not_free(rate, reused):
     pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "extrapolate": 0})
     st_, steps = _two_branches((rate,), t_last=100.0, t=0.0)
     assert pol.step(steps[0], st_, torch.zeros(1))[0] == ("step" if reused else "compute")
+
+
+@pytest.mark.parametrize("rate,reused", [(4e-4, True), (6e-4, False)])
+def test_the_last_step_is_no_longer_than_its_timestep(rate, reused):
+    """A sampler's step from t goes no further than 0: at t = 100 after t = 300 the step about to
+    be taken is 100, not the last spacing of 200. The estimate 4e-4 * 200 * 0.1 = 0.008 fits the
+    budget of 0.01; at twice that step length it would not, as 6e-4 does not at this one."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "extrapolate": 0})
+    st_, steps = _two_branches((rate,), t_last=300.0, t=100.0)
+    assert pol.step(steps[0], st_, torch.zeros(1))[0] == ("step" if reused else "compute")
+
+
+def test_a_sample_without_a_curvature_yet_extrapolates_on_its_rate():
+    """Per sample, the first-order estimate stands in until a sample's slope has changed once
+    (its curvature is NaN): a batch whose samples are at different points of that both fit."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "extrapolate": 1})
+    st_, steps = _two_branches((1e-4,))
+    st_.branch(0).signals["curvature"] = torch.tensor([float("nan"), 1e-4], dtype=torch.float64)
+    assert pol.step(steps[0], st_, torch.zeros(2))[0] == "step"
+    assert "step_mask" not in st_.branch(0).signals, "both samples reuse: the call is skipped"
+
+
+def test_a_branch_not_called_at_the_last_step_is_not_tied():
+    """Branches are tied where both were called at the last step. Guidance off at that step (a
+    guidance interval) left branch 1 behind: its estimate, from an older step, does not hold
+    branch 0 back."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0})
+    st_, steps = _two_branches((1e-4, 1.0))
+    assert pol.step(steps[0], st_, torch.zeros(1))[0] == "compute", "tied, branch 1 does not fit"
+    st_, steps = _two_branches((1e-4, 1.0))
+    st_.branch(1).signals["prev_t"] = 800.0
+    assert pol.step(steps[0], st_, torch.zeros(1))[0] == "step"
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_one_step_decision_for_the_batch_where_asked(per_sample):
+    """``per_sample=False``: one sample that may not reuse the step keeps the batch from reusing
+    it; per sample, the other takes its prediction."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "per_sample": per_sample})
+    st_, steps = _two_branches((1e-4,))
+    st_.branch(0).signals["out_rate"] = torch.tensor([1e-4, 1.0], dtype=torch.float64)
+    action, _ = pol.step(steps[0], st_, torch.zeros(2))
+    if per_sample:
+        assert action == "step" and st_.branch(0).signals["step_mask"].tolist() == [True, False]
+    else:
+        assert action == "compute" and "step_mask" not in st_.branch(0).signals
+
+
+@pytest.mark.parametrize("t_diff,cfg_rate,action", [
+    (600.0, 1e-5, "cfg"), (600.0, 1.0, "compute"), (500.0, 1e-5, "compute")])
+def test_cfg_reuse_where_its_estimate_fits_and_the_timestep_moved(t_diff, cfg_rate, action):
+    """A branch is rebuilt where the difference's rate times the distance fits the budget. A
+    second call at the timestep where the difference was taken (Heun's corrector) moved only the
+    latent: the estimate, which measures how far the timestep moved, says nothing there."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "granularities": ["cfg"]})
+    probe = torch.zeros(1, 4, 5)
+    st_, _, s, _ = _state_with_signals(0.0, cfg_rate, probe, probe, t=500.0, t_last=t_diff)
+    assert pol.step(s, st_, torch.zeros(1))[0] == action
+
+
+@pytest.mark.parametrize("warmup,per_sample,reused", [
+    (0.0, True, [True, True, False]), (0.0, False, False), (0.6, True, False)])
+def test_block_reuse_per_sample_and_after_the_warmup(warmup, per_sample, reused):
+    """Samples whose probe did not move reuse the span, the one that moved computes it; with
+    ``per_sample=False`` that one keeps the batch from reusing. Before the warm-up (t = 500 above
+    0.4 of t_first = 1000) no sample does."""
+    pol = make_mixcache({"budget": 0.01, "warmup": warmup, "settle": 10.0, "per_sample": per_sample,
+                         "granularities": ["block"]})
+    prev = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    now = prev.clone()
+    now[2] += 1.0
+    st_, bc, s, probe = _state_with_signals(0.0, 0.0, prev, now, t=500.0, t_last=600.0)
+    decision, _ = pol.block(s, st_, bc, probe)
+    assert (decision.tolist() if torch.is_tensor(decision) else decision) == reused
 
 
 def test_branches_reuse_at_the_same_steps_in_a_generation():
