@@ -455,6 +455,8 @@ def test_explain_reports_regions():
 
 
 def test_explain_names_graph_breaks_when_no_graph_has_blocks():
+    other, other_kw = tiny_models.lumina2()         # breaks too, for reasons of its own
+    assert dit_compile.explain(other, **other_kw, return_dict=False).breaks
     model, kw = _wan_with_graph_break()
     report = dit_compile.explain(model, **kw, return_dict=False)
     assert report.graphs > 1 and not report.stacks

@@ -505,6 +505,20 @@ def test_nucleus_lowered_matches_eager_and_compiles_fullgraph():
     assert dit_compile.explain(model, **kwargs).fallback is None
 
 
+def test_explain_reports_moe_dispatches_lowered_or_not():
+    """explain lists the model's MoE dispatches by their path in the model (a compiled model's as
+    its module's, not under ``_orig_mod``), and which of them are lowered."""
+    model, kw = tiny_models.hidream()
+    paths = list(find_moe(model))
+    assert len(paths) == 4 and not any(p.startswith("_orig_mod") for p in paths)
+    lower_moe(model)        # unlowered, its 17 graphs take explain 20 s to trace
+    report = dit_compile.explain(torch.compile(model), **kw, return_dict=False)
+    assert report.moe == dict.fromkeys(paths, True)
+    assert "MoE dispatches: 4, not lowered: 0\n" in str(report)
+    report.moe[paths[0]] = False
+    assert "MoE dispatches: 4, not lowered: 1 (backend='mixcache' lowers them" in str(report)
+
+
 def test_nucleus_padding_rows_are_zero():
     nucleus = pytest.importorskip("diffusers.models.transformers.transformer_nucleusmoe_image")
     experts = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
