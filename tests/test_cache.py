@@ -11,6 +11,8 @@ import dit_compile
 import dit_compile.backend as backend
 import random_dits
 import tiny_models
+from dit_compile.runtime.cache import CacheState, Step
+from dit_compile.runtime.policy import make_policy
 from reference_cache import Reference
 
 STEPS = (900.0, 750.0, 600.0, 450.0, 300.0, 150.0)
@@ -392,8 +394,6 @@ def test_teacache_polynomial_below_zero_adds_nothing():
     """A fitted polynomial may dip below zero near zero change. The mapped change is clamped
     there: a still step adds nothing to the sum, and takes back nothing that earlier steps added,
     or the rule would reuse past its threshold after every step that hardly moved."""
-    from dit_compile.runtime.cache import CacheState, Step
-    from dit_compile.runtime.policy import make_policy
     pol = make_policy({"rule": "teacache", "threshold": 0.35, "signal": "input",
                        "coefficients": [1.0, -0.1]}, None)       # change - 0.1
     state = CacheState()
