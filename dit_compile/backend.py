@@ -16,6 +16,7 @@ from .frames import (compiled_model, install_moe_hook, is_fragment, lower_moe_an
                      warn_fallback)
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
+from .passes.mutation import writes_inputs
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
                              missing_inputs, source_name, user_inputs)
 from .passes.split import Piece, Plan, split
@@ -79,6 +80,11 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         # model's own (HunyuanImage's token refiner, a frame of its own, takes the text as
         # `hidden_states` and a `timestep`), so no reuse rule can be trusted with them.
         warn_fallback(gm, None, options)
+        return Executor(plan, fns)
+    writes = writes_inputs(gm)
+    if writes:
+        warnings.warn(f"mixcache: {model_name()}: {writes}: this graph runs without caching (the "
+                      "model's graphs that write nothing are cached as usual)", stacklevel=2)
         return Executor(plan, fns)
     missing = missing_inputs(rmap.inputs)
     if missing:

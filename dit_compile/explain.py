@@ -11,6 +11,7 @@ import torch
 from .frames import forget_forward
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
+from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.regions import NoBlockStructure, RegionMap, find_regions, missing_inputs
 from .passes.split import split
@@ -88,6 +89,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     found: list[RegionMap | NoBlockStructure] = []
     modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
     nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph
+    writes: dict[int, str | None] = {}             # why its writes into its inputs bar reuse
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
         nested[len(found)] = [n.args[1] for n in gm.graph.nodes
@@ -97,6 +99,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         except NoBlockStructure as why:
             found.append(why)
             return gm.forward
+        writes[len(found) - 1] = writes_inputs(gm)
         mod = modulated_input(split(gm, found[-1]))
         if mod is not None:
             out = mod.module.graph.output_node().args[0]
@@ -114,7 +117,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         for attempt in range(2):
             if attempt:
                 forget_forward(target)
-            found.clear(), modulated.clear(), nested.clear()
+            found.clear(), modulated.clear(), nested.clear(), writes.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
                     *args, **kwargs)
@@ -129,11 +132,31 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
                 return report
             if len(found) == 1:
                 break
-    report.graphs = len(found)
-    if len(found) > 1:
-        report.fallback = (f"the forward traced as {len(found)} graphs (graph breaks): step and cfg "
-                           "guards need one graph")
-        report.breaks = _new_breaks(seen, _break_counts(counters))
+        report.graphs = len(found)
+        if len(found) > 1:
+            report.breaks = _new_breaks(seen, _break_counts(counters))
+            # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
+            # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
+            # and raises at any other break.
+            broken = (list(found), dict(modulated), dict(nested), dict(writes))
+            forget_forward(target)
+            found.clear(), modulated.clear(), nested.clear(), writes.clear()
+            try:
+                torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw),
+                              fullgraph=True)(*args, **kwargs)
+            except Exception:
+                found.clear()
+            if len(found) != 1 or not isinstance(found[0], RegionMap):
+                found[:] = broken[0]
+                modulated.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
+    if report.graphs > 1 and len(found) == 1:      # one graph under fullgraph=True
+        report.fallback = (f"the forward traced as {report.graphs} graphs (graph breaks at data-"
+                           "dependent operators), and step and cfg guards need one graph: "
+                           "torch.compile(..., fullgraph=True) captures those operators, and "
+                           "the forward is one graph that caches (the report is of that graph)")
+    elif report.graphs > 1:
+        report.fallback = (f"the forward traced as {report.graphs} graphs (graph breaks): step "
+                           "and cfg guards need one graph")
     elif len(found) == 1 and isinstance(found[0], NoBlockStructure):
         report.fallback = str(found[0])
     elif not found:
@@ -142,8 +165,10 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     if not maps:
         return report
     rmap = max(maps, key=lambda m: sum(m.stacks.values()))
-    if report.fallback is None:     # as the backend: no reuse without the latent and timestep
-        report.fallback = missing_inputs(rmap.inputs)
+    if report.fallback is None:
+        # As the backend: no reuse of a call that writes into its inputs, nor without the latent
+        # and the timestep.
+        report.fallback = writes[found.index(rmap)] or missing_inputs(rmap.inputs)
     report.modulated = modulated.get(found.index(rmap))
     calls = nested[found.index(rmap)]
     report.nested, report.nested_regions = len(calls), len(set(calls))

@@ -221,9 +221,11 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     fragment = why is None or _is_fragment(gm, root)
     if fragment:
         reason = ("graph breaks split its forward into several graphs, and mixcache needs the whole "
-                  "forward in one graph to cache it (torch.compile(..., fullgraph=True) "
-                  "raises at the first break; dit_compile.explain(model, *inputs) names them with "
-                  "Dynamo's hints, TORCH_LOGS=graph_breaks lists them all)")
+                  "forward in one graph to cache it (torch.compile(..., fullgraph=True) captures the "
+                  "data-dependent operators that break a trace otherwise, .item(), nonzero, a "
+                  "boolean mask's index, and raises at any other break; "
+                  "dit_compile.explain(model, *inputs) says which, with Dynamo's hints, "
+                  "TORCH_LOGS=graph_breaks lists them all)")
         if root is not None and not root.__dict__.get("_mixcache_retraced"):
             reason += ("; the forward is traced once more at its next call, in case the break is "
                        "the first call's alone (a table built lazily), and cached from there if so")

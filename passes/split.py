@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 from torch.utils import _pytree as pytree
 
+from .mutation import written_inputs
 from .nesting import inline_nested
 from .regions import RegionMap, Region
 
@@ -44,14 +45,9 @@ class Piece:
         return self._signature
 
     def writes_in_place(self) -> bool:
-        """Whether the piece may write into a tensor it is given (a block doing ``x += f(x)``):
+        """Whether the piece writes into a tensor it is given (a block doing ``x += f(x)``):
         then a value read before it ran is not the value after, unless copied."""
-        for n in self.module.graph.nodes:
-            name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-            if n.op in ("call_function", "call_method") and isinstance(name, str) and (
-                    name in _INPLACE_OPERATORS or (name.endswith("_") and not name.endswith("__"))):
-                return True
-        return False
+        return bool(written_inputs(self.module))
 
 
 @dataclass
@@ -64,10 +60,6 @@ class Plan:
     rmap: RegionMap
     input_names: list[str]                   # graph input i's placeholder name
     slot_examples: dict[int, Any]            # fake value of each slot read or returned
-
-
-_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
-                      "iand", "ior", "ixor", "ilshift", "irshift"}
 
 
 def _example(n: fx.Node) -> Any:

@@ -179,21 +179,22 @@ def mochi():
 
 
 def test_mochi_caches_once_its_breaks_are_captured(caplog):
-    """explain names Mochi's break with Dynamo's hint; with that flag set the forward is one graph,
-    cached as a forced schedule says (computed calls equal eager), and the FLOP count, which cannot
-    run the padding of a size known only at run time, falls back without an error in the log."""
+    """explain names Mochi's break with Dynamo's hint, and says that fullgraph=True, which captures
+    the operator (Dynamo's flag for it is on under fullgraph), makes the forward one graph: it
+    reports that graph. Compiled so, it is cached as a forced schedule says (computed calls equal
+    eager), and the FLOP count, which cannot run the padding of a size known only at run time,
+    falls back without an error in the log."""
     model, kw = mochi()
     kw["return_dict"] = False
     report = dit_compile.explain(model, **kw)
-    assert report.fallback and any("capture_dynamic_output_shape_ops = True" in b
-                                   for b in report.breaks), report
-    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        assert dit_compile.explain(model, **kw).fallback is None
-        torch._dynamo.reset()
-        f = compiled(model, {"rule": "schedule", **SCHEDULE})
-        ours = generation(f, kw)
-        torch._dynamo.reset()
-        theirs = generation(compiled(model, None), kw)
+    assert report.graphs > 1 and any("capture_dynamic_output_shape_ops = True" in b
+                                     for b in report.breaks), report
+    assert "fullgraph=True) captures those operators" in report.fallback, report
+    assert report.stacks == {"transformer_blocks": 3} and report.inputs["text"], report
+    f = compiled(model, {"rule": "schedule", **SCHEDULE})      # fullgraph=True, nothing else
+    ours = generation(f, kw)
+    torch._dynamo.reset()
+    theirs = generation(compiled(model, None), kw)
     trace = dit_compile.stats(f)["trace"]
     assert dit_compile.stats(f)["reused"] == {"step": 2, "cfg": 1, "block": 2}
     for i in [i for i, r in enumerate(trace) if r["action"] == "compute"]:

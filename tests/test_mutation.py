@@ -1,0 +1,102 @@
+"""Writes into a graph's inputs: found through views, never reused (a reused call would skip them)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import dit_compile
+from conftest import capture
+from dit_compile.passes.mutation import written_inputs
+from test_cache import compiled
+from tiny_models import seeded
+
+
+class Writes(torch.nn.Module):
+    """Each way a forward writes memory, into an input or into a value of its own."""
+
+    def forward(self, x, cache, out, stream, own):
+        y = x * 2
+        y[0] = 0                                  # its own value
+        z = own.clone()
+        z += 1                                    # its own copy of an input
+        cache[:, :1].copy_(x[:, :1])              # an input, through a view
+        torch.add(x, 1, out=out)                  # an input, as out=
+        stream.view(-1).add_(1)                   # an input, through a view, in place
+        return y + z
+
+
+def test_written_inputs_follow_views_not_copies():
+    gm = capture(Writes(), {k: torch.randn(2, 3) for k in ("x", "cache", "out", "stream", "own")})
+    assert sorted(p.name for p in written_inputs(gm)) == ["l_cache_", "l_out_", "l_stream_"]
+
+
+def anyflow_far():
+    """AnyFlow-FAR: chunks of frames denoised one after another, each attending to the keys and
+    values of the chunks before it, which a call of their own (``is_cache_step``, at t = 0)
+    writes into the KV cache the pipeline hands every call."""
+    m = seeded("AnyFlowFARTransformer3DModel", patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4),
+               full_chunk_limit=3, num_attention_heads=2, attention_head_dim=12, in_channels=4,
+               out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    g = torch.Generator().manual_seed(0)
+    return m, [torch.randn(1, 6, 16, generator=g)] + [torch.randn(1, 1, 4, 8, 8, generator=g)
+                                                      for _ in range(2)]
+
+
+def chunks(f, model, text, first, second):
+    """Chunk 0 in two steps, its prefill call, chunk 1's first step: the denoising calls' outputs."""
+    kv = {i: {"full_cache": torch.zeros(2, 1, 2, 48, 12), "compressed_cache": torch.zeros(2, 1, 2, 4, 12)}
+          for i in range(2)}
+    flag, outs, x = {"num_cached_chunks": 0, "is_cache_step": False}, [], first
+    common = dict(encoder_hidden_states=text, kv_cache=kv, return_dict=False)
+    with torch.no_grad():
+        for t, r in ((900.0, 500.0), (500.0, 0.0)):
+            v, _ = f(hidden_states=x, timestep=torch.full((1, 1), t), r_timestep=torch.full((1, 1), r),
+                     chunk_partition=[1], kv_cache_flag=copy.deepcopy(flag), **common)
+            outs.append(v.clone())
+            x = x + (r - t) / 1000 * v
+        flag["is_cache_step"] = True
+        zero = torch.zeros(1, 1)
+        f(hidden_states=x, timestep=zero, r_timestep=zero, chunk_partition=[1],
+          attention_mask=model.build_attention_mask(chunk_partition=[1], height=8, width=8, mode="cache"),
+          kv_cache_flag=copy.deepcopy(flag), **common)
+        flag["num_cached_chunks"], flag["is_cache_step"] = 1, False
+        v, _ = f(hidden_states=second, timestep=torch.full((1, 1), 900.0),
+                 r_timestep=torch.full((1, 1), 500.0), chunk_partition=[1, 1],
+                 kv_cache_flag=copy.deepcopy(flag), **common)
+        outs.append(v.clone())
+    return outs
+
+
+@pytest.mark.parametrize("cache", [{"rule": "schedule", "step": [2]}, "balanced"],
+                         ids=["step", "balanced"])
+def test_a_call_that_fills_a_kv_cache_is_never_reused(cache):
+    """The prefill call comes third, at a timestep below the one before, as a step would: reused
+    as one (or as its blocks' span: the same skip), its writes were skipped and chunk 1 attended to
+    zeros (0.04 off eager); under the default policy the runtime failed on a call with no output.
+    It runs, with a warning, and is not a step of the generation."""
+    model, (text, first, second) = anyflow_far()
+    theirs = chunks(model, model, text, first, second)
+    f = compiled(model, cache)
+    with pytest.warns(UserWarning, match=r"writes into its inputs in place \(L\['kwargs'\]\['kv_cache'\]"):
+        ours = chunks(f, model, text, first, second)
+    assert [(r["generation"], r["step"]) for r in dit_compile.stats(f)["trace"]] == [(0, 0), (0, 1), (1, 0)]
+    for i, (x, y) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"denoising call {i}")
+
+
+def test_explain_names_the_writes():
+    model, (text, first, _) = anyflow_far()
+    kv = {i: {"full_cache": torch.zeros(2, 1, 2, 48, 12), "compressed_cache": torch.zeros(2, 1, 2, 4, 12)}
+          for i in range(2)}
+    zero = torch.zeros(1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # flex attention run eagerly
+        report = dit_compile.explain(
+            model, hidden_states=first, timestep=zero, r_timestep=zero, encoder_hidden_states=text,
+            chunk_partition=[1], kv_cache=kv, kv_cache_flag={"num_cached_chunks": 0, "is_cache_step": True},
+            attention_mask=model.build_attention_mask(chunk_partition=[1], height=8, width=8, mode="cache"),
+            return_dict=False)
+    assert report.stacks == {"blocks": 2}
+    assert report.fallback.startswith("this forward writes into its inputs in place"), report
+    assert "L['kwargs']['kv_cache'][0]['full_cache']" in report.fallback and "1 more" in report.fallback
