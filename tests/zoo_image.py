@@ -3,6 +3,7 @@ seeded configs (random weights, fp32, eval mode) with batch-1 inputs shaped as t
 them, and ``ZOO`` in test_zoo's format: name -> (factory, stacks the region pass must find, the single
 stack's attribute for ``reference_cache.Reference`` or None).
 """
+import pytest
 import torch
 
 from tiny_models import seeded
@@ -138,6 +139,35 @@ def ernie_image():
                    text_lens=torch.tensor([6]), timestep=torch.full((1,), 500.0))
 
 
+def bria_fibo2():
+    """Noise-refiner blocks on the image, then gist tokens (a Perceiver over the text) prepended,
+    and one stack of which some blocks (the injection layers) also cross-attend to the text."""
+    m = seeded("BriaFibo2Transformer2DModel", in_channels=4, patch_size=2, dim=32, n_layers=4,
+               n_refiner_layers=2, n_heads=2, cap_feat_dim=16, injection_layer_ids=(1, 3),
+               perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8, gist_step=4,
+               gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(32, 16, 16))
+    with torch.no_grad():   # zero-initialised cross-attention gates: give the text a path
+        for b in m.layers:
+            if b.cross_attention is not None:
+                b.cross_attn_gate.fill_(0.5)
+    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.full((1,), 0.5),
+                   encoder_hidden_states=torch.randn(1, 3, 6, 16))
+
+
+def ace_step():
+    """Audio tokens (B, T, C) joined with context latents; sliding-window and full attention in
+    turn (a mask for every other block); a second timestep, ``timestep_r``."""
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12):
+        pytest.skip("torch 2.11's Dynamo breaks its forward into 11 graphs ('Unexpected type in "
+                    "sourceless builder', a Dynamo bug): uncached, with mixcache's warning")
+    m = seeded("AceStepTransformer1DModel", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=16, in_channels=12,
+               audio_acoustic_hidden_dim=4, patch_size=2, rope_theta=10000.0, sliding_window=4,
+               encoder_hidden_size=16)
+    return m, dict(hidden_states=torch.randn(1, 16, 4), timestep=torch.full((1,), 0.5),
+                   timestep_r=torch.full((1,), 0.5), encoder_hidden_states=torch.randn(1, 6, 16),
+                   context_latents=torch.randn(1, 16, 8))
+
 # name: (factory, stacks the region pass must find, the single stack's attribute or None)
 ZOO = {
     "auraflow": (auraflow, {"joint_transformer_blocks": 2, "single_transformer_blocks": 2}, None),
@@ -152,4 +182,6 @@ ZOO = {
     "stable_audio": (stable_audio, {"transformer_blocks": 2}, "transformer_blocks"),
     "krea2": (krea2, {"transformer_blocks": 2}, "transformer_blocks"),
     "ernie_image": (ernie_image, {"layers": 2}, "layers"),
+    "bria_fibo2": (bria_fibo2, {"noise_refiner": 2, "layers": 4}, None),
+    "ace_step": (ace_step, {"layers": 4}, "layers"),
 }
