@@ -114,6 +114,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         # call makes (a table built lazily) is gone the second time, and a forward Dynamo gave up
         # on earlier (under other settings) is looked at afresh. A new backend object each time,
         # so Dynamo does not serve the first trace's graphs.
+        nested_break = None
         for attempt in range(2):
             if attempt:
                 forget_forward(target)
@@ -125,16 +126,15 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
                 if not _marked(target):
                     raise
                 # A break inside a nested region fails the whole compile, with any backend.
-                report.marked, report.breaks = True, [_region_break(why)]
-                report.fallback = ("a nested block does not trace whole, so torch.compile fails "
-                                   "on this model: nest_blocks needs blocks with no graph break "
-                                   "inside (dit_compile.unnest_blocks(model) undoes it)")
-                return report
+                nested_break = _region_break(why)
+                found.clear()
+                break
             if len(found) == 1:
                 break
         report.graphs = len(found)
-        if len(found) > 1:
-            report.breaks = _new_breaks(seen, _break_counts(counters))
+        if len(found) > 1 or nested_break:
+            report.breaks = ([nested_break] if nested_break
+                             else _new_breaks(seen, _break_counts(counters)))
             # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
             # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
             # and raises at any other break.
@@ -149,11 +149,22 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             if len(found) != 1 or not isinstance(found[0], RegionMap):
                 found[:] = broken[0]
                 modulated.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
-    if report.graphs > 1 and len(found) == 1:      # one graph under fullgraph=True
+    whole = (report.graphs > 1 or nested_break) and len(found) == 1   # under fullgraph=True
+    captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
+                "one graph that caches (the report is of that graph)")
+    if nested_break:
+        report.marked = True
+        report.fallback = "a nested block does not trace whole, so torch.compile fails on this model"
+        report.fallback += (f" without fullgraph=True (it breaks at data-dependent operators): "
+                            f"{captured}" if whole else
+                            ": nest_blocks needs blocks with no graph break inside "
+                            "(dit_compile.unnest_blocks(model) undoes it)")
+        if not whole:
+            return report
+    elif whole:
         report.fallback = (f"the forward traced as {report.graphs} graphs (graph breaks at data-"
-                           "dependent operators), and step and cfg guards need one graph: "
-                           "torch.compile(..., fullgraph=True) captures those operators, and "
-                           "the forward is one graph that caches (the report is of that graph)")
+                           f"dependent operators), and step and cfg guards need one graph: "
+                           f"{captured}")
     elif report.graphs > 1:
         report.fallback = (f"the forward traced as {report.graphs} graphs (graph breaks): step "
                            "and cfg guards need one graph")
