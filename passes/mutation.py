@@ -43,15 +43,14 @@ def written_inputs(gm: fx.GraphModule) -> list[fx.Node]:
     for p in gm.graph.find_nodes(op="placeholder"):
         if isinstance(v := _value(p), torch.Tensor):
             inputs.setdefault(_storage(v) or id(p), []).append(p)
+    every = [p for ps in inputs.values() for p in ps]
     hit: dict[fx.Node, None] = {}
     for n in gm.graph.nodes:
         target = written(n)
         if target is None:
             continue
-        v = _value(target) if isinstance(target, fx.Node) else None
-        key = _storage(v)
-        for p in (inputs.get(key, []) if key is not None else [q for ps in inputs.values() for q in ps]):
-            hit[p] = None
+        key = _storage(_value(target) if isinstance(target, fx.Node) else None)
+        hit.update(dict.fromkeys(every if key is None else inputs.get(key, [])))
     return list(hit)
 
 
