@@ -107,6 +107,7 @@ class BranchCache:
     reused_in_a_row: int | torch.Tensor = 0     # per sample where only some reused the span
     signals: dict[str, Any] = field(default_factory=dict)   # the policy's own per-branch signals
     text: Held | None = None                     # last call's text condition
+    graph: object | None = None                  # the executor whose values these are
 
     @property
     def most_reused(self) -> int:
@@ -183,11 +184,12 @@ class CacheState:
 
     def begin(self, t: float, signature: Any, halves: bool = False,
               text: torch.Tensor | None = None, latent: torch.Tensor | None = None,
-              timestep: torch.Tensor | None = None) -> Step:
+              timestep: torch.Tensor | None = None, graph: object | None = None) -> Step:
         """Place a call in its generation, step and branch; drop the cache on a new generation,
-        and a branch's cache when its text condition changed. ``latent`` None (callers that have
-        none, unit tests): a repeated timestep is the next branch. ``timestep``: the call's own
-        (per sample or per token), where ``t`` is its noise level."""
+        and a branch's cache when its text condition or its graph changed. ``latent`` None
+        (callers that have none, unit tests): a repeated timestep is the next branch.
+        ``timestep``: the call's own (per sample or per token), where ``t`` is its noise level.
+        ``graph``: the token of the executor making the call."""
         self.last_call = time.monotonic_ns()
         signature = (signature, halves)
         repeat = t == self._last_t and signature == self._signature
@@ -214,6 +216,8 @@ class CacheState:
         self._timestep = None if timestep is None or timestep.numel() == 1 else _held(timestep)
         if self._branch == 0 and latent is not None:
             self._latent = _held(latent)
+        if graph is not None:
+            self._check_graph(self._branch, graph)
         if text is not None:
             self._check_text(self._branch, text)
         return Step(self.generation, self._step, self._branch, t, halves)
@@ -246,13 +250,28 @@ class CacheState:
                 bc.text = _held(text)
             return
         if bc.text is not None:
-            bc = self.branches[b] = BranchCache()
-            # Every difference is taken against branch 0: its new prompt voids them all.
-            for k in (list(self.cfg_diff) if b == 0 else [b]):
-                self.cfg_diff.pop(k, None)
-                self.cfg_step.pop(k, None)
-            self.signals.clear()
+            bc = self._drop_branch(b)
         bc.text = _held(text)
+
+    def _check_graph(self, b: int, graph: object) -> None:
+        """Another graph of the model in a generation's branch (a recompile, or a call of another
+        kind: SANA-WM's refiner captures its keys and values at the end of each block's steps,
+        in a graph that returns them besides the output) computes: what the branch holds is the
+        other graph's, which may not even return as many values."""
+        bc = self.branch(b)
+        if bc.graph is not None and bc.graph is not graph:
+            bc = self._drop_branch(b)
+        bc.graph = graph
+
+    def _drop_branch(self, b: int) -> BranchCache:
+        """Branch ``b`` with nothing cached, and no difference taken against it."""
+        bc = self.branches[b] = BranchCache()
+        # Every difference is taken against branch 0: a new branch 0 voids them all.
+        for k in (list(self.cfg_diff) if b == 0 else [b]):
+            self.cfg_diff.pop(k, None)
+            self.cfg_step.pop(k, None)
+        self.signals.clear()
+        return bc
 
     def branch(self, b: int) -> BranchCache:
         return self.branches.setdefault(b, BranchCache())

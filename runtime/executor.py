@@ -47,6 +47,8 @@ class Executor:
         self.fns = list(fns)
         self._pad = [None] * self.n_pad
         self.calls = [(fn, *w) for fn, w in zip(self.fns, self.wiring)]
+        # This graph's values in a cache state are its own: another graph's are not reused here.
+        self.token = object()
 
     def layout(self) -> dict[str, Any]:
         """The compile-time decisions (``LAYOUT``), for ``rebuild``."""
@@ -173,7 +175,8 @@ class GuardedExecutor(Executor):
         step = st.begin(st.noise_level(env[self.t]), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=self._detect and self._halves_call(env),
-            text=None if self.text is None else env[self.text], latent=x, timestep=env[self.t])
+            text=None if self.text is None else env[self.text], latent=x, timestep=env[self.t],
+            graph=self.token)
         bc = st.branch(step.branch)
         ran, seen, pre = 0, x, 0.0
         if self.modulation is not None:
