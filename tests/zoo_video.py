@@ -138,21 +138,6 @@ def wan_animate():
                    face_pixel_values=torch.randn(1, 3, 1, 8, 8))
 
 
-def kandinsky6():
-    """Video and audio through one stack, each with its own text branch (text blocks first);
-    channels-last video latents; two outputs."""
-    m = seeded("Kandinsky6Transformer3DModel", in_visual_dim=4, out_visual_dim=4, in_text_dim=16,
-               in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2), model_dim=16, ff_dim=32,
-               num_text_blocks=2, num_visual_blocks=3, axes_dims=(2, 2, 4), in_audio_dim=4,
-               out_audio_dim=4, text_token_padding=True, ca_rope=True, cross_gates=True,
-               fix_modulation=True)
-    mask = torch.ones(1, 6, dtype=torch.bool)
-    mask[:, -1] = False
-    return m, dict(hidden_states=torch.randn(1, 2, 8, 8, 9), audio_hidden_states=torch.randn(1, 5, 4),
-                   encoder_hidden_states=torch.randn(1, 6, 16), pooled_projections=torch.randn(1, 8),
-                   timestep=torch.full((1,), 500.0), encoder_attention_mask=mask)
-
-
 def joyimage_edit():
     """Items (a reference image, then the noisy target) as a 6-D latent, which the model reorders
     target first; dual-stream blocks."""
@@ -175,8 +160,5 @@ ZOO = {
     "motif_video": (motif_video, {"transformer_blocks": 2, "single_transformer_blocks": 3}, None),
     "helios": (helios, {"blocks": 3}, "blocks"),
     "wan_animate": (wan_animate, {"blocks": 4, "face_adapter": 2}, None),
-    "kandinsky6": (kandinsky6, {"video_text_transformer_blocks": 2,
-                                "audio_text_transformer_blocks": 2, "visual_transformer_blocks": 3},
-                   None),
     "joyimage_edit": (joyimage_edit, {"double_blocks": 3}, None),
 }
