@@ -41,7 +41,7 @@ def written_inputs(gm: fx.GraphModule) -> list[fx.Node]:
     a pure function."""
     inputs: dict[Any, list[fx.Node]] = {}
     for p in gm.graph.find_nodes(op="placeholder"):
-        if isinstance(v := _value(p), torch.Tensor):
+        if isinstance(v := example_value(p), torch.Tensor):
             inputs.setdefault(_storage(v) or id(p), []).append(p)
     every = [p for ps in inputs.values() for p in ps]
     hit: dict[fx.Node, None] = {}
@@ -49,12 +49,13 @@ def written_inputs(gm: fx.GraphModule) -> list[fx.Node]:
         target = written(n)
         if target is None:
             continue
-        key = _storage(_value(target) if isinstance(target, fx.Node) else None)
+        key = _storage(example_value(target) if isinstance(target, fx.Node) else None)
         hit.update(dict.fromkeys(every if key is None else inputs.get(key, [])))
     return list(hit)
 
 
-def _value(n: fx.Node) -> Any:
+def example_value(n: fx.Node) -> Any:
+    """The fake value Dynamo (``example_value``) or a later trace (``val``) recorded for ``n``."""
     return n.meta.get("example_value", n.meta.get("val"))
 
 

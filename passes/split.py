@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 from torch.utils import _pytree as pytree
 
-from .mutation import written_inputs
+from .mutation import example_value, written_inputs
 from .nesting import inline_nested
 from .regions import RegionMap, Region
 
@@ -62,14 +62,10 @@ class Plan:
     slot_examples: dict[int, Any]            # fake value of each slot read or returned
 
 
-def _example(n: fx.Node) -> Any:
-    return n.meta.get("example_value", n.meta.get("val"))
-
-
 def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
     region_of = rmap.region_of()
     parent = split_module(gm, None, lambda n: region_of[n], keep_original_order=True)
-    examples = {n.name: _example(n) for n in gm.graph.nodes}
+    examples = {n.name: example_value(n) for n in gm.graph.nodes}
 
     slot: dict[fx.Node, int] = {}
     input_names: list[str] = []
@@ -116,7 +112,7 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
     gm_out = next(n for n in gm.graph.nodes if n.op == "output")
     for x, g in zip(leaves, pytree.tree_leaves(gm_out.args[0])):
         if isinstance(x, fx.Node) and isinstance(g, fx.Node):
-            slot_examples.setdefault(slot[x], _example(g))
+            slot_examples.setdefault(slot[x], example_value(g))
     return Plan(n_inputs, next_slot, pieces, spec, out_leaves, rmap, input_names, slot_examples)
 
 
