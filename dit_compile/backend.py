@@ -93,8 +93,10 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         warnings.warn(f"mixcache: {model_name()}: {missing}; running without caching",
                       stacklevel=2)
         return Executor(plan, fns)
+    # Keyed by the configuration as given, not as resolved for this graph's blocks: a model's
+    # graphs with fewer blocks (a guider's hook that skips one for its branch) share the state.
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
-                         key=repr(policy), timestep=opts.timestep)
+                         key=repr(make_policy(opts.cache, None)), timestep=opts.timestep)
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "cfg_on_halves", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),

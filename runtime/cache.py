@@ -357,11 +357,12 @@ class StateFactory:
     find them, and per instance, so two models compiled to one graph never share one), one per
     thread: two pipelines running at once in two threads of a server call the model in turns, and
     one state would take the other's calls for its own steps and branches (and reuse across them).
-    A state belongs to one configuration (``key``: the policy, the memory bound, whether outputs
-    are copied): a model compiled again with another one gets a fresh state, so neither the cache
-    nor the counters of one configuration leak into the other, and a state made without CUDA
-    graphs never serves one that needs copies of what it caches. Graphs of the same configuration
-    (a recompile for a new shape) share the state."""
+    A state belongs to one configuration (``key``: the cache option as given, the memory bound,
+    whether outputs are copied): a model compiled again with another one gets a fresh state, so
+    neither the cache nor the counters of one configuration leak into the other, and a state made
+    without CUDA graphs never serves one that needs copies of what it caches. Graphs of the same
+    configuration share the state: a recompile for a new shape, or a graph with a block skipped
+    (whose default span ends elsewhere); a branch that changes graphs drops its own cache."""
 
     def __init__(self, memory: int | None, clone: bool, key: Any = None, timestep: str = "falling"):
         self.memory, self.clone, self.timestep = memory, clone, timestep

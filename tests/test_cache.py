@@ -741,6 +741,44 @@ def test_model_compiled_again_with_other_options_gets_a_fresh_state():
     assert find_state(model) is not first and find_state(model).clone
 
 
+def test_a_branch_with_a_block_skipped_keeps_the_generation():
+    """diffusers' skip-layer guidance hooks a block away for one extra branch of some steps, then
+    removes the hook: Dynamo traces that branch into a graph with one block fewer, so a default
+    span resolves to another end there. The model's graphs still share one state (it used to be
+    replaced at each switch, restarting the generation mid-way and the forced schedule's step
+    count with it), and the other branches run the schedule where their own graph held."""
+    import zoo_video
+    from diffusers.hooks import HookRegistry, LayerSkipConfig
+    from diffusers.hooks.layer_skip import _apply_layer_skip_hook
+    from dit_compile.runtime.cache import find_state
+    model, kw = zoo_video.motif_video()
+    # In place, as the guider's hooks find the blocks by their names in the model.
+    model.compile(backend="mixcache", options={"regions": "eager",
+                                               "cache": {"rule": "schedule", "block": [3]}})
+    uncond = torch.randn_like(kw["encoder_hidden_states"])
+    states = []
+    with torch.no_grad():
+        for i, t in enumerate(STEPS[:4]):
+            call = dict(kw, timestep=torch.full((1,), t), return_dict=False)
+            model(**call)
+            model(**dict(call, encoder_hidden_states=uncond))
+            if i == 1:
+                _apply_layer_skip_hook(model, LayerSkipConfig(indices=[1],
+                                                              fqn="single_transformer_blocks"),
+                                       name="skip")
+                model(**call)
+                HookRegistry.check_if_exists_or_initialize(model).remove_hook("skip", recurse=True)
+            states.append(find_state(model))
+    assert all(s is states[0] for s in states)
+    trace = [(r["generation"], r["step"], r["branch"], r["action"])
+             for r in dit_compile.stats(model)["trace"]]
+    # Step 2 computes: the hook's removal leaves the blocks' forward in their __dict__, which
+    # Dynamo's guards on the first graph reject, so branches 0 and 1 run a new graph from there.
+    assert trace == [(0, 0, 0, "compute"), (0, 0, 1, "compute"), (0, 1, 0, "compute"),
+                     (0, 1, 1, "compute"), (0, 1, 2, "compute"), (0, 2, 0, "compute"),
+                     (0, 2, 1, "compute"), (0, 3, 0, "block"), (0, 3, 1, "block")]
+
+
 def test_states_on_several_parameters_the_last_used_is_the_models_and_reset_drops_all():
     """Graphs of one model can anchor their states on different parameters (traced in another
     order). ``stats`` then reads the state used last, and ``reset`` drops every one of them, so
