@@ -20,8 +20,11 @@ thread keeps its own. Its lifecycle rules are the safety net under every policy:
   at one timestep, as Heun's corrector does; timesteps cast to bf16, as Flux's pipelines do, that
   round two steps to one value). The latent is compared as the text is, below.
 * A call that batches both guidance branches (CogVideoXPipeline: uncond half, cond half) is marked
-  ``halves``; its branch difference is ``out[:k] - out[k:]``. Whether calls are batched this way is
-  part of the signature, so a branch difference never crosses from one layout to the other.
+  ``halves``; its branch difference is ``out[:k] - out[k:]``. A generation's layout is its first
+  call's, so a branch difference never crosses from one layout to the other. Halves are told by
+  equal latents and different texts, which prompts batched on one noise also show at their first
+  step only: where a later call's halves differ, the generation goes on without the layout, and
+  what was taken under it is dropped.
 * A branch whose text condition changes within a generation (a new prompt, of any length) loses
   its cache and its branch difference (all of them, for branch 0): what was computed for the old
   prompt is never reused for the new one. The text is not part of the signature, so guidance
@@ -138,6 +141,7 @@ class CacheState:
         self.flops = 0.0                    # FLOPs fractions summed over those calls
         self.generation = -1
         self._signature: Any = None
+        self._halves = False                # the generation's layout (see begin)
         self._last_t: float | None = None
         self._timestep: Held | None = None  # the last call's
         self._step = 0
@@ -191,7 +195,6 @@ class CacheState:
         ``timestep``: the call's own (per sample or per token), where ``t`` is its noise level.
         ``graph``: the token of the executor making the call."""
         self.last_call = time.monotonic_ns()
-        signature = (signature, halves)
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
         if (signature != self._signature or self._last_t is None or t > self._last_t
@@ -200,7 +203,7 @@ class CacheState:
                     and not self._fell_below_max(timestep))):
             self._note_rise(t)
             self.reset()
-            self._signature = signature
+            self._signature, self._halves = signature, halves
             self.generation += 1
             self._step, self._branch = 0, 0
             self.t_first = t
@@ -211,6 +214,13 @@ class CacheState:
             self._branch = 0
             self.current.clear()
             self.computed.clear()
+        if self._halves and not halves:
+            # Equal latent halves at the first step only: prompts batched on one noise, not
+            # guidance branches. Nothing taken as a branch difference of halves holds.
+            self._halves = False
+            self.cfg_diff.clear()
+            self.cfg_step.clear()
+            self.signals.clear()
         self._last_t = t
         # Only a per-sample or per-token timestep is compared later (_fell_below_max).
         self._timestep = None if timestep is None or timestep.numel() == 1 else _held(timestep)
@@ -220,7 +230,7 @@ class CacheState:
             self._check_graph(self._branch, graph)
         if text is not None:
             self._check_text(self._branch, text)
-        return Step(self.generation, self._step, self._branch, t, halves)
+        return Step(self.generation, self._step, self._branch, t, self._halves)
 
     def _fell_below_max(self, timestep: torch.Tensor | None) -> bool:
         """Whether some of the call's per-token (or per-sample) timesteps fell since the last call

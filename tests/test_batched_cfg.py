@@ -155,6 +155,34 @@ def test_batch_that_is_not_cfg_shares_nothing(same_latent, same_text):
     assert dit_compile.stats(f)["reused"] == {}
 
 
+def test_prompts_batched_on_one_noise_are_one_generation():
+    """Two prompts on one initial noise (``latents=`` the same for both), guidance off: the first
+    call's halves look like batched CFG (equal latents, different texts), the next call's differ.
+    That is not a new generation: the schedule counts its steps from the pipeline's first call,
+    and each sample comes out as it does alone under the same schedule (it used to restart at
+    step 1, so step 2's reuse fell on step 3)."""
+    import tiny_models
+    model = tiny_models.wan(layers=3)[0]
+    pipe = pipelines.wan_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = _compile(model, {"rule": "schedule", "step": [2], "cfg": [4]})
+    g = torch.Generator().manual_seed(0)
+    texts = torch.randn(2, 8, 16, generator=g)
+    noise = torch.randn(1, 4, 2, 4, 4, generator=g)
+
+    def run(texts, noise):
+        return pipe(prompt_embeds=texts, latents=noise, height=32, width=32, num_frames=5,
+                    num_inference_steps=6, guidance_scale=1.0, output_type="latent").frames
+
+    batch = run(texts, noise.expand(2, -1, -1, -1, -1).clone())
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert [(r["generation"], r["step"], r["action"]) for r in trace] == [
+        (0, i, "step" if i == 2 else "compute") for i in range(6)]
+    for i in range(2):
+        torch.testing.assert_close(batch[i:i + 1], run(texts[i:i + 1], noise.clone()),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cfg_batch", [True, False])
 def test_cfg_reuse_on_halves_is_not_said_to_lack_a_branch(cfg_batch):
     """Batch halves are two guidance branches: a schedule that reused them is not warned about
@@ -234,19 +262,22 @@ def test_half_forward_through_inductor_matches_reference():
     _check_trace(dit_compile.stats(pipe.transformer)["trace"], {2, 3}, generations=1)
 
 
-def test_layout_is_part_of_the_signature():
+def test_layout_is_the_generations_first_calls():
     """A branch difference taken on batch halves is never used by a per-branch call, nor the
-    other way round: a change of layout starts a new generation."""
+    other way round: a generation keeps its first call's layout, and a call whose halves differ
+    later (prompts on one noise, alike only at the first step) drops it and what it took."""
     from dit_compile.runtime.cache import CacheState
     from dit_compile.runtime.policy import CFG, COMPUTE, Policy
     st = CacheState()
-    pol = Policy(cfg_steps=frozenset({1, 2}))
+    pol = Policy(cfg_steps=frozenset({1, 2, 3}))
     st.begin(900.0, "sig", halves=True)
     st.cfg_diff[0] = [torch.zeros(1)]
     assert pol.step(st.begin(800.0, "sig", halves=True), st, torch.zeros(2))[0] == CFG
     s = st.begin(700.0, "sig", halves=False)
-    assert (s.generation, s.step, st.cfg_diff) == (1, 0, {})
+    assert (s.generation, s.step, s.halves, st.cfg_diff) == (0, 2, False, {})
     assert pol.step(s, st, torch.zeros(2))[0] == COMPUTE
+    assert not st.begin(600.0, "sig", halves=True).halves     # not halves again in this generation
+    assert st.begin(900.0, "sig", halves=True).halves          # the next generation's own
 
 
 def _pixart():
