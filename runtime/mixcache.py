@@ -96,7 +96,7 @@ class MixCache:
     granularities: tuple[str, ...] = GRANULARITIES
     per_sample: bool = True
     probe: int = 1
-    span: tuple[int, int | None] = (1, None)
+    span: tuple[int | None, int | None] = (None, None)     # as Policy's
     step_mode: str = "output"
     extrapolate: int = 2
 

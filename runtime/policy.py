@@ -59,7 +59,8 @@ class Policy:
     start: int = 0                          # no threshold-rule reuse before this step
     # shared knobs
     probe: int = 1                          # blocks run before the block decision
-    span: tuple[int, int | None] = (1, None)  # flat block indices the block guard may skip
+    span: tuple[int | None, int | None] = (None, None)  # flat block indices the block guard may
+                                            # skip; None: from the probe's end, to the last
     step_mode: str = "output"               # "output" | "residual" (over the latent)
     extrapolate: int = 0                    # step reuse: order of the polynomial through the
                                             # last computes (True: 1, first order)
@@ -366,6 +367,7 @@ def _check_blocks(policy: Any, n_blocks: int | None) -> Any:
 
 def _check_span(policy: Any, n_blocks: int) -> None:
     probe, (a, b) = policy.probe, tuple(policy.span)
+    a = probe if a is None else a
     b = n_blocks if b is None else b
     if not (isinstance(probe, int) and 1 <= probe < n_blocks):
         raise PolicyError(f"probe={probe!r}: must be between 1 and {n_blocks - 1} (the model has "

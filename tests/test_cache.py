@@ -1022,6 +1022,16 @@ def test_bad_cache_options(cache, match):
         compiled(model, cache)(**kw, return_dict=False)
 
 
+@pytest.mark.parametrize("cache", [{"rule": "schedule", "block": [1], "probe": 2},
+                                   {"rule": "first_block", "threshold": 0.1, "probe": 2},
+                                   {"rule": "mixcache", "probe": 2}])
+def test_span_starts_after_the_probe_unless_given(cache):
+    """``span`` defaults to ``[probe, n_blocks)`` whatever the probe (a probe of 2 alone used to be
+    refused: the default span started at block 1)."""
+    assert make_policy(cache, 5).span == (2, 5)
+    assert make_policy(dict(cache, span=[3, 4]), 5).span == (3, 4)
+
+
 def test_wan_pipeline_with_cache_two_generations():
     import sys, os
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
