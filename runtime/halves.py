@@ -43,6 +43,15 @@ def _functional(module: torch.nn.Module, state: dict[str, torch.Tensor], args: t
     return torch.func.functional_call(module, state, args, kwargs)
 
 
+def _functional_eager(module: torch.nn.Module, state: dict[str, torch.Tensor], args: tuple,
+                      kwargs: dict[str, Any]) -> Any:
+    """The half forward as it is. A module compiled in place (``model.compile(...)``, the only way
+    a pipeline that checks its controlnet's class takes one) calls its compiled self from
+    ``__call__``: that would be a call of this backend's runtime again, counted as the next step."""
+    with torch.compiler.set_stance("force_eager"):
+        return _functional(module, state, args, kwargs)
+
+
 def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A copy of ``fn`` with a code object of its own: Dynamo keeps its compiled entries (and its
     recompile limit) per code object, so each recipe compiles apart from every other model's."""
@@ -178,7 +187,7 @@ class HalfBatch:
             # dynamic=False: the pieces are static-shape graphs, and so is this one; without it
             # Dynamo would mark the batch dynamic on the first shape change.
             self._fn = (torch.compile(_own_code(_functional), backend="inductor", dynamic=False)
-                        if self.compile else _functional)
+                        if self.compile else _functional_eager)
         return self._fn
 
     def _decline(self, why: str) -> None:
