@@ -60,6 +60,7 @@ class Plan:
     rmap: RegionMap
     input_names: list[str]                   # graph input i's placeholder name
     slot_examples: dict[int, Any]            # fake value of each slot read or returned
+    computation: str                         # computation_key of the graph
 
 
 def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
@@ -113,7 +114,8 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
     for x, g in zip(leaves, pytree.tree_leaves(gm_out.args[0])):
         if isinstance(x, fx.Node) and isinstance(g, fx.Node):
             slot_examples.setdefault(slot[x], example_value(g))
-    return Plan(n_inputs, next_slot, pieces, spec, out_leaves, rmap, input_names, slot_examples)
+    return Plan(n_inputs, next_slot, pieces, spec, out_leaves, rmap, input_names, slot_examples,
+                computation_key(gm))
 
 
 def _drop_unread_attributes(sub: fx.GraphModule) -> None:
@@ -158,6 +160,32 @@ def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
             h.update(repr((tuple(v.shape), v.stride(), v.dtype, v.device.type)).encode())
         else:
             h.update(repr(type(v)).encode())
+    return h.hexdigest()
+
+
+def computation_key(gm: fx.GraphModule) -> str:
+    """Hash of what a graph computes, blind to sizes: its tensor ops in order, their wiring and
+    their non-integer constants. A recompile of one forward for other sizes (a text of another
+    length, where Dynamo turns to dynamic shapes) keys the same, so a cache carries over to it;
+    another forward (a block hooked away, extra outputs, another scale baked in) keys otherwise.
+    Integers are sizes or dims, which a dynamic graph takes from symbolic nodes instead."""
+    index: dict[fx.Node, int] = {}
+    h = hashlib.sha1()
+
+    def enc(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return ("%", index[a]) if a in index else "int"
+        if isinstance(a, (int, torch.SymInt)) and not isinstance(a, bool):
+            return "int"
+        return a
+
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            h.update(repr(pytree.tree_map(enc, n.args)).encode())
+        elif isinstance(example_value(n), torch.Tensor):
+            index[n] = len(index)
+            h.update(repr((n.op, _target(gm, n) if n.op != "placeholder" else None,
+                           pytree.tree_map(enc, n.args), pytree.tree_map(enc, n.kwargs))).encode())
     return h.hexdigest()
 
 

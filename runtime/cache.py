@@ -264,12 +264,13 @@ class CacheState:
         bc.text = _held(text)
 
     def _check_graph(self, b: int, graph: object) -> None:
-        """Another graph of the model in a generation's branch (a recompile, or a call of another
-        kind: SANA-WM's refiner captures its keys and values at the end of each block's steps,
-        in a graph that returns them besides the output) computes: what the branch holds is the
-        other graph's, which may not even return as many values."""
+        """Another graph of the model in a generation's branch computes: what the branch holds
+        is the other graph's, which may not even return as many values (SANA-WM's refiner
+        captures its keys and values at the end of each block's steps, in a graph that returns
+        them besides the output). ``graph`` is what the graph computes (``computation_key``):
+        a recompile of the same forward for other sizes is not another graph."""
         bc = self.branch(b)
-        if bc.graph is not None and bc.graph is not graph:
+        if bc.graph is not None and bc.graph != graph:
             bc = self._drop_branch(b)
         bc.graph = graph
 

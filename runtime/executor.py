@@ -42,13 +42,16 @@ class Executor:
         self.n_pad = plan.n_slots - plan.n_inputs
         self.out_leaves, self.out_spec = list(plan.out_leaves), plan.out_spec
         self._bind(fns)
+        # What the graph computes, not which compile made it: a recompile of the same forward
+        # for other sizes takes the cache on where the last left it.
+        self.token: object = plan.computation
 
     def _bind(self, fns: Sequence[Callable[..., Any]]) -> None:
         self.fns = list(fns)
         self._pad = [None] * self.n_pad
         self.calls = [(fn, *w) for fn, w in zip(self.fns, self.wiring)]
         # This graph's values in a cache state are its own: another graph's are not reused here.
-        self.token = object()
+        self.token: object = object()
 
     def layout(self) -> dict[str, Any]:
         """The compile-time decisions (``LAYOUT``), for ``rebuild``."""

@@ -524,6 +524,34 @@ def test_guidance_branches_with_prompts_of_different_lengths_are_one_generation(
     assert s["reused"] == {"step": 4}
 
 
+def test_a_recompile_for_the_other_branchs_text_length_keeps_the_cache():
+    """The second branch's text length makes Dynamo recompile with dynamic shapes at its first
+    call, and both branches run that graph from then on. It computes what the first graph did,
+    so branch 0 keeps what it had: the first generation decides and comes out as every later one
+    (the cache used to be dropped at step 1, and the default preset reused nothing in the first
+    generation of a Qwen-Image pipeline)."""
+    model, kw = tiny_models.wan(layers=2)
+    f = compiled(model, "balanced")
+    pos, neg = torch.randn(1, 7, 16), torch.randn(1, 5, 16)
+    ts = torch.linspace(1000, 125, 8).tolist() + [0.0]
+
+    def generation():
+        x = kw["hidden_states"].clone()
+        with torch.no_grad():
+            for t, nxt in zip(ts, ts[1:]):
+                call = dict(hidden_states=x, timestep=torch.full((1,), t), return_dict=False)
+                c = f(**call, encoder_hidden_states=pos)[0]
+                u = f(**call, encoder_hidden_states=neg)[0]
+                x = x + (nxt - t) / 1000 * (u + 4 * (c - u))
+        return x
+
+    first, second = generation(), generation()
+    acts = [[r["action"] for r in dit_compile.stats(f)["trace"] if r["generation"] == g]
+            for g in (0, 1)]
+    assert acts[0] == acts[1] and "step" in acts[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 def test_per_token_timesteps_give_the_noise_level():
     """Wan 2.2's per-token timesteps (batch, tokens) are zero on the conditioning frame's tokens:
     the call's noise level is the largest, so steps and generations are told apart as usual."""
