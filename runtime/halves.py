@@ -13,12 +13,15 @@ graph inputs as its parameters and buffers: one Dynamo graph serves every instan
 weights. It runs eager under ``regions="eager"``, else through its own ``torch.compile(...,
 backend="inductor")``, compiled on first use. Inside the executor Dynamo's frame hook is off (the
 backend's callable runs under ``torch._dynamo.disable``), so an eager call stays eager and a nested
-``torch.compile`` sets its own hook and compiles normally (checked on torch 2.13).
+``torch.compile`` sets its own hook and compiles normally (checked on torch 2.13); so would a
+module compiled in place, whose ``__call__`` is compiled: the eager path forces eager.
 
 ``HalfBatch.build`` makes the *recipe* at compile time: each parameter of the module's forward is a
 pytree whose tensor leaves are graph inputs (found by identity: Dynamo hands the backend the real
 tensors of the first call) and whose other leaves are constants (None, bools, option dicts: Dynamo
-guards on what it read of them, so every call that reaches this graph agrees). Anything the recipe
+guards on what it read of them, so every call that reaches this graph agrees). A tensor the graph
+does not take (SD3's last block, ``context_pre_only``, never reads its ControlNet sample) is
+passed as zeros of its shape, which Dynamo guards on, expanded from one element. Anything the recipe
 cannot account for is a reason not to build it, and the executor then computes the full batch; so
 it does, from then on, where the half forward raises (a model this recipe misreads must cost speed,
 never the generation).
@@ -35,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-_IN, _CONST = "in", "const"
+_IN, _CONST, _UNUSED = "in", "const", "unused"
 
 
 def _functional(module: torch.nn.Module, state: dict[str, torch.Tensor], args: tuple,
@@ -104,16 +107,18 @@ class HalfBatch:
             leaves, spec = pytree.tree_flatten(value)
             recipe = []
             for leaf in leaves:
-                if isinstance(leaf, torch.Tensor):
-                    if id(leaf) not in index:
-                        return f"forward argument {name!r} holds a tensor the graph does not take"
+                if isinstance(leaf, torch.Tensor) and id(leaf) in index:
                     recipe.append((_IN, index[id(leaf)]))
                     covered.add(index[id(leaf)])
+                elif isinstance(leaf, torch.Tensor):
+                    recipe.append((_UNUSED, (tuple(leaf.shape), leaf.dtype, leaf.device,
+                                             leaf.dim() >= 1 and leaf.shape[0] == batch)))
                 else:
                     recipe.append((_CONST, leaf))
             if isinstance(value, torch.Tensor):
-                per_sample.add(index[id(value)])
-            elif isinstance(value, Mapping):
+                if id(value) in index:
+                    per_sample.add(index[id(value)])
+            else:
                 per_sample |= _per_sample_leaves(value, index, batch)
             args[name] = (spec, recipe)
 
@@ -134,9 +139,8 @@ class HalfBatch:
         if not out_shapes or any(not sh or sh[0] != batch for sh in out_shapes):
             return "an output of the graph does not carry the batch in dim 0"
         # The region pass's latent/text/timestep, any other tensor passed as an argument of its
-        # own, and the batch-sized tensors of a dict argument: all carry the batch when their dim 0
-        # is 2k. Tensors inside tuples (rotary tables, ids) are per position in diffusers' models,
-        # and never sliced.
+        # own, and the batch-sized tensors inside an argument (see _per_sample_leaves): all carry
+        # the batch when their dim 0 is 2k.
         batch_inputs = frozenset(set(batch_roles) | per_sample)
         return cls(weakref.ref(module), sig, args, state, pinned, batch_inputs,
                    [tuple(sh[1:]) for sh in out_shapes], compile)
@@ -177,6 +181,10 @@ class HalfBatch:
         kind, v = recipe
         if kind == _CONST:
             return v
+        if kind == _UNUSED:
+            shape, dtype, device, per_sample = v
+            shape = (k, *shape[1:]) if per_sample else shape
+            return torch.zeros((), dtype=dtype, device=device).expand(shape)
         x = env[v]
         if v in self.batch_inputs and x.dim() >= 1 and x.shape[0] == 2 * k:
             return x[k:]
@@ -198,13 +206,17 @@ class HalfBatch:
         return None
 
 
-def _per_sample_leaves(value: Mapping[Any, Any], index: Mapping[int, int], batch: int) -> set[int]:
-    """The graph inputs of a dict argument's tensors whose dim 0 is the batch. diffusers passes
-    per-sample conditions this way (PixArt's ``added_cond_kwargs`` resolution and aspect ratio, SD3's
-    ``joint_attention_kwargs`` image embeddings); a tensor sized otherwise at compile time is not
-    per sample, whatever its size at run time."""
+def _per_sample_leaves(value: Any, index: Mapping[int, int], batch: int) -> set[int]:
+    """The graph inputs of the tensors inside an argument whose dim 0 is the batch. In a dict,
+    any rank: diffusers passes per-sample conditions this way (PixArt's ``added_cond_kwargs``
+    resolution and aspect ratio, SD3's ``joint_attention_kwargs`` image embeddings). In a list or
+    tuple, only those of rank 3 and more: ControlNet samples per block (batch, tokens, dim) come
+    this way, and so do rotary tables and position ids (tokens, dim), whose dim 0 is a length that
+    may equal the batch. A tensor sized otherwise at compile time is not per sample, whatever its
+    size at run time."""
+    least = 1 if isinstance(value, Mapping) else 3
     return {index[id(x)] for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)
-            and id(x) in index and x.dim() >= 1 and x.shape[0] == batch}
+            and id(x) in index and x.dim() >= least and x.shape[0] == batch}
 
 
 def _first_line(e: Exception) -> str:

@@ -226,9 +226,10 @@ def test_direct_calls_keep_the_output_structure():
     assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute", "cfg", "cfg"]
 
 
-def test_no_half_forward_warns_once_and_computes_the_full_batch():
-    """A tensor argument the graph never takes (``ofs``, unused by this config) leaves the recipe
-    unbuildable: say why, once, and compute everything."""
+def test_a_tensor_argument_the_graph_never_takes_does_not_stop_the_half_forward():
+    """``ofs``, unused by this config, is no graph input: the half forward gets zeros of its
+    shape (it used to be refused, and cfg reuse computed the full batch)."""
+    from reference_cache import BatchedCfgReference
     model = pipelines.cogvideox_transformer()
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 3, 4, 8, 8, generator=g).repeat(2, 1, 1, 1, 1)
@@ -244,12 +245,12 @@ def test_no_half_forward_warns_once_and_computes_the_full_batch():
                               return_dict=False)[0])
         return outs
 
-    with pytest.warns(UserWarning, match=r"no half-batch forward: forward argument 'ofs'") as rec:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
         ours = run(f)
-    assert sum("half-batch" in str(w.message) for w in rec) == 1
-    for x, y in zip(ours, run(model)):
+    for x, y in zip(ours, run(BatchedCfgReference(model, cfg={1, 2, 3}).model)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-    assert dit_compile.stats(f)["reused"] == {}
+    assert dit_compile.stats(f)["reused"] == {"cfg": 3}
 
 
 @pytest.mark.inductor
@@ -265,6 +266,38 @@ def test_half_forward_through_inductor_matches_reference():
     torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), ref, rtol=1e-4, atol=1e-4)
     assert counters["frames"]["ok"] == 2, "the model's graph, then the half forward's"
     _check_trace(dit_compile.stats(pipe.transformer)["trace"], {2, 3}, generations=1)
+
+
+def test_controlnet_samples_per_block_are_sliced_to_the_half():
+    """SD3 as StableDiffusion3ControlNetPipeline calls it: batched CFG, the ControlNet's samples a
+    list with one (batch, tokens, dim) per block, of which the last block (``context_pre_only``)
+    never reads its own. A cfg reuse step computes the cond half with each sample's cond half, as
+    the eager reference does (the half forward used to be refused for the unread sample, and list
+    tensors were never sliced: cfg reuse computed the full batch)."""
+    import tiny_models
+    model, _ = tiny_models.sd3()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    fixed = dict(encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+                 pooled_projections=torch.randn(2, 8, generator=g),
+                 block_controlnet_hidden_states=[torch.randn(2, 16, 16, generator=g)
+                                                 for _ in range(3)], return_dict=False)
+    f = _compile(model, {"rule": "schedule", "cfg": [2, 3]})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        for step, t in enumerate((900.0, 700.0, 500.0, 300.0)):
+            call = dict(fixed, hidden_states=torch.cat([x, x]), timestep=torch.full((2,), t))
+            if step >= 2:
+                half = {n: v[1:] if isinstance(v, torch.Tensor) else
+                        [c[1:] for c in v] if isinstance(v, list) else v for n, v in call.items()}
+                cond = model(**half)[0]
+                ref = torch.cat([cond + diff, cond])
+            else:
+                ref = model(**call)[0]
+                diff = ref[:1] - ref[1:]
+            torch.testing.assert_close(f(**call)[0], ref, rtol=1e-5, atol=1e-5)
+            x = x - 0.1 * ref[1:]
+    assert dit_compile.stats(f)["reused"] == {"cfg": 2}
 
 
 def test_layout_is_the_generations_first_calls():
