@@ -51,6 +51,7 @@ class Executor:
         self._pad = [None] * self.n_pad
         self.calls = [(fn, *w) for fn, w in zip(self.fns, self.wiring)]
         # This graph's values in a cache state are its own: another graph's are not reused here.
+        # A rebuilt (exported) executor has no graph to key, so it is a graph of its own.
         self.token: object = object()
 
     def layout(self) -> dict[str, Any]:
