@@ -59,8 +59,10 @@ def chunks(f, model, text, first, second):
             x = x + (r - t) / 1000 * v
         flag["is_cache_step"] = True
         zero = torch.zeros(1, 1)
+        # The device given: torch 2.11 builds a flex-attention mask on CUDA by default.
         f(hidden_states=x, timestep=zero, r_timestep=zero, chunk_partition=[1],
-          attention_mask=model.build_attention_mask(chunk_partition=[1], height=8, width=8, mode="cache"),
+          attention_mask=model.build_attention_mask(chunk_partition=[1], height=8, width=8, mode="cache",
+                                                   device=x.device),
           kv_cache_flag=copy.deepcopy(flag), **common)
         flag["num_cached_chunks"], flag["is_cache_step"] = 1, False
         v, _ = f(hidden_states=second, timestep=torch.full((1, 1), 900.0),
@@ -95,7 +97,8 @@ def test_explain_names_the_writes():
         report = dit_compile.explain(
             model, hidden_states=first, timestep=zero, r_timestep=zero, encoder_hidden_states=text,
             chunk_partition=[1], kv_cache=kv, kv_cache_flag={"num_cached_chunks": 0, "is_cache_step": True},
-            attention_mask=model.build_attention_mask(chunk_partition=[1], height=8, width=8, mode="cache"),
+            attention_mask=model.build_attention_mask(chunk_partition=[1], height=8, width=8, mode="cache",
+                                                      device=first.device),
             return_dict=False)
     assert report.stacks == {"blocks": 2}
     assert report.fallback.startswith("this forward writes into its inputs in place"), report
