@@ -99,6 +99,10 @@ def ovis_image():
 def prx():
     m = seeded("PRXTransformer2DModel", in_channels=4, patch_size=2, context_in_dim=16,
                hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=3, axes_dim=[8, 8])
+    with torch.no_grad():   # zero-initialised modulation gates every block shut: open them
+        for b in m.blocks:
+            b.modulation.lin.weight.normal_(0, 0.1)
+            b.modulation.lin.bias.normal_(0, 0.1)
     return m, dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
                    timestep=torch.full((1,), 500.0))
 
@@ -135,6 +139,10 @@ def ernie_image():
     m = seeded("ErnieImageTransformer2DModel", hidden_size=32, num_attention_heads=2, num_layers=2,
                ffn_hidden_size=32, in_channels=4, out_channels=4, patch_size=1, text_in_dim=16,
                rope_axes_dim=(4, 6, 6))
+    with torch.no_grad():   # zero-initialised modulation and output layer: the output was zeros
+        for layer in (m.adaLN_modulation[1], m.final_linear):
+            layer.weight.normal_(0, 0.1)
+            layer.bias.normal_(0, 0.1)
     return m, dict(hidden_states=torch.randn(1, 4, 4, 4), text_bth=torch.randn(1, 6, 16),
                    text_lens=torch.tensor([6]), timestep=torch.full((1,), 500.0))
 
