@@ -16,7 +16,7 @@ from .frames import (compiled_model, install_moe_hook, is_fragment, lower_moe_an
                      warn_fallback)
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
-from .passes.mutation import writes_inputs
+from .passes.mutation import example_value, writes_inputs
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
                              missing_inputs, source_name, user_inputs)
 from .passes.split import Piece, Plan, split
@@ -152,13 +152,46 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
                 # compile_fx owns and may mutate the graph it is given.
                 inputs = [example_inputs[s] if s < plan.n_inputs else x
                           for s, x in zip(piece.args, piece.example_inputs)]
-                compiled[key] = compile_fx(copy.deepcopy(piece.module), inputs,
-                                           config_patches=inductor)
+                fn = compile_fx(copy.deepcopy(piece.module), inputs, config_patches=inductor)
+                compiled[key] = in_traced_strides(fn, piece)
                 log.info("mixcache: compiled piece %d (%s, %d nodes) in %.2f s", i,
                          piece.region.kind, len(piece.module.graph.nodes),
                          time.perf_counter() - start)
         fns.append(compiled[key])
     return fns
+
+
+def in_traced_strides(fn: Callable[..., Any], piece: Piece) -> Callable[..., Any]:
+    """``fn``, ``piece`` compiled by Inductor, with each output in the strides of its traced value.
+
+    Inductor keeps an output's strides only where it can: a ``cat`` with an empty operand (Wan
+    VACE pads its control tokens by none) comes back as a view of the other operand, transposed.
+    Plain Inductor hands that to the caller, who may take any strides; here the next piece was
+    compiled for the traced value's strides, and Inductor's check of its inputs fails. Symbolic
+    strides (a dynamic graph) are left as they come: a known gap, their check would need each
+    call's sizes.
+    """
+    out = next(n for n in reversed(piece.module.graph.nodes) if n.op == "output").args[0]
+    single = piece.single
+    examples = [example_value(x) if isinstance(x, fx.Node) else None
+                for x in ((out,) if single else out)]
+    want = [tuple(v.stride()) if isinstance(v, torch.Tensor)
+            and all(type(x) is int for x in v.stride()) else None for v in examples]
+    if all(s is None for s in want):
+        return fn
+
+    def restride(x: Any, stride: tuple[int, ...] | None) -> Any:
+        if stride is None or x.stride() == stride or all(
+                n == 1 or a == b for n, a, b in zip(x.shape, x.stride(), stride)):
+            return x
+        return torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
+
+    def call(*args: Any) -> Any:
+        out = fn(*args)
+        if single:
+            return restride(out, want[0])
+        return [restride(x, s) for x, s in zip(out, want)]
+    return call
 
 
 def _small_glue(piece: Piece) -> bool:

@@ -112,6 +112,20 @@ def test_two_stacks_match_plain_inductor():
     assert list(dit_compile.explain(model, **kw, return_dict=False).stacks.values()) == [2, 2]
 
 
+@pytest.mark.inductor
+def test_a_piece_output_inductor_lays_out_otherwise_reaches_the_next_piece_as_traced():
+    """Wan VACE pads its control tokens with a cat of none, which Inductor returns as the other
+    operand's transposed view: the control stack's first block, compiled for the traced
+    (contiguous) strides, failed Inductor's check of its inputs on the first call."""
+    from test_zoo import wan_vace
+    model, kw = wan_vace()
+    with torch.no_grad():
+        ours = torch.compile(model, backend="mixcache", fullgraph=True,
+                             options={"cache": None})(**kw, return_dict=False)[0]
+        plain = torch.compile(model, backend="inductor", fullgraph=True)(**kw, return_dict=False)[0]
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
 def _patchified_hidream():
     """HiDream with the patchified latent a pipeline passes (img_sizes a list): a 4-D latent makes
     unpatchify read tensor values, a graph break of its own."""
