@@ -116,14 +116,14 @@ def test_two_stacks_match_plain_inductor():
 def test_a_piece_output_inductor_lays_out_otherwise_reaches_the_next_piece_as_traced():
     """Wan VACE pads its control tokens with a cat of none, which Inductor returns as the other
     operand's transposed view: the control stack's first block, compiled for the traced
-    (contiguous) strides, failed Inductor's check of its inputs on the first call."""
+    (contiguous) strides, failed Inductor's check of its inputs on the first call. Against eager
+    (one Inductor compile fewer; fp32 CPU: within 1e-5)."""
     from test_zoo import wan_vace
     model, kw = wan_vace()
     with torch.no_grad():
         ours = torch.compile(model, backend="mixcache", fullgraph=True,
                              options={"cache": None})(**kw, return_dict=False)[0]
-        plain = torch.compile(model, backend="inductor", fullgraph=True)(**kw, return_dict=False)[0]
-    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
 
 
 def _patchified_hidream():
