@@ -86,7 +86,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         warnings.warn(f"mixcache: {model_name()}: {writes}: this graph runs without caching (the "
                       "model's graphs that write nothing are cached as usual)", stacklevel=2)
         return Executor(plan, fns)
-    missing = missing_inputs(rmap.inputs)
+    missing = missing_inputs(rmap.inputs) or rmap.samples_why
     if missing:
         if "cache" not in (options or {}):
             return Executor(plan, fns)      # the default cache was not asked for: no warning

@@ -25,6 +25,7 @@ class Report:
     streams: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)   # role -> graph input
     input_rule: str = ""
+    samples: int = 0                                       # latent list length (Z-Image), or 0
     regions: list[tuple[str, int]] = field(default_factory=list)  # (region, node count)
     fallback: str | None = None                            # why mixcache would not cache
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
@@ -61,6 +62,9 @@ class Report:
         if self.inputs:
             lines.append(f"  inputs ({self.input_rule}): "
                          + ", ".join(f"{r}={n}" for r, n in self.inputs.items()))
+        if self.samples:
+            lines.append(f"  latent: a list of {self.samples} per-sample tensors, decided on as "
+                         "one batch of them")
         if self.regions:
             lines.append("  regions: " + " ".join(f"{n}[{k}]" for n, k in self.regions))
             lines.append("  first block's modulated input (teacache's signal): " + (
@@ -178,14 +182,16 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     rmap = max(maps, key=lambda m: sum(m.stacks.values()))
     if report.fallback is None:
         # As the backend: no reuse of a call that writes into its inputs, nor without the latent
-        # and the timestep.
-        report.fallback = writes[found.index(rmap)] or missing_inputs(rmap.inputs)
+        # and the timestep, nor on per-sample latents that cannot be stacked.
+        report.fallback = (writes[found.index(rmap)] or missing_inputs(rmap.inputs)
+                           or rmap.samples_why)
     report.modulated = modulated.get(found.index(rmap))
     calls = nested[found.index(rmap)]
     report.nested, report.nested_regions = len(calls), len(set(calls))
     report.marked = _marked(target)
     report.stacks, report.streams = rmap.stacks, rmap.streams
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
+    report.samples = len(rmap.samples) if rmap.samples_why is None else 0
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
     return report
 

@@ -51,6 +51,11 @@ class RegionMap:
     input_rule: str                                # "names" or "dataflow"
     streams: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)  # stack -> shapes
     latent_stacks: list[str] = field(default_factory=list)  # the stacks the latent flows through
+    # Where the latent comes as a list of per-sample tensors (Z-Image): the list's elements, in
+    # order, and the positions among the output's tensors of the per-sample outputs, or why none.
+    samples: list[str] = field(default_factory=list)
+    sample_outs: list[int] = field(default_factory=list)
+    samples_why: str | None = None
 
     def region_of(self) -> dict[fx.Node, int]:
         return {n: i for i, r in enumerate(self.regions) for n in r.nodes}
@@ -238,6 +243,8 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
     rmap = RegionMap(regions, traced, roles, rule)
     rmap.streams = {h: [_shape(n) for n in carried] for h, carried in residual_streams(rmap).items()}
     rmap.latent_stacks = latent_stacks(gm, roles.get("latent"), list(traced))
+    if "latent" in roles:
+        rmap.samples, rmap.sample_outs, rmap.samples_why = sample_list(gm, roles["latent"])
     return rmap
 
 
@@ -331,6 +338,46 @@ def missing_inputs(roles: dict[str, str]) -> str | None:
             "as a transformer inside a U-Net's blocks, has none to cache by)"
             if "timestep" in missing else "")
     return f"could not tell which input is the {' and the '.join(sorted(missing))}{hint}"
+
+
+_ELEMENT = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], str | None]:
+    """Where the latent is one element of a list of per-sample tensors (ZImagePipeline passes one
+    latent of [C, F, H, W] per sample, the batch being the list): the list's placeholders in
+    order, the positions among the output's tensors of the per-sample outputs, and why the
+    samples cannot be stacked into one batch (None where they can).
+
+    The runtime decides per sample along dim 0 of the latent and the output: on an element of
+    such a list that dim is the channels, and a sample would take some channels from one step
+    and the rest from another. Stacked, dim 0 is the list again. Not a list element: ``[]``."""
+    ins = user_inputs(gm)
+    node = next(n for n in ins if n.name == latent)
+    m = _ELEMENT.match(source_name(node))
+    if m is None:
+        return [], [], None
+    elements = {}
+    for n in ins:
+        k = _ELEMENT.match(source_name(n))
+        if k is not None and k.group(1) == m.group(1):
+            elements[int(k.group(2))] = n
+    order = [elements[i] for i in sorted(elements)]
+    names = [n.name for n in order]
+    shapes = {_shape(n) for n in order}
+    shape = next(iter(shapes))
+    if len(shapes) > 1 or not all(isinstance(d, int) for d in shape):
+        return names, [], (f"the latent comes as a list of {len(order)} per-sample tensors of "
+                           f"different or dynamic shapes {sorted(map(str, shapes))}, which cannot "
+                           "be decided on as one batch")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = [x for x in pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
+    outs = [j for j, x in enumerate(leaves) if _shape(x) == shape]
+    if len(outs) != len(order) or sorted(elements) != list(range(len(order))):
+        return names, [], (f"the latent comes as a list of {len(order)} per-sample tensors of "
+                           f"shape {shape}, and the output has {len(outs)} tensor(s) of that "
+                           "shape: which output is which sample's is unknown")
+    return names, outs, None
 
 
 def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:

@@ -99,11 +99,17 @@ class GuardedExecutor(Executor):
     LAYOUT = Executor.LAYOUT + (
         "anchor", "flops", "latent", "t", "text", "_detect", "sig_slots", "first", "probe_end",
         "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
-        "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs")
+        "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs",
+        "sample_slots", "sample_outs")
 
     # Not part of the layout (a graph, not data): an exported model saves it as a program.
     modulation: Modulation | None = None
     _pre_flops = 0.0
+    # A latent given as a list of per-sample tensors (passes.regions.sample_list): the list's
+    # input slots, and the positions in out_slots of the per-sample outputs. The policy sees
+    # both stacked, so that dim 0 is the samples there too. Empty: the latent is one tensor.
+    sample_slots: Sequence[int] = ()
+    sample_outs: Sequence[int] = ()
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
                  states: StateFactory, anchor: int | None, flops: Sequence[float],
@@ -119,9 +125,12 @@ class GuardedExecutor(Executor):
         self.text = names.index(roles["text"]) if "text" in roles else None
         self.halves = halves if isinstance(halves, HalfBatch) else None
         self._no_halves = halves if isinstance(halves, str) else None
-        self._detect = self.text is not None and bool(getattr(policy, "ties_halves", False))
+        self.sample_slots = [names.index(n) for n in plan.rmap.samples]
+        self.sample_outs = list(plan.rmap.sample_outs)
+        self._detect = (self.text is not None and not self.sample_slots
+                        and bool(getattr(policy, "ties_halves", False)))
         # The text is not in the signature: its changes are the branch's own (CacheState).
-        self.sig_slots = [self.latent, self.t]
+        self.sig_slots = [*(self.sample_slots or [self.latent]), self.t]
         guarded = plan.rmap.guarded
         blocks = [i for i, p in enumerate(plan.pieces) if any(p.region is r for r in guarded)]
         a, b = policy.span
@@ -175,7 +184,8 @@ class GuardedExecutor(Executor):
         env = [*args, *self._pad]
         st = self.states(None if self.anchor is None else env[self.anchor])
         pol = self.policy
-        x = env[self.latent]
+        x = (torch.stack([env[i] for i in self.sample_slots]) if self.sample_slots
+             else env[self.latent])
         step = st.begin(st.noise_level(env[self.t]), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=self._detect and self._halves_call(env),
@@ -211,7 +221,7 @@ class GuardedExecutor(Executor):
             # others need it) and those take their prediction, as each would alone.
             self.run(env, ran)
             reused = reused.to(x.device)
-            outs = [torch.where(_bcast(reused, p), p, env[s]) for p, s in zip(outs, self.out_slots)]
+            outs = [torch.where(_bcast(reused, p), p, o) for p, o in zip(outs, self._outs(env))]
             return self._finish(st, env, step, bc, outs, STEP, 1.0, signal, x, reused)
 
         # Compute, with the block guard between the probe and the span.
@@ -256,8 +266,23 @@ class GuardedExecutor(Executor):
             self.run(env, self.span[1])
         else:
             self.run(env, self.probe_end)
+        return self._finish(st, env, step, bc, self._outs(env), kind, flops, signal, x, mask)
+
+    def _outs(self, env: list[Any]) -> list[Any]:
+        """The call's outputs as the policy sees them: per-sample outputs stacked first."""
         outs = [env[s] for s in self.out_slots]
-        return self._finish(st, env, step, bc, outs, kind, flops, signal, x, mask)
+        if not self.sample_outs:
+            return outs
+        return [torch.stack([outs[j] for j in self.sample_outs]),
+                *(o for j, o in enumerate(outs) if j not in self.sample_outs)]
+
+    def _slot_values(self, outs: list[Any]) -> list[Any]:
+        """``_outs`` undone: the value of each of out_slots."""
+        if not self.sample_outs:
+            return outs
+        rest = iter(outs[1:])
+        samples = dict(zip(self.sample_outs, outs[0].unbind(0)))
+        return [samples[j] if j in samples else next(rest) for j in range(len(self.out_slots))]
 
     def _halves_call(self, env: list[Any]) -> bool:
         """A batched-CFG call: both guidance branches as the halves of one batch. Without a
@@ -323,7 +348,7 @@ class GuardedExecutor(Executor):
         self.policy.observe(step, st, bc, outs, kind)
         st.record(step, kind, flops, signal, bc.signals.get("spent"), mask)
         st.check_memory()
-        for s, o in zip(self.out_slots, outs):
+        for s, o in zip(self.out_slots, self._slot_values(outs)):
             env[s] = o
         return self.output(env)
 

@@ -415,6 +415,28 @@ def test_no_timestep_input_is_said_by_explain_and_the_backend_alike():
         torch.testing.assert_close(out, model(**kw)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_latent_list_of_unequal_shapes_is_not_cached_and_said_so():
+    """Z-Image takes a latent per sample, as a list, of any size each: samples of unequal shapes
+    cannot be stacked into one batch to decide on (passes.regions.sample_list). explain says so,
+    the backend warns the same and computes every call, as eager does."""
+    model, kw = tiny_models.zimage(batch=2)
+    kw["x"][1] = torch.randn(4, 1, 8, 12)
+    kw["return_dict"] = False
+    with torch.no_grad():
+        ref = model(**kw)[0]    # also builds its rotary table, a graph break of the first call
+    report = dit_compile.explain(model, **kw)
+    assert report.fallback.startswith("the latent comes as a list of 2 per-sample tensors of "
+                                      "different"), report
+    compiled = torch.compile(model, backend="mixcache", fullgraph=True,
+                             options={"regions": "eager", "cache": "fast", "timestep": "rising"})
+    with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
+        out = compiled(**kw)[0]
+    said = _mixcache_warnings(rec)
+    assert len(said) == 1 and report.fallback in said[0], said
+    for y, z in zip(out, ref):
+        torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-5)
+
+
 def test_graph_break_before_the_blocks_says_so_once_per_configuration():
     """Lumina2 breaks before its blocks; the graph that holds them reads intermediates. The user
     hears of the graph break, not that a timestep should be a tensor (it is one), and hears it

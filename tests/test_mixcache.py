@@ -81,6 +81,38 @@ def test_decisions_independent_across_samples(granularity, budget, order):
         torch.testing.assert_close(y, torch.cat([alone[0][k], alone[1][k]]), rtol=1e-5, atol=1e-5)
 
 
+def test_samples_of_a_latent_list_decide_as_each_alone():
+    """Z-Image takes one latent of [C, F, H, W] per sample, the batch being the list. Decided
+    along dim 0 of one element, "per sample" was per channel: a sample took some channels from
+    the extrapolation and the rest computed. Stacked, each sample decides and comes out as alone."""
+    model, kw = tiny_models.zimage(batch=2)
+    kw["cap_feats"][1] = kw["cap_feats"][1] * 10.0     # another prompt: the samples part ways
+    with torch.no_grad():
+        model(**kw)     # builds its rotary table (a graph break): the compiled call is one graph
+    cache = {"rule": "mixcache", "budget": 0.02, "warmup": 0.1, "settle": 10.0,
+             "granularities": ["step"], "extrapolate": 1}
+
+    f = compiled(model, cache, timestep="rising")     # traced for two samples, then for one
+
+    def run(kw):
+        dit_compile.reset(model)
+        with torch.no_grad():
+            outs = [torch.stack(f(x=[x.clone() for x in kw["x"]], cap_feats=kw["cap_feats"],
+                                  t=torch.full((len(kw["x"]),), i / 12), return_dict=False)[0])
+                    for i in range(12)]
+        return outs, dit_compile.stats(f)["trace"]
+
+    both, trace = run(kw)
+    assert any(r["reused"] is not None and len(set(r["reused"])) == 2 for r in trace), \
+        "the test must reach a call where only one sample reuses"
+    assert all(r["reused"] is None or len(r["reused"]) == 2 for r in trace), "one flag per sample"
+    for i in range(2):
+        alone, alone_trace = run({k: v[i:i + 1] for k, v in kw.items()})
+        assert _reused(trace, i) == _reused(alone_trace, 0)
+        for y, z in zip(both, alone):
+            torch.testing.assert_close(y[i], z[0], rtol=1e-5, atol=1e-5)
+
+
 def _reused(trace, sample):
     """Whether ``sample`` reused, call by call."""
     return [r["action"] != "compute" and (r["reused"] is None or r["reused"][sample])
