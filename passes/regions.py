@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -272,6 +273,16 @@ def _shape(n: fx.Node) -> tuple[int | str, ...]:
     return tuple(d if isinstance(d, int) else str(d) for d in v.shape)
 
 
+def _known_same_shape(a: fx.Node, b: fx.Node) -> bool:
+    """Both tensors, of sizes known equal: under dynamic shapes an output's sizes are
+    expressions of the inputs' symbols (Z-Image's unpatchified ``s8 // 2 * 2``), equal to them
+    only as far as the shape environment can tell without a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    x, y = a.meta.get("example_value"), b.meta.get("example_value")
+    return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() == y.dim()
+            and all(statically_known_true(p == q) for p, q in zip(x.shape, y.shape)))
+
+
 def dataflow(gm: fx.GraphModule) -> nx.DiGraph:
     """The graph's def-use edges as a networkx DiGraph over nodes."""
     g = nx.DiGraph()
@@ -365,19 +376,39 @@ def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], 
     order = [elements[i] for i in sorted(elements)]
     names = [n.name for n in order]
     shapes = {_shape(n) for n in order}
-    shape = next(iter(shapes))
-    if len(shapes) > 1 or not all(isinstance(d, int) for d in shape):
+    if len(shapes) > 1 and all(isinstance(d, int) for sh in shapes for d in sh):
         return names, [], (f"the latent comes as a list of {len(order)} per-sample tensors of "
-                           f"different or dynamic shapes {sorted(map(str, shapes))}, which cannot "
-                           "be decided on as one batch")
+                           f"different shapes {sorted(map(str, shapes))}, which cannot be "
+                           "decided on as one batch")
+    # Symbolic sizes (dynamic shapes) may be equal or not at a call: the runtime stacks the
+    # samples where they are, and computes the call uncached where they are not.
     out = next(n for n in gm.graph.nodes if n.op == "output")
     leaves = [x for x in pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
-    outs = [j for j, x in enumerate(leaves) if _shape(x) == shape]
+    outs = [j for j, x in enumerate(leaves) if _known_same_shape(x, order[0])]
+    if len(outs) != len(order):
+        # Under dynamic shapes an output's sizes are expressions the shape environment may not
+        # equate with the latent's (Z-Image's unpatchified 2 * (s8 // 2)): then the one list in
+        # the output of as many tensors as samples, each of the latent's rank.
+        rank = order[0].meta["example_value"].dim()
+        lists = [[leaves.index(x) for x in c] for c in _containers(out.args[0])
+                 if len(c) == len(order) and all(
+                     isinstance(x, fx.Node) and isinstance(x.meta.get("example_value"), torch.Tensor)
+                     and x.meta["example_value"].dim() == rank for x in c)]
+        outs = lists[0] if len(lists) == 1 else outs
     if len(outs) != len(order) or sorted(elements) != list(range(len(order))):
-        return names, [], (f"the latent comes as a list of {len(order)} per-sample tensors of "
-                           f"shape {shape}, and the output has {len(outs)} tensor(s) of that "
-                           "shape: which output is which sample's is unknown")
+        return names, [], (f"the latent comes as a list of {len(order)} per-sample tensors, and "
+                           f"the output has {len(outs)} tensor(s) like them: which output is "
+                           "which sample's is unknown")
     return names, outs, None
+
+
+def _containers(tree: Any) -> list[list[Any]]:
+    """The lists and tuples in a graph's output structure, each as its elements."""
+    if isinstance(tree, (list, tuple)):
+        return [list(tree)] + [c for x in tree for c in _containers(x)]
+    if isinstance(tree, dict):
+        return [c for x in tree.values() for c in _containers(x)]
+    return []
 
 
 def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:

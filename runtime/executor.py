@@ -110,6 +110,7 @@ class GuardedExecutor(Executor):
     # both stacked, so that dim 0 is the samples there too. Empty: the latent is one tensor.
     sample_slots: Sequence[int] = ()
     sample_outs: Sequence[int] = ()
+    _told_unstackable = False
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
                  states: StateFactory, anchor: int | None, flops: Sequence[float],
@@ -183,6 +184,8 @@ class GuardedExecutor(Executor):
     def __call__(self, *args: Any) -> Any:
         env = [*args, *self._pad]
         st = self.states(None if self.anchor is None else env[self.anchor])
+        if self.sample_slots and len({env[i].shape for i in self.sample_slots}) > 1:
+            return self._unstackable(env, st)
         pol = self.policy
         x = (torch.stack([env[i] for i in self.sample_slots]) if self.sample_slots
              else env[self.latent])
@@ -267,6 +270,20 @@ class GuardedExecutor(Executor):
         else:
             self.run(env, self.probe_end)
         return self._finish(st, env, step, bc, self._outs(env), kind, flops, signal, x, mask)
+
+    def _unstackable(self, env: list[Any], st: CacheState) -> Any:
+        """A call whose per-sample latents differ in shape (traced with dynamic sizes) cannot be
+        decided on as one batch: computed in full, and nothing cached before it is reused after
+        it. Said once per graph."""
+        if not self._told_unstackable:
+            self._told_unstackable = True
+            warnings.warn("mixcache: the latent comes as a list of per-sample tensors of different "
+                          f"shapes {[tuple(env[i].shape) for i in self.sample_slots]}, which "
+                          "cannot be decided on as one batch: such calls are computed without "
+                          "caching", stacklevel=3)
+        st.reset()
+        self.run(env)
+        return self.output(env)
 
     def _outs(self, env: list[Any]) -> list[Any]:
         """The call's outputs as the policy sees them: per-sample outputs stacked first."""

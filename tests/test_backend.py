@@ -426,7 +426,7 @@ def test_a_latent_list_of_unequal_shapes_is_not_cached_and_said_so():
         ref = model(**kw)[0]    # also builds its rotary table, a graph break of the first call
     report = dit_compile.explain(model, **kw)
     assert report.fallback.startswith("the latent comes as a list of 2 per-sample tensors of "
-                                      "different"), report
+                                      "different shapes"), report
     compiled = torch.compile(model, backend="mixcache", fullgraph=True,
                              options={"regions": "eager", "cache": "fast", "timestep": "rising"})
     with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
@@ -435,6 +435,36 @@ def test_a_latent_list_of_unequal_shapes_is_not_cached_and_said_so():
     assert len(said) == 1 and report.fallback in said[0], said
     for y, z in zip(out, ref):
         torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-5)
+
+
+def test_a_latent_list_under_dynamic_shapes_is_stacked_where_its_shapes_agree():
+    """A second size recompiles Z-Image with dynamic shapes, each sample's latent of sizes of
+    its own: the samples are stacked where a call's shapes agree (the schedule reuses as at the
+    first size), and a call where they do not is computed, said once, as eager computes it."""
+    model, kw = tiny_models.zimage(batch=2)
+    with torch.no_grad():
+        model(**kw)     # builds its rotary table (a graph break): the compiled call is one graph
+    sched = {"rule": "schedule", "step": [2], "block": [3]}
+    f = torch.compile(model, backend="mixcache", fullgraph=True,
+                      options={"regions": "eager", "cache": sched, "timestep": "rising"})
+
+    def run(sizes, steps=5):
+        x = [torch.randn(4, 1, h, w) for h, w in sizes]
+        with torch.no_grad():
+            return [f(x=x, cap_feats=kw["cap_feats"], t=torch.full((2,), i / steps),
+                      return_dict=False)[0] for i in range(steps)]
+
+    for gen, size in enumerate((8, 12)):
+        run([(size, size)] * 2)
+        assert [r["action"] for r in dit_compile.stats(f)["trace"] if r["generation"] == gen] == [
+            "compute", "compute", "step", "block", "compute"], size
+    x = [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 12, 8)]
+    call = dict(x=x, cap_feats=kw["cap_feats"], t=torch.full((2,), 0.5), return_dict=False)
+    with torch.no_grad(), pytest.warns(UserWarning, match="different shapes"):
+        out = f(**call)[0]
+    with torch.no_grad():
+        for y, z in zip(out, model(**call)[0]):
+            torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-5)
 
 
 def test_graph_break_before_the_blocks_says_so_once_per_configuration():
