@@ -97,8 +97,9 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     # graphs with fewer blocks (a guider's hook that skips one for its branch) share the state.
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
                          key=repr(make_policy(opts.cache, None)), timestep=opts.timestep)
-    halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
-              if getattr(policy, "cfg_on_halves", False) else None)
+    halves = (None if not getattr(policy, "cfg_on_halves", False) else
+              "the latent is a list of per-sample tensors" if rmap.samples else
+              half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager"))
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()))

@@ -57,6 +57,7 @@ class RegionMap:
     samples: list[str] = field(default_factory=list)
     sample_outs: list[int] = field(default_factory=list)
     samples_why: str | None = None
+    texts: list[str] = field(default_factory=list)  # the text condition's list, one per sample
 
     def region_of(self) -> dict[fx.Node, int]:
         return {n: i for i, r in enumerate(self.regions) for n in r.nodes}
@@ -246,6 +247,10 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
     rmap.latent_stacks = latent_stacks(gm, roles.get("latent"), list(traced))
     if "latent" in roles:
         rmap.samples, rmap.sample_outs, rmap.samples_why = sample_list(gm, roles["latent"])
+    if rmap.samples and "text" not in roles:
+        rmap.texts = text_list(gm, rmap.samples)
+        if rmap.texts:
+            roles["text"] = rmap.texts[0]
     return rmap
 
 
@@ -400,6 +405,24 @@ def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], 
                            f"the output has {len(outs)} tensor(s) like them: which output is "
                            "which sample's is unknown")
     return names, outs, None
+
+
+def text_list(gm: fx.GraphModule, samples: list[str]) -> list[str]:
+    """Beside a latent list, the text condition as a list of as many [tokens, dim] tensors
+    (Z-Image's captions, each of its own length), the largest such list; ``[]`` if none."""
+    lists: dict[str, dict[int, fx.Node]] = {}
+    for n in user_inputs(gm):
+        k = _ELEMENT.match(source_name(n))
+        if k is not None and n.name not in samples:
+            lists.setdefault(k.group(1), {})[int(k.group(2))] = n
+    found = [[e[i] for i in sorted(e)] for e in lists.values()
+             if sorted(e) == list(range(len(samples))) and all(
+                 n.meta["example_value"].dim() == 2 and n.meta["example_value"].is_floating_point()
+                 for n in e.values())]
+    if not found:
+        return []
+    return [n.name for n in max(found, key=lambda ns: sum(
+        n.meta["example_value"].numel() for n in ns if isinstance(n.meta["example_value"].numel(), int)))]
 
 
 def _containers(tree: Any) -> list[list[Any]]:

@@ -100,7 +100,7 @@ class GuardedExecutor(Executor):
         "anchor", "flops", "latent", "t", "text", "_detect", "sig_slots", "first", "probe_end",
         "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
         "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs",
-        "sample_slots", "sample_outs")
+        "sample_slots", "sample_outs", "text_slots")
 
     # Not part of the layout (a graph, not data): an exported model saves it as a program.
     modulation: Modulation | None = None
@@ -110,6 +110,7 @@ class GuardedExecutor(Executor):
     # both stacked, so that dim 0 is the samples there too. Empty: the latent is one tensor.
     sample_slots: Sequence[int] = ()
     sample_outs: Sequence[int] = ()
+    text_slots: Sequence[int] = ()     # the text condition as a list beside them, or empty
     _told_unstackable = False
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
@@ -128,8 +129,8 @@ class GuardedExecutor(Executor):
         self._no_halves = halves if isinstance(halves, str) else None
         self.sample_slots = [names.index(n) for n in plan.rmap.samples]
         self.sample_outs = list(plan.rmap.sample_outs)
-        self._detect = (self.text is not None and not self.sample_slots
-                        and bool(getattr(policy, "ties_halves", False)))
+        self.text_slots = [names.index(n) for n in plan.rmap.texts]
+        self._detect = self.text is not None and bool(getattr(policy, "ties_halves", False))
         # The text is not in the signature: its changes are the branch's own (CacheState).
         self.sig_slots = [*(self.sample_slots or [self.latent]), self.t]
         guarded = plan.rmap.guarded
@@ -191,8 +192,8 @@ class GuardedExecutor(Executor):
              else env[self.latent])
         step = st.begin(st.noise_level(env[self.t]), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
-            halves=self._detect and self._halves_call(env),
-            text=None if self.text is None else env[self.text], latent=x, timestep=env[self.t],
+            halves=self._detect and self._halves_call(env, x),
+            text=self._text(env), latent=x, timestep=env[self.t],
             graph=self.token)
         bc = st.branch(step.branch)
         ran, seen, pre = 0, x, 0.0
@@ -301,11 +302,19 @@ class GuardedExecutor(Executor):
         samples = dict(zip(self.sample_outs, outs[0].unbind(0)))
         return [samples[j] if j in samples else next(rest) for j in range(len(self.out_slots))]
 
-    def _halves_call(self, env: list[Any]) -> bool:
+    def _text(self, env: list[Any]) -> torch.Tensor | None:
+        """The text condition, compared from call to call: a list's captions as one flat tensor
+        (each of its own length; a new one compares unequal by size or value)."""
+        if self.text_slots:
+            return torch.cat([env[i].reshape(-1) for i in self.text_slots])
+        return None if self.text is None else env[self.text]
+
+    def _halves_call(self, env: list[Any], x: torch.Tensor) -> bool:
         """A batched-CFG call: both guidance branches as the halves of one batch. Without a
         half-batch forward (the user is told why, once) cfg reuse cannot take it, and no branch
         difference is kept for it; its halves still decide as one."""
-        if not is_batched_cfg(env[self.latent], env[self.text], env[self.t]):
+        text = [env[i] for i in self.text_slots] if self.text_slots else env[self.text]
+        if not is_batched_cfg(x, text, env[self.t]):
             return False
         if self.halves is None and self._no_halves is not None:
             warnings.warn(f"mixcache: a batched-CFG call (both guidance branches in one batch), "

@@ -250,13 +250,19 @@ def _bind(sig: inspect.Signature, frame: Mapping[str, Any]) -> dict[str, Any] | 
     return None
 
 
-def is_batched_cfg(latent: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor) -> bool:
+def is_batched_cfg(latent: torch.Tensor, text: torch.Tensor | list[torch.Tensor],
+                   timestep: torch.Tensor) -> bool:
     """Both guidance branches in one batch: even batch, equal latent halves (and timestep halves),
-    different text halves. Cheapest tests first; two prompts with two latents fail the second."""
+    different text halves. Cheapest tests first; two prompts with two latents fail the second.
+    ``text`` a list: one per sample (Z-Image's captions, each of its own length)."""
     n = latent.shape[0] if latent.dim() else 0
-    if n < 2 or n % 2 or text.dim() == 0 or text.shape[0] != n:
+    if n < 2 or n % 2 or (isinstance(text, torch.Tensor) and text.dim() == 0) or len(text) != n:
         return False
     k = n // 2
     if timestep.dim() >= 1 and timestep.shape[0] == n and not torch.equal(timestep[:k], timestep[k:]):
         return False
-    return torch.equal(latent[:k], latent[k:]) and not torch.equal(text[:k], text[k:])
+    if not torch.equal(latent[:k], latent[k:]):
+        return False
+    if isinstance(text, torch.Tensor):
+        return not torch.equal(text[:k], text[k:])
+    return any(not torch.equal(a, b) for a, b in zip(text[:k], text[k:]))

@@ -83,21 +83,26 @@ def test_default_cache_runs_in_every_pipeline(name):
 def test_rising_timestep_in_zimage_pipeline():
     """ZImagePipeline passes 1 - sigma, rising through a generation, and batches CFG into one call
     of lists. With timestep='rising' a forced schedule reuses what it says in each of two
-    generations in a row, the same each time; unasked, nothing is reused, with one hint."""
+    generations in a row, the same each time, its calls told as batch halves (cfg reuse computes:
+    no half-batch forward for lists); unasked, nothing is reused, with one hint."""
     model, _ = tiny_models.zimage()
     pipe = pipelines.zimage_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     ref = pipelines.run_zimage(pipe, 6)
-    sched = {"rule": "schedule", "step": [2, 4], "block": [3]}
+    sched = {"rule": "schedule", "step": [2, 4], "block": [3], "cfg": [5]}
     pipe.transformer = torch.compile(model, backend="mixcache",
                                      options={"regions": "eager", "cache": sched, "timestep": "rising"})
-    out = pipelines.run_zimage(pipe, 6)
+    with pytest.warns(UserWarning, match="no half-batch forward: the latent is a list"):
+        out = pipelines.run_zimage(pipe, 6)
     torch.testing.assert_close(pipelines.run_zimage(pipe, 6), out, rtol=0, atol=0)
     assert not torch.allclose(out, ref, rtol=1e-5, atol=1e-5), "the schedule must change something"
     trace = dit_compile.stats(pipe.transformer)["trace"]
     assert [(r["generation"], r["step"], r["action"]) for r in trace] == [
         (g, i, a) for g in (0, 1) for i, a in enumerate(
             ["compute", "compute", "step", "block", "step", "compute"])]
+    # Its latents and captions are lists: the two guidance branches are told as batch halves,
+    # and cfg reuse at step 5, with no half-batch forward for lists, computes (said above).
+    assert all(r["halves"] for r in trace)
 
     torch._dynamo.reset()
     pipe.transformer = torch.compile(model, backend="mixcache",
