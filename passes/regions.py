@@ -359,6 +359,22 @@ def missing_inputs(roles: dict[str, str]) -> str | None:
 _ELEMENT = re.compile(r"^(.*)\[(\d+)\]$")
 
 
+def _list_element(n: fx.Node) -> tuple[str, int] | None:
+    """(the list, the index) where a placeholder is an element of a list argument; None for
+    any other, an element of the frame's ``*args`` among them (a forward traced through a
+    wrapper or a diffusers hook, ``L['args'][0]``, is a positional argument, not a sample)."""
+    m = _ELEMENT.match(source_name(n))
+    if m is None:
+        return None
+    base = getattr(getattr(getattr(n.meta.get("grapharg"), "source", None), "base", None),
+                   "local_name", None)
+    # torch >= 2.13 marks the varargs source; older ones by the name every wrapper gives it.
+    if base is not None and (getattr(n.meta["grapharg"].source.base, "is_varargs", False)
+                             or base == "args"):
+        return None
+    return m.group(1), int(m.group(2))
+
+
 def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], str | None]:
     """Where the latent is one element of a list of per-sample tensors (ZImagePipeline passes one
     latent of [C, F, H, W] per sample, the batch being the list): the list's placeholders in
@@ -369,16 +385,17 @@ def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], 
     such a list that dim is the channels, and a sample would take some channels from one step
     and the rest from another. Stacked, dim 0 is the list again. Not a list element: ``[]``."""
     ins = user_inputs(gm)
-    node = next(n for n in ins if n.name == latent)
-    m = _ELEMENT.match(source_name(node))
-    if m is None:
+    where = _list_element(next(n for n in ins if n.name == latent))
+    if where is None:
         return [], [], None
     elements = {}
     for n in ins:
-        k = _ELEMENT.match(source_name(n))
-        if k is not None and k.group(1) == m.group(1):
-            elements[int(k.group(2))] = n
+        k = _list_element(n)
+        if k is not None and k[0] == where[0]:
+            elements[k[1]] = n
     order = [elements[i] for i in sorted(elements)]
+    if len({n.meta["example_value"].dim() for n in order}) > 1:
+        return [], [], None     # arguments of a wrapper's *args that torch < 2.13 does not mark
     names = [n.name for n in order]
     shapes = {_shape(n) for n in order}
     if len(shapes) > 1 and all(isinstance(d, int) for sh in shapes for d in sh):
@@ -412,17 +429,18 @@ def text_list(gm: fx.GraphModule, samples: list[str]) -> list[str]:
     (Z-Image's captions, each of its own length), the largest such list; ``[]`` if none."""
     lists: dict[str, dict[int, fx.Node]] = {}
     for n in user_inputs(gm):
-        k = _ELEMENT.match(source_name(n))
+        k = _list_element(n)
         if k is not None and n.name not in samples:
-            lists.setdefault(k.group(1), {})[int(k.group(2))] = n
+            lists.setdefault(k[0], {})[k[1]] = n
+    val = {n: n.meta["example_value"] for e in lists.values() for n in e.values()}
     found = [[e[i] for i in sorted(e)] for e in lists.values()
-             if sorted(e) == list(range(len(samples))) and all(
-                 n.meta["example_value"].dim() == 2 and n.meta["example_value"].is_floating_point()
-                 for n in e.values())]
+             if sorted(e) == list(range(len(samples)))
+             and all(val[n].dim() == 2 and val[n].is_floating_point() for n in e.values())]
     if not found:
         return []
-    return [n.name for n in max(found, key=lambda ns: sum(
-        n.meta["example_value"].numel() for n in ns if isinstance(n.meta["example_value"].numel(), int)))]
+    # Symbolic sizes count as one element each: only which list is larger matters.
+    size = lambda ns: sum(val[n].numel() if isinstance(val[n].numel(), int) else 1 for n in ns)
+    return [n.name for n in max(found, key=size)]
 
 
 def _containers(tree: Any) -> list[list[Any]]:

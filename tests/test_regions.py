@@ -76,6 +76,8 @@ def test_positional_call_identifies_inputs_by_dataflow(name):
     assert report.input_rule == "dataflow"
     assert report.inputs == {"latent": f"l_args_{latent}_", "timestep": f"l_args_{timestep}_",
                              "text": f"l_args_{text}_"}
+    # Elements of the wrapper's *args, not a list of per-sample latents (Z-Image's): cached.
+    assert report.samples == 0 and report.fallback is None, report
 
 
 def _check_partition(gm, rmap):
