@@ -449,22 +449,22 @@ def test_a_latent_list_under_dynamic_shapes_is_stacked_where_its_shapes_agree():
     f = torch.compile(model, backend="mixcache", fullgraph=True,
                       options={"regions": "eager", "cache": sched, "timestep": "rising"})
 
-    def run(sizes, steps=5, new_caption_at=None):
+    def run(sizes, steps=4, new_caption_at=None):
         x = [torch.randn(4, 1, h, w) for h, w in sizes]
         with torch.no_grad():
             for i in range(steps):
                 caps = (kw["cap_feats"] if new_caption_at is None or i < new_caption_at
-                        else [c[:5] for c in kw["cap_feats"]])
+                        else [-c for c in kw["cap_feats"]])
                 f(x=x, cap_feats=caps, t=torch.full((2,), i / steps), return_dict=False)
 
     for gen, size in enumerate((8, 12)):
         run([(size, size)] * 2)
         assert [r["action"] for r in dit_compile.stats(f)["trace"] if r["generation"] == gen] == [
-            "compute", "compute", "step", "block", "compute"], size
+            "compute", "compute", "step", "block"], size
     # The captions are a list too: a new prompt from step 2 on leaves nothing to reuse there.
     run([(8, 8)] * 2, new_caption_at=2)
     assert [r["action"] for r in dit_compile.stats(f)["trace"] if r["generation"] == 2] == [
-        "compute", "compute", "compute", "block", "compute"]
+        "compute", "compute", "compute", "block"]
     x = [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 12, 8)]
     call = dict(x=x, cap_feats=kw["cap_feats"], t=torch.full((2,), 0.5), return_dict=False)
     with torch.no_grad(), pytest.warns(UserWarning, match="different shapes"):
