@@ -366,11 +366,9 @@ def _list_element(n: fx.Node) -> tuple[str, int] | None:
     m = _ELEMENT.match(source_name(n))
     if m is None:
         return None
-    base = getattr(getattr(getattr(n.meta.get("grapharg"), "source", None), "base", None),
-                   "local_name", None)
+    base = getattr(getattr(n.meta.get("grapharg"), "source", None), "base", None)
     # torch >= 2.13 marks the varargs source; older ones by the name every wrapper gives it.
-    if base is not None and (getattr(n.meta["grapharg"].source.base, "is_varargs", False)
-                             or base == "args"):
+    if getattr(base, "is_varargs", False) or getattr(base, "local_name", None) == "args":
         return None
     return m.group(1), int(m.group(2))
 
@@ -438,8 +436,8 @@ def text_list(gm: fx.GraphModule, samples: list[str]) -> list[str]:
              and all(val[n].dim() == 2 and val[n].is_floating_point() for n in e.values())]
     if not found:
         return []
-    # Symbolic sizes count as one element each: only which list is larger matters.
-    size = lambda ns: sum(val[n].numel() if isinstance(val[n].numel(), int) else 1 for n in ns)
+    def size(ns: list[fx.Node]) -> int:     # a symbolic size counts one: only the order matters
+        return sum(val[n].numel() if isinstance(val[n].numel(), int) else 1 for n in ns)
     return [n.name for n in max(found, key=size)]
 
 
