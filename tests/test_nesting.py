@@ -365,16 +365,16 @@ def test_nested_blocks_under_dynamic_shapes_equal_inlined_ones():
 
 
 @pytest.mark.inductor
-def test_nested_flux_through_inductor_equals_plain_inductor():
-    """The copies that unalias Flux's single-stream outputs compile, and change nothing."""
+def test_nested_flux_through_inductor_equals_eager():
+    """The copies that unalias Flux's single-stream outputs compile through Inductor, and change
+    nothing (fp32 CPU: within 1e-5 of eager, as the inlined blocks are in test_backend)."""
     model, kw = tiny_models.flux()
     with torch.no_grad():
-        plain = torch.compile(model, backend="inductor", fullgraph=True)(**kw, return_dict=False)[0]
+        eager = model(**kw, return_dict=False)[0]
         dit_compile.nest_blocks(model)
-        torch._dynamo.reset()
         ours = torch.compile(model, backend="mixcache", fullgraph=True,
                              options={"cache": None})(**kw, return_dict=False)[0]
-    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_nested_cogvideox_halves_match_eager_reference():

@@ -158,8 +158,13 @@ def bria_fibo2():
         for b in m.layers:
             if b.cross_attention is not None:
                 b.cross_attn_gate.fill_(0.5)
-    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.full((1,), 0.5),
-                   encoder_hidden_states=torch.randn(1, 3, 6, 16))
+    kw = dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.full((1,), 0.5),
+              encoder_hidden_states=torch.randn(1, 3, 6, 16))
+    # Its rotary table is built on the first call, under a torch.device context Dynamo cannot
+    # enter (fullgraph=True fails there, with any backend): built by an eager call first.
+    with torch.no_grad():
+        m(**kw)
+    return m, kw
 
 
 def ace_step():
