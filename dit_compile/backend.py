@@ -97,9 +97,8 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     # graphs with fewer blocks (a guider's hook that skips one for its branch) share the state.
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
                          key=repr(make_policy(opts.cache, None)), timestep=opts.timestep)
-    halves = (None if not getattr(policy, "cfg_on_halves", False) else
-              "the latent is a list of per-sample tensors" if rmap.samples else
-              half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager"))
+    halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
+              if getattr(policy, "cfg_on_halves", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()))
@@ -297,12 +296,14 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
     names = [n.name for n in phs]
     roles = [names.index(rmap.inputs[r]) for r in ("latent", "text", "timestep") if r in rmap.inputs]
     latent = example_inputs[names.index(rmap.inputs["latent"])]
+    samples = [names.index(n) for n in rmap.samples]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     # The executor's outputs are the graph's node outputs (constants stay in the output spec).
     shapes = [_static_shape(x.meta.get("example_value"))
               for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
+    batch = len(samples) if samples else latent.shape[0] if latent.dim() else 0
     return HalfBatch.build(traced_module(), traced_locals(), placeholders, example_inputs, roles,
-                           latent.shape[0] if latent.dim() else 0, shapes, compile)
+                           batch, shapes, compile, samples, rmap.sample_outs)
 
 
 def _static_shape(v: Any) -> tuple[int | None, ...] | None:

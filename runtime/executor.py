@@ -326,7 +326,7 @@ class GuardedExecutor(Executor):
     def _cfg_halves(self, env: list[Any], diff: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The conditional half computed, the unconditional half rebuilt as cond + (uncond - cond)
         from the last full compute; in the call's order (uncond first, as the pipelines batch)."""
-        k = env[self.latent].shape[0] // 2
+        k = (len(self.sample_slots) if self.sample_slots else env[self.latent].shape[0]) // 2
         cond = self.halves(env, k)
         if cond is None:
             return None

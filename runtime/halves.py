@@ -3,7 +3,11 @@
 CogVideoXPipeline (and PixArt, SD3, LTX, ...) call the transformer once per step with batch 2k:
 the latent repeated twice, the text ``cat([negative, positive])``, the timestep expanded. cfg reuse
 there means computing only the conditional half (batch k) and rebuilding the unconditional half
-from the difference cached at the last step where both were computed.
+from the difference cached at the last step where both were computed. ZImagePipeline batches
+lists instead, one latent and one caption per sample (``[latents, latents]``, ``[positive,
+negative]``): the half takes each such list's last k elements, and its per-sample outputs come
+back stacked (the second half computed is the negative one there: a call does not say which
+prompt is which).
 
 Why a second forward and not the pieces: Dynamo under static shapes bakes the batch size into the
 graph's view/reshape arguments, so the compiled pieces cannot run batch k. The half-batch forward is
@@ -70,8 +74,13 @@ class HalfBatch:
     state: list[tuple[str, int]]            # parameter/buffer name -> graph input
     pinned: list[tuple[int, weakref.ref]]   # other module tensors: must be the traced ones
     batch_inputs: frozenset[int]            # graph inputs that carry the batch (when dim 0 = 2k)
-    out_shapes: list[tuple[Any, ...]]      # graph outputs' shapes past dim 0
+    out_shapes: list[tuple[Any, ...]]      # batched graph outputs' shapes past dim 0
     compile: bool                           # Inductor (True) or eager
+    # A batch given as lists of per-sample tensors (Z-Image): the list arguments, whose second
+    # half the half takes; the graph's per-sample outputs (one run) and their shape.
+    lists: frozenset[str] = frozenset()
+    sample_outs: range = range(0)
+    sample_shape: tuple[Any, ...] = ()
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)
     _broken: str | None = field(default=None, repr=False)   # a decline that no later call escapes
@@ -80,13 +89,16 @@ class HalfBatch:
     def build(cls, module: torch.nn.Module | None, frame: Mapping[str, Any] | None,
               placeholders: Sequence[tuple[str, bool]], example_inputs: Sequence[Any],
               batch_roles: Sequence[int], batch: int,
-              out_shapes: Sequence[tuple[Any, ...] | None], compile: bool) -> "HalfBatch | str":
+              out_shapes: Sequence[tuple[Any, ...] | None], compile: bool,
+              samples: Sequence[int] = (), sample_outs: Sequence[int] = ()) -> "HalfBatch | str":
         """The recipe, or why there is none.
 
         ``placeholders[i]``: graph input i's source name and whether it comes from the module
         (``self``) rather than the call; ``batch_roles``: the graph inputs the region pass named
-        latent/text/timestep; ``batch``: the latent's dim 0; ``out_shapes``: the shape of each graph
-        output (None: not a tensor)."""
+        latent/text/timestep; ``batch``: the latent's dim 0, or the length of its list;
+        ``out_shapes``: the shape of each graph output (None: not a tensor). ``samples``: the
+        graph inputs of a latent given as a list of per-sample tensors, ``sample_outs`` the
+        graph outputs of the per-sample results (empty where the latent is one tensor)."""
         if module is None or frame is None:
             return "the traced module or its call arguments are unknown"
         try:
@@ -103,6 +115,7 @@ class HalfBatch:
         args: dict[str, tuple[pytree.TreeSpec, list[tuple[str, Any]]]] = {}
         covered: set[int] = set()
         per_sample: set[int] = set()
+        lists = {name for name, value in bound.items() if samples and _sample_list(value, index, batch)}
         for name, value in bound.items():
             leaves, spec = pytree.tree_flatten(value)
             recipe = []
@@ -118,9 +131,11 @@ class HalfBatch:
             if isinstance(value, torch.Tensor):
                 if id(value) in index:
                     per_sample.add(index[id(value)])
-            else:
+            elif name not in lists:
                 per_sample |= _per_sample_leaves(value, index, batch)
             args[name] = (spec, recipe)
+        if samples and not any(set(samples) <= {index[id(x)] for x in bound[n]} for n in lists):
+            return "the per-sample latents are not one list argument of forward"
 
         named = {id(t): n for n, t in (*module.named_parameters(remove_duplicate=False),
                                        *module.named_buffers(remove_duplicate=False))}
@@ -136,18 +151,26 @@ class HalfBatch:
                 pinned.append((i, weakref.ref(x)))
         if batch < 2 or batch % 2:
             return f"the batch ({batch}) is not two halves"
-        if not out_shapes or any(not sh or sh[0] != batch for sh in out_shapes):
+        one_run = range(min(sample_outs, default=0), max(sample_outs, default=-1) + 1)
+        if list(sample_outs) != list(one_run) or (samples and len(one_run) != batch):
+            return "the per-sample outputs are not one list of the graph's outputs"
+        batched = [sh for j, sh in enumerate(out_shapes) if j not in one_run]
+        if (not out_shapes or any(not sh or sh[0] != batch for sh in batched)
+                or any(out_shapes[j] is None for j in one_run)):
             return "an output of the graph does not carry the batch in dim 0"
         # The region pass's latent/text/timestep, any other tensor passed as an argument of its
         # own, and the batch-sized tensors inside an argument (see _per_sample_leaves): all carry
-        # the batch when their dim 0 is 2k.
-        batch_inputs = frozenset(set(batch_roles) | per_sample)
+        # the batch when their dim 0 is 2k. Elements of a per-sample list are whole samples.
+        listed = {index[id(x)] for n in lists for x in bound[n]}
+        batch_inputs = frozenset((set(batch_roles) | per_sample) - listed)
         return cls(weakref.ref(module), sig, args, state, pinned, batch_inputs,
-                   [tuple(sh[1:]) for sh in out_shapes], compile)
+                   [tuple(sh[1:]) for sh in batched], compile, frozenset(lists), one_run,
+                   out_shapes[one_run.start] if one_run else ())
 
     def __call__(self, env: Sequence[Any], k: int) -> list[torch.Tensor] | None:
         """The graph's outputs for the second half (``[k:]``) of the batch, or None (with a
-        warning, once per reason) where this call cannot take the half-batch path."""
+        warning, once per reason) where this call cannot take the half-batch path. Per-sample
+        outputs come stacked, first (as the executor holds them)."""
         module = self.module()
         if module is None:
             self._broken = "the module traced at compile time was freed"
@@ -161,7 +184,8 @@ class HalfBatch:
             if name in self.args:
                 spec, recipe = self.args[name]
                 leaves = [self._leaf(env, r, k) for r in recipe]
-                arguments[name] = pytree.tree_unflatten(leaves, spec)
+                arguments[name] = (leaves[k:] if name in self.lists
+                                   else pytree.tree_unflatten(leaves, spec))
         call = inspect.BoundArguments(self.signature, arguments)
         state = {name: env[i] for name, i in self.state}
         try:
@@ -171,11 +195,15 @@ class HalfBatch:
             self._broken = f"the half-batch forward raised {type(e).__name__}: {_first_line(e)}"
             return self._decline(self._broken)
         outs = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
-        if not _shapes_match(outs, k, self.out_shapes):
+        first = self.sample_outs.start
+        one_run = outs[first:first + k] if self.sample_outs else []
+        outs = outs[:first] + outs[first + k:] if self.sample_outs else outs
+        if not (_shapes_match(outs, k, self.out_shapes) and len(one_run) == len(self.sample_outs) // 2
+                and _shapes_match([x[None] for x in one_run], 1, [self.sample_shape] * len(one_run))):
             # Not worth a half forward per call to find out again.
             self._broken = "the module's outputs do not match the graph's outputs"
             return self._decline(self._broken)
-        return outs
+        return [torch.stack(one_run), *outs] if one_run else outs
 
     def _leaf(self, env: Sequence[Any], recipe: tuple[str, Any], k: int) -> Any:
         kind, v = recipe
@@ -217,6 +245,13 @@ def _per_sample_leaves(value: Any, index: Mapping[int, int], batch: int) -> set[
     least = 1 if isinstance(value, Mapping) else 3
     return {index[id(x)] for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)
             and id(x) in index and x.dim() >= least and x.shape[0] == batch}
+
+
+def _sample_list(value: Any, index: Mapping[int, int], batch: int) -> bool:
+    """A list of ``batch`` graph-input tensors, one per sample: Z-Image takes its latents and its
+    captions (each of its own length) so."""
+    return (isinstance(value, (list, tuple)) and len(value) == batch
+            and all(isinstance(x, torch.Tensor) and id(x) in index for x in value))
 
 
 def _first_line(e: Exception) -> str:

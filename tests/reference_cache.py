@@ -10,6 +10,7 @@ k in t through the last k + 1 computed outputs (as many as there are) and evalua
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
@@ -108,21 +109,29 @@ class BatchedCfgReference:
     Installs itself as the forward of a copy of ``model`` (``.model``, to hand to the pipeline): on
     the steps in ``cfg`` with a difference cached, it runs the model on the cond half only and
     rebuilds the uncond half as ``cond + (uncond - cond)`` from the last step that computed both.
-    A timestep that goes up starts a new generation, with nothing cached. ``cond``: the name of
-    the condition argument (DiTPipeline batches ``class_labels`` with the null class).
+    A timestep that goes up starts a new generation, with nothing cached (``rising``: one that goes
+    down, ZImagePipeline's 1 - sigma). ``cond``, ``latent``, ``time``: the names of the condition,
+    latent and timestep arguments (DiTPipeline batches ``class_labels`` with the null class;
+    Z-Image's are ``cap_feats``, ``x`` and ``t``, its latents and captions lists of per-sample
+    tensors, and so its output).
     """
 
-    def __init__(self, model, cfg=(), cond="encoder_hidden_states"):
+    def __init__(self, model, cfg=(), cond="encoder_hidden_states", latent="hidden_states",
+                 time="timestep", rising=False):
         self.model = copy.deepcopy(model)
         self._forward = self.model.forward
         self.cfg_s = set(cfg)
-        self.cond = cond
+        self.cond, self.latent, self.time, self.rising = cond, latent, time, rising
         self.last_t, self.step, self.diff = None, -1, None
         self.model.forward = self
 
-    def __call__(self, hidden_states, timestep=None, return_dict=True, **kw):
-        c = kw.pop(self.cond)
-        t = float(timestep.reshape(-1)[0])
+    def __call__(self, *args, return_dict=True, **kw):
+        params = inspect.signature(self._forward).parameters
+        kw = dict(inspect.signature(self._forward).bind_partial(*args, **kw).arguments)
+        for name in [n for n in kw if params[n].kind is inspect.Parameter.VAR_KEYWORD]:
+            kw.update(kw.pop(name))
+        x, c, timestep = kw.pop(self.latent), kw.pop(self.cond), kw.pop(self.time)
+        t = float(timestep.reshape(-1)[0]) * (-1 if self.rising else 1)
         if self.last_t is None or t > self.last_t:
             self.step, self.diff = 0, None
         elif t < self.last_t:
@@ -130,17 +139,22 @@ class BatchedCfgReference:
         else:
             raise AssertionError("the batched reference expects one call per step")
         self.last_t = t
-        k = hidden_states.shape[0] // 2
+        k = len(x) // 2
         with torch.no_grad():
             if self.step in self.cfg_s and self.diff is not None:
-                cond = self._forward(hidden_states=hidden_states[k:], **{self.cond: c[k:]},
-                                     timestep=timestep[k:], return_dict=False, **kw)[0]
-                y = torch.cat([cond + self.diff, cond])
+                cond = self._forward(**{self.latent: x[k:], self.cond: c[k:], self.time: timestep[k:]},
+                                     return_dict=False, **kw)[0]
+                y = _cat([a + d for a, d in zip(cond, self.diff)], cond)
             else:
-                y = self._forward(hidden_states=hidden_states, **{self.cond: c},
-                                  timestep=timestep, return_dict=False, **kw)[0]
-                self.diff = y[:k] - y[k:]
+                y = self._forward(**{self.latent: x, self.cond: c, self.time: timestep},
+                                  return_dict=False, **kw)[0]
+                self.diff = [a - b for a, b in zip(y[:k], y[k:])]
         if return_dict:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
             return Transformer2DModelOutput(sample=y)
         return (y,)
+
+
+def _cat(uncond, cond):
+    """The two halves as one output: a batch, or a list of per-sample outputs."""
+    return [*uncond, *cond] if isinstance(cond, list) else torch.cat([torch.stack(uncond), cond])

@@ -83,8 +83,8 @@ def test_default_cache_runs_in_every_pipeline(name):
 def test_rising_timestep_in_zimage_pipeline():
     """ZImagePipeline passes 1 - sigma, rising through a generation, and batches CFG into one call
     of lists. With timestep='rising' a forced schedule reuses what it says in each of two
-    generations in a row, the same each time, its calls told as batch halves (cfg reuse computes:
-    no half-batch forward for lists); unasked, nothing is reused, with one hint."""
+    generations in a row, the same each time, its calls told as batch halves; unasked, nothing is
+    reused, with one hint."""
     model, _ = tiny_models.zimage()
     pipe = pipelines.zimage_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -92,16 +92,14 @@ def test_rising_timestep_in_zimage_pipeline():
     sched = {"rule": "schedule", "step": [2, 4], "block": [3], "cfg": [5]}
     pipe.transformer = torch.compile(model, backend="mixcache",
                                      options={"regions": "eager", "cache": sched, "timestep": "rising"})
-    with pytest.warns(UserWarning, match="no half-batch forward: the latent is a list"):
-        out = pipelines.run_zimage(pipe, 6)
+    out = pipelines.run_zimage(pipe, 6)
     torch.testing.assert_close(pipelines.run_zimage(pipe, 6), out, rtol=0, atol=0)
     assert not torch.allclose(out, ref, rtol=1e-5, atol=1e-5), "the schedule must change something"
     trace = dit_compile.stats(pipe.transformer)["trace"]
     assert [(r["generation"], r["step"], r["action"]) for r in trace] == [
         (g, i, a) for g in (0, 1) for i, a in enumerate(
-            ["compute", "compute", "step", "block", "step", "compute"])]
-    # Its latents and captions are lists: the two guidance branches are told as batch halves,
-    # and cfg reuse at step 5, with no half-batch forward for lists, computes (said above).
+            ["compute", "compute", "step", "block", "step", "cfg"])]
+    # Its latents and captions are lists: the two guidance branches are told as batch halves.
     assert all(r["halves"] for r in trace)
 
     torch._dynamo.reset()
@@ -111,6 +109,34 @@ def test_rising_timestep_in_zimage_pipeline():
         out = pipelines.run_zimage(pipe, 6)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert dit_compile.stats(pipe.transformer)["reused"] == {}
+
+
+def test_zimage_cfg_reuse_runs_the_second_half_of_its_lists():
+    """ZImagePipeline batches CFG as lists: ``[latents, latents]`` and ``[positive, negative]``
+    captions. A cfg reuse step runs the forward on the second half of each list (half the FLOPs)
+    and rebuilds the first from the difference of the last full compute, as the eager reference
+    of that rule does. (The half computed is the pipeline's second, its negative prompt here:
+    the call does not say which half is which prompt.)"""
+    import warnings
+    from reference_cache import BatchedCfgReference
+    model, _ = tiny_models.zimage()
+    pipe = pipelines.zimage_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = [2, 4, 5]
+    full = pipelines.run_zimage(pipe, 6)
+    pipe.transformer = BatchedCfgReference(model, cfg, cond="cap_feats", latent="x", time="t",
+                                           rising=True).model
+    ref = pipelines.run_zimage(pipe, 6)
+    assert (ref - full).abs().max() > 1e-3, "the rule must change the result for the test to bite"
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "schedule", "cfg": cfg}, "timestep": "rising"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")   # the half forward exists
+        out = pipelines.run_zimage(pipe, 6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert [(r["action"], r["flops"]) for r in trace] == [
+        ("cfg", 0.5) if i in cfg else ("compute", 1.0) for i in range(6)]
 
 
 def test_a_broken_forward_caches_none_of_its_graphs():
