@@ -167,17 +167,16 @@ def in_traced_strides(fn: Callable[..., Any], piece: Piece) -> Callable[..., Any
     Inductor keeps an output's strides only where it can: a ``cat`` with an empty operand (Wan
     VACE pads its control tokens by none) comes back as a view of the other operand, transposed.
     Plain Inductor hands that to the caller, who may take any strides; here the next piece was
-    compiled for the traced value's strides, and Inductor's check of its inputs fails. Symbolic
-    strides (a dynamic graph) are left as they come: a known gap, their check would need each
-    call's sizes.
+    compiled for the traced value's strides, and Inductor's check of its inputs fails. A dynamic
+    graph's strides are expressions of each call's sizes: a traced value that is dense is laid out
+    by its order of dimensions at the call's sizes (one that is not is left as it comes).
     """
     out = next(n for n in reversed(piece.module.graph.nodes) if n.op == "output").args[0]
     single = piece.single
     examples = [example_value(x) if isinstance(x, fx.Node) else None
                 for x in ((out,) if single else out)]
-    want = [tuple(v.stride()) if isinstance(v, torch.Tensor)
-            and all(type(x) is int for x in v.stride()) else None for v in examples]
-    if all(s is None for s in want):
+    want = [_traced_layout(v) if isinstance(v, torch.Tensor) else None for v in examples]
+    if all(w is None for w in want):
         return fn
 
     fix: list[int] | None = None     # the outputs to copy: found at the first call, since
@@ -187,18 +186,51 @@ def in_traced_strides(fn: Callable[..., Any], piece: Piece) -> Callable[..., Any
         nonlocal fix
         out = fn(*args)
         if fix is None:
-            fix = [i for i, (x, s) in enumerate(zip([out] if single else out, want))
-                   if s is not None and any(n != 1 and a != b
-                                            for n, a, b in zip(x.shape, x.stride(), s))]
+            fix = [i for i, (x, w) in enumerate(zip([out] if single else out, want))
+                   if w is not None and not _laid_out(x, w(x.shape))]
         if not fix:
             return out
         outs = [out] if single else list(out)
         for i in fix:
             x = outs[i]
-            outs[i] = torch.empty_strided(x.shape, want[i], dtype=x.dtype,
+            outs[i] = torch.empty_strided(x.shape, want[i](x.shape), dtype=x.dtype,
                                           device=x.device).copy_(x)
         return outs[0] if single else outs
     return call
+
+
+def _traced_layout(v: torch.Tensor) -> Callable[[torch.Size], tuple[int, ...]] | None:
+    """The strides a value traced as ``v`` has at a call's sizes: its own where they are numbers;
+    under dynamic shapes, where ``v`` is dense, those of its order of dimensions; else None."""
+    if all(type(s) is int for s in v.stride()):
+        strides = tuple(v.stride())
+        return lambda shape: strides
+    hints = [_hint(d) for d in (*v.shape, *v.stride())]
+    if None in hints:
+        return None
+    shape, stride = hints[:v.dim()], hints[v.dim():]
+    order = sorted(range(v.dim()), key=lambda d: (stride[d], shape[d]))   # innermost first
+    if not all(n == 1 or a == b for n, a, b in zip(shape, stride, _dense(shape, order))):
+        return None
+    return lambda shape: _dense(shape, order)
+
+
+def _dense(shape: Any, order: list[int]) -> tuple[int, ...]:
+    strides, step = [0] * len(shape), 1
+    for d in order:
+        strides[d], step = step, step * shape[d]
+    return tuple(strides)
+
+
+def _hint(d: Any) -> int | None:
+    if type(d) is int:
+        return d
+    return d.node.hint if d.node.has_hint() else None
+
+
+def _laid_out(x: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether ``x`` has these strides where they matter (dimensions of size 1 take any)."""
+    return all(n == 1 or a == b for n, a, b in zip(x.shape, x.stride(), strides))
 
 
 def _small_glue(piece: Piece) -> bool:

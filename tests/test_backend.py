@@ -116,14 +116,23 @@ def test_two_stacks_through_inductor_match_eager():
 def test_a_piece_output_inductor_lays_out_otherwise_reaches_the_next_piece_as_traced():
     """Wan VACE pads its control tokens with a cat of none, which Inductor returns as the other
     operand's transposed view: the control stack's first block, compiled for the traced
-    (contiguous) strides, failed Inductor's check of its inputs on the first call. Against eager
-    (one Inductor compile fewer; fp32 CPU: within 1e-5)."""
+    (contiguous) strides, failed Inductor's check of its inputs on the first call. So it did under
+    dynamic shapes, whose strides are expressions of each call's sizes: two frame counts, one
+    graph. Against eager (one Inductor compile fewer; fp32 CPU: within 1e-5)."""
     from test_zoo import wan_vace
     model, kw = wan_vace()
     with torch.no_grad():
         ours = torch.compile(model, backend="mixcache", fullgraph=True,
                              options={"cache": None})(**kw, return_dict=False)[0]
         torch.testing.assert_close(ours, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        f = torch.compile(model, backend="mixcache", fullgraph=True, dynamic=True,
+                          options={"cache": None})
+        for frames in (2, 3):
+            kw.update(hidden_states=torch.randn(1, 4, frames, 8, 8),
+                      control_hidden_states=torch.randn(1, 8, frames, 8, 8))
+            torch.testing.assert_close(f(**kw, return_dict=False)[0],
+                                       model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
 
 
 def _patchified_hidream():
