@@ -187,7 +187,7 @@ def in_traced_strides(fn: Callable[..., Any], piece: Piece) -> Callable[..., Any
         out = fn(*args)
         if fix is None:
             fix = [i for i, (x, w) in enumerate(zip([out] if single else out, want))
-                   if w is not None and not _laid_out(x, w(x.shape))]
+                   if w is not None and not _same_strides(x.shape, x.stride(), w(x.shape))]
         if not fix:
             return out
         outs = [out] if single else list(out)
@@ -210,7 +210,7 @@ def _traced_layout(v: torch.Tensor) -> Callable[[torch.Size], tuple[int, ...]] |
         return None
     shape, stride = hints[:v.dim()], hints[v.dim():]
     order = sorted(range(v.dim()), key=lambda d: (stride[d], shape[d]))   # innermost first
-    if not all(n == 1 or a == b for n, a, b in zip(shape, stride, _dense(shape, order))):
+    if not _same_strides(shape, stride, _dense(shape, order)):
         return None
     return lambda shape: _dense(shape, order)
 
@@ -228,9 +228,9 @@ def _hint(d: Any) -> int | None:
     return d.node.hint if d.node.has_hint() else None
 
 
-def _laid_out(x: torch.Tensor, strides: tuple[int, ...]) -> bool:
-    """Whether ``x`` has these strides where they matter (dimensions of size 1 take any)."""
-    return all(n == 1 or a == b for n, a, b in zip(x.shape, x.stride(), strides))
+def _same_strides(shape: Any, a: Any, b: Any) -> bool:
+    """Whether strides ``a`` and ``b`` lay out ``shape`` alike (dimensions of size 1 take any)."""
+    return all(n == 1 or x == y for n, x, y in zip(shape, a, b))
 
 
 def _small_glue(piece: Piece) -> bool:
