@@ -325,23 +325,33 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
         return "the graph's inputs do not line up with the example inputs"
     user = {n.name for n in user_inputs(gm)}
     placeholders = [(source_name(n), n.name not in user) for n in phs]
+    numbers = frozenset(i for i, n in enumerate(phs)
+                        if getattr(n.meta.get("grapharg"), "pass_arg_as_tensor", False))
     names = [n.name for n in phs]
     roles = [names.index(rmap.inputs[r]) for r in ("latent", "text", "timestep") if r in rmap.inputs]
     latent = example_inputs[names.index(rmap.inputs["latent"])]
     samples = [names.index(n) for n in rmap.samples]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     # The executor's outputs are the graph's node outputs (constants stay in the output spec).
-    shapes = [_static_shape(x.meta.get("example_value"))
-              for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
+    # Under dynamic shapes the batch is a symbol: an output's dim 0 that is the latent's symbol
+    # is the batch, as a number of the first call.
     batch = len(samples) if samples else latent.shape[0] if latent.dim() else 0
+    traced = example_value(phs[names.index(rmap.inputs["latent"])])
+    symbol = (traced.shape[0] if isinstance(traced, torch.Tensor) and traced.dim()
+              and not isinstance(traced.shape[0], int) else None)
+    shapes = [_static_shape(x.meta.get("example_value"), symbol, batch)
+              for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
     return HalfBatch.build(traced_module(), traced_locals(), placeholders, example_inputs, roles,
-                           batch, shapes, compile, samples, rmap.sample_outs)
+                           batch, shapes, compile, samples, rmap.sample_outs, numbers)
 
 
-def _static_shape(v: Any) -> tuple[int | None, ...] | None:
+def _static_shape(v: Any, symbol: Any = None, batch: int = 0) -> tuple[int | None, ...] | None:
+    """``v``'s shape with symbolic sizes None, but for the batch's ``symbol``: ``batch``."""
     if not isinstance(v, torch.Tensor):
         return None
-    return tuple(d if isinstance(d, int) else None for d in v.shape)
+    return tuple(d if isinstance(d, int) else
+                 batch if symbol is not None and d.node.expr == symbol.node.expr else None
+                 for d in v.shape)
 
 
 def _inductor_config(mode: str | None) -> dict[str, Any]:

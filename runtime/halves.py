@@ -90,7 +90,8 @@ class HalfBatch:
               placeholders: Sequence[tuple[str, bool]], example_inputs: Sequence[Any],
               batch_roles: Sequence[int], batch: int,
               out_shapes: Sequence[tuple[Any, ...] | None], compile: bool,
-              samples: Sequence[int] = (), sample_outs: Sequence[int] = ()) -> "HalfBatch | str":
+              samples: Sequence[int] = (), sample_outs: Sequence[int] = (),
+              numbers: frozenset[int] = frozenset()) -> "HalfBatch | str":
         """The recipe, or why there is none.
 
         ``placeholders[i]``: graph input i's source name and whether it comes from the module
@@ -98,7 +99,9 @@ class HalfBatch:
         latent/text/timestep; ``batch``: the latent's dim 0, or the length of its list;
         ``out_shapes``: the shape of each graph output (None: not a tensor). ``samples``: the
         graph inputs of a latent given as a list of per-sample tensors, ``sample_outs`` the
-        graph outputs of the per-sample results (empty where the latent is one tensor)."""
+        graph outputs of the per-sample results (empty where the latent is one tensor).
+        ``numbers``: graph inputs Dynamo made of the module's Python numbers (a norm's eps under
+        dynamic=True, a new tensor at every call): the forward reads those from the module."""
         if module is None or frame is None:
             return "the traced module or its call arguments are unknown"
         try:
@@ -141,7 +144,7 @@ class HalfBatch:
                                        *module.named_buffers(remove_duplicate=False))}
         state, pinned = [], []
         for i, ((source, from_module), x) in enumerate(zip(placeholders, example_inputs)):
-            if not isinstance(x, torch.Tensor) or i in covered:
+            if not isinstance(x, torch.Tensor) or i in covered or (from_module and i in numbers):
                 continue
             if not from_module:
                 return f"graph input {source} is not a tensor argument of forward"

@@ -253,6 +253,21 @@ def test_a_tensor_argument_the_graph_never_takes_does_not_stop_the_half_forward(
     assert dit_compile.stats(f)["reused"] == {"cfg": 3}
 
 
+def test_half_forward_under_dynamic_shapes_matches_reference():
+    """dynamic=True makes the batch a symbol (the graph's outputs carry it as an expression) and
+    every module float (a norm's eps) a graph input, a new tensor at every call: the half forward
+    was refused for both, and cfg reuse computed the full batch (said once)."""
+    model = pipelines.cogvideox_transformer()
+    ref = _reference(model, {2, 3})
+    pipe = _pipe(model)
+    pipe.transformer = torch.compile(model, backend="mixcache", dynamic=True, options={
+        "regions": "eager", "cache": {"rule": "schedule", "cfg": [2, 3]}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), ref, rtol=1e-5, atol=1e-5)
+    _check_trace(dit_compile.stats(pipe.transformer)["trace"], {2, 3}, generations=1)
+
+
 @pytest.mark.inductor
 def test_half_forward_through_inductor_matches_reference():
     """The half-batch forward compiled with its own torch.compile, called from inside ours."""

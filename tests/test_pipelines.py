@@ -111,12 +111,14 @@ def test_rising_timestep_in_zimage_pipeline():
     assert dit_compile.stats(pipe.transformer)["reused"] == {}
 
 
-def test_zimage_cfg_reuse_runs_the_second_half_of_its_lists():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_zimage_cfg_reuse_runs_the_second_half_of_its_lists(dynamic):
     """ZImagePipeline batches CFG as lists: ``[latents, latents]`` and ``[positive, negative]``
     captions. A cfg reuse step runs the forward on the second half of each list (half the FLOPs)
     and rebuilds the first from the difference of the last full compute, as the eager reference
     of that rule does. (The half computed is the pipeline's second, its negative prompt here:
-    the call does not say which half is which prompt.)"""
+    the call does not say which half is which prompt.) Under dynamic=True too, where each
+    sample's sizes are symbols."""
     import warnings
     from reference_cache import BatchedCfgReference
     model, _ = tiny_models.zimage()
@@ -128,7 +130,7 @@ def test_zimage_cfg_reuse_runs_the_second_half_of_its_lists():
                                            rising=True).model
     ref = pipelines.run_zimage(pipe, 6)
     assert (ref - full).abs().max() > 1e-3, "the rule must change the result for the test to bite"
-    pipe.transformer = torch.compile(model, backend="mixcache", options={
+    pipe.transformer = torch.compile(model, backend="mixcache", dynamic=dynamic, options={
         "regions": "eager", "cache": {"rule": "schedule", "cfg": cfg}, "timestep": "rising"})
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="mixcache")   # the half forward exists
