@@ -53,6 +53,27 @@ def run_zimage(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Ten
                 generator=g).images
 
 
+def pixart_pag_pipeline(transformer: torch.nn.Module, layers: str = "blocks.0"):
+    """PixArt-Sigma with perturbed-attention guidance: one call per step of batch 3k,
+    ``[uncond, cond, perturbed]`` on the latent three times; the perturbed third's self-attention
+    in ``layers`` is the identity (the pipeline swaps the processors for the generation)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPAGPipeline
+    return PixArtSigmaPAGPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                  transformer=transformer, scheduler=DPMSolverMultistepScheduler(),
+                                  pag_applied_layers=[layers])
+
+
+def run_pixart_pag(pipe, steps: int = 12, seed: int = 0, size: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    dim = pipe.transformer.config.caption_channels
+    embeds, negative = torch.randn(1, 6, dim, generator=g), torch.randn(1, 6, dim, generator=g)
+    return pipe(prompt_embeds=embeds, prompt_attention_mask=torch.ones(1, 6), negative_prompt=None,
+                negative_prompt_embeds=negative, negative_prompt_attention_mask=torch.ones(1, 6),
+                height=size, width=size, num_inference_steps=steps, guidance_scale=4.0,
+                pag_scale=3.0, use_resolution_binning=False, output_type="latent",
+                generator=g).images
+
+
 def dit_transformer(layers: int = 3) -> torch.nn.Module:
     """The class-conditional DiT (ImageNet classes; class 1000 is DiTPipeline's null class)."""
     from diffusers import DiTTransformer2DModel

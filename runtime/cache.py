@@ -81,6 +81,9 @@ class Step:
     branch: int
     t: float
     halves: bool = False
+    # Guidance branches the batch carries as equal groups of samples (2: halves, 3: PAG's
+    # [uncond, cond, perturbed]); 1 where none or not looked for. Per-sample decisions tie them.
+    groups: int = 1
 
 
 @dataclass
@@ -186,14 +189,14 @@ class CacheState:
                              "through a generation needs no option (timestep='falling')")
         return 1.0 - lo
 
-    def begin(self, t: float, signature: Any, halves: bool = False,
+    def begin(self, t: float, signature: Any, halves: bool = False, groups: int = 1,
               text: torch.Tensor | None = None, latent: torch.Tensor | None = None,
               timestep: torch.Tensor | None = None, graph: object | None = None) -> Step:
         """Place a call in its generation, step and branch; drop the cache on a new generation,
         and a branch's cache when its text condition or its graph changed. ``latent`` None
         (callers that have none, unit tests): a repeated timestep is the next branch.
         ``timestep``: the call's own (per sample or per token), where ``t`` is its noise level.
-        ``graph``: the token of the executor making the call."""
+        ``graph``: the token of the executor making the call. ``groups``: see ``Step``."""
         self.last_call = time.monotonic_ns()
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
@@ -230,7 +233,7 @@ class CacheState:
             self._check_graph(self._branch, graph)
         if text is not None:
             self._check_text(self._branch, text)
-        return Step(self.generation, self._step, self._branch, t, self._halves)
+        return Step(self.generation, self._step, self._branch, t, self._halves, groups)
 
     def _fell_below_max(self, timestep: torch.Tensor | None) -> bool:
         """Whether some of the call's per-token (or per-sample) timesteps fell since the last call

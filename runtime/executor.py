@@ -17,7 +17,7 @@ from ..passes.modulation import Modulation
 from ..passes.regions import BLOCK
 from ..passes.split import Plan, output_keys
 from .cache import BranchCache, CacheState, StateFactory, Step, extrapolate, push_outputs
-from .halves import HalfBatch, is_batched_cfg
+from .halves import HalfBatch, guidance_groups, is_batched_cfg
 from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
 
 
@@ -130,7 +130,7 @@ class GuardedExecutor(Executor):
         self.sample_slots = [names.index(n) for n in plan.rmap.samples]
         self.sample_outs = list(plan.rmap.sample_outs)
         self.text_slots = [names.index(n) for n in plan.rmap.texts]
-        self._detect = self.text is not None and bool(getattr(policy, "ties_halves", False))
+        self._detect = self.text is not None and bool(getattr(policy, "ties_groups", False))
         # The text is not in the signature: its changes are the branch's own (CacheState).
         self.sig_slots = [*(self.sample_slots or [self.latent]), self.t]
         guarded = plan.rmap.guarded
@@ -190,9 +190,10 @@ class GuardedExecutor(Executor):
         pol = self.policy
         x = (torch.stack([env[i] for i in self.sample_slots]) if self.sample_slots
              else env[self.latent])
+        groups = guidance_groups(x, env[self.t]) if self._detect else 1
         step = st.begin(st.noise_level(env[self.t]), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
-            halves=self._detect and self._halves_call(env, x),
+            halves=groups == 2 and self._halves_call(env, x.shape[0]), groups=groups,
             text=self._text(env), latent=x, timestep=env[self.t],
             graph=self.token)
         bc = st.branch(step.branch)
@@ -309,12 +310,12 @@ class GuardedExecutor(Executor):
             return torch.cat([env[i].reshape(-1) for i in self.text_slots])
         return None if self.text is None else env[self.text]
 
-    def _halves_call(self, env: list[Any], x: torch.Tensor) -> bool:
+    def _halves_call(self, env: list[Any], batch: int) -> bool:
         """A batched-CFG call: both guidance branches as the halves of one batch. Without a
         half-batch forward (the user is told why, once) cfg reuse cannot take it, and no branch
         difference is kept for it; its halves still decide as one."""
         text = [env[i] for i in self.text_slots] if self.text_slots else env[self.text]
-        if not is_batched_cfg(x, text, env[self.t]):
+        if not is_batched_cfg(2, text, batch):
             return False
         if self.halves is None and self._no_halves is not None:
             warnings.warn(f"mixcache: a batched-CFG call (both guidance branches in one batch), "

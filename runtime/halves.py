@@ -288,19 +288,34 @@ def _bind(sig: inspect.Signature, frame: Mapping[str, Any]) -> dict[str, Any] | 
     return None
 
 
-def is_batched_cfg(latent: torch.Tensor, text: torch.Tensor | list[torch.Tensor],
-                   timestep: torch.Tensor) -> bool:
-    """Both guidance branches in one batch: even batch, equal latent halves (and timestep halves),
-    different text halves. Cheapest tests first; two prompts with two latents fail the second.
-    ``text`` a list: one per sample (Z-Image's captions, each of its own length)."""
+def guidance_groups(latent: torch.Tensor, timestep: torch.Tensor) -> int:
+    """How many guidance branches one call batches as equal groups of samples: 2 where the latent
+    (and a per-sample timestep) is two equal halves (batched CFG, ``[uncond, cond]``), 3 for three
+    equal thirds (perturbed-attention guidance's ``[uncond, cond, perturbed]``), else 1. Halves
+    first, as the pipelines batch most; ``[a, b, a, b, a, b]`` (PAG, two images a prompt) is thirds."""
     n = latent.shape[0] if latent.dim() else 0
-    if n < 2 or n % 2 or (isinstance(text, torch.Tensor) and text.dim() == 0) or len(text) != n:
+    per_sample = timestep.dim() >= 1 and timestep.shape[0] == n
+    for g in (2, 3):
+        if n >= g and n % g == 0 and (not per_sample or _equal_groups(timestep, g)) and (
+                _equal_groups(latent, g)):
+            return g
+    return 1
+
+
+def _equal_groups(x: torch.Tensor, g: int) -> bool:
+    k = x.shape[0] // g
+    return all(torch.equal(x[:k], x[i * k:(i + 1) * k]) for i in range(1, g))
+
+
+def is_batched_cfg(groups: int, text: torch.Tensor | list[torch.Tensor], batch: int) -> bool:
+    """Both guidance branches in one batch: latent halves (``guidance_groups`` 2) whose text
+    halves differ; prompts on two latents fail the first. A third branch (PAG's) is not halves, and
+    two halves of one text ([cond, perturbed], PAG without CFG) are not a cfg difference.
+    ``text`` a list: one per sample (Z-Image's captions, each of its own length), ``batch``
+    the latent's."""
+    if groups != 2 or (isinstance(text, torch.Tensor) and text.dim() == 0) or len(text) != batch:
         return False
-    k = n // 2
-    if timestep.dim() >= 1 and timestep.shape[0] == n and not torch.equal(timestep[:k], timestep[k:]):
-        return False
-    if not torch.equal(latent[:k], latent[k:]):
-        return False
+    k = batch // 2
     if isinstance(text, torch.Tensor):
         return not torch.equal(text[:k], text[k:])
     return any(not torch.equal(a, b) for a, b in zip(text[:k], text[k:]))

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import BranchCache, CacheState, Step, sample_times
-from .policy import CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1, tie_halves
+from .policy import CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1, tie_groups
 
 GRANULARITIES = ("step", "cfg", "block")
 
@@ -117,7 +117,7 @@ class MixCache:
         return "cfg" in self.granularities
 
     @property
-    def ties_halves(self) -> bool:
+    def ties_groups(self) -> bool:
         per_sample = self.per_sample and bool({"step", "block"} & set(self.granularities))
         return self.cfg_on_halves or per_sample
 
@@ -180,8 +180,8 @@ class MixCache:
         difference, which the pipeline multiplies by the guidance scale; reused together, both are
         extrapolated over the same steps and their errors largely do. On the trained models' tuning
         cases, tying the branches raised the mean PSNR by 0.5-2.6 dB and the worst case by up to
-        6.6 dB, for at most 0.013 more of the FLOPs (bench/RESULTS.md). On batched-CFG calls the
-        two halves of a pair are the two branches: tied the same way."""
+        6.6 dB, for at most 0.013 more of the FLOPs (bench/RESULTS.md). Guidance branches batched
+        in one call (CFG's halves, PAG's thirds) are tied the same way."""
         decided = st.signals.get("step_errors")
         if decided is not None and decided[0] == s.step:
             return decided[2].get(s.branch), decided[1]
@@ -193,7 +193,7 @@ class MixCache:
                 continue        # not called at the last step (guidance off there): not tied
             estimates[b] = e = self._step_error(s, st, bc, n)
             fit = fit & (e <= self._left(bc)) if e is not None else fit & False
-        fit = tie_halves(s, fit)
+        fit = tie_groups(s, fit)
         if not self.per_sample:
             fit = fit.all().expand(n).clone()
         # The estimates are kept either way: a computed call's trace shows the one that did not fit.
@@ -261,7 +261,7 @@ class MixCache:
             return False, float(change.max())
         left = _per_sample(self._left(bc), n).to(change.device)
         below = torch.as_tensor(bc.below(self.max_reuse)).to(change.device)
-        mask = tie_halves(s, settled & (err <= left) & below)
+        mask = tie_groups(s, settled & (err <= left) & below)
         if not self.per_sample:
             mask = mask.all().expand_as(mask)
         if not bool(mask.any()):

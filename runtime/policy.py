@@ -90,10 +90,11 @@ class Policy:
         return bool(self.cfg_steps) or self.cfg_every is not None
 
     @property
-    def ties_halves(self) -> bool:
-        """Whether batched-CFG calls must be told apart (a compare of the latent halves at every
-        call): for cfg reuse on their halves, or where decisions are per sample, so that a pair's
-        halves, its two guidance branches, decide as one (``tie_halves``)."""
+    def ties_groups(self) -> bool:
+        """Whether guidance branches batched in one call must be told apart (a compare of the
+        latent's halves and thirds at every call): for cfg reuse on batched-CFG halves, or where
+        decisions are per sample, so that a sample's copies in the branches decide as one
+        (``tie_groups``)."""
         return self.cfg_on_halves or (self.per_sample and self.first_block is not None)
 
     def _bounded(self, bc: BranchCache) -> bool:
@@ -171,7 +172,7 @@ class Policy:
             return False, None
         change = rel_l1(probe, bc.probe)
         signal = float(change.max())
-        mask = tie_halves(s, (change <= self.first_block) & bc.below(self.max_reuse))
+        mask = tie_groups(s, (change <= self.first_block) & bc.below(self.max_reuse))
         if not self.per_sample:
             return bool(mask.all()), signal
         if bool(mask.all()):
@@ -224,16 +225,16 @@ def polyval(coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def tie_halves(s: Step, mask: torch.Tensor) -> torch.Tensor:
-    """A per-sample decision with the two halves of a batched-CFG call (the pair's guidance
-    branches) tied: a pair reuses only where both halves may. Branches that reuse apart make errors
-    that do not cancel in the guidance difference, which the pipeline multiplies by its scale; a
-    call whose halves decide apart would also compute the whole batch for one half's sake."""
-    n = mask.shape[0]
-    if not s.halves or n % 2:
+def tie_groups(s: Step, mask: torch.Tensor) -> torch.Tensor:
+    """A per-sample decision with the guidance branches batched in one call tied (``s.groups``:
+    batched CFG's two halves, PAG's three thirds): a sample reuses only where its copy in every
+    branch may. Branches that reuse apart make errors that do not cancel in the guidance
+    differences, which the pipeline multiplies by its scales; a call whose branches decide apart
+    would also compute the whole batch for one branch's sake."""
+    n, g = mask.shape[0], s.groups
+    if g < 2 or n % g:
         return mask
-    pair = mask[: n // 2] & mask[n // 2:]
-    return torch.cat([pair, pair])
+    return mask.reshape(g, n // g).all(0).repeat(g)
 
 
 def cfg_ready(s: Step, state: CacheState) -> bool:

@@ -111,6 +111,46 @@ def test_default_cache_decides_for_both_halves_of_a_batched_cfg_call(name):
     assert all(r["reused"] is None for r in steps), [r["reused"] for r in steps]
 
 
+def test_perturbed_attention_guidance_branches_decide_as_one():
+    """PixArtSigmaPAGPipeline batches three guidance branches, ``[uncond, cond, perturbed]`` on
+    one latent: a per-sample rule must tie them as it ties batched CFG's halves. Untied, the
+    perturbed third (its first block's attention made the identity, so its probe moves apart)
+    reused alone at some steps while the whole batch computed (``reused`` (False, False, True))."""
+    from tiny_models import seeded
+    model = seeded("PixArtTransformer2DModel", sample_size=8, num_layers=3, patch_size=2,
+                   attention_head_dim=8, num_attention_heads=2, in_channels=4,
+                   cross_attention_dim=16, out_channels=8, attention_bias=True,
+                   activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                   norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                   use_additional_conditions=False, caption_channels=16)
+    pipe = pipelines.pixart_pag_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    # In place: the pipeline finds the attention layers to perturb by their names in the model.
+    model.compile(backend="mixcache", options={"regions": "eager",
+                                               "cache": {"rule": "first_block", "threshold": 0.16}})
+    pipelines.run_pixart_pag(pipe)
+    trace = dit_compile.stats(model)["trace"]
+    assert [r["action"] for r in trace].count("block") >= 6, trace
+    assert all(r["reused"] is None for r in trace), [r["reused"] for r in trace]
+
+
+def test_guidance_groups_are_equal_latent_halves_or_thirds():
+    from dit_compile.runtime.cache import Step
+    from dit_compile.runtime.halves import guidance_groups
+    from dit_compile.runtime.policy import tie_groups
+    a, b, c = torch.randn(3, 1, 4)
+    t = torch.full((6,), 500.0)
+    assert guidance_groups(torch.cat([a, b, a, b]), t[:4]) == 2
+    assert guidance_groups(torch.cat([a, b, a, b, a, b]), t) == 3    # PAG, two images a prompt
+    assert guidance_groups(torch.cat([a, b, c, a, b, c]), t) == 2    # CFG, three images a prompt
+    assert guidance_groups(torch.cat([a, a, b]), t[:3]) == 1
+    assert guidance_groups(torch.cat([a, a, a]), torch.tensor([500.0, 500.0, 400.0])) == 1
+    mask = torch.tensor([True, True, False, True, True, True])
+    assert tie_groups(Step(0, 1, 0, 500.0, groups=3), mask).tolist() == [False, True] * 3
+    assert tie_groups(Step(0, 1, 0, 500.0, groups=2), mask).tolist() == [True, True, False] * 2
+    assert tie_groups(Step(0, 1, 0, 500.0), mask).tolist() == mask.tolist()
+
+
 def test_two_instances_share_the_graph_not_the_weights(monkeypatch):
     """Dynamo serves every instance of a class with one graph: the half forward must run the
     weights of the instance being called, not those of the one traced."""
