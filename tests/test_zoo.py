@@ -1,4 +1,4 @@
-"""More of diffusers' DiTs (here, and tiny configs of 26 more in zoo_video.py and zoo_image.py):
+"""More of diffusers' DiTs (here, and tiny configs of 31 more in zoo_video.py and zoo_image.py):
 the region pass finds their stacks and inputs with no per-model table, and a forced schedule reuses
 what it says.
 
@@ -128,7 +128,7 @@ TEXT = {"ernie_image": "text_bth"}
 # region flat and copies tensors that share storage, so what can break is in their forms, not in
 # the model): tuples in tuples (allegro), a list (ernie_image), ints (helios, sana, motif_video),
 # bools (ltx2), positional Nones (cogview4, latte), a None keyword (flux2), long skips
-# (hunyuandit), control and interleaved stacks (wan_vace, wan_animate). The other 21 add time
+# (hunyuandit), control and interleaved stacks (wan_vace, wan_animate). The other 26 add time
 # to every CI run (about 4 s each on 2 cores) and no form these lack.
 NESTED = {"allegro", "cogview4", "ernie_image", "flux2", "helios", "hunyuandit", "latte", "ltx2",
           "motif_video", "sana", "wan_animate", "wan_vace"}
@@ -171,6 +171,35 @@ def test_more_diffusers_dits(name, nested, monkeypatch):
     for i, (x, y) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
 
+
+
+@pytest.mark.parametrize("cache", [{"rule": "schedule", "step": [2], "block": [4]}, "fast"])
+def test_a_model_without_text_caches_by_latent_and_timestep(cache, monkeypatch):
+    """Kandinsky 6's super-resolution stage takes the latent and the timestep only (one call a
+    step, no guidance): nothing to tell branches or batched guidance by, and nothing needed. A
+    schedule reuses as the reference does; the ``fast`` preset, whose per-sample decisions
+    look for batched guidance branches by the text, reuses steps."""
+    model, kw = zoo_video.kandinsky6_sr()
+    found = []
+    monkeypatch.setattr(backend, "find_regions",
+                        lambda gm, real=backend.find_regions: found.append(real(gm)) or found[-1])
+
+    def run(f):     # one call a step; the reference returns the output, the model a tuple
+        with torch.no_grad():
+            ys = [f(**dict(kw, timestep=torch.full((1,), t)), return_dict=False) for t in STEPS]
+        return [y[0] if isinstance(y, tuple) else y for y in ys]
+
+    f = torch.compile(model, backend="mixcache", fullgraph=True,
+                      options={"regions": "eager", "cache": cache})
+    ours = run(f)
+    assert "text" not in found[0].inputs, found[0].inputs
+    if isinstance(cache, dict):
+        assert dit_compile.stats(f)["reused"] == {"step": 1, "block": 1}
+        ref = Reference(model, blocks_attr="visual_transformer_blocks", step=[2], block=[4])
+        for i, (x, y) in enumerate(zip(ours, run(ref.start(STEPS[0])))):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+    else:
+        assert dit_compile.stats(f)["reused"].get("step", 0) >= 1
 
 def mochi():
     """Its attention keeps each sample's valid text tokens with nonzero: a graph break per block

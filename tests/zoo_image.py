@@ -181,6 +181,43 @@ def ace_step():
                    timestep_r=torch.full((1,), 0.5), encoder_hidden_states=torch.randn(1, 6, 16),
                    context_latents=torch.randn(1, 16, 8))
 
+
+def glm_image():
+    """Dual-stream blocks ``(image, text) -> (image, text)``. Beside the text: prior (AR-model)
+    token ids added onto the image tokens, a per-token drop mask (all True on the pipeline's
+    unconditional call), size conditions, and a ``GlmImageKVCache`` object (mode None in
+    text-to-image), a Python object Dynamo guards on."""
+    m = seeded("GlmImageTransformer2DModel", patch_size=2, in_channels=4, out_channels=4,
+               num_layers=2, attention_head_dim=8, num_attention_heads=2, text_embed_dim=16,
+               time_embed_dim=16, condition_dim=4, prior_vq_quantizer_codebook_size=32)
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+    for block in m.transformer_blocks:
+        block.two = True
+    tokens = torch.randint(0, 32, (1, 16), generator=torch.Generator().manual_seed(1))
+    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                   prior_token_id=tokens, prior_token_drop=torch.zeros_like(tokens, dtype=torch.bool),
+                   timestep=torch.full((1,), 998.0), target_size=torch.tensor([[64.0, 64.0]]),
+                   crop_coords=torch.zeros(1, 2), kv_caches=GlmImageKVCache(num_layers=2))
+
+
+def ideogram4():
+    """One stack over a packed ``[pad, text, image]`` sequence: the latent zero over the text
+    region, the text features zero over the image's, per-token role, segment and (t, h, w)
+    position ids from the pipeline's own ``_prepare_ids`` (its unconditional branch is a second
+    model, on the image tokens alone)."""
+    m = seeded("Ideogram4Transformer2DModel", in_channels=16, num_layers=2, attention_head_dim=16,
+               num_attention_heads=2, intermediate_size=64, adaln_dim=16, llm_features_dim=24,
+               rope_theta=10000, mrope_section=(2, 2, 2))
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import Ideogram4Pipeline
+    pad, text, image = 6, 5, 16
+    position_ids, segment_ids, indicator = Ideogram4Pipeline._prepare_ids([text], 4, 4, pad, "cpu")
+    feats = torch.randn(1, pad, 24)
+    feats[:, :pad - text] = 0.0
+    return m, dict(hidden_states=torch.cat([torch.zeros(1, pad, 16), torch.randn(1, image, 16)], 1),
+                   encoder_hidden_states=torch.cat([feats, torch.zeros(1, image, 24)], 1),
+                   timestep=torch.full((1,), 0.5), position_ids=position_ids,
+                   segment_ids=segment_ids, indicator=indicator)
+
 # name: (factory, stacks the region pass must find, the single stack's attribute or None)
 ZOO = {
     "auraflow": (auraflow, {"joint_transformer_blocks": 2, "single_transformer_blocks": 2}, None),
@@ -197,4 +234,6 @@ ZOO = {
     "ernie_image": (ernie_image, {"layers": 2}, "layers"),
     "bria_fibo2": (bria_fibo2, {"noise_refiner": 2, "layers": 4}, None),
     "ace_step": (ace_step, {"layers": 4}, "layers"),
+    "glm_image": (glm_image, {"transformer_blocks": 2}, "transformer_blocks"),
+    "ideogram4": (ideogram4, {"layers": 2}, "layers"),
 }

@@ -147,6 +147,88 @@ def joyimage_edit():
     return m, dict(hidden_states=torch.randn(1, 2, 4, 1, 8, 8), timestep=torch.full((1,), 500.0),
                    encoder_hidden_states=torch.randn(1, 6, 16))
 
+def kandinsky6():
+    """Two text-only stacks (the video's and the audio's text) before the fused video/audio
+    stack, whose blocks return ``(video, audio)``; latents ``(B, T, H, W, 2c + 1)`` (the
+    conditioning latent and mask channels zero), audio latents, a text padding mask, pooled
+    CLIP text; two outputs. The released checkpoints' flags."""
+    m = seeded("Kandinsky6Transformer3DModel", in_visual_dim=4, out_visual_dim=4, in_text_dim=16,
+               in_text_dim2=8, time_dim=16, patch_size=(1, 2, 2), model_dim=16, ff_dim=32,
+               num_text_blocks=2, num_visual_blocks=2, axes_dims=(4, 2, 2), visual_cond=True,
+               in_audio_dim=4, out_audio_dim=4, text_token_padding=True, ca_rope=True,
+               cross_gates=True, fix_modulation=True)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask[:, -1] = False
+    return m, dict(hidden_states=torch.randn(1, 2, 8, 8, 9), audio_hidden_states=torch.randn(1, 5, 4),
+                   encoder_hidden_states=torch.randn(1, 6, 16), pooled_projections=torch.randn(1, 8),
+                   timestep=torch.full((1,), 500.0), encoder_attention_mask=mask)
+
+
+def kandinsky6_sr():
+    """The super-resolution stage: latent and timestep only (no text, no guidance), NABLA sparse
+    attention through flex attention, a block mask built in every block (64-token blocks: the
+    token grid 8-divisible)."""
+    m = seeded("Kandinsky6SRTransformer3DModel", in_visual_dim=4, out_visual_dim=4, time_dim=16,
+               patch_size=(1, 1, 1), model_dim=16, ff_dim=32, num_visual_blocks=2,
+               axes_dims=(4, 2, 2), nabla_window=(3, 3, 3))
+    return m, dict(hidden_states=torch.randn(1, 2, 8, 8, 9), timestep=torch.full((1,), 500.0))
+
+
+def minimax_h3():
+    """One packed sequence (text, audio rows, video rows) put together by ``index_copy`` at the
+    indices the pipeline passes, float64 (t, h, w) positions, per-row timesteps as the distinct
+    values and each row's index into them, a token refiner on the text in the prologue; two
+    outputs (video, audio)."""
+    m = seeded("MiniMaxH3Transformer3DModel", num_attention_heads=2, attention_head_dim=16,
+               hidden_size=32, num_layers=2, num_refiner_layers=2, ffn_dim=32, in_channels=4,
+               audio_in_channels=4, patch_size=(1, 2, 2), text_dim=16, freq_dim=16,
+               time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=2)
+    text, audio, frames, rows = 6, 4, 2, 4
+    seq = text + audio + frames * rows
+    text_i, audio_i = torch.arange(text), torch.arange(text, text + audio)
+    video_i = torch.arange(text + audio, seq)
+    tags = torch.zeros(seq, dtype=torch.long)
+    tags[text_i], tags[audio_i] = 1, 2
+    pos = torch.zeros(seq, 3, dtype=torch.float64)
+    pos[:text + audio, 0] = torch.arange(text + audio, dtype=torch.float64)
+    hw = torch.cartesian_prod(torch.arange(2.0), torch.arange(2.0))
+    for f in range(frames):
+        pos[video_i[f * rows:(f + 1) * rows]] = torch.cat([torch.full((rows, 1), text + f), hw],
+                                                          1).double()
+    t_index = torch.ones(seq, dtype=torch.long)
+    t_index[audio_i] = 0
+    return m, dict(hidden_states=torch.randn(1, frames * rows, 16),
+                   audio_hidden_states=torch.randn(1, audio, 4),
+                   encoder_hidden_states=torch.randn(1, text, 16), timestep=torch.tensor([0.4, 0.5]),
+                   timestep_indices=t_index, token_tags=tags, position_ids=pos,
+                   video_indices=video_i, audio_indices=audio_i, text_indices=text_i)
+
+
+def sana_wm():
+    """Camera-controlled video: per-frame timesteps ``(B, 1, T)`` (the conditioning frame's 0),
+    text ``(B, 1, L, D)`` with its mask, the pipeline's own camera raymap and Plucker tensors;
+    blocks of one class whose attention alternates linear (gated delta rule) and softmax, so
+    their graphs differ."""
+    m = seeded("SanaWMTransformer3DModel", in_channels=4, num_layers=2, hidden_size=32,
+               num_attention_heads=2, patch_size=(1, 1, 1), softmax_every_n=2, linear_head_dim=16,
+               chunk_plucker_post_attn_blocks=2, caption_channels=16, mlp_ratio=2.0)
+    import numpy as np
+    from diffusers.pipelines.sana_wm.cam_utils import prepare_camera
+    frames, size = 9, 128          # 2 latent frames of 4x4 (VAE stride 8 in time, 32 in space)
+    c2w = np.tile(np.eye(4, dtype=np.float32), (frames, 1, 1))
+    c2w[:, 2, 3] = np.linspace(0.0, 0.5, frames)       # a slow dolly
+    intrinsics = np.tile(np.array([[0.8 * size, 0.8 * size, size / 2, size / 2]], np.float32),
+                         (frames, 1))
+    cam = prepare_camera(c2w, intrinsics, target_size=(size, size), vae_stride=(8, 32, 32))
+    timestep = torch.full((1, 1, 2), 500.0)
+    timestep[..., 0] = 0.0
+    return m, dict(hidden_states=torch.randn(1, 4, 2, 4, 4), timestep=timestep,
+                   encoder_hidden_states=torch.randn(1, 1, 6, 16),
+                   mask=torch.ones(1, 6, dtype=torch.long),
+                   data_info={"img_hw": torch.tensor([[128.0, 128.0]])},
+                   camera_conditions=cam["raymap"][None], chunk_plucker=cam["chunk_plucker"][None])
+
+
 # name: (factory, stacks the region pass must find, the single stack's attribute or None)
 ZOO = {
     "allegro": (allegro, {"transformer_blocks": 3}, "transformer_blocks"),
@@ -161,4 +243,8 @@ ZOO = {
     "helios": (helios, {"blocks": 3}, "blocks"),
     "wan_animate": (wan_animate, {"blocks": 4, "face_adapter": 2}, None),
     "joyimage_edit": (joyimage_edit, {"double_blocks": 3}, None),
+    "kandinsky6": (kandinsky6, {"video_text_transformer_blocks": 2,
+                                "audio_text_transformer_blocks": 2, "visual_transformer_blocks": 2}, None),
+    "minimax_h3": (minimax_h3, {"transformer_blocks": 2}, "transformer_blocks"),
+    "sana_wm": (sana_wm, {"blocks": 2}, "blocks"),
 }
