@@ -325,12 +325,14 @@ class GuardedExecutor(Executor):
         return True
 
     def _cfg_halves(self, env: list[Any], diff: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The conditional half computed, the unconditional half rebuilt as cond + (uncond - cond)
-        from the last full compute; in the call's order (uncond first, as the pipelines batch)."""
+        """The conditional half computed, the unconditional half rebuilt from it and the
+        difference ``first - second`` of the last full compute, in the call's order."""
         k = (len(self.sample_slots) if self.sample_slots else env[self.latent].shape[0]) // 2
         cond = self.halves(env, k)
         if cond is None:
             return None
+        if self.halves.conditional_first:
+            return [torch.cat([c, c - d]) for c, d in zip(cond, diff)]
         return [torch.cat([c + d, c]) for c, d in zip(cond, diff)]
 
     def _reuse_step(self, bc: BranchCache, x: torch.Tensor, t: float) -> list[torch.Tensor]:

@@ -5,9 +5,12 @@ the latent repeated twice, the text ``cat([negative, positive])``, the timestep 
 there means computing only the conditional half (batch k) and rebuilding the unconditional half
 from the difference cached at the last step where both were computed. ZImagePipeline batches
 lists instead, one latent and one caption per sample (``[latents, latents]``, ``[positive,
-negative]``): the half takes each such list's last k elements, and its per-sample outputs come
-back stacked (the second half computed is the negative one there: a call does not say which
-prompt is which).
+negative]``), its conditional half first: the half takes each such list's first k elements, and
+its per-sample outputs come back stacked. (A call does not say which half is which prompt; the
+pipelines' own orders tell: every tensor-batched pipeline puts the negative prompt first, every
+list-batched one, the Z-Image family, second. Computing the conditional half keeps the fresh
+prediction where the guidance weights it most: the rebuilt half's error enters the guided output
+scaled by s - 1 instead of s.)
 
 Why a second forward and not the pieces: Dynamo under static shapes bakes the batch size into the
 graph's view/reshape arguments, so the compiled pieces cannot run batch k. The half-batch forward is
@@ -76,8 +79,9 @@ class HalfBatch:
     batch_inputs: frozenset[int]            # graph inputs that carry the batch (when dim 0 = 2k)
     out_shapes: list[tuple[Any, ...]]      # batched graph outputs' shapes past dim 0
     compile: bool                           # Inductor (True) or eager
-    # A batch given as lists of per-sample tensors (Z-Image): the list arguments, whose second
-    # half the half takes; the graph's per-sample outputs (one run) and their shape.
+    # A batch given as lists of per-sample tensors (Z-Image): the list arguments, whose first
+    # half (the conditional one there) the half takes; the graph's per-sample outputs (one run)
+    # and their shape.
     lists: frozenset[str] = frozenset()
     sample_outs: range = range(0)
     sample_shape: tuple[Any, ...] = ()
@@ -171,8 +175,8 @@ class HalfBatch:
                    out_shapes[one_run.start] if one_run else ())
 
     def __call__(self, env: Sequence[Any], k: int) -> list[torch.Tensor] | None:
-        """The graph's outputs for the second half (``[k:]``) of the batch, or None (with a
-        warning, once per reason) where this call cannot take the half-batch path. Per-sample
+        """The graph's outputs for the conditional half of the batch (``half``), or None (with
+        a warning, once per reason) where this call cannot take the half-batch path. Per-sample
         outputs come stacked, first (as the executor holds them)."""
         module = self.module()
         if module is None:
@@ -187,7 +191,7 @@ class HalfBatch:
             if name in self.args:
                 spec, recipe = self.args[name]
                 leaves = [self._leaf(env, r, k) for r in recipe]
-                arguments[name] = (leaves[k:] if name in self.lists
+                arguments[name] = (leaves[self.half(k)] if name in self.lists
                                    else pytree.tree_unflatten(leaves, spec))
         call = inspect.BoundArguments(self.signature, arguments)
         state = {name: env[i] for name, i in self.state}
@@ -208,6 +212,17 @@ class HalfBatch:
             return self._decline(self._broken)
         return [torch.stack(one_run), *outs] if one_run else outs
 
+    @property
+    def conditional_first(self) -> bool:
+        """Which half is the conditional one: the first where the batch comes as lists
+        (``[positive, negative]``, the Z-Image family's order), else the second (``[negative,
+        positive]``, every tensor-batched pipeline's)."""
+        return bool(self.lists)
+
+    def half(self, k: int) -> slice:
+        """The conditional half of a batch of 2k."""
+        return slice(0, k) if self.conditional_first else slice(k, 2 * k)
+
     def _leaf(self, env: Sequence[Any], recipe: tuple[str, Any], k: int) -> Any:
         kind, v = recipe
         if kind == _CONST:
@@ -218,7 +233,7 @@ class HalfBatch:
             return torch.zeros((), dtype=dtype, device=device).expand(shape)
         x = env[v]
         if v in self.batch_inputs and x.dim() >= 1 and x.shape[0] == 2 * k:
-            return x[k:]
+            return x[self.half(k)]
         return x
 
     def _forward(self) -> Callable[..., Any]:

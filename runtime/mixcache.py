@@ -293,7 +293,7 @@ class MixCache:
         if (st.cfg_step.get(s.branch) == s.step and (s.branch >= 1 or s.halves)
                 and kind in ("compute", "block")):
             # Per branch, in the shared signals: a new prompt on any branch clears them. On batch
-            # halves the difference is per pair of samples, relative to the conditional half.
+            # halves the difference is per pair of samples, relative to the second half.
             cfg = st.signals.setdefault("cfg", {}).setdefault(s.branch, {})
             d = st.cfg_diff[s.branch][0]
             out = outs[0][d.shape[0]:] if s.halves else outs[0]

@@ -113,15 +113,17 @@ class BatchedCfgReference:
     down, ZImagePipeline's 1 - sigma). ``cond``, ``latent``, ``time``: the names of the condition,
     latent and timestep arguments (DiTPipeline batches ``class_labels`` with the null class;
     Z-Image's are ``cap_feats``, ``x`` and ``t``, its latents and captions lists of per-sample
-    tensors, and so its output).
+    tensors, and so its output). ``cond_first``: the cond half is the first (Z-Image's
+    ``[positive, negative]``), the uncond half rebuilt as ``cond - (cond - uncond)``.
     """
 
     def __init__(self, model, cfg=(), cond="encoder_hidden_states", latent="hidden_states",
-                 time="timestep", rising=False):
+                 time="timestep", rising=False, cond_first=False):
         self.model = copy.deepcopy(model)
         self._forward = self.model.forward
         self.cfg_s = set(cfg)
         self.cond, self.latent, self.time, self.rising = cond, latent, time, rising
+        self.cond_first = cond_first
         self.last_t, self.step, self.diff = None, -1, None
         self.model.forward = self
 
@@ -142,9 +144,13 @@ class BatchedCfgReference:
         k = len(x) // 2
         with torch.no_grad():
             if self.step in self.cfg_s and self.diff is not None:
-                cond = self._forward(**{self.latent: x[k:], self.cond: c[k:], self.time: timestep[k:]},
-                                     return_dict=False, **kw)[0]
-                y = _cat([a + d for a, d in zip(cond, self.diff)], cond)
+                half = slice(0, k) if self.cond_first else slice(k, None)
+                cond = self._forward(**{self.latent: x[half], self.cond: c[half],
+                                        self.time: timestep[half]}, return_dict=False, **kw)[0]
+                if self.cond_first:
+                    y = _cat(cond, [a - d for a, d in zip(cond, self.diff)])
+                else:
+                    y = _cat([a + d for a, d in zip(cond, self.diff)], cond)
             else:
                 y = self._forward(**{self.latent: x, self.cond: c, self.time: timestep},
                                   return_dict=False, **kw)[0]
@@ -155,6 +161,9 @@ class BatchedCfgReference:
         return (y,)
 
 
-def _cat(uncond, cond):
-    """The two halves as one output: a batch, or a list of per-sample outputs."""
-    return [*uncond, *cond] if isinstance(cond, list) else torch.cat([torch.stack(uncond), cond])
+def _cat(first, second):
+    """The two halves as one output: a batch, or a list of per-sample outputs (one half
+    computed, as is; the other rebuilt, a list of per-sample tensors)."""
+    if isinstance(first, list) and isinstance(second, list):
+        return [*first, *second]
+    return torch.cat([torch.stack(h) if isinstance(h, list) else h for h in (first, second)])

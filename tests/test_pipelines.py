@@ -112,13 +112,12 @@ def test_rising_timestep_in_zimage_pipeline():
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_zimage_cfg_reuse_runs_the_second_half_of_its_lists(dynamic):
+def test_zimage_cfg_reuse_runs_the_conditional_half_of_its_lists(dynamic):
     """ZImagePipeline batches CFG as lists: ``[latents, latents]`` and ``[positive, negative]``
-    captions. A cfg reuse step runs the forward on the second half of each list (half the FLOPs)
-    and rebuilds the first from the difference of the last full compute, as the eager reference
-    of that rule does. (The half computed is the pipeline's second, its negative prompt here:
-    the call does not say which half is which prompt.) Under dynamic=True too, where each
-    sample's sizes are symbols."""
+    captions. A cfg reuse step runs the forward on the first half of each list, the positive
+    prompt's (half the FLOPs), and rebuilds the negative half from the difference of the last
+    full compute, as the eager reference of that rule does (the reference computing the other
+    half differs from it). Under dynamic=True too, where each sample's sizes are symbols."""
     import warnings
     from reference_cache import BatchedCfgReference
     model, _ = tiny_models.zimage()
@@ -126,10 +125,14 @@ def test_zimage_cfg_reuse_runs_the_second_half_of_its_lists(dynamic):
     pipe.set_progress_bar_config(disable=True)
     cfg = [2, 4, 5]
     full = pipelines.run_zimage(pipe, 6)
-    pipe.transformer = BatchedCfgReference(model, cfg, cond="cap_feats", latent="x", time="t",
-                                           rising=True).model
-    ref = pipelines.run_zimage(pipe, 6)
+    refs = {}
+    for first in (True, False):
+        pipe.transformer = BatchedCfgReference(model, cfg, cond="cap_feats", latent="x", time="t",
+                                               rising=True, cond_first=first).model
+        refs[first] = pipelines.run_zimage(pipe, 6)
+    ref = refs[True]
     assert (ref - full).abs().max() > 1e-3, "the rule must change the result for the test to bite"
+    assert (ref - refs[False]).abs().max() > 1e-3, "which half is computed must show"
     pipe.transformer = torch.compile(model, backend="mixcache", dynamic=dynamic, options={
         "regions": "eager", "cache": {"rule": "schedule", "cfg": cfg}, "timestep": "rising"})
     with warnings.catch_warnings():
