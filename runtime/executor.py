@@ -315,7 +315,7 @@ class GuardedExecutor(Executor):
         half-batch forward (the user is told why, once) cfg reuse cannot take it, and no branch
         difference is kept for it; its halves still decide as one."""
         text = [env[i] for i in self.text_slots] if self.text_slots else env[self.text]
-        if not is_batched_cfg(2, text, batch):
+        if not is_batched_cfg(text, batch):
             return False
         if self.halves is None and self._no_halves is not None:
             warnings.warn(f"mixcache: a batched-CFG call (both guidance branches in one batch), "

@@ -322,13 +322,12 @@ def _equal_groups(x: torch.Tensor, g: int) -> bool:
     return all(torch.equal(x[:k], x[i * k:(i + 1) * k]) for i in range(1, g))
 
 
-def is_batched_cfg(groups: int, text: torch.Tensor | list[torch.Tensor], batch: int) -> bool:
-    """Both guidance branches in one batch: latent halves (``guidance_groups`` 2) whose text
-    halves differ; prompts on two latents fail the first. A third branch (PAG's) is not halves, and
-    two halves of one text ([cond, perturbed], PAG without CFG) are not a cfg difference.
-    ``text`` a list: one per sample (Z-Image's captions, each of its own length), ``batch``
-    the latent's."""
-    if groups != 2 or (isinstance(text, torch.Tensor) and text.dim() == 0) or len(text) != batch:
+def is_batched_cfg(text: torch.Tensor | list[torch.Tensor], batch: int) -> bool:
+    """Both guidance branches in one batch, given latent halves (``guidance_groups`` 2): the text
+    halves differ. Two halves of one text ([cond, perturbed], PAG without CFG) are not a cfg
+    difference. ``text`` a list: one per sample (Z-Image's captions, each of its own length),
+    ``batch`` the latent's."""
+    if (isinstance(text, torch.Tensor) and text.dim() == 0) or len(text) != batch:
         return False
     k = batch // 2
     if isinstance(text, torch.Tensor):
