@@ -396,8 +396,10 @@ def make_mixcache(spec: dict) -> MixCache:
     for key, (ok, what) in _VALID.items():
         if key in kw and not ok(kw[key]):
             raise PolicyError(f"mixcache {key}={kw[key]!r}: must be {what}")
-    gran = tuple(kw.get("granularities", GRANULARITIES))
-    if not gran or set(gran) - set(GRANULARITIES):
-        raise PolicyError(f"mixcache granularities={list(gran)}: a non-empty subset of {GRANULARITIES}")
-    kw["granularities"] = gran
+    gran = kw.get("granularities", GRANULARITIES)
+    if (not isinstance(gran, (list, tuple)) or not gran
+            or not all(isinstance(g, str) for g in gran) or set(gran) - set(GRANULARITIES)):
+        raise PolicyError(f"mixcache granularities={gran!r}: a non-empty list drawn from "
+                          f"{list(GRANULARITIES)}")
+    kw["granularities"] = tuple(gran)
     return MixCache(**kw)

@@ -97,6 +97,12 @@ class Policy:
         (``tie_groups``)."""
         return self.cfg_on_halves or (self.per_sample and self.first_block is not None)
 
+    @property
+    def _fits_teacache(self) -> bool:
+        """A signal the rule's coefficients rescale: EasyCache's ("output") is an estimate of the
+        output's change already, and takes none (so fit_teacache records nothing for it)."""
+        return self.teacache is not None and self.teacache_signal != "output"
+
     def _bounded(self, bc: BranchCache) -> bool:
         """A reuse of the whole call would exceed the bound for some sample."""
         return self.max_reuse is not None and bc.most_reused >= self.max_reuse
@@ -108,7 +114,7 @@ class Policy:
         bc = state.branch(s.branch)
         if state.calibration is not None:
             # fit_teacache records: every call computes, and keeps the signal's raw change.
-            if self.teacache is not None and bc.last_input is not None:
+            if self._fits_teacache and bc.last_input is not None:
                 bc.signals["fit_change"] = rel_l1(latent, bc.last_input)
             return COMPUTE, None
         have_out = bool(bc.outputs)
@@ -202,7 +208,7 @@ class Policy:
         change over the input's, since the last computed call (``bc.last_input`` is this call's
         latent here)."""
         sig = bc.signals
-        if st.calibration is not None and self.teacache is not None:
+        if st.calibration is not None and self._fits_teacache:
             change, last = sig.pop("fit_change", None), sig.get("fit_output")
             if change is not None and last is not None:
                 st.calibration.append((change, rel_l1(outs[0], last)))
@@ -297,17 +303,26 @@ def _rules(cache: Any) -> Policy:
     if not isinstance(specs, (list, tuple)) or not all(isinstance(s, dict) for s in specs):
         raise PolicyError(f"cache must be a dict or a list of dicts with a 'rule' in {RULES}")
     kw: dict[str, Any] = {}
+    seen: set[str] = set()
     for spec in specs:
         rule = spec.get("rule")
         if rule not in RULES:
             raise PolicyError(f"cache rule {rule!r}: must be one of {RULES}")
         if rule == "mixcache":
             raise PolicyError("the mixcache rule decides every granularity itself: give it alone")
+        if rule in seen:
+            # A second dict of a rule would replace the first's settings, not add to them.
+            raise PolicyError(f"cache rule {rule!r} given twice: give each rule once (a "
+                              "schedule's 'step', 'cfg' and 'block' lists go in one dict)")
+        seen.add(rule)
         unknown = set(spec) - _KEYS[rule] - _COMMON
         if unknown:
             raise PolicyError(f"cache rule {rule!r}: unknown key(s) {sorted(unknown)}; valid: "
                               f"{sorted(_KEYS[rule] | _COMMON)}")
         for k in _COMMON & set(spec):
+            if k in kw and kw[k] != spec[k]:
+                raise PolicyError(f"cache key {k!r} is given twice, {kw[k]!r} and {spec[k]!r}: "
+                                  "it applies to every rule of the list, so give it once")
             kw[k] = spec[k]
         if rule == "schedule":
             kw["step_steps"] = _steps(spec.get("step", []), "step")
@@ -361,19 +376,28 @@ def _check_blocks(policy: Any, n_blocks: int | None) -> Any:
                           "(first order, from the last two computed outputs) or 2 (second order, "
                           "from the last three)")
     policy.extrapolate = int(order)
-    if policy.max_reuse is not None and (not isinstance(policy.max_reuse, int) or policy.max_reuse < 1):
+    if policy.max_reuse is not None and not (_integer(policy.max_reuse) and policy.max_reuse >= 1):
         raise PolicyError(f"max_reuse={policy.max_reuse!r}: must be a positive integer or None")
+    if not isinstance(policy.per_sample, bool):
+        raise PolicyError(f"per_sample={policy.per_sample!r}: must be true or false")
+    start = getattr(policy, "start", 0)    # MixCache's trigger decides its own start
+    if not (_integer(start) and start >= 0):
+        raise PolicyError(f"start={policy.start!r}: must be a step index (an integer >= 0)")
     return policy
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_span(policy: Any, n_blocks: int) -> None:
     probe, (a, b) = policy.probe, tuple(policy.span)
     a = probe if a is None else a
     b = n_blocks if b is None else b
-    if not (isinstance(probe, int) and 1 <= probe < n_blocks):
+    if not (_integer(probe) and 1 <= probe < n_blocks):
         raise PolicyError(f"probe={probe!r}: must be between 1 and {n_blocks - 1} (the model has "
                           f"{n_blocks} blocks)")
-    if not (isinstance(a, int) and isinstance(b, int) and probe <= a < b <= n_blocks):
+    if not (_integer(a) and _integer(b) and probe <= a < b <= n_blocks):
         raise PolicyError(f"span={list(policy.span)}: must satisfy probe ({probe}) <= start < end <= "
                           f"{n_blocks} (the model has {n_blocks} blocks, numbered 0..{n_blocks - 1})")
     policy.span = (a, b)

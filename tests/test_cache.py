@@ -12,7 +12,7 @@ import dit_compile.backend as backend
 import random_dits
 import tiny_models
 from dit_compile.runtime.cache import CacheState, Step
-from dit_compile.runtime.policy import make_policy
+from dit_compile.runtime.policy import PolicyError, make_policy
 from reference_cache import Reference
 
 STEPS = (900.0, 750.0, 600.0, 450.0, 300.0, 150.0)
@@ -486,6 +486,12 @@ def test_fit_teacache_fits_the_changes_every_branch_saw():
     g = compiled(tiny_models.wan(layers=3)[0], {"rule": "first_block", "threshold": 0.1})
     with pytest.raises(ValueError, match="nothing recorded: the model must be compiled with a teacache"):
         dit_compile.fit_teacache(g, lambda: generation(g, tiny_models.wan(layers=3)[1]))
+    # EasyCache's signal takes no coefficients: fitting them for it would hand the user numbers
+    # that the same rule then refuses.
+    e = compiled(tiny_models.wan(layers=3)[0], {"rule": "teacache", "threshold": 0.1,
+                                                "signal": "output"})
+    with pytest.raises(ValueError, match="nothing recorded: the model must be compiled with a teacache"):
+        dit_compile.fit_teacache(e, lambda: generation(e, tiny_models.wan(layers=3)[1]))
     with pytest.raises(ValueError, match="degree=9"):
         dit_compile.fit_teacache(f, lambda: None, degree=9)
 
@@ -1048,6 +1054,31 @@ def test_bad_cache_options(cache, match):
     model, kw = tiny_models.wan(layers=3)
     with pytest.raises(Exception, match=match):
         compiled(model, cache)(**kw, return_dict=False)
+
+
+@pytest.mark.parametrize("cache,match", [
+    # A list of rules used to merge by overwriting: the second schedule dropped the first's steps,
+    # the last rule's start applied to every rule, and nothing said so.
+    ([{"rule": "schedule", "step": [1, 2]}, {"rule": "schedule", "cfg": [3]}],
+     r"'schedule' given twice"),
+    ([{"rule": "first_block", "threshold": 0.1, "start": 4},
+      {"rule": "schedule", "step": [2], "start": 0}], r"'start' is given twice, 4 and 0"),
+    # Booleans are ints to Python; none of these is a number or a switch the user meant.
+    ({"rule": "schedule", "block": [1], "probe": True}, r"probe=True"),
+    ({"rule": "schedule", "step": [1], "max_reuse": True}, r"max_reuse=True"),
+    ({"rule": "schedule", "step": [1], "per_sample": "yes"}, r"per_sample='yes': must be true"),
+    ({"rule": "first_block", "threshold": 0.1, "start": -3}, r"start=-3: must be a step index"),
+    ({"rule": "mixcache", "granularities": "step"}, r"granularities='step': a non-empty list"),
+])
+def test_bad_cache_options_before_any_trace(cache, match):
+    with pytest.raises(PolicyError, match=match):
+        make_policy(cache, 4)
+
+
+def test_a_list_of_rules_adds_them_up():
+    policy = make_policy([{"rule": "schedule", "step": [1, 2], "start": 2},
+                          {"rule": "fastercache", "every": 2, "start": 2}], 4)
+    assert (policy.step_steps, policy.cfg_every, policy.start) == ({1, 2}, 2, 2)
 
 
 @pytest.mark.parametrize("cache", [{"rule": "schedule", "block": [1], "probe": 2},
