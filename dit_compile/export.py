@@ -132,7 +132,9 @@ def _save_program(traced: "_Traced", module: fx.GraphModule, slots: tuple[int, .
     graph inputs and zeros of the traced shapes elsewhere (export traces, values do not matter),
     as ``program_<name>.pt2`` (and AOTInductor's package of it)."""
     plan, inputs = traced.plan, traced.inputs
-    args = tuple(inputs[s] if s < plan.n_inputs else _zeros_like(plan.slot_examples[s])
+    # Detached: the program keeps its example inputs, and a parameter of a model that has run
+    # under the backend carries its cache state, which must not be pickled with them.
+    args = tuple(_detached(inputs[s]) if s < plan.n_inputs else _zeros_like(plan.slot_examples[s])
                  for s in slots)
     with torch.no_grad():
         ep = torch.export.export(module, args)
@@ -140,6 +142,10 @@ def _save_program(traced: "_Traced", module: fx.GraphModule, slots: tuple[int, .
     if aoti:
         torch._inductor.aoti_compile_and_package(
             ep, package_path=os.path.join(path, f"program_{name}.aoti.pt2"))
+
+
+def _detached(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _executor(traced: "_Traced", opts: Options, name: str) -> Executor:
