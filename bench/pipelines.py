@@ -42,15 +42,15 @@ def zimage_pipeline(transformer: torch.nn.Module):
                           tokenizer=None, transformer=transformer)
 
 
-def run_zimage(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Tensor:
+def run_zimage(pipe, steps: int = 4, seed: int = 0, size: int = 32, **kwargs) -> torch.Tensor:
     """CFG batched into one call: the two captions and the latent twice, as lists. The timestep
-    the pipeline passes rises: 1 - sigma."""
+    the pipeline passes rises: 1 - sigma. ``kwargs`` go to the pipeline (``cfg_truncation``)."""
     g = torch.Generator().manual_seed(seed)
     dim = pipe.transformer.config.cap_feat_dim
     return pipe(prompt_embeds=[torch.randn(8, dim, generator=g)],
                 negative_prompt_embeds=[torch.randn(8, dim, generator=g)], height=size, width=size,
                 num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
-                generator=g).images
+                generator=g, **kwargs).images
 
 
 def pixart_pag_pipeline(transformer: torch.nn.Module, layers: str = "blocks.0"):

@@ -134,9 +134,10 @@ class CacheState:
         self.clone = clone              # CUDA graphs overwrite outputs on replay: keep copies
         self.key = key                  # the configuration that made it (see StateFactory)
         self.rising = timestep == "rising"  # the pipeline passes 1 - sigma (see the module doc)
-        # One-step generations in a row, each started higher; past RISING_HINT_AFTER the timestep
-        # is taken to rise through generations, and every call is a generation of its own: the
-        # next generation's first call, lower, would otherwise pass for the last one's next step.
+        # One-step generations in a row, each started higher than the last: where the timestep
+        # rises through a generation, each call is one. A call that falls after such a run is
+        # the next generation's first (it would otherwise pass for the last one's next step);
+        # at RISING_HINT_AFTER the user is told of the option.
         self._rises = 0
         self._rise_told = False
         self.records: list[Record] = []     # the trace: the last TRACE_GENERATIONS generations
@@ -166,6 +167,12 @@ class CacheState:
 
     # -- lifecycle -------------------------------------------------------------------------
     def reset(self) -> None:
+        """Nothing cached, and the next call starts a generation."""
+        self._drop_cache()
+        self._signature = None
+        self._last_t = None
+
+    def _drop_cache(self) -> None:
         self.branches.clear()
         self.cfg_diff.clear()
         self.cfg_step.clear()
@@ -173,8 +180,6 @@ class CacheState:
         self.current.clear()
         self.computed.clear()
         self.signals.clear()
-        self._signature = None
-        self._last_t = None
 
     def noise_level(self, timestep: torch.Tensor) -> float:
         """The call's noise level, on the timestep's own scale: the largest timestep (Wan 2.2's
@@ -198,10 +203,16 @@ class CacheState:
         ``timestep``: the call's own (per sample or per token), where ``t`` is its noise level.
         ``graph``: the token of the executor making the call. ``groups``: see ``Step``."""
         self.last_call = time.monotonic_ns()
+        if self._guidance_ended(t, signature, latent):
+            # The pipeline stopped guidance mid-generation (Z-Image's cfg_truncation): the same
+            # generation goes on at half the batch, with nothing cached under the old layout.
+            self._drop_cache()
+            self._signature, self._halves = signature, False
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
         if (signature != self._signature or self._last_t is None or t > self._last_t
-                or self._rise_told or (branch and self._branch + 1 >= MAX_BRANCHES)
+                or (t < self._last_t and self._rises > 0)
+                or (branch and self._branch + 1 >= MAX_BRANCHES)
                 or (repeat and not branch and self._step == 0
                     and not self._fell_below_max(timestep))):
             self._note_rise(t)
@@ -234,6 +245,16 @@ class CacheState:
         if text is not None:
             self._check_text(self._branch, text)
         return Step(self.generation, self._step, self._branch, t, self._halves, groups)
+
+    def _guidance_ended(self, t: float, signature: Any, latent: torch.Tensor | None) -> bool:
+        """A call of a generation of batched guidance (``_halves``) with half its batch, the
+        latent otherwise alike, at a lower timestep: guidance turned off for the steps left."""
+        if (not self._halves or latent is None or self._latent is None or self._last_t is None
+                or t >= self._last_t or signature == self._signature):
+            return False
+        old = self._latent[0]
+        return (2 * latent.shape[0] == old.shape[0] and latent.shape[1:] == old.shape[1:]
+                and latent.dtype == old.dtype and latent.device == old.device)
 
     def _fell_below_max(self, timestep: torch.Tensor | None) -> bool:
         """Whether some of the call's per-token (or per-sample) timesteps fell since the last call

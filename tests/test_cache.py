@@ -128,6 +128,28 @@ def test_rising_timestep_seen_under_the_default_says_so_once():
         generation(f, kw, steps=STEPS)
 
 
+def test_a_run_of_rising_calls_is_never_taken_for_steps():
+    """Under the default, each call of a rising timestep starts a generation, and so does the next
+    generation's first call, lower, however short the generations (three steps: below the hint,
+    that call used to be the last one-step generation's step 1, reusing what it cached). Calls
+    that rise before a falling pipeline runs (a warm-up over t) leave nothing behind: its steps
+    count as a fresh model's (past the hint, every call used to be a generation for good, through
+    dit_compile.reset too)."""
+    st = CacheState()
+    calls = [st.begin(t, "sig", latent=torch.full((1,), t)) for t in (0.1, 0.5, 0.9) * 2]
+    assert [(s.generation, s.step) for s in calls] == [(g, 0) for g in range(6)]
+
+    st = CacheState()
+    with pytest.warns(UserWarning, match="'timestep': 'rising'"):
+        for t in (0.0, 250.0, 500.0, 999.0):
+            st.begin(t, "sig", latent=torch.full((1,), t))
+    x = [torch.randn(1) for _ in range(3)]
+    calls = [st.begin(t, "sig", latent=x[i]) for i, t in enumerate((999.0, 900.0, 800.0))
+             for _ in range(2)]          # two guidance branches a step
+    assert [(s.generation, s.step, s.branch) for s in calls] == [
+        (4, i, b) for i in range(3) for b in range(2)]
+
+
 def test_per_token_timesteps_that_fall_below_a_held_maximum_are_steps():
     """Diffusion forcing (SkyReels-V2, asynchronous) denoises the first frames while the last stay
     at full noise: the per-token maximum holds for a few steps while the latent moves. Those calls

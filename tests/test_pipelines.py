@@ -1,6 +1,7 @@
 """mixcache inside diffusers' own pipelines (tiny random components, prompt_embeds in, latents out)."""
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -101,6 +102,16 @@ def test_rising_timestep_in_zimage_pipeline():
             ["compute", "compute", "step", "block", "step", "cfg"])]
     # Its latents and captions are lists: the two guidance branches are told as batch halves.
     assert all(r["halves"] for r in trace)
+    # cfg_truncation turns guidance off for the last steps, halving the batch: the generation goes
+    # on (it used to restart there, the schedule's steps counted anew), with nothing cached under
+    # the old batch, so step 4 computes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # no "past the last step" mid-generation
+        pipelines.run_zimage(pipe, 6, cfg_truncation=0.5)
+    trace = dit_compile.stats(pipe.transformer)["trace"][12:]
+    assert [(r["generation"], r["step"], r["action"], r["halves"]) for r in trace] == [
+        (2, i, a, i < 4) for i, a in enumerate(
+            ["compute", "compute", "step", "block", "compute", "compute"])]
 
     torch._dynamo.reset()
     pipe.transformer = torch.compile(model, backend="mixcache",
