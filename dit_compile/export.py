@@ -240,6 +240,10 @@ class Exported(torch.nn.Module):
         else:
             self.executor = Executor.rebuild(m["layout"], spec, fns)
         self.model_name = m["model"]
+        # A floating weight's name and dtype at export: ``model.to(dtype)`` (a pipeline's
+        # ``pipe.to(dtype)``) casts every one alike, which the programs cannot take.
+        self._float_weight = next(((k, w.dtype) for k, w in self.weights.items()
+                                   if w.is_floating_point()), None)
         self.config = _Config(m.get("config", {}))
         self._dtype = getattr(torch, m["dtype"]) if m.get("dtype") else None
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
@@ -274,6 +278,12 @@ class Exported(torch.nn.Module):
                 raise ValueError(f"{self.model_name} (exported): {_name(path)} is {got}; it was "
                                  f"exported for {shape} {dtype} on {device} (export again for "
                                  "other inputs)")
+        if self._float_weight is not None:
+            name, dtype = self._float_weight
+            if self.weights[name].dtype != dtype:
+                raise ValueError(f"{self.model_name} (exported): its weights were cast to "
+                                 f"{self.weights[name].dtype} (model.to(...)), but its programs "
+                                 f"were exported in {dtype}: export again in that dtype")
         args = [_at(kwargs, a) if a is not None else self.weights[t] for a, t in self.sources]
         for i, stride in self.strides.items():
             if args[i].stride() != stride:
