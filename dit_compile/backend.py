@@ -98,7 +98,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
                          key=repr(make_policy(opts.cache, None)), timestep=opts.timestep)
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
-              if getattr(policy, "cfg_on_halves", False) else None)
+              if getattr(policy, "reuses_cfg", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()))

@@ -98,6 +98,7 @@ class Record:
     spent: float | None = None   # error spent since the last full compute (MixCache)
     reused: tuple[bool, ...] | None = None  # which samples reused, where only some did
     halves: bool = False         # the call carried both guidance branches as batch halves
+    groups: int = 1              # guidance branches batched as equal groups (Step's)
 
 
 @dataclass
@@ -361,7 +362,7 @@ class CacheState:
             if self.records[0].generation < oldest:
                 self.records = [r for r in self.records if r.generation >= oldest]
         self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
-                                   signal, spent, reused, step.halves))
+                                   signal, spent, reused, step.halves, step.groups))
         self.counts[action] = self.counts.get(action, 0) + 1
         self.flops += flops
 

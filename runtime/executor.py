@@ -364,16 +364,17 @@ class GuardedExecutor(Executor):
             bc.accumulated = None
         if computed and fresh is None:
             # The branch difference is of whole calls: a partial step reuse leaves it as it was.
+            # Kept only where cfg reuse may read it (it is a whole output's worth of memory).
             st.computed.add(step.branch)
-            if step.halves:
+            reuses, diff = self.policy.reuses_cfg, None
+            if reuses and step.halves:
                 if self.halves is not None:     # only a half-batch forward rebuilds from it
                     k = outs[0].shape[0] // 2
-                    st.cfg_diff[step.branch] = [o[:k] - o[k:] for o in outs]
-                    st.cfg_step[step.branch] = step.step
-            elif step.branch >= 1 and 0 in st.computed:
-                st.cfg_diff[step.branch] = [o - o0 for o, o0 in
-                                            zip(st.current[step.branch], st.current[0])]
-                st.cfg_step[step.branch] = step.step
+                    diff = [o[:k] - o[k:] for o in outs]
+            elif reuses and step.branch >= 1 and 0 in st.computed:
+                diff = [o - o0 for o, o0 in zip(st.current[step.branch], st.current[0])]
+            if diff is not None:
+                st.cfg_diff[step.branch], st.cfg_step[step.branch] = diff, step.step
         self.policy.observe(step, st, bc, outs, kind)
         st.record(step, kind, flops, signal, bc.signals.get("spent"), mask)
         st.check_memory()

@@ -111,15 +111,16 @@ class MixCache:
         return self.reuses_blocks
 
     @property
-    def cfg_on_halves(self) -> bool:
-        """cfg reuse on batched-CFG calls (both branches as batch halves of one call): the half
-        that is rebuilt is estimated as on separate calls, from its own difference's rate."""
+    def reuses_cfg(self) -> bool:
+        """cfg reuse, on separate calls per branch and on batched-CFG calls (both branches as
+        batch halves of one call), whose rebuilt half is estimated as on separate calls, from
+        its own difference's rate."""
         return "cfg" in self.granularities
 
     @property
     def ties_groups(self) -> bool:
         per_sample = self.per_sample and bool({"step", "block"} & set(self.granularities))
-        return self.cfg_on_halves or per_sample
+        return self.reuses_cfg or per_sample
 
     def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> torch.Tensor:
         """Per sample (bool, CPU): past the warm-up, settled, under the bound on consecutive reuse."""

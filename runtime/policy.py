@@ -85,8 +85,8 @@ class Policy:
         return self.teacache is not None and self.teacache_signal == "modulated"
 
     @property
-    def cfg_on_halves(self) -> bool:
-        """Whether cfg reuse may be asked of batched-CFG calls."""
+    def reuses_cfg(self) -> bool:
+        """Whether cfg reuse may be asked, of separate calls per branch or of batched-CFG calls."""
         return bool(self.cfg_steps) or self.cfg_every is not None
 
     @property
@@ -95,7 +95,7 @@ class Policy:
         latent's halves and thirds at every call): for cfg reuse on batched-CFG halves, or where
         decisions are per sample, so that a sample's copies in the branches decide as one
         (``tie_groups``)."""
-        return self.cfg_on_halves or (self.per_sample and self.first_block is not None)
+        return self.reuses_cfg or (self.per_sample and self.first_block is not None)
 
     @property
     def _fits_teacache(self) -> bool:
@@ -157,15 +157,19 @@ class Policy:
             warnings.warn(f"mixcache: the forced schedule names steps {beyond}, past the last step "
                           f"({last.step}, counting from 0) of the generation that just ended: they "
                           "never applied", stacklevel=4)
-        ended = itertools.takewhile(lambda r: r.generation == last.generation,
-                                    reversed(state.records))
-        if self.cfg_on_halves and not any(r.branch or r.halves for r in ended):
+        ended = list(itertools.takewhile(lambda r: r.generation == last.generation,
+                                         reversed(state.records)))
+        if self.reuses_cfg and not any(r.branch or r.halves for r in ended):
             self._told_schedule = True
-            warnings.warn("mixcache: cfg reuse is asked for, but the generation that just ended "
-                          "called the transformer with one guidance branch per step (guidance "
-                          "off, e.g. guidance_scale <= 1, or a guidance-distilled model such as "
-                          "Flux): there is no other branch to rebuild one from, so it never "
-                          "applied", stacklevel=4)
+            calls = ("batched its guidance branches in a way cfg reuse does not take (perturbed-"
+                     "attention guidance's [uncond, cond, perturbed] in one call, or [cond, "
+                     "perturbed] without CFG: rebuilding a branch would need the pipeline's own "
+                     "attention processors)" if any(r.groups > 1 for r in ended) else
+                     "called the transformer with one guidance branch per step (guidance off, "
+                     "e.g. guidance_scale <= 1, or a guidance-distilled model such as Flux): "
+                     "there is no other branch to rebuild one from")
+            warnings.warn(f"mixcache: cfg reuse is asked for, but the generation that just ended "
+                          f"{calls}, so it never applied", stacklevel=4)
 
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:

@@ -669,6 +669,36 @@ def test_cfg_reuse_without_a_second_branch_is_said_once(cache):
         generation(f, kw, steps=STEPS[:4], branches=1)
 
 
+def test_cfg_reuse_on_three_batched_branches_says_why_it_never_applied():
+    """Perturbed-attention guidance batches [uncond, cond, perturbed] in one call: guidance is on,
+    but cfg reuse does not take thirds. The warning, given as the next generation starts, said
+    guidance was off."""
+    policy, state = make_policy({"rule": "schedule", "cfg": [1]}, 4), CacheState()
+    with pytest.warns(UserWarning) as caught:
+        for g in range(2):
+            for i, t in enumerate(STEPS[:3]):
+                s = state.begin(t, "sig", groups=3, latent=torch.full((3,), 10.0 * g + i))
+                policy.step(s, state, torch.zeros(3))
+                state.record(s, "compute", 1.0)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "perturbed-attention guidance" in said[0], said
+    assert [r["groups"] for r in state.stats()["trace"]] == [3] * 6
+
+
+@pytest.mark.parametrize("cache,kept", [({"rule": "schedule", "step": [2]}, False),
+                                         ({"rule": "schedule", "cfg": [2]}, True)])
+def test_branch_differences_are_kept_only_for_cfg_reuse(cache, kept):
+    """A branch difference is a whole output's worth of memory: a policy that never reuses cfg
+    keeps none (it kept one per branch, a fifth of what the step rule caches, counted against
+    cache_memory)."""
+    from dit_compile.runtime.cache import find_state
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, cache)
+    generation(f, kw, steps=STEPS[:3], branches=2)
+    assert bool(find_state(f).cfg_diff) == kept
+
+
 def test_trace_is_bounded_and_counts_are_not():
     """A long-running server: the per-call trace keeps the last generations only, while the counts
     cover every call since the last reset."""
