@@ -86,7 +86,9 @@ def _region_break(why: Exception) -> str:
 def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     """Trace ``model(*args, **kwargs)`` with Dynamo and report the regions mixcache would use.
 
-    Runs the model once (eagerly, through Dynamo's graph); compiles nothing with Inductor.
+    Runs the model once (eagerly, through Dynamo's graph); compiles nothing with Inductor, and
+    leaves Dynamo nothing of its trace (a compiled model of the same class traces its forward
+    again at its next call).
     """
     report = Report(type(getattr(model, "_orig_mod", model)).__name__)
     report.moe = find_moe(getattr(model, "_orig_mod", model))
@@ -113,7 +115,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     from torch._dynamo.utils import counters
     target = getattr(model, "_orig_mod", model)
     seen = _break_counts(counters)
-    with torch.no_grad(), _shape_history_kept():
+    with torch.no_grad(), _shape_history_kept(), _forward_forgotten(target):
         # Twice where the first trace broke, as the backend retraces once: a break only a first
         # call makes (a table built lazily) is gone the second time, and a forward Dynamo gave up
         # on earlier (under other settings) is looked at afresh. A new backend object each time,
@@ -222,6 +224,17 @@ def _new_breaks(before: dict[str, int], after: dict[str, int], keep: int = 3) ->
     return [summary + (f"\n{hints[summary]}" if hints[summary] else "")
             + (f" (x{counts[summary]})" if counts[summary] > 1 else "")
             for summary in sorted(counts, key=counts.get, reverse=True)[:keep]]
+
+
+@contextlib.contextmanager
+def _forward_forgotten(model: torch.nn.Module) -> Iterator[None]:
+    """Drop explain's graphs from the model's forward code when done. Each explain compiles with a
+    backend of its own, and Dynamo keeps every one's graphs on the code: eight explains reached
+    its recompile limit, after which a compile with fullgraph=True failed outright."""
+    try:
+        yield
+    finally:
+        forget_forward(model)
 
 
 @contextlib.contextmanager

@@ -513,6 +513,17 @@ def test_whole_graph_without_blocks_warns_the_region_pass_reason():
     assert len(_mixcache_warnings(rec)) == 1
 
 
+def test_explain_leaves_dynamo_nothing_of_its_trace():
+    """Each explain compiles with a backend of its own, and Dynamo kept every one's graphs on the
+    forward's code: eight explains reached its recompile limit, after which a fullgraph=True
+    compile of the model failed outright. None is left now."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    from dit_compile.frames import _forward_codes
+    model, kw = tiny_models.wan(layers=2)
+    dit_compile.explain(model, **kw)
+    assert all(_debug_get_cache_entry_list(c) == [] for c in _forward_codes(model))
+
+
 def test_explain_reports_regions():
     model, kw = tiny_models.wan(layers=2)
     report = dit_compile.explain(model, **kw, return_dict=False)
