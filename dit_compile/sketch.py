@@ -59,14 +59,15 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
     models run eagerly (``torch.compile``'s wrapper is looked through), so no cache reuses
     anything while they are measured."""
     _check_pipeline(pipe)
-    if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+    if not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)
+            and tolerance >= 0):
         raise ValueError(f"calibrate_split: tolerance={tolerance!r} must be a number >= 0")
-    if not runs:
-        raise ValueError("calibrate_split: give at least one calibration run (pipeline kwargs)")
+    if (not isinstance(runs, (list, tuple)) or not runs
+            or not all(isinstance(r, dict) for r in runs)):
+        raise ValueError("calibrate_split: runs must be a list of at least one calibration run, "
+                         f"each a dict of pipeline keyword arguments (got {type(runs).__name__})")
     large = _plain(pipe.transformer)
     small = _plain(small)
-    if small is large:
-        raise ValueError("calibrate_split: the small model is the pipeline's transformer itself")
     check_compatible(large, small)
     scale = float(pipe.scheduler.config.num_train_timesteps)
     default_g = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
@@ -123,12 +124,17 @@ def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibrati
 
 
 def check_compatible(large: torch.nn.Module, small: torch.nn.Module) -> None:
-    """The small model must read and write the large one's latent and text: same channels, patch
-    size and text width (its depth and width are its own)."""
+    """The small model must be another model that reads and writes the large one's latent and
+    text: same channels, patch size and text width (its depth and width are its own), and the
+    same dtype (the pipeline casts its inputs to the first transformer's)."""
     a, b = getattr(large, "config", None), getattr(small, "config", None)
     if a is None or b is None:
         raise TypeError("sketch/render: both models must be diffusers transformers (with a config)")
+    if _plain(small) is _plain(large):
+        raise ValueError("sketch/render: the small model is the pipeline's transformer itself")
     bad = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in _SHARED if a.get(k) != b.get(k)]
+    if large.dtype != small.dtype:
+        bad.append(f"dtype: {large.dtype} vs {small.dtype}")
     if bad:
         raise ValueError("sketch/render: the small model does not share the large one's latent and "
                          f"text spaces ({'; '.join(bad)}, large vs small)")

@@ -176,6 +176,17 @@ def test_bad_inputs_are_clear_errors(models):
         dit_compile.calibrate_split(pipe, large, [wan_kwargs(1)], 0.1)
     with pytest.raises(ValueError, match="tolerance"):
         dit_compile.calibrate_split(pipe, small, [wan_kwargs(1)], -1)
+    # Each of these got past the checks: the same model as both (in sketch_render), a switch for
+    # a tolerance, one run not in a list (a TypeError quoting the pipeline's repr), and a small
+    # model of another dtype (the pipeline's raw dtype error mid-generation).
+    with pytest.raises(ValueError, match="transformer itself"):
+        dit_compile.sketch_render(pipe, torch.compile(large), 0.5)
+    with pytest.raises(ValueError, match="tolerance=True"):
+        dit_compile.calibrate_split(pipe, small, [wan_kwargs(1)], True)
+    with pytest.raises(ValueError, match="a list of at least one calibration run"):
+        dit_compile.calibrate_split(pipe, small, wan_kwargs(1), 0.1)
+    with pytest.raises(ValueError, match="dtype: torch.float32 vs torch.bfloat16"):
+        dit_compile.sketch_render(pipe, copy.deepcopy(small).to(torch.bfloat16), 0.5)
     with pytest.raises(ValueError, match="same timesteps"):
         dit_compile.calibrate_split(pipe, small, [wan_kwargs(1), wan_kwargs(2, steps=3)], 0.1)
     assert pipe.transformer is large and pipe.config.boundary_ratio is None
