@@ -386,7 +386,7 @@ def _check_blocks(policy: Any, n_blocks: int | None) -> Any:
         raise PolicyError(f"per_sample={policy.per_sample!r}: must be true or false")
     start = getattr(policy, "start", 0)    # MixCache's trigger decides its own start
     if not (_integer(start) and start >= 0):
-        raise PolicyError(f"start={policy.start!r}: must be a step index (an integer >= 0)")
+        raise PolicyError(f"start={start!r}: must be a step index (an integer >= 0)")
     return policy
 
 
