@@ -370,6 +370,15 @@ def _coefficients(value: Any, signal: str) -> tuple[float, ...] | None:
 
 
 def _check_blocks(policy: Any, n_blocks: int | None) -> Any:
+    # The forms first, so that these are said before any trace; the ranges wait for the blocks.
+    if not (_integer(policy.probe) and policy.probe >= 1):
+        raise PolicyError(f"probe={policy.probe!r}: must be an integer >= 1 (the blocks run "
+                          "before the block decision)")
+    span = policy.span
+    if not (isinstance(span, (list, tuple)) and len(span) == 2
+            and all(v is None or _integer(v) for v in span)):
+        raise PolicyError(f"span={span!r}: must be [start, end], the block indices the block "
+                          "guard may skip (None: from the probe's end, to the last block)")
     if n_blocks is not None:
         _check_span(policy, n_blocks)
     if policy.step_mode not in ("output", "residual"):
@@ -398,10 +407,10 @@ def _check_span(policy: Any, n_blocks: int) -> None:
     probe, (a, b) = policy.probe, tuple(policy.span)
     a = probe if a is None else a
     b = n_blocks if b is None else b
-    if not (_integer(probe) and 1 <= probe < n_blocks):
+    if not probe < n_blocks:
         raise PolicyError(f"probe={probe!r}: must be between 1 and {n_blocks - 1} (the model has "
                           f"{n_blocks} blocks)")
-    if not (_integer(a) and _integer(b) and probe <= a < b <= n_blocks):
+    if not probe <= a < b <= n_blocks:
         raise PolicyError(f"span={list(policy.span)}: must satisfy probe ({probe}) <= start < end <= "
                           f"{n_blocks} (the model has {n_blocks} blocks, numbered 0..{n_blocks - 1})")
     policy.span = (a, b)
