@@ -8,6 +8,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (-n 2, CI's two cores) each worker takes its share of the cores for its
+# intra-op threads: with torch's default of one thread a core, each worker's OpenMP threads spin
+# on the cores the others use (about a tenth of the suite's time, measured). Inductor's CPU
+# kernels read the count as they are generated.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -1084,11 +1084,20 @@ def test_memory_bound_is_a_clear_error():
 
 
 @pytest.mark.parametrize("cache,match", [
-    ({"rule": "schedule", "step": [0]}, "step 0 cannot reuse"),
     ({"rule": "schedule", "block": [2], "span": [1, 9]}, r"span=\[1, 9\].*has 3 blocks"),
     ({"rule": "schedule", "block": [2], "probe": 3}, r"probe=3"),
     ({"rule": "schedule", "block": [2], "probe": 2, "span": [1, 3]},
      r"span=\[1, 3\]: must satisfy probe \(2\) <= start"),     # the probe's blocks always run
+])
+def test_bad_cache_options(cache, match):
+    """What waits for the blocks to be counted: said at the first call, through torch.compile."""
+    model, kw = tiny_models.wan(layers=3)
+    with pytest.raises(Exception, match=match):
+        compiled(model, cache)(**kw, return_dict=False)
+
+
+@pytest.mark.parametrize("cache,match", [
+    ({"rule": "schedule", "step": [0]}, "step 0 cannot reuse"),
     ({"rule": "first_block", "threshold": -0.1}, r"threshold=-0.1"),
     ({"rule": "teacache", "threshold": 0}, r"threshold=0: must be a number in \(0, 10\]"),
     ({"rule": "fastercache", "every": 1}, r"every=1"),
@@ -1101,14 +1110,6 @@ def test_memory_bound_is_a_clear_error():
     ({"rule": "teacache", "threshold": 0.1, "coefficients": 2.0}, r"coefficients=2.0: must be a list"),
     ({"rule": "teacache", "threshold": 0.1, "coefficients": [1.0], "signal": "output"},
      r"signal 'output' \(EasyCache\) is already"),
-])
-def test_bad_cache_options(cache, match):
-    model, kw = tiny_models.wan(layers=3)
-    with pytest.raises(Exception, match=match):
-        compiled(model, cache)(**kw, return_dict=False)
-
-
-@pytest.mark.parametrize("cache,match", [
     # A list of rules used to merge by overwriting: the second schedule dropped the first's steps,
     # the last rule's start applied to every rule, and nothing said so.
     ([{"rule": "schedule", "step": [1, 2]}, {"rule": "schedule", "cfg": [3]}],
@@ -1117,14 +1118,18 @@ def test_bad_cache_options(cache, match):
       {"rule": "schedule", "step": [2], "start": 0}], r"'start' is given twice, 4 and 0"),
     # Booleans are ints to Python; none of these is a number or a switch the user meant.
     ({"rule": "schedule", "block": [1], "probe": True}, r"probe=True"),
+    ({"rule": "schedule", "block": [1], "span": [1, 2, 3]}, r"span=\[1, 2, 3\]: must be \[start, end\]"),
+    ({"rule": "schedule", "block": [1], "span": 5}, r"span=5: must be \[start, end\]"),
     ({"rule": "schedule", "step": [1], "max_reuse": True}, r"max_reuse=True"),
     ({"rule": "schedule", "step": [1], "per_sample": "yes"}, r"per_sample='yes': must be true"),
     ({"rule": "first_block", "threshold": 0.1, "start": -3}, r"start=-3: must be a step index"),
     ({"rule": "mixcache", "granularities": "step"}, r"granularities='step': a non-empty list"),
 ])
 def test_bad_cache_options_before_any_trace(cache, match):
+    """Said by Options.parse, before the model is seen (test_backend's bad options go through
+    torch.compile)."""
     with pytest.raises(PolicyError, match=match):
-        make_policy(cache, 4)
+        make_policy(cache, None)
 
 
 def test_a_list_of_rules_adds_them_up():

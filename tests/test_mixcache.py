@@ -9,6 +9,7 @@ import random_dits
 import tiny_models
 from dit_compile.runtime.cache import BranchCache, CacheState, Step
 from dit_compile.runtime.mixcache import make_mixcache
+from dit_compile.runtime.policy import PolicyError, make_policy
 from test_cache import compiled, generation
 
 STEPS = tuple(float(t) for t in range(1000, 0, -100))
@@ -70,11 +71,11 @@ def test_decisions_independent_across_samples(granularity, budget, order):
     trace = dit_compile.stats(f)["trace"]
     assert any(r["reused"] is not None and len(set(r["reused"])) == 2 for r in trace), \
         "the test must reach a call where only one sample reuses"
-    alone = []
+    torch._dynamo.reset()       # the batch of one traced as it would be alone, not dynamic
+    g, alone = compiled(tiny_models.wan(layers=4)[0], cache), []
     for i in range(2):
-        torch._dynamo.reset()
+        dit_compile.reset(g)
         one = {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in kw.items()}
-        g = compiled(tiny_models.wan(layers=4)[0], cache)
         alone.append(generation(g, one, steps=STEPS, branches=1))
         assert _reused(trace, i) == _reused(dit_compile.stats(g)["trace"], 0)
     for k, y in enumerate(both):
@@ -358,6 +359,7 @@ def test_default_is_balanced_and_none_turns_caching_off():
     ([{"rule": "mixcache"}, {"rule": "first_block", "threshold": 0.1}], r"give it alone"),
 ])
 def test_bad_mixcache_options(cache, match):
-    model, kw = tiny_models.wan(layers=3)
-    with pytest.raises(Exception, match=match):
-        compiled(model, cache)(**kw, return_dict=False)
+    """Said before the model is seen, as the backend's options are parsed (through torch.compile
+    in test_backend)."""
+    with pytest.raises(PolicyError, match=match):
+        make_policy(cache, None)
