@@ -1118,7 +1118,8 @@ def test_bad_cache_options(cache, match):
       {"rule": "schedule", "step": [2], "start": 0}], r"'start' is given twice, 4 and 0"),
     # Booleans are ints to Python; none of these is a number or a switch the user meant.
     ({"rule": "schedule", "block": [1], "probe": True}, r"probe=True"),
-    ({"rule": "schedule", "block": [1], "span": [1, 2, 3]}, r"span=\[1, 2, 3\]: must be \[start, end\]"),
+    ({"rule": "schedule", "block": [1], "span": [1, 2, 3]},
+     r"span=\[1, 2, 3\]: must be \[start, end\]"),
     ({"rule": "schedule", "block": [1], "span": 5}, r"span=5: must be \[start, end\]"),
     ({"rule": "schedule", "step": [1], "max_reuse": True}, r"max_reuse=True"),
     ({"rule": "schedule", "step": [1], "per_sample": "yes"}, r"per_sample='yes': must be true"),

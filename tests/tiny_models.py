@@ -62,7 +62,8 @@ def hunyuan(batch: int = 1, single_layers: int = 2) -> tuple[torch.nn.Module, di
     HunyuanVideoTransformer3DModel = diffusers_class("HunyuanVideoTransformer3DModel")
     torch.manual_seed(0)
     m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
-                                       attention_head_dim=10, num_layers=2, num_single_layers=single_layers,
+                                       attention_head_dim=10, num_layers=2,
+                                       num_single_layers=single_layers,
                                        num_refiner_layers=2, patch_size=1, patch_size_t=1,
                                        guidance_embeds=True, text_embed_dim=16,
                                        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)).eval()
