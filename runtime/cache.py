@@ -37,12 +37,18 @@ thread keeps its own. Its lifecycle rules are the safety net under every policy:
 * A step has at most ``MAX_BRANCHES`` calls; one more at the same timestep starts a new generation
   (a one-step sampler called again looks like one endless step, whose branch caches would
   otherwise pile up without bound). No policy reuses anything at step 0, so this costs no reuse.
+* diffusers' pipelines end each generation by calling their transformer's
+  ``_reset_stateful_cache()`` (for diffusers' own cache hooks); ``follow_pipeline_resets`` has that
+  end the calling thread's generation here too. The inputs cannot tell a generation that starts
+  below the last one's last timestep (img2img at a low strength after a 4-step generation) from
+  that one's next step: without this signal it would reuse the last generation's cache.
 * ``reset()`` drops everything explicitly.
 * Cached tensors count against ``memory`` (bytes); a store that would exceed it raises
   ``CacheMemoryError`` rather than silently dropping what a policy relies on.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import warnings
@@ -462,6 +468,41 @@ def model_states(model: torch.nn.Module) -> list[CacheState]:
         for state in getattr(p, STATE_ATTR, {}).values():
             states[id(state)] = state
     return list(states.values())
+
+
+def end_generation(model: torch.nn.Module) -> None:
+    """The calling thread's generation with ``model`` is over: its next call starts a new one, with
+    nothing cached. The counters and the trace stay (``dit_compile.reset`` clears them too). Other
+    threads' generations go on: a server's pipelines end theirs each in its own thread."""
+    thread = threading.current_thread()
+    for p in getattr(model, "_orig_mod", model).parameters():
+        state = getattr(p, STATE_ATTR, {}).get(thread)
+        if state is not None:
+            state.reset()
+
+
+def follow_pipeline_resets(model: torch.nn.Module) -> None:
+    """Have the end of a diffusers pipeline's generation end the runtime's too.
+
+    diffusers' pipelines call ``transformer._reset_stateful_cache()`` where a generation ends (at
+    the end of ``__call__``, in ``maybe_free_model_hooks``; Cosmos between chunks, NucleusMoE at
+    the start), for diffusers' own cache hooks. It is wrapped on the model's class, not on the
+    instance: Dynamo compiles a class's forward once, and every later instance runs that graph
+    without the backend seeing it. A model with no state of this runtime passes through; a class
+    without the method (no diffusers ``CacheMixin``) is not called by pipelines, so left alone."""
+    cls = type(getattr(model, "_orig_mod", model))
+    original = getattr(cls, "_reset_stateful_cache", None)
+    if original is None or getattr(original, "_ends_generation", False):
+        return
+
+    @functools.wraps(original)
+    def _reset_stateful_cache(self, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        end_generation(self)
+        return out
+
+    _reset_stateful_cache._ends_generation = True
+    cls._reset_stateful_cache = _reset_stateful_cache
 
 
 def sample_times(t: float | tuple[float, ...], n: int) -> torch.Tensor:

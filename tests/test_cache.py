@@ -788,6 +788,27 @@ def test_two_threads_generating_at_once_share_nothing():
     assert len(model_states(model)) == 2        # this thread's and the last one's
 
 
+def test_a_pipelines_end_of_generation_ends_only_its_own_threads():
+    """diffusers' pipelines end a generation with ``_reset_stateful_cache`` in the thread that
+    ran it: that thread's next call starts a new generation, while another thread's generation
+    with the same model goes on at its next step."""
+    import threading
+    from dit_compile.runtime.cache import StateFactory, end_generation
+    model = torch.nn.Linear(2, 2)
+    states = StateFactory(None, False)
+    mine = states(model.weight)
+    mine.begin(900.0, "signature")
+    other = []
+    worker = threading.Thread(target=lambda: other.append(states(model.weight)))
+    worker.start()
+    worker.join()
+    other[0].begin(900.0, "signature")
+    end_generation(model)
+    assert mine.begin(750.0, "signature").generation == 1, "a new generation"
+    step = other[0].begin(750.0, "signature")
+    assert (step.generation, step.step) == (0, 1), "the other thread's next step"
+
+
 def test_a_copy_or_a_saved_model_carries_no_cache_state():
     """The cache state is the runtime's, not the model's: ``torch.save(model)`` after a cached
     generation works (the states are keyed by thread, and a thread does not pickle), and neither

@@ -176,6 +176,37 @@ def test_a_broken_forward_caches_none_of_its_graphs():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_generation_begun_below_the_last_ones_end_reuses_nothing_of_it():
+    """A 3-step generation, then one that starts below its last timestep (img2img at a low
+    strength after a few-step generation). The timesteps alone make the second look like the
+    first's next steps, and a schedule reusing step 3 served it the first's output; the
+    pipeline's own end-of-generation call (``maybe_free_model_hooks``) ends it instead, so the
+    second equals itself run alone, with no recompile."""
+    def run(pipe, sigmas, seed):
+        cfg = pipe.transformer.config
+        g = torch.Generator().manual_seed(7)        # one prompt for both generations
+        text = torch.randn(1, 6, cfg.joint_attention_dim, generator=g)
+        pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+        return pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, height=32, width=32,
+                    sigmas=sigmas, guidance_scale=3.5, output_type="latent",
+                    generator=torch.Generator().manual_seed(seed)).images
+
+    torch._dynamo.reset()
+    pipe = pipelines.flux_pipeline(torch.compile(
+        tiny_models.flux()[0], backend="mixcache",
+        options={"regions": "eager", "cache": {"rule": "schedule", "step": [1, 3]}}))
+    pipe.set_progress_bar_config(disable=True)
+    run(pipe, [1.0, 0.9, 0.8], seed=0)
+    with warnings.catch_warnings(), torch._dynamo.config.patch(error_on_recompile=True):
+        warnings.simplefilter("ignore")     # step 3 never comes: the schedule says so
+        second = run(pipe, [0.5, 0.3], seed=1)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert [(r["generation"], r["step"], r["action"]) for r in trace] == [
+        (0, 0, "compute"), (0, 1, "step"), (0, 2, "compute"), (1, 0, "compute"), (1, 1, "step")]
+    dit_compile.reset(pipe.transformer)
+    torch.testing.assert_close(second, run(pipe, [0.5, 0.3], seed=1), rtol=0, atol=0)
+
+
 def test_heun_second_evaluation_at_a_timestep_is_computed():
     """Heun's sampler calls the model twice at one timestep, the second time on the corrected
     latent. The policy's estimates measure how far the timestep moved, so there they would call a
