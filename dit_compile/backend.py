@@ -20,7 +20,7 @@ from .passes.mutation import example_value, writes_inputs
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
                              missing_inputs, source_name, user_inputs)
 from .passes.split import Piece, Plan, split
-from .runtime.cache import StateFactory, follow_pipeline_resets
+from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.halves import HalfBatch
 from .runtime.policy import make_policy
@@ -99,8 +99,6 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
                          key=repr(make_policy(opts.cache, None)), timestep=opts.timestep)
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "reuses_cfg", False) else None)
-    if model is not None:
-        follow_pipeline_resets(model)   # a pipeline's end of generation ends the cache's too
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()))

@@ -42,7 +42,7 @@ from .options import Options
 from .passes.modulation import Modulation
 from .passes.regions import NoBlockStructure, find_regions, missing_inputs, source_name, user_inputs
 from .passes.split import split
-from .runtime.cache import StateFactory, end_generation
+from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.policy import make_policy
 
@@ -263,11 +263,6 @@ class Exported(torch.nn.Module):
         """diffusers' pipelines name each guidance branch's call (and step) for their cache
         hooks; this model's cache tells branches apart by itself."""
         yield
-
-    def _reset_stateful_cache(self, recurse: bool = True) -> None:
-        """diffusers' pipelines call this where a generation ends: so does the cache here (see
-        ``runtime.cache.follow_pipeline_resets``)."""
-        end_generation(self)
 
     def forward(self, **kwargs: Any) -> Any:
         missing = [a for a in self.arguments if a not in kwargs]

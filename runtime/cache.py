@@ -37,21 +37,21 @@ thread keeps its own. Its lifecycle rules are the safety net under every policy:
 * A step has at most ``MAX_BRANCHES`` calls; one more at the same timestep starts a new generation
   (a one-step sampler called again looks like one endless step, whose branch caches would
   otherwise pile up without bound). No policy reuses anything at step 0, so this costs no reuse.
-* diffusers' pipelines end each generation by calling their transformer's
-  ``_reset_stateful_cache()`` (for diffusers' own cache hooks); ``follow_pipeline_resets`` has that
-  end the calling thread's generation here too. The inputs cannot tell a generation that starts
-  below the last one's last timestep (img2img at a low strength after a 4-step generation) from
-  that one's next step: without this signal it would reuse the last generation's cache.
+* A call from another run of a diffusers sampler than the last call's is a new generation
+  (``sampler.sampler_run``: the pipeline's ``scheduler.timesteps``, a new tensor at each run).
+  The inputs cannot tell a generation that starts below the last one's last timestep (img2img at
+  a low strength after a 4-step generation, or after one stopped by an error) from that one's next
+  step; without the pipeline to ask, it would reuse the last generation's cache.
 * ``reset()`` drops everything explicitly.
 * Cached tensors count against ``memory`` (bytes); a store that would exceed it raises
   ``CacheMemoryError`` rather than silently dropping what a policy relies on.
 """
 from __future__ import annotations
 
-import functools
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +155,7 @@ class CacheState:
         self._halves = False                # the generation's layout (see begin)
         self._last_t: float | None = None
         self._timestep: Held | None = None  # the last call's
+        self._run: weakref.ref | None = None  # the last call's sampler run (runtime/sampler.py)
         self._step = 0
         self._branch = 0
         self._latent: Held | None = None  # this step's
@@ -203,12 +204,15 @@ class CacheState:
 
     def begin(self, t: float, signature: Any, halves: bool = False, groups: int = 1,
               text: torch.Tensor | None = None, latent: torch.Tensor | None = None,
-              timestep: torch.Tensor | None = None, graph: object | None = None) -> Step:
+              timestep: torch.Tensor | None = None, graph: object | None = None,
+              run: torch.Tensor | None = None) -> Step:
         """Place a call in its generation, step and branch; drop the cache on a new generation,
         and a branch's cache when its text condition or its graph changed. ``latent`` None
         (callers that have none, unit tests): a repeated timestep is the next branch.
         ``timestep``: the call's own (per sample or per token), where ``t`` is its noise level.
-        ``graph``: the token of the executor making the call. ``groups``: see ``Step``."""
+        ``graph``: the token of the executor making the call. ``groups``: see ``Step``.
+        ``run``: the sampler run calling (``sampler.sampler_run``): another one is a new
+        generation, whatever the timestep says."""
         self.last_call = time.monotonic_ns()
         if self._guidance_ended(t, signature, latent):
             # The pipeline stopped guidance mid-generation (Z-Image's cfg_truncation): the same
@@ -217,7 +221,9 @@ class CacheState:
             self._signature, self._halves = signature, False
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
-        if (signature != self._signature or self._last_t is None or t > self._last_t
+        new_run = run is not None and (self._run is None or self._run() is not run)
+        self._run = None if run is None else weakref.ref(run)
+        if (signature != self._signature or self._last_t is None or t > self._last_t or new_run
                 or (t < self._last_t and self._rises > 0)
                 or (branch and self._branch + 1 >= MAX_BRANCHES)
                 or (repeat and not branch and self._step == 0
@@ -468,41 +474,6 @@ def model_states(model: torch.nn.Module) -> list[CacheState]:
         for state in getattr(p, STATE_ATTR, {}).values():
             states[id(state)] = state
     return list(states.values())
-
-
-def end_generation(model: torch.nn.Module) -> None:
-    """The calling thread's generation with ``model`` is over: its next call starts a new one, with
-    nothing cached. The counters and the trace stay (``dit_compile.reset`` clears them too). Other
-    threads' generations go on: a server's pipelines end theirs each in its own thread."""
-    thread = threading.current_thread()
-    for p in getattr(model, "_orig_mod", model).parameters():
-        state = getattr(p, STATE_ATTR, {}).get(thread)
-        if state is not None:
-            state.reset()
-
-
-def follow_pipeline_resets(model: torch.nn.Module) -> None:
-    """Have the end of a diffusers pipeline's generation end the runtime's too.
-
-    diffusers' pipelines call ``transformer._reset_stateful_cache()`` where a generation ends (at
-    the end of ``__call__``, in ``maybe_free_model_hooks``; Cosmos between chunks, NucleusMoE at
-    the start), for diffusers' own cache hooks. It is wrapped on the model's class, not on the
-    instance: Dynamo compiles a class's forward once, and every later instance runs that graph
-    without the backend seeing it. A model with no state of this runtime passes through; a class
-    without the method (no diffusers ``CacheMixin``) is not called by pipelines, so left alone."""
-    cls = type(getattr(model, "_orig_mod", model))
-    original = getattr(cls, "_reset_stateful_cache", None)
-    if original is None or getattr(original, "_ends_generation", False):
-        return
-
-    @functools.wraps(original)
-    def _reset_stateful_cache(self, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
-        end_generation(self)
-        return out
-
-    _reset_stateful_cache._ends_generation = True
-    cls._reset_stateful_cache = _reset_stateful_cache
 
 
 def sample_times(t: float | tuple[float, ...], n: int) -> torch.Tensor:

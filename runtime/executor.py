@@ -19,6 +19,7 @@ from ..passes.split import Plan, output_keys
 from .cache import BranchCache, CacheState, StateFactory, Step, extrapolate, push_outputs
 from .halves import HalfBatch, guidance_groups, is_batched_cfg
 from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
+from .sampler import sampler_run
 
 
 class Executor:
@@ -195,7 +196,7 @@ class GuardedExecutor(Executor):
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=groups == 2 and self._halves_call(env, x.shape[0]), groups=groups,
             text=self._text(env), latent=x, timestep=env[self.t],
-            graph=self.token)
+            graph=self.token, run=sampler_run())
         bc = st.branch(step.branch)
         ran, seen, pre = 0, x, 0.0
         if self.modulation is not None:

@@ -788,25 +788,22 @@ def test_two_threads_generating_at_once_share_nothing():
     assert len(model_states(model)) == 2        # this thread's and the last one's
 
 
-def test_a_pipelines_end_of_generation_ends_only_its_own_threads():
-    """diffusers' pipelines end a generation with ``_reset_stateful_cache`` in the thread that
-    ran it: that thread's next call starts a new generation, while another thread's generation
-    with the same model goes on at its next step."""
-    import threading
-    from dit_compile.runtime.cache import StateFactory, end_generation
-    model = torch.nn.Linear(2, 2)
-    states = StateFactory(None, False)
-    mine = states(model.weight)
-    mine.begin(900.0, "signature")
-    other = []
-    worker = threading.Thread(target=lambda: other.append(states(model.weight)))
-    worker.start()
-    worker.join()
-    other[0].begin(900.0, "signature")
-    end_generation(model)
-    assert mine.begin(750.0, "signature").generation == 1, "a new generation"
-    step = other[0].begin(750.0, "signature")
-    assert (step.generation, step.step) == (0, 1), "the other thread's next step"
+def test_another_sampler_run_is_a_new_generation_whatever_its_timestep():
+    """A call from another run of the sampler (another ``scheduler.timesteps`` tensor) starts a
+    generation even below the last call's timestep; one from the same run is its next step, and a
+    call from no pipeline leaves the timestep to decide."""
+    from dit_compile.runtime.cache import CacheState
+    state, first, second = CacheState(), torch.tensor([1.0, 0.5]), torch.tensor([0.4, 0.2])
+    assert state.begin(1.0, "signature", run=first).generation == 0
+    step = state.begin(0.5, "signature", run=first)
+    assert (step.generation, step.step) == (0, 1), "the same run's next step"
+    step = state.begin(0.4, "signature", run=second)
+    assert (step.generation, step.step) == (1, 0), "another run, started lower"
+    del second          # a dead run is another run, even where a new tensor takes its address
+    step = state.begin(0.2, "signature", run=torch.tensor([0.4, 0.2]))
+    assert (step.generation, step.step) == (2, 0)
+    step = state.begin(0.1, "signature")
+    assert (step.generation, step.step) == (2, 1), "no pipeline: the timestep decides"
 
 
 def test_a_copy_or_a_saved_model_carries_no_cache_state():

@@ -177,34 +177,68 @@ def test_a_broken_forward_caches_none_of_its_graphs():
 
 
 def test_a_generation_begun_below_the_last_ones_end_reuses_nothing_of_it():
-    """A 3-step generation, then one that starts below its last timestep (img2img at a low
-    strength after a few-step generation). The timesteps alone make the second look like the
-    first's next steps, and a schedule reusing step 3 served it the first's output; the
-    pipeline's own end-of-generation call (``maybe_free_model_hooks``) ends it instead, so the
-    second equals itself run alone, with no recompile."""
-    def run(pipe, sigmas, seed):
-        cfg = pipe.transformer.config
-        g = torch.Generator().manual_seed(7)        # one prompt for both generations
-        text = torch.randn(1, 6, cfg.joint_attention_dim, generator=g)
-        pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
-        return pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, height=32, width=32,
-                    sigmas=sigmas, guidance_scale=3.5, output_type="latent",
-                    generator=torch.Generator().manual_seed(seed)).images
+    """Generations that start below the last one's last timestep (img2img at a low strength after
+    a few-step generation, or after one a callback stopped with an error), in FluxPipeline and in
+    a modular pipeline (no maybe_free_model_hooks at its end), with one compiled model. The
+    timesteps alone make each look like the last one's next steps, and a schedule reusing step 3
+    served it the last one's output; each is a new generation (the pipeline's sampler run), equal
+    to itself run alone, with no recompile."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.modular_pipelines.flux.modular_blocks_flux import FluxCoreDenoiseStep
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_step_1(pipe, i, t, kwargs):
+        if i == 1:
+            raise Stop
+        return kwargs
 
     torch._dynamo.reset()
-    pipe = pipelines.flux_pipeline(torch.compile(
-        tiny_models.flux()[0], backend="mixcache",
-        options={"regions": "eager", "cache": {"rule": "schedule", "step": [1, 3]}}))
+    model = tiny_models.flux()[0]
+    # In place: the modular pipeline tests `if transformer`, which an OptimizedModule refuses.
+    model.compile(backend="mixcache",
+                  options={"regions": "eager", "cache": {"rule": "schedule", "step": [1, 3]}})
+    pipe = pipelines.flux_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    run(pipe, [1.0, 0.9, 0.8], seed=0)
-    with warnings.catch_warnings(), torch._dynamo.config.patch(error_on_recompile=True):
+    modular = FluxCoreDenoiseStep().init_pipeline()
+    modular.update_components(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler())
+    g = torch.Generator().manual_seed(7)                # one prompt for every generation
+    text = dict(prompt_embeds=torch.randn(1, 6, model.config.joint_attention_dim, generator=g),
+                pooled_prompt_embeds=torch.randn(1, model.config.pooled_projection_dim, generator=g))
+
+    def run(sigmas, seed, **kwargs):
+        g = torch.Generator().manual_seed(seed)
+        if kwargs.pop("modular", False):
+            return modular(**text, height=32, width=32, sigmas=sigmas, generator=g,
+                           num_inference_steps=len(sigmas), output="latents")
+        return pipe(**text, height=32, width=32, sigmas=sigmas, guidance_scale=3.5,
+                    output_type="latent", generator=g, **kwargs).images
+
+    low = [0.5, 0.3]
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # step 3 never comes: the schedule says so
-        second = run(pipe, [0.5, 0.3], seed=1)
-    trace = dit_compile.stats(pipe.transformer)["trace"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            run([1.0, 0.9, 0.8], seed=0)
+            after_few_steps = run(low, seed=1)
+            with pytest.raises(Stop):
+                run([1.0, 0.9, 0.8], seed=0, callback_on_step_end=stop_at_step_1)
+            after_error = run(low, seed=1)
+        # (The modular pipeline calls the model with other arguments: Dynamo compiles again.)
+        run([1.0, 0.9, 0.8], seed=0, modular=True)
+        after_modular = run(low, seed=1, modular=True)
+    three = ["compute", "step", "compute"]  # per generation: its actions, from its step 0
+    expected = [three, three[:2], three[:2], three[:2], three, three[:2]]
+    trace = dit_compile.stats(model)["trace"]
     assert [(r["generation"], r["step"], r["action"]) for r in trace] == [
-        (0, 0, "compute"), (0, 1, "step"), (0, 2, "compute"), (1, 0, "compute"), (1, 1, "step")]
-    dit_compile.reset(pipe.transformer)
-    torch.testing.assert_close(second, run(pipe, [0.5, 0.3], seed=1), rtol=0, atol=0)
+        (gen, step, action) for gen, actions in enumerate(expected)
+        for step, action in enumerate(actions)]
+    dit_compile.reset(model)
+    alone = run(low, seed=1)
+    torch.testing.assert_close(after_few_steps, alone, rtol=0, atol=0)
+    torch.testing.assert_close(after_error, alone, rtol=0, atol=0)
+    dit_compile.reset(model)
+    torch.testing.assert_close(after_modular, run(low, seed=1, modular=True), rtol=0, atol=0)
 
 
 def test_heun_second_evaluation_at_a_timestep_is_computed():
