@@ -260,14 +260,18 @@ class CacheState:
         return Step(self.generation, self._step, self._branch, t, self._halves, groups)
 
     def _guidance_ended(self, t: float, signature: Any, latent: torch.Tensor | None) -> bool:
-        """A call of a generation of batched guidance (``_halves``) with half its batch, the
-        latent otherwise alike, at a lower timestep: guidance turned off for the steps left."""
-        if (not self._halves or latent is None or self._latent is None or self._last_t is None
+        """A call with half the last one's batch, the latent otherwise alike, at a lower
+        timestep, where the last call batched guidance (its latent halves equal): guidance turned
+        off for the steps left (Z-Image's ``cfg_truncation``, SD3's ``SD3CFGCutoffCallback``).
+        The halves are compared here, not only read off ``_halves``: that is known only where the
+        policy looks for halves, and the generation must go on under every policy."""
+        if (latent is None or self._latent is None or self._last_t is None
                 or t >= self._last_t or signature == self._signature):
             return False
         old = self._latent[0]
         return (2 * latent.shape[0] == old.shape[0] and latent.shape[1:] == old.shape[1:]
-                and latent.dtype == old.dtype and latent.device == old.device)
+                and latent.dtype == old.dtype and latent.device == old.device
+                and (self._halves or _equal_halves(self._latent)))
 
     def _fell_below_max(self, timestep: torch.Tensor | None) -> bool:
         """Whether some of the call's per-token (or per-sample) timesteps fell since the last call
@@ -566,6 +570,17 @@ def _held(x: torch.Tensor) -> Held:
     if x.is_inference():
         return x, None, x.clone()
     return x, x._version, None
+
+
+def _equal_halves(kept: Held) -> bool:
+    """Whether a kept batch's two halves were equal when it was kept (a sync; only on a change
+    of batch size). One written to since is taken as unequal."""
+    x, version, copy = kept
+    if copy is None and version is not None and x._version != version:
+        return False
+    x = x if copy is None else copy
+    k = x.shape[0] // 2
+    return bool(torch.equal(x[:k], x[k:]))
 
 
 def _same(kept: Held | None, x: torch.Tensor) -> bool:

@@ -806,6 +806,26 @@ def test_another_sampler_run_is_a_new_generation_whatever_its_timestep():
     assert (step.generation, step.step) == (2, 1), "no pipeline: the timestep decides"
 
 
+def test_guidance_cut_off_goes_on_with_the_generation_under_every_policy():
+    """A batched-CFG call (equal latent halves), then half the batch at a lower timestep:
+    guidance turned off for the last steps (SD3CFGCutoffCallback), the same generation, steps
+    counted on, nothing cached before kept. Seen by a state told nothing of halves (a policy
+    that does not look for them), as by one that was. Halves that differ (two prompts, two
+    noises) halved are not that: a new generation."""
+    from dit_compile.runtime.cache import CacheState
+    x = torch.randn(1, 4, 2, 8, 8)
+    for told in (False, True):
+        state = CacheState()
+        state.begin(900.0, "batch 2", halves=told, latent=torch.cat([x, x]))
+        state.branch(0).outputs.append((900.0, [x]))
+        step = state.begin(750.0, "batch 1", latent=x)
+        assert (step.generation, step.step) == (0, 1)
+        assert not state.branch(0).outputs, "what was cached under guidance is dropped"
+    state = CacheState()
+    state.begin(900.0, "batch 2", latent=torch.cat([x, -x]))
+    assert state.begin(750.0, "batch 1", latent=x).generation == 1
+
+
 def test_a_copy_or_a_saved_model_carries_no_cache_state():
     """The cache state is the runtime's, not the model's: ``torch.save(model)`` after a cached
     generation works (the states are keyed by thread, and a thread does not pickle), and neither
