@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -100,7 +101,8 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
                 "config": {k: v for k, v in config.items() if _plain(v)},
                 "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None,
                 "options": options or {}, "n_blocks": len(traced.rmap.guarded),
-                "inputs": sources, "programs": programs, "aoti": aoti,
+                "inputs": sources, "keywords": _keywords(kwargs), "programs": programs,
+                "aoti": aoti,
                 "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
                 "modulation": modulation,
                 "out_spec": pytree.treespec_dumps(executor.out_spec),
@@ -247,6 +249,8 @@ class Exported(torch.nn.Module):
         self.config = _Config(m.get("config", {}))
         self._dtype = getattr(torch, m["dtype"]) if m.get("dtype") else None
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
+        self.keywords = m.get("keywords")     # None: saved before keywords were
+        self._told_autograd = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -269,6 +273,7 @@ class Exported(torch.nn.Module):
         if missing:
             raise TypeError(f"{self.model_name} (exported) needs the tensor argument(s) {missing}; "
                             f"it takes {self.arguments}")
+        self._check_keywords(kwargs)
         for path, shape, dtype, device in self.signature:
             x = _at(kwargs, path)
             if (not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype
@@ -289,9 +294,41 @@ class Exported(torch.nn.Module):
             if args[i].stride() != stride:
                 args[i] = torch.empty_strided(args[i].shape, stride, dtype=args[i].dtype,
                                               device=args[i].device).copy_(args[i])
-        out = pytree.tree_leaves(self.executor(*args))
+        if (isinstance(self.executor, GuardedExecutor) and torch.is_grad_enabled()
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            # As the backend does: a reused output would be another call's, with its graph.
+            if not self._told_autograd:
+                self._told_autograd = True
+                warnings.warn(f"{self.model_name} (exported): autograd records this call (grad "
+                              "enabled, inputs that require grad), so nothing is cached: a "
+                              "reused output would belong to another call and carry its graph. "
+                              "Call it under torch.no_grad() or torch.inference_mode() to cache.",
+                              stacklevel=2)
+            out = pytree.tree_leaves(Executor.__call__(self.executor, *args))
+        else:
+            out = pytree.tree_leaves(self.executor(*args))
         spec, leaves = self.returns
         return pytree.tree_unflatten([out[v] if k == "output" else v for k, v in leaves], spec)
+
+
+    def _check_keywords(self, kwargs: dict[str, Any]) -> None:
+        """A keyword the programs were not traced with changes nothing they compute, so it is an
+        error, not ignored: one absent at export (a ControlNet's residuals, a misspelt name)
+        unless None, and one whose plain value differs from the export's (a None then, a tensor
+        now; another ``return_dict``). Tensors are checked against the input signature."""
+        if self.keywords is None:
+            return
+        for name, value in kwargs.items():
+            kind = self.keywords.get(name)
+            if kind is None and value is not None:
+                raise TypeError(f"{self.model_name} (exported): it was exported without {name!r}, "
+                                f"so the programs would ignore it; export again with it (it was "
+                                f"exported with {sorted(self.keywords)})")
+            if kind is not None and "value" in kind and (
+                    not _plain(value) or json.loads(json.dumps(value)) != kind["value"]):
+                raise ValueError(f"{self.model_name} (exported): {name} is {_shown(value)}; it was "
+                                 f"exported with {name}={kind['value']!r}, which the programs "
+                                 "were traced for (export again for other values)")
 
 
 class _Config(dict):
@@ -310,6 +347,26 @@ def _plain(v: Any) -> bool:
         return True
     except TypeError:
         return False
+
+
+def _keywords(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each keyword of the export, as a loaded model checks a call's: one holding tensors
+    (checked by the input signature), a value JSON holds (checked to be the same), or another
+    object (not checked)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in kwargs.items():
+        if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value)):
+            out[name] = {"tensors": True}
+        elif _plain(value):
+            out[name] = {"value": value}
+        else:
+            out[name] = {}
+    return out
+
+
+def _shown(value: Any) -> str:
+    return (f"a tensor {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+            else repr(value) if _plain(value) else f"a {type(value).__name__}")
 
 
 def _name(path: list) -> str:

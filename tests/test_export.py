@@ -65,6 +65,17 @@ def test_exported_model_caches_as_the_backend_does(tmp_path, rising):
     with pytest.raises(ValueError, match="no mixcache state"):
         dit_compile.stats(torch.nn.Linear(2, 2))
     assert dit_compile.stats(loaded)["calls"] == 0
+    if rising:
+        return
+    # Where autograd records the call, nothing is reused (a reused output would be another
+    # call's, with its graph), as the backend does, said once: each call equals eager.
+    with pytest.warns(UserWarning, match="autograd records") as told:
+        for call in calls(kw, steps=3):
+            x = call["hidden_states"].clone().requires_grad_()
+            torch.testing.assert_close(loaded(**dict(call, hidden_states=x))[0],
+                                       model(**dict(call, hidden_states=x), return_dict=False)[0],
+                                       rtol=1e-5, atol=1e-5)
+    assert len([w for w in told if "autograd" in str(w.message)]) == 1
 
 
 def test_exported_model_takes_the_pipelines_transformer_slot(tmp_path):
@@ -163,6 +174,17 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         loaded(**{**kw, "timestep": kw["timestep"].long()})
     with pytest.raises(ValueError, match=r"hidden_states is \(1, 4, 2, 8, 16\)"):
         loaded(**{**kw, "hidden_states": torch.randn(1, 4, 2, 8, 16)})
+    # A keyword the programs were not traced with would change nothing they compute: a tensor
+    # absent at export (an image condition), a misspelt name, another plain value. None passes,
+    # as pipelines pass their unused optional arguments.
+    with pytest.raises(TypeError, match="exported without 'encoder_hidden_states_image'"):
+        loaded(**kw, encoder_hidden_states_image=torch.randn(1, 4, 16))
+    with pytest.raises(TypeError, match="exported without 'timesteps'"):
+        loaded(**{k: v for k, v in kw.items() if k != "timestep"}, timestep=kw["timestep"],
+               timesteps=kw["timestep"])
+    with pytest.raises(ValueError, match="return_dict is True; it was exported with return_dict=False"):
+        loaded(**kw, return_dict=True)
+    loaded(**kw, attention_kwargs=None, return_dict=False)
     # pipe.to(dtype) casts the transformer's weights: the programs take the exported dtype only
     # (it was an error from inside a program, naming a bias).
     with pytest.raises(ValueError, match="weights were cast to torch.bfloat16"):
