@@ -50,7 +50,13 @@ class Options:
     mode: str | None = None
 
     @classmethod
-    def parse(cls, options: dict[str, Any] | None) -> "Options":
+    def parse(cls, options: "dict[str, Any] | Options | None") -> "Options":
+        if isinstance(options, Options):
+            options = dataclasses.asdict(options)      # checked again, as given
+        if options is not None and not isinstance(options, dict):
+            raise OptionError(f"options must be a dict of mixcache options (or an Options), not "
+                              f"{type(options).__name__} {options!r}: e.g. options="
+                              "{'cache': 'balanced'}")
         options = dict(options or {})
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - set(fields))

@@ -1,4 +1,5 @@
 """The backend end to end: registration, options, Inductor agreement, no recompiles."""
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_registered_by_entry_point_without_import():
     ({"timestep": "up"}, r"timestep='up': must be one of \('falling', 'rising'\)"),
     ({"share_blocks": "no"}, r"share_blocks='no': must be True or False"),   # a str is truthy
     ({"lower_moe": 0}, r"lower_moe=0: must be True or False"),
+    ("eager", r"options must be a dict of mixcache options \(or an Options\), not str 'eager'"),
 ])
 def test_bad_options_are_clear_errors(options, match):
     """Said as the backend starts, before it looks at the graph (so any module will do: a DiT
@@ -54,6 +56,15 @@ def test_bad_cache_is_an_error_where_the_backend_falls_back(cache, match):
     with pytest.raises(Exception, match=match):
         torch.compile(mlp, backend="mixcache", options={"cache": cache, "regions": "eager"})(
             torch.randn(2, 8))
+
+
+def test_options_may_be_given_as_options():
+    """dit_compile.Options is public: given as the options, it is taken, and checked as a dict
+    would be."""
+    opts = dit_compile.Options.parse({"regions": "eager", "cache": "fast"})
+    assert dit_compile.Options.parse(opts) == opts
+    with pytest.raises(dit_compile.OptionError, match="regions='tvm'"):
+        dit_compile.Options.parse(dataclasses.replace(opts, regions="tvm"))
 
 
 def test_cache_memory_takes_whole_numbers_not_bools():
