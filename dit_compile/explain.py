@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .frames import forget_forward
+from .frames import forget_forward, is_fragment
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
@@ -96,8 +96,13 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
     nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph
     writes: dict[int, str | None] = {}             # why its writes into its inputs bar reuse
+    # Per graph, whether it is only part of the forward: one graph may be all Dynamo hands the
+    # backend, the rest running eagerly after a break (HiDream's unpatchify and its .item()),
+    # and the backend caches no such graph.
+    partial: list[bool] = []
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
+        partial.append(is_fragment(gm))
         nested[len(found)] = [n.args[1] for n in gm.graph.nodes
                               if n.target is torch.ops.higher_order.invoke_subgraph]
         try:
@@ -124,7 +129,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         for attempt in range(2):
             if attempt:
                 forget_forward(target)
-            found.clear(), modulated.clear(), nested.clear(), writes.clear()
+            found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
                     *args, **kwargs)
@@ -135,10 +140,12 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
                 nested_break = _region_break(why)
                 found.clear()
                 break
-            if len(found) == 1:
+            if len(found) == 1 and not partial[0]:
                 break
         report.graphs = len(found)
-        if len(found) > 1 or nested_break:
+        broke = len(found) > 1 or any(partial)
+        whole = False       # one graph of the whole forward under fullgraph=True
+        if broke or nested_break:
             report.breaks = ([nested_break] if nested_break
                              else _new_breaks(seen, _break_counts(counters)))
             # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
@@ -146,16 +153,16 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             # and raises at any other break.
             broken = (list(found), dict(modulated), dict(nested), dict(writes))
             forget_forward(target)
-            found.clear(), modulated.clear(), nested.clear(), writes.clear()
+            found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw),
                               fullgraph=True)(*args, **kwargs)
             except Exception:
                 found.clear()
-            if len(found) != 1 or not isinstance(found[0], RegionMap):
+            whole = len(found) == 1 and isinstance(found[0], RegionMap) and not partial[0]
+            if not whole:
                 found[:] = broken[0]
                 modulated.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
-    whole = (report.graphs > 1 or nested_break) and len(found) == 1   # under fullgraph=True
     captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
                 "one graph that caches (the report is of that graph)")
     if nested_break:
@@ -168,12 +175,11 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         if not whole:
             return report
     elif whole:
-        report.fallback = (f"the forward traced as {report.graphs} graphs (graph breaks at data-"
-                           f"dependent operators), and step and cfg guards need one graph: "
-                           f"{captured}")
-    elif report.graphs > 1:
-        report.fallback = (f"the forward traced as {report.graphs} graphs (graph breaks): step "
-                           "and cfg guards need one graph")
+        report.fallback = (f"{_traced_as(report.graphs)} (graph breaks at data-dependent "
+                           f"operators), and step and cfg guards need one graph: {captured}")
+    elif broke:
+        report.fallback = (f"{_traced_as(report.graphs)} (graph breaks): step and cfg guards "
+                           "need one graph")
     elif len(found) == 1 and isinstance(found[0], NoBlockStructure):
         report.fallback = str(found[0])
     elif not found:
@@ -207,6 +213,11 @@ def _break_counts(counters: Any) -> dict[str, int]:
         for reason, n in counters[kind].items():
             counts[reason] = max(counts.get(reason, 0), n)
     return counts
+
+
+def _traced_as(graphs: int) -> str:
+    return (f"the forward traced as {graphs} graphs" if graphs > 1 else
+            "the forward traced as one graph that ends at a graph break, the rest running eagerly")
 
 
 def _new_breaks(before: dict[str, int], after: dict[str, int], keep: int = 3) -> list[str]:
