@@ -1,14 +1,12 @@
 """``dit_compile.explain``: what the region pass finds in a model, before anything is compiled."""
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from .frames import forget_forward, is_fragment
+from .frames import forget_forward, forward_forgotten, is_fragment, shape_history_kept
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
@@ -120,7 +118,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     from torch._dynamo.utils import counters
     target = getattr(model, "_orig_mod", model)
     seen = _break_counts(counters)
-    with torch.no_grad(), _shape_history_kept(), _forward_forgotten(target):
+    with torch.no_grad(), shape_history_kept(), forward_forgotten(target):
         # Twice where the first trace broke, as the backend retraces once: a break only a first
         # call makes (a table built lazily) is gone the second time, and a forward Dynamo gave up
         # on earlier (under other settings) is looked at afresh. A new backend object each time,
@@ -235,33 +233,3 @@ def _new_breaks(before: dict[str, int], after: dict[str, int], keep: int = 3) ->
     return [summary + (f"\n{hints[summary]}" if hints[summary] else "")
             + (f" (x{counts[summary]})" if counts[summary] > 1 else "")
             for summary in sorted(counts, key=counts.get, reverse=True)[:keep]]
-
-
-@contextlib.contextmanager
-def _forward_forgotten(model: torch.nn.Module) -> Iterator[None]:
-    """Drop explain's graphs from the model's forward code when done. Each explain compiles with a
-    backend of its own, and Dynamo keeps every one's graphs on the code: eight explains reached
-    its recompile limit, after which a compile with fullgraph=True failed outright."""
-    try:
-        yield
-    finally:
-        forget_forward(model)
-
-
-@contextlib.contextmanager
-def _shape_history_kept() -> Iterator[None]:
-    """Undo what explain's trace teaches Dynamo about input shapes. Dynamo remembers each code
-    object's shapes across torch.compile calls (its automatic-dynamic state), so a later compile at
-    another size would otherwise get a dynamic-shape graph: explain must not change what compiles."""
-    try:
-        from torch._dynamo import pgo
-        saved = copy.deepcopy(pgo.get_code_state())
-    except Exception:  # a torch without this state has nothing to undo
-        saved = None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            state = pgo.get_code_state()    # looked up again: a reset during the trace replaces it
-            state.clear()
-            state.update(saved)

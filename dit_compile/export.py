@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from .frames import forget_forward, forward_forgotten, shape_history_kept
 from .options import Options
 from .passes.modulation import Modulation
 from .passes.regions import NoBlockStructure, find_regions, missing_inputs, source_name, user_inputs
@@ -58,7 +59,12 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     with ``options`` does, and save it under ``path`` (module docstring). Tensor keyword arguments
     are the loaded model's inputs; every other argument is fixed at the values given here.
     ``aoti``: also compile each program ahead of time with AOTInductor, for the device of the
-    example inputs (``load`` then runs the compiled packages: no compile at load time)."""
+    example inputs (``load`` then runs the compiled packages: no compile at load time).
+
+    Runs the model once eagerly where its first call breaks the graph (a table built lazily).
+    Leaves Dynamo nothing of its trace: the model's forward code is forgotten, so a compiled model
+    sharing that code (the same class, or diffusers' decorator around ``forward``) traces again at
+    its next call; other compiled code keeps its graphs."""
     opts = Options.parse(options)
     # 0. lowering: MoE dispatches that would break the graph, for the export only.
     with _lowered_moe(model, opts.lower_moe):
@@ -429,21 +435,33 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
         return run
 
     graph_out: list[Any] = []
-    torch._dynamo.reset()       # a fresh trace: the recording backend must see this model's graph
-    try:
-        with torch.no_grad():
-            result = torch.compile(model, backend=record, fullgraph=True, dynamic=False)(**kwargs)
-    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
-        from .passes.moe import find_moe
-        moe = [p for p, lowered in find_moe(model).items() if not lowered]
-        hint = (f"its MoE dispatch ({moe[0] or 'the model'}) syncs to the host: leave option "
-                "lower_moe on, or call dit_compile.lower_moe(model) first" if moe else
-                "dit_compile.explain(model, ...) shows where it breaks")
-        raise ValueError(f"dit_compile.export: Dynamo could not trace {type(model).__name__} as "
-                         f"one graph ({str(e).splitlines()[0]}); export needs one graph: "
-                         f"{hint}") from e
-    finally:
-        torch._dynamo.reset()
+    # Only this model's forward is traced afresh and forgotten after (torch._dynamo.reset() would
+    # make every other compiled model in the process compile again).
+    root = getattr(model, "_orig_mod", model)
+    with torch.no_grad(), shape_history_kept(), forward_forgotten(root):
+        for attempt in range(2):
+            if not forget_forward(root):    # a fresh trace: the recording backend sees the graph
+                torch._dynamo.reset()       # (Dynamo's internals moved: all of it, then)
+            traced.clear()
+            try:
+                result = torch.compile(model, backend=record, fullgraph=True, dynamic=False)(
+                    **kwargs)
+                break
+            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+                if attempt == 0:
+                    # A break only a first call makes (Z-Image builds its rotary table lazily):
+                    # one eager call, as the backend's retrace has had, then trace again.
+                    model(**kwargs)
+                    continue
+                from .passes.moe import find_moe
+                moe = [p for p, lowered in find_moe(model).items() if not lowered]
+                hint = (f"its MoE dispatch ({moe[0] or 'the model'}) syncs to the host: leave "
+                        "option lower_moe on, or call dit_compile.lower_moe(model) first" if moe
+                        else "dit_compile.explain(model, ...) shows where it breaks")
+                raise ValueError(f"dit_compile.export: Dynamo could not trace "
+                                 f"{type(model).__name__} as one graph "
+                                 f"({str(e).splitlines()[0]}); export needs one graph: "
+                                 f"{hint}") from e
     bad = [p for p in traced[0].keywords if isinstance(p, str)]
     if bad:
         raise ValueError(f"dit_compile.export: graph input {bad[0]} is not (inside) a keyword "

@@ -9,10 +9,12 @@ options, which model): Dynamo's start-of-compile callback is the only hook it ha
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import sys
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -194,6 +196,38 @@ def forget_forward(model: torch.nn.Module) -> bool:
     for code in _forward_codes(model):
         reset_code(code)
     return True
+
+
+@contextlib.contextmanager
+def forward_forgotten(model: torch.nn.Module) -> Iterator[None]:
+    """Drop the graphs of a trace of one's own (explain's, export's) from the model's forward code
+    when done, and nothing else of Dynamo's. Each compiles with a backend of its own, and Dynamo
+    keeps every one's graphs on the code: eight explains reached its recompile limit, after which
+    a compile with fullgraph=True failed outright."""
+    try:
+        yield
+    finally:
+        forget_forward(model)
+
+
+@contextlib.contextmanager
+def shape_history_kept() -> Iterator[None]:
+    """Undo what a trace of one's own teaches Dynamo about input shapes. Dynamo remembers each code
+    object's shapes across torch.compile calls (its automatic-dynamic state), so a later compile at
+    another size would otherwise get a dynamic-shape graph: explain and export must not change
+    what compiles."""
+    try:
+        from torch._dynamo import pgo
+        saved = copy.deepcopy(pgo.get_code_state())
+    except Exception:  # a torch without this state has nothing to undo
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            state = pgo.get_code_state()    # looked up again: a reset during the trace replaces it
+            state.clear()
+            state.update(saved)
 
 
 def _reset_code() -> Any:

@@ -163,8 +163,14 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="block structure"):
         dit_compile.export(mlp, str(tmp_path / "mlp"), {"input": torch.randn(2, 4)})
+    # Export forgets the model's own forward, not what Dynamo compiled of other code.
+    traces = []
+    other = torch.compile(torch.nn.Linear(2, 2), backend=lambda gm, _: traces.append(gm) or gm)
+    other(torch.ones(1, 2))
     model, kw = tiny_models.wan(layers=3)
     dit_compile.export(model, str(tmp_path / "wan"), {**kw, "return_dict": False}, {"cache": None})
+    other(torch.ones(1, 2))
+    assert len(traces) == 1, "export made other compiled code trace again"
     loaded = dit_compile.load(str(tmp_path / "wan"))
     with pytest.raises(TypeError, match="encoder_hidden_states"):
         loaded(hidden_states=kw["hidden_states"], timestep=kw["timestep"])
@@ -193,6 +199,18 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
     with pytest.raises(ValueError, match="format 99"):
         dit_compile.load(str(tmp_path / "wan"))
+
+
+def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path):
+    """Z-Image builds its rotary table at its first call, a graph break then only: export, as
+    the backend, traces again after one eager call (it raised, sending the user to explain,
+    which saw nothing wrong)."""
+    model, kw = tiny_models.zimage()
+    call = {**kw, "return_dict": False}
+    dit_compile.export(model, str(tmp_path), call, {"timestep": "rising", "cache": None})
+    with torch.no_grad():
+        torch.testing.assert_close(dit_compile.load(str(tmp_path))(**kw)[0],
+                                   model(**call)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_aoti_packages_run_as_the_programs_do(tmp_path):
