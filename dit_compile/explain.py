@@ -88,6 +88,10 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     leaves Dynamo nothing of its trace (a compiled model of the same class traces its forward
     again at its next call).
     """
+    if not isinstance(getattr(model, "_orig_mod", model), torch.nn.Module):
+        name = getattr(model, "__qualname__", None)
+        raise TypeError("dit_compile.explain traces an nn.Module (for a compiled function, the "
+                        f"model it calls), not {type(model).__name__}{f' {name!r}' if name else ''}")
     report = Report(type(getattr(model, "_orig_mod", model)).__name__)
     report.moe = find_moe(getattr(model, "_orig_mod", model))
     found: list[RegionMap | NoBlockStructure] = []

@@ -379,6 +379,9 @@ def lower_moe(model: nn.Module) -> int:
     dispatches in ``model`` after the call. Modules of a recognised class that fail the structural
     check are skipped with a ``UserWarning`` naming the reason.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lower_moe lowers the MoE dispatches of an nn.Module, not "
+                        f"{type(model).__name__}")
     lowered = 0
     for name, module in model.named_modules():
         spec: _MoESpec | None = module.__dict__.get(_SPEC_ATTR)

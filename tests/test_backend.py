@@ -388,6 +388,10 @@ def test_a_compiled_function_that_breaks_before_the_model_is_not_cached():
         dit_compile.stats(model)
     with pytest.raises(TypeError, match="pass the nn.Module .* not function"):
         dit_compile.stats(compiled)
+    with pytest.raises(TypeError, match="traces an nn.Module .* not function"):
+        dit_compile.explain(compiled, x, torch.tensor([900.0]))
+    with pytest.raises(TypeError, match="lowers the MoE dispatches of an nn.Module, not function"):
+        dit_compile.lower_moe(compiled)
 
 
 def test_no_timestep_input_is_said_by_explain_and_the_backend_alike():
