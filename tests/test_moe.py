@@ -514,10 +514,6 @@ def test_explain_reports_moe_dispatches_lowered_or_not():
     lower_moe(model)        # unlowered, its 17 graphs take explain 20 s to trace
     report = dit_compile.explain(torch.compile(model), **kw, return_dict=False)
     assert report.moe == dict.fromkeys(paths, True)
-    # Lowered, its forward is one graph that ends at unpatchify's .item(), the rest eager: the
-    # backend caches no such graph, and explain says so (it said nothing was wrong).
-    assert report.graphs == 1 and "ends at a graph break" in report.fallback
-    assert "fullgraph=True) captures those operators" in report.fallback
     assert "MoE dispatches: 4, not lowered: 0\n" in str(report)
     report.moe[paths[0]] = False
     assert "MoE dispatches: 4, not lowered: 1 (backend='mixcache' lowers them" in str(report)
