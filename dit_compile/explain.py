@@ -90,8 +90,9 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     """
     if not isinstance(getattr(model, "_orig_mod", model), torch.nn.Module):
         name = getattr(model, "__qualname__", None)
+        what = type(model).__name__ + (f" {name!r}" if name else "")
         raise TypeError("dit_compile.explain traces an nn.Module (for a compiled function, the "
-                        f"model it calls), not {type(model).__name__}{f' {name!r}' if name else ''}")
+                        f"model it calls), not {what}")
     report = Report(type(getattr(model, "_orig_mod", model)).__name__)
     report.moe = find_moe(getattr(model, "_orig_mod", model))
     found: list[RegionMap | NoBlockStructure] = []

@@ -1,4 +1,4 @@
-"""Which run of the sampler a call of the model belongs to, read off the diffusers pipeline calling it.
+"""Which run of the sampler a call of the model belongs to, read off the pipeline calling it.
 
 The model's inputs cannot always tell a new generation from the next step of the last one: a run
 that starts below the last one's last timestep (img2img at a low strength after a 4-step
@@ -30,15 +30,10 @@ def sampler_run() -> torch.Tensor | None:
         if frame.f_code.co_name == "__call__":
             local = frame.f_locals
             for owner in (local.get("components"), local.get("self")):
-                run = getattr(getattr(owner, "scheduler", None), "timesteps", None) \
-                    if _plain(owner) else None
+                if owner is None or isinstance(owner, torch.nn.Module):
+                    continue    # a model holds no scheduler (and nn.Module's getattr raises)
+                run = getattr(getattr(owner, "scheduler", None), "timesteps", None)
                 if isinstance(run, torch.Tensor):
                     return run
         frame = frame.f_back
     return None
-
-
-def _plain(owner: object) -> bool:
-    """Whether to look for a scheduler on ``owner``: not on a module (nn.Module's ``__getattr__``
-    raises for every missing name, and a model holds no scheduler)."""
-    return owner is not None and not isinstance(owner, torch.nn.Module)

@@ -188,7 +188,7 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     with pytest.raises(TypeError, match="exported without 'timesteps'"):
         loaded(**{k: v for k, v in kw.items() if k != "timestep"}, timestep=kw["timestep"],
                timesteps=kw["timestep"])
-    with pytest.raises(ValueError, match="return_dict is True; it was exported with return_dict=False"):
+    with pytest.raises(ValueError, match="return_dict is True; it was exported with return_dict="):
         loaded(**kw, return_dict=True)
     loaded(**kw, attention_kwargs=None, return_dict=False)
     # pipe.to(dtype) casts the transformer's weights: the programs take the exported dtype only

@@ -204,8 +204,9 @@ def test_a_generation_begun_below_the_last_ones_end_reuses_nothing_of_it():
     modular = FluxCoreDenoiseStep().init_pipeline()
     modular.update_components(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler())
     g = torch.Generator().manual_seed(7)                # one prompt for every generation
-    text = dict(prompt_embeds=torch.randn(1, 6, model.config.joint_attention_dim, generator=g),
-                pooled_prompt_embeds=torch.randn(1, model.config.pooled_projection_dim, generator=g))
+    cfg = model.config
+    text = dict(prompt_embeds=torch.randn(1, 6, cfg.joint_attention_dim, generator=g),
+                pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim, generator=g))
 
     def run(sigmas, seed, **kwargs):
         g = torch.Generator().manual_seed(seed)
