@@ -316,7 +316,6 @@ class Exported(torch.nn.Module):
         spec, leaves = self.returns
         return pytree.tree_unflatten([out[v] if k == "output" else v for k, v in leaves], spec)
 
-
     def _check_keywords(self, kwargs: dict[str, Any]) -> None:
         """A keyword the programs were not traced with changes nothing they compute, so it is an
         error, not ignored: one absent at export (a ControlNet's residuals, a misspelt name)
