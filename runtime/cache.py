@@ -224,11 +224,13 @@ class CacheState:
         new_run = run is not None and (self._run is None or self._run() is not run)
         self._run = None if run is None else weakref.ref(run)
         if (signature != self._signature or self._last_t is None or t > self._last_t or new_run
-                or (t < self._last_t and self._rises > 0)
+                # Below a run of one-step generations: the next one's first call, unless the
+                # sampler says this run goes on (Wan 2.2's low-noise expert after one step).
+                or (t < self._last_t and self._rises > 0 and run is None)
                 or (branch and self._branch + 1 >= MAX_BRANCHES)
                 or (repeat and not branch and self._step == 0
                     and not self._fell_below_max(timestep))):
-            self._note_rise(t)
+            self._note_rise(t, new_run)
             self.reset()
             self._signature, self._halves = signature, halves
             self.generation += 1
@@ -281,10 +283,12 @@ class CacheState:
         return (timestep is not None and timestep.numel() > 1 and self._timestep is not None
                 and not _same(self._timestep, timestep))
 
-    def _note_rise(self, t: float) -> None:
+    def _note_rise(self, t: float, new_run: bool) -> None:
         """Count one-step generations that each start above the last; say once, when they keep
-        coming, that the pipeline's timestep seems to rise through a generation."""
-        rose = self._last_t is not None and t > self._last_t and self._step == 0
+        coming, that the pipeline's timestep seems to rise through a generation. A rise into
+        another sampler run is that run's start, no sign of a rising timestep."""
+        rose = (self._last_t is not None and t > self._last_t and self._step == 0
+                and not new_run)
         self._rises = self._rises + 1 if rose else 0
         if self._rises == RISING_HINT_AFTER and not self._rise_told:
             self._rise_told = True

@@ -806,6 +806,24 @@ def test_another_sampler_run_is_a_new_generation_whatever_its_timestep():
     assert (step.generation, step.step) == (2, 1), "no pipeline: the timestep decides"
 
 
+def test_a_run_that_goes_on_below_a_one_step_generation_is_its_next_step():
+    """Wan 2.2's low-noise expert: one step in a run, then a new run that starts above it
+    and takes two. Its second call is that run's next step, although the rule for a row of
+    one-step generations with no sampler to ask (a rising timestep not declared) would take
+    it for another generation's first."""
+    from dit_compile.runtime.cache import CacheState
+    state, first, second = CacheState(), torch.tensor([0.9, 0.2]), torch.tensor([0.9, 0.4, 0.1])
+    state.begin(0.2, "signature", run=first)
+    assert state.begin(0.4, "signature", run=second).generation == 1
+    step = state.begin(0.1, "signature", run=second)
+    assert (step.generation, step.step) == (1, 1)
+    # Without a sampler, the same calls after a rise are read as the next generation's first.
+    state = CacheState()
+    for t in (0.2, 0.4, 0.1):
+        step = state.begin(t, "signature")
+    assert (step.generation, step.step) == (2, 0)
+
+
 def test_guidance_cut_off_goes_on_with_the_generation_under_every_policy():
     """A batched-CFG call (equal latent halves), then half the batch at a lower timestep:
     guidance turned off for the last steps (SD3CFGCutoffCallback), the same generation, steps
