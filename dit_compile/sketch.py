@@ -23,13 +23,15 @@ Both models compiled with ``backend="mixcache"`` keep their own cache state, one
 from __future__ import annotations
 
 import inspect
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-# What the small model must share with the large one to take over its latent mid-trajectory.
-_SHARED = ("in_channels", "out_channels", "patch_size", "text_dim")
+# What the small model must share with the large one to take over its latent mid-trajectory (and
+# the image condition of Wan's image-to-video models, which the pipeline hands to both).
+_SHARED = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
 
 
 @dataclass
@@ -59,13 +61,19 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
     models run eagerly (``torch.compile``'s wrapper is looked through), so no cache reuses
     anything while they are measured."""
     _check_pipeline(pipe)
-    if not (isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool)
+    if not (isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
             and tolerance >= 0):
         raise ValueError(f"calibrate_split: tolerance={tolerance!r} must be a number >= 0")
     if (not isinstance(runs, (list, tuple)) or not runs
             or not all(isinstance(r, dict) for r in runs)):
         raise ValueError("calibrate_split: runs must be a list of at least one calibration run, "
                          f"each a dict of pipeline keyword arguments (got {type(runs).__name__})")
+    if any(r.get("guidance_scale_2") is not None for r in runs):
+        # diffusers takes it only with a boundary, which calibration turns off; said here, not
+        # as diffusers' complaint about a boundary_ratio the user did set.
+        raise ValueError("calibrate_split: a calibration run gives guidance_scale_2; the large "
+                         "model takes every step while calibrating, at the run's guidance_scale: "
+                         "drop guidance_scale_2 from the runs")
     large = _plain(pipe.transformer)
     small = _plain(small)
     check_compatible(large, small)
@@ -96,7 +104,9 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
                 raise ValueError("calibrate_split: every calibration run must take the same "
                                  "timesteps (same step count and scheduler)")
             sigmas = [s for s, _ in steps]
-            dist = [_distance(branches, g) for _, branches in steps]
+            # Wan's pipelines make two calls a step (conditional, unconditional) where g > 1.
+            per_step = 2 if g > 1 else 1
+            dist = [_distance(branches, g, per_step) for _, branches in steps]
             worst = dist if not worst else [max(a, b) for a, b in zip(worst, dist)]
     finally:
         handle.remove()
@@ -111,7 +121,7 @@ def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibrati
     is left as it was; the new pipeline shares its modules (compiled ones included)."""
     _check_pipeline(pipe)
     b = boundary.boundary if isinstance(boundary, Calibration) else boundary
-    if not (isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0):
+    if not (isinstance(b, numbers.Real) and not isinstance(b, bool) and b >= 0):
         raise ValueError(f"sketch_render: boundary={b!r} must be a noise level >= 0 (0: the small "
                          "model never runs; above the first step's: it takes every step)")
     check_compatible(_plain(pipe.transformer), _plain(small))
@@ -124,17 +134,27 @@ def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibrati
 
 
 def check_compatible(large: torch.nn.Module, small: torch.nn.Module) -> None:
-    """The small model must be another model that reads and writes the large one's latent and
-    text: same channels, patch size and text width (its depth and width are its own), and the
-    same dtype (the pipeline casts its inputs to the first transformer's)."""
+    """The small model must be another model of the large one's class (the pipeline calls both
+    alike) that reads and writes its latent, text and image condition: same channels, patch
+    size, text and image widths (its depth and width are its own), and the same dtype and device
+    (the pipeline casts its inputs to the first transformer's)."""
     a, b = getattr(large, "config", None), getattr(small, "config", None)
     if a is None or b is None:
         raise TypeError("sketch/render: both models must be diffusers transformers (with a config)")
     if _plain(small) is _plain(large):
         raise ValueError("sketch/render: the small model is the pipeline's transformer itself")
-    bad = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in _SHARED if a.get(k) != b.get(k)]
+    kinds = [getattr(m, "model_name", type(m).__name__) for m in (large, small)]  # load()'s too
+    if kinds[0] != kinds[1]:
+        raise TypeError(f"sketch/render: the small model is a {kinds[1]}, the large one a "
+                        f"{kinds[0]}: the pipeline calls both alike, so they must be of one class")
+    # A config read from JSON (from_pretrained, dit_compile.load) holds lists where one built in
+    # Python holds tuples.
+    bad = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in _SHARED
+           if _as_tuples(a.get(k)) != _as_tuples(b.get(k))]
     if large.dtype != small.dtype:
         bad.append(f"dtype: {large.dtype} vs {small.dtype}")
+    if large.device != small.device:
+        bad.append(f"device: {large.device} vs {small.device}")
     if bad:
         raise ValueError("sketch/render: the small model does not share the large one's latent and "
                          f"text spaces ({'; '.join(bad)}, large vs small)")
@@ -147,6 +167,10 @@ def _check_pipeline(pipe: Any) -> None:
                         f"{type(pipe).__name__} has none")
     if getattr(pipe, "transformer", None) is None:
         raise ValueError("sketch/render: the pipeline's `transformer` (the large model) is missing")
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(map(_as_tuples, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _plain(m: torch.nn.Module) -> torch.nn.Module:
@@ -169,16 +193,19 @@ def _steps(calls: list[tuple[float, torch.Tensor, torch.Tensor]]
     return steps
 
 
-def _distance(branches: list[tuple[torch.Tensor, torch.Tensor]], g: float) -> float:
-    """Relative L2 distance of the two models' guided predictions at one step. Two calls are
-    Wan's conditional then unconditional prediction; one call is already the guided one."""
-    def guided(i: int) -> torch.Tensor:
-        if len(branches) == 1:
-            return branches[0][i]
-        cond, uncond = branches[0][i], branches[1][i]
-        return uncond + g * (cond - uncond)
-    big, little = guided(0), guided(1)
-    return float((little - big).norm() / big.norm().clamp_min(1e-12))
+def _distance(branches: list[tuple[torch.Tensor, torch.Tensor]], g: float,
+              per_step: int = 2) -> float:
+    """Relative L2 distance of the two models' guided predictions at one noise level, the worst
+    where the sampler stepped there more than once (a second-order sampler's corrector, then the
+    next step's predictor). ``per_step`` calls make one prediction: 2, Wan's conditional then
+    unconditional one; 1, already the guided one."""
+    worst = 0.0
+    for k in range(0, len(branches), per_step):
+        calls = branches[k:k + per_step]
+        big, little = ((calls[0][i] if len(calls) == 1
+                        else calls[1][i] + g * (calls[0][i] - calls[1][i])) for i in (0, 1))
+        worst = max(worst, float((little - big).norm() / big.norm().clamp_min(1e-12)))
+    return worst
 
 
 def costs(sigmas: list[float], distances: list[float]) -> list[float]:

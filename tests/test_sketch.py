@@ -146,6 +146,19 @@ def test_distance_is_taken_between_guided_predictions():
     assert _distance([(cond, 2 * cond)], 5.0) == pytest.approx(1.0)   # one call: already guided
 
 
+def test_distance_takes_the_worst_of_a_second_order_samplers_calls():
+    """A second-order sampler (FlowMatchHeun) calls the model twice at one noise level: the
+    corrector of one step and the predictor of the next. Each call (guidance off) or pair of
+    calls (on) is a prediction of its own; the step's distance is the worst, not the first's,
+    and guidance never mixes the two calls of a one-call-a-step sampler."""
+    cond, uncond = torch.ones(4), torch.zeros(4)
+    apart = [(cond, cond), (uncond, uncond + 0.5)]          # guided distance 0.4 at g = 5
+    alike = [(cond, cond), (uncond, uncond)]
+    assert _distance(alike + apart, 5.0) == pytest.approx(0.4)
+    assert _distance(apart + alike, 5.0) == pytest.approx(0.4)
+    assert _distance([(cond, cond), (cond, 1.5 * cond)], 1.0, per_step=1) == pytest.approx(0.5)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.floats(0.001, 0.2), st.floats(0, 2)), min_size=1, max_size=30),
        st.floats(0, 1), st.floats(0, 1))
@@ -192,6 +205,17 @@ def test_bad_inputs_are_clear_errors(models):
     assert pipe.transformer is large and pipe.config.boundary_ratio is None
     with pytest.raises(ValueError, match="boundary"):
         dit_compile.sketch_render(pipe, small, -0.5)
+    # A config read from JSON holds a list where one built in Python holds a tuple: the same.
+    listed = type(large).from_config({**large.config, "num_layers": 1,
+                                      "patch_size": list(large.config.patch_size)})
+    assert dit_compile.sketch_render(pipe, listed, 0.5).transformer_2 is listed
+    # Another class with the same channels and text width: the pipeline's error mid-generation.
+    from diffusers import WanVACETransformer3DModel
+    vace = WanVACETransformer3DModel.from_config({**large.config, "vace_layers": [0]})
+    with pytest.raises(TypeError, match="small model is a WanVACETransformer3DModel"):
+        dit_compile.sketch_render(pipe, vace, 0.5)
+    with pytest.raises(ValueError, match="drop guidance_scale_2"):
+        dit_compile.calibrate_split(pipe, small, [dict(wan_kwargs(1), guidance_scale_2=3.0)], 0.1)
     flux = pipelines.flux_pipeline(tiny_models.flux()[0])
     with pytest.raises(TypeError, match="FluxPipeline"):
         dit_compile.sketch_render(flux, small, 0.5)
