@@ -96,16 +96,19 @@ def lower_moe_before_trace(_: Any = None) -> None:
         pending = [] if model is None else [p for p, done in find_moe(model).items() if not done]
         if not pending:
             return
-        lowered = lower_moe(model)
+        lower_moe(model)
+        left = sum(not done for done in find_moe(model).values())
     except Exception as why:  # a bad option or Dynamo internals moved: the backend's path remains
         log.debug("mixcache: MoE lowering before the trace skipped: %s", why)
         return
     warnings.warn(f"mixcache: {type(model).__name__}: {len(pending)} MoE dispatch(es) "
                   f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}) sync to the "
-                  f"host and would break the graph: lowered {lowered} in place before tracing, to "
-                  "one fused op (dit_compile::moe_ffn, as dit_compile.lower_moe does). "
-                  "dit_compile.restore_moe(model) undoes it; options={'lower_moe': False} leaves "
-                  "the model as it is", stacklevel=2)
+                  f"host and would break the graph: lowered {len(pending) - left} in place before "
+                  "tracing, to one fused op (dit_compile::moe_ffn, as dit_compile.lower_moe does)"
+                  + (f"; {left} could not be, as the warning before says, and break it" if left
+                     else "")
+                  + ". dit_compile.restore_moe(model) undoes it; options={'lower_moe': False} "
+                  "leaves the model as it is", stacklevel=2)
 
 
 def _mixcache_options() -> dict | None:
@@ -153,7 +156,7 @@ def lower_moe_and_retrace(model: torch.nn.Module | None, enabled: bool) -> None:
         # this backend returns, past any reset. No reset_code: lowering would never be traced.
         warnings.warn(f"{name} sync to the host and break the graph; call "
                       "dit_compile.lower_moe(model) before torch.compile to run them as one fused op "
-                      "in one graph", stacklevel=3)
+                      "in one graph (it warns where it cannot)", stacklevel=3)
         return
     lowered = lower_moe(model)
     forget_forward(model)

@@ -90,15 +90,16 @@ so the model stays differentiable (and slow there); under ``torch.no_grad`` / ``
 pipelines run, it is the op. ``no_grad=True`` says the original itself runs under no_grad (HiDream's
 ``moe_infer``), and the op then always runs, as the original would without gradients. Under
 ``torch.autocast`` the stacked weights and the input are cast to the autocast dtype, as autocast
-casts the experts' linear layers. Also not covered: ``enable_layerwise_casting`` and other hooks on
-the expert layers added after lowering (the stack keeps the old dtype: lower after them, or call
-:func:`lower_moe` again), and pickling a lowered module (``restore_moe`` first).
+casts the experts' linear layers. Experts with forward hooks (``enable_layerwise_casting``'s fp8
+storage, group offloading, accelerate's) are not lowered, since the op never calls the experts and
+their hooks would not run: ``lower_moe`` skips them with a warning, ``register_moe`` refuses. Hooks
+added after lowering are not covered (call :func:`restore_moe` first). A lowered module pickles
+(``torch.save(model)``) and loads lowered.
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,24 +135,38 @@ class _MoESpec:
 # Substitution
 
 
-def _lowered_dispatch(spec: _MoESpec) -> Callable[..., Tensor]:
-    # A closure over the spec only, never the module, so that copy.deepcopy of the module (which
-    # rebinds the bound method to the copy) yields a copy that dispatches on its own weights.
-    def dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-        with torch.no_grad() if spec.no_grad else contextlib.nullcontext():
-            x, expert_ids, routing_weights = spec.route(self, *args, **kwargs)
-            w1, w3, w2 = spec.weights(self)
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2)):
-                # Autograd would record this call and the op has no backward: the original
-                # method (training, or a forward that needs gradients) stays differentiable.
-                return getattr(type(self), spec.method)(self, *args, **kwargs)
-            if torch.is_autocast_enabled(x.device.type):
-                # What autocast does to the experts' nn.Linear layers, done to the stacked ones.
-                dtype = torch.get_autocast_dtype(x.device.type)
-                x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
-            return moe_ffn(x, expert_ids, routing_weights, w1, w3, w2)
+def _dispatch(spec: _MoESpec, self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+    """The lowered ``self.<spec.method>(*args, **kwargs)``."""
+    with torch.no_grad() if spec.no_grad else contextlib.nullcontext():
+        x, expert_ids, routing_weights = spec.route(self, *args, **kwargs)
+        w1, w3, w2 = spec.weights(self)
+        if torch.is_grad_enabled() and (
+                any(t.requires_grad for t in (x, routing_weights, w1, w3, w2))
+                or (spec.experts is not None
+                    and any(p.requires_grad for p in getattr(self, spec.experts).parameters()))):
+            # Autograd would record this call and the op has no backward: the original method
+            # (training, or a forward that needs gradients) stays differentiable. The stacked
+            # buffers never require grad; the experts' parameters, their slices, may.
+            return getattr(type(self), spec.method)(self, *args, **kwargs)
+        if torch.is_autocast_enabled(x.device.type):
+            # What autocast does to the experts' nn.Linear layers, done to the stacked ones.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
+        return moe_ffn(x, expert_ids, routing_weights, w1, w3, w2)
 
-    return dispatch
+
+class _Bound:
+    """``fn(*first, module, ...)`` as an instance attribute of ``module``: a bound method that
+    pickles. A ``types.MethodType`` pickles as the name of its function looked up on the
+    unpickled module, which names nothing there, so ``torch.save(model)`` of a lowered model
+    wrote a file that would not load; this one pickles its function, the spec and the module,
+    and comes back lowered. ``copy.deepcopy`` binds the copy to the copied module."""
+
+    def __init__(self, fn: Callable[..., Any], module: nn.Module, *first: Any) -> None:
+        self.fn, self.module, self.first = fn, module, first
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*self.first, self.module, *args, **kwargs)
 
 
 def _plain_route(module: nn.Module, x: Tensor, expert_ids: Tensor, routing_weights: Tensor):
@@ -185,6 +200,13 @@ def register_moe(
         raise ValueError("register_moe: pass exactly one of experts= and weights=")
     if not callable(getattr(type(module), method, None)):
         raise ValueError(f"register_moe: {type(module).__name__} has no method {method!r}")
+    if (not isinstance(projections, (list, tuple)) or len(projections) != 3
+            or not all(isinstance(p, str) for p in projections)):
+        raise ValueError(f"register_moe: projections={projections!r} must name three layers of "
+                         "each expert: gate, up, down")
+    if experts is not None and not hasattr(module, experts):
+        raise ValueError(f"register_moe: {type(module).__name__} has no attribute {experts!r} "
+                         "(experts= names its nn.ModuleList of experts)")
     if experts is not None:
         problem = _swiglu_experts_problem(getattr(module, experts, None), projections)
         if problem:
@@ -201,10 +223,10 @@ def register_moe(
     if experts is not None:
         _stack_experts(module, spec)
         # Instance attributes, so that only this module's conversions and loads restack.
-        module._apply = types.MethodType(_apply_then_restack, module)
+        module._apply = _Bound(_apply_then_restack, module)
         module._dit_moe_load_hook = module.register_load_state_dict_post_hook(_restack_after_load)
     setattr(module, _SPEC_ATTR, spec)
-    setattr(module, method, types.MethodType(_lowered_dispatch(spec), module))
+    setattr(module, method, _Bound(_dispatch, module, spec))
 
 
 def _unregister(module: nn.Module) -> bool:
@@ -289,6 +311,10 @@ def _swiglu_experts_problem(experts: Any, projections: tuple[str, str, str]) -> 
         # Exactly nn.Linear: a LoRA or quantisation wrapper computes something the op would not.
         if any(type(layer) is not nn.Linear or layer.bias is not None for layer in layers):
             return f"expert {i}: {projections} must be plain bias-free nn.Linear"
+        if any(_hooked(m) for m in (expert, *layers)):
+            return (f"expert {i} has forward hooks (diffusers' enable_layerwise_casting or group "
+                    "offloading, accelerate's offload, hooks of your own): the op reads the "
+                    "stacked weights and never calls the experts, so their hooks would not run")
         gate, up, down = (layer.weight for layer in layers)
         if gate.shape != up.shape or down.shape != gate.shape[::-1]:
             return f"expert {i}: gate/up [H, D] and down [D, H] shapes disagree"
@@ -298,6 +324,11 @@ def _swiglu_experts_problem(experts: Any, projections: tuple[str, str, str]) -> 
         elif signature != reference:
             return f"expert {i}: shape, dtype or device differs from expert 0"
     return None
+
+
+def _hooked(module: nn.Module) -> bool:
+    # diffusers' hooks and accelerate's replace ``forward`` on the instance; torch's are listed.
+    return bool("forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -590,17 +590,76 @@ def test_register_moe_for_user_module():
 
 def test_lowered_dispatch_stays_differentiable_where_autograd_records():
     """Training (grad enabled, weights requiring grad): the original method runs, so gradients are
-    eager's; the op (no backward) runs where nothing is recorded."""
+    eager's; the op (no backward) runs where nothing is recorded. Also where only the experts or
+    the router train and the input is data (the stacked buffers never require grad: that once ran
+    the op, leaving the experts without gradients or failing backward)."""
     torch.manual_seed(0)
-    model, x = _UserMoE(), torch.randn(13, 16, requires_grad=True)
-    ref = copy.deepcopy(model)
-    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
-    model(x).square().sum().backward()
-    grads = [x.grad.clone()] + [p.grad for p in model.parameters()]
-    x.grad = None
-    ref(x).square().sum().backward()
-    for g, r in zip(grads, [x.grad] + [p.grad for p in ref.parameters()]):
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    for x, frozen in ((torch.randn(13, 16, requires_grad=True), ()),
+                      (torch.randn(13, 16), ()), (torch.randn(13, 16), ("router",))):
+        model = _UserMoE()
+        for name in frozen:
+            getattr(model, name).requires_grad_(False)
+        ref = copy.deepcopy(model)
+        register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+        model(x).square().sum().backward()
+        grads = [x.grad] + [p.grad for p in model.parameters()]
+        x.grad = None
+        ref(x).square().sum().backward()
+        for g, r in zip(grads, [x.grad] + [p.grad for p in ref.parameters()]):
+            assert (g is None) == (r is None)
+            if r is not None:
+                torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lowered_model_pickles_and_loads_lowered(tmp_path):
+    """``torch.save(model)`` after lowering (which a mixcache compile does by itself) once wrote a
+    file that would not load (a bound method pickles by a name the class lacks). It loads
+    lowered, dispatching on its own weights, and converts (``.double()``) as a lowered one does."""
+    import io
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+    torch.manual_seed(0)
+    moe = MOEFeedForwardSwiGLU(dim=16, hidden_dim=24, num_routed_experts=4, num_activated_experts=2).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = moe(x)
+    lower_moe(moe)
+    buffer = io.BytesIO()
+    torch.save(moe, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert find_moe(loaded) == {"": True}
+    graphs = []
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
+        torch._dynamo.reset()
+        torch.compile(loaded, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)(x)
+        assert [count_moe_ops(g) for g in graphs] == [1]
+        # Its own weights: a change to the loaded model's experts reaches its dispatch only.
+        loaded.experts[0].w1.weight.mul_(0)
+        assert not torch.allclose(loaded(x), expected) and torch.allclose(moe(x), expected, atol=1e-5)
+        loaded.double()
+        assert loaded._moe_w1.dtype == torch.float64 and loaded(x.double()).dtype == torch.float64
+
+
+def test_experts_with_hooks_are_not_lowered():
+    """The op reads stacked weights and never calls the experts, so hooks on them (diffusers'
+    layerwise casting to fp8 storage, offloading) would not run: refused, not a dtype error in
+    the op or a silent skip of the hook."""
+    from diffusers.hooks import apply_layerwise_casting
+    model = _UserMoE()
+    apply_layerwise_casting(model.experts, storage_dtype=torch.float8_e4m3fn,
+                            compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="expert 0 has forward hooks"):
+        register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    hooked = _UserMoE()
+    hooked.experts[2].up.register_forward_pre_hook(lambda m, args: None)
+    with pytest.raises(ValueError, match="expert 2 has forward hooks"):
+        register_moe(hooked, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    assert find_moe(hooked) == {}
+    with pytest.raises(ValueError, match="three layers"):
+        register_moe(_UserMoE(), "dispatch", experts="experts", projections=("gate", "up"))
+    with pytest.raises(ValueError, match="no attribute 'expertz'"):
+        register_moe(_UserMoE(), "dispatch", experts="expertz", projections=("gate", "up", "down"))
 
 
 def test_hidream_dispatch_keeps_no_grad_and_autocast():
