@@ -386,7 +386,7 @@ def make_mixcache(spec: dict) -> MixCache:
     spec = dict(spec)
     spec.pop("rule", None)
     preset = spec.pop("preset", "balanced")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise PolicyError(f"mixcache preset {preset!r}: must be one of {sorted(PRESETS)}")
     kw = {**PRESETS[preset], **spec}
     valid = set(MixCache.__dataclass_fields__)

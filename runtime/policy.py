@@ -295,6 +295,8 @@ def make_policy(cache: Any, n_blocks: int | None) -> "Policy | MixCache | None":
         if cache not in PRESETS:
             raise PolicyError(f"cache={cache!r}: a preset is one of {sorted(PRESETS)}")
         cache = {"rule": "mixcache", "preset": cache}
+    if isinstance(cache, (list, tuple)) and len(cache) == 1 and isinstance(cache[0], dict):
+        cache = cache[0]            # a list of one rule is that rule
     if isinstance(cache, dict) and cache.get("rule") == "mixcache":
         policy = make_mixcache(cache)
     else:
@@ -304,8 +306,10 @@ def make_policy(cache: Any, n_blocks: int | None) -> "Policy | MixCache | None":
 
 def _rules(cache: Any) -> Policy:
     specs = [cache] if isinstance(cache, dict) else cache
-    if not isinstance(specs, (list, tuple)) or not all(isinstance(s, dict) for s in specs):
-        raise PolicyError(f"cache must be a dict or a list of dicts with a 'rule' in {RULES}")
+    if (not isinstance(specs, (list, tuple)) or not specs
+            or not all(isinstance(s, dict) for s in specs)):
+        raise PolicyError(f"cache must be None, a preset name, a dict or a non-empty list of "
+                          f"dicts with a 'rule' in {RULES}")
     kw: dict[str, Any] = {}
     seen: set[str] = set()
     for spec in specs:
@@ -313,7 +317,8 @@ def _rules(cache: Any) -> Policy:
         if rule not in RULES:
             raise PolicyError(f"cache rule {rule!r}: must be one of {RULES}")
         if rule == "mixcache":
-            raise PolicyError("the mixcache rule decides every granularity itself: give it alone")
+            raise PolicyError("the mixcache rule decides every granularity itself: give it "
+                              "alone, not in a list with other rules")
         if rule in seen:
             # A second dict of a rule would replace the first's settings, not add to them.
             raise PolicyError(f"cache rule {rule!r} given twice: give each rule once (a "

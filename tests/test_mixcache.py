@@ -357,9 +357,18 @@ def test_default_is_balanced_and_none_turns_caching_off():
     ({"rule": "mixcache", "warmup": 1.0}, r"warmup=1.0: must be a number in \[0, 1\)"),
     ({"rule": "mixcache", "granularities": ["layer"]}, r"granularities"),
     ([{"rule": "mixcache"}, {"rule": "first_block", "threshold": 0.1}], r"give it alone"),
+    ({"rule": "mixcache", "preset": ["fast"]}, r"preset \['fast'\]: must be one of"),
+    ([], r"non-empty list"),
 ])
 def test_bad_mixcache_options(cache, match):
     """Said before the model is seen, as the backend's options are parsed (through torch.compile
     in test_backend)."""
     with pytest.raises(PolicyError, match=match):
         make_policy(cache, None)
+
+
+def test_a_list_of_one_mixcache_rule_is_that_rule():
+    """Once refused with "give it alone", which it was."""
+    from dit_compile.runtime.mixcache import MixCache
+    policy = make_policy([{"rule": "mixcache", "budget": 0.01}], None)
+    assert isinstance(policy, MixCache) and policy.budget == 0.01
