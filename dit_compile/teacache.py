@@ -39,24 +39,28 @@ def fit_teacache(model: torch.nn.Module, run: Callable[[], Any], degree: int = 4
     # this one replaces another configuration's state with its own at its first call. Recorded
     # only where the state that was asked to record is still the model's after the run.
     state, pairs = find_state(model), None
-    for _ in range(2):
-        if state is not None:
-            state.reset()
-            state.calibration = []
-        try:
-            run()
-        finally:
+    try:
+        for _ in range(2):
             if state is not None:
-                pairs, state.calibration = state.calibration, None
-        now = find_state(model)
-        if now is not None and now is state:
-            break
-        state, pairs = now, None      # that run compiled the model, or made its own state
+                state.reset()
+                state.calibration = []
+            try:
+                run()
+            finally:
+                if state is not None:
+                    pairs, state.calibration = state.calibration, None
+            now = find_state(model)
+            if now is not None and now is state:
+                break
+            state, pairs = now, None      # that run compiled the model, or made its own state
+    finally:
+        # Dropped after as well, a run that raised included: its calls computed everything.
+        for each in {id(s): s for s in (state, find_state(model)) if s is not None}.values():
+            each.reset()
+            each.clear_stats()
     if state is None:
         raise ValueError("fit_teacache: this model has no mixcache state after running: compile "
                          "it with backend='mixcache' and a teacache rule, and have run() call it")
-    state.reset()
-    state.clear_stats()
     if not pairs:
         raise ValueError("fit_teacache: nothing recorded: the model must be compiled with a "
                          "teacache rule (signal 'modulated' or 'input'), and run() must call it "

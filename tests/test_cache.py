@@ -500,6 +500,13 @@ def test_fit_teacache_fits_the_changes_every_branch_saw():
     assert len(runs) == 5
     np.testing.assert_allclose(again, fitted, rtol=1e-6, atol=1e-9)
 
+    def stopped():
+        generation(f, kw)
+        raise RuntimeError("stopped")
+    with pytest.raises(RuntimeError, match="stopped"):
+        dit_compile.fit_teacache(f, stopped, degree=2)
+    assert dit_compile.stats(f)["calls"] == 0       # dropped after a run that raised, too
+
     # One step's change per sample (both branches see one latent): two points cannot fix a
     # polynomial of degree 4.
     with pytest.raises(ValueError, match="2 distinct changes recorded, too few for a polynomial"):
