@@ -36,6 +36,7 @@ never the generation).
 from __future__ import annotations
 
 import inspect
+import re
 import types
 import warnings
 import weakref
@@ -46,6 +47,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 _IN, _CONST, _UNUSED = "in", "const", "unused"
+# A dynamic size or stride of a tensor input: the half forward reads it off the tensor it passes.
+_DERIVED = re.compile(r"\.(size|stride|storage_offset)\(")
+_ARGUMENT = re.compile(r"^L\['(\w+)'\](?:\['(\w+)'\])?$")
 
 
 def _functional(module: torch.nn.Module, state: dict[str, torch.Tensor], args: tuple,
@@ -123,9 +127,20 @@ class HalfBatch:
         covered: set[int] = set()
         per_sample: set[int] = set()
         lists = {name for name, value in bound.items() if samples and _sample_list(value, index, batch)}
+        # Numbers the call passes as arguments of their own that Dynamo made dynamic (LTX's
+        # height and width, once a generation at another size recompiled): graph inputs, taken
+        # from each call as tensors are.
+        number_inputs = {name: i for i, ((source, _), x) in enumerate(zip(placeholders, example_inputs))
+                         if isinstance(x, (int, float, torch.SymInt, torch.SymFloat))
+                         for name in [_argument(source, frame, bound)] if name}
         for name, value in bound.items():
             leaves, spec = pytree.tree_flatten(value)
             recipe = []
+            if (name in number_inputs and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                covered.add(number_inputs[name])
+                args[name] = (spec, [(_IN, number_inputs[name])])
+                continue
             for leaf in leaves:
                 if isinstance(leaf, torch.Tensor) and id(leaf) in index:
                     recipe.append((_IN, index[id(leaf)]))
@@ -148,6 +163,13 @@ class HalfBatch:
                                        *module.named_buffers(remove_duplicate=False))}
         state, pinned = [], []
         for i, ((source, from_module), x) in enumerate(zip(placeholders, example_inputs)):
+            if (isinstance(x, (int, float, torch.SymInt, torch.SymFloat)) and i not in covered
+                    and not source.startswith(("L['self']", "self")) and not _DERIVED.search(source)):
+                # A dynamic number the call passes inside another argument: the recipe would hold
+                # this call's value as a constant, and a later call at another value get it.
+                return (f"graph input {source} is a number the call passes, which this graph "
+                        "takes at any value, and the half forward would replay the compiling "
+                        "call's")
             if not isinstance(x, torch.Tensor) or i in covered or (from_module and i in numbers):
                 continue
             if not from_module:
@@ -250,6 +272,23 @@ class HalfBatch:
             warnings.warn(f"mixcache: batched-CFG call: {why}; computing the full batch instead "
                           "of one half", stacklevel=3)
         return None
+
+
+def _argument(source: str, frame: Mapping[str, Any], bound: Mapping[str, Any]) -> str | None:
+    """The argument of forward a graph input's source names, where it is one of its own:
+    ``L['height']``, or ``L['kwargs']['height']`` where the frame is a wrapper's taking
+    ``**kwargs`` (diffusers' ``apply_lora_scale``); None for anything inside an argument."""
+    m = _ARGUMENT.match(source)
+    if m is None:
+        return None
+    outer, inner = m.groups()
+    if inner is None:
+        return outer if outer in bound and frame.get(outer) == bound[outer] else None
+    holder = frame.get(outer)
+    if (outer in bound or not isinstance(holder, Mapping) or inner not in bound
+            or holder.get(inner) != bound[inner]):
+        return None
+    return inner
 
 
 def _per_sample_leaves(value: Any, index: Mapping[int, int], batch: int) -> set[int]:

@@ -534,3 +534,34 @@ def test_mixcache_granularities_on_batch_halves_replay_as_a_schedule(granulariti
     pipe.transformer = _compile(model, {"rule": "schedule", "extrapolate": 2,
                                         **{k: v for k, v in actions.items() if k != "compute"}})
     assert torch.equal(pipelines.run_cogvideox(pipe, 8), ours)
+
+
+def test_numbers_a_recompile_made_dynamic_reach_the_half_forward():
+    """LTXPipeline passes height, width and num_frames as Python ints. A generation at a second
+    size recompiles with them dynamic (graph inputs); the half-batch forward once replayed the
+    compiling call's values, so a third size with the same token count got the second's rotary
+    positions on its cfg-reuse step (no error, another result)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    torch.manual_seed(0)
+    model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                       attention_head_dim=8, cross_attention_dim=16, num_layers=3,
+                                       caption_channels=16).eval()
+
+    def run(transformer, height, width):
+        pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                           text_encoder=None, tokenizer=None, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(0)
+        return pipe(prompt_embeds=torch.randn(1, 6, 16, generator=g),
+                    prompt_attention_mask=torch.ones(1, 6),
+                    negative_prompt_embeds=torch.randn(1, 6, 16, generator=g),
+                    negative_prompt_attention_mask=torch.ones(1, 6), height=height, width=width,
+                    num_frames=9, num_inference_steps=4, guidance_scale=3.0,
+                    output_type="latent", generator=g).frames
+
+    compiled = _compile(model, {"rule": "schedule", "cfg": [2]})
+    for size in ((128, 128), (96, 192), (192, 96)):
+        torch.testing.assert_close(run(compiled, *size),
+                                   run(BatchedCfgReference(model, cfg={2}).model, *size),
+                                   rtol=1e-5, atol=1e-5, msg=f"{size}")
+    assert dit_compile.stats(compiled)["reused"] == {"cfg": 3}
