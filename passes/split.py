@@ -177,6 +177,8 @@ def computation_key(gm: fx.GraphModule) -> str:
             return ("%", index[a]) if a in index else "int"
         if isinstance(a, (int, torch.SymInt)) and not isinstance(a, bool):
             return "int"
+        if isinstance(a, slice):    # no pytree node: its bounds are sizes too (Qwen's text split)
+            return ("slice", enc(a.start), enc(a.stop), enc(a.step))
         return a
 
     for n in gm.graph.nodes:

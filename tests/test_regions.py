@@ -289,3 +289,27 @@ def test_block_level_graph_warns(recwarn):
     with torch.no_grad():
         model(**kw, return_dict=False)
     assert any("compile_repeated_blocks" in str(w.message) for w in recwarn.list)
+
+
+def test_computation_key_is_blind_to_sizes_inside_slices():
+    """A recompile of one forward for other sizes keys as the static graph did, so its cache
+    carries over (Qwen-Image, CogView4: a negative prompt of another length). Their text and
+    rotary splits are slices, whose bounds become symbolic nodes: once keyed apart, a first
+    generation lost a branch's cache at step 1 and came out otherwise than the same one later."""
+    from dit_compile.passes.split import computation_key
+
+    def forward(x, text):
+        return x[:, 1:x.shape[1] - 1] * 2.0 + text[:, :3].sum()
+
+    keys = []
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        torch.compile(forward, dynamic=dynamic, fullgraph=True,
+                      backend=lambda gm, _: keys.append(computation_key(gm)) or gm.forward)(
+            torch.randn(2, 9, 4), torch.randn(2, 7, 4))
+    assert len(keys) == 2 and keys[0] == keys[1]
+    torch._dynamo.reset()
+    torch.compile(lambda x, text: x[:, 1:x.shape[1] - 1] * 3.0 + text[:, :3].sum(), fullgraph=True,
+                  backend=lambda gm, _: keys.append(computation_key(gm)) or gm.forward)(
+        torch.randn(2, 9, 4), torch.randn(2, 7, 4))
+    assert keys[2] != keys[0]       # another scale baked in: another computation
