@@ -458,6 +458,15 @@ def _drop_ended_threads(states: ThreadStates) -> None:
         del states[thread]
 
 
+def forget_states(inputs: list[Any]) -> None:
+    """Drop the cache states hanging on these graph inputs (a model's parameters): the model was
+    compiled again with caching off, and ``stats`` must not go on reporting the counts and
+    cached tensors of the configuration it no longer runs."""
+    for x in inputs:
+        if isinstance(x, torch.nn.Parameter):
+            x.__dict__.pop(STATE_ATTR, None)
+
+
 def find_state(model: torch.nn.Module) -> CacheState | None:
     """The CacheState the runtime attached to one of ``model``'s parameters and used last, if any.
 

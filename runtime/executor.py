@@ -112,13 +112,19 @@ class GuardedExecutor(Executor):
     sample_slots: Sequence[int] = ()
     sample_outs: Sequence[int] = ()
     text_slots: Sequence[int] = ()     # the text condition as a list beside them, or empty
+    # Another parameter input than the anchor (the last): two models that share the anchor's
+    # module share its state, and this tells their calls apart (see ``__call__``). None where the
+    # parameters cannot be another model's (a loaded export's own weights).
+    partner: int | None = None
     _told_unstackable = False
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
                  states: StateFactory, anchor: int | None, flops: Sequence[float],
-                 halves: HalfBatch | str | None = None, modulation: Modulation | None = None):
+                 halves: HalfBatch | str | None = None, modulation: Modulation | None = None,
+                 partner: int | None = None):
         super().__init__(plan, fns)
         self.policy, self.states, self.anchor, self.flops = policy, states, anchor, list(flops)
+        self.partner = partner
         roles, names = plan.rmap.inputs, plan.input_names
         self.latent = names.index(roles["latent"])
         self.t = names.index(roles["timestep"])
@@ -196,7 +202,11 @@ class GuardedExecutor(Executor):
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=groups == 2 and self._halves_call(env, x.shape[0]), groups=groups,
             text=self._text(env), latent=x, timestep=env[self.t],
-            graph=self.token, run=sampler_run())
+            # A model sharing the anchor's module with this one (Wan 2.2's experts, sharing
+            # their patch embedding) runs the same graph on other weights: to the branch's
+            # cache, that is another graph, and nothing it holds is handed to the other model.
+            graph=self.token if self.partner is None else (self.token, id(env[self.partner])),
+            run=sampler_run())
         bc = st.branch(step.branch)
         ran, seen, pre = 0, x, 0.0
         if self.modulation is not None:

@@ -813,6 +813,40 @@ def test_another_sampler_run_is_a_new_generation_whatever_its_timestep():
     assert (step.generation, step.step) == (2, 1), "no pipeline: the timestep decides"
 
 
+def test_models_sharing_a_module_never_take_each_others_cache():
+    """Two models of one class that share a module (the one whose parameter holds the cache
+    state) run one graph on other weights: Wan 2.2-like experts handing over mid-generation.
+    The second model's call at a step the schedule reuses once got the first model's output."""
+    a, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    torch.manual_seed(1)
+    b = type(a).from_config(a.config).eval()
+    b.patch_embedding = a.patch_embedding
+    cache = {"rule": "schedule", "step": [2, 3]}
+    fa, fb = compiled(a, cache), compiled(b, cache)
+    x = kw["hidden_states"]
+    with torch.no_grad():
+        for i, t in enumerate(STEPS[:4]):
+            call = dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t))
+            out = (fa if i < 2 else fb)(**call)[0]
+            if i == 2:      # b's first call: computed; its second (step 3) reuses its own
+                torch.testing.assert_close(out, b(**call)[0], rtol=1e-5, atol=1e-5)
+            x = x - 0.05 * out
+    assert [r["action"] for r in dit_compile.stats(fb)["trace"]] == ["compute"] * 3 + ["step"]
+
+
+def test_a_model_compiled_again_with_caching_off_has_no_stats_left():
+    """``stats`` once went on reporting the last cached configuration's counts and cached bytes
+    for a model compiled again with cache=None, which reuses nothing."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    generation(compiled(model, {"rule": "schedule", "step": [2]}), kw)
+    assert dit_compile.stats(model)["reused"] == {"step": 2}
+    generation(compiled(model, None), kw, steps=STEPS[:2])
+    with pytest.raises(ValueError, match="no mixcache state"):
+        dit_compile.stats(model)
+
+
 def test_a_run_that_goes_on_below_a_one_step_generation_is_its_next_step():
     """Wan 2.2's low-noise expert: one step in a run, then a new run that starts above it
     and takes two. Its second call is that run's next step, although the rule for a row of
