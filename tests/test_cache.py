@@ -847,6 +847,22 @@ def test_a_model_compiled_again_with_caching_off_has_no_stats_left():
         dit_compile.stats(model)
 
 
+def test_configurations_taking_turns_on_one_model_are_said():
+    """One model compiled twice with other options, both used in turn (two pipelines sharing a
+    transformer): each switch drops the other's state, so neither reuses anything. Said once;
+    a model compiled again and used from then on (the usual way) is not told."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f, h = (compiled(model, {"rule": "schedule", "step": [s]}) for s in (2, 3))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for each in (f, h, h):
+            generation(each, kw, steps=STEPS[:1])
+    assert not [w for w in said if "in turn" in str(w.message)]
+    with pytest.warns(UserWarning, match="two cache configurations in turn"):
+        generation(f, kw, steps=STEPS[:1])
+
+
 def test_a_run_that_goes_on_below_a_one_step_generation_is_its_next_step():
     """Wan 2.2's low-noise expert: one step in a run, then a new run that starts above it
     and takes two. Its second call is that run's next step, although the rule for a row of
