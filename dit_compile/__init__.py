@@ -33,8 +33,9 @@ __all__ = ["mixcache", "explain", "stats", "reset", "export", "load", "Exported"
 def stats(model: torch.nn.Module) -> dict[str, Any]:
     """What the cache computed and reused for ``model`` (compiled with caching on):
     calls, computed, reused per granularity, the fraction of FLOPs computed (all since the last
-    ``reset``), cached bytes, and a per-call trace (generation, step, branch, timestep, action,
-    signal) of the last 16 generations."""
+    ``reset``), cached bytes, and a per-call trace (generation, step, branch, ``t``, action,
+    signal) of the last 16 generations. ``t`` is the call's noise level: its largest timestep,
+    or under ``timestep="rising"`` one minus its smallest."""
     state = find_state(model)
     if state is None:
         raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .export import Exported
 from .frames import forget_forward, forward_forgotten, is_fragment, shape_history_kept
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
@@ -93,6 +94,11 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         what = type(model).__name__ + (f" {name!r}" if name else "")
         raise TypeError("dit_compile.explain traces an nn.Module (for a compiled function, the "
                         f"model it calls), not {what}")
+    if isinstance(getattr(model, "_orig_mod", model), Exported):
+        # Tracing it would run its cached runtime: two calls counted as steps of a generation.
+        raise TypeError("dit_compile.explain traces a model's forward to find its regions; a "
+                        "loaded export is rewritten already (its manifest.json lists its programs "
+                        "and blocks), and dit_compile.stats shows what it caches")
     report = Report(type(getattr(model, "_orig_mod", model)).__name__)
     report.moe = find_moe(getattr(model, "_orig_mod", model))
     found: list[RegionMap | NoBlockStructure] = []

@@ -248,10 +248,10 @@ class Exported(torch.nn.Module):
         else:
             self.executor = Executor.rebuild(m["layout"], spec, fns)
         self.model_name = m["model"]
-        # A floating weight's name and dtype at export: ``model.to(dtype)`` (a pipeline's
-        # ``pipe.to(dtype)``) casts every one alike, which the programs cannot take.
-        self._float_weight = next(((k, w.dtype) for k, w in self.weights.items()
-                                   if w.is_floating_point()), None)
+        # Each weight's dtype at export: ``model.to(dtype)`` (a pipeline's ``pipe.to(dtype)``)
+        # casts them, which the programs cannot take (see ``to`` and ``_apply``).
+        self._dtypes = {k: w.dtype for k, w in self.weights.items()}
+        self._cast: torch.dtype | None = None     # what a weight was cast to, if any
         self.config = _Config(m.get("config", {}))
         self._dtype = getattr(torch, m["dtype"]) if m.get("dtype") else None
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
@@ -274,7 +274,27 @@ class Exported(torch.nn.Module):
         hooks; this model's cache tells branches apart by itself."""
         yield
 
-    def forward(self, **kwargs: Any) -> Any:
+    def to(self, *args: Any, **kwargs: Any) -> "Exported":
+        """As ``nn.Module.to``, except that the dtype the model was exported in changes nothing:
+        ``pipe.to(torch.bfloat16)`` casts every component, and this model's weights are already
+        in the dtypes its programs take (modules diffusers keeps in float32 among them). Another
+        dtype is cast, and the next call says it cannot be run."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype == self.dtype and self._cast is None:
+            return self if device is None else super().to(device, non_blocking=non_blocking)
+        return super().to(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Exported":
+        result = super()._apply(fn, recurse)
+        self._cast = next((w.dtype for k, w in self.weights.items()
+                           if w.dtype != self._dtypes[k]), None)
+        return result
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise TypeError(f"{self.model_name} (exported) takes its arguments by keyword, as "
+                            f"exported ({', '.join(self.arguments)}, ...); got {len(args)} "
+                            "positional")
         missing = [a for a in self.arguments if a not in kwargs]
         if missing:
             raise TypeError(f"{self.model_name} (exported) needs the tensor argument(s) {missing}; "
@@ -289,12 +309,10 @@ class Exported(torch.nn.Module):
                 raise ValueError(f"{self.model_name} (exported): {_name(path)} is {got}; it was "
                                  f"exported for {shape} {dtype} on {device} (export again for "
                                  "other inputs)")
-        if self._float_weight is not None:
-            name, dtype = self._float_weight
-            if self.weights[name].dtype != dtype:
-                raise ValueError(f"{self.model_name} (exported): its weights were cast to "
-                                 f"{self.weights[name].dtype} (model.to(...)), but its programs "
-                                 f"were exported in {dtype}: export again in that dtype")
+        if self._cast is not None:
+            raise ValueError(f"{self.model_name} (exported): its weights were cast to {self._cast} "
+                             "(model.to(...)), but its programs take the dtypes they were "
+                             f"exported in ({self.dtype}): export again in that dtype")
         args = [_at(kwargs, a) if a is not None else self.weights[t] for a, t in self.sources]
         for i, stride in self.strides.items():
             if args[i].stride() != stride:

@@ -155,6 +155,27 @@ def _program_ops(path) -> list[str]:
     return ops
 
 
+def test_the_exported_dtype_casts_nothing(tmp_path):
+    """pipe.to(torch.bfloat16) casts every component. A bf16 model with modules diffusers keeps
+    in float32 (Wan's norms and time embedder) was exported with them so; the loaded model once
+    cast them too, then refused to run ("export again in that dtype", which it was)."""
+    model, kw = tiny_models.wan()
+    model.to(torch.bfloat16)
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in model._keep_in_fp32_modules:
+            module.float()
+    kw = {k: v.bfloat16() if k != "timestep" else v for k, v in kw.items()}
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
+    loaded = dit_compile.load(str(tmp_path))
+    dtypes = sorted({str(w.dtype) for w in loaded.weights.values()})
+    assert dtypes == ["torch.bfloat16", "torch.float32"]
+    loaded.to("cpu", torch.bfloat16)
+    assert sorted({str(w.dtype) for w in loaded.weights.values()}) == dtypes
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kw, return_dict=False)[0],
+                                   model(**kw, return_dict=False)[0], rtol=0, atol=0)
+
+
 def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     hidream, kw = tiny_models.hidream()
     with pytest.raises(ValueError, match="lower_moe"):
@@ -193,6 +214,11 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     loaded(**kw, attention_kwargs=None, return_dict=False)
     # pipe.to(dtype) casts the transformer's weights: the programs take the exported dtype only
     # (it was an error from inside a program, naming a bias).
+    with pytest.raises(TypeError, match="takes its arguments by keyword"):
+        loaded(kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"])
+    # explain would trace the loaded model through its cached runtime: two calls counted.
+    with pytest.raises(TypeError, match="loaded export is rewritten already"):
+        dit_compile.explain(loaded, **kw)
     with pytest.raises(ValueError, match="weights were cast to torch.bfloat16"):
         loaded.to(torch.bfloat16)(**kw)
     manifest = tmp_path / "wan" / "manifest.json"
