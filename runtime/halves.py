@@ -7,10 +7,12 @@ from the difference cached at the last step where both were computed. ZImagePipe
 lists instead, one latent and one caption per sample (``[latents, latents]``, ``[positive,
 negative]``), its conditional half first: the half takes each such list's first k elements, and
 its per-sample outputs come back stacked. (A call does not say which half is which prompt; the
-pipelines' own orders tell: every tensor-batched pipeline puts the negative prompt first, every
-list-batched one, the Z-Image family, second. Computing the conditional half keeps the fresh
-prediction where the guidance weights it most: the rebuilt half's error enters the guided output
-scaled by s - 1 instead of s.)
+pipelines' own orders tell: every tensor-batched DiT pipeline but Lumina-Next's puts the negative
+prompt first, every list-batched one, the Z-Image family, second. Computing the conditional half
+keeps the fresh prediction where the guidance weights it most: the rebuilt half's error enters
+the guided output scaled by s - 1 instead of s. LuminaPipeline batches ``[positive, negative]``:
+there the unconditional half is computed and the conditional one rebuilt, the same rule at the
+larger error.)
 
 Why a second forward and not the pieces: Dynamo under static shapes bakes the batch size into the
 graph's view/reshape arguments, so the compiled pieces cannot run batch k. The half-batch forward is
