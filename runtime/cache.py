@@ -261,6 +261,22 @@ class CacheState:
             self._check_text(self._branch, text)
         return Step(self.generation, self._step, self._branch, t, self._halves, groups)
 
+    def placement(self) -> tuple:
+        """Where the calls so far left the generation (``begin`` moves it on), for ``abandon``."""
+        return (self.generation, self._step, self._branch, self._last_t, self._signature,
+                self._halves, self._latent, self._timestep, self._run, self.t_first, self._rises)
+
+    def abandon(self, placement: tuple, step: Step) -> None:
+        """The call ``begin`` placed at ``step`` raised before it finished. The generation goes
+        back to ``placement``, so that a retry is placed as that call was, and the call's branch
+        drops what it may have stored or half-updated (policy signals, a span residual, outputs
+        over the memory bound): the retry computes."""
+        (self.generation, self._step, self._branch, self._last_t, self._signature, self._halves,
+         self._latent, self._timestep, self._run, self.t_first, self._rises) = placement
+        self._drop_branch(step.branch)
+        self.current.pop(step.branch, None)
+        self.computed.discard(step.branch)
+
     def _guidance_ended(self, t: float, signature: Any, latent: torch.Tensor | None) -> bool:
         """A call with half the last one's batch, the latent otherwise alike, at a lower
         timestep, where the last call batched guidance (its latent halves equal): guidance turned

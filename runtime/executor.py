@@ -198,6 +198,7 @@ class GuardedExecutor(Executor):
         x = (torch.stack([env[i] for i in self.sample_slots]) if self.sample_slots
              else env[self.latent])
         groups = guidance_groups(x, env[self.t]) if self._detect else 1
+        placement = st.placement()
         step = st.begin(st.noise_level(env[self.t]), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=groups == 2 and self._halves_call(env, x.shape[0]), groups=groups,
@@ -207,6 +208,18 @@ class GuardedExecutor(Executor):
             # cache, that is another graph, and nothing it holds is handed to the other model.
             graph=self.token if self.partner is None else (self.token, id(env[self.partner])),
             run=sampler_run())
+        try:
+            return self._decide_and_run(env, st, step, x)
+        except BaseException:
+            # An OOM, an interrupt, CacheMemoryError: the call never finished, and its retry
+            # must be placed as it was, not as the step's next branch (which would leave this
+            # branch's cache a step behind its schedule).
+            st.abandon(placement, step)
+            raise
+
+    def _decide_and_run(self, env: list[Any], st: CacheState, step: Step, x: torch.Tensor) -> Any:
+        """The call ``step`` places: the policy's decision, then reuse or compute."""
+        pol = self.policy
         bc = st.branch(step.branch)
         ran, seen, pre = 0, x, 0.0
         if self.modulation is not None:
@@ -387,8 +400,8 @@ class GuardedExecutor(Executor):
             if diff is not None:
                 st.cfg_diff[step.branch], st.cfg_step[step.branch] = diff, step.step
         self.policy.observe(step, st, bc, outs, kind)
-        st.record(step, kind, flops, signal, bc.signals.get("spent"), mask)
         st.check_memory()
+        st.record(step, kind, flops, signal, bc.signals.get("spent"), mask)
         for s, o in zip(self.out_slots, self._slot_values(outs)):
             env[s] = o
         return self.output(env)

@@ -863,6 +863,52 @@ def test_configurations_taking_turns_on_one_model_are_said():
         generation(f, kw, steps=STEPS[:1])
 
 
+def test_a_call_that_raises_is_retried_in_its_place(monkeypatch):
+    """A call that raises mid-forward (an OOM, an interrupt) once stayed counted: its retry
+    was placed as the step's next branch, so branch 0 kept the last step's outputs, and the next
+    scheduled reuse returned those (two steps old). A call that raises is not counted, its
+    retry is the call again, and the generation comes out as one without the failure."""
+    from dit_compile.runtime.executor import Executor
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [3]})
+    fail, run = [], Executor.run
+
+    def failing(self, env, start=0, stop=None):
+        if fail:
+            fail.pop()
+            raise torch.OutOfMemoryError("simulated, inside the forward")
+        return run(self, env, start, stop)
+
+    monkeypatch.setattr(Executor, "run", failing)
+
+    def loop():
+        x, outs = kw["hidden_states"], []
+        with torch.no_grad():
+            for i, t in enumerate(STEPS[:5]):
+                call = dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t))
+                if i == 2:
+                    fail.append(True)
+                    with pytest.raises(torch.OutOfMemoryError):
+                        f(**call)
+                outs.append(f(**call)[0])
+                x = x - 0.05 * outs[-1]
+        return outs
+
+    failed = loop()
+    trace = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(f)["trace"]]
+    assert trace == [(0, 0, "compute"), (1, 0, "compute"), (2, 0, "compute"), (3, 0, "step"),
+                     (4, 0, "compute")]
+    dit_compile.reset(f)
+    x, clean = kw["hidden_states"], []
+    with torch.no_grad():
+        for t in STEPS[:5]:
+            clean.append(f(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))[0])
+            x = x - 0.05 * clean[-1]
+    for a, b in zip(failed, clean):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_a_run_that_goes_on_below_a_one_step_generation_is_its_next_step():
     """Wan 2.2's low-noise expert: one step in a run, then a new run that starts above it
     and takes two. Its second call is that run's next step, although the rule for a row of
@@ -1192,8 +1238,12 @@ def test_memory_bound_is_a_clear_error():
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
     f = compiled(model, {"rule": "schedule", "step": [1]}, cache_memory=64)
-    with pytest.raises(Exception, match=r"cache_memory=64"):
+    with pytest.raises(dit_compile.CacheMemoryError, match=r"cache_memory=64"):
         generation(f, kw, steps=STEPS[:2])
+    # The call that raised is not counted and keeps nothing over the bound (each retry once
+    # piled more on, counted as the step's next branch, until a generation began unsaid).
+    stats = dit_compile.stats(f)
+    assert stats["calls"] == 0 and stats["cached_bytes"] <= 64
 
 
 @pytest.mark.parametrize("cache,match", [
