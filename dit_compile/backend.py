@@ -20,7 +20,7 @@ from .passes.mutation import example_value, writes_inputs
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
                              missing_inputs, source_name, user_inputs)
 from .passes.split import Piece, Plan, split
-from .runtime.cache import StateFactory, forget_states
+from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.halves import HalfBatch
 from .runtime.policy import make_policy
@@ -65,7 +65,6 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     n_blocks = len(rmap.guarded)      # the blocks of the stacks the latent flows through
     policy = make_policy(opts.cache, n_blocks)
     if policy is None:
-        forget_states(example_inputs)   # an earlier configuration's, which no longer runs
         return Executor(plan, fns)
     if records_autograd(example_inputs):
         # Dynamo guards on grad mode and on each input's requires_grad, so this graph runs only
@@ -103,7 +102,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()),
-                           partner=anchor_slot(gm, last=True))
+                           partners=spread(parameter_slots(gm), PARTNERS))
 
 
 def records_autograd(example_inputs: list[Any]) -> bool:
@@ -305,17 +304,31 @@ def _concrete(x: Any) -> Any:
     return hint(x) if isinstance(x, torch.SymInt) else x
 
 
-def anchor_slot(gm: fx.GraphModule, last: bool = False) -> int | None:
-    """A graph input that is one of the model's parameters (the first; ``last``: the last, where
-    it is another than the first): the runtime finds the model's cache state on it. Dynamo
-    reuses one graph for every instance of a model class (parameters are inputs), so the state
-    must follow the parameters passed in, not the module traced first."""
+def parameter_slots(gm: fx.GraphModule) -> list[int]:
+    """The graph inputs that are the model's parameters. Dynamo reuses one graph for every
+    instance of a model class (parameters are inputs), so the runtime finds the model's cache
+    state on one of them, and tells models apart by some of them."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    slots = [i for i, n in enumerate(phs)
-             if isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)]
-    if not slots or (last and len(slots) == 1):
-        return None
-    return slots[-1] if last else slots[0]
+    return [i for i, n in enumerate(phs)
+            if isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)]
+
+
+# Parameter inputs that tell two models sharing modules apart, spread over the model: all of
+# them would cost tens of microseconds a call at real sizes, and two models that differ in
+# their blocks differ in most of their parameters.
+PARTNERS = 16
+
+
+def spread(slots: list[int], n: int) -> list[int]:
+    """``n`` of ``slots``, evenly spaced, the first and the last among them."""
+    if len(slots) <= n:
+        return slots
+    return [slots[round(k * (len(slots) - 1) / (n - 1))] for k in range(n)]
+
+
+def anchor_slot(gm: fx.GraphModule) -> int | None:
+    """The graph input the model's cache state hangs on: its first parameter."""
+    return next(iter(parameter_slots(gm)), None)
 
 
 def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,

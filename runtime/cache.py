@@ -450,25 +450,9 @@ class StateFactory:
         thread = threading.current_thread()
         state = states.get(thread)
         if state is None or state.key != self.key:
-            if state is not None:
-                self._note_switch(states, thread, state.key)
             _drop_ended_threads(states)
             state = states[thread] = self._new()
         return state
-
-    def _note_switch(self, states: "ThreadStates", thread: threading.Thread, old: Any) -> None:
-        """Say once when configurations take turns on one model (two pipelines sharing a
-        transformer compiled twice with other options): each switch drops the other's state, so
-        neither reuses anything, and that would go unnoticed."""
-        if states.replaced.get(thread) == self.key and not states.told:
-            states.told = True
-            warnings.warn("mixcache: this model is called under two cache configurations in "
-                          "turn (compiled again with other options, and both compiled models "
-                          "used); a thread keeps one cache state per model, so each switch drops "
-                          "the other configuration's cache and neither reuses anything. Use one "
-                          "configuration per model (a copy of the model for the other)",
-                          stacklevel=4)
-        states.replaced[thread] = old
 
     def _new(self) -> CacheState:
         return CacheState(self.memory, self.clone, self.key, self.timestep)
@@ -479,11 +463,6 @@ class ThreadStates(dict):
     (``copy.deepcopy``, ``torch.save(model)``) gets none, so it shares nothing with the original
     (and a Thread does not pickle)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.replaced: dict[threading.Thread, Any] = {}    # the key of the state last replaced
-        self.told = False
-
     def __reduce__(self) -> tuple:
         return ThreadStates, ()
 
@@ -493,17 +472,6 @@ def _drop_ended_threads(states: ThreadStates) -> None:
     their caches would otherwise outlive them."""
     for thread in [t for t in states if not t.is_alive()]:
         del states[thread]
-    for thread in [t for t in states.replaced if not t.is_alive()]:
-        del states.replaced[thread]
-
-
-def forget_states(inputs: list[Any]) -> None:
-    """Drop the cache states hanging on these graph inputs (a model's parameters): the model was
-    compiled again with caching off, and ``stats`` must not go on reporting the counts and
-    cached tensors of the configuration it no longer runs."""
-    for x in inputs:
-        if isinstance(x, torch.nn.Parameter):
-            x.__dict__.pop(STATE_ATTR, None)
 
 
 def find_state(model: torch.nn.Module) -> CacheState | None:

@@ -112,19 +112,19 @@ class GuardedExecutor(Executor):
     sample_slots: Sequence[int] = ()
     sample_outs: Sequence[int] = ()
     text_slots: Sequence[int] = ()     # the text condition as a list beside them, or empty
-    # Another parameter input than the anchor (the last): two models that share the anchor's
-    # module share its state, and this tells their calls apart (see ``__call__``). None where the
-    # parameters cannot be another model's (a loaded export's own weights).
-    partner: int | None = None
+    # Parameter inputs spread over the model (backend.PARTNERS): two models that share the
+    # anchor's module share its state, and these tell their calls apart (see ``__call__``).
+    # Empty where the parameters cannot be another model's (a loaded export's own weights).
+    partners: Sequence[int] = ()
     _told_unstackable = False
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
                  states: StateFactory, anchor: int | None, flops: Sequence[float],
                  halves: HalfBatch | str | None = None, modulation: Modulation | None = None,
-                 partner: int | None = None):
+                 partners: Sequence[int] = ()):
         super().__init__(plan, fns)
         self.policy, self.states, self.anchor, self.flops = policy, states, anchor, list(flops)
-        self.partner = partner
+        self.partners = list(partners)
         roles, names = plan.rmap.inputs, plan.input_names
         self.latent = names.index(roles["latent"])
         self.t = names.index(roles["timestep"])
@@ -194,7 +194,6 @@ class GuardedExecutor(Executor):
         st = self.states(None if self.anchor is None else env[self.anchor])
         if self.sample_slots and len({env[i].shape for i in self.sample_slots}) > 1:
             return self._unstackable(env, st)
-        pol = self.policy
         x = (torch.stack([env[i] for i in self.sample_slots]) if self.sample_slots
              else env[self.latent])
         groups = guidance_groups(x, env[self.t]) if self._detect else 1
@@ -206,7 +205,8 @@ class GuardedExecutor(Executor):
             # A model sharing the anchor's module with this one (Wan 2.2's experts, sharing
             # their patch embedding) runs the same graph on other weights: to the branch's
             # cache, that is another graph, and nothing it holds is handed to the other model.
-            graph=self.token if self.partner is None else (self.token, id(env[self.partner])),
+            graph=(self.token, *[id(env[i]) for i in self.partners]) if self.partners
+            else self.token,
             run=sampler_run())
         try:
             return self._decide_and_run(env, st, step, x)

@@ -221,6 +221,8 @@ class HalfBatch:
         state = {name: env[i] for name, i in self.state}
         try:
             out = self._forward()(module, state, call.args, call.kwargs)
+        except torch.OutOfMemoryError:
+            raise       # passing: the call is retried (executor), the half forward not given up
         except Exception as e:  # a cfg reuse step must never end the generation
             # The full batch is still computable; a forward that failed once fails again.
             self._broken = f"the half-batch forward raised {type(e).__name__}: {_first_line(e)}"
