@@ -228,7 +228,10 @@ class CacheState:
                 # sampler says this run goes on (Wan 2.2's low-noise expert after one step).
                 or (t < self._last_t and self._rises > 0 and run is None)
                 or (branch and self._branch + 1 >= MAX_BRANCHES)
-                or (repeat and not branch and self._step == 0
+                # The same timestep on another latent at the first step, with no sampler to
+                # ask: the next one-step generation's call. A sampler's run says whether it is
+                # (a flow-shifted UniPC run may start 999, 999, 997 over 85 steps).
+                or (repeat and not branch and self._step == 0 and run is None
                     and not self._fell_below_max(timestep))):
             self._note_rise(t, new_run)
             self.reset()

@@ -914,6 +914,24 @@ def test_a_run_that_goes_on_below_a_one_step_generation_is_its_next_step():
     assert (step.generation, step.step) == (2, 0)
 
 
+def test_a_run_that_repeats_its_first_timestep_on_a_new_latent_is_one_generation():
+    """UniPC on flow sigmas at a large shift rounds its first two timesteps alike (999, 999, 997
+    over 85 steps): the second call, on the updated latent, is the run's second step. It was taken
+    for a new generation, so a forced schedule applied a step late and warned it never applied."""
+    from dit_compile.runtime.cache import CacheState
+    run, a, b = torch.tensor([999.0, 999.0, 997.0]), torch.zeros(2), torch.ones(2)
+    state = CacheState()
+    steps = [state.begin(t, "signature", latent=x, run=run)
+             for t, x in ((999.0, a), (999.0, a), (999.0, b), (999.0, b), (997.0, a))]
+    assert [(s.generation, s.step, s.branch) for s in steps] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0)]
+    # With no sampler to ask, the same latent change at the first step is the next one-step
+    # generation's call, as before.
+    state = CacheState()
+    steps = [state.begin(t, "signature", latent=x) for t, x in ((999.0, a), (999.0, b))]
+    assert [s.generation for s in steps] == [0, 1]
+
+
 def test_guidance_cut_off_goes_on_with_the_generation_under_every_policy():
     """A batched-CFG call (equal latent halves), then half the batch at a lower timestep:
     guidance turned off for the last steps (SD3CFGCutoffCallback), the same generation, steps
