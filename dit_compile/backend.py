@@ -75,6 +75,13 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
                       "under torch.no_grad() or torch.inference_mode() to cache (diffusers' "
                       "pipelines do).", stacklevel=2)
         return Executor(plan, fns)
+    if getattr(model, "is_cache_enabled", False):
+        # A hook that traces (PyramidAttentionBroadcast) reuses attention inside the graph, by
+        # counters a reused call would not advance: two caches would reuse each other's results.
+        warnings.warn(f"mixcache: {model_name()}: diffusers' own cache hooks are on (enable_cache), "
+                      "so this backend caches nothing: call disable_cache() before torch.compile "
+                      "to let mixcache cache", stacklevel=2)
+        return Executor(plan, fns)
     if is_fragment(gm):
         # One graph of a forward that breaks: its inputs may be any intermediates, named like the
         # model's own (HunyuanImage's token refiner, a frame of its own, takes the text as

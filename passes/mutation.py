@@ -27,9 +27,12 @@ def written(n: fx.Node) -> Any:
         return None
     if "out" in n.kwargs:
         return n.kwargs["out"]
+    if n.target in _INPLACE_OPERATORS:
+        return n.args[0] if n.args else None
+    if n.op == "call_function" and getattr(n.target, "__module__", None) in ("_operator", "operator"):
+        return None     # and_, or_, not_, is_: named like in-place ops, pure
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-    if n.target in _INPLACE_OPERATORS or (
-            isinstance(name, str) and name.endswith("_") and not name.endswith("__")):
+    if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
         return n.args[0] if n.args else None
     return None
 
@@ -49,7 +52,10 @@ def written_inputs(gm: fx.GraphModule) -> list[fx.Node]:
         target = written(n)
         if target is None:
             continue
-        key = _storage(example_value(target) if isinstance(target, fx.Node) else None)
+        value = example_value(target) if isinstance(target, fx.Node) else None
+        if isinstance(value, (bool, int, float, torch.SymBool, torch.SymInt, torch.SymFloat)):
+            continue    # a number holds no memory to write into
+        key = _storage(value)
         hit.update(dict.fromkeys(every if key is None else inputs.get(key, [])))
     return list(hit)
 

@@ -272,6 +272,31 @@ def _mixcache_warnings(record) -> list[str]:
     return [str(w.message) for w in record if str(w.message).startswith("mixcache")]
 
 
+def test_diffusers_cache_hooks_turn_mixcache_caching_off_saying_so():
+    """PyramidAttentionBroadcast's hooks trace into the graph (no break), reusing attention by
+    counters a reused call would not advance: two caches on one forward. The backend caches
+    nothing and says why; the output is the hooked model's."""
+    import copy
+    from diffusers import PyramidAttentionBroadcastConfig
+    model, kw = tiny_models.wan(layers=3)
+    now = {"t": 900}
+    model.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(0, 1000),
+        current_timestep_callback=lambda: now["t"]))
+    eager = copy.deepcopy(model)
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [1, 2]}})
+    with torch.no_grad(), pytest.warns(UserWarning, match="own cache hooks are on") as rec:
+        for t in (900, 700, 500):
+            now["t"] = t
+            call = dict(kw, timestep=torch.full((1,), float(t)), return_dict=False)
+            with model.cache_context("cond"), eager.cache_context("cond"):
+                torch.testing.assert_close(f(**call)[0], eager(**call)[0], rtol=1e-5, atol=1e-5)
+    assert not [w for w in _mixcache_warnings(rec) if "in place" in w], _mixcache_warnings(rec)
+    with pytest.raises(ValueError):
+        dit_compile.stats(f)
+
+
 def test_graph_breaks_fall_back_per_graph_and_stay_correct():
     """HiDream's MoE dispatch, left as it is (lower_moe=False), syncs to the host and breaks the
     graph into 17: still a correct result, and one warning of each kind, naming the model (not a

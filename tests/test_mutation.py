@@ -33,6 +33,29 @@ def test_written_inputs_follow_views_not_copies():
     assert sorted(p.name for p in written_inputs(gm)) == ["l_cache_", "l_out_", "l_stream_"]
 
 
+class Masks(torch.nn.Module):
+    """Boolean masks combined with operators whose functions end in an underscore
+    (operator.and_, or_; not_ on a size, under dynamic shapes), and one in-place &=: only the
+    last writes."""
+
+    def forward(self, x, mask, other, written):
+        written &= mask
+        return x * (mask & (x > 0) | other), not (x.shape[0] > 1)
+
+
+def test_operators_named_like_in_place_ones_write_nothing():
+    """Dynamo records ``a & b`` as operator.and_, which a trailing underscore took for an in-place
+    write: a DiT combining its mask input with ``&`` ran without caching, and a ``not`` on a size
+    (PyramidAttentionBroadcast's hooks make one) was charged to every input."""
+    graphs = []
+    mask = torch.tensor([True, False, True])
+    torch.compile(Masks(), backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True,
+                  dynamic=True)(torch.randn(3), mask, ~mask, mask.clone())
+    targets = {getattr(n.target, "__name__", None) for n in graphs[0].graph.nodes}
+    assert {"and_", "or_", "not_", "iand"} <= targets, targets
+    assert [p.name for p in written_inputs(graphs[0])] == ["l_written_"]
+
+
 def anyflow_far():
     """AnyFlow-FAR: chunks of frames denoised one after another, each attending to the keys and
     values of the chunks before it, which a call of their own (``is_cache_step``, at t = 0)
