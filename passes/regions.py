@@ -189,6 +189,12 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
             f"blocks {missing} of {head} were not traced (a forward that skips layers, such as "
             "SD3's skip-layer guidance call): the stack is not whole, so this graph has no block "
             "boundary to cache at; the calls that run every block are cached as usual")
+    if not stacks and gm.graph.find_nodes(
+            op="call_function", target=torch.ops.higher_order.tag_activation_checkpoint):
+        raise NoBlockStructure(
+            "gradient checkpointing wraps the blocks, each one opaque call (diffusers checkpoints "
+            "where grad is enabled): call the model under torch.no_grad() or "
+            "torch.inference_mode(), as diffusers' pipelines do, or disable_gradient_checkpointing()")
     if not stacks:
         raise NoBlockStructure(
             "no nn.ModuleList of two or more identical blocks was traced; a model compiled block by "

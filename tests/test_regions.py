@@ -291,6 +291,19 @@ def test_block_level_graph_warns(recwarn):
     assert any("compile_repeated_blocks" in str(w.message) for w in recwarn.list)
 
 
+def test_gradient_checkpointing_is_named_as_the_reason():
+    """A frozen model called with grad enabled and gradient checkpointing on: diffusers wraps each
+    block in a checkpoint, one opaque call. The warning named compile_repeated_blocks; it names
+    the checkpointing and the way out, and the output is eager's."""
+    model, kw = tiny_models.wan(layers=2)
+    model.enable_gradient_checkpointing()
+    model.requires_grad_(False)
+    with pytest.warns(UserWarning, match="gradient checkpointing wraps the blocks"):
+        out = torch.compile(model, backend="mixcache", options={"regions": "eager"})(
+            **kw, return_dict=False)[0]
+    torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_computation_key_is_blind_to_sizes_inside_slices():
     """A recompile of one forward for other sizes keys as the static graph did, so its cache
     carries over (Qwen-Image, CogView4: a negative prompt of another length). Their text and
