@@ -226,6 +226,41 @@ def output_keys(gm: fx.GraphModule) -> list[str]:
     return keys
 
 
+# Ops a residual stream passes through unchanged in role: the residual add itself, and the
+# casts, copies and clamps around it (Wan's ``(x.float() + f).type_as(x)``, fp16 clipping).
+_RESIDUAL_ADDS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
+                  "add", "add_", "sub", "sub_"}
+_STREAM_KEEPING = {"float", "to", "type", "type_as", "contiguous", "clone", "clamp", "clip",
+                   "half", "bfloat16", torch.clamp, torch.clip}
+
+
+def residual_sources(gm: fx.GraphModule) -> list[int | None]:
+    """Per output of ``gm``, the argument (by position) it is a residual update of: reached from
+    the output through residual adds and casts only, one argument and no other; else None.
+    Read off the block's own graph, so that a block computing something its neighbours do not (a
+    LoRA on one block's projection) still says which stream each output carries."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    rets = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+
+    def reached(n: Any, seen: set) -> set[int]:
+        if not isinstance(n, fx.Node) or n in seen:
+            return set()
+        seen.add(n)
+        if n.op == "placeholder":
+            return {position[n]}
+        if n.op not in ("call_function", "call_method"):
+            return set()
+        if n.target in _RESIDUAL_ADDS:
+            return set().union(*(reached(a, seen) for a in n.args[:2]))
+        if n.target in _STREAM_KEEPING:
+            return reached(n.args[0], seen) if n.args else set()
+        return set()
+
+    sources = [reached(r, set()) for r in rets]
+    return [next(iter(s)) if len(s) == 1 else None for s in sources]
+
+
 def _target(gm: fx.GraphModule, n: fx.Node) -> str:
     if n.op in ("call_function", "call_method"):
         return f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', n.target)}"

@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..passes.modulation import Modulation
 from ..passes.regions import BLOCK
-from ..passes.split import Plan, output_keys
+from ..passes.split import Plan, output_keys, residual_sources
 from .cache import BranchCache, CacheState, StateFactory, Step, extrapolate, push_outputs
 from .halves import HalfBatch, guidance_groups, is_batched_cfg
 from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
@@ -458,6 +458,10 @@ class Streams:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.keys = [output_keys(p.module) if p.region.kind == BLOCK else [] for p in plan.pieces]
+        # Where a block computes what the next one does not (a LoRA on one block), its own graph
+        # says which argument each output is a residual update of.
+        self.own = [residual_sources(p.module) if p.region.kind == BLOCK else []
+                    for p in plan.pieces]
         self.producer = {o: (i, m) for i, p in enumerate(plan.pieces) for m, o in enumerate(p.outs)}
         self.carry: dict[str, int] = {}     # output key -> the argument its stream comes from
         for i in range(len(plan.pieces) - 1):
@@ -471,6 +475,8 @@ class Streams:
         while slot in self.producer and self.producer[slot][0] >= start:
             i, m = self.producer[slot]
             a = self.carry.get(self.keys[i][m]) if m < len(self.keys[i]) else None
+            if a is None and m < len(self.own[i]):
+                a = self.own[i][m]
             if a is None:
                 return None
             slot = self.plan.pieces[i].args[a]

@@ -1127,13 +1127,26 @@ def test_dual_stream_blocks_of_one_shape_reuse_each_stream_own_residual(span):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("text_len", [6, 16])
-def test_flux_block_reuse_pairs_each_stream_with_itself(text_len):
+class _Altered(torch.nn.Linear):
+    """A LoRA at its initialisation: the same numbers, another graph for its block."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+@pytest.mark.parametrize("text_len,altered", [(6, False), (16, False), (16, True)])
+def test_flux_block_reuse_pairs_each_stream_with_itself(text_len, altered):
     """Flux's blocks carry the text and the image tokens; at equal lengths (16 and 16 here, as at
     256x256 with 256 text tokens) the two have one shape, and the image stream leaving the span
     must still be rebuilt from the image stream entering it. Eager reference: hooks on the
-    model's own first and last span blocks (diffusers' Flux blocks return (text, image))."""
+    model's own first and last span blocks (diffusers' Flux blocks return (text, image)).
+    ``altered``: one block computes what its neighbours do not (a LoRA on its projection), so
+    its streams are told apart by its own graph; they were told apart by shape, and swapped."""
     model, kw = tiny_models.flux()
+    if altered:
+        q = model.transformer_blocks[1].attn.to_q
+        model.transformer_blocks[1].attn.to_q = _Altered(q.in_features, q.out_features)
+        model.transformer_blocks[1].attn.to_q.load_state_dict(q.state_dict())
     kw = dict(kw, encoder_hidden_states=torch.randn(1, text_len, 32),
               txt_ids=torch.randn(text_len, 3), return_dict=False)
     f = compiled(model, {"rule": "schedule", "block": [1, 2], "span": [1, 4]})
