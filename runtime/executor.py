@@ -452,8 +452,10 @@ class Streams:
     other outputs were pruned). Where a block's output of key ``k`` goes into the next block's
     argument ``a`` and that block computes ``k`` too, the output of key ``k`` carries the stream
     that entered at argument ``a``. Following that backwards from a block's output reaches the slot
-    its stream had before a given piece; across a piece with no such map (a stack of one block, a
-    glue region) the stream is lost and shape decides."""
+    its stream had before a given piece. A block whose keys the next block does not compute (a
+    stack of one block, a LoRA on one block) says by its own graph which argument each output is
+    a residual update of (``residual_sources``); across a piece where neither says (a glue region)
+    the stream is lost and shape decides."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
