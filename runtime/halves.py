@@ -174,6 +174,12 @@ class HalfBatch:
                         "call's")
             if not isinstance(x, torch.Tensor) or i in covered or (from_module and i in numbers):
                 continue
+            if not from_module and isinstance(_resolve(source, frame), (int, float)):
+                # A float inside an argument (a LoRA scale in attention_kwargs), which Dynamo
+                # passes as a tensor once a second value made it dynamic.
+                return (f"graph input {source} is a number the call passes inside an argument, "
+                        "which this graph takes at any value, and the half forward would replay "
+                        "the compiling call's")
             if not from_module:
                 return f"graph input {source} is not a tensor argument of forward"
             if id(x) in named:
@@ -293,6 +299,29 @@ def _argument(source: str, frame: Mapping[str, Any], bound: Mapping[str, Any]) -
             or holder.get(inner) != bound[inner]):
         return None
     return inner
+
+
+_INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
+
+
+def _resolve(source: str, frame: Mapping[str, Any]) -> Any:
+    """The value a graph input's source (``L['kwargs']['attention_kwargs']['scale']``) names in
+    the traced frame, or None where it names something else."""
+    if not source.startswith("L["):
+        return None
+    value: Any = frame
+    rest = source[1:]
+    while rest:
+        m = _INDEX.match(rest)
+        if m is None:
+            return None
+        key, i = m.groups()
+        try:
+            value = value[key] if key is not None else value[int(i)]
+        except (KeyError, IndexError, TypeError):
+            return None
+        rest = rest[m.end():]
+    return value
 
 
 def _per_sample_leaves(value: Any, index: Mapping[int, int], batch: int) -> set[int]:

@@ -565,3 +565,17 @@ def test_numbers_a_recompile_made_dynamic_reach_the_half_forward():
                                    run(BatchedCfgReference(model, cfg={2}).model, *size),
                                    rtol=1e-5, atol=1e-5, msg=f"{size}")
     assert dit_compile.stats(compiled)["reused"] == {"cfg": 3}
+
+
+def test_a_number_inside_an_argument_is_named_as_one():
+    """A LoRA scale in ``attention_kwargs``, made dynamic by a second value, reaches the graph as
+    a tensor input; the half forward is refused for it (it would replay the compiling call's
+    value), and the reason names a number inside an argument, not a tensor that is no argument."""
+    from dit_compile.runtime.halves import _resolve
+    frame = {"self": object(), "args": (), "kwargs": {"attention_kwargs": {"scale": 0.5},
+                                                      "sizes": [3, (4, 5)]}}
+    assert _resolve("L['kwargs']['attention_kwargs']['scale']", frame) == 0.5
+    assert _resolve("L['kwargs']['sizes'][1][0]", frame) == 4
+    for missing in ("L['kwargs']['attention_kwargs']['lora']", "L['kwargs']['sizes'][7]",
+                    "L['self'].weight", "G['torch']"):
+        assert _resolve(missing, frame) is None
