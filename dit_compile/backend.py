@@ -17,8 +17,8 @@ from .frames import (compiled_model, install_moe_hook, is_fragment, lower_moe_an
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
 from .passes.mutation import example_value, writes_inputs
-from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, find_regions,
-                             missing_inputs, source_name, user_inputs)
+from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, check_whole_stacks,
+                             find_regions, missing_inputs, outside_model, source_name, user_inputs)
 from .passes.split import Piece, Plan, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
@@ -47,6 +47,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:
         rmap = find_regions(gm)
+        check_whole_stacks(rmap, model)
     except NoBlockStructure as why:
         warn_fallback(gm, why, options)
         if opts.regions == "eager":     # asked for no Inductor at all: the graph as it is
@@ -74,6 +75,16 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
                       "output would belong to another call and carry its graph. Call the model "
                       "under torch.no_grad() or torch.inference_mode() to cache (diffusers' "
                       "pipelines do).", stacklevel=2)
+        return Executor(plan, fns)
+    outside = outside_model(gm, rmap) if model is None else []
+    if outside:
+        # The graph's outputs are then the function's (a whole denoising step: the model, then
+        # the sampler's update), and reusing them as model outputs would stall the sampler.
+        warnings.warn(f"mixcache: torch.compile was given a function that computes outside the "
+                      f"model it calls ({len(outside)} operations, e.g. '{outside[0].name}'), so "
+                      "nothing is cached: the reuse rules are of the model's outputs. Compile the "
+                      "transformer itself (pipe.transformer = torch.compile(pipe.transformer, "
+                      "backend='mixcache')) to cache", stacklevel=2)
         return Executor(plan, fns)
     if getattr(model, "is_cache_enabled", False):
         # A hook that traces (PyramidAttentionBroadcast) reuses attention inside the graph, by

@@ -12,7 +12,8 @@ from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
-from .passes.regions import NoBlockStructure, RegionMap, find_regions, missing_inputs
+from .passes.regions import (NoBlockStructure, RegionMap, check_whole_stacks, find_regions,
+                             missing_inputs)
 from .passes.split import split
 
 
@@ -115,7 +116,9 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         nested[len(found)] = [n.args[1] for n in gm.graph.nodes
                               if n.target is torch.ops.higher_order.invoke_subgraph]
         try:
-            found.append(find_regions(gm))
+            rmap = find_regions(gm)
+            check_whole_stacks(rmap, getattr(model, "_orig_mod", model))
+            found.append(rmap)
         except NoBlockStructure as why:
             found.append(why)
             return gm.forward

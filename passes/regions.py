@@ -152,6 +152,48 @@ def _skipped_blocks(nodes: list[fx.Node]) -> tuple[str, list[int]] | None:
     return None
 
 
+def _skipped_message(head: str, missing: list[int]) -> str:
+    return (f"blocks {missing} of {head} were not traced (a forward that skips layers, such as "
+            "SD3's skip-layer guidance call): the stack is not whole, so this graph has no block "
+            "boundary to cache at; the calls that run every block are cached as usual")
+
+
+def check_whole_stacks(rmap: RegionMap, model: torch.nn.Module | None) -> None:
+    """Raise ``NoBlockStructure`` where a stack ran fewer blocks than its container holds.
+
+    The graph alone sees holes among the traced indices (``find_regions`` refuses those), not a
+    forward that stops early: SD3's skip-layer guidance on its last layers traces blocks 0..k-1 of
+    n, which pass for a whole stack of k. Cached as one, that call (its own batch, the guidance's
+    third branch) alternates with the whole model's and starts a new generation at every call."""
+    if model is None:
+        return
+    for head, count in rmap.stacks.items():
+        try:
+            container = model.get_submodule(head)
+        except AttributeError:      # a path Dynamo spells otherwise: the graph's count stands
+            continue
+        if isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)) and len(container) > count:
+            raise NoBlockStructure(_skipped_message(head, list(range(count, len(container)))))
+
+
+def outside_model(gm: fx.GraphModule, rmap: RegionMap) -> list[fx.Node]:
+    """The nodes of ``gm`` computed outside the module whose forward runs the latent's blocks.
+
+    None where that module is the one compiled (its own forward's nodes carry no module). Where
+    torch.compile was given a function that calls the model (a whole denoising step: the model,
+    then ``latent + dt * v``), the graph's outputs are the function's, not the model's, and a
+    reuse rule of model outputs applied to them is wrong: the sampler would stall."""
+    if not rmap.guarded:
+        return []
+    first = rmap.guarded[0]
+    block = next(n for n in first.nodes if n.meta.get("nn_module_stack"))
+    owner = _stack_entries(block)[0][0]
+    if owner == f"{first.stack}.{first.index}":
+        return []                   # no module ran around the blocks: the compiled one holds them
+    return [n for n in _compute_nodes(gm)
+            if not (_stack_entries(n) and _stack_entries(n)[0][0] == owner)]
+
+
 def _is_chained(nodes: list[fx.Node], head: str, count: int) -> bool:
     last: dict[fx.Node, int] = {}        # highest block of `head` among a node's ancestors
     chained: set[int] = set()
@@ -184,11 +226,7 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
     nodes = _compute_nodes(gm)
     stacks = _find_stacks(nodes)
     if not stacks and (gaps := _skipped_blocks(nodes)):
-        head, missing = gaps
-        raise NoBlockStructure(
-            f"blocks {missing} of {head} were not traced (a forward that skips layers, such as "
-            "SD3's skip-layer guidance call): the stack is not whole, so this graph has no block "
-            "boundary to cache at; the calls that run every block are cached as usual")
+        raise NoBlockStructure(_skipped_message(*gaps))
     if not stacks and gm.graph.find_nodes(
             op="call_function", target=torch.ops.higher_order.tag_activation_checkpoint):
         raise NoBlockStructure(

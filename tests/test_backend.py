@@ -806,3 +806,31 @@ def test_where_autograd_records_nothing_is_cached_and_gradients_match_eager():
         warnings.filterwarnings("error", message="mixcache")
         generation(f, kw)       # under no_grad: recompiled for that grad mode, and cached
     assert dit_compile.stats(f)["reused"]["step"] == 6     # 3 steps x 2 branches
+
+
+def test_a_compiled_function_that_computes_outside_the_model_caches_nothing():
+    """torch.compile of a whole denoising step (the model, then the sampler's update): the
+    graph's output is the next latent, not the model's output, and step reuse of it returned the
+    last latent unchanged (the sampler stalled). Said, and computed in full; a function that only
+    calls the model still caches."""
+    model, kw = tiny_models.wan(layers=2)
+    text = kw["encoder_hidden_states"]
+
+    def denoise_step(latent, t, dt):
+        v = model(hidden_states=latent, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        return latent + dt * v
+
+    schedule = {"regions": "eager", "cache": {"rule": "schedule", "step": [2]}}
+    f = torch.compile(denoise_step, backend="mixcache", options=schedule)
+    x = kw["hidden_states"]
+    with torch.no_grad(), pytest.warns(UserWarning, match="computes outside the model it calls"):
+        for t in (900.0, 700.0, 500.0):
+            t = torch.full((1,), t)
+            torch.testing.assert_close(f(x, t, -0.2), denoise_step(x, t, -0.2))
+            x = denoise_step(x, t, -0.2)
+    torch._dynamo.reset()
+    g = torch.compile(lambda **k: model(**k), backend="mixcache", options=schedule)
+    with torch.no_grad():
+        outs = [g(**{**kw, "timestep": torch.full((1,), t)}, return_dict=False)[0]
+                for t in (900.0, 700.0, 500.0)]
+    assert torch.equal(outs[2], outs[1])

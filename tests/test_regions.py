@@ -205,13 +205,31 @@ def test_block_guard_sits_in_the_stacks_the_latent_flows_through():
     assert dit_compile.stats(f)["reused"] == {}
 
 
-def test_a_call_that_skips_layers_falls_back_saying_so():
+@pytest.mark.parametrize("skipped", [[1], [2]], ids=["a middle block", "the last block"])
+def test_a_call_that_skips_layers_falls_back_saying_so(skipped):
     """SD3's skip-layer guidance call leaves blocks out of the trace: that graph runs without
-    caching (correctly), and the reason names the skipped blocks, not a missing stack."""
-    model, kw = tiny_models.sd3()
-    report = dit_compile.explain(model, **kw, skip_layers=[1], return_dict=False)
-    assert "blocks [1] of transformer_blocks were not traced" in report.fallback
+    caching (correctly), and the reason names the skipped blocks, not a missing stack. Skipping
+    the last blocks leaves no hole in the traced indices: that trace passed for a whole stack of
+    two, and its calls (batch 1, between the batched-CFG calls' batch 2) each started a new
+    generation, so the forced schedule never applied."""
+    model, kw = tiny_models.sd3(batch=2)
+    report = dit_compile.explain(model, **kw, skip_layers=skipped, return_dict=False)
+    assert f"blocks {skipped} of transformer_blocks were not traced" in report.fallback
     assert dit_compile.explain(model, **kw, return_dict=False).fallback is None
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [2]}})
+    outs = []
+    with torch.no_grad(), pytest.warns(UserWarning, match="were not traced"):
+        for t in (900.0, 700.0, 500.0):
+            call = {**kw, "timestep": torch.full_like(kw["timestep"], t), "return_dict": False}
+            outs.append(f(**call)[0])
+            skip = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+            torch.testing.assert_close(f(**skip, skip_layers=skipped)[0],
+                                       model(**skip, skip_layers=skipped)[0])
+    assert [(r["generation"], r["action"]) for r in dit_compile.stats(f)["trace"]] == [
+        (0, "compute"), (0, "compute"), (0, "step")]
+    assert torch.equal(outs[2], outs[1])
 
 
 class CondBlock(torch.nn.Module):
