@@ -22,6 +22,12 @@ from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
 from .sampler import sampler_run
 
 
+def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """The devices autocast is on for, with their dtypes, as this graph is compiled."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+                 if torch.is_autocast_enabled(d))
+
+
 class Executor:
     # What __init__ decides from the plan, all of it plain data (slot numbers, flags, FLOP shares):
     # an exported model (dit_compile.export) saves it and is rebuilt from it, with no graph.
@@ -44,8 +50,9 @@ class Executor:
         self.out_leaves, self.out_spec = list(plan.out_leaves), plan.out_spec
         self._bind(fns)
         # What the graph computes, not which compile made it: a recompile of the same forward
-        # for other sizes takes the cache on where the last left it.
-        self.token: object = plan.computation
+        # for other sizes takes the cache on where the last left it. Dynamo also recompiles when
+        # autocast is switched on or off, and that graph returns other dtypes: its own values.
+        self.token: object = (plan.computation, autocast_state())
 
     def _bind(self, fns: Sequence[Callable[..., Any]]) -> None:
         self.fns = list(fns)

@@ -638,6 +638,24 @@ def test_shape_or_dtype_change_mid_generation_is_a_new_generation(change):
     assert trace[-1]["generation"] == trace[0]["generation"] + 1
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["autocast then off", "off then autocast"])
+def test_autocast_switched_mid_generation_reuses_nothing_of_the_other(first):
+    """Dynamo recompiles when autocast is switched on or off; that graph computes the same ops
+    but returns other dtypes. A forced reuse at step 2 handed back the bf16 output cached under
+    autocast where the call returns float32 (and the other way round)."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [2]})
+    with torch.no_grad():
+        for i, t in enumerate(STEPS[:3]):
+            with torch.autocast("cpu", torch.bfloat16, enabled=(i < 2) == first):
+                call = dict(kw, timestep=torch.tensor([t]))
+                y, ref = f(**call)[0], model(**call)[0]
+    assert y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]][-1] == "compute"
+
+
 def test_schedule_past_the_last_step_is_said_once():
     """Steps count from 0: a schedule that names the last step (3 of 0..3) names a step that
     applied, and only those past it are said."""
