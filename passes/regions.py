@@ -172,23 +172,24 @@ def check_whole_stacks(rmap: RegionMap, model: torch.nn.Module | None) -> None:
             container = model.get_submodule(head)
         except AttributeError:      # a path Dynamo spells otherwise: the graph's count stands
             continue
-        if isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)) and len(container) > count:
+        whole = isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential))
+        if whole and len(container) > count:
             raise NoBlockStructure(_skipped_message(head, list(range(count, len(container)))))
 
 
 def outside_model(gm: fx.GraphModule, rmap: RegionMap) -> list[fx.Node]:
     """The nodes of ``gm`` computed outside the module whose forward runs the latent's blocks.
 
-    None where that module is the one compiled (its own forward's nodes carry no module). Where
+    Empty where that module is the one compiled (its own forward's nodes carry no module). Where
     torch.compile was given a function that calls the model (a whole denoising step: the model,
     then ``latent + dt * v``), the graph's outputs are the function's, not the model's, and a
     reuse rule of model outputs applied to them is wrong: the sampler would stall."""
     if not rmap.guarded:
         return []
     first = rmap.guarded[0]
-    block = next(n for n in first.nodes if n.meta.get("nn_module_stack"))
-    owner = _stack_entries(block)[0][0]
-    if owner == f"{first.stack}.{first.index}":
+    block = next((n for n in first.nodes if n.meta.get("nn_module_stack")), None)
+    owner = _stack_entries(block)[0][0] if block is not None else None
+    if owner is None or owner == f"{first.stack}.{first.index}":
         return []                   # no module ran around the blocks: the compiled one holds them
     return [n for n in _compute_nodes(gm)
             if not (_stack_entries(n) and _stack_entries(n)[0][0] == owner)]
