@@ -241,6 +241,13 @@ class HalfBatch:
                 and _shapes_match([x[None] for x in one_run], 1, [self.sample_shape] * len(one_run))):
             # Not worth a half forward per call to find out again.
             self._broken = "the module's outputs do not match the graph's outputs"
+            if len(outs) + len(one_run) < len(self.out_shapes) + len(self.sample_outs) // 2:
+                # Dynamo returns what the forward wrote into its arguments too (SD3's IP-Adapter
+                # path adds its image tokens to joint_attention_kwargs), the module its result.
+                self._broken += (f" (the graph returns {len(self.out_shapes)} tensors, the module "
+                                 f"{len(outs)}: the forward writes values into an argument or an "
+                                 "attribute, which Dynamo returns too, as SD3's IP-Adapter path "
+                                 "writes into joint_attention_kwargs)")
             return self._decline(self._broken)
         return [torch.stack(one_run), *outs] if one_run else outs
 

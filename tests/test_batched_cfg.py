@@ -494,6 +494,11 @@ def test_half_forward_runs_what_the_module_computes_on_the_half_or_declines():
     _, inputs, wrong = _recipe(out_shapes=[(2, 3, 8)])
     with pytest.warns(UserWarning, match="outputs do not match the graph's"):
         assert wrong(inputs, 1) is None
+    # A graph with more outputs than the module: what the forward wrote into an argument.
+    _, inputs, more = _recipe(out_shapes=[(2, 3, 8)] * 3)
+    with pytest.warns(UserWarning, match="the graph returns 3 tensors, the module 1: the forward "
+                                         "writes values into an argument"):
+        assert more(inputs, 1) is None
     with pytest.warns(UserWarning, match="not a parameter or buffer differs"):
         assert half([*inputs[:5], torch.zeros(4)], 1) is None
 
