@@ -26,6 +26,7 @@ class Report:
     inputs: dict[str, str] = field(default_factory=dict)   # role -> graph input
     input_rule: str = ""
     samples: int = 0                                       # latent list length (Z-Image), or 0
+    conditions: list[str] = field(default_factory=list)    # other floating inputs, watched
     regions: list[tuple[str, int]] = field(default_factory=list)  # (region, node count)
     fallback: str | None = None                            # why mixcache would not cache
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
@@ -62,6 +63,9 @@ class Report:
         if self.inputs:
             lines.append(f"  inputs ({self.input_rule}): "
                          + ", ".join(f"{r}={n}" for r, n in self.inputs.items()))
+        if self.conditions:
+            lines.append("  other conditions (mixcache computes a call where one switched on or "
+                         "off): " + ", ".join(self.conditions))
         if self.samples:
             lines.append(f"  latent: a list of {self.samples} per-sample tensors, decided on as "
                          "one batch of them")
@@ -211,6 +215,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.marked = _marked(target)
     report.stacks, report.streams = rmap.stacks, rmap.streams
     report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
+    report.conditions = rmap.conditions
     report.samples = len(rmap.samples) if rmap.samples_why is None else 0
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
     return report

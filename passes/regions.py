@@ -58,6 +58,7 @@ class RegionMap:
     sample_outs: list[int] = field(default_factory=list)
     samples_why: str | None = None
     texts: list[str] = field(default_factory=list)  # the text condition's list, one per sample
+    conditions: list[str] = field(default_factory=list)  # other floating inputs (conditions)
 
     def region_of(self) -> dict[fx.Node, int]:
         return {n: i for i, r in enumerate(self.regions) for n in r.nodes}
@@ -296,6 +297,7 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
         rmap.texts = text_list(gm, rmap.samples)
         if rmap.texts:
             roles["text"] = rmap.texts[0]
+    rmap.conditions = conditions(gm, rmap)
     return rmap
 
 
@@ -493,6 +495,16 @@ def _containers(tree: Any) -> list[list[Any]]:
     if isinstance(tree, dict):
         return [c for x in tree.values() for c in _containers(x)]
     return []
+
+
+def conditions(gm: fx.GraphModule, rmap: RegionMap) -> list[str]:
+    """The floating-point call arguments beside the latent, the timestep and the text: the other
+    conditions a pipeline passes (ControlNet residuals, pooled text, image embeddings, guidance).
+    Most hold still through a generation; a pipeline may switch one at a step (ControlNet's
+    ``control_guidance_end`` zeroes its residuals), which the output's history cannot foresee."""
+    taken = {*rmap.inputs.values(), *rmap.samples, *rmap.texts}
+    return [n.name for n in user_inputs(gm)
+            if n.name not in taken and n.meta["example_value"].is_floating_point()]
 
 
 def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:

@@ -90,6 +90,9 @@ class Step:
     # Guidance branches the batch carries as equal groups of samples (2: halves, 3: PAG's
     # [uncond, cond, perturbed]); 1 where none or not looked for. Per-sample decisions tie them.
     groups: int = 1
+    # The call's other conditions' magnitudes, [conditions, samples] (executor._conditions),
+    # where the policy watches them; None where not.
+    conditions: torch.Tensor | None = None
 
 
 @dataclass

@@ -108,7 +108,7 @@ class GuardedExecutor(Executor):
         "anchor", "flops", "latent", "t", "text", "_detect", "sig_slots", "first", "probe_end",
         "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
         "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs",
-        "sample_slots", "sample_outs", "text_slots")
+        "sample_slots", "sample_outs", "text_slots", "cond_slots")
 
     # Not part of the layout (a graph, not data): an exported model saves it as a program.
     modulation: Modulation | None = None
@@ -119,6 +119,8 @@ class GuardedExecutor(Executor):
     sample_slots: Sequence[int] = ()
     sample_outs: Sequence[int] = ()
     text_slots: Sequence[int] = ()     # the text condition as a list beside them, or empty
+    # The other conditions (regions.conditions) where the policy watches them for a switch.
+    cond_slots: Sequence[int] = ()
     # Parameter inputs spread over the model (backend.PARTNERS): two models that share the
     # anchor's module share its state, and these tell their calls apart (see ``__call__``).
     # Empty where the parameters cannot be another model's (a loaded export's own weights).
@@ -144,6 +146,8 @@ class GuardedExecutor(Executor):
         self.sample_slots = [names.index(n) for n in plan.rmap.samples]
         self.sample_outs = list(plan.rmap.sample_outs)
         self.text_slots = [names.index(n) for n in plan.rmap.texts]
+        if getattr(policy, "watches_conditions", False):
+            self.cond_slots = [names.index(n) for n in plan.rmap.conditions]
         self._detect = self.text is not None and bool(getattr(policy, "ties_groups", False))
         # The text is not in the signature: its changes are the branch's own (CacheState).
         self.sig_slots = [*(self.sample_slots or [self.latent]), self.t]
@@ -215,6 +219,8 @@ class GuardedExecutor(Executor):
             graph=(self.token, *[id(env[i]) for i in self.partners]) if self.partners
             else self.token,
             run=sampler_run())
+        if self.cond_slots:
+            step.conditions = self._conditions(env, x.shape[0])
         try:
             return self._decide_and_run(env, st, step, x)
         except BaseException:
@@ -340,6 +346,19 @@ class GuardedExecutor(Executor):
         if self.text_slots:
             return torch.cat([env[i].reshape(-1) for i in self.text_slots])
         return None if self.text is None else env[self.text]
+
+    def _conditions(self, env: list[Any], n: int) -> torch.Tensor:
+        """The mean magnitude of each other condition, per sample where its dim 0 is the batch
+        (else one for all): [conditions, n], float64 on the CPU, where the policy decides. A
+        magnitude is enough to see a condition switched on or off, and costs no copy to keep."""
+        rows = []
+        for i in self.cond_slots:
+            v = env[i]
+            per_sample = v.dim() > 0 and v.shape[0] == n and v.numel() > 0
+            v = v.detach().reshape(n, -1) if per_sample else v.detach().reshape(1, -1)
+            rows.append(v.abs().mean(1, dtype=torch.float32).expand(n) if v.numel()
+                        else torch.zeros(n, device=v.device))
+        return torch.stack(rows).nan_to_num().to("cpu", torch.float64)
 
     def _halves_call(self, env: list[Any], batch: int) -> bool:
         """A batched-CFG call: both guidance branches as the halves of one batch. Without a

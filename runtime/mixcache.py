@@ -67,6 +67,8 @@ from .cache import BranchCache, CacheState, Step, sample_times
 from .policy import CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1, tie_groups
 
 GRANULARITIES = ("step", "cfg", "block")
+# A condition whose magnitude moves by more than this share of the larger value was switched.
+SWITCH = 0.5
 
 # Budgets: relative error of the output times the fraction of the noise range it is used over.
 # Chosen with bench/tune_presets.py on 16 cases disjoint from the evaluation cases (numbers in
@@ -116,6 +118,25 @@ class MixCache:
         batch halves of one call), whose rebuilt half is estimated as on separate calls, from
         its own difference's rate."""
         return "cfg" in self.granularities
+
+    @property
+    def watches_conditions(self) -> bool:
+        """The other conditions' magnitudes come with each call (``Step.conditions``): a
+        condition switched on or off since a branch last computed (ControlNet's
+        ``control_guidance_start`` / ``_end``) moves the output in a way its history cannot
+        foresee, so a call where one did computes."""
+        return True
+
+    def _moved(self, s: Step, bc: BranchCache, n: int) -> torch.Tensor:
+        """Per sample (bool, CPU): a condition's magnitude moved by more than half of the larger
+        of its two values since this branch last computed. Conditions that follow the latent
+        step by step (ControlNet's residuals while it is on) move by far less than that."""
+        now, then = s.conditions, bc.signals.get("conditions")
+        if now is None or then is None:
+            return torch.zeros(n, dtype=torch.bool)
+        if then.shape != now.shape:
+            return torch.ones(n, dtype=torch.bool)
+        return ((now - then).abs() > SWITCH * torch.maximum(now, then)).any(0)
 
     @property
     def ties_groups(self) -> bool:
@@ -204,14 +225,17 @@ class MixCache:
     def step(self, s: Step, st: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
         bc = st.branch(s.branch)
         bc.signals.pop("step_mask", None)
+        n = latent.shape[0]
+        # A sample whose conditions switched computes, whatever was decided for the step.
+        bc.signals["moved"] = moved = self._moved(s, bc, n)
         if self.budget <= 0:
             return COMPUTE, None
-        n = latent.shape[0]
         # Decided at the step's first call even when that branch may not reuse, so the others
         # follow it.
         err, fit = (self._shared_step_error(s, st, n) if "step" in self.granularities
                     else (None, torch.zeros(n, dtype=torch.bool)))
-        allowed = self._allowed(s, st, bc, n)
+        fit = fit & ~moved
+        allowed = self._allowed(s, st, bc, n) & ~moved
         if not bool(allowed.any()):
             return COMPUTE, None
         # Step and cfg reuse save the whole call: the smaller estimate of those that fit wins.
@@ -256,6 +280,7 @@ class MixCache:
         settled = torch.as_tensor(sig.get("settled_mask", False)).to(change.device)
         if settled.numel() not in (1, n):
             settled = torch.zeros_like(change, dtype=torch.bool)
+        settled = settled & ~sig.get("moved", torch.zeros(n, dtype=torch.bool)).to(change.device)
         err = change * self._step_length(s, st, bc)
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
                 or s.t > (1.0 - self.warmup) * st.t_first or not bool(settled.any())):
@@ -288,6 +313,13 @@ class MixCache:
         elif reused is not True:
             n = reused.shape[0]
             sig["spent"] = torch.where(reused.cpu(), _per_sample(sig.get("spent", 0.0), n), 0.0)
+        # The conditions the computed outputs were made under: a reuse is judged against them.
+        now, then = s.conditions, sig.get("conditions")
+        if now is not None and kind in ("compute", "block"):
+            sig["conditions"] = now
+        elif now is not None and kind == STEP and reused is not True:
+            sig["conditions"] = (now if then is None or then.shape != now.shape
+                                 else torch.where(reused.cpu(), then, now))
         computed = (kind in ("compute", "block") or (kind == STEP and reused is not True))
         if computed and len(bc.outputs) >= 2:
             self._observe_rates(st, bc, None if kind == "block" or reused is None else ~reused)

@@ -566,6 +566,18 @@ def test_explain_reports_regions():
     assert "modulated input (teacache's signal): (1, 32, 16)" in text
 
 
+def test_explain_names_the_other_conditions_mixcache_watches():
+    """Flux's pooled text and rotary ids are conditions beside the latent, timestep and text:
+    MixCache computes a call where one switched (a ControlNet's residuals, in its pipeline)."""
+    model, kw = tiny_models.flux()
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert sorted(report.conditions) == sorted(
+        f"l_kwargs_{k}_" for k in ("pooled_projections", "img_ids", "txt_ids"))
+    assert "other conditions" in str(report)
+    wan, wan_kw = tiny_models.wan(layers=2)
+    assert dit_compile.explain(wan, **wan_kw, return_dict=False).conditions == []
+
+
 def test_explain_names_graph_breaks_when_no_graph_has_blocks():
     other, other_kw = tiny_models.lumina2()         # breaks too, for reasons of its own
     report = dit_compile.explain(other, **other_kw, return_dict=False)

@@ -269,6 +269,30 @@ def test_one_step_decision_for_the_batch_where_asked(per_sample):
         assert action == "compute" and "step_mask" not in st_.branch(0).signals
 
 
+@pytest.mark.parametrize("now,action,reused", [
+    ([[1.0, 1.0]], "step", [True, True]),          # as at the last compute
+    ([[0.7, 1.4]], "step", [True, True]),          # drifted by less than half (ControlNet's)
+    ([[0.0, 1.0]], "step", [False, True]),         # switched off for the first sample only
+    ([[0.0, 1.0], [2.0, 9.0]], "compute", [False, False])])   # off for one, on for the other
+def test_a_sample_whose_conditions_switched_computes(now, action, reused):
+    """Each call's other conditions (ControlNet residuals, pooled text, image embeddings) come as
+    magnitudes, [conditions, samples]; a sample where one moved by more than half of the larger
+    value since its branch computed (a ControlNet switched on or off) computes, the others may
+    reuse. The samples that computed judge their next reuse against what they computed under."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0})
+    st_, steps = _two_branches((1e-4,))
+    bc, s = st_.branch(0), steps[0]
+    then = torch.tensor([[1.0, 1.0], [2.0, 4.0]][:len(now)], dtype=torch.float64)
+    bc.signals["conditions"] = then
+    s.conditions = torch.tensor(now, dtype=torch.float64)
+    assert pol.step(s, st_, torch.zeros(2))[0] == action
+    mask = bc.signals.get("step_mask")
+    assert (mask.tolist() if mask is not None else [action == "step"] * 2) == reused
+    pol.observe(s, st_, bc, [torch.zeros(2, 2)], action)
+    expected = torch.where(torch.tensor(reused), then, s.conditions)
+    assert bc.signals["conditions"].tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize("t_diff,cfg_rate,action", [
     (600.0, 1e-5, "cfg"), (600.0, 1.0, "compute"), (500.0, 1e-5, "compute")])
 def test_cfg_reuse_where_its_estimate_fits_and_the_timestep_moved(t_diff, cfg_rate, action):

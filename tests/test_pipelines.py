@@ -264,6 +264,28 @@ def test_heun_second_evaluation_at_a_timestep_is_computed():
                 assert r["action"] == "compute", f"step {r['step']} reused at its own timestep"
 
 
+def test_a_controlnet_switched_on_or_off_is_not_reused_across():
+    """FluxControlNetPipeline with ``control_guidance_end`` (``_start``) passes the transformer
+    zeros for the ControlNet's residuals from (until) some step. The outputs before the switch
+    say nothing of it, and ``balanced`` extrapolated them across: at 8 steps it reused step 4,
+    the first of the other control, and ended 0.08 off eager where it is 0.014 off without a
+    switch. A call whose conditions switched computes."""
+    model = tiny_models.flux()[0]
+    pipe = pipelines.flux_controlnet_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    switches = [dict(control_guidance_end=0.6), dict(control_guidance_start=0.4)]
+    refs = [pipelines.run_flux_controlnet(pipe, **kw) for kw in switches]
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    for gen, (kw, ref) in enumerate(zip(switches, refs)):
+        out = pipelines.run_flux_controlnet(pipe, **kw)
+        acts = [r["action"] for r in dit_compile.stats(pipe.transformer)["trace"]
+                if r["generation"] == gen]
+        assert len(acts) == 8 and "step" in acts[:4], "the test must reuse before the switch"
+        assert acts[4] == "compute", f"{kw}: reused at the switch: {acts}"
+        assert ((out - ref).norm() / ref.norm()) < 0.03
+
+
 @pytest.mark.inductor
 def test_readme_demo_runs(capsys):
     """The README's first command ends in ``python bench/demo.py``: at a small size, each of its
