@@ -209,6 +209,10 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         # and the timestep, nor on per-sample latents that cannot be stacked.
         report.fallback = (writes[found.index(rmap)] or missing_inputs(rmap.inputs)
                            or rmap.samples_why)
+    if report.fallback is None and getattr(target, "is_cache_enabled", False):
+        report.fallback = ("diffusers' own cache hooks are on (enable_cache), and two caches on "
+                           "one forward would reuse each other's results: call disable_cache() "
+                           "before torch.compile to let mixcache cache")
     report.modulated = modulated.get(found.index(rmap))
     calls = nested[found.index(rmap)]
     report.nested, report.nested_regions = len(calls), len(set(calls))

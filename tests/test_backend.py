@@ -295,6 +295,9 @@ def test_diffusers_cache_hooks_turn_mixcache_caching_off_saying_so():
     assert not [w for w in _mixcache_warnings(rec) if "in place" in w], _mixcache_warnings(rec)
     with pytest.raises(ValueError):
         dit_compile.stats(f)
+    with model.cache_context("cond"):
+        report = dit_compile.explain(model, **call)
+    assert "own cache hooks are on" in (report.fallback or ""), report
 
 
 def test_graph_breaks_fall_back_per_graph_and_stay_correct():
