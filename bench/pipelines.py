@@ -36,42 +36,54 @@ def run_flux(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Tenso
                 output_type="latent", generator=g).images
 
 
-def flux_controlnet_pipeline(transformer: torch.nn.Module):
-    """FluxControlNetPipeline with a tiny ControlNet of the transformer's widths, its output
+def flux_controlnet_pipeline(transformer: torch.nn.Module, nets: int = 1):
+    """FluxControlNetPipeline with ``nets`` tiny ControlNets of the transformer's widths (more
+    than one: diffusers' FluxMultiControlNetModel, which sums their residuals), their output
     projections made nonzero (diffusers initialises them to zero, so an untrained one adds
-    nothing), and a one-level VAE that encodes the control image."""
+    nothing), and a two-level VAE that encodes the control images."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel,
-                           FluxControlNetPipeline)
+                           FluxControlNetPipeline, FluxMultiControlNetModel)
     cfg = transformer.config
+    controlnets = []
+    for seed in range(nets):
+        torch.manual_seed(seed)
+        net = FluxControlNetModel(
+            patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.num_layers,
+            num_single_layers=cfg.num_single_layers, attention_head_dim=cfg.attention_head_dim,
+            num_attention_heads=cfg.num_attention_heads, joint_attention_dim=cfg.joint_attention_dim,
+            pooled_projection_dim=cfg.pooled_projection_dim, axes_dims_rope=cfg.axes_dims_rope).eval()
+        with torch.no_grad():
+            for m in (net.controlnet_blocks, net.controlnet_single_blocks, net.controlnet_x_embedder):
+                for p in m.parameters():
+                    p.normal_(0, 0.3)
+        controlnets.append(net)
     torch.manual_seed(0)
-    controlnet = FluxControlNetModel(
-        patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.num_layers,
-        num_single_layers=cfg.num_single_layers, attention_head_dim=cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads, joint_attention_dim=cfg.joint_attention_dim,
-        pooled_projection_dim=cfg.pooled_projection_dim, axes_dims_rope=cfg.axes_dims_rope).eval()
-    with torch.no_grad():
-        for m in (controlnet.controlnet_blocks, controlnet.controlnet_single_blocks,
-                  controlnet.controlnet_x_embedder):
-            for p in m.parameters():
-                p.normal_(0, 0.3)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
                         layers_per_block=1, latent_channels=cfg.in_channels // 4,
                         norm_num_groups=4, shift_factor=0.0, scaling_factor=1.0).eval()
-    return FluxControlNetPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                                  text_encoder=None, tokenizer=None, text_encoder_2=None,
-                                  tokenizer_2=None, transformer=transformer, controlnet=controlnet)
+    return FluxControlNetPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+        controlnet=controlnets[0] if nets == 1 else FluxMultiControlNetModel(controlnets))
 
 
 def run_flux_controlnet(pipe, steps: int = 8, seed: int = 0, size: int = 16, **kwargs
                         ) -> torch.Tensor:
-    """``kwargs``: the pipeline's own (``control_guidance_start``, ``control_guidance_end``)."""
+    """``kwargs``: the pipeline's own (``control_guidance_start``, ``control_guidance_end``;
+    lists, one per net, for a multi-ControlNet)."""
+    from diffusers import FluxMultiControlNetModel
     g = torch.Generator().manual_seed(seed)
     cfg = pipe.transformer.config
-    return pipe(prompt_embeds=torch.randn(1, 6, cfg.joint_attention_dim, generator=g),
-                pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-                control_image=torch.rand(1, 3, size, size, generator=g), height=size, width=size,
-                num_inference_steps=steps, guidance_scale=3.5, controlnet_conditioning_scale=1.0,
+    nets = (len(pipe.controlnet.nets) if isinstance(pipe.controlnet, FluxMultiControlNetModel)
+            else 0)
+    embeds = torch.randn(1, 6, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+    images = [torch.rand(1, 3, size, size, generator=g) for _ in range(max(nets, 1))]
+    return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                control_image=images if nets else images[0], height=size, width=size,
+                num_inference_steps=steps, guidance_scale=3.5,
+                controlnet_conditioning_scale=[1.0] * nets if nets else 1.0,
                 output_type="latent", generator=g, **kwargs).images
 
 

@@ -501,10 +501,38 @@ def conditions(gm: fx.GraphModule, rmap: RegionMap) -> list[str]:
     """The floating-point call arguments beside the latent, the timestep and the text: the other
     conditions a pipeline passes (ControlNet residuals, pooled text, image embeddings, guidance).
     Most hold still through a generation; a pipeline may switch one at a step (ControlNet's
-    ``control_guidance_end`` zeroes its residuals), which the output's history cannot foresee."""
+    ``control_guidance_end`` zeroes its residuals), which the output's history cannot foresee.
+
+    Left out: inputs a sinusoid is taken of (a second timestep, such as ACE-Step's or a mean-flow
+    model's ``timestep_r``, and position ids), and inputs of an output's shape (a second latent,
+    such as LTX-2's audio): both move with the sampler at every step, by design."""
     taken = {*rmap.inputs.values(), *rmap.samples, *rmap.texts}
-    return [n.name for n in user_inputs(gm)
-            if n.name not in taken and n.meta["example_value"].is_floating_point()]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out_shapes = {_shape(o) for o in out.all_input_nodes}
+    candidates = [n for n in user_inputs(gm) if n.name not in taken
+                  and n.meta["example_value"].is_floating_point()
+                  and (n.meta["example_value"].dim() == 0 or _shape(n) not in out_shapes)]
+    if not candidates:
+        return []
+    sinusoid = _ancestors([n for n in gm.graph.nodes if _is_trig(n)])
+    return [n.name for n in candidates if n not in sinusoid]
+
+
+def _is_trig(n: fx.Node) -> bool:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return n.op in ("call_function", "call_method") and name in ("sin", "cos")
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Every node some of ``nodes`` is computed from."""
+    seen: set[fx.Node] = set()
+    todo = list(nodes)
+    while todo:
+        for m in todo.pop().all_input_nodes:
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
 
 
 def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:

@@ -68,7 +68,10 @@ from .policy import CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1, tie_grou
 
 GRANULARITIES = ("step", "cfg", "block")
 # A condition whose magnitude moves by more than this share of the larger value was switched.
-SWITCH = 0.5
+# ControlNet's residuals drift by 1-2% a step (tiny Flux ControlNet, 8 and 20 steps: at most 6%
+# over four steps, the longest gap a preset's reuse run leaves); one of two ControlNets switched
+# off moves their sum by about 40% (FluxMultiControlNetModel, SD3MultiControlNetModel).
+SWITCH = 0.2
 
 # Budgets: relative error of the output times the fraction of the noise range it is used over.
 # Chosen with bench/tune_presets.py on 16 cases disjoint from the evaluation cases (numbers in
@@ -128,9 +131,9 @@ class MixCache:
         return True
 
     def _moved(self, s: Step, bc: BranchCache, n: int) -> torch.Tensor:
-        """Per sample (bool, CPU): a condition's magnitude moved by more than half of the larger
-        of its two values since this branch last computed. Conditions that follow the latent
-        step by step (ControlNet's residuals while it is on) move by far less than that."""
+        """Per sample (bool, CPU): a condition's magnitude moved by more than ``SWITCH`` of the
+        larger of its two values since this branch last computed. Conditions that follow the
+        latent step by step (ControlNet's residuals while it is on) move by far less than that."""
         now, then = s.conditions, bc.signals.get("conditions")
         if now is None or then is None:
             return torch.zeros(n, dtype=torch.bool)

@@ -271,13 +271,13 @@ def test_one_step_decision_for_the_batch_where_asked(per_sample):
 
 @pytest.mark.parametrize("now,action,reused", [
     ([[1.0, 1.0]], "step", [True, True]),          # as at the last compute
-    ([[0.7, 1.4]], "step", [True, True]),          # drifted by less than half (ControlNet's)
+    ([[0.9, 1.15]], "step", [True, True]),         # drifted by less than a fifth
     ([[0.0, 1.0]], "step", [False, True]),         # switched off for the first sample only
     ([[0.0, 1.0], [2.0, 9.0]], "compute", [False, False])])   # off for one, on for the other
 def test_a_sample_whose_conditions_switched_computes(now, action, reused):
     """Each call's other conditions (ControlNet residuals, pooled text, image embeddings) come as
-    magnitudes, [conditions, samples]; a sample where one moved by more than half of the larger
-    value since its branch computed (a ControlNet switched on or off) computes, the others may
+    magnitudes, [conditions, samples]; a sample where one moved by more than a fifth of the
+    larger value since its branch computed (a ControlNet switched on or off) computes, the others may
     reuse. The samples that computed judge their next reuse against what they computed under."""
     pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0})
     st_, steps = _two_branches((1e-4,))

@@ -264,16 +264,19 @@ def test_heun_second_evaluation_at_a_timestep_is_computed():
                 assert r["action"] == "compute", f"step {r['step']} reused at its own timestep"
 
 
-def test_a_controlnet_switched_on_or_off_is_not_reused_across():
+@pytest.mark.parametrize("nets,switches", [
+    (1, [dict(control_guidance_end=0.6), dict(control_guidance_start=0.4)]),
+    (2, [dict(control_guidance_start=[0.0, 0.0], control_guidance_end=[0.5, 1.0])])])
+def test_a_controlnet_switched_on_or_off_is_not_reused_across(nets, switches):
     """FluxControlNetPipeline with ``control_guidance_end`` (``_start``) passes the transformer
-    zeros for the ControlNet's residuals from (until) some step. The outputs before the switch
-    say nothing of it, and ``balanced`` extrapolated them across: at 8 steps it reused step 4,
-    the first of the other control, and ended 0.08 off eager where it is 0.014 off without a
-    switch. A call whose conditions switched computes."""
+    zeros for the ControlNet's residuals from (until) some step; with two nets, the sum of their
+    residuals loses one of them (about 40% of its magnitude). The outputs before the switch say
+    nothing of it, and ``balanced`` extrapolated them across: at 8 steps it reused step 4, the
+    first of the other control, and ended 0.08 (two nets: 0.056) off eager where it is 0.014
+    off without a switch. A call whose conditions switched computes."""
     model = tiny_models.flux()[0]
-    pipe = pipelines.flux_controlnet_pipeline(model)
+    pipe = pipelines.flux_controlnet_pipeline(model, nets)
     pipe.set_progress_bar_config(disable=True)
-    switches = [dict(control_guidance_end=0.6), dict(control_guidance_start=0.4)]
     refs = [pipelines.run_flux_controlnet(pipe, **kw) for kw in switches]
     torch._dynamo.reset()
     pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager"})
