@@ -108,6 +108,7 @@ class Record:
     reused: tuple[bool, ...] | None = None  # which samples reused, where only some did
     halves: bool = False         # the call carried both guidance branches as batch halves
     groups: int = 1              # guidance branches batched as equal groups (Step's)
+    switched: tuple[bool, ...] | None = None  # samples whose other conditions switched (MixCache)
 
 
 @dataclass
@@ -394,17 +395,20 @@ class CacheState:
 
     # -- what happened ---------------------------------------------------------------------
     def record(self, step: Step, action: str, flops: float, signal: float | None = None,
-               spent: Any = None, reused: torch.Tensor | None = None) -> None:
+               spent: Any = None, reused: torch.Tensor | None = None,
+               switched: torch.Tensor | None = None) -> None:
         if isinstance(spent, torch.Tensor):
             spent = float(spent.max())
         if reused is not None:
             reused = tuple(bool(r) for r in reused.tolist())
+        if switched is not None:
+            switched = tuple(bool(r) for r in switched.tolist()) if bool(switched.any()) else None
         if self.records and self.records[-1].generation != step.generation:
             oldest = step.generation - TRACE_GENERATIONS + 1
             if self.records[0].generation < oldest:
                 self.records = [r for r in self.records if r.generation >= oldest]
         self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
-                                   signal, spent, reused, step.halves, step.groups))
+                                   signal, spent, reused, step.halves, step.groups, switched))
         self.counts[action] = self.counts.get(action, 0) + 1
         self.flops += flops
 

@@ -427,7 +427,8 @@ class GuardedExecutor(Executor):
                 st.cfg_diff[step.branch], st.cfg_step[step.branch] = diff, step.step
         self.policy.observe(step, st, bc, outs, kind)
         st.check_memory()
-        st.record(step, kind, flops, signal, bc.signals.get("spent"), mask)
+        st.record(step, kind, flops, signal, bc.signals.get("spent"), mask,
+                  bc.signals.get("moved"))
         for s, o in zip(self.out_slots, self._slot_values(outs)):
             env[s] = o
         return self.output(env)

@@ -286,6 +286,9 @@ def test_a_controlnet_switched_on_or_off_is_not_reused_across(nets, switches):
                 if r["generation"] == gen]
         assert len(acts) == 8 and "step" in acts[:4], "the test must reuse before the switch"
         assert acts[4] == "compute", f"{kw}: reused at the switch: {acts}"
+        switched = [r["switched"] for r in dit_compile.stats(pipe.transformer)["trace"]
+                    if r["generation"] == gen]
+        assert switched[4] == (True,), "the trace says why"
         assert ((out - ref).norm() / ref.norm()) < 0.03
 
 
