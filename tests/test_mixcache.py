@@ -293,6 +293,27 @@ def test_a_sample_whose_conditions_switched_computes(now, action, reused):
     assert bc.signals["conditions"].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_condition_written_in_place_is_seen_switched(mode):
+    """The runtime keeps the magnitudes of a call's other conditions where the next call passes
+    the very same tensors (a pipeline's pooled text at every step), by their version counters:
+    one written to in place is measured again, and under inference mode (no counter) every call
+    is. Flux's pooled text zeroed in place from step 4: that call computes."""
+    model, kw = tiny_models.flux()
+    f = compiled(model, {"rule": "mixcache", "budget": 1.0, "max_reuse": 8, "warmup": 0.0,
+                         "settle": 100.0, "granularities": ["step"]})
+    with mode():
+        pooled = kw["pooled_projections"].clone()
+        for i, t in enumerate(STEPS):
+            if i == 4:
+                pooled.zero_()
+            f(**dict(kw, pooled_projections=pooled, timestep=torch.full((1,), t)))
+    trace = dit_compile.stats(f)["trace"]
+    assert [r["action"] for r in trace][:6] == ["compute", "compute", "step", "step", "compute",
+                                                "step"]
+    assert trace[4]["switched"] == (True,) and not any(r["switched"] for r in trace[5:])
+
+
 @pytest.mark.parametrize("t_diff,cfg_rate,action", [
     (600.0, 1e-5, "cfg"), (600.0, 1.0, "compute"), (500.0, 1e-5, "compute")])
 def test_cfg_reuse_where_its_estimate_fits_and_the_timestep_moved(t_diff, cfg_rate, action):
