@@ -130,13 +130,14 @@ class MixCache:
         foresee, so a call where one did computes."""
         return True
 
-    def _moved(self, s: Step, bc: BranchCache, n: int) -> torch.Tensor:
+    def _moved(self, s: Step, bc: BranchCache, n: int) -> torch.Tensor | None:
         """Per sample (bool, CPU): a condition's magnitude moved by more than ``SWITCH`` of the
         larger of its two values since this branch last computed. Conditions that follow the
-        latent step by step (ControlNet's residuals while it is on) move by far less than that."""
+        latent step by step (ControlNet's residuals while it is on) move by far less than that.
+        None where there is nothing to compare (no op on the reused call's path)."""
         now, then = s.conditions, bc.signals.get("conditions")
         if now is None or then is None:
-            return torch.zeros(n, dtype=torch.bool)
+            return None
         if then.shape != now.shape:
             return torch.ones(n, dtype=torch.bool)
         return ((now - then).abs() > SWITCH * torch.maximum(now, then)).any(0)
@@ -237,8 +238,9 @@ class MixCache:
         # follow it.
         err, fit = (self._shared_step_error(s, st, n) if "step" in self.granularities
                     else (None, torch.zeros(n, dtype=torch.bool)))
-        fit = fit & ~moved
-        allowed = self._allowed(s, st, bc, n) & ~moved
+        allowed = self._allowed(s, st, bc, n)
+        if moved is not None:
+            fit, allowed = fit & ~moved, allowed & ~moved
         if not bool(allowed.any()):
             return COMPUTE, None
         # Step and cfg reuse save the whole call: the smaller estimate of those that fit wins.
@@ -283,7 +285,8 @@ class MixCache:
         settled = torch.as_tensor(sig.get("settled_mask", False)).to(change.device)
         if settled.numel() not in (1, n):
             settled = torch.zeros_like(change, dtype=torch.bool)
-        settled = settled & ~sig.get("moved", torch.zeros(n, dtype=torch.bool)).to(change.device)
+        if sig.get("moved") is not None:
+            settled = settled & ~sig["moved"].to(change.device)
         err = change * self._step_length(s, st, bc)
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
                 or s.t > (1.0 - self.warmup) * st.t_first or not bool(settled.any())):
