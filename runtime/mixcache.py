@@ -327,6 +327,14 @@ class MixCache:
             sig["conditions"] = (now if then is None or then.shape != now.shape
                                  else torch.where(reused.cpu(), then, now))
         computed = (kind in ("compute", "block") or (kind == STEP and reused is not True))
+        moved = sig.get("moved")
+        if computed and moved is not None and bool(moved.any()):
+            # The outputs before a switch say nothing of those after it: rates and predictions
+            # start again from this call's (else the next two calls compute on a rate or a
+            # curvature measured across the switch).
+            del bc.outputs[:-1]
+            for key in ("out_rate", "curvature", "slope"):
+                sig.pop(key, None)
         if computed and len(bc.outputs) >= 2:
             self._observe_rates(st, bc, None if kind == "block" or reused is None else ~reused)
         if (st.cfg_step.get(s.branch) == s.step and (s.branch >= 1 or s.halves)

@@ -288,9 +288,15 @@ def test_a_sample_whose_conditions_switched_computes(now, action, reused):
     assert pol.step(s, st_, torch.zeros(2))[0] == action
     mask = bc.signals.get("step_mask")
     assert (mask.tolist() if mask is not None else [action == "step"] * 2) == reused
+    bc.outputs.append((500.0, [torch.ones(2, 2)]))      # what _finish pushes before observing
     pol.observe(s, st_, bc, [torch.zeros(2, 2)], action)
     expected = torch.where(torch.tensor(reused), then, s.conditions)
     assert bc.signals["conditions"].tolist() == expected.tolist()
+    # Rates and predictions start again from a call where a switch was computed: the outputs
+    # before it say nothing of those after.
+    switched = not all(reused)
+    assert len(bc.outputs) == (1 if switched else 2)
+    assert ("out_rate" in bc.signals) != switched
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
@@ -298,7 +304,8 @@ def test_a_condition_written_in_place_is_seen_switched(mode):
     """The runtime keeps the magnitudes of a call's other conditions where the next call passes
     the very same tensors (a pipeline's pooled text at every step), by their version counters:
     one written to in place is measured again, and under inference mode (no counter) every call
-    is. Flux's pooled text zeroed in place from step 4: that call computes."""
+    is. Flux's pooled text zeroed in place from step 4: that call computes, and so does the next,
+    whose rate is the first measured after the switch."""
     model, kw = tiny_models.flux()
     f = compiled(model, {"rule": "mixcache", "budget": 1.0, "max_reuse": 8, "warmup": 0.0,
                          "settle": 100.0, "granularities": ["step"]})
@@ -309,8 +316,9 @@ def test_a_condition_written_in_place_is_seen_switched(mode):
                 pooled.zero_()
             f(**dict(kw, pooled_projections=pooled, timestep=torch.full((1,), t)))
     trace = dit_compile.stats(f)["trace"]
-    assert [r["action"] for r in trace][:6] == ["compute", "compute", "step", "step", "compute",
-                                                "step"]
+    # After the switch, the rate is measured afresh: from steps 4 and 5.
+    assert [r["action"] for r in trace][:7] == ["compute", "compute", "step", "step", "compute",
+                                                "compute", "step"]
     assert trace[4]["switched"] == (True,) and not any(r["switched"] for r in trace[5:])
 
 
