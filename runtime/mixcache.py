@@ -43,6 +43,12 @@ Signals, all of which the runtime already has (no extra forward):
   Where a pipeline batches both branches into one call (CogVideoX), the same estimate holds for
   the unconditional half rebuilt from the conditional one; that reuse saves half the call.
 
+* Conditions (``Step.conditions``): the mean magnitude per sample of the model's other inputs
+  (ControlNet residuals, pooled text, image embeddings). None of the estimates above can see a
+  condition switched on or off (ControlNet's ``control_guidance_start`` / ``_end``), since they
+  are read off outputs computed before it: a sample where one moved by more than ``SWITCH``
+  since its branch computed computes, and the branch's history starts again from there.
+
 Every estimate is an output error times the step length, so they add up to the error the reuse
 leaves in the latent. Decision: the error already spent since the last full compute counts
 against ``budget``; among the granularities whose estimate fits in what is left, step or cfg reuse
