@@ -514,7 +514,7 @@ def conditions(gm: fx.GraphModule, rmap: RegionMap) -> list[str]:
                   and (n.meta["example_value"].dim() == 0 or _shape(n) not in out_shapes)]
     if not candidates:
         return []
-    sinusoid = _ancestors([n for n in gm.graph.nodes if _is_trig(n)])
+    sinusoid = _sinusoid_sources(gm)
     return [n.name for n in candidates if n not in sinusoid]
 
 
@@ -523,16 +523,10 @@ def _is_trig(n: fx.Node) -> bool:
     return n.op in ("call_function", "call_method") and name in ("sin", "cos")
 
 
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    """Every node some of ``nodes`` is computed from."""
-    seen: set[fx.Node] = set()
-    todo = list(nodes)
-    while todo:
-        for m in todo.pop().all_input_nodes:
-            if m not in seen:
-                seen.add(m)
-                todo.append(m)
-    return seen
+def _sinusoid_sources(gm: fx.GraphModule) -> set[fx.Node]:
+    """Every node a sin or cos is computed from (timestep embeddings, rotary tables)."""
+    g = dataflow(gm)
+    return {a for n in gm.graph.nodes if _is_trig(n) for a in nx.ancestors(g, n)}
 
 
 def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:
@@ -574,11 +568,8 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
     if "timestep" not in roles:
         # The timestep is the smallest input a sinusoid (sin/cos) is taken of: rotary embeddings
         # take theirs of position ids (Flux's, as ``freqs.cos()``), which are larger.
-        g = dataflow(gm)
-        trig = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
-                and (n.target if n.op == "call_method" else getattr(n.target, "__name__", ""))
-                in ("sin", "cos")]
-        cands = [n for n in free if val[n].dim() <= 2 and any(nx.has_path(g, n, t) for t in trig)]
+        sinusoid = _sinusoid_sources(gm)
+        cands = [n for n in free if val[n].dim() <= 2 and n in sinusoid]
         if cands:
             roles["timestep"] = min(cands, key=lambda n: (val[n].dim(), val[n].numel())).name
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
