@@ -9,9 +9,13 @@ thread keeps its own. Its lifecycle rules are the safety net under every policy:
   timestep that goes up, or a new input signature (shapes, dtypes, device of the latent and the
   timestep), starts a new generation, and everything cached is dropped. "Up" is in noise level:
   most pipelines pass a timestep that falls with the noise (t, or sigma); some pass ``1 - sigma``,
-  which rises (Lumina 2's, Z-Image's), and are compiled with ``timestep="rising"``, under which
-  the runtime reads the noise level as ``1 - timestep``. Seen under the default, such a pipeline
-  makes every call a new generation (never a stale reuse; no reuse at all), and says so once.
+  which rises (Lumina 2's, Z-Image's), and under ``timestep="rising"`` the runtime reads the noise
+  level as ``1 - timestep``. The default, ``"auto"``, reads the direction off each run of a
+  diffusers sampler (below): a model timestep that rises between the run's first two steps is
+  read as rising, one that falls as falling, and what the first step left is read again where the
+  direction turned (``_learn_direction``). With no sampler to ask (a loop of the user's own), the
+  last direction holds (falling at first): a rising timestep then makes every call a new
+  generation (never a stale reuse; no reuse at all), and the runtime says so once.
 * Within a generation a new, lower timestep is a new *step*; the same timestep again *on the same
   latent* is the next guidance *branch* (WanPipeline calls the transformer once for the conditional
   and once for the unconditional prediction at each step, on one latent). The same timestep on
@@ -52,7 +56,7 @@ import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -64,7 +68,10 @@ from torch.utils import _pytree as pytree
 Held = tuple[torch.Tensor, int | None, torch.Tensor | None]
 
 STATE_ATTR = "_dit_compile_state"
-TIMESTEP_DIRECTIONS = ("falling", "rising")
+TIMESTEP_DIRECTIONS = ("auto", "falling", "rising")
+# Where policies keep noise levels among their signals (per branch, and nested in the shared
+# ones): the only places besides the state's own that _flip_noise_levels reads again.
+NOISE_KEYS = ("t", "prev_t")
 # One-step generations in a row, each timestep above the last, before the runtime says that the
 # pipeline's timestep seems to rise (a sampler restarted once or twice is no such sign).
 RISING_HINT_AFTER = 3
@@ -140,11 +147,12 @@ class BranchCache:
 
 class CacheState:
     def __init__(self, memory: int | None = None, clone: bool = False, key: Any = None,
-                 timestep: str = "falling"):
+                 timestep: str = "auto"):
         self.memory = memory
         self.clone = clone              # CUDA graphs overwrite outputs on replay: keep copies
         self.key = key                  # the configuration that made it (see StateFactory)
         self.rising = timestep == "rising"  # the pipeline passes 1 - sigma (see the module doc)
+        self._auto = timestep == "auto"     # the direction read off each sampler run (begin)
         # One-step generations in a row, each started higher than the last: where the timestep
         # rises through a generation, each call is one. A call that falls after such a run is
         # the next generation's first (it would otherwise pass for the last one's next step);
@@ -200,6 +208,11 @@ class CacheState:
         if not self.rising:
             return float(timestep.max())
         lo, hi = torch.stack(timestep.aminmax()).tolist()
+        if (lo < 0.0 or hi > 1.0) and self._auto:
+            # Learned from another pipeline than this call's: read as falling again (this call
+            # starts a generation, its timestep above 1).
+            self.rising = False
+            return float(timestep.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"mixcache: timestep='rising' reads the timestep as 1 - sigma, in [0, 1]"
                              f", but this call's runs from {lo} to {hi}: a timestep that falls "
@@ -218,6 +231,8 @@ class CacheState:
         ``run``: the sampler run calling (``sampler.sampler_run``): another one is a new
         generation, whatever the timestep says."""
         self.last_call = time.monotonic_ns()
+        if self._auto:
+            t = self._learn_direction(t, timestep, run)
         if self._guidance_ended(t, signature, latent):
             # The pipeline stopped guidance mid-generation (Z-Image's cfg_truncation): the same
             # generation goes on at half the batch, with nothing cached under the old layout.
@@ -271,15 +286,19 @@ class CacheState:
     def placement(self) -> tuple:
         """Where the calls so far left the generation (``begin`` moves it on), for ``abandon``."""
         return (self.generation, self._step, self._branch, self._last_t, self._signature,
-                self._halves, self._latent, self._timestep, self._run, self.t_first, self._rises)
+                self._halves, self._latent, self._timestep, self._run, self.t_first, self._rises,
+                self.rising)
 
     def abandon(self, placement: tuple, step: Step) -> None:
         """The call ``begin`` placed at ``step`` raised before it finished. The generation goes
         back to ``placement``, so that a retry is placed as that call was, and the call's branch
         drops what it may have stored or half-updated (policy signals, a span residual, outputs
         over the memory bound): the retry computes."""
+        if self.rising != placement[-1]:    # the call learned a direction: unlearn it
+            self._flip_noise_levels()
         (self.generation, self._step, self._branch, self._last_t, self._signature, self._halves,
-         self._latent, self._timestep, self._run, self.t_first, self._rises) = placement
+         self._latent, self._timestep, self._run, self.t_first, self._rises,
+         self.rising) = placement
         self._drop_branch(step.branch)
         self.current.pop(step.branch, None)
         self.computed.discard(step.branch)
@@ -306,6 +325,60 @@ class CacheState:
         return (timestep is not None and timestep.numel() > 1 and self._timestep is not None
                 and not _same(self._timestep, timestep))
 
+    def _learn_direction(self, t: float, timestep: torch.Tensor | None,
+                         run: torch.Tensor | None) -> float:
+        """Under ``timestep="auto"``: the call's noise level, read in the direction its sampler
+        run shows. A diffusers sampler's timesteps fall, so where the model's timestep rises from
+        the first step of a run to the second it is ``1 - sigma``, read as rising from there on,
+        and where it falls, as falling; where that turns the direction, the levels the first step
+        left are read again (``_flip_noise_levels``). Between those calls, and with no run to ask, the last direction
+        holds (falling at first). Only a timestep in [0, 1], the same for every sample and token,
+        is read as rising. The batch may change there (guidance turned off after one step)."""
+        if (run is None or self._run is None or self._run() is not run or self._step != 0
+                or self._last_t is None or t == self._last_t):
+            return t
+        rose = (t > self._last_t) != self.rising        # the timestep itself, not its level
+        if rose == self.rising:
+            return t
+        if not rose:
+            self.rising = False
+            self._flip_noise_levels()
+            return float(timestep.max()) if timestep is not None else 1.0 - t
+        last = None
+        if self._timestep is not None:     # a per-sample or per-token one (kept as in begin)
+            old, _, copy = self._timestep
+            last = old if copy is None else copy
+        if (self._last_t < 0.0 or timestep is None
+                or not all(_uniform_in_unit(x) for x in (timestep, last))):
+            return t
+        self.rising = True
+        self._flip_noise_levels()
+        return 1.0 - t
+
+    def _flip_noise_levels(self) -> None:
+        """Read every noise level kept as ``1 - `` itself: the state's, the generation's trace,
+        each branch's outputs and the policies' signals under ``NOISE_KEYS``. Where the direction
+        turned at a run's second step (``_learn_direction``), the levels the first step left
+        become what the other direction would have read; applied twice, nothing changed
+        (``abandon``)."""
+        def flip(t):
+            return tuple(1.0 - x for x in t) if isinstance(t, tuple) else 1.0 - t
+
+        def flip_signals(signals: dict) -> None:
+            for key, value in signals.items():
+                if isinstance(value, dict):
+                    flip_signals(value)
+                elif key in NOISE_KEYS and isinstance(value, (float, int, tuple)):
+                    signals[key] = flip(value)
+
+        self._last_t, self.t_first = flip(self._last_t), flip(self.t_first)
+        self.records = [replace(r, t=flip(r.t)) if r.generation == self.generation else r
+                        for r in self.records]
+        for bc in self.branches.values():
+            bc.outputs = [(flip(t), outs) for t, outs in bc.outputs]
+            flip_signals(bc.signals)
+        flip_signals(self.signals)
+
     def _note_rise(self, t: float, new_run: bool) -> None:
         """Count one-step generations that each start above the last; say once, when they keep
         coming, that the pipeline's timestep seems to rise through a generation. A rise into
@@ -315,6 +388,14 @@ class CacheState:
         self._rises = self._rises + 1 if rose else 0
         if self._rises == RISING_HINT_AFTER and not self._rise_told:
             self._rise_told = True
+            if self.rising:     # read as 1 - sigma (asked, or learned from another pipeline)
+                warnings.warn(
+                    f"mixcache: the timestep went down at each of the last {self._rises + 1} "
+                    "steps, read as 1 - sigma (timestep='rising', or learned under 'auto' from a "
+                    "pipeline that passes it), so each call starts a new generation and nothing is"
+                    " reused. If this timestep falls through a generation, compile with "
+                    "options={'timestep': 'falling'}", stacklevel=4)
+                return
             warnings.warn(
                 f"mixcache: the timestep went up at each of the last {self._rises + 1} steps, so "
                 "each call starts a new generation and nothing is reused. If this pipeline's "
@@ -446,7 +527,7 @@ class StateFactory:
     configuration share the state: a recompile for a new shape, or a graph with a block skipped
     (whose default span ends elsewhere); a branch that changes graphs drops its own cache."""
 
-    def __init__(self, memory: int | None, clone: bool, key: Any = None, timestep: str = "falling"):
+    def __init__(self, memory: int | None, clone: bool, key: Any = None, timestep: str = "auto"):
         self.memory, self.clone, self.timestep = memory, clone, timestep
         self.key = (key, memory, clone, timestep)
         self._orphans = ThreadStates()     # a traced function with no parameters
@@ -515,6 +596,14 @@ def sample_times(t: float | tuple[float, ...], n: int) -> torch.Tensor:
     if isinstance(t, tuple):
         return torch.tensor(t, dtype=torch.float64)
     return torch.full((n,), t, dtype=torch.float64)
+
+
+def _uniform_in_unit(timestep: torch.Tensor | None) -> bool:
+    """One value for every sample and token, in [0, 1] (None: none kept, nothing to check)."""
+    if timestep is None:
+        return True
+    lo, hi = torch.stack(timestep.aminmax()).tolist()
+    return 0.0 <= lo == hi <= 1.0
 
 
 def push_outputs(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, outs: list[torch.Tensor],

@@ -315,7 +315,7 @@ class MixCache:
         sig = bc.signals
         if sig.get("prev_t", s.t) != s.t:
             sig["spacing"] = abs(s.t - sig["prev_t"])
-        sig["prev_t"] = s.t
+        sig["prev_t"] = s.t     # noise levels only under cache.NOISE_KEYS (read again there)
         # The samples that reused: all for a step, cfg or block reuse of the whole call; some for
         # a partial one (the others computed); none for a compute.
         reused = {"compute": None, "block": sig.get("mask", True),

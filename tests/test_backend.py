@@ -33,7 +33,7 @@ def test_registered_by_entry_point_without_import():
     ({"regions": "tvm"}, r"regions='tvm': must be one of \('inductor', 'blocks', 'eager'\)"),
     ({"cache_memory": -1}, r"cache_memory=-1: must be a positive"),
     ({"mode": "turbo"}, r"mode='turbo': must be one of \('default', .*'reduce-overhead'"),
-    ({"timestep": "up"}, r"timestep='up': must be one of \('falling', 'rising'\)"),
+    ({"timestep": "up"}, r"timestep='up': must be one of \('auto', 'falling', 'rising'\)"),
     ({"share_blocks": "no"}, r"share_blocks='no': must be True or False"),   # a str is truthy
     ({"lower_moe": 0}, r"lower_moe=0: must be True or False"),
     ("eager", r"options must be a dict of mixcache options \(or an Options\), not str 'eager'"),

@@ -111,7 +111,8 @@ def test_rising_timestep_option(order):
 def test_rising_timestep_seen_under_the_default_says_so_once():
     """Unasked, a rising timestep makes every call a new generation: nothing is reused (never a
     stale reuse), and the user is told once which option fits. A timestep past [0, 1] under
-    timestep='rising' is an error that says what the option reads."""
+    timestep='rising' is an error that says what the option reads; one that falls within it,
+    a hint that names timestep='falling'."""
     model, kw = tiny_models.wan(layers=2)
     kw["return_dict"] = False
     rising = tuple(1.0 - t / 1000.0 for t in STEPS)
@@ -126,6 +127,10 @@ def test_rising_timestep_seen_under_the_default_says_so_once():
     f = compiled(model, {"rule": "schedule", "step": [2]}, timestep="rising")
     with pytest.raises(Exception, match="1 - sigma"):
         generation(f, kw, steps=STEPS)
+    # Read as rising, a timestep that falls within [0, 1] (Flux's t / 1000): the hint turns round.
+    with pytest.warns(UserWarning, match="options={'timestep': 'falling'}"):
+        generation(f, kw, steps=tuple(t / 1000.0 for t in STEPS))
+    assert dit_compile.stats(f)["reused"] == {}
 
 
 def test_a_run_of_rising_calls_is_never_taken_for_steps():
@@ -829,6 +834,78 @@ def test_another_sampler_run_is_a_new_generation_whatever_its_timestep():
     assert (step.generation, step.step) == (2, 0)
     step = state.begin(0.1, "signature")
     assert (step.generation, step.step) == (2, 1), "no pipeline: the timestep decides"
+
+
+class Sampler:
+    """What the runtime reads of a diffusers pipeline (``runtime/sampler.py``): a ``__call__``
+    whose ``self.scheduler.timesteps`` is a new tensor at each run. The model is called with
+    ``timesteps`` as given, one call per guidance branch (``generation``)."""
+
+    def __init__(self, f, timesteps):
+        self.f, self.timesteps = f, timesteps
+        self.scheduler = type("Scheduler", (), {"timesteps": None})()
+
+    def __call__(self, kw):
+        self.scheduler.timesteps = torch.tensor(STEPS)
+        return generation(self.f, kw, steps=self.timesteps)
+
+
+@pytest.mark.parametrize("order", [False, 2])
+def test_a_rising_timestep_is_learned_from_the_sampler_run(order):
+    """Under the default timestep='auto', a pipeline whose timestep rises (1 - sigma: Z-Image,
+    Lumina 2) shows it at its second step, within one run of its sampler: from there the
+    timestep is read as rising, and what the first step left (outputs an extrapolation of each
+    order reads, the trace) is read again as such. Two generations in a row: the outputs and the
+    trace of timestep='rising'. The same model called by a falling pipeline next (one state, which
+    learned the rise) is read as falling again, its timestep within [0, 1] (Flux's t / 1000) or,
+    after a rising one again, past it (Wan's), and its schedule reuses as ever."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    rising = tuple(1.0 - t / 1000.0 for t in STEPS)
+    unit = tuple(t / 1000.0 for t in STEPS)
+    cache = {"rule": "schedule", "step": [2, 3, 5], "cfg": [4], "block": [1], "extrapolate": order}
+    told = compiled(model, cache, timestep="rising")
+    outs = [Sampler(told, rising)(kw) for _ in range(2)]
+    expected = dit_compile.stats(told)
+    assert expected["reused"] == {"step": 12, "cfg": 2, "block": 4}
+
+    def actions(trace):
+        return [(r["step"], r["branch"], r["action"]) for r in trace]
+
+    torch._dynamo.reset()
+    f = compiled(model, cache)
+    for steps in (rising, unit, rising, STEPS):
+        learned = [Sampler(f, steps)(kw) for _ in range(2)]
+        trace = dit_compile.stats(f)["trace"][-len(expected["trace"]):]
+        assert actions(trace) == actions(expected["trace"]), steps
+        levels = [r["t"] for r in trace if r["branch"] == 0]
+        assert levels == pytest.approx([1.0 - t for t in steps] * 2 if steps is rising
+                                       else list(steps) * 2), steps
+        if steps is rising:
+            for a, b in zip(sum(outs, []), sum(learned, [])):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_call_that_learned_the_rise_and_raised_unlearns_it():
+    """A call that raises is placed again at its retry as it was (``abandon``): where it was the
+    one that showed the timestep rising, the noise levels it read again as rising are read as
+    falling again, and the retry learns the rise anew."""
+    state, run = CacheState(), torch.tensor([1000.0, 500.0])
+    first = state.begin(0.0, "signature", run=run, timestep=torch.tensor(0.0))
+    bc = state.branch(0)
+    bc.outputs = [(first.t, [torch.zeros(1)])]
+    bc.signals["prev_t"], state.signals["cfg"] = first.t, {1: {"t": first.t}}
+    state.record(first, "compute", 1.0)
+    kept = state.placement()
+    second = state.begin(0.5, "signature", run=run, timestep=torch.tensor(0.5))
+    assert (second.generation, second.step, second.t) == (0, 1, 0.5)
+    assert (state.t_first, bc.outputs[0][0], bc.signals["prev_t"]) == (1.0, 1.0, 1.0)
+    assert state.signals["cfg"][1]["t"] == 1.0 and state.records[0].t == 1.0
+    state.abandon(kept, second)         # drops what branch 0 kept and the shared signals
+    assert (state.t_first, state.records[0].t) == (0.0, 0.0)
+    retry = state.begin(0.5, "signature", run=run, timestep=torch.tensor(0.5))
+    assert (retry.generation, retry.step, retry.t) == (0, 1, 0.5)
+    assert state.t_first == 1.0 and state.records[0].t == 1.0
 
 
 def test_models_sharing_a_module_never_take_each_others_cache():

@@ -84,8 +84,10 @@ def test_default_cache_runs_in_every_pipeline(name):
 def test_rising_timestep_in_zimage_pipeline():
     """ZImagePipeline passes 1 - sigma, rising through a generation, and batches CFG into one call
     of lists. With timestep='rising' a forced schedule reuses what it says in each of two
-    generations in a row, the same each time, its calls told as batch halves; unasked, nothing is
-    reused, with one hint."""
+    generations in a row, the same each time, its calls told as batch halves. Unasked (the
+    default, 'auto'), the rise is learned from the pipeline's sampler at the second step: the
+    same outputs, and where guidance ends at that step, the same single generation. Told
+    'falling', nothing is reused, with one hint."""
     model, _ = tiny_models.zimage()
     pipe = pipelines.zimage_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -116,6 +118,20 @@ def test_rising_timestep_in_zimage_pipeline():
     torch._dynamo.reset()
     pipe.transformer = torch.compile(model, backend="mixcache",
                                      options={"regions": "eager", "cache": sched})
+    # Learned where guidance ends after the first step (the batch halves at the call that shows
+    # the rise): one generation, as under timestep='rising'.
+    pipelines.run_zimage(pipe, 6, cfg_truncation=0.05)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert [(r["generation"], r["step"], r["action"], r["halves"]) for r in trace] == [
+        (0, i, a, i < 1) for i, a in enumerate(
+            ["compute", "compute", "step", "block", "step", "compute"])]
+    assert trace[0]["t"] == 1.0
+    torch.testing.assert_close(pipelines.run_zimage(pipe, 6), out, rtol=0, atol=0)
+
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"regions": "eager", "cache": sched,
+                                              "timestep": "falling"})
     with pytest.warns(UserWarning, match="'timestep': 'rising'"):
         out = pipelines.run_zimage(pipe, 6)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
