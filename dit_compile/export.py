@@ -28,6 +28,7 @@ packages where the export made them, else the programs as exported (their ``modu
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -105,6 +106,8 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     config = dict(getattr(model, "config", None) or {})   # diffusers' models: what pipelines read
     manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
                 "config": {k: v for k, v in config.items() if _plain(v)},
+                "attributes": _attributes(model),
+                "positional": _positional(model),
                 "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None,
                 "options": options or {}, "n_blocks": len(traced.rmap.guarded),
                 "inputs": sources, "keywords": _keywords(kwargs), "programs": programs,
@@ -204,8 +207,8 @@ class Exported(torch.nn.Module):
     """A model saved by ``export``: call it with the tensor keyword arguments given at export.
     Its weights are its parameters, so ``dit_compile.stats`` and ``dit_compile.reset`` work on
     it as on a compiled model. It has what diffusers' pipelines read of their transformer
-    (``config``, ``dtype``, ``device``, ``cache_context``), so it can take a pipeline's
-    ``transformer`` slot."""
+    (``config``, ``dtype``, ``device``, ``cache_context``, the model's plain attributes such as
+    ``in_channels``), so it can take a pipeline's ``transformer`` slot."""
 
     def __init__(self, path: str):
         super().__init__()
@@ -257,6 +260,11 @@ class Exported(torch.nn.Module):
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
         self.keywords = m.get("keywords")     # None: saved before keywords were
         self._told_autograd = False
+        # Saved before positional arguments were: none taken.
+        self.positional: list[str] = m.get("positional", [])
+        for name, value in m.get("attributes", {}).items():
+            if not hasattr(self, name):     # never in place of this class's own
+                setattr(self, name, value)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -292,9 +300,7 @@ class Exported(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
-            raise TypeError(f"{self.model_name} (exported) takes its arguments by keyword, as "
-                            f"exported ({', '.join(self.arguments)}, ...); got {len(args)} "
-                            "positional")
+            kwargs = self._by_name(args, kwargs)
         missing = [a for a in self.arguments if a not in kwargs]
         if missing:
             raise TypeError(f"{self.model_name} (exported) needs the tensor argument(s) {missing}; "
@@ -334,6 +340,17 @@ class Exported(torch.nn.Module):
         spec, leaves = self.returns
         return pytree.tree_unflatten([out[v] if k == "output" else v for k, v in leaves], spec)
 
+    def _by_name(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Positional arguments named as the model's forward names them."""
+        names = self.positional[:len(args)]
+        twice = [n for n in names if n in kwargs]
+        if len(args) > len(self.positional) or twice:
+            raise TypeError(f"{self.model_name} (exported) takes at most "
+                            f"{len(self.positional)} positional arguments "
+                            f"({', '.join(self.positional)}); got {len(args)}"
+                            + (f", and {twice} by keyword too" if twice else ""))
+        return {**dict(zip(names, args)), **kwargs}
+
     def _check_keywords(self, kwargs: dict[str, Any]) -> None:
         """A keyword the programs were not traced with changes nothing they compute, so it is an
         error, not ignored: one absent at export (a ControlNet's residuals, a misspelt name)
@@ -362,6 +379,22 @@ class _Config(dict):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def _positional(model: torch.nn.Module) -> list[str]:
+    """The names of the forward's arguments a caller may pass by position (ZImagePipeline passes
+    the latent, timestep and captions so), in order."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in kinds]
+
+
+def _attributes(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's own plain attributes beside its config, which some pipelines read off their
+    transformer (Z-Image's and Lumina-Next's ``in_channels``, HiDream's ``max_seq``, HunyuanDiT's
+    ``inner_dim``)."""
+    return {k: v for k, v in vars(model).items()
+            if not k.startswith("_") and k != "training" and _plain(v)}
 
 
 def _plain(v: Any) -> bool:

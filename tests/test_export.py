@@ -95,6 +95,34 @@ def test_exported_model_takes_the_pipelines_transformer_slot(tmp_path):
     assert dit_compile.stats(pipe.transformer)["reused"], "the default cache reused nothing"
 
 
+def test_an_exported_model_takes_zimage_pipelines_slot(tmp_path):
+    """ZImagePipeline reads its transformer's ``in_channels`` (an attribute, not in its config)
+    and passes the latents, timestep and captions by position: the loaded model has the one and
+    takes the other, and under the default timestep='auto' learns the rise from the pipeline's
+    sampler as the backend does: the same steps reused, the same outputs."""
+    model, _ = tiny_models.zimage()
+    pipe = pipelines.zimage_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    call = {}
+
+    def first_call(_, args, kwargs):
+        if not call:
+            call.update(zip(("x", "t", "cap_feats"), args), **kwargs)
+    hook = model.register_forward_pre_hook(first_call, with_kwargs=True)
+    pipelines.run_zimage(pipe, 2)       # the pipeline's call, to export; builds the rotary table
+    hook.remove()
+    schedule = {"rule": "schedule", "step": [2, 4], "block": [3]}
+    dit_compile.export(model, str(tmp_path), call, {"cache": schedule})
+    pipe.transformer = dit_compile.load(str(tmp_path))
+    out = pipelines.run_zimage(pipe, 6)
+    got = [(r["step"], r["action"]) for r in dit_compile.stats(pipe.transformer)["trace"]]
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"regions": "eager", "cache": schedule})
+    torch.testing.assert_close(out, pipelines.run_zimage(pipe, 6), rtol=1e-5, atol=1e-5)
+    assert got == [(r["step"], r["action"]) for r in dit_compile.stats(model)["trace"]] == [
+        (i, a) for i, a in enumerate(["compute", "compute", "step", "block", "step", "compute"])]
+
+
 def test_loading_needs_no_model_source(tmp_path):
     """Nor an unsafe unpickling, even where the model ran under the backend before its export
     (its cache state, hung on a parameter, went into the programs' example inputs)."""
@@ -212,13 +240,20 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="return_dict is True; it was exported with return_dict="):
         loaded(**kw, return_dict=True)
     loaded(**kw, attention_kwargs=None, return_dict=False)
-    # pipe.to(dtype) casts the transformer's weights: the programs take the exported dtype only
-    # (it was an error from inside a program, naming a bias).
-    with pytest.raises(TypeError, match="takes its arguments by keyword"):
-        loaded(kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"])
+    # Arguments by position are named as the model's forward names them (ZImagePipeline passes
+    # its latents so); one too many, or one given by keyword too, is an error.
+    args = (kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"])
+    torch.testing.assert_close(loaded(*args, return_dict=False)[0],
+                               loaded(**kw, return_dict=False)[0], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="takes at most 6 positional arguments"):
+        loaded(*args, None, False, None, None)
+    with pytest.raises(TypeError, match=r"\['timestep'\] by keyword too"):
+        loaded(*args[:2], timestep=kw["timestep"], encoder_hidden_states=args[2])
     # explain would trace the loaded model through its cached runtime: two calls counted.
     with pytest.raises(TypeError, match="loaded export is rewritten already"):
         dit_compile.explain(loaded, **kw)
+    # pipe.to(dtype) casts the transformer's weights: the programs take the exported dtype only
+    # (it was an error from inside a program, naming a bias).
     with pytest.raises(ValueError, match="weights were cast to torch.bfloat16"):
         loaded.to(torch.bfloat16)(**kw)
     manifest = tmp_path / "wan" / "manifest.json"
