@@ -340,6 +340,18 @@ class Exported(torch.nn.Module):
         spec, leaves = self.returns
         return pytree.tree_unflatten([out[v] if k == "output" else v for k, v in leaves], spec)
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # LTX-2's pipelines call transformer.rope, NucleusMoE's and Flux 2 Klein's other
+            # submodules: what diffusers' own AttributeError does not say is why it is missing.
+            raise AttributeError(
+                f"the exported model has no attribute {name!r}: dit_compile.load holds the "
+                "exported programs, the model's config and its plain attributes, not its "
+                f"submodules or methods; a pipeline that reads transformer.{name} needs the model "
+                "itself (torch.compile(model, backend='mixcache'))") from None
+
     def _by_name(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Positional arguments named as the model's forward names them."""
         names = self.positional[:len(args)]

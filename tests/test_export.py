@@ -249,6 +249,9 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         loaded(*args, None, False, None, None)
     with pytest.raises(TypeError, match=r"\['timestep'\] by keyword too"):
         loaded(*args[:2], timestep=kw["timestep"], encoder_hidden_states=args[2])
+    # A submodule a pipeline reads (LTX-2's transformer.rope) is not exported: said so.
+    with pytest.raises(AttributeError, match="'rope'.* needs the model itself"):
+        loaded.rope
     # explain would trace the loaded model through its cached runtime: two calls counted.
     with pytest.raises(TypeError, match="loaded export is rewritten already"):
         dit_compile.explain(loaded, **kw)
