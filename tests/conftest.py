@@ -18,6 +18,13 @@ if _workers > 1:
 
 import pytest  # noqa: E402
 
+# `python -m pytest` puts the working directory first on sys.path. From this repository's root
+# that makes its source folders importable as top-level packages, and `kernels/` (installed as
+# dit_compile.kernels) then shadows the `kernels` package transformers imports (transformers
+# 5.25 and later depend on it): every import of a diffusers model failed. The tests import what
+# is installed, and start their Python subprocesses in tests/.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 sys.path.insert(0, os.path.dirname(__file__))
 
 

@@ -1,6 +1,7 @@
 """The backend end to end: registration, options, Inductor agreement, no recompiles."""
 import dataclasses
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,8 @@ def test_registered_by_entry_point_without_import():
         torch.compile(m, backend="mixcache", options={"regions": "eager"})(torch.ones(1, 2))
         assert "dit_compile" in sys.modules
     """)
-    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(__file__))   # not the repository's root: conftest.py
     assert r.returncode == 0, r.stderr
 
 
@@ -702,9 +704,8 @@ def test_moe_model_compiles_fullgraph_in_a_fresh_process_without_import():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         print("ok")
     """)
-    import os
     r = subprocess.run([sys.executable, "-W", "ignore", "-c", code, os.path.dirname(__file__)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
@@ -729,7 +730,6 @@ def test_hidream_after_moe_lowering_is_one_graph_with_regions():
 
 def test_wheel_installs_subpackages_under_dit_compile_only(tmp_path):
     """passes/, runtime/ and kernels/ ship as dit_compile.*, never as top-level packages."""
-    import os
     import zipfile
     root = os.path.join(os.path.dirname(__file__), "..")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
