@@ -22,7 +22,9 @@ MoE dispatches that sync to the host (HiDream's, NucleusMoE's) are lowered while
 backend lowers them (option ``lower_moe``), and restored after: the programs hold the fused op.
 
 The export is of one input signature (the shapes of the example call), as ``torch.export`` is;
-batched-CFG calls (cfg reuse on batch halves) compute the full batch. ``load`` runs AOTInductor's
+batched-CFG calls (cfg reuse on batch halves) compute the full batch. A model Dynamo cannot trace
+as one graph (shapes that depend on data, as Lumina2's and HunyuanImage's token masks make them)
+cannot be exported: the error says so and points to ``explain``. ``load`` runs AOTInductor's
 packages where the export made them, else the programs as exported (their ``module()``).
 """
 from __future__ import annotations
