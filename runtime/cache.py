@@ -331,9 +331,10 @@ class CacheState:
         run shows. A diffusers sampler's timesteps fall, so where the model's timestep rises from
         the first step of a run to the second it is ``1 - sigma``, read as rising from there on,
         and where it falls, as falling; where that turns the direction, the levels the first step
-        left are read again (``_flip_noise_levels``). Between those calls, and with no run to ask, the last direction
-        holds (falling at first). Only a timestep in [0, 1], the same for every sample and token,
-        is read as rising. The batch may change there (guidance turned off after one step)."""
+        left are read again (``_flip_noise_levels``). Between those calls, and with no run to
+        ask, the last direction holds (falling at first). Only a timestep in [0, 1], the same for
+        every sample and token, is read as rising. The batch may change there (guidance turned
+        off after one step)."""
         if (run is None or self._run is None or self._run() is not run or self._step != 0
                 or self._last_t is None or t == self._last_t):
             return t

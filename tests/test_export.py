@@ -140,7 +140,8 @@ def test_loading_needs_no_model_source(tmp_path):
         f"torch.testing.assert_close(out, torch.load({str(tmp_path / 'ref.pt')!r}))\n"
         "assert 'diffusers' not in sys.modules, 'the model source was imported'\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__), env={**os.environ, "PYTHONWARNINGS": "ignore",
+                          cwd=os.path.dirname(__file__),
+                          env={**os.environ, "PYTHONWARNINGS": "ignore",
                                "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
 
