@@ -728,6 +728,17 @@ def test_hidream_after_moe_lowering_is_one_graph_with_regions():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_source_folders_are_not_top_level_packages_in_the_tests():
+    """From the repository's root, `python -m pytest` would import kernels/ as `kernels`, which
+    transformers imports for Hugging Face's package (conftest.py takes the root off the path)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("kernels", "passes", "runtime"):
+        spec = importlib.util.find_spec(name)
+        where = spec and (spec.origin or next(iter(spec.submodule_search_locations or []), ""))
+        assert not where or not os.path.abspath(where).startswith(root + os.sep), where
+
+
 def test_wheel_installs_subpackages_under_dit_compile_only(tmp_path):
     """passes/, runtime/ and kernels/ ship as dit_compile.*, never as top-level packages."""
     import zipfile
