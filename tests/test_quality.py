@@ -243,6 +243,17 @@ def test_named_configurations_run_first(tmp_path):
         "full compute (again)"]
 
 
+def test_every_harness_cache_option_is_accepted():
+    """Each built-in mixcache row's cache option parses: a row the runtime refuses is recorded as
+    failed and the run goes on, so a stricter option check once turned a row into an error on the
+    GPU, where device time is scarce, without any test noticing."""
+    from dit_compile.runtime.policy import make_policy
+    rows = [m for m in quality.default_methods(STEPS) if isinstance(m, quality.MixCache)]
+    assert len(rows) > 10
+    for m in rows:
+        make_policy(m.cache, n_blocks=3)
+
+
 def test_explicit_cpu_device_is_the_default(small, tmp_path, capsys):
     case = CASES[0]
     explicit = train.load("small", device="cpu")
