@@ -210,7 +210,7 @@ def sweep_kernel(layer: Layer, bias: Tensor | None, x: Tensor) -> str:
     from dit_compile.kernels.moe import MoEConfig, choose_config, moe_ffn_triton
 
     w, ids = route(x, layer, bias)
-    default = choose_config(ids.numel(), layer.shape.num_experts, x.dtype)
+    default = choose_config(ids.numel(), layer.shape.num_experts, layer.shape.hidden, x.dtype)
     configs = {default} | {MoEConfig(*c) for c in SWEEP}
     times = {}
     for cfg in configs:

@@ -198,22 +198,30 @@ class MoEConfig:
     group_m: int = 8
 
 
-def choose_config(num_rows: int, num_experts: int, dtype: torch.dtype) -> MoEConfig:
-    """A fixed heuristic, not an autotuner: the task map depends on BLOCK_M, so BLOCK_M must be known
-    before the map is built. Rows per expert on average pick BLOCK_M (few rows: small tiles waste
-    less on padding); fp32 halves the pipeline depth to fit shared memory (two weight tiles per stage
-    in the gate/up kernel)."""
+def choose_config(num_rows: int, num_experts: int, hidden_dim: int, dtype: torch.dtype) -> MoEConfig:
+    """A fixed table, not an autotuner: the task map depends on BLOCK_M, so BLOCK_M must be known
+    before the map is built. fp32 halves the pipeline depth to fit shared memory (two weight tiles
+    per stage in the gate/up kernel).
+
+    For bf16/fp16, the configs `bench/moe_bench.py --sweep` timed fastest on an H200 (2026-12-04,
+    bench/RESULTS.md) at HiDream's shapes (4 experts, top-2, H 6912) and NucleusMoE's (128 experts,
+    top-8, H 1344), 256 to 16384 tokens, uniform and Zipf routing:
+    * at most 16 rows per expert on average (NucleusMoE at 256 tokens): 64x64 tiles, 4 warps,
+      4 stages, 16-tile groups;
+    * more rows, 128x64 tiles with the down kernel over 128 columns, best or within 1% of the
+      best from HiDream's 256 tokens to NucleusMoE's 8192;
+    * once rows x H passes 1.5e8 (16384 tokens of either model), 128x128 tiles and 256 down
+      columns: half the programs, each re-reading its rows half as often (7% faster there; at
+      HiDream's 8192 tokens, 1.1e8, the two are within 1%)."""
     rows_per_expert = num_rows / max(num_experts, 1)
-    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64 if rows_per_expert <= 1024 else 128
     if dtype == torch.float32:
-        return MoEConfig(block_m=min(block_m, 64), block_n=64, block_k=32, num_warps=4, num_stages=2)
-    # The gate/up kernel holds two [BLOCK_M, BLOCK_N] fp32 accumulators: keep them near 64 registers
-    # per thread. The down kernel holds one, so it takes twice the columns for the same registers
-    # (a 128x64 tile re-read its [BLOCK_M, H] rows for every 64 of D's columns). Untuned on
-    # hardware so far: bench/moe_bench.py --sweep times the alternatives.
-    if block_m == 128:
-        return MoEConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3, down_block_n=128)
-    return MoEConfig(block_m=block_m, block_n=128, block_k=64, num_warps=8 if block_m == 64 else 4, num_stages=3)
+        block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
+        return MoEConfig(block_m=block_m, block_n=64, block_k=32, num_warps=4, num_stages=2)
+    if rows_per_expert <= 16:
+        return MoEConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4, down_block_n=128, group_m=16)
+    if num_rows * hidden_dim >= 1.5e8:
+        return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, down_block_n=256)
+    return MoEConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3, down_block_n=128)
 
 
 @triton.jit
@@ -402,7 +410,7 @@ def moe_ffn_triton(
     num_rows = num_tokens * top_k
     if num_rows == 0:
         return x.new_zeros(num_tokens, dim)
-    cfg = config or choose_config(num_rows, num_experts, x.dtype)
+    cfg = config or choose_config(num_rows, num_experts, hidden_dim, x.dtype)
     ids = expert_ids.reshape(-1).contiguous()  # row t * k + j; read by the task map and the combine
     task = build_task_map(ids, num_experts, cfg.block_m)
     num_tiles = task.tile_expert.numel()

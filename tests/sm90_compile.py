@@ -86,10 +86,13 @@ def compile_combine_sm90(dtype: torch.dtype, top_k: int = 2):
 def main() -> None:
     for layout in UNIT_STRIDES:
         for dtype in TYPES:
-            for rows in (512, 32768):     # the configs choose_config picks at 256 and 16384 tokens, k=2
-                cfg = moe.choose_config(rows, 4, dtype)
+            # The configs choose_config picks for HiDream (4 experts, H 6912, k=2) at 256 and 16384
+            # tokens, and for NucleusMoE (128 experts, H 1344, k=8) at 256.
+            for rows, experts, hidden, k in ((512, 4, 6912, 2), (32768, 4, 6912, 2),
+                                             (2048, 128, 1344, 8)):
+                cfg = moe.choose_config(rows, experts, hidden, dtype)
                 for fn in (moe._gate_up_kernel, moe._down_kernel):
-                    ptx = compile_sm90(fn, dtype, cfg, layout).asm["ptx"]
+                    ptx = compile_sm90(fn, dtype, cfg, layout, top_k=k).asm["ptx"]
                     print(json.dumps({"kernel": fn.fn.__name__, "layout": layout,
                                       "dtype": TYPES[dtype], "rows": rows,
                                       "wgmma": "wgmma.mma_async" in ptx,
