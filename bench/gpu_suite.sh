@@ -7,30 +7,28 @@
 #   bash bench/gpu_suite.sh [BUDGET_S]      # every part that fits in BUDGET_S seconds (default 540)
 #   bash bench/gpu_suite.sh PART ...        # the named parts only, each given the whole budget
 #
-# Parts, in the order they run: the figures no lease has measured yet first (wan's could settle
-# issue 3), then the ones the first lease measured (2026-11-30, H200; in brackets what each took
-# then, bench/RESULTS.md), since a session's device time fits about half of them:
+# Parts, in the order they run: the figures no lease has measured yet first, then the ones the
+# leases measured (2026-11-30 and 2026-12-04, H200; in brackets what each took then,
+# bench/RESULTS.md), since a session's device time fits about half of them:
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
 #             the harness on CUDA, the exported model loaded in a child process)
-#                                                                   ~1 min [crashed at 110 s]
-#   wan       1.3B shape in WanPipeline: eager, regional compile and mixcache with caching off
-#             (the baselines, again in this process), issue 3's forced schedules and its anchor
-#             (diffusers' First-Block-Cache, regional, always reusing), issue 6's replayed preset
-#             schedules                                       ~5 min [4 rows in 202 s, then crashed]
-#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, and the kernel's
-#             tile configs (--sweep)                           ~2-3 min [29 s without the sweep]
-#   small     issues 4 and 6: the trained-model harness in GPU wall time, `small`, and where
-#             `balanced`'s generation time goes (bench/call_costs.py)
-#                                                               ~2 min [14 of 31 methods in 59 s]
+#                                                     ~3 min [195 s; the AOTInductor test crashed]
+#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, under the tile
+#             table taken from the last sweep, and the sweep again (--sweep)            ~75 s [74 s]
+#   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
+#             mixcache with caching off, in one process; then the exported model (AOTInductor)
+#             in the same pipeline: export time, load time, per generation            ~6 min [-]
 #   graphs    `small` again, its regions compiled by Inductor with CUDA graphs (mode
 #             reduce-overhead): `balanced` beside the same backend computing everything, for
 #             launch-bound calls where the eager rows above pay Python per kernel; table in log.txt
 #                                                                                     ~3 min [-]
-#   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
-#             mixcache with caching off, in one process; then the exported model (AOTInductor)
-#             in the same pipeline: export time, load time, per generation            ~6 min [-]
-#   large     the same harness as `small`, `large` (measured in full by the first lease: again,
-#             after the runtime's changes since)                                    ~3 min [179 s]
+#   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`, and where
+#             `balanced`'s generation time goes (bench/call_costs.py)           ~3 min [179 s]
+#   small     the same, `small`                                          ~2 min [133 s, 31 methods]
+#   wan       1.3B shape in WanPipeline: eager, regional compile and mixcache with caching off
+#             (the baselines, again in this process), issue 3's forced schedules and its anchor
+#             (diffusers' First-Block-Cache, regional, always reusing), issue 6's replayed preset
+#             schedules                                                               ~4 min [252 s]
 #   first     issue 2's first-generation goal: each compile method's first call at the 1.3B shape
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
 #             may hit what an earlier one compiled); the nested rows only on torch 2.12 and
@@ -51,7 +49,7 @@ out=${OUT:-gpu-out}
 done_dir=/tmp/gpu-suite-done
 mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
-PARTS=(check wan moe small graphs inductor large first)
+PARTS=(check moe inductor graphs large small wan first)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=240)
