@@ -167,6 +167,10 @@ class CacheState:
         self._halves = False                # the generation's layout (see begin)
         self._last_t: float | None = None
         self._timestep: Held | None = None  # the last call's
+        # The last noise level read, with the timestep it was read from and the direction it was
+        # read in: the guidance branches of a step pass one timestep tensor, and reading it again
+        # would cost another host sync (see noise_level).
+        self._level: tuple[Held, bool, float] | None = None
         self._run: weakref.ref | None = None  # the last call's sampler run (runtime/sampler.py)
         self._step = 0
         self._branch = 0
@@ -204,7 +208,20 @@ class CacheState:
     def noise_level(self, timestep: torch.Tensor) -> float:
         """The call's noise level, on the timestep's own scale: the largest timestep (Wan 2.2's
         per-token timesteps are zero on the conditioning frame's tokens at every step), or under
-        ``timestep="rising"`` one minus the smallest (one host sync either way)."""
+        ``timestep="rising"`` one minus the smallest. One host sync, which the next call saves
+        when it passes the same tensor, unmodified (WanPipeline's second guidance branch): a
+        sync makes the host wait for the device's queue, so a cfg-reused call that syncs cannot
+        launch ahead."""
+        if self._level is not None:
+            kept, rising, level = self._level
+            if kept[0] is timestep and kept[1] is not None and kept[1] == timestep._version \
+                    and rising == self.rising:
+                return level
+        level = self._read_level(timestep)
+        self._level = (_held(timestep), self.rising, level) if not timestep.is_inference() else None
+        return level
+
+    def _read_level(self, timestep: torch.Tensor) -> float:
         if not self.rising:
             return float(timestep.max())
         lo, hi = torch.stack(timestep.aminmax()).tolist()

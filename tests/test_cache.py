@@ -155,6 +155,28 @@ def test_a_run_of_rising_calls_is_never_taken_for_steps():
         (4, i, b) for i in range(3) for b in range(2)]
 
 
+def test_the_noise_level_is_read_again_once_the_timestep_changes():
+    """A timestep tensor passed again unmodified keeps its noise level without another host read;
+    one written to in place since, or another tensor, or the same read in the other direction,
+    is read again."""
+    state = CacheState(timestep="falling")
+    t = torch.tensor([900.0, 400.0])
+    assert state.noise_level(t) == 900.0
+    t.fill_(500.0)
+    assert state.noise_level(t) == 500.0
+    assert state.noise_level(torch.tensor([300.0])) == 300.0
+    state = CacheState(timestep="rising")
+    t = torch.tensor([0.25, 0.5])
+    assert state.noise_level(t) == 0.75
+    state.rising = False
+    assert state.noise_level(t) == 0.5
+    with torch.inference_mode():        # no version counter: read every time
+        t = torch.tensor([0.25])
+        assert state.noise_level(t) == 0.25
+        t.fill_(0.125)
+        assert state.noise_level(t) == 0.125
+
+
 def test_per_token_timesteps_that_fall_below_a_held_maximum_are_steps():
     """Diffusion forcing (SkyReels-V2, asynchronous) denoises the first frames while the last stay
     at full noise: the per-token maximum holds for a few steps while the latent moves. Those calls

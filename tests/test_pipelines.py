@@ -320,3 +320,45 @@ def test_readme_demo_runs(capsys):
     assert rows["mixcache (cache off)"][0] > 80 and rows["inductor"][0] > 80   # fp32 rounding apart
     assert all(0 < frac <= 1 for _, frac in rows.values())
     assert "mixcache (cache off)" in capsys.readouterr().out
+
+
+def test_a_steps_second_branch_reads_the_timestep_without_a_host_sync(monkeypatch):
+    """WanPipeline calls the model twice a step with one timestep tensor. The runtime reads the
+    noise level off it (a host sync: on a GPU the host then waits for the device's queue), once:
+    the second branch's call, which cfg reuse makes nearly free, must not wait for the first's
+    kernels. At most one host read of a tensor per step inside the executor."""
+    from dit_compile.runtime.executor import GuardedExecutor
+    steps = 6
+    schedule = {"rule": "schedule", "cfg": [1, 3, 5]}
+    model = tiny_models.wan(layers=3)[0]
+    pipe = pipelines.wan_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"regions": "eager", "cache": schedule})
+    pipelines.run_wan(pipe, steps)          # traced and warm
+
+    reads, inside = [0], [False]
+    executor_call = GuardedExecutor.__call__
+
+    def counted_call(self, *args):
+        inside[0] = True
+        try:
+            return executor_call(self, *args)
+        finally:
+            inside[0] = False
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads[0] += inside[0]
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("__float__", "__bool__", "item", "tolist"):
+        counting(name)
+    monkeypatch.setattr(GuardedExecutor, "__call__", counted_call)
+    out = pipelines.run_wan(pipe, steps)
+    monkeypatch.undo()
+    assert reads[0] == steps, f"{reads[0]} host reads in {2 * steps} calls"
+    assert {r["action"] for r in dit_compile.stats(pipe.transformer)["trace"]} == {"compute", "cfg"}
