@@ -58,7 +58,9 @@ part() {
   case "$1" in
     check)
       # The tests marked gpu, and the Triton kernel tests (interpreted on the CPU, native here).
-      python3 -P -m pytest -q -p no:cacheprovider tests -k "gpu or kernel or task_map" ;;
+      # Four processes (pytest-xdist is on the image): the 29 tests took 195 s in one, most of
+      # it compiling (Triton, Inductor, AOTInductor), which the machine's 16 cores can share.
+      python3 -P -m pytest -q -p no:cacheprovider -n 4 tests -k "gpu or kernel or task_map" ;;
     wan)
       # Against mixcache with caching off; the `inductor` part puts that beside plain Inductor.
       # Not again: `regions="blocks"` (settled by the first lease) and nested blocks (slower to
