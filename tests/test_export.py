@@ -312,6 +312,41 @@ def test_aoti_packages_run_as_the_programs_do(tmp_path):
                                        rtol=1e-4, atol=1e-4)
 
 
+# Torch's own AOTInductor path alone, with no dit_compile in the process: on the H200 (torch
+# 2.11) the exported model's packages crashed the process twice, and these say whether any CUDA
+# package does (one), or only a second one loaded beside the first (two).
+AOTI_ALONE = """
+import sys, torch
+device, packages, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+loaded = []
+for i in range(packages):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8 + i))
+    model = model.to(device).eval()
+    x = torch.randn(4, 16, device=device)
+    program = torch.export.export(model, (x,))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=f"{out}/m{i}.pt2")
+    print("loading", path, file=sys.stderr, flush=True)
+    loaded.append((torch._inductor.aoti_load_package(path), model, x))
+for runner, model, x in loaded:
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), model(x), rtol=1e-4, atol=1e-4)
+print("ok", file=sys.stderr)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packages", [1, 2])
+def test_torch_aoti_packages_load_on_gpu(tmp_path, packages):
+    """Torch's export, AOTInductor compile and load of a small MLP on CUDA, in a child process
+    (a crash there fails this test, not the run); ``packages`` of them in one process."""
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", AOTI_ALONE, "cuda",
+                           str(packages), str(tmp_path)], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__))
+    stderr = "\n".join(line for line in done.stderr.splitlines()
+                       if not line.startswith("Extension modules:"))
+    assert done.returncode == 0, f"exit {done.returncode}: {stderr[-3000:]}"
+
+
 @pytest.mark.gpu
 def test_aoti_export_on_gpu(tmp_path):
     """In a child process: on an H200 with torch 2.11 loading the packages crashed the process
