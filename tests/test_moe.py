@@ -275,12 +275,31 @@ def test_kernel_default_config_and_half_precision():
     torch.testing.assert_close(out.cpu().double(), reference64(*args), atol=2e-2, rtol=2e-2)
 
 
+# One (rows, experts, hidden) per branch of choose_config's table: few rows per expert, the
+# middle, and rows x H past 1.5e8. The configs, not the sizes, are what these tests vary.
+TABLE = {"few rows": (128, 16, 512), "middle": (600, 4, 512), "large": (2**20, 4, 512)}
+
+
+@kernel_test
+@pytest.mark.parametrize("branch", sorted(TABLE))
+def test_kernel_at_each_table_config(branch):
+    """Each tile config choose_config can pick for half precision computes the same function,
+    at a size where its tiles overhang every dimension (masks, padding, idle programs)."""
+    from dit_compile.kernels.moe import choose_config
+    cfg = choose_config(*TABLE[branch], torch.float16)
+    args = make_problem(29, 2, 4, 32, 64, dtype=torch.float16)
+    out = moe_ffn_triton(*args, config=cfg)
+    torch.testing.assert_close(out.cpu().double(), reference64(*args), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("branch", sorted(TABLE))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter's bf16 dot multiplies raw bits)")
-def test_kernel_low_precision_on_gpu(dtype):
+def test_kernel_low_precision_on_gpu(dtype, branch):
+    from dit_compile.kernels.moe import choose_config
     args = make_problem(300, 2, 4, 256, 512, dtype=dtype)
-    out = moe_ffn_triton(*args)
+    out = moe_ffn_triton(*args, config=choose_config(*TABLE[branch], dtype))
     torch.testing.assert_close(out.cpu().double(), reference64(*args), atol=3e-2, rtol=3e-2)
 
 
