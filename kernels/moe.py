@@ -210,7 +210,7 @@ def choose_config(num_rows: int, num_experts: int, hidden_dim: int, dtype: torch
       4 stages, 16-tile groups;
     * more rows, 128x64 tiles with the down kernel over 128 columns: the best, or within 1% of
       it, at 1024 to 8192 tokens of either model (at HiDream's 256 tokens 0.241 ms, against 0.200
-      for the same tiles with 4 stages, which lose 9-14% from 1024 tokens on);
+      for the same tiles with 4 stages, which lose 8-16% from 1024 tokens on);
     * once rows x H passes 1.5e8 (16384 tokens of either model), 128x128 tiles and 256 down
       columns: half the programs, each re-reading its rows half as often (7-18% faster there; at
       HiDream's 8192 tokens, 1.1e8, the two are within 1%)."""
