@@ -1,7 +1,7 @@
 """Speed at real shapes (GPU): Wan2.1-T2V-1.3B-shaped transformer (random bf16 weights) inside
 diffusers' WanPipeline, 480x832, 33 frames, 512 text tokens, CFG 5.0, UniPC flow shift 3.0.
 
-    python bench/wan_speed.py [--steps 20] [--config 1.3b|14b|tiny] [--only NAME ...]
+    python bench/wan_speed.py [--steps 20] [--config 1.3b|14b|tiny] [--only NAME ...] [--reps 2]
 
 Methods, in one process: eager, plain torch.compile (Inductor), diffusers' regional compilation
 (compile_repeated_blocks), mixcache with caching off, and mixcache forced schedules next to the
@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--config", default="1.3b", choices=sorted(CONFIGS))
     ap.add_argument("--only", nargs="*", default=None)
+    # Timed generations per method after the first: 2 keeps the whole table inside a device call;
+    # more tell a small gap (the cfg row's 2.8% on the H200, 2026-12-04) from the run's noise.
+    ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     # The backend's compile-time breakdown (per distinct piece) to stderr: the first-generation
     # column is Dynamo's trace plus these.
@@ -106,7 +109,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return out
 
-    def measure(reps: int = 2):
+    def measure(reps: int = args.reps):
         t0 = time.perf_counter()
         out = generate()
         first = time.perf_counter() - t0
