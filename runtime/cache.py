@@ -170,7 +170,7 @@ class CacheState:
         # The last noise level read, with the timestep it was read from and the direction it was
         # read in: the guidance branches of a step pass one timestep tensor, and reading it again
         # would cost another host sync (see noise_level).
-        self._level: tuple[Held, bool, float] | None = None
+        self._level: tuple[torch.Tensor, int, bool, float] | None = None
         self._run: weakref.ref | None = None  # the last call's sampler run (runtime/sampler.py)
         self._step = 0
         self._branch = 0
@@ -212,13 +212,14 @@ class CacheState:
         when it passes the same tensor, unmodified (WanPipeline's second guidance branch): a
         sync makes the host wait for the device's queue, so a cfg-reused call that syncs cannot
         launch ahead."""
-        if self._level is not None:
-            kept, rising, level = self._level
-            if kept[0] is timestep and kept[1] is not None and kept[1] == timestep._version \
-                    and rising == self.rising:
-                return level
+        kept = self._level
+        if (kept is not None and kept[0] is timestep and kept[1] == timestep._version
+                and kept[2] == self.rising):
+            return kept[3]
         level = self._read_level(timestep)
-        self._level = (_held(timestep), self.rising, level) if not timestep.is_inference() else None
+        # An inference tensor has no version counter to tell an in-place write by: read each time.
+        self._level = (None if timestep.is_inference()
+                       else (timestep, timestep._version, self.rising, level))
         return level
 
     def _read_level(self, timestep: torch.Tensor) -> float:
