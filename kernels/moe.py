@@ -15,9 +15,13 @@ Every (token, slot) pair is a *row*; row ``r = t * k + j``, R = T * k rows in al
    program's task is one load (an O(1) table, the idea of vLLM's ``moe_align_block_size``).
    :func:`_task_map_kernel` builds it in one launch with one program: at the sizes where a layer's
    time is launch latency (a few hundred tokens), the dozen torch ops of :func:`task_map_reference`
-   would cost more than the GEMMs. Its serial loop over rows grows with R times the number of
-   experts, so past :data:`ONE_PROGRAM_WORK` the torch version, which the kernel is tested against,
-   builds the map instead.
+   (the oracle the kernels are tested against) would cost more than the GEMMs. Its serial loop over
+   rows grows with R times the number of experts, so past :data:`ONE_PROGRAM_WORK` two launches
+   share it out: :func:`_count_rows_kernel` counts each program's rows per expert,
+   :func:`_place_rows_kernel` places each program's rows after the earlier programs' (the same
+   stable order) and deals out the tiles. The torch ops took that place until 2026-12-04: on the
+   H200 the op then took 1.3 ms of host time at NucleusMoE's 1024 tokens, as long as the device
+   took, and lost to ``F.grouped_mm``.
 2. :func:`_gate_up_kernel`: per (tile, block of H), the gate and up projections in one pass over D, two
    fp32 accumulators, ``silu(gate) * up`` fused; writes the hidden activation per row, in sorted order.
 3. :func:`_down_kernel`: per (tile, block of D), the down projection, times the row's routing weight,
@@ -101,9 +105,73 @@ def task_map_reference(expert_ids: Tensor, num_experts: int, block_m: int) -> Ta
 
 
 # Rows times bins (experts + 1, to a power of two) past which one program's serial loop over the
-# rows costs more than the reference's launches: HiDream (4 experts) stays on the kernel to 64k
-# rows, NucleusMoE (128 experts) to 2k.
+# rows takes longer than spreading it over programs costs a second launch: HiDream (4 experts) stays
+# on one program to 64k rows, NucleusMoE (128 experts) to 2k. Past it each program of the two-launch
+# map takes ROWS_WORK // bins rows (512 for NucleusMoE: 256 programs at 16384 tokens, top-8).
 ONE_PROGRAM_WORK = 1 << 19
+ROWS_WORK = 1 << 17
+
+
+@triton.jit
+def _row_bins(ids_ptr, rows, valid, num_experts):
+    """Bin of each row: its expert, or ``num_experts`` for an out-of-range id (sorts last)."""
+    e = tl.load(ids_ptr + rows, mask=valid, other=0)
+    return tl.where((e >= 0) & (e < num_experts), e, num_experts).to(tl.int32)
+
+
+@triton.jit
+def _place_rows(ids_ptr, sorted_rows_ptr, placed, first, end, num_experts, BINS: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """Write rows ``[first, end)`` to ``sorted_rows`` at ``placed`` (the next free position
+    of each bin) plus the row's rank among those rows of its bin: a cumsum of one-hot columns keeps
+    the order stable."""
+    bins = tl.arange(0, BINS)
+    for r0 in range(first, end, CHUNK):
+        rows = r0 + tl.arange(0, CHUNK)
+        valid = rows < end
+        e = _row_bins(ids_ptr, rows, valid, num_experts)
+        onehot = ((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32)  # [CHUNK, BINS]
+        position = tl.cumsum(onehot, axis=0) - 1 + placed[None, :]
+        tl.store(sorted_rows_ptr + tl.sum(onehot * position, axis=1), rows.to(tl.int32), mask=valid)
+        placed += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _write_tiles(tile_expert_ptr, tile_start_ptr, tile_end_ptr, counts, first, step, num_tiles, num_experts,
+                 BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """The map's entries for tiles ``first, first + 1, ...`` in runs of CHUNK, ``step`` apart, from
+    the rows per bin."""
+    bins = tl.arange(0, BINS)
+    expert_bin = bins < num_experts
+    row_end = tl.cumsum(counts, axis=0)
+    row_start = row_end - counts
+    tiles = tl.where(expert_bin, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_end_of_bin = tl.cumsum(tiles, axis=0)
+    tile_begin_of_bin = tile_end_of_bin - tiles
+    for g0 in range(first, num_tiles, step):
+        tile = g0 + tl.arange(0, CHUNK)
+        # The owner of tile g is the number of experts whose tiles all come before g (experts with
+        # no rows own none); past the last real tile that is num_experts: a spare tile.
+        owner = tl.sum(((tile_end_of_bin[None, :] <= tile[:, None]) & expert_bin[None, :]).to(tl.int32), axis=1)
+        own = (bins[None, :] == owner[:, None]) & expert_bin[None, :]  # [CHUNK, BINS]
+        start = row_start[None, :] + (tile[:, None] - tile_begin_of_bin[None, :]) * BLOCK_M
+        valid = tile < num_tiles
+        tl.store(tile_expert_ptr + tile, owner, mask=valid)
+        tl.store(tile_start_ptr + tile, tl.sum(tl.where(own, start, 0), axis=1), mask=valid)
+        tl.store(tile_end_ptr + tile, tl.sum(tl.where(own, row_end[None, :], 0), axis=1), mask=valid)
+
+
+@triton.jit
+def _bin_counts(ids_ptr, first, end, num_experts, BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """Rows of each bin among rows ``[first, end)``."""
+    bins = tl.arange(0, BINS)
+    counts = tl.zeros([BINS], dtype=tl.int32)
+    for r0 in range(first, end, CHUNK):
+        rows = r0 + tl.arange(0, CHUNK)
+        valid = rows < end
+        e = _row_bins(ids_ptr, rows, valid, num_experts)
+        counts += tl.sum(((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+    return counts
 
 
 @triton.jit
@@ -120,64 +188,91 @@ def _task_map_kernel(
     BINS: tl.constexpr,  # experts + 1 (the out-of-range bin), to a power of two
     CHUNK: tl.constexpr,  # rows per step of the loops; CHUNK * BINS values live in registers
 ):
-    # One program, three passes: count rows per bin; place each row at its expert's start plus its
-    # rank among that expert's earlier rows (a cumsum of one-hot columns keeps the sort stable);
-    # tile. Bin num_experts takes out-of-range ids: it sorts last and owns no tiles.
+    # One program, three passes: count rows per bin, place each row, tile.
+    counts = _bin_counts(ids_ptr, 0, num_rows, num_experts, BINS, CHUNK)
+    row_start = tl.cumsum(counts, axis=0) - counts
+    _place_rows(ids_ptr, sorted_rows_ptr, row_start, 0, num_rows, num_experts, BINS, CHUNK)
+    _write_tiles(tile_expert_ptr, tile_start_ptr, tile_end_ptr, counts, 0, CHUNK, num_tiles, num_experts,
+                 BLOCK_M, BINS, CHUNK)
+
+
+@triton.jit
+def _count_rows_kernel(
+    ids_ptr,  # [R] expert id of each row, any integer dtype
+    counts_ptr,  # [P, BINS] int32 out: rows of each bin among program p's ROWS rows
+    num_rows,
+    num_experts,
+    BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program
+):
+    first = tl.program_id(0) * ROWS
+    counts = _bin_counts(ids_ptr, first, tl.minimum(first + ROWS, num_rows), num_experts, BINS, CHUNK)
+    tl.store(counts_ptr + tl.program_id(0) * BINS + tl.arange(0, BINS), counts)
+
+
+@triton.jit
+def _place_rows_kernel(
+    ids_ptr,  # [R] expert id of each row, any integer dtype
+    counts_ptr,  # [P, BINS] int32: what _count_rows_kernel wrote
+    sorted_rows_ptr,  # [R] int32 out
+    tile_expert_ptr,  # [G] int32 out
+    tile_start_ptr,  # [G] int32 out
+    tile_end_ptr,  # [G] int32 out
+    num_rows,
+    num_tiles,
+    num_experts,
+    num_programs,
+    BLOCK_M: tl.constexpr,
+    BINS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    # Program p's rows go after every earlier program's rows of the same bin: the stable order of
+    # the one-program map. The tiles are dealt out CHUNK at a time across the programs.
+    pid = tl.program_id(0)
     bins = tl.arange(0, BINS)
-    expert_bin = bins < num_experts
-    counts = tl.zeros([BINS], dtype=tl.int32)
-    for r0 in range(0, num_rows, CHUNK):
-        rows = r0 + tl.arange(0, CHUNK)
-        valid = rows < num_rows
-        e = tl.load(ids_ptr + rows, mask=valid, other=0)
-        e = tl.where((e >= 0) & (e < num_experts), e, num_experts).to(tl.int32)
-        counts += tl.sum(((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32), axis=0)
-    row_end = tl.cumsum(counts, axis=0)
-    row_start = row_end - counts
-    tiles = tl.where(expert_bin, (counts + BLOCK_M - 1) // BLOCK_M, 0)
-    tile_end_of_bin = tl.cumsum(tiles, axis=0)
-    tile_begin_of_bin = tile_end_of_bin - tiles
-
-    placed = row_start  # next free position of each bin
-    for r0 in range(0, num_rows, CHUNK):
-        rows = r0 + tl.arange(0, CHUNK)
-        valid = rows < num_rows
-        e = tl.load(ids_ptr + rows, mask=valid, other=0)
-        e = tl.where((e >= 0) & (e < num_experts), e, num_experts).to(tl.int32)
-        onehot = ((e[:, None] == bins[None, :]) & valid[:, None]).to(tl.int32)  # [CHUNK, BINS]
-        position = tl.cumsum(onehot, axis=0) - 1 + placed[None, :]
-        tl.store(sorted_rows_ptr + tl.sum(onehot * position, axis=1), rows.to(tl.int32), mask=valid)
-        placed += tl.sum(onehot, axis=0)
-
-    for g0 in range(0, num_tiles, CHUNK):
-        tile = g0 + tl.arange(0, CHUNK)
-        # The owner of tile g is the number of experts whose tiles all come before g (experts with
-        # no rows own none); past the last real tile that is num_experts: a spare tile.
-        owner = tl.sum(((tile_end_of_bin[None, :] <= tile[:, None]) & expert_bin[None, :]).to(tl.int32), axis=1)
-        own = (bins[None, :] == owner[:, None]) & expert_bin[None, :]  # [CHUNK, BINS]
-        start = row_start[None, :] + (tile[:, None] - tile_begin_of_bin[None, :]) * BLOCK_M
-        valid = tile < num_tiles
-        tl.store(tile_expert_ptr + tile, owner, mask=valid)
-        tl.store(tile_start_ptr + tile, tl.sum(tl.where(own, start, 0), axis=1), mask=valid)
-        tl.store(tile_end_ptr + tile, tl.sum(tl.where(own, row_end[None, :], 0), axis=1), mask=valid)
+    total = tl.zeros([BINS], dtype=tl.int32)
+    before = tl.zeros([BINS], dtype=tl.int32)
+    for q in range(0, num_programs):
+        c = tl.load(counts_ptr + q * BINS + bins)
+        total += c
+        before += tl.where(q < pid, c, 0)
+    row_start = tl.cumsum(total, axis=0) - total
+    first = pid * ROWS
+    _place_rows(ids_ptr, sorted_rows_ptr, row_start + before, first, tl.minimum(first + ROWS, num_rows),
+                num_experts, BINS, CHUNK)
+    _write_tiles(tile_expert_ptr, tile_start_ptr, tile_end_ptr, total, pid * CHUNK, num_programs * CHUNK,
+                 num_tiles, num_experts, BLOCK_M, BINS, CHUNK)
 
 
 def build_task_map(expert_ids: Tensor, num_experts: int, block_m: int) -> TaskMap:
-    """The task map of ``expert_ids`` [T, k] (or flat, [T * k]): one launch of
-    :func:`_task_map_kernel` where one program does the work quickly, else
-    :func:`task_map_reference`. No host sync either way."""
+    """The task map of ``expert_ids`` [T, k] (or flat, [T * k]): one launch of one program
+    (:func:`_task_map_kernel`) where that does the work quickly, else two launches over programs
+    of ``ROWS_WORK // bins`` rows each (:func:`_count_rows_kernel`, :func:`_place_rows_kernel`).
+    Either writes what :func:`task_map_reference` does. No host sync."""
     flat = expert_ids.reshape(-1).contiguous()  # a [T, 1] slice reshapes to a strided view
     num_rows = flat.numel()
     bins = triton.next_power_of_2(num_experts + 1)
-    if num_rows * bins > ONE_PROGRAM_WORK:
-        return task_map_reference(expert_ids, num_experts, block_m)
     num_tiles = triton.cdiv(num_rows, block_m) + num_experts
     sorted_rows = torch.empty(num_rows, dtype=torch.int32, device=flat.device)
     tile_expert, tile_start, tile_end = torch.empty(3, num_tiles, dtype=torch.int32, device=flat.device)
     chunk = max(16, min(1024, 8192 // bins))  # 32 values a thread at 8 warps: no spills on sm_90
-    _task_map_kernel[(1,)](
-        flat, sorted_rows, tile_expert, tile_start, tile_end, num_rows, num_tiles, num_experts,
-        BLOCK_M=block_m, BINS=bins, CHUNK=chunk, num_warps=8,
+    if num_rows * bins <= ONE_PROGRAM_WORK:
+        _task_map_kernel[(1,)](
+            flat, sorted_rows, tile_expert, tile_start, tile_end, num_rows, num_tiles, num_experts,
+            BLOCK_M=block_m, BINS=bins, CHUNK=chunk, num_warps=8,
+        )  # fmt: skip
+        return TaskMap(sorted_rows, tile_expert, tile_start, tile_end)
+    rows = max(chunk, ROWS_WORK // bins)
+    programs = triton.cdiv(num_rows, rows)
+    counts = torch.empty(programs, bins, dtype=torch.int32, device=flat.device)
+    _count_rows_kernel[(programs,)](
+        flat, counts, num_rows, num_experts, BINS=bins, CHUNK=chunk, ROWS=rows, num_warps=8,
+    )  # fmt: skip
+    _place_rows_kernel[(programs,)](
+        flat, counts, sorted_rows, tile_expert, tile_start, tile_end, num_rows, num_tiles, num_experts, programs,
+        BLOCK_M=block_m, BINS=bins, CHUNK=chunk, ROWS=rows, num_warps=8,
     )  # fmt: skip
     return TaskMap(sorted_rows, tile_expert, tile_start, tile_end)
 

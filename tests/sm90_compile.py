@@ -60,12 +60,13 @@ def compile_sm90(fn, dtype: torch.dtype, cfg: moe.MoEConfig, layout: str, top_k:
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-def compile_task_map_sm90(num_experts: int, block_m: int):
-    """The task-map kernel for sm_90 at the constants build_task_map gives it (router ids int64)."""
-    fn = moe._task_map_kernel
+def compile_task_map_sm90(fn, num_experts: int, block_m: int):
+    """A task-map kernel for sm_90 at the constants build_task_map gives it (router ids int64)."""
     names = list(inspect.signature(fn.fn).parameters)
     bins = triton.next_power_of_2(num_experts + 1)
-    consts = {"BLOCK_M": block_m, "BINS": bins, "CHUNK": max(16, min(1024, 8192 // bins))}
+    chunk = max(16, min(1024, 8192 // bins))
+    consts = {"BLOCK_M": block_m, "BINS": bins, "CHUNK": chunk, "ROWS": max(chunk, moe.ROWS_WORK // bins)}
+    consts = {k: v for k, v in consts.items() if k in names}
     sig = {n: "constexpr" if n in consts else "*i64" if n == "ids_ptr" else
            "*i32" if n.endswith("_ptr") else "i32" for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
@@ -99,9 +100,11 @@ def main() -> None:
                                       "async_copy": "cp.async" in ptx,
                                       "scalar_16bit_loads": ptx.count("ld.global.b16")}),
                           flush=True)
-    for num_experts in (4, 128):     # HiDream, NucleusMoE
-        compile_task_map_sm90(num_experts, 64)
-        print(json.dumps({"kernel": "_task_map_kernel", "experts": num_experts}), flush=True)
+    # One program (HiDream, NucleusMoE at 256 tokens); two launches (NucleusMoE from 1024 on).
+    for fn, num_experts in ((moe._task_map_kernel, 4), (moe._task_map_kernel, 128),
+                            (moe._count_rows_kernel, 128), (moe._place_rows_kernel, 128)):
+        compile_task_map_sm90(fn, num_experts, 64)
+        print(json.dumps({"kernel": fn.fn.__name__, "experts": num_experts}), flush=True)
     for dtype in TYPES:
         compile_combine_sm90(dtype)
         print(json.dumps({"kernel": "_combine_kernel", "dtype": TYPES[dtype]}), flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -117,36 +118,32 @@ def test_task_map_tiles_every_row_once_within_one_expert(build):
 @settings(max_examples=25, deadline=None)
 @given(num_rows=st.integers(1, 300), num_experts=st.one_of(st.integers(1, 9), st.integers(100, 160)),
        block_m=st.sampled_from([1, 4, 16]), out_of_range=st.booleans(),
-       dtype=st.sampled_from([torch.int32, torch.int64]), seed=st.integers(0, 2**16))
-@example(num_rows=300, num_experts=128, block_m=16, out_of_range=True, dtype=torch.int64, seed=1)
-def test_task_map_kernel_is_the_reference(num_rows, num_experts, block_m, out_of_range, dtype, seed):
-    """The one-launch task map writes what the torch ops write: the same stable order of rows and,
-    for every real tile, the same expert and row range; spare tiles carry expert E. With a hundred
-    experts or more (NucleusMoE has 128) the kernel walks the rows in chunks of 64, so a row's place
-    depends on the chunks before it; with fewer, one chunk holds every row here."""
+       dtype=st.sampled_from([torch.int32, torch.int64]), seed=st.integers(0, 2**16),
+       split=st.booleans())
+@example(num_rows=300, num_experts=128, block_m=16, out_of_range=True, dtype=torch.int64, seed=1, split=False)
+@example(num_rows=300, num_experts=128, block_m=16, out_of_range=True, dtype=torch.int64, seed=1, split=True)
+def test_task_map_kernel_is_the_reference(num_rows, num_experts, block_m, out_of_range, dtype, seed, split):
+    """The task map kernels write what the torch ops write: the same stable order of rows and, for
+    every real tile, the same expert and row range; spare tiles carry expert E. With a hundred
+    experts or more (NucleusMoE has 128) the kernels walk the rows in chunks of 32 or 64, so a
+    row's place depends on the chunks before it. ``split``: the two-launch map, each program
+    taking one chunk of rows (up to ten programs here), so that a row's place also depends on the
+    programs before its own, and the tiles are dealt out across programs."""
+    from dit_compile.kernels import moe
     g = torch.Generator().manual_seed(seed)
     low, high = (-2, num_experts + 2) if out_of_range else (0, num_experts)
     # Router ids sliced from a wider tensor, as [T, 1] views are: strided once flattened.
     ids = torch.randint(low, high, (num_rows, 2), generator=g, dtype=dtype)[:, :1].to(DEVICE)
-    ref, got = task_map_reference(ids, num_experts, block_m), build_task_map(ids, num_experts, block_m)
+    with mock.patch.object(moe, "ONE_PROGRAM_WORK", -1 if split else moe.ONE_PROGRAM_WORK), \
+            mock.patch.object(moe, "ROWS_WORK", 1 if split else moe.ROWS_WORK), \
+            mock.patch.object(moe, "_task_map_kernel", None if split else moe._task_map_kernel):
+        got = build_task_map(ids, num_experts, block_m)
+    ref = task_map_reference(ids, num_experts, block_m)
     assert torch.equal(got.sorted_rows, ref.sorted_rows)
     assert torch.equal(got.tile_expert, ref.tile_expert)
     real = ref.tile_expert < num_experts
     assert torch.equal(got.tile_start[real], ref.tile_start[real])
     assert torch.equal(got.tile_end[real], ref.tile_end[real])
-
-
-def test_task_map_of_a_large_problem_is_built_by_the_reference(monkeypatch):
-    """Past ONE_PROGRAM_WORK the serial kernel would cost more than the torch ops' launches."""
-    from dit_compile.kernels import moe
-    monkeypatch.setattr(moe, "ONE_PROGRAM_WORK", 64)
-    monkeypatch.setattr(moe, "_task_map_kernel", None)     # launching it would fail the test
-    ids = torch.randint(0, 4, (40, 2)).to(DEVICE)
-    with _HostSyncs() as syncs:
-        task = moe.build_task_map(ids, 4, 16)
-    assert not syncs.seen, f"no host sync on this path either: {syncs.seen}"
-    ref = task_map_reference(ids, 4, 16)
-    assert all(torch.equal(a, b) for a, b in zip(task, ref))
 
 
 class _HostSyncs(TorchDispatchMode):
@@ -162,6 +159,44 @@ class _HostSyncs(TorchDispatchMode):
         if func.overloadpacket.__name__ in self.SYNCING:
             self.seen.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+def test_task_map_reference_makes_no_host_sync():
+    """The oracle is torch ops on the device too: none of them waits for it."""
+    ids = torch.randint(0, 128, (100, 8)).to(DEVICE)
+    with _HostSyncs() as syncs:
+        task_map_reference(ids, 128, 16)
+    assert not syncs.seen, syncs.seen
+
+
+def test_task_map_of_a_large_problem_takes_two_launches(monkeypatch):
+    """Past ONE_PROGRAM_WORK one program's serial loop would take longer than a second launch:
+    the map is built by two launches over several programs (NucleusMoE from 256 tokens on), and
+    no torch op runs beside them but the allocations."""
+    from dit_compile.kernels import moe
+    launched, ops = [], []
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((self.name, grid, kwargs["ROWS"]))
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(moe, "_task_map_kernel", None)     # launching it would fail the test
+    for name in ("_count_rows_kernel", "_place_rows_kernel"):
+        monkeypatch.setattr(moe, name, Launch(name))
+    ids = torch.randint(0, 128, (1024, 8))       # NucleusMoE: 128 experts, top-8, 1024 tokens
+    with Record():
+        moe.build_task_map(ids, 128, 64)
+    # 256 bins: 512 rows a program, 16 programs.
+    assert launched == [("_count_rows_kernel", (16,), 512), ("_place_rows_kernel", (16,), 512)]
+    assert set(ops) <= {"empty", "view", "unbind", "_unsafe_view", "reshape", "alias"}, ops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,7 +384,8 @@ def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     """Without a GPU: both GEMM kernels build for the H100 (sm_90) at the configs the launcher
     picks, in bf16 and fp16, for HiDream's weight layout and NucleusMoE's transposed views, and every
     build uses Hopper's wgmma and asynchronous, vectorised loads (what the speed goals rest on); the
-    task-map kernel builds for both models' expert counts, the combine for both dtypes. Runs in
+    task-map kernels build for both models' expert counts (one program; two launches for
+    NucleusMoE's), the combine for both dtypes. Runs in
     its own process: here the interpreter has replaced @triton.jit."""
     import json
     import subprocess
@@ -360,7 +396,8 @@ def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     assert r.returncode == 0, r.stderr[-2000:]
     builds = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     # 2 layouts x 2 dtypes x 3 configs (choose_config's three branches) x 2 kernels.
-    assert [b["kernel"] for b in builds[24:]] == ["_task_map_kernel"] * 2 + ["_combine_kernel"] * 2
+    assert [b["kernel"] for b in builds[24:]] == (["_task_map_kernel"] * 2 + ["_count_rows_kernel", "_place_rows_kernel"]
+                                                 + ["_combine_kernel"] * 2)
     builds = builds[:24]
     assert len(builds) == 24
     for b in builds:
