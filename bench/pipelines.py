@@ -12,10 +12,10 @@ def wan_pipeline(transformer: torch.nn.Module):
 
 
 def run_wan(pipe, steps: int = 8, seed: int = 0, size: int = 64, frames: int = 5,
-            text_dim: int = 16, guidance: float = 5.0) -> torch.Tensor:
+            text_dim: int = 16, guidance: float = 5.0, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    embeds = torch.randn(1, 8, text_dim, generator=g)
-    negative = torch.randn(1, 8, text_dim, generator=g)
+    embeds = torch.randn(1, 8, text_dim, generator=g).to(device)
+    negative = torch.randn(1, 8, text_dim, generator=g).to(device)
     return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, height=size, width=size,
                 num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
                 output_type="latent", generator=g).frames

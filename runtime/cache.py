@@ -171,6 +171,8 @@ class CacheState:
         # read in: the guidance branches of a step pass one timestep tensor, and reading it again
         # would cost another host sync (see noise_level).
         self._level: tuple[torch.Tensor, int, bool, float] | None = None
+        # The sampler run's timesteps on the host: (run, its version, values); see noise_level.
+        self._run_values: tuple[weakref.ref, int, list[float]] | None = None
         self._run: weakref.ref | None = None  # the last call's sampler run (runtime/sampler.py)
         self._step = 0
         self._branch = 0
@@ -205,32 +207,63 @@ class CacheState:
         self.computed.clear()
         self.signals.clear()
 
-    def noise_level(self, timestep: torch.Tensor) -> float:
+    def noise_level(self, timestep: torch.Tensor, run: torch.Tensor | None = None) -> float:
         """The call's noise level, on the timestep's own scale: the largest timestep (Wan 2.2's
         per-token timesteps are zero on the conditioning frame's tokens at every step), or under
-        ``timestep="rising"`` one minus the smallest. One host sync, which the next call saves
-        when it passes the same tensor, unmodified (WanPipeline's second guidance branch): a
-        sync makes the host wait for the device's queue, so a cfg-reused call that syncs cannot
-        launch ahead."""
+        ``timestep="rising"`` one minus the smallest.
+
+        Reading a device tensor is a host sync, which makes the host wait for the device's queue:
+        the call that syncs cannot launch ahead, and the device idles while the host decides. So:
+        where the timestep is one element of the sampler run's timesteps (``run``, see
+        runtime/sampler.py), as a view (diffusers' pipelines iterate ``scheduler.timesteps`` and
+        pass ``t.expand(batch)``), it is read off the run's copy on the host, made once per run;
+        else a timestep passed again unmodified (WanPipeline's second guidance branch) keeps the
+        level read from it; else it is read, one sync."""
+        value = self._run_value(timestep, run)
+        if value is not None:
+            return self._level_of(value, value)
         kept = self._level
         if (kept is not None and kept[0] is timestep and kept[1] == timestep._version
                 and kept[2] == self.rising):
             return kept[3]
-        level = self._read_level(timestep)
+        if self.rising:
+            lo, hi = torch.stack(timestep.aminmax()).tolist()
+            level = self._level_of(lo, hi)
+        else:
+            level = float(timestep.max())
         # An inference tensor has no version counter to tell an in-place write by: read each time.
         self._level = (None if timestep.is_inference()
                        else (timestep, timestep._version, self.rising, level))
         return level
 
-    def _read_level(self, timestep: torch.Tensor) -> float:
+    def _run_value(self, timestep: torch.Tensor, run: torch.Tensor | None) -> float | None:
+        """The value of ``timestep`` where all of it is a view of one element of ``run`` (its
+        storage, its dtype, every stride over more than one element zero), from ``run`` copied
+        to the host once while its version holds (a view shares it: a write to either is seen);
+        None otherwise."""
+        if (run is None or run.dim() != 1 or run.stride(0) <= 0 or timestep.is_inference()
+                or run.is_inference() or timestep.dtype != run.dtype
+                or timestep.device != run.device
+                or any(st and n > 1 for st, n in zip(timestep.stride(), timestep.shape))
+                or timestep.untyped_storage().data_ptr() != run.untyped_storage().data_ptr()):
+            return None
+        i, rest = divmod(timestep.storage_offset() - run.storage_offset(), run.stride(0))
+        if rest or not 0 <= i < run.numel():
+            return None
+        held = self._run_values
+        if held is None or held[0]() is not run or held[1] != run._version:
+            held = self._run_values = (weakref.ref(run), run._version, run.tolist())
+        return float(held[2][i])
+
+    def _level_of(self, lo: float, hi: float) -> float:
+        """The noise level of a timestep whose values run from ``lo`` to ``hi``."""
         if not self.rising:
-            return float(timestep.max())
-        lo, hi = torch.stack(timestep.aminmax()).tolist()
+            return hi
         if (lo < 0.0 or hi > 1.0) and self._auto:
             # Learned from another pipeline than this call's: read as falling again (this call
             # starts a generation, its timestep above 1).
             self.rising = False
-            return float(timestep.max())
+            return hi
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"mixcache: timestep='rising' reads the timestep as 1 - sigma, in [0, 1]"
                              f", but this call's runs from {lo} to {hi}: a timestep that falls "

@@ -211,7 +211,8 @@ class GuardedExecutor(Executor):
              else env[self.latent])
         groups = guidance_groups(x, env[self.t]) if self._detect else 1
         placement = st.placement()
-        step = st.begin(st.noise_level(env[self.t]), tuple(
+        run = sampler_run()
+        step = st.begin(st.noise_level(env[self.t], run), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=groups == 2 and self._halves_call(env, x.shape[0]), groups=groups,
             text=self._text(env), latent=x, timestep=env[self.t],
@@ -220,7 +221,7 @@ class GuardedExecutor(Executor):
             # cache, that is another graph, and nothing it holds is handed to the other model.
             graph=(self.token, *[id(env[i]) for i in self.partners]) if self.partners
             else self.token,
-            run=sampler_run())
+            run=run)
         if self.cond_slots:
             step.conditions = self._conditions(env, x.shape[0])
         try:

@@ -155,6 +155,7 @@ class MixCache:
 
     def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> torch.Tensor:
         """Per sample (bool, CPU): past the warm-up, settled, under the bound on consecutive reuse."""
+        _resolve(bc.signals)
         settled = torch.as_tensor(bc.signals.get("settled_mask", bc.signals.get("settled", False)))
         below = bc.below(self.max_reuse)    # a bool while the batch reused alike
         if (s.t > (1.0 - self.warmup) * st.t_first or settled.numel() not in (1, n)
@@ -183,6 +184,7 @@ class MixCache:
         """Per sample, the expected error of reusing this branch's last output (extrapolated) at
         ``s.t``, inf where that sample may not reuse yet; None where nothing says what it costs."""
         sig = bc.signals
+        _resolve(sig)
         if "out_rate" not in sig or not bc.outputs:
             return None
         if s.t == sig.get("prev_t"):
@@ -283,6 +285,7 @@ class MixCache:
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:
         sig = bc.signals
+        _resolve(sig)
         sig.pop("mask", None)
         if bc.probe is None or bc.probe.shape != probe.shape:
             return False, None
@@ -313,6 +316,7 @@ class MixCache:
         """Update the rates after a call, per sample from the samples that computed; a full
         compute clears the error spent (per sample)."""
         sig = bc.signals
+        _resolve(sig)
         if sig.get("prev_t", s.t) != s.t:
             sig["spacing"] = abs(s.t - sig["prev_t"])
         sig["prev_t"] = s.t     # noise levels only under cache.NOISE_KEYS (read again there)
@@ -359,8 +363,14 @@ class MixCache:
 
     def _observe_rates(self, st: CacheState, bc: BranchCache, fresh: torch.Tensor | None) -> None:
         """The output's rate, the trigger and the curvature from each sample's last two computed
-        outputs; only for the samples in ``fresh`` (None: all), whose history just moved on."""
-        sig = bc.signals
+        outputs; only for the samples in ``fresh`` (None: all), whose history just moved on.
+
+        Computed on the outputs' device and copied to the host without waiting (``_Pending``);
+        the next decision that reads them waits for that copy alone (``_resolve``). A host read
+        here would make the host wait for the call's own kernels and leave the device idle while
+        it then does the pipeline's work between calls; the next decision, a step later, finds
+        the copy long done."""
+        _resolve(bc.signals)
         (tb, b), (ta, a) = bc.outputs[-2:]
         n = a[0].shape[0]
         dt = sample_times(ta, n) - sample_times(tb, n)
@@ -370,27 +380,68 @@ class MixCache:
         if not bool(valid.any()):
             return
         dt = torch.where(valid, dt, 1.0)
-        change = rel_l1(a[0], b[0]).double().cpu()
-        rate = change / dt.abs()
-        sig["out_rate"] = torch.where(valid, rate, _per_sample(sig.get("out_rate", torch.inf), n))
-        # The trigger says when caching may start, not when it must stop: the output moves
-        # fastest again over the last, longest steps, and re-arming there would compute the final
-        # step on top of a forced compute before it (with the probe as the signal, 0.003-0.019
-        # more of the FLOPs for at most 0.8 dB; bench/RESULTS.md).
-        _latch(sig, valid & (change * abs(st.t_first) / dt.abs() < self.settle))
+        sig = bc.signals
+        change = rel_l1(a[0], b[0])
         uniform = bool((dt == dt[0]).all())
         slope = (a[0] - b[0]) / (float(dt[0]) if uniform else
                                  _bcast(dt.to(a[0].device, a[0].dtype), a[0]))
+        curvature = None
         if "slope" in sig:
             dims = tuple(range(1, slope.dim()))
             num = (slope - sig["slope"]).abs().mean(dims, dtype=torch.float32)
             den = a[0].abs().mean(dims, dtype=torch.float32).clamp_min(1e-12)
-            curvature = (num / den).double().cpu()
-            sig["curvature"] = torch.where(
-                valid, curvature, _per_sample(sig.get("curvature", torch.nan), n))
+            curvature = num / den
         if not bool(valid.all()) and "slope" in sig:
             slope = torch.where(_bcast(valid.to(slope.device), slope), slope, sig["slope"])
         sig["slope"] = slope
+        sig["pending"] = _Pending.start(change, curvature, valid, dt, abs(st.t_first), self.settle)
+
+
+@dataclass
+class _Pending:
+    """A computed call's change (and curvature) per sample, on its way to the host: ``values``
+    [1 or 2, n] float32 in pinned memory, valid once ``event`` (None on the CPU) has passed."""
+    values: torch.Tensor
+    event: "torch.cuda.Event | None"
+    valid: torch.Tensor
+    dt: torch.Tensor
+    t_range: float      # |t_first|: the change per unit of the noise range is compared with
+    settle: float
+
+    @classmethod
+    def start(cls, change: torch.Tensor, curvature: torch.Tensor | None, valid: torch.Tensor,
+              dt: torch.Tensor, t_range: float, settle: float) -> "_Pending":
+        values = torch.stack([change] if curvature is None else [change, curvature])
+        event = None
+        if values.device.type == "cuda":
+            values = values.to("cpu", non_blocking=True)     # into pinned memory
+            event = torch.cuda.Event()
+            event.record()
+        return cls(values, event, valid, dt, t_range, settle)
+
+
+def _resolve(sig: dict) -> None:
+    """Fold a computed call's pending change and curvature into the branch's signals: the rate,
+    the trigger and the curvature, per sample where ``valid`` (the others keep theirs). Waits for
+    that copy alone, not for the device's whole queue."""
+    pending = sig.pop("pending", None)
+    if pending is None:
+        return
+    if pending.event is not None:
+        pending.event.synchronize()
+    values = pending.values.double()
+    valid, dt, n = pending.valid, pending.dt, pending.valid.shape[0]
+    change = values[0]
+    rate = change / dt.abs()
+    sig["out_rate"] = torch.where(valid, rate, _per_sample(sig.get("out_rate", torch.inf), n))
+    # The trigger says when caching may start, not when it must stop: the output moves fastest
+    # again over the last, longest steps, and re-arming there would compute the final step on top
+    # of a forced compute before it (with the probe as the signal, 0.003-0.019 more of the FLOPs
+    # for at most 0.8 dB; bench/RESULTS.md).
+    _latch(sig, valid & (change * pending.t_range / dt.abs() < pending.settle))
+    if values.shape[0] == 2:
+        sig["curvature"] = torch.where(
+            valid, values[1], _per_sample(sig.get("curvature", torch.nan), n))
 
 
 def _per_sample(x: torch.Tensor | float, n: int) -> torch.Tensor:

@@ -177,6 +177,31 @@ def test_the_noise_level_is_read_again_once_the_timestep_changes():
         assert state.noise_level(t) == 0.125
 
 
+def test_a_timestep_viewing_the_sampler_run_is_read_off_the_runs_host_copy(monkeypatch):
+    """A timestep that is a view of one element of the sampler run's timesteps (a pipeline's
+    ``t.expand(batch)``) takes that element's value from the run, copied to the host once; a write
+    to the run is seen (a view shares its version counter). Anything else, a copy, several
+    elements, another dtype, is read itself."""
+    run = torch.tensor([999.0, 750.0, 500.0, 250.0])
+    state = CacheState(timestep="falling")
+    copies = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: copies.append(t) or tolist(t))
+    levels = [state.noise_level(t.expand(2), run) for t in run]
+    assert levels == [999.0, 750.0, 500.0, 250.0] and copies == [run]
+    run.mul_(0.5)
+    assert state.noise_level(run[1].expand(2), run) == 375.0 and len(copies) == 2
+    assert state._run_value(run[1].clone(), run) is None
+    assert state._run_value(run[1:3], run) is None
+    assert state._run_value(run[1].expand(2), run.double()) is None
+    assert state._run_value(run[::2][1].expand(1), run) == 250.0
+    assert state._run_value(run[1], None) is None
+    rising = CacheState(timestep="rising")
+    unit = torch.tensor([0.0, 0.25, 0.5])
+    assert rising.noise_level(unit[2], unit) == 0.5
+    assert rising.noise_level(unit[1].expand(3), unit) == 0.75
+
+
 def test_per_token_timesteps_that_fall_below_a_held_maximum_are_steps():
     """Diffusion forcing (SkyReels-V2, asynchronous) denoises the first frames while the last stay
     at full noise: the per-token maximum holds for a few steps while the latent moves. Those calls
