@@ -311,7 +311,7 @@ def test_kernel_default_config_and_half_precision():
 
 
 # One (rows, experts, hidden) per branch of choose_config's table: few rows per expert, the
-# middle, and rows x H past 1.5e8. The configs, not the sizes, are what these tests vary.
+# middle, and rows x H past 1e8. The configs, not the sizes, are what these tests vary.
 TABLE = {"few rows": (128, 16, 512), "middle": (600, 4, 512), "large": (2**20, 4, 512)}
 
 
