@@ -400,7 +400,8 @@ class MixCache:
 @dataclass
 class _Pending:
     """A computed call's change (and curvature) per sample, on its way to the host: ``values``
-    [1 or 2, n] float32 in pinned memory, valid once ``event`` (None on the CPU) has passed."""
+    [1 or 2, n] float32, on CUDA in pinned memory and valid once ``event`` has passed (None off
+    CUDA, where the copy was made at once)."""
     values: torch.Tensor
     event: "torch.cuda.Event | None"
     valid: torch.Tensor
@@ -412,11 +413,14 @@ class _Pending:
     def start(cls, change: torch.Tensor, curvature: torch.Tensor | None, valid: torch.Tensor,
               dt: torch.Tensor, t_range: float, settle: float) -> "_Pending":
         values = torch.stack([change] if curvature is None else [change, curvature])
-        event = None
-        if values.device.type == "cuda":
-            values = values.to("cpu", non_blocking=True)     # into pinned memory
-            event = torch.cuda.Event()
-            event.record()
+        if values.device.type != "cuda":
+            return cls(values.cpu(), None, valid, dt, t_range, settle)
+        # The copy runs on the current stream of the outputs' device (not necessarily the
+        # current device): the event marks that stream.
+        stream = torch.cuda.current_stream(values.device)
+        values = values.to("cpu", non_blocking=True)     # into pinned memory
+        event = torch.cuda.Event()
+        event.record(stream)
         return cls(values, event, valid, dt, t_range, settle)
 
 
