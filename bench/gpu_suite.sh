@@ -7,24 +7,20 @@
 #   bash bench/gpu_suite.sh [BUDGET_S]      # every part that fits in BUDGET_S seconds (default 540)
 #   bash bench/gpu_suite.sh PART ...        # the named parts only, each given the whole budget
 #
-# Parts, in the order they run: the figures no lease has measured yet first, then the ones the
-# leases measured (2026-11-30 and 2026-12-04, H200; in brackets what each took then,
-# bench/RESULTS.md), since a session's device time fits about half of them:
+# Parts, in the order they run: the figures no lease has measured since the code they depend on
+# changed first, then the ones the leases measured (2026-11-30 and twice 2026-12-04, H200; in
+# brackets what each took then, bench/RESULTS.md), since a session's device time fits about half:
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
 #             the harness on CUDA, the exported model loaded in a child process)
 #                                                     ~3 min [195 s; the AOTInductor test crashed]
-#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, under the tile
-#             table taken from the last sweep, and the sweep again (--sweep)            ~75 s [74 s]
-#   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
-#             mixcache with caching off, in one process; then the exported model (AOTInductor)
-#             in the same pipeline: export time, load time, per generation            ~6 min [-]
 #   graphs    `small` again, its regions compiled by Inductor with CUDA graphs (mode
 #             reduce-overhead): `balanced` beside the same backend computing everything, for
 #             launch-bound calls where the eager rows above pay Python per kernel; table in log.txt
 #                                                                                     ~3 min [-]
-#   large     issues 4 and 6: the trained-model harness in GPU wall time, `large`, and where
-#             `balanced`'s generation time goes (bench/call_costs.py)           ~3 min [179 s]
-#   small     the same, `small`                                          ~2 min [133 s, 31 methods]
+#   small     issues 4 and 6: the trained-model harness in GPU wall time, `small`, and where
+#             `balanced`'s generation time goes (bench/call_costs.py)
+#                                                          ~2 min [133 s, 31 methods]
+#   large     the same, `large`                                                ~3 min [179 s]
 #   wan       1.3B shape in WanPipeline: eager, regional compile and mixcache with caching off
 #             (the baselines, again in this process), issue 3's forced schedules and its anchor
 #             (diffusers' First-Block-Cache, regional, always reusing), issue 6's replayed preset
@@ -33,6 +29,12 @@
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
 #             may hit what an earlier one compiled); the nested rows only on torch 2.12 and
 #             later (2.11 traces every nested block again)  ~3 min [154 s for the first four rows]
+#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, under the tile
+#             table taken from the last sweep, and the sweep again (--sweep)           ~2 min [115 s]
+#   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
+#             mixcache with caching off, in one process; then the exported model (AOTInductor)
+#             in the same pipeline: export time, load time, per generation
+#                                       ~6 min [319 s; the exported row crashed the process]
 #
 # Each part gets what is left of the budget and is stopped when that runs out; what it printed up to
 # then still comes back (every script prints its rows as they finish; the harness writes its JSON
@@ -49,7 +51,8 @@ out=${OUT:-gpu-out}
 done_dir=/tmp/gpu-suite-done
 mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
-PARTS=(check moe inductor graphs large small wan first)
+# Since 2bbe559 (no host sync a step) every cached row of small, large and wan may run faster.
+PARTS=(check graphs small large wan first moe inductor)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=240)
