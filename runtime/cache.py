@@ -237,15 +237,16 @@ class CacheState:
         return level
 
     def _run_value(self, timestep: torch.Tensor, run: torch.Tensor | None) -> float | None:
-        """The value of ``timestep`` where all of it is a view of one element of ``run`` (its
-        storage, its dtype, every stride over more than one element zero), from ``run`` copied
-        to the host once while its version holds (a view shares it: a write to either is seen);
-        None otherwise."""
-        if (run is None or run.dim() != 1 or run.stride(0) <= 0 or timestep.is_inference()
-                or run.is_inference() or timestep.dtype != run.dtype
-                or timestep.device != run.device
-                or any(st and n > 1 for st, n in zip(timestep.stride(), timestep.shape))
-                or timestep.untyped_storage().data_ptr() != run.untyped_storage().data_ptr()):
+        """The value of ``timestep`` where all of it is a view of one element of ``run`` (a view of
+        the same base, its dtype, every stride over more than one element zero), from ``run``
+        copied to the host once while its version holds (views share it: a write to either is
+        seen); None otherwise."""
+        if run is None or timestep._base is None or timestep._base is not (
+                run if run._base is None else run._base):
+            return None
+        if (run.dim() != 1 or run.stride(0) <= 0 or timestep.is_inference() or run.is_inference()
+                or timestep.dtype != run.dtype
+                or any(st and n > 1 for st, n in zip(timestep.stride(), timestep.shape))):
             return None
         i, rest = divmod(timestep.storage_offset() - run.storage_offset(), run.stride(0))
         if rest or not 0 <= i < run.numel():
