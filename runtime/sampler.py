@@ -12,6 +12,7 @@ called from anywhere else has no run, and the timestep rules alone decide (runti
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -19,6 +20,9 @@ import torch
 # Frames between the executor and the pipeline: torch.compile's and nn.Module's own call frames,
 # the compiled forward's, a pipeline helper that calls the model; generous, and cheap to walk.
 MAX_DEPTH = 40
+# Folders whose frames hold no pipeline: torch's (Dynamo's and nn.Module's __call__) and the
+# runtime's own (the executor's). Reading a frame's locals builds a dict of them, once a call.
+_NOT_PIPELINES = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
 
 
 def sampler_run() -> torch.Tensor | None:
@@ -27,7 +31,8 @@ def sampler_run() -> torch.Tensor | None:
     for _ in range(MAX_DEPTH):
         if frame is None:
             return None
-        if frame.f_code.co_name == "__call__":
+        if (frame.f_code.co_name == "__call__"
+                and not frame.f_code.co_filename.startswith(_NOT_PIPELINES)):
             local = frame.f_locals
             for owner in (local.get("components"), local.get("self")):
                 if owner is None or isinstance(owner, torch.nn.Module):
