@@ -155,7 +155,7 @@ class MixCache:
 
     def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> torch.Tensor:
         """Per sample (bool, CPU): past the warm-up, settled, under the bound on consecutive reuse."""
-        _resolve(bc.signals)
+        _fold_pending(bc.signals)
         settled = torch.as_tensor(bc.signals.get("settled_mask", bc.signals.get("settled", False)))
         below = bc.below(self.max_reuse)    # a bool while the batch reused alike
         if (s.t > (1.0 - self.warmup) * st.t_first or settled.numel() not in (1, n)
@@ -184,7 +184,7 @@ class MixCache:
         """Per sample, the expected error of reusing this branch's last output (extrapolated) at
         ``s.t``, inf where that sample may not reuse yet; None where nothing says what it costs."""
         sig = bc.signals
-        _resolve(sig)
+        _fold_pending(sig)
         if "out_rate" not in sig or not bc.outputs:
             return None
         if s.t == sig.get("prev_t"):
@@ -285,7 +285,7 @@ class MixCache:
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:
         sig = bc.signals
-        _resolve(sig)
+        _fold_pending(sig)
         sig.pop("mask", None)
         if bc.probe is None or bc.probe.shape != probe.shape:
             return False, None
@@ -316,7 +316,7 @@ class MixCache:
         """Update the rates after a call, per sample from the samples that computed; a full
         compute clears the error spent (per sample)."""
         sig = bc.signals
-        _resolve(sig)
+        _fold_pending(sig)
         if sig.get("prev_t", s.t) != s.t:
             sig["spacing"] = abs(s.t - sig["prev_t"])
         sig["prev_t"] = s.t     # noise levels only under cache.NOISE_KEYS (read again there)
@@ -366,11 +366,10 @@ class MixCache:
         outputs; only for the samples in ``fresh`` (None: all), whose history just moved on.
 
         Computed on the outputs' device and copied to the host without waiting (``_Pending``);
-        the next decision that reads them waits for that copy alone (``_resolve``). A host read
+        the next decision that reads them waits for that copy alone (``_fold_pending``). A host read
         here would make the host wait for the call's own kernels and leave the device idle while
         it then does the pipeline's work between calls; the next decision, a step later, finds
-        the copy long done."""
-        _resolve(bc.signals)
+        the copy long done. The last call's pending values were folded in by ``observe``."""
         (tb, b), (ta, a) = bc.outputs[-2:]
         n = a[0].shape[0]
         dt = sample_times(ta, n) - sample_times(tb, n)
@@ -424,7 +423,7 @@ class _Pending:
         return cls(values, event, valid, dt, t_range, settle)
 
 
-def _resolve(sig: dict) -> None:
+def _fold_pending(sig: dict) -> None:
     """Fold a computed call's pending change and curvature into the branch's signals: the rate,
     the trigger and the curvature, per sample where ``valid`` (the others keep theirs). Waits for
     that copy alone, not for the device's whole queue."""
