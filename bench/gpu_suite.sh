@@ -11,7 +11,7 @@
 # changed first, then the ones the leases measured (2026-11-30 and twice 2026-12-04, H200; in
 # brackets what each took then, bench/RESULTS.md), since a session's device time fits about half:
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
-#             the harness on CUDA, the exported model loaded in a child process)
+#             the harness on CUDA; not the AOTInductor ones, which crash on torch 2.11)
 #                                                     ~3 min [195 s; the AOTInductor test crashed]
 #   graphs    `small` again, its regions compiled by Inductor with CUDA graphs (mode
 #             reduce-overhead): `balanced` beside the same backend computing everything, for
@@ -63,7 +63,9 @@ part() {
       # The tests marked gpu, and the Triton kernel tests (interpreted on the CPU, native here).
       # Four processes (pytest-xdist is on the image): the 29 tests took 195 s in one, most of
       # it compiling (Triton, Inductor, AOTInductor), which the machine's 16 cores can share.
-      python3 -P -m pytest -q -p no:cacheprovider -n 4 tests -k "gpu or kernel or task_map" ;;
+      # Not the AOTInductor tests: on the image's torch 2.11 they crashed or hung at all three
+      # leases (bench/RESULTS.md); `python3 -P -m pytest tests/test_export.py -k aoti` tries again.
+      python3 -P -m pytest -q -p no:cacheprovider -n 4 tests -k "(gpu or kernel or task_map) and not aoti" ;;
     wan)
       # Against mixcache with caching off; the `inductor` part puts that beside plain Inductor.
       # Not again: `regions="blocks"` (settled by the first lease) and nested blocks (slower to

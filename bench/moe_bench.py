@@ -195,17 +195,19 @@ def method_dense(layer: Layer, bias: Tensor | None) -> Callable[[Tensor], Tensor
 
 METHODS = {"op": method_op, "eager": method_eager, "grouped_mm": method_grouped_mm, "dense": method_dense}
 
-# Candidates for --sweep: (block_m, block_n, block_k, num_warps, num_stages, down_block_n, group_m).
-# Every one builds for sm_90 with no spills (cuobjdump's resource usage: STACK 0, LOCAL 0) and
-# within its shared memory (checked without a GPU). 2026-12-04: the tile-major orders (group_m 1)
-# and the 16x64 tile, never the best on the H200, left; larger tiles for 8192 tokens and up, where
-# the op was still 1.2-1.3x off dense, came in (the last five: more stages, K 128 or 32, 256 rows,
-# 16-tile groups; the 128x128 gate/up tile holds 255 registers, a 256x128 one spills).
-SWEEP = [(64, 128, 64, 8, 3, None, 8), (128, 64, 64, 8, 3, 128, 8), (128, 128, 64, 8, 3, 128, 8),
-         (128, 64, 64, 8, 4, 128, 8), (128, 64, 64, 8, 4, 256, 8), (128, 128, 64, 8, 3, 256, 8),
-         (64, 128, 64, 4, 4, 128, 8), (64, 64, 64, 4, 4, 128, 16), (32, 128, 128, 4, 3, 128, 8),
-         (128, 128, 64, 8, 4, 256, 8), (256, 64, 64, 8, 3, 128, 8), (128, 64, 128, 8, 3, 128, 8),
-         (128, 128, 32, 8, 4, 256, 8), (128, 128, 64, 8, 3, 256, 16)]
+# Candidates for --sweep: (block_m, block_n, block_k, num_warps, num_stages, down_block_n, group_m,
+# tma). Every one builds for sm_90 with no spills (cuobjdump's resource usage: STACK 0, LOCAL 0)
+# and within the H200's 227 KB of shared memory (checked without a GPU). 2026-12-04: the
+# tile-major orders (group_m 1) and the 16x64 tile, never the best on the H200, left; the three
+# configs choose_config picks by pointers (the best of the third lease's sweep) stay, beside them
+# through TMA descriptors (fbbe929's successor: the weights and the down kernel's rows as bulk
+# tensor copies; 172 registers for the 128x128 gate/up tile, 255 by pointers) and the tiles that
+# TMA's lower register count and deeper pipelines may make pay. A 128x256 gate/up tile spills.
+SWEEP = [(64, 64, 64, 4, 4, 128, 16, False), (128, 64, 64, 8, 3, 128, 8, False), (128, 128, 64, 8, 3, 256, 8, False),
+         (64, 64, 64, 4, 4, 128, 16, True), (128, 64, 64, 8, 3, 128, 8, True), (128, 128, 64, 8, 3, 256, 8, True),
+         (128, 64, 64, 8, 4, 128, 8, True), (128, 128, 64, 8, 4, 256, 8, True), (128, 128, 64, 8, 4, 128, 8, True),
+         (64, 128, 64, 4, 4, 128, 8, True), (64, 128, 64, 8, 4, 256, 8, True), (128, 128, 64, 8, 3, 256, 16, True),
+         (128, 128, 128, 8, 2, 256, 8, True)]
 
 
 def sweep_kernel(layer: Layer, bias: Tensor | None, x: Tensor) -> str:
@@ -216,16 +218,23 @@ def sweep_kernel(layer: Layer, bias: Tensor | None, x: Tensor) -> str:
     w, ids = route(x, layer, bias)
     default = choose_config(ids.numel(), layer.shape.num_experts, layer.shape.hidden, x.dtype)
     configs = {default} | {MoEConfig(*c) for c in SWEEP}
+    ref = moe_ffn_reference(x.float(), ids, w.float(), layer.w1.float(), layer.w3.float(), layer.w2.float())
     times = {}
     for cfg in configs:
+        run = lambda: moe_ffn_triton(x, ids, w, layer.w1, layer.w3, layer.w2, config=cfg)  # noqa: E731
         try:
-            times[cfg] = triton.testing.do_bench(
-                lambda: moe_ffn_triton(x, ids, w, layer.w1, layer.w3, layer.w2, config=cfg), warmup=5, rep=30, return_mode="median"
-            )
+            error = ((run().float() - ref).abs().max() / ref.abs().max()).item()
+            if error >= 2e-2:  # a config that computes something else is never a candidate
+                print(f"  config {cfg} wrong: max error {error:.3g} of max |ref|", file=sys.stderr)
+                continue
+            times[cfg] = triton.testing.do_bench(run, warmup=5, rep=30, return_mode="median")
         except Exception as error:  # e.g. out of shared memory for this config on this GPU
             print(f"  config {cfg} failed: {type(error).__name__}", file=sys.stderr)
+    del ref
     best = min(times, key=times.get)
-    fmt = "m{0.block_m} n{0.block_n} k{0.block_k} w{0.num_warps} s{0.num_stages} dn{0.down_block_n} g{0.group_m}".format
+    def fmt(c: MoEConfig) -> str:
+        return (f"m{c.block_m} n{c.block_n} k{c.block_k} w{c.num_warps} s{c.num_stages} dn{c.down_block_n} "
+                f"g{c.group_m}{' tma' if c.tma else ''}")
     every = ", ".join(f"{fmt(c)} {t:.3f}" for c, t in sorted(times.items(), key=lambda ct: ct[1]))
     return (f"best {fmt(best)} {times[best]:.3f} ms; default {fmt(default)} "
             f"{times.get(default, float('nan')):.3f} ms; all: {every}")

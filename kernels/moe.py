@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["MoEConfig", "TaskMap", "build_task_map", "choose_config", "moe_ffn_triton", "task_map_reference"]
 
@@ -282,7 +283,9 @@ class MoEConfig:
     """Tile sizes and launch parameters. BLOCK_M is shared (the task map is cut in BLOCK_M-row
     tiles); the gate/up kernel tiles H by ``block_n`` with two accumulators, the down kernel tiles D
     by ``down_block_n`` (``block_n`` when None); BLOCK_K tiles the reduction dim, D then H.
-    ``group_m`` tiles sweep the column blocks together (L2 reuse; 1 is tile-major order)."""
+    ``group_m`` tiles sweep the column blocks together (L2 reuse; 1 is tile-major order). ``tma``:
+    read the weights (and the down kernel's hidden rows) through TMA descriptors where the device
+    and the layout allow it (:func:`_weight_descriptor`), else by pointers as everywhere else."""
 
     block_m: int = 64
     block_n: int = 128
@@ -291,6 +294,7 @@ class MoEConfig:
     num_stages: int = 3
     down_block_n: int | None = None
     group_m: int = 8
+    tma: bool = False
 
 
 def choose_config(num_rows: int, num_experts: int, hidden_dim: int, dtype: torch.dtype) -> MoEConfig:
@@ -337,10 +341,22 @@ def _grouped_tile(pid, num_tiles, num_col_blocks, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile(w, expert, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_CONTIGUOUS: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile ``w[expert, n0:, k0:].T`` of w [E, N, K] through its descriptor
+    (see _weight_descriptor), the operand order of ``dot(x, w[e].T)``. The descriptor pads with
+    zeros past N and K within the expert, so a tile never reads another expert's weights."""
+    if K_CONTIGUOUS:
+        b = w.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+    else:
+        b = w.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    return b
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr,  # [T, D]
-    w1_ptr,  # [E, H, D] gate
-    w3_ptr,  # [E, H, D] up
+    w1,  # [E, H, D] gate: a pointer, or with TMA a descriptor (_weight_descriptor)
+    w3,  # [E, H, D] up: the same
     h_ptr,  # [R, H] out: silu(x @ w1[e].T) * (x @ w3[e].T), row i = i-th row in expert order
     sorted_rows_ptr,  # [R] int32
     tile_expert_ptr,  # [G] int32
@@ -366,6 +382,8 @@ def _gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+    K_CONTIGUOUS: tl.constexpr,  # with TMA: the weights' last dim is D (else H)
 ):
     tile, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
@@ -382,24 +400,29 @@ def _gate_up_kernel(
     mask_n = offs_n < H
     offs_k = tl.arange(0, BLOCK_K)
 
-    expert = expert.to(tl.int64)
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xd  # [BLOCK_M, BLOCK_K]
-    # Weight tiles are read as [BLOCK_K, BLOCK_N] = (w[e, n, k]) so that dot(x, w) is x @ w[e].T.
-    w1_ptrs = w1_ptr + expert * stride_w1e + offs_n[None, :] * stride_w1h + offs_k[:, None] * stride_w1d
-    w3_ptrs = w3_ptr + expert * stride_w3e + offs_n[None, :] * stride_w3h + offs_k[:, None] * stride_w3d
+    if not TMA:
+        # Weight tiles are read as [BLOCK_K, BLOCK_N] = (w[e, n, k]) so that dot(x, w) is x @ w[e].T.
+        e64 = expert.to(tl.int64)
+        w1_ptrs = w1 + e64 * stride_w1e + offs_n[None, :] * stride_w1h + offs_k[:, None] * stride_w1d
+        w3_ptrs = w3 + e64 * stride_w3e + offs_n[None, :] * stride_w3h + offs_k[:, None] * stride_w3d
 
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         mask_k = offs_k < D - k0
         a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b1 = tl.load(w1_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        b3 = tl.load(w3_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if TMA:
+            b1 = _weight_tile(w1, expert, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K, K_CONTIGUOUS)
+            b3 = _weight_tile(w3, expert, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K, K_CONTIGUOUS)
+        else:
+            b1 = tl.load(w1_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            b3 = tl.load(w3_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            w1_ptrs += BLOCK_K * stride_w1d
+            w3_ptrs += BLOCK_K * stride_w3d
         gate = tl.dot(a, b1, gate, input_precision=PRECISION)
         up = tl.dot(a, b3, up, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xd
-        w1_ptrs += BLOCK_K * stride_w1d
-        w3_ptrs += BLOCK_K * stride_w3d
 
     hidden = gate * tl.sigmoid(gate) * up
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hr + offs_n[None, :] * stride_hh
@@ -408,8 +431,8 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr,  # [R, H] hidden activation in expert order
-    w2_ptr,  # [E, D, H] down
+    h,  # [R, H] hidden activation in expert order: a pointer, or with TMA a descriptor
+    w2,  # [E, D, H] down: a pointer, or with TMA a descriptor (_weight_descriptor)
     rw_ptr,  # [R] routing weight of row t * k + j
     y_ptr,  # [R, D] out: rw[r] * (h @ w2[e].T), stored at row r (token order)
     sorted_rows_ptr,  # [R] int32
@@ -432,6 +455,8 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+    K_CONTIGUOUS: tl.constexpr,  # with TMA: w2's last dim is H (else D)
 ):
     tile, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(D, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + tile)
@@ -446,18 +471,25 @@ def _down_kernel(
     mask_n = offs_n < D
     offs_k = tl.arange(0, BLOCK_K)
 
-    expert = expert.to(tl.int64)
-    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hr + offs_k[None, :] * stride_hh  # [BLOCK_M, BLOCK_K]
-    w2_ptrs = w2_ptr + expert * stride_w2e + offs_n[None, :] * stride_w2d + offs_k[:, None] * stride_w2h
+    if not TMA:
+        e64 = expert.to(tl.int64)
+        h_ptrs = h + offs_m.to(tl.int64)[:, None] * stride_hr + offs_k[None, :] * stride_hh  # [BLOCK_M, BLOCK_K]
+        w2_ptrs = w2 + e64 * stride_w2e + offs_n[None, :] * stride_w2d + offs_k[:, None] * stride_w2h
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        mask_k = offs_k < H - k0
-        a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if TMA:
+            # A whole BLOCK_M rows from the tile's start: rows past its end (the next expert's, or
+            # zeros past R) only reach output rows that are never stored.
+            a = h.load([start, k0])
+            b = _weight_tile(w2, expert, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K, K_CONTIGUOUS)
+        else:
+            mask_k = offs_k < H - k0
+            a = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w2_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            h_ptrs += BLOCK_K * stride_hh
+            w2_ptrs += BLOCK_K * stride_w2h
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        h_ptrs += BLOCK_K * stride_hh
-        w2_ptrs += BLOCK_K * stride_w2h
 
     rows = tl.load(sorted_rows_ptr + offs_m, mask=mask_m, other=0)
     weight = tl.load(rw_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
@@ -485,6 +517,32 @@ def _combine_kernel(
         row = tl.load(y_ptr + (token * TOP_K + j) * D + offs, mask=mask, other=0.0)
         acc += tl.where((e >= 0) & (e < num_experts), row, 0.0)  # a select: garbage stays out
     tl.store(out_ptr + token * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _weight_descriptor(w: Tensor, block_n: int, block_k: int) -> tuple[TensorDescriptor, bool] | None:
+    """``w`` [E, N, K] as a TMA descriptor whose blocks are one expert's tile, and whether K is its
+    contiguous dim; None where TMA cannot read it. Three dims, not a flat [E * N, K]: the
+    descriptor's bounds then stop a tile at its expert's edge (zeros past it), so any N and K work,
+    and transposed views (NucleusMoE's experts) as well as HiDream's stacked weights. TMA needs a
+    16-byte aligned base, a unit stride and the other strides multiples of 16 bytes."""
+    num_experts, n, k = w.shape
+    if w.stride(2) == 1:
+        k_contiguous, shape, strides, block = True, [num_experts, n, k], [w.stride(0), w.stride(1), 1], [1, block_n, block_k]
+    elif w.stride(1) == 1:
+        k_contiguous, shape, strides, block = False, [num_experts, k, n], [w.stride(0), w.stride(2), 1], [1, block_k, block_n]
+    else:
+        return None
+    if w.data_ptr() % 16 or any(stride * w.element_size() % 16 for stride in strides[:-1]):
+        return None
+    return TensorDescriptor(w, shape, strides, block), k_contiguous
+
+
+def _uses_tma(cfg: MoEConfig, x: Tensor) -> bool:
+    """TMA where the config asks for it, on Hopper and later (and the interpreter, on the CPU), for
+    16-bit inputs (fp32 keeps the pointer path, whose products are true fp32)."""
+    if not cfg.tma or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return x.device.type == "cpu" or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def moe_ffn_triton(
@@ -518,8 +576,18 @@ def moe_ffn_triton(
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
 
     hidden = torch.empty(num_rows, hidden_dim, dtype=x.dtype, device=x.device)
+    down_n = cfg.down_block_n or cfg.block_n
+    # Descriptors where every operand of a kernel has one, else that kernel reads by pointers.
+    gate_up_tma = down_tma = None
+    if _uses_tma(cfg, x):
+        d1, d3 = _weight_descriptor(w1, cfg.block_n, cfg.block_k), _weight_descriptor(w3, cfg.block_n, cfg.block_k)
+        if d1 and d3 and d1[1] == d3[1]:
+            gate_up_tma = (d1[0], d3[0], d1[1])
+        d2 = _weight_descriptor(w2, down_n, cfg.block_k)
+        if d2 and hidden.stride(0) * hidden.element_size() % 16 == 0:
+            down_tma = (TensorDescriptor.from_tensor(hidden, [cfg.block_m, cfg.block_k]), d2[0], d2[1])
     _gate_up_kernel[(num_tiles * triton.cdiv(hidden_dim, cfg.block_n),)](
-        x, w1, w3, hidden,
+        x, *(gate_up_tma[:2] if gate_up_tma else (w1, w3)), hidden,
         task.sorted_rows, task.tile_expert, task.tile_start, task.tile_end,
         hidden_dim, dim, num_experts,
         x.stride(0), x.stride(1),
@@ -527,7 +595,7 @@ def moe_ffn_triton(
         w3.stride(0), w3.stride(1), w3.stride(2),
         hidden.stride(0), hidden.stride(1), num_tiles,
         TOP_K=top_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        PRECISION=precision,
+        PRECISION=precision, TMA=gate_up_tma is not None, K_CONTIGUOUS=bool(gate_up_tma and gate_up_tma[2]),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
@@ -538,15 +606,15 @@ def moe_ffn_triton(
     else:
         y = torch.empty(num_rows, dim, dtype=torch.float32, device=x.device)
     weights = routing_weights.reshape(-1).contiguous()  # the kernel indexes it by flat row
-    down_n = cfg.down_block_n or cfg.block_n
     _down_kernel[(num_tiles * triton.cdiv(dim, down_n),)](
-        hidden, w2, weights, y,
+        *(down_tma[:2] if down_tma else (hidden, w2)), weights, y,
         task.sorted_rows, task.tile_expert, task.tile_start, task.tile_end,
         dim, hidden_dim, num_experts,
         hidden.stride(0), hidden.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
         y.stride(0), y.stride(1), num_tiles,
         BLOCK_M=cfg.block_m, BLOCK_N=down_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, PRECISION=precision,
+        TMA=down_tma is not None, K_CONTIGUOUS=bool(down_tma and down_tma[2]),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if top_k == 1:

@@ -11,6 +11,7 @@ Run in its own process: the interpreter (``TRITON_INTERPRET=1``) replaces ``@tri
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 
@@ -32,28 +33,39 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def compile_sm90(fn, dtype: torch.dtype, cfg: moe.MoEConfig, layout: str, top_k: int = 2):
-    """Compile one kernel for sm_90 with the launch's constants and the JIT's specialisation."""
+    """Compile one kernel for sm_90 with the launch's constants and the JIT's specialisation; with
+    ``cfg.tma`` the weights (and the down kernel's hidden rows) are TMA descriptors, whose block
+    shapes follow the layout as moe._weight_descriptor makes them."""
     unit = UNIT_STRIDES[layout]
     ty = TYPES[dtype]
     names = list(inspect.signature(fn.fn).parameters)
     block_n = cfg.block_n if fn is moe._gate_up_kernel else (cfg.down_block_n or cfg.block_n)
+    # HiDream's weights are contiguous in K (D for w1/w3, H for w2), NucleusMoE's views in N.
+    k_contiguous = layout == "hidream"
     blocks = {"TOP_K": top_k, "BLOCK_M": cfg.block_m, "BLOCK_N": block_n,
-              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "PRECISION": "tf32"}
+              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "PRECISION": "tf32",
+              "TMA": cfg.tma, "K_CONTIGUOUS": cfg.tma and k_contiguous}
+    weight_block = [1, block_n, cfg.block_k] if k_contiguous else [1, cfg.block_k, block_n]
     sig, consts = {}, {}
     for n in names:
         if n in blocks or n in unit:
             sig[n], consts[n] = "constexpr", blocks.get(n, 1)
+        elif cfg.tma and n in ("w1", "w3", "w2"):
+            sig[n] = f"tensordesc<{ty}{weight_block}>"
+        elif cfg.tma and n == "h" and fn is moe._down_kernel:
+            sig[n] = f"tensordesc<{ty}{[cfg.block_m, cfg.block_k]}>"
         elif n in INDEX_PTRS:
             sig[n] = "*i32"
         elif n == "rw_ptr":
             sig[n] = "*fp32"
         elif n == "y_ptr":          # the down kernel's per-(token, slot) rows are fp32 for k > 1
             sig[n] = "*fp32" if top_k > 1 else "*" + ty
-        elif n.endswith("_ptr"):
+        elif n.endswith("_ptr") or n in ("w1", "w3", "w2", "h"):
             sig[n] = "*" + ty
         else:
             sig[n] = "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n] != "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n] != "constexpr" and not sig[n].startswith("tensordesc")}
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                     constexprs={(names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -85,21 +97,24 @@ def compile_combine_sm90(dtype: torch.dtype, top_k: int = 2):
 
 
 def main() -> None:
-    for layout in UNIT_STRIDES:
-        for dtype in TYPES:
-            # The configs choose_config picks for HiDream (4 experts, H 6912, k=2) at 256 and 16384
-            # tokens, and for NucleusMoE (128 experts, H 1344, k=8) at 256.
-            for rows, experts, hidden, k in ((512, 4, 6912, 2), (32768, 4, 6912, 2),
-                                             (2048, 128, 1344, 8)):
-                cfg = moe.choose_config(rows, experts, hidden, dtype)
-                for fn in (moe._gate_up_kernel, moe._down_kernel):
-                    ptx = compile_sm90(fn, dtype, cfg, layout, top_k=k).asm["ptx"]
-                    print(json.dumps({"kernel": fn.fn.__name__, "layout": layout,
-                                      "dtype": TYPES[dtype], "rows": rows,
-                                      "wgmma": "wgmma.mma_async" in ptx,
-                                      "async_copy": "cp.async" in ptx,
-                                      "scalar_16bit_loads": ptx.count("ld.global.b16")}),
-                          flush=True)
+    # By pointers in both dtypes, then through TMA descriptors in bf16.
+    for tma, dtypes in ((False, TYPES), (True, (torch.bfloat16,))):
+        for layout in UNIT_STRIDES:
+            for dtype in dtypes:
+                # The configs choose_config picks for HiDream (4 experts, H 6912, k=2) at 256 and
+                # 16384 tokens, and for NucleusMoE (128 experts, H 1344, k=8) at 256.
+                for rows, experts, hidden, k in ((512, 4, 6912, 2), (32768, 4, 6912, 2),
+                                                 (2048, 128, 1344, 8)):
+                    cfg = dataclasses.replace(moe.choose_config(rows, experts, hidden, dtype), tma=tma)
+                    for fn in (moe._gate_up_kernel, moe._down_kernel):
+                        ptx = compile_sm90(fn, dtype, cfg, layout, top_k=k).asm["ptx"]
+                        print(json.dumps({"kernel": fn.fn.__name__, "layout": layout,
+                                          "dtype": TYPES[dtype], "rows": rows, "tma": tma,
+                                          "wgmma": "wgmma.mma_async" in ptx,
+                                          "async_copy": "cp.async." in ptx.replace("cp.async.bulk", ""),
+                                          "tma_loads": "cp.async.bulk.tensor" in ptx,
+                                          "scalar_16bit_loads": ptx.count("ld.global.b16")}),
+                              flush=True)
     # One program (HiDream, NucleusMoE at 256 tokens); two launches (NucleusMoE from 1024 on).
     for fn, num_experts in ((moe._task_map_kernel, 4), (moe._task_map_kernel, 128),
                             (moe._count_rows_kernel, 128), (moe._place_rows_kernel, 128)):

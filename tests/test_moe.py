@@ -295,11 +295,44 @@ def test_kernel_drops_out_of_range_ids(top_k):
 def test_kernel_reads_transposed_weight_views():
     # NucleusMoE stores gate/up as [E, D, 2H] and down as [E, H, D]; the op gets transposed views.
     x, ids, weights, w1, w3, w2 = make_problem(17, 2, 3, 24, 40)
-    gate_up = torch.cat([w1, w3], dim=1).transpose(1, 2).contiguous()  # [E, D, 2H]
-    down = w2.transpose(1, 2).contiguous()  # [E, H, D]
-    views = (gate_up[..., :40].transpose(1, 2), gate_up[..., 40:].transpose(1, 2), down.transpose(1, 2))
+    views = _transposed_views(w1, w3, w2)
     assert not views[0].is_contiguous()
     assert_kernel_matches((x, ids, weights, *views))
+
+
+def _transposed_views(w1, w3, w2):
+    """NucleusMoE's layout: gate/up stored as [E, D, 2H] and down as [E, H, D], passed as views."""
+    hidden = w1.shape[1]
+    gate_up = torch.cat([w1, w3], dim=1).transpose(1, 2).contiguous()
+    down = w2.transpose(1, 2).contiguous()
+    return gate_up[..., :hidden].transpose(1, 2), gate_up[..., hidden:].transpose(1, 2), down.transpose(1, 2)
+
+
+@kernel_test
+@pytest.mark.parametrize("layout", ["stacked", "transposed"])
+def test_kernel_through_tma_descriptors(layout):
+    """With ``tma`` the weights and the down kernel's hidden rows are read through descriptors:
+    tiles overhanging H and D (and the last expert) must read zeros, never the next expert's
+    weights, and a tile's rows past its expert's end must never be stored. fp16: the interpreter's
+    bf16 dot multiplies raw bits. A weight TMA cannot read (a base off 16 bytes) takes the pointer
+    path instead, with the same result."""
+    import dataclasses
+    from dit_compile.kernels.moe import _weight_descriptor
+    x, ids, weights, w1, w3, w2 = make_problem(37, 2, 3, 40, 56, dtype=torch.float16)
+    if layout == "transposed":
+        w1, w3, w2 = _transposed_views(w1, w3, w2)
+    k_contiguous = layout == "stacked"
+    assert [_weight_descriptor(w, 16, 16)[1] for w in (w1, w3, w2)] == [k_contiguous] * 3
+    ref = reference64(x, ids, weights, w1, w3, w2)
+    for cfg in (SMALL, MoEConfig(block_m=32, block_n=32, block_k=32, num_warps=1, num_stages=1, down_block_n=16)):
+        pointers = moe_ffn_triton(x, ids, weights, w1, w3, w2, config=cfg)
+        tma = moe_ffn_triton(x, ids, weights, w1, w3, w2, config=dataclasses.replace(cfg, tma=True))
+        torch.testing.assert_close(tma.cpu().double(), ref, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(tma, pointers, atol=1e-3, rtol=1e-3)
+    shifted = torch.empty(w1.numel() + 1, dtype=w1.dtype, device=w1.device)[1:].view(w1.shape).copy_(w1)
+    assert _weight_descriptor(shifted, 16, 16) is None
+    out = moe_ffn_triton(x, ids, weights, shifted, w3, w2, config=dataclasses.replace(SMALL, tma=True))
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-2, rtol=2e-2)
 
 
 @kernel_test
@@ -332,10 +365,18 @@ def test_kernel_at_each_table_config(branch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter's bf16 dot multiplies raw bits)")
 def test_kernel_low_precision_on_gpu(dtype, branch):
-    from dit_compile.kernels.moe import choose_config
-    args = make_problem(300, 2, 4, 256, 512, dtype=dtype)
-    out = moe_ffn_triton(*args, config=choose_config(*TABLE[branch], dtype))
-    torch.testing.assert_close(out.cpu().double(), reference64(*args), atol=3e-2, rtol=3e-2)
+    """Each table config, by pointers and through TMA descriptors (HiDream's stacked weights and
+    NucleusMoE's transposed views), at sizes whose tiles overhang H and D."""
+    import dataclasses
+    from dit_compile.kernels.moe import _weight_descriptor, choose_config
+    x, ids, weights, w1, w3, w2 = make_problem(300, 2, 4, 264, 536, dtype=dtype)
+    ref = reference64(x, ids, weights, w1, w3, w2)
+    assert all(_weight_descriptor(w, 64, 64) for w in (w1, w3, w2, *_transposed_views(w1, w3, w2)))
+    for tma in (False, True):
+        cfg = dataclasses.replace(choose_config(*TABLE[branch], dtype), tma=tma)
+        for w in ((w1, w3, w2), _transposed_views(w1, w3, w2)):
+            out = moe_ffn_triton(x, ids, weights, *w, config=cfg)
+            torch.testing.assert_close(out.cpu().double(), ref, atol=3e-2, rtol=3e-2, msg=f"tma={tma}")
 
 
 @kernel_test
@@ -395,13 +436,17 @@ def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     r = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     builds = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    # 2 layouts x 2 dtypes x 3 configs (choose_config's three branches) x 2 kernels.
-    assert [b["kernel"] for b in builds[24:]] == (["_task_map_kernel"] * 2 + ["_count_rows_kernel", "_place_rows_kernel"]
+    # 2 layouts x 2 dtypes x 3 configs (choose_config's three branches) x 2 kernels, by pointers;
+    # then the same through TMA descriptors in bf16.
+    assert [b["kernel"] for b in builds[36:]] == (["_task_map_kernel"] * 2 + ["_count_rows_kernel", "_place_rows_kernel"]
                                                  + ["_combine_kernel"] * 2)
-    builds = builds[:24]
-    assert len(builds) == 24
-    for b in builds:
-        assert b["wgmma"] and b["async_copy"] and b["scalar_16bit_loads"] == 0, b
+    assert [b["tma"] for b in builds[:36]] == [False] * 24 + [True] * 12
+    for b in builds[:36]:
+        assert b["wgmma"] and b["scalar_16bit_loads"] == 0, b
+        # By pointers every operand is an asynchronous copy; through TMA the weights (and the down
+        # kernel's rows) are bulk tensor copies, and only gate/up's gathered tokens stay cp.async.
+        assert b["async_copy"] == (not b["tma"] or b["kernel"] == "_gate_up_kernel"), b
+        assert b["tma_loads"] == b["tma"], b
 
 
 def test_op_cpu_matches_reference_and_opcheck():
