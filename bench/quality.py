@@ -162,6 +162,10 @@ def mixcache_trace(transformer: torch.nn.Module) -> list[dict[str, Any]]:
         return []
 
 
+def _copy_outputs(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, output)
+
+
 class MixCache(Method):
     """``torch.compile(transformer, backend="mixcache", options={**options, "cache": cache})``;
     ``options`` the backend's other options (default: ``{"regions": "eager"}``)."""
@@ -175,8 +179,14 @@ class MixCache(Method):
     def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
         torch._dynamo.reset()             # a fresh compile per method: no cache entry is shared
         # cache=None is passed, not left out: left out, the backend's default preset would cache.
-        return torch.compile(model.transformer, backend="mixcache",
-                             options={**self.options, "cache": self.cache})
+        compiled = torch.compile(model.transformer, backend="mixcache",
+                                 options={**self.options, "cache": self.cache})
+        if self.options.get("mode") in ("reduce-overhead", "max-autotune"):
+            # CUDA graphs replay into the same output buffers, and WanPipeline reads the
+            # conditional prediction after the unconditional call has replayed: the caller keeps
+            # a copy, as torch.compile's CUDA graphs ask of any caller that holds an output.
+            compiled.register_forward_hook(_copy_outputs)
+        return compiled
 
     def detach(self, model: train.Trained) -> None:
         torch._dynamo.reset()

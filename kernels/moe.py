@@ -300,32 +300,34 @@ class MoEConfig:
 def choose_config(num_rows: int, num_experts: int, hidden_dim: int, dtype: torch.dtype) -> MoEConfig:
     """A fixed table, not an autotuner: the task map depends on BLOCK_M, so BLOCK_M must be known
     before the map is built. fp32 halves the pipeline depth to fit shared memory (two weight tiles
-    per stage in the gate/up kernel).
+    per stage in the gate/up kernel) and reads by pointers (true fp32 products).
 
-    For bf16/fp16, the configs `bench/moe_bench.py --sweep` timed fastest on an H200 (2026-12-04,
-    bench/RESULTS.md) at HiDream's shapes (4 experts, top-2, H 6912) and NucleusMoE's (128 experts,
-    top-8, H 1344), 256 to 16384 tokens, uniform and Zipf routing:
-    * at most 16 rows per expert on average (NucleusMoE at 256 tokens): 64x64 tiles, 4 warps,
-      4 stages, 16-tile groups;
-    * more rows, 128x64 tiles with the down kernel over 128 columns: the best, or within 3% of
-      it, at 1024 to 8192 tokens of NucleusMoE and 1024 to 4096 of HiDream (at HiDream's 256
-      tokens 0.241 ms, against 0.200 for the same tiles with 4 stages, which lose 8-16% from
-      1024 tokens on);
-    * once rows x H passes 1e8 (HiDream from 8192 tokens, NucleusMoE at 16384), 128x128 tiles and
-      256 down columns: half the programs, each re-reading its rows half as often. The first
-      sweep put the bound at 1.5e8 (at HiDream's 8192 tokens, 1.1e8, the two within 1%); the
-      second, the third lease's, timed them 14% apart there (3.32 against 3.84 ms, both
-      routings). At NucleusMoE's 8192 tokens (8.8e7) the 128x64 tiles stay ahead (2.75
-      against 2.97 ms)."""
+    For bf16/fp16, what `bench/moe_bench.py --sweep` timed fastest on an H200 (2026-12-04, fourth
+    lease, bench/RESULTS.md) at HiDream's shapes (4 experts, top-2, H 6912) and NucleusMoE's (128
+    experts, top-8, H 1344), 256 to 16384 tokens, uniform and Zipf routing. Every pick reads the
+    weights through TMA descriptors: by pointers the same tiles took 1.02-1.30x as long from 1024
+    tokens on (both models, both routings). Each pick is the sweep's best, or within 7% of it, at
+    every point it covers:
+    * at most 16 rows per expert (NucleusMoE at 256 tokens): 64x64 tiles, 4 warps, 4 stages,
+      16-tile groups;
+    * at least 2048 rows per expert (HiDream from 4096 tokens): 128x128 tiles, 256 down columns,
+      16-tile groups: few, full tiles, each program re-reading its rows half as often;
+    * else from 8192 rows (NucleusMoE from 1024 tokens, 64 to 1024 rows per expert): 128x64
+      tiles, 128 down columns: twice the programs, for the many experts' partial tiles;
+    * else (HiDream at 256 and 1024 tokens): 128x128 tiles, 4 stages, 128 down columns."""
     rows_per_expert = num_rows / max(num_experts, 1)
     if dtype == torch.float32:
         block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
         return MoEConfig(block_m=block_m, block_n=64, block_k=32, num_warps=4, num_stages=2)
     if rows_per_expert <= 16:
-        return MoEConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4, down_block_n=128, group_m=16)
-    if num_rows * hidden_dim >= 1e8:
-        return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, down_block_n=256)
-    return MoEConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3, down_block_n=128)
+        return MoEConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4, down_block_n=128, group_m=16,
+                         tma=True)
+    if rows_per_expert >= 2048:
+        return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, down_block_n=256, group_m=16,
+                         tma=True)
+    if num_rows >= 8192:
+        return MoEConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3, down_block_n=128, tma=True)
+    return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, down_block_n=128, tma=True)
 
 
 @triton.jit

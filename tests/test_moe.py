@@ -343,9 +343,10 @@ def test_kernel_default_config_and_half_precision():
     torch.testing.assert_close(out.cpu().double(), reference64(*args), atol=2e-2, rtol=2e-2)
 
 
-# One (rows, experts, hidden) per branch of choose_config's table: few rows per expert, the
-# middle, and rows x H past 1e8. The configs, not the sizes, are what these tests vary.
-TABLE = {"few rows": (128, 16, 512), "middle": (600, 4, 512), "large": (2**20, 4, 512)}
+# One (rows, experts, hidden) per branch of choose_config's table: few rows per expert, many, many
+# rows over many experts, and the rest. The configs, not the sizes, are what these tests vary.
+TABLE = {"few rows": (128, 16, 512), "many per expert": (2**20, 4, 512), "many experts": (8192, 128, 512),
+         "middle": (600, 4, 512)}
 
 
 @kernel_test
@@ -436,12 +437,12 @@ def test_kernels_compile_for_hopper_with_wgmma_and_async_loads():
     r = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     builds = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    # 2 layouts x 2 dtypes x 3 configs (choose_config's three branches) x 2 kernels, by pointers;
+    # 2 layouts x 2 dtypes x 4 configs (choose_config's four branches) x 2 kernels, by pointers;
     # then the same through TMA descriptors in bf16.
-    assert [b["kernel"] for b in builds[36:]] == (["_task_map_kernel"] * 2 + ["_count_rows_kernel", "_place_rows_kernel"]
+    assert [b["kernel"] for b in builds[48:]] == (["_task_map_kernel"] * 2 + ["_count_rows_kernel", "_place_rows_kernel"]
                                                  + ["_combine_kernel"] * 2)
-    assert [b["tma"] for b in builds[:36]] == [False] * 24 + [True] * 12
-    for b in builds[:36]:
+    assert [b["tma"] for b in builds[:48]] == [False] * 32 + [True] * 16
+    for b in builds[:48]:
         assert b["wgmma"] and b["scalar_16bit_loads"] == 0, b
         # By pointers every operand is an asynchronous copy; through TMA the weights (and the down
         # kernel's rows) are bulk tensor copies, and only gate/up's gathered tokens stay cp.async.
