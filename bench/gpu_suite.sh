@@ -8,19 +8,10 @@
 #   bash bench/gpu_suite.sh PART ...        # the named parts only, each given the whole budget
 #
 # Parts, in the order they run: the figures no lease has measured since the code they depend on
-# changed first, then the ones the leases measured (2026-11-30 and twice 2026-12-04, H200; in
-# brackets what each took then, bench/RESULTS.md), since a session's device time fits about half:
+# changed first, then the ones the leases measured (2026-11-30 and three times 2026-12-04, H200;
+# in brackets what each took then, bench/RESULTS.md), since a session's device time fits about half:
 #   check     versions; the GPU tests (marked gpu, and the Triton MoE kernel tests: CUDA graphs,
-#             the harness on CUDA; not the AOTInductor ones, which crash on torch 2.11)
-#                                                     ~3 min [195 s; the AOTInductor test crashed]
-#   graphs    `small` again, its regions compiled by Inductor with CUDA graphs (mode
-#             reduce-overhead): `balanced` beside the same backend computing everything, for
-#             launch-bound calls where the eager rows above pay Python per kernel; table in log.txt
-#                                                                                     ~3 min [-]
-#   small     issues 4 and 6: the trained-model harness in GPU wall time, `small`, and where
-#             `balanced`'s generation time goes (bench/call_costs.py)
-#                                                          ~2 min [133 s, 31 methods]
-#   large     the same, `large`                                                ~3 min [179 s]
+#             the harness on CUDA; not the AOTInductor ones, which crash on torch 2.11)   ~2 min [89 s]
 #   wan       1.3B shape in WanPipeline: eager, regional compile and mixcache with caching off
 #             (the baselines, again in this process), issue 3's forced schedules and its anchor
 #             (diffusers' First-Block-Cache, regional, always reusing), issue 6's replayed preset
@@ -30,7 +21,14 @@
 #             may hit what an earlier one compiled); the nested rows only on torch 2.12 and
 #             later (2.11 traces every nested block again)  ~3 min [154 s for the first four rows]
 #   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, under the tile
-#             table taken from the last sweep, and the sweep again (--sweep)           ~2 min [115 s]
+#             table taken from the last sweep, and the sweep again (--sweep)           ~2 min [83 s]
+#   small     issues 4 and 6: the trained-model harness in GPU wall time, `small`, and where
+#             `balanced`'s generation time goes (bench/call_costs.py)     ~3 min [152 s, 36 methods]
+#   large     the same, `large`                                                ~4 min [222 s]
+#   graphs    `small` again, its regions compiled by Inductor with CUDA graphs (mode
+#             reduce-overhead): `balanced` beside the same backend computing everything, for
+#             launch-bound calls where the eager rows above pay Python per kernel; table in log.txt
+#                                                                                    ~1 min [44 s]
 #   inductor  issue 2's whole-graph torch.compile row (131 s to compile) beside eager and
 #             mixcache with caching off, in one process; then the exported model (AOTInductor)
 #             in the same pipeline: export time, load time, per generation
@@ -51,8 +49,9 @@ out=${OUT:-gpu-out}
 done_dir=/tmp/gpu-suite-done
 mkdir -p "$out" "$done_dir"
 export PYTHONUNBUFFERED=1
-# Since 2bbe559 (no host sync a step) every cached row of small, large and wan may run faster.
-PARTS=(check graphs small large wan first moe inductor)
+# wan and first were last measured by the first lease, before the runtime stopped syncing a step
+# (2bbe559); the fourth lease measured moe, graphs, small and large.
+PARTS=(check wan first moe small large graphs inductor)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=240)
