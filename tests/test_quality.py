@@ -341,6 +341,18 @@ def test_training_runs_saves_and_loads(tmp_path, monkeypatch):
         assert os.path.getsize(weights) <= 25 * 2**20
 
 
+def test_training_is_the_same_with_rendering_workers():
+    """Videos rendered in worker processes (what keeps a GPU fed) reach the training step in step
+    order: the same losses and weights as rendered in the training process."""
+    cfg = train.TrainConfig(name="toy", layers=1, heads=4, head_dim=24, ffn=32, frames=2, size=16,
+                            patch=(1, 4, 4), steps=5, batch=2, warmup=1)
+    alone = train.train(cfg, command="test", progress=False)
+    helped = train.train(cfg, command="test", progress=False, workers=2)
+    assert helped.meta["loss"] == alone.meta["loss"] and helped.meta["workers"] == 2
+    for (k, a), (_, b) in zip(alone.transformer.state_dict().items(), helped.transformer.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 def test_trace_shows_each_decision_within_the_budget(small, tmp_path):
     """What bench/trace_plot.py draws, from dit_compile.stats: every reuse's estimated error and
     the error spent stay within `balanced`'s budget; computed calls after the trigger show the
