@@ -312,8 +312,10 @@ def choose_config(num_rows: int, num_experts: int, hidden_dim: int, dtype: torch
     lease, bench/RESULTS.md) at HiDream's shapes (4 experts, top-2, H 6912) and NucleusMoE's (128
     experts, top-8, H 1344), 256 to 16384 tokens, uniform and Zipf routing. Every pick reads the
     weights through TMA descriptors: by pointers the same tiles took 1.02-1.30x as long from 1024
-    tokens on (both models, both routings). Each pick is the sweep's best, or within 7% of it, at
-    every point it covers:
+    tokens on (both models, both routings). Each pick is the first call's sweep's best, or within
+    7% of it, at every point it covers; the second call's sweep (under this table) agreed but at
+    its first point, HiDream's 256 tokens uniform (0.355 ms against the best's 0.188; at Zipf
+    routing, the next point, the pick was the best, 0.182):
     * at most 16 rows per expert (NucleusMoE at 256 tokens): 64x64 tiles, 4 warps, 4 stages,
       16-tile groups;
     * at least 2048 rows per expert (HiDream from 4096 tokens): 128x128 tiles, 256 down columns,
