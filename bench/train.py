@@ -293,23 +293,27 @@ def model_dir(name: str) -> str:
     return os.path.join(MODELS_DIR, name)
 
 
+def _castable(transformer: nn.Module) -> list[torch.Tensor]:
+    """The floating weights ``from_pretrained(torch_dtype=...)`` would cast: not those of the
+    modules the model keeps in float32 (Wan: rope, time embedder, norms, scale-shift tables)."""
+    keep = transformer._keep_in_fp32_modules or []
+    return [t for name, t in [*transformer.named_parameters(), *transformer.named_buffers()]
+            if t.is_floating_point() and not any(m in name.split(".") for m in keep)]
+
+
 def _cast(transformer: nn.Module, dtype: torch.dtype) -> None:
     """Cast ``transformer``'s floating weights to ``dtype`` as ``from_pretrained(torch_dtype=...)``
-    does: modules the model keeps in float32 (Wan: rope, time embedder, norms, scale-shift
-    tables) stay float32. A plain ``.to(dtype)`` would cast those too (diffusers warns that it
-    can give inconsistent results), and bf16 runs here should be the ones diffusers users get."""
-    keep = transformer._keep_in_fp32_modules or []
-    for name, t in [*transformer.named_parameters(), *transformer.named_buffers()]:
-        if t.is_floating_point() and not any(m in name.split(".") for m in keep):
-            t.data = t.data.to(dtype)
+    does (``_castable``). A plain ``.to(dtype)`` would cast the float32 modules too (diffusers
+    warns that it can give inconsistent results), and bf16 runs here should be the ones diffusers
+    users get."""
+    for t in _castable(transformer):
+        t.data = t.data.to(dtype)
 
 
 def _round(transformer: nn.Module, dtype: torch.dtype) -> None:
     """Round the weights that ``_cast`` would cast to ``dtype``'s values, keeping their dtype."""
-    keep = transformer._keep_in_fp32_modules or []
-    for name, t in [*transformer.named_parameters(), *transformer.named_buffers()]:
-        if t.is_floating_point() and not any(m in name.split(".") for m in keep):
-            t.data = t.data.to(dtype).to(t.dtype)
+    for t in _castable(transformer):
+        t.data = t.data.to(dtype).to(t.dtype)
 
 
 def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32

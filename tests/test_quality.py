@@ -355,10 +355,10 @@ def test_every_preset_fits_the_repo():
         cfg = train.TrainConfig(name=name, **preset)
         with torch.device("meta"):
             transformer = train.build_transformer(cfg)
-        keep = transformer._keep_in_fp32_modules or []
+        cast = {id(t) for t in train._castable(transformer)}
         size = getattr(torch, cfg.weights_dtype).itemsize
-        total = sum(t.numel() * (4 if any(m in n.split(".") for m in keep) else size)
-                    for n, t in transformer.state_dict().items())
+        total = sum(t.numel() * (size if id(t) in cast else 4)
+                    for t in [*transformer.parameters(), *transformer.buffers()])
         assert total <= 25 * 2**20, (name, total / 2**20)
 
 
