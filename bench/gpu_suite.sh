@@ -33,6 +33,11 @@
 #             mixcache with caching off, in one process; then the exported model (AOTInductor)
 #             in the same pipeline: export time, load time, per generation
 #                                       ~6 min [319 s; the exported row crashed the process]
+# Run only when named (its files would not fit beside the others' eight):
+#   train     issue 4's GPU presets, small-gpu then large-gpu, each trained for TRAIN_BUDGET
+#             seconds (default 150; the steps that fit, recorded), its condition check and
+#             samples; both model folders come back as models.tar.part-aa, -ab, ... (15 MB
+#             each): `cat models.tar.part-* | tar -xf - -C bench/models` here  ~7 min [-]
 #
 # Each part gets what is left of the budget and is stopped when that runs out; what it printed up to
 # then still comes back (every script prints its rows as they finish; the harness writes its JSON
@@ -52,6 +57,7 @@ export PYTHONUNBUFFERED=1
 # wan and first were last measured by the first lease, before the runtime stopped syncing a step
 # (2bbe559); the fourth lease measured moe, graphs, small and large.
 PARTS=(check wan first moe small large graphs inductor)
+EXTRA=(train)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=240)
@@ -87,13 +93,20 @@ part() {
         --mixcache 'preset balanced="balanced"' ;;
     first)
       python3 bench/first_call.py --device cuda --config 1.3b --layers 30 > "$out/first.md" ;;
+    train)
+      # Videos rendered by 12 of the 16 cores (one renders a batch in 0.4 s: the GPU would wait).
+      for preset in small-gpu large-gpu; do
+        python3 bench/train.py train --preset "$preset" --device cuda --bf16-autocast --workers 12 \
+          --budget "${TRAIN_BUDGET:-150}" --no-progress || return
+      done
+      tar -cf - -C bench/models small-gpu large-gpu | split -b 15m - "$out/models.tar.part-" ;;
     inductor)
       # "mixcache (cache off)" alone: a bare "cache off" would also pick the blocks-compiled and
       # nested rows, a minute of device time for figures `wan` and `first` give.
       python3 bench/wan_speed.py --config 1.3b --steps 20 --only "torch.compile" \
         "mixcache (cache off)" exported > "$out/inductor.md" ;;
     *)
-      echo "unknown part $1; parts: ${PARTS[*]}" >&2; return 2 ;;
+      echo "unknown part $1; parts: ${PARTS[*]} ${EXTRA[*]}" >&2; return 2 ;;
   esac
 }
 
@@ -113,7 +126,7 @@ fi
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${PARTS[@]}")
 for p in "${selected[@]}"; do
-  [[ " ${PARTS[*]} " == *" $p "* ]] || { echo "unknown part $p; parts: ${PARTS[*]}" >&2; exit 2; }
+  [[ " ${PARTS[*]} ${EXTRA[*]} " == *" $p "* ]] || { echo "unknown part $p; parts: ${PARTS[*]} ${EXTRA[*]}" >&2; exit 2; }
 done
 deadline=$((SECONDS + budget))
 log=$out/log.txt

@@ -316,6 +316,23 @@ def _round(transformer: nn.Module, dtype: torch.dtype) -> None:
         t.data = t.data.to(dtype).to(t.dtype)
 
 
+#: Largest weights file save() writes (diffusers' shards beyond it): under the repo's 25 MB a file
+#: and the 16 MiB a file that comes back from a device call, where the GPU presets are trained.
+SHARD_SIZE = "15MB"
+
+
+def _load_shards(tdir: str) -> dict[str, torch.Tensor]:
+    """The state dict ``save_pretrained`` wrote to ``tdir``: one safetensors file, or the shards
+    its index names."""
+    from safetensors.torch import load_file
+    index = os.path.join(tdir, "diffusion_pytorch_model.safetensors.index.json")
+    if not os.path.exists(index):
+        return load_file(os.path.join(tdir, "diffusion_pytorch_model.safetensors"))
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return {k: v for shard in shards for k, v in load_file(os.path.join(tdir, shard)).items()}
+
+
 def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
          ) -> Trained:
     """Load ``bench/models/<name>`` (eval mode) on ``device`` (see ``resolve_device``) in
@@ -331,7 +348,7 @@ def load(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     # (its keep_in_fp32_modules), which is not a dependency of this project.
     tdir = os.path.join(path, "transformer")
     transformer = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(tdir))
-    transformer.load_state_dict(load_file(os.path.join(tdir, "diffusion_pytorch_model.safetensors")))
+    transformer.load_state_dict(_load_shards(tdir))
     transformer.eval()
     if dtype != torch.float32:
         _cast(transformer, dtype)
@@ -390,13 +407,22 @@ def _one_thread(_: int) -> None:
 
 def train(cfg: TrainConfig, command: str, progress: bool = True,
           device: torch.device = torch.device("cpu"), bf16_autocast: bool = False,
-          workers: int = 0) -> Trained:
+          workers: int = 0, budget: float | None = None) -> Trained:
     """Train one model from scratch on ``device``; deterministic in ``cfg.seed`` on a given
     machine. ``bf16_autocast``: the forward pass under ``torch.autocast`` in bfloat16 (weights,
     optimizer and loss stay float32). ``workers``: processes rendering the videos ahead of the
     training step (0: rendered in this process, between steps); the batches, and so the model,
     are the same with any number. On a GPU they are the bottleneck otherwise: one process renders
-    a batch of 64 videos of 16 x 64 x 64 in about 0.4 s."""
+    a batch of 64 videos of 16 x 64 x 64 in about 0.4 s.
+
+    ``budget``: seconds of training at most. The run is cut to the steps that fit, timed over its
+    first steps, all inside the warm-up, whose learning rate does not depend on the total: the
+    model is the one ``cfg.steps`` = those steps trains (recorded in ``model.json``), so a rerun
+    with ``--steps N`` gives it again without a clock."""
+    # Steps 1 .. probe - 1 are timed (step 0 pays for first-call setup); all are warm-up steps.
+    probe = min(10, cfg.warmup)
+    if budget is not None and probe < 2:
+        raise ValueError(f"a time budget needs a warm-up of at least 2 steps, got {cfg.warmup}")
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     transformer = build_transformer(cfg).train()
@@ -422,6 +448,16 @@ def train(cfg: TrainConfig, command: str, progress: bool = True,
                                          worker_init_fn=_one_thread if workers else None,
                                          pin_memory=device.type == "cuda")
     for step, (x0, idx) in enumerate(videos):
+        if budget is not None and step in (1, probe):
+            synchronize(device)
+            if step == 1:
+                t1 = time.perf_counter()
+            else:
+                per_step = (time.perf_counter() - t1) / (probe - 1)
+                cfg = dataclasses.replace(cfg, steps=min(cfg.steps, max(probe, int(budget / per_step))))
+                bar.total = cfg.steps
+        if step == cfg.steps:
+            break
         noise = torch.randn(x0.shape, generator=g)
         s = _sigmas(cfg.batch, g)
         xs = (1 - s)[:, None, None, None, None] * x0 + s[:, None, None, None, None] * noise
@@ -449,7 +485,7 @@ def train(cfg: TrainConfig, command: str, progress: bool = True,
     seconds = time.perf_counter() - t0
     meta = {"command": command, "config": dataclasses.asdict(cfg), "train_seconds": round(seconds, 1),
             "threads": torch.get_num_threads(), **runtime_info(device),
-            "autocast": "bf16" if bf16_autocast else None, "workers": workers,
+            "autocast": "bf16" if bf16_autocast else None, "workers": workers, "budget_seconds": budget,
             "params": sum(p.numel() for p in transformer.parameters()),
             "loss": losses}
     if cfg.weights_dtype != "float32":
@@ -471,7 +507,8 @@ def save(model: Trained) -> str:
     if model.config.weights_dtype != "float32":
         transformer = copy.deepcopy(transformer)
         _cast(transformer, getattr(torch, model.config.weights_dtype))
-    transformer.save_pretrained(os.path.join(path, "transformer"), safe_serialization=True)
+    transformer.save_pretrained(os.path.join(path, "transformer"), safe_serialization=True,
+                                max_shard_size=SHARD_SIZE)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.condition.state_dict().items()},
               os.path.join(path, "condition.safetensors"))
     losses = model.meta["loss"]
@@ -608,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--patch", type=int, nargs=3)
     tr.add_argument("--bf16-autocast", action="store_true",
                     help="forward pass under torch.autocast(bfloat16) (recorded in model.json)")
+    tr.add_argument("--budget", type=float, metavar="SECONDS",
+                    help="train at most this long: the steps that fit, timed over the first ten "
+                         "(model.json records them; --steps N trains the same model again)")
     tr.add_argument("--workers", type=int, default=0,
                     help="processes rendering the videos ahead of the training step (default 0: "
                          "in this one); the same batches with any number")
@@ -629,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig(**{**PRESETS[args.preset], **given, "name": args.name or args.preset})
         cfg.patch = tuple(cfg.patch)
         command = "python bench/train.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        model = train(cfg, command, progress, args.device, args.bf16_autocast, args.workers)
+        model = train(cfg, command, progress, args.device, args.bf16_autocast, args.workers, args.budget)
         print(f"trained {cfg.name} in {model.meta['train_seconds']} s; saved to {save(model)}")
         run_check(model, args.cases, progress)
     else:

@@ -9,6 +9,7 @@ The device options: ``--device cpu`` given explicitly is the default run exactly
 without a GPU is a usage error naming the device, and (where a GPU is at hand) the GPU run matches
 the CPU one.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -346,6 +347,37 @@ def test_training_runs_saves_and_loads(tmp_path, monkeypatch, weights_dtype):
         weights = os.path.join(os.path.dirname(__file__), "..", "bench", "models", name,
                                "transformer", "diffusion_pytorch_model.safetensors")
         assert os.path.getsize(weights) <= 25 * 2**20
+
+
+def test_a_time_budget_trains_the_model_its_recorded_steps_train():
+    """--budget cuts the run to the steps that fit, decided inside the warm-up: the recorded step
+    count trains the same model again, without a clock. A budget too small for more than the
+    timed steps leaves exactly those."""
+    cfg = train.TrainConfig(name="toy", layers=1, heads=4, head_dim=24, ffn=32, frames=2, size=16,
+                            patch=(1, 4, 4), steps=40, batch=2, warmup=4)
+    cut = train.train(cfg, command="test", progress=False, budget=1e-9)
+    assert cut.config.steps == 4 and len(cut.meta["loss"]) == 4 and cut.meta["budget_seconds"] == 1e-9
+    again = train.train(dataclasses.replace(cfg, steps=4), command="test", progress=False)
+    assert again.meta["loss"] == cut.meta["loss"]
+    for (k, a), (_, b) in zip(cut.transformer.state_dict().items(), again.transformer.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="warm-up of at least 2"):
+        train.train(dataclasses.replace(cfg, warmup=1), command="test", progress=False, budget=10.0)
+
+
+def test_a_model_saved_in_shards_loads_whole(tmp_path, monkeypatch):
+    """Past SHARD_SIZE the weights go to several files (each under what a device call returns
+    and what the repo takes); load() reads them all back."""
+    monkeypatch.setattr(train, "MODELS_DIR", str(tmp_path))
+    monkeypatch.setattr(train, "SHARD_SIZE", "30KB")
+    cfg = train.TrainConfig(name="toy", layers=2, heads=4, head_dim=24, ffn=32, frames=2, size=16,
+                            patch=(1, 4, 4), steps=1, batch=2, warmup=1)
+    model = train.train(cfg, command="test", progress=False)
+    shards = [f for f in os.listdir(os.path.join(train.save(model), "transformer")) if f.endswith(".safetensors")]
+    assert len(shards) > 1
+    again = train.load("toy")
+    for (k, a), (_, b) in zip(model.transformer.state_dict().items(), again.transformer.state_dict().items()):
+        assert torch.equal(a, b), k
 
 
 def test_every_preset_fits_the_repo():
