@@ -291,6 +291,14 @@ def test_kernel_drops_out_of_range_ids(top_k):
     assert out[4].abs().max() == 0
 
 
+def _transposed_views(w1, w3, w2):
+    """NucleusMoE's layout: gate/up stored as [E, D, 2H] and down as [E, H, D], passed as views."""
+    hidden = w1.shape[1]
+    gate_up = torch.cat([w1, w3], dim=1).transpose(1, 2).contiguous()
+    down = w2.transpose(1, 2).contiguous()
+    return gate_up[..., :hidden].transpose(1, 2), gate_up[..., hidden:].transpose(1, 2), down.transpose(1, 2)
+
+
 @kernel_test
 def test_kernel_reads_transposed_weight_views():
     # NucleusMoE stores gate/up as [E, D, 2H] and down as [E, H, D]; the op gets transposed views.
@@ -298,14 +306,6 @@ def test_kernel_reads_transposed_weight_views():
     views = _transposed_views(w1, w3, w2)
     assert not views[0].is_contiguous()
     assert_kernel_matches((x, ids, weights, *views))
-
-
-def _transposed_views(w1, w3, w2):
-    """NucleusMoE's layout: gate/up stored as [E, D, 2H] and down as [E, H, D], passed as views."""
-    hidden = w1.shape[1]
-    gate_up = torch.cat([w1, w3], dim=1).transpose(1, 2).contiguous()
-    down = w2.transpose(1, 2).contiguous()
-    return gate_up[..., :hidden].transpose(1, 2), gate_up[..., hidden:].transpose(1, 2), down.transpose(1, 2)
 
 
 @kernel_test
