@@ -20,8 +20,9 @@
 #             in a fresh process with empty caches (wan's rows share one process, so a later row
 #             may hit what an earlier one compiled); the nested rows only on torch 2.12 and
 #             later (2.11 traces every nested block again)  ~3 min [154 s for the first four rows]
-#   moe       issue 5: the MoE op against eager dispatch, grouped_mm and dense, under the tile
-#             table taken from the last sweep, and the sweep again (--sweep)           ~2 min [83 s]
+#   moe       issue 5: the MoE op (through TMA, and by pointers) against eager dispatch,
+#             grouped_mm and dense, under the tile table taken from the last sweep, and the sweep
+#             again (--sweep)                                                          ~2 min [83 s]
 #   small     issues 4 and 6: the trained-model harness in GPU wall time, `small`, and where
 #             `balanced`'s generation time goes (bench/call_costs.py)     ~3 min [152 s, 36 methods]
 #   large     the same, `large`                                                ~4 min [222 s]

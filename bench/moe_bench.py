@@ -9,6 +9,8 @@ Times the routed part of one MoE layer (gate, dispatch, experts, combine; no sha
 * ``op``: gate, then ``torch.ops.dit_compile.moe_ffn`` (the Triton kernel), with the weights laid out
   as :func:`dit_compile.passes.moe.lower_moe` leaves them (HiDream: stacked ``[E, H, D]`` buffers;
   Nucleus: transposed views of its packed parameters).
+* ``op, pointers``: the same op with every weight read by pointers, not TMA descriptors (the
+  table's tiles otherwise): what TMA costs or saves, host time included, in the same run.
 * ``eager``: gate, then diffusers' own dispatch: HiDream's ``MOEFeedForwardSwiGLU.moe_infer`` (argsort,
   host sync, loop over experts); for Nucleus, sort/gather, ``SwiGLUExperts`` with its per-expert loop,
   weight, ``scatter_add`` as ``NucleusMoELayer`` does.
@@ -142,6 +144,26 @@ def method_op(layer: Layer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
     return run
 
 
+def method_op_pointers(layer: Layer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+    import dataclasses
+    from dit_compile.kernels import moe
+    run = method_op(layer, bias)
+    table = moe.choose_config
+
+    def by_pointers(*args, **kwargs):
+        return dataclasses.replace(table(*args, **kwargs), tma=False)
+
+    def run_by_pointers(x: Tensor) -> Tensor:
+        # Swapped for the call alone (two attribute writes: nothing a host-time column would see).
+        moe.choose_config = by_pointers
+        try:
+            return run(x)
+        finally:
+            moe.choose_config = table
+
+    return run_by_pointers
+
+
 def method_eager(layer: Layer, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
     module = layer.diffusers_module
     if layer.shape.name == "HiDream":
@@ -193,7 +215,8 @@ def method_dense(layer: Layer, bias: Tensor | None) -> Callable[[Tensor], Tensor
     return run
 
 
-METHODS = {"op": method_op, "eager": method_eager, "grouped_mm": method_grouped_mm, "dense": method_dense}
+METHODS = {"op": method_op, "op, pointers": method_op_pointers, "eager": method_eager,
+           "grouped_mm": method_grouped_mm, "dense": method_dense}
 
 # Candidates for --sweep: (block_m, block_n, block_k, num_warps, num_stages, down_block_n, group_m,
 # tma). Every one builds for sm_90 with no spills (cuobjdump's resource usage: STACK 0, LOCAL 0)
