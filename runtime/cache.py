@@ -59,6 +59,7 @@ import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -99,7 +100,7 @@ class Step:
     groups: int = 1
     # The call's other conditions' magnitudes, [conditions, samples] (executor._conditions),
     # where the policy watches them; None where not.
-    conditions: torch.Tensor | None = None
+    conditions: np.ndarray | None = None
 
 
 @dataclass
@@ -530,8 +531,8 @@ class CacheState:
     # -- what happened ---------------------------------------------------------------------
     def record(self, step: Step, action: str, flops: float, signal: float | None = None,
                spent: Any = None, reused: torch.Tensor | None = None,
-               switched: torch.Tensor | None = None) -> None:
-        if isinstance(spent, torch.Tensor):
+               switched: np.ndarray | None = None) -> None:
+        if isinstance(spent, (torch.Tensor, np.ndarray)):
             spent = float(spent.max())
         if reused is not None:
             reused = tuple(bool(r) for r in reused.tolist())
@@ -644,11 +645,11 @@ def model_states(model: torch.nn.Module) -> list[CacheState]:
     return list(states.values())
 
 
-def sample_times(t: float | tuple[float, ...], n: int) -> torch.Tensor:
-    """An output's timestep, one per sample (float64, CPU)."""
+def sample_times(t: float | tuple[float, ...], n: int) -> np.ndarray:
+    """An output's timestep, one per sample (float64, host)."""
     if isinstance(t, tuple):
-        return torch.tensor(t, dtype=torch.float64)
-    return torch.full((n,), t, dtype=torch.float64)
+        return np.array(t, dtype=np.float64)
+    return np.full(n, t, dtype=np.float64)
 
 
 def _uniform_in_unit(timestep: torch.Tensor | None) -> bool:
@@ -676,7 +677,7 @@ def push_outputs(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, outs: 
     history = []
     for (tn, yn), (to, yo) in zip(pushed, kept):
         n = yn[0].shape[0]
-        times = torch.where(fresh, sample_times(tn, n), sample_times(to, n)).tolist()
+        times = np.where(fresh.numpy(), sample_times(tn, n), sample_times(to, n)).tolist()
         mask = fresh.to(yn[0].device).reshape(-1, *([1] * (yn[0].dim() - 1)))
         history.append((times[0] if len(set(times)) == 1 else tuple(times),
                         [torch.where(mask, a, b) for a, b in zip(yn, yo)]))

@@ -11,6 +11,7 @@ import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -265,7 +266,7 @@ class GuardedExecutor(Executor):
             # Only some samples reuse: the batch runs (the graph is compiled for it, and the
             # others need it) and those take their prediction, as each would alone.
             self.run(env, ran)
-            reused = reused.to(x.device)
+            reused = torch.from_numpy(reused).to(x.device)
             outs = [torch.where(_bcast(reused, p), p, o) for p, o in zip(outs, self._outs(env))]
             return self._finish(st, env, step, bc, outs, STEP, 1.0, signal, x, reused)
 
@@ -350,9 +351,9 @@ class GuardedExecutor(Executor):
             return torch.cat([env[i].reshape(-1) for i in self.text_slots])
         return None if self.text is None else env[self.text]
 
-    def _conditions(self, env: list[Any], n: int) -> torch.Tensor:
+    def _conditions(self, env: list[Any], n: int) -> np.ndarray:
         """The mean magnitude of each other condition, per sample where its dim 0 is the batch
-        (else one for all): [conditions, n], float64 on the CPU, where the policy decides. A
+        (else one for all): [conditions, n], float64 on the host (NumPy), where the policy decides. A
         magnitude is enough to see a condition switched on or off, and costs no copy to keep.
         Where they are the very tensors of the last call, not written to since (a pipeline's
         pooled text and masks, passed as they are at every step), the last result stands: a
@@ -369,7 +370,7 @@ class GuardedExecutor(Executor):
             v = v.detach().reshape(n, -1) if per_sample else v.detach().reshape(1, -1)
             rows.append(v.abs().mean(1, dtype=torch.float32).expand(n) if v.numel()
                         else torch.zeros(n, device=v.device))
-        result = torch.stack(rows).nan_to_num().to("cpu", torch.float64)
+        result = torch.stack(rows).nan_to_num().to("cpu", torch.float64).numpy()
         # Held by weak reference and version: a ControlNet's residuals are not kept alive for it.
         # An inference tensor has no version to tell a write by.
         self._held_conditions = None if any(v.is_inference() for v in now) else (

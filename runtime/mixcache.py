@@ -67,6 +67,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .cache import BranchCache, CacheState, Step, sample_times
@@ -136,8 +137,8 @@ class MixCache:
         foresee, so a call where one did computes."""
         return True
 
-    def _moved(self, s: Step, bc: BranchCache, n: int) -> torch.Tensor | None:
-        """Per sample (bool, CPU): a condition's magnitude moved by more than ``SWITCH`` of the
+    def _moved(self, s: Step, bc: BranchCache, n: int) -> np.ndarray | None:
+        """Per sample (bool, host): a condition's magnitude moved by more than ``SWITCH`` of the
         larger of its two values since this branch last computed. Conditions that follow the
         latent step by step (ControlNet's residuals while it is on) move by far less than that.
         None where there is nothing to compare (no op on the reused call's path)."""
@@ -145,24 +146,25 @@ class MixCache:
         if now is None or then is None:
             return None
         if then.shape != now.shape:
-            return torch.ones(n, dtype=torch.bool)
-        return ((now - then).abs() > SWITCH * torch.maximum(now, then)).any(0)
+            return np.ones(n, dtype=bool)
+        return (np.abs(now - then) > SWITCH * np.maximum(now, then)).any(0)
 
     @property
     def ties_groups(self) -> bool:
         per_sample = self.per_sample and bool({"step", "block"} & set(self.granularities))
         return self.reuses_cfg or per_sample
 
-    def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> torch.Tensor:
-        """Per sample (bool, CPU): past the warm-up, settled, under the bound on consecutive reuse."""
+    def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> np.ndarray:
+        """Per sample (bool, host): past the warm-up, settled, under the bound on consecutive
+        reuse."""
         _fold_pending(bc.signals)
-        settled = torch.as_tensor(bc.signals.get("settled_mask", bc.signals.get("settled", False)))
+        settled = _host(bc.signals.get("settled_mask", bc.signals.get("settled", False)))
         below = bc.below(self.max_reuse)    # a bool while the batch reused alike
-        if (s.t > (1.0 - self.warmup) * st.t_first or settled.numel() not in (1, n)
+        if (s.t > (1.0 - self.warmup) * st.t_first or settled.size not in (1, n)
                 or below is False):
-            return torch.zeros(n, dtype=torch.bool)
-        settled = settled.expand(n)
-        return settled if below is True else settled & below.cpu()
+            return np.zeros(n, dtype=bool)
+        settled = settled if settled.shape == (n,) else np.full(n, settled.item())
+        return settled if below is True else settled & _host(below)
 
     @staticmethod
     def _step_length(s: Step, st: CacheState, bc: BranchCache) -> float:
@@ -176,11 +178,11 @@ class MixCache:
         spacing = abs(s.t - prev) or bc.signals.get("spacing", 0.0)
         return (min(spacing, abs(s.t)) or spacing) / max(abs(st.t_first), 1e-12)
 
-    def _left(self, bc: BranchCache) -> torch.Tensor | float:
+    def _left(self, bc: BranchCache) -> np.ndarray | float:
         return self.budget - bc.signals.get("spent", 0.0)
 
     def _step_error(self, s: Step, st: CacheState, bc: BranchCache, n: int
-                    ) -> torch.Tensor | None:
+                    ) -> np.ndarray | None:
         """Per sample, the expected error of reusing this branch's last output (extrapolated) at
         ``s.t``, inf where that sample may not reuse yet; None where nothing says what it costs."""
         sig = bc.signals
@@ -198,14 +200,14 @@ class MixCache:
         rate = _per_sample(sig["out_rate"], n)
         if self.extrapolate and "curvature" in sig:
             curvature = _per_sample(sig["curvature"], n)
-            rate = torch.where(curvature.isnan(), rate, curvature)
+            rate = np.where(np.isnan(curvature), rate, curvature)
         last = bc.outputs[-1][0]
-        distance = (s.t - sample_times(last, n)).abs() if isinstance(last, tuple) else abs(s.t - last)
+        distance = np.abs(s.t - sample_times(last, n)) if isinstance(last, tuple) else abs(s.t - last)
         err = rate * (distance * self._step_length(s, st, bc))
-        return torch.where(self._allowed(s, st, bc, n), err, torch.inf)
+        return np.where(self._allowed(s, st, bc, n), err, np.inf)
 
     def _shared_step_error(self, s: Step, st: CacheState, n: int
-                           ) -> tuple[torch.Tensor | None, torch.Tensor]:
+                           ) -> tuple[np.ndarray | None, np.ndarray]:
         """This branch's per-sample step estimates, and which samples reuse the step: decided once
         per step for all guidance branches, at the step's first call. A sample reuses where every
         branch called at the last step can reuse it within that branch's budget.
@@ -220,8 +222,8 @@ class MixCache:
         if decided is not None and decided[0] == s.step:
             return decided[2].get(s.branch), decided[1]
         lead = st.branch(s.branch).signals.get("prev_t")
-        estimates: dict[int, torch.Tensor | None] = {}
-        fit = torch.ones(n, dtype=torch.bool)
+        estimates: dict[int, np.ndarray | None] = {}
+        fit = np.ones(n, dtype=bool)
         for b, bc in st.branches.items():
             if b != s.branch and bc.signals.get("prev_t") != lead:
                 continue        # not called at the last step (guidance off there): not tied
@@ -229,7 +231,7 @@ class MixCache:
             fit = fit & (e <= self._left(bc)) if e is not None else fit & False
         fit = tie_groups(s, fit)
         if not self.per_sample:
-            fit = fit.all().expand(n).clone()
+            fit = np.full(n, fit.all())
         # The estimates are kept either way: a computed call's trace shows the one that did not fit.
         st.signals["step_errors"] = (s.step, fit, estimates)
         return estimates.get(s.branch), fit
@@ -245,17 +247,17 @@ class MixCache:
         # Decided at the step's first call even when that branch may not reuse, so the others
         # follow it.
         err, fit = (self._shared_step_error(s, st, n) if "step" in self.granularities
-                    else (None, torch.zeros(n, dtype=torch.bool)))
+                    else (None, np.zeros(n, dtype=bool)))
         allowed = self._allowed(s, st, bc, n)
         if moved is not None:
             fit, allowed = fit & ~moved, allowed & ~moved
-        if not bool(allowed.any()):
+        if not allowed.any():
             return COMPUTE, None
         # Step and cfg reuse save the whole call: the smaller estimate of those that fit wins.
-        fits = [] if err is None or not bc.outputs or not bool(fit.all()) else [
+        fits = [] if err is None or not bc.outputs or not fit.all() else [
             (float(err.max()), STEP)]
         cfg, refused = st.signals.get("cfg", {}).get(s.branch, {}), []
-        if ("cfg" in self.granularities and bool(allowed.all()) and cfg_ready(s, st)
+        if ("cfg" in self.granularities and allowed.all() and cfg_ready(s, st)
                 and "rate" in cfg and cfg["t"] != s.t):
             estimate = cfg["rate"] * abs(s.t - cfg["t"]) * self._step_length(s, st, bc)
             fit_cfg = estimate <= float(_per_sample(self._left(bc), n).min())
@@ -264,21 +266,21 @@ class MixCache:
             estimate, action = min(fits)
             self._spend(bc, err if action == STEP else estimate, n)
             return action, estimate
-        if err is not None and bc.outputs and bool(fit.any()):
+        if err is not None and bc.outputs and fit.any():
             # Some samples may reuse the step, others not: the batch is computed (the graph is
             # compiled for it) and the samples that may reuse take their prediction, as each
             # would alone. No FLOPs saved; the decision is the sample's own, whatever its batch.
             bc.signals["step_mask"] = fit
-            self._spend(bc, torch.where(fit, err, 0.0), n)
+            self._spend(bc, np.where(fit, err, 0.0), n)
             return STEP, float(err[fit].max())
         # The trace shows the smallest estimate that did not fit.
         estimates = [e for e, _ in refused] + ([float(err.min())] if err is not None else [])
         estimates = [e for e in estimates if e != float("inf")]
         return COMPUTE, min(estimates) if estimates else None
 
-    def _spend(self, bc: BranchCache, err: torch.Tensor | float, n: int) -> None:
+    def _spend(self, bc: BranchCache, err: np.ndarray | float, n: int) -> None:
         """Charge ``err`` (per sample, or for all) to the branch's budget: kept per sample on the
-        CPU, where the decisions are taken."""
+        host, where the decisions are taken."""
         spent = bc.signals.get("spent", 0.0) + err
         bc.signals["spent"] = spent if isinstance(spent, float) else _per_sample(spent, n)
 
@@ -291,16 +293,17 @@ class MixCache:
             return False, None
         change = rel_l1(probe, bc.probe)
         n = change.shape[0]
-        settled = torch.as_tensor(sig.get("settled_mask", False)).to(change.device)
-        if settled.numel() not in (1, n):
-            settled = torch.zeros_like(change, dtype=torch.bool)
+        settled = _host(sig.get("settled_mask", False))
+        if settled.size not in (1, n):
+            settled = np.zeros(n, dtype=bool)
         if sig.get("moved") is not None:
-            settled = settled & ~sig["moved"].to(change.device)
+            settled = settled & ~sig["moved"]
+        settled = torch.tensor(settled, device=change.device)
         err = change * self._step_length(s, st, bc)
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
                 or s.t > (1.0 - self.warmup) * st.t_first or not bool(settled.any())):
             return False, float(change.max())
-        left = _per_sample(self._left(bc), n).to(change.device)
+        left = torch.tensor(_per_sample(self._left(bc), n), device=change.device)
         below = torch.as_tensor(bc.below(self.max_reuse)).to(change.device)
         mask = tie_groups(s, settled & (err <= left) & below)
         if not self.per_sample:
@@ -308,7 +311,7 @@ class MixCache:
         if not bool(mask.any()):
             return False, float(change.max())
         sig["mask"] = mask
-        self._spend(bc, torch.where(mask, err, torch.zeros_like(err)).cpu(), n)
+        self._spend(bc, _host(torch.where(mask, err, torch.zeros_like(err))), n)
         return (True if bool(mask.all()) else mask), float(change.max())
 
     def observe(self, s: Step, st: CacheState, bc: BranchCache, outs: list[torch.Tensor],
@@ -327,18 +330,19 @@ class MixCache:
         if reused is None:
             sig["spent"] = 0.0
         elif reused is not True:
+            reused = _host(reused)
             n = reused.shape[0]
-            sig["spent"] = torch.where(reused.cpu(), _per_sample(sig.get("spent", 0.0), n), 0.0)
+            sig["spent"] = np.where(reused, _per_sample(sig.get("spent", 0.0), n), 0.0)
         # The conditions the computed outputs were made under: a reuse is judged against them.
         now, then = s.conditions, sig.get("conditions")
         if now is not None and kind in ("compute", "block"):
             sig["conditions"] = now
         elif now is not None and kind == STEP and reused is not True:
             sig["conditions"] = (now if then is None or then.shape != now.shape
-                                 else torch.where(reused.cpu(), then, now))
+                                 else np.where(reused, then, now))
         computed = (kind in ("compute", "block") or (kind == STEP and reused is not True))
         moved = sig.get("moved")
-        if computed and moved is not None and bool(moved.any()):
+        if computed and moved is not None and moved.any():
             # The outputs before a switch say nothing of those after it: rates and predictions
             # start again from this call's (else the next two calls compute on a rate or a
             # curvature measured across the switch).
@@ -361,7 +365,7 @@ class MixCache:
                 cfg["rate"] = float((num / den).max()) / abs(cfg["t"] - s.t)
             cfg["prev"], cfg["t"] = d, s.t
 
-    def _observe_rates(self, st: CacheState, bc: BranchCache, fresh: torch.Tensor | None) -> None:
+    def _observe_rates(self, st: CacheState, bc: BranchCache, fresh: np.ndarray | None) -> None:
         """The output's rate, the trigger and the curvature from each sample's last two computed
         outputs; only for the samples in ``fresh`` (None: all), whose history just moved on.
 
@@ -375,23 +379,25 @@ class MixCache:
         dt = sample_times(ta, n) - sample_times(tb, n)
         valid = dt != 0      # two calls at one timestep (Heun) say nothing of the rate
         if fresh is not None:
-            valid = valid & fresh.cpu()
-        if not bool(valid.any()):
+            valid = valid & fresh
+        if not valid.any():
             return
-        dt = torch.where(valid, dt, 1.0)
+        dt = np.where(valid, dt, 1.0)
         sig = bc.signals
         change = rel_l1(a[0], b[0])
         uniform = bool((dt == dt[0]).all())
         slope = (a[0] - b[0]) / (float(dt[0]) if uniform else
-                                 _bcast(dt.to(a[0].device, a[0].dtype), a[0]))
+                                 _bcast(torch.tensor(dt, device=a[0].device, dtype=a[0].dtype),
+                                        a[0]))
         curvature = None
         if "slope" in sig:
             dims = tuple(range(1, slope.dim()))
             num = (slope - sig["slope"]).abs().mean(dims, dtype=torch.float32)
             den = a[0].abs().mean(dims, dtype=torch.float32).clamp_min(1e-12)
             curvature = num / den
-        if not bool(valid.all()) and "slope" in sig:
-            slope = torch.where(_bcast(valid.to(slope.device), slope), slope, sig["slope"])
+        if not valid.all() and "slope" in sig:
+            slope = torch.where(_bcast(torch.tensor(valid, device=slope.device), slope), slope,
+                                sig["slope"])
         sig["slope"] = slope
         sig["pending"] = _Pending.start(change, curvature, valid, dt, abs(st.t_first), self.settle)
 
@@ -403,15 +409,15 @@ class _Pending:
     CUDA, where the copy was made at once)."""
     values: torch.Tensor
     event: "torch.cuda.Event | None"
-    valid: torch.Tensor
-    dt: torch.Tensor
+    valid: np.ndarray
+    dt: np.ndarray
     t_range: float      # |t_first|: the change per unit of the noise range is compared with
     settle: float
 
     @classmethod
-    def start(cls, change: torch.Tensor, curvature: torch.Tensor | None, valid: torch.Tensor,
-              dt: torch.Tensor, t_range: float, settle: float) -> "_Pending":
-        values = torch.stack([change] if curvature is None else [change, curvature])
+    def start(cls, change: torch.Tensor, curvature: torch.Tensor | None, valid: np.ndarray,
+              dt: np.ndarray, t_range: float, settle: float) -> "_Pending":
+        values = torch.stack([change] if curvature is None else [change, curvature]).detach()
         if values.device.type != "cuda":
             return cls(values.cpu(), None, valid, dt, t_range, settle)
         # The copy runs on the current stream of the outputs' device (not necessarily the
@@ -432,41 +438,45 @@ def _fold_pending(sig: dict) -> None:
         return
     if pending.event is not None:
         pending.event.synchronize()
-    values = pending.values.double()
+    values = pending.values.numpy().astype(np.float64)
     valid, dt, n = pending.valid, pending.dt, pending.valid.shape[0]
     change = values[0]
-    rate = change / dt.abs()
-    sig["out_rate"] = torch.where(valid, rate, _per_sample(sig.get("out_rate", torch.inf), n))
+    rate = change / np.abs(dt)
+    sig["out_rate"] = np.where(valid, rate, _per_sample(sig.get("out_rate", np.inf), n))
     # The trigger says when caching may start, not when it must stop: the output moves fastest
     # again over the last, longest steps, and re-arming there would compute the final step on top
     # of a forced compute before it (with the probe as the signal, 0.003-0.019 more of the FLOPs
     # for at most 0.8 dB; bench/RESULTS.md).
-    _latch(sig, valid & (change * pending.t_range / dt.abs() < pending.settle))
+    _latch(sig, valid & (change * pending.t_range / np.abs(dt) < pending.settle))
     if values.shape[0] == 2:
-        sig["curvature"] = torch.where(
-            valid, values[1], _per_sample(sig.get("curvature", torch.nan), n))
+        sig["curvature"] = np.where(valid, values[1], _per_sample(sig.get("curvature", np.nan), n))
 
 
-def _per_sample(x: torch.Tensor | float, n: int) -> torch.Tensor:
-    """A number, or one per sample (any device), as n float64 values on the CPU. Not copied where
-    it already is that (nothing here writes these in place): this runs a dozen times in a reused
-    call, whose whole cost is bookkeeping."""
-    if not isinstance(x, torch.Tensor):
-        return torch.full((n,), x, dtype=torch.float64)
-    if x.dtype != torch.float64 or x.device.type != "cpu":
-        x = x.to("cpu", torch.float64)
-    return x if x.shape == (n,) else x.expand(n)
+def _per_sample(x: "np.ndarray | torch.Tensor | float", n: int) -> np.ndarray:
+    """A number, or one per sample (a tensor on any device, or an array), as n float64 values on
+    the host. NumPy, not one-element CPU tensors: a reused call's whole cost is this bookkeeping,
+    some thirty such ops, and NumPy's take a third of the time torch's do (a ``where``: 1.5
+    against 4.2 us on a 2-core CI-class CPU). Not copied where it already is that: nothing writes
+    these in place."""
+    x = _host(x).astype(np.float64, copy=False)
+    return x if x.shape == (n,) else np.full(n, x.item())
+
+
+def _host(x: "np.ndarray | torch.Tensor | bool") -> np.ndarray:
+    """A per-sample value as a NumPy array on the host: a tensor is copied there (from a device,
+    a sync: only a block decision's mask, which its decision read already)."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _latch(sig: dict, settled: torch.Tensor) -> torch.Tensor:
+def _latch(sig: dict, settled: np.ndarray) -> np.ndarray:
     """Per sample, settled now or before (the trigger stays on once settled)."""
     latched = sig.get("settled_mask")
-    if latched is not None and latched.shape == settled.shape:
-        settled = settled | latched
+    if latched is not None and np.shape(latched) == settled.shape:
+        settled = settled | _host(latched)
     sig["settled_mask"] = settled
     sig["settled"] = bool(settled.all())
     return settled

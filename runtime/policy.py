@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .cache import BranchCache, CacheState, Step
@@ -235,7 +236,7 @@ def polyval(coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def tie_groups(s: Step, mask: torch.Tensor) -> torch.Tensor:
+def tie_groups(s: Step, mask: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """A per-sample decision with the guidance branches batched in one call tied (``s.groups``:
     batched CFG's two halves, PAG's three thirds): a sample reuses only where its copy in every
     branch may. Branches that reuse apart make errors that do not cancel in the guidance
@@ -244,7 +245,8 @@ def tie_groups(s: Step, mask: torch.Tensor) -> torch.Tensor:
     n, g = mask.shape[0], s.groups
     if g < 2 or n % g:
         return mask
-    return mask.reshape(g, n // g).all(0).repeat(g)
+    tied = mask.reshape(g, n // g).all(0)
+    return np.concatenate([tied] * g) if isinstance(tied, np.ndarray) else tied.repeat(g)
 
 
 def cfg_ready(s: Step, state: CacheState) -> bool:

@@ -1,4 +1,5 @@
 """Invariants of the MixCache policy, on random DiTs and at the level of single decisions."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -283,15 +284,15 @@ def test_a_sample_whose_conditions_switched_computes(now, action, reused):
     pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0})
     st_, steps = _two_branches((1e-4,))
     bc, s = st_.branch(0), steps[0]
-    then = torch.tensor([[1.0, 1.0], [2.0, 4.0]][:len(now)], dtype=torch.float64)
+    then = np.array([[1.0, 1.0], [2.0, 4.0]][:len(now)])
     bc.signals["conditions"] = then
-    s.conditions = torch.tensor(now, dtype=torch.float64)
+    s.conditions = np.array(now)
     assert pol.step(s, st_, torch.zeros(2))[0] == action
     mask = bc.signals.get("step_mask")
     assert (mask.tolist() if mask is not None else [action == "step"] * 2) == reused
     bc.outputs.append((500.0, [torch.ones(2, 2)]))      # what _finish pushes before observing
     pol.observe(s, st_, bc, [torch.zeros(2, 2)], action)
-    expected = torch.where(torch.tensor(reused), then, s.conditions)
+    expected = np.where(reused, then, s.conditions)
     assert bc.signals["conditions"].tolist() == expected.tolist()
     # Rates and predictions start again from a call where a switch was computed: the outputs
     # before it say nothing of those after.
