@@ -372,6 +372,41 @@ def test_a_generation_reads_its_timesteps_once(monkeypatch):
     assert {r["action"] for r in dit_compile.stats(pipe.transformer)["trace"]} == {"compute", "cfg"}
 
 
+def test_a_reused_call_decides_on_the_host(monkeypatch):
+    """Under the default policy, a reused call's whole cost is the runtime's bookkeeping, which
+    runs on the host (NumPy): the only tensor ops such a call issues are the extrapolation's (a
+    weighted sum of the last computed outputs: a multiply, then an add per further output). As
+    one-element tensors, the per-sample signals cost 24 ops of a few microseconds each there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from dit_compile.runtime.executor import GuardedExecutor
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen[-1].append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_models.wan(layers=3)[0]
+    pipe = pipelines.wan_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    pipelines.run_wan(pipe, 20)                   # traced and warm
+    executor_call, seen = GuardedExecutor.__call__, []
+
+    def counted(self, *args):
+        seen.append([])
+        with Ops():
+            return executor_call(self, *args)
+    monkeypatch.setattr(GuardedExecutor, "__call__", counted)
+    dit_compile.reset(pipe.transformer)
+    pipelines.run_wan(pipe, 20)
+    monkeypatch.undo()
+    actions = [r["action"] for r in dit_compile.stats(pipe.transformer)["trace"]]
+    reused = [ops for ops, action in zip(seen, actions) if action == "step"]
+    assert len(seen) == 40 and len(reused) >= 8, actions
+    allowed = {"mul", "add_", "_to_copy", "promote_types", "detach"}
+    assert all(set(ops) <= allowed and len(ops) <= 6 for ops in reused), reused
+
+
 @pytest.mark.gpu
 def test_a_balanced_generation_syncs_once_on_gpu():
     """On the GPU, under the default policy: the only host sync inside the executor in a
