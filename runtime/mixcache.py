@@ -463,8 +463,9 @@ def _per_sample(x: "np.ndarray | torch.Tensor | float", n: int) -> np.ndarray:
 
 
 def _host(x: "np.ndarray | torch.Tensor | bool") -> np.ndarray:
-    """A per-sample value as a NumPy array on the host: a tensor is copied there (from a device,
-    a sync: only a block decision's mask, which its decision read already)."""
+    """A per-sample value as a NumPy array on the host: a tensor is copied there (from a GPU, a
+    sync; the only device tensors that come here are a block decision's mask, which that decision
+    read already, and the consecutive-reuse counts after a reuse by only some samples)."""
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
