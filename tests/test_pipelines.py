@@ -377,7 +377,7 @@ def test_a_generation_reads_its_timesteps_once(monkeypatch):
 
 
 def test_a_reused_call_decides_on_the_host(monkeypatch):
-    """Under the default policy, a reused call's whole cost is the runtime's bookkeeping, which
+    """Under the default policy, the runtime's work in a reused call is mostly bookkeeping, which
     runs on the host (NumPy): the only tensor ops such a call issues are the extrapolation's (a
     weighted sum of the last computed outputs: a multiply, then an add per further output). As
     one-element tensors, the per-sample signals cost 24 ops of a few microseconds each there."""
