@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
 
     with torch.no_grad():
         c = model.config
-        x = torch.randn(1, 3, c.frames, c.size, c.size)
+        x = torch.randn(1, model.transformer.config.in_channels, c.frames, c.size, c.size)
         print(dit_compile.explain(model.transformer, hidden_states=x, timestep=torch.tensor([500.0]),
                                   encoder_hidden_states=model.condition.embed(cases[0].condition),
                                   return_dict=False))

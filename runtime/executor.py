@@ -353,8 +353,9 @@ class GuardedExecutor(Executor):
 
     def _conditions(self, env: list[Any], n: int) -> np.ndarray:
         """The mean magnitude of each other condition, per sample where its dim 0 is the batch
-        (else one for all): [conditions, n], float64 on the host (NumPy), where the policy decides. A
-        magnitude is enough to see a condition switched on or off, and costs no copy to keep.
+        (else one for all): [conditions, n], float64 on the host (NumPy), where the policy
+        decides. A magnitude is enough to see a condition switched on or off, and costs no copy to
+        keep.
         Where they are the very tensors of the last call, not written to since (a pipeline's
         pooled text and masks, passed as they are at every step), the last result stands: a
         reused call of a launch-bound model pays per op (on the CPU, 70 us of a 670 us reused

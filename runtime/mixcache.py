@@ -456,8 +456,8 @@ def _per_sample(x: "np.ndarray | torch.Tensor | float", n: int) -> np.ndarray:
     """A number, or one per sample (a tensor on any device, or an array), as n float64 values on
     the host. NumPy, not one-element CPU tensors: the runtime's work in a reused call is mostly
     this bookkeeping, some thirty such ops, and NumPy's take a third of the time torch's do (a
-    ``where``: 1.5 against 4.2 us on a 2-core CI-class CPU). Not copied where it already is that: nothing writes
-    these in place."""
+    ``where``: 1.5 against 4.2 us on a 2-core CI-class CPU). Not copied where it already is
+    that: nothing writes these in place."""
     x = _host(x).astype(np.float64, copy=False)
     return x if x.shape == (n,) else np.full(n, x.item())
 
