@@ -429,7 +429,8 @@ def test_a_compiled_function_that_breaks_before_the_model_is_not_cached():
 def test_no_timestep_input_is_said_by_explain_and_the_backend_alike():
     """A Transformer2DModel as a U-Net calls it inside its blocks: block stacks, but no timestep.
     explain says that nothing will be cached and why, the backend warns the same once and
-    computes every call, as eager does."""
+    computes every call, as eager does: under the default cache too, which the user compiled for
+    (only ``cache: None``, asking for no caching, is not told)."""
     from diffusers import Transformer2DModel
     torch.manual_seed(0)
     model = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
@@ -439,14 +440,18 @@ def test_no_timestep_input_is_said_by_explain_and_the_backend_alike():
     report = dit_compile.explain(model, **kw)
     assert report.stacks == {"transformer_blocks": 3}
     assert report.fallback.startswith("could not tell which input is the timestep"), report
-    compiled = torch.compile(model, backend="mixcache",
-                             options={"regions": "eager", "cache": "balanced"})
+    compiled = torch.compile(model, backend="mixcache", options={"regions": "eager"})
     with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
         out = compiled(**kw)[0]
     said = _mixcache_warnings(rec)
     assert len(said) == 1 and report.fallback in said[0] and "U-Net" in said[0], said
     with torch.no_grad():
         torch.testing.assert_close(out, model(**kw)[0], rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    off = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        off(**kw)
 
 
 def test_a_latent_list_of_unequal_shapes_is_not_cached_and_said_so():
