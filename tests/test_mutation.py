@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dit_compile
 from conftest import capture
@@ -54,6 +55,85 @@ def test_operators_named_like_in_place_ones_write_nothing():
     targets = {getattr(n.target, "__name__", None) for n in graphs[0].graph.nodes}
     assert {"and_", "or_", "not_", "iand"} <= targets, targets
     assert [p.name for p in written_inputs(graphs[0])] == ["l_written_"]
+
+
+# Random programs over three inputs: each step makes a view of a value (sharing its memory, or a
+# copy where the layout forces one: reshape and contiguous of a transposed value), a new value, or
+# writes into a value in one of the ways Dynamo records a write. Which inputs a program writes is
+# read off torch's own version counters (shared by a tensor and its views) in an eager run, so the
+# oracle is torch, not a second reading of the graph.
+VIEWS = {"flat": lambda v: v.reshape(-1), "t": lambda v: v.transpose(0, -1), "head": lambda v: v[:1],
+         "narrow": lambda v: v.narrow(-1, 0, 1), "detach": lambda v: v.detach(),
+         "unsqueeze": lambda v: v.unsqueeze(0), "contiguous": lambda v: v.contiguous(),
+         "chunk": lambda v: v.chunk(2, -1)[-1]}
+NEW = {"mul": lambda v: v * 2, "clone": lambda v: v.clone(), "relu": lambda v: v.relu()}
+WRITES = ["add_", "iadd", "setitem", "copy_", "relu_", "masked_fill_", "out"]
+
+
+def _write(kind: str, v: torch.Tensor, other: torch.Tensor) -> None:
+    if kind == "add_":
+        v.add_(1)
+    elif kind == "iadd":
+        v += other.sum()                  # an augmented assignment: operator.iadd in the graph
+    elif kind == "setitem":
+        v[..., :1] = 0
+    elif kind == "copy_":
+        v.copy_(other.mean().expand(v.shape))
+    elif kind == "relu_":
+        torch.relu_(v)
+    elif kind == "masked_fill_":
+        v.masked_fill_(other.sum() > 0, 1.0)
+    elif kind == "out":
+        if v.is_contiguous():             # Dynamo refuses (a graph break) a strided out=
+            torch.neg(v.clone(), out=v)
+        else:
+            v.neg_()
+
+
+class Program(torch.nn.Module):
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def forward(self, a, b, c):
+        values = [a, b, c]
+        for op, i, kind, j in self.steps:
+            v = values[i % len(values)]
+            if op == "view":
+                values.append(VIEWS[kind](v))
+            elif op == "new":
+                values.append(NEW[kind](v))
+            else:
+                _write(kind, v, values[j % len(values)])
+        return values[-1] * 1
+
+
+step = st.one_of(
+    st.tuples(st.just("view"), st.integers(0, 99), st.sampled_from(sorted(VIEWS)), st.just(0)),
+    st.tuples(st.just("new"), st.integers(0, 99), st.sampled_from(sorted(NEW)), st.just(0)),
+    st.tuples(st.just("write"), st.integers(0, 99), st.sampled_from(WRITES), st.integers(0, 99)))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(step, min_size=1, max_size=8), st.booleans())
+def test_written_inputs_are_the_inputs_torch_counts_writes_into(steps, aliased):
+    """``aliased``: the third input is a view of the first (one memory): a write into either is a
+    write into both, where both are inputs of the graph (Dynamo leaves out an input the program
+    does not read)."""
+    def inputs():
+        a = torch.randn(4, 3)
+        return {"a": a, "b": torch.randn(4, 3), "c": a[1:] if aliased else torch.randn(3, 3)}
+
+    program = Program(tuple(steps))
+    eager = inputs()
+    before = {k: v._version for k, v in eager.items()}
+    with torch.no_grad():
+        program(**eager)
+    gm = capture(program, inputs())
+    graph_inputs = {p.name for p in gm.graph.find_nodes(op="placeholder")}
+    expected = sorted(name for k, v in eager.items()
+                      if v._version != before[k] and (name := f"l_{k}_") in graph_inputs)
+    assert sorted(p.name for p in written_inputs(gm)) == expected, steps
 
 
 def anyflow_far():
