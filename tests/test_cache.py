@@ -690,6 +690,57 @@ def test_shape_or_dtype_change_mid_generation_is_a_new_generation(change):
     assert trace[-1]["generation"] == trace[0]["generation"] + 1
 
 
+# One step: the timestep falls or the sampler starts again; tokens; the timestep's dtype; the
+# prompt of each guidance branch.
+change = st.tuples(st.sampled_from(["next", "restart"]), st.sampled_from([4, 6]),
+                   st.sampled_from([torch.float32, torch.int64]), st.integers(0, 1), st.integers(2, 3))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(steps=st.lists(change, min_size=2, max_size=8), falls=st.lists(st.integers(40, 90), min_size=8),
+       branches=st.integers(1, 2))
+def test_no_call_is_served_from_another_shape_dtype_prompt_or_generation(steps, falls, branches):
+    """Any sequence of steps (one call per guidance branch, on one latent) under a schedule that
+    reuses every step it may: a call whose shape or timestep dtype differs from the step before,
+    whose branch's prompt differs from that branch's last, or whose timestep rises (a new sampler
+    run), computes; any other call computes or reuses its own branch's last output computed,
+    never an older one nor another branch's (a prompt left and taken again included: one prompt
+    is kept per branch). The rule may compute more than this (below a one-call generation that
+    rose, the next call starts another: a one-step sampler's), never reuse more; the second step,
+    falling on the first's shapes and prompts, reuses."""
+    spec = random_dits.Spec(dim=8, depths=(3,), cross_attn=True, adaln=True, gated=False,
+                            two_streams=False, extra_input=False, batch=1, tokens=4)
+    model, _ = random_dits.build(spec)
+    texts = [torch.randn(1, 3, 6) for _ in range(4)]
+    torch._dynamo.reset()
+    f = compiled(model, {"rule": "schedule", "step": list(range(1, 20))})
+    t, shapes, prompts, computed = 999.0, None, [None, None], [None, None]
+
+    def close(a, b):
+        return b is not None and a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    for i, ((move, tokens, dtype, *prompt), fall) in enumerate(zip(steps, falls)):
+        rises = i > 0 and move == "restart" and t < 999.0
+        t = 999.0 if i == 0 or rises else t - fall
+        latent = torch.randn(1, tokens, 4)
+        new = i == 0 or rises or (tokens, dtype) != shapes
+        shapes = (tokens, dtype)
+        for b in range(branches):
+            kw = dict(hidden_states=latent, encoder_hidden_states=texts[prompt[b]],
+                      timestep=torch.tensor([t]).to(dtype))
+            changed = new or prompt[b] != prompts[b]
+            prompts[b] = prompt[b]
+            with torch.no_grad():
+                out, ref = f(**kw)[0], model(**kw)[0]
+            where = f"step {i}, branch {b} of {steps[:i + 1]}"
+            if changed:
+                assert close(out, ref), f"{where}: not computed"
+            else:
+                assert close(out, ref) or close(out, computed[b]), f"{where}: another output"
+                assert i != 1 or close(out, computed[b]), f"{where}: not reused"
+            computed[b] = out if close(out, ref) else computed[b]
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["autocast then off", "off then autocast"])
 def test_autocast_switched_mid_generation_reuses_nothing_of_the_other(first):
     """Dynamo recompiles when autocast is switched on or off; that graph computes the same ops
