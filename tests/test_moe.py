@@ -550,6 +550,40 @@ def test_hidream_lowered_matches_eager_and_compiles_fullgraph():
     assert len(graphs) > 1 and sum(count_moe_ops(g) for g in graphs) == 0  # the original loop breaks
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(dim=st.sampled_from([4, 8]), experts=st.integers(1, 6), data=st.data(),
+       batch=st.integers(1, 2), tokens=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_lowering_preserves_each_dispatch(dim, experts, data, batch, tokens, seed):
+    """Either dispatch lowered computes what it computed, in float64 to the last bits, for any
+    number of experts, of them routed per token (HiDream's top-k, up to all), of tokens and of
+    capacity (NucleusMoE's, by its factor: experts' rows overlap, and some tokens go to none),
+    softmax or sigmoid scores: experts that get no token included."""
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+    from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoELayer
+
+    torch.manual_seed(seed)
+    if data.draw(st.booleans(), label="hidream"):
+        module = MOEFeedForwardSwiGLU(dim=dim, hidden_dim=4 * dim, num_routed_experts=experts,
+                                      num_activated_experts=data.draw(st.integers(1, experts), label="top_k"))
+        args = (torch.randn(batch, tokens, dim),)
+    else:
+        module = NucleusMoELayer(hidden_size=dim, moe_intermediate_dim=3 * dim, num_experts=experts,
+                                 # capacity ceil(factor * tokens / experts) <= tokens, as diffusers' topk needs
+                                 capacity_factor=data.draw(st.sampled_from([f for f in (0.5, 1.0, 2.5) if f <= experts]),
+                                                           label="capacity"),
+                                 use_sigmoid=data.draw(st.booleans(), label="sigmoid"), route_scale=1.5)
+        args = (torch.randn(batch, tokens, dim), torch.randn(batch, tokens, dim), torch.randn(batch, dim))
+    with torch.no_grad():
+        for p in module.parameters():        # Nucleus leaves its expert stacks uninitialised
+            p.copy_(torch.randn_like(p) * dim**-0.5)
+    module = module.double().eval()
+    args = tuple(a.double() for a in args)
+    with torch.no_grad():
+        expected = module(*args)
+        assert lower_moe(module) == 1
+        torch.testing.assert_close(module(*args), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_hidream_stack_stays_in_sync():
     model, _, kwargs = tiny_hidream()
     lower_moe(model)
