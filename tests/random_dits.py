@@ -84,7 +84,8 @@ class RandomDiT(nn.Module):
         self.norm_out = nn.LayerNorm(d)
         self.proj_out = nn.Linear(d, 4)
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled=None):
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled=None, return_dict=True):
+        # return_dict as diffusers' models take it (the eager references pass it); a tuple either way
         d = self.s.dim
         freqs = torch.exp(-math.log(10000) * torch.arange(d // 2, dtype=torch.float32) / (d // 2))
         args = timestep[:, None].float() * freqs[None]

@@ -10,9 +10,11 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dit_compile
 import dit_compile.backend as backend
+import random_dits
 from reference_cache import BatchedCfgReference
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -72,6 +74,33 @@ def test_cogvideox_batched_cfg_matches_eager_reference(cache, cfg_steps, in_plac
         # A second generation starts from nothing cached and reuses the same way.
         torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), ref, rtol=1e-5, atol=1e-5)
     _check_trace(dit_compile.stats(pipe.transformer)["trace"], cfg_steps, generations=2)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(spec=random_dits.specs().filter(lambda s: not s.extra_input),
+       cfg_steps=st.sets(st.integers(1, STEPS - 1)), falls=st.lists(st.integers(40, 150), min_size=STEPS))
+def test_random_dits_batched_cfg_match_the_reference(spec, cfg_steps, falls):
+    """Random DiTs (one or two stacks, dual-stream blocks, cross-attention, adaLN, gates; one or
+    two samples a branch) called as a pipeline batching [uncond, cond] on one latent: under a cfg
+    schedule, every call equals the eager reference of the same rule, and each scheduled step
+    computes half the batch."""
+    model, _ = random_dits.build(spec)
+    reference = BatchedCfgReference(model, cfg=cfg_steps).model
+    torch._dynamo.reset()
+    f = _compile(model, {"rule": "schedule", "cfg": sorted(cfg_steps)})
+    text = torch.randn(2 * spec.batch, 3, 6)
+    t = 999.0
+    with torch.no_grad():
+        for step, fall in zip(range(STEPS), falls):
+            latent = torch.randn(spec.batch, spec.tokens, 4)
+            call = dict(hidden_states=torch.cat([latent, latent]), encoder_hidden_states=text,
+                        timestep=torch.full((2 * spec.batch,), t), return_dict=False)
+            torch.testing.assert_close(f(**call)[0], reference(**call)[0], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"step {step}: {m}")
+            t -= fall
+    trace = dit_compile.stats(f)["trace"]
+    assert [r["action"] for r in trace] == ["cfg" if r["step"] in cfg_steps else "compute"
+                                            for r in trace]
 
 
 def test_class_labels_are_the_condition_of_a_class_conditional_dit():
