@@ -562,17 +562,19 @@ def test_lowering_preserves_each_dispatch(dim, experts, data, batch, tokens, see
     from diffusers.models.transformers.transformer_nucleusmoe_image import NucleusMoELayer
 
     torch.manual_seed(seed)
+    x = torch.randn(batch, tokens, dim)
     if data.draw(st.booleans(), label="hidream"):
+        top_k = data.draw(st.integers(1, experts), label="top_k")
         module = MOEFeedForwardSwiGLU(dim=dim, hidden_dim=4 * dim, num_routed_experts=experts,
-                                      num_activated_experts=data.draw(st.integers(1, experts), label="top_k"))
-        args = (torch.randn(batch, tokens, dim),)
+                                      num_activated_experts=top_k)
+        args = (x,)
     else:
+        # Capacity ceil(factor * tokens / experts) may not exceed the tokens: diffusers' topk raises.
+        factor = data.draw(st.sampled_from([f for f in (0.5, 1.0, 2.5) if f <= experts]), label="capacity")
         module = NucleusMoELayer(hidden_size=dim, moe_intermediate_dim=3 * dim, num_experts=experts,
-                                 # capacity ceil(factor * tokens / experts) <= tokens, as diffusers' topk needs
-                                 capacity_factor=data.draw(st.sampled_from([f for f in (0.5, 1.0, 2.5) if f <= experts]),
-                                                           label="capacity"),
-                                 use_sigmoid=data.draw(st.booleans(), label="sigmoid"), route_scale=1.5)
-        args = (torch.randn(batch, tokens, dim), torch.randn(batch, tokens, dim), torch.randn(batch, dim))
+                                 capacity_factor=factor, use_sigmoid=data.draw(st.booleans(), label="sigmoid"),
+                                 route_scale=1.5)
+        args = (x, torch.randn(batch, tokens, dim), torch.randn(batch, dim))  # the unmodulated input, temb
     with torch.no_grad():
         for p in module.parameters():        # Nucleus leaves its expert stacks uninitialised
             p.copy_(torch.randn_like(p) * dim**-0.5)
