@@ -554,7 +554,7 @@ def test_hidream_lowered_matches_eager_and_compiles_fullgraph():
 @given(dim=st.sampled_from([4, 8]), experts=st.integers(1, 6), data=st.data(),
        batch=st.integers(1, 2), tokens=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_lowering_preserves_each_dispatch(dim, experts, data, batch, tokens, seed):
-    """Either dispatch lowered computes what it computed, in float64 to the last bits, for any
+    """Either dispatch lowered computes what it computed, in float64 to 1e-12, for any
     number of experts, of them routed per token (HiDream's top-k, up to all), of tokens and of
     capacity (NucleusMoE's, by its factor: experts' rows overlap, and some tokens go to none),
     softmax or sigmoid scores: experts that get no token included."""
