@@ -27,6 +27,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .regions import is_torch_nn
+
 NESTED_FROM = "_dit_compile_nested_from"    # on a nested subclass: the class it stands in for
 # Traces Dynamo may keep of nested blocks in one compile (torch's default is 8, then it fails the
 # compile). A block that cannot reuse another's trace (a Python constant that differs from block
@@ -36,16 +38,19 @@ MAX_TRACES = 4096
 _subclasses: dict[type, type] = {}          # one subclass per block class, so blocks share it
 
 
-def block_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
-    """The model's repeated block stacks: every ``nn.ModuleList`` of two or more modules of one
-    class that is not inside another such stack's blocks (an MoE's experts are not a stack)."""
-    stacks: dict[str, nn.ModuleList] = {}
+def block_stacks(model: nn.Module) -> dict[str, nn.ModuleList | nn.Sequential]:
+    """The model's repeated block stacks, as the region pass finds them: every ``nn.ModuleList``
+    or ``nn.Sequential`` below the model of two or more modules of one class, not one of
+    ``torch.nn``'s own, and not inside another such stack's blocks (an MoE's experts are not a
+    stack)."""
+    stacks: dict[str, nn.ModuleList | nn.Sequential] = {}
     for name, module in model.named_modules():
-        if any(name.startswith(f"{s}.") for s in stacks):
+        if not name or any(name.startswith(f"{s}.") for s in stacks):
             continue
-        if (isinstance(module, nn.ModuleList) and len(module) >= 2
-                and len({_original(type(b)) for b in module}) == 1):
-            stacks[name] = module
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+            classes = {_original(type(b)) for b in module}
+            if len(classes) == 1 and not is_torch_nn(classes.pop()):
+                stacks[name] = module
     return stacks
 
 

@@ -101,7 +101,8 @@ def _block_candidates(node: fx.Node) -> list[tuple[str, int, type]]:
     return out
 
 
-def _is_builtin(cls: type) -> bool:
+def is_torch_nn(cls: type) -> bool:
+    """One of ``torch.nn``'s own classes: a list of those (``nn.Linear``s) is no stack of blocks."""
     return getattr(cls, "__module__", "").startswith("torch.nn")
 
 
@@ -121,7 +122,7 @@ def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
         for head, idx_cls in members.items()
         if len(idx_cls) >= 2
         and len(set(idx_cls.values())) == 1
-        and not _is_builtin(next(iter(idx_cls.values())))
+        and not is_torch_nn(next(iter(idx_cls.values())))
         and sorted(idx_cls) == list(range(len(idx_cls)))
     }
     # Blocks carry a stream: block i+1 reads (through any glue) what block i made. A list of
@@ -146,7 +147,7 @@ def _skipped_blocks(nodes: list[fx.Node]) -> tuple[str, list[int]] | None:
     """A container of one block class whose traced indices have holes: the forward skipped some."""
     for head, idx_cls in _members(nodes).items():
         classes = set(idx_cls.values())
-        if len(idx_cls) >= 2 and len(classes) == 1 and not _is_builtin(next(iter(classes))):
+        if len(idx_cls) >= 2 and len(classes) == 1 and not is_torch_nn(next(iter(classes))):
             missing = sorted(set(range(max(idx_cls) + 1)) - set(idx_cls))
             if missing:
                 return head, missing

@@ -218,6 +218,66 @@ def ideogram4():
                    timestep=torch.full((1,), 0.5), position_ids=position_ids,
                    segment_ids=segment_ids, indicator=indicator)
 
+
+def lumina_next():
+    """Self- and cross-attention mixed per head by a tanh gate (zero-initialised); a complex 2-D
+    rotary table built as its pipeline builds it; proportional attention through
+    ``cross_attention_kwargs``. (Its pipeline passes 1 - t / 1000, which rises: test_cache.)"""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+    m = seeded("LuminaNextDiT2DModel", sample_size=8, patch_size=2, in_channels=4, hidden_size=32,
+               num_layers=3, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
+               cross_attention_dim=16, learn_sigma=True, qk_norm=True)
+    with torch.no_grad():   # the gates: give the text a path
+        for b in m.layers:
+            b.gate.fill_(0.5)
+    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.full((1,), 0.5),
+                   encoder_hidden_states=torch.randn(1, 6, 16),
+                   encoder_mask=torch.ones(1, 6, dtype=torch.long),
+                   image_rotary_emb=get_2d_rotary_pos_embed_lumina(16, 384, 384),
+                   cross_attention_kwargs={"base_sequence_length": 16})
+
+
+def stable_audio3():
+    """Audio latents (channels, length); memory tokens prepended, dropped after; the duration both
+    a global condition and one more text token."""
+    m = seeded("StableAudio3DiTModel", io_channels=4, patch_size=1, embed_dim=32, depth=2,
+               num_heads=2, cond_token_dim=16, global_cond_dim=16, local_add_cond_dim=5,
+               timestep_features_dim=16, ff_mult=2.0, num_memory_tokens=4)
+    with torch.no_grad():   # the residual convs around the transformer, zero-initialised
+        for conv in (m.preprocess_conv, m.postprocess_conv):
+            conv.weight.normal_(0, 0.1)
+    duration = torch.randn(1, 16)
+    return m, dict(hidden_states=torch.randn(1, 4, 16), timestep=torch.full((1,), 0.5),
+                   encoder_hidden_states=torch.cat([torch.randn(1, 6, 16), duration[:, None]], 1),
+                   global_hidden_states=duration,
+                   encoder_attention_mask=torch.ones(1, 7, dtype=torch.long))
+
+
+def longcat_audio():
+    """Audio tokens ``(B, T, C)`` beside a latent condition (zeros in text-to-audio); the text
+    through ConvNeXt blocks held in an ``nn.Sequential`` (a text-only stack); one AdaLN for all
+    blocks; a long skip from before the blocks to after."""
+    m = seeded("LongCatAudioDiTTransformer", dit_dim=32, dit_depth=3, dit_heads=2, dit_text_dim=16,
+               latent_dim=4, ff_mult=2.0)
+    with torch.no_grad():   # zero-initialised modulation, output norm and projection
+        for layer in (m.adaln_global_mlp.mlp[-1], m.norm_out.linear, m.proj_out):
+            layer.weight.normal_(0, 0.1)
+            layer.bias.normal_(0, 0.1)
+    return m, dict(hidden_states=torch.randn(1, 16, 4), encoder_hidden_states=torch.randn(1, 6, 16),
+                   encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool),
+                   timestep=torch.full((1,), 0.5), attention_mask=torch.ones(1, 16, dtype=torch.bool),
+                   latent_cond=torch.zeros(1, 16, 4))
+
+
+def minimax_music3():
+    """Frame-aligned conditioning ``(B, T, C)`` joined to the latent's channels before the blocks;
+    the timestep's embedding prepended as a token."""
+    m = seeded("MiniMaxMusic3Transformer1DModel", in_channels=4, condition_dim=16, num_layers=3,
+               num_attention_heads=2, attention_head_dim=16, ff_inner_dim=32, rotary_dim=8,
+               fourier_embedding_dim=16)
+    return m, dict(hidden_states=torch.randn(1, 4, 16), timestep=torch.full((1,), 0.5),
+                   encoder_hidden_states=torch.randn(1, 16, 16))
+
 # name: (factory, stacks the region pass must find, the single stack's attribute or None)
 ZOO = {
     "auraflow": (auraflow, {"joint_transformer_blocks": 2, "single_transformer_blocks": 2}, None),
@@ -236,4 +296,8 @@ ZOO = {
     "ace_step": (ace_step, {"layers": 4}, "layers"),
     "glm_image": (glm_image, {"transformer_blocks": 2}, "transformer_blocks"),
     "ideogram4": (ideogram4, {"layers": 2}, "layers"),
+    "lumina_next": (lumina_next, {"layers": 3}, "layers"),
+    "stable_audio3": (stable_audio3, {"transformer_blocks": 2}, "transformer_blocks"),
+    "longcat_audio": (longcat_audio, {"text_conv_layer": 4, "blocks": 3}, None),
+    "minimax_music3": (minimax_music3, {"transformer_blocks": 3}, "transformer_blocks"),
 }

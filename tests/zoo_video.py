@@ -147,6 +147,21 @@ def joyimage_edit():
     return m, dict(hidden_states=torch.randn(1, 2, 4, 1, 8, 8), timestep=torch.full((1,), 500.0),
                    encoder_hidden_states=torch.randn(1, 6, 16))
 
+
+def joyimage_edit_plus():
+    """Items patchified apart and padded into one 6-D patch tensor ``(B, patches, C, pt, ph, pw)``:
+    the noisy target first, then a reference image; per-item rotary positions from
+    ``shape_list``; a padded text token masked out; dual-stream blocks."""
+    m = seeded("JoyImageEditPlusTransformer3DModel", patch_size=[1, 2, 2], in_channels=4,
+               out_channels=4, hidden_size=16, num_attention_heads=2, text_dim=16,
+               mlp_width_ratio=2.0, num_layers=3, rope_dim_list=[2, 2, 4])
+    mask = torch.ones(1, 6, dtype=torch.long)
+    mask[:, -1] = 0
+    return m, dict(hidden_states=torch.randn(1, 32, 4, 1, 2, 2), timestep=torch.full((1,), 500.0),
+                   encoder_hidden_states=torch.randn(1, 6, 16), encoder_hidden_states_mask=mask,
+                   shape_list=[[(1, 4, 4), (1, 4, 4)]])
+
+
 def kandinsky6():
     """Two text-only stacks (the video's and the audio's text) before the fused video/audio
     stack, whose blocks return ``(video, audio)``; latents ``(B, T, H, W, 2c + 1)`` (the
@@ -229,6 +244,7 @@ def sana_wm():
                    camera_conditions=cam["raymap"][None], chunk_plucker=cam["chunk_plucker"][None])
 
 
+
 # name: (factory, stacks the region pass must find, the single stack's attribute or None)
 ZOO = {
     "allegro": (allegro, {"transformer_blocks": 3}, "transformer_blocks"),
@@ -243,6 +259,7 @@ ZOO = {
     "helios": (helios, {"blocks": 3}, "blocks"),
     "wan_animate": (wan_animate, {"blocks": 4, "face_adapter": 2}, None),
     "joyimage_edit": (joyimage_edit, {"double_blocks": 3}, None),
+    "joyimage_edit_plus": (joyimage_edit_plus, {"double_blocks": 3}, None),
     "kandinsky6": (kandinsky6, {"video_text_transformer_blocks": 2,
                                 "audio_text_transformer_blocks": 2, "visual_transformer_blocks": 2}, None),
     "minimax_h3": (minimax_h3, {"transformer_blocks": 2}, "transformer_blocks"),
