@@ -384,10 +384,12 @@ def residual_streams(rmap: RegionMap) -> dict[str, list[fx.Node]]:
 # Which graph inputs are the latent, the timestep and the text condition.
 
 # Inputs by the names diffusers gives them, the first found of each role's list. The condition is
-# the text embedding, or the class labels of class-conditional DiTs (DiTPipeline batches them with
-# the null class for guidance, as others batch the text).
+# the text embedding, the class labels of class-conditional DiTs (DiTPipeline batches them with
+# the null class for guidance, as others batch the text), or the prompt's token ids where the
+# model embeds them itself (Cosmos 3 Omni, OmniGen): compared by value like the others, and never
+# to be guessed by dataflow, which takes the largest float input (OmniGen's attention mask).
 _ROLE_NAMES = {"latent": ("hidden_states",), "timestep": ("timestep",),
-               "text": ("encoder_hidden_states", "class_labels")}
+               "text": ("encoder_hidden_states", "class_labels", "input_ids")}
 
 
 def missing_inputs(roles: dict[str, str]) -> str | None:

@@ -18,14 +18,16 @@ from reference_cache import Reference
 STEPS = (900.0, 750.0, 600.0, 450.0, 300.0, 150.0)
 
 
-def generation(f, kw, steps=STEPS, branches=2, text="encoder_hidden_states"):
-    """One sampler run: per step, one call per guidance branch (different text, same timestep)."""
+def generation(f, kw, steps=STEPS, branches=2, text="encoder_hidden_states", timestep="timestep"):
+    """One sampler run: per step, one call per guidance branch (different text, same timestep);
+    token ids as text differ by a rotation."""
     outs = []
     with torch.no_grad():
         for t in steps:
             for b in range(branches):
-                call = dict(kw, timestep=torch.full_like(kw["timestep"], t),
-                            **{text: kw[text] * (1.0 - 2.0 * b)})
+                other = (kw[text] * (1.0 - 2.0 * b) if kw[text].is_floating_point()
+                         else kw[text].roll(b, -1))
+                call = dict(kw, **{timestep: torch.full_like(kw[timestep], t), text: other})
                 y = f(**call)
                 outs.append(y[0] if isinstance(y, tuple) else y)
     return outs

@@ -1,4 +1,4 @@
-"""More of diffusers' DiTs (here, and tiny configs of 36 more in zoo_video.py and zoo_image.py):
+"""More of diffusers' DiTs (here, and tiny configs of 37 more in zoo_video.py and zoo_image.py):
 the region pass finds their stacks and inputs with no per-model table, and a forced schedule reuses
 what it says.
 
@@ -122,14 +122,15 @@ ZOO = {
     **zoo_image.ZOO,
 }
 SCHEDULE = dict(step=[2], cfg=[3], block=[4])
-# The text argument, where it is not encoder_hidden_states.
-TEXT = {"ernie_image": "text_bth"}
+# The text and timestep arguments, where they are not encoder_hidden_states and timestep.
+TEXT = {"ernie_image": "text_bth", "cosmos3_omni": "input_ids"}
+TIMESTEP = {"cosmos3_omni": "vision_timesteps"}
 # Nested too: one model for each form its blocks' arguments take (nest_blocks hands them to the
 # region flat and copies tensors that share storage, so what can break is in their forms, not in
 # the model): tuples in tuples (allegro), a list (ernie_image), ints (helios, sana, motif_video),
 # bools (ltx2), positional Nones (cogview4, latte), a None keyword (flux2), long skips
 # (hunyuandit), control and interleaved stacks (wan_vace, wan_animate), a stack held in an
-# nn.Sequential (longcat_audio). The other 30 add time to every CI run (about 4 s each on 2
+# nn.Sequential (longcat_audio). The other 31 add time to every CI run (about 4 s each on 2
 # cores) and no form these lack.
 NESTED = {"allegro", "cogview4", "ernie_image", "flux2", "helios", "hunyuandit", "latte",
           "longcat_audio", "ltx2", "motif_video", "sana", "wan_animate", "wan_vace"}
@@ -150,9 +151,10 @@ def test_more_diffusers_dits(name, nested, monkeypatch):
     monkeypatch.setattr(backend, "find_regions",
                         lambda gm, real=backend.find_regions: found.append(real(gm)) or found[-1])
     text = TEXT.get(name, "encoder_hidden_states")
+    timestep = TIMESTEP.get(name, "timestep")
     kw["return_dict"] = False
     f = compiled(model, {"rule": "schedule", **SCHEDULE})
-    ours = generation(f, kw, text=text)
+    ours = generation(f, kw, text=text, timestep=timestep)
     assert len(found) == 1 and found[0].stacks == stacks, found
     # Each stack carries a stream from block to block, also where it passes through glue or
     # through the blocks of a stack interleaved with it (Latte, ConsisID, Wan-Animate).
@@ -164,9 +166,9 @@ def test_more_diffusers_dits(name, nested, monkeypatch):
     assert counts == {"step": 2, "cfg": 1, "block": 2}, counts
     if blocks_attr is not None:
         ref = Reference(model, blocks_attr=blocks_attr, **SCHEDULE).start(STEPS[0])
-        theirs = generation(ref, kw, text=text)
+        theirs = generation(ref, kw, text=text, timestep=timestep)
     else:   # computed calls against eager; reused ones only where a reference exists
-        theirs = generation(model, kw, text=text)
+        theirs = generation(model, kw, text=text, timestep=timestep)
         computed = [i for i, r in enumerate(dit_compile.stats(f)["trace"]) if r["action"] == "compute"]
         ours, theirs = [ours[i] for i in computed], [theirs[i] for i in computed]
     for i, (x, y) in enumerate(zip(ours, theirs)):

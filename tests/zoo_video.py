@@ -245,6 +245,32 @@ def sana_wm():
 
 
 
+def cosmos3_omni():
+    """Text-to-video: one packed sequence with no batch dim, the prompt's token ids (which the
+    model embeds itself) then the video's patch tokens, at float 3-D rotary positions from the
+    pipeline's own helpers; per-token timesteps (``vision_timesteps``) and a latent in a list,
+    both found by dataflow; dual-stream (understanding, generation) layers."""
+    from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import (
+        get_3d_mrope_ids_text_tokens, get_3d_mrope_ids_vae_tokens)
+    m = seeded("Cosmos3OmniTransformer", head_dim=8, hidden_size=16, intermediate_size=32,
+               latent_channel=4, latent_patch_size=2, num_attention_heads=2, num_hidden_layers=3,
+               num_key_value_heads=1, patch_latent_dim=16, vocab_size=32, rope_theta=10000.0,
+               rope_axes_dim=[2, 1, 1])
+    text, (t, h, w), p = 6, (2, 8, 8), 2
+    text_ids, after = get_3d_mrope_ids_text_tokens(text, 0, use_float_positions=True)
+    vision_ids, _ = get_3d_mrope_ids_vae_tokens(t, h // p, w // p, after + 15000,
+                                                reset_spatial_indices=True, fps=24.0, base_fps=24.0,
+                                                temporal_compression_factor=4)
+    vision = t * (h // p) * (w // p)
+    return m, dict(input_ids=torch.randint(0, 32, (text,), generator=torch.Generator().manual_seed(0)),
+                   text_indexes=torch.arange(text), position_ids=torch.cat([text_ids, vision_ids], 1),
+                   und_len=text, sequence_length=text + vision,
+                   vision_tokens=[torch.randn(1, 4, t, h, w)], vision_token_shapes=[(t, h // p, w // p)],
+                   vision_sequence_indexes=torch.arange(text, text + vision),
+                   vision_mse_loss_indexes=torch.arange(text, text + vision),
+                   vision_timesteps=torch.full((vision,), 500.0),
+                   vision_noisy_frame_indexes=[torch.arange(t)])
+
 # name: (factory, stacks the region pass must find, the single stack's attribute or None)
 ZOO = {
     "allegro": (allegro, {"transformer_blocks": 3}, "transformer_blocks"),
@@ -264,4 +290,5 @@ ZOO = {
                                 "audio_text_transformer_blocks": 2, "visual_transformer_blocks": 2}, None),
     "minimax_h3": (minimax_h3, {"transformer_blocks": 2}, "transformer_blocks"),
     "sana_wm": (sana_wm, {"blocks": 2}, "blocks"),
+    "cosmos3_omni": (cosmos3_omni, {"layers": 3}, None),
 }
