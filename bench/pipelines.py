@@ -104,6 +104,25 @@ def run_zimage(pipe, steps: int = 4, seed: int = 0, size: int = 32, **kwargs) ->
                 generator=g, **kwargs).images
 
 
+
+def lumina_next_pipeline(transformer: torch.nn.Module):
+    from diffusers import FlowMatchEulerDiscreteScheduler, LuminaPipeline
+    return LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                          vae=None, text_encoder=None, tokenizer=None)
+
+
+def run_lumina_next(pipe, steps: int = 6, seed: int = 0, size: int = 64) -> torch.Tensor:
+    """CFG batched into one call as tensors, ``[positive, negative]`` (every other tensor-batched
+    pipeline puts the negative first); the timestep rises: 1 - t / 1000."""
+    g = torch.Generator().manual_seed(seed)
+    dim = pipe.transformer.config.cross_attention_dim
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return pipe(prompt_embeds=torch.randn(1, 6, dim, generator=g),
+                negative_prompt_embeds=torch.randn(1, 6, dim, generator=g),
+                prompt_attention_mask=mask, negative_prompt_attention_mask=mask, height=size,
+                width=size, num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
+                generator=g).images
+
 def pixart_pag_pipeline(transformer: torch.nn.Module, layers: str = "blocks.0"):
     """PixArt-Sigma with perturbed-attention guidance: one call per step of batch 3k,
     ``[uncond, cond, perturbed]`` on the latent three times; the perturbed third's self-attention

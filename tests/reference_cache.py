@@ -114,7 +114,10 @@ class BatchedCfgReference:
     latent and timestep arguments (DiTPipeline batches ``class_labels`` with the null class;
     Z-Image's are ``cap_feats``, ``x`` and ``t``, its latents and captions lists of per-sample
     tensors, and so its output). ``cond_first``: the cond half is the first (Z-Image's
-    ``[positive, negative]``), the uncond half rebuilt as ``cond - (cond - uncond)``.
+    ``[positive, negative]``), the uncond half rebuilt as ``cond - (cond - uncond)``. Other tensor
+    arguments batched with the latent (a text mask) are halved alike. "cond" is the half computed:
+    LuminaPipeline batches ``[positive, negative]`` as tensors, and there the second half computed
+    is the negative one, as the runtime computes it.
     """
 
     def __init__(self, model, cfg=(), cond="encoder_hidden_states", latent="hidden_states",
@@ -145,8 +148,10 @@ class BatchedCfgReference:
         with torch.no_grad():
             if self.step in self.cfg_s and self.diff is not None:
                 half = slice(0, k) if self.cond_first else slice(k, None)
+                rest = {n: v[half] if isinstance(v, torch.Tensor) and v.dim() and len(v) == 2 * k
+                        else v for n, v in kw.items()}     # batched with the latent: a text mask
                 cond = self._forward(**{self.latent: x[half], self.cond: c[half],
-                                        self.time: timestep[half]}, return_dict=False, **kw)[0]
+                                        self.time: timestep[half]}, return_dict=False, **rest)[0]
                 if self.cond_first:
                     y = _cat(cond, [a - d for a, d in zip(cond, self.diff)])
                 else:

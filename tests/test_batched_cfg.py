@@ -123,6 +123,26 @@ def test_class_labels_are_the_condition_of_a_class_conditional_dit():
         "the reuse must change something"
 
 
+
+def test_lumina_next_computes_its_second_half_as_the_reference_does():
+    """LuminaPipeline batches ``[positive, negative]`` as tensors with its text mask, and passes a
+    timestep that rises (1 - t / 1000): read as rising from its sampler (the default, "auto"),
+    its calls are told as halves and cfg reuse computes the second half, the negative one, and
+    rebuilds the first, equal to the eager reference of that rule in the same pipeline."""
+    import zoo_image
+    model, _ = zoo_image.lumina_next()
+    pipe = pipelines.lumina_next_pipeline(_compile(model, {"rule": "schedule", "cfg": [2, 3, 5]}))
+    pipe.set_progress_bar_config(disable=True)
+    ours = pipelines.run_lumina_next(pipe)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert [(r["action"], r["flops"], r["halves"]) for r in trace] == [
+        ("cfg", 0.5, True) if i in (2, 3, 5) else ("compute", 1.0, True) for i in range(6)]
+    pipe.transformer = BatchedCfgReference(model, cfg=[2, 3, 5], rising=True).model
+    torch.testing.assert_close(ours, pipelines.run_lumina_next(pipe), rtol=1e-5, atol=1e-5)
+    pipe.transformer = model
+    assert not torch.allclose(ours, pipelines.run_lumina_next(pipe), rtol=1e-4, atol=1e-4), \
+        "the reuse must change something"
+
 @pytest.mark.parametrize("name", ["cogvideox", "dit"])
 def test_default_cache_decides_for_both_halves_of_a_batched_cfg_call(name):
     """The presets reuse steps only, so they need no half-batch forward, but their decisions are
