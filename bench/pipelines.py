@@ -263,3 +263,23 @@ def pixel_wan_kwargs(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: 
                 negative_prompt_embeds=negative_prompt_embeds.to(device),
                 latents=noise, height=size, width=size, num_frames=(frames - 1) // 4 * 4 + 1,
                 num_inference_steps=steps, guidance_scale=guidance, output_type="latent")
+
+
+def skyreels_df_pipeline(transformer: torch.nn.Module):
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+    return SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                          flow_shift=8.0))
+
+
+def run_skyreels_df(pipe, steps: int = 6, seed: int = 0, **kwargs) -> torch.Tensor:
+    """Diffusion forcing: one timestep per latent frame. ``kwargs`` go to the pipeline (a long
+    video in chunks: ``num_frames``, ``base_num_frames``, ``overlap_history``; ``ar_step``)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = pipe.transformer.config.text_dim
+    kwargs = {"num_frames": 17, "base_num_frames": 17, **kwargs}
+    return pipe(prompt=None, prompt_embeds=torch.randn(1, 5, dim, generator=g),
+                negative_prompt_embeds=torch.randn(1, 5, dim, generator=g), height=32, width=32,
+                num_inference_steps=steps, guidance_scale=5.0, output_type="latent", generator=g,
+                **kwargs).frames

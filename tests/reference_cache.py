@@ -56,7 +56,9 @@ class Reference:
         self.reuse_span = False
 
     def __call__(self, **kw):
-        t = float(kw["timestep"].reshape(-1)[0])
+        # The noise level: per-frame timesteps (diffusion forcing) at the noisiest frame's.
+        ts = kw["timestep"]
+        t = float(ts.min() if self.sign < 0 else ts.max())
         if self.last_t is None or self.sign * t > self.sign * self.last_t:
             raise AssertionError("the reference covers one generation")
         if t == self.last_t:

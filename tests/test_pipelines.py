@@ -280,6 +280,51 @@ def test_heun_second_evaluation_at_a_timestep_is_computed():
                 assert r["action"] == "compute", f"step {r['step']} reused at its own timestep"
 
 
+def test_each_chunk_of_a_diffusion_forcing_long_video_is_a_generation():
+    """SkyReelsV2DiffusionForcingPipeline makes a long video in chunks, each denoised from noise
+    but the frames it carries over (clean, timestep 0), with one timestep per frame, all in one
+    run of its sampler. Each chunk is a generation (its noisiest frame's timestep rises back), the
+    forced schedule applied to each from its first step, equal to a fresh eager reference of the
+    rule per chunk; with nothing cached, equal to eager."""
+    import copy
+    import zoo_video
+    from reference_cache import Reference
+    model, _ = zoo_video.skyreels_v2()
+    pipe = pipelines.skyreels_df_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    long = dict(num_frames=25, overlap_history=9)      # two chunks of 5 latent frames, 3 shared
+    eager = pipelines.run_skyreels_df(pipe, **long)
+    sched = dict(step=[2, 4], block=[3], cfg=[5])
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"regions": "eager", "cache": None})
+    torch.testing.assert_close(pipelines.run_skyreels_df(pipe, **long), eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(model, backend="mixcache",
+                                     options={"regions": "eager", "cache": {"rule": "schedule", **sched}})
+    ours = pipelines.run_skyreels_df(pipe, **long)
+    actions = ["compute", "compute", "step", "block", "step", "cfg"]    # branch 1's; branch 0
+    trace = dit_compile.stats(pipe.transformer)["trace"]               # computes at step 5
+    assert [(r["generation"], r["step"], r["branch"], r["action"]) for r in trace] == [
+        (g, i, b, "compute" if (i, b) == (5, 0) else a)
+        for g in (0, 1) for i, a in enumerate(actions) for b in (0, 1)]
+
+    class PerChunk:
+        """A fresh reference at each rise of the noisiest frame's timestep."""
+        def __init__(self):
+            self.ref, self.last = None, None
+
+        def __call__(self, **kw):
+            t = float(kw["timestep"].max())
+            if self.last is None or t > self.last:
+                self.ref = Reference(model, **sched).start(t)
+            self.last = t
+            return (self.ref(**kw),)
+
+    pipe.transformer = copy.deepcopy(model)
+    pipe.transformer.forward = PerChunk()
+    torch.testing.assert_close(ours, pipelines.run_skyreels_df(pipe, **long), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, eager, rtol=1e-4, atol=1e-4), "the schedule must change something"
+
 @pytest.mark.parametrize("nets,switches", [
     (1, [dict(control_guidance_end=0.6), dict(control_guidance_start=0.4)]),
     (2, [dict(control_guidance_start=[0.0, 0.0], control_guidance_end=[0.5, 1.0])])])
