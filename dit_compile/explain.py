@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from .export import Exported
-from .frames import forget_forward, forward_forgotten, is_fragment, shape_history_kept
+from .frames import (breaking_hooks, forget_forward, forward_forgotten, is_fragment,
+                     shape_history_kept)
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
@@ -196,6 +197,9 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     elif broke:
         report.fallback = (f"{_traced_as(report.graphs)} (graph breaks): step and cfg guards "
                            "need one graph")
+        hooks = breaking_hooks(target)
+        if hooks:
+            report.fallback += f"; {hooks}"
     elif len(found) == 1 and isinstance(found[0], NoBlockStructure):
         report.fallback = str(found[0])
     elif not found:

@@ -266,6 +266,9 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
         if root is not None and not root.__dict__.get("_mixcache_retraced"):
             reason += ("; the forward is traced once more at its next call, in case the break is "
                        "the first call's alone (a table built lazily), and cached from there if so")
+        hooks = breaking_hooks(root)
+        if hooks:
+            reason += f"; {hooks}"
         if getattr(root, "is_cache_enabled", False):
             # diffusers' cache hooks keep Python state per call: the likeliest break, and a second
             # cache on top of the one this backend is for.
@@ -278,6 +281,23 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     how = (f"Running {which} as it is (regions='eager')" if eager else
            f"Compiling {which} with Inductor (by regions where it holds a block stack)")
     warnings.warn(f"mixcache: {name}: {reason}. {how}, without caching.", stacklevel=3)
+
+
+def breaking_hooks(model: torch.nn.Module | None) -> str | None:
+    """Why diffusers' hooks on ``model``'s layers break every trace of its forward, or None.
+    Layerwise casting (``enable_layerwise_casting``) casts each layer with ``Module.to`` at every
+    call, which makes new ``torch.nn.Parameter`` objects, which Dynamo cannot trace: the forward
+    breaks at every layer it casts, and diffusers has no call that undoes it."""
+    if model is None:
+        return None
+    casts = sum(1 for m in model.modules()
+                if getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).get("layerwise_casting"))
+    if not casts:
+        return None
+    return (f"diffusers' layerwise casting is on ({casts} layers: enable_layerwise_casting), whose "
+            "hook casts each layer with Module.to at every call, making new torch.nn.Parameters, "
+            "which Dynamo cannot trace: load the model without it (its weights in the compute "
+            "dtype) to let mixcache cache")
 
 
 def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:

@@ -548,6 +548,22 @@ def test_diffusers_cache_hooks_are_named_in_the_fallback_warning():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+
+def test_layerwise_casting_is_named_as_the_break():
+    """diffusers' layerwise casting casts each layer with Module.to at every call, which Dynamo
+    cannot trace: the forward breaks at every layer. The warning names the hook (explain's report
+    too, by the same words; the user sees only Dynamo's Parameter constructor otherwise); the
+    graphs run uncached, as eager."""
+    model, kw = tiny_models.wan(layers=2)
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+    compiled = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
+        out = compiled(**kw, return_dict=False)[0]
+    assert "enable_layerwise_casting" in _mixcache_warnings(rec)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
 def test_whole_graph_without_blocks_warns_the_region_pass_reason():
     """No graph break, no block stack: the reason is the region pass's, not graph breaks."""
     with pytest.warns(UserWarning, match=r"mixcache: Linear: no nn.ModuleList of two or more") as rec:
