@@ -25,6 +25,7 @@ class Spec:
     extra_input: bool              # a pooled vector added to the time embedding
     batch: int
     tokens: int
+    sequential: bool = False       # the stacks held in nn.Sequential (LongCat-Audio-DiT's text stack)
 
 
 def specs() -> st.SearchStrategy[Spec]:
@@ -33,7 +34,7 @@ def specs() -> st.SearchStrategy[Spec]:
         depths=st.lists(st.integers(2, 4), min_size=1, max_size=2).map(tuple),
         cross_attn=st.booleans(), adaln=st.booleans(), gated=st.booleans(),
         two_streams=st.booleans(), extra_input=st.booleans(),
-        batch=st.integers(1, 2), tokens=st.integers(3, 9))
+        batch=st.integers(1, 2), tokens=st.integers(3, 9), sequential=st.booleans())
 
 
 class Block(nn.Module):
@@ -80,7 +81,8 @@ class RandomDiT(nn.Module):
         names = ["blocks", "single_blocks"]
         for i, depth in enumerate(s.depths):
             two = s.two_streams and i == 0
-            setattr(self, names[i], nn.ModuleList(Block(s, two) for _ in range(depth)))
+            blocks = [Block(s, two) for _ in range(depth)]
+            setattr(self, names[i], nn.Sequential(*blocks) if s.sequential else nn.ModuleList(blocks))
         self.norm_out = nn.LayerNorm(d)
         self.proj_out = nn.Linear(d, 4)
 

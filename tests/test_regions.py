@@ -96,11 +96,12 @@ def _check_partition(gm, rmap):
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(random_dits.specs(), st.booleans())
 def test_random_dits_partition_and_stitch(spec, nested):
-    """``nested``: the blocks as nested compile regions (``nest_blocks``), which split inlines into
-    the pieces: the same partition, and the same outputs."""
+    """``nested``: the blocks as nested compile regions (``nest_blocks``, every block of each
+    stack, held in an nn.ModuleList or an nn.Sequential), which split inlines into the pieces: the
+    same partition, and the same outputs."""
     model, kw = random_dits.build(spec)
     if nested:
-        dit_compile.nest_blocks(model)
+        assert dit_compile.nest_blocks(model) == sum(spec.depths)
     gm = capture(model, kw)
     rmap = find_regions(gm)
     _check_partition(gm, rmap)
