@@ -104,7 +104,6 @@ def run_zimage(pipe, steps: int = 4, seed: int = 0, size: int = 32, **kwargs) ->
                 generator=g, **kwargs).images
 
 
-
 def lumina_next_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, LuminaPipeline
     return LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -122,6 +121,7 @@ def run_lumina_next(pipe, steps: int = 6, seed: int = 0, size: int = 64) -> torc
                 prompt_attention_mask=mask, negative_prompt_attention_mask=mask, height=size,
                 width=size, num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
                 generator=g).images
+
 
 def pixart_pag_pipeline(transformer: torch.nn.Module, layers: str = "blocks.0"):
     """PixArt-Sigma with perturbed-attention guidance: one call per step of batch 3k,
