@@ -244,7 +244,6 @@ def sana_wm():
                    camera_conditions=cam["raymap"][None], chunk_plucker=cam["chunk_plucker"][None])
 
 
-
 def cosmos3_omni():
     """Text-to-video: one packed sequence with no batch dim, the prompt's token ids (which the
     model embeds itself) then the video's patch tokens, at float 3-D rotary positions from the
