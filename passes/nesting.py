@@ -59,7 +59,7 @@ def nest_blocks(model: nn.Module) -> int:
     number of blocks now marked (again: the same number, nothing changes). Call before
     ``torch.compile``; ``unnest_blocks`` undoes it. The outputs are the same; the first call
     traces one block per stack where Dynamo reuses nested regions (torch 2.12 on), and warns
-    where it does not."""
+    where it does not; under ``dynamic=True`` the blocks trace inlined."""
     if not reuses_nested_regions():
         warnings.warn(
             f"dit_compile.nest_blocks: torch {torch.__version__} traces every call of a nested "
@@ -95,15 +95,22 @@ def reuses_nested_regions() -> bool:
     return "max_reuse_entries" in inspect.signature(torch.compiler.nested_compile_region).parameters
 
 
+def _traced_nested() -> bool:
+    """Whether Dynamo is tracing this call as a nested region: compiling, and not under
+    ``dynamic=True`` (see ``_flat_region``). Dynamo reads its config as a constant while it
+    traces; ``dynamic=True`` clears this flag."""
+    return torch.compiler.is_compiling() and torch._dynamo.config.assume_static_by_default
+
+
 def _unaliased(forward: Callable[..., Any]) -> Callable[..., Any]:
     """``forward`` whose tensor outputs, when compiled, are copies: a nested region's outputs may
     not alias each other or its inputs (Flux's and HunyuanVideo's single-stream blocks return the
     two halves of one tensor as views), and Inductor writes each copy where the viewed tensor would
-    have been written. Run eagerly, nothing is copied."""
+    have been written. Run eagerly or traced inlined, nothing is copied."""
     @functools.wraps(forward)
     def unaliased(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         out = forward(self, *args, **kwargs)
-        if not torch.compiler.is_compiling():
+        if not _traced_nested():
             return out
         return pytree.tree_map_only(torch.Tensor, torch.clone, out)
     return unaliased
@@ -123,13 +130,17 @@ def _flat_region(forward: Callable[..., Any]) -> Callable[..., Any]:
     the text and video halves of one tensor). Views that share with no other argument are handed
     on as they are (Wan's text, modulation and rotary tables, every block, every call).
 
-    Run eagerly, nothing is laid out or copied."""
+    Under ``dynamic=True`` the block is traced inlined: Dynamo makes every Python float a symbol
+    there, and its own trace of a region that reads one fails with any backend (torch 2.13: a
+    float argument, ``KeyError``; torch 2.15: a norm's eps too, "Freevar has no source").
+
+    Run eagerly or traced inlined, nothing is laid out or copied."""
     region = _nested_region(forward)
     flat = _nested_region(_from_leaves(forward))
 
     @functools.wraps(forward)
     def nested(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not torch.compiler.is_compiling():
+        if not _traced_nested():
             return forward(self, *args, **kwargs)
         laid_out = _flattened(args, kwargs)
         if laid_out is None:
@@ -231,9 +242,10 @@ def inline_nested(gm: fx.GraphModule) -> fx.GraphModule:
     The backend inlines every piece it compiles: nesting is for Dynamo's trace, and once the
     region pass has found the blocks, a piece holding the region's nodes is the piece an inlined
     block gives. Inductor then compiles both alike, and FLOP counting and the modulation pass see
-    plain ops. Under ``dynamic=True`` Dynamo hands a region a block's floats (a norm's eps) as
-    Python numbers, which the region reads with ``.item()`` as if they were tensors, and its own
-    graph fails in ``invoke_subgraph`` with any backend: inlined, such a read is the number.
+    plain ops. A float argument that changed between calls is a symbol in the recompiled graph
+    (Dynamo's automatic dynamic), handed to the region as a Python number, which the region reads
+    with ``.item()`` as if it were a tensor, and Dynamo's own graph fails in ``invoke_subgraph``
+    with any backend: inlined, such a read is the number.
     (torch 2.13 has a pass of its own, ``torch._higher_order_ops.passes.inline_invoke_subgraph``,
     which leaves such reads as they are; torch 2.11 and 2.12 have none.)"""
     invoke = torch.ops.higher_order.invoke_subgraph

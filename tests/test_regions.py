@@ -234,9 +234,10 @@ def test_a_call_that_skips_layers_falls_back_saying_so(skipped):
 
 
 class CondBlock(torch.nn.Module):
-    """A block whose per-layer constant lives inside torch.cond's branches (a subgraph)."""
+    """A block whose per-layer constant lives inside torch.cond's branches (a subgraph). An int:
+    torch 2.15's Dynamo makes a float a symbol there, which torch.cond refuses."""
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: int):
         super().__init__()
         self.lin, self.scale = torch.nn.Linear(8, 8), scale
 
@@ -249,7 +250,7 @@ class CondNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.proj, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
-        self.blocks = torch.nn.ModuleList(CondBlock(s) for s in (1.0, 2.0, 3.0))
+        self.blocks = torch.nn.ModuleList(CondBlock(s) for s in (1, 2, 3))
 
     def forward(self, hidden_states, timestep):
         x = self.proj(hidden_states)
