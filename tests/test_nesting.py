@@ -405,6 +405,7 @@ def test_a_float_argument_that_changes_reaches_nested_blocks_as_its_value(dynami
             torch.testing.assert_close(f(x, t, scale), model(x, t, scale))
 
 
+@pytest.mark.inductor
 def test_nested_flux_through_inductor_equals_eager():
     """The copies that unalias Flux's single-stream outputs compile through Inductor, and change
     nothing (fp32 CPU: within 1e-5 of eager). Flux's two stacks through Inductor, with the glue
