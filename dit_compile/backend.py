@@ -11,9 +11,9 @@ import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from .frames import (compiled_model, install_moe_hook, is_fragment, lower_moe_and_retrace,
-                     model_name, retrace_once_after_break, traced_locals, traced_module,
-                     warn_fallback)
+from .frames import (compiled_model, in_forward_wrapper, install_moe_hook, is_fragment,
+                     lower_moe_and_retrace, model_name, retrace_once_after_break, traced_locals,
+                     traced_module, warn_fallback)
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
 from .passes.mutation import example_value, writes_inputs
@@ -358,6 +358,10 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(phs) != len(example_inputs):
         return "the graph's inputs do not line up with the example inputs"
+    if in_forward_wrapper(compiled_model()):
+        return ("a hook wraps the model's forward (accelerate's offload hook, as "
+                "enable_model_cpu_offload adds) and was added before torch.compile, so the call's "
+                "arguments are the hook's; add it after torch.compile to reuse cfg on such calls")
     user = {n.name for n in user_inputs(gm)}
     placeholders = [(source_name(n), n.name not in user) for n in phs]
     numbers = frozenset(i for i, n in enumerate(phs)

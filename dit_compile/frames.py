@@ -290,14 +290,23 @@ def breaking_hooks(model: torch.nn.Module | None) -> str | None:
     breaks at every layer it casts, and diffusers has no call that undoes it."""
     if model is None:
         return None
-    casts = sum(1 for m in model.modules()
-                if getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).get("layerwise_casting"))
-    if not casts:
-        return None
-    return (f"diffusers' layerwise casting is on ({casts} layers: enable_layerwise_casting), whose "
-            "hook casts each layer with Module.to at every call, making new torch.nn.Parameters, "
-            "which Dynamo cannot trace: load the model without it (its weights in the compute "
-            "dtype) to let mixcache cache")
+    def hooked(name: str) -> int:
+        return sum(1 for m in model.modules()
+                   if getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).get(name))
+    casts, groups = hooked("layerwise_casting"), hooked("group_offloading")
+    if casts:
+        return (f"diffusers' layerwise casting is on ({casts} layers: enable_layerwise_casting), "
+                "whose hook casts each layer with Module.to at every call, making new "
+                "torch.nn.Parameters, which Dynamo cannot trace: load the model without it (its "
+                "weights in the compute dtype) to let mixcache cache")
+    if groups:
+        # Group offloading moves weights in hooks that diffusers keeps out of the graph on purpose
+        # (torch.compiler.disable), at every group: no trace can hold the forward whole.
+        return (f"diffusers' group offloading is on ({groups} modules: enable_group_offload), whose "
+                "hooks move each group's weights outside the graph, breaking the forward at every "
+                "group: offload the whole model instead (pipe.enable_model_cpu_offload(), after "
+                "torch.compile) to let mixcache cache")
+    return None
 
 
 def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
@@ -313,8 +322,38 @@ def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
     except Exception:  # outside a trace, or Dynamo internals moved
         return False
     if code.co_name.startswith("torch_dynamo_resume_in"):
-        return True
+        return root is None or not _resumes_around_forward(code, root)
     return root is not None and _forward_runs_eagerly(root)
+
+
+def in_forward_wrapper(model: torch.nn.Module | None) -> bool:
+    """Whether Dynamo is tracing the rest of a wrapper around ``model``'s forward (an offload hook
+    added before torch.compile), not the forward itself: see ``_resumes_around_forward``."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        code = InstructionTranslator.current_tx().f_code
+    except Exception:  # outside a trace, or Dynamo internals moved
+        return False
+    return model is not None and _resumes_around_forward(code, model)
+
+
+def _resumes_around_forward(code: Any, model: torch.nn.Module) -> bool:
+    """Whether ``code`` is Dynamo's resume of a wrapper set on the model instance around its whole
+    forward, past a call it could not trace: accelerate's offload hook (what diffusers'
+    ``enable_model_cpu_offload`` adds) makes ``model.forward`` a ``partial`` of its ``new_forward``,
+    whose ``pre_forward`` runs outside the graph (``torch.compiler.disable``). The rest of the
+    wrapper, the forward in full, is then one graph, and its inputs are the forward's arguments.
+
+    Only for a graph that does not itself end at a break (checked by the caller) and with Dynamo's
+    nested graph breaks off: a break inside the forward then breaks the wrapper at its call to the
+    forward, so a resume of the wrapper never starts inside the forward."""
+    if getattr(torch._dynamo.config, "nested_graph_breaks", False):
+        return False
+    wrapper = model.__dict__.get("forward")         # an instance's own forward: a hook's
+    inner = getattr(getattr(wrapper, "func", wrapper), "__code__", None)
+    return (inner is not None and inner not in _forward_codes(model)
+            and code.co_filename == inner.co_filename
+            and code.co_name.startswith(f"torch_dynamo_resume_in_{inner.co_name}_at_"))
 
 
 def _forward_runs_eagerly(model: torch.nn.Module) -> bool:

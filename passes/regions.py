@@ -532,6 +532,11 @@ def _sinusoid_sources(gm: fx.GraphModule) -> set[fx.Node]:
     return {a for n in gm.graph.nodes if _is_trig(n) for a in nx.ancestors(g, n)}
 
 
+# A module's buffer or parameter, whatever the module is reached by: ``self``, or the ``module``
+# argument of a hook's wrapper around the forward (accelerate's offload hook added before compiling).
+_MODULE_STATE = re.compile(r"\._(buffers|parameters)\[")
+
+
 def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:
     """Tensor placeholders that are call arguments, not the model's parameters or buffers."""
     out = []
@@ -539,7 +544,7 @@ def user_inputs(gm: fx.GraphModule) -> list[fx.Node]:
         if n.op != "placeholder" or not isinstance(n.meta.get("example_value"), torch.Tensor):
             continue
         src = source_name(n)
-        if not (src.startswith("L['self']") or src.startswith("self")
+        if not (src.startswith("L['self']") or src.startswith("self") or _MODULE_STATE.search(src)
                 or isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)):
             out.append(n)
     return out
