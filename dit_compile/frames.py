@@ -26,14 +26,21 @@ from .passes.regions import NoBlockStructure
 log = logging.getLogger("dit_compile")
 
 
-def traced_module() -> torch.nn.Module | None:
-    """The nn.Module whose forward Dynamo is tracing right now, if any."""
+def _current_tx() -> Any:
+    """Dynamo's translator of the frame it is tracing right now; None outside a trace."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
-        tx = InstructionTranslator.current_tx()
-        frame = tx.f_locals
+        return InstructionTranslator.current_tx()
     except Exception:  # outside a trace, or Dynamo internals moved
         return None
+
+
+def traced_module() -> torch.nn.Module | None:
+    """The nn.Module whose forward Dynamo is tracing right now, if any."""
+    tx = _current_tx()
+    if tx is None:
+        return None
+    frame = tx.f_locals
     # A diffusers forward is traced with its module as `self`; a plain nn.Module through a
     # wrapper that holds it as `fn`.
     for key in ("self", "fn"):
@@ -45,11 +52,8 @@ def traced_module() -> torch.nn.Module | None:
 def traced_locals() -> dict[str, Any] | None:
     """The locals of the frame Dynamo is tracing, as they were on entry: the forward's arguments
     of the first call (or the arguments of the decorator that wraps the forward)."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        return dict(InstructionTranslator.current_tx().f_locals)
-    except Exception:  # outside a trace, or Dynamo internals moved
-        return None
+    tx = _current_tx()
+    return None if tx is None else dict(tx.f_locals)
 
 
 def compiled_model() -> torch.nn.Module | None:
@@ -316,11 +320,10 @@ def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
     it calls apart)."""
     if getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False):
         return True
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        code = InstructionTranslator.current_tx().f_code
-    except Exception:  # outside a trace, or Dynamo internals moved
+    tx = _current_tx()
+    if tx is None:
         return False
+    code = tx.f_code
     if code.co_name.startswith("torch_dynamo_resume_in"):
         return root is None or not _resumes_around_forward(code, root)
     return root is not None and _forward_runs_eagerly(root)
@@ -329,12 +332,8 @@ def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
 def in_forward_wrapper(model: torch.nn.Module | None) -> bool:
     """Whether Dynamo is tracing the rest of a wrapper around ``model``'s forward (an offload hook
     added before torch.compile), not the forward itself: see ``_resumes_around_forward``."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        code = InstructionTranslator.current_tx().f_code
-    except Exception:  # outside a trace, or Dynamo internals moved
-        return False
-    return model is not None and _resumes_around_forward(code, model)
+    tx = _current_tx()
+    return tx is not None and model is not None and _resumes_around_forward(tx.f_code, model)
 
 
 def _resumes_around_forward(code: Any, model: torch.nn.Module) -> bool:
@@ -382,11 +381,8 @@ def _forward_codes(model: torch.nn.Module) -> set:
 
 def _tracing(codes: set) -> bool:
     """Whether Dynamo is compiling one of ``codes`` right now."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-        return InstructionTranslator.current_tx().f_code in codes
-    except Exception:  # outside a trace, or Dynamo internals moved
-        return False
+    tx = _current_tx()
+    return tx is not None and tx.f_code in codes
 
 
 def _retrace_pending(model: torch.nn.Module | None) -> bool:
