@@ -761,12 +761,16 @@ def test_source_folders_are_not_top_level_packages_in_the_tests():
 
 
 def test_wheel_installs_subpackages_under_dit_compile_only(tmp_path):
-    """passes/, runtime/ and kernels/ ship as dit_compile.*, never as top-level packages."""
+    """passes/, runtime/ and kernels/ ship as dit_compile.*, never as top-level packages.
+
+    Built as a user's ``pip wheel .`` builds it, in an isolated environment where pip installs
+    what the build backend asks for. With the test environment's own setuptools instead, it failed
+    in a fresh Python 3.11 venv, whose setuptools (65.5) cannot build a wheel without the ``wheel``
+    package, which only an isolated build adds."""
     import zipfile
     root = os.path.join(os.path.dirname(__file__), "..")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", str(tmp_path), root],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                        str(tmp_path), root], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
