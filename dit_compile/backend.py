@@ -11,19 +11,21 @@ import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from .frames import (compiled_model, in_forward_wrapper, install_moe_hook, is_fragment,
-                     lower_moe_and_retrace, model_name, retrace_once_after_break, traced_locals,
-                     traced_module, warn_fallback)
+from .frames import (compiled_model, forward_head, forward_tail, in_forward_wrapper,
+                     install_moe_hook, is_fragment, lower_moe_and_retrace, model_name,
+                     retrace_once_after_break, traced_locals, traced_module, warn_fallback)
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
 from .passes.mutation import example_value, writes_inputs
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, check_whole_stacks,
-                             find_regions, missing_inputs, outside_model, source_name, user_inputs)
+                             find_regions, missing_inputs, named_inputs, outside_model,
+                             source_name, user_inputs)
 from .passes.split import Piece, Plan, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.halves import HalfBatch
 from .runtime.policy import make_policy
+from .runtime.relay import Head, RelayedExecutor
 
 # Compile-time breakdown at INFO (`logging.getLogger("dit_compile").setLevel(logging.INFO)`): a
 # first generation's cost is Dynamo's trace plus these compiles, and only the backend sees them.
@@ -43,6 +45,14 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     model = compiled_model() or traced_module()
     lower_moe_and_retrace(model, opts.lower_moe)
     retrace_once_after_break(gm, model)
+    #    A forward cut by a graph break before its blocks: its first graph records the call's
+    #    latent, timestep and text for the graph that runs the blocks (runtime.relay).
+    head = head_slots(gm, model) if opts.cache is not None else None
+    if head is not None:
+        # Written while Dynamo traces, as frames' flags are: the guards it builds afterwards see it.
+        model._mixcache_head = True     # a later graph of this forward may take the record
+        return Head(compile_fx(gm, example_inputs, config_patches=inductor)
+                    if opts.regions != "eager" else gm.forward, head)
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:
@@ -93,10 +103,12 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
                       "so this backend caches nothing: call disable_cache() before torch.compile "
                       "to let mixcache cache", stacklevel=2)
         return Executor(plan, fns)
-    if is_fragment(gm):
+    tail = forward_tail(gm, model) and bool(model.__dict__.get("_mixcache_head"))
+    if is_fragment(gm) and not tail:
         # One graph of a forward that breaks: its inputs may be any intermediates, named like the
         # model's own (HunyuanImage's token refiner, a frame of its own, takes the text as
-        # `hidden_states` and a `timestep`), so no reuse rule can be trusted with them.
+        # `hidden_states` and a `timestep`), so no reuse rule can be trusted with them. The
+        # forward's last graph is cached by what its first one records (runtime.relay).
         warn_fallback(gm, None, options)
         return Executor(plan, fns)
     writes = writes_inputs(gm)
@@ -104,7 +116,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         warnings.warn(f"mixcache: {model_name()}: {writes}: this graph runs without caching (the "
                       "model's graphs that write nothing are cached as usual)", stacklevel=2)
         return Executor(plan, fns)
-    missing = missing_inputs(rmap.inputs) or rmap.samples_why
+    missing = None if tail else missing_inputs(rmap.inputs) or rmap.samples_why
     if missing:
         # Said under the default cache too: a user who compiled for it would otherwise see plain
         # Inductor's speed and no reason (`cache: None` asks for no caching and hears nothing).
@@ -115,12 +127,50 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     # graphs with fewer blocks (a guider's hook that skips one for its branch) share the state.
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
                          key=repr(make_policy(opts.cache, None)), timestep=opts.timestep)
+    if tail:
+        return RelayedExecutor(plan, fns, policy, state, anchor_slot(gm),
+                               piece_flops(plan, example_inputs), NO_HALVES_IN_TAIL,
+                               modulation_of(plan, policy, model_name()),
+                               partners=spread(parameter_slots(gm), PARTNERS),
+                               carriers=carriers(gm))
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "reuses_cfg", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()),
                            partners=spread(parameter_slots(gm), PARTNERS))
+
+
+NO_HALVES_IN_TAIL = ("a graph break cuts the forward before its blocks, and the half-batch forward "
+                     "runs the forward whole")
+
+
+def head_slots(gm: fx.GraphModule,
+               model: torch.nn.Module | None) -> tuple[int, int, int | None] | None:
+    """The graph inputs of the call's latent, timestep and text (None where it takes none) where
+    ``gm`` is the first graph of a forward cut by a graph break before its blocks and takes the
+    first two by name; else None. A first graph that holds blocks (HiDream's, cut in its
+    unpatchify) is a fragment as before: uncached, and said so."""
+    if not forward_head(gm, model):
+        return None
+    roles = named_inputs(gm)
+    if "latent" not in roles or "timestep" not in roles:
+        return None
+    try:
+        find_regions(gm)
+        return None
+    except NoBlockStructure:
+        pass
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return (names.index(roles["latent"]), names.index(roles["timestep"]),
+            names.index(roles["text"]) if "text" in roles else None)
+
+
+def carriers(gm: fx.GraphModule) -> list[int]:
+    """The graph inputs that may carry a head's record: the tensors passed to the graph, not
+    the model's parameters and buffers."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [phs.index(n) for n in user_inputs(gm)]
 
 
 def records_autograd(example_inputs: list[Any]) -> bool:

@@ -6,16 +6,18 @@ from typing import Any
 
 import torch
 
+from .backend import carriers, head_slots
 from .export import Exported
-from .frames import (breaking_hooks, forget_forward, forward_forgotten, is_fragment,
+from .frames import (breaking_hooks, forget_forward, forward_forgotten, forward_tail, is_fragment,
                      shape_history_kept)
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.regions import (NoBlockStructure, RegionMap, check_whole_stacks, find_regions,
-                             missing_inputs)
+                             missing_inputs, named_inputs)
 from .passes.split import split
+from .runtime.relay import Head, received
 
 
 @dataclass
@@ -36,11 +38,15 @@ class Report:
     nested_regions: int = 0                                # distinct regions those calls run
     marked: bool = False                                   # nest_blocks marked its blocks
     breaks: list[str] = field(default_factory=list)        # Dynamo's reasons, most frequent first
+    relayed: bool = False       # broken before the blocks: cached by the first graph's record
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.graphs} graph(s)"]
         if self.fallback:
             lines.append(f"  no caching: {self.fallback}")
+        if self.relayed:
+            lines.append("  graph breaks before the blocks: the last graph, which holds them, is "
+                         "cached by the call's inputs as the first graph takes them (below)")
         for reason in self.breaks:
             lines.append("  graph break: " + reason.replace("\n", "\n    "))
         if self.moe:
@@ -115,24 +121,42 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     # backend, the rest running eagerly after a break (HiDream's unpatchify and its .item()),
     # and the backend caches no such graph.
     partial: list[bool] = []
+    # A forward cut before its blocks (runtime.relay): the roles its first graph takes by name,
+    # and the graphs that got that graph's record of the call, as the backend's would.
+    heads: list[dict[str, str]] = []
+    reached: set[int] = set()
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
+        i = len(found)
         partial.append(is_fragment(gm))
-        nested[len(found)] = [n.args[1] for n in gm.graph.nodes
-                              if n.target is torch.ops.higher_order.invoke_subgraph]
+        nested[i] = [n.args[1] for n in gm.graph.nodes
+                     if n.target is torch.ops.higher_order.invoke_subgraph]
+        slots = head_slots(gm, target)
+        if slots is not None:
+            heads.append(named_inputs(gm))
+            fn = Head(gm.forward, slots)
+        elif forward_tail(gm, target):
+            taken = carriers(gm)
+
+            def fn(*a: Any) -> Any:
+                if received([a[k] for k in taken]) is not None:
+                    reached.add(i)
+                return gm.forward(*a)
+        else:
+            fn = gm.forward
         try:
             rmap = find_regions(gm)
-            check_whole_stacks(rmap, getattr(model, "_orig_mod", model))
+            check_whole_stacks(rmap, target)
             found.append(rmap)
         except NoBlockStructure as why:
             found.append(why)
-            return gm.forward
-        writes[len(found) - 1] = writes_inputs(gm)
+            return fn
+        writes[i] = writes_inputs(gm)
         mod = modulated_input(split(gm, found[-1]))
         if mod is not None:
             out = mod.module.graph.output_node().args[0]
-            modulated[len(found) - 1] = tuple(out.meta["example_value"].shape)
-        return gm.forward
+            modulated[i] = tuple(out.meta["example_value"].shape)
+        return fn
 
     from torch._dynamo.utils import counters
     target = getattr(model, "_orig_mod", model)
@@ -147,6 +171,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             if attempt:
                 forget_forward(target)
             found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
+            heads.clear(), reached.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
                     *args, **kwargs)
@@ -168,7 +193,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
             # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
             # and raises at any other break.
-            broken = (list(found), dict(modulated), dict(nested), dict(writes))
+            broken = (list(found), dict(modulated), dict(nested), dict(writes), list(heads),
+                      set(reached))
             forget_forward(target)
             found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
             try:
@@ -180,6 +206,12 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             if not whole:
                 found[:] = broken[0]
                 modulated.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
+                heads[:], reached = broken[4], broken[5]
+    maps = [f for f in found if isinstance(f, RegionMap)]
+    rmap = max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
+    # The graph that holds the blocks got the first graph's record: cached as a whole forward.
+    relayed = (not whole and not nested_break and heads and rmap is not None
+               and found.index(rmap) in reached)
     captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
                 "one graph that caches (the report is of that graph)")
     if nested_break:
@@ -194,6 +226,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     elif whole:
         report.fallback = (f"{_traced_as(report.graphs)} (graph breaks at data-dependent "
                            f"operators), and step and cfg guards need one graph: {captured}")
+    elif relayed:
+        report.relayed = True
     elif broke:
         report.fallback = (f"{_traced_as(report.graphs)} (graph breaks): step and cfg guards "
                            "need one graph")
@@ -204,15 +238,13 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         report.fallback = str(found[0])
     elif not found:
         report.fallback = "Dynamo traced no graph"
-    maps = [f for f in found if isinstance(f, RegionMap)]
-    if not maps:
+    if rmap is None:
         return report
-    rmap = max(maps, key=lambda m: sum(m.stacks.values()))
     if report.fallback is None:
         # As the backend: no reuse of a call that writes into its inputs, nor without the latent
         # and the timestep, nor on per-sample latents that cannot be stacked.
-        report.fallback = (writes[found.index(rmap)] or missing_inputs(rmap.inputs)
-                           or rmap.samples_why)
+        report.fallback = (writes[found.index(rmap)] or (None if relayed else
+                           missing_inputs(rmap.inputs) or rmap.samples_why))
     if report.fallback is None and getattr(target, "is_cache_enabled", False):
         report.fallback = ("diffusers' own cache hooks are on (enable_cache), and two caches on "
                            "one forward would reuse each other's results: call disable_cache() "
@@ -222,9 +254,12 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.nested, report.nested_regions = len(calls), len(set(calls))
     report.marked = _marked(target)
     report.stacks, report.streams = rmap.stacks, rmap.streams
-    report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
-    report.conditions = rmap.conditions
-    report.samples = len(rmap.samples) if rmap.samples_why is None else 0
+    if relayed:     # the call's own inputs, in the first graph; the last one's are intermediates
+        report.inputs, report.input_rule = heads[0], "names"
+    else:
+        report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
+        report.conditions = rmap.conditions
+        report.samples = len(rmap.samples) if rmap.samples_why is None else 0
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
     return report
 

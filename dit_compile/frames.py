@@ -256,10 +256,12 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     fragment lacks, would name the fragment and mislead), else what the region pass found
     missing. ``why`` None: the region pass found blocks, in a fragment."""
     root = compiled_model() or traced_module()
+    fragment = why is None or _is_fragment(gm, root)
+    if fragment and why is not None and _between_forward_graphs(root):
+        return
     if _retrace_pending(root) or not _first_time(root, "_mixcache_fallback_warned", config):
         return
     name = type(root).__name__ if root is not None else "the traced function"
-    fragment = why is None or _is_fragment(gm, root)
     if fragment:
         reason = ("graph breaks split its forward into several graphs, and mixcache needs the whole "
                   "forward in one graph to cache it (torch.compile(..., fullgraph=True) captures the "
@@ -318,7 +320,7 @@ def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
     after one, or comes from a frame the forward calls while itself running eagerly (Dynamo gives
     up tracing a forward that breaks inside a loop, and compiles each submodule, helper or method
     it calls apart)."""
-    if getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False):
+    if _ends_at_break(gm):
         return True
     tx = _current_tx()
     if tx is None:
@@ -327,6 +329,39 @@ def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
     if code.co_name.startswith("torch_dynamo_resume_in"):
         return root is None or not _resumes_around_forward(code, root)
     return root is not None and _forward_runs_eagerly(root)
+
+
+def _ends_at_break(gm: fx.GraphModule) -> bool:
+    return bool(getattr(getattr(gm, "compile_subgraph_reason", None), "graph_break", False))
+
+
+def forward_head(gm: fx.GraphModule, model: torch.nn.Module | None) -> bool:
+    """Whether ``gm`` is the first graph of ``model``'s forward, cut off by a graph break: Dynamo
+    is tracing the forward's own code (or the decorator around it), which a frame starts at its
+    first line, so the graph's inputs are the call's own arguments."""
+    tx = _current_tx()
+    return (model is not None and tx is not None and _ends_at_break(gm)
+            and _one_of(tx.f_code, _forward_codes(model)))
+
+
+def forward_tail(gm: fx.GraphModule, model: torch.nn.Module | None) -> bool:
+    """Whether ``gm`` runs ``model``'s forward from a graph break to its return: Dynamo's resume
+    of the forward's code (``torch_dynamo_resume_in_forward_at_<line>``, a line of the forward
+    itself: a submodule's ``forward`` in the same file resumes under the same name), traced to
+    its end. Its outputs are then the forward's."""
+    tx = _current_tx()
+    if model is None or tx is None or _ends_at_break(gm):
+        return False
+    return any(_resumes(tx.f_code, code) for code in _forward_codes(model))
+
+
+def _resumes(code: Any, forward: Any) -> bool:
+    prefix = f"torch_dynamo_resume_in_{forward.co_name}_at_"
+    if code.co_filename != forward.co_filename or not code.co_name.startswith(prefix):
+        return False
+    line = code.co_name[len(prefix):]
+    lines = [n for _, _, n in forward.co_lines() if n is not None]
+    return line.isdigit() and min(lines) <= int(line) <= max(lines)
 
 
 def in_forward_wrapper(model: torch.nn.Module | None) -> bool:
@@ -350,9 +385,32 @@ def _resumes_around_forward(code: Any, model: torch.nn.Module) -> bool:
         return False
     wrapper = model.__dict__.get("forward")         # an instance's own forward: a hook's
     inner = getattr(getattr(wrapper, "func", wrapper), "__code__", None)
-    return (inner is not None and inner not in _forward_codes(model)
+    return (inner is not None and not _one_of(inner, _forward_codes(model))
             and code.co_filename == inner.co_filename
             and code.co_name.startswith(f"torch_dynamo_resume_in_{inner.co_name}_at_"))
+
+
+def _between_forward_graphs(model: torch.nn.Module | None) -> bool:
+    """Whether Dynamo is tracing a frame that the model's forward calls between two of its own
+    graphs (OmniGen's and Lumina 2's rotary modules, whose breaks cut the forward there): the
+    nearest frame of the model's forward (or of a resume of it) on the stack runs the code Dynamo
+    made of it, not the forward as written (as a forward Dynamo gave up on does, or a resume of it
+    with a break in a loop, HunyuanVideo 1.5's). Whether the blocks are cached is then the
+    forward's own graphs' to say (runtime.relay caches the last one)."""
+    tx = _current_tx()
+    if model is None or tx is None:
+        return False
+    codes = _forward_codes(model)
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if ((code.co_name in {c.co_name for c in codes}
+             or code.co_name.startswith("torch_dynamo_resume_in_"))
+                and frame.f_locals.get("self") is model):
+            # Dynamo's code calls the graphs it compiled and the resumes it made.
+            return any(n.startswith(("__compiled_fn", "__resume_at")) for n in code.co_names)
+        frame = frame.f_back
+    return False
 
 
 def _forward_runs_eagerly(model: torch.nn.Module) -> bool:
@@ -362,27 +420,33 @@ def _forward_runs_eagerly(model: torch.nn.Module) -> bool:
     codes = _forward_codes(model)
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code in codes and frame.f_locals.get("self") is model:
+        if _one_of(frame.f_code, codes) and frame.f_locals.get("self") is model:
             return True
         frame = frame.f_back
     return False
 
 
-def _forward_codes(model: torch.nn.Module) -> set:
+def _one_of(code: Any, codes: list) -> bool:
+    """By identity: a code object hashes its constants, and the code Dynamo makes of a frame may
+    hold a slice among them, which does not hash."""
+    return any(code is c for c in codes)
+
+
+def _forward_codes(model: torch.nn.Module) -> list:
     """The code of the model's forward and of the decorators around it (diffusers'
     ``apply_lora_scale``): whichever of them Dynamo saw first holds what it made of the forward."""
-    codes = set()
+    codes = []
     fn = getattr(type(model).forward, "__func__", type(model).forward)
     while hasattr(fn, "__code__"):
-        codes.add(fn.__code__)
+        codes.append(fn.__code__)
         fn = getattr(fn, "__wrapped__", None)
     return codes
 
 
-def _tracing(codes: set) -> bool:
+def _tracing(codes: list) -> bool:
     """Whether Dynamo is compiling one of ``codes`` right now."""
     tx = _current_tx()
-    return tx is not None and tx.f_code in codes
+    return tx is not None and _one_of(tx.f_code, codes)
 
 
 def _retrace_pending(model: torch.nn.Module | None) -> bool:

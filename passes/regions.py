@@ -557,8 +557,9 @@ def source_name(n: fx.Node) -> str:
     return src() if callable(src) else src
 
 
-def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
-    """Map roles ("latent", "timestep", "text") to placeholder names, and say by which rule."""
+def named_inputs(gm: fx.GraphModule) -> dict[str, str]:
+    """The roles ("latent", "timestep", "text") whose argument the graph takes by the name
+    diffusers gives it, mapped to placeholder names."""
     ins = user_inputs(gm)
     roles: dict[str, str] = {}
     for role, names in _ROLE_NAMES.items():
@@ -566,6 +567,13 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
                  if re.search(rf"\['{kw}'\]$", source_name(n))}
         if found:
             roles[role] = next(found[kw] for kw in names if kw in found)
+    return roles
+
+
+def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
+    """Map roles ("latent", "timestep", "text") to placeholder names, and say by which rule."""
+    ins = user_inputs(gm)
+    roles = named_inputs(gm)
     if len(roles) == len(_ROLE_NAMES):
         return roles, "names"
 

@@ -133,24 +133,29 @@ class GuardedExecutor(Executor):
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
                  states: StateFactory, anchor: int | None, flops: Sequence[float],
                  halves: HalfBatch | str | None = None, modulation: Modulation | None = None,
-                 partners: Sequence[int] = ()):
+                 partners: Sequence[int] = (), roles: dict[str, int] | None = None):
+        """``roles``: the slots of the latent, timestep and text where they are not the graph's
+        own inputs (runtime.relay); the graph's other inputs are then not read as conditions."""
         super().__init__(plan, fns)
         self.policy, self.states, self.anchor, self.flops = policy, states, anchor, list(flops)
         self.partners = list(partners)
-        roles, names = plan.rmap.inputs, plan.input_names
-        self.latent = names.index(roles["latent"])
-        self.t = names.index(roles["timestep"])
+        names, own = plan.input_names, roles is None
+        if own:
+            roles = {role: names.index(name) for role, name in plan.rmap.inputs.items()}
+        self.latent = roles["latent"]
+        self.t = roles["timestep"]
         # Batched CFG: the half-batch forward, or why there is none (said once, when a batched-CFG
         # call shows up and the policy would reuse on it). Told apart only where the policy may
         # reuse cfg on it and the text input is known.
-        self.text = names.index(roles["text"]) if "text" in roles else None
+        self.text = roles.get("text")
         self.halves = halves if isinstance(halves, HalfBatch) else None
         self._no_halves = halves if isinstance(halves, str) else None
-        self.sample_slots = [names.index(n) for n in plan.rmap.samples]
-        self.sample_outs = list(plan.rmap.sample_outs)
-        self.text_slots = [names.index(n) for n in plan.rmap.texts]
-        if getattr(policy, "watches_conditions", False):
-            self.cond_slots = [names.index(n) for n in plan.rmap.conditions]
+        if own:
+            self.sample_slots = [names.index(n) for n in plan.rmap.samples]
+            self.sample_outs = list(plan.rmap.sample_outs)
+            self.text_slots = [names.index(n) for n in plan.rmap.texts]
+            if getattr(policy, "watches_conditions", False):
+                self.cond_slots = [names.index(n) for n in plan.rmap.conditions]
         self._detect = self.text is not None and bool(getattr(policy, "ties_groups", False))
         # The text is not in the signature: its changes are the branch's own (CacheState).
         self.sig_slots = [*(self.sample_slots or [self.latent]), self.t]
@@ -194,8 +199,8 @@ class GuardedExecutor(Executor):
         self._keep_input = getattr(policy, "teacache", None) is not None
         # The computed outputs an extrapolation of this order reads; two at least (rates).
         self._n_outputs = max(2, policy.extrapolate + 1)
-        if self._keep_latent:
-            _check_residual_shapes(ex.get(self.latent), [ex.get(s) for s in self.out_slots])
+        if self._keep_latent and own:
+            check_residual_shapes(ex.get(self.latent), [ex.get(s) for s in self.out_slots])
 
     def set_modulation(self, modulation: Modulation) -> None:
         """Decide on the first block's modulated input (TeaCache): the pieces before that block
@@ -204,7 +209,9 @@ class GuardedExecutor(Executor):
         self.modulation, self._pre_flops = modulation, sum(self.flops[:self.first])
 
     def __call__(self, *args: Any) -> Any:
-        env = [*args, *self._pad]
+        return self._call([*args, *self._pad])
+
+    def _call(self, env: list[Any]) -> Any:
         st = self.states(None if self.anchor is None else env[self.anchor])
         if self.sample_slots and len({env[i].shape for i in self.sample_slots}) > 1:
             return self._unstackable(env, st)
@@ -461,7 +468,7 @@ def _same_shape(a: Any, b: Any) -> bool:
             and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape)))
 
 
-def _check_residual_shapes(latent: Any, outs: list[Any]) -> None:
+def check_residual_shapes(latent: Any, outs: list[Any]) -> None:
     """Residual step reuse adds the output's change to the latent: both must have one shape."""
     bad = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
            for o in outs if not _same_shape(o, latent)]

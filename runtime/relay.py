@@ -1,0 +1,103 @@
+"""The relay: caching a forward that Dynamo breaks into graphs, by the call's own inputs.
+
+Where a graph break cuts a DiT's forward before its blocks (OmniGen's rotary table, built from
+position ids on the host), Dynamo hands the backend the forward's first graph, which sees the
+call's arguments, and a resume of the forward that runs every block to its return, which sees only
+what the code between made of them: the embedded timestep, a joint text-and-image sequence under
+the name ``hidden_states``. Reuse rules need the call's own latent, timestep and text (steps,
+branches and generations are told by them), so the first graph records them (``Head``) on the
+tensors it returns, and the graph holding the blocks finds the record on the tensors it is given
+(``RelayedExecutor``): a hand-off within one call, by the tensors the forward passes from one
+graph to the next. Those tensors are new at each call, so a record never outlives its call's
+values; it is taken only where it is its head's last on this thread (a tensor the model kept
+from an earlier call carries an old one), and a call that finds none computes in full.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..passes.split import Plan
+from .executor import Executor, GuardedExecutor, check_residual_shapes
+
+TAG = "_mixcache_call"      # the attribute a head's output tensors carry their record in
+
+
+@dataclass(eq=False)
+class CallInputs:
+    """One call's latent, timestep and text condition (None where the forward takes none)."""
+    latent: torch.Tensor
+    timestep: torch.Tensor
+    text: torch.Tensor | None
+    head: "Head"
+
+
+class Head:
+    """The forward's first graph: ``fn`` as compiled, its tensor outputs tagged with the call's
+    inputs at ``slots`` (latent, timestep, text or None, as graph input indices)."""
+
+    def __init__(self, fn: Callable[..., Any], slots: tuple[int, int, int | None]):
+        self.fn, self.slots = fn, slots
+        self._last = threading.local()
+
+    def __call__(self, *args: Any) -> Any:
+        latent, t, text = (None if s is None else args[s] for s in self.slots)
+        given = {id(x) for x in args}
+        record = CallInputs(latent, t, text, self)
+        outs = self.fn(*args)
+        for o in outs:
+            # Not a tensor the call was given: the record would outlive the call on it.
+            if isinstance(o, torch.Tensor) and id(o) not in given:
+                setattr(o, TAG, record)
+        self._last.record = record
+        return outs
+
+    def last(self) -> CallInputs | None:
+        return getattr(self._last, "record", None)
+
+
+def received(values: Sequence[Any]) -> CallInputs | None:
+    """The record of the call these values were made in: the one their tags carry where it is
+    its head's last on this thread, else None (and None where two heads' last records meet: a
+    forward nested in another's would be guessed at)."""
+    found = {id(r): r for r in (getattr(v, TAG, None) for v in values)
+             if r is not None and r is r.head.last()}
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+class RelayedExecutor(GuardedExecutor):
+    """The graph that runs a broken forward's blocks to its return, cached as a whole forward is:
+    its latent, timestep and text are the ones the forward's first graph recorded, placed in three
+    slots past the graph's own. The graph inputs at ``carriers`` are looked at for the record."""
+
+    def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], *args: Any,
+                 carriers: Sequence[int], **kwargs: Any):
+        n = plan.n_slots
+        super().__init__(plan, fns, *args, roles={"latent": n, "timestep": n + 1, "text": n + 2},
+                         **kwargs)
+        self.carriers = list(carriers)
+        self._out_examples = [plan.slot_examples.get(s) for s in self.out_slots]
+        self._checked = not self._keep_latent
+        self._told = False
+        self._no_text = torch.zeros(())     # a forward without text: one value, never batched
+
+    def __call__(self, *args: Any) -> Any:
+        record = received([args[i] for i in self.carriers])
+        if record is None:
+            if not self._told:
+                self._told = True
+                warnings.warn("mixcache: the graph holding the blocks of a forward broken into "
+                              "graphs got no record of the call's inputs from the forward's first "
+                              "graph (the code between the graphs made them anew, or kept them "
+                              "from an earlier call); such calls run without caching",
+                              stacklevel=2)
+            return Executor.__call__(self, *args)
+        if not self._checked:
+            check_residual_shapes(record.latent, self._out_examples)
+            self._checked = True
+        text = self._no_text if record.text is None else record.text
+        return self._call([*args, *self._pad, record.latent, record.timestep, text])
