@@ -1,9 +1,9 @@
 """Forwards that Dynamo breaks before their blocks: the first graph records the call's inputs, the
 graph that runs the blocks to the forward's return is cached by them (runtime.relay)."""
+import copy
 import threading
 import warnings
 
-import pytest
 import torch
 
 import dit_compile
@@ -32,21 +32,14 @@ def omnigen():
                    return_dict=False)
 
 
-MODELS = {"omnigen": (omnigen, "layers", "input_ids"),
-          "lumina2": (tiny_models.lumina2, "layers", "encoder_hidden_states")}
-
-
 def _mixcache_warnings(rec):
     return [str(w.message) for w in rec if str(w.message).startswith("mixcache")]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_a_forward_broken_before_its_blocks_reuses_as_the_reference(name, monkeypatch):
-    """The forward's last graph holds every block: a forced schedule reuses there what the eager
+def test_a_forward_broken_before_its_blocks_reuses_as_the_reference(monkeypatch):
+    """OmniGen's last graph holds every block: a forced schedule reuses there what the eager
     reference of the same rules reuses, over one generation of two branches, and nothing warns."""
-    make, blocks, text = MODELS[name]
-    model, kw = make()
-    kw["return_dict"] = False
+    model, kw = omnigen()
     found = []
     monkeypatch.setattr(backend, "find_regions",
                         lambda gm, real=backend.find_regions: found.append(real(gm)) or found[-1])
@@ -54,17 +47,51 @@ def test_a_forward_broken_before_its_blocks_reuses_as_the_reference(name, monkey
                       options={"regions": "eager", "cache": {"rule": "schedule", **SCHEDULE}})
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        ours = generation(f, kw, text=text)
+        ours = generation(f, kw, text="input_ids")
     assert _mixcache_warnings(rec) == []
-    assert any(r.stacks.get(blocks) for r in found), [r.stacks for r in found]
+    assert [r.stacks for r in found] == [{"layers": 3}] * len(found), [r.stacks for r in found]
     assert dit_compile.stats(f)["reused"] == {"step": 2, "cfg": 1, "block": 2}
-    theirs = generation(Reference(model, blocks_attr=blocks, **SCHEDULE).start(STEPS[0]), kw,
-                        text=text)
+    theirs = generation(Reference(model, blocks_attr="layers", **SCHEDULE).start(STEPS[0]), kw,
+                        text="input_ids")
     for i, (x, y) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
     graphs = len(found)     # the tagged tensors are not guarded on: no graph compiled again
-    generation(f, kw, text=text)
+    generation(f, kw, text="input_ids")
     assert len(found) == graphs
+
+
+def test_lumina2_pipeline_reuses_as_the_reference():
+    """Lumina2Pipeline (one call per guidance branch, a timestep that rises: 1 - sigma) around
+    Lumina 2, whose rotary embedder breaks the trace before the blocks: the pipeline's output
+    with a forced schedule is the eager reference's, and not full compute's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
+    model, _ = tiny_models.lumina2()
+    pipe = Lumina2Pipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           vae=None, text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        g, mask = torch.Generator().manual_seed(0), torch.ones(1, 6, dtype=torch.bool)
+        return pipe(prompt_embeds=torch.randn(1, 6, 8, generator=g), prompt_attention_mask=mask,
+                    negative_prompt_embeds=torch.randn(1, 6, 8, generator=g),
+                    negative_prompt_attention_mask=mask, height=16, width=16,
+                    num_inference_steps=6, guidance_scale=4.0, output_type="latent",
+                    generator=g).images
+
+    full = run()
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "schedule", **SCHEDULE}})
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ours = run()
+    assert _mixcache_warnings(rec) == []
+    assert [r["action"] for r in dit_compile.stats(pipe.transformer)["trace"]] == [
+        "compute"] * 4 + ["step", "step", "compute", "cfg", "block", "block"] + ["compute"] * 2
+    ref = Reference(model, blocks_attr="layers", rising=True, **SCHEDULE).start(0.0)
+    pipe.transformer = copy.deepcopy(model)
+    pipe.transformer.forward = lambda return_dict, **kw: (ref(**kw),)
+    torch.testing.assert_close(ours, run(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, full, rtol=1e-4, atol=1e-4), "the schedule must change it"
 
 
 def test_explain_says_a_forward_broken_before_its_blocks_is_cached():
@@ -110,3 +137,33 @@ def test_a_record_is_taken_only_in_the_call_that_made_it():
     thread.start()
     thread.join()
     assert received(theirs) is None and received(second) is not None
+
+
+def test_a_head_compiled_by_inductor_tags_its_outputs():
+    """Inductor's compiled graph is a boxed callable (it takes its inputs as one list, and empties
+    it); Dynamo calls it, and the head, with the inputs as arguments."""
+    from torch._inductor.compile_fx import compile_fx
+    gm = torch.fx.symbolic_trace(lambda x, t: (x * t, t + 1))
+    x, t = torch.ones(3), torch.tensor([0.5])
+    head = Head(compile_fx(gm, [x, t]), (0, 1, None))
+    outs = head(x, t)
+    assert received(outs).latent is x and received(outs).timestep is t
+    torch.testing.assert_close(outs[0], x * t)
+
+
+def test_a_call_whose_record_does_not_arrive_computes_in_full(monkeypatch):
+    """Where the record is not its head's last (here: never), the blocks' graph cannot tell the
+    call's step or branch: every call computes, as eager, and the user hears of it once."""
+    from dit_compile.runtime import relay
+    monkeypatch.setattr(relay.Head, "last", lambda self: None)
+    model, kw = omnigen()
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [1, 2]}})
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ours = generation(f, kw, steps=STEPS[:3], branches=1, text="input_ids")
+    said = _mixcache_warnings(rec)
+    assert len(said) == 1 and "got no record of the call's inputs" in said[0], said
+    theirs = generation(model, kw, steps=STEPS[:3], branches=1, text="input_ids")
+    for x, y in zip(ours, theirs):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
