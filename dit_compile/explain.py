@@ -187,6 +187,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         report.graphs = len(found)
         broke = len(found) > 1 or any(partial)
         whole = False       # one graph of the whole forward under fullgraph=True
+        relay_if_captured = False   # cached by the relay once data-dependent operators are captured
         if broke or nested_break:
             report.breaks = ([nested_break] if nested_break
                              else _new_breaks(seen, _break_counts(counters)))
@@ -203,15 +204,25 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             except Exception:
                 found.clear()
             whole = len(found) == 1 and isinstance(found[0], RegionMap) and not partial[0]
+            if not whole and not nested_break and not _relayed(broken[0], broken[4], broken[5]):
+                # Would capturing the data-dependent operators without fullgraph leave a break
+                # before the blocks only, which the relay caches (HunyuanVideo 1.5)?
+                forget_forward(target, resumes=True)
+                found.clear(), heads.clear(), reached.clear()
+                try:
+                    with torch._dynamo.config.patch(**CAPTURE):
+                        torch.compile(target, backend=lambda gm, inputs, **kw: record(
+                            gm, inputs, **kw))(*args, **kwargs)
+                except Exception:
+                    found.clear()
+                relay_if_captured = _relayed(found, heads, reached)
             if not whole:
                 found[:] = broken[0]
                 modulated.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
                 heads[:], reached = broken[4], broken[5]
     maps = [f for f in found if isinstance(f, RegionMap)]
     rmap = max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
-    # The graph that holds the blocks got the first graph's record: cached as a whole forward.
-    relayed = (not whole and not nested_break and heads and rmap is not None
-               and found.index(rmap) in reached)
+    relayed = not whole and not nested_break and _relayed(found, heads, reached)
     captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
                 "one graph that caches (the report is of that graph)")
     if nested_break:
@@ -231,6 +242,10 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     elif broke:
         report.fallback = (f"{_traced_as(report.graphs)} (graph breaks): step and cfg guards "
                            "need one graph")
+        if relay_if_captured:
+            report.fallback += (f"; with {CAPTURED} set, Dynamo captures the data-dependent "
+                                "operators and the only break left is before the blocks: the "
+                                "graph after it is cached by the call's inputs (runtime.relay)")
         hooks = breaking_hooks(target)
         if hooks:
             report.fallback += f"; {hooks}"
@@ -262,6 +277,19 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         report.samples = len(rmap.samples) if rmap.samples_why is None else 0
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
     return report
+
+
+CAPTURE = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
+CAPTURED = " and ".join(f"torch._dynamo.config.{k}" for k in CAPTURE)
+
+
+def _relayed(found: list, heads: list, reached: set) -> bool:
+    """Whether the graph with the most blocks got a head's record of the call (runtime.relay):
+    the broken forward is then cached as a whole one."""
+    maps = [f for f in found if isinstance(f, RegionMap)]
+    if not heads or not maps:
+        return False
+    return found.index(max(maps, key=lambda m: sum(m.stacks.values()))) in reached
 
 
 def _break_counts(counters: Any) -> dict[str, int]:

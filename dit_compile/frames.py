@@ -193,16 +193,35 @@ def retrace_once_after_break(gm: fx.GraphModule, model: torch.nn.Module | None) 
              type(model).__name__)
 
 
-def forget_forward(model: torch.nn.Module) -> bool:
+def forget_forward(model: torch.nn.Module, resumes: bool = False) -> bool:
     """Drop what Dynamo holds for the model's forward (its code and the decorators around it):
     compiled graphs, and the mark that makes it run a forward it gave up on eagerly. The next call
-    traces it afresh. False where Dynamo's internals moved and nothing was dropped."""
+    traces it afresh. ``resumes``: the same for the code Dynamo made to resume the forward after
+    its breaks (a resume it gave up on, HunyuanVideo 1.5's, is marked to run eagerly; otherwise
+    each keeps its graphs, which a trace of the forward alone calls again). False where Dynamo's
+    internals moved and nothing was dropped."""
     reset_code = _reset_code()
     if reset_code is None:
         return False
-    for code in _forward_codes(model):
+    codes = _forward_codes(model)
+    for code in codes + (_resumes_of(codes) if resumes else []):
         reset_code(code)
     return True
+
+
+def _resumes_of(codes: list) -> list:
+    """The code Dynamo generated to resume ``codes`` after graph breaks, and to resume those."""
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+    except ImportError:
+        return []
+    found, todo = [], list(codes)
+    while todo:
+        for made in (ContinueExecutionCache.cache.get(todo.pop()) or {}).values():
+            if not _one_of(made, found):
+                found.append(made)
+                todo.append(made)
+    return found
 
 
 @contextlib.contextmanager
@@ -214,7 +233,7 @@ def forward_forgotten(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        forget_forward(model)
+        forget_forward(model, resumes=True)
 
 
 @contextlib.contextmanager
@@ -266,9 +285,11 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
         reason = ("graph breaks split its forward into several graphs, and mixcache needs the whole "
                   "forward in one graph to cache it (torch.compile(..., fullgraph=True) captures the "
                   "data-dependent operators that break a trace otherwise, .item(), nonzero, a "
-                  "boolean mask's index, and raises at any other break; "
-                  "dit_compile.explain(model, *inputs) says which, with Dynamo's hints, "
-                  "TORCH_LOGS=graph_breaks lists them all)")
+                  "boolean mask's index, and raises at any other break; without it, "
+                  "torch._dynamo.config.capture_scalar_outputs and "
+                  "capture_dynamic_output_shape_ops capture them, and a forward then broken "
+                  "only before its blocks is cached; dit_compile.explain(model, *inputs) says "
+                  "which, with Dynamo's hints, TORCH_LOGS=graph_breaks lists them all)")
         if root is not None and not root.__dict__.get("_mixcache_retraced"):
             reason += ("; the forward is traced once more at its next call, in case the break is "
                        "the first call's alone (a table built lazily), and cached from there if so")

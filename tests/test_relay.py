@@ -60,6 +60,52 @@ def test_a_forward_broken_before_its_blocks_reuses_as_the_reference(monkeypatch)
     assert len(found) == graphs
 
 
+def hunyuan15():
+    """Its forward branches on ``all(image_embeds == 0)`` (a break) and reorders the text tokens
+    by mask in a loop: with Dynamo's default config the loop's break leaves the rest of the
+    forward eager."""
+    m = seeded("HunyuanVideo15Transformer3DModel", in_channels=4, out_channels=4,
+               num_attention_heads=2, attention_head_dim=8, num_layers=3, num_refiner_layers=1,
+               text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4),
+               target_size=32)
+    for block in m.transformer_blocks:    # (image, text) -> (image, text): for the reference
+        block.two = True
+    g = torch.Generator().manual_seed(0)
+    return m, dict(hidden_states=torch.randn(1, 4, 1, 4, 4, generator=g),
+                   timestep=torch.tensor([500.0]),
+                   encoder_hidden_states=torch.randn(1, 6, 16, generator=g),
+                   encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]),
+                   encoder_hidden_states_2=torch.randn(1, 4, 8, generator=g),
+                   encoder_attention_mask_2=torch.tensor([[1, 1, 1, 0]]),
+                   image_embeds=torch.zeros(1, 3, 8), return_dict=False)
+
+
+def test_captured_data_dependent_operators_leave_a_break_before_the_blocks_only():
+    """HunyuanVideo 1.5 with Dynamo capturing data-dependent operators (the two config flags the
+    fallback warning names): its mask indexing is captured, the break on the image embeddings
+    stays, before the blocks, and the graph after it is cached by the relay as the reference
+    reuses (its text stream's length is read from the mask at run time). ``explain`` says so
+    under the default config, where the forward runs uncached."""
+    model, kw = hunyuan15()
+    report = dit_compile.explain(model, **{k: v for k, v in kw.items() if k != "return_dict"})
+    assert not report.relayed and "capture_dynamic_output_shape_ops set" in report.fallback, \
+        str(report)
+    sched = dict(step=[2], block=[4])
+    with torch._dynamo.config.patch(capture_scalar_outputs=True,
+                                    capture_dynamic_output_shape_ops=True):
+        f = torch.compile(model, backend="mixcache",
+                          options={"regions": "eager", "cache": {"rule": "schedule", **sched}})
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            ours = generation(f, kw)
+    assert _mixcache_warnings(rec) == []
+    assert dit_compile.stats(f)["reused"] == {"step": 2, "block": 2}
+    theirs = generation(Reference(model, blocks_attr="transformer_blocks", **sched).start(
+        STEPS[0]), kw)
+    for i, (x, y) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+
+
 def test_lumina2_pipeline_reuses_as_the_reference():
     """Lumina2Pipeline (one call per guidance branch, a timestep that rises: 1 - sigma) around
     Lumina 2, whose rotary embedder breaks the trace before the blocks: the pipeline's output
