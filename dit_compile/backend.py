@@ -51,8 +51,9 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     if head is not None:
         # Written while Dynamo traces, as frames' flags are: the guards it builds afterwards see it.
         model._mixcache_head = True     # a later graph of this forward may take the record
+        # No blocks in it: compiled as the prologue is (regions="blocks" leaves that as it is).
         return Head(compile_fx(gm, example_inputs, config_patches=inductor)
-                    if opts.regions != "eager" else gm.forward, head)
+                    if opts.regions == "inductor" else gm.forward, head)
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:
