@@ -153,6 +153,26 @@ def dit_transformer(layers: int = 3) -> torch.nn.Module:
                                  num_embeds_ada_norm=1000).eval()
 
 
+def omnigen_transformer() -> tuple[torch.nn.Module, dict]:
+    """OmniGen and one call's arguments (its pipeline needs a tokenizer and a VAE): the rotary
+    module breaks the trace (position ids read on the host); the prompt comes as token ids the
+    model embeds."""
+    from diffusers import OmniGenTransformer2DModel
+    torch.manual_seed(0)
+    m = OmniGenTransformer2DModel(in_channels=4, patch_size=2, hidden_size=16, num_attention_heads=2,
+                                  num_key_value_heads=2, intermediate_size=32, num_layers=3,
+                                  pad_token_id=0, vocab_size=100, pos_embed_max_size=8,
+                                  rope_scaling={"short_factor": [1.0] * 4,
+                                                "long_factor": [2.0] * 4}).eval()
+    tokens, seq = 5, 5 + 1 + 16         # text, the time token, the latent's 4 x 4 patches
+    g = torch.Generator().manual_seed(0)
+    return m, dict(hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+                   timestep=torch.tensor([0.5]), input_ids=torch.randint(1, 100, (1, tokens), generator=g),
+                   input_img_latents=[], input_image_sizes={},
+                   attention_mask=torch.ones(1, seq, seq), position_ids=torch.arange(seq)[None],
+                   return_dict=False)
+
+
 def dit_pipeline(transformer: torch.nn.Module):
     """DiTPipeline decodes always: a one-level VAE, tiny."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline

@@ -3,7 +3,8 @@
 The head wrapper (record the call's inputs, tag each output tensor) and the tail's lookup of the
 record on its inputs, timed apart from any model, at OmniGen's and Lumina 2's shapes of the hand-off
 (four and six tensors), against a call of the same function unwrapped. Host time only: on a GPU
-the same Python runs while kernels queue.
+the same Python runs while kernels queue. Then, for scale, a tiny OmniGen's computed and reused
+calls through ``backend="mixcache"`` (Inductor; a schedule reusing every other step).
 
     python bench/relay_cost.py
 """
@@ -45,6 +46,33 @@ def main() -> None:
         assert received(tagged) is not None
         lookup = best(lambda: received(tagged))
         print(f"| {n} | {plain:.1f} | {wrapped:.1f} | {wrapped - plain:.1f} | {lookup:.1f} |")
+    omnigen_calls()
+
+
+def omnigen_calls(steps: int = 20, generations: int = 3) -> None:
+    """Median call times of a tiny OmniGen by what the call did, over the generations after the
+    first (which compiles)."""
+    import statistics
+    import time
+
+    import dit_compile
+    from pipelines import omnigen_transformer
+    model, kw = omnigen_transformer()
+    f = torch.compile(model, backend="mixcache",
+                      options={"cache": {"rule": "schedule", "step": list(range(1, steps, 2))}})
+    times: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for g in range(generations):
+            for t in torch.linspace(0.95, 0.05, steps).tolist():
+                start = time.perf_counter()
+                f(**dict(kw, timestep=torch.tensor([t])))
+                took = time.perf_counter() - start
+                if g:
+                    action = dit_compile.stats(f)["trace"][-1]["action"]
+                    times.setdefault(action, []).append(took)
+    print(f"\ntiny OmniGen through the backend, median of {steps * (generations - 1)} calls:")
+    for action, ts in times.items():
+        print(f"  {action}: {statistics.median(ts) * 1e6:.0f} us ({len(ts)} calls)")
 
 
 if __name__ == "__main__":

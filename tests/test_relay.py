@@ -1,6 +1,8 @@
 """Forwards that Dynamo breaks before their blocks: the first graph records the call's inputs, the
 graph that runs the blocks to the forward's return is cached by them (runtime.relay)."""
 import copy
+import os
+import sys
 import threading
 import warnings
 
@@ -14,22 +16,13 @@ from reference_cache import Reference
 from test_cache import STEPS, generation
 from tiny_models import seeded
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import pipelines  # noqa: E402
+
 SCHEDULE = dict(step=[2], cfg=[3], block=[4])
 
 
-def omnigen():
-    """Its rotary module breaks the trace (position ids read on the host); the prompt comes as
-    token ids the model embeds."""
-    m = seeded("OmniGenTransformer2DModel", in_channels=4, patch_size=2, hidden_size=16,
-               num_attention_heads=2, num_key_value_heads=2, intermediate_size=32, num_layers=3,
-               pad_token_id=0, vocab_size=100, pos_embed_max_size=8,
-               rope_scaling={"short_factor": [1.0] * 4, "long_factor": [2.0] * 4})
-    tokens, seq = 5, 5 + 1 + 16         # text, the time token, the latent's 4 x 4 patches
-    return m, dict(hidden_states=torch.randn(1, 4, 8, 8), timestep=torch.tensor([0.5]),
-                   input_ids=torch.randint(1, 100, (1, tokens), generator=torch.Generator().manual_seed(0)),
-                   input_img_latents=[], input_image_sizes={},
-                   attention_mask=torch.ones(1, seq, seq), position_ids=torch.arange(seq)[None],
-                   return_dict=False)
+omnigen = pipelines.omnigen_transformer
 
 
 def _mixcache_warnings(rec):
