@@ -53,7 +53,7 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         model._mixcache_head = True     # a later graph of this forward may take the record
         # No blocks in it: compiled as the prologue is (regions="blocks" leaves that as it is).
         return Head(compile_fx(gm, example_inputs, config_patches=inductor)
-                    if opts.regions == "inductor" else gm.forward, head)
+                    if opts.regions == "inductor" else gm.forward, head, computed_outputs(gm))
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:
@@ -165,6 +165,14 @@ def head_slots(gm: fx.GraphModule,
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return (names.index(roles["latent"]), names.index(roles["timestep"]),
             names.index(roles["text"]) if "text" in roles else None)
+
+
+def computed_outputs(gm: fx.GraphModule) -> list[int]:
+    """The positions of the graph's outputs that are tensors it computes (not inputs it returns
+    as they are, nor numbers)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    return [i for i, o in enumerate(out) if isinstance(o, fx.Node) and o.op != "placeholder"
+            and isinstance(example_value(o), torch.Tensor)]
 
 
 def carriers(gm: fx.GraphModule) -> list[int]:

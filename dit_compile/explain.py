@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .backend import carriers, head_slots
+from .backend import carriers, computed_outputs, head_slots
 from .export import Exported
 from .frames import (breaking_hooks, forget_forward, forward_forgotten, forward_tail, is_fragment,
                      shape_history_kept)
@@ -134,7 +134,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         slots = head_slots(gm, target)
         if slots is not None:
             heads.append(named_inputs(gm))
-            fn = Head(gm.forward, slots)
+            fn = Head(gm.forward, slots, computed_outputs(gm))
         elif forward_tail(gm, target):
             taken = carriers(gm)
 
@@ -187,10 +187,13 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         report.graphs = len(found)
         broke = len(found) > 1 or any(partial)
         whole = False       # one graph of the whole forward under fullgraph=True
+        # Broken before the blocks only: the graph after the break is cached (runtime.relay).
+        relayed = broke and not nested_break and _relayed(found, heads, reached)
         relay_if_captured = False   # cached by the relay once data-dependent operators are captured
         if broke or nested_break:
             report.breaks = ([nested_break] if nested_break
                              else _new_breaks(seen, _break_counts(counters)))
+        if (broke or nested_break) and not relayed:
             # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
             # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
             # and raises at any other break.
@@ -204,7 +207,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             except Exception:
                 found.clear()
             whole = len(found) == 1 and isinstance(found[0], RegionMap) and not partial[0]
-            if not whole and not nested_break and not _relayed(broken[0], broken[4], broken[5]):
+            if not whole and not nested_break:
                 # Would capturing the data-dependent operators without fullgraph leave a break
                 # before the blocks only, which the relay caches (HunyuanVideo 1.5)?
                 forget_forward(target, resumes=True)
@@ -222,7 +225,6 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
                 heads[:], reached = broken[4], broken[5]
     maps = [f for f in found if isinstance(f, RegionMap)]
     rmap = max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
-    relayed = not whole and not nested_break and _relayed(found, heads, reached)
     captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
                 "one graph that caches (the report is of that graph)")
     if nested_break:

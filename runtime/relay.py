@@ -37,22 +37,22 @@ class CallInputs:
 
 
 class Head:
-    """The forward's first graph: ``fn`` as compiled, its tensor outputs tagged with the call's
-    inputs at ``slots`` (latent, timestep, text or None, as graph input indices)."""
+    """The forward's first graph: ``fn`` as compiled, its outputs at ``tagged`` tagged with the
+    call's inputs at ``slots`` (latent, timestep, text or None, as graph input indices).
+    ``tagged``: the tensors the graph computes, not its inputs passed through (the record would
+    outlive the call on a tensor of the caller's); found in the graph at compile time."""
 
-    def __init__(self, fn: Callable[..., Any], slots: tuple[int, int, int | None]):
-        self.fn, self.slots = fn, slots
+    def __init__(self, fn: Callable[..., Any], slots: tuple[int, int, int | None],
+                 tagged: Sequence[int]):
+        self.fn, self.slots, self.tagged = fn, slots, list(tagged)
         self._last = threading.local()
 
     def __call__(self, *args: Any) -> Any:
         latent, t, text = (None if s is None else args[s] for s in self.slots)
-        given = {id(x) for x in args}
         record = CallInputs(latent, t, text, self)
         outs = self.fn(*args)
-        for o in outs:
-            # Not a tensor the call was given: the record would outlive the call on it.
-            if isinstance(o, torch.Tensor) and id(o) not in given:
-                setattr(o, TAG, record)
+        for i in self.tagged:
+            setattr(outs[i], TAG, record)
         self._last.record = record
         return outs
 

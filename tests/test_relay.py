@@ -161,14 +161,13 @@ def test_a_new_prompt_reaches_the_graph_that_holds_the_blocks():
 
 
 def test_a_record_is_taken_only_in_the_call_that_made_it():
-    """A tensor a head returned carries its call's inputs; once the head has run again, the old
+    """A tensor a head computed carries its call's inputs; once the head has run again, the old
     tensor's record is no longer taken (a model that keeps a tensor from an earlier call must not
     hand that call's timestep on), nor a record of another thread's call."""
-    head = Head(lambda x, t: (x * 2, t + 1), (0, 1, None))
+    head = Head(lambda x, t: (x * 2, t + 1), (0, 1, None), (0, 1))
     x, t = torch.ones(2), torch.tensor([0.5])
     first = head(x, t)
     assert received(first).latent is x and received(first).timestep is t
-    assert not hasattr(x, TAG), "an input of the call is not tagged"
     second = head(x + 1, t)
     assert received(first) is None and received([first[0], second[1]]) is received(second[1:])
     theirs = []
@@ -182,11 +181,12 @@ def test_a_head_compiled_by_inductor_tags_its_outputs():
     """Inductor's compiled graph is a boxed callable (it takes its inputs as one list, and empties
     it); Dynamo calls it, and the head, with the inputs as arguments."""
     from torch._inductor.compile_fx import compile_fx
-    gm = torch.fx.symbolic_trace(lambda x, t: (x * t, t + 1))
+    gm = torch.fx.symbolic_trace(lambda x, t: (x * t, t + 1, x))
     x, t = torch.ones(3), torch.tensor([0.5])
-    head = Head(compile_fx(gm, [x, t]), (0, 1, None))
+    head = Head(compile_fx(gm, [x, t]), (0, 1, None), (0, 1))
     outs = head(x, t)
     assert received(outs).latent is x and received(outs).timestep is t
+    assert outs[2] is x and not hasattr(x, TAG), "an input returned as it is is not tagged"
     torch.testing.assert_close(outs[0], x * t)
 
 
