@@ -223,8 +223,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
                 found[:] = broken[0]
                 modulated.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
                 heads[:], reached = broken[4], broken[5]
-    maps = [f for f in found if isinstance(f, RegionMap)]
-    rmap = max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
+    rmap = _block_graph(found)
     captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
                 "one graph that caches (the report is of that graph)")
     if nested_break:
@@ -285,13 +284,17 @@ CAPTURE = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=Tru
 CAPTURED = " and ".join(f"torch._dynamo.config.{k}" for k in CAPTURE)
 
 
+def _block_graph(found: list) -> RegionMap | None:
+    """The region map of the graph with the most blocks: the one the report is of."""
+    maps = [f for f in found if isinstance(f, RegionMap)]
+    return max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
+
+
 def _relayed(found: list, heads: list, reached: set) -> bool:
     """Whether the graph with the most blocks got a head's record of the call (runtime.relay):
     the broken forward is then cached as a whole one."""
-    maps = [f for f in found if isinstance(f, RegionMap)]
-    if not heads or not maps:
-        return False
-    return found.index(max(maps, key=lambda m: sum(m.stacks.values()))) in reached
+    rmap = _block_graph(found)
+    return bool(heads) and rmap is not None and found.index(rmap) in reached
 
 
 def _break_counts(counters: Any) -> dict[str, int]:
