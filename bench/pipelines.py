@@ -260,6 +260,32 @@ def run_cogvideox(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
                 generator=g).frames
 
 
+def anyflow_transformer(layers: int = 3) -> torch.nn.Module:
+    from diffusers import AnyFlowTransformer3DModel
+    torch.manual_seed(0)
+    return AnyFlowTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                     in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                                     ffn_dim=32, num_layers=layers, rope_max_seq_len=32).eval()
+
+
+def anyflow_pipeline(transformer: torch.nn.Module):
+    from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
+    return AnyFlowPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                           scheduler=FlowMapEulerDiscreteScheduler())
+
+
+def run_anyflow(pipe, steps: int = 5, seed: int = 0, context: bool = True) -> torch.Tensor:
+    """A flow map: each call takes the step's timestep and the one it jumps to (``r_timestep``),
+    both per latent frame, CFG batched in one call. ``context``: the first latent frame is given
+    (video continuation), its timestep held at zero."""
+    g = torch.Generator().manual_seed(seed)
+    embeds, negative = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    given = torch.randn(1, 1, 4, 8, 8, generator=g) if context else None
+    return pipe(video_latents=given, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                height=64, width=64, num_frames=5, num_inference_steps=steps, guidance_scale=5.0,
+                output_type="latent", generator=g).frames
+
+
 def pixel_wan_kwargs(pipe, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
                      seed: int, frames: int, size: int, channels: int = 3, steps: int = 20,
                      guidance: float = 4.0) -> dict:

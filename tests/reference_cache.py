@@ -138,7 +138,10 @@ class BatchedCfgReference:
         for name in [n for n in kw if params[n].kind is inspect.Parameter.VAR_KEYWORD]:
             kw.update(kw.pop(name))
         x, c, timestep = kw.pop(self.latent), kw.pop(self.cond), kw.pop(self.time)
-        t = float(timestep.reshape(-1)[0]) * (-1 if self.rising else 1)
+        # The noise level: per-frame timesteps (context frames at zero, AnyFlow's) at the
+        # noisiest frame's.
+        ts = timestep.reshape(-1).float()
+        t = -float(ts.min()) if self.rising else float(ts.max())
         if self.last_t is None or t > self.last_t:
             self.step, self.diff = 0, None
         elif t < self.last_t:

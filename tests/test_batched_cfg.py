@@ -76,6 +76,33 @@ def test_cogvideox_batched_cfg_matches_eager_reference(cache, cfg_steps, in_plac
     _check_trace(dit_compile.stats(pipe.transformer)["trace"], cfg_steps, generations=2)
 
 
+def test_a_flow_map_continuing_a_video_reuses_cfg_as_the_reference():
+    """AnyFlowPipeline: a flow map, each call given the timestep it jumps to (``r_timestep``)
+    beside its own, both per latent frame, and the first frame given (its timestep zero). The
+    half forward takes both timesteps' conditional half, the noise level is the noisiest
+    frame's, and the output is the eager reference's, generation after generation."""
+    import tiny_models
+    tiny_models.diffusers_class("AnyFlowPipeline")
+    model = pipelines.anyflow_transformer()
+    cfg_steps = {1, 3, 4}
+
+    def pipe(m):
+        p = pipelines.anyflow_pipeline(m)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    ref = pipelines.run_anyflow(pipe(BatchedCfgReference(model, cfg=cfg_steps).model), STEPS)
+    assert (ref - pipelines.run_anyflow(pipe(model), STEPS)).abs().max() > 1e-3
+    compiled = pipe(model)
+    compiled.transformer = _compile(model, {"rule": "schedule", "cfg": sorted(cfg_steps)})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        for _ in range(2):
+            torch.testing.assert_close(pipelines.run_anyflow(compiled, STEPS), ref,
+                                       rtol=1e-5, atol=1e-5)
+    _check_trace(dit_compile.stats(compiled.transformer)["trace"], cfg_steps, generations=2)
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=random_dits.specs().filter(lambda s: not s.extra_input),
        cfg_steps=st.sets(st.integers(1, STEPS - 1)), falls=st.lists(st.integers(40, 150), min_size=STEPS))
