@@ -21,6 +21,32 @@ def run_wan(pipe, steps: int = 8, seed: int = 0, size: int = 64, frames: int = 5
                 output_type="latent", generator=g).frames
 
 
+def wan_ti2v_pipeline(transformer: torch.nn.Module):
+    """Wan 2.2's text-image-to-video (TI2V-5B's ``expand_timesteps``): the image's latent is the
+    first latent frame, its tokens' timestep zero, the others' the step's (per token), and a tiny
+    Wan VAE encodes the image."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    torch.manual_seed(0)
+    z = transformer.config.out_channels
+    vae = AutoencoderKLWan(base_dim=3, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * z,
+                           latents_std=[1.0] * z).eval()
+    return WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                   expand_timesteps=True)
+
+
+def run_wan_ti2v(pipe, steps: int = 8, seed: int = 0, size: int = 32, frames: int = 5,
+                 text_dim: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 3, size, size, generator=g)
+    embeds = torch.randn(1, 6, text_dim, generator=g)
+    negative = torch.randn(1, 6, text_dim, generator=g)
+    return pipe(image=image, prompt_embeds=embeds, negative_prompt_embeds=negative, height=size,
+                width=size, num_frames=frames, num_inference_steps=steps, guidance_scale=5.0,
+                output_type="latent", generator=g).frames
+
+
 def flux_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,

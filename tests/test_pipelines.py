@@ -17,6 +17,9 @@ import pipelines  # noqa: E402
 CASES = {
     "wan": (lambda: tiny_models.wan(layers=3)[0], pipelines.wan_pipeline, pipelines.run_wan, 2,
             {"step", "block", "cfg"}),
+    # Wan 2.2 TI2V: per-token timesteps, the given image's tokens at zero.
+    "wan_ti2v": (lambda: tiny_models.wan(layers=3)[0], pipelines.wan_ti2v_pipeline,
+                 pipelines.run_wan_ti2v, 2, {"step", "block", "cfg"}),
     # No guidance branches (guidance is an embedded scale): nothing for cfg reuse to act on.
     "flux": (lambda: tiny_models.flux()[0], pipelines.flux_pipeline, pipelines.run_flux, 1,
              {"step", "block"}),
@@ -64,6 +67,9 @@ def test_pipeline_cache_off_equals_eager_and_cache_on_runs(name):
         acts = [r["action"] for r in trace if r["generation"] == gen]
         assert acts[:calls] == ["compute"] * calls, "a generation starts from nothing cached"
         assert set(acts) - {"compute"} == expected
+        # The noise level falls step by step (per-token timesteps: the noisiest token's).
+        ts = [r["t"] for r in trace if r["generation"] == gen and r["branch"] == 0]
+        assert all(a > b for a, b in zip(ts, ts[1:])), ts
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
