@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dit_compile
 import dit_compile.backend as backend
 import random_dits
+import tiny_models
 from reference_cache import BatchedCfgReference
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -81,7 +82,6 @@ def test_a_flow_map_continuing_a_video_reuses_cfg_as_the_reference():
     beside its own, both per latent frame, and the first frame given (its timestep zero). The
     half forward takes both timesteps' conditional half, the noise level is the noisiest
     frame's, and the output is the eager reference's, generation after generation."""
-    import tiny_models
     tiny_models.diffusers_class("AnyFlowPipeline")
     model = pipelines.anyflow_transformer()
     cfg_steps = {1, 3, 4}
@@ -282,7 +282,6 @@ def test_prompts_batched_on_one_noise_are_one_generation():
     That is not a new generation: the schedule counts its steps from the pipeline's first call,
     and each sample comes out as it does alone under the same schedule (it used to restart at
     step 1, so step 2's reuse fell on step 3)."""
-    import tiny_models
     model = tiny_models.wan(layers=3)[0]
     pipe = pipelines.wan_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -407,7 +406,6 @@ def test_controlnet_samples_per_block_are_sliced_to_the_half():
     never reads its own. A cfg reuse step computes the cond half with each sample's cond half, as
     the eager reference does (the half forward used to be refused for the unread sample, and list
     tensors were never sliced: cfg reuse computed the full batch)."""
-    import tiny_models
     model, _ = tiny_models.sd3()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 8, 8, generator=g)
