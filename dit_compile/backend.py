@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
 from .frames import (compiled_model, forward_head, forward_tail, in_forward_wrapper,
-                     install_moe_hook, is_fragment, lower_moe_and_retrace, model_name,
+                     install_trace_hook, is_fragment, lower_moe_and_retrace, model_name,
                      retrace_once_after_break, traced_locals, traced_module, warn_fallback)
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
@@ -38,10 +38,11 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     start = time.perf_counter()
     opts = Options.parse(options)
     inductor = _inductor_config(mode or opts.mode)
-    # 0. lowering: MoE dispatches are lowered as a compile starts (install_moe_hook); one that
-    #    broke this trace anyway (a model not on the stack) is lowered now, and the next trace is
-    #    whole. Any other break: traced once more at the next call (a first call's lazy init).
-    install_moe_hook()
+    # 0. lowering: layerwise casting and MoE dispatches are made traceable as a compile starts
+    #    (install_trace_hook); an MoE dispatch that broke this trace anyway (a model not on the
+    #    stack) is lowered now, and the next trace is whole. Any other break: traced once more at
+    #    the next call (a first call's lazy init).
+    install_trace_hook()
     model = compiled_model() or traced_module()
     lower_moe_and_retrace(model, opts.lower_moe)
     retrace_once_after_break(gm, model)
@@ -458,4 +459,4 @@ def _inductor_config(mode: str | None) -> dict[str, Any]:
     return dict(torch._inductor.list_mode_options(mode))
 
 
-install_moe_hook()     # loaded by the entry point as torch.compile names the backend
+install_trace_hook()   # loaded by the entry point as torch.compile names the backend

@@ -10,6 +10,7 @@ from .backend import carriers, computed_outputs, head_slots
 from .export import Exported
 from .frames import (breaking_hooks, forget_forward, forward_forgotten, forward_tail, is_fragment,
                      shape_history_kept)
+from .passes.casting import find_casts, functional_casting
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
@@ -33,6 +34,7 @@ class Report:
     regions: list[tuple[str, int]] = field(default_factory=list)  # (region, node count)
     fallback: str | None = None                            # why mixcache would not cache
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
+    casts: int = 0                                         # layers layerwise casting hooks
     modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
     nested: int = 0                                        # block calls traced as nested regions
     nested_regions: int = 0                                # distinct regions those calls run
@@ -54,6 +56,9 @@ class Report:
             lines.append(f"  MoE dispatches: {len(self.moe)}, not lowered: {len(pending)}"
                          + (" (backend='mixcache' lowers them before its first trace, "
                             "dit_compile.lower_moe(model) now)" if pending else ""))
+        if self.casts:
+            lines.append(f"  layerwise casting: {self.casts} layers, each cast as a function of "
+                         "its weights in the graph (dit_compile.passes.casting)")
         for s, k in self.stacks.items():
             lines.append(f"  stack {s}: {k} blocks, residual stream(s) {self.streams.get(s, [])}")
         if self.stacks and self.nested:
@@ -113,6 +118,10 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
                         "and blocks), and dit_compile.stats shows what it caches")
     report = Report(type(getattr(model, "_orig_mod", model)).__name__)
     report.moe = find_moe(getattr(model, "_orig_mod", model))
+    # As the backend traces it: diffusers' layerwise casting in its traceable form (no result
+    # changes), counted where that form took.
+    functional_casting(getattr(model, "_orig_mod", model))
+    report.casts = sum(find_casts(getattr(model, "_orig_mod", model)).values())
     found: list[RegionMap | NoBlockStructure] = []
     modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
     nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph

@@ -20,6 +20,8 @@ options does.
 
 MoE dispatches that sync to the host (HiDream's, NucleusMoE's) are lowered while exporting, as the
 backend lowers them (option ``lower_moe``), and restored after: the programs hold the fused op.
+diffusers' layerwise casting is given its traceable form (``passes.casting``), as the backend does:
+the programs cast each layer's weights from the storage dtype they are saved in.
 
 The export is of one input signature (the shapes of the example call), as ``torch.export`` is;
 batched-CFG calls (cfg reuse on batch halves) compute the full batch. A model Dynamo cannot trace
@@ -44,6 +46,7 @@ from torch.utils import _pytree as pytree
 
 from .frames import forget_forward, forward_forgotten, shape_history_kept
 from .options import Options
+from .passes.casting import functional_casting
 from .passes.modulation import Modulation
 from .passes.regions import NoBlockStructure, find_regions, missing_inputs, source_name, user_inputs
 from .passes.split import split
@@ -69,7 +72,10 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     sharing that code (the same class, or diffusers' decorator around ``forward``) traces again at
     its next call; other compiled code keeps its graphs."""
     opts = Options.parse(options)
-    # 0. lowering: MoE dispatches that would break the graph, for the export only.
+    # 0. lowering: layerwise casting's hooks in their traceable form (no result changes: the
+    #    programs hold the casts, and the weights stay in the storage dtype), and MoE dispatches
+    #    that would break the graph, for the export only.
+    functional_casting(getattr(model, "_orig_mod", model))
     with _lowered_moe(model, opts.lower_moe):
         _export(model, path, kwargs, options, opts, aoti)
 

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .options import Options
+from .passes.casting import find_casts, functional_casting
 from .passes.moe import find_moe, lower_moe
 from .passes.regions import NoBlockStructure
 
@@ -77,33 +78,39 @@ def compiled_model() -> torch.nn.Module | None:
     return found
 
 
-def install_moe_hook() -> None:
-    """Have Dynamo call ``lower_moe_before_trace`` as each compile starts. Said again at every
+def install_trace_hook() -> None:
+    """Have Dynamo call ``lower_before_trace`` as each compile starts. Said again at every
     mixcache compile: ``torch._dynamo.reset()`` drops Dynamo's callbacks, and this is the only hook
     a backend has that runs before the trace (torch.compile hands a named backend nothing else)."""
     handler = torch._dynamo.callback_handler
-    if lower_moe_before_trace not in getattr(handler, "start_callbacks", (lower_moe_before_trace,)):
-        handler.register_start_callback(lower_moe_before_trace)
+    if lower_before_trace not in getattr(handler, "start_callbacks", (lower_before_trace,)):
+        handler.register_start_callback(lower_before_trace)
 
 
-def lower_moe_before_trace(_: Any = None) -> None:
-    """Dynamo's start-of-compile callback: where mixcache compiles a model whose MoE dispatches
-    sync to the host (HiDream's, NucleusMoE's), lower them in place before Dynamo traces it, so the
-    trace is whole from the first call and ``fullgraph=True`` works; ``lower_moe=False`` leaves the
-    model as it is. Any other backend's compile, and a model that is not on the stack (a compiled
-    function that calls it), are left to ``lower_moe_and_retrace``. Never fails a compile."""
+def lower_before_trace(_: Any = None) -> None:
+    """Dynamo's start-of-compile callback: where mixcache compiles a model whose forward would
+    break at every layer diffusers' layerwise casting hooks, or at MoE dispatches that sync to the
+    host (HiDream's, NucleusMoE's), rewrite those in place before Dynamo traces it, so the trace is
+    whole from the first call and ``fullgraph=True`` works. ``lower_moe=False`` leaves the MoE
+    dispatches as they are; the casting's rewrite changes no result (``passes.casting``). Any other
+    backend's compile, and a model that is not on the stack (a compiled function that calls it),
+    are left to the backend (``lower_moe_and_retrace``, ``retrace_once_after_break``). Never fails
+    a compile."""
     try:
         options = _mixcache_options()
-        if options is None or not Options.parse(options).lower_moe:
+        model = None if options is None else compiled_model()
+        if model is None:
             return
-        model = compiled_model()
-        pending = [] if model is None else [p for p, done in find_moe(model).items() if not done]
+        functional_casting(model)
+        if not Options.parse(options).lower_moe:
+            return
+        pending = [p for p, done in find_moe(model).items() if not done]
         if not pending:
             return
         lower_moe(model)
         left = sum(not done for done in find_moe(model).values())
     except Exception as why:  # a bad option or Dynamo internals moved: the backend's path remains
-        log.debug("mixcache: MoE lowering before the trace skipped: %s", why)
+        log.debug("mixcache: lowering before the trace skipped: %s", why)
         return
     warnings.warn(f"mixcache: {type(model).__name__}: {len(pending)} MoE dispatch(es) "
                   f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}) sync to the "
@@ -314,18 +321,22 @@ def breaking_hooks(model: torch.nn.Module | None) -> str | None:
     """Why diffusers' hooks on ``model``'s layers break every trace of its forward, or None.
     Layerwise casting (``enable_layerwise_casting``) casts each layer with ``Module.to`` at every
     call, which makes new ``torch.nn.Parameter`` objects, which Dynamo cannot trace: the forward
-    breaks at every layer it casts, and diffusers has no call that undoes it."""
+    breaks at every layer it casts, unless ``passes.casting`` has given its hooks their traceable
+    path, as a mixcache compile of the model itself does as it starts."""
     if model is None:
         return None
     def hooked(name: str) -> int:
         return sum(1 for m in model.modules()
                    if getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).get(name))
-    casts, groups = hooked("layerwise_casting"), hooked("group_offloading")
+    casts = sum(not traced for traced in find_casts(model).values())
+    groups = hooked("group_offloading")
     if casts:
         return (f"diffusers' layerwise casting is on ({casts} layers: enable_layerwise_casting), "
                 "whose hook casts each layer with Module.to at every call, making new "
-                "torch.nn.Parameters, which Dynamo cannot trace: load the model without it (its "
-                "weights in the compute dtype) to let mixcache cache")
+                "torch.nn.Parameters, which Dynamo cannot trace. mixcache traces them as casts of "
+                "the weights as a compile of the model itself starts (after torch._dynamo.reset(), "
+                "from the model's next call); a compiled function that calls the model breaks at "
+                "each: compile the model itself (torch.compile(transformer, backend='mixcache'))")
     if groups:
         # Group offloading moves weights in hooks that diffusers keeps out of the graph on purpose
         # (torch.compiler.disable), at every group: no trace can hold the forward whole.

@@ -554,21 +554,6 @@ def test_diffusers_cache_hooks_are_named_in_the_fallback_warning():
 
 
 
-def test_layerwise_casting_is_named_as_the_break():
-    """diffusers' layerwise casting casts each layer with Module.to at every call, which Dynamo
-    cannot trace: the forward breaks at every layer. The warning names the hook (explain's report
-    too, by the same words; the user sees only Dynamo's Parameter constructor otherwise); the
-    graphs run uncached, as eager."""
-    model, kw = tiny_models.wan(layers=2)
-    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
-    with torch.no_grad():
-        ref = model(**kw, return_dict=False)[0]
-    compiled = torch.compile(model, backend="mixcache", options={"regions": "eager"})
-    with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
-        out = compiled(**kw, return_dict=False)[0]
-    assert "enable_layerwise_casting" in _mixcache_warnings(rec)[0]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
 def test_whole_graph_without_blocks_warns_the_region_pass_reason():
     """No graph break, no block stack: the reason is the region pass's, not graph breaks."""
     with pytest.warns(UserWarning, match=r"mixcache: Linear: no nn.ModuleList of two or more") as rec:
@@ -687,12 +672,12 @@ def test_moe_lowered_before_the_trace_so_fullgraph_works():
     place (saying so), so the first trace is whole: fullgraph=True compiles the unmodified model
     (NucleusMoE here; HiDream in a fresh process below), in one graph, its output the original
     model's. Another backend's compile leaves a model as it is, and so does lower_moe=False."""
-    from dit_compile.frames import install_moe_hook
+    from dit_compile.frames import install_trace_hook
     from dit_compile.passes.moe import find_moe
     model, kw = tiny_models.nucleus()
     n = 2
     torch._dynamo.reset()
-    install_moe_hook()          # the reset dropped Dynamo's callbacks; a fresh process has it
+    install_trace_hook()          # the reset dropped Dynamo's callbacks; a fresh process has it
     with torch.no_grad():
         ref = model(**kw, return_dict=False)[0]
         torch.compile(model, backend="eager")(**kw, return_dict=False)
@@ -701,7 +686,7 @@ def test_moe_lowered_before_the_trace_so_fullgraph_works():
             **kw, return_dict=False)
         assert not any(find_moe(model).values())
         torch._dynamo.reset()
-        install_moe_hook()
+        install_trace_hook()
         graphs = []
         real = backend.find_regions
         with pytest.MonkeyPatch.context() as mp, pytest.warns(UserWarning, match="mixcache") as rec:

@@ -1,0 +1,94 @@
+"""diffusers' layerwise casting, in a form Dynamo traces.
+
+``enable_layerwise_casting(storage_dtype=..., compute_dtype=...)`` keeps a model's weights in a
+small dtype (fp8, bf16) and hooks each of its linear and conv layers: before the layer runs,
+``Module.to(compute_dtype)``; after, ``Module.to(storage_dtype)``. ``Module.to`` makes new
+``nn.Parameter`` objects, which Dynamo cannot trace, so the forward breaks at every hooked layer and
+no backend ever sees a block (the model runs as a few hundred fragments, uncached).
+
+The same cast is a pure function of the weights: run the layer's forward with each floating
+parameter and buffer replaced by its copy in the compute dtype
+(``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` does).
+Dynamo traces that as ``to`` nodes on the parameters, which are graph inputs; nothing is written
+back, and the weights stay stored in the storage dtype. Only the traced path changes: a call that
+is not compiled takes the hook's own ``Module.to`` round trip, so eager results, other backends and
+diffusers' hook registry are as before.
+
+``functional_casting(model) -> int``
+    Give every layerwise-casting hook in ``model`` the traceable path (idempotent); the count of
+    hooks changed now. ``backend="mixcache"`` calls it as a compile starts (and
+    ``dit_compile.explain`` and ``dit_compile.export`` before their traces).
+``find_casts(model) -> dict[str, bool]``
+    Every layer with a layerwise-casting hook, by module path, and whether it has that path.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+
+HOOK = "layerwise_casting"      # the name diffusers' apply_layerwise_casting registers it under
+
+
+def functional_casting(model: torch.nn.Module) -> int:
+    """Make each layerwise-casting hook in ``model`` traceable (module docstring); how many changed."""
+    changed = 0
+    for _, module, ref, hook in _casting_hooks(model):
+        if ref is None or _is_functional(ref):
+            continue
+        # The registry's wrapper calls pre_forward, forward, post_forward in turn and reads them
+        # from this reference at each call: the hook's two casts move inside forward.
+        ref.forward = functools.partial(_cast_forward, hook, module, ref.forward)
+        ref.pre_forward = _no_pre_forward
+        ref.post_forward = _no_post_forward
+        changed += 1
+    return changed
+
+
+def find_casts(model: torch.nn.Module) -> dict[str, bool]:
+    """Each layer of ``model`` that layerwise casting hooks, and whether Dynamo can trace it."""
+    return {path: ref is not None and _is_functional(ref)
+            for path, _, ref, _ in _casting_hooks(model)}
+
+
+def _cast_forward(hook: Any, module: torch.nn.Module, forward: Callable[..., Any],
+                  *args: Any, **kwargs: Any) -> Any:
+    if not torch.compiler.is_compiling():
+        args, kwargs = hook.pre_forward(module, *args, **kwargs)
+        return hook.post_forward(module, forward(*args, **kwargs))
+    # As Module.to(dtype) casts: the floating-point tensors, each to the compute dtype.
+    cast = {name: t.to(hook.compute_dtype)
+            for name, t in (*module.named_parameters(), *module.named_buffers())
+            if t.is_floating_point()}
+    with _reparametrize_module(module, cast):
+        return forward(*args, **kwargs)
+
+
+def _no_pre_forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    return args, kwargs
+
+
+def _no_post_forward(module: torch.nn.Module, output: Any) -> Any:
+    return output
+
+
+def _is_functional(ref: Any) -> bool:
+    return isinstance(ref.forward, functools.partial) and ref.forward.func is _cast_forward
+
+
+def _casting_hooks(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, Any, Any]]:
+    """(path, layer, its hook's function reference, the hook) for each layerwise-casting hook; the
+    reference is None where diffusers' registry is not laid out as this pass knows it."""
+    for path, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hooks = getattr(registry, "hooks", None)
+        if not hooks or HOOK not in hooks:
+            continue
+        # diffusers (0.35 to 0.42 at least) keeps one function reference per hook, in order.
+        refs, order = getattr(registry, "_fn_refs", None), getattr(registry, "_hook_order", None)
+        ref = refs[order.index(HOOK)] if refs is not None and order is not None else None
+        if not (hasattr(ref, "forward") and hasattr(hooks[HOOK], "compute_dtype")):
+            ref = None
+        yield path, module, ref, hooks[HOOK]

@@ -1,0 +1,163 @@
+"""diffusers' layerwise casting under mixcache: traced as casts of the weights (passes/casting.py),
+so a model stored in a small dtype is one graph and caches as the same model with its weights
+rounded to that dtype does."""
+import os
+import sys
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+import dit_compile
+import tiny_models
+from dit_compile.frames import install_trace_hook
+from dit_compile.passes.casting import find_casts, functional_casting
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import pipelines  # noqa: E402
+
+STORAGE = torch.bfloat16
+
+
+@pytest.fixture(autouse=True)
+def _trace_hook(_fresh_dynamo):
+    """torch._dynamo.reset() (each test's, conftest) drops Dynamo's start callbacks, which the
+    backend installs again at its next compile: a fresh process has it from the entry point."""
+    install_trace_hook()
+
+
+def _cast_and_rounded_twin(storage=STORAGE, layers=3):
+    """A tiny Wan under layerwise casting (its weights stored as ``storage``, computed in fp32),
+    and a twin without hooks whose same layers hold those weights rounded to ``storage``: the
+    values every call of the first computes with."""
+    model, kw = tiny_models.wan(layers=layers)
+    twin, _ = tiny_models.wan(layers=layers)
+    model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=torch.float32)
+    for path in find_casts(model):
+        twin.get_submodule(path).to(storage).to(torch.float32)
+    return model, twin, dict(kw, return_dict=False)
+
+
+def _mixcache_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if str(w.message).startswith("mixcache")]
+
+
+def _stored_dtypes(model) -> set:
+    return {model.get_submodule(p).weight.dtype for p in find_casts(model)}
+
+
+def test_functional_casting_changes_no_eager_result_and_is_idempotent():
+    model, twin, kw = _cast_and_rounded_twin()
+    with torch.no_grad():
+        before = model(**kw)[0]
+        n = functional_casting(model)
+        after = model(**kw)[0]
+    assert n == len(find_casts(model)) > 0 and all(find_casts(model).values())
+    assert functional_casting(model) == 0
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(before, twin(**kw)[0], rtol=1e-6, atol=1e-6)
+    assert _stored_dtypes(model) == {STORAGE}, "eager calls cast back to the storage dtype"
+
+
+def test_layerwise_cast_wan_in_its_pipeline_caches_as_its_rounded_twin():
+    """WanPipeline, the default preset: the cast model is one graph (no warning), reuses steps,
+    and decides and computes exactly as its twin does; its weights stay stored in bf16, and the
+    model still runs eagerly as before."""
+    model, twin, _ = _cast_and_rounded_twin()
+    pipe = pipelines.wan_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    eager = pipelines.run_wan(pipe, steps=8)
+
+    results = []
+    for m in (twin, model):
+        torch._dynamo.reset()
+        install_trace_hook()
+        pipe.transformer = torch.compile(m, backend="mixcache", options={"regions": "eager"})
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            out = pipelines.run_wan(pipe, steps=8)
+        assert _mixcache_warnings(rec) == []
+        results.append((out, dit_compile.stats(pipe.transformer)["trace"]))
+    (twin_out, twin_trace), (out, trace) = results
+    assert [r["action"] for r in trace] == [r["action"] for r in twin_trace]
+    assert "step" in {r["action"] for r in trace}
+    torch.testing.assert_close(out, twin_out, rtol=1e-6, atol=1e-6)
+    assert _stored_dtypes(model) == {STORAGE}
+
+    pipe.transformer = model
+    torch.testing.assert_close(pipelines.run_wan(pipe, steps=8), eager, rtol=0, atol=0)
+
+
+def test_explain_reports_the_casts_in_one_graph():
+    model, _, kw = _cast_and_rounded_twin()
+    report = dit_compile.explain(model, **kw)
+    assert report.graphs == 1 and report.fallback is None and report.stacks == {"blocks": 3}
+    assert report.casts == len(find_casts(model)) and "layerwise casting: " in str(report)
+
+
+def test_a_compiled_function_calling_a_cast_model_is_told_to_compile_the_model():
+    """The start of a compile finds the model torch.compile was given; a function that calls it
+    breaks at every cast as before, and the warning says what to compile instead."""
+    model, _, kw = _cast_and_rounded_twin(layers=2)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+        f = torch.compile(lambda **k: model(**k)[0], backend="mixcache",
+                          options={"regions": "eager"})
+        with pytest.warns(UserWarning, match="mixcache") as rec:
+            out = f(**kw)
+    said = " ".join(_mixcache_warnings(rec))
+    assert "enable_layerwise_casting" in said and "compile the model itself (" in said
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_after_a_dynamo_reset_the_first_call_breaks_and_the_next_is_one_graph():
+    """torch._dynamo.reset() drops the start callback until the backend's next compile: the first
+    call then breaks at every cast, runs uncached and says why (naming the hook); the backend,
+    having installed the callback again, has the forward traced once more, whole from the next
+    call on, and cached."""
+    model, _, kw = _cast_and_rounded_twin(layers=2)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
+        first = f(**kw)[0]
+    (said,) = _mixcache_warnings(rec)
+    assert "enable_layerwise_casting" in said and "torch._dynamo.reset()" in said
+    with torch.no_grad(), warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        second = f(**kw)[0]
+    assert _mixcache_warnings(rec) == [] and all(find_casts(model).values())
+    assert dit_compile.stats(model)["calls"] == 1
+    torch.testing.assert_close(first, ref, rtol=0, atol=0)
+    torch.testing.assert_close(second, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.inductor
+def test_fp8_stored_model_compiles_whole_through_inductor():
+    """Weights stored in float8 (what layerwise casting is for), computed in fp32: fullgraph=True
+    compiles, the output is eager's, and the weights stay float8."""
+    model, _, kw = _cast_and_rounded_twin(storage=torch.float8_e4m3fn, layers=2)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+        out = torch.compile(model, backend="mixcache", fullgraph=True,
+                            options={"cache": None})(**kw)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert _stored_dtypes(model) == {torch.float8_e4m3fn}
+
+
+def test_export_keeps_the_weights_in_the_storage_dtype():
+    model, _, kw = _cast_and_rounded_twin(layers=2)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+    with tempfile.TemporaryDirectory() as d:
+        dit_compile.export(model, os.path.join(d, "m"), kw, options={"cache": None})
+        saved = torch.load(os.path.join(d, "m", "tensors.pt"))
+        loaded = dit_compile.load(os.path.join(d, "m"))
+        with torch.no_grad():
+            out = loaded(**kw)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    dtypes = {t.dtype for t in (saved.values() if isinstance(saved, dict) else saved)}
+    assert STORAGE in dtypes
