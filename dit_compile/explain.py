@@ -104,7 +104,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
 
     Runs the model once (eagerly, through Dynamo's graph); compiles nothing with Inductor, and
     leaves Dynamo nothing of its trace (a compiled model of the same class traces its forward
-    again at its next call).
+    again at its next call). Gives diffusers' layerwise casting hooks the traceable form the
+    backend gives them (``passes.casting``: no result changes), so it traces what mixcache would.
     """
     if not isinstance(getattr(model, "_orig_mod", model), torch.nn.Module):
         name = getattr(model, "__qualname__", None)

@@ -20,6 +20,9 @@ diffusers' hook registry are as before.
     ``dit_compile.explain`` and ``dit_compile.export`` before their traces).
 ``find_casts(model) -> dict[str, bool]``
     Every layer with a layerwise-casting hook, by module path, and whether it has that path.
+``cast_only(layer) -> torch.dtype | None``
+    The dtype a layer whose only hook is layerwise casting computes in (None otherwise): the MoE
+    lowering (passes/moe.py) casts stacked expert weights as the experts' hooks would.
 """
 from __future__ import annotations
 
@@ -51,6 +54,14 @@ def find_casts(model: torch.nn.Module) -> dict[str, bool]:
     """Each layer of ``model`` that layerwise casting hooks, and whether Dynamo can trace it."""
     return {path: ref is not None and _is_functional(ref)
             for path, _, ref, _ in _casting_hooks(model)}
+
+
+def cast_only(layer: torch.nn.Module) -> torch.dtype | None:
+    """The compute dtype of ``layer`` where diffusers' layerwise casting is its only hook."""
+    hooks = getattr(getattr(layer, "_diffusers_hook", None), "hooks", None)
+    if (not hooks or set(hooks) != {HOOK} or layer._forward_hooks or layer._forward_pre_hooks):
+        return None
+    return getattr(hooks[HOOK], "compute_dtype", None)
 
 
 def _cast_forward(hook: Any, module: torch.nn.Module, forward: Callable[..., Any],

@@ -90,8 +90,10 @@ so the model stays differentiable (and slow there); under ``torch.no_grad`` / ``
 pipelines run, it is the op. ``no_grad=True`` says the original itself runs under no_grad (HiDream's
 ``moe_infer``), and the op then always runs, as the original would without gradients. Under
 ``torch.autocast`` the stacked weights and the input are cast to the autocast dtype, as autocast
-casts the experts' linear layers. Experts with forward hooks (``enable_layerwise_casting``'s fp8
-storage, group offloading, accelerate's) are not lowered, since the op never calls the experts and
+casts the experts' linear layers; where diffusers' layerwise casting (``enable_layerwise_casting``:
+fp8 or bf16 storage) is the projections' only hook, the stacks stay in the storage dtype and each
+dispatch casts them to the compute dtype, as the hooks would. Experts with other forward hooks
+(group offloading, accelerate's) are not lowered, since the op never calls the experts and
 their hooks would not run: ``lower_moe`` skips them with a warning, ``register_moe`` refuses. Hooks
 added after lowering are not covered (call :func:`restore_moe` first). A lowered module pickles
 (``torch.save(model)``) and loads lowered.
@@ -109,6 +111,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.moe_op import moe_ffn
+from .casting import cast_only
 
 __all__ = ["count_moe_ops", "find_moe", "lower_moe", "register_moe", "restore_moe"]
 
@@ -129,6 +132,7 @@ class _MoESpec:
     experts: str | None  # attribute of the per-expert ModuleList whose weights we stacked, if any
     projections: tuple[str, str, str]  # gate, up, down attribute names inside each expert
     no_grad: bool = False  # the original runs under no_grad (HiDream's moe_infer): so does the op
+    cast: torch.dtype | None = None  # the experts' layerwise casting computes in this dtype
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,6 +144,10 @@ def _dispatch(spec: _MoESpec, self: nn.Module, *args: Any, **kwargs: Any) -> Ten
     with torch.no_grad() if spec.no_grad else contextlib.nullcontext():
         x, expert_ids, routing_weights = spec.route(self, *args, **kwargs)
         w1, w3, w2 = spec.weights(self)
+        if spec.cast is not None:
+            # What the experts' layerwise casting hooks do to each weight as it runs, done to the
+            # stacks (stored in the storage dtype; the hooks never run, the experts being skipped).
+            w1, w3, w2 = (w.to(spec.cast) for w in (w1, w3, w2))
         if torch.is_grad_enabled() and (
                 any(t.requires_grad for t in (x, routing_weights, w1, w3, w2))
                 or (spec.experts is not None
@@ -212,6 +220,8 @@ def register_moe(
         if problem:
             raise ValueError(f"register_moe: {type(module).__name__}.{experts}: {problem}")
     _unregister(module)
+    casts = ({cast_only(getattr(e, name)) for e in getattr(module, experts) for name in projections}
+             if experts is not None else {None})
     spec = _MoESpec(
         method=method,
         route=route if route is not None else _plain_route,
@@ -219,6 +229,7 @@ def register_moe(
         experts=experts,
         projections=tuple(projections),
         no_grad=no_grad,
+        cast=casts.pop(),
     )
     if experts is not None:
         _stack_experts(module, spec)
@@ -311,14 +322,16 @@ def _swiglu_experts_problem(experts: Any, projections: tuple[str, str, str]) -> 
         # Exactly nn.Linear: a LoRA or quantisation wrapper computes something the op would not.
         if any(type(layer) is not nn.Linear or layer.bias is not None for layer in layers):
             return f"expert {i}: {projections} must be plain bias-free nn.Linear"
-        if any(_hooked(m) for m in (expert, *layers)):
-            return (f"expert {i} has forward hooks (diffusers' enable_layerwise_casting or group "
-                    "offloading, accelerate's offload, hooks of your own): the op reads the "
-                    "stacked weights and never calls the experts, so their hooks would not run")
+        if _hooked(expert) or any(_hooked(m) and cast_only(m) is None for m in layers):
+            return (f"expert {i} has forward hooks (diffusers' group offloading, accelerate's "
+                    "offload, hooks of your own): the op reads the stacked weights and never "
+                    "calls the experts, so their hooks would not run")
         gate, up, down = (layer.weight for layer in layers)
         if gate.shape != up.shape or down.shape != gate.shape[::-1]:
             return f"expert {i}: gate/up [H, D] and down [D, H] shapes disagree"
-        signature = (gate.shape, gate.dtype, gate.device, up.dtype, up.device, down.dtype, down.device)
+        # Layerwise casting the op does itself, once for all experts: one compute dtype.
+        signature = (gate.shape, gate.dtype, gate.device, up.dtype, up.device, down.dtype, down.device,
+                     *(cast_only(layer) for layer in layers))
         if reference is None:
             reference = signature
         elif signature != reference:

@@ -161,3 +161,22 @@ def test_export_keeps_the_weights_in_the_storage_dtype():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     dtypes = {t.dtype for t in (saved.values() if isinstance(saved, dict) else saved)}
     assert STORAGE in dtypes
+
+
+def test_hidream_experts_under_layerwise_casting_are_lowered_in_their_storage_dtype():
+    """HiDream's expert projections hooked by layerwise casting: the MoE lowering keeps their
+    stacks in the storage dtype and casts them as the hooks would, so fullgraph=True compiles (the
+    dispatch no longer syncs to the host) and the output is the hooked model's eager one."""
+    from dit_compile.passes.moe import find_moe
+    model, kw = tiny_models.hidream()
+    model.enable_layerwise_casting(storage_dtype=STORAGE, compute_dtype=torch.float32)
+    kw["return_dict"] = False
+    with torch.no_grad():
+        ref = model(**kw)[0]
+        with pytest.warns(UserWarning, match="MoE dispatch"):
+            out = torch.compile(model, backend="mixcache", fullgraph=True,
+                                options={"regions": "eager", "cache": None})(**kw)[0]
+    moe = find_moe(model)
+    assert moe and all(moe.values())
+    assert {m._moe_w1.dtype for m in model.modules() if hasattr(m, "_moe_w1")} == {STORAGE}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -781,14 +781,23 @@ def test_a_lowered_model_pickles_and_loads_lowered(tmp_path):
 
 
 def test_experts_with_hooks_are_not_lowered():
-    """The op reads stacked weights and never calls the experts, so hooks on them (diffusers'
-    layerwise casting to fp8 storage, offloading) would not run: refused, not a dtype error in
-    the op or a silent skip of the hook."""
+    """The op reads stacked weights and never calls the experts, so hooks on them (offloading,
+    hooks of one's own) would not run: refused, not a silent skip of the hook. diffusers' layerwise
+    casting (fp8 storage) is the exception: the op does what it does, casting the stacks, which
+    stay in the storage dtype, and the result is the hooked experts'."""
     from diffusers.hooks import apply_layerwise_casting
-    model = _UserMoE()
+    torch.manual_seed(0)
+    model, x = _UserMoE(), torch.randn(13, 16)
     apply_layerwise_casting(model.experts, storage_dtype=torch.float8_e4m3fn,
                             compute_dtype=torch.float32)
-    with pytest.raises(ValueError, match="expert 0 has forward hooks"):
+    with torch.no_grad():
+        expected = model(x)
+    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    assert model._moe_w1.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    model.experts[1].down.register_forward_hook(lambda m, args, out: None)
+    with pytest.raises(ValueError, match="expert 1 has forward hooks"):
         register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
     hooked = _UserMoE()
     hooked.experts[2].up.register_forward_pre_hook(lambda m, args: None)
