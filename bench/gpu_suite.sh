@@ -34,11 +34,14 @@
 #             mixcache with caching off, in one process; then the exported model (AOTInductor)
 #             in the same pipeline: export time, load time, per generation
 #                                       ~6 min [319 s; the exported row crashed the process]
-# Run only when named (its files would not fit beside the others' eight):
+# Run only when named (their files would not fit beside the others' eight):
 #   train     issue 4's GPU presets, small-gpu then large-gpu, each trained for TRAIN_BUDGET
 #             seconds (default 150; the steps that fit, recorded), its condition check and
 #             samples; both model folders come back as models.tar.part-aa, -ab, ... (15 MB
 #             each): `cat models.tar.part-* | tar -xf - -C bench/models` here  ~7 min [-]
+#   fp8       the 1.3B shape with its weights stored in float8 by diffusers' layerwise casting:
+#             eager and mixcache (cache off, balanced) on it, beside mixcache with caching off,
+#             seconds per generation and peak memory, into fp8.md                    ~3 min [-]
 #
 # Each part gets what is left of the budget and is stopped when that runs out; what it printed up to
 # then still comes back (every script prints its rows as they finish; the harness writes its JSON
@@ -58,7 +61,7 @@ export PYTHONUNBUFFERED=1
 # wan and first were last measured by the first lease, before the runtime stopped syncing a step
 # (2bbe559); the fourth lease measured moe, graphs, small and large.
 PARTS=(check wan first moe small large graphs inductor)
-EXTRA=(train)
+EXTRA=(train fp8)
 # Seconds a part may take at most, where its running long would only starve the parts after it
 # (the tests: a hang or a slow Triton compile must not eat the benchmarks' time).
 declare -A CAP=([check]=240)
@@ -101,6 +104,11 @@ part() {
           --budget "${TRAIN_BUDGET:-150}" --no-progress || return
       done
       tar -cf - -C bench/models small-gpu large-gpu | split -b 15m - "$out/models.tar.part-" ;;
+    fp8)
+      # Weights stored in float8 by diffusers' layerwise casting (passes/casting.py): time and
+      # peak memory of eager and mixcache on it, beside mixcache with bf16 weights.
+      python3 bench/wan_speed.py --config 1.3b --steps 20 --only "mixcache (cache off)" fp8 \
+        > "$out/fp8.md" ;;
     inductor)
       # "mixcache (cache off)" alone: a bare "cache off" would also pick the blocks-compiled and
       # nested rows, a minute of device time for figures `wan` and `first` give.

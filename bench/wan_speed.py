@@ -85,6 +85,7 @@ def main() -> None:
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     import dit_compile
+    from dit_compile.frames import install_trace_hook
 
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -122,6 +123,12 @@ def main() -> None:
         dit_compile.nest_blocks(m)
         return m
 
+    def fp8(m: torch.nn.Module) -> torch.nn.Module:
+        # diffusers' layerwise casting: weights stored in float8, each layer cast as it runs.
+        m = copy.deepcopy(m)
+        m.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        return m
+
     methods: list[tuple[str, object]] = [
         ("eager", lambda: model),
         ("torch.compile (inductor)", lambda: torch.compile(model)),
@@ -136,6 +143,16 @@ def main() -> None:
         # keep a nested region's inputs and outputs unaliased cost per generation, if anything.
         ("mixcache (cache off, blocks nested)", lambda: torch.compile(
             nested(copy.deepcopy(model)), backend="mixcache", options={"cache": None})),
+    ]
+    # Weights stored in float8 (diffusers' enable_layerwise_casting), which mixcache traces as
+    # casts of the weights (passes/casting.py): time and peak memory against the same storage
+    # run eagerly (its own max abs diff: float8's rounding, not the backend's).
+    methods += [
+        ("fp8 layerwise casting: eager", lambda: fp8(model)),
+        ("fp8 layerwise casting: mixcache, cache off", lambda: torch.compile(
+            fp8(model), backend="mixcache", options={"cache": None})),
+        ("fp8 layerwise casting: mixcache balanced", lambda: torch.compile(
+            fp8(model), backend="mixcache")),
     ]
     # The deployable form: the rewritten model exported, each region compiled ahead of time by
     # AOTInductor, loaded in its place (no trace, no compile at load; export time in the name).
@@ -157,6 +174,11 @@ def main() -> None:
             if args.only and not any(o in name for o in args.only) and name != "eager":
                 continue
             torch._dynamo.reset()
+            # The reset drops Dynamo's start callback, with which a mixcache compile rewrites the
+            # model before its first trace (layerwise casting, MoE): installed again, as at import.
+            install_trace_hook()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             if make == "regional":
                 pipe.transformer = copy.deepcopy(model)   # compile_repeated_blocks: in place
                 pipe.transformer.compile_repeated_blocks()
@@ -181,6 +203,7 @@ def main() -> None:
             else:
                 pipe.transformer = make()
             out, first, t = measure()
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             frac = None if make == "fbcache" else 1.0      # a hook's skips are not counted here
             try:
                 frac = dit_compile.stats(pipe.transformer)["flops_fraction"]
@@ -190,10 +213,10 @@ def main() -> None:
             if ref is None:
                 ref = out
             err = float((out.float() - ref.float()).abs().max())
-            rows.append((name, t, first, frac, err))
+            rows.append((name, t, first, frac, err, peak))
             # A row as soon as it is measured: a run stopped early keeps what it had.
             print(f"{name}: {t:.3f} s/gen, first {first:.1f} s, flops {_share(frac)}, "
-                  f"max abs diff vs eager {err:.3g}", flush=True)
+                  f"max abs diff vs eager {err:.3g}, peak {_gib(peak)} GiB", flush=True)
             pipe.transformer = model
     # The baseline: plain Inductor where it ran; else mixcache with caching off (its equal, the
     # speed part's table shows how close); else eager. The header names it.
@@ -211,18 +234,22 @@ def main() -> None:
     # same o across schedules says the gap is that fixed cost; one that grows with the reuse says
     # the reused calls cost more than their FLOPs (the probe, the residual adds, syncs).
     print(f"| method | s / generation | first generation (s) | vs {base_name} | FLOPs computed | "
-          "fixed cost that explains the gap, ms / call | max abs diff vs eager |")
-    print("|---|---|---|---|---|---|---|")
+          "fixed cost that explains the gap, ms / call | max abs diff vs eager | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     calls = 2 * args.steps              # CFG: two transformer calls a step
-    for name, t, first, frac, err in rows:
+    for name, t, first, frac, err, peak in rows:
         fixed = (f"{1e3 * (t - frac * base) / ((1 - frac) * calls):.2f}"
                  if frac is not None and frac < 0.99 else "")
         print(f"| {name} | {t:.3f} | {first:.1f} | {base / t:.2f}x | {_share(frac)} | {fixed} | "
-              f"{err:.3g} |")
+              f"{err:.3g} | {_gib(peak)} |")
 
 
 def _share(frac: float | None) -> str:
     return "-" if frac is None else f"{frac:.2f}"
+
+
+def _gib(peak: float | None) -> str:
+    return "-" if peak is None else f"{peak:.2f}"
 
 
 if __name__ == "__main__":
