@@ -326,6 +326,9 @@ def _swiglu_experts_problem(experts: Any, projections: tuple[str, str, str]) -> 
             return (f"expert {i} has forward hooks (diffusers' group offloading, accelerate's "
                     "offload, hooks of your own): the op reads the stacked weights and never "
                     "calls the experts, so their hooks would not run")
+        if len({cast_only(layer) for layer in layers}) > 1:
+            return (f"expert {i}: layerwise casting on some of {projections} only (or to "
+                    "different compute dtypes): the op casts all three stacks alike")
         gate, up, down = (layer.weight for layer in layers)
         if gate.shape != up.shape or down.shape != gate.shape[::-1]:
             return f"expert {i}: gate/up [H, D] and down [D, H] shapes disagree"

@@ -796,6 +796,11 @@ def test_experts_with_hooks_are_not_lowered():
     assert model._moe_w1.dtype == torch.float8_e4m3fn
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    partly = _UserMoE()
+    apply_layerwise_casting(partly.experts[0].gate, storage_dtype=torch.bfloat16,
+                            compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="layerwise casting on some"):
+        register_moe(partly, "dispatch", experts="experts", projections=("gate", "up", "down"))
     model.experts[1].down.register_forward_hook(lambda m, args, out: None)
     with pytest.raises(ValueError, match="expert 1 has forward hooks"):
         register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
