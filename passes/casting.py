@@ -30,7 +30,11 @@ import functools
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.nn.utils.stateless import _reparametrize_module
+
+try:    # private, though torch.func.functional_call's own (torch 2.0 to 2.15 at least)
+    from torch.nn.utils.stateless import _reparametrize_module
+except ImportError:     # then no hook is rewritten: the forward breaks, and the backend says why
+    _reparametrize_module = None
 
 HOOK = "layerwise_casting"      # the name diffusers' apply_layerwise_casting registers it under
 
@@ -38,6 +42,8 @@ HOOK = "layerwise_casting"      # the name diffusers' apply_layerwise_casting re
 def functional_casting(model: torch.nn.Module) -> int:
     """Make each layerwise-casting hook in ``model`` traceable (module docstring); how many changed."""
     changed = 0
+    if _reparametrize_module is None:
+        return changed
     for _, module, ref, hook in _casting_hooks(model):
         if ref is None or _is_functional(ref):
             continue
