@@ -34,7 +34,7 @@ class Report:
     regions: list[tuple[str, int]] = field(default_factory=list)  # (region, node count)
     fallback: str | None = None                            # why mixcache would not cache
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
-    casts: int = 0                                         # layers layerwise casting hooks
+    casts: int = 0                                         # layers cast as values (passes.casting)
     modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
     nested: int = 0                                        # block calls traced as nested regions
     nested_regions: int = 0                                # distinct regions those calls run
