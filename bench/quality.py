@@ -679,6 +679,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="cpu (default), cuda, cuda:N, or auto (cuda where available)")
     ap.add_argument("--dtype", choices=sorted(train.DTYPES), default="fp32",
                     help="the model's dtype (the reference, full compute, runs in it too)")
+    ap.add_argument("--storage", choices=("bf16", "fp8"),
+                    help="store the weights in this dtype with diffusers' layerwise casting "
+                         "(enable_layerwise_casting; computed in --dtype): every method, full "
+                         "compute (the reference) included, runs the model so stored")
     ap.add_argument("--plot", help="write the speedup-vs-PSNR plot here (PNG)")
     ap.add_argument("--json", help="write the per-method summaries and per-case values here")
     ap.add_argument("--no-progress", action="store_true")
@@ -699,6 +703,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--cases must be at least 16 (the evaluation protocol's minimum)")
     torch.set_num_threads(args.threads)
     model = train.load(args.model, device=args.device, dtype=train.DTYPES[args.dtype])
+    if args.storage is not None:
+        storage = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[args.storage]
+        model.transformer.enable_layerwise_casting(storage_dtype=storage,
+                                                   compute_dtype=train.DTYPES[args.dtype])
     options: dict[str, Any] = {"regions": args.regions}
     if args.mode is not None:
         options["mode"] = args.mode
