@@ -17,6 +17,7 @@ from .backend import mixcache
 from .explain import Report, explain
 from .export import Exported, export, load
 from .options import OptionError, Options
+from .passes.casting import functional_casting
 from .passes.moe import lower_moe, register_moe, restore_moe
 from .passes.nesting import nest_blocks, unnest_blocks
 from .runtime.cache import CacheMemoryError, find_state, model_states
@@ -25,7 +26,7 @@ from .sketch import Calibration, calibrate_split, sketch_render
 from .teacache import fit_teacache
 
 __all__ = ["mixcache", "explain", "stats", "reset", "export", "load", "Exported", "lower_moe", "register_moe", "restore_moe",
-           "nest_blocks", "unnest_blocks",
+           "nest_blocks", "unnest_blocks", "functional_casting",
            "calibrate_split", "sketch_render", "fit_teacache", "Calibration", "Report", "Options", "OptionError",
            "PolicyError", "CacheMemoryError"]
 

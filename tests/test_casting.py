@@ -90,6 +90,20 @@ def test_layerwise_cast_wan_in_its_pipeline_caches_as_its_rounded_twin():
     torch.testing.assert_close(pipelines.run_wan(pipe, steps=8), eager, rtol=0, atol=0)
 
 
+def test_any_backend_traces_the_casts_once_given_their_functional_form():
+    """dit_compile.functional_casting is public: with it, another backend's fullgraph=True compile
+    of the cast model (here Dynamo's eager backend) works and computes what the hooks do."""
+    model, _, kw = _cast_and_rounded_twin(layers=2)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+        with pytest.raises(torch._dynamo.exc.Unsupported):
+            torch.compile(model, backend="eager", fullgraph=True)(**kw)
+        torch._dynamo.reset()
+        assert dit_compile.functional_casting(model) == len(find_casts(model))
+        out = torch.compile(model, backend="eager", fullgraph=True)(**kw)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_explain_reports_the_casts_in_one_graph():
     model, _, kw = _cast_and_rounded_twin()
     report = dit_compile.explain(model, **kw)
