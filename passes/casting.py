@@ -11,13 +11,14 @@ parameter and buffer replaced by its copy in the compute dtype
 (``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` does).
 Dynamo traces that as ``to`` nodes on the parameters, which are graph inputs; nothing is written
 back, and the weights stay stored in the storage dtype. Only the traced path changes: a call that
-is not compiled takes the hook's own ``Module.to`` round trip, so eager results, other backends and
-diffusers' hook registry are as before.
+is not compiled takes the hook's own ``Module.to`` round trip, so eager results are as before, and
+any backend that traces a rewritten layer computes what its hook computes.
 
 ``functional_casting(model) -> int``
     Give every layerwise-casting hook in ``model`` the traceable path (idempotent); the count of
     hooks changed now. ``backend="mixcache"`` calls it as a compile starts (and
-    ``dit_compile.explain`` and ``dit_compile.export`` before their traces).
+    ``dit_compile.explain`` and ``dit_compile.export`` before their traces); public as
+    ``dit_compile.functional_casting`` for other backends, which it leaves alone otherwise.
 ``find_casts(model) -> dict[str, bool]``
     Every layer with a layerwise-casting hook, by module path, and whether it has that path.
 ``cast_only(layer) -> torch.dtype | None``
