@@ -322,19 +322,21 @@ def _swiglu_experts_problem(experts: Any, projections: tuple[str, str, str]) -> 
         # Exactly nn.Linear: a LoRA or quantisation wrapper computes something the op would not.
         if any(type(layer) is not nn.Linear or layer.bias is not None for layer in layers):
             return f"expert {i}: {projections} must be plain bias-free nn.Linear"
-        if _hooked(expert) or any(_hooked(m) and cast_only(m) is None for m in layers):
+        # Layerwise casting is the one hook the op can stand in for: it casts the stacks itself.
+        casts = [cast_only(layer) for layer in layers]
+        if _hooked(expert) or any(_hooked(m) and c is None for m, c in zip(layers, casts)):
             return (f"expert {i} has forward hooks (diffusers' group offloading, accelerate's "
                     "offload, hooks of your own): the op reads the stacked weights and never "
                     "calls the experts, so their hooks would not run")
-        if len({cast_only(layer) for layer in layers}) > 1:
+        if len(set(casts)) > 1:
             return (f"expert {i}: layerwise casting on some of {projections} only (or to "
                     "different compute dtypes): the op casts all three stacks alike")
         gate, up, down = (layer.weight for layer in layers)
         if gate.shape != up.shape or down.shape != gate.shape[::-1]:
             return f"expert {i}: gate/up [H, D] and down [D, H] shapes disagree"
-        # Layerwise casting the op does itself, once for all experts: one compute dtype.
+        # One compute dtype for all experts, as for one expert's three stacks.
         signature = (gate.shape, gate.dtype, gate.device, up.dtype, up.device, down.dtype, down.device,
-                     *(cast_only(layer) for layer in layers))
+                     *casts)
         if reference is None:
             reference = signature
         elif signature != reference:

@@ -780,7 +780,7 @@ def test_a_lowered_model_pickles_and_loads_lowered(tmp_path):
         assert loaded._moe_w1.dtype == torch.float64 and loaded(x.double()).dtype == torch.float64
 
 
-def test_experts_with_hooks_are_not_lowered():
+def test_experts_with_hooks_are_not_lowered_unless_the_hook_is_layerwise_casting():
     """The op reads stacked weights and never calls the experts, so hooks on them (offloading,
     hooks of one's own) would not run: refused, not a silent skip of the hook. diffusers' layerwise
     casting (fp8 storage) is the exception: the op does what it does, casting the stacks, which
