@@ -22,12 +22,12 @@ from .passes.moe import lower_moe, register_moe, restore_moe
 from .passes.nesting import nest_blocks, unnest_blocks
 from .runtime.cache import CacheMemoryError, find_state, model_states
 from .runtime.policy import PolicyError
-from .sketch import Calibration, calibrate_split, sketch_render
+from .sketch import Calibration, OnlineSplit, Settle, calibrate_split, sketch_render
 from .teacache import fit_teacache
 
 __all__ = ["mixcache", "explain", "stats", "reset", "export", "load", "Exported", "lower_moe", "register_moe", "restore_moe",
            "nest_blocks", "unnest_blocks", "functional_casting",
-           "calibrate_split", "sketch_render", "fit_teacache", "Calibration", "Report", "Options", "OptionError",
+           "calibrate_split", "sketch_render", "Settle", "OnlineSplit", "fit_teacache", "Calibration", "Report", "Options", "OptionError",
            "PolicyError", "CacheMemoryError"]
 
 

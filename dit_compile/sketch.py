@@ -19,15 +19,29 @@ boundary gives the small model the longest tail of steps whose costs add up to a
 ``tolerance``. The distances are largest at the lowest noise, where the two models render details
 differently, but those steps are short; the tail is where the sum stays small.
 Both models compiled with ``backend="mixcache"`` keep their own cache state, one per model.
+
+Without calibration, ``Settle`` is the online rule (SRDiffusion's own: switch once the large
+model's output settles). No noise level is fixed in advance, so the switch happens inside the
+pipeline's call: ``sketch_render`` puts an ``OnlineSplit`` in the pipeline's ``transformer`` slot,
+which places each call in its generation, step and branch as the mixcache runtime does (a
+``CacheState`` is its clock), runs the large model until the rule holds and the small one for the
+rest of the generation. Any diffusers pipeline with a ``transformer`` works this way, not only
+Wan's.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+
+from .runtime.cache import CacheState
+from .runtime.policy import rel_l1
+from .runtime.sampler import sampler_run
 
 # What the small model must share with the large one to take over its latent mid-trajectory (and
 # the image condition of Wan's image-to-video models, which the pipeline hands to both).
@@ -49,6 +63,29 @@ class Calibration:
     def small_steps(self) -> int:
         """Calibrated steps the small model takes at this boundary."""
         return sum(s < self.boundary for s in self.sigmas)
+
+
+@dataclass(frozen=True)
+class Settle:
+    """The online rule: the small model takes over at the first step where the noise level has
+    fallen by ``warmup`` of the generation's first (a share of the noise range, as mixcache's
+    trigger reads it) and the large model's output has settled: its relative L1 change between
+    its last two steps, per unit of the noise range, below ``rate`` for every guidance branch and
+    sample. From there the small model takes every call of the generation.
+
+    On the trained reference model ``large`` (20 steps, shift 3, CFG 4) the conditional branch's
+    change runs at 2.1-2.9 over the first steps, falls to 0.8-1.2 in the middle and rises again
+    over the last, shortest steps (``bench/RESULTS.md``): ``rate`` picks where in the middle the
+    render starts. The rule sees the large model alone, never how the small one would render
+    (``calibrate_split`` does). Deciding needs the change on the host: one sync a step until
+    the switch."""
+    rate: float
+    warmup: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name, v, top in (("rate", self.rate, math.inf), ("warmup", self.warmup, 1.0)):
+            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= top):
+                raise ValueError(f"Settle: {name}={v!r} must be a number from 0 to {top}")
 
 
 def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, Any]],
@@ -115,10 +152,15 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
     return Calibration(_boundary(sigmas, worst, tolerance), float(tolerance), sigmas, worst)
 
 
-def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibration) -> Any:
+def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibration | Settle
+                  ) -> Any:
     """A pipeline of ``pipe``'s class and components in which ``small`` takes every step whose
-    noise level is below ``boundary`` (a noise level, or a ``Calibration``). ``pipe`` itself
-    is left as it was; the new pipeline shares its modules (compiled ones included)."""
+    noise level is below ``boundary`` (a noise level, or a ``Calibration``), or, with
+    ``Settle``, every step from where the large model's output settled (an ``OnlineSplit`` in
+    the ``transformer`` slot; any pipeline with one). ``pipe`` itself is left as it was; the
+    new pipeline shares its modules (compiled ones included)."""
+    if isinstance(boundary, Settle):
+        return _online(pipe, small, boundary)
     _check_pipeline(pipe)
     b = boundary.boundary if isinstance(boundary, Calibration) else boundary
     if not (isinstance(b, numbers.Real) and not isinstance(b, bool) and b >= 0):
@@ -131,6 +173,96 @@ def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibrati
     new = type(pipe)(**components, **{**config, "boundary_ratio": float(b)})
     new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return new
+
+
+def _online(pipe: Any, small: torch.nn.Module, rule: Settle) -> Any:
+    large = getattr(pipe, "transformer", None)
+    if not isinstance(large, torch.nn.Module):
+        raise TypeError(f"sketch/render: {type(pipe).__name__} has no `transformer` to split")
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise ValueError("sketch/render: the pipeline already switches to its transformer_2 at a "
+                         "noise boundary; Settle replaces that switch: pass a pipeline without one")
+    check_compatible(_plain(large), _plain(small))
+    params = inspect.signature(type(pipe).__init__).parameters
+    components = {**pipe.components, "transformer": OnlineSplit(large, small, rule)}
+    config = {k: pipe.config[k] for k in params if k in pipe.config and k not in components}
+    new = type(pipe)(**components, **config)
+    new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return new
+
+
+class OnlineSplit(torch.nn.Module):
+    """The pipeline's transformer under ``Settle``: each call runs ``large`` until the rule holds
+    at a step's first call, then ``small`` for the rest of the generation. Everything else the
+    pipeline reads (``config``, ``dtype``, ``device``) is the large model's, as
+    ``torch.compile``'s wrapper reads through to its model.
+
+    ``switches``: per generation, the (step, noise level) where ``small`` took over, or None
+    where it never did (the last ``KEEP`` generations)."""
+    KEEP = 64
+
+    def __init__(self, large: torch.nn.Module, small: torch.nn.Module, rule: Settle):
+        super().__init__()
+        self.large, self.small, self.rule = large, small, rule
+        self.clock = CacheState()
+        self.switches: list[tuple[int, float] | None] = []
+        self._last: dict[int, tuple[float, torch.Tensor]] = {}   # branch: (level, output)
+        self._change: dict[int, tuple[float, torch.Tensor]] = {}  # branch: (dt, change)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("large", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.large, name)
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """diffusers' cache hooks name the branch and the step (Wan's pipelines): both models
+        hear it."""
+        with contextlib.ExitStack() as stack:
+            for m in (self.large, self.small):
+                if hasattr(m, "cache_context"):
+                    stack.enter_context(m.cache_context(name, **kwargs))
+            yield
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        latent, timestep = (kwargs[k] if k in kwargs else args[i] if len(args) > i else None
+                            for i, k in enumerate(("hidden_states", "timestep")))
+        if not (isinstance(latent, torch.Tensor) and isinstance(timestep, torch.Tensor)):
+            raise TypeError("OnlineSplit: the pipeline called the transformer without tensors as "
+                            "`hidden_states` and `timestep` (or its first two arguments); the "
+                            "online rule reads both to place the call in its step")
+        st = self.clock
+        level = st.noise_level(timestep, run := sampler_run())
+        step = st.begin(level, (tuple(latent.shape), latent.dtype, latent.device),
+                        latent=latent, timestep=timestep, run=run)
+        if step.step == 0 and step.branch == 0:
+            self._last.clear()
+            self._change.clear()
+            self.switches = [*self.switches[-(self.KEEP - 1):], None]
+        if self.switches[-1] is None and step.branch == 0 and self._settled(step.t):
+            self.switches[-1] = (step.step, step.t)
+        if self.switches[-1] is not None:
+            return self.small(*args, **kwargs)
+        out = self.large(*args, **kwargs)
+        sample = out[0] if isinstance(out, (tuple, list)) else out.sample
+        last = self._last.get(step.branch)
+        if last is not None and last[0] != step.t:
+            self._change[step.branch] = (abs(last[0] - step.t), rel_l1(sample, last[1]).amax())
+        # A copy: CUDA graphs' replays write into the same output buffer.
+        self._last[step.branch] = (step.t, sample.detach().clone())
+        return out
+
+    def _settled(self, t: float) -> bool:
+        """At a step's first call: below the warm-up, with every branch's last change per unit
+        of the noise range under the rule's rate (one host read)."""
+        span = abs(self.clock.t_first) or 1.0
+        if abs(t) > (1.0 - self.rule.warmup) * abs(self.clock.t_first) or not self._change:
+            return False
+        rates = torch.stack([c / (dt / span) for dt, c in self._change.values()])
+        return float(rates.max()) < self.rule.rate
 
 
 def check_compatible(large: torch.nn.Module, small: torch.nn.Module) -> None:

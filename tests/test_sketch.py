@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import dit_compile
@@ -219,3 +219,158 @@ def test_bad_inputs_are_clear_errors(models):
     flux = pipelines.flux_pipeline(tiny_models.flux()[0])
     with pytest.raises(TypeError, match="FluxPipeline"):
         dit_compile.sketch_render(flux, small, 0.5)
+
+
+# -- the online rule (Settle) ----------------------------------------------------------------
+
+def outputs_of(model: torch.nn.Module) -> tuple[list, torch.utils.hooks.RemovableHandle]:
+    seen: list[tuple[float, torch.Tensor]] = []
+    handle = model.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((float(kwargs["timestep"].max()), out[0].clone())),
+        with_kwargs=True)
+    return seen, handle
+
+
+def first_settled_step(calls: list[tuple[float, torch.Tensor]], rule: dit_compile.Settle) -> int:
+    """The rule by hand, from a large-only run's calls (two a step, conditional first): the first
+    step k >= 2 below the warm-up where both branches' change from step k - 2 to k - 1, relative
+    L1 per unit of the noise range, is under the rate; len(steps) where there is none."""
+    steps = [calls[i:i + 2] for i in range(0, len(calls), 2)]
+    first = steps[0][0][0]
+    for k in range(2, len(steps)):
+        a, b = steps[k - 2], steps[k - 1]
+        rates = [float((y[1] - x[1]).abs().mean() / x[1].abs().mean()) / ((x[0] - y[0]) / first)
+                 for x, y in zip(a, b)]
+        if steps[k][0][0] <= (1 - rule.warmup) * first and max(rates) < rule.rate:
+            return k
+    return len(steps)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.floats(0.0, 4.0), st.sampled_from([0.0, 0.1, 0.5]))
+@example(2.0, 0.0)      # on these models: the rate decides (step 5)
+@example(3.0, 0.5)      # the warm-up decides (step 6)
+@example(1.0, 0.1)      # never settles: the large model takes every step
+@example(2.35, 0.0)     # between the branches' rates at step 4: the worst branch decides
+def test_online_split_switches_where_the_rule_first_holds_as_a_boundary_there_would(rate, warmup):
+    """Settle hands the generation to the small model at the first step where the large model's
+    output has settled (checked against the rule worked out by hand on a large-only run), and
+    the video is the one diffusers' own switch gives with its boundary at that step."""
+    large, small, pipe = _models()
+    steps = 8
+    rule = dit_compile.Settle(rate, warmup)
+    calls, handle = outputs_of(large)
+    with torch.no_grad():
+        pipe(**wan_kwargs(0, steps))
+    handle.remove()
+    k = first_settled_step(calls, rule)
+    split = dit_compile.sketch_render(pipe, small, rule)
+    little, handle = timesteps_of(small)
+    with torch.no_grad():
+        out = split(**wan_kwargs(0, steps)).frames
+    handle.remove()
+    assert len(little) == 2 * (steps - k)
+    levels = [t for t, _ in calls[::2]]
+    assert split.transformer.switches == [None if k == steps else (k, levels[k])]
+    boundary = 0.0 if k == steps else (levels[k] + levels[k - 1]) / 2000
+    with torch.no_grad():
+        ref = dit_compile.sketch_render(pipe, small, boundary)(**wan_kwargs(0, steps)).frames
+    assert torch.equal(out, ref)
+
+
+def _models():
+    large = tiny_models.wan(layers=3)[0]
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "num_layers": 2}).eval()
+    pipe = pipelines.wan_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    return large, small, pipe
+
+
+def test_online_split_starts_each_generation_on_the_large_model(models):
+    large, small, pipe = models
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.3))
+    assert pipe.transformer is large                    # left as it was
+    assert split.transformer.config is large.config and split.transformer.dtype == large.dtype
+    big, h1 = timesteps_of(large)
+    with torch.no_grad():
+        first = split(**wan_kwargs(0, 8)).frames
+        second = split(**wan_kwargs(0, 8)).frames      # a new generation: the large model again
+        split(**wan_kwargs(1, 2))                       # no change measured before its end
+    h1.remove()
+    assert torch.equal(first, second)
+    (k, level), again, never = split.transformer.switches
+    assert again == (k, level) and never is None and level <= 700 < big[2 * k - 1]
+    assert len(big) == 2 * k + 2 * k + 2 * 2
+
+
+def test_online_split_through_mixcache_matches_eager(models):
+    large, small, pipe = models
+    rule = dit_compile.Settle(float("inf"), 0.3)
+    with torch.no_grad():
+        ref = dit_compile.sketch_render(pipe, small, rule)(**wan_kwargs(0, 8)).frames
+    opts = {"cache": None, "regions": "eager"}
+    pipe.transformer = torch.compile(large, backend="mixcache", options=opts)
+    split = dit_compile.sketch_render(
+        pipe, torch.compile(small, backend="mixcache", options=opts), rule)
+    with torch.no_grad():
+        out = split(**wan_kwargs(0, 8)).frames
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # Cached: each model keeps its own state, and the small model's first call is its own
+    # generation's step 0, computed, never a reuse of the large model's output.
+    torch._dynamo.reset()
+    opts = {"cache": {"rule": "schedule", "step": list(range(1, 8))}, "regions": "eager"}
+    pipe.transformer = torch.compile(large, backend="mixcache", options=opts)
+    split = dit_compile.sketch_render(
+        pipe, torch.compile(small, backend="mixcache", options=opts), rule)
+    with torch.no_grad():
+        split(**wan_kwargs(0, 8))
+    k = split.transformer.switches[0][0]
+    little = dit_compile.stats(small)["trace"]
+    assert len(dit_compile.stats(large)["trace"]) == 2 * k and len(little) == 2 * (8 - k)
+    assert [r["action"] for r in little if r["step"] == 0] == ["compute", "compute"]
+    assert {r["generation"] for r in little} == {0}
+
+
+def test_online_split_in_a_pipeline_without_a_boundary():
+    """Settle needs no switch of the pipeline's own: Flux (one call a step) takes it, and gives
+    what a model that runs large for the first k calls and small after gives."""
+    large = tiny_models.flux()[0]
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "num_layers": 1}).eval()
+    pipe = pipelines.flux_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.4))
+    out = pipelines.run_flux(split, steps=6)
+    k = split.transformer.switches[0][0]
+    assert 2 <= k < 6
+
+    class FirstK(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return (large if self.calls <= k else small)(*args, **kwargs)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(large, name)
+    pipe.transformer = FirstK()
+    assert torch.equal(out, pipelines.run_flux(pipe, steps=6))
+
+
+def test_online_split_bad_inputs_are_clear_errors(models):
+    large, small, pipe = models
+    for bad in (dict(rate=-1.0), dict(rate=1.0, warmup=1.5), dict(rate=True)):
+        with pytest.raises(ValueError, match="Settle: (rate|warmup)="):
+            dit_compile.Settle(**bad)
+    split = dit_compile.sketch_render(pipe, small, 0.5)
+    with pytest.raises(ValueError, match="transformer_2"):
+        dit_compile.sketch_render(split, small, dit_compile.Settle(1.0))
+    with pytest.raises(ValueError, match="in_channels"):
+        dit_compile.sketch_render(pipe, type(large).from_config({**large.config, "in_channels": 8}),
+                                  dit_compile.Settle(1.0))
