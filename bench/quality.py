@@ -250,19 +250,22 @@ class DiffusersHook(Method):
 
 class SketchRender(Method):
     """The sketch/render split: the model takes the high-noise steps and ``render`` (another
-    trained model, made to read this one's condition: ``train.reading_condition_of``) the rest,
-    below the boundary ``dit_compile.calibrate_split`` learns for ``tolerance`` on calibration
-    cases (seeds the evaluation never uses). With ``cache``, both run compiled with
+    trained model, made to read this one's condition: ``train.reading_condition_of``) the rest.
+    ``rule``: a tolerance, for the boundary ``dit_compile.calibrate_split`` learns on calibration
+    cases (seeds the evaluation never uses), or a ``dit_compile.Settle``, the online rule (no
+    calibration; its switch steps per case go to stderr). With ``cache``, both run compiled with
     ``backend="mixcache"`` (each its own cache state) and the FLOPs come from their records,
     each call weighted by its model's share of a large call."""
     family = "sketch"
 
-    def __init__(self, name: str, render: str, tolerance: float, steps: int, cache: Any = None,
+    def __init__(self, name: str, render: str, rule: Any, steps: int, cache: Any = None,
                  options: dict[str, Any] | None = None):
         super().__init__(name)
-        self.render, self.tolerance, self.steps = render, tolerance, steps
+        self.render, self.rule, self.steps = render, rule, steps
         self.cache, self.options = cache, {"regions": "eager", **(options or {})}
         self._seen: dict[int, int] = {}
+        self.split = None
+        self._cases: list[int] = []
 
     def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
         import dit_compile
@@ -270,14 +273,19 @@ class SketchRender(Method):
         self.pipe = pipe
         small = train.reading_condition_of(
             train.load(self.render, device=model.device, dtype=model.dtype), model)
-        cases = [Case(data.random_condition(random.Random(31 + i)), 3000 + i) for i in range(4)]
-        cal = dit_compile.calibrate_split(
-            pipe, small, [model.sample_kwargs(pipe, c.condition, c.seed, self.steps) for c in cases],
-            self.tolerance)
-        self.name = f"{self.name} (boundary {cal.boundary:.3f}: {cal.small_steps} small steps)"
-        print(f"{self.name}, calibration (sigma: distance, cost): " + ", ".join(
-            f"{s:.3f}: {d:.3f}, {c:.4f}" for s, d, c in
-            zip(cal.sigmas, cal.distances, costs(cal.sigmas, cal.distances))), file=sys.stderr)
+        online = isinstance(self.rule, dit_compile.Settle)
+        if not online:
+            cases = [Case(data.random_condition(random.Random(31 + i)), 3000 + i)
+                     for i in range(4)]
+            cal = dit_compile.calibrate_split(
+                pipe, small,
+                [model.sample_kwargs(pipe, c.condition, c.seed, self.steps) for c in cases],
+                self.rule)
+            self.name = f"{self.name} (boundary {cal.boundary:.3f}: {cal.small_steps} small steps)"
+            print(f"{self.name}, calibration (sigma: distance, cost): " + ", ".join(
+                f"{s:.3f}: {d:.3f}, {c:.4f}" for s, d, c in
+                zip(cal.sigmas, cal.distances, costs(cal.sigmas, cal.distances))),
+                file=sys.stderr)
         large = model.transformer
         if self.cache is not None:
             torch._dynamo.reset()
@@ -286,17 +294,29 @@ class SketchRender(Method):
             large = torch.compile(large, backend="mixcache", options=opts)
             small = torch.compile(small, backend="mixcache", options=opts)
         self.models = (large, small)
+        if online:
+            self.split, self._cases = dit_compile.OnlineSplit(large, small, self.rule), []
+            return self.split
         pipe.register_modules(transformer_2=small)
         pipe.register_to_config(boundary_ratio=cal.boundary)
         return large
 
     def detach(self, model: train.Trained) -> None:
+        if self.split is not None:
+            # Each timed case, then (without a cache) its FLOP-counting rerun: the same switch.
+            switches = [self.split.switches[i] for i in self._cases]
+            print(f"{self.name}: small model from step (sigma) " + ", ".join(
+                "never" if s is None else f"{s[0]} ({s[1] / 1000:.3f})" for s in switches),
+                file=sys.stderr)
+            self.split = None
         self.pipe.register_modules(transformer_2=None)
         self.pipe.register_to_config(boundary_ratio=None)
         torch._dynamo.reset()
 
     def before(self, transformer: torch.nn.Module) -> None:
         import dit_compile
+        if self.split is not None:      # the timed case's generation is the next one
+            self._cases.append(len(self.split.switches))
         if self.cache is not None:
             for m in self.models:
                 dit_compile.reset(m)
@@ -320,11 +340,15 @@ def _call_flops(transformer: torch.nn.Module, model: train.Trained) -> float:
 
 
 def sketch_methods(render: str, steps: int, options: dict[str, Any] | None = None) -> list[Method]:
-    """The split at a few tolerances, and at the lowest with ``balanced`` caching on both."""
+    """The split at a few tolerances, and at the lowest with ``balanced`` caching on both; then
+    the online rule at a few rates."""
+    from dit_compile import Settle
     methods: list[Method] = [SketchRender(f"sketch/render {render} tolerance {tol}", render, tol,
                                           steps) for tol in (0.05, 0.15, 0.3)]
     methods.append(SketchRender(f"sketch/render {render} tolerance 0.05 + mixcache balanced",
                                 render, 0.05, steps, "balanced", options))
+    methods += [SketchRender(f"sketch/render {render} online, settle {rate}", render,
+                             Settle(rate), steps) for rate in (0.9, 1.1, 1.3)]
     return methods
 
 

@@ -4,6 +4,7 @@ that they follow their condition.
 
     python bench/train.py train --preset small            # then --preset large
     python bench/train.py check --name small               # re-run the condition check
+    python bench/train.py distill --teacher large --student small --name render   # a renderer
     python bench/train.py train --preset small-gpu --device cuda --bf16-autocast --workers 12   # on a GPU
 
 A model lives in ``bench/models/<name>/``:
@@ -493,6 +494,59 @@ def train(cfg: TrainConfig, command: str, progress: bool = True,
     return Trained(transformer.eval(), cond.eval(), cfg, meta)
 
 
+def distill(teacher: Trained, student: Trained, cfg: TrainConfig, command: str,
+            progress: bool = True) -> Trained:
+    """``student`` trained further to predict what ``teacher`` predicts, from the same noisy
+    video at the same noise level and condition: a renderer for the sketch/render split
+    (SRDiffusion's premise is a small model that finishes the large one's sketch the way the
+    large one would; two models trained apart, as ``small`` and ``large`` were, draw details
+    differently). It starts from ``reading_condition_of(student, teacher)`` and is saved with the
+    teacher's condition embedding, so both read one ``prompt_embeds``. The noise levels are
+    uniform in (0, 1) rather than ``_sigmas``' logit-normal, which draws few of the low levels a
+    renderer takes. ``cfg``: the student's config with this run's name and schedule. On the
+    teacher's device; every random draw stays on the CPU generator, as in ``train``."""
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    net = reading_condition_of(student, teacher).train().requires_grad_(True)
+    cond, big = teacher.condition, teacher.transformer
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses: list[float] = []
+    seed_base = 10_000_000 * (cfg.seed + 1) + 5_000_000     # videos neither model trained on
+    t0 = time.perf_counter()
+    bar = _bar(cfg.steps, f"distill {cfg.name}", progress)
+    for step, (x0, idx) in enumerate(_Videos(cfg, seed_base)):
+        noise = torch.randn(x0.shape, generator=g)
+        s = torch.rand(cfg.batch, generator=g)
+        xs = (1 - s)[:, None, None, None, None] * x0 + s[:, None, None, None, None] * noise
+        drop = torch.rand(cfg.batch, generator=g) < cfg.drop
+        xs, s, idx, drop = (t.to(teacher.device) for t in (xs, s, idx, drop))
+        text = cond(idx, drop)
+        with torch.no_grad():
+            target = big(hidden_states=xs, timestep=s * 1000, encoder_hidden_states=text,
+                         return_dict=False)[0]
+        pred = net(hidden_states=xs, timestep=s * 1000, encoder_hidden_states=text,
+                   return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred, target)
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.5f}")
+    synchronize(teacher.device)
+    bar.close()
+    meta = {"command": command, "config": dataclasses.asdict(cfg),
+            "distilled": {"teacher": teacher.config.name, "student": student.config.name},
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "threads": torch.get_num_threads(), **runtime_info(teacher.device),
+            "params": sum(p.numel() for p in net.parameters()), "loss": losses}
+    return Trained(net.eval().requires_grad_(False), cond, cfg, meta)
+
+
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled, mininterval=5.0)
@@ -651,9 +705,16 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--workers", type=int, default=0,
                     help="processes rendering the videos ahead of the training step (default 0: "
                          "in this one); the same batches with any number")
+    di = sub.add_parser("distill", help="train a saved model further to predict what another "
+                        "predicts (a renderer for the sketch/render split)")
+    di.add_argument("--teacher", required=True, help="saved model whose predictions are the target")
+    di.add_argument("--student", required=True, help="saved model to start from")
+    di.add_argument("--name", required=True, help="directory name under bench/models")
+    di.add_argument("--steps", type=int, default=600)
+    di.add_argument("--lr", type=float, default=3e-4)
     ck = sub.add_parser("check", help="re-run the condition check of a saved model")
     ck.add_argument("--name", required=True)
-    for p in (tr, ck):
+    for p in (tr, di, ck):
         p.add_argument("--threads", type=int, default=1,
                        help="torch CPU threads (default 1: the machine is shared)")
         p.add_argument("--device", type=device_arg, default="cpu",
@@ -671,6 +732,14 @@ def main(argv: list[str] | None = None) -> None:
         command = "python bench/train.py " + " ".join(sys.argv[1:] if argv is None else argv)
         model = train(cfg, command, progress, args.device, args.bf16_autocast, args.workers, args.budget)
         print(f"trained {cfg.name} in {model.meta['train_seconds']} s; saved to {save(model)}")
+        run_check(model, args.cases, progress)
+    elif args.cmd == "distill":
+        teacher, student = (load(n, device=args.device) for n in (args.teacher, args.student))
+        cfg = dataclasses.replace(student.config, name=args.name, steps=args.steps, lr=args.lr,
+                                  warmup=min(student.config.warmup, args.steps // 10))
+        command = "python bench/train.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        model = distill(teacher, student, cfg, command, progress)
+        print(f"distilled {cfg.name} in {model.meta['train_seconds']} s; saved to {save(model)}")
         run_check(model, args.cases, progress)
     else:
         run_check(load(args.name, device=args.device), args.cases, progress)

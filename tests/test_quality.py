@@ -343,10 +343,40 @@ def test_training_runs_saves_and_loads(tmp_path, monkeypatch, weights_dtype):
     pipe, pipe2 = model.pipeline(), again.pipeline()
     cond = data.Condition(0, 0, 0, 0)
     torch.testing.assert_close(model.sample(pipe, cond, 0, steps=2), again.sample(pipe2, cond, 0, steps=2))
-    for name in ("small", "large"):
+    for name in ("small", "large", "render"):
         weights = os.path.join(os.path.dirname(__file__), "..", "bench", "models", name,
                                "transformer", "diffusion_pytorch_model.safetensors")
         assert os.path.getsize(weights) <= 25 * 2**20
+
+
+def test_distilling_brings_the_student_to_the_teacher(tmp_path, monkeypatch):
+    """``train.py distill``: the student, made to read the teacher's condition, moves towards the
+    teacher's predictions (on inputs it never trained on), and is saved with the teacher's
+    condition embedding, so a load reads the teacher's ``prompt_embeds``."""
+    monkeypatch.setattr(train, "MODELS_DIR", str(tmp_path))
+    toy = dict(heads=4, head_dim=24, frames=2, size=16, patch=(1, 4, 4), batch=4, warmup=1)
+    teacher = train.train(train.TrainConfig(name="t", layers=2, ffn=64, steps=30, **toy),
+                          command="test", progress=False)
+    student = train.train(train.TrainConfig(name="s", layers=1, ffn=32, steps=3, seed=1, **toy),
+                          command="test", progress=False)
+    x = torch.randn(3, 3, 2, 16, 16, generator=torch.Generator().manual_seed(7))
+    t = torch.tensor([900.0, 500.0, 100.0])
+    text = teacher.condition.embed(data.Condition(1, 2, 0, 1)).expand(3, -1, -1)
+
+    def gap(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(model(x, t, text, return_dict=False)[0],
+                                                      teacher.transformer(x, t, text,
+                                                                          return_dict=False)[0]))
+    before = gap(train.reading_condition_of(student, teacher))
+    cfg = dataclasses.replace(student.config, name="r", steps=40, lr=3e-3)
+    render = train.distill(teacher, student, cfg, command="test", progress=False)
+    assert gap(render.transformer) < 0.5 * before
+    assert render.meta["distilled"] == {"teacher": "t", "student": "s"}
+    train.save(render)
+    loaded = train.load("r")
+    assert gap(loaded.transformer) == gap(render.transformer)
+    assert torch.equal(loaded.condition.null, teacher.condition.null)
 
 
 def test_a_time_budget_trains_the_model_its_recorded_steps_train():
