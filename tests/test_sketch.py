@@ -26,8 +26,7 @@ def wan_kwargs(seed: int, steps: int = STEPS) -> dict:
                 latents=torch.randn(1, 4, 2, 8, 8, generator=g))
 
 
-@pytest.fixture
-def models():
+def wan_pair():
     """A tiny Wan pair: 3 blocks and 2, each its own random weights, one latent and text space."""
     large = tiny_models.wan(layers=3)[0]
     torch.manual_seed(1)
@@ -35,6 +34,11 @@ def models():
     pipe = pipelines.wan_pipeline(large)
     pipe.set_progress_bar_config(disable=True)
     return large, small, pipe
+
+
+@pytest.fixture
+def models():
+    return wan_pair()
 
 
 def timesteps_of(model: torch.nn.Module) -> tuple[list[float], torch.utils.hooks.RemovableHandle]:
@@ -256,7 +260,7 @@ def test_online_split_switches_where_the_rule_first_holds_as_a_boundary_there_wo
     """Settle hands the generation to the small model at the first step where the large model's
     output has settled (checked against the rule worked out by hand on a large-only run), and
     the video is the one diffusers' own switch gives with its boundary at that step."""
-    large, small, pipe = _models()
+    large, small, pipe = wan_pair()   # hypothesis: no function-scoped fixture
     steps = 8
     rule = dit_compile.Settle(rate, warmup)
     calls, handle = outputs_of(large)
@@ -276,15 +280,6 @@ def test_online_split_switches_where_the_rule_first_holds_as_a_boundary_there_wo
     with torch.no_grad():
         ref = dit_compile.sketch_render(pipe, small, boundary)(**wan_kwargs(0, steps)).frames
     assert torch.equal(out, ref)
-
-
-def _models():
-    large = tiny_models.wan(layers=3)[0]
-    torch.manual_seed(1)
-    small = type(large).from_config({**large.config, "num_layers": 2}).eval()
-    pipe = pipelines.wan_pipeline(large)
-    pipe.set_progress_bar_config(disable=True)
-    return large, small, pipe
 
 
 def test_online_split_starts_each_generation_on_the_large_model(models):
