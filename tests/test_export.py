@@ -95,6 +95,30 @@ def test_exported_model_takes_the_pipelines_transformer_slot(tmp_path):
     assert dit_compile.stats(pipe.transformer)["reused"], "the default cache reused nothing"
 
 
+def test_exported_pair_takes_the_online_sketch_render_split(tmp_path):
+    """Deployed, both models of the sketch/render split are loaded from their exports: the online
+    split (``Settle``) runs them in the pipeline as it runs the models themselves."""
+    large, _ = tiny_models.wan(layers=3)
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "num_layers": 2}).eval()
+    call = dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.tensor([999.0]),
+                encoder_hidden_states=torch.randn(1, 8, 16), return_dict=False)  # run_wan's shapes
+    for name, model in (("large", large), ("small", small)):
+        dit_compile.export(model, str(tmp_path / name), call, {"cache": None, "regions": "eager"})
+    rule = dit_compile.Settle(float("inf"), 0.3)
+    loaded = [dit_compile.load(str(tmp_path / name)) for name in ("large", "small")]
+    splits = []
+    for big, little in ((large, small), loaded):
+        pipe = pipelines.wan_pipeline(big)
+        pipe.set_progress_bar_config(disable=True)
+        splits.append(dit_compile.sketch_render(pipe, little, rule))
+    with torch.no_grad():
+        ref = pipelines.run_wan(splits[0], steps=8)
+    out = pipelines.run_wan(splits[1], steps=8)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert splits[1].transformer.switches == splits[0].transformer.switches != [None]
+
+
 def test_an_exported_model_takes_zimage_pipelines_slot(tmp_path):
     """ZImagePipeline reads its transformer's ``in_channels`` (an attribute, not in its config)
     and passes the latents, timestep and captions by position: the loaded model has the one and
