@@ -511,6 +511,7 @@ def distill(teacher: Trained, student: Trained, cfg: TrainConfig, command: str,
     cond, big = teacher.condition, teacher.transformer
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses: list[float] = []
+    pending: list[torch.Tensor] = []
     seed_base = 10_000_000 * (cfg.seed + 1) + 5_000_000     # videos neither model trained on
     t0 = time.perf_counter()
     bar = _bar(cfg.steps, f"distill {cfg.name}", progress)
@@ -533,10 +534,13 @@ def distill(teacher: Trained, student: Trained, cfg: TrainConfig, command: str,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        pending.append(loss.detach())
         bar.update(1)
-        if step % 50 == 0:
+        if step % 50 == 0:      # read back every 50 steps, as in train (a device sync)
+            losses += [float(x) for x in pending]
+            pending.clear()
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.5f}")
+    losses += [float(x) for x in pending]
     synchronize(teacher.device)
     bar.close()
     meta = {"command": command, "config": dataclasses.asdict(cfg),
