@@ -1,4 +1,5 @@
-"""The sketch/render split: calibration of the boundary, and diffusers' WanPipeline switching at it."""
+"""The sketch/render split: calibration of the boundary, diffusers' WanPipeline switching at it, and
+the online rule (Settle) switching inside any pipeline."""
 import copy
 import functools
 import os
