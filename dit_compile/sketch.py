@@ -34,6 +34,8 @@ import contextlib
 import inspect
 import math
 import numbers
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -208,6 +210,7 @@ class OnlineSplit(torch.nn.Module):
         self.switches: list[tuple[int, float] | None] = []
         self._last: dict[int, tuple[float, torch.Tensor]] = {}   # branch: (level, output)
         self._change: dict[int, tuple[float, torch.Tensor]] = {}  # branch: (dt, change)
+        self._told = False
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -227,6 +230,9 @@ class OnlineSplit(torch.nn.Module):
                     stack.enter_context(m.cache_context(name, **kwargs))
             yield
 
+    # Never traced: the placing and the host read are Python, and Dynamo tracing them fails deep
+    # inside the clock. Compiled models called from here run compiled all the same.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         latent, timestep = (kwargs[k] if k in kwargs else args[i] if len(args) > i else None
                             for i, k in enumerate(("hidden_states", "timestep")))
@@ -242,6 +248,12 @@ class OnlineSplit(torch.nn.Module):
             self._last.clear()
             self._change.clear()
             self.switches = [*self.switches[-(self.KEEP - 1):], None]
+            if not self._told and _compiled_whole(self):
+                self._told = True
+                warnings.warn("dit-compile: torch.compile was called on the OnlineSplit itself, "
+                              "which compiles nothing (it places calls in Python); compile the "
+                              "two models before sketch_render instead, each keeps its own "
+                              "cache. Running the models as they are", stacklevel=2)
         if self.switches[-1] is None and step.branch == 0 and self._settled(step.t):
             self.switches[-1] = (step.step, step.t)
         if self.switches[-1] is not None:
@@ -263,6 +275,20 @@ class OnlineSplit(torch.nn.Module):
             return False
         rates = torch.stack([c / (dt / span) for dt, c in self._change.values()])
         return float(rates.max()) < self.rule.rate
+
+
+def _compiled_whole(split: OnlineSplit, depth: int = 12) -> bool:
+    """Whether ``split`` is being called through ``torch.compile``'s wrapper of it: an
+    ``OptimizedModule`` whose model it is, a few frames up."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "__call__" else None
+        if getattr(owner, "_orig_mod", None) is split:
+            return True
+    return False
 
 
 def check_compatible(large: torch.nn.Module, small: torch.nn.Module) -> None:

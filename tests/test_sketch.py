@@ -337,6 +337,24 @@ def test_online_split_through_mixcache_matches_eager(models):
     assert {r["generation"] for r in little} == {0}
 
 
+def test_compiling_the_online_split_itself_is_told_and_runs_the_models_as_they_are(models):
+    """torch.compile on the OnlineSplit (the pipeline's transformer) would trace its Python clock
+    and fail deep inside it: it is never traced, the user is told once to compile the two
+    models, and the split gives what it gives uncompiled."""
+    import warnings
+    large, small, pipe = models
+    rule = dit_compile.Settle(float("inf"), 0.3)
+    with torch.no_grad():
+        ref = dit_compile.sketch_render(pipe, small, rule)(**wan_kwargs(0, 8)).frames
+    split = dit_compile.sketch_render(pipe, small, rule)
+    split.transformer = torch.compile(split.transformer, backend="mixcache")
+    with warnings.catch_warnings(record=True) as told, torch.no_grad():
+        warnings.simplefilter("always")
+        outs = [split(**wan_kwargs(0, 8)).frames for _ in range(2)]
+    assert all(torch.equal(out, ref) for out in outs)
+    assert len([w for w in told if "compile the two models" in str(w.message)]) == 1
+
+
 def test_online_split_in_a_pipeline_without_a_boundary():
     """Settle needs no switch of the pipeline's own: Flux (one call a step) takes it, and gives
     what a model that runs large for the first k calls and small after gives."""
