@@ -320,9 +320,10 @@ def check_compatible(large: torch.nn.Module, small: torch.nn.Module) -> None:
 
 def _check_pipeline(pipe: Any) -> None:
     if "boundary_ratio" not in getattr(pipe, "config", {}) or not hasattr(pipe, "transformer_2"):
-        raise TypeError(f"sketch/render needs a pipeline that switches transformers at a noise "
-                        f"boundary (diffusers' Wan pipelines: transformer_2 and boundary_ratio); "
-                        f"{type(pipe).__name__} has none")
+        raise TypeError(f"sketch/render at a noise level needs a pipeline that switches "
+                        f"transformers at a boundary (diffusers' Wan pipelines: transformer_2 and "
+                        f"boundary_ratio); {type(pipe).__name__} has none. The online rule, "
+                        f"dit_compile.Settle, switches inside any pipeline")
     if getattr(pipe, "transformer", None) is None:
         raise ValueError("sketch/render: the pipeline's `transformer` (the large model) is missing")
 

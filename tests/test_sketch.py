@@ -223,7 +223,7 @@ def test_bad_inputs_are_clear_errors(models):
     with pytest.raises(ValueError, match="drop guidance_scale_2"):
         dit_compile.calibrate_split(pipe, small, [dict(wan_kwargs(1), guidance_scale_2=3.0)], 0.1)
     flux = pipelines.flux_pipeline(tiny_models.flux()[0])
-    with pytest.raises(TypeError, match="FluxPipeline"):
+    with pytest.raises(TypeError, match="FluxPipeline has none. The online rule"):
         dit_compile.sketch_render(flux, small, 0.5)
 
 
