@@ -265,7 +265,7 @@ class SketchRender(Method):
         self.cache, self.options = cache, {"regions": "eager", **(options or {})}
         self._seen: dict[int, int] = {}
         self.split = None
-        self._cases: list[int] = []
+        self._switches: list[tuple[int, float] | None] = []     # per timed case
 
     def attach(self, model: train.Trained, pipe) -> torch.nn.Module:
         import dit_compile
@@ -295,7 +295,7 @@ class SketchRender(Method):
             small = torch.compile(small, backend="mixcache", options=opts)
         self.models = (large, small)
         if online:
-            self.split, self._cases = dit_compile.OnlineSplit(large, small, self.rule), []
+            self.split, self._switches = dit_compile.OnlineSplit(large, small, self.rule), []
             return self.split
         pipe.register_modules(transformer_2=small)
         pipe.register_to_config(boundary_ratio=cal.boundary)
@@ -303,10 +303,8 @@ class SketchRender(Method):
 
     def detach(self, model: train.Trained) -> None:
         if self.split is not None:
-            # Each timed case, then (without a cache) its FLOP-counting rerun: the same switch.
-            switches = [self.split.switches[i] for i in self._cases]
             print(f"{self.name}: small model from step (sigma) " + ", ".join(
-                "never" if s is None else f"{s[0]} ({s[1] / 1000:.3f})" for s in switches),
+                "never" if s is None else f"{s[0]} ({s[1] / 1000:.3f})" for s in self._switches),
                 file=sys.stderr)
             self.split = None
         self.pipe.register_modules(transformer_2=None)
@@ -315,14 +313,14 @@ class SketchRender(Method):
 
     def before(self, transformer: torch.nn.Module) -> None:
         import dit_compile
-        if self.split is not None:      # the timed case's generation is the next one
-            self._cases.append(len(self.split.switches))
         if self.cache is not None:
             for m in self.models:
                 dit_compile.reset(m)
             self._seen = {id(m): len(mixcache_trace(m)) for m in self.models}
 
     def counted(self, transformer: torch.nn.Module) -> float | None:
+        if self.split is not None:      # right after the timed case: its generation is the last
+            self._switches.append(self.split.switches[-1])
         if self.cache is None:
             return None         # the FLOP-counting rerun counts both models' calls
         large, small = (mixcache_trace(m)[self._seen[id(m)]:] for m in self.models)
