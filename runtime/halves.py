@@ -200,6 +200,14 @@ class HalfBatch:
         # the batch when their dim 0 is 2k. Elements of a per-sample list are whole samples.
         listed = {index[id(x)] for n in lists for x in bound[n]}
         batch_inputs = frozenset((set(batch_roles) | per_sample) - listed)
+        for i in sorted(batch_inputs - set(batch_roles)):
+            # HiDream's Llama states are (layers, batch, tokens, dim): the half would pass them
+            # whole, and the forward's view to its batch folds both prompts into one sample.
+            x = example_inputs[i]
+            if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] != batch and batch in x.shape[1:]:
+                return (f"graph input {placeholders[i][0]} {tuple(x.shape)} carries the batch "
+                        f"({batch}) in dim {list(x.shape).index(batch, 1)}, not dim 0, and the half "
+                        "forward halves dim 0 only")
         return cls(weakref.ref(module), sig, args, state, pinned, batch_inputs,
                    [tuple(sh[1:]) for sh in batched], compile, frozenset(lists), one_run,
                    out_shapes[one_run.start] if one_run else ())

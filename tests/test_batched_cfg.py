@@ -368,6 +368,21 @@ def test_a_tensor_argument_the_graph_never_takes_does_not_stop_the_half_forward(
     assert dit_compile.stats(f)["reused"] == {"cfg": 3}
 
 
+def test_an_argument_batched_in_another_dim_is_not_halved_as_if_in_dim_0():
+    """HiDream's Llama states are (layers, batch, tokens, dim). Passed whole to the half forward,
+    they were folded into its one sample: a wrong conditional half, silently. The half forward is
+    refused instead, naming the argument, and cfg reuse computes the full batch."""
+    model, kw = tiny_models.hidream(batch=2)
+    kw["hidden_states"] = kw["hidden_states"][:1].repeat(2, 1, 1, 1)    # one latent, two prompts
+    dit_compile.lower_moe(model)       # as the backend does: the same model on both sides
+    f = torch.compile(model, backend="mixcache", fullgraph=True,   # unpatchify's .item()
+                      options={"regions": "eager", "cache": {"rule": "schedule", "cfg": [1]}})
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"llama3.*\(4, 2, 8, 4\).*in dim 1"):
+        for t in (900.0, 700.0):
+            call = dict(kw, timesteps=torch.full((2,), t), return_dict=False)
+            torch.testing.assert_close(f(**call)[0], model(**call)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_half_forward_under_dynamic_shapes_matches_reference():
     """dynamic=True makes the batch a symbol (the graph's outputs carry it as an expression) and
     every module float (a norm's eps) a graph input, a new tensor at every call: the half forward
