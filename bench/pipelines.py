@@ -286,6 +286,25 @@ def run_cogvideox(pipe, steps: int = 4, seed: int = 0) -> torch.Tensor:
                 generator=g).frames
 
 
+def mochi_pipeline(transformer: torch.nn.Module):
+    """Mochi's scheduler as diffusers gives it (``invert_sigmas``): the transformer's timestep
+    is 1000 (1 - sigma), rising from 0 through a generation."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
+    return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=None,
+                         text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+def run_mochi(pipe, steps: int = 8, seed: int = 0) -> torch.Tensor:
+    """Batched CFG, the text masks given."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    return pipe(prompt_embeds=torch.randn(1, 6, 16, generator=g), prompt_attention_mask=mask,
+                negative_prompt_embeds=torch.randn(1, 6, 16, generator=g),
+                negative_prompt_attention_mask=mask, height=32, width=32, num_frames=7,
+                num_inference_steps=steps, guidance_scale=4.5, output_type="latent",
+                generator=g).frames
+
+
 def anyflow_transformer(layers: int = 3) -> torch.nn.Module:
     from diffusers import AnyFlowTransformer3DModel
     torch.manual_seed(0)

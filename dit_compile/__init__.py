@@ -36,8 +36,8 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     calls, computed, reused per granularity, the fraction of FLOPs computed (all since the last
     ``reset``), cached bytes, and a per-call trace (generation, step, branch, ``t``, action,
     signal) of the last 16 generations. ``t`` is the call's noise level: its largest timestep,
-    or where the timestep rises (``timestep="rising"``, or learned under ``"auto"``) one minus
-    its smallest."""
+    or where the timestep rises (``timestep="rising"``, or learned under ``"auto"``) the top of
+    its scale (1, or 1000 for Mochi's) minus its smallest."""
     state = find_state(model)
     if state is None:
         raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "

@@ -10,7 +10,8 @@ thread keeps its own. Its lifecycle rules are the safety net under every policy:
   timestep), starts a new generation, and everything cached is dropped. "Up" is in noise level:
   most pipelines pass a timestep that falls with the noise (t, or sigma); some pass ``1 - sigma``,
   which rises (Lumina 2's, Z-Image's), and under ``timestep="rising"`` the runtime reads the noise
-  level as ``1 - timestep``. The default, ``"auto"``, reads the direction off each run of a
+  level as ``1 - timestep`` (``1000 - timestep`` from the first that passes 1: Mochi's scheduler
+  inverts its sigmas, and its pipeline passes ``1000 (1 - sigma)``). The default, ``"auto"``, reads the direction off each run of a
   diffusers sampler (below): a model timestep that rises between the run's first two steps is
   read as rising, one that falls as falling, and what the first step left is read again where the
   direction turned (``_learn_direction``). With no sampler to ask (a loop of the user's own), the
@@ -57,7 +58,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -73,6 +74,9 @@ TIMESTEP_DIRECTIONS = ("auto", "falling", "rising")
 # Where policies keep noise levels among their signals (per branch, and nested in the shared
 # ones): the only places besides the state's own that _flip_noise_levels reads again.
 NOISE_KEYS = ("t", "prev_t")
+# The tops of the scales a rising timestep is read on: 1 - sigma (Lumina 2's, Z-Image's), or
+# 1000 (1 - sigma) (Mochi's, whose scheduler inverts its sigmas). The noise level is top - t.
+RISING_TOPS = (1.0, 1000.0)
 # One-step generations in a row, each timestep above the last, before the runtime says that the
 # pipeline's timestep seems to rise (a sampler restarted once or twice is no such sign).
 RISING_HINT_AFTER = 3
@@ -153,6 +157,8 @@ class CacheState:
         self.clone = clone              # CUDA graphs overwrite outputs on replay: keep copies
         self.key = key                  # the configuration that made it (see StateFactory)
         self.rising = timestep == "rising"  # the pipeline passes 1 - sigma (see the module doc)
+        self.top = RISING_TOPS[0]           # ... on this scale: the noise level is top - t
+        self._rising_run: weakref.ref | None = None     # the run that showed it, under "auto"
         self._auto = timestep == "auto"     # the direction read off each sampler run (begin)
         # One-step generations in a row, each started higher than the last: where the timestep
         # rises through a generation, each call is one. A call that falls after such a run is
@@ -222,19 +228,19 @@ class CacheState:
         level read from it; else it is read, one sync."""
         value = self._run_value(timestep, run)
         if value is not None:
-            return self._level_of(value, value)
+            return self._level_of(value, value, run)
         kept = self._level
         if (kept is not None and kept[0] is timestep and kept[1] == timestep._version
-                and kept[2] == self.rising):
+                and kept[2] == (self.rising, self.top)):
             return kept[3]
         if self.rising:
             lo, hi = torch.stack(timestep.aminmax()).tolist()
-            level = self._level_of(lo, hi)
+            level = self._level_of(lo, hi, run)
         else:
             level = float(timestep.max())
         # An inference tensor has no version counter to tell an in-place write by: read each time.
         self._level = (None if timestep.is_inference()
-                       else (timestep, timestep._version, self.rising, level))
+                       else (timestep, timestep._version, (self.rising, self.top), level))
         return level
 
     def _run_value(self, timestep: torch.Tensor, run: torch.Tensor | None) -> float | None:
@@ -257,20 +263,28 @@ class CacheState:
             held = self._run_values = (weakref.ref(run), run._version, run.tolist())
         return float(held[2][i])
 
-    def _level_of(self, lo: float, hi: float) -> float:
-        """The noise level of a timestep whose values run from ``lo`` to ``hi``."""
+    def _level_of(self, lo: float, hi: float, run: torch.Tensor | None = None) -> float:
+        """The noise level of a timestep whose values run from ``lo`` to ``hi``. A rising one
+        read on [0, 1] that passes 1 is on Mochi's scale, [0, 1000] (its first steps, at 64,
+        stay below 1): the levels kept are read again on that one, where the rising direction
+        was asked for, or learned from this sampler run."""
         if not self.rising:
             return hi
-        if (lo < 0.0 or hi > 1.0) and self._auto:
+        if (hi > self.top and self.top == RISING_TOPS[0] and 0.0 <= lo and hi <= RISING_TOPS[1]
+                and (not self._auto or run is not None and self._rising_run is not None
+                     and self._rising_run() is run)):
+            self._map_noise_levels(lambda x: x + RISING_TOPS[1] - RISING_TOPS[0])
+            self.top = RISING_TOPS[1]
+        if (lo < 0.0 or hi > self.top) and self._auto:
             # Learned from another pipeline than this call's: read as falling again (this call
-            # starts a generation, its timestep above 1).
+            # starts a generation, its timestep above the scale).
             self.rising = False
             return hi
-        if lo < 0.0 or hi > 1.0:
+        if lo < 0.0 or hi > self.top:
             raise ValueError(f"mixcache: timestep='rising' reads the timestep as 1 - sigma, in [0, 1]"
-                             f", but this call's runs from {lo} to {hi}: a timestep that falls "
-                             "through a generation needs no option (timestep='falling')")
-        return 1.0 - lo
+                             f" or [0, 1000], but this call's runs from {lo} to {hi}: a timestep "
+                             "that falls through a generation needs no option (timestep='falling')")
+        return self.top - lo
 
     def begin(self, t: float, signature: Any, halves: bool = False, groups: int = 1,
               text: torch.Tensor | None = None, latent: torch.Tensor | None = None,
@@ -340,7 +354,7 @@ class CacheState:
         """Where the calls so far left the generation (``begin`` moves it on), for ``abandon``."""
         return (self.generation, self._step, self._branch, self._last_t, self._signature,
                 self._halves, self._latent, self._timestep, self._run, self.t_first, self._rises,
-                self.rising)
+                self.top, self.rising)
 
     def abandon(self, placement: tuple, step: Step) -> None:
         """The call ``begin`` placed at ``step`` raised before it finished. The generation goes
@@ -351,7 +365,7 @@ class CacheState:
             self._flip_noise_levels()
         (self.generation, self._step, self._branch, self._last_t, self._signature, self._halves,
          self._latent, self._timestep, self._run, self.t_first, self._rises,
-         self.rising) = placement
+         self.top, self.rising) = placement
         self._drop_branch(step.branch)
         self.current.pop(step.branch, None)
         self.computed.discard(step.branch)
@@ -385,9 +399,10 @@ class CacheState:
         the first step of a run to the second it is ``1 - sigma``, read as rising from there on,
         and where it falls, as falling; where that turns the direction, the levels the first step
         left are read again (``_flip_noise_levels``). Between those calls, and with no run to
-        ask, the last direction holds (falling at first). Only a timestep in [0, 1], the same for
-        every sample and token, is read as rising. The batch may change there (guidance turned
-        off after one step)."""
+        ask, the last direction holds (falling at first). Only a timestep the same for every
+        sample and token, in [0, 1] or [0, 1000] (Mochi's), is read as rising, on the smaller
+        scale that holds both steps' (``_level_of`` moves to the larger one if a later step
+        passes 1). The batch may change there (guidance turned off after one step)."""
         if (run is None or self._run is None or self._run() is not run or self._step != 0
                 or self._last_t is None or t == self._last_t):
             return t
@@ -397,41 +412,50 @@ class CacheState:
         if not rose:
             self.rising = False
             self._flip_noise_levels()
-            return float(timestep.max()) if timestep is not None else 1.0 - t
+            return float(timestep.max()) if timestep is not None else self.top - t
         last = None
         if self._timestep is not None:     # a per-sample or per-token one (kept as in begin)
             old, _, copy = self._timestep
             last = old if copy is None else copy
-        if (self._last_t < 0.0 or timestep is None
-                or not all(_uniform_in_unit(x) for x in (timestep, last))):
+        values = [self._last_t] + [_uniform_value(x) for x in (timestep, last) if x is not None]
+        if timestep is None or None in values or min(values) < 0.0:
             return t
-        self.rising = True
+        top = next((top for top in RISING_TOPS if max(values) <= top), None)
+        if top is None:
+            return t
+        self.rising, self.top, self._rising_run = True, top, weakref.ref(run)
         self._flip_noise_levels()
-        return 1.0 - t
+        return top - t
 
     def _flip_noise_levels(self) -> None:
-        """Read every noise level kept as ``1 - `` itself: the state's, the generation's trace,
-        each branch's outputs and the policies' signals under ``NOISE_KEYS``. Where the direction
-        turned at a run's second step (``_learn_direction``), the levels the first step left
-        become what the other direction would have read; applied twice, nothing changed
-        (``abandon``)."""
-        def flip(t):
-            return tuple(1.0 - x for x in t) if isinstance(t, tuple) else 1.0 - t
+        """Read every noise level kept as ``top - `` itself. Where the direction turned at a run's
+        second step (``_learn_direction``), the levels the first step left become what the other
+        direction would have read; applied twice, nothing changed (``abandon``)."""
+        top = self.top
+        self._map_noise_levels(lambda x: top - x)
 
-        def flip_signals(signals: dict) -> None:
+    def _map_noise_levels(self, fn: Callable[[float], float]) -> None:
+        """Pass every noise level kept through ``fn``: the state's, the generation's trace, each
+        branch's outputs and the policies' signals under ``NOISE_KEYS``."""
+        def remap(t):
+            return tuple(fn(x) for x in t) if isinstance(t, tuple) else fn(t)
+
+        def remap_signals(signals: dict) -> None:
             for key, value in signals.items():
                 if isinstance(value, dict):
-                    flip_signals(value)
+                    remap_signals(value)
                 elif key in NOISE_KEYS and isinstance(value, (float, int, tuple)):
-                    signals[key] = flip(value)
+                    signals[key] = remap(value)
 
-        self._last_t, self.t_first = flip(self._last_t), flip(self.t_first)
-        self.records = [replace(r, t=flip(r.t)) if r.generation == self.generation else r
+        if self._last_t is not None:
+            self._last_t = remap(self._last_t)
+        self.t_first = remap(self.t_first)
+        self.records = [replace(r, t=remap(r.t)) if r.generation == self.generation else r
                         for r in self.records]
         for bc in self.branches.values():
-            bc.outputs = [(flip(t), outs) for t, outs in bc.outputs]
-            flip_signals(bc.signals)
-        flip_signals(self.signals)
+            bc.outputs = [(remap(t), outs) for t, outs in bc.outputs]
+            remap_signals(bc.signals)
+        remap_signals(self.signals)
 
     def _note_rise(self, t: float, new_run: bool) -> None:
         """Count one-step generations that each start above the last; say once, when they keep
@@ -652,12 +676,10 @@ def sample_times(t: float | tuple[float, ...], n: int) -> np.ndarray:
     return np.full(n, t, dtype=np.float64)
 
 
-def _uniform_in_unit(timestep: torch.Tensor | None) -> bool:
-    """One value for every sample and token, in [0, 1] (None: none kept, nothing to check)."""
-    if timestep is None:
-        return True
+def _uniform_value(timestep: torch.Tensor) -> float | None:
+    """The one value of every sample and token, or None where they differ."""
     lo, hi = torch.stack(timestep.aminmax()).tolist()
-    return 0.0 <= lo == hi <= 1.0
+    return lo if lo == hi else None
 
 
 def push_outputs(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, outs: list[torch.Tensor],

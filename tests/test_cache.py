@@ -112,9 +112,9 @@ def test_rising_timestep_option(order):
 
 def test_rising_timestep_seen_under_the_default_says_so_once():
     """Unasked, a rising timestep makes every call a new generation: nothing is reused (never a
-    stale reuse), and the user is told once which option fits. A timestep past [0, 1] under
-    timestep='rising' is an error that says what the option reads; one that falls within it,
-    a hint that names timestep='falling'."""
+    stale reuse), and the user is told once which option fits. A timestep past [0, 1000] under
+    timestep='rising' is an error that says what the option reads; one that falls within [0, 1]
+    or [0, 1000], a hint that names timestep='falling'."""
     model, kw = tiny_models.wan(layers=2)
     kw["return_dict"] = False
     rising = tuple(1.0 - t / 1000.0 for t in STEPS)
@@ -127,12 +127,16 @@ def test_rising_timestep_seen_under_the_default_says_so_once():
     assert dit_compile.stats(f)["reused"] == {}
     torch._dynamo.reset()
     f = compiled(model, {"rule": "schedule", "step": [2]}, timestep="rising")
-    with pytest.raises(Exception, match="1 - sigma"):
-        generation(f, kw, steps=STEPS)
-    # Read as rising, a timestep that falls within [0, 1] (Flux's t / 1000): the hint turns round.
-    with pytest.warns(UserWarning, match="options={'timestep': 'falling'}"):
-        generation(f, kw, steps=tuple(t / 1000.0 for t in STEPS))
-    assert dit_compile.stats(f)["reused"] == {}
+    with pytest.raises(Exception, match=r"1 - sigma, in \[0, 1\] or \[0, 1000\]"):
+        generation(f, kw, steps=tuple(2 * t for t in STEPS))
+    # Read as rising, a timestep that falls within [0, 1] (Flux's t / 1000), or within [0, 1000]
+    # (Wan's): the hint turns round.
+    for i, steps in enumerate((tuple(t / 1000.0 for t in STEPS), STEPS)):
+        torch._dynamo.reset()     # another schedule: a state of its own, which has not told yet
+        f = compiled(model, {"rule": "schedule", "step": [2 + i]}, timestep="rising")
+        with pytest.warns(UserWarning, match="options={'timestep': 'falling'}"):
+            generation(f, kw, steps=steps)
+        assert dit_compile.stats(f)["reused"] == {}
 
 
 def test_a_run_of_rising_calls_is_never_taken_for_steps():
@@ -984,6 +988,33 @@ def test_a_rising_timestep_is_learned_from_the_sampler_run(order):
         if steps is rising:
             for a, b in zip(sum(outs, []), sum(learned, [])):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("timestep", ["rising", "auto"])
+def test_a_timestep_rising_on_the_thousand_scale_is_read_so(timestep):
+    """MochiPipeline (its scheduler inverts the sigmas) passes 1000 (1 - sigma): a timestep that
+    rises from 0 to 1000, whose first steps stay below 1 at its default 64. Asked for, or learned
+    from the sampler run (on [0, 1] at the second step, moved to [0, 1000] at the third), it is
+    read as rising on that scale: the noise level is 1000 - t, and a forced schedule matches the
+    eager reference over two generations in a row. (It used to make every call a generation
+    under the default, and to be an error under timestep='rising', which the hint advised.)"""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    steps = (0.0, 0.5, 150.0, 400.0, 700.0, 950.0)
+    # First order, and no cfg reuse at step 2: an extrapolation through 0 and 0.5 (a quadratic
+    # through 0, 0.5 and 150) to 400 amplifies float32's rounding past the tolerance.
+    sched = dict(step=[3, 5], block=[4])
+    f = compiled(model, {"rule": "schedule", **sched, "extrapolate": 1},
+                 **({"timestep": "rising"} if timestep == "rising" else {}))
+    for _ in range(2):
+        ours = Sampler(f, steps)(kw)
+        ref = Reference(model, **sched, order=1, rising=True).start(steps[0])
+        for i, (x, y) in enumerate(zip(ours, generation(ref, kw, steps=steps))):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+    s = dit_compile.stats(f)
+    assert s["reused"] == {"step": 8, "block": 4}
+    assert [r["t"] for r in s["trace"] if r["branch"] == 0] == pytest.approx(
+        [1000.0 - t for t in steps] * 2)
 
 
 def test_a_call_that_learned_the_rise_and_raised_unlearns_it():

@@ -1,4 +1,5 @@
 """mixcache inside diffusers' own pipelines (tiny random components, prompt_embeds in, latents out)."""
+import copy
 import os
 import sys
 import warnings
@@ -425,6 +426,38 @@ def test_a_generation_reads_its_timesteps_once(monkeypatch):
     assert reads[0] == 1, f"{reads[0]} host reads in {2 * steps} calls"
     assert torch.equal(out, ref)
     assert {r["action"] for r in dit_compile.stats(pipe.transformer)["trace"]} == {"compute", "cfg"}
+
+
+@pytest.mark.parametrize("timestep", ["auto", "rising"])
+def test_mochis_rising_timestep_caches(timestep):
+    """MochiPipeline passes 1000 (1 - sigma), rising from 0: read as rising on that scale (learned
+    under the default, or asked for, as the runtime's hint says), one pipeline call is one
+    generation, and a forced schedule reuses at its steps exactly what an eager replay of the
+    same rule does. (Every call was a generation of its own, and timestep='rising' an error.)"""
+    from test_zoo import mochi
+    model = mochi()[0]
+    pipe = pipelines.mochi_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    replay = copy.deepcopy(model)
+    forward, outs = replay.forward, []
+
+    def reuse_steps_3_and_5(*args, **kwargs):
+        outs.append(outs[-1] if len(outs) in (3, 5) else forward(*args, **kwargs)[0])
+        return (outs[-1],)
+
+    replay.forward = reuse_steps_3_and_5
+    pipe.transformer = replay
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="In CPU autocast")
+        ref = pipelines.run_mochi(pipe)
+        pipe.transformer = torch.compile(model, backend="mixcache", fullgraph=True, options={
+            "regions": "eager", "cache": {"rule": "schedule", "step": [3, 5]}, "timestep": timestep})
+        out = pipelines.run_mochi(pipe)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    assert [(r["generation"], r["step"]) for r in trace] == [(0, i) for i in range(8)]
+    assert [i for i, r in enumerate(trace) if r["action"] == "step"] == [3, 5]
+    assert trace[0]["t"] == pytest.approx(1000.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_a_reused_call_decides_on_the_host(monkeypatch):
