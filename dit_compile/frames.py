@@ -285,6 +285,8 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     fragment = why is None or _is_fragment(gm, root)
     if fragment and why is not None and _between_forward_graphs(root):
         return
+    if fragment and isinstance(config, dict) and "cache" in config and config["cache"] is None:
+        return      # caching was not asked for, and each graph is compiled by regions as it is
     if _retrace_pending(root) or not _first_time(root, "_mixcache_fallback_warned", config):
         return
     name = type(root).__name__ if root is not None else "the traced function"

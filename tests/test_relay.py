@@ -97,6 +97,16 @@ def test_captured_data_dependent_operators_leave_a_break_before_the_blocks_only(
         STEPS[0]), kw)
     for i, (x, y) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"call {i}")
+    # Caching off: nothing to warn of (it used to say that the breaks stop caching, and to set
+    # the very flags that were set).
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True,
+                                    capture_dynamic_output_shape_ops=True):
+        f = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            generation(f, kw, steps=STEPS[:1])
+    assert _mixcache_warnings(rec) == []
 
 
 def test_lumina2_pipeline_reuses_as_the_reference():
