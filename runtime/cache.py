@@ -166,6 +166,7 @@ class CacheState:
         # at RISING_HINT_AFTER the user is told of the option.
         self._rises = 0
         self._rise_told = False
+        self._passes_told = False   # told that guidance passes of other shapes defeat caching
         self.records: list[Record] = []     # the trace: the last TRACE_GENERATIONS generations
         self.counts: dict[str, int] = {}    # calls per action since the last clear_stats()
         self.flops = 0.0                    # FLOPs fractions summed over those calls
@@ -308,6 +309,17 @@ class CacheState:
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
         new_run = run is not None and (self._run is None or self._run() is not run)
+        if (signature != self._signature and self._signature is not None and t == self._last_t
+                and run is not None and not new_run and not self._passes_told):
+            self._passes_told = True
+            warnings.warn(
+                "mixcache: the pipeline calls the model twice at one timestep of one sampler run "
+                "with inputs of other shapes or dtypes (guidance passes of different batches, as "
+                "LTX2Pipeline's batched CFG call, then its spatio-temporal and modality-isolation "
+                "passes of one sample): each such change starts a new generation, so nothing is "
+                "reused. Where the pipeline can run without the extra passes, caching works "
+                "(LTX2Pipeline: stg_scale=0.0 and modality_scale=1.0, and their audio_ "
+                "counterparts)", stacklevel=4)
         self._run = None if run is None else weakref.ref(run)
         if (signature != self._signature or self._last_t is None or t > self._last_t or new_run
                 # Below a run of one-step generations: the next one's first call, unless the

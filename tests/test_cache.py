@@ -161,6 +161,29 @@ def test_a_run_of_rising_calls_is_never_taken_for_steps():
         (4, i, b) for i in range(3) for b in range(2)]
 
 
+def test_guidance_passes_of_another_shape_at_one_timestep_are_said_to_defeat_caching():
+    """LTX2Pipeline's default guidance: at each step a batched-CFG call (batch 2), then
+    spatio-temporal and modality-isolation passes of one sample, at the same timestep of the same
+    sampler run. Each change of shape starts a generation (nothing cached is reused across a
+    shape), so nothing is reused at all: the runtime says so once, naming the pipeline's way
+    out. A new run, or a lower timestep, at another shape is no such sign."""
+    st, run = CacheState(), torch.tensor([900.0, 600.0])
+    latent = torch.randn(1, 4)
+    with pytest.warns(UserWarning, match="stg_scale=0.0") as rec:
+        for t in (900.0, 600.0):
+            st.begin(t, "batch 2", latent=latent.repeat(2, 1), run=run)
+            st.begin(t, "batch 1", latent=latent, run=run)
+            st.begin(t, "batch 1", latent=latent, run=run)
+    assert len([w for w in rec if "stg_scale" in str(w.message)]) == 1
+    st = CacheState()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache: the pipeline calls")
+        st.begin(900.0, "batch 2", latent=latent.repeat(2, 1), run=run)
+        st.begin(600.0, "batch 1", latent=latent, run=run)     # a lower timestep (cfg truncation)
+        st.begin(900.0, "batch 2", latent=latent.repeat(2, 1), run=torch.tensor([900.0]))
+        st.begin(900.0, "batch 1", latent=latent, run=torch.tensor([900.0]))   # another run
+
+
 def test_the_noise_level_is_read_again_once_the_timestep_changes():
     """A timestep tensor passed again unmodified keeps its noise level without another host read;
     one written to in place since, or another tensor, or the same read in the other direction,
