@@ -40,9 +40,9 @@ class Options:
     # dit_compile.lower_moe does, when they break the graph: the next call traces one graph.
     lower_moe: bool = True
     # How the pipeline's timestep moves through a generation: "falling" with the noise (t or
-    # sigma, most pipelines), "rising" (1 - sigma in [0, 1]: Lumina 2's and Z-Image's; 1000 (1 - sigma): Mochi's), or "auto":
-    # as each run of a diffusers sampler shows it (falling where none does). The runtime tells
-    # generations and steps apart by it.
+    # sigma, most pipelines), "rising" (1 - sigma in [0, 1]: Lumina 2's and Z-Image's; 1000 (1 -
+    # sigma): Mochi's), or "auto": as each run of a diffusers sampler shows it (falling where
+    # none does). The runtime tells generations and steps apart by it.
     timestep: str = "auto"
     # Memory bound on cached tensors, in bytes (None: unbounded).
     cache_memory: int | None = None

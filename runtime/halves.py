@@ -204,10 +204,11 @@ class HalfBatch:
             # HiDream's Llama states are (layers, batch, tokens, dim): the half would pass them
             # whole, and the forward's view to its batch folds both prompts into one sample.
             x = example_inputs[i]
-            if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] != batch and batch in x.shape[1:]:
+            if (isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] != batch
+                    and batch in x.shape[1:]):
+                dim = list(x.shape).index(batch, 1)
                 return (f"graph input {placeholders[i][0]} {tuple(x.shape)} carries the batch "
-                        f"({batch}) in dim {list(x.shape).index(batch, 1)}, not dim 0, and the half "
-                        "forward halves dim 0 only")
+                        f"({batch}) in dim {dim}, not dim 0, and the half forward halves dim 0 only")
         return cls(weakref.ref(module), sig, args, state, pinned, batch_inputs,
                    [tuple(sh[1:]) for sh in batched], compile, frozenset(lists), one_run,
                    out_shapes[one_run.start] if one_run else ())

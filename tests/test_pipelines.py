@@ -450,8 +450,9 @@ def test_mochis_rising_timestep_caches(timestep):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="In CPU autocast")
         ref = pipelines.run_mochi(pipe)
+        schedule = {"rule": "schedule", "step": [3, 5]}
         pipe.transformer = torch.compile(model, backend="mixcache", fullgraph=True, options={
-            "regions": "eager", "cache": {"rule": "schedule", "step": [3, 5]}, "timestep": timestep})
+            "regions": "eager", "cache": schedule, "timestep": timestep})
         out = pipelines.run_mochi(pipe)
     trace = dit_compile.stats(pipe.transformer)["trace"]
     assert [(r["generation"], r["step"]) for r in trace] == [(0, i) for i in range(8)]
