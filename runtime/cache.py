@@ -14,9 +14,10 @@ thread keeps its own. Its lifecycle rules are the safety net under every policy:
   inverts its sigmas, and its pipeline passes ``1000 (1 - sigma)``). The default, ``"auto"``,
   reads the direction off each run of a diffusers sampler (below): a model timestep that rises
   between the run's first two steps is read as rising, one that falls as falling, and what the
-  first step left is read again where the direction turned (``_learn_direction``). With no sampler to ask (a loop of the user's own), the
-  last direction holds (falling at first): a rising timestep then makes every call a new
-  generation (never a stale reuse; no reuse at all), and the runtime says so once.
+  first step left is read again where the direction turned (``_learn_direction``). With no
+  sampler to ask (a loop of the user's own), the last direction holds (falling at first): a
+  rising timestep then makes every call a new generation (never a stale reuse; no reuse at
+  all), and the runtime says so once.
 * Within a generation a new, lower timestep is a new *step*; the same timestep again *on the same
   latent* is the next guidance *branch* (WanPipeline calls the transformer once for the conditional
   and once for the unconditional prediction at each step, on one latent). The same timestep on
