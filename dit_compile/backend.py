@@ -54,7 +54,8 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         model._mixcache_head = True     # a later graph of this forward may take the record
         # No blocks in it: compiled as the prologue is (regions="blocks" leaves that as it is).
         return Head(compile_fx(gm, example_inputs, config_patches=inductor)
-                    if opts.regions == "inductor" else gm.forward, head, computed_outputs(gm))
+                    if opts.regions == "inductor" else gm.forward, head, computed_outputs(gm),
+                    model_name())
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:

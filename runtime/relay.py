@@ -25,6 +25,9 @@ from ..passes.split import Plan
 from .executor import Executor, GuardedExecutor, check_residual_shapes
 
 TAG = "_mixcache_call"      # the attribute a head's output tensors carry their record in
+# Calls of a head whose records no graph took before the runtime says that nothing is cached (the
+# first may be retraced: a break that only a first call's lazy setup makes).
+UNTAKEN_AFTER = 3
 
 
 @dataclass(eq=False)
@@ -43,13 +46,27 @@ class Head:
     outlive the call on a tensor of the caller's); found in the graph at compile time."""
 
     def __init__(self, fn: Callable[..., Any], slots: tuple[int, int, int | None],
-                 tagged: Sequence[int]):
-        self.fn, self.slots, self.tagged = fn, slots, list(tagged)
+                 tagged: Sequence[int], name: str = "the model"):
+        self.fn, self.slots, self.tagged, self.name = fn, slots, list(tagged), name
         self._last = threading.local()
+        self.calls = 0
+        self.taken = False      # a graph holding the blocks took a record (RelayedExecutor)
 
     def __call__(self, *args: Any) -> Any:
         latent, t, text = (None if s is None else args[s] for s in self.slots)
         record = CallInputs(latent, t, text, self)
+        self.calls += 1
+        if self.calls == UNTAKEN_AFTER and not self.taken:
+            # The forward broke again after this graph, inside its block loop (HunyuanVideo
+            # FramePack's text cut by .item()): each block is a graph of its own, no graph runs
+            # the blocks whole, and each of those graphs alone was left quiet for this one to
+            # speak for.
+            warnings.warn(f"mixcache: {self.name}: its forward breaks into graphs and none of "
+                          "them holds its blocks whole (a break inside the block loop), so "
+                          "nothing is cached. torch.compile(..., fullgraph=True) captures the "
+                          "data-dependent operators that break a trace (.item(), nonzero, a "
+                          "boolean mask's index); dit_compile.explain(model, *inputs) names the "
+                          "breaks, with Dynamo's hints", stacklevel=2)
         outs = self.fn(*args)
         for i in self.tagged:
             setattr(outs[i], TAG, record)
@@ -96,6 +113,7 @@ class RelayedExecutor(GuardedExecutor):
                               "from an earlier call); such calls run without caching",
                               stacklevel=2)
             return Executor.__call__(self, *args)
+        record.head.taken = True
         if not self._checked:
             check_residual_shapes(record.latent, self._out_examples)
             self._checked = True
