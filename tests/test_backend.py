@@ -513,11 +513,12 @@ def test_a_latent_list_under_dynamic_shapes_is_stacked_where_its_shapes_agree():
             torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-5)
 
 
-def test_graph_break_before_the_blocks_says_so_once_where_nothing_caches():
-    """Lumina2 breaks before its blocks; the graph that holds them reads intermediates. Without
-    caching the user hears of the graph break once, not that a timestep should be a tensor (it is
-    one). Compiled anew with caching, the graph that holds the blocks is cached by what the first
-    graph recorded of the call (test_relay.py): nothing to say."""
+def test_graph_break_before_the_blocks_warns_of_nothing_with_caching_on_or_off():
+    """Lumina2 breaks before its blocks; the graph that holds them reads intermediates. Compiled
+    with caching, the graph that holds the blocks is cached by what the first graph recorded of
+    the call (test_relay.py): nothing to say. With caching off (cache=None), nothing either: it
+    used to say that the breaks keep mixcache from caching, which caching on shows untrue, and
+    stats names cache=None."""
     model, kw = tiny_models.lumina2()
     with torch.no_grad():
         for cache in (None, "balanced"):
@@ -531,8 +532,8 @@ def test_graph_break_before_the_blocks_says_so_once_where_nothing_caches():
                     out = compiled(**kw, return_dict=False)[0]
             said = _mixcache_warnings(rec)
             if cache is None:
-                assert len(said) == 1 and "graph breaks split its forward" in said[0], said
-                with pytest.raises(ValueError, match="was warned why"):
+                assert said == [], said
+                with pytest.raises(ValueError, match="not cache=None"):
                     dit_compile.stats(compiled)
             else:
                 assert said == [] and len(dit_compile.stats(compiled)["trace"]) == 2, said
