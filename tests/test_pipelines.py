@@ -428,12 +428,11 @@ def test_a_generation_reads_its_timesteps_once(monkeypatch):
     assert {r["action"] for r in dit_compile.stats(pipe.transformer)["trace"]} == {"compute", "cfg"}
 
 
-@pytest.mark.parametrize("timestep", ["auto", "rising"])
-def test_mochis_rising_timestep_caches(timestep):
+def test_mochis_rising_timestep_caches():
     """MochiPipeline passes 1000 (1 - sigma), rising from 0: read as rising on that scale (learned
-    under the default, or asked for, as the runtime's hint says), one pipeline call is one
-    generation, and a forced schedule reuses at its steps exactly what an eager replay of the
-    same rule does. (Every call was a generation of its own, and timestep='rising' an error.)"""
+    under the default; asked for, test_cache.py), one pipeline call is one generation, and a
+    forced schedule reuses at its steps exactly what an eager replay of the same rule does.
+    (Every call was a generation of its own, and timestep='rising' an error.)"""
     from test_zoo import mochi
     model = mochi()[0]
     pipe = pipelines.mochi_pipeline(model)
@@ -452,7 +451,7 @@ def test_mochis_rising_timestep_caches(timestep):
         ref = pipelines.run_mochi(pipe)
         schedule = {"rule": "schedule", "step": [3, 5]}
         pipe.transformer = torch.compile(model, backend="mixcache", fullgraph=True, options={
-            "regions": "eager", "cache": schedule, "timestep": timestep})
+            "regions": "eager", "cache": schedule})
         out = pipelines.run_mochi(pipe)
     trace = dit_compile.stats(pipe.transformer)["trace"]
     assert [(r["generation"], r["step"]) for r in trace] == [(0, i) for i in range(8)]
