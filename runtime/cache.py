@@ -310,8 +310,8 @@ class CacheState:
         repeat = t == self._last_t and signature == self._signature
         branch = repeat and (latent is None or _same(self._latent, latent))
         new_run = run is not None and (self._run is None or self._run() is not run)
-        if (signature != self._signature and self._signature is not None and t == self._last_t
-                and run is not None and not new_run and not self._passes_told):
+        if (not self._passes_told and t == self._last_t and run is not None and not new_run
+                and signature != self._signature and self._signature is not None):
             self._passes_told = True
             warnings.warn(
                 "mixcache: the pipeline calls the model twice at one timestep of one sampler run "
