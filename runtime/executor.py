@@ -271,24 +271,42 @@ class GuardedExecutor(Executor):
             if reused is None:
                 return self._finish(st, env, step, bc, outs, STEP, pre, signal, x)
             # Only some samples reuse: the batch runs (the graph is compiled for it, and the
-            # others need it) and those take their prediction, as each would alone.
-            self.run(env, ran)
+            # others need it), each of the others as alone it would (its block decision
+            # included), and those take their prediction.
             reused = torch.from_numpy(reused).to(x.device)
-            outs = [torch.where(_bcast(reused, p), p, o) for p, o in zip(outs, self._outs(env))]
-            return self._finish(st, env, step, bc, outs, STEP, 1.0, signal, x, reused)
+            computed, _, flops, _, spanned = self._compute(env, st, step, bc, ran, reused)
+            outs = [torch.where(_bcast(reused, p), p, o) for p, o in zip(outs, computed)]
+            return self._finish(st, env, step, bc, outs, STEP, flops, signal, x, reused, spanned)
 
-        # Compute, with the block guard between the probe and the span.
+        outs, kind, flops, bsig, mask = self._compute(env, st, step, bc, ran)
+        return self._finish(st, env, step, bc, outs, kind, flops,
+                            bsig if bsig is not None else signal, x, mask)
+
+    def _compute(self, env: list[Any], st: CacheState, step: Step, bc: BranchCache, ran: int,
+                 held: torch.Tensor | None = None
+                 ) -> tuple[list[Any], str, float, float | None, torch.Tensor | bool | None]:
+        """Compute the call from piece ``ran`` on, with the block guard between the probe and the
+        span: the outputs, "compute" or "block", the FLOPs fraction, the block decision's signal,
+        and the samples that reused the span where only some did. ``held``: the samples whose
+        output is their step prediction (a partial step reuse); alone they would not have run,
+        so the cached residual and probe stay theirs, and where the others all reuse the span,
+        nobody computes it."""
         self.run(env, ran, self.first)
         stream0 = None if self.probe_in is None else env[self.probe_in]
         if stream0 is not None and self._copy_probe_in:
             stream0 = stream0.clone()
         self.run(env, self.first, self.probe_end)
-        flops, kind, mask = 1.0, "compute", None
+        pol = self.policy
+        flops, kind, mask, bsig = 1.0, "compute", None, None
         if pol.uses_blocks:
             probe = env[self.probe_out] if stream0 is None else env[self.probe_out] - stream0
             self.run(env, self.probe_end, self.span[0])
             skip, bsig = pol.block(step, st, bc, probe)
-            signal = bsig if bsig is not None else signal
+            mask = None if skip is True or skip is False else skip
+            if held is not None and bc.span is not None and bc.probe is not None and (
+                    bc.probe.shape == probe.shape):
+                skip = held if skip is False else held | skip
+                skip = True if bool(skip.all()) else skip
             ins = [None if i is None else env[i].clone() if self._copy_span_in else env[i]
                    for _, i in self.span_pairs]
             if skip is True:
@@ -311,7 +329,7 @@ class GuardedExecutor(Executor):
                         for (o, _), v, f in zip(self.span_pairs, ins, fresh):
                             env[o] = f if v is None else _laid_out_as(f, torch.add, v, f)
                         probe = torch.where(_bcast(skip, probe), bc.probe, probe)
-                        kind, mask = "block", skip
+                        kind = "block" if mask is not None else kind
                     bc.span = [st.keep(f) for f in fresh]
                 # The probe is compared with its value when the cached residual was taken (as
                 # First-Block-Cache does), so slow drift adds up instead of hiding step by step.
@@ -319,7 +337,7 @@ class GuardedExecutor(Executor):
             self.run(env, self.span[1])
         else:
             self.run(env, self.probe_end)
-        return self._finish(st, env, step, bc, self._outs(env), kind, flops, signal, x, mask)
+        return self._outs(env), kind, flops, bsig, mask
 
     def _unstackable(self, env: list[Any], st: CacheState) -> Any:
         """A call whose per-sample latents differ in shape (traced with dynamic sizes) cannot be
@@ -417,17 +435,20 @@ class GuardedExecutor(Executor):
 
     def _finish(self, st: CacheState, env: list[Any], step: Step, bc: BranchCache,
                 outs: list[torch.Tensor], kind: str, flops: float, signal: float | None,
-                x: torch.Tensor, mask: torch.Tensor | None = None) -> Any:
+                x: torch.Tensor, mask: torch.Tensor | None = None,
+                spanned: torch.Tensor | None = None) -> Any:
         """Cache what this call produced and record it. ``mask``: the samples that reused (the
         block span, or the step) when only some did: their consecutive-reuse count goes on, the
-        others' ends; after a partial step reuse, only the others' outputs enter the history."""
+        others' ends; after a partial step reuse, only the others' outputs enter the history.
+        ``spanned``: after a partial step reuse, the others that reused the block span."""
         fresh = ~mask if kind == STEP and mask is not None else None
         computed = kind in ("compute", "block") or fresh is not None
         st.current[step.branch] = [st.keep(o) for o in outs]
+        reused = mask if spanned is None else mask | spanned
         if kind == "compute":
             bc.reused_in_a_row = 0
-        elif mask is not None:
-            bc.reused_in_a_row = torch.where(mask, bc.reused_in_a_row + 1, 0)
+        elif reused is not None:
+            bc.reused_in_a_row = torch.where(reused, bc.reused_in_a_row + 1, 0)
         else:
             bc.reused_in_a_row = bc.reused_in_a_row + 1
         if computed:
@@ -452,7 +473,7 @@ class GuardedExecutor(Executor):
                 st.cfg_diff[step.branch], st.cfg_step[step.branch] = diff, step.step
         self.policy.observe(step, st, bc, outs, kind)
         st.check_memory()
-        st.record(step, kind, flops, signal, bc.signals.get("spent"), mask,
+        st.record(step, kind, flops, signal, bc.signals.get("spent"), reused,
                   bc.signals.get("moved"))
         for s, o in zip(self.out_slots, self._slot_values(outs)):
             env[s] = o

@@ -239,6 +239,7 @@ class MixCache:
     def step(self, s: Step, st: CacheState, latent: torch.Tensor) -> tuple[str, float | None]:
         bc = st.branch(s.branch)
         bc.signals.pop("step_mask", None)
+        bc.signals.pop("mask", None)
         n = latent.shape[0]
         # A sample whose conditions switched computes, whatever was decided for the step.
         bc.signals["moved"] = moved = self._moved(s, bc, n)
@@ -253,19 +254,22 @@ class MixCache:
             fit, allowed = fit & ~moved, allowed & ~moved
         if not allowed.any():
             return COMPUTE, None
-        # Step and cfg reuse save the whole call: the smaller estimate of those that fit wins.
-        fits = [] if err is None or not bc.outputs or not fit.all() else [
-            (float(err.max()), STEP)]
+        if err is not None and bc.outputs and fit.all():
+            # The step was decided for every branch called at the last step: this one reuses it
+            # too, even where cfg reuse would cost less. Rebuilt from branch 0's prediction and a
+            # stale difference, it would carry that prediction's error as well, and the guidance
+            # difference would not cancel the two branches' errors.
+            self._spend(bc, err, n)
+            return STEP, float(err.max())
+        # Cfg reuse saves the whole call where the step is not reused.
         cfg, refused = st.signals.get("cfg", {}).get(s.branch, {}), []
         if ("cfg" in self.granularities and allowed.all() and cfg_ready(s, st)
                 and "rate" in cfg and cfg["t"] != s.t):
             estimate = cfg["rate"] * abs(s.t - cfg["t"]) * self._step_length(s, st, bc)
-            fit_cfg = estimate <= float(_per_sample(self._left(bc), n).min())
-            (fits if fit_cfg else refused).append((estimate, CFG))
-        if fits:
-            estimate, action = min(fits)
-            self._spend(bc, err if action == STEP else estimate, n)
-            return action, estimate
+            if estimate <= float(_per_sample(self._left(bc), n).min()):
+                self._spend(bc, estimate, n)
+                return CFG, estimate
+            refused.append(estimate)
         if err is not None and bc.outputs and fit.any():
             # Some samples may reuse the step, others not: the batch is computed (the graph is
             # compiled for it) and the samples that may reuse take their prediction, as each
@@ -274,7 +278,7 @@ class MixCache:
             self._spend(bc, np.where(fit, err, 0.0), n)
             return STEP, float(err[fit].max())
         # The trace shows the smallest estimate that did not fit.
-        estimates = [e for e, _ in refused] + ([float(err.min())] if err is not None else [])
+        estimates = refused + ([float(err.min())] if err is not None else [])
         estimates = [e for e in estimates if e != float("inf")]
         return COMPUTE, min(estimates) if estimates else None
 
@@ -306,6 +310,8 @@ class MixCache:
         left = torch.tensor(_per_sample(self._left(bc), n), device=change.device)
         below = torch.as_tensor(bc.below(self.max_reuse)).to(change.device)
         mask = tie_groups(s, settled & (err <= left) & below)
+        if "step_mask" in sig:      # those reuse the step: alone, they would not get here
+            mask = mask & ~torch.as_tensor(sig["step_mask"], device=mask.device)
         if not self.per_sample:
             mask = mask.all().expand_as(mask)
         if not bool(mask.any()):
@@ -332,7 +338,9 @@ class MixCache:
         elif reused is not True:
             reused = _host(reused)
             n = reused.shape[0]
-            sig["spent"] = np.where(reused, _per_sample(sig.get("spent", 0.0), n), 0.0)
+            # After a partial step reuse, the others that reused the span keep their spend too.
+            kept = reused | _host(sig["mask"]) if kind == STEP and "mask" in sig else reused
+            sig["spent"] = np.where(kept, _per_sample(sig.get("spent", 0.0), n), 0.0)
         # The conditions the computed outputs were made under: a reuse is judged against them.
         now, then = s.conditions, sig.get("conditions")
         if now is not None and kind in ("compute", "block"):
