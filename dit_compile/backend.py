@@ -24,7 +24,7 @@ from .passes.split import Piece, Plan, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.halves import HalfBatch
-from .runtime.policy import make_policy
+from .runtime.policy import PolicyError, make_policy
 from .runtime.relay import Head, RelayedExecutor
 
 # Compile-time breakdown at INFO (`logging.getLogger("dit_compile").setLevel(logging.INFO)`): a
@@ -77,7 +77,21 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
 
     # 4. stitch: the executor runs the pieces, asking the policy at each guard point.
     n_blocks = len(rmap.guarded)      # the blocks of the stacks the latent flows through
-    policy = make_policy(opts.cache, n_blocks)
+    try:
+        policy = make_policy(opts.cache, n_blocks)
+    except PolicyError as why:
+        most = 0 if model is None else model.__dict__.get("_mixcache_blocks", 0)
+        if n_blocks >= most:
+            raise
+        # A graph of fewer blocks than the model's first (a guider's hook that skips some for
+        # its branch): the span given for the whole model does not fit it. Its branch runs as
+        # the model's calls that skip blocks do, uncached.
+        warnings.warn(f"mixcache: {model_name()}: a graph of {n_blocks} of the model's {most} "
+                      f"blocks (a call that skips some), where the cache option's blocks do not "
+                      f"fit ({why}): such calls run without caching", stacklevel=2)
+        return Executor(plan, fns)
+    if model is not None:
+        model._mixcache_blocks = max(n_blocks, model.__dict__.get("_mixcache_blocks", 0))
     if policy is None:
         return Executor(plan, fns)
     if records_autograd(example_inputs):

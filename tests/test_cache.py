@@ -1240,23 +1240,27 @@ def test_model_compiled_again_with_other_options_gets_a_fresh_state():
     assert find_state(model) is not first and find_state(model).clone
 
 
-def test_a_branch_with_a_block_skipped_keeps_the_generation():
+@pytest.mark.parametrize("span", [None, [1, 5]])
+def test_a_branch_with_a_block_skipped_keeps_the_generation(span):
     """diffusers' skip-layer guidance hooks a block away for one extra branch of some steps, then
     removes the hook: Dynamo traces that branch into a graph with one block fewer, so a default
     span resolves to another end there. The model's graphs still share one state (it used to be
     replaced at each switch, restarting the generation mid-way and the forced schedule's step
-    count with it), and the other branches run the schedule where their own graph held."""
+    count with it), and the other branches run the schedule where their own graph held. A span
+    given for the whole model, which that graph's blocks do not hold, runs the branch uncached
+    with a warning (it raised mid-generation, naming the smaller graph's count as the model's)."""
     import zoo_video
     from diffusers.hooks import HookRegistry, LayerSkipConfig
     from diffusers.hooks.layer_skip import _apply_layer_skip_hook
     from dit_compile.runtime.cache import find_state
     model, kw = zoo_video.motif_video()
     # In place, as the guider's hooks find the blocks by their names in the model.
-    model.compile(backend="mixcache", options={"regions": "eager",
-                                               "cache": {"rule": "schedule", "block": [3]}})
+    cache = {"rule": "schedule", "block": [3]} | ({"span": span} if span else {})
+    model.compile(backend="mixcache", options={"regions": "eager", "cache": cache})
     uncond = torch.randn_like(kw["encoder_hidden_states"])
     states = []
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for i, t in enumerate(STEPS[:4]):
             call = dict(kw, timestep=torch.full((1,), t), return_dict=False)
             model(**call)
@@ -1273,9 +1277,12 @@ def test_a_branch_with_a_block_skipped_keeps_the_generation():
              for r in dit_compile.stats(model)["trace"]]
     # Step 2 computes: the hook's removal leaves the blocks' forward in their __dict__, which
     # Dynamo's guards on the first graph reject, so branches 0 and 1 run a new graph from there.
+    skipped = [] if span else [(0, 1, 2, "compute")]    # uncached: not counted
     assert trace == [(0, 0, 0, "compute"), (0, 0, 1, "compute"), (0, 1, 0, "compute"),
-                     (0, 1, 1, "compute"), (0, 1, 2, "compute"), (0, 2, 0, "compute"),
+                     (0, 1, 1, "compute"), *skipped, (0, 2, 0, "compute"),
                      (0, 2, 1, "compute"), (0, 3, 0, "block"), (0, 3, 1, "block")]
+    said = [str(w.message) for w in caught if "a call that skips some" in str(w.message)]
+    assert len(said) == (1 if span else 0)
 
 
 def test_states_on_several_parameters_the_last_used_is_the_models_and_reset_drops_all():
