@@ -744,8 +744,8 @@ def extrapolate(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, order: 
             weights[i][b] = w
             entries.add(i)
     used = sorted(entries)
-    if used == [len(outputs) - 1]:
-        return list(outputs[-1][1])
+    if used == [len(outputs) - 1]:     # copies: the caller may write into what it is handed
+        return [y.clone() for y in outputs[-1][1]]
     # The weights are large and of both signs (1, -3, 3 for the next point of an evenly spaced
     # sequence at order 2): summed in bf16 the roundings of the terms add up to several ulps of the
     # result, so the sum is taken in float32 at least. Accumulated in place (add_ promotes a bf16

@@ -443,7 +443,10 @@ class GuardedExecutor(Executor):
         ``spanned``: after a partial step reuse, the others that reused the block span."""
         fresh = ~mask if kind == STEP and mask is not None else None
         computed = kind in ("compute", "block") or fresh is not None
-        st.current[step.branch] = [st.keep(o) for o in outs]
+        # Copies: what a call returns is the caller's, who may write into it (a buffer reused
+        # once the sampler has stepped), as under plain torch.compile; under CUDA graphs the next
+        # replay overwrites it as well.
+        st.current[step.branch] = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
         reused = mask if spanned is None else mask | spanned
         if kind == "compute":
             bc.reused_in_a_row = 0

@@ -1,5 +1,6 @@
 """Cache guards and runtime state: forced schedules against an eager reference, lifecycle rules,
 per-sample decisions, memory bound, bad input."""
+import copy
 import warnings
 
 import pytest
@@ -1238,6 +1239,28 @@ def test_model_compiled_again_with_other_options_gets_a_fresh_state():
     s = dit_compile.stats(f)
     assert s["calls"] == 8 and s["flops_fraction"] == pytest.approx(0.75)
     assert find_state(model) is not first and find_state(model).clone
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_a_caller_writing_into_what_it_was_returned_changes_nothing_reused(order):
+    """What a call returns is the caller's: a sampler may reuse the buffer once it has stepped.
+    The runtime cached the very tensors it returned (and an order-0 step reuse returned the
+    cached ones), so zeroing an output changed every later reuse of it."""
+    model, kw = tiny_models.wan(layers=2)
+    kw["return_dict"] = False
+    cache = {"rule": "schedule", "step": [2, 3], "cfg": [4], "extrapolate": order}
+
+    def scribbled(**call):
+        y = f(**call)[0]
+        kept = y.clone()
+        y.zero_()
+        return kept
+
+    f = compiled(copy.deepcopy(model), cache)
+    untouched = generation(f, kw, steps=STEPS[:5])
+    f = compiled(copy.deepcopy(model), cache)
+    for a, b in zip(generation(scribbled, kw, steps=STEPS[:5]), untouched):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("span", [None, [1, 5]])
