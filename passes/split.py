@@ -163,20 +163,29 @@ def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
     return h.hexdigest()
 
 
+# Arithmetic on tensors: an integer operand is a value (a hook's `out * 2`), not a size.
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+               operator.mod, operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.pow,
+               torch.remainder, "add", "sub", "mul", "div", "pow", "remainder", "__add__",
+               "__sub__", "__mul__", "__truediv__", "__floordiv__", "__mod__", "__pow__",
+               "__radd__", "__rsub__", "__rmul__", "__rtruediv__"}
+
+
 def computation_key(gm: fx.GraphModule) -> str:
     """Hash of what a graph computes, blind to sizes: its tensor ops in order, their wiring and
-    their non-integer constants. A recompile of one forward for other sizes (a text of another
-    length, where Dynamo turns to dynamic shapes) keys the same, so a cache carries over to it;
-    another forward (a block hooked away, extra outputs, another scale baked in) keys otherwise.
-    Integers are sizes or dims, which a dynamic graph takes from symbolic nodes instead."""
+    their constants. A recompile of one forward for other sizes (a text of another length, where
+    Dynamo turns to dynamic shapes) keys the same, so a cache carries over to it; another forward
+    (a block hooked away, extra outputs, another scale baked in, an integer one too) keys
+    otherwise. Integers are sizes or dims, which a dynamic graph takes from symbolic nodes
+    instead, except as operands of arithmetic."""
     index: dict[fx.Node, int] = {}
     h = hashlib.sha1()
 
-    def enc(a: Any) -> Any:
+    def enc(a: Any, values: bool = False) -> Any:
         if isinstance(a, fx.Node):
             return ("%", index[a]) if a in index else "int"
         if isinstance(a, (int, torch.SymInt)) and not isinstance(a, bool):
-            return "int"
+            return a if values and isinstance(a, int) else "int"
         if isinstance(a, slice):    # no pytree node: its bounds are sizes too (Qwen's text split)
             return ("slice", enc(a.start), enc(a.stop), enc(a.step))
         return a
@@ -186,9 +195,18 @@ def computation_key(gm: fx.GraphModule) -> str:
             h.update(repr(pytree.tree_map(enc, n.args)).encode())
         elif isinstance(example_value(n), torch.Tensor):
             index[n] = len(index)
+            values = n.op in ("call_function", "call_method") and _hashable_in(n.target, _ARITHMETIC)
             h.update(repr((n.op, _target(gm, n) if n.op != "placeholder" else None,
-                           pytree.tree_map(enc, n.args), pytree.tree_map(enc, n.kwargs))).encode())
+                           pytree.tree_map(lambda a: enc(a, values), n.args),
+                           pytree.tree_map(lambda a: enc(a, values), n.kwargs))).encode())
     return h.hexdigest()
+
+
+def _hashable_in(target: Any, targets: set) -> bool:
+    try:
+        return target in targets
+    except TypeError:           # an unhashable callable: no arithmetic of ours
+        return False
 
 
 def output_keys(gm: fx.GraphModule) -> list[str]:

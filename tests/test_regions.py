@@ -328,7 +328,9 @@ def test_computation_key_is_blind_to_sizes_inside_slices():
     """A recompile of one forward for other sizes keys as the static graph did, so its cache
     carries over (Qwen-Image, CogView4: a negative prompt of another length). Their text and
     rotary splits are slices, whose bounds become symbolic nodes: once keyed apart, a first
-    generation lost a branch's cache at step 1 and came out otherwise than the same one later."""
+    generation lost a branch's cache at step 1 and came out otherwise than the same one later.
+    An integer operand of arithmetic is a value: a hook's `out * 2` changed to `* 3` mid-generation
+    recompiles, and that graph was handed the other's cached outputs."""
     from dit_compile.passes.split import computation_key
 
     def forward(x, text):
@@ -346,3 +348,9 @@ def test_computation_key_is_blind_to_sizes_inside_slices():
                   backend=lambda gm, _: keys.append(computation_key(gm)) or gm.forward)(
         torch.randn(2, 9, 4), torch.randn(2, 7, 4))
     assert keys[2] != keys[0]       # another scale baked in: another computation
+    for k in (2, 3):                # an integer one too (a hook's `out * k`), not taken for a size
+        torch._dynamo.reset()
+        torch.compile(lambda x: x.reshape(-1) * k, fullgraph=True,
+                      backend=lambda gm, _: keys.append(computation_key(gm)) or gm.forward)(
+            torch.randn(2, 9, 4))
+    assert keys[3] != keys[4]
