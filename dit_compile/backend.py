@@ -148,14 +148,13 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
         return RelayedExecutor(plan, fns, policy, state, anchor_slot(gm),
                                piece_flops(plan, example_inputs), NO_HALVES_IN_TAIL,
                                modulation_of(plan, policy, model_name()),
-                               partners=spread(parameter_slots(gm), PARTNERS),
-                               carriers=carriers(gm))
+                               partners=parameter_slots(gm), carriers=carriers(gm))
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "reuses_cfg", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()),
-                           partners=spread(parameter_slots(gm), PARTNERS))
+                           partners=parameter_slots(gm))
 
 
 NO_HALVES_IN_TAIL = ("a graph break cuts the forward before its blocks, and the half-batch forward "
@@ -400,23 +399,10 @@ def _concrete(x: Any) -> Any:
 def parameter_slots(gm: fx.GraphModule) -> list[int]:
     """The graph inputs that are the model's parameters. Dynamo reuses one graph for every
     instance of a model class (parameters are inputs), so the runtime finds the model's cache
-    state on one of them, and tells models apart by some of them."""
+    state on one of them, and tells models apart by all of them."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return [i for i, n in enumerate(phs)
             if isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)]
-
-
-# Parameter inputs that tell two models sharing modules apart, spread over the model: all of
-# them would cost tens of microseconds a call at real sizes, and two models that differ in
-# their blocks differ in most of their parameters.
-PARTNERS = 16
-
-
-def spread(slots: list[int], n: int) -> list[int]:
-    """``n`` of ``slots``, evenly spaced, the first and the last among them."""
-    if len(slots) <= n:
-        return slots
-    return [slots[round(k * (len(slots) - 1) / (n - 1))] for k in range(n)]
 
 
 def anchor_slot(gm: fx.GraphModule) -> int | None:
