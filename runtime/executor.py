@@ -505,7 +505,8 @@ def check_residual_shapes(latent: Any, outs: list[Any]) -> None:
         shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else None
         raise PolicyError(f"step_mode='residual' adds the output's change to the input latent, but "
                           f"the latent has shape {shape} and the output {bad[0]} (a model with "
-                          "extra input channels, such as image-to-video): use step_mode='output'")
+                          "extra input channels, such as image-to-video, or extra output "
+                          "channels, such as DiT's learned variance): use step_mode='output'")
 
 
 def _laid_out_as(like: torch.Tensor, op: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:

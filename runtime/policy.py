@@ -293,6 +293,7 @@ def make_policy(cache: Any, n_blocks: int | None) -> "Policy | MixCache | None":
     from .mixcache import PRESETS, make_mixcache
     if cache is None:
         return None
+    cache = _native(cache)
     if isinstance(cache, str):
         if cache not in PRESETS:
             raise PolicyError(f"cache={cache!r}: a preset is one of {sorted(PRESETS)}")
@@ -304,6 +305,42 @@ def make_policy(cache: Any, n_blocks: int | None) -> "Policy | MixCache | None":
     else:
         policy = _rules(cache)
     return _check_blocks(policy, n_blocks)
+
+
+def _native(value: Any) -> Any:
+    """NumPy values as Python's (``list(np.arange(3))``, a float32 threshold, an array ``span``),
+    and tuples as lists, so that a value given twice compares as the user meant it."""
+    if isinstance(value, dict):
+        return {k: _native(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_native(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _native(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# Keys that do something only with some rules, and their defaults: another value given without
+# those rules does nothing, which the user did not mean.
+_NEEDS = {
+    "start": ({"first_block", "teacache", "fastercache"}, 0, "the threshold rules' first step"),
+    "probe": ({"block", "first_block"}, 1, "block reuse's probe"),
+    "span": ({"block", "first_block"}, [None, None], "the blocks block reuse may skip"),
+    "step_mode": ({"step", "teacache"}, "output", "how a step is reused"),
+    "extrapolate": ({"step", "teacache"}, 0, "how a step is reused"),
+}
+
+
+def _check_needed(given: dict[str, Any], reuses: set[str], where: str) -> None:
+    """Warn of each key in ``given`` that none of the reuses asked for (``reuses``: rule names,
+    schedule or MixCache granularities) reads."""
+    for key in sorted(set(given) & set(_NEEDS)):
+        needs, default, what = _NEEDS[key]
+        if not reuses & needs and given[key] != default:
+            warnings.warn(f"mixcache: {where}: {key}={given[key]!r} sets {what}, which only "
+                          f"{sorted(needs)} read, and none of them is asked for: it does nothing",
+                          stacklevel=3)
 
 
 def _rules(cache: Any) -> Policy:
@@ -357,6 +394,8 @@ def _rules(cache: Any) -> Policy:
             if not isinstance(every, int) or every < 2:
                 raise PolicyError(f"fastercache every={every!r}: must be an integer >= 2")
             kw["cfg_every"] = every
+    reuses = seen - {"schedule"} | {g for g in ("step", "cfg", "block") if kw.get(f"{g}_steps")}
+    _check_needed({k: v for k, v in kw.items() if k in _COMMON}, reuses, "cache")
     return Policy(**kw)
 
 
@@ -396,6 +435,10 @@ def _check_blocks(policy: Any, n_blocks: int | None) -> Any:
                           "(first order, from the last two computed outputs) or 2 (second order, "
                           "from the last three)")
     policy.extrapolate = int(order)
+    if policy.step_mode == "residual" and policy.extrapolate:
+        raise PolicyError(f"extrapolate={order!r} with step_mode='residual': extrapolation is of "
+                          "the outputs (step_mode='output'); a residual step reuse adds the last "
+                          "computed change over the latent as it is, so give extrapolate=0 with it")
     if policy.max_reuse is not None and not (_integer(policy.max_reuse) and policy.max_reuse >= 1):
         raise PolicyError(f"max_reuse={policy.max_reuse!r}: must be a positive integer or None")
     if not isinstance(policy.per_sample, bool):

@@ -3,6 +3,7 @@ per-sample decisions, memory bound, bad input."""
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -1598,6 +1599,9 @@ def test_bad_cache_options(cache, match):
     ({"rule": "schedule", "step": [1], "per_sample": "yes"}, r"per_sample='yes': must be true"),
     ({"rule": "first_block", "threshold": 0.1, "start": -3}, r"start=-3: must be a step index"),
     ({"rule": "mixcache", "granularities": "step"}, r"granularities='step': a non-empty list"),
+    # A residual step reuse extrapolated nothing, whatever the order asked.
+    ({"rule": "schedule", "step": [2], "step_mode": "residual", "extrapolate": 1},
+     r"extrapolate=1 with step_mode='residual'"),
 ])
 def test_bad_cache_options_before_any_trace(cache, match):
     """Said by Options.parse, before the model is seen (test_backend's bad options go through
@@ -1612,9 +1616,37 @@ def test_a_list_of_rules_adds_them_up():
     assert (policy.step_steps, policy.cfg_every, policy.start) == ({1, 2}, 2, 2)
 
 
+@pytest.mark.parametrize("cache,match", [
+    ({"rule": "schedule", "step": [2], "start": 1}, r"start=1 sets the threshold rules' first"),
+    ({"rule": "schedule", "step": [2], "span": [1, 2]}, r"span=\[1, 2\] sets the blocks block"),
+    ({"rule": "first_block", "threshold": 0.1, "extrapolate": 1}, r"extrapolate=1 sets how a"),
+    ({"rule": "mixcache", "probe": 2}, r"mixcache: probe=2 sets block reuse's probe"),
+])
+def test_a_key_no_rule_given_reads_is_said_to_do_nothing(cache, match):
+    """Taken silently, it left the user believing it did something. Its default value says
+    nothing, and neither does the key where a rule that reads it is asked for."""
+    with pytest.warns(UserWarning, match=match):
+        make_policy(cache, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_policy({"rule": "schedule", "step": [2], "start": 0, "span": [None, None]}, None)
+        make_policy({"rule": "first_block", "threshold": 0.1, "start": 1, "probe": 2}, None)
+
+
+def test_numpy_values_are_taken_as_the_python_ones():
+    """Steps from ``np.arange``, a float32 threshold, one span as an array and as a tuple: once
+    refused, or a raw "truth value of an array is ambiguous"."""
+    policy = make_policy([{"rule": "schedule", "step": list(np.arange(1, 3)), "block": [1],
+                           "span": np.array([1, 3]), "max_reuse": np.int64(2)},
+                          {"rule": "first_block", "threshold": np.float32(0.5), "span": (1, 3)}],
+                         4)
+    assert (policy.step_steps, policy.span, policy.first_block, policy.max_reuse) == (
+        {1, 2}, (1, 3), 0.5, 2)
+
+
 @pytest.mark.parametrize("cache", [{"rule": "schedule", "block": [1], "probe": 2},
                                    {"rule": "first_block", "threshold": 0.1, "probe": 2},
-                                   {"rule": "mixcache", "probe": 2}])
+                                   {"rule": "mixcache", "probe": 2, "granularities": ["block"]}])
 def test_span_starts_after_the_probe_unless_given(cache):
     """``span`` defaults to ``[probe, n_blocks)`` whatever the probe (a probe of 2 alone used to be
     refused: the default span started at block 1)."""
@@ -1746,12 +1778,13 @@ def _replaying(fn):
     return run
 
 
-@pytest.mark.parametrize("mode,safe", [("reduce-overhead", True), (None, False)])
-def test_replayed_piece_outputs_never_reach_the_cache(monkeypatch, mode, safe):
+@pytest.mark.parametrize("mode", ["reduce-overhead", None])
+def test_replayed_piece_outputs_never_reach_the_cache(monkeypatch, mode):
     """Every piece's outputs overwritten by its next call, as CUDA graph replays do, under a forced
-    schedule reusing steps, guidance branches and block spans: under mode="reduce-overhead" the
-    generation is the one without replays. Without that mode the cache holds the buffers, and the
-    same replays change the generation: the simulation reaches what the cache holds."""
+    schedule reusing steps, guidance branches and block spans: the generation is the one without
+    replays, under mode="reduce-overhead" and without it (the cache keeps copies of the outputs
+    it returns; it once held the buffers themselves, which the same replays changed). What the
+    caller keeps without a copy is overwritten: the simulation replays."""
     real = backend.compile_pieces
     monkeypatch.setattr(backend, "compile_pieces",
                         lambda *a, **k: [_replaying(fn) for fn in real(*a, **k)])
@@ -1760,13 +1793,20 @@ def test_replayed_piece_outputs_never_reach_the_cache(monkeypatch, mode, safe):
     cache = {"rule": "schedule", "step": [2, 5], "cfg": [1, 3], "block": [3, 4], "span": [1, 4],
              "extrapolate": 1}
     f = compiled(model, cache, mode=mode)
-    # The caller keeps copies, as it must of what a CUDA graph returns.
-    replayed = generation(lambda **k: tuple(y.clone() for y in f(**k)), kw)
+    held = []
+
+    def call(**k):      # the caller keeps copies, as it must of what a CUDA graph returns
+        y = f(**k)
+        held.append(y[0])
+        return tuple(v.clone() for v in y)
+
+    replayed = generation(call, kw)
+    assert not all(torch.equal(a, b) for a, b in zip(held, replayed)), "nothing was replayed"
     monkeypatch.setattr(backend, "compile_pieces", real)
     torch._dynamo.reset()
     plain = generation(compiled(tiny_models.wan(layers=4)[0], cache), kw)
-    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(replayed, plain))
-    assert same == safe
+    for a, b in zip(replayed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
