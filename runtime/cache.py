@@ -170,6 +170,8 @@ class CacheState:
         self._passes_told = False   # told that guidance passes of other shapes defeat caching
         self.records: list[Record] = []     # the trace: the last TRACE_GENERATIONS generations
         self.counts: dict[str, int] = {}    # calls per action since the last clear_stats()
+        self.partial: dict[str, int] = {}   # of the others, calls where only some samples
+                                            # reused and the batch was computed in full
         self.flops = 0.0                    # FLOPs fractions summed over those calls
         self.generation = -1
         self._signature: Any = None
@@ -581,22 +583,25 @@ class CacheState:
                 self.records = [r for r in self.records if r.generation >= oldest]
         self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
                                    signal, spent, reused, step.halves, step.groups, switched))
-        self.counts[action] = self.counts.get(action, 0) + 1
+        counts = self.partial if reused is not None and flops >= 1.0 else self.counts
+        counts[action] = counts.get(action, 0) + 1
         self.flops += flops
 
     def clear_stats(self) -> None:
         self.records.clear()
         self.counts.clear()
+        self.partial.clear()
         self.flops = 0.0
 
     def stats(self) -> dict[str, Any]:
         """Counts of computed and reused work per granularity since the last ``clear_stats``, and
         the per-call trace of the last ``TRACE_GENERATIONS`` generations, for the user."""
-        calls = sum(self.counts.values())
+        calls = sum(self.counts.values()) + sum(self.partial.values())
         return {
             "calls": calls,
             "computed": self.counts.get("compute", 0),
             "reused": {k: v for k, v in self.counts.items() if k != "compute"},
+            "partial": dict(self.partial),
             "flops_fraction": self.flops / calls if calls else 1.0,
             "cached_bytes": self.bytes(),
             "trace": [r.__dict__.copy() for r in self.records],

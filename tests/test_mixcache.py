@@ -58,7 +58,7 @@ def test_trigger_bound_and_zero_budget(spec, budget, warmup, max_reuse, order):
 
 
 @pytest.mark.parametrize("granularities,budget,order", [
-    (["block"], 0.01, 1), (["step"], 0.05, 1), (["step"], 0.05, 2), (["step", "block"], 0.05, 1)],
+    (["block"], 0.01, None), (["step"], 0.05, 1), (["step"], 0.05, 2), (["step", "block"], 0.05, 1)],
     ids=["block", "step", "step-second-order", "step-and-block"])
 def test_decisions_independent_across_samples(granularities, budget, order):
     """A batch of two samples takes, per sample, the decisions each takes alone, and each comes
@@ -68,12 +68,19 @@ def test_decisions_independent_across_samples(granularities, budget, order):
     kw["return_dict"] = False
     kw["encoder_hidden_states"][1] *= 10.0     # another prompt: the samples part ways
     cache = {"rule": "mixcache", "budget": budget, "warmup": 0.1, "settle": 10.0,
-             "granularities": granularities, "extrapolate": order}
+             "granularities": granularities,
+             **({"extrapolate": order} if "step" in granularities else {})}
     f = compiled(model, cache)
     both = generation(f, kw, steps=STEPS, branches=1)
     trace = dit_compile.stats(f)["trace"]
     assert any(r["reused"] is not None for r in trace), \
         "the test must reach a call where the samples decide apart"
+    # A call where only some samples reused, and the batch computed in full, is no reuse.
+    stats = dit_compile.stats(f)
+    assert sum(stats["partial"].values()) == sum(r["reused"] is not None and r["flops"] >= 1.0
+                                                 for r in trace)
+    assert stats["calls"] == stats["computed"] + sum(stats["reused"].values()) + sum(
+        stats["partial"].values())
     torch._dynamo.reset()       # the batch of one traced as it would be alone, not dynamic
     g, alone = compiled(tiny_models.wan(layers=4)[0], cache), []
     for i in range(2):
