@@ -561,11 +561,16 @@ class CacheState:
                         if x is not None)
             yield from bc.span or ()
             yield from _tensor_leaves(bc.signals)
+            if bc.text is not None and bc.text[2] is not None:
+                yield bc.text[2]
         for diff in self.cfg_diff.values():
             yield from diff
         yield from _tensor_leaves(self.signals)
         for outs in self.current.values():
             yield from outs
+        # Copies of inference tensors (torch.inference_mode), kept to compare later calls with.
+        yield from (held[2] for held in (self._timestep, self._latent)
+                    if held is not None and held[2] is not None)
 
     # -- what happened ---------------------------------------------------------------------
     def record(self, step: Step, action: str, flops: float, signal: float | None = None,

@@ -1557,6 +1557,18 @@ def test_memory_bound_is_a_clear_error():
     assert stats["calls"] == 0 and stats["cached_bytes"] <= 64
 
 
+def test_copies_kept_under_inference_mode_count_against_the_bound():
+    """An inference tensor has no version counter, so the text a branch is compared with is kept
+    as a copy: 2 branches x 512 tokens x 16 floats, 64 KiB that cached_bytes (and cache_memory)
+    left out."""
+    model, kw = tiny_models.wan(layers=2)
+    kw.update(encoder_hidden_states=torch.randn(1, 512, 16), return_dict=False)
+    f = compiled(model, {"rule": "schedule", "step": [1]})
+    with torch.inference_mode():
+        generation(f, kw, steps=STEPS[:2])
+    assert dit_compile.stats(f)["cached_bytes"] >= 2 * 512 * 16 * 4
+
+
 @pytest.mark.parametrize("cache,match", [
     ({"rule": "schedule", "block": [2], "span": [1, 9]}, r"span=\[1, 9\].*has 3 blocks"),
     ({"rule": "schedule", "block": [2], "probe": 3}, r"probe=3"),
