@@ -255,22 +255,29 @@ class MixCache:
             fit, allowed = fit & ~moved, allowed & ~moved
         if not allowed.any():
             return COMPUTE, None
-        if err is not None and bc.outputs and fit.all():
+        step_fits = err is not None and bc.outputs and fit.all()
+        if step_fits and not s.halves:
             # The step was decided for every branch called at the last step: this one reuses it
             # too, even where cfg reuse would cost less. Rebuilt from branch 0's prediction and a
             # stale difference, it would carry that prediction's error as well, and the guidance
-            # difference would not cancel the two branches' errors.
+            # difference would not cancel the two branches' errors. (On batch halves, cfg reuse
+            # computes the conditional half: it inherits no prediction.)
             self._spend(bc, err, n)
             return STEP, float(err.max())
-        # Cfg reuse saves the whole call where the step is not reused.
+        # Step and cfg reuse save the whole call: the smaller estimate of those that fit wins.
+        fits = [(float(err.max()), STEP)] if step_fits else []
         cfg, refused = st.signals.get("cfg", {}).get(s.branch, {}), []
         if ("cfg" in self.granularities and allowed.all() and cfg_ready(s, st)
                 and "rate" in cfg and cfg["t"] != s.t):
             estimate = cfg["rate"] * abs(s.t - cfg["t"]) * self._step_length(s, st, bc)
             if estimate <= float(_per_sample(self._left(bc), n).min()):
-                self._spend(bc, estimate, n)
-                return CFG, estimate
-            refused.append(estimate)
+                fits.append((estimate, CFG))
+            else:
+                refused.append(estimate)
+        if fits:
+            estimate, action = min(fits)
+            self._spend(bc, err if action == STEP else estimate, n)
+            return action, estimate
         if err is not None and bc.outputs and fit.any():
             # Some samples may reuse the step, others not: the batch is computed (the graph is
             # compiled for it) and the samples that may reuse take their prediction, as each
