@@ -35,17 +35,22 @@ log = logging.getLogger("dit_compile")
 def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | None = None,
              mode: str | None = None) -> Callable[..., Any]:
     """Compile one Dynamo graph of a DiT forward into regions stitched by the runtime."""
-    start = time.perf_counter()
     opts = Options.parse(options)
-    inductor = _inductor_config(mode or opts.mode)
     # 0. lowering: layerwise casting and MoE dispatches are made traceable as a compile starts
     #    (install_trace_hook); an MoE dispatch that broke this trace anyway (a model not on the
     #    stack) is lowered now, and the next trace is whole. Any other break: traced once more at
-    #    the next call (a first call's lazy init).
+    #    the next call (a first call's lazy init), once per instance.
     install_trace_hook()
     model = compiled_model() or traced_module()
     lower_moe_and_retrace(model, opts.lower_moe)
-    retrace_once_after_break(gm, model)
+    retraced = retrace_once_after_break(gm, model)
+    return retraced(_compile(gm, example_inputs, opts, options, mode, model))
+
+
+def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, options: dict | None,
+             mode: str | None, model: torch.nn.Module | None) -> Callable[..., Any]:
+    start = time.perf_counter()
+    inductor = _inductor_config(mode or opts.mode)
     #    A forward cut by a graph break before its blocks: its first graph records the call's
     #    latent, timestep and text for the graph that runs the blocks (runtime.relay).
     head = head_slots(gm, model) if opts.cache is not None else None

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import sys
 import warnings
-from typing import Any, Iterator
+import weakref
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -178,26 +180,59 @@ def lower_moe_and_retrace(model: torch.nn.Module | None, enabled: bool) -> None:
                   "options={'lower_moe': False} leaves the model as it is", stacklevel=3)
 
 
-def retrace_once_after_break(gm: fx.GraphModule, model: torch.nn.Module | None) -> None:
+def retrace_once_after_break(gm: fx.GraphModule, model: torch.nn.Module | None
+                             ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Have Dynamo trace the model's forward once more, the first time a graph break splits it.
+    Returns what to wrap the graph's compiled callable in (as it is, but for the forward's first
+    graph).
 
     Some breaks happen at the first call only: a table built lazily under a context manager Dynamo
     does not trace (Z-Image's rotary frequencies, made under ``torch.device("cpu")`` when first
     needed). The fragments Dynamo compiled around such a break guard nothing that changes after it,
     so they would serve every later call, and no call would be cached. Clearing what Dynamo holds
     for the forward's code makes the next call trace it again: whole, if the break is gone; if not,
-    the same fragments, and this is not tried again (the cost: one more trace; the fallback
-    warning, said at the first fragment, says that this is tried). Only from a fragment compiled
-    outside the forward's own trace (a resumed frame, a submodule's): the forward's trace caches
-    its result after the backend returns, past any reset."""
-    if model is None or _retrace_pending(model) or not is_fragment(gm):
-        return
-    if _tracing(_forward_codes(model)) or not _first_time(model, "_mixcache_retraced"):
-        return
-    if not forget_forward(model):
-        return
-    log.info("mixcache: %s: a graph break split the forward; tracing it again at the next call",
-             type(model).__name__)
+    the same fragments, and this is not tried again for this model (the cost: one more trace; the
+    fallback warning, said at the first fragment, says that this is tried).
+
+    Done once per instance, not per class: instances share the forward's code and so Dynamo's
+    graphs, and each new one breaks at its own first call (its table is not built yet). Its later
+    fragments may then all come from Dynamo's cache, compiled for an instance before it, and reach
+    no backend; only the forward's first graph, which the whole graph's guards send back to a
+    trace, does. That graph is cached by Dynamo after this backend returns, past any reset now: it
+    is forgotten as it first runs, just after (``_forget_at_first_run``)."""
+    if (model is None or _retrace_pending(model) or not is_fragment(gm)
+            or "_mixcache_retraced" in model.__dict__):
+        return _as_it_is
+    if _tracing(_forward_codes(model)):
+        return functools.partial(_forget_at_first_run, model=weakref.ref(model))
+    _forget_once(model)
+    return _as_it_is
+
+
+def _as_it_is(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
+
+
+def _forget_at_first_run(fn: Callable[..., Any], model: weakref.ref) -> Callable[..., Any]:
+    """``fn``, the forward's first graph, forgetting the forward as it first runs: in the call
+    that compiled it, once Dynamo has cached it. The frame running it holds its own code."""
+    pending = True
+
+    def run(*args: Any) -> Any:
+        nonlocal pending
+        if pending:
+            pending = False
+            owner = model()
+            if owner is not None:
+                _forget_once(owner)
+        return fn(*args)
+    return run
+
+
+def _forget_once(model: torch.nn.Module) -> None:
+    if _first_time(model, "_mixcache_retraced") and forget_forward(model):
+        log.info("mixcache: %s: a graph break split the forward; tracing it again at the next "
+                 "call", type(model).__name__)
 
 
 def forget_forward(model: torch.nn.Module, resumes: bool = False) -> bool:

@@ -350,20 +350,23 @@ def test_a_break_only_the_first_call_makes_is_traced_past():
     trace: that call breaks the graph, later ones would not, yet Dynamo's fragments (whose guards
     read nothing that changed) would serve them all, uncached. The backend has the forward traced
     once more: from the second call on, one graph, cached as asked. The first call's warning says
-    that this will be tried."""
-    model, kw = tiny_models.zimage()
+    that this will be tried. So for every instance: instances share Dynamo's graphs, and a third
+    one found every fragment of its first call compiled already (no backend saw them, nothing was
+    traced again: none of its calls was cached, and a fourth one was not even warned)."""
     sched = {"rule": "schedule", "step": [2, 4]}
-    compiled = torch.compile(model, backend="mixcache",
-                             options={"regions": "eager", "cache": sched, "timestep": "rising"})
-    with warnings.catch_warnings(record=True) as rec, torch.no_grad():
-        warnings.simplefilter("always")
-        for t in (0.1, 0.3, 0.5, 0.7, 0.9):
-            out = compiled(**dict(kw, t=torch.full_like(kw["t"], t)), return_dict=False)[0]
-    said = _mixcache_warnings(rec)
-    assert len(said) == 1 and "traced once more at its next call" in said[0], said
-    trace = dit_compile.stats(compiled)["trace"]
-    assert [(r["step"], r["action"]) for r in trace] == [
-        (0, "compute"), (1, "compute"), (2, "step"), (3, "compute")], "the first call: fragments"
+    for instance in range(3):
+        model, kw = tiny_models.zimage()
+        compiled = torch.compile(model, backend="mixcache",
+                                 options={"regions": "eager", "cache": sched, "timestep": "rising"})
+        with warnings.catch_warnings(record=True) as rec, torch.no_grad():
+            warnings.simplefilter("always")
+            for t in (0.1, 0.3, 0.5, 0.7, 0.9):
+                out = compiled(**dict(kw, t=torch.full_like(kw["t"], t)), return_dict=False)[0]
+        said = _mixcache_warnings(rec)
+        assert len(said) == 1 and "traced once more at its next call" in said[0], (instance, said)
+        trace = dit_compile.stats(compiled)["trace"]
+        assert [(r["step"], r["action"]) for r in trace] == [
+            (0, "compute"), (1, "compute"), (2, "step"), (3, "compute")], (instance, trace)
     with torch.no_grad():
         torch.testing.assert_close(out, model(**dict(kw, t=torch.full_like(kw["t"], 0.9)),
                                               return_dict=False)[0], rtol=1e-5, atol=1e-5)
