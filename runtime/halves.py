@@ -18,8 +18,11 @@ Why a second forward and not the pieces: Dynamo under static shapes bakes the ba
 graph's view/reshape arguments, so the compiled pieces cannot run batch k. The half-batch forward is
 the module's own ``forward``, called through ``torch.func.functional_call`` with the *runtime*
 graph inputs as its parameters and buffers: one Dynamo graph serves every instance of a model class
-(parameters are graph inputs), so the instance traced at compile time is only the code, never the
-weights. It runs eager under ``regions="eager"``, else through its own ``torch.compile(...,
+(parameters are graph inputs), so the instance is the one being called, found at each call on the
+stack (Dynamo's code of its forward, which runs the graph, has it as ``self``), never the one traced
+at compile time: that one may be gone, and its tensors that are neither parameter nor buffer
+(Z-Image's rotary table) are its own. Each instance has its half forward so, from one recipe. It
+runs eager under ``regions="eager"``, else through its own ``torch.compile(...,
 backend="inductor")``, compiled on first use. Inside the executor Dynamo's frame hook is off (the
 backend's callable runs under ``torch._dynamo.disable``), so an eager call stays eager and a nested
 ``torch.compile`` sets its own hook and compiles normally (checked on torch 2.13); so would a
@@ -39,9 +42,9 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 import types
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -77,11 +80,10 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
 @dataclass
 class HalfBatch:
     """Runs the module's forward on the conditional half of a batched-CFG call."""
-    module: weakref.ref                     # the traced instance: its code (weights come from env)
+    owner: type                             # the traced module's class: the instance is the caller
     signature: inspect.Signature            # of the bound forward (no self)
     args: dict[str, tuple[pytree.TreeSpec, list[tuple[str, Any]]]]  # name -> (spec, leaf recipes)
     state: list[tuple[str, int]]            # parameter/buffer name -> graph input
-    pinned: list[tuple[int, weakref.ref]]   # other module tensors: must be the traced ones
     batch_inputs: frozenset[int]            # graph inputs that carry the batch (when dim 0 = 2k)
     out_shapes: list[tuple[Any, ...]]      # batched graph outputs' shapes past dim 0
     compile: bool                           # Inductor (True) or eager
@@ -163,7 +165,7 @@ class HalfBatch:
 
         named = {id(t): n for n, t in (*module.named_parameters(remove_duplicate=False),
                                        *module.named_buffers(remove_duplicate=False))}
-        state, pinned = [], []
+        state = []
         for i, ((source, from_module), x) in enumerate(zip(placeholders, example_inputs)):
             if (isinstance(x, (int, float, torch.SymInt, torch.SymFloat)) and i not in covered
                     and not source.startswith(("L['self']", "self")) and not _DERIVED.search(source)):
@@ -184,8 +186,8 @@ class HalfBatch:
                 return f"graph input {source} is not a tensor argument of forward"
             if id(x) in named:
                 state.append((named[id(x)], i))
-            else:
-                pinned.append((i, weakref.ref(x)))
+            # Any other tensor of the module's (a table kept as a plain attribute) is read by the
+            # forward from the instance called, which is where Dynamo took this input from.
         if batch < 2 or batch % 2:
             return f"the batch ({batch}) is not two halves"
         one_run = range(min(sample_outs, default=0), max(sample_outs, default=-1) + 1)
@@ -209,22 +211,22 @@ class HalfBatch:
                 dim = list(x.shape).index(batch, 1)
                 return (f"graph input {placeholders[i][0]} {tuple(x.shape)} carries the batch "
                         f"({batch}) in dim {dim}, not dim 0, and the half forward halves dim 0 only")
-        return cls(weakref.ref(module), sig, args, state, pinned, batch_inputs,
+        return cls(type(module), sig, args, state, batch_inputs,
                    [tuple(sh[1:]) for sh in batched], compile, frozenset(lists), one_run,
                    out_shapes[one_run.start] if one_run else ())
 
-    def __call__(self, env: Sequence[Any], k: int) -> list[torch.Tensor] | None:
+    def __call__(self, env: Sequence[Any], k: int,
+                 module: torch.nn.Module | None = None) -> list[torch.Tensor] | None:
         """The graph's outputs for the conditional half of the batch (``half``), or None (with
         a warning, once per reason) where this call cannot take the half-batch path. Per-sample
-        outputs come stacked, first (as the executor holds them)."""
-        module = self.module()
-        if module is None:
-            self._broken = "the module traced at compile time was freed"
+        outputs come stacked, first (as the executor holds them). ``module``: the instance
+        called, found on the stack where not given."""
         if self._broken is not None:
             return self._decline(self._broken)
-        if any(env[i] is not ref() for i, ref in self.pinned):
-            return self._decline("a tensor of the module that is not a parameter or buffer differs "
-                                 "from the one traced")
+        module = module if module is not None else _called(self.owner)
+        if module is None:
+            return self._decline(f"no {self.owner.__name__} calls this graph on the stack (called "
+                                 "by other code than the forward Dynamo traced)")
         arguments = {}
         for name in self.signature.parameters:
             if name in self.args:
@@ -295,9 +297,23 @@ class HalfBatch:
     def _decline(self, why: str) -> None:
         if why not in self._warned:
             self._warned.add(why)
-            warnings.warn(f"mixcache: batched-CFG call: {why}; computing the full batch instead "
-                          "of one half", stacklevel=3)
+            warnings.warn(f"mixcache: {self.owner.__name__}: batched-CFG call: {why}; computing "
+                          "the full batch instead of one half", stacklevel=3)
         return None
+
+
+def _called(owner: type) -> torch.nn.Module | None:
+    """The instance of ``owner`` whose call runs this graph: the nearest frame on the stack that
+    holds one as ``self`` (Dynamo's code of its forward, or of a decorator around it) or ``fn``
+    (a wrapper's), as the frame Dynamo traced did."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        names = frame.f_code.co_varnames
+        for key in ("self", "fn"):
+            if key in names and type(frame.f_locals.get(key)) is owner:
+                return frame.f_locals[key]
+        frame = frame.f_back
+    return None
 
 
 def _argument(source: str, frame: Mapping[str, Any], bound: Mapping[str, Any]) -> str | None:

@@ -4,6 +4,7 @@ On a reuse step the runtime computes the cond half alone and rebuilds the uncond
 difference cached at the last full compute; checked against an eager reference of the same rule
 inside diffusers' own pipeline, and for what must never share anything.
 """
+import gc
 import os
 import sys
 import warnings
@@ -229,7 +230,8 @@ def test_guidance_groups_are_equal_latent_halves_or_thirds():
 
 def test_two_instances_share_the_graph_not_the_weights(monkeypatch):
     """Dynamo serves every instance of a class with one graph: the half forward must run the
-    weights of the instance being called, not those of the one traced."""
+    weights of the instance being called, not those of the one traced. Nor may it need the one
+    traced: freed (a server unloading its pipeline), the other's cfg steps are still reused."""
     traces = []
     real = backend.find_regions
     monkeypatch.setattr(backend, "find_regions", lambda gm: traces.append(1) or real(gm))
@@ -240,13 +242,23 @@ def test_two_instances_share_the_graph_not_the_weights(monkeypatch):
         for p in m2.parameters():
             p.add_(0.1 * torch.randn_like(p))
     cache = {"rule": "schedule", "cfg": [2, 4]}
+    pipes = []
     for m in (m1, m2):
         pipe = _pipe(m)
         pipe.transformer = _compile(m, cache)
         torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), _reference(m, {2, 4}),
                                    rtol=1e-5, atol=1e-5)
         _check_trace(dit_compile.stats(pipe.transformer)["trace"], {2, 4}, generations=1)
+        pipes.append(pipe)
     assert len(traces) == 1, "the second instance reuses the first one's graph"
+    del m1, m, pipe, pipes[0]
+    gc.collect()
+    dit_compile.reset(pipes[0].transformer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        torch.testing.assert_close(pipelines.run_cogvideox(pipes[0], STEPS), _reference(m2, {2, 4}),
+                                   rtol=1e-5, atol=1e-5)
+    _check_trace(dit_compile.stats(pipes[0].transformer)["trace"], {2, 4}, generations=1)
 
 
 def _calls(model, latents, texts):
@@ -569,27 +581,33 @@ def _recipe(batch=2, out_shapes=None):
 
 def test_half_forward_runs_what_the_module_computes_on_the_half_or_declines():
     """The conditional half computed alone equals the module on that half; a timestep of one
-    sample (broadcast over the batch) is handed on whole, not sliced. Where the half cannot be
-    trusted it declines (None, with a warning): a batch of odd size, outputs of other shapes
-    than the graph's, a module tensor other than the one traced."""
+    sample (broadcast over the batch) is handed on whole, not sliced. Another instance's call
+    runs that instance, with its own table (neither parameter nor buffer). Where the half cannot
+    be trusted it declines (None, with a warning naming the model): a batch of odd size, outputs
+    of other shapes than the graph's, no instance of the class calling it."""
     model, inputs, half = _recipe()
     x, t, e = inputs[:3]
     with torch.no_grad():
         ref = model(x[1:], t[1:], e[1:])[0]
-        torch.testing.assert_close(half(inputs, 1)[0], ref)
+        torch.testing.assert_close(half(inputs, 1, model)[0], ref)
         one_t = [x, t[:1], e, *inputs[3:]]
-        torch.testing.assert_close(half(one_t, 1)[0], ref)
+        torch.testing.assert_close(half(one_t, 1, model)[0], ref)
+        other = Halved()
+        other.table = torch.full((4,), 2.0)
+        env = [x, t, e, other.lin.weight, other.lin.bias, other.table]
+        torch.testing.assert_close(half(env, 1, other)[0], other(x[1:], t[1:], e[1:])[0])
     assert "not two halves" in _recipe(batch=3)[2]
-    _, inputs, wrong = _recipe(out_shapes=[(2, 3, 8)])
-    with pytest.warns(UserWarning, match="outputs do not match the graph's"):
-        assert wrong(inputs, 1) is None
+    traced, inputs, wrong = _recipe(out_shapes=[(2, 3, 8)])
+    with pytest.warns(UserWarning, match="Halved: batched-CFG call: the module's outputs do not "
+                                         "match the graph's"):
+        assert wrong(inputs, 1, traced) is None
     # A graph with more outputs than the module: what the forward wrote into an argument.
-    _, inputs, more = _recipe(out_shapes=[(2, 3, 8)] * 3)
+    traced, inputs, more = _recipe(out_shapes=[(2, 3, 8)] * 3)
     with pytest.warns(UserWarning, match="the graph returns 3 tensors, the module 1: the forward "
                                          "writes values into an argument"):
-        assert more(inputs, 1) is None
-    with pytest.warns(UserWarning, match="not a parameter or buffer differs"):
-        assert half([*inputs[:5], torch.zeros(4)], 1) is None
+        assert more(inputs, 1, traced) is None
+    with pytest.warns(UserWarning, match="no Halved calls this graph"):
+        assert half(inputs, 1) is None
 
 
 def test_mixcache_reuses_cfg_on_batch_halves_as_its_forced_schedule_would():
