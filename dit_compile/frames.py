@@ -315,10 +315,16 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     """Say once per model and configuration why it compiles without caching: graph breaks where
     this graph is one fragment of the forward (the region pass's own reason, or the inputs a
     fragment lacks, would name the fragment and mislead), else what the region pass found
-    missing. ``why`` None: the region pass found blocks, in a fragment."""
+    missing. ``why`` None: the region pass found blocks, in a fragment. Nothing is said of a
+    graph of code the model runs around its forward (``_around_forward``): that one runs as it
+    is, and the forward's own graphs say for themselves."""
     root = compiled_model() or traced_module()
     fragment = why is None or _is_fragment(gm, root)
     if fragment and why is not None and _between_forward_graphs(root):
+        return
+    if not fragment and _around_forward(gm, root):
+        log.info("mixcache: %s: a graph of %s, outside the model's forward (a hook's?), runs as "
+                 "it is", type(root).__name__, _current_tx().f_code.co_name)
         return
     if fragment and isinstance(config, dict) and "cache" in config and config["cache"] is None:
         return      # caching was not asked for, and each graph is compiled by regions as it is
@@ -352,6 +358,22 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     how = (f"Running {which} as it is (regions='eager')" if eager else
            f"Compiling {which} with Inductor (by regions where it holds a block stack)")
     warnings.warn(f"mixcache: {name}: {reason}. {how}, without caching.", stacklevel=3)
+
+
+def _around_forward(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
+    """Whether ``gm`` is a graph of code the model runs around its forward, not of the forward:
+    a hook added after torch.compile, which ``Module.__call__`` runs in a frame of its own that
+    Dynamo compiles apart (a forward hook that scales the output is one op). Dynamo traces a frame
+    that is none of the forward's (nor of a wrapper set around it before the compile), and the
+    graph takes none of the model's parameters: it holds no block, and the model's own graph is
+    cached as usual."""
+    tx = _current_tx()
+    if root is None or tx is None or _one_of(tx.f_code, _forward_codes(root)):
+        return False
+    if _resumes_around_forward(tx.f_code, root):
+        return False
+    return not any(isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)
+                   for n in gm.graph.find_nodes(op="placeholder"))
 
 
 def breaking_hooks(model: torch.nn.Module | None) -> str | None:

@@ -566,6 +566,23 @@ def test_whole_graph_without_blocks_warns_the_region_pass_reason():
     assert len(_mixcache_warnings(rec)) == 1
 
 
+def test_a_hook_added_after_compile_is_not_said_to_leave_the_model_uncached():
+    """A forward hook registered after torch.compile is a graph of its own (one op, no block):
+    it runs as it is, and nothing says the model runs without caching, since its forward is still
+    cached (the schedule's step-2 reuse happens)."""
+    model, kw = tiny_models.wan(layers=2)
+    compiled = torch.compile(model, backend="mixcache",
+                             options={"regions": "eager", "cache": {"rule": "schedule", "step": [2]}})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        for i, t in enumerate((900.0, 800.0, 700.0)):
+            if i == 1:
+                model.register_forward_hook(lambda mod, args, out: (out[0] * 2,))
+            compiled(**dict(kw, timestep=torch.tensor([t])), return_dict=False)
+    assert [r["action"] for r in dit_compile.stats(compiled)["trace"]] == [
+        "compute", "compute", "step"]
+
+
 def test_explain_leaves_dynamo_nothing_of_its_trace():
     """Each explain compiles with a backend of its own, and Dynamo kept every one's graphs on the
     forward's code: eight explains reached its recompile limit, after which a fullgraph=True
