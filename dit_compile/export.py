@@ -268,6 +268,7 @@ class Exported(torch.nn.Module):
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
         self.keywords = m.get("keywords")     # None: saved before keywords were
         self._told_autograd = False
+        self._uncached = False      # see ``uncached``
         # Saved before positional arguments were: none taken.
         self.positional: list[str] = m.get("positional", [])
         for name, value in m.get("attributes", {}).items():
@@ -289,6 +290,16 @@ class Exported(torch.nn.Module):
         """diffusers' pipelines name each guidance branch's call (and step) for their cache
         hooks; this model's cache tells branches apart by itself."""
         yield
+
+    @contextlib.contextmanager
+    def uncached(self) -> Iterator[None]:
+        """Calls that run every piece and leave the cache as it was (nothing read, stored or
+        counted): what ``calibrate_split`` measures, as it measures a compiled model eagerly."""
+        saved, self._uncached = self._uncached, True
+        try:
+            yield
+        finally:
+            self._uncached = saved
 
     def to(self, *args: Any, **kwargs: Any) -> "Exported":
         """As ``nn.Module.to``, except that the dtype the model was exported in changes nothing:
@@ -332,7 +343,9 @@ class Exported(torch.nn.Module):
             if args[i].stride() != stride:
                 args[i] = torch.empty_strided(args[i].shape, stride, dtype=args[i].dtype,
                                               device=args[i].device).copy_(args[i])
-        if (isinstance(self.executor, GuardedExecutor) and torch.is_grad_enabled()
+        if isinstance(self.executor, GuardedExecutor) and self._uncached:
+            out = pytree.tree_leaves(Executor.__call__(self.executor, *args))
+        elif (isinstance(self.executor, GuardedExecutor) and torch.is_grad_enabled()
                 and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
             # As the backend does: a reused output would be another call's, with its graph.
             if not self._told_autograd:

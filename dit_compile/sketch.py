@@ -98,7 +98,8 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
     latents or generator, steps, guidance); each must run the same timesteps. ``tolerance``: the
     summed cost (distance times step length) allowed over the steps the small model takes. Both
     models run eagerly (``torch.compile``'s wrapper is looked through), so no cache reuses
-    anything while they are measured."""
+    anything while they are measured; a loaded export (``dit_compile.load``) runs uncached, its
+    cache left as it was."""
     _check_pipeline(pipe)
     if not (isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
             and tolerance >= 0):
@@ -116,6 +117,25 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
     large = _plain(pipe.transformer)
     small = _plain(small)
     check_compatible(large, small)
+    with _uncached(large, small):
+        return _calibrate(pipe, large, small, runs, tolerance)
+
+
+@contextlib.contextmanager
+def _uncached(*models: torch.nn.Module) -> Iterator[None]:
+    """A loaded export runs through its cache, which ``_plain`` cannot look through: its
+    distances would be its cache's, and calibration's calls would count as a generation of it."""
+    from .export import Exported
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            if isinstance(m, Exported):
+                stack.enter_context(m.uncached())
+        yield
+
+
+def _calibrate(pipe: Any, large: torch.nn.Module, small: torch.nn.Module,
+               runs: Sequence[dict[str, Any]], tolerance: float) -> Calibration:
+    """``calibrate_split``'s measurement, of models that run uncached."""
     scale = float(pipe.scheduler.config.num_train_timesteps)
     default_g = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
 

@@ -119,6 +119,28 @@ def test_exported_pair_takes_the_online_sketch_render_split(tmp_path):
     assert splits[1].transformer.switches == splits[0].transformer.switches != [None]
 
 
+def test_calibration_measures_a_loaded_model_uncached(tmp_path):
+    """calibrate_split looks through a compiled model's cache; a loaded one (default cache) it
+    measured through its cache, distances of reused steps, and left it a generation's state."""
+    large, _ = tiny_models.wan(layers=3)
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "num_layers": 2}).eval()
+    call = dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.tensor([999.0]),
+                encoder_hidden_states=torch.randn(1, 8, 16), return_dict=False)  # run_wan's shapes
+    dit_compile.export(small, str(tmp_path), call, {"cache": SCHEDULE})
+    loaded = dit_compile.load(str(tmp_path))
+    pipe = pipelines.wan_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(prompt_embeds=call["encoder_hidden_states"], height=64, width=64, num_frames=5,
+               negative_prompt_embeds=torch.randn(1, 8, 16), num_inference_steps=6,
+               guidance_scale=5.0, output_type="latent", latents=torch.randn(1, 4, 2, 8, 8))
+    with torch.no_grad():
+        loaded(**call)      # its cache state, which calibration must leave as it is
+    cal = [dit_compile.calibrate_split(pipe, m, [run], 0.05) for m in (small, loaded)]
+    assert cal[1].distances == pytest.approx(cal[0].distances, rel=1e-4, abs=1e-6)
+    assert dit_compile.stats(loaded)["calls"] == 1, "calibration ran through the cache"
+
+
 def test_an_exported_model_takes_zimage_pipelines_slot(tmp_path):
     """ZImagePipeline reads its transformer's ``in_channels`` (an attribute, not in its config)
     and passes the latents, timestep and captions by position: the loaded model has the one and
