@@ -36,6 +36,8 @@ import inspect
 import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -97,39 +99,90 @@ def _lowered_moe(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
 
 def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
             options: dict[str, Any] | None, opts: Options, aoti: bool) -> None:
+    _check_target(path)
     # 1. trace and rewrite: one Dynamo graph, its regions and pieces (the backend's passes).
     traced = _capture(model, kwargs)
     if traced.why is not None:
         raise ValueError(f"dit_compile.export: {type(model).__name__}: {traced.why}; export needs "
                          "the block structure the backend rewrites")
-    os.makedirs(path, exist_ok=True)
-    # 2. programs: one per distinct piece.
-    programs = _save_programs(traced, path, aoti)
-    # 3. the executor the backend would build, for its layout only (nothing runs).
+    # 2. everything that can refuse the export, before anything is written: the executor the
+    #    backend would build (the cache policy against the block count), the inputs, the
+    #    manifest as JSON.
     executor = _executor(traced, opts, type(model).__name__)
-    modulation = _save_modulation(traced, executor, path, aoti)
-    # 4. inputs: keyword arguments by path, the rest (parameters, buffers) saved as tensors.
     sources, tensors = _sources(traced)
-    torch.save(tensors, os.path.join(path, "tensors.pt"))
+    manifest = _manifest(model, traced, executor, options, sources, kwargs, aoti)
+    _json(manifest)
+    # 3. written into a sibling directory that replaces ``path`` once complete: a failure leaves
+    #    the export there before intact, never programs of one export beside another's tensors.
+    with _staged(path) as staging:
+        manifest["programs"] = _save_programs(traced, staging, aoti)
+        manifest["modulation"] = _save_modulation(traced, executor, staging, aoti)
+        torch.save(tensors, os.path.join(staging, "tensors.pt"))
+        with open(os.path.join(staging, "manifest.json"), "w") as f:
+            f.write(_json(manifest) + "\n")
+
+
+def _manifest(model: torch.nn.Module, traced: "_Traced", executor: Executor,
+              options: dict[str, Any] | None, sources: list[dict[str, Any]],
+              kwargs: dict[str, Any], aoti: bool) -> dict[str, Any]:
+    """The manifest (module docstring), its programs and modulation left to be written."""
     config = dict(getattr(model, "config", None) or {})   # diffusers' models: what pipelines read
-    manifest = {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
-                "config": {k: v for k, v in config.items() if _plain(v)},
-                "attributes": _attributes(model),
-                "positional": _positional(model),
-                "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None,
-                "options": options or {}, "n_blocks": len(traced.rmap.guarded),
-                "inputs": sources, "keywords": _keywords(kwargs), "programs": programs,
-                "aoti": aoti,
-                "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
-                "modulation": modulation,
-                "out_spec": pytree.treespec_dumps(executor.out_spec),
-                "returns": {"spec": traced.returns[0], "leaves": traced.returns[1]}}
+    return {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
+            "config": {k: v for k, v in config.items() if _plain(v)},
+            "attributes": _attributes(model),
+            "positional": _positional(model),
+            "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None,
+            "options": options or {}, "n_blocks": len(traced.rmap.guarded),
+            "inputs": sources, "keywords": _keywords(kwargs), "programs": [],
+            "aoti": aoti,
+            "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
+            "modulation": None,
+            "out_spec": pytree.treespec_dumps(executor.out_spec),
+            "returns": {"spec": traced.returns[0], "leaves": traced.returns[1]}}
+
+
+def _json(manifest: dict[str, Any]) -> str:
     try:
-        text = json.dumps(manifest, indent=1)
+        return json.dumps(manifest, indent=1)
     except TypeError as e:      # a constant among the graph's outputs that JSON cannot hold
         raise ValueError(f"dit_compile.export: {e}: the model's output cannot be saved") from None
-    with open(os.path.join(path, "manifest.json"), "w") as f:
-        f.write(text + "\n")
+
+
+def _check_target(path: str) -> None:
+    """``path`` is replaced whole by the export: refused where that would delete what is no
+    export (a file, a directory of other files)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"dit_compile.export: {path} is a file; export writes a directory "
+                         "there: give another path")
+    if (os.path.isdir(path) and os.listdir(path)
+            and not os.path.exists(os.path.join(path, "manifest.json"))):
+        raise ValueError(f"dit_compile.export: {path} holds files and no export; export replaces "
+                         "the directory whole: give a new or empty directory")
+
+
+@contextlib.contextmanager
+def _staged(path: str) -> Iterator[str]:
+    """A fresh sibling directory of ``path`` to write into, renamed to ``path`` (the directory
+    there before removed) only when the block completes; removed where it raises."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)      # as os.makedirs would make it, not mkdtemp's 0700
+    old = staging.removesuffix(".partial") + ".old"
+    try:
+        yield staging
+        if os.path.isdir(path):
+            os.rename(path, old)
+        os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(path):
+            os.rename(old, path)        # the swap itself failed: the old export back in place
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[int]:

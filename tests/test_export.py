@@ -306,6 +306,23 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     # (it was an error from inside a program, naming a bias).
     with pytest.raises(ValueError, match="weights were cast to torch.bfloat16"):
         loaded.to(torch.bfloat16)(**kw)
+    # An export that fails (a span the block count refutes, known after the trace) leaves the
+    # export in its directory as it was: it wrote its programs beside the old manifest.
+    with torch.no_grad():
+        before = dit_compile.load(str(tmp_path / "wan"))(**kw)[0]
+    cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    other = type(model)(**{**cfg, "eps": 0.5}).eval()
+    with pytest.raises(ValueError, match="span"):
+        dit_compile.export(other, str(tmp_path / "wan"), {**kw, "return_dict": False},
+                           {"cache": {"rule": "schedule", "step": [2], "span": [1, 9]}})
+    with torch.no_grad():
+        torch.testing.assert_close(dit_compile.load(str(tmp_path / "wan"))(**kw)[0], before,
+                                   rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"], "staging left"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files and no export"):
+        dit_compile.export(model, str(tmp_path / "notes"), {**kw, "return_dict": False})
     manifest = tmp_path / "wan" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
     with pytest.raises(ValueError, match="format 99"):
