@@ -74,10 +74,13 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     sharing that code (the same class, or diffusers' decorator around ``forward``) traces again at
     its next call; other compiled code keeps its graphs."""
     opts = Options.parse(options)
+    # A compiled model (pipe.transformer once torch.compile'd) is exported as the model itself:
+    # its name, forward signature, config and attributes are the model's, not the wrapper's.
+    model = getattr(model, "_orig_mod", model)
     # 0. lowering: layerwise casting's hooks in their traceable form (no result changes: the
     #    programs hold the casts, and the weights stay in the storage dtype), and MoE dispatches
     #    that would break the graph, for the export only.
-    functional_casting(getattr(model, "_orig_mod", model))
+    functional_casting(model)
     with _lowered_moe(model, opts.lower_moe):
         _export(model, path, kwargs, options, opts, aoti)
 

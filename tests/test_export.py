@@ -329,15 +329,21 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         dit_compile.load(str(tmp_path / "wan"))
 
 
-def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path, compiled):
     """Z-Image builds its rotary table at its first call, a graph break then only: export, as
     the backend, traces again after one eager call (it raised, sending the user to explain,
-    which saw nothing wrong)."""
+    which saw nothing wrong). ``compiled``: the model exported through its torch.compile wrapper
+    (pipe.transformer once compiled) is saved as the model itself, with its name, forward
+    arguments and attributes (the wrapper's were saved: no in_channels, no positional names)."""
     model, kw = tiny_models.zimage()
     call = {**kw, "return_dict": False}
-    dit_compile.export(model, str(tmp_path), call, {"timestep": "rising", "cache": None})
+    exported = torch.compile(model, backend="mixcache") if compiled else model
+    dit_compile.export(exported, str(tmp_path), call, {"timestep": "rising", "cache": None})
+    loaded = dit_compile.load(str(tmp_path))
+    assert loaded.model_name == type(model).__name__ and loaded.in_channels == model.in_channels
     with torch.no_grad():
-        torch.testing.assert_close(dit_compile.load(str(tmp_path))(**kw)[0],
+        torch.testing.assert_close(loaded(kw["x"], kw["t"], kw["cap_feats"])[0],
                                    model(**call)[0], rtol=1e-5, atol=1e-5)
 
 
