@@ -614,6 +614,17 @@ def _returns(result: Any, graph_out: list[Any]) -> tuple[str, list]:
     value around the graph (a bare tensor, a tuple, a dict), so the export records it, each
     tensor as the graph output it is (by identity) and anything else as a constant."""
     leaves, spec = pytree.tree_flatten(result)
+    stored = [i for i, g in enumerate(graph_out)
+              if isinstance(g, torch.Tensor) and not any(g is leaf for leaf in leaves)]
+    if stored:
+        # Dynamo's bytecode stores them after the graph runs (SANA-WM's refiner fills the
+        # pipeline's KV cache object so); a loaded model runs the programs only, and would
+        # return the output with the object left as it was, silently.
+        raise ValueError(f"dit_compile.export: the call stores {len(stored)} tensor(s) it "
+                         "computes into Python objects (a KV cache it fills, an attribute or "
+                         "list it sets) besides what it returns; the loaded model could not, and "
+                         "would leave them unset: export a call that only returns its results "
+                         "(not a capture call), or compile the model itself for such calls")
     out: list = []
     for leaf in leaves:
         i = next((i for i, g in enumerate(graph_out) if g is leaf), None)

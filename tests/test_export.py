@@ -319,6 +319,13 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         torch.testing.assert_close(dit_compile.load(str(tmp_path / "wan"))(**kw)[0], before,
                                    rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"], "staging left"
+    # A call that stores what it computes into a Python object (SANA-WM's refiner fills the
+    # pipeline's KV cache so) besides returning: the loaded model stored nothing, silently.
+    kept = []
+    hook = model.blocks[0].register_forward_hook(lambda _, __, out: kept.append(out))
+    with pytest.raises(ValueError, match="stores 1 tensor"):
+        dit_compile.export(model, str(tmp_path / "kept"), {**kw, "return_dict": False})
+    hook.remove()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds files and no export"):
