@@ -141,7 +141,16 @@ def _manifest(model: torch.nn.Module, traced: "_Traced", executor: Executor,
             "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
             "modulation": None,
             "out_spec": pytree.treespec_dumps(executor.out_spec),
-            "returns": {"spec": traced.returns[0], "leaves": traced.returns[1]}}
+            "returns": {"spec": traced.returns[0], "leaves": traced.returns[1]},
+            "autocast": _autocast(sorted({s["device"] for s in sources if "device" in s}))}
+
+
+def _autocast(devices: list[str]) -> dict[str, str | None]:
+    """The autocast state the call was traced under, per device its inputs are on: the dtype, or
+    None where autocast is off. The programs hold its casts (or none), so a loaded model called
+    under another state would run what it was not traced for."""
+    return {d: str(torch.get_autocast_dtype(d)).removeprefix("torch.")
+            if torch.is_autocast_enabled(d) else None for d in devices}
 
 
 def _json(manifest: dict[str, Any]) -> str:
@@ -323,6 +332,7 @@ class Exported(torch.nn.Module):
         self._dtype = getattr(torch, m["dtype"]) if m.get("dtype") else None
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
         self.keywords = m.get("keywords")     # None: saved before keywords were
+        self.autocast: dict[str, str | None] = m.get("autocast", {})   # {}: saved before it was
         self._told_autograd = False
         self._uncached = False      # see ``uncached``
         # Saved before positional arguments were: none taken.
@@ -381,6 +391,7 @@ class Exported(torch.nn.Module):
             raise TypeError(f"{self.model_name} (exported) needs the tensor argument(s) {missing}; "
                             f"it takes {self.arguments}")
         self._check_keywords(kwargs)
+        self._check_autocast()
         for path, shape, dtype, device in self.signature:
             x = _at(kwargs, path)
             if (not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != dtype
@@ -458,6 +469,24 @@ class Exported(torch.nn.Module):
                 raise ValueError(f"{self.model_name} (exported): {name} is {_shown(value)}; it was "
                                  f"exported with {name}={kind['value']!r}, which the programs "
                                  "were traced for (export again for other values)")
+
+
+    def _check_autocast(self) -> None:
+        """A call under another autocast state than the export's would run programs traced for
+        other casts: an error from inside one (a dtype mismatch), or with caching, an output of
+        the other state reused."""
+        for device, dtype in self.autocast.items():
+            now = _autocast([device])[device]
+            if now != dtype:
+                raise ValueError(
+                    f"{self.model_name} (exported): called {_autocast_shown(device, now)}, but "
+                    f"it was exported {_autocast_shown(device, dtype)}, which its programs were "
+                    "traced for: call it as exported, or export again under the autocast state "
+                    "you call it in")
+
+
+def _autocast_shown(device: str, dtype: str | None) -> str:
+    return "without autocast" if dtype is None else f"under autocast({device!r}, {dtype})"
 
 
 class _Config(dict):

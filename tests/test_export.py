@@ -296,6 +296,13 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         loaded(*args, None, False, None, None)
     with pytest.raises(TypeError, match=r"\['timestep'\] by keyword too"):
         loaded(*args[:2], timestep=kw["timestep"], encoder_hidden_states=args[2])
+    # Under another autocast state than the export's, the programs would run casts they were
+    # not traced for: it was a dtype mismatch from inside a program (and, caching, a reuse of an
+    # output computed without autocast).
+    with torch.autocast("cpu", torch.bfloat16), pytest.raises(
+            ValueError, match="called under autocast\\('cpu', bfloat16\\), but it was exported "
+                              "without autocast"):
+        loaded(**kw)
     # A submodule a pipeline reads (LTX-2's transformer.rope) is not exported: said so.
     with pytest.raises(AttributeError, match="'rope'.* needs the model itself"):
         loaded.rope
