@@ -32,6 +32,7 @@ packages where the export made them, else the programs as exported (their ``modu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -82,7 +83,7 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     #    that would break the graph, for the export only.
     functional_casting(model)
     with _lowered_moe(model, opts.lower_moe):
-        _export(model, path, kwargs, options, opts, aoti)
+        _export(model, path, kwargs, opts, aoti)
 
 
 @contextlib.contextmanager
@@ -100,8 +101,8 @@ def _lowered_moe(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
             restore_moe(model.get_submodule(p))
 
 
-def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
-            options: dict[str, Any] | None, opts: Options, aoti: bool) -> None:
+def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any], opts: Options,
+            aoti: bool) -> None:
     _check_target(path)
     # 1. trace and rewrite: one Dynamo graph, its regions and pieces (the backend's passes).
     traced = _capture(model, kwargs)
@@ -113,7 +114,7 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     #    manifest as JSON.
     executor = _executor(traced, opts, type(model).__name__)
     sources, tensors = _sources(traced)
-    manifest = _manifest(model, traced, executor, options, sources, kwargs, aoti)
+    manifest = _manifest(model, traced, executor, opts, sources, kwargs, aoti)
     _json(manifest)
     # 3. written into a sibling directory that replaces ``path`` once complete: a failure leaves
     #    the export there before intact, never programs of one export beside another's tensors.
@@ -126,7 +127,7 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
 
 
 def _manifest(model: torch.nn.Module, traced: "_Traced", executor: Executor,
-              options: dict[str, Any] | None, sources: list[dict[str, Any]],
+              opts: Options, sources: list[dict[str, Any]],
               kwargs: dict[str, Any], aoti: bool) -> dict[str, Any]:
     """The manifest (module docstring), its programs and modulation left to be written."""
     config = dict(getattr(model, "config", None) or {})   # diffusers' models: what pipelines read
@@ -135,7 +136,7 @@ def _manifest(model: torch.nn.Module, traced: "_Traced", executor: Executor,
             "attributes": _attributes(model),
             "positional": _positional(model),
             "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None,
-            "options": options or {}, "n_blocks": len(traced.rmap.guarded),
+            "options": _saved_options(opts), "n_blocks": len(traced.rmap.guarded),
             "inputs": sources, "keywords": _keywords(kwargs), "programs": [],
             "aoti": aoti,
             "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
@@ -151,6 +152,18 @@ def _autocast(devices: list[str]) -> dict[str, str | None]:
     under another state would run what it was not traced for."""
     return {d: str(torch.get_autocast_dtype(d)).removeprefix("torch.")
             if torch.is_autocast_enabled(d) else None for d in devices}
+
+
+def _saved_options(opts: Options) -> dict[str, Any]:
+    """The parsed options as plain data (the caller may have given an ``Options``, which JSON
+    cannot hold); ``load`` parses them again."""
+    saved = dataclasses.asdict(opts)
+    bad = [k for k, v in saved.items() if not _plain(v)]
+    if bad:
+        raise ValueError(f"dit_compile.export: option {bad[0]}={saved[bad[0]]!r} cannot be saved "
+                         "with the model (not plain data: numbers, strings, lists, dicts); give "
+                         "it as plain data")
+    return saved
 
 
 def _json(manifest: dict[str, Any]) -> str:

@@ -48,10 +48,12 @@ def test_exported_model_matches_eager(tmp_path, nested):
 
 @pytest.mark.parametrize("rising", [False, True], ids=["falling", "rising"])
 def test_exported_model_caches_as_the_backend_does(tmp_path, rising):
-    """``rising``: the option timestep='rising' is saved with the model and read back."""
+    """``rising``: the option timestep='rising' is saved with the model and read back, given as
+    an ``Options`` (which broke writing the manifest)."""
     model, kw = tiny_models.wan(layers=4)
     options = {"cache": SCHEDULE, "regions": "eager", **({"timestep": "rising"} if rising else {})}
-    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, options)
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False},
+                       dit_compile.Options(**options) if rising else options)
     loaded = dit_compile.load(str(tmp_path))
     compiled = torch.compile(model, backend="mixcache", options=options)
     with torch.no_grad():
