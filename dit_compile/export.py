@@ -477,6 +477,12 @@ class Exported(torch.nn.Module):
                 raise TypeError(f"{self.model_name} (exported): it was exported without {name!r}, "
                                 f"so the programs would ignore it; export again with it (it was "
                                 f"exported with {sorted(self.keywords)})")
+            if kind is not None and "structure" in kind and (
+                    _structure(value) != kind["structure"]):
+                raise ValueError(f"{self.model_name} (exported): {name} is "
+                                 f"{_structure_shown(_structure(value))}; it was exported as "
+                                 f"{_structure_shown(kind['structure'])}, which the programs "
+                                 "were traced for (export again for another structure)")
             if kind is not None and "value" in kind and (
                     not _plain(value) or json.loads(json.dumps(value)) != kind["value"]):
                 raise ValueError(f"{self.model_name} (exported): {name} is {_shown(value)}; it was "
@@ -543,12 +549,33 @@ def _keywords(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, value in kwargs.items():
         if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value)):
-            out[name] = {"tensors": True}
+            out[name] = {"tensors": True, "structure": _structure(value)}
         elif _plain(value):
             out[name] = {"value": value}
         else:
             out[name] = {}
     return out
+
+
+def _structure(value: Any) -> Any:
+    """The containers around an argument's tensors, as JSON: the input signature checks the
+    tensors the graph read, not how many a list holds (Z-Image's samples): a longer list's
+    extra items would be ignored."""
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_structure(v) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: _structure(v) for k, v in value.items()}}
+    return "tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _structure_shown(structure: Any) -> str:
+    if isinstance(structure, str):
+        return structure
+    (kind, items), = structure.items()
+    if kind == "dict":
+        return "{" + ", ".join(f"{k!r}: {_structure_shown(v)}" for k, v in items.items()) + "}"
+    inner = ", ".join(_structure_shown(v) for v in items)
+    return f"[{inner}]" if kind == "list" else f"({inner}{',' if len(items) == 1 else ''})"
 
 
 def _shown(value: Any) -> str:

@@ -361,6 +361,9 @@ def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path, compil
     with torch.no_grad():
         torch.testing.assert_close(loaded(kw["x"], kw["t"], kw["cap_feats"])[0],
                                    model(**call)[0], rtol=1e-5, atol=1e-5)
+    # Exported with one sample, the programs read one: a second was dropped, silently.
+    with pytest.raises(ValueError, match=r"x is \[tensor, tensor\]; it was exported as \[tensor\]"):
+        loaded(kw["x"] * 2, kw["t"], kw["cap_feats"] * 2)
 
 
 def test_aoti_packages_run_as_the_programs_do(tmp_path):
