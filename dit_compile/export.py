@@ -66,7 +66,8 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
            options: dict[str, Any] | None = None, aoti: bool = False) -> None:
     """Trace ``model(**kwargs)`` as ``torch.compile`` does, rewrite it as ``backend="mixcache"``
     with ``options`` does, and save it under ``path`` (module docstring). Tensor keyword arguments
-    are the loaded model's inputs; every other argument is fixed at the values given here.
+    are the loaded model's inputs; plain values (numbers, strings, lists, dicts, None) are fixed
+    at the values given here; another object (a KV cache) is refused.
     ``aoti``: also compile each program ahead of time with AOTInductor, for the device of the
     example inputs (``load`` then runs the compiled packages: no compile at load time).
 
@@ -104,6 +105,7 @@ def _lowered_moe(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
 def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any], opts: Options,
             aoti: bool) -> None:
     _check_target(path)
+    keywords = _keywords(kwargs)
     # 1. trace and rewrite: one Dynamo graph, its regions and pieces (the backend's passes).
     traced = _capture(model, kwargs)
     if traced.why is not None:
@@ -114,7 +116,7 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any], opts: Opt
     #    manifest as JSON.
     executor = _executor(traced, opts, type(model).__name__)
     sources, tensors = _sources(traced)
-    manifest = _manifest(model, traced, executor, opts, sources, kwargs, aoti)
+    manifest = _manifest(model, traced, executor, opts, sources, keywords, aoti)
     _json(manifest)
     # 3. written into a sibling directory that replaces ``path`` once complete: a failure leaves
     #    the export there before intact, never programs of one export beside another's tensors.
@@ -128,7 +130,7 @@ def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any], opts: Opt
 
 def _manifest(model: torch.nn.Module, traced: "_Traced", executor: Executor,
               opts: Options, sources: list[dict[str, Any]],
-              kwargs: dict[str, Any], aoti: bool) -> dict[str, Any]:
+              keywords: dict[str, dict[str, Any]], aoti: bool) -> dict[str, Any]:
     """The manifest (module docstring), its programs and modulation left to be written."""
     config = dict(getattr(model, "config", None) or {})   # diffusers' models: what pipelines read
     return {"format": FORMAT, "torch": torch.__version__, "model": type(model).__name__,
@@ -137,7 +139,7 @@ def _manifest(model: torch.nn.Module, traced: "_Traced", executor: Executor,
             "positional": _positional(model),
             "dtype": str(getattr(model, "dtype", "")).removeprefix("torch.") or None,
             "options": _saved_options(opts), "n_blocks": len(traced.rmap.guarded),
-            "inputs": sources, "keywords": _keywords(kwargs), "programs": [],
+            "inputs": sources, "keywords": keywords, "programs": [],
             "aoti": aoti,
             "guarded": isinstance(executor, GuardedExecutor), "layout": executor.layout(),
             "modulation": None,
@@ -544,8 +546,10 @@ def _plain(v: Any) -> bool:
 
 def _keywords(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each keyword of the export, as a loaded model checks a call's: one holding tensors
-    (checked by the input signature), a value JSON holds (checked to be the same), or another
-    object (not checked)."""
+    (checked by the input signature and its structure) or a value JSON holds (checked to be the
+    same). Any other object is refused: the programs may have read its state (GLM-Image's KV
+    cache and its mode), which a loaded model can neither save nor check, so a call with
+    another one (a cache in another mode) would run programs traced for this one, silently."""
     out: dict[str, dict[str, Any]] = {}
     for name, value in kwargs.items():
         if any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(value)):
@@ -553,7 +557,11 @@ def _keywords(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
         elif _plain(value):
             out[name] = {"value": value}
         else:
-            out[name] = {}
+            raise ValueError(f"dit_compile.export: {name} is a {type(value).__name__}, neither "
+                             "tensors nor plain data (numbers, strings, lists, dicts, None): the "
+                             "programs may depend on its state, which the loaded model could "
+                             f"not check in a call; export with {name}=None (or without it), or "
+                             "compile the model itself for such calls")
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 
 import dit_compile
 import tiny_models
+import zoo_image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import pipelines  # noqa: E402
@@ -328,6 +329,11 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         torch.testing.assert_close(dit_compile.load(str(tmp_path / "wan"))(**kw)[0], before,
                                    rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"], "staging left"
+    # A keyword that is a Python object (GLM-Image's KV cache): the programs may depend on its
+    # state (the cache's mode), which a call's object was never checked against.
+    glm, glm_kw = zoo_image.glm_image()
+    with pytest.raises(ValueError, match="kv_caches is a GlmImageKVCache, neither tensors nor "):
+        dit_compile.export(glm, str(tmp_path / "glm"), {**glm_kw, "return_dict": False})
     # A call that stores what it computes into a Python object (SANA-WM's refiner fills the
     # pipeline's KV cache so) besides returning: the loaded model stored nothing, silently.
     kept = []
