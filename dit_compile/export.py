@@ -105,7 +105,7 @@ def _lowered_moe(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
 def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any], opts: Options,
             aoti: bool) -> None:
     _check_target(path)
-    keywords = _keywords(kwargs)
+    keywords = _keywords(kwargs, _defaults(model))
     # 1. trace and rewrite: one Dynamo graph, its regions and pieces (the backend's passes).
     traced = _capture(model, kwargs)
     if traced.why is not None:
@@ -490,7 +490,16 @@ class Exported(torch.nn.Module):
                 raise ValueError(f"{self.model_name} (exported): {name} is {_shown(value)}; it was "
                                  f"exported with {name}={kind['value']!r}, which the programs "
                                  "were traced for (export again for other values)")
-
+        for name, kind in self.keywords.items():
+            # Left out, the argument is the forward's default: where that is not the export's
+            # value (return_dict: True, an output object; exported False, a tuple), the
+            # programs would answer another call than the one made.
+            if (name not in kwargs and "default" in kind
+                    and json.loads(json.dumps(kind["default"])) != kind["value"]):
+                raise TypeError(f"{self.model_name} (exported): {name} is not given, so the "
+                                f"forward's default {name}={kind['default']!r} applies; it was "
+                                f"exported with {name}={kind['value']!r}, which the programs "
+                                f"were traced for: pass {name}={kind['value']!r}")
 
     def _check_autocast(self) -> None:
         """A call under another autocast state than the export's would run programs traced for
@@ -544,7 +553,13 @@ def _plain(v: Any) -> bool:
         return False
 
 
-def _keywords(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _defaults(model: torch.nn.Module) -> dict[str, Any]:
+    """The forward's plain defaults: what a call that leaves such an argument out gets."""
+    return {p.name: p.default for p in inspect.signature(model.forward).parameters.values()
+            if p.default is not inspect.Parameter.empty and _plain(p.default)}
+
+
+def _keywords(kwargs: dict[str, Any], defaults: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each keyword of the export, as a loaded model checks a call's: one holding tensors
     (checked by the input signature and its structure) or a value JSON holds (checked to be the
     same). Any other object is refused: the programs may have read its state (GLM-Image's KV
@@ -556,6 +571,8 @@ def _keywords(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
             out[name] = {"tensors": True, "structure": _structure(value)}
         elif _plain(value):
             out[name] = {"value": value}
+            if name in defaults:        # a call without it means the forward's default
+                out[name]["default"] = defaults[name]
         else:
             raise ValueError(f"dit_compile.export: {name} is a {type(value).__name__}, neither "
                              "tensors nor plain data (numbers, strings, lists, dicts, None): the "
@@ -713,7 +730,31 @@ def _returns(result: Any, graph_out: list[Any]) -> tuple[str, list]:
             raise ValueError(f"dit_compile.export: the model returns a {type(leaf).__name__} that "
                              "is not one of the graph's outputs; export a call with "
                              "return_dict=False")
-    return pytree.treespec_dumps(spec), out
+    dumped = pytree.treespec_dumps(spec)
+    foreign = _foreign_types(json.loads(dumped))
+    if foreign:
+        # Loading rebuilds the type by name: diffusers' output classes need diffusers imported,
+        # which a loaded model promises not to.
+        raise ValueError(f"dit_compile.export: the model returns a {foreign[0].rsplit('.', 1)[-1]} "
+                         f"({foreign[0]}; diffusers' return_dict=True, the forward's default), "
+                         "which load could not rebuild without that library: export a call with "
+                         "return_dict=False")
+    return dumped, out
+
+
+def _foreign_types(dumped: Any) -> list[str]:
+    """The container types in a dumped treespec that are not Python's own."""
+    found: list[str] = []
+    if isinstance(dumped, list):
+        for item in dumped:
+            found += _foreign_types(item)
+    elif isinstance(dumped, dict):
+        kind = dumped.get("type")
+        if kind is not None and not kind.startswith(("builtins.", "collections.")):
+            found.append(kind)
+        for child in dumped.get("children_spec", []):
+            found += _foreign_types(child)
+    return found
 
 
 def _keyword_path(n: fx.Node) -> list | str:

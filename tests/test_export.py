@@ -43,7 +43,8 @@ def test_exported_model_matches_eager(tmp_path, nested):
     loaded = dit_compile.load(str(tmp_path))
     with torch.no_grad():
         for call in calls(kw, steps=2):
-            torch.testing.assert_close(loaded(**call)[0], model(**call, return_dict=False)[0],
+            torch.testing.assert_close(loaded(**call, return_dict=False)[0],
+                                       model(**call, return_dict=False)[0],
                                        rtol=1e-5, atol=1e-5)
 
 
@@ -59,7 +60,8 @@ def test_exported_model_caches_as_the_backend_does(tmp_path, rising):
     compiled = torch.compile(model, backend="mixcache", options=options)
     with torch.no_grad():
         for call in calls(kw, rising=rising):
-            torch.testing.assert_close(loaded(**call)[0], compiled(**call, return_dict=False)[0],
+            torch.testing.assert_close(loaded(**call, return_dict=False)[0],
+                                       compiled(**call, return_dict=False)[0],
                                        rtol=1e-5, atol=1e-5)
     got = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(loaded)["trace"]]
     assert got == [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(model)["trace"]]
@@ -75,7 +77,7 @@ def test_exported_model_caches_as_the_backend_does(tmp_path, rising):
     with pytest.warns(UserWarning, match="autograd records") as told:
         for call in calls(kw, steps=3):
             x = call["hidden_states"].clone().requires_grad_()
-            torch.testing.assert_close(loaded(**dict(call, hidden_states=x))[0],
+            torch.testing.assert_close(loaded(**dict(call, hidden_states=x), return_dict=False)[0],
                                        model(**dict(call, hidden_states=x), return_dict=False)[0],
                                        rtol=1e-5, atol=1e-5)
     assert len([w for w in told if "autograd" in str(w.message)]) == 1
@@ -185,7 +187,7 @@ def test_loading_needs_no_model_source(tmp_path):
     script = (
         "import sys, torch, dit_compile\n"
         f"m = dit_compile.load({str(tmp_path / 'm')!r})\n"
-        f"out = m(**torch.load({str(tmp_path / 'inputs.pt')!r}))[0]\n"
+        f"out = m(**torch.load({str(tmp_path / 'inputs.pt')!r}), return_dict=False)[0]\n"
         f"torch.testing.assert_close(out, torch.load({str(tmp_path / 'ref.pt')!r}))\n"
         "assert 'diffusers' not in sys.modules, 'the model source was imported'\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -202,7 +204,7 @@ def test_inputs_inside_tuples_are_found(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert any(len(s.get("argument", [])) > 1 for s in manifest["inputs"])
     with torch.no_grad():
-        torch.testing.assert_close(dit_compile.load(str(tmp_path))(**kw)[0],
+        torch.testing.assert_close(dit_compile.load(str(tmp_path))(**kw, return_dict=False)[0],
                                    model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -276,9 +278,9 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     # Another signature than the one exported (UniPC's timesteps are int64): an error, not a
     # program reading the wrong dtype.
     with pytest.raises(ValueError, match="timestep is .*int64.*exported for"):
-        loaded(**{**kw, "timestep": kw["timestep"].long()})
+        loaded(**{**kw, "timestep": kw["timestep"].long()}, return_dict=False)
     with pytest.raises(ValueError, match=r"hidden_states is \(1, 4, 2, 8, 16\)"):
-        loaded(**{**kw, "hidden_states": torch.randn(1, 4, 2, 8, 16)})
+        loaded(**{**kw, "hidden_states": torch.randn(1, 4, 2, 8, 16)}, return_dict=False)
     # A keyword the programs were not traced with would change nothing they compute: a tensor
     # absent at export (an image condition), a misspelt name, another plain value. None passes,
     # as pipelines pass their unused optional arguments.
@@ -290,6 +292,16 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="return_dict is True; it was exported with return_dict="):
         loaded(**kw, return_dict=True)
     loaded(**kw, attention_kwargs=None, return_dict=False)
+    # Left out, return_dict is the forward's default (True: an output object), not the export's:
+    # the loaded model returned a tuple where DiTPipeline reads .sample.
+    with pytest.raises(TypeError, match="return_dict is not given, so the forward's default "
+                                        "return_dict=True applies; it was exported with "
+                                        "return_dict=False"):
+        loaded(**kw)
+    # Exported with it True, the saved output type was diffusers' own: load then needed diffusers.
+    with pytest.raises(ValueError, match="Transformer2DModelOutput.*export a call with "
+                                         "return_dict=False"):
+        dit_compile.export(model, str(tmp_path / "dict"), kw, {"cache": None})
     # Arguments by position are named as the model's forward names them (ZImagePipeline passes
     # its latents so); one too many, or one given by keyword too, is an error.
     args = (kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"])
@@ -305,7 +317,7 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     with torch.autocast("cpu", torch.bfloat16), pytest.raises(
             ValueError, match="called under autocast\\('cpu', bfloat16\\), but it was exported "
                               "without autocast"):
-        loaded(**kw)
+        loaded(**kw, return_dict=False)
     # A submodule a pipeline reads (LTX-2's transformer.rope) is not exported: said so.
     with pytest.raises(AttributeError, match="'rope'.* needs the model itself"):
         loaded.rope
@@ -315,19 +327,20 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     # pipe.to(dtype) casts the transformer's weights: the programs take the exported dtype only
     # (it was an error from inside a program, naming a bias).
     with pytest.raises(ValueError, match="weights were cast to torch.bfloat16"):
-        loaded.to(torch.bfloat16)(**kw)
+        loaded.to(torch.bfloat16)(**kw, return_dict=False)
     # An export that fails (a span the block count refutes, known after the trace) leaves the
     # export in its directory as it was: it wrote its programs beside the old manifest.
     with torch.no_grad():
-        before = dit_compile.load(str(tmp_path / "wan"))(**kw)[0]
+        before = dit_compile.load(str(tmp_path / "wan"))(**kw, return_dict=False)[0]
     cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
     other = type(model)(**{**cfg, "eps": 0.5}).eval()
     with pytest.raises(ValueError, match="span"):
         dit_compile.export(other, str(tmp_path / "wan"), {**kw, "return_dict": False},
                            {"cache": {"rule": "schedule", "step": [2], "span": [1, 9]}})
     with torch.no_grad():
-        torch.testing.assert_close(dit_compile.load(str(tmp_path / "wan"))(**kw)[0], before,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            dit_compile.load(str(tmp_path / "wan"))(**kw, return_dict=False)[0], before,
+            rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"], "staging left"
     # A keyword that is a Python object (GLM-Image's KV cache): the programs may depend on its
     # state (the cache's mode), which a call's object was never checked against.
@@ -365,11 +378,11 @@ def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path, compil
     loaded = dit_compile.load(str(tmp_path))
     assert loaded.model_name == type(model).__name__ and loaded.in_channels == model.in_channels
     with torch.no_grad():
-        torch.testing.assert_close(loaded(kw["x"], kw["t"], kw["cap_feats"])[0],
+        torch.testing.assert_close(loaded(kw["x"], kw["t"], kw["cap_feats"], return_dict=False)[0],
                                    model(**call)[0], rtol=1e-5, atol=1e-5)
     # Exported with one sample, the programs read one: a second was dropped, silently.
     with pytest.raises(ValueError, match=r"x is \[tensor, tensor\]; it was exported as \[tensor\]"):
-        loaded(kw["x"] * 2, kw["t"], kw["cap_feats"] * 2)
+        loaded(kw["x"] * 2, kw["t"], kw["cap_feats"] * 2, return_dict=False)
 
 
 def test_aoti_packages_run_as_the_programs_do(tmp_path):
@@ -397,12 +410,14 @@ def test_aoti_packages_run_as_the_programs_do(tmp_path):
     with torch.no_grad():
         for call in calls(kw):
             call = {**kw, **call, "timestep": call["timestep"].expand(2)}
-            torch.testing.assert_close(loaded(**call)[0], reference(**call, return_dict=False)[0],
+            torch.testing.assert_close(loaded(**call, return_dict=False)[0],
+                                       reference(**call, return_dict=False)[0],
                                        rtol=1e-4, atol=1e-4)
         # Each call below starts a generation (its timestep rises), so it is computed in full.
         expanded = {k: torch.tensor([v]).expand(2) for k, v in (("timestep", 300.0), ("guidance", 2e3))}
         for call in ({**kw, **expanded}, kw):
-            torch.testing.assert_close(loaded(**call)[0], model(**call, return_dict=False)[0],
+            torch.testing.assert_close(loaded(**call, return_dict=False)[0],
+                                       model(**call, return_dict=False)[0],
                                        rtol=1e-4, atol=1e-4)
 
 

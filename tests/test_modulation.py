@@ -145,7 +145,8 @@ def test_exported_model_decides_on_the_modulated_input_as_the_backend_does(tmp_p
     with torch.no_grad():
         for i, t in enumerate(torch.linspace(900, 100, 8)):
             call = dict(kw, hidden_states=kw["hidden_states"] * (1 - i / 20), timestep=t.reshape(1))
-            torch.testing.assert_close(loaded(**call)[0], compiled(**call, return_dict=False)[0],
+            torch.testing.assert_close(loaded(**call, return_dict=False)[0],
+                                       compiled(**call, return_dict=False)[0],
                                        rtol=1e-5, atol=1e-5)
     got, want = (dit_compile.stats(m)["trace"] for m in (loaded, model))
     assert [r["action"] for r in got] == [r["action"] for r in want]
