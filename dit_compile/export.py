@@ -573,6 +573,15 @@ def _keywords(kwargs: dict[str, Any], defaults: dict[str, Any]) -> dict[str, dic
             out[name] = {"value": value}
             if name in defaults:        # a call without it means the forward's default
                 out[name]["default"] = defaults[name]
+        elif _holds_tensors(value):
+            # AnyFlow-FAR's BlockMask: the graph would read its tensors through attributes,
+            # which no keyword path the loaded model takes reaches.
+            raise ValueError(f"dit_compile.export: {name} is a {type(value).__name__}, an object "
+                             "holding tensors in its attributes: export takes tensors from "
+                             "keyword arguments and the tuples, lists and dicts inside them, not "
+                             "from an object's attributes, so this call cannot be exported; "
+                             "compile the model itself (torch.compile(model, "
+                             "backend='mixcache'))")
         else:
             raise ValueError(f"dit_compile.export: {name} is a {type(value).__name__}, neither "
                              "tensors nor plain data (numbers, strings, lists, dicts, None): the "
@@ -580,6 +589,10 @@ def _keywords(kwargs: dict[str, Any], defaults: dict[str, Any]) -> dict[str, dic
                              f"not check in a call; export with {name}=None (or without it), or "
                              "compile the model itself for such calls")
     return out
+
+
+def _holds_tensors(value: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in getattr(value, "__dict__", {}).values())
 
 
 def _structure(value: Any) -> Any:
@@ -697,10 +710,23 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
                                  f"{hint}") from e
     bad = [p for p in traced[0].keywords if isinstance(p, str)]
     if bad:
-        raise ValueError(f"dit_compile.export: graph input {bad[0]} is not (inside) a keyword "
-                         "argument of the call; pass the model's tensors as keyword arguments")
+        raise ValueError(_not_a_keyword(bad[0], kwargs))
     traced[0].returns = _returns(result, graph_out)
     return traced[0]
+
+
+def _not_a_keyword(src: str, kwargs: dict[str, Any]) -> str:
+    """Why a graph input ``src`` (Dynamo's source) has no keyword path: held by an object's
+    attribute inside a keyword, or not from the call's arguments at all."""
+    names = re.findall(r"\['(\w+)'\]", src)[:2]
+    name = names[1] if names[:1] == ["kwargs"] and len(names) > 1 else names[0] if names else None
+    if src.startswith("L[") and name in kwargs:
+        return (f"dit_compile.export: graph input {src} is a tensor inside keyword argument "
+                f"{name}, held by an object's attribute: export takes tensors from keyword "
+                "arguments and the tuples, lists and dicts inside them, so this call cannot be "
+                "exported; compile the model itself (torch.compile(model, backend='mixcache'))")
+    return (f"dit_compile.export: graph input {src} is not (inside) a keyword argument of the "
+            "call; pass the model's tensors as keyword arguments")
 
 
 def _returns(result: Any, graph_out: list[Any]) -> tuple[str, list]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dit_compile
+import test_mutation
 import tiny_models
 import zoo_image
 
@@ -347,6 +348,16 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     glm, glm_kw = zoo_image.glm_image()
     with pytest.raises(ValueError, match="kv_caches is a GlmImageKVCache, neither tensors nor "):
         dit_compile.export(glm, str(tmp_path / "glm"), {**glm_kw, "return_dict": False})
+    # AnyFlow-FAR's attention mask, a BlockMask: its tensors are attributes of an object, which
+    # export cannot take as inputs (it said they were not inside a keyword argument, and to pass
+    # them as keyword arguments: they were).
+    far, (_, first, _) = test_mutation.anyflow_far()
+    mask = far.build_attention_mask(chunk_partition=[1], height=8, width=8, mode="cache",
+                                    device=first.device)
+    with pytest.raises(ValueError, match="attention_mask is a BlockMask, an object holding "
+                                         "tensors in its attributes"):
+        dit_compile.export(far, str(tmp_path / "far"), dict(
+            hidden_states=first, attention_mask=mask, return_dict=False))
     # A call that stores what it computes into a Python object (SANA-WM's refiner fills the
     # pipeline's KV cache so) besides returning: the loaded model stored nothing, silently.
     kept = []
