@@ -212,11 +212,16 @@ def _staged(path: str) -> Iterator[str]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[int]:
-    """Each distinct piece saved once (``_save_program``); the program each piece runs."""
+def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[int | None]:
+    """Each distinct piece saved once (``_save_program``); the program each piece runs, None for
+    a piece that computes nothing (Motif-Video's glue between its stacks: no outputs, no writes
+    into its inputs), which torch.export.save cannot save and the loaded model need not run."""
     programs: dict[str, int] = {}
-    uses: list[int] = []
+    uses: list[int | None] = []
     for piece in traced.plan.pieces:
+        if not piece.outs and not piece.writes_in_place():
+            uses.append(None)
+            continue
         key = piece.signature()
         if key not in programs:
             programs[key] = len(programs)
@@ -319,8 +324,9 @@ class Exported(torch.nn.Module):
         self.strides = {i: tuple(s["stride"]) for i, s in enumerate(m["inputs"])
                         if m.get("aoti") and "argument" in s and "stride" in s}
         self.arguments = list(dict.fromkeys(a[0] for a, _ in self.sources if a is not None))
-        programs = {k: _program(path, k, m.get("aoti", False)) for k in sorted(set(m["programs"]))}
-        fns = [programs[k] for k in m["programs"]]
+        programs = {k: _program(path, k, m.get("aoti", False))
+                    for k in sorted(set(m["programs"]) - {None})}
+        fns = [programs[k] if k is not None else _nothing for k in m["programs"]]
         spec = pytree.treespec_loads(m["out_spec"])
         if m["guarded"]:
             opts = Options.parse(m["options"])
@@ -630,6 +636,11 @@ def _at(kwargs: dict[str, Any], path: list) -> Any:
     for step in path[1:]:
         value = value[step]
     return value
+
+
+def _nothing(*args: Any) -> tuple:
+    """A piece that computes nothing (see ``_save_programs``), as its graph returns."""
+    return ()
 
 
 def _program(path: str, k: int | str, aoti: bool) -> Any:

@@ -12,6 +12,7 @@ import dit_compile
 import test_mutation
 import tiny_models
 import zoo_image
+import zoo_video
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import pipelines  # noqa: E402
@@ -207,6 +208,18 @@ def test_inputs_inside_tuples_are_found(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(dit_compile.load(str(tmp_path))(**kw, return_dict=False)[0],
                                    model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_pieces_that_compute_nothing_are_not_saved(tmp_path):
+    """Motif-Video's plan has glue pieces between its stacks with no inputs and no outputs, which
+    torch.export.save cannot save (the export failed): none is saved, and none runs."""
+    model, kw = zoo_video.motif_video()
+    call = {**kw, "return_dict": False}
+    dit_compile.export(model, str(tmp_path), call, {"cache": None})
+    assert None in json.loads((tmp_path / "manifest.json").read_text())["programs"]
+    with torch.no_grad():
+        torch.testing.assert_close(dit_compile.load(str(tmp_path))(**call)[0], model(**call)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_moe_model_exports_with_its_dispatch_lowered(tmp_path):
