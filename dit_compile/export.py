@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import operator
 import os
 import re
 import shutil
@@ -240,12 +241,31 @@ def _save_program(traced: "_Traced", module: fx.GraphModule, slots: tuple[int, .
     # under the backend carries its cache state, which must not be pickled with them.
     args = tuple(_detached(inputs[s]) if s < plan.n_inputs else _zeros_like(plan.slot_examples[s])
                  for s in slots)
+    _sym_sum_as_adds(module)
     with torch.no_grad():
         ep = torch.export.export(module, args)
     torch.export.save(ep, os.path.join(path, f"program_{name}.pt2"))
     if aoti:
         torch._inductor.aoti_compile_and_package(
             ep, package_path=os.path.join(path, f"program_{name}.aoti.pt2"))
+
+
+def _sym_sum_as_adds(module: fx.GraphModule) -> None:
+    """``torch.sym_sum`` calls (Dynamo's graph of Mochi holds one) rewritten in place as a chain
+    of ``operator.add``, which computes the same: torch.export keeps sym_sum, and
+    torch.export.save cannot serialize it."""
+    graph = module.graph
+    nodes = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.sym_sum]
+    for n in nodes:
+        terms = list(n.args[0])
+        with graph.inserting_before(n):
+            total = terms[0] if terms else 0
+            for term in terms[1:]:
+                total = graph.call_function(operator.add, (total, term))
+        n.replace_all_uses_with(total)
+        graph.erase_node(n)
+    if nodes:
+        module.recompile()
 
 
 def _detached(x: Any) -> Any:
