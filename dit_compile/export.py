@@ -4,11 +4,13 @@ plan as data, the weights as tensors; ``load`` runs it with no model source.
     dit_compile.export(transformer, "wan.dit", dict(hidden_states=x, timestep=t,
                        encoder_hidden_states=e, return_dict=False), options={"cache": "balanced"})
     model = dit_compile.load("wan.dit")           # diffusers need not be installed
-    out = model(hidden_states=x, timestep=t, encoder_hidden_states=e)
+    out = model(hidden_states=x, timestep=t, encoder_hidden_states=e, return_dict=False)
 
-What is saved (a directory): ``manifest.json`` (format version, torch version, the options, the
-model's diffusers config, where each graph input comes from: a keyword argument (a path into it)
-or a saved tensor, which program each piece runs, the executor's layout: slots, guard positions,
+What is saved (a directory, written beside the path and renamed into place once complete):
+``manifest.json`` (format version, torch version, the options, the model's diffusers config, the
+autocast state, each tensor argument's structure, where each graph input comes from: a keyword
+argument (a path into it) or a saved tensor, which program each piece runs (none for a piece
+that computes nothing), the executor's layout: slots, guard positions,
 FLOP shares; the graph's output spec and the structure the call returned around it),
 ``program_<k>.pt2`` (``torch.export.save``; one per distinct region, so a 30-block stack saves its
 block once; with ``aoti=True`` also ``program_<k>.aoti.pt2``, AOTInductor's package of it) and
