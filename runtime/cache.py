@@ -381,7 +381,13 @@ class CacheState:
         (self.generation, self._step, self._branch, self._last_t, self._signature, self._halves,
          self._latent, self._timestep, self._run, self.t_first, self._rises,
          self.top, self.rising) = placement
-        self._drop_branch(step.branch)
+        # The branch's own state only: the other branches' differences were taken against
+        # branch 0's outputs of the same prompt, which its retry computes again (a new prompt on
+        # branch 0 voids them, _drop_branch).
+        self.branches[step.branch] = BranchCache()
+        self.cfg_diff.pop(step.branch, None)
+        self.cfg_step.pop(step.branch, None)
+        self.signals.clear()
         self.current.pop(step.branch, None)
         self.computed.discard(step.branch)
 

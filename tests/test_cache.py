@@ -1114,6 +1114,42 @@ def test_stats_of_a_cached_model_outlive_its_compile_with_caching_off():
     assert dit_compile.stats(cached)["reused"] == {"step": 2}
 
 
+def test_a_retried_first_branch_leaves_the_others_their_difference(monkeypatch):
+    """Branch 0's call at a cfg-reuse step raises, and is retried: branch 1 is still rebuilt from
+    its difference (the failure once voided every branch's, so branch 1 computed there, silently
+    off the schedule), and the generation comes out as one without the failure."""
+    from dit_compile.runtime.executor import Executor
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    cache = {"rule": "schedule", "cfg": [2]}
+    fail, run = [], Executor.run
+
+    def failing(self, env, start=0, stop=None):
+        if fail:
+            fail.pop()
+            raise torch.OutOfMemoryError("simulated, inside the forward")
+        return run(self, env, start, stop)
+
+    made = []
+
+    def calls(**call):
+        made.append(call)
+        if len(made) == 5:      # step 2, branch 0
+            fail.append(True)
+            with pytest.raises(torch.OutOfMemoryError):
+                f(**call)
+        return f(**call)
+
+    monkeypatch.setattr(Executor, "run", failing)
+    f = compiled(copy.deepcopy(model), cache)
+    failed = generation(calls, kw, steps=STEPS[:4])
+    assert len(made) == 8 and not fail, "the failure was not made"
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]][4:6] == ["compute", "cfg"]
+    clean = generation(compiled(copy.deepcopy(model), cache), kw, steps=STEPS[:4])
+    for a, b in zip(failed, clean):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_a_call_that_raises_is_retried_in_its_place(monkeypatch):
     """A call that raises mid-forward (an OOM, an interrupt) once stayed counted: its retry
     was placed as the step's next branch, so branch 0 kept the last step's outputs, and the next
