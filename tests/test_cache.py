@@ -1114,14 +1114,9 @@ def test_stats_of_a_cached_model_outlive_its_compile_with_caching_off():
     assert dit_compile.stats(cached)["reused"] == {"step": 2}
 
 
-def test_a_retried_first_branch_leaves_the_others_their_difference(monkeypatch):
-    """Branch 0's call at a cfg-reuse step raises, and is retried: branch 1 is still rebuilt from
-    its difference (the failure once voided every branch's, so branch 1 computed there, silently
-    off the schedule), and the generation comes out as one without the failure."""
+def _fail_next_forward(monkeypatch) -> list:
+    """A list to append to: the next forward the executor runs raises, as an OOM inside it."""
     from dit_compile.runtime.executor import Executor
-    model, kw = tiny_models.wan(layers=3)
-    kw["return_dict"] = False
-    cache = {"rule": "schedule", "cfg": [2]}
     fail, run = [], Executor.run
 
     def failing(self, env, start=0, stop=None):
@@ -1130,7 +1125,18 @@ def test_a_retried_first_branch_leaves_the_others_their_difference(monkeypatch):
             raise torch.OutOfMemoryError("simulated, inside the forward")
         return run(self, env, start, stop)
 
-    made = []
+    monkeypatch.setattr(Executor, "run", failing)
+    return fail
+
+
+def test_a_retried_first_branch_leaves_the_others_their_difference(monkeypatch):
+    """Branch 0's call at a cfg-reuse step raises, and is retried: branch 1 is still rebuilt from
+    its difference (the failure once voided every branch's, so branch 1 computed there, silently
+    off the schedule), and the generation comes out as one without the failure."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    cache = {"rule": "schedule", "cfg": [2]}
+    fail, made = _fail_next_forward(monkeypatch), []
 
     def calls(**call):
         made.append(call)
@@ -1140,7 +1146,6 @@ def test_a_retried_first_branch_leaves_the_others_their_difference(monkeypatch):
                 f(**call)
         return f(**call)
 
-    monkeypatch.setattr(Executor, "run", failing)
     f = compiled(copy.deepcopy(model), cache)
     failed = generation(calls, kw, steps=STEPS[:4])
     assert len(made) == 8 and not fail, "the failure was not made"
@@ -1155,19 +1160,10 @@ def test_a_call_that_raises_is_retried_in_its_place(monkeypatch):
     was placed as the step's next branch, so branch 0 kept the last step's outputs, and the next
     scheduled reuse returned those (two steps old). A call that raises is not counted, its
     retry is the call again, and the generation comes out as one without the failure."""
-    from dit_compile.runtime.executor import Executor
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
     f = compiled(model, {"rule": "schedule", "step": [3]})
-    fail, run = [], Executor.run
-
-    def failing(self, env, start=0, stop=None):
-        if fail:
-            fail.pop()
-            raise torch.OutOfMemoryError("simulated, inside the forward")
-        return run(self, env, start, stop)
-
-    monkeypatch.setattr(Executor, "run", failing)
+    fail = _fail_next_forward(monkeypatch)
 
     def loop():
         x, outs = kw["hidden_states"], []
