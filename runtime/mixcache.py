@@ -71,8 +71,8 @@ import numpy as np
 import torch
 
 from .cache import BranchCache, CacheState, Step, sample_times
-from .policy import (CFG, COMPUTE, STEP, PolicyError, _check_needed, cfg_ready, rel_l1,
-                     tie_groups)
+from .policy import (CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1, tie_groups,
+                     warn_unread_keys)
 
 GRANULARITIES = ("step", "cfg", "block")
 # A condition whose magnitude moves by more than this share of the larger value was switched.
@@ -536,5 +536,5 @@ def make_mixcache(spec: dict) -> MixCache:
         raise PolicyError(f"mixcache granularities={gran!r}: a non-empty list drawn from "
                           f"{list(GRANULARITIES)}")
     kw["granularities"] = tuple(gran)
-    _check_needed(spec, set(gran), "mixcache")
+    warn_unread_keys(spec, set(gran), "mixcache")
     return MixCache(**kw)

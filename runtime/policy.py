@@ -332,7 +332,7 @@ _NEEDS = {
 }
 
 
-def _check_needed(given: dict[str, Any], reuses: set[str], where: str) -> None:
+def warn_unread_keys(given: dict[str, Any], reuses: set[str], where: str) -> None:
     """Warn of each key in ``given`` that none of the reuses asked for (``reuses``: rule names,
     schedule or MixCache granularities) reads."""
     for key in sorted(set(given) & set(_NEEDS)):
@@ -395,7 +395,7 @@ def _rules(cache: Any) -> Policy:
                 raise PolicyError(f"fastercache every={every!r}: must be an integer >= 2")
             kw["cfg_every"] = every
     reuses = seen - {"schedule"} | {g for g in ("step", "cfg", "block") if kw.get(f"{g}_steps")}
-    _check_needed({k: v for k, v in kw.items() if k in _COMMON}, reuses, "cache")
+    warn_unread_keys({k: v for k, v in kw.items() if k in _COMMON}, reuses, "cache")
     return Policy(**kw)
 
 
