@@ -336,6 +336,19 @@ def _small_glue(piece: Piece) -> bool:
     return piece.region.kind == GLUE and len(ops) <= 4
 
 
+def flop_counter() -> Any:
+    """torch's ``FlopCounterMode`` (no display), counting attention on the CPU too: torch counts
+    the CUDA kernels of ``scaled_dot_product_attention`` (flash, efficient, cuDNN) but not the
+    flash kernel the CPU runs for it, so on the CPU a forward's attention counted as no FLOPs (a
+    fifth to a quarter of the trained reference models'), and the shares differed from the GPU's."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(query: Any, key: Any, value: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+    cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return FlopCounterMode(display=False, custom_mapping={cpu: sdpa} if cpu is not None else None)
+
+
 def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float]:
     """Each piece's share of the forward's FLOPs, counted on fake inputs (nothing runs).
 
@@ -346,7 +359,6 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
     float (a norm's eps) is such an input, and its ``.item()`` would be data-dependent. A piece may
     hold real constants (Wan's rotary frequencies, made in its forward): the mode converts them."""
     from torch._guards import detect_fake_mode
-    from torch.utils.flop_counter import FlopCounterMode
     counts = []
     mode = detect_fake_mode([x for p in plan.pieces for x in p.example_inputs])
     # A fake kernel that fails logs an error with its traceback before raising (constant_pad_nd
@@ -365,7 +377,7 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
                 if key not in counted:
                     inputs = [_constant(mode, graph_inputs[s]) if _scalar(graph_inputs, s, plan)
                               else _concrete(x) for s, x in zip(p.args, p.example_inputs)]
-                    with FlopCounterMode(display=False) as fc:
+                    with flop_counter() as fc:
                         p.module(*inputs)
                     counted[key] = float(fc.get_total_flops())
                 counts.append(counted[key])

@@ -811,6 +811,33 @@ def test_piece_flops_are_counted_not_guessed():
     assert blocks[0] == pytest.approx(blocks[-1]) and blocks[0] != pytest.approx(1 / 3), shares
 
 
+def test_piece_flops_count_attention_on_the_cpu():
+    """torch's FlopCounterMode counts the CUDA kernels of scaled_dot_product_attention but not the
+    CPU's flash kernel, which the CPU runs for it: on the CPU a block's attention weighed nothing,
+    so the shares (and every FLOPs fraction from them) differed from the GPU's. Checked against
+    the matmuls counted per module plus attention by its formula (QK^T and AV, self and cross)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from conftest import capture
+    from dit_compile.passes.regions import find_regions
+    from dit_compile.passes.split import split
+    model, kw = tiny_models.wan(layers=3)
+    gm = capture(model, kw)
+    plan = split(gm, find_regions(gm))
+    shares = backend.piece_flops(plan)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(**kw, return_dict=False)
+    counts = fc.get_flop_counts()
+
+    def matmuls(path):
+        return sum(n for op, n in counts[path].items() if "attention" not in str(op))
+    tokens, dim, text = 32, 16, 5        # 2 frames of 4 x 4 patches; 2 heads of 8; 5 text tokens
+    attention = 4 * tokens * tokens * dim + 4 * tokens * text * dim
+    block = matmuls("WanTransformer3DModel.blocks.0") + attention
+    total = matmuls("Global") + 3 * attention
+    blocks = [s for s, p in zip(shares, plan.pieces) if p.region.kind == "block"]
+    assert blocks == pytest.approx([block / total] * 3)
+
+
 def test_piece_flops_counted_under_dynamic_shapes_without_error_logs(caplog):
     """Under dynamic=True the pieces' example inputs have symbolic sizes, on which HunyuanVideo's
     broadcasts fail in the fake kernels: the count fell back to equal blocks, after an ERROR log

@@ -203,6 +203,14 @@ def test_metrics():
     assert quality.ssim(small_noise, x) == pytest.approx(quality.ssim(x, small_noise))
 
 
+def test_flop_count_includes_attention_on_the_cpu():
+    """The harness's FLOP count (full compute, diffusers' hooks) counts attention on the CPU too,
+    as it does on a GPU: torch's FlopCounterMode alone counts the CPU's attention kernel as none."""
+    q, k, v = torch.randn(2, 3, 20, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)
+    flops = quality._count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert flops == 2 * (2 * 3 * 20 * 12 * 8 * 2)      # QK^T and AV, 2 FLOPs a multiply-add
+
+
 def test_data_is_deterministic_and_labelled():
     a, ca = data.video(7)
     b, cb = data.video(7)
