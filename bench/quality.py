@@ -91,8 +91,11 @@ def _display(x: torch.Tensor) -> torch.Tensor:
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     """PSNR (dB) of video ``x`` against ``ref`` (same shape, model range ``[-1, 1]``), data range 1
-    after ``_display``; ``PSNR_CAP`` when identical."""
+    after ``_display``; ``PSNR_CAP`` when identical; NaN where ``x`` holds a NaN (no score: a
+    diverged output must not pass for an identical one, as ``min(PSNR_CAP, nan)`` would)."""
     mse = float(((_display(x) - _display(ref)) ** 2).mean())
+    if math.isnan(mse):
+        return math.nan
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / mse))
 
 

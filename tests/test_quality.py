@@ -203,6 +203,18 @@ def test_metrics():
     assert quality.ssim(small_noise, x) == pytest.approx(quality.ssim(x, small_noise))
 
 
+def test_psnr_of_a_nan_output_is_nan_not_the_cap():
+    """A method whose output holds a NaN (a diverged generation) has no PSNR: it scored the cap,
+    that of a bit-identical output, since ``min(PSNR_CAP, nan)`` is the cap."""
+    import math
+    torch.manual_seed(0)
+    ref = torch.rand(1, 3, 2, 16, 16) * 2 - 1
+    x = ref.clone()
+    x[0, 0, 0, 0, 0] = float("nan")
+    assert math.isnan(quality.psnr(x, ref))
+    assert math.isnan(quality.ssim(x, ref))
+
+
 def test_flop_count_includes_attention_on_the_cpu():
     """The harness's FLOP count (full compute, diffusers' hooks) counts attention on the CPU too,
     as it does on a GPU: torch's FlopCounterMode alone counts the CPU's attention kernel as none."""
