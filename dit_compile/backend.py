@@ -153,7 +153,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
         return RelayedExecutor(plan, fns, policy, state, anchor_slot(gm),
                                piece_flops(plan, example_inputs), NO_HALVES_IN_TAIL,
                                modulation_of(plan, policy, model_name()),
-                               partners=parameter_slots(gm), carriers=carriers(gm))
+                               partners=parameter_slots(gm), carriers=carriers(gm),
+                               text=named_slot(gm, "text"))
     halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
               if getattr(policy, "reuses_cfg", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
@@ -185,6 +186,13 @@ def head_slots(gm: fx.GraphModule,
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     return (names.index(roles["latent"]), names.index(roles["timestep"]),
             names.index(roles["text"]) if "text" in roles else None)
+
+
+def named_slot(gm: fx.GraphModule, role: str) -> int | None:
+    """The graph input that takes ``role`` (``named_inputs``) by name, or None."""
+    name = named_inputs(gm).get(role)
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return None if name is None else names.index(name)
 
 
 def computed_outputs(gm: fx.GraphModule) -> list[int]:

@@ -135,6 +135,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     # and the graphs that got that graph's record of the call, as the backend's would.
     heads: list[dict[str, str]] = []
     reached: set[int] = set()
+    tails: dict[int, dict[str, str]] = {}          # a tail's roles by name, by graph
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
         i = len(found)
@@ -147,6 +148,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             fn = Head(gm.forward, slots, computed_outputs(gm))
         elif forward_tail(gm, target):
             taken = carriers(gm)
+            tails[i] = named_inputs(gm)
 
             def fn(*a: Any) -> Any:
                 if received([a[k] for k in taken]) is not None:
@@ -181,7 +183,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             if attempt:
                 forget_forward(target)
             found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
-            heads.clear(), reached.clear()
+            heads.clear(), reached.clear(), tails.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
                     *args, **kwargs)
@@ -281,7 +283,11 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     report.marked = _marked(target)
     report.stacks, report.streams = rmap.stacks, rmap.streams
     if relayed:     # the call's own inputs, in the first graph; the last one's are intermediates
-        report.inputs, report.input_rule = heads[0], "names"
+        report.inputs, report.input_rule = dict(heads[0]), "names"
+        # A text the first graph does not take: the blocks' graph's own, by name (RelayedExecutor).
+        text = tails.get(found.index(rmap), {}).get("text")
+        if "text" not in report.inputs and text is not None:
+            report.inputs["text"] = text
     else:
         report.inputs, report.input_rule = rmap.inputs, rmap.input_rule
         report.conditions = rmap.conditions

@@ -89,14 +89,18 @@ def received(values: Sequence[Any]) -> CallInputs | None:
 class RelayedExecutor(GuardedExecutor):
     """The graph that runs a broken forward's blocks to its return, cached as a whole forward is:
     its latent, timestep and text are the ones the forward's first graph recorded, placed in three
-    slots past the graph's own. The graph inputs at ``carriers`` are looked at for the record."""
+    slots past the graph's own. The graph inputs at ``carriers`` are looked at for the record.
+    ``text``: this graph's own input of the text, by name, where it takes one: the text where the
+    first graph took none (a forward that reads it only after the break), so that a prompt
+    changed mid-generation is still seen."""
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], *args: Any,
-                 carriers: Sequence[int], **kwargs: Any):
+                 carriers: Sequence[int], text: int | None = None, **kwargs: Any):
         n = plan.n_slots
         super().__init__(plan, fns, *args, roles={"latent": n, "timestep": n + 1, "text": n + 2},
                          **kwargs)
         self.carriers = list(carriers)
+        self.own_text = text
         self._out_examples = [plan.slot_examples.get(s) for s in self.out_slots]
         self._checked = not self._keep_latent
         self._told = False
@@ -117,5 +121,6 @@ class RelayedExecutor(GuardedExecutor):
         if not self._checked:
             check_residual_shapes(record.latent, self._out_examples)
             self._checked = True
-        text = self._no_text if record.text is None else record.text
+        text = (record.text if record.text is not None else
+                args[self.own_text] if self.own_text is not None else self._no_text)
         return self._call([*args, *self._pad, record.latent, record.timestep, text])

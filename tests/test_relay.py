@@ -170,6 +170,54 @@ def test_a_new_prompt_reaches_the_graph_that_holds_the_blocks():
     assert [r["action"] for r in trace] == ["compute", "step", "compute", "step"], trace
 
 
+class _TextAfterTheBreak(torch.nn.Module):
+    """A forward broken before its blocks whose first graph never reads the text: the blocks are
+    the first to."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x, self.text = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x, temb, text):
+            return x + self.x(x) * temb[:, None, None] + self.text(text).mean(1, keepdim=True)
+
+    def __init__(self):
+        super().__init__()
+        self.t = torch.nn.Linear(1, 8)
+        self.blocks = torch.nn.ModuleList(self.Block() for _ in range(3))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        temb = self.t(torch.sin(timestep[:, None] / 1000)).mean(-1)
+        x = hidden_states * 2
+        torch._dynamo.graph_break()
+        for block in self.blocks:
+            x = block(x, temb, encoder_hidden_states)
+        return x
+
+
+def test_a_new_prompt_is_seen_where_the_first_graph_takes_no_text():
+    """The head records no text where the forward reads it only after the break: the blocks'
+    graph takes it by name then, so a prompt changed mid-generation computes, as in an unbroken
+    forward, instead of reusing the old prompt's output."""
+    torch.manual_seed(0)
+    model = _TextAfterTheBreak().eval()
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [2, 3]}})
+    x, text, new = torch.randn(2, 6, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8) * 5
+    with torch.no_grad():
+        for i, t in enumerate(STEPS[:4]):
+            call = dict(hidden_states=x + i, timestep=torch.full((2,), t),
+                        encoder_hidden_states=text if i < 2 else new)
+            out = f(**call)
+            if i == 2:
+                torch.testing.assert_close(out, model(**call), rtol=1e-5, atol=1e-5)
+    trace = dit_compile.stats(f)["trace"]
+    assert [r["action"] for r in trace] == ["compute", "compute", "compute", "step"], trace
+    report = dit_compile.explain(model, **call)
+    assert report.relayed and report.inputs["text"] == "l_encoder_hidden_states_", str(report)
+
+
 def test_a_record_is_taken_only_in_the_call_that_made_it():
     """A tensor a head computed carries its call's inputs; once the head has run again, the old
     tensor's record is no longer taken (a model that keeps a tensor from an earlier call must not
