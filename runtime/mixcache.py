@@ -522,6 +522,9 @@ def make_mixcache(spec: dict) -> MixCache:
     if not isinstance(preset, str) or preset not in PRESETS:
         raise PolicyError(f"mixcache preset {preset!r}: must be one of {sorted(PRESETS)}")
     kw = {**PRESETS[preset], **spec}
+    if spec.get("step_mode") == "residual" and "extrapolate" not in spec:
+        # The preset's order extrapolates outputs; a residual step reuse has none to take.
+        kw["extrapolate"] = 0
     valid = set(MixCache.__dataclass_fields__)
     unknown = set(kw) - valid
     if unknown:

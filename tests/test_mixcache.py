@@ -449,6 +449,17 @@ def test_bad_mixcache_options(cache, match):
         make_policy(cache, None)
 
 
+def test_residual_step_reuse_takes_no_extrapolation_from_the_preset():
+    """``step_mode: "residual"`` adds the last computed change over the latent as it is: no
+    extrapolation applies. Asked of a preset, whose step reuse extrapolates its outputs, it was
+    refused for an ``extrapolate=2`` never given (and so with step reuse off, while a warning said
+    the key did nothing). The preset's order is not taken; one given with it is still refused."""
+    policy = make_policy({"rule": "mixcache", "step_mode": "residual"}, None)
+    assert policy.step_mode == "residual" and policy.extrapolate == 0
+    with pytest.raises(PolicyError, match=r"extrapolate=2 with step_mode='residual'"):
+        make_policy({"rule": "mixcache", "step_mode": "residual", "extrapolate": 2}, None)
+
+
 def test_a_list_of_one_mixcache_rule_is_that_rule():
     """Once refused with "give it alone", which it was."""
     from dit_compile.runtime.mixcache import MixCache
