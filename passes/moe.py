@@ -420,11 +420,33 @@ def _recogniser(module: nn.Module) -> Callable[[nn.Module], str | None] | None:
     return None
 
 
+def _relower(module: nn.Module, spec: _MoESpec) -> str | None:
+    """Bring an already lowered ``module`` up to date with its experts: restack where a parameter
+    no longer aliases its stack, register again where their layerwise casting changed. Where the
+    experts no longer have the structure the op computes (a wrapper or a hook added after
+    lowering), undo the lowering and return why; None where it stays lowered."""
+    if spec.experts is None:
+        return None  # weights= reads the module's own tensors at every call: nothing to check
+    problem = _swiglu_experts_problem(getattr(module, spec.experts, None), spec.projections)
+    if problem is not None:
+        _unregister(module)
+        return f"{spec.experts}: {problem}"
+    if cast_only(getattr(getattr(module, spec.experts)[0], spec.projections[0])) != spec.cast:
+        register_moe(module, spec.method, experts=spec.experts, projections=spec.projections,
+                     route=spec.route, no_grad=spec.no_grad)
+    elif not _is_stacked(module, spec):
+        _stack_experts(module, spec)
+    return None
+
+
 def lower_moe(model: nn.Module) -> int:
     """Lower every recognised MoE dispatch in ``model`` (itself included) to ``dit_compile::moe_ffn``.
 
     Idempotent: already lowered modules (by this function or :func:`register_moe`) are kept, and their
-    stacked weights rebuilt if a parameter no longer aliases them. Returns the number of lowered
+    stacked weights rebuilt if a parameter no longer aliases them. An already lowered module whose
+    experts no longer pass the structural check (a LoRA or quantisation wrapper, or a forward hook,
+    added to an expert after lowering) gets its original method back, with a ``UserWarning`` naming
+    the reason: the op would ignore the wrapper or the hook. Returns the number of lowered
     dispatches in ``model`` after the call. Modules of a recognised class that fail the structural
     check are skipped with a ``UserWarning`` naming the reason.
     """
@@ -435,9 +457,12 @@ def lower_moe(model: nn.Module) -> int:
     for name, module in model.named_modules():
         spec: _MoESpec | None = module.__dict__.get(_SPEC_ATTR)
         if spec is not None:
-            if spec.experts is not None and not _is_stacked(module, spec):
-                _stack_experts(module, spec)
-            lowered += 1
+            problem = _relower(module, spec)
+            if problem is None:
+                lowered += 1
+            else:
+                warnings.warn(f"dit_compile: MoE dispatch of {name or type(module).__name__} restored to "
+                              f"its original method: {problem}", stacklevel=2)
             continue
         lower = _recogniser(module)
         if lower is None:

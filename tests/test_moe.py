@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from unittest import mock
 
 import pytest
@@ -865,3 +866,51 @@ def test_op_on_cuda_through_inductor():
         weights, ids = model.router(x).softmax(-1).topk(2, dim=-1)
         ref = x.double().cpu() + reference64(x, ids, weights, model.w1, model.w3, model.w2)
     torch.testing.assert_close(out.cpu().double(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_lowering_again_undoes_it_where_experts_changed_after_lowering():
+    """The documented remedy for experts changed after lowering is to call ``lower_moe`` again.
+    It once kept a module lowered whatever its experts had become: a LoRA-style wrapper (or a
+    forward hook) added to an expert afterwards was ignored by the op, silently (0.26 off here).
+    Now such a module gets its original method back, with a warning naming the expert; layerwise
+    casting applied afterwards is taken up (the stacks in the storage dtype, cast per dispatch)."""
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+
+    class Doubled(nn.Linear):  # a wrapper computing something else (as LoRA)
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    def make():
+        torch.manual_seed(0)
+        return MOEFeedForwardSwiGLU(dim=16, hidden_dim=24, num_routed_experts=4, num_activated_experts=2).eval()
+
+    x = torch.randn(2, 5, 16)
+    for change in ("wrap", "hook", "cast"):
+        moe, ref = make(), make()
+        assert lower_moe(moe) == 1
+        for m in (moe, ref):
+            if change == "wrap":
+                old = m.experts[1].w3
+                m.experts[1].w3 = Doubled(old.in_features, old.out_features, bias=False)
+                m.experts[1].w3.weight = nn.Parameter(old.weight.detach().clone())
+            elif change == "hook":
+                m.experts[2].w2.register_forward_hook(lambda mod, args, out: out * 3)
+            else:
+                apply_layerwise_casting(m.experts, storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            count = lower_moe(moe)
+        with torch.no_grad():
+            torch.testing.assert_close(moe(x), ref(x), atol=1e-5, rtol=1e-5)
+        if change == "cast":
+            assert count == 1 and find_moe(moe) == {"": True} and moe._moe_w1.dtype == torch.bfloat16
+            assert not caught
+        else:
+            assert count == 0 and find_moe(moe) == {"": False} and "_moe_w1" not in moe._buffers
+            assert [str(w.message) for w in caught] == [
+                "dit_compile: MoE dispatch of MOEFeedForwardSwiGLU restored to its original method: "
+                + ("experts: expert 1: ('w1', 'w3', 'w2') must be plain bias-free nn.Linear" if change == "wrap"
+                   else "experts: expert 2 has forward hooks (diffusers' group offloading, accelerate's "
+                        "offload, hooks of your own): the op reads the stacked weights and never calls "
+                        "the experts, so their hooks would not run")]
