@@ -2,7 +2,7 @@
 
 Contract (shapes with T tokens, k slots per token, E experts, model dim D, expert hidden dim H)::
 
-    x                [T, D]     float32 | float16 | bfloat16
+    x                [T, D]     float32 | float16 | bfloat16 (float64: plain torch on every device)
     expert_ids       [T, k]     any integer dtype
     routing_weights  [T, k]     any float dtype
     w1 (gate)        [E, H, D]  same dtype as x; any strides
@@ -20,7 +20,8 @@ HiDream experts (``w1``, ``w3``, ``w2``) store them; transposed views of pre-sta
 ``gate_up_proj``/``down_proj``) are accepted without a copy.
 
 Implementations: CPU (and any device without a kernel) runs :func:`moe_ffn_reference` in plain torch;
-CUDA runs the Triton kernel in :mod:`dit_compile.kernels.moe`, imported on first use so that this
+CUDA runs the Triton kernel in :mod:`dit_compile.kernels.moe` for float32, float16 and bfloat16 (other
+dtypes, float64, the reference), imported on first use so that this
 module, and the lowering pass that depends on it, import without Triton. The fake implementation lets
 Dynamo, Inductor and ``torch.export`` keep the call as a single node. Inference only: no autograd
 formula is registered, so a backward through the op raises instead of returning wrong gradients.
@@ -96,9 +97,17 @@ def _moe_ffn_fake(x: Tensor, expert_ids: Tensor, routing_weights: Tensor, w1: Te
     return x.new_empty(x.shape)
 
 
+# What the Triton kernel computes in: its dots accumulate in fp32 and it picks tiles and precision
+# for these only (float64 gave zeros under the interpreter, its dots having no fp64 form there).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @moe_ffn.register_kernel("cuda")
 def _moe_ffn_cuda(x: Tensor, expert_ids: Tensor, routing_weights: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
     _check_args(x, expert_ids, routing_weights, w1, w3, w2)
+    if x.dtype not in KERNEL_DTYPES:
+        # A float64 model (a reference run) gets the exact plain-torch result, slowly, not the kernel's.
+        return moe_ffn_reference(x, expert_ids, routing_weights, w1, w3, w2)
     from .moe import moe_ffn_triton  # Triton is needed only where the kernel runs
 
     return moe_ffn_triton(x, expert_ids, routing_weights, w1, w3, w2)

@@ -914,3 +914,15 @@ def test_lowering_again_undoes_it_where_experts_changed_after_lowering():
                    else "experts: expert 2 has forward hooks (diffusers' group offloading, accelerate's "
                         "offload, hooks of your own): the op reads the stacked weights and never calls "
                         "the experts, so their hooks would not run")]
+
+
+@kernel_test
+def test_cuda_implementation_leaves_float64_to_the_reference():
+    """The CUDA implementation handed every dtype to the Triton kernel, whose tiles and dots are
+    for fp32 and 16-bit inputs only: a float64 model (a reference run on the GPU) came back all
+    zeros under the interpreter. Dtypes outside the kernel's get the plain-torch reference. Called
+    directly, so that without CUDA it runs on the CPU (the kernel under the interpreter)."""
+    from dit_compile.kernels.moe_op import _moe_ffn_cuda
+
+    args = make_problem(9, 2, 4, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(_moe_ffn_cuda(*args).cpu(), reference64(*args), atol=1e-12, rtol=1e-12)
