@@ -102,6 +102,7 @@ added after lowering are not covered (call :func:`restore_moe` first). A lowered
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,8 +178,33 @@ class _Bound:
         return self.fn(*self.first, self.module, *args, **kwargs)
 
 
-def _plain_route(module: nn.Module, x: Tensor, expert_ids: Tensor, routing_weights: Tensor):
-    return x, expert_ids, routing_weights
+class _PlainRoute:
+    """The route of a method called as ``(x, expert_ids, routing_weights)``: by position, or by
+    keyword under the method's own parameter names, as the original accepts them (a keyword call
+    once raised ``_plain_route() got an unexpected keyword argument`` where the original ran). A
+    class rather than a closure, so that the spec pickles with the module."""
+
+    def __init__(self, method: str, names: tuple[str, ...]) -> None:
+        self.method, self.names = method, names
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+        values = args[:3] + tuple(kwargs[name] for name in self.names[len(args):3] if name in kwargs)
+        if len(values) != 3 or len(args) + len(kwargs) != 3:
+            raise TypeError(f"{type(module).__name__}.{self.method}, lowered by register_moe without "
+                            f"route=, takes exactly (x, expert_ids, routing_weights), by position or as "
+                            f"{self.names[:3]}; got {len(args)} positional argument(s) and keywords "
+                            f"{sorted(kwargs)}: pass route= to adapt other arguments")
+        return values
+
+
+def _plain_route_for(module: nn.Module, method: str) -> _PlainRoute:
+    """The plain route of ``module.<method>``, knowing its parameter names (those after ``self``)."""
+    try:
+        params = list(inspect.signature(getattr(type(module), method)).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature (a builtin): positional calls only
+        params = []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return _PlainRoute(method, tuple(p.name for p in params if p.kind in named))
 
 
 def register_moe(
@@ -197,7 +223,8 @@ def register_moe(
     ``nn.Linear`` layers named by ``projections``: gate, up, down) and ``weights`` (module ->
     stacked ``(w1 [E, H, D], w3 [E, H, D], w2 [E, D, H])``) must be given. ``route(module, *args,
     **kwargs) -> (x [T, D], expert_ids [T, k], routing_weights [T, k])`` adapts the method's
-    arguments; without it the method is called as ``(x, expert_ids, routing_weights)``. The method's
+    arguments; without it the method is called as ``(x, expert_ids, routing_weights)``, by position
+    or by keyword under the method's own names for its first three parameters. The method's
     replacement returns the op's ``[T, D]``. ``no_grad``: the method runs under ``torch.no_grad``
     (as HiDream's does), so the op may run even where gradients are enabled; otherwise a call that
     autograd would record runs the original method. Registering an already lowered module again
@@ -224,7 +251,7 @@ def register_moe(
              if experts is not None else {None})
     spec = _MoESpec(
         method=method,
-        route=route if route is not None else _plain_route,
+        route=route if route is not None else _plain_route_for(module, method),
         weights=weights if weights is not None else _stacked_buffers,
         experts=experts,
         projections=tuple(projections),

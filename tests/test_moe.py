@@ -926,3 +926,37 @@ def test_cuda_implementation_leaves_float64_to_the_reference():
 
     args = make_problem(9, 2, 4, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(_moe_ffn_cuda(*args).cpu(), reference64(*args), atol=1e-12, rtol=1e-12)
+
+
+class _KeywordMoE(_UserMoE):
+    """Calls its dispatch by keyword, under the dispatch's own parameter names."""
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
+        return x + self.dispatch(x, weights=weights, ids=ids)
+
+
+def test_register_moe_takes_keyword_calls_as_the_method_does():
+    """A dispatch called by keyword worked on the original method and raised once lowered without
+    ``route=`` (``_plain_route() got an unexpected keyword argument 'weights'``): the plain route
+    now binds by the method's own names, traces whole, and pickles; a call it cannot read says
+    to pass ``route=``."""
+    import io
+    torch.manual_seed(0)
+    model, x = _KeywordMoE(), torch.randn(13, 16)
+    with torch.no_grad():
+        expected = model(x)
+    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    graphs = []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=lambda gm, _: graphs.append(gm) or gm.forward, fullgraph=True)(x)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert [count_moe_ops(g) for g in graphs] == [1]
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(TypeError, match=r"takes exactly \(x, expert_ids, routing_weights\).*pass route="):
+            model.dispatch(x, ids=torch.zeros(13, 2, dtype=torch.long))
