@@ -346,6 +346,13 @@ def _swiglu_experts_problem(experts: Any, projections: tuple[str, str, str]) -> 
     reference = None
     for i, expert in enumerate(experts):
         layers = [getattr(expert, name, None) for name in projections]
+        missing = [name for name, layer in zip(projections, layers) if layer is None]
+        if missing:
+            # Said apart from a wrong layer type: the usual cause is projections= left at HiDream's
+            # names for experts that call theirs otherwise.
+            linear = [n for n, m in expert.named_children() if isinstance(m, nn.Linear)]
+            return (f"expert {i} has no {', '.join(map(repr, missing))}: projections={projections!r} "
+                    f"must name its gate, up and down layers (its nn.Linear layers: {linear})")
         # Exactly nn.Linear: a LoRA or quantisation wrapper computes something the op would not.
         if any(type(layer) is not nn.Linear or layer.bias is not None for layer in layers):
             return f"expert {i}: {projections} must be plain bias-free nn.Linear"

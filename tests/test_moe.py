@@ -960,3 +960,13 @@ def test_register_moe_takes_keyword_calls_as_the_method_does():
         torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), expected, atol=1e-5, rtol=1e-5)
         with pytest.raises(TypeError, match=r"takes exactly \(x, expert_ids, routing_weights\).*pass route="):
             model.dispatch(x, ids=torch.zeros(13, 2, dtype=torch.long))
+
+
+def test_register_moe_names_missing_projection_layers():
+    """Experts whose layers are not called w1 / w3 / w2, registered with the default projections=,
+    were refused as if their layers were of the wrong type ("must be plain bias-free
+    nn.Linear"); the message now says which names the experts lack and which layers they have."""
+    with pytest.raises(ValueError, match=r"expert 0 has no 'w1', 'w3', 'w2': projections=\('w1', 'w3', 'w2'\) "
+                                         r"must name its gate, up and down layers \(its nn.Linear layers: "
+                                         r"\['gate', 'up', 'down'\]\)"):
+        register_moe(_UserMoE(), "dispatch", experts="experts")
