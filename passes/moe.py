@@ -194,6 +194,13 @@ class _PlainRoute:
                             f"route=, takes exactly (x, expert_ids, routing_weights), by position or as "
                             f"{self.names[:3]}; got {len(args)} positional argument(s) and keywords "
                             f"{sorted(kwargs)}: pass route= to adapt other arguments")
+        if values[1].is_floating_point() and not values[2].is_floating_point():
+            # Said here, where the order is known to be the cause; the op's own check would only say
+            # that expert_ids must be integer.
+            raise TypeError(f"{type(module).__name__}.{self.method}, lowered by register_moe without "
+                            f"route=, was called with float expert ids and integer routing weights: it "
+                            f"takes (x, expert_ids, routing_weights) in that order; pass route= to "
+                            f"adapt another order")
         return values
 
 

@@ -970,3 +970,16 @@ def test_register_moe_names_missing_projection_layers():
                                          r"must name its gate, up and down layers \(its nn.Linear layers: "
                                          r"\['gate', 'up', 'down'\]\)"):
         register_moe(_UserMoE(), "dispatch", experts="experts")
+
+
+def test_register_moe_names_swapped_arguments():
+    """A dispatch that takes its routing weights before its expert ids, registered without
+    ``route=``, failed inside the op with "moe_ffn: expert_ids must be integer", which names
+    neither the order nor ``route=``."""
+    model, x = _UserMoE(), torch.randn(13, 16)
+    weights, ids = model.router(x).softmax(-1).topk(2, dim=-1)
+    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    with torch.no_grad(), pytest.raises(TypeError, match=r"float expert ids and integer routing weights: "
+                                                          r"it takes \(x, expert_ids, routing_weights\) in "
+                                                          r"that order; pass route="):
+        model.dispatch(x, weights, ids)
