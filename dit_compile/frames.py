@@ -106,7 +106,13 @@ def lower_before_trace(_: Any = None) -> None:
         functional_casting(model)
         if not Options.parse(options).lower_moe:
             return
-        pending = [p for p, done in find_moe(model).items() if not done]
+        found = find_moe(model)
+        pending = [p for p, done in found.items() if not done]
+        if found and not pending:
+            # All lowered already (by hand, or by an earlier compile): brought up to date with their
+            # experts, which may have changed since (layerwise casting enabled after lowering left
+            # full-precision stacks; a wrapper or a hook added undoes the lowering, with a warning).
+            lower_moe(model)
         if not pending:
             return
         lower_moe(model)

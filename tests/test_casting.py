@@ -194,3 +194,24 @@ def test_hidream_experts_under_layerwise_casting_are_lowered_in_their_storage_dt
     assert moe and all(moe.values())
     assert {m._moe_w1.dtype for m in model.modules() if hasattr(m, "_moe_w1")} == {STORAGE}
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hidream_lowered_before_layerwise_casting_compiles_from_its_storage_dtype():
+    """The README's order, lowering first (``dit_compile.lower_moe``), then layerwise casting,
+    then a mixcache compile: the casting gave the experts new storage in the storage dtype, but
+    the compile, finding every dispatch lowered, kept the full-precision stacks: the experts'
+    memory not saved, and an output off the hooked model's (0.004 of 1.9 with float8 storage).
+    The compile now brings lowered dispatches up to date: stacks in the storage dtype, the hooked
+    model's output."""
+    model, kw = tiny_models.hidream()
+    dit_compile.lower_moe(model)
+    model.enable_layerwise_casting(storage_dtype=STORAGE, compute_dtype=torch.float32)
+    kw["return_dict"] = False
+    ref_model, _ = tiny_models.hidream()
+    ref_model.enable_layerwise_casting(storage_dtype=STORAGE, compute_dtype=torch.float32)
+    with torch.no_grad():
+        ref = ref_model(**kw)[0]
+        out = torch.compile(model, backend="mixcache", fullgraph=True,
+                            options={"regions": "eager", "cache": None})(**kw)[0]
+    assert {m._moe_w1.dtype for m in model.modules() if hasattr(m, "_moe_w1")} == {STORAGE}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
