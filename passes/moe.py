@@ -235,8 +235,9 @@ def register_moe(
     replacement returns the op's ``[T, D]``. ``no_grad``: the method runs under ``torch.no_grad``
     (as HiDream's does), so the op may run even where gradients are enabled; otherwise a call that
     autograd would record runs the original method. Registering an already lowered module again
-    restacks its weights. Raises ``ValueError`` when the experts do not have the required structure
-    or ``method`` is not a method of the module's class.
+    restacks its weights. Raises ``ValueError`` when the experts do not have the required structure,
+    ``method`` is not a method of the module's class, or it is replaced on this instance (a hook's
+    ``forward``: the lowered method would take its place, and the hook would not run).
     """
     if (experts is None) == (weights is None):
         raise ValueError("register_moe: pass exactly one of experts= and weights=")
@@ -253,6 +254,9 @@ def register_moe(
         problem = _swiglu_experts_problem(getattr(module, experts, None), projections)
         if problem:
             raise ValueError(f"register_moe: {type(module).__name__}.{experts}: {problem}")
+    problem = _replaced_method_problem(module, method)
+    if problem:
+        raise ValueError(f"register_moe: {type(module).__name__}: {problem}")
     _unregister(module)
     casts = ({cast_only(getattr(e, name)) for e in getattr(module, experts) for name in projections}
              if experts is not None else {None})
@@ -272,6 +276,18 @@ def register_moe(
         module._dit_moe_load_hook = module.register_load_state_dict_post_hook(_restack_after_load)
     setattr(module, _SPEC_ATTR, spec)
     setattr(module, method, _Bound(_dispatch, module, spec))
+
+
+def _replaced_method_problem(module: nn.Module, method: str) -> str | None:
+    """Why lowering ``module.<method>`` would drop something, or None: the method is already
+    replaced on the instance by someone else (diffusers' and accelerate's hooks replace
+    ``forward`` so: group offloading's on NucleusMoE's experts, which own their weights). The
+    lowered method would take that place, so the replacement would never run again, not even
+    after :func:`restore_moe`."""
+    if method in module.__dict__ and not isinstance(module.__dict__[method], _Bound):
+        return (f"{method} is replaced on this instance (diffusers' or accelerate's hooks, or your "
+                "own): the lowered method would take its place and the replacement would not run")
+    return None
 
 
 def _unregister(module: nn.Module) -> bool:
@@ -408,6 +424,8 @@ def _lower_hidream(module: nn.Module) -> str | None:
     if problem is None and not isinstance(getattr(module, "num_activated_experts", None), int):
         problem = "no integer num_activated_experts"
     if problem is None:
+        problem = _replaced_method_problem(module, "moe_infer")
+    if problem is None:
         register_moe(module, "moe_infer", experts="experts", route=_hidream_route, no_grad=True)
     return problem
 
@@ -436,6 +454,9 @@ def _lower_nucleus(module: nn.Module) -> str | None:
     num_experts, dim, twice_hidden = gate_up.shape
     if twice_hidden % 2 or tuple(down.shape) != (num_experts, twice_hidden // 2, dim) or gate_up.dtype != down.dtype:
         return f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} do not match"
+    problem = _replaced_method_problem(module, "forward")
+    if problem:
+        return problem
     register_moe(module, "forward", weights=_nucleus_weights, route=_nucleus_route)
     return None
 

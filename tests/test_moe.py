@@ -983,3 +983,34 @@ def test_register_moe_names_swapped_arguments():
                                                           r"it takes \(x, expert_ids, routing_weights\) in "
                                                           r"that order; pass route="):
         model.dispatch(x, weights, ids)
+
+
+def test_a_method_a_hook_replaced_on_the_instance_is_not_lowered():
+    """diffusers' and accelerate's hooks replace ``forward`` on the instance: group offloading's
+    leaf-level hooks do so on NucleusMoE's ``SwiGLUExperts``, which own their weights. Lowering
+    replaced that ``forward`` with the op, silently (a hook doubling the output: 138 off), and
+    ``restore_moe`` then dropped it for good. It is left as is, with a warning, and
+    ``register_moe`` refuses it."""
+    from diffusers.hooks import HookRegistry, ModelHook
+    nucleus = pytest.importorskip("diffusers.models.transformers.transformer_nucleusmoe_image")
+
+    class Double(ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    torch.manual_seed(0)
+    experts = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
+    nn.init.normal_(experts.gate_up_proj)
+    nn.init.normal_(experts.down_proj)
+    HookRegistry.check_if_exists_or_initialize(experts).register_hook(Double(), "double")
+    x, counts = torch.randn(10, 8), torch.tensor([3, 2, 4])
+    with torch.no_grad():
+        expected = experts(x, counts)
+        with pytest.warns(UserWarning, match="SwiGLUExperts left as is: forward is replaced on this instance"):
+            assert lower_moe(experts) == 0
+        torch.testing.assert_close(experts(x, counts), expected)
+    assert find_moe(experts) == {"": False}
+    model = _UserMoE()
+    model.dispatch = lambda x, ids, weights: torch.zeros_like(x)  # one's own replacement
+    with pytest.raises(ValueError, match="dispatch is replaced on this instance"):
+        register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
