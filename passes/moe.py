@@ -56,7 +56,8 @@ Public API
         register_moe(my_moe, "dispatch", weights=lambda m: (m.w_gate, m.w_up, m.w_down))
 
     ``weights`` is called on every dispatch, so it must only read module attributes (then Dynamo
-    sees live parameters, and views such as ``.transpose`` are free). Each expert must compute
+    sees live parameters, and views such as ``.transpose`` are free). A lambda works, but
+    ``torch.save(model)`` needs module-level functions for ``weights`` and ``route``. Each expert must compute
     ``down(silu(gate(x)) * up(x))``; the op trusts this, it cannot check it.
 
 ``restore_moe(model) -> int``
@@ -103,6 +104,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import pickle
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,6 +136,22 @@ class _MoESpec:
     projections: tuple[str, str, str]  # gate, up, down attribute names inside each expert
     no_grad: bool = False  # the original runs under no_grad (HiDream's moe_infer): so does the op
     cast: torch.dtype | None = None  # the experts' layerwise casting computes in this dtype
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle saves a function by its name, which a lambda or a local function lacks: say so
+        # here, naming register_moe's argument, not with pickle's "attribute lookup <lambda> on
+        # __main__ failed" (the recipe in this module's docstring passes a lambda).
+        for field in ("route", "weights"):
+            name = getattr(getattr(self, field), "__qualname__", "")
+            if "<lambda>" in name or "<locals>" in name:
+                raise pickle.PicklingError(
+                    f"a module lowered by register_moe({field}={name}) cannot be pickled: pickle saves "
+                    f"functions by name, and a lambda or a local function has none. Pass a "
+                    f"module-level function as {field}=, or restore_moe(model) before torch.save")
+        return self.__dict__
+
+    def __deepcopy__(self, memo: dict) -> _MoESpec:
+        return self  # immutable; a deepcopy shares functions anyway (and must not pickle them)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import warnings
 from unittest import mock
 
@@ -1014,3 +1015,44 @@ def test_a_method_a_hook_replaced_on_the_instance_is_not_lowered():
     model.dispatch = lambda x, ids, weights: torch.zeros_like(x)  # one's own replacement
     with pytest.raises(ValueError, match="dispatch is replaced on this instance"):
         register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+
+
+class _StackedMoE(_TinyMoE):
+    """Expert weights already stacked (``w1``, ``w3``, ``w2``), its own slow dispatch left as is."""
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(self.top_k, dim=-1)
+        return x + self.dispatch(x, ids, weights)
+
+    def dispatch(self, x, ids, weights):
+        return moe_ffn_reference(x, ids, weights, self.w1, self.w3, self.w2)
+
+
+def _stacked_user_weights(module):
+    return module.w1, module.w3, module.w2
+
+
+def test_a_module_registered_with_a_lambda_says_why_it_does_not_pickle():
+    """``register_moe(m, ..., weights=lambda m: ...)``, the recipe in ``passes/moe.py``, lowers,
+    but ``torch.save(model)`` then failed with pickle's "Can't pickle <function <lambda>>:
+    attribute lookup <lambda> on __main__ failed", naming neither register_moe nor a remedy. It
+    says both; a deepcopy still works, and a module-level function pickles."""
+    import io
+    torch.manual_seed(0)
+    model, x = _StackedMoE().eval(), torch.randn(5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    register_moe(model, "dispatch", weights=lambda m: (m.w1, m.w3, m.w2))
+    with pytest.raises(pickle.PicklingError, match=r"register_moe\(weights=.*<lambda>\) cannot be pickled.*"
+                                                   r"module-level function as weights=, or restore_moe"):
+        torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(model)(x), expected)
+    register_moe(model, "dispatch", weights=_stacked_user_weights)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert find_moe(loaded) == {"": True}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected)
