@@ -309,9 +309,20 @@ def _replaced_method_problem(module: nn.Module, method: str) -> str | None:
 
 
 def _unregister(module: nn.Module) -> bool:
-    spec: _MoESpec | None = module.__dict__.pop(_SPEC_ATTR, None)
+    """Undo the lowering of ``module``; False where it was not lowered, or where its lowered
+    method was replaced on the instance since (a hook added after lowering wraps it): popping
+    that would drop the hook, and removing the hook later would put the lowered method back
+    without its spec, so the module is left lowered, with a warning."""
+    spec: _MoESpec | None = module.__dict__.get(_SPEC_ATTR)
     if spec is None:
         return False
+    if not isinstance(module.__dict__.get(spec.method), _Bound):
+        warnings.warn(f"dit_compile: {type(module).__name__}.{spec.method} was replaced on the instance "
+                      "after lowering (a hook added since wraps the lowered method): left lowered, as "
+                      "restoring would drop the replacement; remove it (the hook) first",
+                      stacklevel=3)
+        return False
+    del module.__dict__[_SPEC_ATTR]
     module.__dict__.pop(spec.method, None)
     module.__dict__.pop("_apply", None)
     hook = module.__dict__.pop("_dit_moe_load_hook", None)
@@ -509,8 +520,8 @@ def _relower(module: nn.Module, spec: _MoESpec) -> str | None:
         return None  # weights= reads the module's own tensors at every call: nothing to check
     problem = _swiglu_experts_problem(getattr(module, spec.experts, None), spec.projections)
     if problem is not None:
-        _unregister(module)
-        return f"{spec.experts}: {problem}"
+        # Where a hook wraps the lowered method it stays lowered (_unregister says why).
+        return f"{spec.experts}: {problem}" if _unregister(module) else None
     if cast_only(getattr(getattr(module, spec.experts)[0], spec.projections[0])) != spec.cast:
         register_moe(module, spec.method, experts=spec.experts, projections=spec.projections,
                      route=spec.route, no_grad=spec.no_grad)

@@ -1056,3 +1056,34 @@ def test_a_module_registered_with_a_lambda_says_why_it_does_not_pickle():
     assert find_moe(loaded) == {"": True}
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected)
+
+
+def test_restore_leaves_a_lowered_method_a_hook_wraps_since():
+    """A hook added after lowering (diffusers' replace ``forward`` on the instance, wrapping the
+    lowered one, and run the op correctly): ``restore_moe`` popped the instance's ``forward``,
+    dropping the hook silently (138 off), and removing the hook then put the lowered method back
+    with no spec. The module is now left lowered, with a warning, until the hook is removed."""
+    from diffusers.hooks import HookRegistry, ModelHook
+    nucleus = pytest.importorskip("diffusers.models.transformers.transformer_nucleusmoe_image")
+
+    class Double(ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    torch.manual_seed(0)
+    experts = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
+    nn.init.normal_(experts.gate_up_proj)
+    nn.init.normal_(experts.down_proj)
+    x, counts = torch.randn(10, 8), torch.tensor([3, 2, 4])
+    with torch.no_grad():
+        plain = experts(x, counts)
+        assert lower_moe(experts) == 1
+        registry = HookRegistry.check_if_exists_or_initialize(experts)
+        registry.register_hook(Double(), "double")
+        with pytest.warns(UserWarning, match="SwiGLUExperts.forward was replaced on the instance after lowering"):
+            assert restore_moe(experts) == 0
+        torch.testing.assert_close(experts(x, counts), 2 * plain)
+        registry.remove_hook("double")
+        assert find_moe(experts) == {"": True} and restore_moe(experts) == 1
+        torch.testing.assert_close(experts(x, counts), plain)
+        assert "forward" not in experts.__dict__
