@@ -107,15 +107,15 @@ def lower_before_trace(_: Any = None) -> None:
         if not Options.parse(options).lower_moe:
             return
         found = find_moe(model)
+        if not found:
+            return
         pending = [p for p, done in found.items() if not done]
-        if found and not pending:
-            # All lowered already (by hand, or by an earlier compile): brought up to date with their
-            # experts, which may have changed since (layerwise casting enabled after lowering left
-            # full-precision stacks; a wrapper or a hook added undoes the lowering, with a warning).
-            lower_moe(model)
+        # Those lowered already (by hand, or by an earlier compile) are brought up to date with
+        # their experts, which may have changed since (layerwise casting enabled after lowering
+        # left full-precision stacks; a wrapper or a hook added undoes the lowering, warning).
+        lower_moe(model)
         if not pending:
             return
-        lower_moe(model)
         left = sum(not done for done in find_moe(model).values())
     except Exception as why:  # a bad option or Dynamo internals moved: the backend's path remains
         log.debug("mixcache: lowering before the trace skipped: %s", why)
