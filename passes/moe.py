@@ -81,9 +81,10 @@ stack stale, so both restack: ``module._apply`` (``.to()``, ``.half()``, ``.cuda
 the instance, and a ``load_state_dict`` post-hook restacks when the aliasing is broken (``assign=True``).
 Not covered: ``copy.deepcopy`` (the copy's parameters and stack are separate tensors: right values,
 twice the memory, in-place updates stop reaching the stack), code that rebinds ``param.data`` or swaps
-parameter objects by other means, and LoRA
-layers added to experts after lowering (the lowered dispatch would ignore them); call
-:func:`lower_moe` again after such changes (it restacks), or :func:`restore_moe` to go back.
+parameter objects by other means, and ``torch.func.functional_call`` with other expert weights
+(the op reads the stack); call :func:`lower_moe` again after such changes (it restacks), or
+:func:`restore_moe` to go back. LoRA layers or hooks added to experts after lowering: calling
+:func:`lower_moe` again (or a mixcache compile starting) undoes the lowering, with a warning.
 
 The op has no autograd formula: where autograd would record the call (grad enabled and an input or
 an expert weight requiring grad: training), the dispatch runs the module's original method instead,
@@ -95,8 +96,9 @@ casts the experts' linear layers; where diffusers' layerwise casting (``enable_l
 fp8 or bf16 storage) is the projections' only hook, the stacks stay in the storage dtype and each
 dispatch casts them to the compute dtype, as the hooks would. Experts with other forward hooks
 (group offloading, accelerate's) are not lowered, since the op never calls the experts and
-their hooks would not run: ``lower_moe`` skips them with a warning, ``register_moe`` refuses. Hooks
-added after lowering are not covered (call :func:`restore_moe` first). A lowered module pickles
+their hooks would not run: ``lower_moe`` skips them with a warning, ``register_moe`` refuses. A
+hook added on the dispatching module after lowering wraps the lowered method: remove it before
+:func:`restore_moe`, which otherwise leaves the module lowered, with a warning. A lowered module pickles
 (``torch.save(model)``) and loads lowered.
 """
 
