@@ -99,7 +99,8 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
     summed cost (distance times step length) allowed over the steps the small model takes. Both
     models run eagerly (``torch.compile``'s wrapper is looked through), so no cache reuses
     anything while they are measured; a loaded export (``dit_compile.load``) runs uncached, its
-    cache left as it was."""
+    cache left as it was. A step where a prediction is not finite (NaN, inf) is infinitely far:
+    neither it nor any step above it goes to the small model, and a warning names them."""
     _check_pipeline(pipe)
     if not (isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
             and tolerance >= 0):
@@ -171,6 +172,12 @@ def _calibrate(pipe: Any, large: torch.nn.Module, small: torch.nn.Module,
         handle.remove()
         pipe.transformer = saved[0]
         pipe.register_to_config(boundary_ratio=saved[1])
+    bad = [s for s, d in zip(sigmas, worst) if not math.isfinite(d)]
+    if bad:
+        warnings.warn(f"calibrate_split: the two models' predictions were not both finite at "
+                      f"noise level(s) {', '.join(f'{s:.4g}' for s in bad)} (NaN or inf, often a "
+                      "half-precision overflow): those steps and every one above them stay with "
+                      "the large model", stacklevel=3)
     return Calibration(_boundary(sigmas, worst, tolerance), float(tolerance), sigmas, worst)
 
 
@@ -383,7 +390,11 @@ def _distance(branches: list[tuple[torch.Tensor, torch.Tensor]], g: float,
         calls = branches[k:k + per_step]
         big, little = ((calls[0][i] if len(calls) == 1
                         else calls[1][i] + g * (calls[0][i] - calls[1][i])) for i in (0, 1))
-        worst = max(worst, float((little - big).norm() / big.norm().clamp_min(1e-12)))
+        d = float((little - big).norm() / big.norm().clamp_min(1e-12))
+        # A prediction that is not finite (a small model overflowing in half precision) is
+        # infinitely far: a NaN would lose every comparison, read as no distance at all, and
+        # hand the small model the step.
+        worst = max(worst, d if math.isfinite(d) else math.inf)
     return worst
 
 
@@ -398,7 +409,9 @@ def _boundary(sigmas: list[float], distances: list[float], tolerance: float) -> 
     sits between two calibrated steps, not on one)."""
     k, spent = len(sigmas), 0.0
     for cost in reversed(costs(sigmas, distances)):
-        if spent + cost > tolerance:
+        # Not finite: a prediction that was not (_distance); never handed over, whatever the
+        # tolerance (an infinite one included), and a NaN cost must not pass for a small one.
+        if not (math.isfinite(cost) and spent + cost <= tolerance):
             break
         spent += cost
         k -= 1

@@ -94,6 +94,31 @@ def test_a_small_model_equal_to_the_large_one_takes_every_step(models):
     torch.testing.assert_close(out, ref)
 
 
+def test_a_prediction_that_is_not_finite_is_never_handed_to_the_small_model(models):
+    """A small model whose prediction overflows (NaN) at the last step: that step is infinitely
+    far, so the small model takes none of the tail, whatever the tolerance, and the user is told.
+    A NaN distance once lost every comparison, read as no distance at all: the twin took every
+    step and the video was NaN."""
+    large, _, pipe = models
+    twin = copy.deepcopy(large)     # distance 0 at every step but the one made NaN
+    low = []
+
+    def overflow(module, args, kwargs, out):
+        if float(kwargs["timestep"].max()) == min(low):
+            return (torch.full_like(out[0], float("nan")),)
+    hook = large.register_forward_hook(
+        lambda m, args, kwargs, out: low.append(float(kwargs["timestep"].max())), with_kwargs=True)
+    with torch.no_grad():
+        pipe(**wan_kwargs(1))
+    hook.remove()
+    twin.register_forward_hook(overflow, with_kwargs=True)
+    for tolerance in (0.1, float("inf")):
+        with pytest.warns(UserWarning, match="not both finite at noise level"):
+            cal = dit_compile.calibrate_split(pipe, twin, [wan_kwargs(1)], tolerance)
+        assert cal.distances == [0.0] * (STEPS - 1) + [float("inf")]
+        assert cal.boundary == 0.0 and cal.small_steps == 0
+
+
 def test_the_calibrated_tail_is_what_the_tolerance_allows(models):
     _, small, pipe = models
     cal = dit_compile.calibrate_split(pipe, small, [wan_kwargs(1)], 0.0)
