@@ -31,6 +31,7 @@ Wan's.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import numbers
@@ -187,7 +188,8 @@ def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibrati
     noise level is below ``boundary`` (a noise level, or a ``Calibration``), or, with
     ``Settle``, every step from where the large model's output settled (an ``OnlineSplit`` in
     the ``transformer`` slot; any pipeline with one). ``pipe`` itself is left as it was; the
-    new pipeline shares its modules (compiled ones included)."""
+    new pipeline shares its modules (compiled ones included) but has its own copy of the
+    scheduler, which holds a run's state."""
     if isinstance(boundary, Settle):
         return _online(pipe, small, boundary)
     _check_pipeline(pipe)
@@ -197,11 +199,20 @@ def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibrati
                          "model never runs; above the first step's: it takes every step)")
     check_compatible(_plain(pipe.transformer), _plain(small))
     params = inspect.signature(type(pipe).__init__).parameters
-    components = {**pipe.components, "transformer_2": small}
+    components = {**_own_schedulers(pipe.components), "transformer_2": small}
     config = {k: pipe.config[k] for k in params if k in pipe.config and k not in components}
     new = type(pipe)(**components, **{**config, "boundary_ratio": float(b)})
     new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return new
+
+
+def _own_schedulers(components: dict[str, Any]) -> dict[str, Any]:
+    """``components`` with a copy of each scheduler: a scheduler holds its run's state
+    (``set_timesteps``'s timesteps and sigmas, the step index), so one shared with ``pipe`` would
+    be reset under it by a run of the new pipeline, and two pipelines running at once (two
+    threads, or one run inside another's callback) would step each other's runs."""
+    return {k: copy.deepcopy(v) if hasattr(v, "set_timesteps") and not isinstance(
+        v, torch.nn.Module) else v for k, v in components.items()}
 
 
 def _online(pipe: Any, small: torch.nn.Module, rule: Settle) -> Any:
@@ -213,7 +224,8 @@ def _online(pipe: Any, small: torch.nn.Module, rule: Settle) -> Any:
                          "noise boundary; Settle replaces that switch: pass a pipeline without one")
     check_compatible(_plain(large), _plain(small))
     params = inspect.signature(type(pipe).__init__).parameters
-    components = {**pipe.components, "transformer": OnlineSplit(large, small, rule)}
+    components = {**_own_schedulers(pipe.components),
+                  "transformer": OnlineSplit(large, small, rule)}
     config = {k: pipe.config[k] for k in params if k in pipe.config and k not in components}
     new = type(pipe)(**components, **config)
     new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))

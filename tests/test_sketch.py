@@ -119,6 +119,29 @@ def test_a_prediction_that_is_not_finite_is_never_handed_to_the_small_model(mode
         assert cal.boundary == 0.0 and cal.small_steps == 0
 
 
+@pytest.mark.parametrize("rule", [0.5, dit_compile.Settle(2.5)], ids=["boundary", "online"])
+def test_each_split_steps_its_own_scheduler(models, rule):
+    """A scheduler holds its run's state (timesteps, step index). Two splits of one pipeline
+    running at once (here one inside the other's step callback, as two threads would
+    interleave) each give what they give alone, and ``pipe``'s scheduler is left as it was:
+    a shared one was reset by the inner run, and the outer one stepped past its end."""
+    large, small, pipe = models
+    before = pipe.scheduler.timesteps.clone()
+    outer, inner = (dit_compile.sketch_render(pipe, small, rule) for _ in range(2))
+    with torch.no_grad():
+        alone = (outer(**wan_kwargs(0, 6)).frames, inner(**wan_kwargs(1, 4)).frames)
+    got = []
+
+    def run_inner(p, i, t, kwargs):
+        if i == 2:
+            got.append(inner(**wan_kwargs(1, 4)).frames)
+        return {}
+    with torch.no_grad():
+        out = outer(**wan_kwargs(0, 6), callback_on_step_end=run_inner).frames
+    assert torch.equal(out, alone[0]) and torch.equal(got[0], alone[1])
+    assert torch.equal(pipe.scheduler.timesteps, before)
+
+
 def test_the_calibrated_tail_is_what_the_tolerance_allows(models):
     _, small, pipe = models
     cal = dit_compile.calibrate_split(pipe, small, [wan_kwargs(1)], 0.0)
