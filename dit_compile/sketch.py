@@ -36,13 +36,15 @@ import inspect
 import math
 import numbers
 import sys
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .runtime.cache import CacheState
+from .runtime.cache import STATE_ATTR, CacheState
 from .runtime.policy import rel_l1
 from .runtime.sampler import sampler_run
 
@@ -81,7 +83,9 @@ class Settle:
     over the last, shortest steps (``bench/RESULTS.md``): ``rate`` picks where in the middle the
     render starts. The rule sees the large model alone, never how the small one would render
     (``calibrate_split`` does). Deciding needs the change on the host: one sync a step until
-    the switch."""
+    the switch. The change is the model's own from one step to the next: where the large
+    model's mixcache cache reuses a call (compiled or loaded with caching on), none is taken
+    across it, so a reuse never reads as settled."""
     rate: float
     warmup: float = 0.1
 
@@ -297,7 +301,15 @@ class OnlineSplit(torch.nn.Module):
             self.switches[-1] = (step.step, step.t)
         if self.switches[-1] is not None:
             return self.small(*args, **kwargs)
+        start = time.monotonic_ns()
         out = self.large(*args, **kwargs)
+        if _served_from_cache(self.large, start):
+            # A reused output is the cache's, not the model's: its change from the last step
+            # (zero, for a step reused as it was) would read as settled, and the next step's
+            # change from it is the cache's error. The rule reads the model's own change from
+            # one step to the next: none is taken across a reused call.
+            self._last.pop(step.branch, None)
+            return out
         sample = out[0] if isinstance(out, (tuple, list)) else out.sample
         last = self._last.get(step.branch)
         if last is not None and last[0] != step.t:
@@ -314,6 +326,22 @@ class OnlineSplit(torch.nn.Module):
             return False
         rates = torch.stack([c / (dt / span) for dt, c in self._change.values()])
         return float(rates.max()) < self.rule.rate
+
+
+def _served_from_cache(model: torch.nn.Module, since: int) -> bool:
+    """Whether ``model``'s call begun after ``since`` (``time.monotonic_ns``) in this thread
+    reused anything from its mixcache cache (compiled with ``backend="mixcache"``, or loaded):
+    the last record of this thread's state that placed a call since then (another thread's
+    state, whose calls interleave with this one's, says nothing of this call). A model that
+    caches nothing has no state, or none that ran since."""
+    thread = threading.current_thread()
+    states = {id(st): st for p in _plain(model).parameters()
+              if (st := getattr(p, STATE_ATTR, {}).get(thread)) is not None}
+    state = max(states.values(), key=lambda st: st.last_call, default=None)
+    if state is None or state.last_call < since or not state.records:
+        return False
+    record = state.records[-1]
+    return record.action != "compute" or record.reused is not None
 
 
 def _compiled_whole(split: OnlineSplit, depth: int = 12) -> bool:

@@ -370,10 +370,13 @@ def test_online_split_through_mixcache_matches_eager(models):
         out = split(**wan_kwargs(0, 8)).frames
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # Cached: each model keeps its own state, and the small model's first call is its own
-    # generation's step 0, computed, never a reuse of the large model's output.
+    # generation's step 0, computed, never a reuse of the large model's output. (The large
+    # model reuses only past the switch, never reached: the rule reads no change across a
+    # reused step.)
     torch._dynamo.reset()
     opts = {"cache": {"rule": "schedule", "step": list(range(1, 8))}, "regions": "eager"}
-    pipe.transformer = torch.compile(large, backend="mixcache", options=opts)
+    late = {"cache": {"rule": "schedule", "step": [6, 7]}, "regions": "eager"}
+    pipe.transformer = torch.compile(large, backend="mixcache", options=late)
     split = dit_compile.sketch_render(
         pipe, torch.compile(small, backend="mixcache", options=opts), rule)
     with torch.no_grad():
@@ -383,6 +386,26 @@ def test_online_split_through_mixcache_matches_eager(models):
     assert len(dit_compile.stats(large)["trace"]) == 2 * k and len(little) == 2 * (8 - k)
     assert [r["action"] for r in little if r["step"] == 0] == ["compute", "compute"]
     assert {r["generation"] for r in little} == {0}
+
+
+def test_online_rule_reads_no_change_across_a_step_the_large_models_cache_reused(models):
+    """The large model compiled with a cache that reuses its step 3: that output is step 2's, so
+    its change reads zero. The rule reads the model's own change from one step to the next, so
+    it never takes one across a reused call, and it decides as uncached: on these models at rate
+    1 it never settles. It once read the reuse as settled and switched at step 4."""
+    large, small, pipe = models
+    rule = dit_compile.Settle(1.0, 0.1)
+    split = dit_compile.sketch_render(pipe, small, rule)
+    with torch.no_grad():
+        split(**wan_kwargs(0, 8))
+    assert split.transformer.switches == [None]
+    opts = {"cache": {"rule": "schedule", "step": [3]}, "regions": "eager"}
+    pipe.transformer = torch.compile(large, backend="mixcache", options=opts)
+    split = dit_compile.sketch_render(pipe, small, rule)
+    with torch.no_grad():
+        split(**wan_kwargs(0, 8))
+    reused = {r["step"] for r in dit_compile.stats(large)["trace"] if r["action"] != "compute"}
+    assert reused == {3} and split.transformer.switches == [None]
 
 
 def test_compiling_the_online_split_itself_is_told_and_runs_the_models_as_they_are(models):
