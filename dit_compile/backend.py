@@ -348,13 +348,16 @@ def flop_counter() -> Any:
     """torch's ``FlopCounterMode`` (no display), counting attention on the CPU too: torch counts
     the CUDA kernels of ``scaled_dot_product_attention`` (flash, efficient, cuDNN) but not the
     flash kernel the CPU runs for it, so on the CPU a forward's attention counted as no FLOPs (a
-    fifth to a quarter of the trained reference models'), and the shares differed from the GPU's."""
+    fifth to a quarter of the trained reference models'), and the shares differed from the GPU's.
+    It counts the total alone (``get_total_flops``), with no per-module table: see ``_GlobalOnly``."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     def sdpa(query: Any, key: Any, value: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
         return sdpa_flop_count(query, key, value)
     cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return FlopCounterMode(display=False, custom_mapping={cpu: sdpa} if cpu is not None else None)
+    counter = FlopCounterMode(display=False, custom_mapping={cpu: sdpa} if cpu is not None else None)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
 
 
 def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float]:
@@ -399,6 +402,21 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
         fake_log.disabled = fake_log_disabled
     total = sum(counts) or 1.0
     return [c / total for c in counts]
+
+
+class _GlobalOnly:
+    """FlopCounterMode's module tracker, for the total alone. Its own registers process-wide
+    module hooks while it counts (for a per-module table): another thread calling a compiled
+    model meanwhile runs them inside its compiled call, and Dynamo, tracing them there, fails
+    ("already tracked for mutation"). The counter files every op under its parents; here only
+    "Global", the total ``get_total_flops`` reads."""
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> "_GlobalOnly":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 def _scalar(graph_inputs: list[Any] | None, slot: int, plan: Plan) -> bool:

@@ -838,6 +838,45 @@ def test_piece_flops_count_attention_on_the_cpu():
     assert blocks == pytest.approx([block / total] * 3)
 
 
+def test_counting_flops_leaves_other_threads_compiled_calls_alone(monkeypatch):
+    """While a compile counts its pieces' FLOPs, another thread calls a compiled model (a server;
+    two sketch/render splits in two threads). The counter's module tracker registered
+    process-wide module hooks for the count's duration; that thread's compiled call ran them,
+    and Dynamo failed tracing them ("already tracked for mutation"). Here the other thread's
+    call runs inside each count."""
+    import threading
+
+    import torch.utils.flop_counter as flop_counter
+    warm, kw = tiny_models.wan(layers=2)
+    compiled = torch.compile(warm, backend="mixcache", options={"regions": "eager"})
+    with torch.no_grad():
+        compiled(**kw)
+    errors, threads = [], []
+
+    def call_in_another_thread():
+        try:
+            with torch.no_grad():
+                compiled(**kw)
+        except Exception as why:  # noqa: BLE001 (the failure is the finding)
+            errors.append(why)
+
+    class Counting(flop_counter.FlopCounterMode):
+        def __enter__(self):
+            entered = super().__enter__()
+            thread = threading.Thread(target=call_in_another_thread)
+            thread.start()
+            thread.join(timeout=5)      # it finishes at once; it blocked where it failed
+            threads.append(thread)
+            return entered
+    monkeypatch.setattr(flop_counter, "FlopCounterMode", Counting)
+    model, _ = tiny_models.wan(layers=3)
+    with torch.no_grad():
+        torch.compile(model, backend="mixcache", options={"regions": "eager"})(**kw)
+    for thread in threads:
+        thread.join()
+    assert threads and not errors, errors
+
+
 def test_piece_flops_counted_under_dynamic_shapes_without_error_logs(caplog):
     """Under dynamic=True the pieces' example inputs have symbolic sizes, on which HunyuanVideo's
     broadcasts fail in the fake kernels: the count fell back to equal blocks, after an ERROR log
