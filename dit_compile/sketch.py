@@ -249,10 +249,10 @@ class OnlineSplit(torch.nn.Module):
     def __init__(self, large: torch.nn.Module, small: torch.nn.Module, rule: Settle):
         super().__init__()
         self.large, self.small, self.rule = large, small, rule
-        self.clock = CacheState()
         self.switches: list[tuple[int, float] | None] = []
         self._last: dict[int, tuple[float, torch.Tensor]] = {}   # branch: (level, output)
         self._change: dict[int, tuple[float, torch.Tensor]] = {}  # branch: (dt, change)
+        self.clock = _Clock(self._last)
         self._told = False
 
     def __getattr__(self, name: str) -> Any:
@@ -326,6 +326,25 @@ class OnlineSplit(torch.nn.Module):
             return False
         rates = torch.stack([c / (dt / span) for dt, c in self._change.values()])
         return float(rates.max()) < self.rule.rate
+
+
+class _Clock(CacheState):
+    """The online split's clock: a ``CacheState`` that reads the split's kept levels again
+    where it reads its own again. A pipeline whose timestep rises (``1 - sigma``: Lumina's,
+    Z-Image's, Mochi's) shows it only at a run's second step, where the clock reads the first
+    step's level again (and moves to Mochi's scale where a step passes 1); a level kept as read
+    before would put the first change's step length far off (0.14 read as 0.86 on Lumina-Next,
+    8 steps) and switch at step 2 whatever the rate. The changes kept are differences of
+    levels, which neither reading moves."""
+
+    def __init__(self, levels: dict[int, tuple[float, torch.Tensor]]):
+        super().__init__()
+        self._levels = levels       # the split's own dict, read again in place
+
+    def _map_noise_levels(self, fn: Any) -> None:
+        super()._map_noise_levels(fn)
+        for branch, (t, out) in list(self._levels.items()):
+            self._levels[branch] = (fn(t), out)
 
 
 def _served_from_cache(model: torch.nn.Module, since: int) -> bool:

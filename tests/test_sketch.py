@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import dit_compile
 import tiny_models
+from dit_compile.runtime.policy import rel_l1
 from dit_compile.sketch import _boundary, _distance, costs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -455,6 +456,40 @@ def test_online_split_in_a_pipeline_without_a_boundary():
                 return getattr(large, name)
     pipe.transformer = FirstK()
     assert torch.equal(out, pipelines.run_flux(pipe, steps=6))
+
+
+def test_online_rule_on_a_rising_timestep_decides_from_the_first_generation_on():
+    """Lumina-Next passes 1 - sigma, which rises: the split's clock learns that at a run's
+    second step and reads the first step's level again. The split kept that level as first
+    read (0 where it is 1), so the first change's step length was 0.86 for 0.14 and the first
+    generation switched at step 2 whatever the rate (0.5 included, which never holds here);
+    the second, its direction known, decided right. Both now switch where the rule, worked out
+    by hand on a large-only run at noise level 1 - timestep, first holds."""
+    import zoo_image
+    large, _ = zoo_image.lumina_next()
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "num_layers": 2}).eval()
+    pipe = pipelines.lumina_next_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []     # (noise level, output): one call a step (guidance batched)
+    hook = large.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((1 - float(kwargs["timestep"].min()),
+                                                   out[0].clone())), with_kwargs=True)
+    with torch.no_grad():
+        pipelines.run_lumina_next(pipe, steps=8)
+    hook.remove()
+    first = calls[0][0]
+    for rate in (0.5, 2.0):
+        rule = dit_compile.Settle(rate, 0.1)
+        k = next((k for k in range(2, 8) if calls[k][0] <= 0.9 * first and float(
+            (rel_l1(calls[k - 1][1], calls[k - 2][1]) * first
+             / (calls[k - 2][0] - calls[k - 1][0])).max()) < rate), None)
+        split = dit_compile.sketch_render(pipe, small, rule)
+        with torch.no_grad():
+            for _ in range(2):
+                pipelines.run_lumina_next(split, steps=8)
+        assert [s and s[0] for s in split.transformer.switches] == [k, k]
+    assert k is not None      # one rate of the two switches, the other never
 
 
 def test_online_split_bad_inputs_are_clear_errors(models):
