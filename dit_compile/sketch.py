@@ -250,7 +250,7 @@ class OnlineSplit(torch.nn.Module):
         super().__init__()
         self.large, self.small, self.rule = large, small, rule
         self.switches: list[tuple[int, float] | None] = []
-        self._last: dict[int, tuple[float, torch.Tensor]] = {}   # branch: (level, output)
+        self._last: dict[int, tuple[float, list[torch.Tensor]]] = {}  # branch: (level, outputs)
         self._change: dict[int, tuple[float, torch.Tensor]] = {}  # branch: (dt, change)
         self.clock = _Clock(self._last)
         self._told = False
@@ -279,14 +279,22 @@ class OnlineSplit(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         latent, timestep = (kwargs[k] if k in kwargs else args[i] if len(args) > i else None
                             for i, k in enumerate(("hidden_states", "timestep")))
-        if not (isinstance(latent, torch.Tensor) and isinstance(timestep, torch.Tensor)):
+        latents = _tensors(latent)
+        if latents is None or not isinstance(timestep, torch.Tensor):
             raise TypeError("OnlineSplit: the pipeline called the transformer without tensors as "
-                            "`hidden_states` and `timestep` (or its first two arguments); the "
-                            "online rule reads both to place the call in its step")
+                            "`hidden_states` (a tensor, or a list of one per sample) and "
+                            "`timestep` (or its first two arguments); the online rule reads both "
+                            "to place the call in its step")
+        # A list is one batch to the clock, stacked as the executor stacks it: guidance turned
+        # off mid-generation (Z-Image's cfg_truncation) halves it, which the clock tells from a
+        # new generation only on a batch (else the rest of the generation would go back to the
+        # large model). Latents of different shapes: each one's shape is the signature.
+        batch = latent if isinstance(latent, torch.Tensor) else _stacked(latents)
         st = self.clock
         level = st.noise_level(timestep, run := sampler_run())
-        step = st.begin(level, (tuple(latent.shape), latent.dtype, latent.device),
-                        latent=latent, timestep=timestep, run=run)
+        step = st.begin(level, (tuple(batch.shape), batch.dtype, batch.device) if batch is not None
+                        else tuple((tuple(x.shape), x.dtype, x.device) for x in latents),
+                        latent=latents[0] if batch is None else batch, timestep=timestep, run=run)
         if step.step == 0 and step.branch == 0:
             self._last.clear()
             self._change.clear()
@@ -310,12 +318,23 @@ class OnlineSplit(torch.nn.Module):
             # one step to the next: none is taken across a reused call.
             self._last.pop(step.branch, None)
             return out
-        sample = out[0] if isinstance(out, (tuple, list)) else out.sample
+        samples = _tensors(out[0] if isinstance(out, (tuple, list)) else out.sample)
+        if samples is None or len(samples) != len(latents):
+            raise TypeError("OnlineSplit: the large model's output is not its prediction as a "
+                            "tensor (or a list of one per sample, as its latent came): the "
+                            "online rule reads its change")
         last = self._last.get(step.branch)
-        if last is not None and last[0] != step.t:
-            self._change[step.branch] = (abs(last[0] - step.t), rel_l1(sample, last[1]).amax())
+        # No change across a change of layout (guidance turned off mid-generation: half the
+        # samples, or a half batch): no sample of one is known to be which of the other.
+        if (last is not None and last[0] != step.t and len(last[1]) == len(samples)
+                and all(x.shape == y.shape for x, y in zip(samples, last[1]))):
+            # A list holds one sample a tensor, unbatched: each is one sample's change.
+            listed = not isinstance(latent, torch.Tensor)
+            change = torch.stack([(rel_l1(x[None], y[None]) if listed else rel_l1(x, y)).amax()
+                                  for x, y in zip(samples, last[1])]).amax()
+            self._change[step.branch] = (abs(last[0] - step.t), change)
         # A copy: CUDA graphs' replays write into the same output buffer.
-        self._last[step.branch] = (step.t, sample.detach().clone())
+        self._last[step.branch] = (step.t, [x.detach().clone() for x in samples])
         return out
 
     def _settled(self, t: float) -> bool:
@@ -328,6 +347,25 @@ class OnlineSplit(torch.nn.Module):
         return float(rates.max()) < self.rule.rate
 
 
+def _tensors(x: Any) -> list[torch.Tensor] | None:
+    """``x`` as a list of tensors: a tensor alone, or a non-empty list or tuple of them
+    (Z-Image's latents and predictions, one per sample); None where it is neither."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return list(x)
+    return None
+
+
+def _stacked(xs: list[torch.Tensor]) -> torch.Tensor | None:
+    """Per-sample tensors as one batch, where they stack (one shape, dtype and device)."""
+    first = xs[0]
+    if all(x.shape == first.shape and x.dtype == first.dtype and x.device == first.device
+           for x in xs):
+        return torch.stack(xs)
+    return None
+
+
 class _Clock(CacheState):
     """The online split's clock: a ``CacheState`` that reads the split's kept levels again
     where it reads its own again. A pipeline whose timestep rises (``1 - sigma``: Lumina's,
@@ -337,7 +375,7 @@ class _Clock(CacheState):
     8 steps) and switch at step 2 whatever the rate. The changes kept are differences of
     levels, which neither reading moves."""
 
-    def __init__(self, levels: dict[int, tuple[float, torch.Tensor]]):
+    def __init__(self, levels: dict[int, tuple[float, list[torch.Tensor]]]):
         super().__init__()
         self._levels = levels       # the split's own dict, read again in place
 

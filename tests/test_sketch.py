@@ -492,6 +492,60 @@ def test_online_rule_on_a_rising_timestep_decides_from_the_first_generation_on()
     assert k is not None      # one rate of the two switches, the other never
 
 
+def test_online_split_in_a_pipeline_that_passes_lists_of_latents():
+    """ZImagePipeline passes its latents as a list, one tensor per sample (guidance batched: the
+    conditional and unconditional ones), and the model answers with a list: the rule reads each
+    sample's change (the worst decides), as worked out by hand on a large-only run, and the
+    image is the one a model that runs large for the first k calls and small after gives. It
+    was refused (a TypeError asking for tensors), though Settle is for any pipeline."""
+    large = tiny_models.zimage()[0]
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "n_layers": 2}).eval()
+    pipe = pipelines.zimage_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []      # (noise level, outputs): the timestep passed is 1 - sigma
+    hook = large.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((1 - float(args[1].min()),
+                                                   [x.clone() for x in out[0]])), with_kwargs=True)
+    with torch.no_grad():
+        pipelines.run_zimage(pipe, 6)
+    hook.remove()
+    first, rule = calls[0][0], dit_compile.Settle(2.7, 0.1)
+    k = next(k for k in range(2, 6) if calls[k][0] <= 0.9 * first and max(
+        float(rel_l1(x[None], y[None]).max()) for x, y in zip(calls[k - 1][1], calls[k - 2][1])
+    ) * first / (calls[k - 2][0] - calls[k - 1][0]) < rule.rate)
+    split = dit_compile.sketch_render(pipe, small, rule)
+    with torch.no_grad():
+        out = pipelines.run_zimage(split, 6)
+    assert split.transformer.switches == [(k, calls[k][0])] and 2 <= k < 6
+
+    class FirstK(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return (large if self.calls <= k else small)(*args, **kwargs)
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(large, name)
+    pipe.transformer = FirstK()
+    with torch.no_grad():
+        assert torch.equal(out, pipelines.run_zimage(pipe, 6))
+    # Guidance turned off from step 3 on (cfg_truncation): half the samples, the same
+    # generation, on the small model to its end (as one batch, not a new generation that went
+    # back to the large model).
+    with torch.no_grad():
+        out = pipelines.run_zimage(split, 6, cfg_truncation=0.5)
+        pipe.transformer.calls = 0
+        ref = pipelines.run_zimage(pipe, 6, cfg_truncation=0.5)
+    assert split.transformer.switches[1:] == [(k, calls[k][0])] and torch.equal(out, ref)
+
+
 def test_online_split_bad_inputs_are_clear_errors(models):
     large, small, pipe = models
     for bad in (dict(rate=-1.0), dict(rate=1.0, warmup=1.5), dict(rate=True)):
