@@ -515,6 +515,31 @@ def test_teacache_polynomial_below_zero_adds_nothing():
     assert [sig for _, sig in decisions] == pytest.approx([0.2, 0.2, 0.4])
 
 
+def test_teacache_polynomial_of_large_coefficients_is_evaluated_exactly():
+    """A polynomial fitted over small changes (degree 7 over changes near 0.02, as fit_teacache
+    returns for a model whose latent moves little) has coefficients near 1e15 whose terms cancel
+    to a value near 0.1. The rule adds up that value as float64 gives it: in float32 it was off
+    by tenths of itself, and the rule reused where it should not, or the other way round."""
+    from dit_compile.runtime.policy import polyval
+    coefficients = (1e16 * np.poly([0.02] * 7)).tolist()      # 1e16 (x - 0.02)^7, then + 0.1
+    coefficients[-1] += 0.1
+    x = torch.tensor([0.013, 0.02, 0.025, 0.026], dtype=torch.float32)
+    expected = np.polyval(coefficients, x.double().numpy())     # the float32 changes, exactly
+    got = polyval(tuple(coefficients), x)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-6)
+    pol = make_policy({"rule": "teacache", "threshold": 1.0, "signal": "input",
+                       "coefficients": coefficients}, None)
+    state = CacheState()
+    state.begin(1000.0, "sig")
+    bc = state.branch(0)
+    bc.outputs = [(1000.0, [torch.zeros(1, 4)])]
+    bc.last_input = torch.ones(1, 4)
+    _, signal = pol.step(Step(0, 1, 0, 900.0), state, torch.full((1, 4), 1.025))
+    assert signal == pytest.approx(float(np.polyval(coefficients, np.float32(1.025) - 1.0)),
+                                   rel=1e-5)
+
+
 def test_residual_step_reuse_matches_eager_reference():
     """``step_mode="residual"``: a reused step returns this call's latent plus the output's
     residual over the latent at the last compute (what the model added), not the old output."""
