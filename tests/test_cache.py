@@ -633,6 +633,34 @@ def test_fit_teacache_fits_the_changes_every_branch_saw():
         dit_compile.fit_teacache(f, lambda: None, degree=9)
 
 
+def test_fit_teacache_of_a_high_degree_over_small_changes_is_the_least_squares_fit():
+    """Over a 25-step run the latent moves by 1-3% a step, and the column of x^7 is 1e-12 of the
+    constant's: the fit is still numpy.polyfit's (least squares, whatever the degree), not one
+    whose solver cut off the high degrees (degree 7 fitted no better than 5)."""
+    model, kw = tiny_models.wan(layers=3, batch=2)
+    kw["return_dict"] = False
+    kw["hidden_states"][1] *= 2.0
+    steps = np.linspace(980.0, 20.0, 25).tolist()
+
+    def sample(f):
+        x, calls = kw["hidden_states"].clone(), []
+        with torch.no_grad():
+            for i, t in enumerate(steps):
+                y = f(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))[0]
+                calls.append((x, y))
+                x = x + ((steps[i + 1] if i + 1 < len(steps) else 0.0) - t) / 1000.0 * y
+        return calls
+
+    f = compiled(model, {"rule": "teacache", "threshold": 0.1, "signal": "input"})
+    fitted = dit_compile.fit_teacache(f, lambda: sample(f), degree=7)
+    ref = sample(model)
+    x = torch.cat([_rel(ref[i][0], ref[i - 1][0]) for i in range(1, len(ref))]).double().numpy()
+    y = torch.cat([_rel(ref[i][1], ref[i - 1][1]) for i in range(1, len(ref))]).double().numpy()
+    assert x.max() < 0.05       # the premise: small changes
+    expected = np.polyfit(x, y, 7)
+    np.testing.assert_allclose(np.polyval(fitted, x), np.polyval(expected, x), atol=1e-5)
+
+
 def test_latent_updated_in_place_is_seen_to_change():
     """A sampler that updates its latent in place (``x.add_(...)``) gets the decisions of one that
     makes a new tensor: the input a rule compares against is a copy, not the live tensor."""
