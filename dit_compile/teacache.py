@@ -9,6 +9,7 @@ the pairs, and a least-squares fit maps one to the other.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -32,9 +33,11 @@ def fit_teacache(model: torch.nn.Module, run: Callable[[], Any], degree: int = 4
     The model's cache and counters are dropped before and after (as ``dit_compile.reset``). Where
     the model has not run in this configuration yet (not at all, or another compile of the same
     module ran since), ``run`` is called once more, first, to make its state."""
-    if not isinstance(degree, int) or isinstance(degree, bool) or not 1 <= degree <= 7:
+    # A NumPy integer is an integer (a degree taken from np.arange), as in the options.
+    if not isinstance(degree, numbers.Integral) or isinstance(degree, bool) or not 1 <= degree <= 7:
         raise ValueError(f"degree={degree!r}: must be an integer from 1 to 7 (the rule takes up to "
                          "8 coefficients)")
+    degree = int(degree)
     # The state hangs on the model's parameters, shared by every compile of the model; a run of
     # this one replaces another configuration's state with its own at its first call. Recorded
     # only where the state that was asked to record is still the model's after the run.

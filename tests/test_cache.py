@@ -652,7 +652,7 @@ def test_fit_teacache_of_a_high_degree_over_small_changes_is_the_least_squares_f
         return calls
 
     f = compiled(model, {"rule": "teacache", "threshold": 0.1, "signal": "input"})
-    fitted = dit_compile.fit_teacache(f, lambda: sample(f), degree=7)
+    fitted = dit_compile.fit_teacache(f, lambda: sample(f), degree=np.int64(7))   # NumPy's too
     ref = sample(model)
     x = torch.cat([_rel(ref[i][0], ref[i - 1][0]) for i in range(1, len(ref))]).double().numpy()
     y = torch.cat([_rel(ref[i][1], ref[i - 1][1]) for i in range(1, len(ref))]).double().numpy()
