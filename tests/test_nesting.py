@@ -54,6 +54,33 @@ def test_nest_blocks_marks_this_models_blocks_only():
     assert _subgraph_calls(_traced(model, kw)) == 0
 
 
+def test_blocks_nested_after_their_class_forward_changed_run_the_new_forward(monkeypatch):
+    """A forward patched on the block class (a library or a user rewriting the class) after
+    another model of the class was nested: nesting this model's blocks changes none of its
+    outputs, eager or compiled. The nested subclass, made once per class, wrapped the forward
+    the class had when the first model was nested."""
+    first, kw = tiny_models.wan(layers=2)
+    model, _ = tiny_models.wan(layers=2)
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(first)
+    cls = type(model.blocks[0])
+    original = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, hidden_states, *args, **kwargs:
+                        0.5 * original(self, hidden_states, *args, **kwargs))
+    with torch.no_grad():
+        expected = model(**kw)[0]
+        dit_compile.nest_blocks(model)
+        torch.testing.assert_close(model(**kw)[0], expected, rtol=0, atol=0)
+        torch._dynamo.reset()
+        f = torch.compile(model, backend="mixcache", fullgraph=True,
+                          options={"regions": "eager", "cache": None})
+        torch.testing.assert_close(f(**kw)[0], expected, rtol=1e-6, atol=1e-6)
+    dit_compile.unnest_blocks(first)
+    assert dit_compile.nest_blocks(first) == 2      # nested again: the forward of now
+    with torch.no_grad():
+        torch.testing.assert_close(first(**kw)[0], expected, rtol=0, atol=0)
+
+
 def test_modules_inside_a_nested_block_are_left_as_they_are():
     """HiDream's MoE experts, a ModuleList of identical modules inside each block, are part of
     their block, not a stack: a region nested inside the block's region would be traced apart."""
