@@ -2030,3 +2030,20 @@ def test_branch_difference_is_taken_between_computed_outputs_only():
     actions = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(f)["trace"]]
     assert actions[4:] == [(2, 0, "step"), (2, 1, "compute"), (3, 0, "compute"),
                            (3, 1, "compute"), (4, 0, "compute"), (4, 1, "cfg")]
+
+
+def test_a_new_prompt_on_branch_0_voids_the_other_branches_differences():
+    """Branch 1's difference was taken against branch 0's output for the old prompt: once branch
+    0's prompt changes, rebuilding branch 1 from the new prompt's branch 0 plus that difference
+    mixes the two prompts. Branch 1 computes at that step, then reuses its new difference."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    cond, uncond = kw["encoder_hidden_states"], -kw["encoder_hidden_states"]
+    other = torch.randn_like(cond)
+    f = compiled(model, {"rule": "schedule", "cfg": [1, 2, 3, 4]})
+    texts = [[cond, uncond]] * 3 + [[other, uncond]] * 2
+    outs = _calls(f, kw, texts)
+    actions = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(f)["trace"]]
+    assert actions[6:] == [(3, 0, "compute"), (3, 1, "compute"), (4, 0, "compute"), (4, 1, "cfg")]
+    ref = _calls(_rd(model), kw, texts)
+    torch.testing.assert_close(outs[7], ref[7], rtol=1e-5, atol=1e-5)
