@@ -2047,3 +2047,14 @@ def test_a_new_prompt_on_branch_0_voids_the_other_branches_differences():
     assert actions[6:] == [(3, 0, "compute"), (3, 1, "compute"), (4, 0, "compute"), (4, 1, "cfg")]
     ref = _calls(_rd(model), kw, texts)
     torch.testing.assert_close(outs[7], ref[7], rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_holds_at_most_max_branches_calls():
+    """MAX_BRANCHES calls at one timestep on one latent are that step's branches; one more starts
+    a new generation, so a step never keeps more than MAX_BRANCHES branch caches."""
+    from dit_compile.runtime.cache import MAX_BRANCHES
+    st, x = CacheState(), torch.zeros(1)
+    calls = [st.begin(900.0, "sig", latent=x)] + [
+        st.begin(800.0, "sig", latent=x) for _ in range(MAX_BRANCHES + 1)]
+    assert [(c.generation, c.step, c.branch) for c in calls] == [(0, 0, 0)] + [
+        (0, 1, b) for b in range(MAX_BRANCHES)] + [(1, 0, 0)]
