@@ -2058,3 +2058,21 @@ def test_a_step_holds_at_most_max_branches_calls():
         st.begin(800.0, "sig", latent=x) for _ in range(MAX_BRANCHES + 1)]
     assert [(c.generation, c.step, c.branch) for c in calls] == [(0, 0, 0)] + [
         (0, 1, b) for b in range(MAX_BRANCHES)] + [(1, 0, 0)]
+
+
+def test_every_copy_kept_under_inference_mode_counts_in_cached_bytes():
+    """Under inference mode the runtime keeps copies of what it compares later calls with: each
+    branch's text and the step's latent (a pipeline's latent, updated under inference mode, is an
+    inference tensor). Those copies, and nothing else, are what such a generation caches beyond
+    the same one under no_grad."""
+    model, kw = tiny_models.wan(layers=2)
+    kw["return_dict"] = False
+    cached = {}
+    for mode in (torch.no_grad, torch.inference_mode):
+        torch._dynamo.reset()
+        f = compiled(model, {"rule": "schedule", "step": [1]})
+        with mode():
+            generation(f, dict(kw, hidden_states=kw["hidden_states"].clone()), steps=STEPS[:2])
+        cached[mode] = dit_compile.stats(f)["cached_bytes"]
+    copies = (2 * kw["encoder_hidden_states"].numel() + kw["hidden_states"].numel()) * 4
+    assert cached[torch.inference_mode] - cached[torch.no_grad] == copies
