@@ -540,9 +540,12 @@ def test_teacache_polynomial_of_large_coefficients_is_evaluated_exactly():
                                    rel=1e-5)
 
 
-def test_residual_step_reuse_matches_eager_reference():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_residual_step_reuse_matches_eager_reference(in_place):
     """``step_mode="residual"``: a reused step returns this call's latent plus the output's
-    residual over the latent at the last compute (what the model added), not the old output."""
+    residual over the latent at the last compute (what the model added), not the old output.
+    The latent at the last compute is a copy: a sampler that steps its latent in place
+    (``x.add_(...)``) gets the same."""
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
     reuse = {2, 4, 5}
@@ -556,9 +559,9 @@ def test_residual_step_reuse_matches_eager_reference():
                 theirs = x + (last[1] - last[0])
             else:
                 theirs = model(**call)[0]
-                last = (x, theirs)
+                last = (x.clone(), theirs)
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=f"step {i}")
-            x = x + 0.2 * ours
+            x = x.add_(0.2 * ours) if in_place else x + 0.2 * ours
     assert [r["action"] for r in dit_compile.stats(f)["trace"]].count("step") == len(reuse)
 
 
