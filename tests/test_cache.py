@@ -2079,3 +2079,33 @@ def test_every_copy_kept_under_inference_mode_counts_in_cached_bytes():
         cached[mode] = dit_compile.stats(f)["cached_bytes"]
     copies = (2 * kw["encoder_hidden_states"].numel() + kw["hidden_states"].numel()) * 4
     assert cached[torch.inference_mode] - cached[torch.no_grad] == copies
+
+
+def test_a_sample_reusing_the_span_beside_one_computing_keeps_its_probe():
+    """First-Block-Cache compares the probe with its value when the cached residual was taken.
+    Where one sample reuses the span while the other computes it, the reusing sample's probe
+    stays the one it was cached with, as alone: its drift adds up until it computes (step 5
+    here), instead of being measured from step to step and reusing on."""
+    steps = (900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0, 200.0)
+    model, kw = tiny_models.wan(layers=4, batch=2)
+    kw["return_dict"] = False
+    g = torch.Generator().manual_seed(0)
+    x = kw["hidden_states"]
+    latents = [torch.cat([x[:1], torch.randn(x[1:].shape, generator=g)]) for _ in steps]
+    cache = {"rule": "first_block", "threshold": 0.058}
+
+    def run(f, kw, latents):
+        with torch.no_grad():
+            return [f(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t)))[0]
+                    for x, t in zip(latents, steps)]
+
+    both = run(compiled(model, cache), kw, latents)
+    torch._dynamo.reset()
+    one = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in kw.items()}
+    f = compiled(tiny_models.wan(layers=4)[0], cache)
+    alone = run(f, one, [x[:1] for x in latents])
+    actions = [r["action"] for r in dit_compile.stats(f)["trace"]]
+    assert actions == ["compute"] + ["block"] * 4 + ["compute"] + ["block"] * 2, \
+        "the premise: alone, sample 0 reuses, then its drift makes it compute"
+    for k, (y, z) in enumerate(zip(both, alone)):
+        torch.testing.assert_close(y[:1], z, rtol=1e-5, atol=1e-5, msg=f"step {k}")
