@@ -2109,3 +2109,16 @@ def test_a_sample_reusing_the_span_beside_one_computing_keeps_its_probe():
         "the premise: alone, sample 0 reuses, then its drift makes it compute"
     for k, (y, z) in enumerate(zip(both, alone)):
         torch.testing.assert_close(y[:1], z, rtol=1e-5, atol=1e-5, msg=f"step {k}")
+
+
+def test_first_block_rule_reuses_nothing_before_its_start():
+    """``start``: no threshold rule reuses before that step, First-Block-Cache's block reuse
+    included: a threshold every probe passes reuses the span from ``start`` on only."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "first_block", "threshold": 10.0, "start": 3})
+    ours = generation(f, kw, branches=1)
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute"] * 3 + ["block"] * 3
+    eager = generation(_rd(model), kw, branches=1)
+    for x, y in zip(ours[:3], eager[:3]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
