@@ -172,6 +172,27 @@ def test_blocks_of_one_graph_but_other_weight_shapes_do_not_share():
     assert len(sigs) == 3 and sigs[0] == sigs[1] != sigs[2]
 
 
+
+class ScaleBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.scale = torch.nn.Linear(8, 8), torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return x + self.lin(x) * self.scale
+
+
+def test_blocks_of_one_graph_but_other_weight_dtypes_do_not_share():
+    """A block whose weight is of another dtype (one kept in float64 where the others are
+    float32) traces to the same ops and wiring as the others; a piece compiled for float32
+    inputs would read it as float32. Those blocks must not share one compile."""
+    model = WidthNet(())
+    model.blocks = torch.nn.ModuleList(ScaleBlock() for _ in range(3))
+    model.blocks[2].scale.data = model.blocks[2].scale.data.double()
+    plan = split(gm := capture(model, {"hidden_states": torch.randn(1, 4, 8)}), find_regions(gm))
+    sigs = [p.signature() for p in plan.pieces if p.region.kind == BLOCK]
+    assert len(sigs) == 3 and sigs[0] == sigs[1] != sigs[2]
+
 def test_constants_inside_a_piece_are_told_apart_by_value():
     """A tensor constant baked into a piece (``get_attr``) is part of the function it computes."""
     def traced(value):
