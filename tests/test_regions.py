@@ -375,3 +375,26 @@ def test_computation_key_is_blind_to_sizes_inside_slices():
                       backend=lambda gm, _: keys.append(computation_key(gm)) or gm.forward)(
             torch.randn(2, 9, 4))
     assert keys[3] != keys[4]
+
+
+def test_computation_key_tells_graphs_returning_other_values_apart():
+    """A graph that computes the same ops but returns more of them (SANA-WM's refiner returns
+    its keys and values besides the output) is another computation: a branch's cache of one
+    is never handed to the other."""
+    from dit_compile.passes.split import computation_key
+
+    def one(x):
+        y = x * 2.0
+        return y + 1.0
+
+    def both(x):
+        y = x * 2.0
+        return y + 1.0, y
+
+    keys = []
+    for fn in (one, one, both):
+        torch._dynamo.reset()
+        torch.compile(fn, fullgraph=True,
+                      backend=lambda gm, _: keys.append(computation_key(gm)) or gm.forward)(
+            torch.randn(2, 4))
+    assert keys[0] == keys[1] != keys[2]
