@@ -398,3 +398,15 @@ def test_computation_key_tells_graphs_returning_other_values_apart():
                       backend=lambda gm, _: keys.append(computation_key(gm)) or gm.forward)(
             torch.randn(2, 4))
     assert keys[0] == keys[1] != keys[2]
+
+
+def test_residual_sources_find_the_stream_on_either_side_of_the_add():
+    """A block's output is a residual update of the argument reached through residual adds and
+    casts: the stream may be either operand (``x + f(x)``, ``attn(txt) + txt``)."""
+    from dit_compile.passes.split import residual_sources
+
+    class Block(torch.nn.Module):
+        def forward(self, x, txt):
+            return x + torch.tanh(x), (torch.tanh(txt) + txt.float()).type_as(txt)
+
+    assert residual_sources(torch.fx.symbolic_trace(Block())) == [0, 1]
