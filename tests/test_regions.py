@@ -410,3 +410,18 @@ def test_residual_sources_find_the_stream_on_either_side_of_the_add():
             return x + torch.tanh(x), (torch.tanh(txt) + txt.float()).type_as(txt)
 
     assert residual_sources(torch.fx.symbolic_trace(Block())) == [0, 1]
+
+
+def test_output_keys_tell_the_same_computation_of_other_arguments_apart():
+    """An output's key is the computation behind it from the block's arguments by position: a
+    block that updates two streams alike (one shape, one computation) still keys each stream's
+    output apart, so that reuse pairs each stream with itself."""
+    from dit_compile.passes.split import output_keys
+
+    class Block(torch.nn.Module):
+        def forward(self, x, txt):
+            return x + torch.tanh(x), txt + torch.tanh(txt)
+
+    keys = output_keys(torch.fx.symbolic_trace(Block()))
+    again = output_keys(torch.fx.symbolic_trace(Block()))
+    assert keys == again and keys[0] != keys[1]
