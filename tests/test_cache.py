@@ -2122,3 +2122,16 @@ def test_first_block_rule_reuses_nothing_before_its_start():
     eager = generation(_rd(model), kw, branches=1)
     for x, y in zip(ours[:3], eager[:3]):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_drops_the_policys_own_signals_too():
+    """MixCache keeps cross-branch signals on the state (each branch's last difference, for its
+    rate): reset drops them with the rest, so nothing of the last generation stays cached."""
+    from dit_compile.runtime.cache import find_state
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "mixcache", "granularities": ["cfg"]})
+    generation(f, kw, steps=STEPS[:3])
+    assert find_state(f).signals, "the premise: the policy keeps signals on the state"
+    dit_compile.reset(f)
+    assert dit_compile.stats(f)["cached_bytes"] == 0 and not find_state(f).signals
