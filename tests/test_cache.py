@@ -664,12 +664,14 @@ def test_fit_teacache_of_a_high_degree_over_small_changes_is_the_least_squares_f
     np.testing.assert_allclose(np.polyval(fitted, x), np.polyval(expected, x), atol=1e-5)
 
 
-def test_latent_updated_in_place_is_seen_to_change():
+@pytest.mark.parametrize("signal", ["modulated", "input"])
+def test_latent_updated_in_place_is_seen_to_change(signal):
     """A sampler that updates its latent in place (``x.add_(...)``) gets the decisions of one that
-    makes a new tensor: the input a rule compares against is a copy, not the live tensor."""
+    makes a new tensor: the input a rule compares against is a copy, not the live tensor (the
+    latent itself, under ``signal="input"``)."""
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
-    cache = {"rule": "teacache", "threshold": 0.5}
+    cache = {"rule": "teacache", "threshold": 0.5, "signal": signal}
     runs = []
     for in_place in (False, True):
         torch._dynamo.reset()
