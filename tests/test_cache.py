@@ -2137,3 +2137,16 @@ def test_reset_drops_the_policys_own_signals_too():
     assert find_state(f).signals, "the premise: the policy keeps signals on the state"
     dit_compile.reset(f)
     assert dit_compile.stats(f)["cached_bytes"] == 0 and not find_state(f).signals
+
+
+def test_a_branch_over_the_memory_bound_keeps_no_difference():
+    """Branch 1's call stores its output and its difference to branch 0, then finds the bound
+    exceeded: the call raises and keeps none of it, its difference included; what branch 0
+    cached stays."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    one = kw["hidden_states"].numel() * 4       # one output's bytes (the output is latent-sized)
+    f = compiled(model, {"rule": "schedule", "cfg": [1]}, cache_memory=int(2.5 * one))
+    with pytest.raises(dit_compile.CacheMemoryError):
+        generation(f, kw, steps=STEPS[:1])
+    assert dit_compile.stats(f)["cached_bytes"] == one
