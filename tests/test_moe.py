@@ -972,6 +972,23 @@ def test_register_moe_names_missing_projection_layers():
                                          r"\['gate', 'up', 'down'\]\)"):
         register_moe(_UserMoE(), "dispatch", experts="experts")
 
+def _nucleus_experts_and_a_doubling_hook():
+    """NucleusMoE's ``SwiGLUExperts`` (3 experts, random weights) and a diffusers hook class that
+    doubles a module's output: the hook diffusers' offloading would attach, made visible."""
+    from diffusers.hooks import ModelHook
+    nucleus = pytest.importorskip("diffusers.models.transformers.transformer_nucleusmoe_image")
+
+    class Double(ModelHook):
+        def post_forward(self, module, output):
+            return output * 2
+
+    torch.manual_seed(0)
+    experts = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
+    nn.init.normal_(experts.gate_up_proj)
+    nn.init.normal_(experts.down_proj)
+    return experts, Double
+
+
 
 def test_register_moe_names_swapped_arguments():
     """A dispatch that takes its routing weights before its expert ids, registered without
@@ -992,17 +1009,8 @@ def test_a_method_a_hook_replaced_on_the_instance_is_not_lowered():
     replaced that ``forward`` with the op, silently (a hook doubling the output: 138 off), and
     ``restore_moe`` then dropped it for good. It is left as is, with a warning, and
     ``register_moe`` refuses it."""
-    from diffusers.hooks import HookRegistry, ModelHook
-    nucleus = pytest.importorskip("diffusers.models.transformers.transformer_nucleusmoe_image")
-
-    class Double(ModelHook):
-        def post_forward(self, module, output):
-            return output * 2
-
-    torch.manual_seed(0)
-    experts = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
-    nn.init.normal_(experts.gate_up_proj)
-    nn.init.normal_(experts.down_proj)
+    from diffusers.hooks import HookRegistry
+    experts, Double = _nucleus_experts_and_a_doubling_hook()
     HookRegistry.check_if_exists_or_initialize(experts).register_hook(Double(), "double")
     x, counts = torch.randn(10, 8), torch.tensor([3, 2, 4])
     with torch.no_grad():
@@ -1063,17 +1071,8 @@ def test_restore_leaves_a_lowered_method_a_hook_wraps_since():
     lowered one, and run the op correctly): ``restore_moe`` popped the instance's ``forward``,
     dropping the hook silently (138 off), and removing the hook then put the lowered method back
     with no spec. The module is now left lowered, with a warning, until the hook is removed."""
-    from diffusers.hooks import HookRegistry, ModelHook
-    nucleus = pytest.importorskip("diffusers.models.transformers.transformer_nucleusmoe_image")
-
-    class Double(ModelHook):
-        def post_forward(self, module, output):
-            return output * 2
-
-    torch.manual_seed(0)
-    experts = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
-    nn.init.normal_(experts.gate_up_proj)
-    nn.init.normal_(experts.down_proj)
+    from diffusers.hooks import HookRegistry
+    experts, Double = _nucleus_experts_and_a_doubling_hook()
     x, counts = torch.randn(10, 8), torch.tensor([3, 2, 4])
     with torch.no_grad():
         plain = experts(x, counts)

@@ -408,6 +408,25 @@ def test_online_rule_reads_no_change_across_a_step_the_large_models_cache_reused
     reused = {r["step"] for r in dit_compile.stats(large)["trace"] if r["action"] != "compute"}
     assert reused == {3} and split.transformer.switches == [None]
 
+class _FirstK(torch.nn.Module):
+    """The large model for the first ``k`` calls, the small one after: an online split's output
+    written out by hand, once its switch is known. Other attributes are the large model's."""
+
+    def __init__(self, large, small, k):
+        super().__init__()
+        self.models, self.k, self.calls = (large, small), k, 0     # a tuple: not submodules
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.models[self.calls > self.k](*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.models[0], name)
+
+
 
 def test_compiling_the_online_split_itself_is_told_and_runs_the_models_as_they_are(models):
     """torch.compile on the OnlineSplit (the pipeline's transformer) would trace its Python clock
@@ -440,21 +459,7 @@ def test_online_split_in_a_pipeline_without_a_boundary():
     k = split.transformer.switches[0][0]
     assert 2 <= k < 6
 
-    class FirstK(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, *args, **kwargs):
-            self.calls += 1
-            return (large if self.calls <= k else small)(*args, **kwargs)
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(large, name)
-    pipe.transformer = FirstK()
+    pipe.transformer = _FirstK(large, small, k)
     assert torch.equal(out, pipelines.run_flux(pipe, steps=6))
 
 
@@ -519,21 +524,7 @@ def test_online_split_in_a_pipeline_that_passes_lists_of_latents():
         out = pipelines.run_zimage(split, 6)
     assert split.transformer.switches == [(k, calls[k][0])] and 2 <= k < 6
 
-    class FirstK(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
-
-        def forward(self, *args, **kwargs):
-            self.calls += 1
-            return (large if self.calls <= k else small)(*args, **kwargs)
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(large, name)
-    pipe.transformer = FirstK()
+    pipe.transformer = _FirstK(large, small, k)
     with torch.no_grad():
         assert torch.equal(out, pipelines.run_zimage(pipe, 6))
     # Guidance turned off from step 3 on (cfg_truncation): half the samples, the same
