@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .runtime.cache import STATE_ATTR, CacheState
+from .runtime.cache import CacheState, find_state
 from .runtime.policy import rel_l1
 from .runtime.sampler import sampler_run
 
@@ -391,10 +391,7 @@ def _served_from_cache(model: torch.nn.Module, since: int) -> bool:
     the last record of this thread's state that placed a call since then (another thread's
     state, whose calls interleave with this one's, says nothing of this call). A model that
     caches nothing has no state, or none that ran since."""
-    thread = threading.current_thread()
-    states = {id(st): st for p in _plain(model).parameters()
-              if (st := getattr(p, STATE_ATTR, {}).get(thread)) is not None}
-    state = max(states.values(), key=lambda st: st.last_call, default=None)
+    state = find_state(model, threading.current_thread())
     if state is None or state.last_call < since or not state.records:
         return False
     record = state.records[-1]

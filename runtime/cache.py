@@ -672,18 +672,22 @@ def _drop_ended_threads(states: ThreadStates) -> None:
         del states[thread]
 
 
-def find_state(model: torch.nn.Module) -> CacheState | None:
-    """The CacheState the runtime attached to one of ``model``'s parameters and used last, if any.
+def find_state(model: torch.nn.Module, thread: threading.Thread | None = None
+               ) -> CacheState | None:
+    """The CacheState the runtime attached to one of ``model``'s parameters and used last, if any
+    (of ``thread``'s, where given).
 
     Graphs of one model may anchor their states on different parameters (each anchors on its
     first parameter input, and two graphs of a model need not trace its parameters in one order),
     and each thread has its own: the one that ran last is the model's current state, not the
     first found."""
-    return max(model_states(model), key=lambda s: s.last_call, default=None)
+    return max(model_states(model, thread), key=lambda s: s.last_call, default=None)
 
 
-def model_states(model: torch.nn.Module) -> list[CacheState]:
-    """Every CacheState attached to ``model``'s parameters (all threads'), once each."""
+def model_states(model: torch.nn.Module, thread: threading.Thread | None = None
+                 ) -> list[CacheState]:
+    """Every CacheState attached to ``model``'s parameters (all threads', or ``thread``'s), once
+    each."""
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, torch.nn.Module):
         # torch.compile of a function returns a function: the state is on the model it calls.
@@ -693,8 +697,9 @@ def model_states(model: torch.nn.Module) -> list[CacheState]:
                         f"{type(model).__name__}{f' {name!r}' if name else ''}")
     states = {}
     for p in model.parameters():
-        for state in getattr(p, STATE_ATTR, {}).values():
-            states[id(state)] = state
+        for owner, state in getattr(p, STATE_ATTR, {}).items():
+            if thread is None or owner is thread:
+                states[id(state)] = state
     return list(states.values())
 
 

@@ -230,11 +230,12 @@ class Policy:
 
 def polyval(coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     """The polynomial with ``coefficients`` (highest degree first) at ``x`` (Horner), in ``x``'s
-    dtype and device. Evaluated in float64 on the host: a polynomial fitted over small changes
-    has large coefficients whose terms cancel (degree 7 over changes of 0.013-0.026: coefficients
-    up to 1.8e15, terms near 1e3, a value near 0.1), which float32 loses (off by 0.015, a tenth
-    of the value). One number per sample, which the rule reads on the host right after."""
-    x64 = x.detach().to("cpu", torch.float64)
+    dtype and device. Evaluated in float64: a polynomial fitted over small changes has large
+    coefficients whose terms cancel (degree 7 over changes of 0.013-0.026: coefficients up to
+    1.8e15, terms near 1e3, a value near 0.1), which float32 loses (off by 0.015, a tenth of the
+    value). On the model's device, so no copy to the host and back (MPS, which has no float64,
+    on the host)."""
+    x64 = x.detach().to("cpu" if x.device.type == "mps" else x.device, torch.float64)
     y = torch.zeros_like(x64)
     for c in coefficients:
         y = y * x64 + c
