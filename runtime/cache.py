@@ -40,6 +40,13 @@ thread keeps its own. Its lifecycle rules are the safety net under every policy:
   keeps its cache. Under ``torch.inference_mode`` tensors keep no in-place version, so there the
   runtime keeps a copy of the text, latent and timestep it last saw and compares against that: a
   prompt written into the same tensor is still a new prompt.
+* A call at the step's timestep, in the same sampler run, whose input signature is another than
+  the last call's is the step's next branch too, a guidance *pass* of another batch
+  (LTX2Pipeline's: a batched-CFG call, then spatio-temporal and modality-isolation passes of one
+  sample). The first step sets the signature at each branch position; at a later step a call of
+  another signature than its position's, or one outside a sampler run (nothing to tell a pass from
+  a new generation of another shape by), starts a new generation. A pass caches as a branch of its
+  own; no branch difference is taken between calls of two batch shapes.
 * A step has at most ``MAX_BRANCHES`` calls; one more at the same timestep starts a new generation
   (a one-step sampler called again looks like one endless step, whose branch caches would
   otherwise pile up without bound). No policy reuses anything at step 0, so this costs no reuse.
@@ -138,6 +145,7 @@ class BranchCache:
     signals: dict[str, Any] = field(default_factory=dict)   # the policy's own per-branch signals
     text: Held | None = None                     # last call's text condition
     graph: object | None = None                  # the executor whose values these are
+    samples: int | None = None                   # the batch of its last call
 
     @property
     def most_reused(self) -> int:
@@ -167,14 +175,15 @@ class CacheState:
         # at RISING_HINT_AFTER the user is told of the option.
         self._rises = 0
         self._rise_told = False
-        self._passes_told = False   # told that guidance passes of other shapes defeat caching
         self.records: list[Record] = []     # the trace: the last TRACE_GENERATIONS generations
         self.counts: dict[str, int] = {}    # calls per action since the last clear_stats()
         self.partial: dict[str, int] = {}   # of the others, calls where only some samples
                                             # reused and the batch was computed in full
         self.flops = 0.0                    # FLOPs fractions summed over those calls
         self.generation = -1
-        self._signature: Any = None
+        self._signature: Any = None         # the generation's: its branch 0's
+        self._signatures: tuple = ()        # each branch position's, set at the first step
+        self._last_signature: Any = None    # the last call's
         self._halves = False                # the generation's layout (see begin)
         self._last_t: float | None = None
         self._timestep: Held | None = None  # the last call's
@@ -188,6 +197,7 @@ class CacheState:
         self._step = 0
         self._branch = 0
         self._latent: Held | None = None  # this step's
+        self._pass_latent: Held | None = None  # the last pass's (a call of another signature)
         self.branches: dict[int, BranchCache] = {}
         # Per branch b >= 1: out[b] - out[0], and the step it was taken at; on batch halves (one
         # call per step, branch 0) out[:k] - out[k:] under key 0.
@@ -206,14 +216,15 @@ class CacheState:
     def reset(self) -> None:
         """Nothing cached, and the next call starts a generation."""
         self._drop_cache()
-        self._signature = None
+        self._signature = self._last_signature = None
+        self._signatures = ()
         self._last_t = None
 
     def _drop_cache(self) -> None:
         self.branches.clear()
         self.cfg_diff.clear()
         self.cfg_step.clear()
-        self._latent = None
+        self._latent = self._pass_latent = None
         self.current.clear()
         self.computed.clear()
         self.signals.clear()
@@ -309,26 +320,30 @@ class CacheState:
             # generation goes on at half the batch, with nothing cached under the old layout.
             self._drop_cache()
             self._signature, self._halves = signature, False
-        repeat = t == self._last_t and signature == self._signature
-        branch = repeat and (latent is None or _same(self._latent, latent))
+            self._signatures, self._last_signature = (signature,), None
+        same_t = t == self._last_t
+        repeat = same_t and signature == self._last_signature
+        own = signature == self._signature      # branch 0's shape: not a pass
+        branch = repeat and (latent is None or _same(self._latent if own else self._pass_latent,
+                                                     latent))
         new_run = run is not None and (self._run is None or self._run() is not run)
-        if (not self._passes_told and t == self._last_t and run is not None and not new_run
-                and signature != self._signature and self._signature is not None):
-            self._passes_told = True
-            warnings.warn(
-                "mixcache: the pipeline calls the model twice at one timestep of one sampler run "
-                "with inputs of other shapes or dtypes (guidance passes of different batches, as "
-                "LTX2Pipeline's batched CFG call, then its spatio-temporal and modality-isolation "
-                "passes of one sample): each such change starts a new generation, so nothing is "
-                "reused. Where the pipeline can run without the extra passes, caching works "
-                "(LTX2Pipeline: stg_scale=0.0 and modality_scale=1.0, and their audio_ "
-                "counterparts)", stacklevel=4)
+        next_b = self._branch + 1
+        # A guidance pass of another batch (see the module doc): only within a sampler run,
+        # whose timesteps say that the same timestep is the same step.
+        passes = (same_t and run is not None and not new_run and self._signature is not None
+                  and signature != self._last_signature and next_b < MAX_BRANCHES
+                  and (signature == self._signatures[next_b] if next_b < len(self._signatures)
+                       else self._step == 0))
         self._run = None if run is None else weakref.ref(run)
-        if (signature != self._signature or self._last_t is None or t > self._last_t or new_run
+        if ((not own and not passes and not branch) or self._last_t is None or t > self._last_t
+                or new_run
                 # Below a run of one-step generations: the next one's first call, unless the
                 # sampler says this run goes on (Wan 2.2's low-noise expert after one step).
                 or (t < self._last_t and self._rises > 0 and run is None)
-                or (branch and self._branch + 1 >= MAX_BRANCHES)
+                or (branch and next_b >= MAX_BRANCHES)
+                # A branch whose position the first step gave another signature.
+                or (branch and next_b < len(self._signatures)
+                    and self._signatures[next_b] != signature)
                 # The same timestep on another latent at the first step, with no sampler to
                 # ask: the next one-step generation's call. A sampler's run says whether it is
                 # (a flow-shifted UniPC run may start 999, 999, 997 over 85 steps).
@@ -340,14 +355,18 @@ class CacheState:
             self.generation += 1
             self._step, self._branch = 0, 0
             self.t_first = t
-        elif branch:
+            own = True
+        elif branch or passes:
             self._branch += 1
         else:
             self._step += 1
             self._branch = 0
             self.current.clear()
             self.computed.clear()
-        if self._halves and not halves:
+        if self._step == 0 and self._branch == len(self._signatures):
+            self._signatures += (signature,)
+        self._last_signature = signature
+        if self._halves and not halves and own:
             # Equal latent halves at the first step only: prompts batched on one noise, not
             # guidance branches. Nothing taken as a branch difference of halves holds.
             self._halves = False
@@ -357,18 +376,24 @@ class CacheState:
         self._last_t = t
         # Only a per-sample or per-token timestep is compared later (_fell_below_max).
         self._timestep = None if timestep is None or timestep.numel() == 1 else _held(timestep)
-        if self._branch == 0 and latent is not None:
-            self._latent = _held(latent)
+        if latent is not None and (self._branch == 0 or not own):
+            if own:
+                self._latent = _held(latent)
+            else:
+                self._pass_latent = _held(latent)
         if graph is not None:
             self._check_graph(self._branch, graph)
         if text is not None:
             self._check_text(self._branch, text)
-        return Step(self.generation, self._step, self._branch, t, self._halves, groups)
+        if latent is not None:
+            self.branch(self._branch).samples = latent.shape[0]
+        return Step(self.generation, self._step, self._branch, t, self._halves and own, groups)
 
     def placement(self) -> tuple:
         """Where the calls so far left the generation (``begin`` moves it on), for ``abandon``."""
         return (self.generation, self._step, self._branch, self._last_t, self._signature,
-                self._halves, self._latent, self._timestep, self._run, self.t_first, self._rises,
+                self._signatures, self._last_signature, self._halves, self._latent,
+                self._pass_latent, self._timestep, self._run, self.t_first, self._rises,
                 self.top, self.rising)
 
     def abandon(self, placement: tuple, step: Step) -> None:
@@ -378,9 +403,9 @@ class CacheState:
         over the memory bound): the retry computes."""
         if self.rising != placement[-1]:    # the call learned a direction: unlearn it
             self._flip_noise_levels()
-        (self.generation, self._step, self._branch, self._last_t, self._signature, self._halves,
-         self._latent, self._timestep, self._run, self.t_first, self._rises,
-         self.top, self.rising) = placement
+        (self.generation, self._step, self._branch, self._last_t, self._signature,
+         self._signatures, self._last_signature, self._halves, self._latent, self._pass_latent,
+         self._timestep, self._run, self.t_first, self._rises, self.top, self.rising) = placement
         # The branch's own state only: the other branches' differences were taken against
         # branch 0's outputs of the same prompt, which its retry computes again (a new prompt on
         # branch 0 voids them, _drop_branch).

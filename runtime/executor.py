@@ -475,7 +475,10 @@ class GuardedExecutor(Executor):
                 if self.halves is not None:     # only a half-batch forward rebuilds from it
                     k = outs[0].shape[0] // 2
                     diff = [o[:k] - o[k:] for o in outs]
-            elif reuses and step.branch >= 1 and 0 in st.computed:
+            elif (reuses and step.branch >= 1 and 0 in st.computed
+                  and _same_shapes(st.current[step.branch], st.current[0])):
+                # Not between a guidance pass and a call of another batch (broadcast, it would
+                # rebuild the pass at the other's batch).
                 diff = [o - o0 for o, o0 in zip(st.current[step.branch], st.current[0])]
             if diff is not None:
                 st.cfg_diff[step.branch], st.cfg_step[step.branch] = diff, step.step
@@ -486,6 +489,13 @@ class GuardedExecutor(Executor):
         for s, o in zip(self.out_slots, self._slot_values(outs)):
             env[s] = o
         return self.output(env)
+
+
+def _same_shapes(a: list[Any], b: list[Any]) -> bool:
+    """Two calls' outputs, leaf for leaf of one shape (a branch difference between them holds)."""
+    return len(a) == len(b) and all(
+        not isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) and x.shape == y.shape
+        for x, y in zip(a, b))
 
 
 def _same_shape(a: Any, b: Any) -> bool:

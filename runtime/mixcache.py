@@ -221,15 +221,19 @@ class MixCache:
         in one call (CFG's halves, PAG's thirds) are tied the same way."""
         decided = st.signals.get("step_errors")
         if decided is not None and decided[0] == s.step:
-            return decided[2].get(s.branch), decided[1]
+            fit = decided[1]
+            return decided[2].get(s.branch), fit if fit.shape == (n,) else np.full(n, fit.all())
         lead = st.branch(s.branch).signals.get("prev_t")
         estimates: dict[int, np.ndarray | None] = {}
         fit = np.ones(n, dtype=bool)
         for b, bc in st.branches.items():
             if b != s.branch and bc.signals.get("prev_t") != lead:
                 continue        # not called at the last step (guidance off there): not tied
-            estimates[b] = e = self._step_error(s, st, bc, n)
-            fit = fit & (e <= self._left(bc)) if e is not None else fit & False
+            # A guidance pass of another batch (LTX-2's) has samples of its own: tied as a whole.
+            nb = n if b == s.branch or bc.samples is None else bc.samples
+            estimates[b] = e = self._step_error(s, st, bc, nb)
+            ok = e <= self._left(bc) if e is not None else np.zeros(nb, dtype=bool)
+            fit = fit & (ok if nb == n else ok.all())
         fit = tie_groups(s, fit)
         if not self.per_sample:
             fit = np.full(n, fit.all())

@@ -163,27 +163,38 @@ def test_a_run_of_rising_calls_is_never_taken_for_steps():
         (4, i, b) for i in range(3) for b in range(2)]
 
 
-def test_guidance_passes_of_another_shape_at_one_timestep_are_said_to_defeat_caching():
+def test_guidance_passes_of_another_shape_at_one_timestep_are_branches_of_the_step():
     """LTX2Pipeline's default guidance: at each step a batched-CFG call (batch 2), then
     spatio-temporal and modality-isolation passes of one sample, at the same timestep of the same
-    sampler run. Each change of shape starts a generation (nothing cached is reused across a
-    shape), so nothing is reused at all: the runtime says so once, naming the pipeline's way
-    out. A new run, or a lower timestep, at another shape is no such sign."""
-    st, run = CacheState(), torch.tensor([900.0, 600.0])
+    sampler run. Each is the step's next branch (a pass is never batch halves, and leaves the
+    generation's layout as it was); the first step sets each position's signature. A pass of
+    another signature than its position's starts a generation, and so does any change of shape
+    outside a sampler run (nothing tells a pass from a new generation of another shape there) or
+    in a new run. A pass that raised is placed again as it was."""
     latent = torch.randn(1, 4)
-    with pytest.warns(UserWarning, match="stg_scale=0.0") as rec:
-        for t in (900.0, 600.0):
-            st.begin(t, "batch 2", latent=latent.repeat(2, 1), run=run)
-            st.begin(t, "batch 1", latent=latent, run=run)
-            st.begin(t, "batch 1", latent=latent, run=run)
-    assert len([w for w in rec if "stg_scale" in str(w.message)]) == 1
+
+    def step(st, t, sigs=("batch 2", "batch 1", "batch 1"), run=None):
+        return [(c.generation, c.step, c.branch, c.halves) for c in (
+            st.begin(t, sig, halves=sig == "batch 2", groups=2 if sig == "batch 2" else 1,
+                     latent=latent.repeat(2, 1) if sig == "batch 2" else latent, run=run)
+            for sig in sigs)]
+
+    st, run = CacheState(), torch.tensor([900.0, 600.0, 300.0])
+    assert step(st, 900.0, run=run) + step(st, 600.0, run=run) == [
+        (0, s, b, b == 0) for s in range(2) for b in range(3)]
+    placement = st.placement()
+    assert step(st, 300.0, ("batch 2",), run=run) == [(0, 2, 0, True)]
+    placement = st.placement()
+    failed = st.begin(300.0, "batch 1", latent=latent, run=run)
+    st.abandon(placement, failed)
+    assert step(st, 300.0, ("batch 1", "batch 3"), run=run) == [(0, 2, 1, False), (1, 0, 0, False)]
+
     st = CacheState()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="mixcache: the pipeline calls")
-        st.begin(900.0, "batch 2", latent=latent.repeat(2, 1), run=run)
-        st.begin(600.0, "batch 1", latent=latent, run=run)     # a lower timestep (cfg truncation)
-        st.begin(900.0, "batch 2", latent=latent.repeat(2, 1), run=torch.tensor([900.0]))
-        st.begin(900.0, "batch 1", latent=latent, run=torch.tensor([900.0]))   # another run
+    assert step(st, 900.0) == [(0, 0, 0, True), (1, 0, 0, False), (1, 0, 1, False)]
+    st = CacheState()
+    assert step(st, 900.0, ("batch 2",), run=run) + step(st, 900.0, ("batch 1",),
+                                                     run=torch.tensor([900.0])) == [
+        (0, 0, 0, True), (1, 0, 0, False)]
 
 
 def test_the_noise_level_is_read_again_once_the_timestep_changes():

@@ -528,3 +528,102 @@ def test_a_balanced_generation_syncs_once_on_gpu():
     actions = [r["action"] for r in dit_compile.stats(pipe.transformer)["trace"][-2 * steps:]]
     assert "step" in actions and "compute" in actions, actions
     assert len(syncs) == 1, syncs
+
+
+def _ltx2_pipeline(model):
+    """LTX2Pipeline around ``model``, its other components tiny (the VAEs give the latents' scale
+    and the sizes; the connectors turn the given embeddings into the model's texts)."""
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video,
+                           FlowMatchEulerDiscreteScheduler, LTX2Pipeline)
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    torch.manual_seed(0)
+    heads = dict(num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                 num_learnable_registers=None)
+    connectors = LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=1, video_hidden_dim=16, audio_hidden_dim=16,
+        **{f"{m}_connector_{k}": v for m in ("video", "audio") for k, v in heads.items()})
+    vae = AutoencoderKLLTX2Video(
+        latent_channels=4, block_out_channels=(8,), down_block_types=("LTX2VideoDownBlock3D",),
+        decoder_block_out_channels=(8,), layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        spatio_temporal_scaling=(True,), decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_type=("spatiotemporal",), upsample_residual=(True,), upsample_factor=(2,),
+        spatial_compression_ratio=32, temporal_compression_ratio=8)
+    # Its latents' mean and std have base_channels entries: the model's audio features (8 latent
+    # channels x 16 mel bins).
+    audio_vae = AutoencoderKLLTX2Audio(base_channels=128, ch_mult=(1,), num_res_blocks=1)
+    pipe = LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae,
+                        text_encoder=None, tokenizer=None, connectors=connectors,
+                        transformer=model, vocoder=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run_ltx2(pipe, steps=6):
+    """LTX2Pipeline's default guidance (CFG, spatio-temporal at the model's last block, modality
+    isolation): three calls a step, the first of batch 2. The video latents after each step."""
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(1, 6, 16, generator=g)
+    latents = []
+
+    def keep(pipe, i, t, kw):
+        latents.append(kw["latents"].clone())
+        return kw
+    with torch.no_grad():
+        pipe(prompt_embeds=text, negative_prompt_embeds=torch.zeros_like(text),
+             prompt_attention_mask=torch.ones(1, 6), negative_prompt_attention_mask=torch.ones(1, 6),
+             height=64, width=64, num_frames=9, num_inference_steps=steps,
+             spatio_temporal_guidance_blocks=[1], generator=torch.Generator().manual_seed(2),
+             output_type="latent", callback_on_step_end=keep)
+    return latents
+
+
+def test_ltx2_guidance_passes_of_one_sample_cache_as_branches_of_the_step():
+    """LTX2Pipeline's default guidance calls the model three times a step at one timestep: a
+    batched-CFG call (batch 2), then spatio-temporal and modality-isolation passes of one sample.
+    Each is a branch of the step with a cache of its own (a change of shape used to start a
+    generation, so nothing was reused): a forced step schedule gives what an eager model that
+    reuses each call's last computed output at those steps gives. cfg reuse takes no branch
+    difference between calls of two batches (broadcast, it rebuilt a pass at batch 2): the
+    passes compute at its step. MixCache ties the branches' step decisions (it failed on the
+    passes' other batch)."""
+    model = tiny_models.seeded(
+        "LTX2VideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+        attention_head_dim=8, cross_attention_dim=16, audio_in_channels=128,
+        audio_out_channels=128, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_cross_attention_dim=16, num_layers=2, caption_channels=16)
+    steps = {2, 4}
+    ref = copy.deepcopy(model)
+    forward, kept, calls = ref.forward, {}, []
+
+    def reused_at_steps(*args, **kw):
+        t = float(kw["timestep"].max())
+        calls.append(t)
+        step, branch = len(set(calls)) - 1, calls.count(t) - 1
+        if step not in steps:
+            kept[branch] = forward(*args, **kw)
+        return kept[branch]
+    ref.forward = reused_at_steps
+    theirs = _run_ltx2(_ltx2_pipeline(ref))
+    pipe = _ltx2_pipeline(model)
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "schedule", "step": sorted(steps), "cfg": [5]}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        ours = _run_ltx2(pipe)
+    trace = [(r["generation"], r["step"], r["branch"], r["action"])
+             for r in dit_compile.stats(pipe.transformer)["trace"]]
+    assert trace == [(0, s, b, "step" if s in steps else "compute")
+                     for s in range(5) for b in range(3)] + [
+        (0, 5, 0, "cfg"), (0, 5, 1, "compute"), (0, 5, 2, "compute")], trace
+    for x, y in zip(ours[:5], theirs[:5]):     # the last step: cfg reuse, not the reference's
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+    # MixCache decides a step for every branch at once, each pass's samples as a whole.
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "mixcache", "per_sample": True}})
+    dit_compile.reset(pipe.transformer)
+    _run_ltx2(pipe)
+    trace = dit_compile.stats(pipe.transformer)["trace"]
+    by_step = [{r["action"] for r in trace if r["step"] == s} for s in range(6)]
+    assert all(len(a) == 1 for a in by_step) and {"step"} in by_step, by_step
