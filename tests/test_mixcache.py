@@ -92,6 +92,34 @@ def test_decisions_independent_across_samples(granularities, budget, order):
         torch.testing.assert_close(y, torch.cat([alone[0][k], alone[1][k]]), rtol=1e-5, atol=1e-5)
 
 
+def test_a_partial_step_reuse_leaves_the_branch_difference_as_it_was(monkeypatch):
+    """Decisions forced (the policy's step decision replaced): at step 3 sample 0 reuses the
+    step in both branches while sample 1 computes (a partial step reuse), and at step 4 branch 1
+    is rebuilt from branch 0. The branch difference is of whole calls: the one it is rebuilt
+    from is step 2's, the last step both branches computed whole, not step 3's, half of whose
+    outputs are predictions."""
+    from dit_compile.runtime.mixcache import MixCache
+
+    def forced(self, s, st_, latent):
+        bc = st_.branch(s.branch)
+        bc.signals.pop("step_mask", None)
+        if s.step == 3:
+            bc.signals["step_mask"] = np.array([True, False])
+            return "step", 0.0
+        if s.step == 4 and s.branch == 1:
+            return "cfg", 0.0
+        return "compute", None
+    monkeypatch.setattr(MixCache, "step", forced)
+    model, kw = tiny_models.wan(layers=2, batch=2)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "mixcache", "granularities": ["step", "cfg"]})
+    outs = generation(f, kw, steps=STEPS[:5], branches=2)
+    trace = dit_compile.stats(f)["trace"]
+    assert [(r["action"], r["reused"]) for r in trace[6:]] == [
+        ("step", (True, False)), ("step", (True, False)), ("compute", None), ("cfg", None)]
+    torch.testing.assert_close(outs[9], outs[8] + (outs[5] - outs[4]), rtol=1e-5, atol=1e-5)
+
+
 def test_samples_of_a_latent_list_decide_as_each_alone():
     """Z-Image takes one latent of [C, F, H, W] per sample, the batch being the list. Decided
     along dim 0 of one element, "per sample" was per channel: a sample took some channels from
