@@ -4,6 +4,7 @@ On a reuse step the runtime computes the cond half alone and rebuilds the uncond
 difference cached at the last full compute; checked against an eager reference of the same rule
 inside diffusers' own pipeline, and for what must never share anything.
 """
+import dataclasses
 import gc
 import os
 import sys
@@ -220,6 +221,7 @@ def test_guidance_groups_are_equal_latent_halves_or_thirds():
     assert guidance_groups(torch.cat([a, b, a, b]), t[:4]) == 2
     assert guidance_groups(torch.cat([a, b, a, b, a, b]), t) == 3    # PAG, two images a prompt
     assert guidance_groups(torch.cat([a, b, c, a, b, c]), t) == 2    # CFG, three images a prompt
+    assert guidance_groups(torch.cat([a] * 6), t) == 2    # halves and thirds: halves first
     assert guidance_groups(torch.cat([a, a, b]), t[:3]) == 1
     assert guidance_groups(torch.cat([a, a, a]), torch.tensor([500.0, 500.0, 400.0])) == 1
     mask = torch.tensor([True, True, False, True, True, True])
@@ -564,12 +566,22 @@ class Halved(torch.nn.Module):
         return (h + encoder_hidden_states.mean(1, keepdim=True),)
 
 
-def _recipe(batch=2, out_shapes=None):
-    """HalfBatch.build as the backend calls it, for ``Halved`` at ``batch``."""
+class HalvedReadingASize(Halved):
+    """Reads only the size of ``ofs``: Dynamo guards on it, and the graph does not take it."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, ofs=None):
+        out = super().forward(hidden_states, timestep, encoder_hidden_states)[0]
+        return (out.expand(ofs.shape[0], -1, -1),)
+
+
+def _recipe(batch=2, out_shapes=None, cls=Halved, **unused):
+    """HalfBatch.build as the backend calls it, for ``cls`` at ``batch``; ``unused``: tensor
+    arguments the graph does not take."""
     from dit_compile.runtime.halves import HalfBatch
-    model = Halved()
+    model = cls()
     x, e = torch.randn(batch, 3, 4), torch.randn(batch, 5, 4)
-    call = dict(hidden_states=x, timestep=torch.full((batch,), 0.5), encoder_hidden_states=e)
+    call = dict(hidden_states=x, timestep=torch.full((batch,), 0.5), encoder_hidden_states=e,
+                **unused)
     inputs = [x, call["timestep"], e, model.lin.weight, model.lin.bias, model.table]
     placeholders = [("L['hidden_states']", False), ("L['timestep']", False),
                     ("L['encoder_hidden_states']", False), ("L['self'].lin.weight", True),
@@ -608,6 +620,19 @@ def test_half_forward_runs_what_the_module_computes_on_the_half_or_declines():
         assert more(inputs, 1, traced) is None
     with pytest.warns(UserWarning, match="no Halved calls this graph"):
         assert half(inputs, 1) is None
+    # An argument the graph does not take is passed as zeros of its shape, at the half's batch
+    # where it carried the batch.
+    model, inputs, half = _recipe(cls=HalvedReadingASize, ofs=torch.ones(2))
+    x, t, e = inputs[:3]
+    with torch.no_grad():
+        ref = model(x[1:], t[1:], e[1:], ofs=t[1:])[0]
+        torch.testing.assert_close(half(inputs, 1, model)[0], ref)
+    # A text that carries the batch, read as if it did not, is passed whole: the result comes out
+    # at the full batch, of the graph's shape past dim 0, and is declined.
+    model, inputs, half = _recipe()
+    whole = dataclasses.replace(half, batch_inputs=frozenset({0, 1}))
+    with pytest.warns(UserWarning, match="the module's outputs do not match the graph's"):
+        assert whole(inputs, 1, model) is None
 
 
 def test_mixcache_reuses_cfg_on_batch_halves_as_its_forced_schedule_would():
@@ -691,3 +716,18 @@ def test_a_number_inside_an_argument_is_named_as_one():
     for missing in ("L['kwargs']['attention_kwargs']['lora']", "L['kwargs']['sizes'][7]",
                     "L['self'].weight", "G['torch']"):
         assert _resolve(missing, frame) is None
+
+
+def test_tensors_inside_an_argument_are_halved_where_they_are_per_sample():
+    """Inside a dict, any tensor whose dim 0 is the batch is per sample (PixArt's resolution and
+    aspect ratio); inside a list or tuple only those of rank 3 and more (ControlNet samples per
+    block): a rotary pair or position ids (tokens, dim) whose token count equals the batch are
+    passed whole."""
+    from dit_compile.runtime.halves import _per_sample_leaves
+    cos, sin, ids = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 3)
+    samples, resolution = torch.randn(4, 6, 8), torch.randn(4, 2)
+    index = {id(x): i for i, x in enumerate([cos, sin, ids, samples, resolution])}
+    assert _per_sample_leaves((cos, sin), index, 4) == set()
+    assert _per_sample_leaves([ids, samples], index, 4) == {3}
+    assert _per_sample_leaves({"resolution": resolution, "ids": ids}, index, 4) == {4, 2}
+    assert _per_sample_leaves({"resolution": resolution}, index, 2) == set()
