@@ -6,6 +6,7 @@ import sys
 import threading
 import warnings
 
+import pytest
 import torch
 
 import dit_compile
@@ -143,6 +144,20 @@ def test_lumina2_pipeline_reuses_as_the_reference():
     assert not torch.allclose(ours, full, rtol=1e-4, atol=1e-4), "the schedule must change it"
 
 
+def test_residual_step_mode_on_a_relayed_forward_needs_an_output_shaped_like_the_latent():
+    """The latent of a forward broken before its blocks is the one its first graph recorded: the
+    residual step mode's shape check waits for it, at the first call, and says what the check of
+    a whole forward says (a latent of 4 channels, an output of 8)."""
+    model, kw = tiny_models.lumina2()
+    model = seeded("Lumina2Transformer2DModel", out_channels=8, **{
+        k: v for k, v in model.config.items() if not k.startswith("_") and k != "out_channels"})
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": {
+        "rule": "schedule", "step": [1], "step_mode": "residual"}})
+    with torch.no_grad(), pytest.raises(
+            Exception, match=r"step_mode='residual'.*\(1, 4, 8, 8\).*\(1, 8, 8, 8\)"):
+        f(**kw, return_dict=False)
+
+
 def test_explain_says_a_forward_broken_before_its_blocks_is_cached():
     model, kw = omnigen()
     kw.pop("return_dict")
@@ -233,6 +248,10 @@ def test_a_record_is_taken_only_in_the_call_that_made_it():
     thread.start()
     thread.join()
     assert received(theirs) is None and received(second) is not None
+    # Two heads' last records met (a forward nested in another's): neither is guessed at.
+    inner = Head(lambda x, t: (x * 3,), (0, 1, None), (0,))
+    nested = inner(second[0], t)
+    assert received(nested).latent is second[0] and received([second[0], *nested]) is None
 
 
 def test_a_head_compiled_by_inductor_tags_its_outputs():
