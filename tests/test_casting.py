@@ -215,3 +215,51 @@ def test_hidream_lowered_before_layerwise_casting_compiles_from_its_storage_dtyp
                             options={"regions": "eager", "cache": None})(**kw)[0]
     assert {m._moe_w1.dtype for m in model.modules() if hasattr(m, "_moe_w1")} == {STORAGE}
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cast_only_is_a_layer_whose_only_hook_is_layerwise_casting():
+    """The MoE lowering casts an expert's stacked weights as its hook would only where that hook
+    is layerwise casting alone: another diffusers hook, or a torch hook, may change the call."""
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting
+    from dit_compile.passes.casting import cast_only
+
+    def cast():
+        layer = torch.nn.Linear(2, 2)
+        apply_layerwise_casting(layer, storage_dtype=STORAGE, compute_dtype=torch.float32)
+        return layer
+
+    assert cast_only(torch.nn.Linear(2, 2)) is None
+    assert cast_only(cast()) is torch.float32
+    other = cast()
+    HookRegistry.check_if_exists_or_initialize(other).register_hook(ModelHook(), "other")
+    assert cast_only(other) is None
+    for register in ("register_forward_hook", "register_forward_pre_hook"):
+        hooked = cast()
+        getattr(hooked, register)(lambda *args: None)
+        assert cast_only(hooked) is None, register
+
+
+def test_the_casting_hook_is_found_among_the_layers_other_hooks():
+    """Another diffusers hook registered before the casting one (its function reference comes
+    first in the registry): the casting's reference gets the traceable path, which any backend
+    traces whole, and the other hook still runs, eager and compiled."""
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(len(calls))
+            return args, kwargs
+
+    layer = torch.nn.Linear(4, 4)
+    HookRegistry.check_if_exists_or_initialize(layer).register_hook(Counting(), "counting")
+    apply_layerwise_casting(layer, storage_dtype=STORAGE, compute_dtype=torch.float32)
+    assert functional_casting(layer) == 1 and find_casts(layer) == {"": True}
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, layer.weight.float(), layer.bias.float())
+        torch.testing.assert_close(layer(x), ref)
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), ref)
+    assert calls == [0, 1] and layer.weight.dtype == STORAGE
