@@ -155,3 +155,45 @@ def test_exported_model_decides_on_the_modulated_input_as_the_backend_does(tmp_p
     assert [r["signal"] is None for r in got] == [w["signal"] is None for w in want]
     assert [r["signal"] for r in got if r["signal"] is not None] == pytest.approx(
         [w["signal"] for w in want if w["signal"] is not None], rel=1e-4)
+
+
+class _ShapedBlock(torch.nn.Module):
+    """adaLN whose modulation reads the latent's shape only (``new_zeros``, ``zeros_like``), not
+    its values."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.ada, self.qkv = torch.nn.Linear(d, 2 * d), torch.nn.Linear(d, d)
+        self.norm = torch.nn.LayerNorm(d, elementwise_affine=False)
+
+    def forward(self, x, temb):
+        zero = x.new_zeros(temb.shape) + torch.zeros_like(x)[:, 0]
+        shift, scale = self.ada(temb + zero).chunk(2, -1)
+        return x + self.qkv(self.norm(x) * (1 + scale[:, None]) + shift[:, None])
+
+
+class _ShapedDiT(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.proj_in, self.t_embed = torch.nn.Linear(4, d), torch.nn.Linear(8, d)
+        self.blocks = torch.nn.ModuleList([_ShapedBlock(d), _ShapedBlock(d)])
+        self.proj_out = torch.nn.Linear(d, 4)
+
+    def forward(self, hidden_states, timestep):
+        angles = timestep[:, None] * torch.arange(1.0, 5.0)
+        x = self.proj_in(hidden_states)
+        temb = self.t_embed(torch.cat([angles.sin(), angles.cos()], dim=-1))
+        for block in self.blocks:
+            x = block(x, temb)
+        return self.proj_out(x)
+
+
+def test_an_op_that_reads_the_latents_shape_only_is_no_dependence_on_the_latent():
+    """``x.new_zeros(...)`` and ``torch.zeros_like(x)`` read the latent's shape, not its values
+    (as ``size`` and ``dim`` do): the modulation's own linear layer reads the timestep alone, and
+    the signal is what the block's first projection of the latent reads."""
+    torch.manual_seed(0)
+    model = _ShapedDiT().eval()
+    kw = dict(hidden_states=torch.randn(1, 4, 4), timestep=torch.tensor([0.5]))
+    seen = _seen_by(model.blocks[0].qkv, model, kw)
+    torch.testing.assert_close(_found_and_value(model, kw), seen, rtol=0, atol=0)
