@@ -71,7 +71,10 @@ def test_options_may_be_given_as_options():
 
 
 def test_cache_memory_takes_whole_numbers_not_bools():
-    assert dit_compile.Options.parse({"cache_memory": 2e9}).cache_memory == 2_000_000_000
+    given = {"cache_memory": 2e9}
+    assert dit_compile.Options.parse(given).cache_memory == 2_000_000_000
+    assert given == {"cache_memory": 2e9} and type(given["cache_memory"]) is float, \
+        "the caller's dict is read, not rewritten"
     assert type(dit_compile.Options.parse({"cache_memory": 2e9}).cache_memory) is int
     for bad in (True, 1.5, "2e9", 0):
         with pytest.raises(dit_compile.OptionError, match=rf"cache_memory={bad!r}: must be a positive"):
@@ -86,6 +89,8 @@ def test_modes_are_the_installed_inductors():
     with pytest.raises(dit_compile.OptionError) as err:
         dit_compile.Options.parse({"mode": "turbo"})
     assert all(repr(m) in str(err.value) for m in modes)
+    with pytest.raises(dit_compile.OptionError, match="mode='': must be one of"):
+        dit_compile.Options.parse({"mode": ""})     # no mode is None, not an empty name
 
 
 @pytest.mark.inductor
