@@ -621,6 +621,17 @@ def test_fit_teacache_fits_the_changes_every_branch_saw():
     again = dit_compile.fit_teacache(f, lambda: runs.append(sample(f)), degree=2)
     assert len(runs) == 5
     np.testing.assert_allclose(again, fitted, rtol=1e-6, atol=1e-9)
+    # Twice the state asked to record is no longer the model's after the run: the first run's
+    # (h's, which f's calls replace) and the second's (f's, which h's calls replace at its end):
+    # what f's calls recorded into it is not taken.
+    generation(h, kw)
+    calls = iter([[f], [f, h]])
+
+    def ends_elsewhere():
+        for g in next(calls):
+            generation(g, kw, steps=STEPS[:4])
+    with pytest.raises(ValueError, match="nothing recorded"):
+        dit_compile.fit_teacache(f, ends_elsewhere, degree=2)
 
     def stopped():
         generation(f, kw)
@@ -630,9 +641,11 @@ def test_fit_teacache_fits_the_changes_every_branch_saw():
     assert dit_compile.stats(f)["calls"] == 0       # dropped after a run that raised, too
 
     # One step's change per sample (both branches see one latent): two points cannot fix a
-    # polynomial of degree 4.
-    with pytest.raises(ValueError, match="2 distinct changes recorded, too few for a polynomial"):
-        dit_compile.fit_teacache(f, lambda: generation(f, kw, steps=STEPS[:2]), degree=4)
+    # polynomial of degree 4, nor of degree 2 (three coefficients).
+    for degree in (4, 2):
+        with pytest.raises(ValueError, match=f"2 distinct changes recorded, too few for a "
+                                             f"polynomial of degree {degree}"):
+            dit_compile.fit_teacache(f, lambda: generation(f, kw, steps=STEPS[:2]), degree=degree)
 
     g = compiled(tiny_models.wan(layers=3)[0], {"rule": "first_block", "threshold": 0.1})
     with pytest.raises(ValueError, match="nothing recorded: the model must be compiled with a teacache"):
@@ -643,8 +656,9 @@ def test_fit_teacache_fits_the_changes_every_branch_saw():
                                                 "signal": "output"})
     with pytest.raises(ValueError, match="nothing recorded: the model must be compiled with a teacache"):
         dit_compile.fit_teacache(e, lambda: generation(e, tiny_models.wan(layers=3)[1]))
-    with pytest.raises(ValueError, match="degree=9"):
-        dit_compile.fit_teacache(f, lambda: None, degree=9)
+    for degree in (0, 8, True, 2.0):     # up to 8 coefficients
+        with pytest.raises(ValueError, match=rf"degree={degree!r}: must be an integer from 1 to 7"):
+            dit_compile.fit_teacache(f, lambda: None, degree=degree)
 
 
 def test_fit_teacache_of_a_high_degree_over_small_changes_is_the_least_squares_fit():
