@@ -54,6 +54,18 @@ def test_nest_blocks_marks_this_models_blocks_only():
     assert _subgraph_calls(_traced(model, kw)) == 0
 
 
+def test_a_list_of_one_block_is_no_stack():
+    """Lumina 2's refiners hold one block each: not a stack (the region pass reads two or more
+    blocks of one class as one), so left as they are; its two layers are nested."""
+    from dit_compile.passes.nesting import NESTED_FROM, block_stacks
+    model, _ = tiny_models.lumina2()
+    assert list(block_stacks(model)) == ["layers"]
+    assert dit_compile.nest_blocks(model) == 2
+    assert NESTED_FROM in type(model.layers[0]).__dict__
+    assert not any(NESTED_FROM in type(m[0]).__dict__ for m in (model.noise_refiner,
+                                                                 model.context_refiner))
+
+
 def test_blocks_nested_after_their_class_forward_changed_run_the_new_forward(monkeypatch):
     """A forward patched on the block class (a library or a user rewriting the class) after
     another model of the class was nested: nesting this model's blocks changes none of its
