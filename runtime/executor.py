@@ -509,14 +509,16 @@ def _same_shape(a: Any, b: Any) -> bool:
 
 def check_residual_shapes(latent: Any, outs: list[Any]) -> None:
     """Residual step reuse adds the output's change to the latent: both must have one shape."""
-    bad = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
-           for o in outs if not _same_shape(o, latent)]
+    bad = [(i, tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__)
+           for i, o in enumerate(outs) if not _same_shape(o, latent)]
     if bad:
         shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else None
+        which = "the output" if len(outs) == 1 else f"output {bad[0][0] + 1} of {len(outs)}"
         raise PolicyError(f"step_mode='residual' adds the output's change to the input latent, but "
-                          f"the latent has shape {shape} and the output {bad[0]} (a model with "
-                          "extra input channels, such as image-to-video, or extra output "
-                          "channels, such as DiT's learned variance): use step_mode='output'")
+                          f"the latent has shape {shape} and {which} {bad[0][1]} (a model with "
+                          "extra input channels, such as image-to-video, extra output channels, "
+                          "such as DiT's learned variance, or a second output of its own, such "
+                          "as LTX-2's audio): use step_mode='output'")
 
 
 def _laid_out_as(like: torch.Tensor, op: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:

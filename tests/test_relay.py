@@ -158,6 +158,18 @@ def test_residual_step_mode_on_a_relayed_forward_needs_an_output_shaped_like_the
         f(**kw, return_dict=False)
 
 
+def test_residual_step_mode_names_the_output_not_shaped_like_the_latent():
+    """LTX-2 returns the video and the audio prediction: the second is not the latent's shape, and
+    the refusal names it (it used to say "the output", as if the model had one)."""
+    from zoo_video import ltx2
+    model, kw = ltx2()
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": {
+        "rule": "schedule", "step": [1], "step_mode": "residual"}})
+    with torch.no_grad(), pytest.raises(
+            Exception, match=r"\(1, 32, 4\) and output 2 of 2 \(1, 5, 4\).*LTX-2's audio"):
+        f(**kw, return_dict=False)
+
+
 def test_explain_says_a_forward_broken_before_its_blocks_is_cached():
     model, kw = omnigen()
     kw.pop("return_dict")
