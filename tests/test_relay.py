@@ -144,6 +144,14 @@ def test_lumina2_pipeline_reuses_as_the_reference():
     assert not torch.allclose(ours, full, rtol=1e-4, atol=1e-4), "the schedule must change it"
 
 
+def _residual_refused(model, kw, match):
+    """Compiled with the residual step mode, the model's first call raises, matching ``match``."""
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": {
+        "rule": "schedule", "step": [1], "step_mode": "residual"}})
+    with torch.no_grad(), pytest.raises(Exception, match=match):
+        f(**kw, return_dict=False)
+
+
 def test_residual_step_mode_on_a_relayed_forward_needs_an_output_shaped_like_the_latent():
     """The latent of a forward broken before its blocks is the one its first graph recorded: the
     residual step mode's shape check waits for it, at the first call, and says what the check of
@@ -151,23 +159,14 @@ def test_residual_step_mode_on_a_relayed_forward_needs_an_output_shaped_like_the
     model, kw = tiny_models.lumina2()
     model = seeded("Lumina2Transformer2DModel", out_channels=8, **{
         k: v for k, v in model.config.items() if not k.startswith("_") and k != "out_channels"})
-    f = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": {
-        "rule": "schedule", "step": [1], "step_mode": "residual"}})
-    with torch.no_grad(), pytest.raises(
-            Exception, match=r"step_mode='residual'.*\(1, 4, 8, 8\).*\(1, 8, 8, 8\)"):
-        f(**kw, return_dict=False)
+    _residual_refused(model, kw, r"step_mode='residual'.*\(1, 4, 8, 8\).*\(1, 8, 8, 8\)")
 
 
 def test_residual_step_mode_names_the_output_not_shaped_like_the_latent():
     """LTX-2 returns the video and the audio prediction: the second is not the latent's shape, and
     the refusal names it (it used to say "the output", as if the model had one)."""
     from zoo_video import ltx2
-    model, kw = ltx2()
-    f = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": {
-        "rule": "schedule", "step": [1], "step_mode": "residual"}})
-    with torch.no_grad(), pytest.raises(
-            Exception, match=r"\(1, 32, 4\) and output 2 of 2 \(1, 5, 4\).*LTX-2's audio"):
-        f(**kw, return_dict=False)
+    _residual_refused(*ltx2(), r"\(1, 32, 4\) and output 2 of 2 \(1, 5, 4\).*LTX-2's audio")
 
 
 def test_explain_says_a_forward_broken_before_its_blocks_is_cached():
