@@ -493,9 +493,8 @@ class GuardedExecutor(Executor):
 
 def _same_shapes(a: list[Any], b: list[Any]) -> bool:
     """Two calls' outputs, leaf for leaf of one shape (a branch difference between them holds)."""
-    return len(a) == len(b) and all(
-        not isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) and x.shape == y.shape
-        for x, y in zip(a, b))
+    return len(a) == len(b) and all(_same_shape(x, y) for x, y in zip(a, b)
+                                    if isinstance(x, torch.Tensor))
 
 
 def _same_shape(a: Any, b: Any) -> bool:
