@@ -90,9 +90,13 @@ class Settle:
     warmup: float = 0.1
 
     def __post_init__(self) -> None:
-        for name, v, top in (("rate", self.rate, math.inf), ("warmup", self.warmup, 1.0)):
-            if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= top):
-                raise ValueError(f"Settle: {name}={v!r} must be a number from 0 to {top}")
+        # warmup below 1, as mixcache's: at 1 the noise would have to reach zero, where no
+        # sampler calls the model, so the small model would never take over.
+        real = [isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (self.rate, self.warmup)]
+        if not (real[0] and 0 <= self.rate <= math.inf):
+            raise ValueError(f"Settle: rate={self.rate!r} must be a number from 0 to inf")
+        if not (real[1] and 0 <= self.warmup < 1):
+            raise ValueError(f"Settle: warmup={self.warmup!r} must be a number in [0, 1)")
 
 
 def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, Any]],
