@@ -478,6 +478,9 @@ def test_op_exports_as_one_node():
     exported = torch.export.export(model, (x,))
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.dit_compile.moe_ffn.default) == 1
+    # A graph that calls the op by its packet (torch.fx's symbolic trace) counts it too.
+    traced = torch.fx.symbolic_trace(lambda x, i, w, a, b, c: torch.ops.dit_compile.moe_ffn(x, i, w, a, b, c))
+    assert count_moe_ops(traced) == 1
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
@@ -733,10 +736,12 @@ def test_lowered_dispatch_stays_differentiable_where_autograd_records():
     """Training (grad enabled, weights requiring grad): the original method runs, so gradients are
     eager's; the op (no backward) runs where nothing is recorded. Also where only the experts or
     the router train and the input is data (the stacked buffers never require grad: that once ran
-    the op, leaving the experts without gradients or failing backward)."""
+    the op, leaving the experts without gradients or failing backward); the router's routing
+    weights alone requiring grad run the original too."""
     torch.manual_seed(0)
     for x, frozen in ((torch.randn(13, 16, requires_grad=True), ()),
-                      (torch.randn(13, 16), ()), (torch.randn(13, 16), ("router",))):
+                      (torch.randn(13, 16), ()), (torch.randn(13, 16), ("router",)),
+                      (torch.randn(13, 16), ("experts",))):
         model = _UserMoE()
         for name in frozen:
             getattr(model, name).requires_grad_(False)
@@ -1056,6 +1061,12 @@ def test_a_module_registered_with_a_lambda_says_why_it_does_not_pickle():
         torch.save(model, io.BytesIO())
     with torch.no_grad():
         torch.testing.assert_close(copy.deepcopy(model)(x), expected)
+
+    def local_weights(m):
+        return m.w1, m.w3, m.w2
+    register_moe(model, "dispatch", weights=local_weights)
+    with pytest.raises(pickle.PicklingError, match=r"register_moe\(weights=.*<locals>.*\) cannot be pickled"):
+        torch.save(model, io.BytesIO())
     register_moe(model, "dispatch", weights=_stacked_user_weights)
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -1086,3 +1097,182 @@ def test_restore_leaves_a_lowered_method_a_hook_wraps_since():
         assert find_moe(experts) == {"": True} and restore_moe(experts) == 1
         torch.testing.assert_close(experts(x, counts), plain)
         assert "forward" not in experts.__dict__
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals and bookkeeping of the pass, found by mutation
+
+
+class _KeywordOnlyMoE(_UserMoE):
+    """Its dispatch takes the routing by keyword only."""
+
+    def forward(self, x):
+        weights, ids = self.router(x).softmax(-1).topk(2, dim=-1)
+        return x + self.dispatch(x, ids=ids, weights=weights)
+
+    def dispatch(self, x, *, ids, weights):
+        return super().dispatch(x, ids, weights)
+
+
+def test_register_moe_plain_route_binds_keyword_only_parameters_and_refuses_extra_arguments():
+    """The plain route reads keyword-only parameters under their names too, and a call with more
+    than the three arguments is refused (never silently cut to three); float ids with float
+    weights are left to the op's own check (they are not the swapped order)."""
+    torch.manual_seed(0)
+    model, x = _KeywordOnlyMoE(), torch.randn(13, 16)
+    with torch.no_grad():
+        expected = model(x)
+        register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    user = _UserMoE()
+    weights, ids = user.router(x).softmax(-1).topk(2, dim=-1)
+    register_moe(user, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    with torch.no_grad():
+        for args, kwargs in (((x, ids, weights, None), {}), ((x, ids), {"weights": weights, "scale": 2.0})):
+            with pytest.raises(TypeError, match=r"takes exactly \(x, expert_ids, routing_weights\)"):
+                user.dispatch(*args, **kwargs)
+        with pytest.raises(RuntimeError, match="expert_ids must be integer"):
+            user.dispatch(x, weights, weights)
+
+
+def test_register_moe_refuses_what_the_op_cannot_compute():
+    """Each structural refusal of register_moe, before anything changes: both experts= and
+    weights=, projections that are not three names, no experts at all, a down projection of
+    another shape, experts unlike expert 0 (a dtype), and a hook on an expert itself or a
+    diffusers hook (which replaces forward) on one of its layers."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Keep(ModelHook):
+        pass
+
+    def register(model, **kwargs):
+        kwargs = {"experts": "experts", "projections": ("gate", "up", "down"), **kwargs}
+        register_moe(model, "dispatch", **kwargs)
+
+    cases = []
+    cases.append((_UserMoE(), {"weights": _stacked_user_weights}, "exactly one"))
+    cases.append((_UserMoE(), {"projections": ("gate", "up", "down", "gate")}, "three layers"))
+    cases.append((_UserMoE(), {"projections": ("gate", "up", 3)}, "three layers"))
+    empty = _UserMoE()
+    empty.experts = nn.ModuleList()
+    cases.append((empty, {}, "not a non-empty nn.ModuleList"))
+    wide = _UserMoE()
+    for expert in wide.experts:
+        expert.down = nn.Linear(25, 16, bias=False)
+    cases.append((wide, {}, "gate/up .* and down .* shapes disagree"))
+    mixed = _UserMoE()
+    mixed.experts[1].double()
+    cases.append((mixed, {}, "expert 1: shape, dtype or device differs from expert 0"))
+    hooked = _UserMoE()
+    hooked.experts[0].register_forward_hook(lambda m, args, out: out)
+    cases.append((hooked, {}, "expert 0 has forward hooks"))
+    replaced = _UserMoE()
+    HookRegistry.check_if_exists_or_initialize(replaced.experts[1].up).register_hook(Keep(), "keep")
+    cases.append((replaced, {}, "expert 1 has forward hooks"))
+    for model, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            register(model, **kwargs)
+        assert find_moe(model) == {} and "_moe_w1" not in model._buffers and "_apply" not in model.__dict__
+
+
+def _stacked_expert_weights(module):
+    return tuple(torch.stack([getattr(e, name).weight for e in module.experts]) for name in ("gate", "up", "down"))
+
+
+def test_registering_again_and_restoring_leave_nothing_of_the_lowering_behind():
+    """Registered again with weights= where it was with experts=, and restored, a module keeps
+    no stack, no _apply wrapper and no load hook: a conversion (.double()) and a load then run as
+    the class's own, and the dispatch computes on the experts' weights."""
+    torch.manual_seed(0)
+    model, x = _UserMoE(), torch.randn(13, 16)
+    with torch.no_grad():
+        expected = model(x)
+
+    def clean():
+        return ("_moe_w1" not in model._buffers and "_apply" not in model.__dict__
+                and not model._load_state_dict_post_hooks)
+
+    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    assert not clean() and len(model._load_state_dict_post_hooks) == 1
+    register_moe(model, "dispatch", weights=_stacked_expert_weights)
+    assert clean() and find_moe(model) == {"": True}
+    model.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.double()).float(), expected, atol=1e-5, rtol=1e-5)
+    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    assert restore_moe(model) == 1 and clean() and "dispatch" not in model.__dict__
+    model.float()
+    model.load_state_dict(model.state_dict(), assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lowering_again_restacks_after_an_expert_is_added():
+    """An expert appended to the list after lowering: lower_moe restacks all of them (the stack
+    was one expert short)."""
+    torch.manual_seed(0)
+    model = _UserMoE()
+    register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    model.experts.append(_SwiGLU(16, 24))
+    assert lower_moe(model) == 1 and model._moe_w1.shape[0] == 4
+    assert model.experts[3].up.weight.data_ptr() == model._moe_w3[3].data_ptr()
+
+
+def test_recognised_classes_skip_what_they_cannot_lower():
+    """A HiDream MoE whose experts are not HiDream's feed-forward (a forward the op does not
+    compute), or that has no integer num_activated_experts, or whose moe_infer is replaced on the
+    instance, and a NucleusMoE expert stack of odd or mixed-dtype weights, are left as they are
+    with a warning; subclasses of the recognised classes (and of HiDream's expert) are lowered;
+    a lowered NucleusMoE stack is kept lowered by lower_moe again."""
+    from diffusers.models.transformers.transformer_hidream_image import (HiDreamImageFeedForwardSwiGLU,
+                                                                         MOEFeedForwardSwiGLU)
+    nucleus = pytest.importorskip("diffusers.models.transformers.transformer_nucleusmoe_image")
+
+    class Gelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w3, self.w2 = nn.Linear(16, 24, bias=False), nn.Linear(16, 24, bias=False), nn.Linear(24, 16, bias=False)
+
+        def forward(self, x):
+            return self.w2(nn.functional.gelu(self.w1(x)) * self.w3(x))
+
+    def hidream():
+        return MOEFeedForwardSwiGLU(dim=16, hidden_dim=24, num_routed_experts=4, num_activated_experts=2).eval()
+
+    skipped = []
+    other = hidream()
+    other.experts = nn.ModuleList(Gelu() for _ in range(4))
+    skipped.append((other, "experts are not HiDreamImageFeedForwardSwiGLU"))
+    no_k = hidream()
+    no_k.num_activated_experts = None
+    skipped.append((no_k, "no integer num_activated_experts"))
+    replaced = hidream()
+    replaced.moe_infer = MOEFeedForwardSwiGLU.moe_infer.__get__(replaced)
+    skipped.append((replaced, "moe_infer is replaced on this instance"))
+    odd = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
+    odd.gate_up_proj = nn.Parameter(torch.randn(3, 8, 25))
+    skipped.append((odd, r"gate_up_proj \(3, 8, 25\) and down_proj \(3, 12, 8\) do not match"))
+    mixed = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
+    mixed.down_proj = nn.Parameter(torch.randn(3, 12, 8, dtype=torch.float64))
+    skipped.append((mixed, r"gate_up_proj \(3, 8, 24\) and down_proj \(3, 12, 8\) do not match"))
+    for module, message in skipped:
+        with pytest.warns(UserWarning, match=f"left as is: {message}"):
+            assert lower_moe(module) == 0
+        assert find_moe(module) == {"": False}
+
+    class SubExpert(HiDreamImageFeedForwardSwiGLU):
+        pass
+
+    class SubMoE(MOEFeedForwardSwiGLU):
+        pass
+
+    torch.manual_seed(0)
+    sub = SubMoE(dim=16, hidden_dim=24, num_routed_experts=4, num_activated_experts=2).eval()
+    sub.experts = nn.ModuleList(SubExpert(16, 24) for _ in range(4))
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = sub(x)
+        assert find_moe(sub) == {"": False} and lower_moe(sub) == 1
+        torch.testing.assert_close(sub(x), expected, atol=1e-5, rtol=1e-5)
+    stack = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
+    assert lower_moe(stack) == 1 and lower_moe(stack) == 1 and find_moe(stack) == {"": True}
