@@ -471,6 +471,34 @@ def test_op_fake_shapes_and_checks():
             moe_ffn(x, ids, weights, w1, w1, w1)
         with pytest.raises(RuntimeError, match="must share a dtype"):
             moe_ffn(x, ids, weights, w1, w1, w2.float())
+        # Each check, as the fake implementation (sharing them with the real ones) makes it.
+        for args, message in (
+                ((x[None], ids, weights, w1, w1, w2), r"x must be \[T, D\]"),
+                ((x, ids[:6], weights[:6], w1, w1, w2), r"expert_ids must be \[T, k\] with T=7"),
+                ((x, weights, weights, w1, w1, w2), "expert_ids must be integer"),
+                ((x, ids, weights[:, :1], w1, w1, w2), r"routing_weights must be a float \[T, k\]"),
+                ((x, ids, ids, w1, w1, w2), r"routing_weights must be a float \[T, k\]"),
+                ((x, ids, weights, w1, w1[:, :32], w2), r"w1 and w3 must both be \[E, H, D\]"),
+                ((x[:, :16], ids, weights, w1, w1, w2), r"w1 is \[E, H, 24\] but x has D=16"),
+                ((x, ids, weights, w1, w1.float(), w2), "must share a dtype"),
+                ((x.float(), ids, weights, w1, w1, w2), "must share a dtype")):
+            with pytest.raises(RuntimeError, match=message):
+                moe_ffn(*args)
+
+
+def test_op_rounds_twice_in_the_input_dtype_as_the_kernel_stores():
+    """In bf16 the CPU implementation computes in fp32 and rounds twice, as the kernel stores: the
+    hidden activation silu(gate) * up to x's dtype, then the output. With D = H = 1 and a down
+    weight of 3 each rounding shows in the result (3 * round(h) is not round(3 * h)): bitwise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, generator=g).bfloat16()
+    ids, weights = torch.zeros(64, 1, dtype=torch.long), torch.ones(64, 1)
+    w1, w3, w2 = (torch.full((1, 1, 1), v, dtype=torch.bfloat16) for v in (1.5, -2.25, 3.0))
+    out = moe_ffn(x, ids, weights, w1, w3, w2)
+    xd = x.double()
+    hidden = (nn.functional.silu(xd * 1.5) * (xd * -2.25)).bfloat16().double()
+    assert out.dtype == torch.bfloat16 and torch.equal(out, (3 * hidden).bfloat16())
+    assert not torch.equal(out, (3 * nn.functional.silu(xd * 1.5) * (xd * -2.25)).bfloat16())
 
 
 def test_op_exports_as_one_node():
