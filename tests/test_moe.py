@@ -1304,3 +1304,100 @@ def test_recognised_classes_skip_what_they_cannot_lower():
         torch.testing.assert_close(sub(x), expected, atol=1e-5, rtol=1e-5)
     stack = nucleus.SwiGLUExperts(hidden_size=8, moe_intermediate_dim=12, num_experts=3)
     assert lower_moe(stack) == 1 and lower_moe(stack) == 1 and find_moe(stack) == {"": True}
+
+
+def test_choose_config_branches_at_their_documented_edges():
+    """choose_config's table at the edges its docstring states: at most 16 rows per expert, at
+    least 2048, from 8192 rows; rows per expert a true quotient (16.5 is more than 16); fp32's
+    tile heights by 16 and 64 rows per expert."""
+    from dit_compile.kernels.moe import choose_config
+
+    def tiles(rows, experts, dtype=torch.float16):
+        cfg = choose_config(rows, experts, 512, dtype)
+        return cfg.block_m, cfg.block_n, cfg.down_block_n, cfg.num_stages
+
+    few, many, wide, middle = (64, 64, 128, 4), (128, 128, 256, 3), (128, 64, 128, 3), (128, 128, 128, 4)
+    assert tiles(64, 4) == few and tiles(33, 2) == middle and tiles(65, 4) == middle
+    assert tiles(2048 * 4, 4) == many and tiles(2047 * 4, 4) == middle
+    assert tiles(8192, 128) == wide and tiles(8191, 128) == middle
+    assert [tiles(n * 4, 4, torch.float32)[0] for n in (16, 17, 64, 65)] == [16, 32, 32, 64]
+
+
+def test_launcher_takes_tma_where_every_operand_allows_it(monkeypatch):
+    """Which kernels read through TMA descriptors under the interpreter (where the TMA tests run
+    them on the CPU): 16-bit inputs with a tma config only; gate/up only where w1 and w3 share a
+    layout; down only where the hidden rows are 16-byte strided; a weight whose strides are not
+    multiples of 16 bytes has no descriptor."""
+    import dataclasses
+    from dit_compile.kernels import moe
+    launched = {}
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.__setitem__(self.name, (kwargs.get("TMA"), kwargs.get("K_CONTIGUOUS")))
+
+    for name in ("_task_map_kernel", "_gate_up_kernel", "_down_kernel", "_combine_kernel"):
+        monkeypatch.setattr(moe, name, Launch(name))
+    cfg = dataclasses.replace(SMALL, tma=True)
+
+    def tma(dtype, layout, hidden=40, config=cfg):
+        x, ids, weights, w1, w3, w2 = make_problem(9, 2, 3, 32, hidden, dtype=dtype)
+        views = _transposed_views(w1, w3, w2)
+        w = {"stacked": (w1, w3, w2), "transposed": views, "mixed": (w1, views[1], w2)}[layout]
+        moe.moe_ffn_triton(*(t.cpu() for t in (x, ids, weights, *w)), config=config)
+        return launched["_gate_up_kernel"], launched["_down_kernel"]
+
+    assert tma(torch.float16, "stacked") == ((True, True), (True, True))
+    assert tma(torch.bfloat16, "transposed") == ((True, False), (True, False))
+    assert tma(torch.float16, "stacked", config=SMALL) == ((False, False), (False, False))
+    assert tma(torch.float32, "stacked") == ((False, False), (False, False))
+    assert tma(torch.float16, "mixed") == ((False, False), (True, True))
+    # H = 36: hidden rows of 72 bytes; the transposed w2's rows are D's (64 bytes), so only the
+    # hidden rows keep the down kernel off TMA.
+    assert tma(torch.float16, "transposed", hidden=36)[1] == (False, False)
+    assert moe._weight_descriptor(torch.empty(3, 40, 20, dtype=torch.float16), 16, 16) is None
+
+
+@kernel_test
+def test_kernel_of_no_rows_and_of_strided_routing():
+    """No tokens, or no slots, give zeros of the output's shape. Ids and routing weights that are
+    strided views (a router's [T, k] slices) are read by their values, not their storage order,
+    with k == 1 (the down kernel writes the output) and k == 2 (the combine reads the ids: in
+    storage order it would take the out-of-range ids outside the view for the view's own, and
+    drop rows)."""
+    x, ids, weights, w1, w3, w2 = make_problem(17, 4, 5, 24, 40)
+    ids = ids.contiguous()
+    ids[::3, 1] = -1
+    empty = moe_ffn_triton(x[:0], ids[:0], weights[:0], w1, w3, w2, config=SMALL)
+    assert empty.shape == (0, 24)
+    none = moe_ffn_triton(x, ids[:, :0], weights[:, :0], w1, w3, w2, config=SMALL)
+    assert none.shape == x.shape and none.abs().max() == 0
+    for view in ((slice(None), slice(0, 1)), (slice(None), slice(None, None, 2))):
+        assert not weights[view].reshape(-1).is_contiguous() and not ids[view].reshape(-1).is_contiguous()
+        assert_kernel_matches((x, ids[view], weights[view], w1, w3, w2))
+
+
+def test_task_map_takes_one_program_up_to_one_program_work(monkeypatch):
+    """ONE_PROGRAM_WORK is the most rows times bins one program takes: at it, one launch; one
+    past it, the two-launch map."""
+    from dit_compile.kernels import moe
+    launched = []
+
+    class Launch:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for name in ("_task_map_kernel", "_count_rows_kernel", "_place_rows_kernel"):
+        monkeypatch.setattr(moe, name, Launch(name))
+    ids = torch.randint(0, 7, (64, 2))          # 128 rows, 8 bins
+    for work, expected in ((128 * 8, ["_task_map_kernel"]), (128 * 8 - 1, ["_count_rows_kernel", "_place_rows_kernel"])):
+        launched.clear()
+        monkeypatch.setattr(moe, "ONE_PROGRAM_WORK", work)
+        moe.build_task_map(ids, 7, 16)
+        assert launched == expected, work
