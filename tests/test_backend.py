@@ -973,3 +973,56 @@ def test_a_compiled_function_that_computes_outside_the_model_caches_nothing():
         outs = [g(**{**kw, "timestep": torch.full((1,), t)}, return_dict=False)[0]
                 for t in (900.0, 700.0, 500.0)]
     assert torch.equal(outs[2], outs[1])
+
+
+def test_small_glue_is_glue_of_at_most_four_operations():
+    """Glue of up to four operations runs as it is; a fifth makes it worth a compile, and any
+    other region, however small (a block), is compiled."""
+    from types import SimpleNamespace
+    from dit_compile.passes.regions import BLOCK, GLUE
+
+    def piece(kind, ops):
+        graph = torch.fx.Graph()
+        x = graph.placeholder("x")
+        for _ in range(ops):
+            x = graph.call_function(torch.neg, (x,))
+        graph.output(x)
+        return SimpleNamespace(region=SimpleNamespace(kind=kind),
+                               module=torch.fx.GraphModule(torch.nn.Module(), graph))
+
+    assert backend._small_glue(piece(GLUE, 4)) and not backend._small_glue(piece(GLUE, 5))
+    assert not backend._small_glue(piece(BLOCK, 1))
+
+
+def test_a_span_its_blocks_do_not_hold_is_an_error_where_a_compile_saw_as_many_blocks():
+    """A cache span that a graph of all the model's blocks does not hold is an error, also where an
+    earlier compile of the model recorded that many blocks: only a graph of fewer (a call that
+    skips some) runs uncached with a warning instead."""
+    model, kw = tiny_models.wan(layers=3)
+    with torch.no_grad():
+        torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})(**kw)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=r"span=\[1, 9\]: must satisfy"):
+            torch.compile(model, backend="mixcache", options={
+                "regions": "eager", "cache": {"rule": "schedule", "block": [1], "span": [1, 9]}})(**kw)
+
+
+def test_strides_compare_alike_where_a_dimension_has_size_one():
+    """A dimension of size 1 takes any stride: [1, 3] laid out (1, 1) or (3, 1) is one layout, so
+    an Inductor output in either is not copied, and a dense value of a dynamic graph keeps its
+    order of dimensions whatever its size-1 strides."""
+    assert backend._same_strides((1, 3), (1, 1), (3, 1))
+    assert not backend._same_strides((2, 3), (1, 2), (3, 1))
+    assert backend._dense((2, 1, 3), [2, 1, 0]) == (3, 3, 1)
+
+
+def test_eager_regions_compile_nothing(monkeypatch):
+    """regions="eager": no piece goes to Inductor, the blocks included."""
+    model, kw = tiny_models.wan(layers=2)
+    compiled = []
+    monkeypatch.setattr(backend, "compile_fx", lambda gm, *a, **k: compiled.append(gm) or gm.forward)
+    with torch.no_grad():
+        out = torch.compile(model, backend="mixcache", fullgraph=True,
+                            options={"cache": None, "regions": "eager"})(**kw, return_dict=False)[0]
+        torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+    assert compiled == []
