@@ -960,6 +960,10 @@ def test_cuda_implementation_leaves_float64_to_the_reference():
 
     args = make_problem(9, 2, 4, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(_moe_ffn_cuda(*args).cpu(), reference64(*args), atol=1e-12, rtol=1e-12)
+    # It checks its arguments as the other implementations do, before choosing a path.
+    x, ids, weights, w1, w3, w2 = args
+    with pytest.raises(RuntimeError, match=r"w2 must be \[E, D, H\]"):
+        _moe_ffn_cuda(x, ids, weights, w1, w3, w2[:, :4])
 
 
 class _KeywordMoE(_UserMoE):
