@@ -1026,3 +1026,21 @@ def test_eager_regions_compile_nothing(monkeypatch):
                             options={"cache": None, "regions": "eager"})(**kw, return_dict=False)[0]
         torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
     assert compiled == []
+
+
+def test_a_dynamic_dense_value_is_laid_out_by_its_order_of_dimensions():
+    """Under dynamic shapes a traced value's strides are expressions of the sizes: a dense one
+    (here transposed, [s0, s1] with strides (1, s0)) is laid out at a call's sizes in its own
+    order of dimensions, innermost first, not in row-major order; a value that is not dense is
+    left as it comes (None)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def traced(real):
+        return mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC] * real.dim()))
+
+    assert backend._traced_layout(traced(torch.empty(3, 4).t()))((5, 6)) == (1, 5)
+    assert backend._traced_layout(traced(torch.empty(3, 4)))((5, 6)) == (6, 1)
+    assert backend._traced_layout(traced(torch.empty(3, 8)[:, ::2])) is None
