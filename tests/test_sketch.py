@@ -4,6 +4,7 @@ import copy
 import functools
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -274,6 +275,97 @@ def test_bad_inputs_are_clear_errors(models):
     flux = pipelines.flux_pipeline(tiny_models.flux()[0])
     with pytest.raises(TypeError, match="FluxPipeline has none. The online rule"):
         dit_compile.sketch_render(flux, small, 0.5)
+
+
+def test_each_steps_distance_is_the_worst_over_the_runs(models):
+    """With several calibration runs, a step's distance is the worst of the runs' (not the
+    best's, nor the last run's alone)."""
+    _, small, pipe = models
+    runs = [wan_kwargs(3), wan_kwargs(1)]     # the first the farther, here at every step
+    each = [dit_compile.calibrate_split(pipe, small, [r], 0.0).distances for r in runs]
+    both = dit_compile.calibrate_split(pipe, small, runs, 0.0).distances
+    assert both == [max(a, b) for a, b in zip(*each)] != each[-1]
+
+
+def test_calibration_leaves_a_compiled_transformer_and_the_pipelines_own_boundary(models):
+    """Calibration runs the large model eagerly with the pipeline's boundary off, and puts back
+    what it found: the compiled wrapper in the ``transformer`` slot (not the model it looked
+    through) and the pipeline's own boundary (a split pipeline's, not None)."""
+    large, small, pipe = models
+    split = dit_compile.sketch_render(pipe, small, 0.5)
+    compiled = torch.compile(large, backend="mixcache")      # never called: nothing compiles
+    split.transformer = compiled
+    cal = dit_compile.calibrate_split(split, small, [wan_kwargs(1, steps=2)], 0.0)
+    assert len(cal.sigmas) == 2
+    assert split.transformer is compiled and split.config.boundary_ratio == 0.5
+
+
+def test_a_step_at_the_boundary_is_the_large_models():
+    """diffusers' switch runs ``transformer`` where the timestep is >= the boundary's: a
+    calibrated step exactly at the boundary is not one of the small model's."""
+    cal = dit_compile.Calibration(0.5, 0.1, sigmas=[1.0, 0.75, 0.5, 0.25], distances=[0.0] * 4)
+    assert cal.small_steps == 1
+    assert dit_compile.Calibration(0.0, 0.0, sigmas=[1.0, 0.5]).small_steps == 0
+
+
+def test_calibration_places_a_per_token_timestep_at_its_step():
+    """Wan 2.2's image-to-video (``expand_timesteps``) passes a timestep per token, zero for the
+    image's: a call is at the step's noise level (its largest), so the steps calibrated are the
+    scheduler's, not one step at level zero."""
+    large, small, _ = wan_pair()
+    pipe = pipelines.wan_ti2v_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    run = dict(image=torch.rand(1, 3, 32, 32, generator=g),
+               prompt_embeds=torch.randn(1, 6, 16, generator=g),
+               negative_prompt_embeds=torch.randn(1, 6, 16, generator=g), height=32, width=32,
+               num_frames=5, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+               generator=g)
+    cal = dit_compile.calibrate_split(pipe, small, [run], 0.0)
+    pipe.scheduler.set_timesteps(3)
+    assert cal.sigmas == pytest.approx([float(t) / 1000 for t in pipe.scheduler.timesteps])
+    assert len(cal.distances) == 3 and min(cal.distances) > 0
+
+
+def test_the_split_pipeline_keeps_the_progress_bar_setting(models):
+    _, small, pipe = models
+    with pytest.raises(ValueError, match="boundary=True must be a noise level"):
+        dit_compile.sketch_render(pipe, small, True)     # a switch, not a noise level
+    for rule in (0.5, dit_compile.Settle(1.0)):
+        assert dit_compile.sketch_render(pipe, small, rule)._progress_bar_config == {"disable": True}
+
+
+def test_calibration_without_guidance_takes_the_worst_of_a_second_order_samplers_calls(models):
+    """Guidance 1 (Wan's pipeline then calls the model once an evaluation) with Heun's sampler,
+    which evaluates twice at each noise level but the first: each call is a prediction of its
+    own, and the level's distance is the worse of its two calls' (guidance never mixes them)."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+    large, small, pipe = models
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    seen = {m: [] for m in (large, small)}
+    hooks = [m.register_forward_hook(
+        lambda m, args, kwargs, out: seen[m].append((float(kwargs["timestep"].max()), out[0])),
+        with_kwargs=True) for m in (large, small)]
+    cal = dit_compile.calibrate_split(pipe, small, [dict(wan_kwargs(1, 3), guidance_scale=1.0)],
+                                      0.0)
+    for h in hooks:
+        h.remove()
+    levels = {}
+    for (t, big), (_, little) in zip(seen[large], seen[small]):
+        levels.setdefault(t, []).append(float((little - big).norm() / big.norm()))
+    assert [len(d) for d in levels.values()] == [1, 2, 2]
+    assert any(d[1] > d[0] for d in levels.values() if len(d) == 2), "the test's premise"
+    assert cal.distances == pytest.approx([max(d) for d in levels.values()], rel=1e-5)
+
+
+def test_a_small_model_on_another_device_or_a_pipeline_without_its_large_one_is_refused(models):
+    large, small, pipe = models
+    elsewhere = copy.deepcopy(small).to("meta")
+    for rule in (0.5, dit_compile.Settle(1.0)):
+        with pytest.raises(ValueError, match="device: cpu vs meta"):
+            dit_compile.sketch_render(pipe, elsewhere, rule)
+    with pytest.raises(ValueError, match="`transformer` \\(the large model\\) is missing"):
+        dit_compile.sketch_render(pipelines.wan_pipeline(None), small, 0.5)
 
 
 # -- the online rule (Settle) ----------------------------------------------------------------
@@ -548,3 +640,93 @@ def test_online_split_bad_inputs_are_clear_errors(models):
     with pytest.raises(ValueError, match="in_channels"):
         dit_compile.sketch_render(pipe, type(large).from_config({**large.config, "in_channels": 8}),
                                   dit_compile.Settle(1.0))
+
+
+def test_online_split_keeps_the_switches_of_its_last_generations(models):
+    """``switches`` holds the last ``KEEP`` generations' (a long-running server makes many)."""
+    _, small, pipe = models
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf")))
+    split.transformer.KEEP = 2
+    with warnings.catch_warnings(record=True) as told, torch.no_grad():
+        warnings.simplefilter("always")
+        for _ in range(3):
+            split(**wan_kwargs(0, 2))
+    assert split.transformer.switches == [None, None]
+    # Not compiled itself: nothing to tell (the warning is for torch.compile on the split).
+    assert not [w for w in told if "compile the two models" in str(w.message)]
+
+
+def test_online_rule_under_a_second_order_sampler_reads_changes_between_levels(models):
+    """Heun's sampler evaluates twice at a noise level: no change is read between two calls at
+    one level (no step length to weigh it by: it would read as infinitely fast and hold the
+    switch back a step), so at rate inf the split hands over at the first step past the
+    warm-up, as under Euler."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+    large, small, pipe = models
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.3))
+    (big, h1), (little, h2) = timesteps_of(large), timesteps_of(small)
+    with torch.no_grad():
+        split(**wan_kwargs(0, 4))
+    h1.remove()
+    h2.remove()
+    levels = (big + little)[::2]    # per step (two calls a step): Heun's, all but the first twice
+    k = next(i for i, t in enumerate(levels) if t <= 0.7 * levels[0])
+    assert levels[k - 1] == levels[k - 2], "the test's premise: a second evaluation before it"
+    assert split.transformer.switches == [(k, levels[k])]
+
+
+def test_online_rate_zero_never_hands_over(models):
+    """The change must be below the rate: at rate 0 the large model takes every step, even one
+    whose output does not change at all (its output projection zeroed but its bias)."""
+    large, small, pipe = models
+    with torch.no_grad():
+        large.proj_out.weight.zero_()
+        large.proj_out.bias.fill_(0.5)
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(0.0, 0.0))
+    little, handle = timesteps_of(small)
+    with torch.no_grad():
+        split(**wan_kwargs(0, 4))
+    handle.remove()
+    assert split.transformer.switches == [None] and little == []
+
+
+def test_online_rule_reads_an_eager_large_model_past_its_cache_state_of_an_earlier_run(models):
+    """A large model that once ran compiled with a cache keeps that state (hung on its
+    parameters), its last record a reuse. Run eagerly in a split after, none of its calls is
+    served from that cache: the rule reads its changes, and decides as on a model that never
+    ran compiled."""
+    large, small, pipe = models
+    rule = dit_compile.Settle(float("inf"), 0.3)
+    fresh = dit_compile.sketch_render(pipe, small, rule)
+    with torch.no_grad():
+        fresh(**wan_kwargs(0, 4))
+    opts = {"cache": {"rule": "schedule", "step": [3]}, "regions": "eager"}
+    pipe.transformer = torch.compile(large, backend="mixcache", options=opts)
+    with torch.no_grad():
+        pipe(**wan_kwargs(0, 4))
+    assert dit_compile.stats(large)["trace"][-1]["action"] != "compute", "the test's premise"
+    pipe.transformer = large
+    split = dit_compile.sketch_render(pipe, small, rule)
+    with torch.no_grad():
+        split(**wan_kwargs(0, 4))
+    assert split.transformer.switches == fresh.transformer.switches != [None]
+
+
+def test_online_split_names_each_branch_to_both_models(models):
+    """Wan's pipeline names each call's guidance branch for diffusers' cache hooks
+    (``cache_context``): the split passes it on to the small model as to the large one."""
+    import contextlib
+    large, small, pipe = models
+    heard = {large: [], small: []}
+    for m in (large, small):
+        @contextlib.contextmanager
+        def cache_context(name, _m=m, **kwargs):
+            heard[_m].append(name)
+            yield
+        m.cache_context = cache_context
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.3))
+    with torch.no_grad():
+        split(**wan_kwargs(0, 4))
+    assert split.transformer.switches != [None]
+    assert heard[large] == heard[small] == ["cond", "uncond"] * 4
