@@ -730,3 +730,37 @@ def test_online_split_names_each_branch_to_both_models(models):
         split(**wan_kwargs(0, 4))
     assert split.transformer.switches != [None]
     assert heard[large] == heard[small] == ["cond", "uncond"] * 4
+
+
+def test_online_rule_reads_no_change_across_guidance_turned_off():
+    """Z-Image with guidance turned off from step 5 of 8 (cfg_truncation): its list of samples
+    halves there, and no sample of the one is known to be which of the other, so no change is
+    read across it: the rule decides on the last change read before it, as worked out by hand
+    on a large-only run. Read across it (the one sample left against the first of the two), the
+    change falls below the rate and the split switched at step 6."""
+    large = tiny_models.zimage()[0]
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "n_layers": 2}).eval()
+    pipe = pipelines.zimage_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []      # (noise level, outputs): the timestep passed is 1 - sigma
+    hook = large.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((1 - float(args[1].min()),
+                                                   [x.clone() for x in out[0]])), with_kwargs=True)
+    with torch.no_grad():
+        pipelines.run_zimage(pipe, 8, cfg_truncation=0.5)
+    hook.remove()
+    first, rule = calls[0][0], dit_compile.Settle(2.0, 0.1)
+
+    def rate(j):    # the change from call j - 1 to call j, per unit of the noise range
+        (s, xs), (t, ys) = calls[j - 1], calls[j]
+        return max(float(rel_l1(y[None], x[None]).max()) for x, y in zip(xs, ys)) * first / (s - t)
+    same = [j for j in range(1, 8) if len(calls[j][1]) == len(calls[j - 1][1])]
+    assert [len(c[1]) for c in calls] == [2] * 5 + [1] * 3, "the test's premise"
+    assert rate(5) < rule.rate, "the test's premise: read across, the change would switch"
+    k = next((k for k in range(2, 8) if calls[k][0] <= 0.9 * first
+              and rate(max(j for j in same if j < k)) < rule.rate), None)
+    split = dit_compile.sketch_render(pipe, small, rule)
+    with torch.no_grad():
+        pipelines.run_zimage(split, 8, cfg_truncation=0.5)
+    assert split.transformer.switches == [None if k is None else (k, calls[k][0])]
