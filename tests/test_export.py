@@ -393,6 +393,86 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         dit_compile.load(str(tmp_path / "wan"))
 
 
+def test_an_export_replaces_the_one_before_it_and_never_a_file(tmp_path):
+    """Export replaces the export at its path whole (nothing of it or of the staging left
+    beside), makes its directory as os.makedirs would (not mkdtemp's owner-only mode), and
+    refuses a path that is a file."""
+    model, kw = tiny_models.wan(layers=3)
+    call = {**kw, "return_dict": False}
+    target = tmp_path / "wan"
+    dit_compile.export(model, str(target), call, {"cache": None})
+    dit_compile.export(model, str(target), call, {"cache": SCHEDULE})
+    assert json.loads((target / "manifest.json").read_text())["guarded"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"], "the old export or staging left"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt is a file"):
+        dit_compile.export(model, str(tmp_path / "notes.txt"), call)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_loaded_model_keeps_its_own_attributes_and_checks_plain_values(tmp_path):
+    """A model attribute saved beside the config never takes the place of the loaded model's
+    own (here ``signature``, its input signature); the config answers ``hasattr`` as an object
+    does; a value JSON cannot hold, for a keyword exported as plain data, is refused as such."""
+    model, kw = tiny_models.wan(layers=3)
+    model.signature = "the model's own"
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
+    loaded = dit_compile.load(str(tmp_path))
+    assert loaded.signature != "the model's own"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kw, return_dict=False)[0],
+                                   model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+    assert hasattr(loaded.config, "patch_size") and not hasattr(loaded.config, "no_such_key")
+    with pytest.raises(ValueError, match="return_dict is a object; it was exported with "
+                                         "return_dict=False"):
+        loaded(**kw, return_dict=object())
+
+
+def test_an_export_whose_swap_fails_puts_the_export_before_back(tmp_path, monkeypatch):
+    """The new export is renamed into place after the old one is moved aside: where that rename
+    fails, the old export is moved back, whole, and nothing else is left."""
+    model, kw = tiny_models.wan(layers=3)
+    call = {**kw, "return_dict": False}
+    target = tmp_path / "wan"
+    dit_compile.export(model, str(target), call, {"cache": None})
+    with torch.no_grad():
+        before = dit_compile.load(str(target))(**call)[0]
+    rename = os.rename
+
+    def failing(src, dst):
+        if str(src).endswith(".partial"):
+            raise OSError("the disk said no")
+        rename(src, dst)
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="the disk said no"):
+        dit_compile.export(model, str(target), call, {"cache": SCHEDULE})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"]
+    assert not json.loads((target / "manifest.json").read_text())["guarded"]
+    with torch.no_grad():
+        torch.testing.assert_close(dit_compile.load(str(target))(**call)[0], before, rtol=0, atol=0)
+
+
+def test_a_loaded_model_caches_under_no_grad_whatever_its_inputs_require(tmp_path):
+    """Only a call autograd records is run uncached: under torch.no_grad() an input that
+    requires grad records nothing, so the cache runs (and nothing is said)."""
+    import warnings
+    model, kw = tiny_models.wan(layers=4)
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False},
+                       {"cache": SCHEDULE, "regions": "eager"})
+    loaded = dit_compile.load(str(tmp_path))
+    with warnings.catch_warnings(record=True) as told, torch.no_grad():
+        warnings.simplefilter("always")
+        for call in calls(kw):
+            loaded(**dict(call, hidden_states=call["hidden_states"].clone().requires_grad_()),
+                   return_dict=False)
+    assert not [w for w in told if "autograd records" in str(w.message)]
+    assert {"step", "cfg", "block"} <= {r["action"] for r in dit_compile.stats(loaded)["trace"]}
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path, compiled):
     """Z-Image builds its rotary table at its first call, a graph break then only: export, as

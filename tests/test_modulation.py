@@ -157,6 +157,33 @@ def test_exported_model_decides_on_the_modulated_input_as_the_backend_does(tmp_p
         [w["signal"] for w in want if w["signal"] is not None], rel=1e-4)
 
 
+def test_loaded_model_without_modulated_input_decides_on_the_latent_as_the_backend_does(tmp_path):
+    """Exported with TeaCache's signal 'modulated' from a model whose blocks the timestep does not
+    modulate: the export falls back to the latent (and says so, once), and the loaded model
+    decides on it as the backend does with signal 'input'."""
+    spec = random_dits.Spec(dim=8, depths=(3,), cross_attn=False, adaln=False, gated=False,
+                            two_streams=False, extra_input=False, batch=1, tokens=4)
+    model, kw = random_dits.build(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dit_compile.export(model, str(tmp_path / "m"), kw,
+                           {"cache": {"rule": "teacache", "threshold": 0.5}})
+    loaded = dit_compile.load(str(tmp_path / "m"))
+    compiled = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "teacache", "threshold": 0.5, "signal": "input"}})
+    outs = {}
+    for name, f in (("loaded", loaded), ("compiled", compiled)):
+        x, outs[name] = kw["hidden_states"].clone(), []
+        with torch.no_grad():
+            for t in (900.0, 800.0, 700.0, 600.0):
+                outs[name].append(f(**dict(kw, hidden_states=x, timestep=torch.tensor([t])))[0])
+                x = x - 0.05 * outs[name][-1]
+    actions = [[r["action"] for r in dit_compile.stats(m)["trace"]] for m in (loaded, model)]
+    assert actions[0] == actions[1] and "step" in actions[0]
+    for a, b in zip(outs["loaded"], outs["compiled"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 class _ShapedBlock(torch.nn.Module):
     """adaLN whose modulation reads the latent's shape only (``new_zeros``, ``zeros_like``), not
     its values."""
