@@ -426,6 +426,12 @@ def test_a_loaded_model_keeps_its_own_attributes_and_checks_plain_values(tmp_pat
         torch.testing.assert_close(loaded(**kw, return_dict=False)[0],
                                    model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
     assert hasattr(loaded.config, "patch_size") and not hasattr(loaded.config, "no_such_key")
+    saved = json.loads((tmp_path / "manifest.json").read_text())["attributes"]
+    assert saved and not [k for k in saved if k.startswith("_") or k == "training"]
+    # Cast (pipe.to(torch.bfloat16)) and cast back to the exported dtype: the weights are in the
+    # dtypes the programs take again.
+    loaded.to(torch.bfloat16).to(torch.float32)
+    assert {w.dtype for w in loaded.weights.values()} == {torch.float32}
     with pytest.raises(ValueError, match="return_dict is a object; it was exported with "
                                          "return_dict=False"):
         loaded(**kw, return_dict=object())
