@@ -435,6 +435,10 @@ def test_a_loaded_model_keeps_its_own_attributes_and_checks_plain_values(tmp_pat
     with pytest.raises(ValueError, match="return_dict is a object; it was exported with "
                                          "return_dict=False"):
         loaded(**kw, return_dict=object())
+    # The device is the signature's too: a latent elsewhere (here on meta) is refused as such.
+    with pytest.raises(ValueError, match=r"hidden_states is \(1, 4, 2, 8, 8\) torch.float32 on "
+                                         "meta; it was exported for .* on cpu"):
+        loaded(**{**kw, "hidden_states": kw["hidden_states"].to("meta")}, return_dict=False)
 
 
 def test_an_export_whose_swap_fails_puts_the_export_before_back(tmp_path, monkeypatch):
