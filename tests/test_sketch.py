@@ -270,8 +270,10 @@ def test_bad_inputs_are_clear_errors(models):
     vace = WanVACETransformer3DModel.from_config({**large.config, "vace_layers": [0]})
     with pytest.raises(TypeError, match="small model is a WanVACETransformer3DModel"):
         dit_compile.sketch_render(pipe, vace, 0.5)
-    with pytest.raises(ValueError, match="drop guidance_scale_2"):
-        dit_compile.calibrate_split(pipe, small, [dict(wan_kwargs(1), guidance_scale_2=3.0)], 0.1)
+    for g2 in (3.0, 0.0):       # any value given, a falsy one too
+        with pytest.raises(ValueError, match="drop guidance_scale_2"):
+            dit_compile.calibrate_split(pipe, small, [dict(wan_kwargs(1), guidance_scale_2=g2)],
+                                        0.1)
     flux = pipelines.flux_pipeline(tiny_models.flux()[0])
     with pytest.raises(TypeError, match="FluxPipeline has none. The online rule"):
         dit_compile.sketch_render(flux, small, 0.5)
@@ -637,6 +639,10 @@ def test_online_split_bad_inputs_are_clear_errors(models):
     split = dit_compile.sketch_render(pipe, small, 0.5)
     with pytest.raises(ValueError, match="transformer_2"):
         dit_compile.sketch_render(split, small, dit_compile.Settle(1.0))
+    online = dit_compile.sketch_render(pipe, small, dit_compile.Settle(1.0))
+    with pytest.raises(TypeError, match="OnlineSplit: the pipeline called the transformer without "
+                                        "tensors"):
+        online.transformer(hidden_states=[], timestep=torch.tensor([999.0]))   # an empty list
     with pytest.raises(ValueError, match="in_channels"):
         dit_compile.sketch_render(pipe, type(large).from_config({**large.config, "in_channels": 8}),
                                   dit_compile.Settle(1.0))
