@@ -591,24 +591,32 @@ def test_online_rule_on_a_rising_timestep_decides_from_the_first_generation_on()
     assert k is not None      # one rate of the two switches, the other never
 
 
+def _zimage_pair_and_large_run(steps: int, **kwargs):
+    """A tiny Z-Image and a 2-layer small one of its family, ZImagePipeline on the large one, and
+    its calls over a large-only run of ``steps``: (noise level, outputs) each (the timestep
+    passed is 1 - sigma; the outputs a list, one tensor per sample)."""
+    large = tiny_models.zimage()[0]
+    torch.manual_seed(1)
+    small = type(large).from_config({**large.config, "n_layers": 2}).eval()
+    pipe = pipelines.zimage_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    hook = large.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((1 - float(args[1].min()),
+                                                   [x.clone() for x in out[0]])), with_kwargs=True)
+    with torch.no_grad():
+        pipelines.run_zimage(pipe, steps, **kwargs)
+    hook.remove()
+    return large, small, pipe, calls
+
+
 def test_online_split_in_a_pipeline_that_passes_lists_of_latents():
     """ZImagePipeline passes its latents as a list, one tensor per sample (guidance batched: the
     conditional and unconditional ones), and the model answers with a list: the rule reads each
     sample's change (the worst decides), as worked out by hand on a large-only run, and the
     image is the one a model that runs large for the first k calls and small after gives. It
     was refused (a TypeError asking for tensors), though Settle is for any pipeline."""
-    large = tiny_models.zimage()[0]
-    torch.manual_seed(1)
-    small = type(large).from_config({**large.config, "n_layers": 2}).eval()
-    pipe = pipelines.zimage_pipeline(large)
-    pipe.set_progress_bar_config(disable=True)
-    calls = []      # (noise level, outputs): the timestep passed is 1 - sigma
-    hook = large.register_forward_hook(
-        lambda m, args, kwargs, out: calls.append((1 - float(args[1].min()),
-                                                   [x.clone() for x in out[0]])), with_kwargs=True)
-    with torch.no_grad():
-        pipelines.run_zimage(pipe, 6)
-    hook.remove()
+    large, small, pipe, calls = _zimage_pair_and_large_run(6)
     first, rule = calls[0][0], dit_compile.Settle(2.7, 0.1)
     k = next(k for k in range(2, 6) if calls[k][0] <= 0.9 * first and max(
         float(rel_l1(x[None], y[None]).max()) for x, y in zip(calls[k - 1][1], calls[k - 2][1])
@@ -744,18 +752,7 @@ def test_online_rule_reads_no_change_across_guidance_turned_off():
     read across it: the rule decides on the last change read before it, as worked out by hand
     on a large-only run. Read across it (the one sample left against the first of the two), the
     change falls below the rate and the split switched at step 6."""
-    large = tiny_models.zimage()[0]
-    torch.manual_seed(1)
-    small = type(large).from_config({**large.config, "n_layers": 2}).eval()
-    pipe = pipelines.zimage_pipeline(large)
-    pipe.set_progress_bar_config(disable=True)
-    calls = []      # (noise level, outputs): the timestep passed is 1 - sigma
-    hook = large.register_forward_hook(
-        lambda m, args, kwargs, out: calls.append((1 - float(args[1].min()),
-                                                   [x.clone() for x in out[0]])), with_kwargs=True)
-    with torch.no_grad():
-        pipelines.run_zimage(pipe, 8, cfg_truncation=0.5)
-    hook.remove()
+    large, small, pipe, calls = _zimage_pair_and_large_run(8, cfg_truncation=0.5)
     first, rule = calls[0][0], dit_compile.Settle(2.0, 0.1)
 
     def rate(j):    # the change from call j - 1 to call j, per unit of the noise range
