@@ -3,6 +3,7 @@ loaded without the model's source."""
 import json
 import os
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -469,7 +470,6 @@ def test_an_export_whose_swap_fails_puts_the_export_before_back(tmp_path, monkey
 def test_a_loaded_model_caches_under_no_grad_whatever_its_inputs_require(tmp_path):
     """Only a call autograd records is run uncached: under torch.no_grad() an input that
     requires grad records nothing, so the cache runs (and nothing is said)."""
-    import warnings
     model, kw = tiny_models.wan(layers=4)
     dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False},
                        {"cache": SCHEDULE, "regions": "eager"})
