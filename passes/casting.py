@@ -76,12 +76,42 @@ def _cast_forward(hook: Any, module: torch.nn.Module, forward: Callable[..., Any
     if not torch.compiler.is_compiling():
         args, kwargs = hook.pre_forward(module, *args, **kwargs)
         return hook.post_forward(module, forward(*args, **kwargs))
+    layer = _plain_layer(module, forward, args, kwargs)
+    if layer is not None:
+        # What the layer's own forward computes from its cast weights, without swapping them in:
+        # Dynamo's trace of _reparametrize_module and named_parameters is most of what a hooked
+        # layer costs it (a tiny 30-layer Wan, bf16 storage: 19.4 s traced, 11.7 s this way, 7.2 s
+        # without casting; CPU, torch 2.13).
+        dtype = hook.compute_dtype
+        weight, bias = module.weight.to(dtype), module.bias
+        return layer(args[0], weight, None if bias is None else bias.to(dtype))
     # As Module.to(dtype) casts: the floating-point tensors, each to the compute dtype.
     cast = {name: t.to(hook.compute_dtype)
             for name, t in (*module.named_parameters(), *module.named_buffers())
             if t.is_floating_point()}
     with _reparametrize_module(module, cast):
         return forward(*args, **kwargs)
+
+
+def _plain_layer(module: torch.nn.Module, forward: Callable[..., Any], args: tuple,
+                 kwargs: dict) -> Callable[..., Any] | None:
+    """``(input, weight, bias) -> output`` where ``forward`` is a plain ``nn.Linear``'s or
+    ``nn.Conv1d/2d/3d``'s own, called with its input alone, and its weight is floating point; None
+    otherwise (a subclass, another hook's forward, transposed convolutions, embeddings: those are
+    reparametrized)."""
+    if kwargs or len(args) != 1 or getattr(forward, "__self__", None) is not module:
+        return None
+    kind, func = type(module), getattr(forward, "__func__", None)
+    if kind is torch.nn.Linear and func is torch.nn.Linear.forward:
+        layer = torch.nn.functional.linear
+    elif kind in _CONVS and func is kind.forward:
+        layer = module._conv_forward
+    else:
+        return None
+    return layer if module.weight.is_floating_point() else None
+
+
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 def _no_pre_forward(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:

@@ -263,3 +263,47 @@ def test_the_casting_hook_is_found_among_the_layers_other_hooks():
         torch.testing.assert_close(layer(x), ref)
         torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), ref)
     assert calls == [0, 1] and layer.weight.dtype == STORAGE
+
+
+def test_plain_layers_trace_their_own_forward_on_the_cast_weights():
+    """Compiled, a hooked plain ``nn.Linear`` or ``nn.Conv1d/2d/3d`` computes its functional form
+    from its cast weights, without swapping them into the layer (Dynamo's trace of that swap was
+    most of what a hooked layer cost it); a transposed convolution, an embedding and a subclass
+    with a forward of its own are swapped as before. Each computes what its hook computes."""
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting
+    from dit_compile.passes.casting import _casting_hooks, _plain_layer
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Layers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.no_bias = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8, bias=False)
+            self.doubled, self.embedding = Doubled(8, 8), torch.nn.Embedding(10, 8)
+            self.conv1 = torch.nn.Conv1d(8, 8, 3, padding=1)
+            self.conv2, self.conv3 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv3d(8, 8, 1)
+            self.transposed = torch.nn.ConvTranspose2d(8, 8, 2, stride=2)
+
+        def forward(self, x, ids):
+            h = self.doubled(self.no_bias(self.linear(x))) + self.embedding(ids)   # (2, 8)
+            a = self.conv1(h[:, :, None].expand(2, 8, 5))
+            b = self.conv2(a[..., None].expand(2, 8, 5, 5))
+            return a, b, self.conv3(b[:, :, None]), self.transposed(b)
+
+    torch.manual_seed(0)
+    layers = Layers()
+    apply_layerwise_casting(layers, storage_dtype=STORAGE, compute_dtype=torch.float32)
+    assert functional_casting(layers) == 8
+    x, ids = torch.randn(2, 4), torch.tensor([3, 7])
+    plain = {path: _plain_layer(module, ref.forward.args[2], (x,), {}) is not None
+             for path, module, ref, _ in _casting_hooks(layers)}
+    assert plain == {"linear": True, "no_bias": True, "doubled": False, "embedding": False,
+                     "conv1": True, "conv2": True, "conv3": True, "transposed": False}
+    with torch.no_grad():
+        ref = layers(x, ids)
+        out = torch.compile(layers, backend="eager", fullgraph=True)(x, ids)
+    for o, r in zip(out, ref, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+    assert _stored_dtypes(layers) == {STORAGE}

@@ -1,0 +1,163 @@
+"""Where Dynamo's trace of a block stack goes: the blocks' bodies, their parameters, the hooks.
+
+    python bench/trace_cost.py [--layers 30] [--runs 3]
+
+A study for issue 2's first generation: Dynamo's trace alone
+(``backend="eager"``, ``fullgraph=True``, first call) of bench/wan_speed.py's tiny Wan, each way in
+a fresh process, runs alternated:
+
+- ``inlined``: the model as it is; Dynamo traces every block.
+- ``nested``: ``dit_compile.nest_blocks`` (Dynamo stamps out a traced region from torch 2.12 on).
+- ``opaque``: each block call is one custom op, ``trace_cost::block(key, inputs, parameters)``,
+  whose fake implementation runs the block on the fake tensors (so Dynamo still learns the output's
+  shape from the block itself, outside its bytecode tracer); the wrapper hands it the block's
+  parameters as ``list(self.parameters())``, which Dynamo traces.
+- ``opaque, parameters listed``: the same, the parameters listed on the block before compiling.
+- ``opaque, listed, no block run``: the same, the fake returning an empty tensor of the input's
+  shape: what the call and its parameters cost Dynamo.
+- ``layerwise casting``: ``enable_layerwise_casting`` (bf16 storage, fp32 compute) and the traced
+  form ``backend="mixcache"`` gives it (``dit_compile.functional_casting``).
+- ``layerwise casting, every layer swapped``: the same with every hooked layer's weights swapped in
+  (``_reparametrize_module``), as before plain linear and conv layers called their functional form.
+
+The op here is the study's own, for Wan's block signature only, and nothing in the package uses it;
+the casting rows run the package's own pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+WAYS = {
+    "inlined": "inlined",
+    "nested (`nest_blocks`)": "nested",
+    "opaque": "opaque",
+    "opaque, parameters listed": "listed",
+    "opaque, listed, no block run": "floor",
+    "layerwise casting": "cast",
+    "layerwise casting, every layer swapped": "cast-swapped",
+}
+
+
+def one(way: str, layers: int) -> float:
+    """Runs in the child process: build the model, make each block one op where asked, time the
+    first call under ``backend="eager"``."""
+    import time
+
+    import diffusers.pipelines  # noqa: F401  what a pipeline process has imported
+    import torch
+    from diffusers import WanTransformer3DModel
+    from wan_speed import CONFIGS, model_kwargs
+
+    kw = {**CONFIGS["tiny"], "num_layers": layers}
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**model_kwargs(kw)).eval()
+    x = torch.randn(1, 16, 2, 8, 8)
+    text = torch.randn(1, 16, kw["text_dim"])
+    if way == "nested":
+        import dit_compile
+        dit_compile.nest_blocks(model)
+    elif way.startswith("cast"):
+        from dit_compile.passes import casting
+        if way == "cast-swapped":
+            casting._plain_layer = lambda *args: None
+        model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        casting.functional_casting(model)
+    elif way != "inlined":
+        _make_opaque(model, listed=way in ("listed", "floor"), run_block=way != "floor")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = compiled(x, torch.tensor([900.0]), text, return_dict=False)[0]
+    first = time.perf_counter() - start
+    with torch.no_grad():   # the op runs the blocks for real: the output must be the model's
+        torch.testing.assert_close(out, model(x, torch.tensor([900.0]), text, return_dict=False)[0])
+    return first
+
+
+def _make_opaque(model, listed: bool, run_block: bool) -> None:
+    import torch
+
+    blocks = list(model.blocks)
+    in_fake = [False]       # the fake runs the block's forward, which must not call the op again
+
+    def run(key: int, inputs: list, params: list):
+        block = blocks[key]
+        names = [n for n, _ in block.named_parameters()]
+        h, e, temb, cos, sin = inputs
+        return [torch.func.functional_call(block, dict(zip(names, params)), (h, e, temb, (cos, sin)))]
+
+    @torch.library.custom_op("trace_cost::block", mutates_args=(),
+                             schema="(int key, Tensor[] inputs, Tensor[] params) -> Tensor[]")
+    def block_op(key: int, inputs: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        in_fake[0] = True
+        try:
+            return [t.clone() for t in run(key, inputs, params)]
+        finally:
+            in_fake[0] = False
+
+    @block_op.register_fake
+    def _(key, inputs, params):
+        if not run_block:
+            return [torch.empty_like(inputs[0])]
+        in_fake[0] = True
+        try:
+            return run(key, inputs, params)
+        finally:
+            in_fake[0] = False
+
+    cls = type(blocks[0])
+    forward = cls.forward
+
+    def opaque(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        if in_fake[0] or not torch.compiler.is_compiling():
+            return forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+        params = self._listed if listed else list(self.parameters())
+        inputs = [hidden_states, encoder_hidden_states, temb, rotary_emb[0], rotary_emb[1]]
+        return block_op(self._key, inputs, params)[0]
+
+    for key, block in enumerate(blocks):
+        block._key = key
+        block._listed = list(block.parameters())
+    cls.forward = opaque
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one(args.child, args.layers)))
+        return
+
+    import diffusers
+    import torch
+    times: dict[str, list[float]] = {name: [] for name in WAYS}
+    for _ in range(args.runs):
+        for name, way in WAYS.items():
+            out = subprocess.run([sys.executable, "-P", __file__, "--child", way, "--layers",
+                                  str(args.layers)], env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            times[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"done: {name}: {times[name][-1]:.2f} s", file=sys.stderr)
+    print(f"`python bench/trace_cost.py --layers {args.layers} --runs {args.runs}`\n\ntiny Wan, "
+          f"{args.layers} layers, cpu, torch {torch.__version__}, diffusers {diffusers.__version__},"
+          f" {os.cpu_count()} CPUs; Dynamo's trace alone (first call, backend eager), each run a "
+          "fresh process\n")
+    print("| blocks | first call, s |")
+    print("|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {' / '.join(f'{t:.2f}' for t in ts)} |")
+
+
+if __name__ == "__main__":
+    main()
