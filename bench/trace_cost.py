@@ -17,8 +17,10 @@ a fresh process, runs alternated:
   shape: what the call and its parameters cost Dynamo.
 - ``layerwise casting``: ``enable_layerwise_casting`` (bf16 storage, fp32 compute) and the traced
   form ``backend="mixcache"`` gives it (``dit_compile.functional_casting``).
-- ``layerwise casting, every layer swapped``: the same with every hooked layer's weights swapped in
-  (``_reparametrize_module``), as before plain linear and conv layers called their functional form.
+- ``layerwise casting, as before``: the same as that form was until 2026-12-06: every hooked layer
+  had its weights swapped in (``_reparametrize_module``) inside diffusers' hook wrapper (since,
+  plain linear and conv layers call their functional form, and the wrapper is skipped where the
+  casting is a layer's last hook).
 
 The op here is the study's own, for Wan's block signature only, and nothing in the package uses it;
 the casting rows run the package's own pass.
@@ -40,7 +42,7 @@ WAYS = {
     "opaque, parameters listed": "listed",
     "opaque, listed, no block run": "floor",
     "layerwise casting": "cast",
-    "layerwise casting, every layer swapped": "cast-swapped",
+    "layerwise casting, as before": "cast-before",
 }
 
 
@@ -64,8 +66,8 @@ def one(way: str, layers: int) -> float:
         dit_compile.nest_blocks(model)
     elif way.startswith("cast"):
         from dit_compile.passes import casting
-        if way == "cast-swapped":
-            casting._plain_layer = lambda *args: None
+        if way == "cast-before":
+            casting._plain_layer = casting._wraps = lambda *args: None
         model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
         casting.functional_casting(model)
     elif way != "inlined":

@@ -240,12 +240,16 @@ def test_cast_only_is_a_layer_whose_only_hook_is_layerwise_casting():
         assert cast_only(hooked) is None, register
 
 
-def test_the_casting_hook_is_found_among_the_layers_other_hooks():
+@pytest.mark.parametrize("other", ["before", "after", "after the traceable form"])
+def test_the_casting_hook_is_found_among_the_layers_other_hooks(other):
     """Another diffusers hook registered before the casting one (its function reference comes
-    first in the registry): the casting's reference gets the traceable path, which any backend
-    traces whole, and the other hook still runs, eager and compiled."""
+    first in the registry), after it, or after the casting got its traceable form: the casting's
+    reference gets that form, which any backend traces whole, and the other hook still runs, eager
+    and compiled. Where the casting is the last hook, the layer's forward is that form itself
+    (the registry's wrapper around it only called it)."""
     from diffusers.hooks import HookRegistry, ModelHook
     from diffusers.hooks.layerwise_casting import apply_layerwise_casting
+    from dit_compile.passes.casting import _casting_hooks
     calls = []
 
     class Counting(ModelHook):
@@ -253,10 +257,20 @@ def test_the_casting_hook_is_found_among_the_layers_other_hooks():
             calls.append(len(calls))
             return args, kwargs
 
+    def count(layer):
+        HookRegistry.check_if_exists_or_initialize(layer).register_hook(Counting(), "counting")
+
     layer = torch.nn.Linear(4, 4)
-    HookRegistry.check_if_exists_or_initialize(layer).register_hook(Counting(), "counting")
+    if other == "before":
+        count(layer)
     apply_layerwise_casting(layer, storage_dtype=STORAGE, compute_dtype=torch.float32)
+    if other == "after":
+        count(layer)
     assert functional_casting(layer) == 1 and find_casts(layer) == {"": True}
+    [(_, _, ref, _)] = _casting_hooks(layer)
+    assert (layer.forward is ref.forward) == (other != "after")
+    if other == "after the traceable form":
+        count(layer)
     x = torch.randn(2, 4)
     with torch.no_grad():
         ref = torch.nn.functional.linear(x, layer.weight.float(), layer.bias.float())
