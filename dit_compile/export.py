@@ -34,6 +34,7 @@ packages where the export made them, else the programs as exported (their ``modu
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import json
@@ -419,6 +420,20 @@ class Exported(torch.nn.Module):
         if dtype is not None and dtype == self.dtype and self._cast is None:
             return self if device is None else super().to(device, non_blocking=non_blocking)
         return super().to(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # Its programs are torch.export's, which hold local functions pickle cannot name: the
+        # export's directory is this model's saved form.
+        raise TypeError(f"{self.model_name} (exported): a loaded export does not pickle "
+                        "(torch.save included): keep the directory dit_compile.export wrote and "
+                        "dit_compile.load it again (copy.deepcopy works)")
+
+    def __deepcopy__(self, memo: dict) -> "Exported":
+        # What deepcopy does without __reduce_ex__: programs, weights and cache state copied.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Exported":
         result = super()._apply(fn, recurse)

@@ -1,7 +1,10 @@
 """Ahead-of-time export: the rewritten model saved as torch.export programs + plan + tensors, and
 loaded without the model's source."""
+import copy
+import io
 import json
 import os
+import pickle
 import subprocess
 import warnings
 import sys
@@ -440,6 +443,31 @@ def test_a_loaded_model_keeps_its_own_attributes_and_checks_plain_values(tmp_pat
     with pytest.raises(ValueError, match=r"hidden_states is \(1, 4, 2, 8, 8\) torch.float32 on "
                                          "meta; it was exported for .* on cpu"):
         loaded(**{**kw, "hidden_states": kw["hidden_states"].to("meta")}, return_dict=False)
+
+
+def test_a_loaded_model_deep_copies_with_a_cache_of_its_own_and_does_not_pickle(tmp_path):
+    """Pickling a loaded export (torch.save too) is a clear error pointing to its directory;
+    copy.deepcopy gives a model with its own cache state: calls of the two interleaved run each
+    its own generation, and both cache as the original alone did."""
+    model, kw = tiny_models.wan(layers=3)
+    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": SCHEDULE})
+    loaded = dit_compile.load(str(tmp_path))
+    for dump in (pickle.dumps, lambda m: torch.save(m, io.BytesIO())):
+        with pytest.raises(TypeError, match="a loaded export does not pickle .* dit_compile.load "
+                                            "it again"):
+            dump(loaded)
+    generation = list(calls(kw))
+    with torch.no_grad():
+        alone = [loaded(**c, return_dict=False)[0] for c in generation]
+        expected = [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(loaded)["trace"]]
+        dit_compile.reset(loaded)
+        twin = copy.deepcopy(loaded)
+        for c, out in zip(generation, alone, strict=True):
+            for m in (loaded, twin):
+                torch.testing.assert_close(m(**c, return_dict=False)[0], out, rtol=0, atol=0)
+    assert {"step", "cfg", "block"} <= {action for _, _, action in expected}
+    for m in (loaded, twin):
+        assert [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(m)["trace"]] == expected
 
 
 def test_an_export_whose_swap_fails_puts_the_export_before_back(tmp_path, monkeypatch):
