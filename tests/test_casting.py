@@ -317,6 +317,9 @@ def test_plain_layers_trace_their_own_forward_on_the_cast_weights():
     with torch.no_grad():
         ref = layers(x, ids)
         out = torch.compile(layers, backend="eager", fullgraph=True)(x, ids)
+        # Its input given by keyword: the layer's own forward, its weights swapped in.
+        by_name = torch.compile(layers.linear, backend="eager", fullgraph=True)(input=x)
     for o, r in zip(out, ref, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(by_name, layers.linear(x), rtol=1e-6, atol=1e-6)
     assert _stored_dtypes(layers) == {STORAGE}
