@@ -35,20 +35,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-WAYS = {
-    "inlined": "inlined",
-    "nested (`nest_blocks`)": "nested",
-    "opaque": "opaque",
-    "opaque, parameters listed": "listed",
-    "opaque, listed, no block run": "floor",
-    "layerwise casting": "cast",
-    "layerwise casting, as before": "cast-before",
-}
-
-
 def one(way: str, layers: int) -> float:
-    """Runs in the child process: build the model, make each block one op where asked, time the
-    first call under ``backend="eager"``."""
+    """Runs in the child process: build the model, set it up as ``way`` says, time the first
+    call under ``backend="eager"``."""
     import time
 
     import diffusers.pipelines  # noqa: F401  what a pipeline process has imported
@@ -61,17 +50,7 @@ def one(way: str, layers: int) -> float:
     model = WanTransformer3DModel(**model_kwargs(kw)).eval()
     x = torch.randn(1, 16, 2, 8, 8)
     text = torch.randn(1, 16, kw["text_dim"])
-    if way == "nested":
-        import dit_compile
-        dit_compile.nest_blocks(model)
-    elif way.startswith("cast"):
-        from dit_compile.passes import casting
-        if way == "cast-before":
-            casting._plain_layer = casting._wraps = lambda *args: None
-        model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
-        casting.functional_casting(model)
-    elif way != "inlined":
-        _make_opaque(model, listed=way in ("listed", "floor"), run_block=way != "floor")
+    WAYS[way](model)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     start = time.perf_counter()
     with torch.no_grad():
@@ -80,6 +59,20 @@ def one(way: str, layers: int) -> float:
     with torch.no_grad():   # the op runs the blocks for real: the output must be the model's
         torch.testing.assert_close(out, model(x, torch.tensor([900.0]), text, return_dict=False)[0])
     return first
+
+
+def _nested(model) -> None:
+    import dit_compile
+    dit_compile.nest_blocks(model)
+
+
+def _cast(model, as_before: bool = False) -> None:
+    import torch
+    from dit_compile.passes import casting
+    if as_before:
+        casting._plain_layer = casting._wraps = lambda *args: None
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    casting.functional_casting(model)
 
 
 def _make_opaque(model, listed: bool, run_block: bool) -> None:
@@ -129,6 +122,17 @@ def _make_opaque(model, listed: bool, run_block: bool) -> None:
     cls.forward = opaque
 
 
+WAYS = {
+    "inlined": lambda model: None,
+    "nested (`nest_blocks`)": _nested,
+    "opaque": lambda model: _make_opaque(model, listed=False, run_block=True),
+    "opaque, parameters listed": lambda model: _make_opaque(model, listed=True, run_block=True),
+    "opaque, listed, no block run": lambda model: _make_opaque(model, listed=True, run_block=False),
+    "layerwise casting": _cast,
+    "layerwise casting, as before": lambda model: _cast(model, as_before=True),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=30)
@@ -143,8 +147,8 @@ def main() -> None:
     import torch
     times: dict[str, list[float]] = {name: [] for name in WAYS}
     for _ in range(args.runs):
-        for name, way in WAYS.items():
-            out = subprocess.run([sys.executable, "-P", __file__, "--child", way, "--layers",
+        for name in WAYS:
+            out = subprocess.run([sys.executable, "-P", __file__, "--child", name, "--layers",
                                   str(args.layers)], env=dict(os.environ, PYTHONWARNINGS="ignore"),
                                  capture_output=True, text=True)
             if out.returncode != 0:
