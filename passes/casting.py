@@ -8,7 +8,9 @@ no backend ever sees a block (the model runs as a few hundred fragments, uncache
 
 The same cast is a pure function of the weights: run the layer's forward with each floating
 parameter and buffer replaced by its copy in the compute dtype
-(``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` does).
+(``torch.nn.utils.stateless._reparametrize_module``, what ``torch.func.functional_call`` does),
+or, for a plain ``nn.Linear`` or ``nn.Conv1d/2d/3d``, its functional form on the cast weights
+(Dynamo traces every hooked layer at every call, and the swap was most of what one cost it).
 Dynamo traces that as ``to`` nodes on the parameters, which are graph inputs; nothing is written
 back, and the weights stay stored in the storage dtype. Only the traced path changes: a call that
 is not compiled takes the hook's own ``Module.to`` round trip, so eager results are as before, and
@@ -95,9 +97,9 @@ def _cast_forward(hook: Any, module: torch.nn.Module, forward: Callable[..., Any
         return hook.post_forward(module, forward(*args, **kwargs))
     if layer is not None and len(args) == 1 and not kwargs and module.weight.is_floating_point():
         # What the layer's own forward computes from its cast weights, without swapping them in:
-        # Dynamo's trace of _reparametrize_module and named_parameters is most of what a hooked
-        # layer costs it (a tiny 30-layer Wan, bf16 storage, CPU: 19.4 s traced, 11.7 s this way,
-        # 7.2 s without casting, torch 2.13).
+        # Dynamo's trace of _reparametrize_module and named_parameters was most of what a hooked
+        # layer cost it (a tiny 30-layer Wan, bf16 storage, CPU, torch 2.13: 19-21 s traced
+        # swapping every layer, 9-10 s now, 7.4 s uncast; bench/RESULTS.md).
         dtype = hook.compute_dtype
         weight, bias = module.weight.to(dtype), module.bias
         return layer(args[0], weight, None if bias is None else bias.to(dtype))
