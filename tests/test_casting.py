@@ -267,8 +267,8 @@ def test_the_casting_hook_is_found_among_the_layers_other_hooks(other):
     if other == "after":
         count(layer)
     assert functional_casting(layer) == 1 and find_casts(layer) == {"": True}
-    [(_, _, ref, _)] = _casting_hooks(layer)
-    assert (layer.forward is ref.forward) == (other != "after")
+    [(_, _, casting, _)] = _casting_hooks(layer)
+    assert (layer.forward is casting.forward) == (other != "after")
     if other == "after the traceable form":
         count(layer)
     x = torch.randn(2, 4)
