@@ -57,10 +57,12 @@ def functional_casting(model: torch.nn.Module) -> int:
             _cast_forward, hook, module, ref.forward, _plain_layer(module, ref.forward)), ref.forward)
         ref.pre_forward = _no_pre_forward
         ref.post_forward = _no_post_forward
-        if _wraps(wrapper, module, ref):
+        if cast_only(module) is not None and _wraps(wrapper, module, ref):
             # The layer's forward is then the registry's wrapper calling that forward alone (and
             # two functions that do nothing), which Dynamo traces at every layer: 2.6-3.0 s of a
             # cast tiny 30-layer Wan's 11.2-12.6 s trace. A hook registered later wraps this one.
+            # Not beside an earlier hook: removing that one rebinds the reference's forward,
+            # which a forward taken from it here would no longer follow.
             module.forward = ref.forward
         changed += 1
     return changed
@@ -82,8 +84,7 @@ def cast_only(layer: torch.nn.Module) -> torch.dtype | None:
 
 def _wraps(wrapper: Any, module: torch.nn.Module, ref: Any) -> bool:
     """Whether ``wrapper`` is the wrapper diffusers' registry made of ``ref`` for ``module``
-    (``partial(new_forward, module)``, ``new_forward`` closing over the reference): the casting
-    hook was the last registered."""
+    (``partial(new_forward, module)``, ``new_forward`` closing over the reference)."""
     cells = getattr(getattr(wrapper, "func", None), "__closure__", None) or ()
     return (isinstance(wrapper, functools.partial) and len(wrapper.args) == 1
             and wrapper.args[0] is module

@@ -245,8 +245,10 @@ def test_the_casting_hook_is_found_among_the_layers_other_hooks(other):
     """Another diffusers hook registered before the casting one (its function reference comes
     first in the registry), after it, or after the casting got its traceable form: the casting's
     reference gets that form, which any backend traces whole, and the other hook still runs, eager
-    and compiled. Where the casting is the last hook, the layer's forward is that form itself
-    (the registry's wrapper around it only called it)."""
+    and compiled. Where the casting was the layer's only hook, the layer's forward is that form
+    itself (the registry's wrapper around it only called it); beside an earlier hook it is not,
+    since removing that hook rebinds the reference's forward, and the registry's wrapper follows
+    the reference: the removed hook no longer runs."""
     from diffusers.hooks import HookRegistry, ModelHook
     from diffusers.hooks.layerwise_casting import apply_layerwise_casting
     from dit_compile.passes.casting import _casting_hooks
@@ -268,7 +270,7 @@ def test_the_casting_hook_is_found_among_the_layers_other_hooks(other):
         count(layer)
     assert functional_casting(layer) == 1 and find_casts(layer) == {"": True}
     [(_, _, casting, _)] = _casting_hooks(layer)
-    assert (layer.forward is casting.forward) == (other != "after")
+    assert (layer.forward is casting.forward) == (other == "after the traceable form")
     if other == "after the traceable form":
         count(layer)
     x = torch.randn(2, 4)
@@ -277,6 +279,12 @@ def test_the_casting_hook_is_found_among_the_layers_other_hooks(other):
         torch.testing.assert_close(layer(x), ref)
         torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), ref)
     assert calls == [0, 1] and layer.weight.dtype == STORAGE
+    if other == "before":   # removed, it runs no more, and the rebound reference is made traceable
+        HookRegistry.check_if_exists_or_initialize(layer).remove_hook("counting")
+        assert functional_casting(layer) == 1
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), ref)
+        assert calls == [0, 1]
 
 
 def test_plain_layers_trace_their_own_forward_on_the_cast_weights():
