@@ -20,7 +20,7 @@ a fresh process, runs alternated:
 - ``layerwise casting, as before``: the same as that form was until 2026-12-06: every hooked layer
   had its weights swapped in (``_reparametrize_module``) inside diffusers' hook wrapper (since,
   plain linear and conv layers call their functional form, and the wrapper is skipped where the
-  casting is a layer's last hook).
+  casting is a layer's only hook).
 
 The op here is the study's own, for Wan's block signature only, and nothing in the package uses it;
 the casting rows run the package's own pass.
