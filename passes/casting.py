@@ -100,7 +100,7 @@ def _cast_forward(hook: Any, module: torch.nn.Module, forward: Callable[..., Any
         # What the layer's own forward computes from its cast weights, without swapping them in:
         # Dynamo's trace of _reparametrize_module and named_parameters was most of what a hooked
         # layer cost it (a tiny 30-layer Wan, bf16 storage, CPU, torch 2.13: 19-21 s traced
-        # swapping every layer, 9-10 s now, 7.4 s uncast; bench/RESULTS.md).
+        # swapping every layer, 9-10.5 s now, 7.1-7.5 s uncast; bench/RESULTS.md).
         dtype = hook.compute_dtype
         weight, bias = module.weight.to(dtype), module.bias
         return layer(args[0], weight, None if bias is None else bias.to(dtype))
