@@ -59,8 +59,8 @@ def functional_casting(model: torch.nn.Module) -> int:
         ref.post_forward = _no_post_forward
         if cast_only(module) is not None and _wraps(wrapper, module, ref):
             # The layer's forward is then the registry's wrapper calling that forward alone (and
-            # two functions that do nothing), which Dynamo traces at every layer: 2.6-3.0 s of a
-            # cast tiny 30-layer Wan's 11.2-12.6 s trace. A hook registered later wraps this one.
+            # two functions that do nothing), which Dynamo would trace at every layer of every
+            # call (bench/RESULTS.md, the casting rows). A hook registered later wraps this one.
             # Not beside an earlier hook: removing that one rebinds the reference's forward,
             # which a forward taken from it here would no longer follow.
             module.forward = ref.forward
