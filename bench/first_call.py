@@ -12,7 +12,9 @@ pays what a user's first generation pays for the transformer: Dynamo's trace and
 ``dit_compile.nest_blocks(model)`` first (``torch.compiler.nested_compile_region`` on this model's
 blocks), so that Dynamo traces one block and stamps out the rest (a user's one line; the backend
 cannot shorten the trace it is handed); those rows are left out on a torch whose Dynamo traces
-every nested call again (before 2.12).
+every nested call again (before 2.12). "blocks stamped" calls ``dit_compile.nest_blocks(model,
+stamp=True)``: Dynamo traces the first block and the backend stamps it out for the rest
+(``passes/stamping.py``), on any torch.
 For mixcache the backend's own time (region pass, split, compiles) is read from its INFO log; the
 rest of the first call is Dynamo and running the model once. Not a benchmark of per-call speed (bench/wan_speed.py).
 """
@@ -35,6 +37,8 @@ METHODS = {
     "dynamo trace only, blocks nested": "nested-eager",
     "mixcache, cache off, blocks nested": "nested-mixcache",
     "mixcache, cache off, regions=blocks, blocks nested": "nested-blocks",
+    "mixcache, cache off, blocks stamped": "stamped-mixcache",
+    "mixcache, cache off, regions=blocks, blocks stamped": "stamped-blocks",
 }
 
 # The latent (batch, channels, frames, height, width) and text tokens wan_speed.py feeds each
@@ -68,10 +72,10 @@ def one(method: str, layers: int, device: str, config: str) -> dict:
     m = m.to(dtype).eval()
     x = torch.randn(latent, device=device, dtype=dtype)
     e = torch.randn(1, text, kw["text_dim"], device=device, dtype=dtype)
-    if method.startswith("nested-"):
+    if method.startswith(("nested-", "stamped-")):
         import dit_compile
-        dit_compile.nest_blocks(m)
-        method = method.removeprefix("nested-")
+        dit_compile.nest_blocks(m, stamp=method.startswith("stamped-"))
+        method = method.partition("-")[2]
     if method == "regional":
         m.compile_repeated_blocks(fullgraph=True)
         f = m

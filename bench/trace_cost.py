@@ -8,6 +8,10 @@ a fresh process, runs alternated:
 
 - ``inlined``: the model as it is; Dynamo traces every block.
 - ``nested``: ``dit_compile.nest_blocks`` (Dynamo stamps out a traced region from torch 2.12 on).
+- ``stamped``: ``dit_compile.nest_blocks(model, stamp=True)``: the first block traced, each later
+  one an opaque call the mixcache backend replaces by the first block's nodes
+  (``passes/stamping.py``). Here traced as mixcache's compile traces it (another backend's traces
+  them as nested regions: the study says otherwise by hand), the calls run eagerly.
 - ``opaque``: each block call is one custom op, ``trace_cost::block(key, inputs, parameters)``,
   whose fake implementation runs the block on the fake tensors (so Dynamo still learns the output's
   shape from the block itself, outside its bytecode tracer); the wrapper hands it the block's
@@ -64,6 +68,14 @@ def one(way: str, layers: int) -> float:
 def _nested(model) -> None:
     import dit_compile
     dit_compile.nest_blocks(model)
+
+
+def _stamped(model) -> None:
+    import dit_compile
+    import dit_compile.passes.nesting as nesting
+    dit_compile.nest_blocks(model, stamp=True)
+    # Stamped blocks are traced as such only when mixcache compiles: said here by hand.
+    nesting.stamping = lambda: True
 
 
 def _cast(model, as_before: bool = False) -> None:
@@ -125,6 +137,7 @@ def _make_opaque(model, listed: bool, run_block: bool) -> None:
 WAYS = {
     "inlined": lambda model: None,
     "nested (`nest_blocks`)": _nested,
+    "stamped (`nest_blocks(stamp=True)`)": _stamped,
     "opaque": lambda model: _make_opaque(model, listed=False, run_block=True),
     "opaque, parameters listed": lambda model: _make_opaque(model, listed=True, run_block=True),
     "opaque, listed, no block run": lambda model: _make_opaque(model, listed=True, run_block=False),

@@ -21,6 +21,7 @@ from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, check_who
                              find_regions, missing_inputs, named_inputs, outside_model,
                              source_name, user_inputs)
 from .passes.split import Piece, Plan, split
+from .passes.stamping import stamp_blocks
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.halves import HalfBatch
@@ -41,6 +42,8 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     #    stack) is lowered now, and the next trace is whole. Any other break: traced once more at
     #    the next call (a first call's lazy init), once per instance.
     install_trace_hook()
+    #    Blocks Dynamo did not trace (nest_blocks(model, stamp=True)) become the first's nodes.
+    stamp_blocks(gm)
     model = compiled_model() or traced_module()
     lower_moe_and_retrace(model, opts.lower_moe)
     retraced = retrace_once_after_break(gm, model)

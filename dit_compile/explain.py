@@ -15,6 +15,7 @@ from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
+from .passes.stamping import restamp
 from .passes.regions import (NoBlockStructure, RegionMap, check_whole_stacks, find_regions,
                              missing_inputs, named_inputs)
 from .passes.split import split
@@ -39,6 +40,7 @@ class Report:
     nested: int = 0                                        # block calls traced as nested regions
     nested_regions: int = 0                                # distinct regions those calls run
     marked: bool = False                                   # nest_blocks marked its blocks
+    stamped: int = 0                                       # blocks mixcache stamps (passes.stamping)
     breaks: list[str] = field(default_factory=list)        # Dynamo's reasons, most frequent first
     relayed: bool = False       # broken before the blocks: cached by the first graph's record
 
@@ -66,10 +68,14 @@ class Report:
                          "region(s), " + ("each traced once" if reuses_nested_regions() else
                                           f"each call traced again by torch {torch.__version__} "
                                           "(slower than inlined: dit_compile.unnest_blocks(model))"))
-        elif self.stacks and self.marked:
+        if self.stacks and self.stamped:
+            lines.append(f"  blocks stamped: {self.stamped} (backend='mixcache' traces the first "
+                         "block of each stack and stamps it out for these; other backends, this "
+                         "report's trace among them, trace them as nested regions)")
+        elif self.stacks and self.marked and not self.nested:
             lines.append("  blocks traced: every one, though nested (no block could reuse "
                          "another's trace: each has a constant of its own)")
-        elif self.stacks:
+        elif self.stacks and not self.nested:
             lines.append("  blocks traced: every one (dit_compile.nest_blocks(model) traces one "
                          "per stack: a shorter first call)")
         if self.inputs:
@@ -281,6 +287,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     calls = nested[found.index(rmap)]
     report.nested, report.nested_regions = len(calls), len(set(calls))
     report.marked = _marked(target)
+    report.stamped = restamp(target)
     report.stacks, report.streams = rmap.stacks, rmap.streams
     if relayed:     # the call's own inputs, in the first graph; the last one's are intermediates
         report.inputs, report.input_rule = dict(heads[0]), "names"

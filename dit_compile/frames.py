@@ -25,6 +25,7 @@ from .options import Options
 from .passes.casting import find_casts, functional_casting
 from .passes.moe import find_moe, lower_moe
 from .passes.regions import NoBlockStructure
+from .passes.stamping import restamp
 
 log = logging.getLogger("dit_compile")
 
@@ -99,24 +100,15 @@ def lower_before_trace(_: Any = None) -> None:
     are left to the backend (``lower_moe_and_retrace``, ``retrace_once_after_break``). Never fails
     a compile."""
     try:
-        options = _mixcache_options()
+        options = mixcache_options()
         model = None if options is None else compiled_model()
         if model is None:
             return
         functional_casting(model)
-        if not Options.parse(options).lower_moe:
-            return
-        found = find_moe(model)
-        if not found:
-            return
-        pending = [p for p, done in found.items() if not done]
-        # Those lowered already (by hand, or by an earlier compile) are brought up to date with
-        # their experts, which may have changed since (layerwise casting enabled after lowering
-        # left full-precision stacks; a wrapper or a hook added undoes the lowering, warning).
-        lower_moe(model)
+        pending, left = _lower_moe(model, options)
+        restamp(model)      # after the rewrites above: they change what the blocks hold
         if not pending:
             return
-        left = sum(not done for done in find_moe(model).values())
     except Exception as why:  # a bad option or Dynamo internals moved: the backend's path remains
         log.debug("mixcache: lowering before the trace skipped: %s", why)
         return
@@ -130,7 +122,21 @@ def lower_before_trace(_: Any = None) -> None:
                   "leaves the model as it is", stacklevel=2)
 
 
-def _mixcache_options() -> dict | None:
+def _lower_moe(model: torch.nn.Module, options: dict) -> tuple[list[str], int]:
+    """The model's MoE dispatches lowered where the options allow: those lowered now, and how
+    many of them could not be."""
+    found = find_moe(model) if Options.parse(options).lower_moe else {}
+    if not found:
+        return [], 0
+    pending = [p for p, done in found.items() if not done]
+    # Those lowered already (by hand, or by an earlier compile) are brought up to date with
+    # their experts, which may have changed since (layerwise casting enabled after lowering
+    # left full-precision stacks; a wrapper or a hook added undoes the lowering, warning).
+    lower_moe(model)
+    return pending, sum(not done for done in find_moe(model).values()) if pending else 0
+
+
+def mixcache_options() -> dict | None:
     """The options of the compile starting now, where its backend is mixcache; None for any other.
     Dynamo's frame converter, on the stack, holds the backend, inside Dynamo's wrappers and
     torch.compile's (which holds the options)."""

@@ -33,6 +33,7 @@ import functools
 from typing import Any, Callable, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 try:    # private, though torch.func.functional_call's own (torch 2.0 to 2.15 at least)
     from torch.nn.utils.stateless import _reparametrize_module
@@ -93,7 +94,9 @@ def _wraps(wrapper: Any, module: torch.nn.Module, ref: Any) -> bool:
 
 def _cast_forward(hook: Any, module: torch.nn.Module, forward: Callable[..., Any],
                   layer: Callable[..., Any] | None, *args: Any, **kwargs: Any) -> Any:
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not (args and isinstance(args[0], FakeTensor)):
+        # (On fake tensors: a stamped block's fake run, passes.stamping, computes what the trace
+        # of the first block holds; the hook's own casts in place fail on fake weights.)
         args, kwargs = hook.pre_forward(module, *args, **kwargs)
         return hook.post_forward(module, forward(*args, **kwargs))
     if layer is not None and len(args) == 1 and not kwargs and module.weight.is_floating_point():

@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .regions import is_torch_nn
+from .stamping import (OUT, STAMP, STAMPED, flat_output, restamp, stamp_mark, stamped_block,
+                       stamping, tensor_leaves)
 
 NESTED_FROM = "_dit_compile_nested_from"    # on a nested subclass: the class it stands in for
 NESTED_FORWARD = "_dit_compile_nested_forward"  # on a nested subclass: the forward it wraps
@@ -55,31 +57,39 @@ def block_stacks(model: nn.Module) -> dict[str, nn.ModuleList | nn.Sequential]:
     return stacks
 
 
-def nest_blocks(model: nn.Module) -> int:
+def nest_blocks(model: nn.Module, stamp: bool = False) -> int:
     """Mark every block of ``model``'s stacks as a nested compile region, in place; returns the
     number of blocks now marked (again: the same number, nothing changes). Call before
     ``torch.compile``; ``unnest_blocks`` undoes it. The outputs are the same; the first call
     traces one block per stack where Dynamo reuses nested regions (torch 2.12 on), and warns
-    where it does not; under ``dynamic=True`` the blocks trace inlined."""
-    if not reuses_nested_regions():
+    where it does not; under ``dynamic=True`` the blocks trace inlined.
+
+    ``stamp``: under ``backend="mixcache"``, Dynamo traces the first block of each stack and the
+    backend stamps its graph out for the blocks alike to it, on any torch (``passes.stamping``)."""
+    if not reuses_nested_regions() and not stamp:
         warnings.warn(
             f"dit_compile.nest_blocks: torch {torch.__version__} traces every call of a nested "
             "compile region again (Dynamo reuses a traced region from torch 2.12 on), so nesting "
             "makes the first call slower, not faster (Dynamo's trace of a tiny 30-block Wan on a "
             "CPU: 6.7-7.1 s nested, 5.0-5.3 s inlined); the blocks are nested as asked, "
-            "unnest_blocks(model) undoes it",
+            "unnest_blocks(model) undoes it; nest_blocks(model, stamp=True) traces one block on "
+            "this torch too, under backend='mixcache'",
             stacklevel=2)
     n = 0
     for stack in block_stacks(model).values():
         for block in stack:
             block.__class__ = _nested(_original(type(block)))
             n += 1
+    model.__dict__[STAMPED] = stamp
+    restamp(model)
     return n
 
 
 def unnest_blocks(model: nn.Module) -> int:
     """Undo ``nest_blocks``: every marked block of ``model`` back to its own class; returns how
     many were marked."""
+    restamp(model, on=False)
+    model.__dict__.pop(STAMPED, None)
     n = 0
     for module in model.modules():
         original = type(module).__dict__.get(NESTED_FROM)
@@ -136,8 +146,9 @@ def _flat_region(forward: Callable[..., Any]) -> Callable[..., Any]:
     float argument, ``KeyError``; torch 2.15: a norm's eps too, "Freevar has no source").
 
     Run eagerly or traced inlined, nothing is laid out or copied."""
-    region = _nested_region(forward)
-    flat = _nested_region(_from_leaves(forward))
+    region = _nested_region(_unaliased(forward))
+    flat = _nested_region(_from_leaves(_unaliased(forward)))
+    from_leaves = _from_leaves(forward)     # the first of stamped blocks: traced inlined
 
     @functools.wraps(forward)
     def nested(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -148,6 +159,23 @@ def _flat_region(forward: Callable[..., Any]) -> Callable[..., Any]:
             args, kwargs = _unshared(args, kwargs)
             return region(self, *args, **kwargs)
         layout, leaves = laid_out
+        stamp = self._dit_compile_stamp if stamping() else None
+        if stamp is not None:
+            split = tensor_leaves(layout, leaves)
+            if split is not None:
+                key, first, tensors = stamp
+                if key != first:
+                    outs = stamped_block(key, split[0], split[1], list(tensors))
+                    return outs[0] if len(outs) == 1 else tuple(outs)
+                # The first block, traced inlined between two marks (passes.stamping).
+                marked = iter(stamp_mark(key, split[0], split[1]))
+                out = from_leaves(self, layout, *[next(marked) if isinstance(x, torch.Tensor)
+                                                  else x for x in leaves])
+                outs = flat_output(out)
+                if outs is None:
+                    return out
+                outs = stamp_mark(key, OUT, outs)
+                return outs[0] if len(outs) == 1 else tuple(outs)
         return flat(self, layout, *_copied_shared(leaves))
     return nested
 
@@ -309,8 +337,8 @@ def _nested(cls: type) -> type:
     made = _subclasses.get(cls)
     if made is None or made.__dict__[NESTED_FORWARD] is not forward:
         _subclasses[cls] = type(cls.__name__, (cls,), {
-            "forward": _flat_region(_unaliased(cls.forward)),
-            "__reduce_ex__": _reduce_nested, NESTED_FORWARD: forward,
+            "forward": _flat_region(cls.forward),
+            "__reduce_ex__": _reduce_nested, NESTED_FORWARD: forward, STAMP: None,
             NESTED_FROM: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     return _subclasses[cls]
 
@@ -322,9 +350,12 @@ def _nested_region(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 def _reduce_nested(self: nn.Module, protocol: int) -> tuple:
     """A nested block pickles (``torch.save(model)``, ``copy.deepcopy``) by the class it stands in
-    for and comes back nested: pickle finds a class by its name, which names the original."""
-    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))    # (__newobj__, (cls,), state, ...)
-    return (_new_nested, (_original(type(self)),), *rest)
+    for and comes back nested: pickle finds a class by its name, which names the original. It
+    comes back unstamped: a stamp names this block (``passes.stamping``); a stamped model's copy
+    is stamped anew as mixcache's compile of it starts."""
+    _, _, state, *rest = object.__reduce_ex__(self, max(protocol, 2))   # (__newobj__, (cls,), state, ...)
+    state = {k: v for k, v in state.items() if k != STAMP}
+    return (_new_nested, (_original(type(self)),), state, *rest)
 
 
 def _new_nested(cls: type) -> nn.Module:

@@ -413,19 +413,29 @@ def test_half_forward_under_dynamic_shapes_matches_reference():
 
 
 @pytest.mark.inductor
-def test_half_forward_through_inductor_matches_reference():
+@pytest.mark.parametrize("stamp", [False, True])
+def test_half_forward_through_inductor_matches_reference(stamp, monkeypatch):
     """The half-batch forward compiled with its own torch.compile, called from inside ours.
     (Inductor for the blocks alone: the nesting is what is tested here, and the prologues' and
-    epilogues' compiles would double the test's time.)"""
+    epilogues' compiles would double the test's time.) With stamped blocks: the half forward's
+    compile (Inductor's) traces them as nested regions, and neither compile makes the other's
+    graph trace again (each would, were the stamps guarded and changed between them)."""
     from torch._dynamo.utils import counters
     model = pipelines.cogvideox_transformer()
     ref = _reference(model, {2, 3})
+    if stamp:
+        assert dit_compile.nest_blocks(model, stamp=True) >= 2
+        dit_compile.frames.install_trace_hook()     # reset() dropped it (a fresh process has it)
+    stamped, real = [], backend.stamp_blocks
+    monkeypatch.setattr(backend, "stamp_blocks", lambda gm: stamped.append(sum(
+        n.target is torch.ops.dit_compile.stamped_block.default for n in gm.graph.nodes)) or real(gm))
     pipe = _pipe(model)
     pipe.transformer = torch.compile(model, backend="mixcache", options={
         "regions": "blocks", "cache": {"rule": "schedule", "cfg": [2, 3]}})
     counters.clear()
     torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), ref, rtol=1e-4, atol=1e-4)
     assert counters["frames"]["ok"] == 2, "the model's graph, then the half forward's"
+    assert (stamped[0] > 0) == stamp and len(stamped) == 1
     _check_trace(dit_compile.stats(pipe.transformer)["trace"], {2, 3}, generations=1)
 
 

@@ -36,13 +36,14 @@ def calls(kw: dict, steps: int = 6, rising: bool = False):
             yield dict(hidden_states=x, timestep=t.reshape(1), encoder_hidden_states=text)
 
 
-@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("nested", [False, True, "stamped"])
 def test_exported_model_matches_eager(tmp_path, nested):
     """``nested``: the blocks nested (``nest_blocks``), so that they reach the backend as
-    invoke_subgraph calls; they export as one shared program all the same."""
+    invoke_subgraph calls; they export as one shared program all the same. Stamped blocks
+    (mixcache's compile stamps them) are traced by the export as nested ones."""
     model, kw = tiny_models.wan(layers=3)
     if nested:
-        dit_compile.nest_blocks(model)
+        dit_compile.nest_blocks(model, stamp=nested == "stamped")
     dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     # prologue, one block for the three, epilogue

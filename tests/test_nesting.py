@@ -9,6 +9,7 @@ import torch
 
 import dit_compile
 import dit_compile.backend as backend
+from dit_compile.frames import install_trace_hook
 import tiny_models
 from dit_compile.passes.moe import lower_moe
 from test_cache import STEPS
@@ -240,38 +241,55 @@ def _generation(f, kw):
     return outs
 
 
+# Stamped (nest_blocks(model, stamp=True), passes/stamping.py): the blocks Dynamo hands over as
+# opaque calls, each after its stack's first where alike to it. Flux3's image_cond stack runs with
+# a condition image only; the last of HiDream's caption projections maps another width.
+STAMPED_CALLS = {"wan": 2, "flux": 2, "hunyuan": 3, "hidream": 5, "flux3": 3}
+
+
 @pytest.mark.parametrize("name", sorted(tiny_models.MODELS))
-def test_nested_blocks_are_guarded_and_counted_as_inlined_ones(name):
-    """The same forced schedule (step, block reuse) on a model with nested blocks and on the same
-    model inlined: the same outputs, the same reuse and the same FLOPs fraction (each nested block
-    counted through its subgraph), read from the state the nested graph used (it may hang on
-    another parameter than the inlined graph's, which then holds a stale one). Flux's and HunyuanVideo's single-stream blocks return views
-    of one tensor, which a nested region may not: nest_blocks copies them when compiled."""
+def test_nested_blocks_are_guarded_and_counted_as_inlined_ones(name, recwarn):
+    """The same forced schedule (step, block reuse) on a model with nested blocks, with stamped
+    blocks, and on the same model inlined: the same outputs, the same reuse and the same FLOPs
+    fraction (each nested block counted through its subgraph), read from the state each graph
+    used (it may hang on another parameter than the inlined graph's, which then holds a stale
+    one). Flux's and HunyuanVideo's single-stream blocks return views of one tensor, which a
+    nested region may not: nest_blocks copies them when compiled. Stamped: the opaque calls in
+    Dynamo's graph, none left in the graph the region pass reads, none left to run eagerly."""
     model, kw = tiny_models.MODELS[name]()
     if name == "hidream":
         lower_moe(model)
     cache = {"rule": "schedule", "step": [2], "block": [1, 3, 4]}
+    stamped = torch.ops.dit_compile.stamped_block.default
     runs = []
-    for nested in (False, True):
-        if nested:
-            assert dit_compile.nest_blocks(model) >= 2
-        graphs = []
-        real = backend.find_regions
+    for mode in ("inlined", "nested", "stamped"):
+        if mode != "inlined":
+            assert dit_compile.nest_blocks(model, stamp=mode == "stamped") >= 2
+        graphs, traced = [], []
+        real_find, real_stamp = backend.find_regions, backend.stamp_blocks
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real(gm))
+            mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real_find(gm))
+            mp.setattr(backend, "stamp_blocks", lambda gm: traced.append(
+                sum(n.target is stamped for n in gm.graph.nodes)) or real_stamp(gm))
             torch._dynamo.reset()
+            install_trace_hook()    # what the entry point does in a fresh process
             f = torch.compile(model, backend="mixcache", fullgraph=True,
                               options={"regions": "eager", "cache": cache})
             dit_compile.reset(f)    # the inlined run's counts; its state may hang elsewhere
             outs = _generation(f, kw)
-        assert (_subgraph_calls(graphs[0]) > 0) == nested
+        if mode != "stamped":   # (a block not stamped is nested: HiDream's last projection)
+            assert (_subgraph_calls(graphs[0]) > 0) == (mode == "nested")
+        assert traced[0] == (STAMPED_CALLS[name] if mode == "stamped" else 0)
+        assert not any(n.target is stamped for n in graphs[0].graph.nodes)
         s = dit_compile.stats(f)
         runs.append((outs, s["reused"], s["flops_fraction"]))
-    (ref, reused, flops), (outs, nested_reused, nested_flops) = runs
-    assert reused == nested_reused == {"step": 1, "block": 3}
-    assert nested_flops == pytest.approx(flops, rel=1e-9)
-    for i, (a, b) in enumerate(zip(outs, ref)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"call {i}")
+    ref, reused, flops = runs[0]
+    for mode, (outs, mode_reused, mode_flops) in zip(("nested", "stamped"), runs[1:]):
+        assert reused == mode_reused == {"step": 1, "block": 3}, mode
+        assert mode_flops == pytest.approx(flops, rel=1e-9), mode
+        for i, (a, b) in enumerate(zip(outs, ref)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{mode}, call {i}")
+    assert not [w for w in recwarn if "runs eagerly" in str(w.message)]
 
 
 def test_blocks_that_differ_by_a_constant_are_traced_each_not_a_failed_compile():
@@ -478,3 +496,4 @@ def test_nested_cogvideox_halves_match_eager_reference():
         warnings.filterwarnings("error", message="mixcache")
         torch.testing.assert_close(pipelines.run_cogvideox(pipe, N), ref, rtol=1e-5, atol=1e-5)
     _check_trace(dit_compile.stats(pipe.transformer)["trace"], {1, 3, 4}, generations=1)
+

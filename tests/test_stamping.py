@@ -1,0 +1,285 @@
+"""``nest_blocks(model, stamp=True)``: Dynamo traces the first block of each stack, each later block
+that is alike to it is one opaque call, and the backend puts the first block's nodes in its place
+on the block's own arguments and weights. What the backend then compiles and caches is what it
+compiles and caches of the model inlined."""
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import dit_compile
+import dit_compile.backend as backend
+import random_dits
+import tiny_models
+from dit_compile.frames import install_trace_hook
+from dit_compile.passes.stamping import STAMP, stamped_block, state, unlike
+from test_nesting import _generation
+
+STAMPED = torch.ops.dit_compile.stamped_block.default
+
+
+@pytest.fixture(autouse=True)
+def _trace_hook(_fresh_dynamo):
+    """torch._dynamo.reset() (each test's, conftest) drops the start callback that stamps the
+    blocks anew as each mixcache compile starts; a fresh process has it from the entry point."""
+    install_trace_hook()
+
+
+def _stamps(model) -> list:
+    return [b.__dict__.get(STAMP, (None, None))[:2] for b in model.blocks]
+
+
+def _compiled(model, cache=None, traced=None, graphs=None, mp=None):
+    """``model`` compiled with mixcache; ``traced`` gets each Dynamo graph's count of opaque
+    calls, ``graphs`` the graphs the region pass reads."""
+    real_stamp, real_find = backend.stamp_blocks, backend.find_regions
+    if traced is not None:
+        mp.setattr(backend, "stamp_blocks", lambda gm: traced.append(
+            sum(n.target is STAMPED for n in gm.graph.nodes)) or real_stamp(gm))
+    if graphs is not None:
+        mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real_find(gm))
+    return torch.compile(model, backend="mixcache", fullgraph=True,
+                         options={"regions": "eager", "cache": cache})
+
+
+# The blocks traced as opaque calls: each after its stack's first, where alike to it. Flux3's
+# image_cond stack runs with a condition image only; the last of HiDream's caption projections
+# maps another width (the text encoder's last hidden state), so it is traced.
+def test_stamped_blocks_under_layerwise_casting_compute_as_inlined_ones(recwarn):
+    """Under layerwise casting each layer's forward is the casting's traceable form, one per layer,
+    alike from block to block: the blocks are stamped, and a forced schedule gives the outputs and
+    reuse of the model inlined. (The tiny models nested, stamped and inlined: test_nesting.)"""
+    model, kw = tiny_models.wan()
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    cache = {"rule": "schedule", "step": [2], "block": [1, 3, 4]}
+    runs = []
+    for stamp in (False, True):
+        if stamp:
+            assert dit_compile.nest_blocks(model, stamp=True) == 3
+        traced = []
+        with pytest.MonkeyPatch.context() as mp:
+            torch._dynamo.reset()
+            install_trace_hook()
+            f = _compiled(model, cache, traced=traced, mp=mp)
+            dit_compile.reset(f)
+            runs.append((_generation(f, kw), dit_compile.stats(f)["reused"]))
+        assert traced == [2 if stamp else 0]
+    (ref, reused), (outs, stamped_reused) = runs
+    assert reused == stamped_reused == {"step": 1, "block": 3}
+    for i, (a, b) in enumerate(zip(outs, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"call {i}")
+    assert not [w for w in recwarn if "runs eagerly" in str(w.message)]
+
+
+def test_stamped_blocks_compile_once_through_inductor():
+    """Through Inductor (the blocks alone, ``regions="blocks"``): the stamped blocks' pieces are
+    the first block's, compiled once, and the output is eager's within Inductor's float noise
+    (mixcache against plain Inductor: test_backend)."""
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    with torch.no_grad():
+        ref = model(**kw)[0]
+    dit_compile.nest_blocks(model, stamp=True)
+    compiled = []
+    real = backend.compile_fx
+
+    def counting(gm, *args, **kwargs):
+        compiled.append(gm)
+        return real(gm, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "compile_fx", counting)
+        with torch.no_grad():
+            out = torch.compile(model, backend="mixcache", fullgraph=True,
+                                options={"cache": None, "regions": "blocks"})(**kw)[0]
+    assert len(compiled) == 1, "one block for the four"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+CHANGES = {
+    "eps": lambda b: setattr(b.norm1, "eps", 1e-3),
+    "hook": lambda b: b.ffn.register_forward_hook(lambda m, a, out: out * 2),
+    "processor": lambda b: b.attn1.set_processor(type("Other", (type(b.attn1.processor),), {})()),
+    "tensor attribute": lambda b: setattr(b, "bias", torch.ones(())),
+    "strides": lambda b: setattr(b.ffn.net[2].weight, "data",
+                                 b.ffn.net[2].weight.data.t().contiguous().t()),
+    "submodule": lambda b: setattr(b, "extra", torch.nn.Identity()),
+    "training": lambda b: b.ffn.train(),
+}
+
+
+@pytest.mark.parametrize("compiled", ["eps", "hook"])
+def test_a_block_unlike_the_first_is_traced_not_stamped(compiled):
+    """A block that might compute otherwise than the first block on the same inputs (a constant,
+    a hook, another attention processor, a tensor attribute, a weight laid out otherwise (Inductor
+    compiles for the traced strides), another submodule, train mode) is not alike to it; two of
+    them compiled: that block is not stamped, Dynamo traces it, and the outputs are eager's."""
+    for change, make in CHANGES.items():
+        model, kw = tiny_models.wan(layers=4)
+        assert unlike(model.blocks[0], model.blocks[2]) is None
+        make(model.blocks[2])
+        assert unlike(model.blocks[0], model.blocks[2]) is not None, change
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    CHANGES[compiled](model.blocks[2])
+    with torch.no_grad():
+        ref = model(**kw)[0]
+    dit_compile.nest_blocks(model, stamp=True)
+    assert [s[0] is None for s in _stamps(model)] == [False, False, True, False]
+    traced = []
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        out = _compiled(model, traced=traced, mp=mp)(**kw)[0]
+    assert traced == [2]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_assigned_after_the_compile_are_the_ones_computed_with():
+    """Weights loaded into one block with ``assign=True`` (new Parameter objects) and a layer of
+    another block replaced, after the compile: each next call computes with them, as eager does
+    (the changed block's stamp is dropped, the next call traces again and stamps it anew)."""
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(model, stamp=True)
+    f = _compiled(model)
+    with torch.no_grad():
+        torch.testing.assert_close(f(**kw)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
+        model.blocks[2].load_state_dict({k: torch.randn_like(v) for k, v in
+                                         model.blocks[2].state_dict().items()}, assign=True)
+        assert _stamps(model)[2] == (None, None)
+        torch.testing.assert_close(f(**kw)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
+        assert _stamps(model)[2] != (None, None), "stamped anew as the compile started"
+        layer = model.blocks[3].ffn.net[2]
+        model.blocks[3].ffn.net[2] = torch.nn.Linear(layer.in_features, layer.out_features).eval()
+        torch.testing.assert_close(f(**kw)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_the_opaque_call_runs_the_block_and_its_fake_gives_the_shapes():
+    """``dit_compile::stamped_block`` run eagerly is the block's forward on the weights it is
+    handed (another block's, here); its fake gives the output's shape and dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    model, kw = tiny_models.wan(layers=2)
+    dit_compile.nest_blocks(model, stamp=True)
+    key = model.blocks[1].__dict__[STAMP][0]
+    torch.manual_seed(0)
+    x, text, temb = torch.randn(1, 32, 16), torch.randn(1, 8, 16), torch.randn(1, 6, 16)
+    rotary = (torch.randn(1, 32, 1, 8), torch.randn(1, 32, 1, 8))
+    weights = [t for _, t in state(model.blocks[0])]
+    with torch.no_grad():
+        out = stamped_block(key, "t,t,t,2|t;t;t;t;t", [x, text, temb, *rotary], weights)
+        ref = WanTransformerBlock.forward(model.blocks[0], x, text, temb, rotary)
+    assert len(out) == 1
+    torch.testing.assert_close(out[0], ref)
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = stamped_block(key, "t,t,t,2|t;t;t;t;t",
+                             [mode.from_tensor(t) for t in (x, text, temb, *rotary)],
+                             [mode.from_tensor(t) for t in weights])
+    assert fake[0].shape == ref.shape and fake[0].dtype == ref.dtype
+
+
+def test_other_backends_trace_stamped_blocks_as_nested_regions():
+    """Stamps are mixcache's: any other backend's compile (a user's, export's, explain's) traces
+    the blocks as nested regions, with no opaque call; a mixcache compile after it still stamps,
+    and neither compile makes the other trace again."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(model, stamp=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    other = torch.compile(model, backend=record, fullgraph=True)
+    traced = []
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        ours = _compiled(model, traced=traced, mp=mp)
+        for _ in range(2):
+            a, b = other(**kw)[0], ours(**kw)[0]
+    assert len(graphs) == 1 and not any(n.target is STAMPED for n in graphs[0].graph.nodes)
+    assert sum(n.target is torch.ops.higher_order.invoke_subgraph
+               for n in graphs[0].graph.nodes) in (0, 3)     # torch 2.13 inlines single-use ones
+    assert traced == [2]
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    report = dit_compile.explain(model, **kw)
+    assert report.stamped == 2 and "blocks stamped: 2" in str(report)
+
+
+def test_copies_come_back_unstamped_and_unnesting_unstamps():
+    """A stamp names its block: a deep copy comes back without one (the copy is stamped anew as
+    mixcache compiles it, and computes with its own weights); ``nest_blocks`` without ``stamp``
+    and ``unnest_blocks`` drop the stamps."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(model, stamp=True)
+    twin = copy.deepcopy(model)
+    assert _stamps(twin) == [(None, None)] * 3
+    with torch.no_grad():
+        for block in twin.blocks:
+            block.ffn.net[2].weight.mul_(-1)
+        torch.testing.assert_close(_compiled(twin)(**kw)[0], twin(**kw)[0], rtol=1e-6, atol=1e-6)
+    assert all(s[0] is not None for s in _stamps(twin))
+    assert {s[0] for s in _stamps(twin)}.isdisjoint({s[0] for s in _stamps(model)})
+    dit_compile.nest_blocks(model)
+    assert _stamps(model) == [(None, None)] * 3
+    dit_compile.nest_blocks(model, stamp=True)
+    assert dit_compile.unnest_blocks(model) == 3 and _stamps(model) == [(None, None)] * 3
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(random_dits.specs())
+def test_random_dits_stamped_compute_what_they_compute_eagerly(spec):
+    """Random DiT-like models (one or two stacks, held in a ModuleList or a Sequential, blocks
+    with or without cross-attention, modulation, gates, a second stream): every block after each
+    stack's first is an opaque call in Dynamo's graph, each is replaced, and the forward computes
+    what it computes eagerly."""
+    model, kw = random_dits.build(spec)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+    dit_compile.nest_blocks(model, stamp=True)
+    torch._dynamo.reset()
+    install_trace_hook()
+    traced, graphs = [], []
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        out = _compiled(model, traced=traced, graphs=graphs, mp=mp)(**kw)[0]
+    assert traced == [sum(d - 1 for d in spec.depths)]
+    assert not any(n.target is STAMPED for n in graphs[0].graph.nodes)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_new_shape_traced_dynamic_is_stamped_too():
+    """A second latent size: Dynamo traces again with symbolic sizes (automatic dynamic), which
+    reach the stamped copies as graph inputs; the blocks are stamped again and compute as eager."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(model, stamp=True)
+    traced = []
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        f = _compiled(model, traced=traced, mp=mp)
+        for size in (8, 12, 16):
+            call = dict(kw, hidden_states=torch.randn(1, 4, 2, size, size))
+            torch.testing.assert_close(f(**call)[0], model(**call)[0], rtol=1e-6, atol=1e-6)
+    assert traced == [2, 2]
+
+
+def test_a_call_the_backend_cannot_replace_runs_the_block_and_is_nested_next_time(monkeypatch):
+    """Where a stamped call cannot be replaced (here: said so by hand), the graph runs the block
+    eagerly through the op, with a warning naming why, and the model's next compile traces that
+    block as a nested region."""
+    import dit_compile.passes.stamping as stamping
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(model, stamp=True)
+    real = stamping._stamp
+    monkeypatch.setattr(stamping, "_stamp", lambda gm, n, *a: "said so" if n.args[0] == _stamps(
+        model)[2][0] else real(gm, n, *a))
+    traced = []
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        with pytest.warns(UserWarning, match=r"stamped WanTransformerBlock runs eagerly in this "
+                                             r"graph \(said so\)"):
+            out = _compiled(model, traced=traced, mp=mp)(**kw)[0]
+        torch.testing.assert_close(out, model(**kw)[0], rtol=1e-6, atol=1e-6)
+        torch._dynamo.reset()
+        install_trace_hook()
+        out = _compiled(model)(**kw)[0]     # (stamp_blocks still counted as patched above)
+        torch.testing.assert_close(out, model(**kw)[0], rtol=1e-6, atol=1e-6)
+    assert traced == [3, 2] and _stamps(model)[2] == (None, None)
