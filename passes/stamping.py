@@ -6,13 +6,14 @@ shortens the trace on any torch. Under ``backend="mixcache"`` the first block of
 inlined between two ``dit_compile::stamp_mark`` calls (copies of its tensor arguments, then of its
 outputs), and every later block that is *alike* to it (below) is one opaque call,
 ``dit_compile::stamped_block``, handed the block's arguments and its parameters and buffers; its
-fake implementation runs the block on the fake tensors, so Dynamo learns the output's shape without
-tracing the block's Python. First thing in the backend, ``stamp_blocks`` puts a copy of the nodes
-between the first block's marks in place of each call: the first block's ``k``-th argument (the
-first mark's ``k``-th output) becomes the call's ``k``-th, a graph input that is one of the first
-block's weights (by the identity of its example) the call's weight of the same name, anything else
-(a global) is read as it is; then it removes the marks. What the region pass, the FLOP count,
-Inductor and the runtime see is the graph an inlined model gives.
+fake implementation runs the block on the fake tensors (once for each layout of them: the blocks
+are alike), so Dynamo learns the output's shape without tracing the block's Python. First thing
+in the backend, ``stamp_blocks`` puts a copy of the nodes between the first block's marks in
+place of each call: the first block's ``k``-th argument (the first mark's ``k``-th output)
+becomes the call's ``k``-th, a graph input that is one of the first block's weights (by the
+identity of its example) the call's weight of the same name, anything else (a global) is read as
+it is; then it removes the marks. What the region pass, the FLOP count, Inductor and the runtime
+see is the graph an inlined model gives.
 
 Alike, standing in for the guards Dynamo would have checked had it traced each block (``unlike``):
 the same class, the same submodules by name and class, parameters and buffers of the same names,
@@ -102,6 +103,9 @@ def restamp(model: nn.Module, on: bool = True) -> int:
             continue
         keys = [_key(b) for b in stack]
         _set(stack[0], (keys[0], keys[0], ()))
+        # The layouts a stamped call's fake kept are this compile's: an attribute of every block
+        # changed since (Dynamo's guard on the first block made this compile) may change them.
+        _fake_outputs.pop(stack[0], None)
         for block, key in zip(list(stack)[1:], keys[1:]):
             why = block.__dict__.get(UNSTAMPABLE) or unlike(stack[0], block)
             if why is None:
@@ -284,7 +288,35 @@ def stamped_block(key: int, spec: str, leaves: list[torch.Tensor],
 
 @stamped_block.register_fake
 def _(key: int, spec: str, leaves: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return _run(key, spec, leaves, tensors)
+    # Blocks alike to their stack's first give outputs laid out alike for arguments and weights
+    # laid out alike: the block is run on fake tensors once per layout, not once per block
+    # (about a tenth of a stamped trace, bench/RESULTS.md). Symbolic sizes: run each time.
+    block = _blocks.get(key)
+    stamp = getattr(block, STAMP, None)
+    layout = _layout([*leaves, *tensors])
+    if stamp is None or layout is None:
+        return _run(key, spec, leaves, tensors)
+    first = _blocks.get(stamp[1])
+    seen = _fake_outputs.setdefault(first, {}) if first is not None else {}
+    if (spec, layout) not in seen:
+        outs = _run(key, spec, leaves, tensors)
+        kept = _layout(outs)
+        if kept is None:
+            return outs
+        seen[spec, layout] = kept
+    return [torch.empty_strided(size, stride, dtype=dtype, device=device)
+            for size, stride, dtype, device in seen[spec, layout]]
+
+
+# The first block of a stack -> {(spec, layout of a call's tensors): its outputs' layouts}.
+_fake_outputs: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _layout(xs: list[torch.Tensor]) -> tuple | None:
+    """Sizes, strides, dtypes and devices of ``xs``; None where any size or stride is symbolic."""
+    out = tuple((tuple(x.shape), x.stride(), x.dtype, x.device) for x in xs)
+    concrete = all(type(d) is int for size, stride, _, _ in out for d in (*size, *stride))
+    return out if concrete else None
 
 
 @torch.library.custom_op("dit_compile::stamp_mark", mutates_args=())

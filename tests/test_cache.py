@@ -698,9 +698,9 @@ def test_latent_updated_in_place_is_seen_to_change(signal):
     kw["return_dict"] = False
     cache = {"rule": "teacache", "threshold": 0.5, "signal": signal}
     runs = []
+    f = compiled(model, cache)
     for in_place in (False, True):
-        torch._dynamo.reset()
-        f = compiled(tiny_models.wan(layers=3)[0], cache)
+        dit_compile.reset(f)
         x = kw["hidden_states"].clone()
         with torch.no_grad():
             for t in STEPS:
@@ -1473,45 +1473,36 @@ def _run(f, kw, latents):
                 for x, t in zip(latents, STEPS)]
 
 
-def test_block_decisions_are_per_sample():
+def test_block_decisions_are_per_sample_unless_asked_for_one_per_batch():
     """A batch of two gives each sample what it gets alone under First-Block-Cache, at steps
-    where one sample reuses the span and the other computes it."""
+    where one sample reuses the span and the other computes it (per_sample, the default).
+    ``per_sample=False``: where the samples disagree, the batch computes the span for both
+    (plain eager, no reuse at that step); where they agree, it reuses for both."""
     model, kw = tiny_models.wan(layers=4, batch=2)
     kw["return_dict"] = False
     latents = _settling_and_moving(kw)
     cache = {"rule": "first_block", "threshold": 0.35}
     f = compiled(model, cache)
     both = _run(f, kw, latents)
-    split = [r for r in dit_compile.stats(f)["trace"] if r["action"] == "block" and r["flops"] == 1.0]
+    split = {r["step"] for r in dit_compile.stats(f)["trace"]
+             if r["action"] == "block" and r["flops"] == 1.0}
     assert split, "the premise: the two samples disagree at some step"
+    torch._dynamo.reset()
+    g = compiled(tiny_models.wan(layers=4)[0], cache)
     alone = []
     for i in range(2):
-        torch._dynamo.reset()
+        dit_compile.reset(g)
         one = {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in kw.items()}
-        alone.append(_run(compiled(tiny_models.wan(layers=4)[0], cache), one,
-                          [x[i:i + 1] for x in latents]))
+        alone.append(_run(g, one, [x[i:i + 1] for x in latents]))
     for k, y in enumerate(both):
         torch.testing.assert_close(y, torch.cat([alone[0][k], alone[1][k]]), rtol=1e-5, atol=1e-5)
 
-
-def test_one_decision_per_batch_when_asked():
-    """``per_sample=False``: where the samples disagree, the batch computes the span for both
-    (plain eager, no reuse at that step); where they agree, it reuses for both."""
-    model, kw = tiny_models.wan(layers=4, batch=2)
-    kw["return_dict"] = False
-    latents = _settling_and_moving(kw)
-    cache = {"rule": "first_block", "threshold": 0.35}
-    traces = {}
-    for per_sample in (True, False):
-        torch._dynamo.reset()
-        f = compiled(model, {**cache, "per_sample": per_sample})
-        outs = _run(f, kw, latents)
-        traces[per_sample] = dit_compile.stats(f)["trace"]
-    split = {r["step"] for r in traces[True] if r["action"] == "block" and r["flops"] == 1.0}
-    assert split, "the premise: per sample, the two samples disagree at some step"
-    joint = {r["step"]: r for r in traces[False]}
+    torch._dynamo.reset()
+    f = compiled(model, {**cache, "per_sample": False})
+    outs = _run(f, kw, latents)
+    joint = {r["step"]: r for r in dit_compile.stats(f)["trace"]}
     assert all(joint[s]["action"] == "compute" for s in split)
-    assert all(r["flops"] < 1.0 for r in traces[False] if r["action"] == "block")
+    assert all(r["flops"] < 1.0 for r in joint.values() if r["action"] == "block")
     with torch.no_grad():
         for step in split:
             eager = model(**dict(kw, hidden_states=latents[step],

@@ -59,7 +59,8 @@ def test_exported_model_matches_eager(tmp_path, nested):
 @pytest.mark.parametrize("rising", [False, True], ids=["falling", "rising"])
 def test_exported_model_caches_as_the_backend_does(tmp_path, rising):
     """``rising``: the option timestep='rising' is saved with the model and read back, given as
-    an ``Options`` (which broke writing the manifest)."""
+    an ``Options`` (which broke writing the manifest). Falling: calls autograd records run
+    uncached, those under no_grad cached whatever their inputs require."""
     model, kw = tiny_models.wan(layers=4)
     options = {"cache": SCHEDULE, "regions": "eager", **({"timestep": "rising"} if rising else {})}
     dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False},
@@ -89,6 +90,16 @@ def test_exported_model_caches_as_the_backend_does(tmp_path, rising):
                                        model(**dict(call, hidden_states=x), return_dict=False)[0],
                                        rtol=1e-5, atol=1e-5)
     assert len([w for w in told if "autograd" in str(w.message)]) == 1
+    # Only a call autograd records runs uncached: under torch.no_grad() an input that requires
+    # grad records nothing, so the cache runs (and nothing is said).
+    dit_compile.reset(loaded)
+    with warnings.catch_warnings(record=True) as told, torch.no_grad():
+        warnings.simplefilter("always")
+        for call in calls(kw):
+            loaded(**dict(call, hidden_states=call["hidden_states"].clone().requires_grad_()),
+                   return_dict=False)
+    assert not [w for w in told if "autograd records" in str(w.message)]
+    assert {"step", "cfg", "block"} <= {r["action"] for r in dit_compile.stats(loaded)["trace"]}
 
 
 def test_exported_model_takes_the_pipelines_transformer_slot(tmp_path):
@@ -236,10 +247,8 @@ def test_moe_model_exports_with_its_dispatch_lowered(tmp_path):
     """HiDream's MoE dispatch would break the trace: export lowers it for the export (the programs
     hold the fused op) and leaves the model as it was; the loaded model computes what it does."""
     from dit_compile.passes.moe import find_moe
-    model, kw = tiny_models.hidream()
-    tokens, _, _, img_ids = model.patchify(kw.pop("hidden_states"))   # as pipelines pass it
-    kw.update(hidden_states=tokens, hidden_states_masks=torch.ones(1, tokens.shape[1]),
-              img_ids=img_ids, img_sizes=[(8, 8)], return_dict=False)
+    model, kw = tiny_models.hidream(patchified=True)    # as pipelines pass it
+    kw["return_dict"] = False
     dit_compile.export(model, str(tmp_path), kw, {"cache": None})
     assert not any(find_moe(model).values()), "the model is left as it was"
     assert sum("moe_ffn" in op for op in _program_ops(tmp_path)) == 2, "one per distinct block"
@@ -293,10 +302,32 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     other = torch.compile(torch.nn.Linear(2, 2), backend=lambda gm, _: traces.append(gm) or gm)
     other(torch.ones(1, 2))
     model, kw = tiny_models.wan(layers=3)
+    model.signature = "the model's own"
     dit_compile.export(model, str(tmp_path / "wan"), {**kw, "return_dict": False}, {"cache": None})
     other(torch.ones(1, 2))
     assert len(traces) == 1, "export made other compiled code trace again"
     loaded = dit_compile.load(str(tmp_path / "wan"))
+    # A model attribute saved beside the config never takes the place of the loaded model's own
+    # (``signature``, its input signature); the config answers ``hasattr`` as an object does.
+    assert loaded.signature != "the model's own"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kw, return_dict=False)[0],
+                                   model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
+    assert hasattr(loaded.config, "patch_size") and not hasattr(loaded.config, "no_such_key")
+    saved = json.loads((tmp_path / "wan" / "manifest.json").read_text())["attributes"]
+    assert saved and not [k for k in saved if k.startswith("_") or k == "training"]
+    # Cast (pipe.to(torch.bfloat16)) and cast back to the exported dtype: the weights are in the
+    # dtypes the programs take again.
+    loaded.to(torch.bfloat16).to(torch.float32)
+    assert {w.dtype for w in loaded.weights.values()} == {torch.float32}
+    # A value JSON cannot hold, for a keyword exported as plain data, is refused as such.
+    with pytest.raises(ValueError, match="return_dict is a object; it was exported with "
+                                         "return_dict=False"):
+        loaded(**kw, return_dict=object())
+    # The device is the signature's too: a latent elsewhere (here on meta) is refused as such.
+    with pytest.raises(ValueError, match=r"hidden_states is \(1, 4, 2, 8, 8\) torch.float32 on "
+                                         "meta; it was exported for .* on cpu"):
+        loaded(**{**kw, "hidden_states": kw["hidden_states"].to("meta")}, return_dict=False)
     with pytest.raises(TypeError, match="encoder_hidden_states"):
         loaded(hidden_states=kw["hidden_states"], timestep=kw["timestep"])
     # Another signature than the one exported (UniPC's timesteps are int64): an error, not a
@@ -398,14 +429,33 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         dit_compile.load(str(tmp_path / "wan"))
 
 
-def test_an_export_replaces_the_one_before_it_and_never_a_file(tmp_path):
+def test_an_export_replaces_the_one_before_it_and_never_a_file(tmp_path, monkeypatch):
     """Export replaces the export at its path whole (nothing of it or of the staging left
     beside), makes its directory as os.makedirs would (not mkdtemp's owner-only mode), and
-    refuses a path that is a file."""
+    refuses a path that is a file. The new export is renamed into place after the old one is
+    moved aside: where that rename fails, the old export is moved back, whole, and nothing else
+    is left."""
     model, kw = tiny_models.wan(layers=3)
     call = {**kw, "return_dict": False}
     target = tmp_path / "wan"
     dit_compile.export(model, str(target), call, {"cache": None})
+    with torch.no_grad():
+        before = dit_compile.load(str(target))(**call)[0]
+    rename = os.rename
+
+    def failing(src, dst):
+        if str(src).endswith(".partial"):
+            raise OSError("the disk said no")
+        rename(src, dst)
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="the disk said no"):
+        dit_compile.export(model, str(target), call, {"cache": SCHEDULE})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"]
+    assert not json.loads((target / "manifest.json").read_text())["guarded"]
+    with torch.no_grad():
+        torch.testing.assert_close(dit_compile.load(str(target))(**call)[0], before, rtol=0, atol=0)
+
     dit_compile.export(model, str(target), call, {"cache": SCHEDULE})
     assert json.loads((target / "manifest.json").read_text())["guarded"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"], "the old export or staging left"
@@ -416,34 +466,6 @@ def test_an_export_replaces_the_one_before_it_and_never_a_file(tmp_path):
     with pytest.raises(ValueError, match="notes.txt is a file"):
         dit_compile.export(model, str(tmp_path / "notes.txt"), call)
     assert (tmp_path / "notes.txt").read_text() == "mine"
-
-
-def test_a_loaded_model_keeps_its_own_attributes_and_checks_plain_values(tmp_path):
-    """A model attribute saved beside the config never takes the place of the loaded model's
-    own (here ``signature``, its input signature); the config answers ``hasattr`` as an object
-    does; a value JSON cannot hold, for a keyword exported as plain data, is refused as such."""
-    model, kw = tiny_models.wan(layers=3)
-    model.signature = "the model's own"
-    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False}, {"cache": None})
-    loaded = dit_compile.load(str(tmp_path))
-    assert loaded.signature != "the model's own"
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**kw, return_dict=False)[0],
-                                   model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
-    assert hasattr(loaded.config, "patch_size") and not hasattr(loaded.config, "no_such_key")
-    saved = json.loads((tmp_path / "manifest.json").read_text())["attributes"]
-    assert saved and not [k for k in saved if k.startswith("_") or k == "training"]
-    # Cast (pipe.to(torch.bfloat16)) and cast back to the exported dtype: the weights are in the
-    # dtypes the programs take again.
-    loaded.to(torch.bfloat16).to(torch.float32)
-    assert {w.dtype for w in loaded.weights.values()} == {torch.float32}
-    with pytest.raises(ValueError, match="return_dict is a object; it was exported with "
-                                         "return_dict=False"):
-        loaded(**kw, return_dict=object())
-    # The device is the signature's too: a latent elsewhere (here on meta) is refused as such.
-    with pytest.raises(ValueError, match=r"hidden_states is \(1, 4, 2, 8, 8\) torch.float32 on "
-                                         "meta; it was exported for .* on cpu"):
-        loaded(**{**kw, "hidden_states": kw["hidden_states"].to("meta")}, return_dict=False)
 
 
 def test_a_loaded_model_deep_copies_with_a_cache_of_its_own_and_does_not_pickle(tmp_path):
@@ -471,57 +493,16 @@ def test_a_loaded_model_deep_copies_with_a_cache_of_its_own_and_does_not_pickle(
         assert [(r["step"], r["branch"], r["action"]) for r in dit_compile.stats(m)["trace"]] == expected
 
 
-def test_an_export_whose_swap_fails_puts_the_export_before_back(tmp_path, monkeypatch):
-    """The new export is renamed into place after the old one is moved aside: where that rename
-    fails, the old export is moved back, whole, and nothing else is left."""
-    model, kw = tiny_models.wan(layers=3)
-    call = {**kw, "return_dict": False}
-    target = tmp_path / "wan"
-    dit_compile.export(model, str(target), call, {"cache": None})
-    with torch.no_grad():
-        before = dit_compile.load(str(target))(**call)[0]
-    rename = os.rename
-
-    def failing(src, dst):
-        if str(src).endswith(".partial"):
-            raise OSError("the disk said no")
-        rename(src, dst)
-    monkeypatch.setattr(os, "rename", failing)
-    with pytest.raises(OSError, match="the disk said no"):
-        dit_compile.export(model, str(target), call, {"cache": SCHEDULE})
-    monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["wan"]
-    assert not json.loads((target / "manifest.json").read_text())["guarded"]
-    with torch.no_grad():
-        torch.testing.assert_close(dit_compile.load(str(target))(**call)[0], before, rtol=0, atol=0)
-
-
-def test_a_loaded_model_caches_under_no_grad_whatever_its_inputs_require(tmp_path):
-    """Only a call autograd records is run uncached: under torch.no_grad() an input that
-    requires grad records nothing, so the cache runs (and nothing is said)."""
-    model, kw = tiny_models.wan(layers=4)
-    dit_compile.export(model, str(tmp_path), {**kw, "return_dict": False},
-                       {"cache": SCHEDULE, "regions": "eager"})
-    loaded = dit_compile.load(str(tmp_path))
-    with warnings.catch_warnings(record=True) as told, torch.no_grad():
-        warnings.simplefilter("always")
-        for call in calls(kw):
-            loaded(**dict(call, hidden_states=call["hidden_states"].clone().requires_grad_()),
-                   return_dict=False)
-    assert not [w for w in told if "autograd records" in str(w.message)]
-    assert {"step", "cfg", "block"} <= {r["action"] for r in dit_compile.stats(loaded)["trace"]}
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path, compiled):
+def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path):
     """Z-Image builds its rotary table at its first call, a graph break then only: export, as
     the backend, traces again after one eager call (it raised, sending the user to explain,
-    which saw nothing wrong). ``compiled``: the model exported through its torch.compile wrapper
-    (pipe.transformer once compiled) is saved as the model itself, with its name, forward
-    arguments and attributes (the wrapper's were saved: no in_channels, no positional names)."""
+    which saw nothing wrong). Exported through its torch.compile wrapper (pipe.transformer once
+    compiled), the model is saved as the model itself, with its name, forward arguments and
+    attributes (the wrapper's were saved: no in_channels, no positional names). (export's first
+    step takes the model out of the wrapper, so the plain model's export is this one.)"""
     model, kw = tiny_models.zimage()
     call = {**kw, "return_dict": False}
-    exported = torch.compile(model, backend="mixcache") if compiled else model
+    exported = torch.compile(model, backend="mixcache")
     dit_compile.export(exported, str(tmp_path), call, {"timestep": "rising", "cache": None})
     loaded = dit_compile.load(str(tmp_path))
     assert loaded.model_name == type(model).__name__ and loaded.in_channels == model.in_channels

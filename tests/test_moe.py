@@ -680,7 +680,7 @@ def test_nucleus_lowered_matches_eager_and_compiles_fullgraph():
 def test_explain_reports_moe_dispatches_lowered_or_not():
     """explain lists the model's MoE dispatches by their path in the model (a compiled model's as
     its module's, not under ``_orig_mod``), and which of them are lowered."""
-    model, kw = tiny_models.hidream()
+    model, kw = tiny_models.hidream(patchified=True)    # one graph once lowered
     paths = list(find_moe(model))
     assert len(paths) == 4 and not any(p.startswith("_orig_mod") for p in paths)
     lower_moe(model)        # unlowered, its 17 graphs take explain 20 s to trace

@@ -237,7 +237,8 @@ def test_a_call_that_skips_layers_falls_back_saying_so(skipped):
     model, kw = tiny_models.sd3(batch=2)
     report = dit_compile.explain(model, **kw, skip_layers=skipped, return_dict=False)
     assert f"blocks {skipped} of transformer_blocks were not traced" in report.fallback
-    assert dit_compile.explain(model, **kw, return_dict=False).fallback is None
+    if skipped == [1]:      # the same model and call in both cases
+        assert dit_compile.explain(model, **kw, return_dict=False).fallback is None
     torch._dynamo.reset()
     f = torch.compile(model, backend="mixcache",
                       options={"regions": "eager", "cache": {"rule": "schedule", "step": [2]}})

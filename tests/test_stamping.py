@@ -153,9 +153,11 @@ def test_weights_assigned_after_the_compile_are_the_ones_computed_with():
         torch.testing.assert_close(f(**kw)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
 
 
-def test_the_opaque_call_runs_the_block_and_its_fake_gives_the_shapes():
+def test_the_opaque_call_runs_the_block_and_its_fake_gives_the_shapes(monkeypatch):
     """``dit_compile::stamped_block`` run eagerly is the block's forward on the weights it is
-    handed (another block's, here); its fake gives the output's shape and dtype."""
+    handed (another block's, here); its fake gives the output's shape and dtype, running the block
+    once for each layout of the arguments (the blocks of a stack are alike)."""
+    from dit_compile.passes import stamping
     from torch._subclasses.fake_tensor import FakeTensorMode
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
     model, kw = tiny_models.wan(layers=2)
@@ -170,11 +172,20 @@ def test_the_opaque_call_runs_the_block_and_its_fake_gives_the_shapes():
         ref = WanTransformerBlock.forward(model.blocks[0], x, text, temb, rotary)
     assert len(out) == 1
     torch.testing.assert_close(out[0], ref)
+    runs = []
+    monkeypatch.setattr(stamping, "_run", lambda *a, real=stamping._run: runs.append(1) or real(*a))
+    calls = [[t.repeat(b, 1, 1) for t in (x, text, temb)] + list(rotary) for b in (1, 1, 2)]
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
-        fake = stamped_block(key, "t,t,t,2|t;t;t;t;t",
-                             [mode.from_tensor(t) for t in (x, text, temb, *rotary)],
-                             [mode.from_tensor(t) for t in weights])
-    assert fake[0].shape == ref.shape and fake[0].dtype == ref.dtype
+        fakes = [stamped_block(key, "t,t,t,2|t;t;t;t;t", [mode.from_tensor(t) for t in call],
+                               [mode.from_tensor(t) for t in weights])[0] for call in calls]
+    assert len(runs) == 2, "run once for each layout"
+    assert [f.shape for f in fakes] == [ref.shape, ref.shape, (2, *ref.shape[1:])]
+    assert fakes[0].dtype == ref.dtype and fakes[1].stride() == ref.stride()
+    stamping.restamp(model)     # a compile starts: what the last one kept is not trusted
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        stamped_block(key, "t,t,t,2|t;t;t;t;t", [mode.from_tensor(t) for t in calls[0]],
+                      [mode.from_tensor(t) for t in weights])
+    assert len(runs) == 3
 
 
 def test_other_backends_trace_stamped_blocks_as_nested_regions():

@@ -74,7 +74,9 @@ def hunyuan(batch: int = 1, single_layers: int = 2) -> tuple[torch.nn.Module, di
                    guidance=torch.full((batch,), 3500.0))
 
 
-def hidream(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+def hidream(batch: int = 1, patchified: bool = False) -> tuple[torch.nn.Module, dict]:
+    """``patchified``: the latent as HiDreamImagePipeline passes it (tokens, masks, ids and sizes);
+    a 4-D latent makes unpatchify read tensor values, a graph break of its own."""
     HiDreamImageTransformer2DModel = diffusers_class("HiDreamImageTransformer2DModel")
     torch.manual_seed(0)
     m = HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
@@ -83,10 +85,15 @@ def hidream(batch: int = 1) -> tuple[torch.nn.Module, dict]:
                                        text_emb_dim=8, num_routed_experts=2,
                                        num_activated_experts=2, axes_dims_rope=(4, 2, 2),
                                        max_resolution=(32, 32), llama_layers=(0, 1, 2, 3)).eval()
-    return m, dict(hidden_states=torch.randn(batch, 4, 16, 16), timesteps=torch.full((batch,), 500.0),
-                   encoder_hidden_states_t5=torch.randn(batch, 8, 8),
-                   encoder_hidden_states_llama3=torch.randn(4, batch, 8, 4),
-                   pooled_embeds=torch.randn(batch, 8))
+    kw = dict(hidden_states=torch.randn(batch, 4, 16, 16), timesteps=torch.full((batch,), 500.0),
+              encoder_hidden_states_t5=torch.randn(batch, 8, 8),
+              encoder_hidden_states_llama3=torch.randn(4, batch, 8, 4),
+              pooled_embeds=torch.randn(batch, 8))
+    if patchified:
+        tokens, _, _, img_ids = m.patchify(kw.pop("hidden_states"))
+        kw.update(hidden_states=tokens, hidden_states_masks=torch.ones(batch, tokens.shape[1]),
+                  img_ids=img_ids, img_sizes=[(8, 8)] * batch)
+    return m, kw
 
 
 def sd3(batch: int = 1) -> tuple[torch.nn.Module, dict]:
