@@ -1,6 +1,6 @@
 """Where a first call's time goes: Dynamo's trace against the compiles, for each way of compiling.
 
-    python bench/first_call.py [--layers 30] [--device cpu|cuda] [--config tiny|1.3b]
+    python bench/first_call.py [--layers 30] [--device cpu|cuda] [--config tiny|1.3b] [--calls 40] [--only NAME ...]
 
 The model is bench/wan_speed.py's, at its latent and text shapes, with ``--layers`` blocks.
 
@@ -15,8 +15,14 @@ cannot shorten the trace it is handed); those rows are left out on a torch whose
 every nested call again (before 2.12). "blocks stamped" calls ``dit_compile.nest_blocks(model,
 stamp=True)``: Dynamo traces the first block and the backend stamps it out for the rest
 (``passes/stamping.py``), on any torch.
+"background compile" rows set the option ``background_compile``: the regions compile in a child
+process while the calls run uncompiled. What a first generation pays is then the "first N calls"
+column (``--calls``: a generation's transformer calls, two a step with CFG, at timesteps falling
+from 900), not the first call.
 For mixcache the backend's own time (region pass, split, compiles) is read from its INFO log; the
-rest of the first call is Dynamo and running the model once. Not a benchmark of per-call speed (bench/wan_speed.py).
+rest of the first call is Dynamo and running the model once. The second call runs once the
+background compile, if any, is in (``dit_compile.wait_for_compiles``). Not a benchmark of per-call
+speed (bench/wan_speed.py).
 """
 from __future__ import annotations
 
@@ -39,6 +45,10 @@ METHODS = {
     "mixcache, cache off, regions=blocks, blocks nested": "nested-blocks",
     "mixcache, cache off, blocks stamped": "stamped-mixcache",
     "mixcache, cache off, regions=blocks, blocks stamped": "stamped-blocks",
+    "mixcache, cache off, background compile": "background-mixcache",
+    "mixcache, cache off, regions=blocks, background compile": "background-blocks",
+    "mixcache, cache off, regions=blocks, blocks stamped, background compile":
+        "stamped-background-blocks",
 }
 
 # The latent (batch, channels, frames, height, width) and text tokens wan_speed.py feeds each
@@ -46,7 +56,7 @@ METHODS = {
 SHAPES = {"tiny": ((1, 16, 2, 8, 8), 16), "1.3b": ((1, 16, 9, 60, 104), 512)}
 
 
-def one(method: str, layers: int, device: str, config: str) -> dict:
+def one(method: str, layers: int, device: str, config: str, calls: int) -> dict:
     """Runs in the child process: build, compile, time the first and second call."""
     import logging
     import re
@@ -72,17 +82,20 @@ def one(method: str, layers: int, device: str, config: str) -> dict:
     m = m.to(dtype).eval()
     x = torch.randn(latent, device=device, dtype=dtype)
     e = torch.randn(1, text, kw["text_dim"], device=device, dtype=dtype)
+    import dit_compile
     if method.startswith(("nested-", "stamped-")):
-        import dit_compile
         dit_compile.nest_blocks(m, stamp=method.startswith("stamped-"))
         method = method.partition("-")[2]
+    background = method.startswith("background-")
+    method = method.removeprefix("background-")
     if method == "regional":
         m.compile_repeated_blocks(fullgraph=True)
         f = m
     elif method == "eager":
         f = torch.compile(m, backend="eager", fullgraph=True)
     else:
-        opts = {"cache": None, **({"regions": "blocks"} if method == "blocks" else {})}
+        opts = {"cache": None, **({"regions": "blocks"} if method == "blocks" else {}),
+                **({"background_compile": True} if background else {})}
         f = torch.compile(m, backend="mixcache", fullgraph=True, options=opts)
 
     def call(t: float) -> float:
@@ -94,10 +107,12 @@ def one(method: str, layers: int, device: str, config: str) -> dict:
         return time.perf_counter() - start
 
     first = call(900.0)
-    second = call(800.0)
+    generation = first + sum(call(900.0 - 800.0 * i / calls) for i in range(1, calls))
+    dit_compile.wait_for_compiles(f)
+    second = call(100.0)
     backend = next((float(m.group(1)) for r in records
                     if (m := re.search(r"backend ([\d.]+) s", r))), None)
-    return {"first": first, "second": second, "backend": backend}
+    return {"first": first, "generation": generation, "second": second, "backend": backend}
 
 
 def main() -> None:
@@ -105,10 +120,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--only", nargs="*", default=None, help="methods whose name contains one of these")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(one(args.child, args.layers, args.device, args.config)))
+        print(json.dumps(one(args.child, args.layers, args.device, args.config, args.calls)))
         return
 
     import diffusers
@@ -116,6 +133,8 @@ def main() -> None:
     from dit_compile.passes.nesting import reuses_nested_regions
     rows, skipped = [], []
     for name, method in METHODS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
         if method.startswith("nested-") and not reuses_nested_regions():
             skipped.append(name)    # slower there, measured on a CPU: see nest_blocks' warning
             continue
@@ -123,7 +142,8 @@ def main() -> None:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
                        TRITON_CACHE_DIR=os.path.join(cache, "triton"), PYTHONWARNINGS="ignore")
             out = subprocess.run([sys.executable, __file__, "--child", method, "--layers",
-                                  str(args.layers), "--device", args.device, "--config", args.config],
+                                  str(args.layers), "--device", args.device, "--config", args.config,
+                                  "--calls", str(args.calls)],
                                  env=env, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -132,14 +152,16 @@ def main() -> None:
         print(f"done: {name}: first call {r['first']:.2f} s", file=sys.stderr)
 
     print(f"`python bench/first_call.py --layers {args.layers} --device {args.device} --config "
-          f"{args.config}`\n\n{args.config} Wan, {args.layers} layers, {args.device}, torch "
+          f"{args.config} --calls {args.calls}`\n\n{args.config} Wan, {args.layers} layers, {args.device}, torch "
           f"{torch.__version__}, diffusers {diffusers.__version__}, {os.cpu_count()} CPUs; each "
           "method in a fresh process with empty compile caches\n")
-    print("| method | first call, s | of which mixcache's backend, s | second call, s |")
-    print("|---|---|---|---|")
+    print(f"| method | first call, s | of which mixcache's backend, s | first {args.calls} calls, s "
+          "| a call after, s |")
+    print("|---|---|---|---|---|")
     for name, r in rows:
         backend = f"{r['backend']:.2f}" if r["backend"] is not None else "-"
-        print(f"| {name} | {r['first']:.2f} | {backend} | {r['second']:.3f} |")
+        print(f"| {name} | {r['first']:.2f} | {backend} | {r['generation']:.2f} | "
+              f"{r['second']:.3f} |")
     if skipped:
         names = "; ".join(f"`{n}`" for n in skipped)
         print(f"\nNot run: {names}. torch {torch.__version__} traces every call of a "

@@ -20,12 +20,13 @@ from .options import OptionError, Options
 from .passes.casting import functional_casting
 from .passes.moe import lower_moe, register_moe, restore_moe
 from .passes.nesting import nest_blocks, unnest_blocks
+from .runtime import background
 from .runtime.cache import CacheMemoryError, find_state, model_states
 from .runtime.policy import PolicyError
 from .sketch import Calibration, OnlineSplit, Settle, calibrate_split, sketch_render
 from .teacache import fit_teacache
 
-__all__ = ["mixcache", "explain", "stats", "reset", "export", "load", "Exported", "lower_moe", "register_moe", "restore_moe",
+__all__ = ["mixcache", "explain", "stats", "reset", "wait_for_compiles", "export", "load", "Exported", "lower_moe", "register_moe", "restore_moe",
            "nest_blocks", "unnest_blocks", "functional_casting",
            "calibrate_split", "sketch_render", "Settle", "OnlineSplit", "fit_teacache", "Calibration", "Report", "Options", "OptionError",
            "PolicyError", "CacheMemoryError"]
@@ -54,3 +55,11 @@ def reset(model: torch.nn.Module) -> None:
     for state in model_states(model):
         state.reset()
         state.clear_stats()
+
+
+def wait_for_compiles(model: torch.nn.Module, timeout: float | None = None) -> int:
+    """Block until the regions of ``model`` that compile in the background (option
+    ``background_compile``) are compiled, and switch them in; returns how many were. For timing the
+    compiled model, or a deployment that wants its first request fast: a model runs its regions
+    uncompiled until then. ``timeout`` in seconds (``subprocess.TimeoutExpired`` past it)."""
+    return background.wait(model, timeout)

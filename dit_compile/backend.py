@@ -22,6 +22,7 @@ from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, check_who
                              source_name, user_inputs)
 from .passes.split import Piece, Plan, split
 from .passes.stamping import stamp_blocks
+from .runtime import background
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.halves import HalfBatch
@@ -80,6 +81,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
 
     # 3. compile: each distinct piece once; identical blocks share the artifact.
     fns = compile_pieces(plan, opts, inductor, example_inputs)
+    if model is not None:
+        background.register(model, fns)     # for dit_compile.wait_for_compiles
     log.info("mixcache: %s: %d pieces, %d distinct; backend %.2f s", model_name(),
              len(plan.pieces), len({id(f) for f in fns}), time.perf_counter() - start)
 
@@ -247,27 +250,74 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
     made an input (``dynamic=True`` does so with every module's float, a norm's eps among them)
     then either becomes tensor math or makes AOTAutograd restart Dynamo's analysis with that float
     specialized, as it does for plain Inductor. From a fake value alone the float is data-dependent,
-    and the compile of the first block that passes it to ``layer_norm`` fails."""
+    and the compile of the first block that passes it to ``layer_norm`` fails.
+
+    With ``background_compile``, the pieces whose inputs have concrete layouts go to one child
+    process instead, blocks first, and run as their FX graphs until each is ready
+    (runtime.background); the others are compiled here as usual."""
     compiled: dict[str, Callable[..., Any]] = {}
-    fns = []
+    later: list[tuple[str, int, list[Any]]] = []      # (key, piece, inputs) for the child
+    keys = []
     for i, piece in enumerate(plan.pieces):
         key = piece.signature() if opts.share_blocks else str(i)
-        if key not in compiled:
-            if (opts.regions == "eager" or _small_glue(piece)
-                    or (opts.regions == "blocks" and piece.region.kind != BLOCK)):
-                compiled[key] = piece.module
-            else:
-                start = time.perf_counter()
-                # compile_fx owns and may mutate the graph it is given.
-                inputs = [example_inputs[s] if s < plan.n_inputs else x
-                          for s, x in zip(piece.args, piece.example_inputs)]
-                fn = compile_fx(copy.deepcopy(piece.module), inputs, config_patches=inductor)
-                compiled[key] = in_traced_strides(fn, piece)
-                log.info("mixcache: compiled piece %d (%s, %d nodes) in %.2f s", i,
-                         piece.region.kind, len(piece.module.graph.nodes),
-                         time.perf_counter() - start)
-        fns.append(compiled[key])
+        keys.append(key)
+        if key in compiled:
+            continue
+        if (opts.regions == "eager" or _small_glue(piece)
+                or (opts.regions == "blocks" and piece.region.kind != BLOCK)):
+            compiled[key] = piece.module
+            continue
+        inputs = [example_inputs[s] if s < plan.n_inputs else x
+                  for s, x in zip(piece.args, piece.example_inputs)]
+        if (opts.background_compile and background.shippable(inputs)
+                and not records_autograd(example_inputs)):
+            compiled[key] = piece.module        # its Swapping, below, once the job has them all
+            later.append((key, i, inputs))
+            continue
+        start = time.perf_counter()
+        compiled[key] = in_traced_strides(_compile_here(piece, inputs, inductor), piece)
+        log.info("mixcache: compiled piece %d (%s, %d nodes) in %.2f s", i,
+                 piece.region.kind, len(piece.module.graph.nodes), time.perf_counter() - start)
+    if later:
+        compiled.update(_compile_in_background(plan, later, inductor))
+    return [compiled[k] for k in keys]
+
+
+def _compile_in_background(plan: Plan, later: list[tuple[str, int, list[Any]]],
+                           inductor: dict[str, Any]) -> dict[str, Callable[..., Any]]:
+    """The callables of the pieces ``later`` names (key, piece index, example inputs): each runs
+    as its FX graph until one child process has compiled it (runtime.background), the blocks
+    first; compiled now where the job cannot start (a graph that does not pickle)."""
+    later = sorted(later, key=lambda k: plan.pieces[k[1]].region.kind != BLOCK)   # the bulk first
+    try:
+        job = background.Job([(plan.pieces[i].module, inputs) for _, i, inputs in later],
+                             inductor, model_name())
+    except Exception as why:
+        warnings.warn(f"mixcache: {model_name()}: cannot compile in the background "
+                      f"({type(why).__name__}: {why}); compiling now", stacklevel=3)
+        return {key: in_traced_strides(_compile_here(plan.pieces[i], inputs, inductor),
+                                       plan.pieces[i]) for key, i, inputs in later}
+    fns = {}
+    for j, (key, i, _) in enumerate(later):
+        piece = plan.pieces[i]
+        fns[key] = background.Swapping(
+            job, j, piece.module,
+            finish=lambda fn, piece=piece: in_traced_strides(_as_traced(fn, piece), piece),
+            compile_here=lambda args, piece=piece: in_traced_strides(
+                _compile_here(piece, args, inductor), piece))
     return fns
+
+
+def _compile_here(piece: Piece, inputs: list[Any], inductor: dict[str, Any]) -> Callable[..., Any]:
+    # compile_fx owns and may mutate the graph it is given.
+    return compile_fx(copy.deepcopy(piece.module), inputs, config_patches=inductor)
+
+
+def _as_traced(artifact: Callable[..., Any], piece: Piece) -> Callable[..., Any]:
+    """A standalone artifact, which returns a list, returning what ``piece``'s graph returns."""
+    if not piece.single:
+        return artifact
+    return lambda *args: artifact(*args)[0]
 
 
 def in_traced_strides(fn: Callable[..., Any], piece: Piece) -> Callable[..., Any]:

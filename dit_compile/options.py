@@ -49,6 +49,11 @@ class Options:
     # Inductor's mode for the regions. torch.compile refuses mode= beside options=, so a user who
     # sets options and wants CUDA graphs ("reduce-overhead") says it here.
     mode: str | None = None
+    # Compile the regions in a child process while the first calls run their FX graphs, each
+    # region switching to Inductor's code at its first call after the child has it ready: a first
+    # generation that does not wait for the compile (its early steps uncompiled, slower). Not with
+    # CUDA graphs (a mode that records them). dit_compile.wait_for_compiles(model) waits.
+    background_compile: bool = False
 
     @classmethod
     def parse(cls, options: "dict[str, Any] | Options | None") -> "Options":
@@ -72,17 +77,25 @@ class Options:
         if opts.timestep not in TIMESTEP_DIRECTIONS:
             raise OptionError(f"option timestep={opts.timestep!r}: must be one of "
                               f"{TIMESTEP_DIRECTIONS}")
-        for flag in ("share_blocks", "lower_moe"):
+        for flag in ("share_blocks", "lower_moe", "background_compile"):
             if not isinstance(getattr(opts, flag), bool):
                 raise OptionError(f"option {flag}={getattr(opts, flag)!r}: must be True or False")
         modes = inductor_modes()
         if opts.mode is not None and opts.mode not in modes:
             raise OptionError(f"option mode={opts.mode!r}: must be one of {modes} or None")
+        if opts.background_compile and opts.mode is not None and _records_cuda_graphs(opts.mode):
+            raise OptionError(f"option background_compile=True with mode={opts.mode!r}: CUDA graphs "
+                              "are recorded by a compile in this process; choose one")
         # The cache spec is checked here, before the model is seen, so a bad one is an error even
         # where the backend falls back to plain Inductor; the block indices wait for the blocks.
         from .runtime.policy import make_policy
         make_policy(opts.cache, None)
         return opts
+
+
+def _records_cuda_graphs(mode: str) -> bool:
+    import torch._inductor
+    return bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs"))
 
 
 def _byte_count(value: Any) -> int:

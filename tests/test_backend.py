@@ -38,6 +38,8 @@ def test_registered_by_entry_point_without_import():
     ({"timestep": "up"}, r"timestep='up': must be one of \('auto', 'falling', 'rising'\)"),
     ({"share_blocks": "no"}, r"share_blocks='no': must be True or False"),   # a str is truthy
     ({"lower_moe": 0}, r"lower_moe=0: must be True or False"),
+    ({"background_compile": True, "mode": "reduce-overhead"},
+     r"background_compile=True with mode='reduce-overhead': CUDA graphs are recorded"),
     ("eager", r"options must be a dict of mixcache options \(or an Options\), not str 'eager'"),
 ])
 def test_bad_options_are_clear_errors(options, match):

@@ -1,0 +1,211 @@
+"""Compiling a graph's pieces in a child process while the model runs (``background_compile``).
+
+A first generation otherwise waits for Inductor before its first step: on an H100, regional
+compilation's 19 s first generation against 5.7 s for the next ones is mostly that wait. Here the
+backend hands the pieces it would compile to one child process per graph and returns at once;
+until a piece's artifact is ready the piece runs as its FX graph (the ops Dynamo traced, as
+``regions="eager"`` runs them), and at the first call after the child has saved it the artifact is
+loaded and runs from then on. Outputs move by the eager-vs-Inductor difference at the switch, no
+more.
+
+Why a process: a thread's compile would hold the GIL the eager calls need (each op gives it up and
+waits for it back). Why this wire: the piece travels as an FX graph (``GraphPickler``) with its
+node metadata dropped (Dynamo's fake tensors do not pickle), and its inputs as shapes, strides,
+dtypes and devices; the child rebuilds the metadata from empty tensors of those layouts,
+compiles with ``torch._inductor.standalone_compile`` and saves the artifact (written atomically,
+so a file that exists is whole); the parent loads it with ``CompiledArtifact.load``. A child that
+fails is a warning naming why, and the piece is then compiled in this process as it would have been
+without the option.
+
+The child (``WORKER``, then ``child``) starts in the job's own temporary folder, so that a source
+tree in the user's working directory cannot shadow the installed package.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("dit_compile")
+
+# The child's command, the job's path appended. Not `-m` on this module: the package imports it
+# first, and runpy warns of the second copy.
+WORKER = [sys.executable, "-c",
+          "import sys; from dit_compile.runtime.background import child; child(sys.argv[1])"]
+POLL_S = 0.05          # the least time between two looks for a finished artifact, per piece
+
+
+def shippable(inputs: Sequence[Any]) -> bool:
+    """Whether a piece with these example inputs can be compiled elsewhere: tensors of concrete
+    sizes and strides only (a symbolic size lives in this process's shape environment)."""
+    return all(isinstance(x, torch.Tensor)
+               and all(isinstance(d, int) for d in (*x.shape, *x.stride())) for x in inputs)
+
+
+def _spec(x: torch.Tensor) -> tuple[Any, ...]:
+    return tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device)
+
+
+def _bare(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with no node metadata, which is where Dynamo's fake tensors are."""
+    graph = copy.deepcopy(gm.graph)
+    for n in graph.nodes:
+        n.meta = {}
+    return fx.GraphModule(gm, graph)
+
+
+class Job:
+    """One child process compiling a graph's pieces, in the order given, into one folder."""
+
+    def __init__(self, pieces: Sequence[tuple[fx.GraphModule, Sequence[torch.Tensor]]],
+                 options: dict[str, Any], name: str):
+        from torch.fx._graph_pickler import GraphPickler
+        self.name = name
+        self.folder = tempfile.TemporaryDirectory(prefix="mixcache-compile-")
+        job = {"options": options,
+               "pieces": [(GraphPickler.dumps(_bare(gm)), [_spec(x) for x in inputs])
+                          for gm, inputs in pieces]}
+        path = os.path.join(self.folder.name, "job.pkl")
+        with open(path, "wb") as f:
+            pickle.dump(job, f)
+        self.started = time.perf_counter()
+        self.log = open(os.path.join(self.folder.name, "child.log"), "wb")
+        self.proc = subprocess.Popen([*WORKER, path], cwd=self.folder.name, stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # A process that exits before its child is done does not leave it compiling.
+        self._stop = weakref.finalize(self, _stop, self.proc, self.log, self.folder)
+
+    def artifact(self, i: int) -> str | None:
+        """The path of piece ``i``'s artifact once saved; None while the child works on it."""
+        path = os.path.join(self.folder.name, f"{i}.bin")
+        return path if os.path.exists(path) else None
+
+    def failure(self) -> str | None:
+        """Why the child stopped without every artifact, once it has; None otherwise."""
+        if self.proc.poll() in (None, 0):
+            return None
+        self.log.flush()
+        with open(self.log.name, "rb") as f:
+            tail = f.read().decode(errors="replace").strip().splitlines()[-6:]
+        return f"exit status {self.proc.returncode}: " + " | ".join(tail)
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.proc.wait(timeout)
+
+
+def _stop(proc: subprocess.Popen, logfile: Any, folder: tempfile.TemporaryDirectory) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    logfile.close()
+    folder.cleanup()
+
+
+class Swapping:
+    """A piece's callable: its FX graph until the child's artifact is ready, then the artifact.
+
+    ``finish`` wraps the loaded artifact as the backend wraps its own compiles (the output
+    structure, the traced strides); ``compile_here`` compiles the piece in this process from a
+    call's arguments, for a child that failed."""
+
+    def __init__(self, job: Job, index: int, piece: fx.GraphModule,
+                 finish: Callable[[Callable[..., Any]], Callable[..., Any]],
+                 compile_here: Callable[[list[Any]], Callable[..., Any]]):
+        self.job, self.index, self.piece = job, index, piece
+        self.finish, self.compile_here = finish, compile_here
+        self.fn: Callable[..., Any] | None = None
+        self.eager_calls = 0
+        self._next_look = 0.0
+
+    def __call__(self, *args: Any) -> Any:
+        fn = self.fn
+        if fn is None:
+            now = time.monotonic()
+            if now < self._next_look:
+                self.eager_calls += 1
+                return self.piece(*args)
+            self._next_look = now + POLL_S
+            fn = self.swap(list(args))
+            if fn is None:
+                self.eager_calls += 1
+                return self.piece(*args)
+        return fn(*args)
+
+    def swap(self, args: list[Any] | None = None) -> Callable[..., Any] | None:
+        """The compiled callable if it is ready now (loading it at this first look), else None.
+        With ``args``, a failed child is reported and the piece compiled here from them."""
+        if self.fn is not None:
+            return self.fn
+        path = self.job.artifact(self.index)
+        if path is not None:
+            start = time.perf_counter()
+            artifact = torch._inductor.CompiledArtifact.load(path=path, format="binary")
+            self.fn = self.finish(artifact)
+            log.info("mixcache: %s: piece %d compiled in the background, swapped in after %.2f s "
+                     "(%d calls ran uncompiled; load %.2f s)", self.job.name, self.index,
+                     time.perf_counter() - self.job.started, self.eager_calls,
+                     time.perf_counter() - start)
+            return self.fn
+        why = self.job.failure()
+        if why is not None and args is not None:
+            warnings.warn(f"mixcache: {self.job.name}: the background compile failed ({why}); "
+                          "compiling in this process instead", stacklevel=3)
+            self.fn = self.compile_here(args)
+            return self.fn
+        return None
+
+
+def register(model: torch.nn.Module, fns: Sequence[Callable[..., Any]]) -> None:
+    """Note ``fns``' pieces compiling in the background on ``model``, for ``wait``; weakly, so a
+    graph Dynamo drops takes its pieces with it."""
+    pieces = [f for f in fns if isinstance(f, Swapping)]
+    if pieces:
+        model.__dict__.setdefault("_mixcache_background", weakref.WeakSet()).update(pieces)
+
+
+def wait(model: torch.nn.Module, timeout: float | None = None) -> int:
+    """Wait for ``model``'s child processes and swap in what they compiled; the number of pieces
+    swapped in. A failed child's pieces stay uncompiled until their next call compiles them here
+    (with the warning)."""
+    pieces = list(getattr(model, "_orig_mod", model).__dict__.get("_mixcache_background", ()))
+    for job in {id(p.job): p.job for p in pieces}.values():
+        job.wait(timeout)
+    return sum(p.swap() is not None for p in pieces)
+
+
+def child(path: str) -> None:
+    """The child process: compile each piece of the job at ``path``, save its artifact beside it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    with open(path, "rb") as f:
+        job = pickle.load(f)
+    folder = os.path.dirname(path)
+    for i, (data, specs) in enumerate(job["pieces"]):
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        gm = GraphPickler.loads(data, mode)
+        inputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                  for shape, stride, dtype, device in specs]
+        # AOTAutograd's cache (which the artifact is made of) reads Dynamo's metadata key.
+        FakeTensorProp(gm, mode).propagate(*[mode.from_tensor(x) for x in inputs])
+        for n in gm.graph.nodes:
+            if "val" in n.meta:
+                n.meta["example_value"] = n.meta["val"]
+        with torch.no_grad():
+            artifact = torch._inductor.standalone_compile(
+                gm, inputs, dynamic_shapes="from_example_inputs", options=job["options"])
+        artifact.save(path=os.path.join(folder, f"{i}.bin"), format="binary")
+

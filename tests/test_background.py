@@ -1,0 +1,72 @@
+"""``background_compile``: the regions compile in a child process while the model runs uncompiled,
+and switch to Inductor's code once ready; a failed child is a warning and a compile here."""
+import sys
+import warnings
+
+import torch
+
+import dit_compile
+import tiny_models
+from dit_compile.runtime import background
+
+
+def _pieces(model):
+    return sorted(model.__dict__["_mixcache_background"], key=lambda p: p.index)
+
+
+def test_regions_run_uncompiled_until_the_child_is_done_then_compiled():
+    model, kw = tiny_models.wan(layers=3)
+    compiled = torch.compile(model, backend="mixcache",
+                             options={"cache": None, "background_compile": True})
+    with torch.no_grad():
+        ref = model(**kw, return_dict=False)[0]
+        first = compiled(**kw, return_dict=False)[0]
+        pieces = _pieces(model)
+        # The child starts Python and torch before it compiles anything: the first call cannot
+        # have waited for it. Prologue, block (three calls, one artifact) and epilogue.
+        assert [p.eager_calls for p in pieces] == [3, 1, 1]
+        assert all(p.fn is None for p in pieces)
+        torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
+
+        assert dit_compile.wait_for_compiles(compiled) == 3
+        later = compiled(**kw, return_dict=False)[0]
+    assert all(p.fn is not None for p in pieces)
+    assert [p.eager_calls for p in pieces] == [3, 1, 1]          # none since the switch
+    torch.testing.assert_close(later, ref, rtol=1e-5, atol=1e-5)
+    assert dit_compile.wait_for_compiles(torch.nn.Linear(2, 2)) == 0     # nothing to wait for
+
+
+def test_a_failed_child_is_a_warning_and_the_piece_compiles_here(monkeypatch):
+    monkeypatch.setattr(background, "WORKER",
+                        [sys.executable, "-c", "import sys; sys.exit('no compiler here')"])
+    model, kw = tiny_models.wan(layers=2)
+    compiled = torch.compile(model, backend="mixcache", options={
+        "cache": None, "regions": "blocks", "background_compile": True})
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref = model(**kw, return_dict=False)[0]
+        compiled(**kw, return_dict=False)           # the child may fail before or after this
+        dit_compile.wait_for_compiles(compiled)
+        out = compiled(**kw, return_dict=False)[0]
+    failed = [str(w.message) for w in caught if "background compile failed" in str(w.message)]
+    assert len(failed) == 1 and "no compiler here" in failed[0]
+    (piece,) = _pieces(model)
+    assert piece.fn is not None         # compiled here: the child saved nothing
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_that_cannot_go_to_a_child_compiles_now(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise TypeError("cannot pickle 'Thing' object")
+    monkeypatch.setattr(background, "Job", refuse)
+    model, kw = tiny_models.wan(layers=2)
+    compiled = torch.compile(model, backend="mixcache", options={
+        "cache": None, "regions": "blocks", "background_compile": True})
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(**kw, return_dict=False)[0]
+        ref = model(**kw, return_dict=False)[0]
+    assert any("cannot compile in the background (TypeError: cannot pickle 'Thing' object); "
+               "compiling now" in str(w.message) for w in caught)
+    assert "_mixcache_background" not in model.__dict__          # nothing left to wait for
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
