@@ -76,14 +76,16 @@ Per-expert ``nn.Linear`` weights are stacked once into non-persistent buffers ``
 ``_moe_w3``, ``_moe_w2`` on the dispatching module, and each expert's parameter is re-pointed
 (``param.data``) to its slice of the stack. Memory is not doubled, the state dict keeps its keys, and
 anything that updates parameters in place (``load_state_dict``, ``copy_``, optimizers, PEFT's
-``fuse_lora``) updates the stack too. Two things replace the parameters' storage and would leave the
-stack stale, so both restack: ``module._apply`` (``.to()``, ``.half()``, ``.cuda()``) is wrapped on
-the instance, and a ``load_state_dict`` post-hook restacks when the aliasing is broken (``assign=True``).
+``fuse_lora``) updates the stack too. Three things replace the parameters' storage and would leave
+the stack stale, so all three restack: ``module._apply`` (``.to()``, ``.half()``, ``.cuda()``) is
+wrapped on the instance, a ``load_state_dict`` post-hook restacks when the aliasing is broken, and
+a weight assigned anew (``expert.w1.weight = nn.Parameter(w)``, each one a load with
+``assign=True`` makes) restacks its projection as it is assigned (torch's parameter registration
+hook; a weight of another shape, dtype or device undoes the lowering, with a warning).
 Not covered: ``copy.deepcopy`` (the copy's parameters and stack are separate tensors: right values,
-twice the memory, in-place updates stop reaching the stack), code that rebinds ``param.data`` or swaps
-parameter objects by other means, and ``torch.func.functional_call`` with other expert weights
-(the op reads the stack); call :func:`lower_moe` again after such changes (it restacks), or
-:func:`restore_moe` to go back. LoRA layers or hooks added to experts after lowering: calling
+twice the memory, in-place updates stop reaching the stack), code that rebinds ``param.data``, and
+``torch.func.functional_call`` with other expert weights (the op reads the stack); call
+:func:`lower_moe` again after such changes (it restacks), or :func:`restore_moe` to go back. LoRA layers or hooks added to experts after lowering: calling
 :func:`lower_moe` again (or a mixcache compile starting) undoes the lowering, with a warning.
 
 The op has no autograd formula: where autograd would record the call (grad enabled and an input or
@@ -108,6 +110,7 @@ import contextlib
 import inspect
 import pickle
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -366,15 +369,58 @@ def _is_stacked(module: nn.Module, spec: _MoESpec) -> bool:
     return True
 
 
-@torch.no_grad()
 def _stack_experts(module: nn.Module, spec: _MoESpec) -> None:
     """Stack each projection's expert weights into a buffer and make the parameters its slices."""
-    for buffer_name, params in zip(_STACK_BUFFERS, _expert_params(module, spec)):
-        module._buffers.pop(buffer_name, None)
-        stack = torch.stack([p.detach() for p in params])
-        for i, param in enumerate(params):
-            param.data = stack[i]
-        module.register_buffer(buffer_name, stack, persistent=False)
+    for k in range(len(_STACK_BUFFERS)):
+        _stack_projection(module, spec, k)
+
+
+@torch.no_grad()
+def _stack_projection(module: nn.Module, spec: _MoESpec, k: int,
+                      assigned: tuple[nn.Module, nn.Parameter] | None = None) -> None:
+    """``_stack_experts`` for projection ``k`` alone; ``assigned``: a layer whose weight is being
+    replaced, with the new one."""
+    if not _hook:
+        _hook.append(torch.nn.modules.module.register_module_parameter_registration_hook(
+            _projection_assigned))
+    layers = [getattr(expert, spec.projections[k]) for expert in getattr(module, spec.experts)]
+    params = [assigned[1] if assigned and layer is assigned[0] else layer.weight for layer in layers]
+    module._buffers.pop(_STACK_BUFFERS[k], None)
+    stack = torch.stack([p.detach() for p in params])
+    for i, param in enumerate(params):
+        param.data = stack[i]
+    module.register_buffer(_STACK_BUFFERS[k], stack, persistent=False)
+    for layer in layers:
+        _projections[layer] = (weakref.ref(module), k)
+
+
+# A projection's weight assigned anew (``expert.w1.weight = nn.Parameter(w)``, ``load_state_dict(...,
+# assign=True)``) would leave the stack, which the op reads, holding the old values: the assignment
+# restacks that projection with the new weight. torch's registration hook is process-wide (installed
+# at the first stack: then a dictionary lookup per parameter registered anywhere), and runs before
+# the assignment, handed the new parameter. A weight the stack cannot take (another shape, dtype or device than its experts')
+# undoes the lowering, with a warning: the module's own loop then runs it.
+_projections: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]]" = \
+    weakref.WeakKeyDictionary()     # projection layer -> (its dispatching module, which stack)
+_hook: list = []
+
+
+def _projection_assigned(layer: nn.Module, name: str, param: Any) -> None:
+    owner, k = _projections.get(layer, (None, 0))
+    module = owner() if owner is not None and name == "weight" else None
+    spec = module.__dict__.get(_SPEC_ATTR) if module is not None else None
+    stack = module._buffers.get(_STACK_BUFFERS[k]) if spec is not None else None
+    if stack is None or param is None:
+        return
+    if (param.shape, param.dtype, param.device) != (stack.shape[1:], stack.dtype, stack.device):
+        if _unregister(module):
+            warnings.warn(f"dit_compile: {type(module).__name__}: an expert's weight was replaced "
+                          f"by one of {tuple(param.shape)}, {param.dtype}, {param.device}, which its "
+                          f"stack ({tuple(stack.shape[1:])}, {stack.dtype}, {stack.device}) cannot "
+                          "take: the MoE lowering is undone here (the module's own loop runs it; "
+                          "lower_moe again once all weights agree)", stacklevel=4)
+        return
+    _stack_projection(module, spec, k, (layer, param))
 
 
 def _apply_then_restack(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:

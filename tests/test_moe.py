@@ -642,6 +642,9 @@ def test_hidream_stack_stays_in_sync():
     state = {k: v.clone() * 1.5 for k, v in model.state_dict().items()}
     model.load_state_dict(state, assign=True)  # new parameter objects: restacked
     assert aliased() and torch.equal(moe._moe_w2[3], state["double_stream_blocks.0.block.ff_i.experts.3.w2.weight"])
+    new = torch.nn.Parameter(torch.randn_like(moe.experts[2].w1.weight))
+    moe.experts[2].w1.weight = new  # one new parameter object: its stack restacked
+    assert aliased() and moe.experts[2].w1.weight is new and torch.equal(moe._moe_w1[2], new)
 
     clone = copy.deepcopy(model)  # documented: the copy works but is not aliased until lowered again
     lower_moe(clone)
@@ -652,6 +655,26 @@ def test_hidream_stack_stays_in_sync():
         torch.testing.assert_close(clone(**kwargs)[0], lowered)
         restore_moe(model)
         torch.testing.assert_close(model(**kwargs)[0], lowered, atol=1e-5, rtol=1e-5)
+
+
+def test_a_weight_the_stack_cannot_take_undoes_the_lowering_and_compiled_calls_see_new_weights():
+    model, _, kwargs = tiny_hidream()
+    lower_moe(model)
+    compiled = torch.compile(model, backend="mixcache", fullgraph=True,
+                             options={"cache": None, "regions": "eager"})
+    moe = model.double_stream_blocks[0].block.ff_i
+    with torch.no_grad():
+        before = compiled(**kwargs)[0]
+        moe.experts[0].w2.weight = torch.nn.Parameter(moe.experts[0].w2.weight * 3)
+        after = compiled(**kwargs)[0]              # the compiled graph reads the new stack
+        assert not torch.allclose(after, before)
+        restore_moe(model)
+        torch.testing.assert_close(after, model(**kwargs)[0], atol=1e-5, rtol=1e-5)
+        lower_moe(model)
+        with pytest.warns(UserWarning, match=r"replaced by one of \(256, 32\), torch.float64.* "
+                                             r"the MoE lowering is undone here"):
+            moe.experts[1].w1.weight = torch.nn.Parameter(moe.experts[1].w1.weight.double())
+        assert find_moe(model)["double_stream_blocks.0.block.ff_i"] is False
 
 
 def test_nucleus_lowered_matches_eager_and_compiles_fullgraph():
