@@ -3,6 +3,7 @@ and switch to Inductor's code once ready; a failed child is a warning and a comp
 import sys
 import warnings
 
+import pytest
 import torch
 
 import dit_compile
@@ -70,3 +71,22 @@ def test_a_graph_that_cannot_go_to_a_child_compiles_now(monkeypatch):
                "compiling now" in str(w.message) for w in caught)
     assert "_mixcache_background" not in model.__dict__          # nothing left to wait for
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_cuda_model_compiles_in_the_background_as_in_the_process():
+    """The child compiles for the device the pieces' inputs are on (Triton there), bf16."""
+    model, kw = tiny_models.wan(layers=3)
+    model = model.to("cuda", torch.bfloat16)
+    kw = {k: v.to("cuda", torch.bfloat16) for k, v in kw.items()}
+    here = torch.compile(model, backend="mixcache", options={"cache": None})
+    there = torch.compile(model, backend="mixcache",
+                          options={"cache": None, "background_compile": True})
+    with torch.no_grad():
+        want = here(**kw, return_dict=False)[0]
+        there(**kw, return_dict=False)
+        assert dit_compile.wait_for_compiles(there) == 3
+        got = there(**kw, return_dict=False)[0]
+    assert all(p.fn is not None for p in _pieces(model))
+    # The same graph compiled elsewhere; Triton's autotuning may pick other configs there.
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
