@@ -179,8 +179,9 @@ def wait(model: torch.nn.Module, timeout: float | None = None) -> int:
     swapped in. A failed child's pieces stay uncompiled until their next call compiles them here
     (with the warning)."""
     pieces = list(getattr(model, "_orig_mod", model).__dict__.get("_mixcache_background", ()))
+    deadline = None if timeout is None else time.monotonic() + timeout
     for job in {id(p.job): p.job for p in pieces}.values():
-        job.wait(timeout)
+        job.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
     return sum(p.swap() is not None for p in pieces)
 
 
