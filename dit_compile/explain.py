@@ -9,15 +9,15 @@ import torch
 from .backend import carriers, computed_outputs, head_slots
 from .export import Exported
 from .frames import (breaking_hooks, forget_forward, forward_forgotten, forward_tail, is_fragment,
-                     shape_history_kept)
+                     shape_history_kept, traced_module)
 from .passes.casting import find_casts, functional_casting
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.stamping import restamp
-from .passes.regions import (NoBlockStructure, RegionMap, check_whole_stacks, find_regions,
-                             missing_inputs, named_inputs)
+from .passes.regions import (NoBlockStructure, RegionMap, block_indices, check_whole_stacks,
+                             find_regions, is_torch_nn, missing_inputs, named_inputs)
 from .passes.split import split
 from .runtime.relay import Head, received
 
@@ -42,6 +42,8 @@ class Report:
     marked: bool = False                                   # nest_blocks marked its blocks
     stamped: int = 0                                       # blocks mixcache stamps (passes.stamping)
     breaks: list[str] = field(default_factory=list)        # Dynamo's reasons, most frequent first
+    # Stacks whose blocks no graph holds, each block's forward traced as a frame of its own.
+    loose: list[str] = field(default_factory=list)
     relayed: bool = False       # broken before the blocks: cached by the first graph's record
 
     def __str__(self) -> str:
@@ -53,6 +55,10 @@ class Report:
                          "cached by the call's inputs as the first graph takes them (below)")
         for reason in self.breaks:
             lines.append("  graph break: " + reason.replace("\n", "\n    "))
+        for head in self.loose:
+            lines.append(f"  stack {head}: no graph holds its blocks (a break inside the loop over "
+                         "them leaves the loop outside Dynamo's graphs, each block's forward "
+                         "traced apart)")
         if self.moe:
             pending = [p for p, ok in self.moe.items() if not ok]
             lines.append(f"  MoE dispatches: {len(self.moe)}, not lowered: {len(pending)}"
@@ -132,6 +138,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     found: list[RegionMap | NoBlockStructure] = []
     modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
     nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph
+    indices: list[dict[str, list[int]]] = []       # block_indices, by graph
+    framed: list[Any] = []                         # the module whose frame each graph is of
     writes: dict[int, str | None] = {}             # why its writes into its inputs bar reuse
     # Per graph, whether it is only part of the forward: one graph may be all Dynamo hands the
     # backend, the rest running eagerly after a break (HiDream's unpatchify and its .item()),
@@ -146,6 +154,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
         i = len(found)
         partial.append(is_fragment(gm))
+        indices.append(block_indices(gm))
+        framed.append(traced_module())
         nested[i] = [n.args[1] for n in gm.graph.nodes
                      if n.target is torch.ops.higher_order.invoke_subgraph]
         slots = head_slots(gm, target)
@@ -189,7 +199,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             if attempt:
                 forget_forward(target)
             found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
-            heads.clear(), reached.clear(), tails.clear()
+            heads.clear(), reached.clear(), tails.clear(), indices.clear(), framed.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
                     *args, **kwargs)
@@ -211,6 +221,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         if broke or nested_break:
             report.breaks = ([nested_break] if nested_break
                              else _new_breaks(seen, _break_counts(counters)))
+        if broke and not relayed:
+            report.loose = _loose_stacks(indices, framed, target)
         if (broke or nested_break) and not relayed:
             # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
             # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
@@ -311,6 +323,23 @@ def _block_graph(found: list) -> RegionMap | None:
     """The region map of the graph with the most blocks: the one the report is of."""
     maps = [f for f in found if isinstance(f, RegionMap)]
     return max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
+
+
+def _loose_stacks(indices: list[dict[str, list[int]]], framed: list[Any],
+                   model: torch.nn.Module) -> list[str]:
+    """The block stacks of ``model`` (module lists of two or more of one class not torch.nn's)
+    whose blocks no graph holds while Dynamo traced their forwards as frames of their own."""
+    held = {head for graph in indices for head in graph}
+    frames = {id(m) for m in framed if m is not None}
+    loose = []
+    for head, container in model.named_modules():
+        blocks = list(container.children())
+        classes = {type(b) for b in blocks}
+        if (isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)) and len(blocks) > 1
+                and len(classes) == 1 and not is_torch_nn(classes.pop()) and head not in held
+                and any(id(b) in frames for b in blocks)):
+            loose.append(head)
+    return loose
 
 
 def _relayed(found: list, heads: list, reached: set) -> bool:

@@ -115,6 +115,12 @@ def _members(nodes: list[fx.Node]) -> dict[str, dict[int, type]]:
     return members
 
 
+def block_indices(gm: fx.GraphModule) -> dict[str, list[int]]:
+    """Container path -> the indices of its ``<container>.<int>`` modules that ``gm``'s nodes ran
+    in (any container: the caller knows which are stacks)."""
+    return {head: sorted(idx) for head, idx in _members(list(gm.graph.nodes)).items()}
+
+
 def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
     members = _members(nodes)
     stacks = {

@@ -628,6 +628,9 @@ def test_explain_names_graph_breaks_when_no_graph_has_blocks():
     model, kw = _wan_with_graph_break()
     report = dit_compile.explain(model, **kw, return_dict=False)
     assert report.graphs > 1 and not report.stacks
+    # Where the break is: inside the block loop, which then runs outside the graphs.
+    assert report.loose == ["blocks"], report.loose
+    assert "stack blocks: no graph holds its blocks (a break inside the loop" in str(report)
     assert report.fallback.startswith(f"the forward traced as {report.graphs} graphs (graph breaks)")
     # Dynamo's own reason, and only this trace's: another model's break earlier in the process
     # is not this model's.
