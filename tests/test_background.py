@@ -15,6 +15,13 @@ def _pieces(model):
     return sorted(model.__dict__["_mixcache_background"], key=lambda p: p.index)
 
 
+def _blocks_in_background():
+    """A 2-block Wan, uncached, whose blocks (one piece) compile in the background."""
+    model, kw = tiny_models.wan(layers=2)
+    return model, kw, torch.compile(model, backend="mixcache", options={
+        "cache": None, "regions": "blocks", "background_compile": True})
+
+
 def test_regions_run_uncompiled_until_the_child_is_done_then_compiled():
     model, kw = tiny_models.wan(layers=3)
     compiled = torch.compile(model, backend="mixcache",
@@ -40,9 +47,7 @@ def test_regions_run_uncompiled_until_the_child_is_done_then_compiled():
 def test_a_failed_child_is_a_warning_and_the_piece_compiles_here(monkeypatch):
     monkeypatch.setattr(background, "WORKER",
                         [sys.executable, "-c", "import sys; sys.exit('no compiler here')"])
-    model, kw = tiny_models.wan(layers=2)
-    compiled = torch.compile(model, backend="mixcache", options={
-        "cache": None, "regions": "blocks", "background_compile": True})
+    model, kw, compiled = _blocks_in_background()
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ref = model(**kw, return_dict=False)[0]
@@ -60,9 +65,7 @@ def test_a_graph_that_cannot_go_to_a_child_compiles_now(monkeypatch):
     def refuse(*args, **kwargs):
         raise TypeError("cannot pickle 'Thing' object")
     monkeypatch.setattr(background, "Job", refuse)
-    model, kw = tiny_models.wan(layers=2)
-    compiled = torch.compile(model, backend="mixcache", options={
-        "cache": None, "regions": "blocks", "background_compile": True})
+    model, kw, compiled = _blocks_in_background()
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = compiled(**kw, return_dict=False)[0]
