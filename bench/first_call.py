@@ -1,6 +1,7 @@
 """Where a first call's time goes: Dynamo's trace against the compiles, for each way of compiling.
 
-    python bench/first_call.py [--layers 30] [--device cpu|cuda] [--config tiny|1.3b] [--calls 40] [--only NAME ...]
+    python bench/first_call.py [--layers 30] [--device cpu|cuda] [--config tiny|1.3b] [--calls 40]
+                               [--only NAME ...]
 
 The model is bench/wan_speed.py's, at its latent and text shapes, with ``--layers`` blocks.
 
@@ -121,7 +122,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", default="tiny", choices=sorted(SHAPES))
     ap.add_argument("--calls", type=int, default=40)
-    ap.add_argument("--only", nargs="*", default=None, help="methods whose name contains one of these")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="methods whose name contains one of these")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

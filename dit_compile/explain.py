@@ -16,7 +16,7 @@ from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.stamping import restamp
-from .passes.regions import (NoBlockStructure, RegionMap, block_indices, check_whole_stacks,
+from .passes.regions import (NoBlockStructure, RegionMap, block_containers, check_whole_stacks,
                              find_regions, is_torch_nn, missing_inputs, named_inputs)
 from .passes.split import split
 from .runtime.relay import Head, received
@@ -138,7 +138,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     found: list[RegionMap | NoBlockStructure] = []
     modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
     nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph
-    indices: list[dict[str, list[int]]] = []       # block_indices, by graph
+    held: set[str] = set()                         # containers whose blocks a graph ran
     framed: list[Any] = []                         # the module whose frame each graph is of
     writes: dict[int, str | None] = {}             # why its writes into its inputs bar reuse
     # Per graph, whether it is only part of the forward: one graph may be all Dynamo hands the
@@ -154,7 +154,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
         i = len(found)
         partial.append(is_fragment(gm))
-        indices.append(block_indices(gm))
+        held.update(block_containers(gm))
         framed.append(traced_module())
         nested[i] = [n.args[1] for n in gm.graph.nodes
                      if n.target is torch.ops.higher_order.invoke_subgraph]
@@ -199,7 +199,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             if attempt:
                 forget_forward(target)
             found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
-            heads.clear(), reached.clear(), tails.clear(), indices.clear(), framed.clear()
+            heads.clear(), reached.clear(), tails.clear(), held.clear(), framed.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
                     *args, **kwargs)
@@ -222,7 +222,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             report.breaks = ([nested_break] if nested_break
                              else _new_breaks(seen, _break_counts(counters)))
         if broke and not relayed:
-            report.loose = _loose_stacks(indices, framed, target)
+            report.loose = _loose_stacks(held, framed, target)
         if (broke or nested_break) and not relayed:
             # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
             # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
@@ -325,11 +325,10 @@ def _block_graph(found: list) -> RegionMap | None:
     return max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
 
 
-def _loose_stacks(indices: list[dict[str, list[int]]], framed: list[Any],
-                   model: torch.nn.Module) -> list[str]:
+def _loose_stacks(held: set[str], framed: list[Any], model: torch.nn.Module) -> list[str]:
     """The block stacks of ``model`` (module lists of two or more of one class not torch.nn's)
-    whose blocks no graph holds while Dynamo traced their forwards as frames of their own."""
-    held = {head for graph in indices for head in graph}
+    none of whose blocks' modules ran in a graph (``held``: those that did) while Dynamo traced
+    their forwards as frames of their own (``framed``)."""
     frames = {id(m) for m in framed if m is not None}
     loose = []
     for head, container in model.named_modules():

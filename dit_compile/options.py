@@ -84,8 +84,8 @@ class Options:
         if opts.mode is not None and opts.mode not in modes:
             raise OptionError(f"option mode={opts.mode!r}: must be one of {modes} or None")
         if opts.background_compile and opts.mode is not None and _records_cuda_graphs(opts.mode):
-            raise OptionError(f"option background_compile=True with mode={opts.mode!r}: CUDA graphs "
-                              "are recorded by a compile in this process; choose one")
+            raise OptionError(f"option background_compile=True with mode={opts.mode!r}: CUDA "
+                              "graphs are recorded by a compile in this process; choose one")
         # The cache spec is checked here, before the model is seen, so a bad one is an error even
         # where the backend falls back to plain Inductor; the block indices wait for the blocks.
         from .runtime.policy import make_policy

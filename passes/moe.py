@@ -85,7 +85,8 @@ hook; a weight of another shape, dtype or device undoes the lowering, with a war
 Not covered: ``copy.deepcopy`` (the copy's parameters and stack are separate tensors: right values,
 twice the memory, in-place updates stop reaching the stack), code that rebinds ``param.data``, and
 ``torch.func.functional_call`` with other expert weights (the op reads the stack); call
-:func:`lower_moe` again after such changes (it restacks), or :func:`restore_moe` to go back. LoRA layers or hooks added to experts after lowering: calling
+:func:`lower_moe` again after such changes (it restacks), or :func:`restore_moe` to go back.
+LoRA layers or hooks added to experts after lowering: calling
 :func:`lower_moe` again (or a mixcache compile starting) undoes the lowering, with a warning.
 
 The op has no autograd formula: where autograd would record the call (grad enabled and an input or
@@ -384,7 +385,8 @@ def _stack_projection(module: nn.Module, spec: _MoESpec, k: int,
         _hook.append(torch.nn.modules.module.register_module_parameter_registration_hook(
             _projection_assigned))
     layers = [getattr(expert, spec.projections[k]) for expert in getattr(module, spec.experts)]
-    params = [assigned[1] if assigned and layer is assigned[0] else layer.weight for layer in layers]
+    params = [assigned[1] if assigned and layer is assigned[0] else layer.weight
+              for layer in layers]
     module._buffers.pop(_STACK_BUFFERS[k], None)
     stack = torch.stack([p.detach() for p in params])
     for i, param in enumerate(params):
@@ -394,12 +396,13 @@ def _stack_projection(module: nn.Module, spec: _MoESpec, k: int,
         _projections[layer] = (weakref.ref(module), k)
 
 
-# A projection's weight assigned anew (``expert.w1.weight = nn.Parameter(w)``, ``load_state_dict(...,
-# assign=True)``) would leave the stack, which the op reads, holding the old values: the assignment
-# restacks that projection with the new weight. torch's registration hook is process-wide (installed
-# at the first stack: then a dictionary lookup per parameter registered anywhere), and runs before
-# the assignment, handed the new parameter. A weight the stack cannot take (another shape, dtype or device than its experts')
-# undoes the lowering, with a warning: the module's own loop then runs it.
+# A projection's weight assigned anew (``expert.w1.weight = nn.Parameter(w)``,
+# ``load_state_dict(..., assign=True)``) would leave the stack, which the op reads, holding the old
+# values: the assignment restacks that projection with the new weight. torch's registration hook is
+# process-wide (installed at the first stack: then a dictionary lookup per parameter registered
+# anywhere), and runs before the assignment, handed the new parameter. A weight the stack cannot
+# take (another shape, dtype or device than its experts') undoes the lowering, with a warning: the
+# module's own loop then runs it.
 _projections: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]]" = \
     weakref.WeakKeyDictionary()     # projection layer -> (its dispatching module, which stack)
 _hook: list = []

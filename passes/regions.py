@@ -115,10 +115,10 @@ def _members(nodes: list[fx.Node]) -> dict[str, dict[int, type]]:
     return members
 
 
-def block_indices(gm: fx.GraphModule) -> dict[str, list[int]]:
-    """Container path -> the indices of its ``<container>.<int>`` modules that ``gm``'s nodes ran
-    in (any container: the caller knows which are stacks)."""
-    return {head: sorted(idx) for head, idx in _members(list(gm.graph.nodes)).items()}
+def block_containers(gm: fx.GraphModule) -> set[str]:
+    """The paths of the containers whose ``<container>.<int>`` modules ``gm``'s nodes ran in (any
+    container: the caller knows which are stacks)."""
+    return set(_members(list(gm.graph.nodes)))
 
 
 def _find_stacks(nodes: list[fx.Node]) -> dict[str, int]:
