@@ -62,7 +62,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
         # Written while Dynamo traces, as frames' flags are: the guards it builds afterwards see it.
         model._mixcache_head = True     # a later graph of this forward may take the record
         # No blocks in it: compiled as the prologue is (regions="blocks" leaves that as it is).
-        return Head(compile_fx(gm, example_inputs, config_patches=inductor)
+        return Head(compile_graph(gm, example_inputs, inductor, opts, model)
                     if opts.regions == "inductor" else gm.forward, head, computed_outputs(gm),
                     model_name())
 
@@ -74,7 +74,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
         warn_fallback(gm, why, options)
         if opts.regions == "eager":     # asked for no Inductor at all: the graph as it is
             return gm.forward
-        return compile_fx(gm, example_inputs, config_patches=inductor)
+        return compile_graph(gm, example_inputs, inductor, opts, model)
 
     # 2. guards: split at the region boundaries into pieces over one value table.
     plan = split(gm, rmap)
@@ -283,29 +283,58 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
     return [compiled[k] for k in keys]
 
 
+def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], inductor: dict[str, Any],
+                  opts: Options, model: torch.nn.Module | None) -> Callable[..., Any]:
+    """A whole Dynamo graph compiled as plain Inductor compiles it (a graph with no blocks, a
+    relay's head), or under ``background_compile`` in a child process, running as it is till then."""
+    if (opts.background_compile and background.shippable(example_inputs)
+            and not records_autograd(example_inputs)):
+        fns = _in_background([(gm, example_inputs, lambda fn: fn, lambda args: compile_fx(
+            copy.deepcopy(gm), args, config_patches=inductor))], inductor)
+        if fns is not None:
+            if model is not None:
+                background.register(model, fns)
+            return fns[0]
+    return compile_fx(gm, example_inputs, config_patches=inductor)
+
+
 def _compile_in_background(plan: Plan, later: list[tuple[str, int, list[Any]]],
                            inductor: dict[str, Any]) -> dict[str, Callable[..., Any]]:
     """The callables of the pieces ``later`` names (key, piece index, example inputs): each runs
-    as its FX graph until one child process has compiled it (runtime.background), the blocks
-    first; compiled now where the job cannot start (a graph that does not pickle)."""
+    as its FX graph until one child process has compiled it, the blocks first; compiled now
+    where the job cannot start."""
     later = sorted(later, key=lambda k: plan.pieces[k[1]].region.kind != BLOCK)   # the bulk first
+    pieces = [plan.pieces[i] for _, i, _ in later]
+    fns = _in_background([
+        (piece.module, inputs,
+         lambda fn, piece=piece: in_traced_strides(_as_traced(fn, piece), piece),
+         lambda args, piece=piece: in_traced_strides(_compile_here(piece, args, inductor), piece))
+        for piece, (_, _, inputs) in zip(pieces, later)], inductor)
+    if fns is None:
+        fns = [in_traced_strides(_compile_here(piece, inputs, inductor), piece)
+               for piece, (_, _, inputs) in zip(pieces, later)]
+    return {key: fn for (key, _, _), fn in zip(later, fns)}
+
+
+def _in_background(graphs: list[tuple[fx.GraphModule, list[Any], Callable[..., Any],
+                                      Callable[..., Any]]],
+                   inductor: dict[str, Any]) -> list[Callable[..., Any]] | None:
+    """One child process compiling ``graphs`` (graph, example inputs, how to wrap its artifact,
+    how to compile it here if the child fails), in order (runtime.background); None where
+    ``MAX_CHILDREN`` children are compiling already, and with a warning where the job cannot
+    start (a graph that does not pickle, no child process)."""
+    if not background.room():
+        log.info("mixcache: %s: %d child processes compiling already; compiling here",
+                 model_name(), background.MAX_CHILDREN)
+        return None
     try:
-        job = background.Job([(plan.pieces[i].module, inputs) for _, i, inputs in later],
-                             inductor, model_name())
+        job = background.Job([(gm, inputs) for gm, inputs, _, _ in graphs], inductor, model_name())
     except Exception as why:
         warnings.warn(f"mixcache: {model_name()}: cannot compile in the background "
-                      f"({type(why).__name__}: {why}); compiling now", stacklevel=3)
-        return {key: in_traced_strides(_compile_here(plan.pieces[i], inputs, inductor),
-                                       plan.pieces[i]) for key, i, inputs in later}
-    fns = {}
-    for j, (key, i, _) in enumerate(later):
-        piece = plan.pieces[i]
-        fns[key] = background.Swapping(
-            job, j, piece.module,
-            finish=lambda fn, piece=piece: in_traced_strides(_as_traced(fn, piece), piece),
-            compile_here=lambda args, piece=piece: in_traced_strides(
-                _compile_here(piece, args, inductor), piece))
-    return fns
+                      f"({type(why).__name__}: {why}); compiling now", stacklevel=4)
+        return None
+    return [background.Swapping(job, j, gm, finish=finish, compile_here=here)
+            for j, (gm, _, finish, here) in enumerate(graphs)]
 
 
 def _compile_here(piece: Piece, inputs: list[Any], inductor: dict[str, Any]) -> Callable[..., Any]:

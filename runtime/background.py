@@ -44,6 +44,15 @@ log = logging.getLogger("dit_compile")
 WORKER = [sys.executable, "-c",
           "import sys; from dit_compile.runtime.background import child; child(sys.argv[1])"]
 POLL_S = 0.05          # the least time between two looks for a finished artifact, per piece
+# Children compiling at once, at most: a forward Dynamo breaks into many graphs would otherwise
+# start a process (torch imported, a CUDA context) per graph; past this, graphs compile here.
+MAX_CHILDREN = 2
+_children: "weakref.WeakSet[Job]" = weakref.WeakSet()
+
+
+def room() -> bool:
+    """Whether another child may start now (``MAX_CHILDREN``)."""
+    return sum(job.proc.poll() is None for job in _children) < MAX_CHILDREN
 
 
 def shippable(inputs: Sequence[Any]) -> bool:
@@ -85,6 +94,7 @@ class Job:
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         # A process that exits before its child is done does not leave it compiling.
         self._stop = weakref.finalize(self, _stop, self.proc, self.log, self.folder)
+        _children.add(self)
 
     def artifact(self, i: int) -> str | None:
         """The path of piece ``i``'s artifact once saved; None while the child works on it."""

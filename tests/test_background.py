@@ -23,10 +23,17 @@ def _blocks_in_background():
 
 
 def test_regions_run_uncompiled_until_the_child_is_done_then_compiled():
+    """And plain Inductor's compile where the region pass finds no blocks (with its warning): an
+    MLP, its child compiling beside the Wan's."""
     model, kw = tiny_models.wan(layers=3)
     compiled = torch.compile(model, backend="mixcache",
                              options={"cache": None, "background_compile": True})
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    x = torch.randn(2, 8)
+    compiled_mlp = torch.compile(mlp, backend="mixcache", options={"background_compile": True})
     with torch.no_grad():
+        with pytest.warns(UserWarning, match="no nn.ModuleList"):
+            mlp_first = compiled_mlp(x)
         ref = model(**kw, return_dict=False)[0]
         first = compiled(**kw, return_dict=False)[0]
         pieces = _pieces(model)
@@ -35,11 +42,17 @@ def test_regions_run_uncompiled_until_the_child_is_done_then_compiled():
         assert [p.eager_calls for p in pieces] == [3, 1, 1]
         assert all(p.fn is None for p in pieces)
         torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mlp_first, mlp(x))
+        (mlp_piece,) = mlp.__dict__["_mixcache_background"]
+        assert mlp_piece.eager_calls == 1 and mlp_piece.fn is None
 
         assert dit_compile.wait_for_compiles(compiled) == 3
+        assert dit_compile.wait_for_compiles(compiled_mlp) == 1
         later = compiled(**kw, return_dict=False)[0]
-    assert all(p.fn is not None for p in pieces)
+        torch.testing.assert_close(compiled_mlp(x), mlp(x))
+    assert all(p.fn is not None for p in pieces) and mlp_piece.fn is not None
     assert [p.eager_calls for p in pieces] == [3, 1, 1]          # none since the switch
+    assert mlp_piece.eager_calls == 1
     torch.testing.assert_close(later, ref, rtol=1e-5, atol=1e-5)
     assert dit_compile.wait_for_compiles(torch.nn.Linear(2, 2)) == 0     # nothing to wait for
 
@@ -61,7 +74,7 @@ def test_a_failed_child_is_a_warning_and_the_piece_compiles_here(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_a_graph_that_cannot_go_to_a_child_compiles_now(monkeypatch):
+def test_a_graph_that_cannot_go_to_a_child_or_finds_no_room_compiles_now(monkeypatch):
     def refuse(*args, **kwargs):
         raise TypeError("cannot pickle 'Thing' object")
     monkeypatch.setattr(background, "Job", refuse)
@@ -73,6 +86,18 @@ def test_a_graph_that_cannot_go_to_a_child_compiles_now(monkeypatch):
     assert any("cannot compile in the background (TypeError: cannot pickle 'Thing' object); "
                "compiling now" in str(w.message) for w in caught)
     assert "_mixcache_background" not in model.__dict__          # nothing left to wait for
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    # Nor past the children that may compile at once: silently, as without the option.
+    monkeypatch.undo()
+    monkeypatch.setattr(background, "MAX_CHILDREN", 0)
+    torch._dynamo.reset()
+    model, kw, compiled = _blocks_in_background()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(**kw, return_dict=False)[0]
+    assert not [w for w in caught if "mixcache" in str(w.message)]
+    assert "_mixcache_background" not in model.__dict__
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -93,3 +118,4 @@ def test_a_cuda_model_compiles_in_the_background_as_in_the_process():
     assert all(p.fn is not None for p in _pieces(model))
     # The same graph compiled elsewhere; Triton's autotuning may pick other configs there.
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
