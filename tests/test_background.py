@@ -107,11 +107,14 @@ def test_a_cuda_model_compiles_in_the_background_as_in_the_process():
     model, kw = tiny_models.wan(layers=3)
     model = model.to("cuda", torch.bfloat16)
     kw = {k: v.to("cuda", torch.bfloat16) for k, v in kw.items()}
-    here = torch.compile(model, backend="mixcache", options={"cache": None})
+    with torch.no_grad():
+        want = torch.compile(model, backend="mixcache", options={"cache": None})(
+            **kw, return_dict=False)[0]
+    torch._dynamo.reset()                       # the same forward, compiled afresh
+    dit_compile.frames.install_trace_hook()     # which the reset dropped
     there = torch.compile(model, backend="mixcache",
                           options={"cache": None, "background_compile": True})
     with torch.no_grad():
-        want = here(**kw, return_dict=False)[0]
         there(**kw, return_dict=False)
         assert dit_compile.wait_for_compiles(there) == 3
         got = there(**kw, return_dict=False)[0]
