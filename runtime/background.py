@@ -17,12 +17,13 @@ so a file that exists is whole); the parent loads it with ``CompiledArtifact.loa
 fails is a warning naming why, and the piece is then compiled in this process as it would have been
 without the option.
 
-The child (``WORKER``, then ``child``) starts in the job's own temporary folder, so that a source
-tree in the user's working directory cannot shadow the installed package.
+The child (``WORKER``: this file run on its own, then ``child``) starts in the job's own temporary
+folder, so that a source tree in the user's working directory cannot shadow what it imports.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import os
 import pickle
@@ -39,10 +40,11 @@ import torch.fx as fx
 
 log = logging.getLogger("dit_compile")
 
-# The child's command, the job's path appended. Not `-m` on this module: the package imports it
-# first, and runpy warns of the second copy.
-WORKER = [sys.executable, "-c",
-          "import sys; from dit_compile.runtime.background import child; child(sys.argv[1])"]
+# The child's command, the job's path appended: this file run on its own (it imports only torch),
+# not the package, whose import (diffusers among it) would add seconds to the child's start; a
+# job whose graphs hold the package's own ops imports it (``imports``).
+WORKER = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1])['child'](sys.argv[2])",
+          os.path.abspath(__file__)]
 POLL_S = 0.05          # the least time between two looks for a finished artifact, per piece
 # Children compiling at once, at most: a forward Dynamo breaks into many graphs would otherwise
 # start a process (torch imported, a CUDA context) per graph; past this, graphs compile here.
@@ -74,16 +76,27 @@ def _bare(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def _imports(graphs: Sequence[fx.GraphModule]) -> list[str]:
+    """What the child imports to have the graphs' custom ops: this package, for its own."""
+    ours = any(isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "dit_compile"
+               for gm in graphs for n in gm.graph.nodes)
+    return ["dit_compile"] if ours else []
+
+
 class Job:
     """One child process compiling a graph's pieces, in the order given, into one folder."""
 
     def __init__(self, pieces: Sequence[tuple[fx.GraphModule, Sequence[torch.Tensor]]],
                  options: dict[str, Any], name: str):
-        from torch.fx._graph_pickler import GraphPickler
+        from torch.fx._graph_pickler import GraphPickler, Options
+        # Ops the child has: torch's own, and this package's (which it then imports, _imports); a
+        # graph with any other custom op (a user's) is refused here, and compiles in the process.
+        shipped = Options(ops_filter=lambda op: op.startswith(
+            ("torch.ops.aten.", "torch.ops.prims.", "torch.ops.dit_compile.")))
         self.name = name
         self.folder = tempfile.TemporaryDirectory(prefix="mixcache-compile-")
-        job = {"options": options,
-               "pieces": [(GraphPickler.dumps(_bare(gm)), [_spec(x) for x in inputs])
+        job = {"options": options, "imports": _imports([gm for gm, _ in pieces]),
+               "pieces": [(GraphPickler.dumps(_bare(gm), shipped), [_spec(x) for x in inputs])
                           for gm, inputs in pieces]}
         path = os.path.join(self.folder.name, "job.pkl")
         with open(path, "wb") as f:
@@ -204,6 +217,8 @@ def child(path: str) -> None:
 
     with open(path, "rb") as f:
         job = pickle.load(f)
+    for module in job["imports"]:
+        importlib.import_module(module)
     folder = os.path.dirname(path)
     for i, (data, specs) in enumerate(job["pieces"]):
         mode = FakeTensorMode(shape_env=ShapeEnv())

@@ -22,9 +22,18 @@ def _blocks_in_background():
         "cache": None, "regions": "blocks", "background_compile": True})
 
 
-def test_regions_run_uncompiled_until_the_child_is_done_then_compiled():
+def test_regions_run_uncompiled_until_the_child_is_done_then_compiled(monkeypatch):
     """And plain Inductor's compile where the region pass finds no blocks (with its warning): an
-    MLP, its child compiling beside the Wan's."""
+    MLP; and a graph holding this package's own op (HiDream's lowered MoE dispatch), which the
+    child imports the package for: their children compiling beside the Wan's."""
+    monkeypatch.setattr(background, "MAX_CHILDREN", 3)
+    hidream, hd_kw = tiny_models.hidream(patchified=True)
+    dit_compile.lower_moe(hidream)
+    compiled_hd = torch.compile(hidream, backend="mixcache", fullgraph=True, options={
+        "cache": None, "regions": "blocks", "background_compile": True})
+    with torch.no_grad():
+        hd_first = compiled_hd(**hd_kw, return_dict=False)[0]
+        hd_ref = hidream(**hd_kw, return_dict=False)[0]
     model, kw = tiny_models.wan(layers=3)
     compiled = torch.compile(model, backend="mixcache",
                              options={"cache": None, "background_compile": True})
@@ -54,6 +63,11 @@ def test_regions_run_uncompiled_until_the_child_is_done_then_compiled():
     assert [p.eager_calls for p in pieces] == [3, 1, 1]          # none since the switch
     assert mlp_piece.eager_calls == 1
     torch.testing.assert_close(later, ref, rtol=1e-5, atol=1e-5)
+    assert dit_compile.wait_for_compiles(compiled_hd) == 2        # its two kinds of block
+    with torch.no_grad():
+        hd_later = compiled_hd(**hd_kw, return_dict=False)[0]
+    torch.testing.assert_close(hd_first, hd_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hd_later, hd_ref, rtol=1e-5, atol=1e-5)
     assert dit_compile.wait_for_compiles(torch.nn.Linear(2, 2)) == 0     # nothing to wait for
 
 
