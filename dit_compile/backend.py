@@ -257,6 +257,7 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
     (runtime.background); the others are compiled here as usual."""
     compiled: dict[str, Callable[..., Any]] = {}
     later: list[tuple[str, int, list[Any]]] = []      # (key, piece, inputs) for the child
+    symbolic = 0                                      # pieces that stay here for their sizes
     keys = []
     for i, piece in enumerate(plan.pieces):
         key = piece.signature() if opts.share_blocks else str(i)
@@ -269,15 +270,21 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
             continue
         inputs = [example_inputs[s] if s < plan.n_inputs else x
                   for s, x in zip(piece.args, piece.example_inputs)]
-        if (opts.background_compile and background.shippable(inputs)
-                and not records_autograd(example_inputs)):
-            compiled[key] = piece.module        # its Swapping, below, once the job has them all
-            later.append((key, i, inputs))
-            continue
+        if opts.background_compile and not records_autograd(example_inputs):
+            if background.shippable(inputs):
+                compiled[key] = piece.module    # its Swapping, below, once the job has them all
+                later.append((key, i, inputs))
+                continue
+            symbolic += 1
         start = time.perf_counter()
         compiled[key] = in_traced_strides(_compile_here(piece, inputs, inductor), piece)
         log.info("mixcache: compiled piece %d (%s, %d nodes) in %.2f s", i,
                  piece.region.kind, len(piece.module.graph.nodes), time.perf_counter() - start)
+    if symbolic:
+        warnings.warn(f"mixcache: {model_name()}: background_compile: {symbolic} region(s) of "
+                      "symbolic sizes (Dynamo traced this graph with dynamic shapes) compiled in "
+                      "this process; torch.compile(..., dynamic=False) keeps sizes static",
+                      stacklevel=3)
     if later:
         compiled.update(_compile_in_background(plan, later, inductor))
     return [compiled[k] for k in keys]

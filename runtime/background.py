@@ -212,7 +212,6 @@ def child(path: str) -> None:
     """The child process: compile each piece of the job at ``path``, save its artifact beside it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     with open(path, "rb") as f:
@@ -221,7 +220,9 @@ def child(path: str) -> None:
         importlib.import_module(module)
     folder = os.path.dirname(path)
     for i, (data, specs) in enumerate(job["pieces"]):
-        mode = FakeTensorMode(shape_env=ShapeEnv())
+        # No shape environment: sizes stay the numbers they are (torch 2.11's fake tensors of a
+        # mode with one took symbolic sizes, and a lowered MoE graph's linear then failed).
+        mode = FakeTensorMode()
         gm = GraphPickler.loads(data, mode)
         inputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
                   for shape, stride, dtype, device in specs]

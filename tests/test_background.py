@@ -27,19 +27,23 @@ def test_regions_run_uncompiled_until_the_child_is_done_then_compiled(monkeypatc
     MLP; and a graph holding this package's own op (HiDream's lowered MoE dispatch), which the
     child imports the package for: their children compiling beside the Wan's."""
     monkeypatch.setattr(background, "MAX_CHILDREN", 3)
+    # dynamic=False: on torch 2.11 diffusers' forwards share a wrapper's code, and the second
+    # model compiled would be traced with dynamic sizes, which compile in the process.
     hidream, hd_kw = tiny_models.hidream(patchified=True)
     dit_compile.lower_moe(hidream)
-    compiled_hd = torch.compile(hidream, backend="mixcache", fullgraph=True, options={
-        "cache": None, "regions": "blocks", "background_compile": True})
+    compiled_hd = torch.compile(hidream, backend="mixcache", fullgraph=True, dynamic=False,
+                                options={"cache": None, "regions": "blocks",
+                                         "background_compile": True})
     with torch.no_grad():
         hd_first = compiled_hd(**hd_kw, return_dict=False)[0]
         hd_ref = hidream(**hd_kw, return_dict=False)[0]
     model, kw = tiny_models.wan(layers=3)
-    compiled = torch.compile(model, backend="mixcache",
+    compiled = torch.compile(model, backend="mixcache", dynamic=False,
                              options={"cache": None, "background_compile": True})
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
     x = torch.randn(2, 8)
-    compiled_mlp = torch.compile(mlp, backend="mixcache", options={"background_compile": True})
+    compiled_mlp = torch.compile(mlp, backend="mixcache", dynamic=False,
+                                 options={"background_compile": True})
     with torch.no_grad():
         with pytest.warns(UserWarning, match="no nn.ModuleList"):
             mlp_first = compiled_mlp(x)
