@@ -277,7 +277,7 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
                 continue
             symbolic += 1
         start = time.perf_counter()
-        compiled[key] = in_traced_strides(_compile_here(piece, inputs, inductor), piece)
+        compiled[key] = in_traced_strides(_compile_here(piece.module, inputs, inductor), piece)
         log.info("mixcache: compiled piece %d (%s, %d nodes) in %.2f s", i,
                  piece.region.kind, len(piece.module.graph.nodes), time.perf_counter() - start)
     if symbolic:
@@ -296,8 +296,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], inductor: dict[
     relay's head), or under ``background_compile`` in a child process, running as it is till then."""
     if (opts.background_compile and background.shippable(example_inputs)
             and not records_autograd(example_inputs)):
-        fns = _in_background([(gm, example_inputs, lambda fn: fn, lambda args: compile_fx(
-            copy.deepcopy(gm), args, config_patches=inductor))], inductor)
+        fns = _in_background([(gm, example_inputs, lambda fn: fn,
+                               lambda args: _compile_here(gm, args, inductor))], inductor)
         if fns is not None:
             if model is not None:
                 background.register(model, fns)
@@ -315,10 +315,11 @@ def _compile_in_background(plan: Plan, later: list[tuple[str, int, list[Any]]],
     fns = _in_background([
         (piece.module, inputs,
          lambda fn, piece=piece: in_traced_strides(_as_traced(fn, piece), piece),
-         lambda args, piece=piece: in_traced_strides(_compile_here(piece, args, inductor), piece))
+         lambda args, piece=piece: in_traced_strides(
+             _compile_here(piece.module, args, inductor), piece))
         for piece, (_, _, inputs) in zip(pieces, later)], inductor)
     if fns is None:
-        fns = [in_traced_strides(_compile_here(piece, inputs, inductor), piece)
+        fns = [in_traced_strides(_compile_here(piece.module, inputs, inductor), piece)
                for piece, (_, _, inputs) in zip(pieces, later)]
     return {key: fn for (key, _, _), fn in zip(later, fns)}
 
@@ -344,9 +345,10 @@ def _in_background(graphs: list[tuple[fx.GraphModule, list[Any], Callable[..., A
             for j, (gm, _, finish, here) in enumerate(graphs)]
 
 
-def _compile_here(piece: Piece, inputs: list[Any], inductor: dict[str, Any]) -> Callable[..., Any]:
+def _compile_here(gm: fx.GraphModule, inputs: list[Any],
+                  inductor: dict[str, Any]) -> Callable[..., Any]:
     # compile_fx owns and may mutate the graph it is given.
-    return compile_fx(copy.deepcopy(piece.module), inputs, config_patches=inductor)
+    return compile_fx(copy.deepcopy(gm), inputs, config_patches=inductor)
 
 
 def _as_traced(artifact: Callable[..., Any], piece: Piece) -> Callable[..., Any]:

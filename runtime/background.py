@@ -43,7 +43,8 @@ log = logging.getLogger("dit_compile")
 # The child's command, the job's path appended: this file run on its own (it imports only torch),
 # not the package, whose import (diffusers among it) would add seconds to the child's start; a
 # job whose graphs hold the package's own ops imports it (``imports``).
-WORKER = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1])['child'](sys.argv[2])",
+WORKER = [sys.executable, "-c",
+          "import runpy, sys; runpy.run_path(sys.argv[1])['child'](sys.argv[2])",
           os.path.abspath(__file__)]
 POLL_S = 0.05          # the least time between two looks for a finished artifact, per piece
 # Children compiling at once, at most: a forward Dynamo breaks into many graphs would otherwise
