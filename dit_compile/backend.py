@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 import warnings
@@ -161,7 +162,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
                                modulation_of(plan, policy, model_name()),
                                partners=parameter_slots(gm), carriers=carriers(gm),
                                text=named_slot(gm, "text"))
-    halves = (half_batch(gm, example_inputs, rmap, compile=opts.regions != "eager")
+    halves = (half_batch(gm, example_inputs, rmap, None if opts.regions == "eager" else
+                         functools.partial(compile_regions, opts=opts))
               if getattr(policy, "reuses_cfg", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
@@ -303,6 +305,22 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], inductor: dict[
                 background.register(model, fns)
             return fns[0]
     return compile_fx(gm, example_inputs, config_patches=inductor)
+
+
+def compile_regions(gm: fx.GraphModule, example_inputs: list[Any], model: torch.nn.Module | None,
+                    opts: Options) -> Callable[..., Any]:
+    """``gm`` compiled region by region and stitched, caching nothing: the half-batch forward's
+    graph (runtime.halves). Plain Inductor where it has no block structure (no warning: the
+    model's own graph had one, and said nothing)."""
+    inductor: dict[str, Any] = {}   # plain Inductor's, as before: no CUDA graphs in a cfg step
+    try:
+        plan = split(gm, find_regions(gm))
+    except NoBlockStructure:
+        return compile_graph(gm, example_inputs, inductor, opts, model)
+    fns = compile_pieces(plan, opts, inductor, example_inputs)
+    if model is not None:
+        background.register(model, fns)
+    return Executor(plan, fns)
 
 
 def _compile_in_background(plan: Plan, later: list[tuple[str, int, list[Any]]],
@@ -545,7 +563,7 @@ def anchor_slot(gm: fx.GraphModule) -> int | None:
 
 
 def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
-               compile: bool) -> HalfBatch | str:
+               backend: Callable[..., Callable[..., Any]] | None) -> HalfBatch | str:
     """The half-batch forward for cfg reuse on batched-CFG calls, or why there is none.
 
     Built here because only compile time sees both sides: Dynamo's frame (the module and the real
@@ -576,7 +594,7 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
     shapes = [_static_shape(x.meta.get("example_value"), symbol, batch)
               for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
     return HalfBatch.build(traced_module(), traced_locals(), placeholders, example_inputs, roles,
-                           batch, shapes, compile, samples, rmap.sample_outs, numbers)
+                           batch, shapes, backend, samples, rmap.sample_outs, numbers)
 
 
 def _static_shape(v: Any, symbol: Any = None, batch: int = 0) -> tuple[int | None, ...] | None:

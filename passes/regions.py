@@ -76,11 +76,17 @@ class RegionMap:
 # Dynamo spells module paths differently across versions:
 #   "L['self'].__dict__['_modules']['blocks'].0"   (2.13)
 #   "L['self'].blocks[0]", "L['self']._modules['blocks']._modules['0']"
+#   "getattr(L['module'].blocks, '0')"   (a module passed as an argument: the half-batch forward)
 _PATH_TOKENS = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]|\._modules\['([^']+)'\]|\['([^']+)'\]|\[(\d+)\]|\.(\w+)")
+_GETATTR = re.compile(r"getattr\(([^()]*), '([^']+)'\)")
 
 
 def module_path(raw: str) -> str:
     """Normalise a Dynamo module path to a dotted fqn ("blocks.0.attn1")."""
+    while "getattr(" in raw:
+        raw, n = _GETATTR.subn(r"\1.\2", raw)
+        if not n:
+            break
     raw = re.sub(r"^L\['self'\]|^self", "", raw)
     parts = [next(g for g in m.groups() if g is not None) for m in _PATH_TOKENS.finditer(raw)]
     return ".".join(p for p in parts if p not in ("__dict__", "_modules"))

@@ -22,8 +22,11 @@ graph inputs as its parameters and buffers: one Dynamo graph serves every instan
 stack (Dynamo's code of its forward, which runs the graph, has it as ``self``), never the one traced
 at compile time: that one may be gone, and its tensors that are neither parameter nor buffer
 (Z-Image's rotary table) are its own. Each instance has its half forward so, from one recipe. It
-runs eager under ``regions="eager"``, else through its own ``torch.compile(...,
-backend="inductor")``, compiled on first use. Inside the executor Dynamo's frame hook is off (the
+runs eager under ``regions="eager"``, else through its own ``torch.compile``, compiled on first use
+(mid-generation, at the first cfg reuse step) by the backend's ``compile_regions``: region by
+region, each distinct block once, as the model's own graph is (it was plain Inductor's compile of
+the whole forward, every block inlined, at that step), and under ``background_compile`` in a child
+process. Inside the executor Dynamo's frame hook is off (the
 backend's callable runs under ``torch._dynamo.disable``), so an eager call stays eager and a nested
 ``torch.compile`` sets its own hook and compiles normally (checked on torch 2.13); so would a
 module compiled in place, whose ``__call__`` is compiled: the eager path forces eager.
@@ -45,6 +48,7 @@ import re
 import sys
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -86,7 +90,8 @@ class HalfBatch:
     state: list[tuple[str, int]]            # parameter/buffer name -> graph input
     batch_inputs: frozenset[int]            # graph inputs that carry the batch (when dim 0 = 2k)
     out_shapes: list[tuple[Any, ...]]      # batched graph outputs' shapes past dim 0
-    compile: bool                           # Inductor (True) or eager
+    # backend(graph, example inputs, module) -> the half forward's graph compiled; None: eager
+    backend: Callable[..., Callable[..., Any]] | None
     # A batch given as lists of per-sample tensors (Z-Image): the list arguments, whose first
     # half (the conditional one there) the half takes; the graph's per-sample outputs (one run)
     # and their shape.
@@ -101,7 +106,8 @@ class HalfBatch:
     def build(cls, module: torch.nn.Module | None, frame: Mapping[str, Any] | None,
               placeholders: Sequence[tuple[str, bool]], example_inputs: Sequence[Any],
               batch_roles: Sequence[int], batch: int,
-              out_shapes: Sequence[tuple[Any, ...] | None], compile: bool,
+              out_shapes: Sequence[tuple[Any, ...] | None],
+              backend: Callable[..., Callable[..., Any]] | None,
               samples: Sequence[int] = (), sample_outs: Sequence[int] = (),
               numbers: frozenset[int] = frozenset()) -> "HalfBatch | str":
         """The recipe, or why there is none.
@@ -212,7 +218,7 @@ class HalfBatch:
                 return (f"graph input {placeholders[i][0]} {tuple(x.shape)} carries the batch "
                         f"({batch}) in dim {dim}, not dim 0, and the half forward halves dim 0 only")
         return cls(type(module), sig, args, state, batch_inputs,
-                   [tuple(sh[1:]) for sh in batched], compile, frozenset(lists), one_run,
+                   [tuple(sh[1:]) for sh in batched], backend, frozenset(lists), one_run,
                    out_shapes[one_run.start] if one_run else ())
 
     def __call__(self, env: Sequence[Any], k: int,
@@ -237,7 +243,7 @@ class HalfBatch:
         call = inspect.BoundArguments(self.signature, arguments)
         state = {name: env[i] for name, i in self.state}
         try:
-            out = self._forward()(module, state, call.args, call.kwargs)
+            out = self._forward(module)(module, state, call.args, call.kwargs)
         except torch.OutOfMemoryError:
             raise       # passing: the call is retried (executor), the half forward not given up
         except Exception as e:  # a cfg reuse step must never end the generation
@@ -286,12 +292,17 @@ class HalfBatch:
             return x[self.half(k)]
         return x
 
-    def _forward(self) -> Callable[..., Any]:
-        if self._fn is None:
+    def _forward(self, module: torch.nn.Module) -> Callable[..., Any]:
+        if self._fn is None and self.backend is None:
+            self._fn = _functional_eager
+        elif self._fn is None:
+            # The instance compiled for (weakly: the recipe outlives it) is where a background
+            # compile is registered for wait_for_compiles.
+            first, backend = weakref.ref(module), self.backend
             # dynamic=False: the pieces are static-shape graphs, and so is this one; without it
             # Dynamo would mark the batch dynamic on the first shape change.
-            self._fn = (torch.compile(_own_code(_functional), backend="inductor", dynamic=False)
-                        if self.compile else _functional_eager)
+            self._fn = torch.compile(_own_code(_functional), dynamic=False,
+                                     backend=lambda gm, inputs: backend(gm, inputs, first()))
         return self._fn
 
     def _decline(self, why: str) -> None:

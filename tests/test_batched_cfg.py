@@ -429,12 +429,21 @@ def test_half_forward_through_inductor_matches_reference(stamp, monkeypatch):
     stamped, real = [], backend.stamp_blocks
     monkeypatch.setattr(backend, "stamp_blocks", lambda gm: stamped.append(sum(
         n.target is torch.ops.dit_compile.stamped_block.default for n in gm.graph.nodes)) or real(gm))
+    compiled, real_fx = [], backend.compile_fx
+    monkeypatch.setattr(backend, "compile_fx",
+                        lambda gm, *a, **k: compiled.append(gm) or real_fx(gm, *a, **k))
     pipe = _pipe(model)
     pipe.transformer = torch.compile(model, backend="mixcache", options={
         "regions": "blocks", "cache": {"rule": "schedule", "cfg": [2, 3]}})
     counters.clear()
     torch.testing.assert_close(pipelines.run_cogvideox(pipe, STEPS), ref, rtol=1e-4, atol=1e-4)
     assert counters["frames"]["ok"] == 2, "the model's graph, then the half forward's"
+    # The half forward's graph compiled region by region too (the tiny CogVideoX's two blocks
+    # compile apart), as regions="blocks" asks: its blocks, not the whole forward (whose
+    # prologue embeds the patches), every block inlined, as plain Inductor would.
+    assert len(compiled) == 4 and not any(
+        "patch_embed" in str(n.meta.get("nn_module_stack")) for gm in compiled
+        for n in gm.graph.nodes), [len(gm.graph.nodes) for gm in compiled]
     assert (stamped[0] > 0) == stamp and len(stamped) == 1
     _check_trace(dit_compile.stats(pipe.transformer)["trace"], {2, 3}, generations=1)
 
@@ -597,7 +606,7 @@ def _recipe(batch=2, out_shapes=None, cls=Halved, **unused):
                     ("L['encoder_hidden_states']", False), ("L['self'].lin.weight", True),
                     ("L['self'].lin.bias", True), ("L['self'].table", True)]
     recipe = HalfBatch.build(model, call, placeholders, inputs, [0, 2, 1], batch,
-                             out_shapes or [(batch, 3, 4)], compile=False)
+                             out_shapes or [(batch, 3, 4)], backend=None)
     return model, inputs, recipe
 
 
