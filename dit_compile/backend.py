@@ -21,7 +21,7 @@ from .passes.mutation import example_value, writes_inputs
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, check_whole_stacks,
                              find_regions, missing_inputs, named_inputs, outside_model,
                              source_name, user_inputs)
-from .passes.split import Piece, Plan, split
+from .passes.split import Piece, Plan, graph_signature, split
 from .passes.stamping import stamp_blocks
 from .runtime import background
 from .runtime.cache import StateFactory
@@ -260,11 +260,12 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
     compiled: dict[str, Callable[..., Any]] = {}
     later: list[tuple[str, int, list[Any]]] = []      # (key, piece, inputs) for the child
     symbolic = 0                                      # pieces that stay here for their sizes
+    twins = dense_twins(plan) if opts.share_blocks and opts.regions != "eager" else {}
     keys = []
     for i, piece in enumerate(plan.pieces):
         key = piece.signature() if opts.share_blocks else str(i)
         keys.append(key)
-        if key in compiled:
+        if key in compiled or i in twins:
             continue
         if (opts.regions == "eager" or _small_glue(piece)
                 or (opts.regions == "blocks" and piece.region.kind != BLOCK)):
@@ -289,7 +290,42 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
                       stacklevel=3)
     if later:
         compiled.update(_compile_in_background(plan, later, inductor))
-    return [compiled[k] for k in keys]
+    return [in_traced_strides(_dense_inputs(compiled[keys[twins[i][0]]], twins[i][1]), piece)
+            if i in twins else compiled[k] for i, (piece, k) in enumerate(zip(plan.pieces, keys))]
+
+
+def dense_twins(plan: Plan) -> dict[int, tuple[int, list[int]]]:
+    """Blocks handed strided views but otherwise their stack-mates (CogVideoX's first block gets
+    slices of the prologue's concatenated tokens): piece -> (the mate whose compile it shares,
+    the inputs it copies dense first). A copy of a block's inputs per call, against a compile of
+    a block of its own."""
+    first: dict[str, int] = {}
+    for i, piece in enumerate(plan.pieces):
+        if piece.region.kind == BLOCK:
+            first.setdefault(piece.signature(), i)
+    twins = {}
+    for i, piece in enumerate(plan.pieces):
+        if piece.region.kind != BLOCK or first[piece.signature()] != i:
+            continue
+        strided = [k for k, x in enumerate(piece.example_inputs)
+                   if isinstance(x, torch.Tensor) and background.shippable([x])
+                   and not x.is_contiguous()]      # size-1 dimensions' strides aside
+        if strided:
+            dense = [x.contiguous() if k in strided else x
+                     for k, x in enumerate(piece.example_inputs)]
+            mate = first.get(graph_signature(piece.module, dense), i)
+            if mate != i and mate not in twins:
+                twins[i] = (mate, strided)
+    return twins
+
+
+def _dense_inputs(fn: Callable[..., Any], strided: list[int]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        args = list(args)
+        for k in strided:
+            args[k] = args[k].contiguous()
+        return fn(*args)
+    return call
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], inductor: dict[str, Any],

@@ -177,6 +177,39 @@ def test_lowered_moe_model_through_inductor_matches_eager(monkeypatch):
 
 
 @pytest.mark.inductor
+def test_a_block_handed_strided_views_shares_its_mates_compile(monkeypatch):
+    """CogVideoX's first block gets slices of the prologue's concatenated text and video tokens,
+    its mates dense tensors: the same graph at other strides. At batch 2 (batched CFG) it copies
+    them dense and shares the mates' compile instead of compiling a block of its own; at batch 1
+    the slices differ only in the batch's stride, which no kernel reads, and nothing is copied.
+    (The last block, whose text output nothing reads, is another graph.) Against eager (fp32 CPU:
+    1e-5)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import pipelines
+    model = pipelines.cogvideox_transformer(layers=4)
+    compiles, twins = [], []
+    real_compile = backend.compile_fx
+    monkeypatch.setattr(backend, "compile_fx",
+                        lambda gm, *a, **k: compiles.append(gm) or real_compile(gm, *a, **k))
+    monkeypatch.setattr(backend, "dense_twins",
+                        lambda plan, real=backend.dense_twins: twins.append(real(plan)) or twins[-1])
+    for batch in (2, 1):
+        kw = dict(hidden_states=torch.randn(batch, 3, 4, 8, 8),
+                  encoder_hidden_states=torch.randn(batch, 16, 32),
+                  timestep=torch.full((batch,), 500), return_dict=False)
+        compiles.clear()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(model, backend="mixcache", fullgraph=True, dynamic=False,
+                                options={"cache": None, "regions": "blocks"})(**kw)[0]
+            torch.testing.assert_close(out, model(**kw)[0], rtol=1e-5, atol=1e-5)
+        assert len(compiles) == 2, f"batch {batch}: one block for the first three, the last block"
+    # Pieces: the prologue, then the blocks; the first block's strided inputs are its tokens.
+    assert len(twins) == 2 and list(twins[0]) == [1] and twins[0][1][0] == 2 and twins[1] == {}, \
+        twins
+
+
+@pytest.mark.inductor
 def test_blocks_marked_as_nested_compile_regions_compile_once(monkeypatch, nested_wan_blocks):
     """nested_compile_region on the block class shortens Dynamo's trace (one block traced, the
     rest stamped out as invoke_subgraph calls): the same pieces, one shared block compile, eager's
