@@ -159,7 +159,8 @@ def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
         if isinstance(v, torch.Tensor):
             # A size-1 dimension's stride is never read (Inductor's input check skips it too):
             # the first block of a batch-1 call, handed a slice, is its mates' graph.
-            strides = tuple(None if d == 1 else st for d, st in zip(v.shape, v.stride()))
+            strides = tuple(None if isinstance(d, int) and d == 1 else st
+                            for d, st in zip(v.shape, v.stride()))
             h.update(repr((tuple(v.shape), strides, v.dtype, v.device.type)).encode())
         else:
             h.update(repr(type(v)).encode())
