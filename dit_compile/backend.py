@@ -314,7 +314,7 @@ def dense_twins(plan: Plan) -> dict[int, tuple[int, list[int]]]:
             dense = [x.contiguous() if k in strided else x
                      for k, x in enumerate(piece.example_inputs)]
             mate = first.get(graph_signature(piece.module, dense), i)
-            if mate != i and mate not in twins:
+            if mate != i:
                 twins[i] = (mate, strided)
     return twins
 
