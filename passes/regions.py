@@ -19,6 +19,7 @@ failing that (a positional call) by dataflow.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,8 +82,10 @@ _PATH_TOKENS = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]|\._modules\['(
 _GETATTR = re.compile(r"getattr\(([^()]*), '([^']+)'\)")
 
 
+@functools.lru_cache(maxsize=4096)
 def module_path(raw: str) -> str:
-    """Normalise a Dynamo module path to a dotted fqn ("blocks.0.attn1")."""
+    """Normalise a Dynamo module path to a dotted fqn ("blocks.0.attn1"). Cached: the region
+    pass reads every node's module stack several times, a few distinct paths a model."""
     while "getattr(" in raw:
         raw, n = _GETATTR.subn(r"\1.\2", raw)
         if not n:
