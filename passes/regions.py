@@ -85,7 +85,7 @@ _GETATTR = re.compile(r"getattr\(([^()]*), '([^']+)'\)")
 @functools.lru_cache(maxsize=4096)
 def module_path(raw: str) -> str:
     """Normalise a Dynamo module path to a dotted fqn ("blocks.0.attn1"). Cached: the region
-    pass reads every node's module stack several times, a few distinct paths a model."""
+    pass reads every node's module stack several times, and a model has far fewer paths."""
     while "getattr(" in raw:
         raw, n = _GETATTR.subn(r"\1.\2", raw)
         if not n:
