@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import logging
+import math
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Container
 
 import torch
 import torch.fx as fx
@@ -21,7 +23,7 @@ from .passes.mutation import example_value, writes_inputs
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, check_whole_stacks,
                              find_regions, missing_inputs, named_inputs, outside_model,
                              source_name, user_inputs)
-from .passes.split import Piece, Plan, graph_signature, split
+from .passes.split import Piece, Plan, graph_signature, split, with_outputs
 from .passes.stamping import stamp_blocks
 from .runtime import background
 from .runtime.cache import StateFactory
@@ -261,11 +263,12 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
     later: list[tuple[str, int, list[Any]]] = []      # (key, piece, inputs) for the child
     symbolic = 0                                      # pieces that stay here for their sizes
     twins = dense_twins(plan) if opts.share_blocks and opts.regions != "eager" else {}
+    pruned = pruned_twins(plan, twins) if opts.share_blocks and opts.regions != "eager" else {}
     keys = []
     for i, piece in enumerate(plan.pieces):
         key = piece.signature() if opts.share_blocks else str(i)
         keys.append(key)
-        if key in compiled or i in twins:
+        if key in compiled or i in twins or i in pruned:
             continue
         if (opts.regions == "eager" or _small_glue(piece)
                 or (opts.regions == "blocks" and piece.region.kind != BLOCK)):
@@ -290,8 +293,13 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
                       stacklevel=3)
     if later:
         compiled.update(_compile_in_background(plan, later, inductor))
-    return [in_traced_strides(_dense_inputs(compiled[keys[twins[i][0]]], twins[i][1]), piece)
-            if i in twins else compiled[k] for i, (piece, k) in enumerate(zip(plan.pieces, keys))]
+    fns = [compiled.get(k) for k in keys]
+    for i, (mate, strided) in twins.items():
+        fns[i] = in_traced_strides(_dense_inputs(fns[mate], strided), plan.pieces[i])
+    for i, (mate, keep) in pruned.items():
+        fns[i] = in_traced_strides(kept_outputs(fns[mate], keep, plan.pieces[i].single),
+                                   plan.pieces[i])
+    return fns
 
 
 def dense_twins(plan: Plan) -> dict[int, tuple[int, list[int]]]:
@@ -317,6 +325,58 @@ def dense_twins(plan: Plan) -> dict[int, tuple[int, list[int]]]:
             if mate != i:
                 twins[i] = (mate, strided)
     return twins
+
+
+def pruned_twins(plan: Plan,
+                 taken: Container[int] = ()) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """Blocks whose graph is a stack-mate's with some outputs dropped, where the model reads only
+    some of what that block returns (the image tokens of Flux's and HunyuanVideo's last
+    single-stream block, the video tokens of CogVideoX's last block): piece -> (the mate whose
+    compile it shares, the mate's outputs it returns). The mate's compile computes the dropped
+    outputs too (Flux: the text half's slice; CogVideoX: the text's gated residual add, over its
+    text tokens), against a compile of a block of its own. Pieces in ``taken`` (twins already)
+    are neither twins nor mates here."""
+    firsts: dict[str | None, list[int]] = {}       # stack -> the first block of each signature
+    seen: set[str] = set()
+    for i, piece in enumerate(plan.pieces):
+        if piece.region.kind == BLOCK and i not in taken and piece.signature() not in seen:
+            seen.add(piece.signature())
+            firsts.setdefault(piece.region.stack, []).append(i)
+    twins = {}
+    for blocks in firsts.values():
+        for i in blocks[1:]:
+            piece = plan.pieces[i]
+            for m in blocks:
+                mate = plan.pieces[m]
+                if m == i or m in twins:
+                    continue
+                keep = _outputs_of_mate(mate, piece)
+                if keep is not None:
+                    twins[i] = (m, keep)
+                    break
+    return twins
+
+
+def _outputs_of_mate(mate: Piece, piece: Piece) -> tuple[int, ...] | None:
+    """Which of ``mate``'s outputs ``piece`` computes, where ``piece`` is ``mate``'s graph with the
+    others dropped (both without what nothing they return needs); None where it is not."""
+    k, n = len(piece.outs), len(mate.outs)
+    if (len(mate.args) != len(piece.args) or not 0 < k < n or math.comb(n, k) > 16
+            or len(piece.module.graph.nodes) > len(mate.module.graph.nodes)):
+        return None
+    want = graph_signature(with_outputs(piece, tuple(range(k)), piece.single), piece.example_inputs)
+    for keep in itertools.combinations(range(n), k):
+        if graph_signature(with_outputs(mate, keep, piece.single), mate.example_inputs) == want:
+            return keep
+    return None
+
+
+def kept_outputs(fn: Callable[..., Any], keep: tuple[int, ...], single: bool) -> Callable[..., Any]:
+    """``fn`` (a mate's compile) returning its outputs ``keep``: what its pruned twin returns."""
+    def call(*args: Any) -> Any:
+        out = fn(*args)
+        return out[keep[0]] if single else [out[k] for k in keep]
+    return call
 
 
 def _dense_inputs(fn: Callable[..., Any], strided: list[int]) -> Callable[..., Any]:

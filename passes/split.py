@@ -144,6 +144,24 @@ def _canonical_outputs(sub: fx.GraphModule, out: fx.Node, slots: tuple[int, ...]
     return tuple(slots[j] for j in perm)
 
 
+def with_outputs(piece: Piece, keep: tuple[int, ...], single: bool) -> fx.GraphModule:
+    """``piece``'s graph returning only its outputs ``keep`` (one value where ``single``), the
+    nodes only the others needed removed, as Dynamo removes what a graph's outputs do not need:
+    the graph a block gets where what follows it reads only some of what its mates return."""
+    graph, env = fx.Graph(), {}
+    for n in piece.module.graph.nodes:
+        if n.op == "output":
+            rets = n.args[0] if isinstance(n.args[0], (tuple, list)) else (n.args[0],)
+            kept = [env[rets[k]] if isinstance(rets[k], fx.Node) else rets[k] for k in keep]
+            graph.output(kept[0] if single else tuple(kept))
+        else:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    gm = fx.GraphModule(piece.module, graph)
+    gm.graph.eliminate_dead_code()     # with its module: a call_module's purity is the module's
+    gm.recompile()
+    return gm
+
+
 def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
     """Hash of a graph's ops and wiring plus its inputs' metadata, blind to node names."""
     index: dict[fx.Node, int] = {}

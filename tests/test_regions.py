@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dit_compile
 from conftest import capture
+from dit_compile import backend
 from dit_compile.passes.regions import BLOCK, EPILOGUE, PROLOGUE, NoBlockStructure, find_regions
 from dit_compile.passes.split import graph_signature, split
 from dit_compile.runtime.executor import Executor
@@ -121,6 +122,18 @@ def test_random_dits_partition_and_stitch(spec, nested):
         torch.testing.assert_close(run(*inputs), gm(*inputs), rtol=0, atol=0)
         torch.testing.assert_close(run(*inputs)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
 
+    # A last block whose text output nothing reads (one stack of two-stream blocks) runs its
+    # first mate's graph and keeps the image output; every other block is its mates' graph.
+    twins = backend.pruned_twins(plan)
+    blocks = [i for i, p in enumerate(plan.pieces) if p.region.kind == BLOCK]
+    alone = spec.two_streams and len(spec.depths) == 1 and spec.depths[0] > 1
+    assert twins == ({blocks[-1]: (blocks[0], (0,))} if alone else {})
+    fns = [p.module for p in plan.pieces]
+    for i, (mate, keep) in twins.items():
+        fns[i] = backend.kept_outputs(plan.pieces[mate].module, keep, plan.pieces[i].single)
+    with torch.no_grad():
+        torch.testing.assert_close(Executor(plan, fns)(*inputs), gm(*inputs), rtol=0, atol=0)
+
 
 def test_identical_blocks_share_one_signature():
     model, kw = tiny_models.wan(layers=4)
@@ -140,6 +153,48 @@ def test_blocks_with_different_shapes_do_not_share():
             by_stack.setdefault(p.region.stack, set()).add(p.signature())
     assert len(by_stack["blocks"]) == 1 and len(by_stack["single_blocks"]) == 1
     assert by_stack["blocks"] != by_stack["single_blocks"]
+
+
+def _cogvideox():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import pipelines
+    return pipelines.cogvideox_transformer(layers=3), dict(
+        hidden_states=torch.randn(1, 3, 4, 8, 8), encoder_hidden_states=torch.randn(1, 16, 32),
+        timestep=torch.tensor([500]))
+
+
+# model -> (the stack whose last block only some outputs of are read, its block that block shares)
+LAST_BLOCKS = {
+    "flux": (tiny_models.flux, "single_transformer_blocks", 0),
+    # The first single-stream block is handed the double stream's strided tokens: a dense twin of
+    # the second, which the last one shares.
+    "hunyuan": (lambda: tiny_models.hunyuan(single_layers=3), "single_transformer_blocks", 1),
+    "cogvideox": (_cogvideox, "transformer_blocks", 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAST_BLOCKS))
+def test_a_last_block_read_in_part_runs_its_mates_graph(name):
+    """Only the image tokens of the last block of these stacks are read: Dynamo's graph of that
+    block drops what computed nothing else (Flux, HunyuanVideo: the text half's slice) or just
+    returns less (CogVideoX), and the block runs a mate's graph, keeping that output. Stitched
+    so, the pieces compute exactly the graph."""
+    factory, stack, mate_index = LAST_BLOCKS[name]
+    model, kw = factory()
+    plan = split(gm := capture(model, kw), find_regions(gm))
+    blocks = [i for i, p in enumerate(plan.pieces) if p.region.stack == stack]
+    last = plan.pieces[blocks[-1]]
+    assert len(last.outs) == 1 and last.signature() != plan.pieces[blocks[0]].signature()
+    dense = backend.dense_twins(plan)
+    twins = backend.pruned_twins(plan, dense)
+    assert list(twins) == [blocks[-1]] and twins[blocks[-1]][0] == blocks[mate_index], twins
+    fns = [p.module for p in plan.pieces]
+    mate, keep = twins[blocks[-1]]
+    fns[blocks[-1]] = backend.kept_outputs(plan.pieces[mate].module, keep, last.single)
+    with torch.no_grad():
+        torch.testing.assert_close(Executor(plan, fns)(*gm.inputs), gm(*gm.inputs), rtol=0, atol=0)
 
 
 class WidthBlock(torch.nn.Module):
