@@ -361,8 +361,7 @@ def _outputs_of_mate(mate: Piece, piece: Piece) -> tuple[int, ...] | None:
     """Which of ``mate``'s outputs ``piece`` computes, where ``piece`` is ``mate``'s graph with the
     others dropped (both without what nothing they return needs); None where it is not."""
     k, n = len(piece.outs), len(mate.outs)
-    if (len(mate.args) != len(piece.args) or not 0 < k < n or math.comb(n, k) > 16
-            or len(piece.module.graph.nodes) > len(mate.module.graph.nodes)):
+    if len(mate.args) != len(piece.args) or not 0 < k < n or math.comb(n, k) > 16:
         return None
     want = graph_signature(with_outputs(piece, tuple(range(k)), piece.single), piece.example_inputs)
     for keep in itertools.combinations(range(n), k):
