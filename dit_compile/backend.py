@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import logging
-import math
 import time
 import warnings
-from typing import Any, Callable, Container
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -23,11 +21,11 @@ from .passes.mutation import example_value, writes_inputs
 from .passes.regions import (BLOCK, GLUE, NoBlockStructure, RegionMap, check_whole_stacks,
                              find_regions, missing_inputs, named_inputs, outside_model,
                              source_name, user_inputs)
-from .passes.split import Piece, Plan, graph_signature, split, with_outputs
+from .passes.split import Piece, Plan, graph_signature, pruned_twins, split
 from .passes.stamping import stamp_blocks
 from .runtime import background
 from .runtime.cache import StateFactory
-from .runtime.executor import Executor, GuardedExecutor
+from .runtime.executor import Executor, GuardedExecutor, kept_outputs
 from .runtime.halves import HalfBatch
 from .runtime.policy import PolicyError, make_policy
 from .runtime.relay import Head, RelayedExecutor
@@ -325,57 +323,6 @@ def dense_twins(plan: Plan) -> dict[int, tuple[int, list[int]]]:
             if mate != i:
                 twins[i] = (mate, strided)
     return twins
-
-
-def pruned_twins(plan: Plan,
-                 taken: Container[int] = ()) -> dict[int, tuple[int, tuple[int, ...]]]:
-    """Blocks whose graph is a stack-mate's with some outputs dropped, where the model reads only
-    some of what that block returns (the image tokens of Flux's and HunyuanVideo's last
-    single-stream block, the video tokens of CogVideoX's last block): piece -> (the mate whose
-    compile it shares, the mate's outputs it returns). The mate's compile computes the dropped
-    outputs too (Flux: the text half's slice; CogVideoX: the text's gated residual add, over its
-    text tokens), against a compile of a block of its own. Pieces in ``taken`` (twins already)
-    are neither twins nor mates here."""
-    firsts: dict[str | None, list[int]] = {}       # stack -> the first block of each signature
-    seen: set[str] = set()
-    for i, piece in enumerate(plan.pieces):
-        if piece.region.kind == BLOCK and i not in taken and piece.signature() not in seen:
-            seen.add(piece.signature())
-            firsts.setdefault(piece.region.stack, []).append(i)
-    twins = {}
-    for blocks in firsts.values():
-        for i in blocks[1:]:
-            piece = plan.pieces[i]
-            for m in blocks:
-                mate = plan.pieces[m]
-                if m == i or m in twins:
-                    continue
-                keep = _outputs_of_mate(mate, piece)
-                if keep is not None:
-                    twins[i] = (m, keep)
-                    break
-    return twins
-
-
-def _outputs_of_mate(mate: Piece, piece: Piece) -> tuple[int, ...] | None:
-    """Which of ``mate``'s outputs ``piece`` computes, where ``piece`` is ``mate``'s graph with the
-    others dropped (both without what nothing they return needs); None where it is not."""
-    k, n = len(piece.outs), len(mate.outs)
-    if len(mate.args) != len(piece.args) or not 0 < k < n or math.comb(n, k) > 16:
-        return None
-    want = graph_signature(with_outputs(piece, tuple(range(k)), piece.single), piece.example_inputs)
-    for keep in itertools.combinations(range(n), k):
-        if graph_signature(with_outputs(mate, keep, piece.single), mate.example_inputs) == want:
-            return keep
-    return None
-
-
-def kept_outputs(fn: Callable[..., Any], keep: tuple[int, ...], single: bool) -> Callable[..., Any]:
-    """``fn`` (a mate's compile) returning its outputs ``keep``: what its pruned twin returns."""
-    def call(*args: Any) -> Any:
-        out = fn(*args)
-        return out[keep[0]] if single else [out[k] for k in keep]
-    return call
 
 
 def _dense_inputs(fn: Callable[..., Any], strided: list[int]) -> Callable[..., Any]:

@@ -10,7 +10,8 @@ What is saved (a directory, written beside the path and renamed into place once 
 ``manifest.json`` (format version, torch version, the options, the model's diffusers config, the
 autocast state, each tensor argument's structure, where each graph input comes from: a keyword
 argument (a path into it) or a saved tensor, which program each piece runs (none for a piece
-that computes nothing), the executor's layout: slots, guard positions,
+that computes nothing; a last block whose other outputs nothing reads runs a mate's and keeps
+its outputs), the executor's layout: slots, guard positions,
 FLOP shares; the graph's output spec and the structure the call returned around it),
 ``program_<k>.pt2`` (``torch.export.save``; one per distinct region, so a 30-block stack saves its
 block once; with ``aoti=True`` also ``program_<k>.aoti.pt2``, AOTInductor's package of it) and
@@ -56,12 +57,13 @@ from .options import Options
 from .passes.casting import functional_casting
 from .passes.modulation import Modulation
 from .passes.regions import NoBlockStructure, find_regions, missing_inputs, source_name, user_inputs
-from .passes.split import split
+from .passes.split import pruned_twins, split
 from .runtime.cache import StateFactory
-from .runtime.executor import Executor, GuardedExecutor
+from .runtime.executor import Executor, GuardedExecutor, kept_outputs
 from .runtime.policy import make_policy
 
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)      # 2: a piece may run another's program, keeping some outputs
 _NO_HALVES = "an exported model has no half-batch forward"
 _MODULATION = "modulation"      # the program of TeaCache's signal, beside the numbered pieces
 
@@ -216,21 +218,26 @@ def _staged(path: str) -> Iterator[str]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[int | None]:
+def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[Any]:
     """Each distinct piece saved once (``_save_program``); the program each piece runs, None for
     a piece that computes nothing (Motif-Video's glue between its stacks: no outputs, no writes
-    into its inputs), which torch.export.save cannot save and the loaded model need not run."""
+    into its inputs), which torch.export.save cannot save and the loaded model need not run. A
+    last block that returns some of what a mate returns (``split.pruned_twins``) runs the
+    mate's program, keeping those outputs: ``[program, outputs kept, returns one value]``."""
+    twins = pruned_twins(traced.plan)
     programs: dict[str, int] = {}
-    uses: list[int | None] = []
-    for piece in traced.plan.pieces:
+    uses: list[Any] = []
+    for i, piece in enumerate(traced.plan.pieces):
         if not piece.outs and not piece.writes_in_place():
             uses.append(None)
             continue
-        key = piece.signature()
+        saved = traced.plan.pieces[twins[i][0]] if i in twins else piece
+        key = saved.signature()
         if key not in programs:
             programs[key] = len(programs)
-            _save_program(traced, piece.module, piece.args, path, programs[key], aoti)
-        uses.append(programs[key])
+            _save_program(traced, saved.module, saved.args, path, programs[key], aoti)
+        uses.append([programs[key], list(twins[i][1]), piece.single] if i in twins
+                    else programs[key])
     return uses
 
 
@@ -330,9 +337,9 @@ class Exported(torch.nn.Module):
         super().__init__()
         with open(os.path.join(path, "manifest.json")) as f:
             m = json.load(f)
-        if m.get("format") != FORMAT:
+        if m.get("format") not in READS:
             raise ValueError(f"dit_compile.load: {path} has format {m.get('format')!r}, this "
-                             f"version reads {FORMAT}")
+                             f"version reads {', '.join(map(str, READS))}")
         tensors = torch.load(os.path.join(path, "tensors.pt"), weights_only=True)
         self.weights = torch.nn.ParameterDict(
             {k: torch.nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
@@ -347,9 +354,11 @@ class Exported(torch.nn.Module):
         self.strides = {i: tuple(s["stride"]) for i, s in enumerate(m["inputs"])
                         if m.get("aoti") and "argument" in s and "stride" in s}
         self.arguments = list(dict.fromkeys(a[0] for a, _ in self.sources if a is not None))
+        uses = [u if isinstance(u, list) else [u] for u in m["programs"]]
         programs = {k: _program(path, k, m.get("aoti", False))
-                    for k in sorted(set(m["programs"]) - {None})}
-        fns = [programs[k] if k is not None else _nothing for k in m["programs"]]
+                    for k in sorted({u[0] for u in uses} - {None})}
+        fns = [_nothing if u[0] is None else programs[u[0]] if len(u) == 1
+               else kept_outputs(programs[u[0]], tuple(u[1]), u[2]) for u in uses]
         spec = pytree.treespec_loads(m["out_spec"])
         if m["guarded"]:
             opts = Options.parse(m["options"])

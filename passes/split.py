@@ -9,13 +9,18 @@ what ``gm`` computes: this is the invariant the property tests check. ``gm`` is 
 The table is the executor's whole state per call: slot ``i < n_inputs`` is graph input ``i``
 (Dynamo's calling convention), later slots are region outputs. Resolving names to slots here, once,
 is what keeps the per-step work of the executor to indexing.
+
+``pruned_twins(plan)`` finds the blocks that compute some of what a mate computes (a last block
+whose other outputs nothing reads): they run the mate's compile and keep those outputs.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Container
 
 import torch
 import torch.fx as fx
@@ -24,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from .mutation import example_value, written_inputs
 from .nesting import inline_nested
-from .regions import RegionMap, Region
+from .regions import BLOCK, RegionMap, Region
 
 
 @dataclass
@@ -160,6 +165,49 @@ def with_outputs(piece: Piece, keep: tuple[int, ...], single: bool) -> fx.GraphM
     gm.graph.eliminate_dead_code()     # with its module: a call_module's purity is the module's
     gm.recompile()
     return gm
+
+
+def pruned_twins(plan: Plan,
+                 taken: Container[int] = ()) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """Blocks whose graph is a stack-mate's with some outputs dropped, where the model reads only
+    some of what that block returns (the image tokens of Flux's and HunyuanVideo's last
+    single-stream block, the video tokens of CogVideoX's last block): piece -> (the mate whose
+    compile, or exported program, it shares; the mate's outputs it returns). The mate's compile
+    computes the dropped outputs too (Flux: the text half's slice; CogVideoX: the text's gated
+    residual add, over its text tokens), against a compile of a block of its own. Pieces in
+    ``taken`` (twins already) are neither twins nor mates here."""
+    firsts: dict[str | None, list[int]] = {}       # stack -> the first block of each signature
+    seen: set[str] = set()
+    for i, piece in enumerate(plan.pieces):
+        if piece.region.kind == BLOCK and i not in taken and piece.signature() not in seen:
+            seen.add(piece.signature())
+            firsts.setdefault(piece.region.stack, []).append(i)
+    twins = {}
+    for blocks in firsts.values():
+        for i in blocks[1:]:
+            piece = plan.pieces[i]
+            for m in blocks:
+                mate = plan.pieces[m]
+                if m == i or m in twins:
+                    continue
+                keep = _outputs_of_mate(mate, piece)
+                if keep is not None:
+                    twins[i] = (m, keep)
+                    break
+    return twins
+
+
+def _outputs_of_mate(mate: Piece, piece: Piece) -> tuple[int, ...] | None:
+    """Which of ``mate``'s outputs ``piece`` computes, where ``piece`` is ``mate``'s graph with the
+    others dropped (both without what nothing they return needs); None where it is not."""
+    k, n = len(piece.outs), len(mate.outs)
+    if len(mate.args) != len(piece.args) or not 0 < k < n or math.comb(n, k) > 16:
+        return None
+    want = graph_signature(with_outputs(piece, tuple(range(k)), piece.single), piece.example_inputs)
+    for keep in itertools.combinations(range(n), k):
+        if graph_signature(with_outputs(mate, keep, piece.single), mate.example_inputs) == want:
+            return keep
+    return None
 
 
 def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:

@@ -31,6 +31,15 @@ def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
                  if torch.is_autocast_enabled(d))
 
 
+def kept_outputs(fn: Callable[..., Any], keep: tuple[int, ...], single: bool) -> Callable[..., Any]:
+    """``fn`` (a mate's compile or program) returning its outputs ``keep`` (one value where
+    ``single``): what the pruned twin (``split.pruned_twins``) that runs it returns."""
+    def call(*args: Any) -> Any:
+        out = fn(*args)
+        return out[keep[0]] if single else [out[k] for k in keep]
+    return call
+
+
 class Executor:
     # What __init__ decides from the plan, all of it plain data (slot numbers, flags, FLOP shares):
     # an exported model (dit_compile.export) saves it and is rebuilt from it, with no graph.

@@ -243,6 +243,21 @@ def test_graphs_torch_cannot_save_as_they_are_are_exported(tmp_path, name):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_a_last_block_read_in_part_runs_its_mates_program(tmp_path):
+    """Only the image tokens of Flux's last single-stream block are read: the export saves no
+    program for it, the loaded model runs its mate's and keeps that output."""
+    model, kw = tiny_models.flux()
+    kw["return_dict"] = False
+    dit_compile.export(model, str(tmp_path), kw, {"cache": None})
+    uses = json.loads((tmp_path / "manifest.json").read_text())["programs"]
+    # prologue, a double-stream block for both, a single-stream block for both, epilogue
+    assert len(uses) == 6 and len(list(tmp_path.glob("program_*.pt2"))) == 4, uses
+    assert uses[4] == [uses[3], [1], True], uses
+    with torch.no_grad():
+        torch.testing.assert_close(dit_compile.load(str(tmp_path))(**kw)[0], model(**kw)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_moe_model_exports_with_its_dispatch_lowered(tmp_path):
     """HiDream's MoE dispatch would break the trace: export lowers it for the export (the programs
     hold the fused op) and leaves the model as it was; the loaded model computes what it does."""
@@ -424,6 +439,9 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="holds files and no export"):
         dit_compile.export(model, str(tmp_path / "notes"), {**kw, "return_dict": False})
     manifest = tmp_path / "wan" / "manifest.json"
+    # Format 1 (no piece running another's program) is read as it was written.
+    manifest.write_text(manifest.read_text().replace('"format": 2', '"format": 1'))
+    dit_compile.load(str(tmp_path / "wan"))
     manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
     with pytest.raises(ValueError, match="format 99"):
         dit_compile.load(str(tmp_path / "wan"))

@@ -7,8 +7,8 @@ import dit_compile
 from conftest import capture
 from dit_compile import backend
 from dit_compile.passes.regions import BLOCK, EPILOGUE, PROLOGUE, NoBlockStructure, find_regions
-from dit_compile.passes.split import graph_signature, split
-from dit_compile.runtime.executor import Executor
+from dit_compile.passes.split import graph_signature, pruned_twins, split
+from dit_compile.runtime.executor import Executor, kept_outputs
 import random_dits
 import tiny_models
 
@@ -124,13 +124,13 @@ def test_random_dits_partition_and_stitch(spec, nested):
 
     # A last block whose text output nothing reads (one stack of two-stream blocks) runs its
     # first mate's graph and keeps the image output; every other block is its mates' graph.
-    twins = backend.pruned_twins(plan)
+    twins = pruned_twins(plan)
     blocks = [i for i, p in enumerate(plan.pieces) if p.region.kind == BLOCK]
     alone = spec.two_streams and len(spec.depths) == 1 and spec.depths[0] > 1
     assert twins == ({blocks[-1]: (blocks[0], (0,))} if alone else {})
     fns = [p.module for p in plan.pieces]
     for i, (mate, keep) in twins.items():
-        fns[i] = backend.kept_outputs(plan.pieces[mate].module, keep, plan.pieces[i].single)
+        fns[i] = kept_outputs(plan.pieces[mate].module, keep, plan.pieces[i].single)
     with torch.no_grad():
         torch.testing.assert_close(Executor(plan, fns)(*inputs), gm(*inputs), rtol=0, atol=0)
 
@@ -188,11 +188,11 @@ def test_a_last_block_read_in_part_runs_its_mates_graph(name):
     last = plan.pieces[blocks[-1]]
     assert len(last.outs) == 1 and last.signature() != plan.pieces[blocks[0]].signature()
     dense = backend.dense_twins(plan)
-    twins = backend.pruned_twins(plan, dense)
+    twins = pruned_twins(plan, dense)
     assert list(twins) == [blocks[-1]] and twins[blocks[-1]][0] == blocks[mate_index], twins
     fns = [p.module for p in plan.pieces]
     mate, keep = twins[blocks[-1]]
-    fns[blocks[-1]] = backend.kept_outputs(plan.pieces[mate].module, keep, last.single)
+    fns[blocks[-1]] = kept_outputs(plan.pieces[mate].module, keep, last.single)
     with torch.no_grad():
         torch.testing.assert_close(Executor(plan, fns)(*gm.inputs), gm(*gm.inputs), rtol=0, atol=0)
 
