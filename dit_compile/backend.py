@@ -84,8 +84,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
     fns = compile_pieces(plan, opts, inductor, example_inputs)
     if model is not None:
         background.register(model, fns)     # for dit_compile.wait_for_compiles
-    log.info("mixcache: %s: %d pieces, %d distinct; backend %.2f s", model_name(),
-             len(plan.pieces), len({id(f) for f in fns}), time.perf_counter() - start)
+    log.info("mixcache: %s: %d pieces; backend %.2f s", model_name(), len(plan.pieces),
+             time.perf_counter() - start)
 
     # 4. stitch: the executor runs the pieces, asking the policy at each guard point.
     n_blocks = len(rmap.guarded)      # the blocks of the stacks the latent flows through
@@ -260,6 +260,7 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
     compiled: dict[str, Callable[..., Any]] = {}
     later: list[tuple[str, int, list[Any]]] = []      # (key, piece, inputs) for the child
     symbolic = 0                                      # pieces that stay here for their sizes
+    here = 0                                          # pieces compiled in this process
     twins = dense_twins(plan) if opts.share_blocks and opts.regions != "eager" else {}
     pruned = pruned_twins(plan, twins) if opts.share_blocks and opts.regions != "eager" else {}
     keys = []
@@ -281,6 +282,7 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
                 continue
             symbolic += 1
         start = time.perf_counter()
+        here += 1
         compiled[key] = in_traced_strides(_compile_here(piece.module, inputs, inductor), piece)
         log.info("mixcache: compiled piece %d (%s, %d nodes) in %.2f s", i,
                  piece.region.kind, len(piece.module.graph.nodes), time.perf_counter() - start)
@@ -289,6 +291,9 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
                       "symbolic sizes (Dynamo traced this graph with dynamic shapes) compiled in "
                       "this process; torch.compile(..., dynamic=False) keeps sizes static",
                       stacklevel=3)
+    log.info("mixcache: %d graphs compiled (%d in the background) for %d pieces, %d of them "
+             "twins of another's", len(later) + here, len(later), len(plan.pieces),
+             len(twins) + len(pruned))
     if later:
         compiled.update(_compile_in_background(plan, later, inductor))
     fns = [compiled.get(k) for k in keys]
