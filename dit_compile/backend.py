@@ -1,6 +1,7 @@
 """``backend="mixcache"``: the torch.compile backend, one linear pipeline of named passes."""
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import logging
@@ -309,14 +310,18 @@ def dense_twins(plan: Plan) -> dict[int, tuple[int, list[int]]]:
     """Blocks handed strided views but otherwise their stack-mates (CogVideoX's first block gets
     slices of the prologue's concatenated tokens): piece -> (the mate whose compile it shares,
     the inputs it copies dense first). A copy of a block's inputs per call, against a compile of
-    a block of its own."""
+    a block of its own. Only a block no other is like: where others share its graph (Flux's
+    single-stream blocks at batch 2, each handed slices of the one before, but the first), that
+    graph is compiled for them anyway, and a copy would buy nothing."""
     first: dict[str, int] = {}
+    count: collections.Counter = collections.Counter()
     for i, piece in enumerate(plan.pieces):
         if piece.region.kind == BLOCK:
             first.setdefault(piece.signature(), i)
+            count[piece.signature()] += 1
     twins = {}
     for i, piece in enumerate(plan.pieces):
-        if piece.region.kind != BLOCK or first[piece.signature()] != i:
+        if piece.region.kind != BLOCK or count[piece.signature()] > 1:
             continue
         strided = [k for k, x in enumerate(piece.example_inputs)
                    if isinstance(x, torch.Tensor) and background.shippable([x])

@@ -165,13 +165,18 @@ def _cogvideox():
         timestep=torch.tensor([500]))
 
 
-# model -> (the stack whose last block only some outputs of are read, its block that block shares)
+# model -> (the stack whose last block only some outputs of are read, the block of it that block
+# shares, the blocks of it that copy strided inputs dense to share another's compile)
 LAST_BLOCKS = {
-    "flux": (tiny_models.flux, "single_transformer_blocks", 0),
+    "flux": (tiny_models.flux, "single_transformer_blocks", 0, []),
     # The first single-stream block is handed the double stream's strided tokens: a dense twin of
     # the second, which the last one shares.
-    "hunyuan": (lambda: tiny_models.hunyuan(single_layers=3), "single_transformer_blocks", 1),
-    "cogvideox": (_cogvideox, "transformer_blocks", 0),
+    "hunyuan": (lambda: tiny_models.hunyuan(single_layers=3), "single_transformer_blocks", 1, [0]),
+    "cogvideox": (_cogvideox, "transformer_blocks", 0, []),
+    # At batch 2 every single-stream block after the first is handed slices of the one before:
+    # one graph for all of them (no dense copy for the second), which the last one shares.
+    "flux, batch 2": (lambda: tiny_models.flux(batch=2, single_layers=4),
+                      "single_transformer_blocks", 1, []),
 }
 
 
@@ -181,13 +186,14 @@ def test_a_last_block_read_in_part_runs_its_mates_graph(name):
     block drops what computed nothing else (Flux, HunyuanVideo: the text half's slice) or just
     returns less (CogVideoX), and the block runs a mate's graph, keeping that output. Stitched
     so, the pieces compute exactly the graph."""
-    factory, stack, mate_index = LAST_BLOCKS[name]
+    factory, stack, mate_index, copying = LAST_BLOCKS[name]
     model, kw = factory()
     plan = split(gm := capture(model, kw), find_regions(gm))
     blocks = [i for i, p in enumerate(plan.pieces) if p.region.stack == stack]
     last = plan.pieces[blocks[-1]]
     assert len(last.outs) == 1 and last.signature() != plan.pieces[blocks[0]].signature()
     dense = backend.dense_twins(plan)
+    assert [blocks.index(i) for i in dense if i in blocks] == copying, dense
     twins = pruned_twins(plan, dense)
     assert list(twins) == [blocks[-1]] and twins[blocks[-1]][0] == blocks[mate_index], twins
     fns = [p.module for p in plan.pieces]

@@ -45,10 +45,11 @@ def wan(layers: int = 3, batch: int = 1, frames: int = 2, size: int = 8) -> tupl
                    encoder_hidden_states=torch.randn(batch, 5, 16))
 
 
-def flux(batch: int = 1) -> tuple[torch.nn.Module, dict]:
+def flux(batch: int = 1, single_layers: int = 2) -> tuple[torch.nn.Module, dict]:
     FluxTransformer2DModel = diffusers_class("FluxTransformer2DModel")
     torch.manual_seed(0)
-    m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+    m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2,
+                               num_single_layers=single_layers,
                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
     seq, txt = 16, 6
