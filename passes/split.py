@@ -150,9 +150,9 @@ def _canonical_outputs(sub: fx.GraphModule, out: fx.Node, slots: tuple[int, ...]
 
 
 def with_outputs(piece: Piece, keep: tuple[int, ...], single: bool) -> fx.GraphModule:
-    """``piece``'s graph returning only its outputs ``keep`` (one value where ``single``), the
-    nodes only the others needed removed, as Dynamo removes what a graph's outputs do not need:
-    the graph a block gets where what follows it reads only some of what its mates return."""
+    """``piece``'s graph returning only its outputs ``keep`` (one value where ``single``), dead
+    code eliminated: the graph a block gets where what follows it reads only some of what its
+    mates return (which Dynamo eliminated, or left dead: both sides are eliminated to compare)."""
     graph, env = fx.Graph(), {}
     for n in piece.module.graph.nodes:
         if n.op == "output":
