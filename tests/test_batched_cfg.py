@@ -442,7 +442,7 @@ def test_half_forward_through_inductor_matches_reference(stamp, monkeypatch):
     # blocks, not the whole forward (whose prologue embeds the patches), every block inlined, as
     # plain Inductor would. The tiny CogVideoX's two blocks: the model's graph compiles them
     # apart (the first handed strided slices of a batch of two, the last returning less); at the
-    # half forward's batch of one the last runs the first's compile (backend.pruned_twins), but
+    # half forward's batch of one the last runs the first's compile (split.pruned_twins), but
     # for stamped blocks, traced nested there, whose first clones its inputs: another graph.
     assert len(compiled) == (4 if stamp else 3) and not any(
         "patch_embed" in str(n.meta.get("nn_module_stack")) for gm in compiled
