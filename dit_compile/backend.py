@@ -262,8 +262,8 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
     later: list[tuple[str, int, list[Any]]] = []      # (key, piece, inputs) for the child
     symbolic = 0                                      # pieces that stay here for their sizes
     here = 0                                          # pieces compiled in this process
-    twins = dense_twins(plan) if opts.share_blocks and opts.regions != "eager" else {}
-    pruned = pruned_twins(plan, twins) if opts.share_blocks and opts.regions != "eager" else {}
+    twins, pruned = (shared_blocks(plan) if opts.share_blocks and opts.regions != "eager"
+                     else ({}, {}))
     keys = []
     for i, piece in enumerate(plan.pieces):
         key = piece.signature() if opts.share_blocks else str(i)
@@ -304,6 +304,14 @@ def compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any],
         fns[i] = in_traced_strides(kept_outputs(fns[mate], keep, plan.pieces[i].single),
                                    plan.pieces[i])
     return fns
+
+
+def shared_blocks(plan: Plan) -> tuple[dict[int, tuple[int, list[int]]],
+                                       dict[int, tuple[int, tuple[int, ...]]]]:
+    """The blocks that run a stack-mate's compile though their own graphs differ from it: the
+    dense twins (``dense_twins``) and the pruned twins (``split.pruned_twins``), by piece."""
+    twins = dense_twins(plan)
+    return twins, pruned_twins(plan, twins)
 
 
 def dense_twins(plan: Plan) -> dict[int, tuple[int, list[int]]]:

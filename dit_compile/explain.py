@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .backend import carriers, computed_outputs, head_slots
+from .backend import carriers, computed_outputs, head_slots, shared_blocks
 from .export import Exported
 from .frames import (breaking_hooks, forget_forward, forward_forgotten, forward_tail, is_fragment,
                      shape_history_kept, traced_module)
@@ -16,9 +16,9 @@ from .passes.moe import find_moe
 from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.stamping import restamp
-from .passes.regions import (NoBlockStructure, RegionMap, block_containers, check_whole_stacks,
+from .passes.regions import (BLOCK, NoBlockStructure, RegionMap, block_containers, check_whole_stacks,
                              find_regions, is_torch_nn, missing_inputs, named_inputs)
-from .passes.split import split
+from .passes.split import Plan, split
 from .runtime.relay import Head, received
 
 
@@ -37,6 +37,8 @@ class Report:
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
     casts: int = 0                                         # layers cast as values (passes.casting)
     modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
+    block_graphs: int = 0      # block graphs Inductor compiles for it (identical blocks share one)
+    twins: int = 0             # blocks run by a stack-mate's compile though their graphs differ
     nested: int = 0                                        # block calls traced as nested regions
     nested_regions: int = 0                                # distinct regions those calls run
     marked: bool = False                                   # nest_blocks marked its blocks
@@ -95,6 +97,12 @@ class Report:
                          "one batch of them")
         if self.regions:
             lines.append("  regions: " + " ".join(f"{n}[{k}]" for n, k in self.regions))
+        if self.block_graphs:
+            lines.append(f"  block graphs compiled: {self.block_graphs} for "
+                         f"{sum(self.stacks.values())} blocks (identical blocks share one)" + (
+                             f"; {self.twins} block(s) run a stack-mate's compile though their "
+                             "graphs differ (a last block the model reads in part, or one "
+                             "handed strided views)" if self.twins else ""))
             lines.append("  first block's modulated input (teacache's signal): " + (
                 f"{self.modulated}" if self.modulated is not None
                 else "none (teacache decides on the latent's change)"))
@@ -136,7 +144,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     functional_casting(getattr(model, "_orig_mod", model))
     report.casts = sum(find_casts(getattr(model, "_orig_mod", model)).values())
     found: list[RegionMap | NoBlockStructure] = []
-    modulated: dict[int, tuple[int, ...]] = {}     # its shape, by graph, where one was found
+    plans: dict[int, Plan] = {}                    # the split of each graph with blocks
     nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph
     held: set[str] = set()                         # containers whose blocks a graph ran
     framed: list[Any] = []                         # the module whose frame each graph is of
@@ -180,10 +188,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             found.append(why)
             return fn
         writes[i] = writes_inputs(gm)
-        mod = modulated_input(split(gm, found[-1]))
-        if mod is not None:
-            out = mod.module.graph.output_node().args[0]
-            modulated[i] = tuple(out.meta["example_value"].shape)
+        plans[i] = split(gm, found[-1])
         return fn
 
     from torch._dynamo.utils import counters
@@ -198,7 +203,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         for attempt in range(2):
             if attempt:
                 forget_forward(target)
-            found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
+            found.clear(), plans.clear(), nested.clear(), writes.clear(), partial.clear()
             heads.clear(), reached.clear(), tails.clear(), held.clear(), framed.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
@@ -227,10 +232,10 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
             # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
             # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
             # and raises at any other break.
-            broken = (list(found), dict(modulated), dict(nested), dict(writes), list(heads),
+            broken = (list(found), dict(plans), dict(nested), dict(writes), list(heads),
                       set(reached))
             forget_forward(target)
-            found.clear(), modulated.clear(), nested.clear(), writes.clear(), partial.clear()
+            found.clear(), plans.clear(), nested.clear(), writes.clear(), partial.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw),
                               fullgraph=True)(*args, **kwargs)
@@ -251,7 +256,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
                 relay_if_captured = _relayed(found, heads, reached)
             if not whole:
                 found[:] = broken[0]
-                modulated.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
+                plans.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
                 heads[:], reached = broken[4], broken[5]
     rmap = _block_graph(found)
     captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
@@ -295,11 +300,16 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         report.fallback = ("diffusers' own cache hooks are on (enable_cache), and two caches on "
                            "one forward would reuse each other's results: call disable_cache() "
                            "before torch.compile to let mixcache cache")
-    report.modulated = modulated.get(found.index(rmap))
+    plan = plans[found.index(rmap)]
+    mod = modulated_input(plan)
+    if mod is not None:
+        report.modulated = tuple(mod.module.graph.output_node().args[0].meta["example_value"].shape)
     calls = nested[found.index(rmap)]
     report.nested, report.nested_regions = len(calls), len(set(calls))
     report.marked = _marked(target)
     report.stamped = restamp(target)
+    if not report.stamped:      # stamped blocks: the backend traces and compiles the first
+        report.block_graphs, report.twins = _block_graphs(plan)
     report.stacks, report.streams = rmap.stacks, rmap.streams
     if relayed:     # the call's own inputs, in the first graph; the last one's are intermediates
         report.inputs, report.input_rule = dict(heads[0]), "names"
@@ -323,6 +333,15 @@ def _block_graph(found: list) -> RegionMap | None:
     """The region map of the graph with the most blocks: the one the report is of."""
     maps = [f for f in found if isinstance(f, RegionMap)]
     return max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
+
+
+def _block_graphs(plan: Plan) -> tuple[int, int]:
+    """How many block graphs the backend compiles for ``plan`` (identical blocks share one), and
+    how many blocks run a stack-mate's compile though their graphs differ."""
+    dense, pruned = shared_blocks(plan)
+    own = {p.signature() for i, p in enumerate(plan.pieces)
+           if p.region.kind == BLOCK and i not in dense and i not in pruned}
+    return len(own), len(dense) + len(pruned)
 
 
 def _loose_stacks(held: set[str], framed: list[Any], model: torch.nn.Module) -> list[str]:

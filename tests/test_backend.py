@@ -215,6 +215,7 @@ def test_a_last_block_read_in_part_shares_its_mates_compile(monkeypatch):
     text half's slice, and it runs its mates' compile, keeping the image output, instead of
     compiling a block of its own. Against eager (fp32 CPU: 1e-5)."""
     model, kw = tiny_models.flux()
+    report = dit_compile.explain(model, **kw, return_dict=False)
     compiles = []
     real_compile = backend.compile_fx
     monkeypatch.setattr(backend, "compile_fx",
@@ -224,6 +225,9 @@ def test_a_last_block_read_in_part_shares_its_mates_compile(monkeypatch):
                             options={"cache": None, "regions": "blocks"})(**kw, return_dict=False)[0]
         torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
     assert len(compiles) == 2, "one double-stream block, one single-stream block"
+    # explain says so before anything is compiled.
+    assert (report.block_graphs, report.twins) == (2, 1)
+    assert "block graphs compiled: 2 for 4 blocks" in str(report)
 
 
 @pytest.mark.inductor
@@ -662,6 +666,14 @@ def test_explain_reports_regions():
     # Wan's first block projects norm1(x) * (1 + scale) + shift: the residual stream's shape.
     assert report.modulated == report.streams["blocks"][0] == (1, 32, 16)
     assert "modulated input (teacache's signal): (1, 32, 16)" in text
+    assert (report.block_graphs, report.twins) == (1, 0)
+    assert "block graphs compiled: 1 for 2 blocks (identical blocks share one)\n" in text
+    # HunyuanVideo's first single-stream block is handed strided views of the double stream's
+    # tokens, its last is read in part: both run their middle mate's compile.
+    model, kw = tiny_models.hunyuan(single_layers=3)
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert (report.block_graphs, report.twins) == (2, 2)
+    assert "2 block(s) run a stack-mate's compile" in str(report)
 
 
 def test_explain_names_the_other_conditions_mixcache_watches():
