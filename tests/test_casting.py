@@ -8,11 +8,17 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dit_compile
+import random_dits
 import tiny_models
+from conftest import capture
 from dit_compile.frames import install_trace_hook
 from dit_compile.passes.casting import find_casts, functional_casting
+from dit_compile.passes.regions import BLOCK, find_regions
+from dit_compile.passes.split import pruned_twins, split
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import pipelines  # noqa: E402
@@ -331,3 +337,40 @@ def test_plain_layers_trace_their_own_forward_on_the_cast_weights():
         torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(by_name, layers.linear(x), rtol=1e-6, atol=1e-6)
     assert _stored_dtypes(layers) == {STORAGE}
+
+
+# Which layers stay uncast: the norms (diffusers' default skips them), also the input and output
+# projections, or also the second block's layers of each stack (its blocks then differ).
+SKIPS = [("norm",), ("norm", "patch", "proj_out"), ("norm", r"blocks\.1\.")]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(random_dits.specs(), st.sampled_from([torch.bfloat16, torch.float16, torch.float8_e4m3fn]),
+       st.sampled_from(SKIPS))
+def test_random_dits_cast_layerwise_are_one_graph_computing_what_the_hooks_do(spec, storage, skip):
+    """What passes.casting must preserve, over random DiT-like models, storage dtypes and sets of
+    hooked layers: eager results (the hooks' own round trip), one graph that computes exactly
+    what the hooks compute with the weights left in their storage dtype, and the block structure
+    the uncast model has, identical blocks still one graph."""
+    from diffusers.hooks import apply_layerwise_casting
+    model, kw = random_dits.build(spec)
+    uncast = find_regions(capture(model, kw))
+    apply_layerwise_casting(model, storage_dtype=storage, compute_dtype=torch.float32,
+                            skip_modules_pattern=skip)
+    with torch.no_grad():
+        hooked = model(**kw)[0]
+        assert functional_casting(model) == len(find_casts(model)) > 0
+        assert functional_casting(model) == 0 and all(find_casts(model).values())
+        torch.testing.assert_close(model(**kw)[0], hooked, rtol=0, atol=0)
+        gm = capture(model, kw)     # one graph, or capture fails
+        torch.testing.assert_close(gm(*gm.inputs)[0], hooked, rtol=0, atol=0)
+    assert _stored_dtypes(model) == {storage}
+    rmap = find_regions(gm)
+    assert (rmap.stacks, rmap.streams) == (uncast.stacks, uncast.streams)
+    # Every stack's second block uncast (the pattern matches single_blocks.1 too): two graphs.
+    plan = split(gm, rmap)
+    twins = pruned_twins(plan)      # a last block read in part runs a mate's graph
+    for stack in rmap.stacks:
+        graphs = {p.signature() for i, p in enumerate(plan.pieces)
+                  if p.region.kind == BLOCK and p.region.stack == stack and i not in twins}
+        assert len(graphs) == (2 if skip[-1].startswith("blocks") else 1), stack
