@@ -88,70 +88,13 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
     log.info("mixcache: %s: %d pieces; backend %.2f s", model_name(), len(plan.pieces),
              time.perf_counter() - start)
 
-    # 4. stitch: the executor runs the pieces, asking the policy at each guard point.
-    n_blocks = len(rmap.guarded)      # the blocks of the stacks the latent flows through
-    try:
-        policy = make_policy(opts.cache, n_blocks)
-    except PolicyError as why:
-        most = 0 if model is None else model.__dict__.get("_mixcache_blocks", 0)
-        if n_blocks >= most:
-            raise
-        # A graph of fewer blocks than the model's first (a guider's hook that skips some for
-        # its branch): the span given for the whole model does not fit it. Its branch runs as
-        # the model's calls that skip blocks do, uncached.
-        warnings.warn(f"mixcache: {model_name()}: a graph of {n_blocks} of the model's {most} "
-                      f"blocks (a call that skips some), where the cache option's blocks do not "
-                      f"fit ({why}): such calls run without caching", stacklevel=2)
-        return Executor(plan, fns)
-    if model is not None:
-        model._mixcache_blocks = max(n_blocks, model.__dict__.get("_mixcache_blocks", 0))
+    # 4. stitch: the executor runs the pieces, asking the policy at each guard point; a graph
+    #    no reuse rule can be trusted with (said why) runs them in turn.
+    policy = _policy(opts, rmap, model)
     if policy is None:
         return Executor(plan, fns)
-    if records_autograd(example_inputs):
-        # Dynamo guards on grad mode and on each input's requires_grad, so this graph runs only
-        # where autograd records: a reused output would be another call's, with its graph.
-        warnings.warn(f"mixcache: {model_name()}: autograd records this forward (grad enabled, "
-                      "inputs or parameters that require grad), so nothing is cached: a reused "
-                      "output would belong to another call and carry its graph. Call the model "
-                      "under torch.no_grad() or torch.inference_mode() to cache (diffusers' "
-                      "pipelines do).", stacklevel=2)
-        return Executor(plan, fns)
-    outside = outside_model(gm, rmap) if model is None else []
-    if outside:
-        # The graph's outputs are then the function's (a whole denoising step: the model, then
-        # the sampler's update), and reusing them as model outputs would stall the sampler.
-        warnings.warn(f"mixcache: torch.compile was given a function that computes outside the "
-                      f"model it calls ({len(outside)} operations, e.g. '{outside[0].name}'), so "
-                      "nothing is cached: the reuse rules are of the model's outputs. Compile the "
-                      "transformer itself (pipe.transformer = torch.compile(pipe.transformer, "
-                      "backend='mixcache')) to cache", stacklevel=2)
-        return Executor(plan, fns)
-    if getattr(model, "is_cache_enabled", False):
-        # A hook that traces (PyramidAttentionBroadcast) reuses attention inside the graph, by
-        # counters a reused call would not advance: two caches would reuse each other's results.
-        warnings.warn(f"mixcache: {model_name()}: diffusers' own cache hooks are on (enable_cache), "
-                      "so this backend caches nothing: call disable_cache() before torch.compile "
-                      "to let mixcache cache", stacklevel=2)
-        return Executor(plan, fns)
     tail = forward_tail(gm, model) and bool(model.__dict__.get("_mixcache_head"))
-    if is_fragment(gm) and not tail:
-        # One graph of a forward that breaks: its inputs may be any intermediates, named like the
-        # model's own (HunyuanImage's token refiner, a frame of its own, takes the text as
-        # `hidden_states` and a `timestep`), so no reuse rule can be trusted with them. The
-        # forward's last graph is cached by what its first one records (runtime.relay).
-        warn_fallback(gm, None, options)
-        return Executor(plan, fns)
-    writes = writes_inputs(gm)
-    if writes:
-        warnings.warn(f"mixcache: {model_name()}: {writes}: this graph runs without caching (the "
-                      "model's graphs that write nothing are cached as usual)", stacklevel=2)
-        return Executor(plan, fns)
-    missing = None if tail else missing_inputs(rmap.inputs) or rmap.samples_why
-    if missing:
-        # Said under the default cache too: a user who compiled for it would otherwise see plain
-        # Inductor's speed and no reason (`cache: None` asks for no caching and hears nothing).
-        warnings.warn(f"mixcache: {model_name()}: {missing}; running without caching",
-                      stacklevel=2)
+    if _uncacheable(gm, rmap, model, example_inputs, options, tail):
         return Executor(plan, fns)
     # Keyed by the configuration as given, not as resolved for this graph's blocks: a model's
     # graphs with fewer blocks (a guider's hook that skips one for its branch) share the state.
@@ -170,6 +113,83 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()),
                            partners=parameter_slots(gm))
+
+
+def _policy(opts: Options, rmap: RegionMap, model: torch.nn.Module | None) -> Any:
+    """The cache option's policy for this graph's blocks (those of the stacks the latent flows
+    through); None where it asks for no reuse, or where its blocks do not fit a graph of fewer
+    blocks than the model's (said in a warning)."""
+    n_blocks = len(rmap.guarded)
+    try:
+        policy = make_policy(opts.cache, n_blocks)
+    except PolicyError as why:
+        most = 0 if model is None else model.__dict__.get("_mixcache_blocks", 0)
+        if n_blocks >= most:
+            raise
+        # A graph of fewer blocks than the model's first (a guider's hook that skips some for
+        # its branch): the span given for the whole model does not fit it. Its branch runs as
+        # the model's calls that skip blocks do, uncached.
+        warnings.warn(f"mixcache: {model_name()}: a graph of {n_blocks} of the model's {most} "
+                      f"blocks (a call that skips some), where the cache option's blocks do not "
+                      f"fit ({why}): such calls run without caching", stacklevel=3)
+        return None
+    if model is not None:
+        model._mixcache_blocks = max(n_blocks, model.__dict__.get("_mixcache_blocks", 0))
+    return policy
+
+
+def _uncacheable(gm: fx.GraphModule, rmap: RegionMap, model: torch.nn.Module | None,
+                 example_inputs: list[Any], options: dict | None, tail: bool) -> bool:
+    """Whether no reuse rule can be trusted with this graph, though a cache was asked for: each
+    cause said in a warning that names it and, where there is one, the fix. ``tail``: the graph
+    holding the blocks of a forward broken before them (runtime.relay), whose latent and timestep
+    are the first graph's."""
+    if records_autograd(example_inputs):
+        # Dynamo guards on grad mode and on each input's requires_grad, so this graph runs only
+        # where autograd records: a reused output would be another call's, with its graph.
+        warnings.warn(f"mixcache: {model_name()}: autograd records this forward (grad enabled, "
+                      "inputs or parameters that require grad), so nothing is cached: a reused "
+                      "output would belong to another call and carry its graph. Call the model "
+                      "under torch.no_grad() or torch.inference_mode() to cache (diffusers' "
+                      "pipelines do).", stacklevel=3)
+        return True
+    outside = outside_model(gm, rmap) if model is None else []
+    if outside:
+        # The graph's outputs are then the function's (a whole denoising step: the model, then
+        # the sampler's update), and reusing them as model outputs would stall the sampler.
+        warnings.warn(f"mixcache: torch.compile was given a function that computes outside the "
+                      f"model it calls ({len(outside)} operations, e.g. '{outside[0].name}'), so "
+                      "nothing is cached: the reuse rules are of the model's outputs. Compile the "
+                      "transformer itself (pipe.transformer = torch.compile(pipe.transformer, "
+                      "backend='mixcache')) to cache", stacklevel=3)
+        return True
+    if getattr(model, "is_cache_enabled", False):
+        # A hook that traces (PyramidAttentionBroadcast) reuses attention inside the graph, by
+        # counters a reused call would not advance: two caches would reuse each other's results.
+        warnings.warn(f"mixcache: {model_name()}: diffusers' own cache hooks are on (enable_cache), "
+                      "so this backend caches nothing: call disable_cache() before torch.compile "
+                      "to let mixcache cache", stacklevel=3)
+        return True
+    if is_fragment(gm) and not tail:
+        # One graph of a forward that breaks: its inputs may be any intermediates, named like the
+        # model's own (HunyuanImage's token refiner, a frame of its own, takes the text as
+        # `hidden_states` and a `timestep`), so no reuse rule can be trusted with them. The
+        # forward's last graph is cached by what its first one records (runtime.relay).
+        warn_fallback(gm, None, options)
+        return True
+    writes = writes_inputs(gm)
+    if writes:
+        warnings.warn(f"mixcache: {model_name()}: {writes}: this graph runs without caching (the "
+                      "model's graphs that write nothing are cached as usual)", stacklevel=3)
+        return True
+    missing = None if tail else missing_inputs(rmap.inputs) or rmap.samples_why
+    if missing:
+        # Said under the default cache too: a user who compiled for it would otherwise see plain
+        # Inductor's speed and no reason (`cache: None` asks for no caching and hears nothing).
+        warnings.warn(f"mixcache: {model_name()}: {missing}; running without caching",
+                      stacklevel=3)
+        return True
+    return False
 
 
 NO_HALVES_IN_TAIL = ("a graph break cuts the forward before its blocks, and the half-batch forward "
