@@ -1,5 +1,6 @@
 """mixcache inside diffusers' own pipelines (tiny random components, prompt_embeds in, latents out)."""
 import copy
+import inspect
 import os
 import sys
 import warnings
@@ -530,11 +531,12 @@ def test_a_balanced_generation_syncs_once_on_gpu():
     assert len(syncs) == 1, syncs
 
 
-def _ltx2_pipeline(model):
-    """LTX2Pipeline around ``model``, its other components tiny (the VAEs give the latents' scale
-    and the sizes; the connectors turn the given embeddings into the model's texts)."""
+def _ltx2_pipeline(model, image=False):
+    """LTX2Pipeline (``image``: LTX2ImageToVideoPipeline) around ``model``, its other components
+    tiny (the VAEs give the latents' scale and the sizes; the connectors turn the given
+    embeddings into the model's texts)."""
     from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video,
-                           FlowMatchEulerDiscreteScheduler, LTX2Pipeline)
+                           FlowMatchEulerDiscreteScheduler, LTX2ImageToVideoPipeline, LTX2Pipeline)
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
     torch.manual_seed(0)
     heads = dict(num_attention_heads=2, attention_head_dim=8, num_layers=1,
@@ -552,9 +554,9 @@ def _ltx2_pipeline(model):
     # Its latents' mean and std have base_channels entries: the model's audio features (8 latent
     # channels x 16 mel bins).
     audio_vae = AutoencoderKLLTX2Audio(base_channels=128, ch_mult=(1,), num_res_blocks=1)
-    pipe = LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae,
-                        text_encoder=None, tokenizer=None, connectors=connectors,
-                        transformer=model, vocoder=None)
+    pipe = (LTX2ImageToVideoPipeline if image else LTX2Pipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae,
+        text_encoder=None, tokenizer=None, connectors=connectors, transformer=model, vocoder=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -565,6 +567,13 @@ def _run_ltx2(pipe, steps=6):
     g = torch.Generator().manual_seed(1)
     text = torch.randn(1, 6, 16, generator=g)
     latents = []
+    image = {}
+    if "image" in inspect.signature(pipe.__call__).parameters:
+        # The image's latents given as the first latent frame (the tiny VAE does not compress
+        # by the ratio its config states, so its encoding would not fit): the pipeline keeps
+        # those tokens clean, at timestep 0, while the others are denoised.
+        image = dict(image=torch.rand(1, 3, 64, 64, generator=g), image_crf=0,
+                     latents=torch.randn(1, 4, 2, 2, 2, generator=g))
 
     def keep(pipe, i, t, kw):
         latents.append(kw["latents"].clone())
@@ -574,8 +583,32 @@ def _run_ltx2(pipe, steps=6):
              prompt_attention_mask=torch.ones(1, 6), negative_prompt_attention_mask=torch.ones(1, 6),
              height=64, width=64, num_frames=9, num_inference_steps=steps,
              spatio_temporal_guidance_blocks=[1], generator=torch.Generator().manual_seed(2),
-             output_type="latent", callback_on_step_end=keep)
+             output_type="latent", callback_on_step_end=keep, **image)
     return latents
+
+
+def _tiny_ltx2():
+    return tiny_models.seeded(
+        "LTX2VideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+        attention_head_dim=8, cross_attention_dim=16, audio_in_channels=128,
+        audio_out_channels=128, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_cross_attention_dim=16, num_layers=2, caption_channels=16)
+
+
+def _reused_at_steps(model, steps):
+    """``model`` as an eager reference that reuses each branch's last computed output at
+    ``steps`` (a step: a new highest timestep; a branch: the call's place in its step)."""
+    forward, kept, calls = model.forward, {}, []
+
+    def reused_at_steps(*args, **kw):
+        t = float(kw["timestep"].max())
+        calls.append(t)
+        step, branch = len(set(calls)) - 1, calls.count(t) - 1
+        if step not in steps:
+            kept[branch] = forward(*args, **kw)
+        return kept[branch]
+    model.forward = reused_at_steps
+    return model
 
 
 def test_ltx2_guidance_passes_of_one_sample_cache_as_branches_of_the_step():
@@ -587,24 +620,9 @@ def test_ltx2_guidance_passes_of_one_sample_cache_as_branches_of_the_step():
     difference between calls of two batches (broadcast, it rebuilt a pass at batch 2): the
     passes compute at its step. MixCache ties the branches' step decisions (it failed on the
     passes' other batch)."""
-    model = tiny_models.seeded(
-        "LTX2VideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
-        attention_head_dim=8, cross_attention_dim=16, audio_in_channels=128,
-        audio_out_channels=128, audio_num_attention_heads=2, audio_attention_head_dim=8,
-        audio_cross_attention_dim=16, num_layers=2, caption_channels=16)
+    model = _tiny_ltx2()
     steps = {2, 4}
-    ref = copy.deepcopy(model)
-    forward, kept, calls = ref.forward, {}, []
-
-    def reused_at_steps(*args, **kw):
-        t = float(kw["timestep"].max())
-        calls.append(t)
-        step, branch = len(set(calls)) - 1, calls.count(t) - 1
-        if step not in steps:
-            kept[branch] = forward(*args, **kw)
-        return kept[branch]
-    ref.forward = reused_at_steps
-    theirs = _run_ltx2(_ltx2_pipeline(ref))
+    theirs = _run_ltx2(_ltx2_pipeline(_reused_at_steps(copy.deepcopy(model), steps)))
     pipe = _ltx2_pipeline(model)
     pipe.transformer = torch.compile(model, backend="mixcache", options={
         "regions": "eager", "cache": {"rule": "schedule", "step": sorted(steps), "cfg": [5]}})
@@ -627,3 +645,26 @@ def test_ltx2_guidance_passes_of_one_sample_cache_as_branches_of_the_step():
     trace = dit_compile.stats(pipe.transformer)["trace"]
     by_step = [{r["action"] for r in trace if r["step"] == s} for s in range(6)]
     assert all(len(a) == 1 for a in by_step) and {"step"} in by_step, by_step
+
+
+def test_ltx2_image_to_video_caches_with_its_image_tokens_at_timestep_zero():
+    """LTX2ImageToVideoPipeline hands the model a timestep per token, 0 at the image's (kept
+    clean) and the step's elsewhere, with LTX-2's three guidance calls a step. A forced step
+    and cfg schedule gives what the eager reference of the same reuse rule gives, every call
+    placed in its step and branch."""
+    model = _tiny_ltx2()
+    steps = {2, 4}
+    theirs = _run_ltx2(_ltx2_pipeline(_reused_at_steps(copy.deepcopy(model), steps), image=True))
+    pipe = _ltx2_pipeline(model, image=True)
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "schedule", "step": sorted(steps), "cfg": [5]}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        ours = _run_ltx2(pipe)
+    trace = [(r["generation"], r["step"], r["branch"], r["action"])
+             for r in dit_compile.stats(pipe.transformer)["trace"]]
+    assert trace == [(0, s, b, "step" if s in steps else "compute")
+                     for s in range(5) for b in range(3)] + [
+        (0, 5, 0, "cfg"), (0, 5, 1, "compute"), (0, 5, 2, "compute")], trace
+    for x, y in zip(ours[:5], theirs[:5]):     # the last step: cfg reuse, not the reference's
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
