@@ -47,6 +47,36 @@ def run_wan_ti2v(pipe, steps: int = 8, seed: int = 0, size: int = 32, frames: in
                 output_type="latent", generator=g).frames
 
 
+def wan_i2v_transformer(layers: int = 3) -> torch.nn.Module:
+    """Wan 2.1's image-to-video model, tiny: the latent beside the image's (4 + 4 channels) and
+    the frame mask (4), and the image's CLIP features as a second text (``image_dim``)."""
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                 in_channels=12, out_channels=4, text_dim=16, freq_dim=16,
+                                 ffn_dim=32, num_layers=layers, cross_attn_norm=True,
+                                 rope_max_seq_len=32, image_dim=8, added_kv_proj_dim=16).eval()
+
+
+def wan_i2v_pipeline(transformer: torch.nn.Module):
+    """Wan 2.1's image-to-video: a tiny Wan VAE encodes the image as the first frame's condition,
+    a tiny CLIP vision model gives the features the model attends to (the pipeline refuses
+    ``image_embeds`` beside the image its latents need)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=16))
+    return WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), image_encoder=clip.eval(),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                           crop_size={"height": 32, "width": 32}))
+
+
 def flux_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,

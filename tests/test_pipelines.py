@@ -22,6 +22,10 @@ CASES = {
     # Wan 2.2 TI2V: per-token timesteps, the given image's tokens at zero.
     "wan_ti2v": (lambda: tiny_models.wan(layers=3)[0], pipelines.wan_ti2v_pipeline,
                  pipelines.run_wan_ti2v, 2, {"step", "block", "cfg"}),
+    # Wan 2.1 I2V: the image's latent beside the noise (channels), its CLIP features beside
+    # the text (run as TI2V is: the same pipeline class).
+    "wan_i2v": (pipelines.wan_i2v_transformer, pipelines.wan_i2v_pipeline, pipelines.run_wan_ti2v,
+                2, {"step", "block", "cfg"}),
     # No guidance branches (guidance is an embedded scale): nothing for cfg reuse to act on.
     "flux": (lambda: tiny_models.flux()[0], pipelines.flux_pipeline, pipelines.run_flux, 1,
              {"step", "block"}),
