@@ -77,6 +77,23 @@ def wan_i2v_pipeline(transformer: torch.nn.Module):
                                            crop_size={"height": 32, "width": 32}))
 
 
+def qwenimage_pipeline(transformer: torch.nn.Module):
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                             text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+def run_qwenimage(pipe, steps: int = 4, seed: int = 0, size: int = 64) -> torch.Tensor:
+    """True CFG: a call per branch, the negative prompt of another length than the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    dim = pipe.transformer.config.joint_attention_dim
+    prompt, negative = torch.randn(1, 7, dim, generator=g), torch.randn(1, 4, dim, generator=g)
+    return pipe(prompt_embeds=prompt, prompt_embeds_mask=torch.ones(1, 7),
+                negative_prompt_embeds=negative, negative_prompt_embeds_mask=torch.ones(1, 4),
+                true_cfg_scale=4.0, height=size, width=size, num_inference_steps=steps,
+                output_type="latent", generator=g).images
+
+
 def flux_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,

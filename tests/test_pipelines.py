@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dit_compile
+import test_zoo
 import tiny_models
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -26,6 +27,9 @@ CASES = {
     # the text (run as TI2V is: the same pipeline class).
     "wan_i2v": (pipelines.wan_i2v_transformer, pipelines.wan_i2v_pipeline, pipelines.run_wan_ti2v,
                 2, {"step", "block", "cfg"}),
+    # True CFG, a call per branch, the negative prompt shorter than the prompt.
+    "qwenimage": (lambda: test_zoo.qwenimage()[0], pipelines.qwenimage_pipeline,
+                  pipelines.run_qwenimage, 2, {"step", "block", "cfg"}),
     # No guidance branches (guidance is an embedded scale): nothing for cfg reuse to act on.
     "flux": (lambda: tiny_models.flux()[0], pipelines.flux_pipeline, pipelines.run_flux, 1,
              {"step", "block"}),
