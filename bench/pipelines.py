@@ -109,6 +109,31 @@ def run_flux(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Tenso
                 output_type="latent", generator=g).images
 
 
+def flux_kontext_pipeline(transformer: torch.nn.Module):
+    """FluxKontextPipeline: the image to edit, encoded by a two-level VAE, joins the latent's
+    tokens in one sequence (the model returns both; the pipeline keeps the latent's)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                        layers_per_block=1, latent_channels=transformer.config.in_channels // 4,
+                        norm_num_groups=4, shift_factor=0.0, scaling_factor=1.0).eval()
+    return FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                               text_encoder=None, tokenizer=None, text_encoder_2=None,
+                               tokenizer_2=None, transformer=transformer)
+
+
+def run_flux_kontext(pipe, steps: int = 4, seed: int = 0, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.transformer.config
+    return pipe(image=torch.rand(1, 3, size, size, generator=g),
+                prompt_embeds=torch.randn(1, 6, cfg.joint_attention_dim, generator=g),
+                pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                height=size, width=size, max_area=size * size, _auto_resize=False,
+                num_inference_steps=steps, guidance_scale=3.5, output_type="latent",
+                generator=g).images
+
+
 def flux_controlnet_pipeline(transformer: torch.nn.Module, nets: int = 1):
     """FluxControlNetPipeline with ``nets`` tiny ControlNets of the transformer's widths (more
     than one: diffusers' FluxMultiControlNetModel, which sums their residuals), their output

@@ -33,6 +33,9 @@ CASES = {
     # No guidance branches (guidance is an embedded scale): nothing for cfg reuse to act on.
     "flux": (lambda: tiny_models.flux()[0], pipelines.flux_pipeline, pipelines.run_flux, 1,
              {"step", "block"}),
+    # The image to edit joins the latent's tokens (the model returns both).
+    "flux_kontext": (lambda: tiny_models.flux()[0], pipelines.flux_kontext_pipeline,
+                     pipelines.run_flux_kontext, 1, {"step", "block"}),
     "hunyuan": (lambda: tiny_models.hunyuan()[0], pipelines.hunyuan_pipeline, pipelines.run_hunyuan,
                 2, {"step", "block", "cfg"}),
     # Batched CFG (one call, batch halves): fastercache reuses cfg at steps 1 and 3, and cfg
