@@ -94,6 +94,26 @@ def run_qwenimage(pipe, steps: int = 4, seed: int = 0, size: int = 64) -> torch.
                 output_type="latent", generator=g).images
 
 
+def sd3_pipeline(transformer: torch.nn.Module):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer)
+
+
+def run_sd3(pipe, steps: int = 4, seed: int = 0, size: int = 64) -> torch.Tensor:
+    """Batched CFG: one call a step, the negative prompt's half first."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.transformer.config
+    text = [torch.randn(1, 5, cfg.joint_attention_dim, generator=g) for _ in range(2)]
+    pooled = [torch.randn(1, cfg.pooled_projection_dim, generator=g) for _ in range(2)]
+    return pipe(prompt_embeds=text[0], negative_prompt_embeds=text[1],
+                pooled_prompt_embeds=pooled[0], negative_pooled_prompt_embeds=pooled[1],
+                height=size, width=size, num_inference_steps=steps, guidance_scale=5.0,
+                output_type="latent", generator=g).images
+
+
 def flux_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,

@@ -42,6 +42,9 @@ CASES = {
     # reuse, decided at entry, leaves no full compute at step 3 for the block guard to act in.
     "cogvideox": (pipelines.cogvideox_transformer, pipelines.cogvideox_pipeline,
                   pipelines.run_cogvideox, 1, {"step", "cfg"}),
+    # Batched CFG likewise; its last block computes no text (context_pre_only).
+    "sd3": (lambda: tiny_models.sd3()[0], pipelines.sd3_pipeline, pipelines.run_sd3, 1,
+            {"step", "cfg"}),
 }
 STEPS = 4
 CACHE = [{"rule": "schedule", "step": [2], "block": [3]}, {"rule": "fastercache", "every": 2}]
