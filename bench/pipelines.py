@@ -114,6 +114,28 @@ def run_sd3(pipe, steps: int = 4, seed: int = 0, size: int = 64) -> torch.Tensor
                 output_type="latent", generator=g).images
 
 
+def hidream_pipeline(transformer: torch.nn.Module):
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+    none = {f"{kind}{n}": None for kind in ("text_encoder", "tokenizer") for n in ("", "_2", "_3", "_4")}
+    return HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                transformer=transformer, **none)
+
+
+def run_hidream(pipe, steps: int = 4, seed: int = 0, size: int = 128) -> torch.Tensor:
+    """Batched CFG, the Llama states ``(layers, batch, tokens, dim)`` batched in dim 1."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.transformer.config
+    t5, llama = cfg.caption_channels
+    embeds = {}
+    for prefix in ("", "negative_"):
+        embeds.update({f"{prefix}prompt_embeds_t5": torch.randn(1, 8, t5, generator=g),
+                       f"{prefix}prompt_embeds_llama3": torch.randn(len(cfg.llama_layers), 1, 8,
+                                                                    llama, generator=g),
+                       f"{prefix}pooled_prompt_embeds": torch.randn(1, cfg.text_emb_dim, generator=g)})
+    return pipe(height=size, width=size, num_inference_steps=steps, guidance_scale=5.0,
+                output_type="latent", generator=g, **embeds).images
+
+
 def flux_pipeline(transformer: torch.nn.Module):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,

@@ -5,6 +5,7 @@ import collections
 import copy
 import functools
 import logging
+import operator
 import time
 import warnings
 from typing import Any, Callable
@@ -673,8 +674,11 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
               and not isinstance(traced.shape[0], int) else None)
     shapes = [_static_shape(x.meta.get("example_value"), symbol, batch)
               for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
+    layered = frozenset(i for i, n in enumerate(phs) if n.users and all(
+        u.op == "call_function" and u.target is operator.getitem and u.args[0] is n
+        and isinstance(u.args[1], int) for u in n.users))
     return HalfBatch.build(traced_module(), traced_locals(), placeholders, example_inputs, roles,
-                           batch, shapes, backend, samples, rmap.sample_outs, numbers)
+                           batch, shapes, backend, samples, rmap.sample_outs, numbers, layered)
 
 
 def _static_shape(v: Any, symbol: Any = None, batch: int = 0) -> tuple[int | None, ...] | None:

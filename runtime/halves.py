@@ -88,7 +88,7 @@ class HalfBatch:
     signature: inspect.Signature            # of the bound forward (no self)
     args: dict[str, tuple[pytree.TreeSpec, list[tuple[str, Any]]]]  # name -> (spec, leaf recipes)
     state: list[tuple[str, int]]            # parameter/buffer name -> graph input
-    batch_inputs: frozenset[int]            # graph inputs that carry the batch (when dim 0 = 2k)
+    batch_inputs: Mapping[int, int]         # graph inputs that carry the batch -> its dim (of 2k)
     out_shapes: list[tuple[Any, ...]]      # batched graph outputs' shapes past dim 0
     # backend(graph, example inputs, module) -> the half forward's graph compiled; None: eager
     backend: Callable[..., Callable[..., Any]] | None
@@ -109,7 +109,8 @@ class HalfBatch:
               out_shapes: Sequence[tuple[Any, ...] | None],
               backend: Callable[..., Callable[..., Any]] | None,
               samples: Sequence[int] = (), sample_outs: Sequence[int] = (),
-              numbers: frozenset[int] = frozenset()) -> "HalfBatch | str":
+              numbers: frozenset[int] = frozenset(),
+              layered: frozenset[int] = frozenset()) -> "HalfBatch | str":
         """The recipe, or why there is none.
 
         ``placeholders[i]``: graph input i's source name and whether it comes from the module
@@ -119,7 +120,10 @@ class HalfBatch:
         graph inputs of a latent given as a list of per-sample tensors, ``sample_outs`` the
         graph outputs of the per-sample results (empty where the latent is one tensor).
         ``numbers``: graph inputs Dynamo made of the module's Python numbers (a norm's eps under
-        dynamic=True, a new tensor at every call): the forward reads those from the module."""
+        dynamic=True, a new tensor at every call): the forward reads those from the module.
+        ``layered``: graph inputs the graph only indexes along dim 0, by integers (HiDream's
+        Llama states, ``(layers, batch, tokens, dim)``, one layer's taken at a time): where their
+        dim 1 is the batch, it is the dim halved."""
         if module is None or frame is None:
             return "the traced module or its call arguments are unknown"
         try:
@@ -207,16 +211,22 @@ class HalfBatch:
         # own, and the batch-sized tensors inside an argument (see _per_sample_leaves): all carry
         # the batch when their dim 0 is 2k. Elements of a per-sample list are whole samples.
         listed = {index[id(x)] for n in lists for x in bound[n]}
-        batch_inputs = frozenset((set(batch_roles) | per_sample) - listed)
-        for i in sorted(batch_inputs - set(batch_roles)):
-            # HiDream's Llama states are (layers, batch, tokens, dim): the half would pass them
-            # whole, and the forward's view to its batch folds both prompts into one sample.
+        batch_inputs = dict.fromkeys(sorted((set(batch_roles) | per_sample) - listed), 0)
+        for i in batch_inputs.keys() - set(batch_roles):
+            # A tensor whose batch is in another dim: passed whole, the forward's view to its
+            # batch would fold both prompts into one sample. Halved in dim 1 where the graph
+            # takes it one index of dim 0 at a time (HiDream's Llama states), else refused.
             x = example_inputs[i]
+            if i in layered and isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[1] == batch:
+                batch_inputs[i] = 1     # dim 0 indexes layers, even where it is as long
+                continue
             if (isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] != batch
                     and batch in x.shape[1:]):
                 dim = list(x.shape).index(batch, 1)
                 return (f"graph input {placeholders[i][0]} {tuple(x.shape)} carries the batch "
-                        f"({batch}) in dim {dim}, not dim 0, and the half forward halves dim 0 only")
+                        f"({batch}) in dim {dim}, not dim 0, where the graph does not take it one "
+                        "index of dim 0 at a time, so the half forward cannot tell which dim to "
+                        "halve")
         return cls(type(module), sig, args, state, batch_inputs,
                    [tuple(sh[1:]) for sh in batched], backend, frozenset(lists), one_run,
                    out_shapes[one_run.start] if one_run else ())
@@ -288,8 +298,9 @@ class HalfBatch:
             shape = (k, *shape[1:]) if per_sample else shape
             return torch.zeros((), dtype=dtype, device=device).expand(shape)
         x = env[v]
-        if v in self.batch_inputs and x.dim() >= 1 and x.shape[0] == 2 * k:
-            return x[self.half(k)]
+        dim = self.batch_inputs.get(v)
+        if dim is not None and x.dim() > dim and x.shape[dim] == 2 * k:
+            return x[(slice(None),) * dim + (self.half(k),)]
         return x
 
     def _forward(self, module: torch.nn.Module) -> Callable[..., Any]:

@@ -119,16 +119,18 @@ class BatchedCfgReference:
     ``[positive, negative]``), the uncond half rebuilt as ``cond - (cond - uncond)``. Other tensor
     arguments batched with the latent (a text mask) are halved alike. "cond" is the half computed:
     LuminaPipeline batches ``[positive, negative]`` as tensors, and there the second half computed
-    is the negative one, as the runtime computes it.
+    is the negative one, as the runtime computes it. ``dims``: arguments batched in another dim
+    than 0, by name (HiDream's Llama states in dim 1), halved there.
     """
 
     def __init__(self, model, cfg=(), cond="encoder_hidden_states", latent="hidden_states",
-                 time="timestep", rising=False, cond_first=False):
+                 time="timestep", rising=False, cond_first=False, dims=None):
         self.model = copy.deepcopy(model)
         self._forward = self.model.forward
         self.cfg_s = set(cfg)
         self.cond, self.latent, self.time, self.rising = cond, latent, time, rising
         self.cond_first = cond_first
+        self.dims = dims or {}
         self.last_t, self.step, self.diff = None, -1, None
         self.model.forward = self
 
@@ -155,6 +157,7 @@ class BatchedCfgReference:
                 half = slice(0, k) if self.cond_first else slice(k, None)
                 rest = {n: v[half] if isinstance(v, torch.Tensor) and v.dim() and len(v) == 2 * k
                         else v for n, v in kw.items()}     # batched with the latent: a text mask
+                rest.update({n: kw[n][(slice(None),) * d + (half,)] for n, d in self.dims.items()})
                 cond = self._forward(**{self.latent: x[half], self.cond: c[half],
                                         self.time: timestep[half]}, return_dict=False, **rest)[0]
                 if self.cond_first:

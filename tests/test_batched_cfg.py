@@ -382,18 +382,57 @@ def test_a_tensor_argument_the_graph_never_takes_does_not_stop_the_half_forward(
     assert dit_compile.stats(f)["reused"] == {"cfg": 3}
 
 
-def test_an_argument_batched_in_another_dim_is_not_halved_as_if_in_dim_0():
-    """HiDream's Llama states are (layers, batch, tokens, dim). Passed whole to the half forward,
-    they were folded into its one sample: a wrong conditional half, silently. The half forward is
-    refused instead, naming the argument, and cfg reuse computes the full batch."""
-    model, kw = tiny_models.hidream(batch=2)
-    kw["hidden_states"] = kw["hidden_states"][:1].repeat(2, 1, 1, 1)    # one latent, two prompts
+def test_llama_states_batched_in_dim_1_are_halved_there():
+    """HiDreamImagePipeline batches both guidance branches, its Llama states ``(layers, batch,
+    tokens, dim)`` in dim 1; the graph takes them one layer (index of dim 0) at a time. cfg reuse
+    on the batch halves halves them in dim 1 and matches the eager reference (passed whole, they
+    were folded into the half's one sample: a wrong conditional half, refused since)."""
+    model, _ = tiny_models.hidream()
     dit_compile.lower_moe(model)       # as the backend does: the same model on both sides
-    f = torch.compile(model, backend="mixcache", fullgraph=True,   # unpatchify's .item()
+
+    def pipe(transformer):
+        p = pipelines.hidream_pipeline(transformer)
+        p.set_progress_bar_config(disable=True)
+        return p
+    with torch.no_grad():
+        full = pipelines.run_hidream(pipe(model))
+        ref = pipelines.run_hidream(pipe(BatchedCfgReference(
+            model, cfg={1, 3}, cond="encoder_hidden_states_t5", time="timesteps",
+            dims={"encoder_hidden_states_llama3": 1}).model))
+    assert (ref - full).abs().max() > 1e-3, "the rule must change the result for the test to bite"
+    compiled = pipe(torch.compile(model, backend="mixcache", fullgraph=True,   # unpatchify's .item()
+                                  options={"regions": "eager", "cache": {"rule": "schedule",
+                                                                          "cfg": [1, 3]}}))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        torch.testing.assert_close(pipelines.run_hidream(compiled), ref, rtol=1e-5, atol=1e-5)
+    actions = [r["action"] for r in dit_compile.stats(compiled.transformer)["trace"]]
+    assert actions == ["compute", "cfg", "compute", "cfg"], actions
+
+
+class _ExtraWan(tiny_models.diffusers_class("WanTransformer3DModel")):
+    """A Wan taking a second text ``(tokens, batch, dim)``, averaged over its tokens: its batch
+    is in dim 1, and the graph does not take it one index of dim 0 at a time."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, extra, return_dict=True):
+        return super().forward(hidden_states, timestep,
+                               encoder_hidden_states + extra.mean(0)[:, None],
+                               return_dict=return_dict)
+
+
+def test_an_argument_batched_in_another_dim_it_is_not_indexed_by_is_refused():
+    """The half forward cannot tell which dim of such an argument is the batch: it is refused,
+    naming the argument, and cfg reuse computes the full batch (never a wrong half)."""
+    base, kw = tiny_models.wan(batch=2)
+    model = _ExtraWan.from_config(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    kw["hidden_states"] = kw["hidden_states"][:1].repeat(2, 1, 1, 1, 1)    # one latent, two prompts
+    kw["extra"] = torch.randn(3, 2, 16)
+    f = torch.compile(model, backend="mixcache",
                       options={"regions": "eager", "cache": {"rule": "schedule", "cfg": [1]}})
-    with torch.no_grad(), pytest.warns(UserWarning, match=r"llama3.*\(4, 2, 8, 4\).*in dim 1"):
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"extra.*\(3, 2, 16\).*in dim 1"):
         for t in (900.0, 700.0):
-            call = dict(kw, timesteps=torch.full((2,), t), return_dict=False)
+            call = dict(kw, timestep=torch.full((2,), t), return_dict=False)
             torch.testing.assert_close(f(**call)[0], model(**call)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -652,7 +691,7 @@ def test_half_forward_runs_what_the_module_computes_on_the_half_or_declines():
     # A text that carries the batch, read as if it did not, is passed whole: the result comes out
     # at the full batch, of the graph's shape past dim 0, and is declined.
     model, inputs, half = _recipe()
-    whole = dataclasses.replace(half, batch_inputs=frozenset({0, 1}))
+    whole = dataclasses.replace(half, batch_inputs={0: 0, 1: 0})
     with pytest.warns(UserWarning, match="the module's outputs do not match the graph's"):
         assert whole(inputs, 1, model) is None
 
