@@ -625,19 +625,13 @@ def _reused_at_steps(model, steps):
     return model
 
 
-def test_ltx2_guidance_passes_of_one_sample_cache_as_branches_of_the_step():
-    """LTX2Pipeline's default guidance calls the model three times a step at one timestep: a
-    batched-CFG call (batch 2), then spatio-temporal and modality-isolation passes of one sample.
-    Each is a branch of the step with a cache of its own (a change of shape used to start a
-    generation, so nothing was reused): a forced step schedule gives what an eager model that
-    reuses each call's last computed output at those steps gives. cfg reuse takes no branch
-    difference between calls of two batches (broadcast, it rebuilt a pass at batch 2): the
-    passes compute at its step. MixCache ties the branches' step decisions (it failed on the
-    passes' other batch)."""
-    model = _tiny_ltx2()
+def _ltx2_forced_schedule_matches_reference(model, image):
+    """``model`` compiled in its pipeline under a forced schedule (steps 2 and 4, cfg at 5): every
+    call of its three a step in its step and branch, the latents as the eager reference's. The
+    pipeline, for more."""
     steps = {2, 4}
-    theirs = _run_ltx2(_ltx2_pipeline(_reused_at_steps(copy.deepcopy(model), steps)))
-    pipe = _ltx2_pipeline(model)
+    theirs = _run_ltx2(_ltx2_pipeline(_reused_at_steps(copy.deepcopy(model), steps), image=image))
+    pipe = _ltx2_pipeline(model, image=image)
     pipe.transformer = torch.compile(model, backend="mixcache", options={
         "regions": "eager", "cache": {"rule": "schedule", "step": sorted(steps), "cfg": [5]}})
     with warnings.catch_warnings():
@@ -650,6 +644,20 @@ def test_ltx2_guidance_passes_of_one_sample_cache_as_branches_of_the_step():
         (0, 5, 0, "cfg"), (0, 5, 1, "compute"), (0, 5, 2, "compute")], trace
     for x, y in zip(ours[:5], theirs[:5]):     # the last step: cfg reuse, not the reference's
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    return pipe
+
+
+def test_ltx2_guidance_passes_of_one_sample_cache_as_branches_of_the_step():
+    """LTX2Pipeline's default guidance calls the model three times a step at one timestep: a
+    batched-CFG call (batch 2), then spatio-temporal and modality-isolation passes of one sample.
+    Each is a branch of the step with a cache of its own (a change of shape used to start a
+    generation, so nothing was reused): a forced step schedule gives what an eager model that
+    reuses each call's last computed output at those steps gives. cfg reuse takes no branch
+    difference between calls of two batches (broadcast, it rebuilt a pass at batch 2): the
+    passes compute at its step. MixCache ties the branches' step decisions (it failed on the
+    passes' other batch)."""
+    model = _tiny_ltx2()
+    pipe = _ltx2_forced_schedule_matches_reference(model, image=False)
 
     # MixCache decides a step for every branch at once, each pass's samples as a whole.
     pipe.transformer = torch.compile(model, backend="mixcache", options={
@@ -666,19 +674,4 @@ def test_ltx2_image_to_video_caches_with_its_image_tokens_at_timestep_zero():
     clean) and the step's elsewhere, with LTX-2's three guidance calls a step. A forced step
     and cfg schedule gives what the eager reference of the same reuse rule gives, every call
     placed in its step and branch."""
-    model = _tiny_ltx2()
-    steps = {2, 4}
-    theirs = _run_ltx2(_ltx2_pipeline(_reused_at_steps(copy.deepcopy(model), steps), image=True))
-    pipe = _ltx2_pipeline(model, image=True)
-    pipe.transformer = torch.compile(model, backend="mixcache", options={
-        "regions": "eager", "cache": {"rule": "schedule", "step": sorted(steps), "cfg": [5]}})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="mixcache")
-        ours = _run_ltx2(pipe)
-    trace = [(r["generation"], r["step"], r["branch"], r["action"])
-             for r in dit_compile.stats(pipe.transformer)["trace"]]
-    assert trace == [(0, s, b, "step" if s in steps else "compute")
-                     for s in range(5) for b in range(3)] + [
-        (0, 5, 0, "cfg"), (0, 5, 1, "compute"), (0, 5, 2, "compute")], trace
-    for x, y in zip(ours[:5], theirs[:5]):     # the last step: cfg reuse, not the reference's
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    _ltx2_forced_schedule_matches_reference(_tiny_ltx2(), image=True)
