@@ -48,20 +48,12 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     def generate(case: quality.Case) -> torch.Tensor:
         return model.sample(pipe, case.condition, case.seed, steps=args.steps)
 
-    def timed() -> tuple[list[torch.Tensor], float, float]:
-        """Each case's video, the first generation's seconds (compile included), then the median
-        over two generations of every case."""
+    def first_pass() -> tuple[list[torch.Tensor], float]:
+        """Each case's video, and the first generation's seconds (compile included)."""
         t0 = time.perf_counter()
-        generate(cases[0])
+        videos = [generate(cases[0])]
         first = time.perf_counter() - t0
-        seconds, videos = [], []
-        for _ in range(2):
-            videos = []
-            for case in cases:
-                t0 = time.perf_counter()
-                videos.append(generate(case))
-                seconds.append(time.perf_counter() - t0)
-        return videos, first, statistics.median(seconds)
+        return videos + [generate(case) for case in cases[1:]], first
 
     with torch.no_grad():
         c = model.config
@@ -69,18 +61,30 @@ def main(argv: list[str] | None = None) -> list[tuple]:
         print(dit_compile.explain(model.transformer, hidden_states=x, timestep=torch.tensor([500.0]),
                                   encoder_hidden_states=model.condition.embed(cases[0].condition),
                                   return_dict=False))
-        refs, _, t_eager = timed()
-        rows = [("eager", t_eager, None, float("inf"), 1.0)]
+        refs, _ = first_pass()
+        compiled = {"eager": model.transformer}
+        found = {"eager": (None, float("inf"), 1.0)}    # first gen, PSNR, FLOPs fraction
         for name, kw in METHODS:
-            torch._dynamo.reset()
-            pipe.transformer = torch.compile(model.transformer, **kw)
-            videos, first, t = timed()
+            pipe.transformer = compiled[name] = torch.compile(model.transformer, **kw)
+            videos, first = first_pass()
             try:
                 frac = dit_compile.stats(pipe.transformer)["flops_fraction"]
             except ValueError:      # nothing cached (inductor, or cache=None): all computed
                 frac = 1.0
-            p = statistics.mean(quality.psnr(v, r) for v, r in zip(videos, refs))
-            rows.append((name, t, first, p, frac))
+            found[name] = (first, statistics.mean(quality.psnr(v, r) for v, r in zip(videos, refs)),
+                           frac)
+        # Timed in rounds over every method, each generation of every case twice: the machine's
+        # speed drifts within a run, and methods timed one after another took it for theirs.
+        seconds: dict[str, list[float]] = {name: [] for name in compiled}
+        for _ in range(2):
+            for name, transformer in compiled.items():
+                pipe.transformer = transformer
+                for case in cases:
+                    t0 = time.perf_counter()
+                    generate(case)
+                    seconds[name].append(time.perf_counter() - t0)
+        rows = [(name, statistics.median(seconds[name]), *found[name]) for name in compiled]
+    t_eager = rows[0][1]
     print(f"\n`small` (trained), {args.cases} cases, {args.steps or c.sample_steps} steps, CFG "
           f"{c.guidance}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
     print(f"{'method':30s} {'s/gen':>7s} {'first gen':>10s} {'speedup':>8s} {'PSNR dB':>8s} "
