@@ -12,7 +12,7 @@ from .frames import (breaking_hooks, forget_forward, forward_forgotten, forward_
                      shape_history_kept, traced_module)
 from .passes.casting import find_casts, functional_casting
 from .passes.modulation import modulated_input
-from .passes.moe import find_moe
+from .passes.moe import find_moe, lowered_meanwhile
 from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.stamping import restamp
@@ -64,8 +64,9 @@ class Report:
         if self.moe:
             pending = [p for p, ok in self.moe.items() if not ok]
             lines.append(f"  MoE dispatches: {len(self.moe)}, not lowered: {len(pending)}"
-                         + (" (backend='mixcache' lowers them before its first trace, "
-                            "dit_compile.lower_moe(model) now)" if pending else ""))
+                         + (" (backend='mixcache' lowers them before its first trace, as this "
+                            "report's trace did; dit_compile.lower_moe(model) now)" if pending
+                            else ""))
         if self.casts:
             lines.append(f"  layerwise casting: {self.casts} layers, each cast as a function of "
                          "its weights in the graph (dit_compile.passes.casting)")
@@ -137,12 +138,21 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         raise TypeError("dit_compile.explain traces a model's forward to find its regions; a "
                         "loaded export is rewritten already (its manifest.json lists its programs "
                         "and blocks), and dit_compile.stats shows what it caches")
-    report = Report(type(getattr(model, "_orig_mod", model)).__name__)
-    report.moe = find_moe(getattr(model, "_orig_mod", model))
+    target = getattr(model, "_orig_mod", model)
+    report = Report(type(target).__name__)
+    report.moe = find_moe(target)
     # As the backend traces it: diffusers' layerwise casting in its traceable form (no result
-    # changes), counted where that form took.
-    functional_casting(getattr(model, "_orig_mod", model))
-    report.casts = sum(find_casts(getattr(model, "_orig_mod", model)).values())
+    # changes), counted where that form took; MoE dispatches that sync to the host lowered to the
+    # fused op, as the backend lowers them before its first trace (unlowered, a HiDream traces as
+    # a graph per dispatch, none of them with the blocks), for this trace only.
+    functional_casting(target)
+    report.casts = sum(find_casts(target).values())
+    with lowered_meanwhile(target):
+        return _traced(target, report, args, kwargs)
+
+
+def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) -> Report:
+    """``report`` completed from Dynamo's trace of ``target(*args, **kwargs)``."""
     found: list[RegionMap | NoBlockStructure] = []
     plans: dict[int, Plan] = {}                    # the split of each graph with blocks
     nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph
@@ -192,7 +202,6 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         return fn
 
     from torch._dynamo.utils import counters
-    target = getattr(model, "_orig_mod", model)
     seen = _break_counts(counters)
     with torch.no_grad(), shape_history_kept(), forward_forgotten(target):
         # Twice where the first trace broke, as the backend retraces once: a break only a first

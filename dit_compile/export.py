@@ -56,6 +56,7 @@ from .frames import forget_forward, forward_forgotten, shape_history_kept
 from .options import Options
 from .passes.casting import functional_casting
 from .passes.modulation import Modulation
+from .passes.moe import lowered_meanwhile
 from .passes.regions import NoBlockStructure, find_regions, missing_inputs, source_name, user_inputs
 from .passes.split import pruned_twins, split
 from .runtime.cache import StateFactory
@@ -89,23 +90,8 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     #    programs hold the casts, and the weights stay in the storage dtype), and MoE dispatches
     #    that would break the graph, for the export only.
     functional_casting(model)
-    with _lowered_moe(model, opts.lower_moe):
+    with lowered_meanwhile(model, opts.lower_moe):
         _export(model, path, kwargs, opts, aoti)
-
-
-@contextlib.contextmanager
-def _lowered_moe(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """The model's unlowered MoE dispatches lowered (``passes.moe.lower_moe``) while exporting, and
-    restored after: the saved programs hold the fused op, the model is left as it was."""
-    from .passes.moe import find_moe, lower_moe, restore_moe
-    pending = [p for p, lowered in find_moe(model).items() if not lowered] if enabled else []
-    if pending:
-        lower_moe(model)
-    try:
-        yield
-    finally:
-        for p in pending:
-            restore_moe(model.get_submodule(p))
 
 
 def _export(model: torch.nn.Module, path: str, kwargs: dict[str, Any], opts: Options,

@@ -63,6 +63,10 @@ Public API
 ``restore_moe(model) -> int``
     Undo the lowering everywhere in ``model``.
 
+``lowered_meanwhile(model)``
+    A context manager: the model's unlowered dispatches lowered inside it, restored after (what
+    ``dit_compile.export`` and ``dit_compile.explain`` trace, the model left as it was).
+
 ``find_moe(model) -> dict[str, bool]``
     Every known MoE dispatch in ``model`` by module path, and whether it is lowered (for reports and
     warnings before compiling).
@@ -112,7 +116,7 @@ import inspect
 import pickle
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -344,6 +348,21 @@ def _unregister(module: nn.Module) -> bool:
 def restore_moe(model: nn.Module) -> int:
     """Give every lowered module in ``model`` its original dispatch back; returns how many."""
     return sum(_unregister(m) for m in model.modules())
+
+
+@contextlib.contextmanager
+def lowered_meanwhile(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """``model``'s unlowered MoE dispatches lowered (:func:`lower_moe`) inside the block and given
+    their own methods back after it: a trace of the block sees the fused op, and the model is left
+    as it was. Those lowered before the block stay lowered, untouched."""
+    pending = [p for p, lowered in find_moe(model).items() if not lowered] if enabled else []
+    for p in pending:
+        lower_moe(model.get_submodule(p))
+    try:
+        yield
+    finally:
+        for p in pending:
+            restore_moe(model.get_submodule(p))
 
 
 # ---------------------------------------------------------------------------------------------------

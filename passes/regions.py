@@ -596,10 +596,10 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
     taken = set(roles.values())
     free = [n for n in ins if n.name not in taken]
     val = {n: n.meta["example_value"] for n in free}
+    sinusoid = _sinusoid_sources(gm)
     if "timestep" not in roles:
         # The timestep is the smallest input a sinusoid (sin/cos) is taken of: rotary embeddings
         # take theirs of position ids (Flux's, as ``freqs.cos()``), which are larger.
-        sinusoid = _sinusoid_sources(gm)
         cands = [n for n in free if val[n].dim() <= 2 and n in sinusoid]
         if cands:
             roles["timestep"] = min(cands, key=lambda n: (val[n].dim(), val[n].numel())).name
@@ -610,7 +610,10 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
     if "latent" not in roles and rest:
         same = [n for n in rest if _shape(n) in out_shapes]
         roles["latent"] = max(same or rest, key=lambda n: val[n].numel()).name
-    rest = [n for n in rest if n.name not in roles.values() and val[n].dim() == 3]
+    # Not position ids: those feed the rotary tables' sin and cos (HiDream's patchified img_ids,
+    # (batch, tokens, 3), more numbers than a tiny text), a text embedding never does.
+    rest = [n for n in rest if n.name not in roles.values() and val[n].dim() == 3
+            and n not in sinusoid]
     if "text" not in roles and rest:
         roles["text"] = max(rest, key=lambda n: val[n].numel()).name
     return roles, "dataflow"

@@ -706,12 +706,34 @@ def test_explain_reports_moe_dispatches_lowered_or_not():
     model, kw = tiny_models.hidream(patchified=True)    # one graph once lowered
     paths = list(find_moe(model))
     assert len(paths) == 4 and not any(p.startswith("_orig_mod") for p in paths)
-    lower_moe(model)        # unlowered, its 17 graphs take explain 20 s to trace
+    lower_moe(model)
     report = dit_compile.explain(torch.compile(model), **kw, return_dict=False)
     assert report.moe == dict.fromkeys(paths, True)
     assert "MoE dispatches: 4, not lowered: 0\n" in str(report)
     report.moe[paths[0]] = False
     assert "MoE dispatches: 4, not lowered: 1 (backend='mixcache' lowers them" in str(report)
+
+
+def test_explain_traces_the_dispatches_lowered_and_leaves_them_as_they_were():
+    """As the backend lowers a model's MoE dispatches before its first trace, explain traces them
+    lowered: one graph holding both of HiDream's stacks (unlowered, a graph per dispatch, none of
+    them with the blocks). The model keeps its own dispatches after, and one lowered by hand before
+    stays lowered."""
+    model, kw = tiny_models.hidream(patchified=True)
+    paths = list(find_moe(model))
+    lower_moe(model.get_submodule(paths[0]))
+    with torch.no_grad():
+        expected = model(**kw, return_dict=False)[0]
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert report.graphs == 1 and report.fallback is None and not report.breaks
+    assert report.stacks == {"double_stream_blocks": 2, "single_stream_blocks": 2}
+    assert report.block_graphs == 2
+    assert report.moe == {p: p == paths[0] for p in paths}
+    assert "not lowered: 3 (backend='mixcache' lowers them before its first trace, as this " \
+        "report's trace did" in str(report)
+    assert find_moe(model) == report.moe
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw, return_dict=False)[0], expected, rtol=0, atol=0)
 
 
 def test_nucleus_padding_rows_are_zero():

@@ -46,6 +46,18 @@ def test_streams_of_stacks_separated_by_glue():
                               "single_stream_blocks": [(1, 88, 32)]}
 
 
+def test_position_ids_are_not_taken_for_the_text():
+    """By dataflow the text is the largest 3-d float input left, but never position ids, which feed
+    the rotary tables' sin and cos: HiDream's patchified ``img_ids`` (1, 64, 3) hold more numbers
+    than its tiny T5 text (1, 8, 8), and its ``timesteps`` is no name diffusers' rule knows."""
+    model, kw = tiny_models.hidream(patchified=True)
+    report = dit_compile.explain(model, **kw, return_dict=False)
+    assert report.input_rule == "dataflow"
+    assert report.inputs == {"latent": "l_kwargs_hidden_states_", "timestep": "l_kwargs_timesteps_",
+                             "text": "l_kwargs_encoder_hidden_states_t5_"}
+    assert kw["img_ids"].numel() > kw["encoder_hidden_states_t5"].numel()
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_diffusers_models_stitched_equal_eager(name):
     model, kw = tiny_models.MODELS[name]()
