@@ -1,6 +1,7 @@
 """Cache guards and runtime state: forced schedules against an eager reference, lifecycle rules,
 per-sample decisions, memory bound, bad input."""
 import copy
+import dataclasses
 import warnings
 
 import numpy as np
@@ -54,19 +55,24 @@ schedules = st.fixed_dictionaries({
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=random_dits.specs().filter(lambda s: len(s.depths) == 1),
        sched=schedules, branches=st.integers(1, 3), order=st.sampled_from([False, True, 2]),
-       data=st.data())
-def test_forced_schedules_match_eager_reference(spec, sched, branches, order, data):
+       broken=st.booleans(), data=st.data())
+def test_forced_schedules_match_eager_reference(spec, sched, branches, order, broken, data):
     """Up to three guidance branches a step, each rebuilt from its own difference to branch 0;
     dual-stream blocks, whose two streams have one shape where the image has 3 tokens as the text
-    does, each rebuilt from its own residual; step reuse extrapolated to each order."""
+    does, each rebuilt from its own residual; step reuse extrapolated to each order. ``broken``: a
+    graph break before the blocks, the blocks' graph cached by the call's inputs as the first
+    graph recorded them (runtime.relay)."""
     torch._dynamo.reset()
-    model, kw = random_dits.build(spec)
+    model, kw = random_dits.build(dataclasses.replace(spec, broken=broken))
     n = spec.depths[0]
     a = data.draw(st.integers(1, n - 1))
     b = data.draw(st.integers(a + 1, n))
     cache = {"rule": "schedule", **{k: sorted(v) for k, v in sched.items()}, "span": [a, b],
              "extrapolate": order}
-    ours = generation(compiled(model, cache), kw, branches=branches)
+    f = (torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": cache})
+         if broken else compiled(model, cache))
+    ours = generation(f, kw, branches=branches)
+    assert dit_compile.stats(f)["calls"] == len(STEPS) * branches     # each call cached
     ref = Reference(model, step=sched["step"], cfg=sched["cfg"], block=sched["block"],
                     span=(a, b), order=int(order)).start(STEPS[0])
     theirs = generation(ref, kw, branches=branches)
