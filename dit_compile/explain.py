@@ -8,8 +8,9 @@ import torch
 
 from .backend import carriers, computed_outputs, head_slots, shared_blocks
 from .export import Exported
-from .frames import (breaking_hooks, forget_forward, forward_forgotten, forward_tail, is_fragment,
-                     shape_history_kept, traced_module)
+from .frames import (breaking_hooks, compiled_options, forget_forward, forward_forgotten,
+                     forward_tail, is_fragment, shape_history_kept, traced_module)
+from .options import Options
 from .passes.casting import find_casts, functional_casting
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe, lowered_meanwhile
@@ -35,6 +36,7 @@ class Report:
     regions: list[tuple[str, int]] = field(default_factory=list)  # (region, node count)
     fallback: str | None = None                            # why mixcache would not cache
     moe: dict[str, bool] = field(default_factory=dict)     # MoE dispatch path -> lowered
+    moe_off: bool = False      # compiled with options={"lower_moe": False}: traced unlowered
     casts: int = 0                                         # layers cast as values (passes.casting)
     modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
     block_graphs: int = 0      # block graphs Inductor compiles for it (identical blocks share one)
@@ -64,9 +66,11 @@ class Report:
         if self.moe:
             pending = [p for p, ok in self.moe.items() if not ok]
             lines.append(f"  MoE dispatches: {len(self.moe)}, not lowered: {len(pending)}"
-                         + (" (backend='mixcache' lowers them before its first trace, as this "
-                            "report's trace did; dit_compile.lower_moe(model) now)" if pending
-                            else ""))
+                         + ("" if not pending else
+                            " (options={'lower_moe': False} leaves them so, and this report's "
+                            "trace too; dit_compile.lower_moe(model) lowers them)" if self.moe_off
+                            else " (backend='mixcache' lowers them before its first trace, as "
+                            "this report's trace did; dit_compile.lower_moe(model) now)"))
         if self.casts:
             lines.append(f"  layerwise casting: {self.casts} layers, each cast as a function of "
                          "its weights in the graph (dit_compile.passes.casting)")
@@ -144,10 +148,13 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     # As the backend traces it: diffusers' layerwise casting in its traceable form (no result
     # changes), counted where that form took; MoE dispatches that sync to the host lowered to the
     # fused op, as the backend lowers them before its first trace (unlowered, a HiDream traces as
-    # a graph per dispatch, none of them with the blocks), for this trace only.
+    # a graph per dispatch, none of them with the blocks), for this trace only; not where the
+    # model was compiled with options={"lower_moe": False}.
     functional_casting(target)
     report.casts = sum(find_casts(target).values())
-    with lowered_meanwhile(target):
+    options = compiled_options(model)
+    report.moe_off = options is not None and not Options.parse(options).lower_moe
+    with lowered_meanwhile(target, not report.moe_off):
         return _traced(target, report, args, kwargs)
 
 

@@ -140,20 +140,34 @@ def mixcache_options() -> dict | None:
     """The options of the compile starting now, where its backend is mixcache; None for any other.
     Dynamo's frame converter, on the stack, holds the backend, inside Dynamo's wrappers and
     torch.compile's (which holds the options)."""
-    from .backend import mixcache
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         backend = getattr(owner, "_torchdynamo_orig_backend", None)
         if backend is not None:
-            for _ in range(8):
-                if backend is mixcache:
-                    return {}
-                if getattr(backend, "compiler_fn", None) is mixcache:
-                    return dict((getattr(backend, "kwargs", None) or {}).get("options") or {})
-                backend = getattr(backend, "_torchdynamo_orig_backend", None)
-            return None
+            return _options_of(backend)
         frame = frame.f_back
+    return None
+
+
+def compiled_options(model: Any) -> dict | None:
+    """The options ``model`` was compiled with, where it is ``torch.compile(m, backend="mixcache",
+    ...)``; None for any other backend, or a model not compiled."""
+    callback = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    backend = getattr(callback, "_torchdynamo_orig_backend", None)
+    return None if backend is None else _options_of(backend)
+
+
+def _options_of(backend: Any) -> dict | None:
+    """The options of a Dynamo backend object where it wraps mixcache (Dynamo's wrappers, then
+    torch.compile's, which holds the options); None for any other."""
+    from .backend import mixcache
+    for _ in range(8):
+        if backend is mixcache:
+            return {}
+        if getattr(backend, "compiler_fn", None) is mixcache:
+            return dict((getattr(backend, "kwargs", None) or {}).get("options") or {})
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
     return None
 
 

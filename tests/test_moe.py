@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import sys
 import warnings
 from unittest import mock
 
@@ -734,6 +735,22 @@ def test_explain_traces_the_dispatches_lowered_and_leaves_them_as_they_were():
     assert find_moe(model) == report.moe
     with torch.no_grad():
         torch.testing.assert_close(model(**kw, return_dict=False)[0], expected, rtol=0, atol=0)
+
+
+def test_explain_leaves_the_dispatches_of_a_model_compiled_not_to_lower_them(monkeypatch):
+    """Compiled with options={"lower_moe": False} the backend leaves the dispatches as they are,
+    and so does explain's trace (here the dispatches' state as the trace finds it: an unlowered
+    HiDream's trace takes seconds)."""
+    explain_module = sys.modules["dit_compile.explain"]     # the package's `explain` is the function
+    model, kw = tiny_models.hidream(patchified=True)
+    seen = []
+    monkeypatch.setattr(explain_module, "_traced",
+                        lambda target, report, args, kwargs: seen.append(find_moe(target)) or report)
+    for options in ({}, {"lower_moe": False}):
+        report = dit_compile.explain(torch.compile(model, backend="mixcache", options=options), **kw)
+        assert set(seen[-1].values()) == {not options}
+        assert set(find_moe(model).values()) == {False}
+    assert "not lowered: 4 (options={'lower_moe': False} leaves them so" in str(report)
 
 
 def test_nucleus_padding_rows_are_zero():
