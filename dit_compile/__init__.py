@@ -15,6 +15,7 @@ import torch
 
 from .backend import mixcache
 from .explain import Report, explain
+from .frames import compiled_options
 from .export import Exported, export, load
 from .options import OptionError, Options
 from .passes.casting import functional_casting
@@ -39,6 +40,12 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     signal) of the last 16 generations. ``t`` is the call's noise level: its largest timestep,
     or where the timestep rises (``timestep="rising"``, or learned under ``"auto"``) the top of
     its scale (1, or 1000 for Mochi's) minus its smallest."""
+    options = compiled_options(model)
+    if options is not None and Options.parse(options).cache is None:
+        # Its states, if any, are another compile's of the same model (kept on its parameters).
+        raise ValueError("this model is compiled with cache=None: mixcache caches nothing for it "
+                         "(stats of another compile of the module: pass that compiled model, "
+                         "or the module itself for the one that ran last)")
     state = find_state(model)
     if state is None:
         raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "

@@ -1194,13 +1194,18 @@ def test_models_sharing_a_module_never_take_each_others_cache(own):
 def test_stats_of_a_cached_model_outlive_its_compile_with_caching_off():
     """A/B against full compute: the model compiled again with cache=None (the baseline) runs
     after the cached one; ``stats`` still reports the cached configuration (the last that
-    cached), which dropping the states at that compile once made an error."""
+    cached), which dropping the states at that compile once made an error. The baseline's own
+    ``stats`` says it caches nothing (it reported the cached compile's state, as its own)."""
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
     cached = compiled(model, {"rule": "schedule", "step": [2]})
     generation(cached, kw)
-    generation(compiled(model, None), kw, steps=STEPS[:2])
+    baseline = compiled(model, None)
+    generation(baseline, kw, steps=STEPS[:2])
     assert dit_compile.stats(cached)["reused"] == {"step": 2}
+    assert dit_compile.stats(model)["reused"] == {"step": 2}       # the module: the last state
+    with pytest.raises(ValueError, match="compiled with cache=None"):
+        dit_compile.stats(baseline)
 
 
 def _fail_next_forward(monkeypatch) -> list:
