@@ -600,7 +600,7 @@ def test_graph_break_before_the_blocks_warns_of_nothing_with_caching_on_or_off()
             said = _mixcache_warnings(rec)
             if cache is None:
                 assert said == [], said
-                with pytest.raises(ValueError, match="not cache=None"):
+                with pytest.raises(ValueError, match="compiled with cache=None"):
                     dit_compile.stats(compiled)
             else:
                 assert said == [] and len(dit_compile.stats(compiled)["trace"]) == 2, said
