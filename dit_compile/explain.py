@@ -20,6 +20,7 @@ from .passes.stamping import restamp
 from .passes.regions import (BLOCK, NoBlockStructure, RegionMap, block_containers, check_whole_stacks,
                              find_regions, is_torch_nn, missing_inputs, named_inputs)
 from .passes.split import Plan, split
+from .runtime.cache import not_a_module
 from .runtime.relay import Head, received
 
 
@@ -133,10 +134,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     backend gives them (``passes.casting``: no result changes), so it traces what mixcache would.
     """
     if not isinstance(getattr(model, "_orig_mod", model), torch.nn.Module):
-        name = getattr(model, "__qualname__", None)
-        what = type(model).__name__ + (f" {name!r}" if name else "")
         raise TypeError("dit_compile.explain traces an nn.Module (for a compiled function, the "
-                        f"model it calls), not {what}")
+                        f"model it calls), not {not_a_module(model)}")
     if isinstance(getattr(model, "_orig_mod", model), Exported):
         # Tracing it would run its cached runtime: two calls counted as steps of a generation.
         raise TypeError("dit_compile.explain traces a model's forward to find its regions; a "

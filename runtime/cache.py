@@ -709,6 +709,16 @@ def find_state(model: torch.nn.Module, thread: threading.Thread | None = None
     return max(model_states(model, thread), key=lambda s: s.last_call, default=None)
 
 
+def not_a_module(obj: Any) -> str:
+    """What ``obj`` is, for an error that wanted the model: its type (a function's name too), and
+    for a pipeline the module it holds."""
+    name = getattr(obj, "__qualname__", None)
+    what = type(obj).__name__ + (f" {name!r}" if name else "")
+    if isinstance(getattr(obj, "transformer", None), torch.nn.Module):
+        what += " (a pipeline: pass its model, pipe.transformer)"
+    return what
+
+
 def model_states(model: torch.nn.Module, thread: threading.Thread | None = None
                  ) -> list[CacheState]:
     """Every CacheState attached to ``model``'s parameters (all threads', or ``thread``'s), once
@@ -716,10 +726,9 @@ def model_states(model: torch.nn.Module, thread: threading.Thread | None = None
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, torch.nn.Module):
         # torch.compile of a function returns a function: the state is on the model it calls.
-        name = getattr(model, "__qualname__", None)
         raise TypeError("mixcache keeps its cache state on the model's parameters: pass the "
-                        "nn.Module (for a compiled function, the model it calls), not "
-                        f"{type(model).__name__}{f' {name!r}' if name else ''}")
+                        f"nn.Module (for a compiled function, the model it calls), not "
+                        f"{not_a_module(model)}")
     states = {}
     for p in model.parameters():
         for owner, state in getattr(p, STATE_ATTR, {}).items():

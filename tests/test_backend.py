@@ -493,6 +493,17 @@ def test_a_compiled_function_that_breaks_before_the_model_is_not_cached():
         dit_compile.lower_moe(compiled)
 
 
+def test_a_pipeline_given_for_its_model_is_told_to_pass_its_transformer():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+    model, kw = tiny_models.wan(layers=2)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                       scheduler=FlowMatchEulerDiscreteScheduler())
+    for fn in (dit_compile.stats, dit_compile.reset, lambda p: dit_compile.explain(p, **kw)):
+        with pytest.raises(TypeError, match=r"not WanPipeline \(a pipeline: pass its model, "
+                                            r"pipe.transformer\)"):
+            fn(pipe)
+
+
 def test_no_timestep_input_is_said_by_explain_and_the_backend_alike():
     """A Transformer2DModel as a U-Net calls it inside its blocks: block stacks, but no timestep.
     explain says that nothing will be cached and why, the backend warns the same once and
