@@ -21,6 +21,7 @@ from .options import OptionError, Options
 from .passes.casting import functional_casting
 from .passes.moe import lower_moe, register_moe, restore_moe
 from .passes.nesting import nest_blocks, unnest_blocks
+from .passes.regions import expect_module
 from .runtime import background
 from .runtime.cache import CacheMemoryError, find_state, model_states
 from .runtime.policy import PolicyError
@@ -69,4 +70,5 @@ def wait_for_compiles(model: torch.nn.Module, timeout: float | None = None) -> i
     ``background_compile``) are compiled, and switch them in; returns how many were. For timing the
     compiled model, or a deployment that wants its first request fast: a model runs its regions
     uncompiled until then. ``timeout`` in seconds (``subprocess.TimeoutExpired`` past it)."""
+    expect_module(getattr(model, "_orig_mod", model), "wait_for_compiles waits for the compiles of")
     return background.wait(model, timeout)

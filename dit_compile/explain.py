@@ -18,9 +18,8 @@ from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.stamping import restamp
 from .passes.regions import (BLOCK, NoBlockStructure, RegionMap, block_containers, check_whole_stacks,
-                             find_regions, is_torch_nn, missing_inputs, named_inputs)
+                             expect_module, find_regions, is_torch_nn, missing_inputs, named_inputs)
 from .passes.split import Plan, split
-from .runtime.cache import not_a_module
 from .runtime.relay import Head, received
 
 
@@ -133,9 +132,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     again at its next call). Gives diffusers' layerwise casting hooks the traceable form the
     backend gives them (``passes.casting``: no result changes), so it traces what mixcache would.
     """
-    if not isinstance(getattr(model, "_orig_mod", model), torch.nn.Module):
-        raise TypeError("dit_compile.explain traces an nn.Module (for a compiled function, the "
-                        f"model it calls), not {not_a_module(model)}")
+    expect_module(getattr(model, "_orig_mod", model), "dit_compile.explain traces",
+                  " (for a compiled function, the model it calls)")
     if isinstance(getattr(model, "_orig_mod", model), Exported):
         # Tracing it would run its cached runtime: two calls counted as steps of a generation.
         raise TypeError("dit_compile.explain traces a model's forward to find its regions; a "

@@ -57,7 +57,8 @@ from .options import Options
 from .passes.casting import functional_casting
 from .passes.modulation import Modulation
 from .passes.moe import lowered_meanwhile
-from .passes.regions import NoBlockStructure, find_regions, missing_inputs, source_name, user_inputs
+from .passes.regions import (NoBlockStructure, expect_module, find_regions, missing_inputs, source_name,
+                             user_inputs)
 from .passes.split import pruned_twins, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor, kept_outputs
@@ -86,6 +87,7 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     # A compiled model (pipe.transformer once torch.compile'd) is exported as the model itself:
     # its name, forward signature, config and attributes are the model's, not the wrapper's.
     model = getattr(model, "_orig_mod", model)
+    expect_module(model, "dit_compile.export exports")
     # 0. lowering: layerwise casting's hooks in their traceable form (no result changes: the
     #    programs hold the casts, and the weights stay in the storage dtype), and MoE dispatches
     #    that would break the graph, for the export only.

@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .regions import expect_module
+
 try:    # private, though torch.func.functional_call's own (torch 2.0 to 2.15 at least)
     from torch.nn.utils.stateless import _reparametrize_module
 except ImportError:     # then no hook is rewritten: the forward breaks, and the backend says why
@@ -45,6 +47,7 @@ HOOK = "layerwise_casting"      # the name diffusers' apply_layerwise_casting re
 
 def functional_casting(model: torch.nn.Module) -> int:
     """Make each layerwise-casting hook in ``model`` traceable (module docstring); how many changed."""
+    expect_module(model, "functional_casting rewrites the layerwise-casting hooks of")
     changed = 0
     if _reparametrize_module is None:
         return changed

@@ -125,6 +125,7 @@ from torch import Tensor, nn
 
 from ..kernels.moe_op import moe_ffn
 from .casting import cast_only
+from .regions import expect_module
 
 __all__ = ["count_moe_ops", "find_moe", "lower_moe", "register_moe", "restore_moe"]
 
@@ -347,6 +348,7 @@ def _unregister(module: nn.Module) -> bool:
 
 def restore_moe(model: nn.Module) -> int:
     """Give every lowered module in ``model`` its original dispatch back; returns how many."""
+    expect_module(model, "restore_moe restores the MoE dispatches of")
     return sum(_unregister(m) for m in model.modules())
 
 
@@ -611,9 +613,7 @@ def lower_moe(model: nn.Module) -> int:
     dispatches in ``model`` after the call. Modules of a recognised class that fail the structural
     check are skipped with a ``UserWarning`` naming the reason.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"lower_moe lowers the MoE dispatches of an nn.Module, not "
-                        f"{type(model).__name__}")
+    expect_module(model, "lower_moe lowers the MoE dispatches of")
     lowered = 0
     for name, module in model.named_modules():
         spec: _MoESpec | None = module.__dict__.get(_SPEC_ATTR)

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .regions import is_torch_nn
+from .regions import expect_module, is_torch_nn
 from .stamping import (OUT, STAMP, STAMPED, flat_output, restamp, stamp_mark, stamped_block,
                        stamping, tensor_leaves)
 
@@ -66,6 +66,7 @@ def nest_blocks(model: nn.Module, stamp: bool = False) -> int:
 
     ``stamp``: under ``backend="mixcache"``, Dynamo traces the first block of each stack and the
     backend stamps its graph out for the blocks alike to it, on any torch (``passes.stamping``)."""
+    expect_module(model, "nest_blocks marks the blocks of")
     if not reuses_nested_regions() and not stamp:
         warnings.warn(
             f"dit_compile.nest_blocks: torch {torch.__version__} traces every call of a nested "
@@ -88,6 +89,7 @@ def nest_blocks(model: nn.Module, stamp: bool = False) -> int:
 def unnest_blocks(model: nn.Module) -> int:
     """Undo ``nest_blocks``: every marked block of ``model`` back to its own class; returns how
     many were marked."""
+    expect_module(model, "unnest_blocks unmarks the blocks of")
     restamp(model, on=False)
     model.__dict__.pop(STAMPED, None)
     n = 0

@@ -72,6 +72,8 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
+from ..passes.regions import expect_module
+
 
 # A tensor as the runtime keeps it to recognise its value later: (tensor, in-place version,
 # copy); the copy only for inference tensors, which have no version (see _held).
@@ -709,26 +711,14 @@ def find_state(model: torch.nn.Module, thread: threading.Thread | None = None
     return max(model_states(model, thread), key=lambda s: s.last_call, default=None)
 
 
-def not_a_module(obj: Any) -> str:
-    """What ``obj`` is, for an error that wanted the model: its type (a function's name too), and
-    for a pipeline the module it holds."""
-    name = getattr(obj, "__qualname__", None)
-    what = type(obj).__name__ + (f" {name!r}" if name else "")
-    if isinstance(getattr(obj, "transformer", None), torch.nn.Module):
-        what += " (a pipeline: pass its model, pipe.transformer)"
-    return what
-
-
 def model_states(model: torch.nn.Module, thread: threading.Thread | None = None
                  ) -> list[CacheState]:
     """Every CacheState attached to ``model``'s parameters (all threads', or ``thread``'s), once
     each."""
     model = getattr(model, "_orig_mod", model)
-    if not isinstance(model, torch.nn.Module):
-        # torch.compile of a function returns a function: the state is on the model it calls.
-        raise TypeError("mixcache keeps its cache state on the model's parameters: pass the "
-                        f"nn.Module (for a compiled function, the model it calls), not "
-                        f"{not_a_module(model)}")
+    # torch.compile of a function returns a function: the state is on the model it calls.
+    expect_module(model, "mixcache keeps its cache state on the model's parameters: pass",
+                  " (for a compiled function, the model it calls)")
     states = {}
     for p in model.parameters():
         for owner, state in getattr(p, STATE_ATTR, {}).items():

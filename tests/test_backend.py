@@ -485,7 +485,7 @@ def test_a_compiled_function_that_breaks_before_the_model_is_not_cached():
     assert "mixcache: the traced function: graph breaks split" in _mixcache_warnings(rec)[0]
     with pytest.raises(ValueError, match="no mixcache state"):
         dit_compile.stats(model)
-    with pytest.raises(TypeError, match="pass the nn.Module .* not function"):
+    with pytest.raises(TypeError, match="pass an nn.Module .* not function"):
         dit_compile.stats(compiled)
     with pytest.raises(TypeError, match="traces an nn.Module .* not function"):
         dit_compile.explain(compiled, x, torch.tensor([900.0]))
@@ -498,9 +498,12 @@ def test_a_pipeline_given_for_its_model_is_told_to_pass_its_transformer():
     model, kw = tiny_models.wan(layers=2)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
                        scheduler=FlowMatchEulerDiscreteScheduler())
-    for fn in (dit_compile.stats, dit_compile.reset, lambda p: dit_compile.explain(p, **kw)):
-        with pytest.raises(TypeError, match=r"not WanPipeline \(a pipeline: pass its model, "
-                                            r"pipe.transformer\)"):
+    for fn in (dit_compile.stats, dit_compile.reset, lambda p: dit_compile.explain(p, **kw),
+               lambda p: dit_compile.export(p, "unused", kw), dit_compile.nest_blocks,
+               dit_compile.unnest_blocks, dit_compile.lower_moe, dit_compile.restore_moe,
+               dit_compile.functional_casting, dit_compile.wait_for_compiles):
+        with pytest.raises(TypeError, match=r"an nn.Module.*, not WanPipeline \(a pipeline: pass "
+                                            r"its model, pipe.transformer\)"):
             fn(pipe)
 
 
