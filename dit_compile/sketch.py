@@ -44,6 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from .passes.regions import expect_module
 from .runtime.cache import CacheState, find_state
 from .runtime.policy import rel_l1
 from .runtime.sampler import sampler_run
@@ -252,6 +253,8 @@ class OnlineSplit(torch.nn.Module):
 
     def __init__(self, large: torch.nn.Module, small: torch.nn.Module, rule: Settle):
         super().__init__()
+        for role, model in (("large", large), ("small", small)):
+            expect_module(model, f"OnlineSplit's {role} model must be")
         self.large, self.small, self.rule = large, small, rule
         self.switches: list[tuple[int, float] | None] = []
         self._last: dict[int, tuple[float, list[torch.Tensor]]] = {}  # branch: (level, outputs)

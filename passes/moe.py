@@ -268,6 +268,7 @@ def register_moe(
     ``method`` is not a method of the module's class, or it is replaced on this instance (a hook's
     ``forward``: the lowered method would take its place, and the hook would not run).
     """
+    expect_module(module, "register_moe marks a dispatch method of")
     if (experts is None) == (weights is None):
         raise ValueError("register_moe: pass exactly one of experts= and weights=")
     if not callable(getattr(type(module), method, None)):

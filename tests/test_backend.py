@@ -501,7 +501,9 @@ def test_a_pipeline_given_for_its_model_is_told_to_pass_its_transformer():
     for fn in (dit_compile.stats, dit_compile.reset, lambda p: dit_compile.explain(p, **kw),
                lambda p: dit_compile.export(p, "unused", kw), dit_compile.nest_blocks,
                dit_compile.unnest_blocks, dit_compile.lower_moe, dit_compile.restore_moe,
-               dit_compile.functional_casting, dit_compile.wait_for_compiles):
+               dit_compile.functional_casting, dit_compile.wait_for_compiles,
+               lambda p: dit_compile.register_moe(p, "forward", experts="experts"),
+               lambda p: dit_compile.OnlineSplit(p, model, dit_compile.Settle(0.1))):
         with pytest.raises(TypeError, match=r"an nn.Module.*, not WanPipeline \(a pipeline: pass "
                                             r"its model, pipe.transformer\)"):
             fn(pipe)
