@@ -15,8 +15,8 @@ import torch
 
 from .backend import mixcache
 from .explain import Report, explain
-from .frames import compiled_options
 from .export import Exported, export, load
+from .frames import compiled_options
 from .options import OptionError, Options
 from .passes.casting import functional_casting
 from .passes.moe import lower_moe, register_moe, restore_moe

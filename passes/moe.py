@@ -127,7 +127,7 @@ from ..kernels.moe_op import moe_ffn
 from .casting import cast_only
 from .regions import expect_module
 
-__all__ = ["count_moe_ops", "find_moe", "lower_moe", "register_moe", "restore_moe"]
+__all__ = ["count_moe_ops", "find_moe", "lower_moe", "lowered_meanwhile", "register_moe", "restore_moe"]
 
 Route = Callable[..., tuple[Tensor, Tensor, Tensor]]
 Weights = Callable[[nn.Module], tuple[Tensor, Tensor, Tensor]]
