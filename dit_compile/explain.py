@@ -150,9 +150,13 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     functional_casting(target)
     report.casts = sum(find_casts(target).values())
     options = compiled_options(model)
-    report.moe_off = options is not None and not Options.parse(options).lower_moe
+    opts = None if options is None else Options.parse(options)
+    report.moe_off = opts is not None and not opts.lower_moe
     with lowered_meanwhile(target, not report.moe_off):
-        return _traced(target, report, args, kwargs)
+        report = _traced(target, report, args, kwargs)
+    if report.fallback is None and opts is not None and opts.cache is None:
+        report.fallback = "compiled with cache=None (the regions below compile, nothing is reused)"
+    return report
 
 
 def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) -> Report:

@@ -684,6 +684,10 @@ def test_explain_reports_regions():
     assert "modulated input (teacache's signal): (1, 32, 16)" in text
     assert (report.block_graphs, report.twins) == (1, 0)
     assert "block graphs compiled: 1 for 2 blocks (identical blocks share one)\n" in text
+    assert report.fallback is None
+    off = torch.compile(model, backend="mixcache", options={"cache": None})
+    assert "no caching: compiled with cache=None" in str(dit_compile.explain(off, **kw,
+                                                                           return_dict=False))
     # HunyuanVideo's first single-stream block is handed strided views of the double stream's
     # tokens, its last is read in part: both run their middle mate's compile.
     model, kw = tiny_models.hunyuan(single_layers=3)
