@@ -323,7 +323,11 @@ class Exported(torch.nn.Module):
 
     def __init__(self, path: str):
         super().__init__()
-        with open(os.path.join(path, "manifest.json")) as f:
+        manifest = os.path.join(path, "manifest.json")
+        if not os.path.isfile(manifest):
+            raise FileNotFoundError(f"dit_compile.load: no export at {path!r} (no manifest.json "
+                                    "there; dit_compile.export(model, path, kwargs) writes one)")
+        with open(manifest) as f:
             m = json.load(f)
         if m.get("format") not in READS:
             raise ValueError(f"dit_compile.load: {path} has format {m.get('format')!r}, this "

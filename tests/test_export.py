@@ -445,6 +445,8 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 99'))
     with pytest.raises(ValueError, match="format 99"):
         dit_compile.load(str(tmp_path / "wan"))
+    with pytest.raises(FileNotFoundError, match=r"no export at .*notes. \(no manifest.json"):
+        dit_compile.load(str(tmp_path / "notes"))
 
 
 def test_an_export_replaces_the_one_before_it_and_never_a_file(tmp_path, monkeypatch):
