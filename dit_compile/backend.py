@@ -8,7 +8,7 @@ import logging
 import operator
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -65,9 +65,12 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
         # Written while Dynamo traces, as frames' flags are: the guards it builds afterwards see it.
         model._mixcache_head = True     # a later graph of this forward may take the record
         # No blocks in it: compiled as the prologue is (regions="blocks" leaves that as it is).
+        halves = (half_batch(gm, example_inputs, named_inputs(gm), _half_backend(opts),
+                             before_break=True)
+                  if getattr(make_policy(opts.cache, None), "reuses_cfg", False) else None)
         return Head(compile_graph(gm, example_inputs, inductor, opts, model)
                     if opts.regions == "inductor" else gm.forward, head, computed_outputs(gm),
-                    model_name())
+                    model_name(), halves)
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:
@@ -103,12 +106,12 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
                          key=repr(make_policy(opts.cache, None)), timestep=opts.timestep)
     if tail:
         return RelayedExecutor(plan, fns, policy, state, anchor_slot(gm),
-                               piece_flops(plan, example_inputs), NO_HALVES_IN_TAIL,
+                               piece_flops(plan, example_inputs), None,
                                modulation_of(plan, policy, model_name()),
                                partners=parameter_slots(gm), carriers=carriers(gm),
-                               text=named_slot(gm, "text"))
-    halves = (half_batch(gm, example_inputs, rmap, None if opts.regions == "eager" else
-                         functools.partial(compile_regions, opts=opts))
+                               text=named_slot(gm, "text"), out_shapes=output_shapes(gm))
+    halves = (half_batch(gm, example_inputs, rmap.inputs, _half_backend(opts), rmap.samples,
+                         rmap.sample_outs)
               if getattr(policy, "reuses_cfg", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
@@ -191,10 +194,6 @@ def _uncacheable(gm: fx.GraphModule, rmap: RegionMap, model: torch.nn.Module | N
                       stacklevel=3)
         return True
     return False
-
-
-NO_HALVES_IN_TAIL = ("a graph break cuts the forward before its blocks, and the half-batch forward "
-                     "runs the forward whole")
 
 
 def head_slots(gm: fx.GraphModule,
@@ -643,9 +642,13 @@ def anchor_slot(gm: fx.GraphModule) -> int | None:
     return next(iter(parameter_slots(gm)), None)
 
 
-def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
-               backend: Callable[..., Callable[..., Any]] | None) -> HalfBatch | str:
+def half_batch(gm: fx.GraphModule, example_inputs: list[Any], inputs: Mapping[str, str],
+               backend: Callable[..., Callable[..., Any]] | None, samples: Sequence[str] = (),
+               sample_outs: Sequence[int] = (), before_break: bool = False) -> HalfBatch | str:
     """The half-batch forward for cfg reuse on batched-CFG calls, or why there is none.
+    ``inputs``: the placeholders of the latent, text and timestep, by role; ``samples``: those of
+    a latent given as per-sample tensors. ``before_break``: ``gm`` is the first graph of a forward
+    cut before its blocks (runtime.relay): the recipe is fitted to its last graph's outputs there.
 
     Built here because only compile time sees both sides: Dynamo's frame (the module and the real
     arguments of the first call) and the graph (which input each argument became)."""
@@ -661,24 +664,36 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], rmap: RegionMap,
     numbers = frozenset(i for i, n in enumerate(phs)
                         if getattr(n.meta.get("grapharg"), "pass_arg_as_tensor", False))
     names = [n.name for n in phs]
-    roles = [names.index(rmap.inputs[r]) for r in ("latent", "text", "timestep") if r in rmap.inputs]
-    latent = example_inputs[names.index(rmap.inputs["latent"])]
-    samples = [names.index(n) for n in rmap.samples]
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    # The executor's outputs are the graph's node outputs (constants stay in the output spec).
-    # Under dynamic shapes the batch is a symbol: an output's dim 0 that is the latent's symbol
-    # is the batch, as a number of the first call.
-    batch = len(samples) if samples else latent.shape[0] if latent.dim() else 0
-    traced = example_value(phs[names.index(rmap.inputs["latent"])])
+    roles = [names.index(inputs[r]) for r in ("latent", "text", "timestep") if r in inputs]
+    latent = example_inputs[names.index(inputs["latent"])]
+    slots = [names.index(n) for n in samples]
+    batch = len(slots) if slots else latent.shape[0] if latent.dim() else 0
+    traced = example_value(phs[names.index(inputs["latent"])])
     symbol = (traced.shape[0] if isinstance(traced, torch.Tensor) and traced.dim()
               and not isinstance(traced.shape[0], int) else None)
-    shapes = [_static_shape(x.meta.get("example_value"), symbol, batch)
-              for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
+    shapes = [] if before_break else output_shapes(gm, symbol, batch)
     layered = frozenset(i for i, n in enumerate(phs) if n.users and all(
         u.op == "call_function" and u.target is operator.getitem and u.args[0] is n
         and isinstance(u.args[1], int) for u in n.users))
     return HalfBatch.build(traced_module(), traced_locals(), placeholders, example_inputs, roles,
-                           batch, shapes, backend, samples, rmap.sample_outs, numbers, layered)
+                           batch, shapes, backend, slots, sample_outs, numbers, layered,
+                           before_break)
+
+
+def output_shapes(gm: fx.GraphModule, symbol: Any = None,
+                  batch: int = 0) -> list[tuple[int | None, ...] | None]:
+    """The shape of each of the graph's node outputs (the executor's outputs; constants stay in
+    the output spec), None where not a tensor. Under dynamic shapes the batch is a symbol: a dim
+    that is the latent's ``symbol`` is the ``batch``, as a number of the first call."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return [_static_shape(x.meta.get("example_value"), symbol, batch)
+            for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
+
+
+def _half_backend(opts: Options) -> Callable[..., Callable[..., Any]] | None:
+    """How a half-batch forward compiles: region by region, as the model's graphs do (None:
+    eager, under ``regions="eager"``)."""
+    return None if opts.regions == "eager" else functools.partial(compile_regions, opts=opts)
 
 
 def _static_shape(v: Any, symbol: Any = None, batch: int = 0) -> tuple[int | None, ...] | None:

@@ -7,12 +7,12 @@ from the difference cached at the last step where both were computed. ZImagePipe
 lists instead, one latent and one caption per sample (``[latents, latents]``, ``[positive,
 negative]``), its conditional half first: the half takes each such list's first k elements, and
 its per-sample outputs come back stacked. (A call does not say which half is which prompt; the
-pipelines' own orders tell: every tensor-batched DiT pipeline but Lumina-Next's puts the negative
-prompt first, every list-batched one, the Z-Image family, second. Computing the conditional half
-keeps the fresh prediction where the guidance weights it most: the rebuilt half's error enters
-the guided output scaled by s - 1 instead of s. LuminaPipeline batches ``[positive, negative]``:
-there the unconditional half is computed and the conditional one rebuilt, the same rule at the
-larger error.)
+pipelines' own orders tell: every tensor-batched DiT pipeline but Lumina-Next's and OmniGen's
+puts the negative prompt first, every list-batched one, the Z-Image family, second. Computing the
+conditional half keeps the fresh prediction where the guidance weights it most: the rebuilt half's
+error enters the guided output scaled by s - 1 instead of s. LuminaPipeline and OmniGenPipeline
+batch ``[positive, negative]``: there the unconditional half is computed and the conditional one
+rebuilt, the same rule at the larger error.)
 
 Why a second forward and not the pieces: Dynamo under static shapes bakes the batch size into the
 graph's view/reshape arguments, so the compiled pieces cannot run batch k. The half-batch forward is
@@ -43,6 +43,7 @@ never the generation).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import sys
@@ -98,6 +99,7 @@ class HalfBatch:
     lists: frozenset[str] = frozenset()
     sample_outs: range = range(0)
     sample_shape: tuple[Any, ...] = ()
+    batch: int = 0                          # of the compiling call (2k)
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)
     _broken: str | None = field(default=None, repr=False)   # a decline that no later call escapes
@@ -110,7 +112,8 @@ class HalfBatch:
               backend: Callable[..., Callable[..., Any]] | None,
               samples: Sequence[int] = (), sample_outs: Sequence[int] = (),
               numbers: frozenset[int] = frozenset(),
-              layered: frozenset[int] = frozenset()) -> "HalfBatch | str":
+              layered: frozenset[int] = frozenset(),
+              before_break: bool = False) -> "HalfBatch | str":
         """The recipe, or why there is none.
 
         ``placeholders[i]``: graph input i's source name and whether it comes from the module
@@ -123,7 +126,11 @@ class HalfBatch:
         dynamic=True, a new tensor at every call): the forward reads those from the module.
         ``layered``: graph inputs the graph only indexes along dim 0, by integers (HiDream's
         Llama states, ``(layers, batch, tokens, dim)``, one layer's taken at a time): where their
-        dim 1 is the batch, it is the dim halved."""
+        dim 1 is the batch, it is the dim halved. ``before_break``: ``example_inputs`` are
+        those of the forward's first graph, cut by a graph break before its blocks
+        (runtime.relay): a tensor argument it does not take may be read after the break, so it
+        is a reason, not zeros; ``out_shapes`` are then the last graph's, given later
+        (``for_outputs``)."""
         if module is None or frame is None:
             return "the traced module or its call arguments are unknown"
         try:
@@ -159,6 +166,10 @@ class HalfBatch:
                 if isinstance(leaf, torch.Tensor) and id(leaf) in index:
                     recipe.append((_IN, index[id(leaf)]))
                     covered.add(index[id(leaf)])
+                elif isinstance(leaf, torch.Tensor) and before_break:
+                    return (f"the argument {name} of {type(module).__name__}.forward is read "
+                            "only after the graph break, where the half forward cannot be "
+                            "handed it")
                 elif isinstance(leaf, torch.Tensor):
                     recipe.append((_UNUSED, (tuple(leaf.shape), leaf.dtype, leaf.device,
                                              leaf.dim() >= 1 and leaf.shape[0] == batch)))
@@ -203,10 +214,6 @@ class HalfBatch:
         one_run = range(min(sample_outs, default=0), max(sample_outs, default=-1) + 1)
         if list(sample_outs) != list(one_run) or (samples and len(one_run) != batch):
             return "the per-sample outputs are not one list of the graph's outputs"
-        batched = [sh for j, sh in enumerate(out_shapes) if j not in one_run]
-        if (not out_shapes or any(not sh or sh[0] != batch for sh in batched)
-                or any(out_shapes[j] is None for j in one_run)):
-            return "an output of the graph does not carry the batch in dim 0"
         # The region pass's latent/text/timestep, any other tensor passed as an argument of its
         # own, and the batch-sized tensors inside an argument (see _per_sample_leaves): all carry
         # the batch when their dim 0 is 2k. Elements of a per-sample list are whole samples.
@@ -227,9 +234,20 @@ class HalfBatch:
                         f"({batch}) in dim {dim}, not dim 0, where the graph does not take it one "
                         "index of dim 0 at a time, so the half forward cannot tell which dim to "
                         "halve")
-        return cls(type(module), sig, args, state, batch_inputs,
-                   [tuple(sh[1:]) for sh in batched], backend, frozenset(lists), one_run,
-                   out_shapes[one_run.start] if one_run else ())
+        recipe = cls(type(module), sig, args, state, batch_inputs, [], backend, frozenset(lists),
+                     one_run, batch=batch)
+        return recipe if before_break else recipe.for_outputs(out_shapes)
+
+    def for_outputs(self, out_shapes: Sequence[tuple[Any, ...] | None]) -> "HalfBatch | str":
+        """This recipe for a graph with outputs of these shapes (None: not a tensor), or why it
+        cannot be: each output must carry the batch in dim 0, as the half's will in its half."""
+        one_run = self.sample_outs
+        batched = [sh for j, sh in enumerate(out_shapes) if j not in one_run]
+        if (not out_shapes or any(not sh or sh[0] != self.batch for sh in batched)
+                or any(out_shapes[j] is None for j in one_run)):
+            return "an output of the graph does not carry the batch in dim 0"
+        return dataclasses.replace(self, out_shapes=[tuple(sh[1:]) for sh in batched],
+                                   sample_shape=out_shapes[one_run.start] if one_run else ())
 
     def __call__(self, env: Sequence[Any], k: int,
                  module: torch.nn.Module | None = None) -> list[torch.Tensor] | None:

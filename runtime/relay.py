@@ -11,6 +11,12 @@ tensors it returns, and the graph holding the blocks finds the record on the ten
 graph to the next. Those tensors are new at each call, so a record never outlives its call's
 values; it is taken only where it is its head's last on this thread (a tensor the model kept
 from an earlier call carries an old one), and a call that finds none computes in full.
+
+cfg reuse on a call that batches both guidance branches (OmniGen's ``[cond, uncond]``) runs the
+module's forward on one half (runtime.halves): whole, break included, on the forward's arguments.
+Only the first graph sees those (Dynamo's frame of the forward, and the graph inputs its tensors
+became), so the head holds the recipe and the record the head's inputs; the graph holding the
+blocks fits the recipe to its own outputs, which are the forward's.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 
 from ..passes.split import Plan
 from .executor import Executor, GuardedExecutor, check_residual_shapes
+from .halves import HalfBatch
 
 TAG = "_mixcache_call"      # the attribute a head's output tensors carry their record in
 # Calls of a head whose records no graph took before the runtime says that nothing is cached (the
@@ -32,29 +39,35 @@ UNTAKEN_AFTER = 3
 
 @dataclass(eq=False)
 class CallInputs:
-    """One call's latent, timestep and text condition (None where the forward takes none)."""
+    """One call's latent, timestep and text condition (None where the forward takes none), and
+    the inputs of its head's graph (for the half-batch forward)."""
     latent: torch.Tensor
     timestep: torch.Tensor
     text: torch.Tensor | None
     head: "Head"
+    args: tuple[Any, ...]
 
 
 class Head:
     """The forward's first graph: ``fn`` as compiled, its outputs at ``tagged`` tagged with the
     call's inputs at ``slots`` (latent, timestep, text or None, as graph input indices).
     ``tagged``: the tensors the graph computes, not its inputs passed through (the record would
-    outlive the call on a tensor of the caller's); found in the graph at compile time."""
+    outlive the call on a tensor of the caller's); found in the graph at compile time.
+    ``halves``: the forward's half-batch recipe over this graph's inputs, or why there is none
+    (None: the cache option reuses no cfg)."""
 
     def __init__(self, fn: Callable[..., Any], slots: tuple[int, int, int | None],
-                 tagged: Sequence[int], name: str = "the model"):
+                 tagged: Sequence[int], name: str = "the model",
+                 halves: HalfBatch | str | None = None):
         self.fn, self.slots, self.tagged, self.name = fn, slots, list(tagged), name
+        self.halves = halves
         self._last = threading.local()
         self.calls = 0
         self.taken = False      # a graph holding the blocks took a record (RelayedExecutor)
 
     def __call__(self, *args: Any) -> Any:
         latent, t, text = (None if s is None else args[s] for s in self.slots)
-        record = CallInputs(latent, t, text, self)
+        record = CallInputs(latent, t, text, self, args)
         self.calls += 1
         if self.calls == UNTAKEN_AFTER and not self.taken:
             # The forward broke again after this graph, inside its block loop (HunyuanVideo
@@ -92,15 +105,21 @@ class RelayedExecutor(GuardedExecutor):
     slots past the graph's own. The graph inputs at ``carriers`` are looked at for the record.
     ``text``: this graph's own input of the text, by name, where it takes one: the text where the
     first graph took none (a forward that reads it only after the break), so that a prompt
-    changed mid-generation is still seen."""
+    changed mid-generation is still seen. ``out_shapes``: this graph's outputs' (the forward's),
+    that a head's half-batch recipe is fitted to."""
 
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], *args: Any,
-                 carriers: Sequence[int], text: int | None = None, **kwargs: Any):
+                 carriers: Sequence[int], text: int | None = None,
+                 out_shapes: Sequence[tuple[Any, ...] | None] = (), **kwargs: Any):
         n = plan.n_slots
+        self._local = threading.local()     # before the executor sets ``halves``
         super().__init__(plan, fns, *args, roles={"latent": n, "timestep": n + 1, "text": n + 2},
                          **kwargs)
         self.carriers = list(carriers)
         self.own_text = text
+        self._out_shapes = list(out_shapes)
+        self._fitted: dict[Head, HalfBatch | str | None] = {}
+        self._reasons: set[str] = set()
         self._out_examples = [plan.slot_examples.get(s) for s in self.out_slots]
         self._checked = not self._keep_latent
         self._told = False
@@ -118,9 +137,52 @@ class RelayedExecutor(GuardedExecutor):
                               stacklevel=2)
             return Executor.__call__(self, *args)
         record.head.taken = True
+        self._take_halves(record)
         if not self._checked:
             check_residual_shapes(record.latent, self._out_examples)
             self._checked = True
         text = (record.text if record.text is not None else
                 args[self.own_text] if self.own_text is not None else self._no_text)
         return self._call([*args, *self._pad, record.latent, record.timestep, text])
+
+    @property
+    def halves(self) -> "_Recorded | None":
+        """This thread's call's half-batch forward: a call's own head inputs, never another's
+        (threads that generate at once share this executor)."""
+        return getattr(self._local, "halves", None)
+
+    @halves.setter
+    def halves(self, value: "_Recorded | None") -> None:
+        self._local.halves = value
+
+    def _take_halves(self, record: CallInputs) -> None:
+        """The half-batch forward of this call's head, handed the head's inputs: the executor's
+        own call passes this graph's, which are not the forward's arguments."""
+        head = record.head
+        if head not in self._fitted:
+            fitted = head.halves
+            if isinstance(fitted, HalfBatch):
+                fitted = fitted.for_outputs(self._out_shapes)
+            self._fitted[head] = fitted
+            if isinstance(fitted, str) and fitted not in self._reasons:
+                # Said once (by the executor, at a batched-CFG call), not again for the head
+                # that retraces the first graph after the break (backend: retraced once).
+                self._reasons.add(fitted)
+                self._no_halves = fitted
+        fitted = self._fitted[head]
+        self.halves = (_Recorded(fitted, record.args) if isinstance(fitted, HalfBatch)
+                       else None)
+
+
+@dataclass
+class _Recorded:
+    """A head's half-batch forward bound to one call's head inputs (the recipe reads them)."""
+    recipe: HalfBatch
+    args: tuple[Any, ...]
+
+    def __call__(self, env: Sequence[Any], k: int) -> list[torch.Tensor] | None:
+        return self.recipe(self.args, k)
+
+    @property
+    def conditional_first(self) -> bool:
+        return self.recipe.conditional_first

@@ -27,8 +27,8 @@ class Spec:
     tokens: int
     sequential: bool = False       # the stacks held in nn.Sequential (LongCat-Audio-DiT's text stack)
     # A graph break between the embeddings and the blocks (OmniGen's rotary table, built on the
-    # host): Dynamo hands over two graphs, the blocks' cached through runtime.relay. Never drawn
-    # by specs(): the region pass's own tests trace one graph.
+    # host): Dynamo hands over two graphs, the blocks' cached through runtime.relay; the pooled
+    # vector is read after it. Never drawn by specs(): the region pass's own tests trace one graph.
     broken: bool = False
 
 
@@ -96,12 +96,12 @@ class RandomDiT(nn.Module):
         freqs = torch.exp(-math.log(10000) * torch.arange(d // 2, dtype=torch.float32) / (d // 2))
         args = timestep[:, None].float() * freqs[None]
         temb = self.time(torch.cat([torch.sin(args), torch.cos(args)], dim=-1))
-        if self.pool is not None:
-            temb = temb + self.pool(pooled)
         x = self.patch(hidden_states)
         txt = self.text(encoder_hidden_states)
         if self.s.broken:
             torch._dynamo.graph_break()
+        if self.pool is not None:   # after the break where there is one: the first graph lacks it
+            temb = temb + self.pool(pooled)
         for i in range(len(self.s.depths)):
             for block in getattr(self, ["blocks", "single_blocks"][i]):
                 out = block(x, txt, temb)

@@ -107,13 +107,15 @@ def test_a_flow_map_continuing_a_video_reuses_cfg_as_the_reference():
 
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=random_dits.specs().filter(lambda s: not s.extra_input),
-       cfg_steps=st.sets(st.integers(1, STEPS - 1)), falls=st.lists(st.integers(40, 150), min_size=STEPS))
-def test_random_dits_batched_cfg_match_the_reference(spec, cfg_steps, falls):
+       cfg_steps=st.sets(st.integers(1, STEPS - 1)), falls=st.lists(st.integers(40, 150), min_size=STEPS),
+       broken=st.booleans())
+def test_random_dits_batched_cfg_match_the_reference(spec, cfg_steps, falls, broken):
     """Random DiTs (one or two stacks, dual-stream blocks, cross-attention, adaLN, gates; one or
     two samples a branch) called as a pipeline batching [uncond, cond] on one latent: under a cfg
     schedule, every call equals the eager reference of the same rule, and each scheduled step
-    computes half the batch."""
-    model, _ = random_dits.build(spec)
+    computes half the batch. ``broken``: a graph break before the blocks (OmniGen's), the half
+    forward built from the first graph and run from the one holding the blocks (runtime.relay)."""
+    model, _ = random_dits.build(dataclasses.replace(spec, broken=broken))
     reference = BatchedCfgReference(model, cfg=cfg_steps).model
     torch._dynamo.reset()
     f = _compile(model, {"rule": "schedule", "cfg": sorted(cfg_steps)})
@@ -128,8 +130,31 @@ def test_random_dits_batched_cfg_match_the_reference(spec, cfg_steps, falls):
                                        msg=lambda m: f"step {step}: {m}")
             t -= fall
     trace = dit_compile.stats(f)["trace"]
-    assert [r["action"] for r in trace] == ["cfg" if r["step"] in cfg_steps else "compute"
-                                            for r in trace]
+    assert [(r["action"], r["flops"]) for r in trace] == [
+        ("cfg", 0.5) if r["step"] in cfg_steps else ("compute", 1.0) for r in trace]
+
+
+def test_an_argument_read_after_a_graph_break_keeps_the_full_batch():
+    """A forward broken before its blocks that reads an argument only after the break (the
+    pooled vector): its first graph never takes it, so the half forward could not be handed it.
+    cfg steps compute the full batch, as full compute does, and the warning names the argument."""
+    spec = random_dits.Spec(dim=8, depths=(2,), cross_attn=True, adaln=True, gated=False,
+                            two_streams=False, extra_input=True, batch=1, tokens=4, broken=True)
+    model, _ = random_dits.build(spec)
+    torch._dynamo.reset()
+    f = _compile(model, {"rule": "schedule", "cfg": [1, 2]})
+    text, pooled = torch.randn(2, 3, 6), torch.randn(2, 5)
+    with warnings.catch_warnings(record=True) as rec, torch.no_grad():
+        warnings.simplefilter("always")
+        for step, t in enumerate([900.0, 800.0, 700.0]):
+            latent = torch.randn(1, 4, 4)
+            call = dict(hidden_states=torch.cat([latent, latent]), encoder_hidden_states=text,
+                        timestep=torch.full((2,), t), pooled=pooled, return_dict=False)
+            torch.testing.assert_close(f(**call)[0], model(**call)[0], rtol=1e-5, atol=1e-5)
+    said = [str(w.message) for w in rec if "no half-batch forward" in str(w.message)]
+    assert len(said) == 1 and "the argument pooled of RandomDiT.forward is read only after the " \
+        "graph break" in said[0], said
+    assert [r["flops"] for r in dit_compile.stats(f)["trace"]] == [1.0, 1.0, 1.0]
 
 
 def test_class_labels_are_the_condition_of_a_class_conditional_dit():

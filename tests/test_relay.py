@@ -13,7 +13,7 @@ import dit_compile
 from dit_compile import backend
 from dit_compile.runtime.relay import TAG, Head, received
 import tiny_models
-from reference_cache import Reference
+from reference_cache import BatchedCfgReference, Reference
 from test_cache import STEPS, generation
 from tiny_models import seeded
 
@@ -167,6 +167,32 @@ def test_residual_step_mode_names_the_output_not_shaped_like_the_latent():
     the refusal names it (it used to say "the output", as if the model had one)."""
     from zoo_video import ltx2
     _residual_refused(*ltx2(), r"\(1, 32, 4\) and output 2 of 2 \(1, 5, 4\).*LTX-2's audio")
+
+
+def test_both_guidance_branches_in_one_call_compute_one_half_at_cfg_steps():
+    """OmniGenPipeline batches its branches ``[cond, uncond]`` into one call: at a cfg step the
+    forward runs whole (break included) on one half, its other half rebuilt as the eager
+    reference of the same rule rebuilds it, and nothing warns."""
+    model, kw = omnigen()
+    cfg = [1, 3, 4]
+    reference = BatchedCfgReference(model, cfg=cfg, cond="input_ids").model
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "cfg": cfg}})
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([kw["input_ids"], torch.randint(1, 100, kw["input_ids"].shape, generator=g)])
+    with warnings.catch_warnings(record=True) as rec, torch.no_grad():
+        warnings.simplefilter("always")
+        for i, t in enumerate(STEPS[:5]):
+            latent = torch.randn(1, 4, 8, 8, generator=g)
+            call = dict(kw, hidden_states=torch.cat([latent, latent]), input_ids=ids,
+                        timestep=torch.full((2,), t / 1000),
+                        attention_mask=kw["attention_mask"].expand(2, -1, -1),
+                        position_ids=kw["position_ids"].expand(2, -1))
+            torch.testing.assert_close(f(**call)[0], reference(**call)[0], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"call {i}: {m}")
+    assert _mixcache_warnings(rec) == []
+    assert [(r["action"], r["flops"]) for r in dit_compile.stats(f)["trace"]] == [
+        ("cfg", 0.5) if i in cfg else ("compute", 1.0) for i in range(5)]
 
 
 def test_explain_says_a_forward_broken_before_its_blocks_is_cached():
