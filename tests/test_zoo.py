@@ -205,6 +205,43 @@ def test_a_model_without_text_caches_by_latent_and_timestep(cache, monkeypatch):
     else:
         assert dit_compile.stats(f)["reused"].get("step", 0) >= 1
 
+
+@pytest.mark.parametrize("name", ["QwenImage21Transformer2DModel", "DreamLiteTransformer2DModel"])
+def test_models_nothing_can_be_cached_by_run_as_eager_and_say_why(name):
+    """Qwen-Image 2.1 breaks eleven times before its blocks, its first graph takes no timestep,
+    and no tensor of it reaches the blocks' graph (eager code rebuilds what they take): no
+    record of the call's inputs can reach them. DreamLite's transformer, a module of its U-Net,
+    is called with no timestep. Both run uncached under the default cache, each call equal to
+    eager, and one warning names why."""
+    g = torch.Generator().manual_seed(0)
+    if name == "QwenImage21Transformer2DModel":
+        model = seeded(name, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16,
+                       num_attention_heads=2, context_in_dim=16, axes_dims_rope=(4, 6, 6))
+        # 5 text slots and the 4 x 4 target latent's 4 image slots (2 x 2 tokens each)
+        kw = dict(hidden_states=torch.randn(1, 16, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                  img_shapes=[[(1, 4, 4)]], img_mask=torch.tensor([[False] * 5 + [True] * 4]))
+        calls = [dict(kw, timestep=torch.tensor([t / 1000])) for t in STEPS[:3]]
+        why = "graph breaks split its forward into several graphs"
+    else:
+        model = seeded(name, num_attention_heads=2, attention_head_dim=4, in_channels=8,
+                       num_layers=2, norm_num_groups=4, cross_attention_dim=8)
+        calls = [dict(hidden_states=torch.randn(1, 8, 4, 4, generator=g),
+                      encoder_hidden_states=torch.randn(1, 3, 8, generator=g))] * 2
+        why = "could not tell which input is the timestep"
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    with warnings.catch_warnings(record=True) as rec, torch.no_grad():
+        warnings.simplefilter("always")
+        for i, call in enumerate(calls):
+            torch.testing.assert_close(f(**call, return_dict=False)[0],
+                                       model(**call, return_dict=False)[0],
+                                       rtol=1e-5, atol=1e-5, msg=f"call {i}")
+    said = [str(w.message) for w in rec if str(w.message).startswith("mixcache")]
+    assert len(said) == 1 and why in said[0], said
+    with pytest.raises(ValueError, match="no mixcache state"):
+        dit_compile.stats(f)
+
+
 def mochi():
     """Its attention keeps each sample's valid text tokens with nonzero: a graph break per block
     unless Dynamo captures ops whose output shape depends on data."""
