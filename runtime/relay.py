@@ -162,7 +162,11 @@ class RelayedExecutor(GuardedExecutor):
         if head not in self._fitted:
             fitted = head.halves
             if isinstance(fitted, HalfBatch):
-                fitted = fitted.for_outputs(self._out_shapes)
+                # Under dynamic shapes this graph's batch is a size of its own inputs, not the
+                # head's latent's: a dim 0 of unknown size is taken for the batch here, and the
+                # half's outputs are checked against it as they come (HalfBatch.__call__).
+                fitted = fitted.for_outputs([sh if not sh or sh[0] is not None else
+                                             (fitted.batch, *sh[1:]) for sh in self._out_shapes])
             self._fitted[head] = fitted
             if isinstance(fitted, str) and fitted not in self._reasons:
                 # Said once (by the executor, at a batched-CFG call), not again for the head

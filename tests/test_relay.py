@@ -169,14 +169,16 @@ def test_residual_step_mode_names_the_output_not_shaped_like_the_latent():
     _residual_refused(*ltx2(), r"\(1, 32, 4\) and output 2 of 2 \(1, 5, 4\).*LTX-2's audio")
 
 
-def test_both_guidance_branches_in_one_call_compute_one_half_at_cfg_steps():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_both_guidance_branches_in_one_call_compute_one_half_at_cfg_steps(dynamic):
     """OmniGenPipeline batches its branches ``[cond, uncond]`` into one call: at a cfg step the
     forward runs whole (break included) on one half, its other half rebuilt as the eager
-    reference of the same rule rebuilds it, and nothing warns."""
+    reference of the same rule rebuilds it, and nothing warns. Under dynamic shapes the graph
+    holding the blocks has a batch of its own, a symbol."""
     model, kw = omnigen()
     cfg = [1, 3, 4]
     reference = BatchedCfgReference(model, cfg=cfg, cond="input_ids").model
-    f = torch.compile(model, backend="mixcache",
+    f = torch.compile(model, backend="mixcache", dynamic=dynamic,
                       options={"regions": "eager", "cache": {"rule": "schedule", "cfg": cfg}})
     g = torch.Generator().manual_seed(1)
     ids = torch.cat([kw["input_ids"], torch.randint(1, 100, kw["input_ids"].shape, generator=g)])
