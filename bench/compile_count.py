@@ -28,7 +28,7 @@ import zoo_image  # noqa: E402
 import zoo_video  # noqa: E402
 
 import dit_compile  # noqa: E402
-from dit_compile import backend  # noqa: E402
+from dit_compile import inductor  # noqa: E402
 
 
 class _Compiles(logging.Handler):
@@ -61,9 +61,9 @@ def models() -> dict:
 
 def block_compiles(factory, twins: bool, log: _Compiles) -> tuple[int, dict[str, int]]:
     """Block graphs compiled for one call, and the stacks the region pass found."""
-    real = backend.pruned_twins
+    real = inductor.pruned_twins
     if not twins:
-        backend.pruned_twins = lambda plan, taken=(): {}
+        inductor.pruned_twins = lambda plan, taken=(): {}
     try:
         torch._dynamo.reset()
         dit_compile.frames.install_trace_hook()     # reset() drops it
@@ -73,7 +73,7 @@ def block_compiles(factory, twins: bool, log: _Compiles) -> tuple[int, dict[str,
             torch.compile(model, backend="mixcache", options={"cache": None})(**kwargs)
         stacks = dit_compile.explain(model, **kwargs).stacks
     finally:
-        backend.pruned_twins = real
+        inductor.pruned_twins = real
     return log.kinds["block"], stacks
 
 

@@ -25,11 +25,12 @@ def main() -> None:
     import diffusers
     import dit_compile  # noqa: F401  (the backend's module, to patch below)
     from dit_compile import backend
+    from torch._inductor.compile_fx import compile_fx
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import pipelines
     from dit_compile.runtime.halves import HalfBatch
     if args.whole:
-        backend.compile_regions = lambda gm, inputs, model, opts: backend.compile_fx(gm, inputs)
+        backend.compile_regions = lambda gm, inputs, model, opts: compile_fx(gm, inputs)
     half_calls = []        # seconds of each half forward call, the first one compiling it
     real_call = HalfBatch.__call__
 

@@ -497,7 +497,7 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float, float]:
 def _count_flops(fn: Callable[[], Any]) -> float:
     # torch's FlopCounterMode, with the CPU's attention kernel counted (torch counts only CUDA's):
     # the backend's own count, so both kinds of row count the same operations.
-    from dit_compile.backend import flop_counter
+    from dit_compile.flops import flop_counter
     with flop_counter() as fc:
         fn()
     return float(fc.get_total_flops())

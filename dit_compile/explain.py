@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from .backend import carriers, computed_outputs, head_slots, shared_blocks
+from .backend import carriers, computed_outputs, head_slots
+from .inductor import shared_blocks
 from .export import Exported
 from .frames import (breaking_hooks, compiled_options, forget_forward, forward_forgotten,
                      forward_tail, is_fragment, shape_history_kept, traced_module)

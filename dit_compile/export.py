@@ -279,7 +279,8 @@ def _executor(traced: "_Traced", opts: Options, name: str) -> Executor:
     if missing:
         raise ValueError(f"dit_compile.export: {missing}, so nothing can be cached; "
                          "export with options={'cache': None}")
-    from .backend import modulation_of, piece_flops
+    from .backend import modulation_of
+    from .flops import piece_flops
     states = StateFactory(None, False, timestep=opts.timestep)
     return GuardedExecutor(traced.plan, fns, policy, states, traced.anchor,
                            piece_flops(traced.plan, traced.inputs), _NO_HALVES,

@@ -12,6 +12,8 @@ import torch
 
 import dit_compile
 import dit_compile.backend as backend
+import dit_compile.flops as flops
+import dit_compile.inductor as inductor
 import tiny_models
 import zoo_video
 
@@ -101,8 +103,8 @@ def test_matches_plain_inductor_and_compiles_identical_blocks_once(monkeypatch, 
     # Two blocks show the sharing; each more one would only lengthen plain Inductor's compile.
     model, kw = tiny_models.wan(layers=2)
     compiles, traces = [], []
-    real_compile, real_find = backend.compile_fx, backend.find_regions
-    monkeypatch.setattr(backend, "compile_fx", lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
+    real_compile, real_find = inductor.compile_fx, backend.find_regions
+    monkeypatch.setattr(inductor, "compile_fx", lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
     monkeypatch.setattr(backend, "find_regions", lambda gm: traces.append(1) or real_find(gm))
     with torch.no_grad():
         ours = torch.compile(model, backend="mixcache", fullgraph=True, options={"cache": None})
@@ -188,11 +190,11 @@ def test_a_block_handed_strided_views_shares_its_mates_compile(monkeypatch):
     import pipelines
     model = pipelines.cogvideox_transformer(layers=4)
     compiles, twins = [], []
-    real_compile = backend.compile_fx
-    monkeypatch.setattr(backend, "compile_fx",
+    real_compile = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx",
                         lambda gm, *a, **k: compiles.append(gm) or real_compile(gm, *a, **k))
-    monkeypatch.setattr(backend, "dense_twins",
-                        lambda plan, real=backend.dense_twins: twins.append(real(plan)) or twins[-1])
+    monkeypatch.setattr(inductor, "dense_twins",
+                        lambda plan, real=inductor.dense_twins: twins.append(real(plan)) or twins[-1])
     for batch in (2, 1):
         kw = dict(hidden_states=torch.randn(batch, 3, 4, 8, 8),
                   encoder_hidden_states=torch.randn(batch, 16, 32),
@@ -217,8 +219,8 @@ def test_a_last_block_read_in_part_shares_its_mates_compile(monkeypatch):
     model, kw = tiny_models.flux()
     report = dit_compile.explain(model, **kw, return_dict=False)
     compiles = []
-    real_compile = backend.compile_fx
-    monkeypatch.setattr(backend, "compile_fx",
+    real_compile = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx",
                         lambda gm, *a, **k: compiles.append(gm) or real_compile(gm, *a, **k))
     with torch.no_grad():
         out = torch.compile(model, backend="mixcache", fullgraph=True, dynamic=False,
@@ -237,8 +239,8 @@ def test_blocks_marked_as_nested_compile_regions_compile_once(monkeypatch, neste
     output (plain Inductor's is the test above's, of the same pieces)."""
     model, kw = tiny_models.wan(layers=3)
     compiles = []
-    real_compile = backend.compile_fx
-    monkeypatch.setattr(backend, "compile_fx", lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
+    real_compile = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx", lambda *a, **k: compiles.append(1) or real_compile(*a, **k))
     with torch.no_grad():
         out = torch.compile(model, backend="mixcache", fullgraph=True,
                             options={"cache": None})(**kw, return_dict=False)[0]
@@ -282,7 +284,7 @@ def test_small_glue_between_blocks_is_not_compiled(monkeypatch):
     from dit_compile.passes.regions import GLUE
     model, kw = tiny_models.chroma()
     compiled = []
-    monkeypatch.setattr(backend, "compile_fx",
+    monkeypatch.setattr(inductor, "compile_fx",
                         lambda gm, *a, **k: compiled.append(gm) or gm.forward)
     plans = []
     real_split = backend.split
@@ -303,7 +305,7 @@ def test_blocks_mode_compiles_the_blocks_only(monkeypatch):
     from dit_compile.passes.regions import BLOCK
     model, kw = tiny_models.wan(layers=3)
     compiled, plans = [], []
-    monkeypatch.setattr(backend, "compile_fx", lambda gm, *a, **k: compiled.append(gm) or gm.forward)
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, *a, **k: compiled.append(gm) or gm.forward)
     real_split = backend.split
     monkeypatch.setattr(backend, "split", lambda gm, rmap: plans.append(real_split(gm, rmap)) or plans[-1])
     with torch.no_grad():
@@ -892,7 +894,7 @@ def test_piece_flops_are_counted_not_guessed():
     model, kw = tiny_models.wan(layers=3)
     gm = capture(model, kw)
     plan = split(gm, find_regions(gm))
-    shares = backend.piece_flops(plan)
+    shares = flops.piece_flops(plan)
     kinds = [p.region.kind for p in plan.pieces]
     assert sum(shares) == pytest.approx(1.0)
     assert shares[kinds.index("prologue")] > 0 and shares[kinds.index("epilogue")] > 0, shares
@@ -912,7 +914,7 @@ def test_piece_flops_count_attention_on_the_cpu():
     model, kw = tiny_models.wan(layers=3)
     gm = capture(model, kw)
     plan = split(gm, find_regions(gm))
-    shares = backend.piece_flops(plan)
+    shares = flops.piece_flops(plan)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(**kw, return_dict=False)
     counts = fc.get_flop_counts()
@@ -985,7 +987,7 @@ def test_piece_flops_counted_under_dynamic_shapes_without_error_logs(caplog):
         with torch.no_grad():
             torch.compile(model, backend=record, fullgraph=True, dynamic=dynamic)(
                 **kw, return_dict=False)
-        return backend.piece_flops(*graphs[-1])
+        return flops.piece_flops(*graphs[-1])
 
     with caplog.at_level(logging.ERROR):
         static, dynamic = shares(False), shares(True)
@@ -1074,8 +1076,8 @@ def test_small_glue_is_glue_of_at_most_four_operations():
         return SimpleNamespace(region=SimpleNamespace(kind=kind),
                                module=torch.fx.GraphModule(torch.nn.Module(), graph))
 
-    assert backend._small_glue(piece(GLUE, 4)) and not backend._small_glue(piece(GLUE, 5))
-    assert not backend._small_glue(piece(BLOCK, 1))
+    assert inductor._small_glue(piece(GLUE, 4)) and not inductor._small_glue(piece(GLUE, 5))
+    assert not inductor._small_glue(piece(BLOCK, 1))
 
 
 def test_a_span_its_blocks_do_not_hold_is_an_error_where_a_compile_saw_as_many_blocks():
@@ -1095,16 +1097,16 @@ def test_strides_compare_alike_where_a_dimension_has_size_one():
     """A dimension of size 1 takes any stride: [1, 3] laid out (1, 1) or (3, 1) is one layout, so
     an Inductor output in either is not copied, and a dense value of a dynamic graph keeps its
     order of dimensions whatever its size-1 strides."""
-    assert backend._same_strides((1, 3), (1, 1), (3, 1))
-    assert not backend._same_strides((2, 3), (1, 2), (3, 1))
-    assert backend._dense((2, 1, 3), [2, 1, 0]) == (3, 3, 1)
+    assert inductor._same_strides((1, 3), (1, 1), (3, 1))
+    assert not inductor._same_strides((2, 3), (1, 2), (3, 1))
+    assert inductor._dense((2, 1, 3), [2, 1, 0]) == (3, 3, 1)
 
 
 def test_eager_regions_compile_nothing(monkeypatch):
     """regions="eager": no piece goes to Inductor, the blocks included."""
     model, kw = tiny_models.wan(layers=2)
     compiled = []
-    monkeypatch.setattr(backend, "compile_fx", lambda gm, *a, **k: compiled.append(gm) or gm.forward)
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, *a, **k: compiled.append(gm) or gm.forward)
     with torch.no_grad():
         out = torch.compile(model, backend="mixcache", fullgraph=True,
                             options={"cache": None, "regions": "eager"})(**kw, return_dict=False)[0]
@@ -1125,6 +1127,6 @@ def test_a_dynamic_dense_value_is_laid_out_by_its_order_of_dimensions():
         return mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(
             dynamic_sizes=[DimDynamic.DYNAMIC] * real.dim()))
 
-    assert backend._traced_layout(traced(torch.empty(3, 4).t()))((5, 6)) == (1, 5)
-    assert backend._traced_layout(traced(torch.empty(3, 4)))((5, 6)) == (6, 1)
-    assert backend._traced_layout(traced(torch.empty(3, 8)[:, ::2])) is None
+    assert inductor._traced_layout(traced(torch.empty(3, 4).t()))((5, 6)) == (1, 5)
+    assert inductor._traced_layout(traced(torch.empty(3, 4)))((5, 6)) == (6, 1)
+    assert inductor._traced_layout(traced(torch.empty(3, 8)[:, ::2])) is None

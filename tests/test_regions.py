@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dit_compile
 from conftest import capture
-from dit_compile import backend
+from dit_compile import inductor
 from dit_compile.passes.regions import BLOCK, EPILOGUE, PROLOGUE, NoBlockStructure, find_regions
 from dit_compile.passes.split import graph_signature, pruned_twins, split
 from dit_compile.runtime.executor import Executor, kept_outputs
@@ -204,7 +204,7 @@ def test_a_last_block_read_in_part_runs_its_mates_graph(name):
     blocks = [i for i, p in enumerate(plan.pieces) if p.region.stack == stack]
     last = plan.pieces[blocks[-1]]
     assert len(last.outs) == 1 and last.signature() != plan.pieces[blocks[0]].signature()
-    dense = backend.dense_twins(plan)
+    dense = inductor.dense_twins(plan)
     assert [blocks.index(i) for i in dense if i in blocks] == copying, dense
     twins = pruned_twins(plan, dense)
     assert list(twins) == [blocks[-1]] and twins[blocks[-1]][0] == blocks[mate_index], twins

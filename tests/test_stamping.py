@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 
 import dit_compile
 import dit_compile.backend as backend
+import dit_compile.inductor as inductor
 import random_dits
 import tiny_models
 from dit_compile.frames import install_trace_hook
@@ -82,13 +83,13 @@ def test_stamped_blocks_compile_once_through_inductor():
         ref = model(**kw)[0]
     dit_compile.nest_blocks(model, stamp=True)
     compiled = []
-    real = backend.compile_fx
+    real = inductor.compile_fx
 
     def counting(gm, *args, **kwargs):
         compiled.append(gm)
         return real(gm, *args, **kwargs)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backend, "compile_fx", counting)
+        mp.setattr(inductor, "compile_fx", counting)
         with torch.no_grad():
             out = torch.compile(model, backend="mixcache", fullgraph=True,
                                 options={"cache": None, "regions": "blocks"})(**kw)[0]
