@@ -61,15 +61,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
     #    latent, timestep and text for the graph that runs the blocks (runtime.relay).
     head = head_slots(gm, model) if opts.cache is not None else None
     if head is not None:
-        # Written while Dynamo traces, as frames' flags are: the guards it builds afterwards see it.
-        model._mixcache_head = True     # a later graph of this forward may take the record
-        # No blocks in it: compiled as the prologue is (regions="blocks" leaves that as it is).
-        halves = (half_batch(gm, example_inputs, named_inputs(gm), _half_backend(opts),
-                             before_break=True)
-                  if getattr(make_policy(opts.cache, None), "reuses_cfg", False) else None)
-        return Head(compile_graph(gm, example_inputs, inductor, opts, model)
-                    if opts.regions == "inductor" else gm.forward, head, computed_outputs(gm),
-                    model_name(), halves)
+        return _relay_head(gm, example_inputs, opts, inductor, model, head)
 
     # 1. regions: prologue, the blocks of each repeated stack, glue, epilogue.
     try:
@@ -116,6 +108,23 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()),
                            partners=parameter_slots(gm))
+
+
+def _relay_head(gm: fx.GraphModule, example_inputs: list[Any], opts: Options,
+                inductor: dict[str, Any], model: torch.nn.Module,
+                slots: tuple[int, int, int | None]) -> Head:
+    """The first graph of a forward cut before its blocks (runtime.relay), recording each call's
+    inputs at ``slots``: no blocks in it, so compiled whole, as a prologue is (``regions="blocks"``
+    leaves it as it is). It holds the half-batch recipe: only its compile sees the forward's
+    arguments."""
+    # Written while Dynamo traces, as frames' flags are: the guards it builds afterwards see it.
+    model._mixcache_head = True     # a later graph of this forward may take the record
+    halves = (half_batch(gm, example_inputs, named_inputs(gm), _half_backend(opts),
+                         before_break=True)
+              if getattr(make_policy(opts.cache, None), "reuses_cfg", False) else None)
+    return Head(compile_graph(gm, example_inputs, inductor, opts, model)
+                if opts.regions == "inductor" else gm.forward, slots, computed_outputs(gm),
+                model_name(), halves)
 
 
 def _policy(opts: Options, rmap: RegionMap, model: torch.nn.Module | None) -> Any:
