@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .backend import carriers, computed_outputs, head_slots
+from .backend import carriers, computed_outputs, half_batch, head_slots, output_shapes
 from .inductor import shared_blocks
 from .export import Exported
 from .frames import (breaking_hooks, compiled_options, forget_forward, forward_forgotten,
@@ -21,7 +21,8 @@ from .passes.stamping import restamp
 from .passes.regions import (BLOCK, NoBlockStructure, RegionMap, block_containers, check_whole_stacks,
                              expect_module, find_regions, is_torch_nn, missing_inputs, named_inputs)
 from .passes.split import Plan, split
-from .runtime.relay import Head, received
+from .runtime.halves import HalfBatch, guidance_groups, is_batched_cfg
+from .runtime.relay import Head, fit_to_tail, received
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Report:
     # Stacks whose blocks no graph holds, each block's forward traced as a frame of its own.
     loose: list[str] = field(default_factory=list)
     relayed: bool = False       # broken before the blocks: cached by the first graph's record
+    # A call batching both guidance branches: "" where a cfg reuse step computes one half (the
+    # half-batch forward), else why it computes the full batch; None for any other call.
+    cfg_halves: str | None = None
 
     def __str__(self) -> str:
         lines = [f"{self.model}: {self.graphs} graph(s)"]
@@ -101,6 +105,10 @@ class Report:
         if self.samples:
             lines.append(f"  latent: a list of {self.samples} per-sample tensors, decided on as "
                          "one batch of them")
+        if self.cfg_halves is not None:
+            lines.append("  both guidance branches in this call (batched CFG): a cfg reuse step "
+                         + ("computes one half (the half-batch forward)" if not self.cfg_halves
+                            else f"computes the full batch: {self.cfg_halves}"))
         if self.regions:
             lines.append("  regions: " + " ".join(f"{n}[{k}]" for n, k in self.regions))
         if self.block_graphs:
@@ -177,6 +185,11 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
     heads: list[dict[str, str]] = []
     reached: set[int] = set()
     tails: dict[int, dict[str, str]] = {}          # a tail's roles by name, by graph
+    # A batched-CFG call's half-batch forward as the backend builds it (None: not such a call):
+    # by graph with blocks; each head's recipe, and each tail's outputs it is fitted to.
+    halves: dict[int, HalfBatch | str | None] = {}
+    head_halves: list[HalfBatch | str | None] = []
+    tail_outputs: dict[int, list] = {}
 
     def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
         i = len(found)
@@ -188,10 +201,12 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
         slots = head_slots(gm, target)
         if slots is not None:
             heads.append(named_inputs(gm))
+            head_halves.append(_cfg_halves(gm, example_inputs, heads[-1], before_break=True))
             fn = Head(gm.forward, slots, computed_outputs(gm))
         elif forward_tail(gm, target):
             taken = carriers(gm)
             tails[i] = named_inputs(gm)
+            tail_outputs[i] = output_shapes(gm)
 
             def fn(*a: Any) -> Any:
                 if received([a[k] for k in taken]) is not None:
@@ -208,6 +223,9 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
             return fn
         writes[i] = writes_inputs(gm)
         plans[i] = split(gm, found[-1])
+        if i not in tails:
+            halves[i] = _cfg_halves(gm, example_inputs, rmap.inputs, rmap.samples, rmap.texts,
+                                    rmap.sample_outs)
         return fn
 
     from torch._dynamo.utils import counters
@@ -223,6 +241,7 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
                 forget_forward(target)
             found.clear(), plans.clear(), nested.clear(), writes.clear(), partial.clear()
             heads.clear(), reached.clear(), tails.clear(), held.clear(), framed.clear()
+            halves.clear(), head_halves.clear(), tail_outputs.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
                     *args, **kwargs)
@@ -251,9 +270,10 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
             # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
             # and raises at any other break.
             broken = (list(found), dict(plans), dict(nested), dict(writes), list(heads),
-                      set(reached))
+                      set(reached), dict(halves))
             forget_forward(target)
             found.clear(), plans.clear(), nested.clear(), writes.clear(), partial.clear()
+            halves.clear()
             try:
                 torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw),
                               fullgraph=True)(*args, **kwargs)
@@ -276,6 +296,7 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
                 found[:] = broken[0]
                 plans.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
                 heads[:], reached = broken[4], broken[5]
+                halves.clear(), halves.update(broken[6])
     rmap = _block_graph(found)
     captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
                 "one graph that caches (the report is of that graph)")
@@ -329,6 +350,10 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
     if not report.stamped:      # stamped blocks: the backend traces and compiles the first
         report.block_graphs, report.twins = _block_graphs(plan)
     report.stacks, report.streams = rmap.stacks, rmap.streams
+    cfg = (fit_to_tail(head_halves[0], tail_outputs.get(found.index(rmap), []))
+           if relayed and head_halves else halves.get(found.index(rmap)))
+    if cfg is not None:
+        report.cfg_halves = "" if isinstance(cfg, HalfBatch) else cfg
     if relayed:     # the call's own inputs, in the first graph; the last one's are intermediates
         report.inputs, report.input_rule = dict(heads[0]), "names"
         # A text the first graph does not take: the blocks' graph's own, by name (RelayedExecutor).
@@ -341,6 +366,27 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
         report.samples = len(rmap.samples) if rmap.samples_why is None else 0
     report.regions = [(r.name, len(r.nodes)) for r in rmap.regions]
     return report
+
+
+def _cfg_halves(gm: torch.fx.GraphModule, example_inputs: list[Any], inputs: dict[str, str],
+                samples: list[str] | tuple = (), texts: list[str] | tuple = (),
+                sample_outs: Any = (), before_break: bool = False) -> HalfBatch | str | None:
+    """Where the traced call batches both guidance branches (its latent two equal halves, its
+    text two different ones), the half-batch forward the backend builds for it, or why there is
+    none; None for any other call, or where the graph does not take the latent, timestep and
+    text."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    take = {n: x for n, x in zip(names, example_inputs)}
+    latents = [take[n] for n in samples] if samples else [take.get(inputs.get("latent"))]
+    t, text = take.get(inputs.get("timestep")), ([take[n] for n in texts] if texts
+                                                 else take.get(inputs.get("text")))
+    if (any(not isinstance(x, torch.Tensor) for x in latents) or not isinstance(t, torch.Tensor)
+            or text is None or len({x.shape for x in latents}) > 1):
+        return None
+    x = torch.stack(latents) if samples else latents[0]
+    if guidance_groups(x, t) != 2 or not is_batched_cfg(text, x.shape[0]):
+        return None
+    return half_batch(gm, example_inputs, inputs, None, samples, sample_outs, before_break)
 
 
 CAPTURE = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)

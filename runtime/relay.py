@@ -160,14 +160,7 @@ class RelayedExecutor(GuardedExecutor):
         own call passes this graph's, which are not the forward's arguments."""
         head = record.head
         if head not in self._fitted:
-            fitted = head.halves
-            if isinstance(fitted, HalfBatch):
-                # Under dynamic shapes this graph's batch is a size of its own inputs, not the
-                # head's latent's: a dim 0 of unknown size is taken for the batch here, and the
-                # half's outputs are checked against it as they come (HalfBatch.__call__).
-                fitted = fitted.for_outputs([sh if not sh or sh[0] is not None else
-                                             (fitted.batch, *sh[1:]) for sh in self._out_shapes])
-            self._fitted[head] = fitted
+            fitted = self._fitted[head] = fit_to_tail(head.halves, self._out_shapes)
             if isinstance(fitted, str) and fitted not in self._reasons:
                 # Said once (by the executor, at a batched-CFG call), not again for the head
                 # that retraces the first graph after the break (backend: retraced once).
@@ -176,6 +169,19 @@ class RelayedExecutor(GuardedExecutor):
         fitted = self._fitted[head]
         self.halves = (_Recorded(fitted, record.args) if isinstance(fitted, HalfBatch)
                        else None)
+
+
+def fit_to_tail(recipe: HalfBatch | str | None,
+                out_shapes: Sequence[tuple[Any, ...] | None]) -> HalfBatch | str | None:
+    """A head's half-batch recipe fitted to the outputs of the graph holding the blocks, which
+    are the forward's (``out_shapes``); a reason or None passed on as it is."""
+    if not isinstance(recipe, HalfBatch):
+        return recipe
+    # Under dynamic shapes that graph's batch is a size of its own inputs, not the head's
+    # latent's: a dim 0 of unknown size is taken for the batch here, and the half's outputs are
+    # checked against it as they come (HalfBatch.__call__).
+    return recipe.for_outputs([sh if not sh or sh[0] is not None else (recipe.batch, *sh[1:])
+                               for sh in out_shapes])
 
 
 @dataclass

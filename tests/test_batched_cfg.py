@@ -153,9 +153,11 @@ def test_an_argument_read_after_a_graph_break_keeps_the_full_batch():
                         timestep=torch.full((2,), t), pooled=pooled, return_dict=False)
             torch.testing.assert_close(f(**call)[0], model(**call)[0], rtol=1e-5, atol=1e-5)
     said = [str(w.message) for w in rec if "no half-batch forward" in str(w.message)]
-    assert len(said) == 1 and "the argument pooled of RandomDiT.forward is read only after the " \
-        "graph break" in said[0], said
+    why = "the argument pooled of RandomDiT.forward is read only after the graph break"
+    assert len(said) == 1 and why in said[0], said
     assert [r["flops"] for r in dit_compile.stats(f)["trace"]] == [1.0, 1.0, 1.0]
+    report = dit_compile.explain(model, **call)
+    assert report.relayed and why in report.cfg_halves, str(report)
 
 
 def test_class_labels_are_the_condition_of_a_class_conditional_dit():
@@ -460,6 +462,24 @@ def test_an_argument_batched_in_another_dim_it_is_not_indexed_by_is_refused():
         for t in (900.0, 700.0):
             call = dict(kw, timestep=torch.full((2,), t), return_dict=False)
             torch.testing.assert_close(f(**call)[0], model(**call)[0], rtol=1e-5, atol=1e-5)
+    # explain says so before a generation runs.
+    report = dit_compile.explain(model, **dict(kw, timestep=torch.full((2,), 900.0)))
+    assert "(3, 2, 16) carries the batch (2) in dim 1" in report.cfg_halves, report.cfg_halves
+    assert "a cfg reuse step computes the full batch: graph input" in str(report), str(report)
+
+
+def test_explain_says_a_batched_cfg_call_computes_one_half():
+    """CogVideoX called as its pipeline calls it, ``[uncond, cond]`` on one latent: explain says
+    a cfg reuse step computes one half; a call of one branch says nothing of it."""
+    model = pipelines.cogvideox_transformer()
+    x = torch.randn(1, 3, 4, 8, 8)
+    call = dict(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.randn(2, 16, 32),
+                timestep=torch.full((2,), 500))
+    report = dit_compile.explain(model, **call)
+    assert report.cfg_halves == "", report.cfg_halves
+    assert "a cfg reuse step computes one half (the half-batch forward)" in str(report)
+    one = dit_compile.explain(model, **{k: v[1:] for k, v in call.items()})
+    assert one.cfg_halves is None and "guidance branches" not in str(one), str(one)
 
 
 def test_half_forward_under_dynamic_shapes_matches_reference():

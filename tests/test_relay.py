@@ -195,6 +195,8 @@ def test_both_guidance_branches_in_one_call_compute_one_half_at_cfg_steps(dynami
     assert _mixcache_warnings(rec) == []
     assert [(r["action"], r["flops"]) for r in dit_compile.stats(f)["trace"]] == [
         ("cfg", 0.5) if i in cfg else ("compute", 1.0) for i in range(5)]
+    report = dit_compile.explain(model, **call)
+    assert report.relayed and report.cfg_halves == "", str(report)
 
 
 def test_explain_says_a_forward_broken_before_its_blocks_is_cached():
