@@ -169,17 +169,20 @@ def test_residual_step_mode_names_the_output_not_shaped_like_the_latent():
     _residual_refused(*ltx2(), r"\(1, 32, 4\) and output 2 of 2 \(1, 5, 4\).*LTX-2's audio")
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_both_guidance_branches_in_one_call_compute_one_half_at_cfg_steps(dynamic):
+@pytest.mark.parametrize("dynamic,regions", [
+    (False, "eager"), (True, "eager"),
+    pytest.param(False, "inductor", marks=pytest.mark.inductor)])
+def test_both_guidance_branches_in_one_call_compute_one_half_at_cfg_steps(dynamic, regions):
     """OmniGenPipeline batches its branches ``[cond, uncond]`` into one call: at a cfg step the
     forward runs whole (break included) on one half, its other half rebuilt as the eager
     reference of the same rule rebuilds it, and nothing warns. Under dynamic shapes the graph
-    holding the blocks has a batch of its own, a symbol."""
+    holding the blocks has a batch of its own, a symbol. Through Inductor the half forward is
+    compiled as the model's graphs are, the head's graph whole and the blocks' region by region."""
     model, kw = omnigen()
     cfg = [1, 3, 4]
     reference = BatchedCfgReference(model, cfg=cfg, cond="input_ids").model
     f = torch.compile(model, backend="mixcache", dynamic=dynamic,
-                      options={"regions": "eager", "cache": {"rule": "schedule", "cfg": cfg}})
+                      options={"regions": regions, "cache": {"rule": "schedule", "cfg": cfg}})
     g = torch.Generator().manual_seed(1)
     ids = torch.cat([kw["input_ids"], torch.randint(1, 100, kw["input_ids"].shape, generator=g)])
     with warnings.catch_warnings(record=True) as rec, torch.no_grad():
