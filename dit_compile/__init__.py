@@ -9,6 +9,7 @@ tree on ``sys.path`` alone is not a working package: install it (``pip install -
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -40,14 +41,15 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     ``reset``), cached bytes, and a per-call trace (generation, step, branch, ``t``, action,
     signal) of the last 16 generations. ``t`` is the call's noise level: its largest timestep,
     or where the timestep rises (``timestep="rising"``, or learned under ``"auto"``) the top of
-    its scale (1, or 1000 for Mochi's) minus its smallest."""
+    its scale (1, or 1000 for Mochi's) minus its smallest. Each thread that generates keeps its
+    own state: this is the calling thread's where it has one, else the one that ran last."""
     options = compiled_options(model)
     if options is not None and Options.parse(options).cache is None:
         # Its states, if any, are another compile's of the same model (kept on its parameters).
         raise ValueError("this model is compiled with cache=None: mixcache caches nothing for it "
                          "(stats of another compile of the module: pass that compiled model, "
                          "or the module itself for the one that ran last)")
-    state = find_state(model)
+    state = find_state(model, threading.current_thread()) or find_state(model)
     if state is None:
         raise ValueError("this model has no mixcache state: compile it with backend='mixcache' "
                          "with caching on (the default; not cache=None), and run it once; a "

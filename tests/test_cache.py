@@ -1029,11 +1029,18 @@ def test_two_threads_generating_at_once_share_nothing():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     # This thread's (its last generation, after the reset) and each worker's: one generation each.
     assert [s.stats()["reused"] for s in model_states(model)] == [expected] * 3
-    # A state made for a new thread drops those of the threads that ended.
-    last = threading.Thread(target=generation, args=(f, kw, STEPS[:1]))
+    # A state made for a new thread drops those of the threads that ended. stats in a thread
+    # is of its own state, not of the one that ran last.
+    seen = {}
+
+    def one_step():
+        generation(f, kw, STEPS[:1])
+        seen["worker"] = dit_compile.stats(f)["calls"]
+    last = threading.Thread(target=one_step)
     last.start()
     last.join()
     assert len(model_states(model)) == 2        # this thread's and the last one's
+    assert seen["worker"] == 2 and dit_compile.stats(f)["calls"] == 2 * len(STEPS), seen
 
 
 def test_another_sampler_run_is_a_new_generation_whatever_its_timestep():
