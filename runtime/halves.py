@@ -29,7 +29,7 @@ the whole forward, every block inlined, at that step), and under ``background_co
 process. Inside the executor Dynamo's frame hook is off (the
 backend's callable runs under ``torch._dynamo.disable``), so an eager call stays eager and a nested
 ``torch.compile`` sets its own hook and compiles normally (checked on torch 2.13); so would a
-module compiled in place, whose ``__call__`` is compiled: the eager path forces eager.
+module compiled in place, whose ``__call__`` is compiled: the eager path calls its ``_call_impl``.
 
 ``HalfBatch.build`` makes the *recipe* at compile time: each parameter of the module's forward is a
 pytree whose tensor leaves are graph inputs (found by identity: Dynamo hands the backend the real
@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 _IN, _CONST, _UNUSED = "in", "const", "unused"
@@ -69,11 +70,15 @@ def _functional(module: torch.nn.Module, state: dict[str, torch.Tensor], args: t
 
 def _functional_eager(module: torch.nn.Module, state: dict[str, torch.Tensor], args: tuple,
                       kwargs: dict[str, Any]) -> Any:
-    """The half forward as it is. A module compiled in place (``model.compile(...)``, the only way
-    a pipeline that checks its controlnet's class takes one) calls its compiled self from
-    ``__call__``: that would be a call of this backend's runtime again, counted as the next step."""
-    with torch.compiler.set_stance("force_eager"):
-        return _functional(module, state, args, kwargs)
+    """The half forward as it is: ``functional_call`` through the module's own ``_call_impl``. A
+    module compiled in place (``model.compile(...)``, the only way a pipeline that checks its
+    controlnet's class takes one) calls its compiled self from ``__call__``: that would be a call
+    of this backend's runtime again, counted as the next step. Not under
+    ``torch.compiler.set_stance("force_eager")``: the stance is the process's, and one thread's
+    half forward would run another thread's compiled calls eagerly meanwhile (two overlapping
+    left it forced for good)."""
+    with _reparametrize_module(module, state, tie_weights=True):
+        return module._call_impl(*args, **kwargs)
 
 
 def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:

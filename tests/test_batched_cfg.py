@@ -646,6 +646,7 @@ def test_half_forward_that_raises_warns_once_and_computes_the_full_batch(monkeyp
         raise RuntimeError("the half forward broke\nsecond line")
 
     monkeypatch.setattr(halves, "_functional", broken)
+    monkeypatch.setattr(halves, "_functional_eager", broken)    # regions="eager"'s
     model, call = _pixart()
     f = _compile(model, {"rule": "schedule", "cfg": [1, 2, 3]})
     with torch.no_grad(), pytest.warns(UserWarning, match=r"half-batch forward raised RuntimeError: "
