@@ -165,6 +165,7 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         report = _traced(target, report, args, kwargs)
     if report.fallback is None and opts is not None and opts.cache is None:
         report.fallback = "compiled with cache=None (the regions below compile, nothing is reused)"
+        report.cfg_halves = None
     return report
 
 
@@ -352,7 +353,7 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
     report.stacks, report.streams = rmap.stacks, rmap.streams
     cfg = (fit_to_tail(head_halves[0], tail_outputs.get(found.index(rmap), []))
            if relayed and head_halves else halves.get(found.index(rmap)))
-    if cfg is not None:
+    if cfg is not None and (report.fallback is None or whole):    # said where cfg is reused
         report.cfg_halves = "" if isinstance(cfg, HalfBatch) else cfg
     if relayed:     # the call's own inputs, in the first graph; the last one's are intermediates
         report.inputs, report.input_rule = dict(heads[0]), "names"

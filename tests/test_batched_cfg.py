@@ -480,6 +480,9 @@ def test_explain_says_a_batched_cfg_call_computes_one_half():
     assert "a cfg reuse step computes one half (the half-batch forward)" in str(report)
     one = dit_compile.explain(model, **{k: v[1:] for k, v in call.items()})
     assert one.cfg_halves is None and "guidance branches" not in str(one), str(one)
+    # Nothing is reused where the model is compiled with cache=None: nothing said of cfg steps.
+    off = dit_compile.explain(_compile(model, None), **call)
+    assert off.fallback and off.cfg_halves is None, str(off)
 
 
 def test_half_forward_under_dynamic_shapes_matches_reference():
