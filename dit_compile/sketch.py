@@ -86,7 +86,8 @@ class Settle:
     (``calibrate_split`` does). Deciding needs the change on the host: one sync a step until
     the switch. The change is the model's own from one step to the next: where the large
     model's mixcache cache reuses a call (compiled or loaded with caching on), none is taken
-    across it, so a reuse never reads as settled."""
+    across it, and the branch's change is unknown until two computed steps in a row read it
+    again: a reuse never reads as settled."""
     rate: float
     warmup: float = 0.1
 
@@ -258,7 +259,8 @@ class OnlineSplit(torch.nn.Module):
         self.large, self.small, self.rule = large, small, rule
         self.switches: list[tuple[int, float] | None] = []
         self._last: dict[int, tuple[float, list[torch.Tensor]]] = {}  # branch: (level, outputs)
-        self._change: dict[int, tuple[float, torch.Tensor]] = {}  # branch: (dt, change)
+        # branch: (dt, change), or None where a reuse left it unknown
+        self._change: dict[int, tuple[float, torch.Tensor] | None] = {}
         self.clock = _Clock(self._last)
         self._told = False
 
@@ -322,8 +324,11 @@ class OnlineSplit(torch.nn.Module):
             # A reused output is the cache's, not the model's: its change from the last step
             # (zero, for a step reused as it was) would read as settled, and the next step's
             # change from it is the cache's error. The rule reads the model's own change from
-            # one step to the next: none is taken across a reused call.
+            # one step to the next: none is taken across a reused call, and the branch's change
+            # is unknown (not the one read before the reuse, which is older than this step's
+            # rule would read uncached) until two computed steps in a row read it again.
             self._last.pop(step.branch, None)
+            self._change[step.branch] = None
             return out
         samples = _tensors(out[0] if isinstance(out, (tuple, list)) else out.sample)
         if samples is None or len(samples) != len(latents):
@@ -346,9 +351,11 @@ class OnlineSplit(torch.nn.Module):
 
     def _settled(self, t: float) -> bool:
         """At a step's first call: below the warm-up, with every branch's last change per unit
-        of the noise range under the rule's rate (one host read)."""
+        of the noise range under the rule's rate (one host read). A branch whose change a reuse
+        left unknown is not settled."""
         span = abs(self.clock.t_first) or 1.0
-        if abs(t) > (1.0 - self.rule.warmup) * abs(self.clock.t_first) or not self._change:
+        if (abs(t) > (1.0 - self.rule.warmup) * abs(self.clock.t_first) or not self._change
+                or None in self._change.values()):
             return False
         rates = torch.stack([c / (dt / span) for dt, c in self._change.values()])
         return float(rates.max()) < self.rule.rate

@@ -758,3 +758,49 @@ def test_online_rule_reads_no_change_across_guidance_turned_off():
     with torch.no_grad():
         pipelines.run_zimage(split, 8, cfg_truncation=0.5)
     assert split.transformer.switches == [None if k is None else (k, calls[k][0])]
+
+
+def test_online_rule_never_decides_on_a_change_read_before_a_reuse(models):
+    """The large model's cache reuses step 4, which the warm-up keeps from switching. At step 5
+    the change a computed step 4 would give is unknown, and the rule once read the one before
+    the reuse (steps 2 to 3: below the rate, where steps 3 to 4 read uncached are above it) and
+    switched there. A reuse leaves its branch's change unknown until two computed steps in a
+    row read it again: the switch is where the split's own large calls put it by hand."""
+    large, small, pipe = models
+    warmup, reused = 0.4, 4
+
+    def record(calls):
+        return lambda m, args, kwargs, out: calls.append(
+            (float(kwargs["timestep"].max()), out[0].clone()))
+
+    def rate(calls, step):      # the change from step - 1 to step, the worse branch's
+        first = calls[0][0]
+        return max(float(rel_l1(calls[2 * step + b][1], calls[2 * step - 2 + b][1]).amax())
+                   * first / (calls[2 * step - 2][0] - calls[2 * step][0]) for b in (0, 1))
+    uncached = []
+    hook = large.register_forward_hook(record(uncached), with_kwargs=True)
+    with torch.no_grad():
+        pipe(**wan_kwargs(2, 8))
+    hook.remove()
+    rule = dit_compile.Settle((rate(uncached, 3) + rate(uncached, 4)) / 2, warmup)
+    assert rate(uncached, 3) < rule.rate < rate(uncached, 4), "the test's premise"
+    assert uncached[2 * reused][0] > (1 - warmup) * 1000 >= uncached[2 * reused + 2][0], (
+        "the test's premise: the warm-up ends after the reused step")
+    compiled = torch.compile(large, backend="mixcache", options={
+        "cache": {"rule": "schedule", "step": [reused]}, "regions": "eager"})
+    calls = []
+    compiled.register_forward_hook(record(calls), with_kwargs=True)
+    pipe.transformer = compiled
+    split = dit_compile.sketch_render(pipe, small, rule)
+    with torch.no_grad():
+        split(**wan_kwargs(2, 8))
+    assert {r["step"] for r in dit_compile.stats(large)["trace"] if r["action"] != "compute"} == {
+        reused}
+    switch = split.transformer.switches[0]
+    assert switch is None or switch[0] >= reused + 3, (
+        f"switched at {switch}: on a change read before the reuse")
+    # Two computed steps in a row before k, both after the reuse; the levels of every step.
+    levels = [t for t, _ in uncached[::2]]
+    k = next((k for k in range(reused + 3, 8) if levels[k] <= (1 - warmup) * levels[0]
+              and rate(calls, k - 1) < rule.rate), None)
+    assert split.transformer.switches == [None if k is None else (k, levels[k])]
