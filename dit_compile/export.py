@@ -373,7 +373,8 @@ class Exported(torch.nn.Module):
         # Each weight's dtype at export: ``model.to(dtype)`` (a pipeline's ``pipe.to(dtype)``)
         # casts them, which the programs cannot take (see ``to`` and ``_apply``).
         self._dtypes = {k: w.dtype for k, w in self.weights.items()}
-        self._cast: torch.dtype | None = None     # what a weight was cast to, if any
+        # A weight cast away from its exported dtype, if any: (its dtype, the exported one)
+        self._cast: tuple[torch.dtype, torch.dtype] | None = None
         self.config = _Config(m.get("config", {}))
         self._dtype = getattr(torch, m["dtype"]) if m.get("dtype") else None
         self.returns = pytree.treespec_loads(m["returns"]["spec"]), m["returns"]["leaves"]
@@ -414,14 +415,18 @@ class Exported(torch.nn.Module):
             self._uncached = saved
 
     def to(self, *args: Any, **kwargs: Any) -> "Exported":
-        """As ``nn.Module.to``, except that the dtype the model was exported in changes nothing:
-        ``pipe.to(torch.bfloat16)`` casts every component, and this model's weights are already
-        in the dtypes its programs take (modules diffusers keeps in float32 among them). Another
-        dtype is cast, and the next call says it cannot be run."""
+        """As ``nn.Module.to``, except that the dtype the model was exported in puts each weight
+        in the dtype its programs take (modules diffusers keeps in float32 among them):
+        ``pipe.to(torch.bfloat16)`` casts every component, and a weight cast away and back
+        (``pipe.to(torch.float16)`` first) is in its exported dtype again, its values rounded by
+        the casts as any module's are. Another dtype is cast, and the next call says it cannot be
+        run."""
         device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is not None and dtype == self.dtype and self._cast is None:
-            return self if device is None else super().to(device, non_blocking=non_blocking)
-        return super().to(*args, **kwargs)
+        if dtype is None or dtype != self.dtype:
+            return super().to(*args, **kwargs)
+        exported = {id(w): self._dtypes[k] for k, w in self.weights.items()}
+        return self._apply(lambda t: t.to(device=device, dtype=exported.get(id(t), t.dtype),
+                                          non_blocking=non_blocking))
 
     def __reduce_ex__(self, protocol: int) -> Any:
         # Its programs are torch.export's, which hold local functions pickle cannot name: the
@@ -439,7 +444,7 @@ class Exported(torch.nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Exported":
         result = super()._apply(fn, recurse)
-        self._cast = next((w.dtype for k, w in self.weights.items()
+        self._cast = next(((w.dtype, self._dtypes[k]) for k, w in self.weights.items()
                            if w.dtype != self._dtypes[k]), None)
         return result
 
@@ -462,9 +467,11 @@ class Exported(torch.nn.Module):
                                  f"exported for {shape} {dtype} on {device} (export again for "
                                  "other inputs)")
         if self._cast is not None:
-            raise ValueError(f"{self.model_name} (exported): its weights were cast to {self._cast} "
-                             "(model.to(...)), but its programs take the dtypes they were "
-                             f"exported in ({self.dtype}): export again in that dtype")
+            now, exported = self._cast
+            raise ValueError(f"{self.model_name} (exported): its weights were cast to {now} "
+                             "(model.to(...)), but its programs take the dtypes the weights were "
+                             f"exported in ({exported}, there): model.to({self.dtype}) casts "
+                             "each back to its own, or export again in the dtype you want")
         args = [_at(kwargs, a) if a is not None else self.weights[t] for a, t in self.sources]
         for i, stride in self.strides.items():
             if args[i].stride() != stride:
@@ -514,13 +521,14 @@ class Exported(torch.nn.Module):
     def _check_keywords(self, kwargs: dict[str, Any]) -> None:
         """A keyword the programs were not traced with changes nothing they compute, so it is an
         error, not ignored: one absent at export (a ControlNet's residuals, a misspelt name)
-        unless None, and one whose plain value differs from the export's (a None then, a tensor
-        now; another ``return_dict``). Tensors are checked against the input signature."""
+        unless unset (None, or an empty dict), and one whose plain value differs from the
+        export's (a None then, a tensor now; another ``return_dict``; None and ``{}`` are one).
+        Tensors are checked against the input signature."""
         if self.keywords is None:
             return
         for name, value in kwargs.items():
             kind = self.keywords.get(name)
-            if kind is None and value is not None:
+            if kind is None and not _unset(value):
                 raise TypeError(f"{self.model_name} (exported): it was exported without {name!r}, "
                                 f"so the programs would ignore it; export again with it (it was "
                                 f"exported with {sorted(self.keywords)})")
@@ -530,7 +538,8 @@ class Exported(torch.nn.Module):
                                  f"{_structure_shown(_structure(value))}; it was exported as "
                                  f"{_structure_shown(kind['structure'])}, which the programs "
                                  "were traced for (export again for another structure)")
-            if kind is not None and "value" in kind and (
+            if kind is not None and "value" in kind and not (
+                    _unset(value) and _unset(kind["value"])) and (
                     not _plain(value) or json.loads(json.dumps(value)) != kind["value"]):
                 raise ValueError(f"{self.model_name} (exported): {name} is {_shown(value)}; it was "
                                  f"exported with {name}={kind['value']!r}, which the programs "
@@ -540,7 +549,8 @@ class Exported(torch.nn.Module):
             # value (return_dict: True, an output object; exported False, a tuple), the
             # programs would answer another call than the one made.
             if (name not in kwargs and "default" in kind
-                    and json.loads(json.dumps(kind["default"])) != kind["value"]):
+                    and json.loads(json.dumps(kind["default"])) != kind["value"]
+                    and not (_unset(kind["default"]) and _unset(kind["value"]))):
                 raise TypeError(f"{self.model_name} (exported): {name} is not given, so the "
                                 f"forward's default {name}={kind['default']!r} applies; it was "
                                 f"exported with {name}={kind['value']!r}, which the programs "
@@ -596,6 +606,12 @@ def _plain(v: Any) -> bool:
         return True
     except TypeError:
         return False
+
+
+def _unset(v: Any) -> bool:
+    """None, or an empty dict: diffusers' pipelines pass ``attention_kwargs`` (Flux's
+    ``joint_attention_kwargs``) as ``{}`` where none are given, which the models read as None."""
+    return v is None or (isinstance(v, dict) and not v)
 
 
 def _defaults(model: torch.nn.Module) -> dict[str, Any]:

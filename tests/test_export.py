@@ -5,9 +5,10 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
-import warnings
 import sys
+import warnings
 
 import pytest
 import torch
@@ -302,6 +303,22 @@ def test_the_exported_dtype_casts_nothing(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**kw, return_dict=False)[0],
                                    model(**kw, return_dict=False)[0], rtol=0, atol=0)
+    # Cast away (pipe.to(torch.float16)), it cannot run, and says which weight and how back;
+    # cast back, each weight is in its exported dtype again (float32 ones were left bf16, and
+    # the model could never run again), its values rounded by the casts as the model's own are.
+    loaded.to(torch.float16)
+    with pytest.raises(ValueError, match=r"weights were cast to torch.float16 .* exported in "
+                                         r"\(torch.(bfloat16|float32), there\): "
+                                         r"model.to\(torch.bfloat16\) casts each back"):
+        loaded(**kw, return_dict=False)
+    loaded.to(torch.bfloat16)
+    assert sorted({str(w.dtype) for w in loaded.weights.values()}) == dtypes
+    with torch.no_grad():
+        for w in (*model.parameters(), *model.buffers()):
+            if w.is_floating_point():
+                w.copy_(w.to(torch.float16))
+        torch.testing.assert_close(loaded(**kw, return_dict=False)[0],
+                                   model(**kw, return_dict=False)[0], rtol=0, atol=0)
 
 
 def test_bad_exports_and_calls_are_clear_errors(tmp_path):
@@ -362,6 +379,19 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="return_dict is True; it was exported with return_dict="):
         loaded(**kw, return_dict=True)
     loaded(**kw, attention_kwargs=None, return_dict=False)
+    # An empty dict is as None: Flux's, Chroma's and QwenImage's pipelines pass their attention
+    # kwargs so, and a model exported as the README says refused to run in them. Either way.
+    loaded(**kw, attention_kwargs={}, return_dict=False)
+    with pytest.raises(TypeError, match="exported without 'attention_kwargs'"):
+        loaded(**kw, attention_kwargs={"scale": 0.5}, return_dict=False)
+    dit_compile.export(model, str(tmp_path / "empty"),
+                       {**kw, "attention_kwargs": {}, "return_dict": False}, {"cache": None})
+    empty = dit_compile.load(str(tmp_path / "empty"))
+    shutil.rmtree(tmp_path / "empty")     # loaded: its directory is no longer read
+    with torch.no_grad():
+        for unset in ({}, {"attention_kwargs": None}, {"attention_kwargs": {}}):
+            torch.testing.assert_close(empty(**kw, **unset, return_dict=False)[0],
+                                       model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
     # Left out, return_dict is the forward's default (True: an output object), not the export's:
     # the loaded model returned a tuple where DiTPipeline reads .sample.
     with pytest.raises(TypeError, match="return_dict is not given, so the forward's default "
