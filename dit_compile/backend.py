@@ -14,7 +14,8 @@ import torch.fx as fx
 from .flops import piece_flops
 from .frames import (compiled_model, forward_head, forward_tail, in_forward_wrapper,
                      install_trace_hook, is_fragment, lower_moe_and_retrace, model_name,
-                     retrace_once_after_break, traced_locals, traced_module, warn_fallback)
+                     retrace_once_after_break, traced_locals, traced_module, warn_fallback,
+                     watch_wrappers)
 from .inductor import compile_graph, compile_pieces, records_autograd
 from .options import Options
 from .passes.modulation import Modulation, modulated_input
@@ -50,7 +51,9 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
     model = compiled_model() or traced_module()
     lower_moe_and_retrace(model, opts.lower_moe)
     retraced = retrace_once_after_break(gm, model)
-    return retraced(_compile(gm, example_inputs, opts, options, mode, model))
+    #    A wrapper of a model compiled in place runs this compile, not its own: said, where so.
+    return watch_wrappers(retraced(_compile(gm, example_inputs, opts, options, mode, model)),
+                          model, options)
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, options: dict | None,

@@ -152,10 +152,86 @@ def mixcache_options() -> dict | None:
 
 def compiled_options(model: Any) -> dict | None:
     """The options ``model`` was compiled with, where it is ``torch.compile(m, backend="mixcache",
-    ...)``; None for any other backend, or a model not compiled."""
+    ...)``; None for any other backend, or a model not compiled. A wrapper of a module compiled
+    in place (``m.compile(...)``) runs that compile, not its own: its options are the ones in
+    effect."""
+    inner = _innermost(model)
+    if inner is not model and getattr(inner, "_compiled_call_impl", None) is not None:
+        return _inplace_options(inner)
+    return _wrapper_options(model)
+
+
+def watch_wrappers(fn: Callable[..., Any], model: torch.nn.Module | None,
+                   options: dict | None) -> Callable[..., Any]:
+    """``fn``, the compiled graph of a module compiled in place (``model.compile(...)``),
+    telling once per wrapper where ``torch.compile``'s wrapper of that module calls it with
+    another backend or other options than ``options``: torch runs the in-place compile, and the
+    wrapper's compile never happens (nor does its backend: only this graph's calls can say it,
+    since Dynamo serves a wrapper made after the compile from its cache). A user who wrapped it
+    with ``cache=None``, as a baseline, got the in-place compile's reuse, with no word of it.
+    Any other model's graph is ``fn`` as it is."""
+    if model is None or getattr(model, "_compiled_call_impl", None) is None:
+        return fn
+
+    def run(*args: Any) -> Any:
+        _warn_unused_wrapper(model, options)
+        return fn(*args)
+    return run
+
+
+def _warn_unused_wrapper(model: torch.nn.Module, options: dict | None, depth: int = 24) -> None:
+    """The check of ``watch_wrappers``: a wrapper of ``model`` a few frames up (a stack walk of
+    ``depth`` frames at most, a few microseconds a call)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        frame = frame.f_back
+        if isinstance(owner, OptimizedModule) and _innermost(owner) is model:
+            break
+    else:
+        return
+    if owner.__dict__.get("_mixcache_told_unused"):
+        return
+    theirs = _wrapper_options(owner)
+    try:
+        if theirs is not None and Options.parse(theirs) == Options.parse(options):
+            return
+    except Exception:   # never parsed: the wrapper's compile never ran
+        pass
+    owner.__dict__["_mixcache_told_unused"] = True
+    unused = f"options {theirs!r} are" if theirs is not None else "backend is"
+    warnings.warn(f"mixcache: {type(model).__name__} is compiled in place (model.compile(...)), "
+                  "so torch.compile's wrapper of it runs that compile, not its own: the "
+                  f"wrapper's {unused} not used, the in-place compile's options {options or {}} "
+                  "are. Compile the model one way (call the model compiled in place, or wrap one "
+                  "that is not)", stacklevel=4)
+
+
+def _innermost(model: Any) -> Any:
+    while hasattr(model, "_orig_mod"):      # torch.compile's wrappers, nested or not
+        model = model._orig_mod
+    return model
+
+
+def _wrapper_options(model: Any) -> dict | None:
     callback = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
     backend = getattr(callback, "_torchdynamo_orig_backend", None)
     return None if backend is None else _options_of(backend)
+
+
+def _inplace_options(module: torch.nn.Module) -> dict | None:
+    """The options of ``module.compile(backend="mixcache", ...)``: torch keeps its compile's
+    context in the closure of the call it sets, ``_compiled_call_impl``."""
+    for cell in getattr(module._compiled_call_impl, "__closure__", None) or ():
+        contents = cell.cell_contents
+        callback = getattr(contents, "callback", contents)
+        backend = getattr(callback, "_torchdynamo_orig_backend", None)
+        if backend is not None:
+            return _options_of(backend)
+    return None
 
 
 def _options_of(backend: Any) -> dict | None:

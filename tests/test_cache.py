@@ -1215,6 +1215,30 @@ def test_stats_of_a_cached_model_outlive_its_compile_with_caching_off():
         dit_compile.stats(baseline)
 
 
+
+def test_a_wrapper_of_a_model_compiled_in_place_says_its_options_are_not_used():
+    """torch.compile's wrapper of a module compiled in place (``model.compile``) runs the
+    in-place compile, never its own: a wrapper given cache=None got the in-place compile's
+    reuse, with no word of it, and its ``stats`` said it cached nothing. The backend says so
+    once per wrapper (not for a wrapper of the same options), and ``stats`` reports the
+    compile in effect."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    cache = {"rule": "schedule", "step": [2]}
+    model.compile(backend="mixcache", options={"regions": "eager", "cache": cache})
+    same = torch.compile(model, backend="mixcache", options={"cache": cache, "regions": "eager"})
+    off = compiled(model, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generation(same, kw, steps=STEPS[:1])
+        assert not [w for w in caught if "compiled in place" in str(w.message)]
+        dit_compile.reset(model)
+        generation(off, kw)
+        generation(off, kw)
+    told = [str(w.message) for w in caught if "compiled in place" in str(w.message)]
+    assert len(told) == 1 and "wrapper's options {'regions': 'eager', 'cache': None}" in told[0]
+    assert dit_compile.stats(off)["reused"] == {"step": 4}     # two generations, two branches
+
 def _fail_next_forward(monkeypatch) -> list:
     """A list to append to: the next forward the executor runs raises, as an OOM inside it."""
     from dit_compile.runtime.executor import Executor
