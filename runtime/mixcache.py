@@ -158,7 +158,7 @@ class MixCache:
     def _allowed(self, s: Step, st: CacheState, bc: BranchCache, n: int) -> np.ndarray:
         """Per sample (bool, host): past the warm-up, settled, under the bound on consecutive
         reuse."""
-        _fold_pending(bc.signals)
+        _fold_pending(bc.signals, st)
         settled = _host(bc.signals.get("settled_mask", bc.signals.get("settled", False)))
         below = bc.below(self.max_reuse)    # a bool while the batch reused alike
         if (s.t > (1.0 - self.warmup) * st.t_first or settled.size not in (1, n)
@@ -187,7 +187,7 @@ class MixCache:
         """Per sample, the expected error of reusing this branch's last output (extrapolated) at
         ``s.t``, inf where that sample may not reuse yet; None where nothing says what it costs."""
         sig = bc.signals
-        _fold_pending(sig)
+        _fold_pending(sig, st)
         if "out_rate" not in sig or not bc.outputs:
             return None
         if s.t == sig.get("prev_t"):
@@ -303,7 +303,7 @@ class MixCache:
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:
         sig = bc.signals
-        _fold_pending(sig)
+        _fold_pending(sig, st)
         sig.pop("mask", None)
         if bc.probe is None or bc.probe.shape != probe.shape:
             return False, None
@@ -337,7 +337,7 @@ class MixCache:
         """Update the rates after a call, per sample from the samples that computed; a full
         compute clears the error spent (per sample)."""
         sig = bc.signals
-        _fold_pending(sig)
+        _fold_pending(sig, st)
         if sig.get("prev_t", s.t) != s.t:
             sig["spacing"] = abs(s.t - sig["prev_t"])
         sig["prev_t"] = s.t     # noise levels only under cache.NOISE_KEYS (read again there)
@@ -419,7 +419,7 @@ class MixCache:
             slope = torch.where(_bcast(torch.tensor(valid, device=slope.device), slope), slope,
                                 sig["slope"])
         sig["slope"] = slope
-        sig["pending"] = _Pending.start(change, curvature, valid, dt, abs(st.t_first), self.settle)
+        sig["pending"] = _Pending.start(change, curvature, valid, dt, self.settle)
 
 
 @dataclass
@@ -431,28 +431,31 @@ class _Pending:
     event: "torch.cuda.Event | None"
     valid: np.ndarray
     dt: np.ndarray
-    t_range: float      # |t_first|: the change per unit of the noise range is compared with
     settle: float
 
     @classmethod
     def start(cls, change: torch.Tensor, curvature: torch.Tensor | None, valid: np.ndarray,
-              dt: np.ndarray, t_range: float, settle: float) -> "_Pending":
+              dt: np.ndarray, settle: float) -> "_Pending":
         values = torch.stack([change] if curvature is None else [change, curvature]).detach()
         if values.device.type != "cuda":
-            return cls(values.cpu(), None, valid, dt, t_range, settle)
+            return cls(values.cpu(), None, valid, dt, settle)
         # The copy runs on the current stream of the outputs' device (not necessarily the
         # current device): the event marks that stream.
         stream = torch.cuda.current_stream(values.device)
         values = values.to("cpu", non_blocking=True)     # into pinned memory
         event = torch.cuda.Event()
         event.record(stream)
-        return cls(values, event, valid, dt, t_range, settle)
+        return cls(values, event, valid, dt, settle)
 
 
-def _fold_pending(sig: dict) -> None:
+def _fold_pending(sig: dict, st: CacheState) -> None:
     """Fold a computed call's pending change and curvature into the branch's signals: the rate,
     the trigger and the curvature, per sample where ``valid`` (the others keep theirs). Waits for
-    that copy alone, not for the device's whole queue."""
+    that copy alone, not for the device's whole queue. The trigger compares the change per unit
+    of the noise range, the range as the state reads it now, not when the change was taken:
+    Mochi's rising timestep shows its scale, [0, 1000], only as it passes 1 (its second or third
+    step at 64 steps), and a change of its first steps read against [0, 1] settled the trigger at
+    once, where any later generation, read on [0, 1000] from its start, did not."""
     pending = sig.pop("pending", None)
     if pending is None:
         return
@@ -467,7 +470,7 @@ def _fold_pending(sig: dict) -> None:
     # again over the last, longest steps, and re-arming there would compute the final step on top
     # of a forced compute before it (with the probe as the signal, 0.003-0.019 more of the FLOPs
     # for at most 0.8 dB; bench/RESULTS.md).
-    _latch(sig, valid & (change * pending.t_range / np.abs(dt) < pending.settle))
+    _latch(sig, valid & (change * abs(st.t_first) / np.abs(dt) < pending.settle))
     if values.shape[0] == 2:
         sig["curvature"] = np.where(valid, values[1], _per_sample(sig.get("curvature", np.nan), n))
 

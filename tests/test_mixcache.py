@@ -213,7 +213,7 @@ def test_trigger_stays_on_once_the_output_has_settled():
         calls.append((step, t))
         bc.outputs = [(t + 100.0, [y]), (t, [y * (1 + torch.tensor(changes).view(-1, 1, 1))])]
         pol.observe(Step(0, step, 0, t), st_, bc, bc.outputs[-1][1], "compute")
-        _fold_pending(bc.signals)        # what the next decision does first
+        _fold_pending(bc.signals, st_)   # what the next decision does first
         return bc.signals["settled"]
 
     assert not settled(0.9, 0.9)
@@ -352,7 +352,7 @@ def test_a_sample_whose_conditions_switched_computes(now, action, reused):
     # before it say nothing of those after.
     switched = not all(reused)
     assert len(bc.outputs) == (1 if switched else 2)
-    _fold_pending(bc.signals)
+    _fold_pending(bc.signals, st_)
     assert ("out_rate" in bc.signals) != switched
 
 

@@ -475,6 +475,30 @@ def test_mochis_rising_timestep_caches():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_mochis_first_generation_decides_as_every_later_one():
+    """At 64 steps Mochi's timestep (1000 (1 - sigma)) stays below 1 over its first two steps, so
+    a fresh state reads it on [0, 1] until the third shows the scale. MixCache's trigger compared
+    the change of those first steps per unit of [0, 1], 1000 times too small: it settled at
+    once, and the first generation reused from call 34, where every later one, the scale known
+    from its start, reused from call 40 (0.23 apart on the same inputs). The range is read when
+    the change is folded in, after the scale is known."""
+    from test_zoo import mochi
+    pipe = pipelines.mochi_pipeline(torch.compile(mochi()[0], backend="mixcache", fullgraph=True,
+                                                  options={"regions": "eager"}))
+    pipe.set_progress_bar_config(disable=True)
+    outs, actions = [], []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="In CPU autocast")
+        for _ in range(2):
+            outs.append(pipelines.run_mochi(pipe, steps=64, seed=1))
+            trace = dit_compile.stats(pipe.transformer)["trace"]
+            last = trace[-1]["generation"]
+            actions.append([r["action"] for r in trace if r["generation"] == last])
+    assert set(actions[1]) != {"compute"}, "the test's premise: the later generation reuses"
+    assert actions[0] == actions[1]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
 def test_a_reused_call_decides_on_the_host(monkeypatch):
     """Under the default policy, the runtime's work in a reused call is mostly bookkeeping, which
     runs on the host (NumPy): the only tensor ops such a call issues are the extrapolation's (a
