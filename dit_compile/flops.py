@@ -1,6 +1,6 @@
-"""Each piece's share of a forward's FLOPs, counted on fake inputs: what the executor records a
-call's computed fraction by (a block span reused is its pieces' share), as ``dit_compile.stats``
-reports it."""
+"""Each piece's FLOPs, counted on fake inputs: what the executor records a call's computed
+fraction by (a block span reused is its pieces' share of the forward), and weighs the call by in
+the fraction ``dit_compile.stats`` reports (the forward's FLOPs)."""
 from __future__ import annotations
 
 import logging
@@ -32,7 +32,9 @@ def flop_counter() -> Any:
 
 
 def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float]:
-    """Each piece's share of the forward's FLOPs, counted on fake inputs (nothing runs).
+    """Each piece's FLOPs, counted on fake inputs (nothing runs). Where they cannot be counted,
+    each block weighs one FLOP and the rest nothing: blocks weighed equally within the forward,
+    and beside a counted graph's calls, its calls weigh nothing in ``stats``.
 
     The inputs are made afresh in their own fake mode, with concrete sizes (a dynamic dimension at
     its hint, the size of the call being compiled): under symbolic sizes a piece's broadcasts
@@ -71,8 +73,7 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
         if mode is not None:
             mode.allow_non_fake_inputs = allowed
         fake_log.disabled = fake_log_disabled
-    total = sum(counts) or 1.0
-    return [c / total for c in counts]
+    return counts
 
 
 class _GlobalOnly:

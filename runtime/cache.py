@@ -181,7 +181,11 @@ class CacheState:
         self.counts: dict[str, int] = {}    # calls per action since the last clear_stats()
         self.partial: dict[str, int] = {}   # of the others, calls where only some samples
                                             # reused and the batch was computed in full
-        self.flops = 0.0                    # FLOPs fractions summed over those calls
+        # FLOPs computed over those calls, and of a full forward each: a call's computed fraction
+        # weighed by its forward's FLOPs (the guidance branches of Qwen-Image's true CFG, its
+        # negative prompt of another length than the prompt, differ in cost fivefold).
+        self.flops = 0.0
+        self.flops_full = 0.0
         self.generation = -1
         self._signature: Any = None         # the generation's: its branch 0's
         self._signatures: tuple = ()        # each branch position's, set at the first step
@@ -608,7 +612,9 @@ class CacheState:
     # -- what happened ---------------------------------------------------------------------
     def record(self, step: Step, action: str, flops: float, signal: float | None = None,
                spent: Any = None, reused: torch.Tensor | None = None,
-               switched: np.ndarray | None = None) -> None:
+               switched: np.ndarray | None = None, forward_flops: float = 1.0) -> None:
+        """One call: ``flops`` the fraction of its forward's FLOPs computed, ``forward_flops``
+        that forward's FLOPs (the weight of the call in the fraction ``stats`` reports)."""
         if isinstance(spent, (torch.Tensor, np.ndarray)):
             spent = float(spent.max())
         if reused is not None:
@@ -623,13 +629,14 @@ class CacheState:
                                    signal, spent, reused, step.halves, step.groups, switched))
         counts = self.partial if reused is not None and flops >= 1.0 else self.counts
         counts[action] = counts.get(action, 0) + 1
-        self.flops += flops
+        self.flops += flops * forward_flops
+        self.flops_full += forward_flops
 
     def clear_stats(self) -> None:
         self.records.clear()
         self.counts.clear()
         self.partial.clear()
-        self.flops = 0.0
+        self.flops = self.flops_full = 0.0
 
     def stats(self) -> dict[str, Any]:
         """Counts of computed and reused work per granularity since the last ``clear_stats``, and
@@ -640,7 +647,7 @@ class CacheState:
             "computed": self.counts.get("compute", 0),
             "reused": {k: v for k, v in self.counts.items() if k != "compute"},
             "partial": dict(self.partial),
-            "flops_fraction": self.flops / calls if calls else 1.0,
+            "flops_fraction": self.flops / self.flops_full if self.flops_full else 1.0,
             "cached_bytes": self.bytes(),
             "trace": [r.__dict__.copy() for r in self.records],
         }

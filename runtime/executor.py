@@ -117,7 +117,7 @@ class GuardedExecutor(Executor):
     and writes; per call, the policy's answers pick one of three paths over the same pieces.
     """
     LAYOUT = Executor.LAYOUT + (
-        "anchor", "flops", "latent", "t", "text", "_detect", "sig_slots", "first", "probe_end",
+        "anchor", "flops", "forward_flops", "latent", "t", "text", "_detect", "sig_slots", "first", "probe_end",
         "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
         "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs",
         "sample_slots", "sample_outs", "text_slots", "cond_slots")
@@ -125,6 +125,7 @@ class GuardedExecutor(Executor):
     # Not part of the layout (a graph, not data): an exported model saves it as a program.
     modulation: Modulation | None = None
     _pre_flops = 0.0
+    forward_flops = 1.0     # a full forward's FLOPs (an export saved before it was: one)
     # A latent given as a list of per-sample tensors (passes.regions.sample_list): the list's
     # input slots, and the positions in out_slots of the per-sample outputs. The policy sees
     # both stacked, so that dim 0 is the samples there too. Empty: the latent is one tensor.
@@ -147,7 +148,11 @@ class GuardedExecutor(Executor):
         """``roles``: the slots of the latent, timestep and text where they are not the graph's
         own inputs (runtime.relay); the graph's other inputs are then not read as conditions."""
         super().__init__(plan, fns)
-        self.policy, self.states, self.anchor, self.flops = policy, states, anchor, list(flops)
+        # ``flops``: each piece's FLOPs (dit_compile.flops.piece_flops); kept as shares of the
+        # forward, what a call computes, and the forward's, what the call weighs in ``stats``.
+        self.forward_flops = float(sum(flops)) or 1.0
+        self.flops = [f / self.forward_flops for f in flops]
+        self.policy, self.states, self.anchor = policy, states, anchor
         self.partners = list(partners)
         # Read at every call, in C (about 10 us for 800 parameters; a tuple even for one).
         self._partners_of = (operator.itemgetter(*self.partners) if len(self.partners) > 1
@@ -494,7 +499,7 @@ class GuardedExecutor(Executor):
         self.policy.observe(step, st, bc, outs, kind)
         st.check_memory()
         st.record(step, kind, flops, signal, bc.signals.get("spent"), reused,
-                  bc.signals.get("moved"))
+                  bc.signals.get("moved"), self.forward_flops)
         for s, o in zip(self.out_slots, self._slot_values(outs)):
             env[s] = o
         return self.output(env)

@@ -699,3 +699,38 @@ def test_ltx2_image_to_video_caches_with_its_image_tokens_at_timestep_zero():
     and cfg schedule gives what the eager reference of the same reuse rule gives, every call
     placed in its step and branch."""
     _ltx2_forced_schedule_matches_reference(_tiny_ltx2(), image=True)
+
+
+def test_the_flops_fraction_weighs_each_call_by_its_forwards_flops():
+    """Qwen-Image's true CFG with a negative prompt of 64 tokens against the prompt's 4: the
+    negative branch's calls cost five times the prompt's, and cfg reuse skips three of them. The
+    fraction ``stats`` reports was the mean of the calls' own fractions (0.75 here), not the
+    fraction of the generation's FLOPs computed (0.59), which is counted here call by call.
+    Each text length its own graph (static shapes): a graph's FLOPs are counted at its compile's
+    sizes, so a dynamic one's calls weigh alike (Dynamo's automatic dynamic shapes would make
+    one here at the second length)."""
+    from dit_compile.flops import flop_counter
+    model, _ = test_zoo.qwenimage()
+    compiled = torch.compile(model, backend="mixcache", dynamic=False, options={
+        "regions": "eager", "cache": {"rule": "schedule", "cfg": [2, 3, 4]}})
+    signature, calls = inspect.signature(model.forward), []
+    compiled.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(signature.bind_partial(*args, **kwargs).arguments),
+        with_kwargs=True)
+    g, dim = torch.Generator().manual_seed(0), model.config.joint_attention_dim
+    pipelines.qwenimage_pipeline(compiled)(
+        prompt_embeds=torch.randn(1, 4, dim, generator=g), prompt_embeds_mask=torch.ones(1, 4),
+        negative_prompt_embeds=torch.randn(1, 64, dim, generator=g),
+        negative_prompt_embeds_mask=torch.ones(1, 64), true_cfg_scale=4.0, height=64, width=64,
+        num_inference_steps=6, output_type="latent", generator=g)
+    stats = dit_compile.stats(compiled)
+    costs = []
+    for call in calls:
+        with torch.no_grad(), flop_counter() as counter:
+            model(**call)
+        costs.append(counter.get_total_flops())
+    fractions = [r["flops"] for r in stats["trace"]]
+    assert len(fractions) == len(costs) == 12 and stats["reused"] == {"cfg": 3}
+    assert costs[1] > 4 * costs[0], "the test's premise: the branches differ in cost"
+    assert stats["flops_fraction"] == pytest.approx(
+        sum(f * c for f, c in zip(fractions, costs)) / sum(costs), rel=1e-6)
