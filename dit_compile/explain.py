@@ -281,6 +281,8 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
             except Exception:
                 found.clear()
             whole = len(found) == 1 and isinstance(found[0], RegionMap) and not partial[0]
+            if whole:   # the report is of that graph, which holds every block
+                report.loose = []
             if not whole and not nested_break:
                 # Would capturing the data-dependent operators without fullgraph leave a break
                 # before the blocks only, which the relay caches (HunyuanVideo 1.5)?

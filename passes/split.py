@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any, Container
 
@@ -211,26 +212,37 @@ def _outputs_of_mate(mate: Piece, piece: Piece) -> tuple[int, ...] | None:
 
 
 def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
-    """Hash of a graph's ops and wiring plus its inputs' metadata, blind to node names."""
+    """Hash of a graph's ops and wiring plus its inputs' metadata, blind to node names and to
+    the names of sizes known only at run time (unbacked symbols: Mochi's blocks each select
+    their text tokens with ``nonzero``, u0 in the first, u1 in the second; named in order of
+    first appearance here, and a runtime assertion's message, which names them, left out)."""
     index: dict[fx.Node, int] = {}
+    unbacked: dict[str, str] = {}
     h = hashlib.sha1()
 
     def enc(a: Any) -> Any:
         return pytree.tree_map(lambda x: ("%", index[x]) if isinstance(x, fx.Node) else x, a)
 
+    def named(text: str) -> str:
+        return _UNBACKED.sub(lambda m: unbacked.setdefault(m.group(), f"u_{len(unbacked)}"), text)
+
     for i, n in enumerate(gm.graph.nodes):
         index[n] = i
-        h.update(repr((n.op, _target(gm, n), enc(n.args), enc(n.kwargs))).encode())
+        args = n.args[:1] if n.target is torch.ops.aten._assert_scalar.default else n.args
+        h.update(repr((n.op, _target(gm, n), enc(args), enc(n.kwargs))).encode())
     for v in example_inputs:
         if isinstance(v, torch.Tensor):
             # A size-1 dimension's stride is never read (Inductor's input check skips it too):
             # the first block of a batch-1 call, handed a slice, is its mates' graph.
             strides = tuple(None if isinstance(d, int) and d == 1 else st
                             for d, st in zip(v.shape, v.stride()))
-            h.update(repr((tuple(v.shape), strides, v.dtype, v.device.type)).encode())
+            h.update(named(repr((tuple(v.shape), strides, v.dtype, v.device.type))).encode())
         else:
             h.update(repr(type(v)).encode())
     return h.hexdigest()
+
+
+_UNBACKED = re.compile(r"\bu\d+\b")
 
 
 # Arithmetic on tensors: an integer operand is a value (a hook's `out * 2`), not a size.

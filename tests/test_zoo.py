@@ -267,6 +267,12 @@ def test_mochi_caches_once_its_breaks_are_captured(caplog):
                                      for b in report.breaks), report
     assert "fullgraph=True) captures those operators" in report.fallback, report
     assert report.stacks == {"transformer_blocks": 3} and report.inputs["text"], report
+    # The report is of the one graph: no line saying no graph holds the blocks (the broken
+    # trace's), and its first two blocks are one graph to compile (each selects its text with
+    # nonzero, a size of its own name, u0 and u1, named in its runtime assertions: each
+    # compiled apart, 47 compiles for Mochi's 48 blocks), the last another.
+    assert not report.loose and "no graph holds" not in str(report), report
+    assert report.block_graphs == 2, report
     f = compiled(model, {"rule": "schedule", **SCHEDULE})      # fullgraph=True, nothing else
     ours = generation(f, kw)
     theirs = generation(model, kw)
