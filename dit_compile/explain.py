@@ -1,6 +1,7 @@
 """``dit_compile.explain``: what the region pass finds in a model, before anything is compiled."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,8 @@ class Report:
     modulated: tuple[int, ...] | None = None               # shape of TeaCache's signal, if found
     block_graphs: int = 0      # block graphs Inductor compiles for it (identical blocks share one)
     twins: int = 0             # blocks run by a stack-mate's compile though their graphs differ
+    unshared: bool = False     # compiled with share_blocks=False: each block its own compile
+    uncompiled: bool = False   # compiled with regions="eager": nothing compiled
     nested: int = 0                                        # block calls traced as nested regions
     nested_regions: int = 0                                # distinct regions those calls run
     marked: bool = False                                   # nest_blocks marked its blocks
@@ -81,6 +84,10 @@ class Report:
                          "its weights in the graph (dit_compile.passes.casting)")
         for s, k in self.stacks.items():
             lines.append(f"  stack {s}: {k} blocks, residual stream(s) {self.streams.get(s, [])}")
+        if any(re.fullmatch(r"u\d+", str(d)) for shapes in self.streams.values()
+               for shape in shapes for d in shape):
+            lines.append("  sizes u0, u1, ...: known only at run time (data-dependent: a mask's "
+                         "nonzero, an .item())")
         if self.stacks and self.nested:
             lines.append(f"  blocks nested: {self.nested} calls of {self.nested_regions} "
                          "region(s), " + ("each traced once" if reuses_nested_regions() else
@@ -111,12 +118,18 @@ class Report:
                             else f"computes the full batch: {self.cfg_halves}"))
         if self.regions:
             lines.append("  regions: " + " ".join(f"{n}[{k}]" for n, k in self.regions))
-        if self.block_graphs:
+        if self.block_graphs and self.uncompiled:
+            lines.append("  block graphs compiled: none (regions='eager' runs the graphs as "
+                         "they are)")
+        elif self.block_graphs:
             lines.append(f"  block graphs compiled: {self.block_graphs} for "
-                         f"{sum(self.stacks.values())} blocks (identical blocks share one)" + (
+                         f"{sum(self.stacks.values())} blocks " + (
+                             "(share_blocks=False: each its own)" if self.unshared else
+                             "(identical blocks share one)") + (
                              f"; {self.twins} block(s) run a stack-mate's compile though their "
                              "graphs differ (a last block the model reads in part, or one "
                              "handed strided views)" if self.twins else ""))
+        if self.stacks and (self.block_graphs or self.stamped):
             lines.append("  first block's modulated input (teacache's signal): " + (
                 f"{self.modulated}" if self.modulated is not None
                 else "none (teacache decides on the latent's change)"))
@@ -166,6 +179,10 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     if report.fallback is None and opts is not None and opts.cache is None:
         report.fallback = "compiled with cache=None (the regions below compile, nothing is reused)"
         report.cfg_halves = None
+    if opts is not None and opts.regions == "eager":
+        report.uncompiled = True
+    elif opts is not None and not opts.share_blocks and report.block_graphs:
+        report.block_graphs, report.twins, report.unshared = sum(report.stacks.values()), 0, True
     return report
 
 

@@ -690,6 +690,12 @@ def test_explain_reports_regions():
     off = torch.compile(model, backend="mixcache", options={"cache": None})
     assert "no caching: compiled with cache=None" in str(dit_compile.explain(off, **kw,
                                                                            return_dict=False))
+    # What the model was compiled with: each block its own compile, or none compiled.
+    for options, line in (({"share_blocks": False}, "2 for 2 blocks (share_blocks=False"),
+                          ({"regions": "eager"}, "none (regions='eager'")):
+        text = str(dit_compile.explain(torch.compile(model, backend="mixcache", options=options),
+                                       **kw, return_dict=False))
+        assert "block graphs compiled: " + line in text, text
     # HunyuanVideo's first single-stream block is handed strided views of the double stream's
     # tokens, its last is read in part: both run their middle mate's compile.
     model, kw = tiny_models.hunyuan(single_layers=3)

@@ -318,6 +318,8 @@ def test_framepack_caches_a_size_its_blocks_pass_on():
     report = dit_compile.explain(model, **kw)
     assert any("capture_scalar_outputs = True" in b for b in report.breaks), report
     assert "fullgraph=True) captures those operators" in report.fallback, report
+    # Its streams' token count is such a size, shown by Dynamo's name for it: said what it is.
+    assert "sizes u0, u1, ...: known only at run time" in str(report), report
     f = compiled(model, {"rule": "schedule", **SCHEDULE, "extrapolate": 1}, cache_memory=10**9)
     ours = generation(f, kw)
     theirs = generation(model, kw)
