@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .flops import piece_flops
+from .flops import piece_flops, sized_flops
 from .frames import (compiled_model, forward_head, forward_tail, in_forward_wrapper,
                      install_trace_hook, is_fragment, lower_moe_and_retrace, model_name,
                      retrace_once_after_break, traced_locals, traced_module, warn_fallback,
@@ -103,14 +103,15 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
                                piece_flops(plan, example_inputs), None,
                                modulation_of(plan, policy, model_name()),
                                partners=parameter_slots(gm), carriers=carriers(gm),
-                               text=named_slot(gm, "text"), out_shapes=output_shapes(gm))
+                               text=named_slot(gm, "text"), out_shapes=output_shapes(gm),
+                               sized=sized_flops(plan, example_inputs))
     halves = (half_batch(gm, example_inputs, rmap.inputs, _half_backend(opts), rmap.samples,
                          rmap.sample_outs)
               if getattr(policy, "reuses_cfg", False) else None)
     return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
                            piece_flops(plan, example_inputs), halves,
                            modulation_of(plan, policy, model_name()),
-                           partners=parameter_slots(gm))
+                           partners=parameter_slots(gm), sized=sized_flops(plan, example_inputs))
 
 
 def _relay_head(gm: fx.GraphModule, example_inputs: list[Any], opts: Options,

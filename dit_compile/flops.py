@@ -31,13 +31,15 @@ def flop_counter() -> Any:
     return counter
 
 
-def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float]:
+def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None,
+                sizes: dict[Any, int] | None = None) -> list[float]:
     """Each piece's FLOPs, counted on fake inputs (nothing runs). Where they cannot be counted,
     each block weighs one FLOP and the rest nothing: blocks weighed equally within the forward,
     and beside a counted graph's calls, its calls weigh nothing in ``stats``.
 
     The inputs are made afresh in their own fake mode, with concrete sizes (a dynamic dimension at
-    its hint, the size of the call being compiled): under symbolic sizes a piece's broadcasts
+    its hint, the size of the call being compiled, or as ``sizes`` gives its symbol's value):
+    under symbolic sizes a piece's broadcasts
     fail in the fake kernels, which log an error with a traceback before raising. A 0-d graph input
     is taken as the constant it is (``graph_inputs``: the real ones): under dynamic=True a module's
     float (a norm's eps) is such an input, and its ``.item()`` would be data-dependent. A piece may
@@ -60,7 +62,7 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
                 key = p.signature()
                 if key not in counted:
                     inputs = [_constant(mode, graph_inputs[s]) if _scalar(graph_inputs, s, plan)
-                              else _concrete(x) for s, x in zip(p.args, p.example_inputs)]
+                              else _concrete(x, sizes) for s, x in zip(p.args, p.example_inputs)]
                     with flop_counter() as fc:
                         p.module(*inputs)
                     counted[key] = float(fc.get_total_flops())
@@ -74,6 +76,47 @@ def piece_flops(plan: Plan, graph_inputs: list[Any] | None = None) -> list[float
             mode.allow_non_fake_inputs = allowed
         fake_log.disabled = fake_log_disabled
     return counts
+
+
+class SizedFlops:
+    """A dynamic-shape graph's forward FLOPs at the sizes of a call, counted when ``stats`` first
+    asks for them (nothing at run time but reading the sizes): its calls at other sizes than the
+    compile's (a negative prompt of another length than the prompt, served by one graph under
+    Dynamo's automatic dynamic shapes) weigh what they cost."""
+
+    def __init__(self, plan: Plan, graph_inputs: list[Any], symbols: list[tuple[int, int, Any]]):
+        # Only the 0-d graph inputs (piece_flops takes them as the constants they are): the rest
+        # are a call's tensors, not to be kept alive.
+        self.plan, self.symbols = plan, symbols
+        self.scalars = [x if isinstance(x, torch.Tensor) and x.dim() == 0 else None
+                        for x in graph_inputs]
+        self._counted: dict[tuple[int, ...], float] = {}
+
+    def key(self, env: list[Any]) -> tuple[int, ...]:
+        """The call's values of the graph's size symbols (``env``: the call's graph inputs)."""
+        return tuple(env[slot].shape[dim] for slot, dim, _ in self.symbols)
+
+    def __call__(self, key: tuple[int, ...]) -> float:
+        if key not in self._counted:
+            sizes = {symbol: v for (_, _, symbol), v in zip(self.symbols, key)}
+            self._counted[key] = float(sum(piece_flops(self.plan, self.scalars, sizes))) or 1.0
+        return self._counted[key]
+
+
+def sized_flops(plan: Plan, graph_inputs: list[Any]) -> SizedFlops | None:
+    """Where the graph's inputs have symbolic sizes (dynamic shapes), its FLOPs at each call's
+    sizes; None for a static graph, whose FLOPs are its compile's."""
+    symbols, seen = [], set()
+    for p in plan.pieces:
+        for slot, x in zip(p.args, p.example_inputs):
+            if slot >= plan.n_inputs or not isinstance(x, torch.Tensor):
+                continue
+            for dim, d in enumerate(x.shape):
+                expr = d.node.expr if isinstance(d, torch.SymInt) else None
+                if expr is not None and expr.is_Symbol and expr not in seen:
+                    seen.add(expr)
+                    symbols.append((slot, dim, expr))
+    return SizedFlops(plan, graph_inputs, symbols) if symbols else None
 
 
 class _GlobalOnly:
@@ -101,10 +144,16 @@ def _constant(mode: Any, x: torch.Tensor) -> torch.Tensor:
     return mode.fake_tensor_converter.from_real_tensor(mode, x, make_constant=True)
 
 
-def _concrete(x: Any) -> Any:
-    """``x`` with its symbolic sizes at their hints: a tensor of the current fake mode, or a number."""
+def _concrete(x: Any, sizes: dict[Any, int] | None = None) -> Any:
+    """``x`` with its symbolic sizes at their values in ``sizes`` (symbol: value), else at their
+    hints: a tensor of the current fake mode, or a number."""
     def hint(d: Any) -> int:
-        return d if isinstance(d, int) else int(d.node.hint)
+        if isinstance(d, int):
+            return d
+        expr = d.node.expr
+        if sizes and expr.free_symbols <= sizes.keys():
+            return int(expr.xreplace(sizes))
+        return int(d.node.hint)
     if isinstance(x, torch.Tensor):
         return torch.empty_strided([hint(d) for d in x.shape], [hint(d) for d in x.stride()],
                                    dtype=x.dtype, device=x.device)

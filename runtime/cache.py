@@ -186,6 +186,8 @@ class CacheState:
         # negative prompt of another length than the prompt, differ in cost fivefold).
         self.flops = 0.0
         self.flops_full = 0.0
+        # Calls of dynamic-shape graphs, per (counter, sizes): [counter, sizes, fractions, calls]
+        self._sized: dict[tuple[int, tuple], list] = {}
         self.generation = -1
         self._signature: Any = None         # the generation's: its branch 0's
         self._signatures: tuple = ()        # each branch position's, set at the first step
@@ -612,9 +614,12 @@ class CacheState:
     # -- what happened ---------------------------------------------------------------------
     def record(self, step: Step, action: str, flops: float, signal: float | None = None,
                spent: Any = None, reused: torch.Tensor | None = None,
-               switched: np.ndarray | None = None, forward_flops: float = 1.0) -> None:
+               switched: np.ndarray | None = None, forward_flops: float = 1.0,
+               sized: tuple[Callable[[tuple], float], tuple] | None = None) -> None:
         """One call: ``flops`` the fraction of its forward's FLOPs computed, ``forward_flops``
-        that forward's FLOPs (the weight of the call in the fraction ``stats`` reports)."""
+        that forward's FLOPs (the weight of the call in the fraction ``stats`` reports), or where
+        the graph has dynamic shapes, ``sized``: what counts them at the call's sizes, and those
+        (counted when ``stats`` asks)."""
         if isinstance(spent, (torch.Tensor, np.ndarray)):
             spent = float(spent.max())
         if reused is not None:
@@ -629,14 +634,27 @@ class CacheState:
                                    signal, spent, reused, step.halves, step.groups, switched))
         counts = self.partial if reused is not None and flops >= 1.0 else self.counts
         counts[action] = counts.get(action, 0) + 1
-        self.flops += flops * forward_flops
-        self.flops_full += forward_flops
+        if sized is None:
+            self.flops += flops * forward_flops
+            self.flops_full += forward_flops
+        else:
+            held = self._sized.setdefault((id(sized[0]), sized[1]), [sized[0], sized[1], 0.0, 0])
+            held[2] += flops
+            held[3] += 1
 
     def clear_stats(self) -> None:
         self.records.clear()
         self.counts.clear()
         self.partial.clear()
         self.flops = self.flops_full = 0.0
+        self._sized.clear()
+
+    def _flops_fraction(self) -> float:
+        done, full = self.flops, self.flops_full
+        for count, sizes, fractions, calls in self._sized.values():
+            weight = count(sizes)
+            done, full = done + fractions * weight, full + calls * weight
+        return done / full if full else 1.0
 
     def stats(self) -> dict[str, Any]:
         """Counts of computed and reused work per granularity since the last ``clear_stats``, and
@@ -647,7 +665,7 @@ class CacheState:
             "computed": self.counts.get("compute", 0),
             "reused": {k: v for k, v in self.counts.items() if k != "compute"},
             "partial": dict(self.partial),
-            "flops_fraction": self.flops / self.flops_full if self.flops_full else 1.0,
+            "flops_fraction": self._flops_fraction(),
             "cached_bytes": self.bytes(),
             "trace": [r.__dict__.copy() for r in self.records],
         }

@@ -126,6 +126,7 @@ class GuardedExecutor(Executor):
     modulation: Modulation | None = None
     _pre_flops = 0.0
     forward_flops = 1.0     # a full forward's FLOPs (an export saved before it was: one)
+    sized: Any = None       # not part of the layout: an exported graph's shapes are static
     # A latent given as a list of per-sample tensors (passes.regions.sample_list): the list's
     # input slots, and the positions in out_slots of the per-sample outputs. The policy sees
     # both stacked, so that dim 0 is the samples there too. Empty: the latent is one tensor.
@@ -144,7 +145,8 @@ class GuardedExecutor(Executor):
     def __init__(self, plan: Plan, fns: Sequence[Callable[..., Any]], policy: Policy,
                  states: StateFactory, anchor: int | None, flops: Sequence[float],
                  halves: HalfBatch | str | None = None, modulation: Modulation | None = None,
-                 partners: Sequence[int] = (), roles: dict[str, int] | None = None):
+                 partners: Sequence[int] = (), roles: dict[str, int] | None = None,
+                 sized: Any = None):
         """``roles``: the slots of the latent, timestep and text where they are not the graph's
         own inputs (runtime.relay); the graph's other inputs are then not read as conditions."""
         super().__init__(plan, fns)
@@ -152,6 +154,8 @@ class GuardedExecutor(Executor):
         # forward, what a call computes, and the forward's, what the call weighs in ``stats``.
         self.forward_flops = float(sum(flops)) or 1.0
         self.flops = [f / self.forward_flops for f in flops]
+        # A dynamic-shape graph's FLOPs at a call's sizes (dit_compile.flops.SizedFlops), or None
+        self.sized = sized
         self.policy, self.states, self.anchor = policy, states, anchor
         self.partners = list(partners)
         # Read at every call, in C (about 10 us for 800 parameters; a tuple even for one).
@@ -499,7 +503,8 @@ class GuardedExecutor(Executor):
         self.policy.observe(step, st, bc, outs, kind)
         st.check_memory()
         st.record(step, kind, flops, signal, bc.signals.get("spent"), reused,
-                  bc.signals.get("moved"), self.forward_flops)
+                  bc.signals.get("moved"), self.forward_flops,
+                  None if self.sized is None else (self.sized, self.sized.key(env)))
         for s, o in zip(self.out_slots, self._slot_values(outs)):
             env[s] = o
         return self.output(env)

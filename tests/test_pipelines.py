@@ -701,17 +701,17 @@ def test_ltx2_image_to_video_caches_with_its_image_tokens_at_timestep_zero():
     _ltx2_forced_schedule_matches_reference(_tiny_ltx2(), image=True)
 
 
-def test_the_flops_fraction_weighs_each_call_by_its_forwards_flops():
+@pytest.mark.parametrize("dynamic", [False, None])
+def test_the_flops_fraction_weighs_each_call_by_its_forwards_flops(dynamic):
     """Qwen-Image's true CFG with a negative prompt of 64 tokens against the prompt's 4: the
     negative branch's calls cost five times the prompt's, and cfg reuse skips three of them. The
     fraction ``stats`` reports was the mean of the calls' own fractions (0.75 here), not the
     fraction of the generation's FLOPs computed (0.59), which is counted here call by call.
-    Each text length its own graph (static shapes): a graph's FLOPs are counted at its compile's
-    sizes, so a dynamic one's calls weigh alike (Dynamo's automatic dynamic shapes would make
-    one here at the second length)."""
+    Each text length its own graph (static shapes), or one graph for both (Dynamo's automatic
+    dynamic shapes, at the second length): its calls counted at their own sizes, when asked."""
     from dit_compile.flops import flop_counter
     model, _ = test_zoo.qwenimage()
-    compiled = torch.compile(model, backend="mixcache", dynamic=False, options={
+    compiled = torch.compile(model, backend="mixcache", dynamic=dynamic, options={
         "regions": "eager", "cache": {"rule": "schedule", "cfg": [2, 3, 4]}})
     signature, calls = inspect.signature(model.forward), []
     compiled.register_forward_pre_hook(
