@@ -761,13 +761,14 @@ def test_mixcache_reuses_cfg_on_batch_halves_as_its_forced_schedule_would():
     _check_trace(trace, chosen, generations=1)
 
 
-@pytest.mark.parametrize("granularities,expected", [(["step", "cfg", "block"], {"cfg"}),
+@pytest.mark.parametrize("granularities,expected", [(["step", "cfg", "block"], {"step"}),
+                                                     (["cfg", "block"], {"cfg"}),
                                                      (["block"], {"block"})])
 def test_mixcache_granularities_on_batch_halves_replay_as_a_schedule(granularities, expected):
-    """cfg (on the halves) or block reuse chosen by MixCache in one generation: the same decisions
-    forced as a schedule give the same output, bit for bit. (With every granularity allowed, the
-    cfg estimate on these halves is the smallest wherever the trigger is on, so blocks get their
-    own run.)"""
+    """Step, cfg (on the halves) or block reuse chosen by MixCache in one generation: the same
+    decisions forced as a schedule give the same output, bit for bit. (With every granularity
+    allowed and this budget, a step reuse, which saves the whole call, fits wherever the trigger
+    is on, so cfg and blocks get runs of their own.)"""
     spec = {"rule": "mixcache", "granularities": granularities, "budget": 1.0,
             "warmup": 0.0, "settle": 10.0, "per_sample": False, "max_reuse": 2}
     model = pipelines.cogvideox_transformer()
