@@ -172,9 +172,12 @@ def watch_wrappers(fn: Callable[..., Any], model: torch.nn.Module | None,
     Any other model's graph is ``fn`` as it is."""
     if model is None or getattr(model, "_compiled_call_impl", None) is None:
         return fn
+    held = weakref.ref(model)   # Dynamo keeps this graph past the model: never keep it alive
 
     def run(*args: Any) -> Any:
-        _warn_unused_wrapper(model, options)
+        model = held()
+        if model is not None:
+            _warn_unused_wrapper(model, options)
         return fn(*args)
     return run
 
@@ -193,15 +196,15 @@ def _warn_unused_wrapper(model: torch.nn.Module, options: dict | None, depth: in
             break
     else:
         return
-    if owner.__dict__.get("_mixcache_told_unused"):
+    if owner.__dict__.get("_mixcache_checked"):
         return
+    owner.__dict__["_mixcache_checked"] = True      # once per wrapper, told or not
     theirs = _wrapper_options(owner)
     try:
         if theirs is not None and Options.parse(theirs) == Options.parse(options):
             return
     except Exception:   # never parsed: the wrapper's compile never ran
         pass
-    owner.__dict__["_mixcache_told_unused"] = True
     unused = f"options {theirs!r} are" if theirs is not None else "backend is"
     warnings.warn(f"mixcache: {type(model).__name__} is compiled in place (model.compile(...)), "
                   "so torch.compile's wrapper of it runs that compile, not its own: the "
