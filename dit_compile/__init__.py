@@ -39,8 +39,8 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     """What the cache computed and reused for ``model`` (compiled with caching on):
     calls, computed, reused per granularity, the fraction of FLOPs computed (all since the last
     ``reset``; each call weighed by its forward's FLOPs at its sizes, counted on fake inputs:
-    a dynamic-shape graph's, once per size, here), cached bytes, and a per-call trace (generation, step, branch, ``t``, action,
-    signal) of the last 16 generations. ``t`` is the call's noise level: its largest timestep,
+    a dynamic-shape graph's, once per size, here), cached bytes, and a per-call trace
+    (generation, step, branch, ``t``, action, signal) of the last 16 generations. ``t`` is the call's noise level: its largest timestep,
     or where the timestep rises (``timestep="rising"``, or learned under ``"auto"``) the top of
     its scale (1, or 1000 for Mochi's) minus its smallest. Each thread that generates keeps its
     own state: this is the calling thread's where it has one, else the one that ran last."""

@@ -117,8 +117,8 @@ class GuardedExecutor(Executor):
     and writes; per call, the policy's answers pick one of three paths over the same pieces.
     """
     LAYOUT = Executor.LAYOUT + (
-        "anchor", "flops", "forward_flops", "latent", "t", "text", "_detect", "sig_slots", "first", "probe_end",
-        "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
+        "anchor", "flops", "forward_flops", "latent", "t", "text", "_detect", "sig_slots", "first",
+        "probe_end", "span", "probe_out", "probe_in", "span_pairs", "span_flops", "_copy_probe_in",
         "_copy_span_in", "out_slots", "_keep_latent", "_keep_input", "_n_outputs",
         "sample_slots", "sample_outs", "text_slots", "cond_slots")
 
