@@ -144,10 +144,22 @@ def _canonical_outputs(sub: fx.GraphModule, out: fx.Node, slots: tuple[int, ...]
     where each reordered output goes."""
     rets = list(out.args[0])
     pos = {n: i for i, n in enumerate(sub.graph.nodes)}
-    perm = sorted(range(len(rets)), key=lambda j: pos.get(rets[j], -1))
+    perm = sorted(range(len(rets)), key=lambda j: pos.get(_made(rets[j]), -1))
     out.args = (tuple(rets[j] for j in perm),)
     sub.recompile()
     return tuple(slots[j] for j in perm)
+
+
+def _made(n: Any) -> Any:
+    """The node that computes ``n``, past the copies a nested block returns (its outputs may not
+    alias, so each is cloned, in the block's return order: Flux's joint block returns the text
+    first, and its piece would list the text stream first where the inlined block lists the
+    image's, probed by the block guard)."""
+    while (isinstance(n, fx.Node) and n.op == "call_function" and len(n.args) == 1
+           and n.target in (torch.clone, torch.ops.aten.clone.default)
+           and isinstance(n.args[0], fx.Node)):
+        n = n.args[0]
+    return n
 
 
 def with_outputs(piece: Piece, keep: tuple[int, ...], single: bool) -> fx.GraphModule:

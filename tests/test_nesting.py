@@ -255,7 +255,10 @@ def test_nested_blocks_are_guarded_and_counted_as_inlined_ones(name, recwarn):
     used (it may hang on another parameter than the inlined graph's, which then holds a stale
     one). Flux's and HunyuanVideo's single-stream blocks return views of one tensor, which a
     nested region may not: nest_blocks copies them when compiled. Stamped: the opaque calls in
-    Dynamo's graph, none left in the graph the region pass reads, none left to run eagerly."""
+    Dynamo's graph, none left in the graph the region pass reads, none left to run eagerly.
+    The block guard probes the same stream (a nested block returns copies, in its return order:
+    Flux's joint block's text first, which the threshold rules then measured)."""
+    from dit_compile.runtime.executor import GuardedExecutor
     model, kw = tiny_models.MODELS[name]()
     if name == "hidream":
         lower_moe(model)
@@ -265,9 +268,15 @@ def test_nested_blocks_are_guarded_and_counted_as_inlined_ones(name, recwarn):
     for mode in ("inlined", "nested", "stamped"):
         if mode != "inlined":
             assert dit_compile.nest_blocks(model, stamp=mode == "stamped") >= 2
-        graphs, traced = [], []
+        graphs, traced, probed = [], [], []
         real_find, real_stamp = backend.find_regions, backend.stamp_blocks
+        real_init = GuardedExecutor.__init__
+
+        def init(ex, plan, *args, **kwargs):
+            real_init(ex, plan, *args, **kwargs)
+            probed.append(tuple(plan.slot_examples[ex.probe_out].shape))
         with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(GuardedExecutor, "__init__", init)
             mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real_find(gm))
             mp.setattr(backend, "stamp_blocks", lambda gm: traced.append(
                 sum(n.target is stamped for n in gm.graph.nodes)) or real_stamp(gm))
@@ -282,10 +291,11 @@ def test_nested_blocks_are_guarded_and_counted_as_inlined_ones(name, recwarn):
         assert traced[0] == (STAMPED_CALLS[name] if mode == "stamped" else 0)
         assert not any(n.target is stamped for n in graphs[0].graph.nodes)
         s = dit_compile.stats(f)
-        runs.append((outs, s["reused"], s["flops_fraction"]))
-    ref, reused, flops = runs[0]
-    for mode, (outs, mode_reused, mode_flops) in zip(("nested", "stamped"), runs[1:]):
+        runs.append((outs, s["reused"], s["flops_fraction"], probed[0]))
+    ref, reused, flops, probe = runs[0]
+    for mode, (outs, mode_reused, mode_flops, mode_probe) in zip(("nested", "stamped"), runs[1:]):
         assert reused == mode_reused == {"step": 1, "block": 3}, mode
+        assert mode_probe == probe, mode
         assert mode_flops == pytest.approx(flops, rel=1e-9), mode
         for i, (a, b) in enumerate(zip(outs, ref)):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{mode}, call {i}")
