@@ -404,7 +404,7 @@ def _cfg_halves(gm: torch.fx.GraphModule, example_inputs: list[Any], inputs: dic
             or text is None or len({x.shape for x in latents}) > 1):
         return None
     x = torch.stack(latents) if samples else latents[0]
-    if guidance_groups(x, t) != 2 or not is_batched_cfg(text, x.shape[0]):
+    if guidance_groups(x, t, text) != 2 or not is_batched_cfg(text, x.shape[0]):
         return None
     return half_batch(gm, example_inputs, inputs, None, samples, sample_outs, before_break)
 

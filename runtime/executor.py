@@ -239,7 +239,7 @@ class GuardedExecutor(Executor):
             return self._unstackable(env, st)
         x = (torch.stack([env[i] for i in self.sample_slots]) if self.sample_slots
              else env[self.latent])
-        groups = guidance_groups(x, env[self.t]) if self._detect else 1
+        groups = guidance_groups(x, env[self.t], self._texts(env)) if self._detect else 1
         placement = st.placement()
         run = sampler_run()
         step = st.begin(st.noise_level(env[self.t], run), tuple(
@@ -426,12 +426,15 @@ class GuardedExecutor(Executor):
             n, [(weakref.ref(v), v._version) for v in now], result)
         return result
 
+    def _texts(self, env: list[Any]) -> torch.Tensor | list[torch.Tensor]:
+        """The text condition per sample: one tensor, or a list of one per sample."""
+        return [env[i] for i in self.text_slots] if self.text_slots else env[self.text]
+
     def _halves_call(self, env: list[Any], batch: int) -> bool:
         """A batched-CFG call: both guidance branches as the halves of one batch. Without a
         half-batch forward (the user is told why, once) cfg reuse cannot take it, and no branch
         difference is kept for it; its halves still decide as one."""
-        text = [env[i] for i in self.text_slots] if self.text_slots else env[self.text]
-        if not is_batched_cfg(text, batch):
+        if not is_batched_cfg(self._texts(env), batch):
             return False
         if self.halves is None and self._no_halves is not None:
             warnings.warn(f"mixcache: a batched-CFG call (both guidance branches in one batch), "

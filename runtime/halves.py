@@ -452,18 +452,34 @@ def _bind(sig: inspect.Signature, frame: Mapping[str, Any]) -> dict[str, Any] | 
     return None
 
 
-def guidance_groups(latent: torch.Tensor, timestep: torch.Tensor) -> int:
+def guidance_groups(latent: torch.Tensor, timestep: torch.Tensor,
+                    text: torch.Tensor | list[torch.Tensor] | None = None) -> int:
     """How many guidance branches one call batches as equal groups of samples: 2 where the latent
     (and a per-sample timestep) is two equal halves (batched CFG, ``[uncond, cond]``), 3 for three
     equal thirds (perturbed-attention guidance's ``[uncond, cond, perturbed]``), else 1. Halves
-    first, as the pipelines batch most; ``[a, b, a, b, a, b]`` (PAG, two images a prompt) is thirds."""
+    first, as the pipelines batch most; ``[a, b, a, b, a, b]`` (PAG, two images a prompt) is thirds.
+    A latent of equal samples is both: ``text`` (one per sample) then tells PAG's, whose last two
+    thirds share the prompt, from CFG's, whose middle third holds both prompts."""
     n = latent.shape[0] if latent.dim() else 0
     per_sample = timestep.dim() >= 1 and timestep.shape[0] == n
     for g in (2, 3):
         if n >= g and n % g == 0 and (not per_sample or _equal_groups(timestep, g)) and (
                 _equal_groups(latent, g)):
+            if g == 2 and n % 3 == 0 and _equal_groups(latent, 3) and _perturbed(text, n):
+                continue
             return g
     return 1
+
+
+def _perturbed(text: torch.Tensor | list[torch.Tensor] | None, n: int) -> bool:
+    """Whether the per-sample ``text`` of a batch of ``n`` has equal second and third thirds (PAG's
+    cond and perturbed branches; under CFG the second third spans both prompts)."""
+    if text is None or (isinstance(text, torch.Tensor) and text.dim() == 0) or len(text) != n:
+        return False
+    k = n // 3
+    if isinstance(text, torch.Tensor):
+        return torch.equal(text[k:2 * k], text[2 * k:])
+    return all(torch.equal(a, b) for a, b in zip(text[k:2 * k], text[2 * k:]))
 
 
 def _equal_groups(x: torch.Tensor, g: int) -> bool:

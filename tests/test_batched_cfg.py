@@ -250,6 +250,13 @@ def test_guidance_groups_are_equal_latent_halves_or_thirds():
     assert guidance_groups(torch.cat([a, b, a, b, a, b]), t) == 3    # PAG, two images a prompt
     assert guidance_groups(torch.cat([a, b, c, a, b, c]), t) == 2    # CFG, three images a prompt
     assert guidance_groups(torch.cat([a] * 6), t) == 2    # halves and thirds: halves first
+    # ... but for the text: PAG's [u, u, c, c, p, p] of one latent (perturbed takes cond's text),
+    # whose halves would pair uncond with cond and cond with perturbed; CFG's [u, u, u, c, c, c].
+    u, cond = torch.randn(2, 1, 3, 8)
+    assert guidance_groups(torch.cat([a] * 6), t, torch.cat([u, u, cond, cond, cond, cond])) == 3
+    assert guidance_groups(torch.cat([a] * 6), t, torch.cat([u, u, u, cond, cond, cond])) == 2
+    assert guidance_groups(torch.cat([a] * 6), t, [u[0], u[0], cond[0], cond[0], cond[0],
+                                                   cond[0]]) == 3    # a list, one per sample
     assert guidance_groups(torch.cat([a, a, b]), t[:3]) == 1
     assert guidance_groups(torch.cat([a, a, a]), torch.tensor([500.0, 500.0, 400.0])) == 1
     mask = torch.tensor([True, True, False, True, True, True])
