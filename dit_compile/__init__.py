@@ -9,6 +9,7 @@ tree on ``sys.path`` alone is not a working package: install it (``pip install -
 """
 from __future__ import annotations
 
+import numbers
 import threading
 from typing import Any
 
@@ -60,10 +61,16 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Drop everything cached and counted for ``model``: the next call starts a new generation,
-    and ``stats(model)`` counts from there. Every state of the model's, where graphs of it hold
-    several (compiled again in another form): none of them is reused after a reset."""
-    for state in model_states(model):
+    """Drop everything cached and counted for ``model`` in the calling thread: its next call
+    starts a new generation, and ``stats(model)`` counts from there. Every state of the model's
+    in this thread, where graphs of it hold several (compiled again in another form): none of
+    them is reused after a reset.
+
+    Each thread that generates keeps its own state, and a reset is the calling thread's: the
+    README's own loops, one a thread, each reset between their generations, never in the middle of
+    another's (a reset there restarted it, and one under its running call raised). A thread that
+    has not called the model has nothing to reset; its first call starts a generation anyway."""
+    for state in model_states(model, threading.current_thread()):
         state.reset()
         state.clear_stats()
 
@@ -74,4 +81,7 @@ def wait_for_compiles(model: torch.nn.Module, timeout: float | None = None) -> i
     compiled model, or a deployment that wants its first request fast: a model runs its regions
     uncompiled until then. ``timeout`` in seconds (``subprocess.TimeoutExpired`` past it)."""
     expect_module(getattr(model, "_orig_mod", model), "wait_for_compiles waits for the compiles of")
-    return background.wait(model, timeout)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or not timeout >= 0):
+        raise ValueError(f"wait_for_compiles: timeout={timeout!r}: seconds (a number >= 0) or None")
+    return background.wait(model, float(timeout) if timeout is not None else None)

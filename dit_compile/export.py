@@ -44,6 +44,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -84,10 +85,17 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     sharing that code (the same class, or diffusers' decorator around ``forward``) traces again at
     its next call; other compiled code keeps its graphs."""
     opts = Options.parse(options)
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"dit_compile.export: kwargs must be a dict of the forward's keyword "
+                        f"arguments (as the model is called: model(**kwargs)), not "
+                        f"{type(kwargs).__name__}")
     # A compiled model (pipe.transformer once torch.compile'd) is exported as the model itself:
     # its name, forward signature, config and attributes are the model's, not the wrapper's.
     model = getattr(model, "_orig_mod", model)
     expect_module(model, "dit_compile.export exports")
+    if isinstance(model, Exported):
+        raise ValueError(f"dit_compile.export: this is a loaded export (of {model.model_name}), "
+                         "whose programs are already rewritten: export the model it came from")
     # 0. lowering: layerwise casting's hooks in their traceable form (no result changes: the
     #    programs hold the casts, and the weights stay in the storage dtype), and MoE dispatches
     #    that would break the graph, for the export only.
@@ -381,7 +389,7 @@ class Exported(torch.nn.Module):
         self.keywords = m.get("keywords")     # None: saved before keywords were
         self.autocast: dict[str, str | None] = m.get("autocast", {})   # {}: saved before it was
         self._told_autograd = False
-        self._uncached = False      # see ``uncached``
+        self._uncached: set[threading.Thread] = set()     # see ``uncached``
         # Saved before positional arguments were: none taken.
         self.positional: list[str] = m.get("positional", [])
         for name, value in m.get("attributes", {}).items():
@@ -407,12 +415,16 @@ class Exported(torch.nn.Module):
     @contextlib.contextmanager
     def uncached(self) -> Iterator[None]:
         """Calls that run every piece and leave the cache as it was (nothing read, stored or
-        counted): what ``calibrate_split`` measures, as it measures a compiled model eagerly."""
-        saved, self._uncached = self._uncached, True
+        counted): what ``calibrate_split`` measures, as it measures a compiled model eagerly. The
+        calling thread's calls only: another thread's generation goes on cached."""
+        thread = threading.current_thread()
+        saved = thread in self._uncached
+        self._uncached.add(thread)
         try:
             yield
         finally:
-            self._uncached = saved
+            if not saved:
+                self._uncached.discard(thread)
 
     def to(self, *args: Any, **kwargs: Any) -> "Exported":
         """As ``nn.Module.to``, except that the dtype the model was exported in puts each weight
@@ -477,7 +489,8 @@ class Exported(torch.nn.Module):
             if args[i].stride() != stride:
                 args[i] = torch.empty_strided(args[i].shape, stride, dtype=args[i].dtype,
                                               device=args[i].device).copy_(args[i])
-        if isinstance(self.executor, GuardedExecutor) and self._uncached:
+        if (isinstance(self.executor, GuardedExecutor)
+                and threading.current_thread() in self._uncached):
             out = pytree.tree_leaves(Executor.__call__(self.executor, *args))
         elif (isinstance(self.executor, GuardedExecutor) and torch.is_grad_enabled()
                 and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):

@@ -154,7 +154,11 @@ def _calibrate(pipe: Any, large: torch.nn.Module, small: torch.nn.Module,
     saved = (pipe.transformer, pipe.config.boundary_ratio)
     calls: list[tuple[float, torch.Tensor, torch.Tensor]] = []
 
+    caller = threading.current_thread()
+
     def record(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if threading.current_thread() is not caller:    # another thread's generation
+            return
         t = kwargs["timestep"] if "timestep" in kwargs else args[1]
         calls.append((float(t.max()) / scale, _sample(output).float(),
                       _sample(small(*args, **kwargs)).float()))
@@ -248,8 +252,9 @@ class OnlineSplit(torch.nn.Module):
     pipeline reads (``config``, ``dtype``, ``device``) is the large model's, as
     ``torch.compile``'s wrapper reads through to its model.
 
-    ``switches``: per generation, the (step, noise level) where ``small`` took over, or None
-    where it never did (the last ``KEEP`` generations)."""
+    ``switches``: per generation, the (step, t) where ``small`` took over, or None where it
+    never did (the last ``KEEP`` generations); ``t`` is the noise level on the timestep's own
+    scale, as in ``stats``' trace (Wan's 0 to 1000, not a calibration boundary's [0, 1])."""
     KEEP = 64
 
     def __init__(self, large: torch.nn.Module, small: torch.nn.Module, rule: Settle):

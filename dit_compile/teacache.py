@@ -10,6 +10,7 @@ the pairs, and a least-squares fit maps one to the other.
 from __future__ import annotations
 
 import numbers
+import threading
 from typing import Any, Callable
 
 import torch
@@ -41,7 +42,9 @@ def fit_teacache(model: torch.nn.Module, run: Callable[[], Any], degree: int = 4
     # The state hangs on the model's parameters, shared by every compile of the model; a run of
     # this one replaces another configuration's state with its own at its first call. Recorded
     # only where the state that was asked to record is still the model's after the run.
-    state, pairs = find_state(model), None
+    def mine() -> Any:      # the calling thread's: another thread may generate meanwhile
+        return find_state(model, threading.current_thread())
+    state, pairs = mine(), None
     try:
         for _ in range(2):
             if state is not None:
@@ -52,13 +55,13 @@ def fit_teacache(model: torch.nn.Module, run: Callable[[], Any], degree: int = 4
             finally:
                 if state is not None:
                     pairs, state.calibration = state.calibration, None
-            now = find_state(model)
+            now = mine()
             if now is not None and now is state:
                 break
             state, pairs = now, None      # that run compiled the model, or made its own state
     finally:
         # Dropped after as well, a run that raised included: its calls computed everything.
-        for each in {id(s): s for s in (state, find_state(model)) if s is not None}.values():
+        for each in {id(s): s for s in (state, mine()) if s is not None}.values():
             each.reset()
             each.clear_stats()
     if state is None:

@@ -593,8 +593,9 @@ class CacheState:
         return total
 
     def _tensors(self):
-        for bc in self.branches.values():
-            for _, outs in bc.outputs:
+        # Snapshots: stats() may read the state of a thread that is running a call.
+        for bc in list(self.branches.values()):
+            for _, outs in list(bc.outputs):
                 yield from outs
             yield from (x for x in (bc.latent, bc.probe, bc.last_input, bc.accumulated)
                         if x is not None)
@@ -602,10 +603,10 @@ class CacheState:
             yield from _tensor_leaves(bc.signals)
             if bc.text is not None and bc.text[2] is not None:
                 yield bc.text[2]
-        for diff in self.cfg_diff.values():
+        for diff in list(self.cfg_diff.values()):
             yield from diff
-        yield from _tensor_leaves(self.signals)
-        for outs in self.current.values():
+        yield from _tensor_leaves(dict(self.signals))
+        for outs in list(self.current.values()):
             yield from outs
         # Copies of inference tensors (torch.inference_mode), kept to compare later calls with.
         yield from (held[2] for held in (self._timestep, self._latent)
@@ -651,7 +652,7 @@ class CacheState:
 
     def _flops_fraction(self) -> float:
         done, full = self.flops, self.flops_full
-        for count, sizes, fractions, calls in self._sized.values():
+        for count, sizes, fractions, calls in list(self._sized.values()):
             weight = count(sizes)
             done, full = done + fractions * weight, full + calls * weight
         return done / full if full else 1.0
@@ -659,15 +660,15 @@ class CacheState:
     def stats(self) -> dict[str, Any]:
         """Counts of computed and reused work per granularity since the last ``clear_stats``, and
         the per-call trace of the last ``TRACE_GENERATIONS`` generations, for the user."""
-        calls = sum(self.counts.values()) + sum(self.partial.values())
+        counts, partial = dict(self.counts), dict(self.partial)
         return {
-            "calls": calls,
-            "computed": self.counts.get("compute", 0),
-            "reused": {k: v for k, v in self.counts.items() if k != "compute"},
-            "partial": dict(self.partial),
+            "calls": sum(counts.values()) + sum(partial.values()),
+            "computed": counts.get("compute", 0),
+            "reused": {k: v for k, v in counts.items() if k != "compute"},
+            "partial": partial,
             "flops_fraction": self._flops_fraction(),
             "cached_bytes": self.bytes(),
-            "trace": [r.__dict__.copy() for r in self.records],
+            "trace": [r.__dict__.copy() for r in list(self.records)],
         }
 
 
@@ -692,16 +693,18 @@ class StateFactory:
         self._orphans = ThreadStates()     # a traced function with no parameters
 
     def __call__(self, anchor: Any) -> CacheState:
-        states = self._orphans if anchor is None else getattr(anchor, STATE_ATTR, None)
-        if states is None:
-            states = ThreadStates()
-            setattr(anchor, STATE_ATTR, states)
         # Keyed by the thread, not its ident: a new thread may get an ended one's ident.
         thread = threading.current_thread()
-        state = states.get(thread)
+        states = self._orphans if anchor is None else getattr(anchor, STATE_ATTR, None)
+        state = None if states is None else states.get(thread)
         if state is None or state.key != self.key:
-            _drop_ended_threads(states)
-            state = states[thread] = self._new()
+            with _THREADS:      # threads making their first calls at once
+                states = self._orphans if anchor is None else getattr(anchor, STATE_ATTR, None)
+                if states is None:
+                    states = ThreadStates()
+                    setattr(anchor, STATE_ATTR, states)
+                _drop_ended_threads(states)
+                state = states[thread] = self._new()
         return state
 
     def _new(self) -> CacheState:
@@ -715,6 +718,11 @@ class ThreadStates(dict):
 
     def __reduce__(self) -> tuple:
         return ThreadStates, ()
+
+
+# Guards the ThreadStates of every model as threads add and drop theirs (a lock, not state: the
+# states themselves hang on each model's parameters).
+_THREADS = threading.Lock()
 
 
 def _drop_ended_threads(states: ThreadStates) -> None:
@@ -746,7 +754,9 @@ def model_states(model: torch.nn.Module, thread: threading.Thread | None = None
                   " (for a compiled function, the model it calls)")
     states = {}
     for p in model.parameters():
-        for owner, state in getattr(p, STATE_ATTR, {}).items():
+        with _THREADS:
+            owned = list(getattr(p, STATE_ATTR, {}).items())
+        for owner, state in owned:
             if thread is None or owner is thread:
                 states[id(state)] = state
     return list(states.values())

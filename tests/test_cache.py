@@ -1043,6 +1043,79 @@ def test_two_threads_generating_at_once_share_nothing():
     assert seen["worker"] == 2 and dit_compile.stats(f)["calls"] == 2 * len(STEPS), seen
 
 
+def test_a_reset_in_one_thread_leaves_another_threads_generation_alone():
+    """The README's own loops reset between generations, in a thread each: a thread's reset is
+    its own (thread A, halfway through, goes on as alone while B, new, resets and generates; a
+    reset of every thread's restarted A). Threads making their first calls at once each get a
+    state (they raced to add theirs, and a call raised KeyError)."""
+    import sys
+    import threading
+    from dit_compile.runtime.cache import find_state, model_states
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 12):
+        pytest.skip("torch 2.11: compiled code run in two threads changes later traces")
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [2], "cfg": [1, 3], "block": [4]})
+    alone = generation(f, kw)
+    half, rest, outs = threading.Event(), threading.Event(), {}
+
+    def a():
+        outs["a"] = generation(f, kw, STEPS[:3])
+        half.set()
+        rest.wait()
+        outs["a"] += generation(f, kw, STEPS[3:])
+
+    def b():
+        half.wait()
+        dit_compile.reset(f)
+        outs["b"] = generation(f, dict(kw, hidden_states=-kw["hidden_states"]))
+        rest.set()
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for x, y in zip(outs["a"], alone):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # This thread has a state: its reset is its own.
+    mine = find_state(model, threading.current_thread())
+    workers = [s for s in model_states(model) if s is not mine]
+    dit_compile.reset(f)
+    assert dit_compile.stats(f)["calls"] == 0
+    assert [s.stats()["calls"] for s in workers] == [2 * len(STEPS)] * 2
+    # A thread with none resets nothing of the others' (its stats read the last one's).
+    seen = {}
+
+    def keeper():
+        dit_compile.reset(f)
+        seen["calls"] = [s.stats()["calls"] for s in workers]
+    t = threading.Thread(target=keeper)
+    t.start()
+    t.join()
+    assert seen == {"calls": [2 * len(STEPS)] * 2}, seen
+    # New threads' first calls at once, many times over.
+    interval, errors = sys.getswitchinterval(), []
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(30):
+            start = threading.Barrier(4)
+
+            def first():
+                start.wait()
+                try:
+                    generation(f, kw, STEPS[:1], branches=1)
+                except Exception as e:  # noqa: BLE001 (the race's KeyError, RuntimeError)
+                    errors.append(e)
+            threads = [threading.Thread(target=first) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+
+
 def test_another_sampler_run_is_a_new_generation_whatever_its_timestep():
     """A call from another run of the sampler (another ``scheduler.timesteps`` tensor) starts a
     generation even below the last call's timestep; one from the same run is its next step, and a
@@ -1802,6 +1875,10 @@ def test_numpy_values_are_taken_as_the_python_ones():
                          4)
     assert (policy.step_steps, policy.span, policy.first_block, policy.max_reuse) == (
         {1, 2}, (1, 3), 0.5, 2)
+    # A set of NumPy integers, and the options' own flags as NumPy booleans.
+    assert make_policy({"rule": "schedule", "step": set(np.arange(1, 3))}, 4).step_steps == {1, 2}
+    opts = dit_compile.Options.parse({"share_blocks": np.False_, "lower_moe": np.True_})
+    assert (opts.share_blocks, opts.lower_moe) == (False, True)
 
 
 @pytest.mark.parametrize("cache", [{"rule": "schedule", "block": [1], "probe": 2},
