@@ -169,6 +169,10 @@ def _uncacheable(gm: fx.GraphModule, rmap: RegionMap, model: torch.nn.Module | N
                       "under torch.no_grad() or torch.inference_mode() to cache (diffusers' "
                       "pipelines do).", stacklevel=3)
         return True
+    if any(isinstance(x, torch.Tensor) and x.device.type == "meta" for x in example_inputs):
+        # Dynamo guards on the device: this graph runs on meta tensors only, which hold no
+        # values to read a noise level or a change from (a shape check, a memory estimate).
+        return True
     outside = outside_model(gm, rmap) if model is None else []
     if outside:
         # The graph's outputs are then the function's (a whole denoising step: the model, then

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import sys
@@ -245,7 +246,10 @@ def _options_of(backend: Any) -> dict | None:
         if backend is mixcache:
             return {}
         if getattr(backend, "compiler_fn", None) is mixcache:
-            return dict((getattr(backend, "kwargs", None) or {}).get("options") or {})
+            options = (getattr(backend, "kwargs", None) or {}).get("options") or {}
+            if dataclasses.is_dataclass(options):       # an Options, as torch.compile takes too
+                return dataclasses.asdict(options)
+            return dict(options)
         backend = getattr(backend, "_torchdynamo_orig_backend", None)
     return None
 
@@ -305,8 +309,7 @@ def retrace_once_after_break(gm: fx.GraphModule, model: torch.nn.Module | None
     no backend; only the forward's first graph, which the whole graph's guards send back to a
     trace, does. That graph is cached by Dynamo after this backend returns, past any reset now: it
     is forgotten as it first runs, just after (``_forget_at_first_run``)."""
-    if (model is None or _retrace_pending(model) or not is_fragment(gm)
-            or "_mixcache_retraced" in model.__dict__):
+    if model is None or _retrace_pending(model) or not is_fragment(gm) or _retraced(model):
         return _as_it_is
     if _tracing(_forward_codes(model)):
         return functools.partial(_forget_at_first_run, model=weakref.ref(model))
@@ -334,8 +337,28 @@ def _forget_at_first_run(fn: Callable[..., Any], model: weakref.ref) -> Callable
     return run
 
 
+def _retraced(model: torch.nn.Module) -> bool:
+    """Whether the model's one retrace is spent. A call that raised since gives it back: Dynamo
+    gives up on each frame an exception leaves (a wrong input: a float timestep) and runs it
+    eagerly from then on, the forward's among them, so the next good call's graphs would be
+    fragments, though the forward itself does not break."""
+    spent = model.__dict__.get("_mixcache_retraced")
+    return spent is not None and spent == _raised_calls()
+
+
+def _raised_calls() -> int:
+    """How many frames Dynamo has given up on because an exception left them (its counters)."""
+    from torch._dynamo.utils import counters
+    return sum(n for why, n in counters["unimplemented"].items()
+               if str(why).startswith("Observed exception"))
+
+
 def _forget_once(model: torch.nn.Module) -> None:
-    if _first_time(model, "_mixcache_retraced") and forget_forward(model):
+    if _retraced(model):
+        return
+    # Written while Dynamo traces: the guards it builds afterwards see it, so no recompile.
+    model._mixcache_retraced = _raised_calls()
+    if forget_forward(model):
         log.info("mixcache: %s: a graph break split the forward; tracing it again at the next "
                  "call", type(model).__name__)
 
@@ -445,7 +468,7 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
                   "capture_dynamic_output_shape_ops capture them, and a forward then broken "
                   "only before its blocks is cached; dit_compile.explain(model, *inputs) says "
                   "which, with Dynamo's hints, TORCH_LOGS=graph_breaks lists them all)")
-        if root is not None and not root.__dict__.get("_mixcache_retraced"):
+        if root is not None and not _retraced(root):
             reason += ("; the forward is traced once more at its next call, in case the break is "
                        "the first call's alone (a table built lazily), and cached from there if so")
         hooks = breaking_hooks(root)

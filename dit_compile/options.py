@@ -63,7 +63,8 @@ class Options:
             raise OptionError(f"options must be a dict of mixcache options (or an Options), not "
                               f"{type(options).__name__} {options!r}: e.g. options="
                               "{'cache': 'balanced'}")
-        options = dict(options or {})
+        from .runtime.policy import native
+        options = {k: native(v) for k, v in (options or {}).items()}    # NumPy values as Python's
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - set(fields))
         if unknown:

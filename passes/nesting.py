@@ -67,6 +67,8 @@ def nest_blocks(model: nn.Module, stamp: bool = False) -> int:
     ``stamp``: under ``backend="mixcache"``, Dynamo traces the first block of each stack and the
     backend stamps its graph out for the blocks alike to it, on any torch (``passes.stamping``)."""
     expect_module(model, "nest_blocks marks the blocks of")
+    if not isinstance(stamp, bool):
+        raise TypeError(f"nest_blocks: stamp={stamp!r}: must be True or False")
     if not reuses_nested_regions() and not stamp:
         warnings.warn(
             f"dit_compile.nest_blocks: torch {torch.__version__} traces every call of a nested "

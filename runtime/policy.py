@@ -299,7 +299,7 @@ def make_policy(cache: Any, n_blocks: int | None) -> "Policy | MixCache | None":
     from .mixcache import PRESETS, make_mixcache
     if cache is None:
         return None
-    cache = _native(cache)
+    cache = native(cache)
     if isinstance(cache, str):
         if cache not in PRESETS:
             raise PolicyError(f"cache={cache!r}: a preset is one of {sorted(PRESETS)}")
@@ -313,15 +313,17 @@ def make_policy(cache: Any, n_blocks: int | None) -> "Policy | MixCache | None":
     return _check_blocks(policy, n_blocks)
 
 
-def _native(value: Any) -> Any:
+def native(value: Any) -> Any:
     """NumPy values as Python's (``list(np.arange(3))``, a float32 threshold, an array ``span``),
     and tuples as lists, so that a value given twice compares as the user meant it."""
     if isinstance(value, dict):
-        return {k: _native(v) for k, v in value.items()}
+        return {k: native(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_native(v) for v in value]
+        return [native(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return {native(v) for v in value}
     if isinstance(value, np.ndarray):
-        return _native(value.tolist())
+        return native(value.tolist())
     if isinstance(value, np.generic):
         return value.item()
     return value

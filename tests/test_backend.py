@@ -74,6 +74,63 @@ def test_options_may_be_given_as_options():
         dit_compile.Options.parse(dataclasses.replace(opts, regions="tvm"))
 
 
+def test_a_model_compiled_with_options_given_as_options_reports_them():
+    """torch.compile(..., options=dit_compile.Options(...)) compiles as the dict would; stats,
+    explain and compiled_options read its options (they raised "'Options' object is not
+    iterable")."""
+    model, kw = tiny_models.wan(layers=2)
+    opts = dit_compile.Options(regions="eager", cache="fast")
+    f = torch.compile(model, backend="mixcache", options=opts)
+    with torch.no_grad():
+        f(**kw)
+    assert dit_compile.compiled_options(f) == dataclasses.asdict(opts)
+    assert dit_compile.stats(f)["calls"] == 1
+    assert "blocks" in str(dit_compile.explain(f, **kw))
+
+
+def test_misused_helpers_say_what_they_take(tmp_path):
+    model, kw = tiny_models.wan(layers=2)
+    with pytest.raises(TypeError, match=r"stamp='yes': must be True or False"):
+        dit_compile.nest_blocks(model, stamp="yes")
+    with pytest.raises(ValueError, match=r"timeout='5': seconds"):
+        dit_compile.wait_for_compiles(model, timeout="5")
+    with pytest.raises(TypeError, match=r"kwargs must be a dict of the forward's keyword arguments"):
+        dit_compile.export(model, str(tmp_path / "m"), [kw])
+
+
+def test_a_model_on_the_meta_device_runs_uncached():
+    """A meta call (a shape check) has no values to read a noise level from: it runs as plain
+    Inductor's does, uncached, where it raised from the cache's host read."""
+    model, kw = tiny_models.wan(layers=2)
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    with torch.no_grad():
+        want = f(**kw, return_dict=False)[0].shape
+        model.to("meta")
+        out = f(**{k: v.to("meta") for k, v in kw.items()}, return_dict=False)[0]
+    assert out.device.type == "meta" and out.shape == want
+
+
+def test_calls_that_raised_leave_the_next_good_ones_cached():
+    """A wrong input (a float timestep) raises, as eagerly; Dynamo then gives up on the forward's
+    frame and runs it eagerly from there on. The backend has it traced again at the next call,
+    once per call that raised: after two such calls, the fixed ones cached nothing until
+    torch._dynamo.reset()."""
+    model, kw = tiny_models.wan(layers=2)
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [2, 3]}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            with pytest.raises(AttributeError), torch.no_grad():
+                f(**dict(kw, timestep=500.0))
+        with torch.no_grad():
+            # The first runs as Dynamo left the forward (in fragments, uncached): a generation
+            # of five from the next.
+            for t in (900.0, 800.0, 700.0, 500.0, 300.0, 100.0):
+                f(**dict(kw, timestep=torch.tensor([t])))
+    assert dit_compile.stats(f)["reused"] == {"step": 2}
+
+
 def test_cache_memory_takes_whole_numbers_not_bools():
     given = {"cache_memory": 2e9}
     assert dit_compile.Options.parse(given).cache_memory == 2_000_000_000
