@@ -91,6 +91,9 @@ RISING_TOPS = (1.0, 1000.0)
 # pipeline's timestep seems to rise (a sampler restarted once or twice is no such sign).
 RISING_HINT_AFTER = 3
 MAX_BRANCHES = 4    # calls per step; classifier-free guidance makes 2, a second guidance 3
+# A rise within one sampler run this small, relative to the generation's first noise level, is
+# float rounding, not a new generation: KDPM2's interpolated timesteps (554.99994, then 555.0).
+RUN_ROUNDING = 1e-3
 # The per-call trace keeps the last this many generations: a server that generates for days must
 # not grow it without bound. The counts in ``stats`` cover every call since the last reset.
 TRACE_GENERATIONS = 16
@@ -343,8 +346,8 @@ class CacheState:
                   and (signature == self._signatures[next_b] if next_b < len(self._signatures)
                        else self._step == 0))
         self._run = None if run is None else weakref.ref(run)
-        if ((not own and not passes and not branch) or self._last_t is None or t > self._last_t
-                or new_run
+        if ((not own and not passes and not branch) or self._last_t is None
+                or self._rose(t, run, new_run) or new_run
                 # Below a run of one-step generations: the next one's first call, unless the
                 # sampler says this run goes on (Wan 2.2's low-noise expert after one step).
                 or (t < self._last_t and self._rises > 0 and run is None)
@@ -511,12 +514,20 @@ class CacheState:
             remap_signals(bc.signals)
         remap_signals(self.signals)
 
+    def _rose(self, t: float, run: torch.Tensor | None, new_run: bool) -> bool:
+        """Whether ``t`` is above the last call's noise level; within a sampler run, by more than
+        the rounding of its own timesteps (``RUN_ROUNDING``)."""
+        if self._last_t is None or t <= self._last_t:
+            return False
+        if run is None or new_run:
+            return True
+        return t - self._last_t > RUN_ROUNDING * max(abs(self.t_first), abs(t))
+
     def _note_rise(self, t: float, new_run: bool) -> None:
         """Count one-step generations that each start above the last; say once, when they keep
         coming, that the pipeline's timestep seems to rise through a generation. A rise into
         another sampler run is that run's start, no sign of a rising timestep."""
-        rose = (self._last_t is not None and t > self._last_t and self._step == 0
-                and not new_run)
+        rose = self._step == 0 and not new_run and self._rose(t, None, new_run)
         self._rises = self._rises + 1 if rose else 0
         if self._rises == RISING_HINT_AFTER and not self._rise_told:
             self._rise_told = True

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import BranchCache, CacheState, Step, sample_times
+from .cache import RUN_ROUNDING, BranchCache, CacheState, Step, sample_times
 from .policy import (CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1, tie_groups,
                      warn_unread_keys)
 
@@ -190,10 +190,12 @@ class MixCache:
         _fold_pending(sig, st)
         if "out_rate" not in sig or not bc.outputs:
             return None
-        if s.t == sig.get("prev_t"):
+        prev = sig.get("prev_t")
+        if prev is not None and abs(s.t - prev) <= RUN_ROUNDING * max(abs(st.t_first), abs(s.t)):
             # The estimate measures how far the timestep moved. Here only the latent did (Heun's
-            # second evaluation at one timestep), and any reuse would hand back the very output
-            # of the last call: nothing says what that costs, so compute.
+            # second evaluation at one timestep; KDPM2's at one within rounding), and any reuse
+            # would hand back the very output of the last call: nothing says what that costs,
+            # so compute.
             return None
         # Reusing the last output is off by how fast it moves; extrapolating from the last two is
         # off by how fast that slope itself changes (until the slope has changed once, three

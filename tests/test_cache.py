@@ -1116,6 +1116,22 @@ def test_a_reset_in_one_thread_leaves_another_threads_generation_alone():
     assert not errors, errors
 
 
+def test_a_rise_within_a_sampler_run_by_its_rounding_is_the_next_step():
+    """KDPM2's interpolated timesteps round to just below the next one (554.99994, then 555.0):
+    one run of the sampler, one generation, where each such rise started another (a forced
+    schedule reused twice in one pipeline call, and the presets' warm-up restarted). A rise
+    beyond rounding (custom sigmas that go up) still starts one, as a rise with no run does."""
+    from dit_compile.runtime.cache import CacheState
+    run = torch.tensor([999.0, 777.0, 554.99994, 555.0, 333.0, 111.000008, 111.0])
+    state = CacheState()
+    steps = [state.begin(float(t), "signature", run=run) for t in run]
+    assert [(s.generation, s.step) for s in steps] == [(0, i) for i in range(len(run))]
+    assert state.begin(700.0, "signature", run=run).generation == 1, "a rise of a quarter"
+    state = CacheState()
+    state.begin(555.0 - 6e-5, "signature")
+    assert state.begin(555.0, "signature").generation == 1, "no run to ask"
+
+
 def test_another_sampler_run_is_a_new_generation_whatever_its_timestep():
     """A call from another run of the sampler (another ``scheduler.timesteps`` tensor) starts a
     generation even below the last call's timestep; one from the same run is its next step, and a
