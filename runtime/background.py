@@ -77,6 +77,26 @@ def _bare(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def _settings() -> dict[str, dict[str, Any]]:
+    """The compile settings the user changed in this process (``torch._inductor.config`` and
+    ``torch.compiler.config``, patched or set: ``coordinate_descent_tuning``, a debug trace,
+    caches off), for the child to compile as a compile here would. A custom pass (a callable of
+    this process) cannot travel: refused, and the graph compiles here."""
+    import torch.compiler.config
+    from torch._inductor import config
+    # Not the caches' settings: the child's artifact is made of what its compile caches.
+    changed = {name: {k: v for k, v in module._get_dict(ignored_prefixes=["_"],
+                                                          skip_default=True).items()
+                      if "cache" not in k}
+               for name, module in (("inductor", config), ("compiler", torch.compiler.config))}
+    passes = sorted(k for d in changed.values() for k, v in d.items()
+                    if callable(v) or hasattr(v, "uuid"))
+    if passes:
+        raise ValueError(f"Inductor's {', '.join(passes)} holds a pass of this process, which a "
+                         "child process cannot run")
+    return changed
+
+
 def _imports(graphs: Sequence[fx.GraphModule]) -> list[str]:
     """What the child imports to have the graphs' custom ops: this package, for its own."""
     ours = any(isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "dit_compile"
@@ -95,8 +115,13 @@ class Job:
         shipped = Options(ops_filter=lambda op: op.startswith(
             ("torch.ops.aten.", "torch.ops.prims.", "torch.ops.dit_compile.")))
         self.name = name
-        self.folder = tempfile.TemporaryDirectory(prefix="mixcache-compile-")
-        job = {"options": options, "imports": _imports([gm for gm, _ in pieces]),
+        self.forward: Callable[..., Any] | None = None     # the model class's (register)
+        self.pieces: "weakref.WeakSet[Swapping]" = weakref.WeakSet()
+        # (The child removes it itself if this process dies first: _exit_with_parent.)
+        self.folder = tempfile.TemporaryDirectory(prefix="mixcache-compile-",
+                                                  ignore_cleanup_errors=True)
+        job = {"options": options, "settings": _settings(),
+               "imports": _imports([gm for gm, _ in pieces]),
                "pieces": [(GraphPickler.dumps(_bare(gm), shipped), [_spec(x) for x in inputs])
                           for gm, inputs in pieces]}
         path = os.path.join(self.folder.name, "job.pkl")
@@ -104,8 +129,10 @@ class Job:
             pickle.dump(job, f)
         self.started = time.perf_counter()
         self.log = open(os.path.join(self.folder.name, "child.log"), "wb")
+        # The child's stdin is a pipe this process holds open: it ends when this process does,
+        # however it ends (killed included), and the child then stops (_exit_with_parent).
         self.proc = subprocess.Popen([*WORKER, path], cwd=self.folder.name, stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.PIPE)
         # A process that exits before its child is done does not leave it compiling.
         self._stop = weakref.finalize(self, _stop, self.proc, self.log, self.folder)
         _children.add(self)
@@ -131,9 +158,27 @@ class Job:
 def _stop(proc: subprocess.Popen, logfile: Any, folder: tempfile.TemporaryDirectory) -> None:
     if proc.poll() is None:
         proc.kill()
-        proc.wait()
+    proc.wait()
+    if proc.stdin is not None:
+        proc.stdin.close()
     logfile.close()
     folder.cleanup()
+
+
+def _exit_with_parent(folder: str) -> None:
+    """In the child: stop, removing the job's folder, once the parent is gone (its end of the
+    stdin pipe closed), so that a parent killed mid-compile leaves no child compiling on."""
+    import shutil
+    import threading
+
+    def watch() -> None:
+        # The file descriptor, not sys.stdin: a daemon thread blocked in a buffered read holds
+        # its lock, and the interpreter's shutdown aborts on it.
+        while os.read(0, 4096):
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 class Swapping:
@@ -147,6 +192,7 @@ class Swapping:
                  finish: Callable[[Callable[..., Any]], Callable[..., Any]],
                  compile_here: Callable[[list[Any]], Callable[..., Any]]):
         self.job, self.index, self.piece = job, index, piece
+        job.pieces.add(self)
         self.finish, self.compile_here = finish, compile_here
         self.fn: Callable[..., Any] | None = None
         self.eager_calls = 0
@@ -176,6 +222,7 @@ class Swapping:
             start = time.perf_counter()
             artifact = torch._inductor.CompiledArtifact.load(path=path, format="binary")
             self.fn = self.finish(artifact)
+            self.job.proc.poll()        # reaped once done: no zombie till the Job is collected
             log.info("mixcache: %s: piece %d compiled in the background, swapped in after %.2f s "
                      "(%d calls ran uncompiled; load %.2f s)", self.job.name, self.index,
                      time.perf_counter() - self.job.started, self.eager_calls,
@@ -196,17 +243,24 @@ def register(model: torch.nn.Module, fns: Sequence[Callable[..., Any]]) -> None:
     pieces = [f for f in fns if isinstance(f, Swapping)]
     if pieces:
         model.__dict__.setdefault("_mixcache_background", weakref.WeakSet()).update(pieces)
+    for piece in pieces:
+        piece.job.forward = type(model).forward
 
 
 def wait(model: torch.nn.Module, timeout: float | None = None) -> int:
     """Wait for ``model``'s child processes and swap in what they compiled; the number of pieces
     swapped in. A failed child's pieces stay uncompiled until their next call compiles them here
     (with the warning)."""
-    pieces = list(getattr(model, "_orig_mod", model).__dict__.get("_mixcache_background", ()))
+    model = getattr(model, "_orig_mod", model)
+    pieces = list(model.__dict__.get("_mixcache_background", ()))
+    # A graph serves every instance of the class (Dynamo keeps it on the forward's code): Wan
+    # 2.2's two experts run the pieces the first one's call compiled.
+    pieces += [p for job in list(_children) if job.forward is type(model).forward
+               for p in list(job.pieces)]
     deadline = None if timeout is None else time.monotonic() + timeout
     for job in {id(p.job): p.job for p in pieces}.values():
         job.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
-    return sum(p.swap() is not None for p in pieces)
+    return sum(p.swap() is not None for p in {id(p): p for p in pieces}.values())
 
 
 def child(path: str) -> None:
@@ -217,6 +271,10 @@ def child(path: str) -> None:
 
     with open(path, "rb") as f:
         job = pickle.load(f)
+    _exit_with_parent(os.path.dirname(path))
+    import torch.compiler.config
+    torch._inductor.config.load_config(job["settings"]["inductor"])
+    torch.compiler.config.load_config(job["settings"]["compiler"])
     for module in job["imports"]:
         importlib.import_module(module)
     folder = os.path.dirname(path)

@@ -1,5 +1,6 @@
 """``background_compile``: the regions compile in a child process while the model runs uncompiled,
 and switch to Inductor's code once ready; a failed child is a warning and a compile here."""
+import os
 import sys
 import warnings
 
@@ -117,6 +118,46 @@ def test_a_graph_that_cannot_go_to_a_child_or_finds_no_room_compiles_now(monkeyp
     assert not [w for w in caught if "mixcache" in str(w.message)]
     assert "_mixcache_background" not in model.__dict__
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_child_compiles_as_this_process_would_for_every_model_and_ends_with_it(monkeypatch):
+    """Inductor's settings made here (``torch._inductor.config``) reach the child, which compiled
+    with its defaults. A second model of the class runs the graph the first one's call compiled:
+    ``wait_for_compiles`` of it waits for that graph's child too (it returned 0, and the model ran
+    uncompiled). A child stops, its folder removed, once this process's end of its stdin closes,
+    as it does when this process dies (one killed mid-compile left it compiling, and its folder
+    behind)."""
+    from torch._inductor import config
+    model, kw, compiled = _blocks_in_background()
+    twin, _ = tiny_models.wan(layers=2)
+    compiled_twin = torch.compile(twin, backend="mixcache", options={
+        "cache": None, "regions": "blocks", "background_compile": True})
+    with torch.no_grad():
+        compiled(**kw, return_dict=False)
+        compiled_twin(**kw, return_dict=False)      # the graph the first call compiled
+        assert dit_compile.wait_for_compiles(compiled_twin) == 1
+        out, ref = compiled_twin(**kw, return_dict=False)[0], twin(**kw, return_dict=False)[0]
+    assert all(p.fn is not None for p in _pieces(model))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    graph = torch.fx.symbolic_trace(lambda x: x + 1)
+    monkeypatch.setattr(background, "WORKER", [
+        sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1])['child'](sys.argv[2]);"
+        " import torch._inductor.config as c; print('comment_origin', c.comment_origin)",
+        background.__file__])
+    with config.patch({"comment_origin": not config.comment_origin}):
+        job = background.Job([(graph, [torch.ones(2)])], {}, "test")
+    assert job.proc.wait(timeout=120) == 0
+    with open(job.log.name) as f:
+        assert f"comment_origin {not config.comment_origin}" in f.read()
+
+    monkeypatch.setattr(background, "WORKER", [
+        sys.executable, "-c", "import os, runpy, sys, time; runpy.run_path(sys.argv[1])"
+        "['_exit_with_parent'](os.path.dirname(sys.argv[2])); time.sleep(120)", background.__file__])
+    job = background.Job([(graph, [torch.ones(2)])], {}, "test")
+    job.proc.stdin.close()
+    assert job.proc.wait(timeout=60) == 1
+    assert not os.path.exists(job.folder.name)
 
 
 @pytest.mark.gpu
