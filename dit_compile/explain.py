@@ -367,8 +367,9 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
     report.nested, report.nested_regions = len(calls), len(set(calls))
     report.marked = _marked(target)
     report.stamped = restamp(target)
-    if not report.stamped:      # stamped blocks: the backend traces and compiles the first
-        report.block_graphs, report.twins = _block_graphs(plan)
+    # Stamped blocks compile as inlined ones do: the backend puts the first block's graph in
+    # place of each, which is the graph this trace inlines for it.
+    report.block_graphs, report.twins = _block_graphs(plan)
     report.stacks, report.streams = rmap.stacks, rmap.streams
     cfg = (fit_to_tail(head_halves[0], tail_outputs.get(found.index(rmap), []))
            if relayed and head_halves else halves.get(found.index(rmap)))

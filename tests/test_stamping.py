@@ -214,6 +214,7 @@ def test_other_backends_trace_stamped_blocks_as_nested_regions():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     report = dit_compile.explain(model, **kw)
     assert report.stamped == 2 and "blocks stamped: 2" in str(report)
+    assert "block graphs compiled: 1 for 3 blocks (identical blocks share one)" in str(report)
     assert f"first block's modulated input (teacache's signal): {report.modulated}" in str(report)
 
 
