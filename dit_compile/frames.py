@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import os
 import sys
 import warnings
 import weakref
@@ -447,6 +448,8 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     graph of code the model runs around its forward (``_around_forward``): that one runs as it
     is, and the forward's own graphs say for themselves."""
     root = compiled_model() or traced_module()
+    if root is None and _pipeline_code():
+        return
     fragment = why is None or _is_fragment(gm, root)
     if fragment and why is not None and _between_forward_graphs(root):
         return
@@ -486,6 +489,27 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     how = (f"Running {which} as it is (regions='eager')" if eager else
            f"Compiling {which} with Inductor (by regions where it holds a block stack)")
     warnings.warn(f"mixcache: {name}: {reason}. {how}, without caching.", stacklevel=3)
+
+
+def _pipeline_code() -> bool:
+    """Whether Dynamo is tracing diffusers' code outside its models (a pipeline's, a scheduler's,
+    a utility's): the user compiled
+    the pipeline (``torch.compile(pipe)``), whose transformer's forward Dynamo traces in frames of
+    its own, cached as usual. The code around it is no model's: said once, not as a model that
+    falls back."""
+    tx = _current_tx()
+    path = tx.f_code.co_filename.replace("\\", "/") if tx is not None else ""
+    if "/diffusers/" not in path or "/diffusers/models/" in path or "/diffusers/hooks/" in path:
+        return False
+    owner = getattr(tx, "f_locals", {}).get("self")
+    if owner is None or _first_time(owner, "_mixcache_pipeline_told"):
+        warnings.warn("mixcache: torch.compile was given a diffusers pipeline's code (its "
+                      "sampler, its scheduler's step): its graphs around the "
+                      "transformer run as Inductor compiles them, uncached; the transformer's "
+                      "own forward is cached as usual. Compiling the transformer alone "
+                      "(pipe.transformer = torch.compile(pipe.transformer, backend='mixcache')) "
+                      "leaves the pipeline's Python as it is", stacklevel=4)
+    return True
 
 
 def _around_forward(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:

@@ -734,3 +734,25 @@ def test_the_flops_fraction_weighs_each_call_by_its_forwards_flops(dynamic):
     assert costs[1] > 4 * costs[0], "the test's premise: the branches differ in cost"
     assert stats["flops_fraction"] == pytest.approx(
         sum(f * c for f, c in zip(fractions, costs)) / sum(costs), rel=1e-6)
+
+
+def test_torch_compile_of_a_pipeline_says_its_code_is_no_models():
+    """``torch.compile(pipe, backend="mixcache")``: Dynamo traces the transformer's forward in
+    frames of its own (cached as usual where caching is on); the pipeline's and scheduler's graphs
+    are no model's, said as such, not as six fallbacks of 'the traced function' (graph breaks,
+    no block stack)."""
+    model = tiny_models.wan(layers=2)[0]
+    pipe = pipelines.wan_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipelines.run_wan(pipe, steps=2)
+    compiled = torch.compile(pipe, backend="mixcache", options={"regions": "eager", "cache": None})
+
+    class Called:               # run_wan calls what it is given as the pipeline
+        def __call__(self, **kwargs):
+            return compiled(**kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pipelines.run_wan(Called(), steps=2)
+    said = [str(w.message) for w in caught if "mixcache" in str(w.message)]
+    assert said and all("was given a diffusers pipeline's code" in m for m in said), said
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -437,6 +437,9 @@ def test_online_split_starts_each_generation_on_the_large_model(models):
     (k, level), again, never = split.transformer.switches
     assert again == (k, level) and never is None and level <= 700 < big[2 * k - 1]
     assert len(big) == 2 * k + 2 * k + 2 * 2
+    # Nothing of its own to explain (it reported 'no graph', warning of a compile never asked).
+    with pytest.raises(TypeError, match="explain split.large and split.small"):
+        dit_compile.explain(split.transformer, hidden_states=torch.zeros(1))
 
 
 def test_online_split_through_mixcache_matches_eager(models):
