@@ -471,16 +471,24 @@ class Row:
 
     def summary(self, ref_seconds: float, ref_cpu: float) -> dict[str, Any]:
         t, c = sum(self.seconds), sum(self.cpu)
+        # A method that failed part way has times for fewer cases than the reference's: no
+        # speedup (its ratio would count the cases it never ran as free).
+        whole = self.error is None
         return {"method": self.name, "family": self.family, "seconds_total": round(t, 3),
                 "cpu_seconds_total": round(c, 3),
-                "speedup": round(ref_seconds / t, 3) if t else None,
-                "speedup_cpu": round(ref_cpu / c, 3) if c else None,
+                "speedup": round(ref_seconds / t, 3) if t and whole else None,
+                "speedup_cpu": round(ref_cpu / c, 3) if c and whole else None,
                 "flops_fraction": round(sum(self.flops) / len(self.flops), 4) if self.flops else None,
                 "psnr_mean": round(sum(self.psnr) / len(self.psnr), 2) if self.psnr else None,
-                "psnr_min": round(min(self.psnr), 2) if self.psnr else None,
+                "psnr_min": round(_least(self.psnr), 2) if self.psnr else None,
                 "ssim_mean": round(sum(self.ssim) / len(self.ssim), 4) if self.ssim else None,
-                "ssim_min": round(min(self.ssim), 4) if self.ssim else None,
+                "ssim_min": round(_least(self.ssim), 4) if self.ssim else None,
                 "error": self.error}
+
+
+def _least(values: list[float]) -> float:
+    """The smallest value, NaN where any is (``min`` returns a finite one unless NaN is first)."""
+    return math.nan if any(math.isnan(v) for v in values) else min(values)
 
 
 def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float, float]:
@@ -608,8 +616,9 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
              "|" + "---|" * len(columns)]
     for r in rows:
         s = r.summary(ref, ref_cpu)
-        if r.error and not r.psnr:
-            lines.append(f"| {r.name} | failed: {r.error} |" + " |" * (len(columns) - 2))
+        if r.error:     # a partial row's figures are of the cases before the failure: none shown
+            lines.append(f"| {r.name} | failed after {len(r.psnr)} of {meta['cases']} cases: "
+                         f"{r.error} |" + " |" * (len(columns) - 2))
             continue
         cpu = [] if gpu else [f"{s['speedup_cpu']:.2f}x"]
         flops = "-" if s["flops_fraction"] is None else f"{s['flops_fraction']:.2f}"
@@ -641,8 +650,8 @@ def plot(rows: list[Row], meta: dict[str, Any], out: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(19 * len(panels) / 3, 6), dpi=100)
     for ax, (what, label) in zip(axes, panels.items()):
         for r in rows:
-            if not r.psnr or r.name == "full compute (again)":
-                continue
+            if not r.psnr or r.error or r.name == "full compute (again)":
+                continue            # (a method that failed part way: no figure of all cases)
             s = r.summary(*ref)
             if what == "flops" and s["flops_fraction"] is None:
                 continue            # not counted in this run (--no-flop-count)

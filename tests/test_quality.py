@@ -215,6 +215,25 @@ def test_psnr_of_a_nan_output_is_nan_not_the_cap():
     assert math.isnan(quality.ssim(x, ref))
 
 
+def test_a_method_that_failed_part_way_shows_its_failure_not_a_speedup():
+    """Its times cover the cases it ran: a speedup against full compute's time over all of them
+    counted the others as free (2.05x for a method that computes everything), and the table
+    showed no error. A NaN case shows in the least PSNR (min() hid one not first)."""
+    import math
+    full = quality.Row("full compute", "full", seconds=[1.0] * 4, cpu=[1.0] * 4,
+                       psnr=[100.0] * 4, ssim=[1.0] * 4)
+    part = quality.Row("m", "mixcache", seconds=[1.0] * 2, cpu=[1.0] * 2, psnr=[30.0, 31.0],
+                       ssim=[0.9, 0.9], error="RuntimeError: out of memory")
+    assert part.summary(4.0, 4.0)["speedup"] is None
+    meta = {"cases": 4, "model": "small", "steps": 4, "guidance": 4.0, "shift": 1.0,
+            "device": "cpu", "torch": torch.__version__, "threads": 1}
+    table = quality.markdown([full, part], meta)
+    assert "| m | failed after 2 of 4 cases: RuntimeError: out of memory |" in table
+    nan = quality.Row("n", "mixcache", seconds=[1.0] * 2, cpu=[1.0] * 2,
+                      psnr=[30.0, math.nan], ssim=[0.9, math.nan])
+    assert math.isnan(nan.summary(4.0, 4.0)["psnr_min"])
+
+
 def test_flop_count_includes_attention_on_the_cpu():
     """The harness's FLOP count (full compute, diffusers' hooks) counts attention on the CPU too,
     as it does on a GPU: torch's FlopCounterMode alone counts the CPU's attention kernel as none."""
