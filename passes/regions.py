@@ -624,8 +624,10 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
         roles["latent"] = max(same or rest, key=lambda n: val[n].numel()).name
     # Not position ids: those feed the rotary tables' sin and cos (HiDream's patchified img_ids,
     # (batch, tokens, 3), more numbers than a tiny text), a text embedding never does.
+    # Nor a ControlNet's residuals (Z-Image's controlnet_block_samples, a dict of [B, L, D]),
+    # added inside the blocks: taken for the text, each call's drift read as a new prompt.
     rest = [n for n in rest if n.name not in roles.values() and val[n].dim() == 3
-            and n not in sinusoid]
+            and n not in sinusoid and "controlnet" not in source_name(n).lower()]
     if "text" not in roles and rest:
         roles["text"] = max(rest, key=lambda n: val[n].numel()).name
     return roles, "dataflow"

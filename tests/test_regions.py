@@ -499,3 +499,18 @@ def test_output_keys_tell_the_same_computation_of_other_arguments_apart():
     keys = output_keys(torch.fx.symbolic_trace(Block()))
     again = output_keys(torch.fx.symbolic_trace(Block()))
     assert keys == again and keys[0] != keys[1]
+
+
+def test_a_controlnets_residuals_are_conditions_not_the_text():
+    """Z-Image as ZImageControlNetPipeline calls it: its text comes as a list (no name diffusers'
+    other models use), and its ControlNet's residuals as a dict of [B, L, D]: the dataflow rule
+    took a residual for the text, so each call's drift read as a new prompt and nothing was
+    reused. They are other conditions; the text is the caption, as without them."""
+    import tiny_models
+    model, kw = tiny_models.zimage()
+    g = torch.Generator().manual_seed(1)
+    residuals = {0: torch.randn(1, 64, 16, generator=g), 2: torch.randn(1, 64, 16, generator=g)}
+    text = str(dit_compile.explain(model, **kw, controlnet_block_samples=residuals))
+    assert "text=l_kwargs_cap_feats_0_" in text, text
+    assert "other conditions" in text and "controlnet_block_samples_0" in text.split(
+        "other conditions")[1], text
