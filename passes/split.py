@@ -69,7 +69,49 @@ class Plan:
     computation: str                         # computation_key of the graph
 
 
+def _number(n: Any) -> bool:
+    """Whether ``n`` computes a float: a tensor read with ``.item()``, or arithmetic on one."""
+    return (isinstance(n, fx.Node) and n.op in ("call_method", "call_function")
+            and isinstance(n.meta.get("example_value", n.meta.get("val")), (float, torch.SymFloat)))
+
+
+def localize_numbers(gm: fx.GraphModule, rmap: RegionMap) -> None:
+    """Each region reads the floats it uses itself: a float computed in one region and read in
+    another (a LoRA scale passed in the call, a graph input once Dynamo saw it change, read with
+    ``.item()`` before the blocks) is computed again in each region reading it, from the tensor it
+    was read from. Handed across a boundary, it was a region's output, which Inductor cannot
+    return, and a later region's symbolic float input, which it compiled wrong."""
+    region_of = rmap.region_of()
+    copies: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def local(n: Any, r: int, anchor: fx.Node) -> Any:
+        if not _number(n) or region_of.get(n) == r:
+            return n
+        if (n, r) not in copies:
+            args = fx.map_arg((n.args, n.kwargs), lambda a: local(a, r, anchor))
+            with gm.graph.inserting_before(anchor):
+                new = gm.graph.create_node(n.op, n.target, *args, name=f"{n.name}_r{r}")
+            new.meta = dict(n.meta)
+            region_of[new] = r
+            rmap.regions[r].nodes.append(new)
+            copies[n, r] = new
+        return copies[n, r]
+
+    for n in [n for n in gm.graph.nodes if _number(n)]:
+        for user in list(n.users):
+            r = region_of.get(user)
+            if r is not None and r != region_of.get(n):
+                user.replace_input_with(n, local(n, r, user))
+    for n in reversed([n for n in gm.graph.nodes if _number(n)]):
+        if not n.users and n in region_of:
+            rmap.regions[region_of[n]].nodes.remove(n)
+            gm.graph.erase_node(n)
+    if copies:
+        gm.recompile()
+
+
 def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
+    localize_numbers(gm, rmap)
     region_of = rmap.region_of()
     parent = split_module(gm, None, lambda n: region_of[n], keep_original_order=True)
     examples = {n.name: example_value(n) for n in gm.graph.nodes}

@@ -75,3 +75,26 @@ def test_an_adapter_switched_between_generations_reuses_nothing_of_the_other():
     assert max((x - y).abs().max() for x, y in zip(outs["a"], outs["b"])) > 1e-3
     generations = {r["generation"] for r in dit_compile.stats(compiled)["trace"]}
     assert len(generations) == 2
+
+
+def test_a_scale_in_the_call_that_changes_is_read_in_each_region(monkeypatch):
+    """``attention_kwargs={"scale": s}`` at a second value: Dynamo makes it an input, read with
+    ``.item()`` before the blocks. Handed to the blocks as a number, it was a region's output,
+    which Inductor cannot return (its compile failed at the second scale, where plain Inductor
+    ran); each region now reads it itself. Equal to eager at each scale, through Inductor."""
+    import dit_compile.backend as backend
+    model = _with_lora(tiny_models.wan(layers=2)[0], ["to_q", "to_v"])
+    kw = tiny_models.wan(layers=2)[1]
+    plans, real = [], backend.split
+    monkeypatch.setattr(backend, "split", lambda gm, rmap: plans.append(real(gm, rmap)) or plans[-1])
+    f = torch.compile(model, backend="mixcache", options={"regions": "blocks", "cache": None})
+    with torch.no_grad():
+        for scale in (0.5, 0.25, 0.75):
+            out = f(**kw, attention_kwargs={"scale": scale}, return_dict=False)[0]
+            ref = model(**kw, attention_kwargs={"scale": scale}, return_dict=False)[0]
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=f"scale {scale}")
+    assert len(plans) >= 2, "a recompile: the scale an input from the second"
+    numbers = [a.name for plan in plans for p in plan.pieces
+               for a in p.module.graph.output_node().all_input_nodes
+               if isinstance(a.meta.get("example_value", a.meta.get("val")), torch.SymFloat)]
+    assert not numbers, numbers
