@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import functools
 import logging
-import os
 import sys
 import warnings
 import weakref
