@@ -97,12 +97,14 @@ def localize_numbers(gm: fx.GraphModule, rmap: RegionMap) -> None:
             copies[n, r] = new
         return copies[n, r]
 
+    moved = []
     for n in [n for n in gm.graph.nodes if _number(n)]:
         for user in list(n.users):
             r = region_of.get(user)
             if r is not None and r != region_of.get(n):
                 user.replace_input_with(n, local(n, r, user))
-    for n in reversed([n for n in gm.graph.nodes if _number(n)]):
+                moved.append(n)
+    for n in reversed(list(dict.fromkeys(moved))):     # read elsewhere only: now read nowhere
         if not n.users and n in region_of:
             rmap.regions[region_of[n]].nodes.remove(n)
             gm.graph.erase_node(n)
