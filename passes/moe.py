@@ -86,8 +86,9 @@ wrapped on the instance, a ``load_state_dict`` post-hook restacks when the alias
 a weight assigned anew (``expert.w1.weight = nn.Parameter(w)``, each one a load with
 ``assign=True`` makes) restacks its projection as it is assigned (torch's parameter registration
 hook; a weight of another shape, dtype or device undoes the lowering, with a warning).
-Not covered: ``copy.deepcopy`` (the copy's parameters and stack are separate tensors: right values,
-twice the memory, in-place updates stop reaching the stack), code that rebinds ``param.data``, and
+A copy (``copy.deepcopy`` clones each parameter apart from the stack; ``torch.load`` of a saved
+model keeps the aliasing but not the watch on assignments) stacks again at its first eager
+dispatch, reading its experts' weights as they are then. Not covered: code that rebinds ``param.data``, and
 ``torch.func.functional_call`` with other expert weights (the op reads the stack); call
 :func:`lower_moe` again after such changes (it restacks), or :func:`restore_moe` to go back.
 LoRA layers or hooks added to experts after lowering: calling
@@ -171,6 +172,11 @@ class _MoESpec:
 
 def _dispatch(spec: _MoESpec, self: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
     """The lowered ``self.<spec.method>(*args, **kwargs)``."""
+    if (spec.experts is not None and not torch.compiler.is_compiling()
+            and self.__dict__.get(_STACKED_ATTR) is not _STACKED):
+        # A copy of a lowered module (deepcopy, torch.load): see _Stacked. A compile lowers (and so
+        # stacks) before it traces.
+        _stack_experts(self, spec)
     with torch.no_grad() if spec.no_grad else contextlib.nullcontext():
         x, expert_ids, routing_weights = spec.route(self, *args, **kwargs)
         w1, w3, w2 = spec.weights(self)
@@ -337,6 +343,7 @@ def _unregister(module: nn.Module) -> bool:
     del module.__dict__[_SPEC_ATTR]
     module.__dict__.pop(spec.method, None)
     module.__dict__.pop("_apply", None)
+    module.__dict__.pop(_STACKED_ATTR, None)
     hook = module.__dict__.pop("_dit_moe_load_hook", None)
     if hook is not None:
         hook.remove()
@@ -392,10 +399,29 @@ def _is_stacked(module: nn.Module, spec: _MoESpec) -> bool:
     return True
 
 
+class _Stacked:
+    """The mark of a module whose expert parameters alias its stacks, assignments to them watched
+    (``_projections``). A copy loses it (it copies as False): ``copy.deepcopy`` clones each
+    parameter apart from the stack, so in-place edits of the copy's experts would no longer reach
+    the op, and an unpickled module's layers are not in ``_projections``, so a weight assigned anew
+    would not be restacked. The copy's next dispatch stacks again."""
+
+    def __reduce__(self) -> tuple:
+        return (bool, ())
+
+    def __deepcopy__(self, memo: dict) -> bool:
+        return False
+
+
+_STACKED = _Stacked()
+_STACKED_ATTR = "_dit_moe_stacked"
+
+
 def _stack_experts(module: nn.Module, spec: _MoESpec) -> None:
     """Stack each projection's expert weights into a buffer and make the parameters its slices."""
     for k in range(len(_STACK_BUFFERS)):
         _stack_projection(module, spec, k)
+    module.__dict__[_STACKED_ATTR] = _STACKED
 
 
 @torch.no_grad()

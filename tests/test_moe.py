@@ -647,13 +647,14 @@ def test_hidream_stack_stays_in_sync():
     moe.experts[2].w1.weight = new  # one new parameter object: its stack restacked
     assert aliased() and moe.experts[2].w1.weight is new and torch.equal(moe._moe_w1[2], new)
 
-    clone = copy.deepcopy(model)  # documented: the copy works but is not aliased until lowered again
-    lower_moe(clone)
+    clone = copy.deepcopy(model)  # its own stack, aliased again at its first dispatch
     clone_moe = clone.double_stream_blocks[0].block.ff_i
-    assert clone_moe.experts[0].w1.weight.data_ptr() == clone_moe._moe_w1[0].data_ptr()
     with torch.no_grad():
         lowered = model(**kwargs)[0]
         torch.testing.assert_close(clone(**kwargs)[0], lowered)
+    assert clone_moe.experts[0].w1.weight.data_ptr() == clone_moe._moe_w1[0].data_ptr()
+    assert clone_moe._moe_w1.data_ptr() != moe._moe_w1.data_ptr()
+    with torch.no_grad():
         restore_moe(model)
         torch.testing.assert_close(model(**kwargs)[0], lowered, atol=1e-5, rtol=1e-5)
 
@@ -875,6 +876,40 @@ def test_a_lowered_model_pickles_and_loads_lowered(tmp_path):
         assert not torch.allclose(loaded(x), expected) and torch.allclose(moe(x), expected, atol=1e-5)
         loaded.double()
         assert loaded._moe_w1.dtype == torch.float64 and loaded(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle"])
+def test_a_copy_of_a_lowered_module_dispatches_on_its_experts_as_they_are(copy_by):
+    """A deepcopy's parameters were clones apart from its stack, so an in-place edit of its experts
+    never reached its dispatch (0.29 off the same edit unlowered); an unpickled module's assignments
+    were not watched (a weight assigned anew: 1.9 off). A copy stacks again at its first dispatch."""
+    import io
+    from diffusers.models.transformers.transformer_hidream_image import MOEFeedForwardSwiGLU
+    torch.manual_seed(0)
+    moe = MOEFeedForwardSwiGLU(dim=16, hidden_dim=24, num_routed_experts=4, num_activated_experts=2).eval()
+    x = torch.randn(2, 5, 16)
+    lower_moe(moe)
+    if copy_by == "deepcopy":
+        lowered = copy.deepcopy(moe)
+    else:
+        buffer = io.BytesIO()
+        torch.save(moe, buffer)
+        buffer.seek(0)
+        lowered = torch.load(buffer, weights_only=False)
+    plain = copy.deepcopy(lowered)
+    restore_moe(plain)
+    with torch.no_grad():
+        for m in (lowered, plain):
+            m.experts[1].w3.weight.mul_(2)
+        torch.testing.assert_close(lowered(x), plain(x), atol=1e-5, rtol=1e-5)
+        new = torch.randn_like(plain.experts[2].w1.weight)
+        for m in (lowered, plain):
+            m.experts[2].w1.weight = torch.nn.Parameter(new.clone())
+        torch.testing.assert_close(lowered(x), plain(x), atol=1e-5, rtol=1e-5)
+        lowered.experts[0].w2.weight.mul_(3)
+        plain.experts[0].w2.weight.mul_(3)
+        torch.testing.assert_close(lowered(x), plain(x), atol=1e-5, rtol=1e-5)
+        assert not torch.equal(moe._moe_w3, lowered._moe_w3)  # the original keeps its own
 
 
 def test_experts_with_hooks_are_not_lowered_unless_the_hook_is_layerwise_casting():
