@@ -336,12 +336,11 @@ class Exported(torch.nn.Module):
         if not os.path.isfile(manifest):
             raise FileNotFoundError(f"dit_compile.load: no export at {path!r} (no manifest.json "
                                     "there; dit_compile.export(model, path, kwargs) writes one)")
-        with open(manifest) as f:
-            m = json.load(f)
+        m = _read(path, "manifest.json", _json_file)
         if m.get("format") not in READS:
             raise ValueError(f"dit_compile.load: {path} has format {m.get('format')!r}, this "
                              f"version reads {', '.join(map(str, READS))}")
-        tensors = torch.load(os.path.join(path, "tensors.pt"), weights_only=True)
+        tensors = _read(path, "tensors.pt", lambda file: torch.load(file, weights_only=True))
         self.weights = torch.nn.ParameterDict(
             {k: torch.nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
         self.sources = [(s.get("argument"), s.get("tensor")) for s in m["inputs"]]
@@ -713,8 +712,29 @@ def _nothing(*args: Any) -> tuple:
 
 def _program(path: str, k: int | str, aoti: bool) -> Any:
     if aoti:
-        return torch._inductor.aoti_load_package(os.path.join(path, f"program_{k}.aoti.pt2"))
-    return torch.export.load(os.path.join(path, f"program_{k}.pt2")).module()
+        return _read(path, f"program_{k}.aoti.pt2", torch._inductor.aoti_load_package)
+    return _read(path, f"program_{k}.pt2", lambda file: torch.export.load(file).module())
+
+
+def _json_file(file: str) -> Any:
+    with open(file) as f:
+        return json.load(f)
+
+
+def _read(path: str, name: str, reader: Any) -> Any:
+    """``reader(<path>/<name>)``; a missing or unreadable file named as the cause (an export
+    copied or written part way failed with a bare ``EOFError`` or ``BadZipFile`` from deep in
+    torch, naming no file)."""
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"dit_compile.load: the export at {path!r} lacks {name} (copied or "
+                                "written part way?): export again")
+    try:
+        return reader(file)
+    except Exception as e:
+        raise ValueError(f"dit_compile.load: {file} could not be read ({type(e).__name__}: "
+                         f"{str(e).strip() or 'no more data'}): is it cut short or damaged (a copy or "
+                         "write interrupted)? Export again") from e
 
 
 def load(path: str) -> Exported:

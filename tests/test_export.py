@@ -477,6 +477,23 @@ def test_bad_exports_and_calls_are_clear_errors(tmp_path):
         dit_compile.load(str(tmp_path / "wan"))
     with pytest.raises(FileNotFoundError, match=r"no export at .*notes. \(no manifest.json"):
         dit_compile.load(str(tmp_path / "notes"))
+    # An export copied part way: each file cut short is named (it raised a bare EOFError, OSError
+    # or BadZipFile from deep in torch), and one missing is named too.
+    manifest.write_text(manifest.read_text().replace('"format": 99', '"format": 2'))
+    for name, keep in (("tensors.pt", 0.0), ("tensors.pt", 0.5), ("program_1.pt2", 0.5),
+                       ("manifest.json", 0.5)):
+        cut = tmp_path / "cut"
+        shutil.rmtree(cut, ignore_errors=True)
+        shutil.copytree(tmp_path / "wan", cut)
+        data = (cut / name).read_bytes()
+        (cut / name).write_bytes(data[:int(len(data) * keep)])
+        with pytest.raises(ValueError, match=f"{name} could not be read .*cut short"):
+            dit_compile.load(str(cut))
+    shutil.rmtree(cut)
+    shutil.copytree(tmp_path / "wan", cut)
+    (cut / "program_1.pt2").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks program_1.pt2"):
+        dit_compile.load(str(cut))
 
 
 def test_an_export_replaces_the_one_before_it_and_never_a_file(tmp_path, monkeypatch):
