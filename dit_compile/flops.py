@@ -90,16 +90,17 @@ class SizedFlops:
         self.plan, self.symbols = plan, symbols
         self.scalars = [x if isinstance(x, torch.Tensor) and x.dim() == 0 else None
                         for x in graph_inputs]
-        self._counted: dict[tuple[int, ...], float] = {}
+        self._counted: dict[tuple[int, ...], list[float]] = {}
 
     def key(self, env: list[Any]) -> tuple[int, ...]:
         """The call's values of the graph's size symbols (``env``: the call's graph inputs)."""
         return tuple(env[slot].shape[dim] for slot, dim, _ in self.symbols)
 
-    def __call__(self, key: tuple[int, ...]) -> float:
+    def pieces(self, key: tuple[int, ...]) -> list[float]:
+        """Each piece's FLOPs at the sizes ``key``."""
         if key not in self._counted:
             sizes = {symbol: v for (_, _, symbol), v in zip(self.symbols, key)}
-            self._counted[key] = float(sum(piece_flops(self.plan, self.scalars, sizes))) or 1.0
+            self._counted[key] = piece_flops(self.plan, self.scalars, sizes)
         return self._counted[key]
 
 

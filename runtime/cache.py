@@ -627,11 +627,12 @@ class CacheState:
     def record(self, step: Step, action: str, flops: float, signal: float | None = None,
                spent: Any = None, reused: torch.Tensor | None = None,
                switched: np.ndarray | None = None, forward_flops: float = 1.0,
-               sized: tuple[Callable[[tuple], float], tuple] | None = None) -> None:
+               sized: tuple[Any, tuple, tuple[float, ...]] | None = None) -> None:
         """One call: ``flops`` the fraction of its forward's FLOPs computed, ``forward_flops``
         that forward's FLOPs (the weight of the call in the fraction ``stats`` reports), or where
-        the graph has dynamic shapes, ``sized``: what counts them at the call's sizes, and those
-        (counted when ``stats`` asks)."""
+        the graph has dynamic shapes, ``sized``: the executor (whose ``flops_at`` counts them at
+        the call's sizes when ``stats`` asks), those sizes, and the call's work (``Work``),
+        which the fraction computed at the compile's sizes only approximates."""
         if isinstance(spent, (torch.Tensor, np.ndarray)):
             spent = float(spent.max())
         if reused is not None:
@@ -650,8 +651,9 @@ class CacheState:
             self.flops += flops * forward_flops
             self.flops_full += forward_flops
         else:
-            held = self._sized.setdefault((id(sized[0]), sized[1]), [sized[0], sized[1], 0.0, 0])
-            held[2] += flops
+            executor, sizes, work = sized
+            held = self._sized.setdefault((id(executor), sizes), [executor, sizes, [0.0] * len(work), 0])
+            held[2] = [h + w for h, w in zip(held[2], work)]
             held[3] += 1
 
     def clear_stats(self) -> None:
@@ -663,9 +665,9 @@ class CacheState:
 
     def _flops_fraction(self) -> float:
         done, full = self.flops, self.flops_full
-        for count, sizes, fractions, calls in list(self._sized.values()):
-            weight = count(sizes)
-            done, full = done + fractions * weight, full + calls * weight
+        for executor, sizes, work, calls in list(self._sized.values()):
+            d, f = executor.flops_at(sizes, tuple(work), calls)
+            done, full = done + d, full + f
         return done / full if full else 1.0
 
     def stats(self) -> dict[str, Any]:

@@ -25,6 +25,13 @@ from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
 from .sampler import sampler_run
 
 
+# The work a call did, as (base, span, pre): ``base`` shares of a whole forward, less ``span`` times
+# the reused block span's share, plus ``pre`` times the share of the pieces before the first block.
+# Shares differ by sizes (attention grows with the sequence faster than the rest), so a graph with
+# dynamic shapes weighs each call's work at its own sizes (GuardedExecutor.flops_at).
+Work = tuple[float, float, float]
+
+
 def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
     """The devices autocast is on for, with their dtypes, as this graph is compiled."""
     return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
@@ -268,13 +275,13 @@ class GuardedExecutor(Executor):
         """The call ``step`` places: the policy's decision, then reuse or compute."""
         pol = self.policy
         bc = st.branch(step.branch)
-        ran, seen, pre = 0, x, 0.0
+        ran, seen, pre = 0, x, 0.0     # pre: 1 where the pieces before the first block ran
         if self.modulation is not None:
             # TeaCache decides on the first block's modulated input: the pieces before that block
             # run ahead of the decision (a reuse wastes them, as TeaCache's does), then the
             # block's norm and modulation alone.
             self.run(env, 0, self.first)
-            ran, pre = self.first, self._pre_flops
+            ran, pre = self.first, 1.0
             seen = self.modulation.module(*[env[i] for i in self.modulation.args])
         action, signal = pol.step(step, st, seen)
         if self._keep_input:        # a copy: a sampler may update its latent in place
@@ -283,16 +290,16 @@ class GuardedExecutor(Executor):
         if action == CFG and step.halves:
             outs = self._cfg_halves(env, st.cfg_diff[step.branch])
             if outs is not None:
-                return self._finish(st, env, step, bc, outs, CFG, 0.5 + pre, signal, x)
+                return self._finish(st, env, step, bc, outs, CFG, (0.5, 0.0, pre), signal, x)
             action = COMPUTE
         if action == CFG:
             outs = [o0 + d for o0, d in zip(st.current[0], st.cfg_diff[step.branch])]
-            return self._finish(st, env, step, bc, outs, CFG, pre, signal, x)
+            return self._finish(st, env, step, bc, outs, CFG, (0.0, 0.0, pre), signal, x)
         if action == STEP:
             outs = self._reuse_step(bc, x, step.t)
             reused = bc.signals.get("step_mask")
             if reused is None:
-                return self._finish(st, env, step, bc, outs, STEP, pre, signal, x)
+                return self._finish(st, env, step, bc, outs, STEP, (0.0, 0.0, pre), signal, x)
             # Only some samples reuse: the batch runs (the graph is compiled for it, and the
             # others need it), each of the others as alone it would (its block decision
             # included), and those take their prediction.
@@ -307,9 +314,9 @@ class GuardedExecutor(Executor):
 
     def _compute(self, env: list[Any], st: CacheState, step: Step, bc: BranchCache, ran: int,
                  held: torch.Tensor | None = None
-                 ) -> tuple[list[Any], str, float, float | None, torch.Tensor | bool | None]:
+                 ) -> tuple[list[Any], str, Work, float | None, torch.Tensor | bool | None]:
         """Compute the call from piece ``ran`` on, with the block guard between the probe and the
-        span: the outputs, "compute" or "block", the FLOPs fraction, the block decision's signal,
+        span: the outputs, "compute" or "block", the work done, the block decision's signal,
         and the samples that reused the span where only some did. ``held``: the samples whose
         output is their step prediction (a partial step reuse); alone they would not have run,
         so the cached residual and probe stay theirs, and where the others all reuse the span,
@@ -320,7 +327,7 @@ class GuardedExecutor(Executor):
             stream0 = stream0.clone()
         self.run(env, self.first, self.probe_end)
         pol = self.policy
-        flops, kind, mask, bsig = 1.0, "compute", None, None
+        flops, kind, mask, bsig = (1.0, 0.0, 0.0), "compute", None, None
         if pol.uses_blocks:
             probe = env[self.probe_out] if stream0 is None else env[self.probe_out] - stream0
             self.run(env, self.probe_end, self.span[0])
@@ -335,7 +342,7 @@ class GuardedExecutor(Executor):
             if skip is True:
                 for (o, _), v, r in zip(self.span_pairs, ins, bc.span):
                     env[o] = r if v is None else _laid_out_as(r, torch.add, v, r)
-                flops, kind = 1.0 - self.span_flops, "block"
+                flops, kind = (1.0, 1.0, 0.0), "block"
             else:
                 self.run(env, *self.span)
                 if pol.reuses_blocks:   # else the span's residual is never read: not kept
@@ -443,6 +450,16 @@ class GuardedExecutor(Executor):
             self._no_halves = None
         return True
 
+    def flops_at(self, key: tuple[int, ...], work: Work, calls: int) -> tuple[float, float]:
+        """FLOPs computed, and those of full forwards, by ``calls`` calls of this dynamic-shape
+        graph at sizes ``key`` whose ``Work`` adds up to ``work`` (counted on the first ask)."""
+        pieces = self.sized.pieces(key)
+        full = sum(pieces) or 1.0
+        base, span, pre = work
+        s0, s1 = self.span
+        return (base * full - span * sum(pieces[s0:s1]) + pre * sum(pieces[:self.first]),
+                calls * full)
+
     def _cfg_halves(self, env: list[Any], diff: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The conditional half computed, the unconditional half rebuilt from it and the
         difference ``first - second`` of the last full compute, in the call's order."""
@@ -460,13 +477,14 @@ class GuardedExecutor(Executor):
         return extrapolate(bc.outputs, t, self.policy.extrapolate)
 
     def _finish(self, st: CacheState, env: list[Any], step: Step, bc: BranchCache,
-                outs: list[torch.Tensor], kind: str, flops: float, signal: float | None,
+                outs: list[torch.Tensor], kind: str, work: Work, signal: float | None,
                 x: torch.Tensor, mask: torch.Tensor | None = None,
                 spanned: torch.Tensor | None = None) -> Any:
         """Cache what this call produced and record it. ``mask``: the samples that reused (the
         block span, or the step) when only some did: their consecutive-reuse count goes on, the
         others' ends; after a partial step reuse, only the others' outputs enter the history.
-        ``spanned``: after a partial step reuse, the others that reused the block span."""
+        ``spanned``: after a partial step reuse, the others that reused the block span.
+        ``work``: what the call computed (``Work``)."""
         fresh = ~mask if kind == STEP and mask is not None else None
         computed = kind in ("compute", "block") or fresh is not None
         # Copies: what a call returns is the caller's, who may write into it (a buffer reused
@@ -505,9 +523,10 @@ class GuardedExecutor(Executor):
                 st.cfg_diff[step.branch], st.cfg_step[step.branch] = diff, step.step
         self.policy.observe(step, st, bc, outs, kind)
         st.check_memory()
-        st.record(step, kind, flops, signal, bc.signals.get("spent"), reused,
-                  bc.signals.get("moved"), self.forward_flops,
-                  None if self.sized is None else (self.sized, self.sized.key(env)))
+        base, span, pre = work
+        st.record(step, kind, base - span * self.span_flops + pre * self._pre_flops, signal,
+                  bc.signals.get("spent"), reused, bc.signals.get("moved"), self.forward_flops,
+                  None if self.sized is None else (self, self.sized.key(env), work))
         for s, o in zip(self.out_slots, self._slot_values(outs)):
             env[s] = o
         return self.output(env)

@@ -736,6 +736,41 @@ def test_the_flops_fraction_weighs_each_call_by_its_forwards_flops(dynamic):
         sum(f * c for f, c in zip(fractions, costs)) / sum(costs), rel=1e-6)
 
 
+def test_a_block_reuse_at_other_sizes_weighs_the_span_at_those_sizes():
+    """One graph for three resolutions (Dynamo's automatic dynamic shapes from the second): a
+    block-reused call was weighed by the span's share of the forward at the compile's sizes
+    (0.63 at 64 pixels, 0.60 at 32), so the fraction ``stats`` reports was 0.631 where the
+    FLOPs counted call by call, a full forward and one of the blocks before the span (the probe)
+    at each call's sizes, give 0.627."""
+    import copy
+    from dit_compile.flops import flop_counter
+    model = tiny_models.wan(layers=3)[0]
+    probe = copy.deepcopy(model)
+    probe.blocks = probe.blocks[:1]     # what a block reuse computes (the span: blocks 1 and 2)
+    compiled = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "schedule", "block": [1, 2, 3]}})
+    pipe = pipelines.wan_pipeline(compiled)
+    pipe.set_progress_bar_config(disable=True)
+    sizes = [64, 32, 48]
+    for size in sizes:
+        pipelines.run_wan(pipe, steps=5, size=size)
+    stats = dit_compile.stats(compiled)
+    done = full = 0.0
+    for size in sizes:
+        x = dict(hidden_states=torch.randn(1, 4, 2, size // 8, size // 8),
+                 timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 8, 16))
+        costs = []
+        for m in (model, probe):
+            with torch.no_grad(), flop_counter() as counter:
+                m(**x)
+            costs.append(counter.get_total_flops())
+        actions = [r["action"] for r in stats["trace"] if r["generation"] == sizes.index(size)]
+        assert actions.count("block") == 6, actions   # steps 1 to 3, both guidance branches
+        done += costs[0] * actions.count("compute") + costs[1] * actions.count("block")
+        full += costs[0] * len(actions)
+    assert stats["flops_fraction"] == pytest.approx(done / full, rel=1e-6)
+
+
 def test_torch_compile_of_a_pipeline_says_its_code_is_no_models():
     """``torch.compile(pipe, backend="mixcache")``: Dynamo traces the transformer's forward in
     frames of its own (cached as usual where caching is on); the pipeline's and scheduler's graphs
