@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numbers
 import threading
+import time
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from .passes.regions import expect_module
 from .runtime import background
 from .runtime.cache import CacheMemoryError, find_state, model_states
 from .runtime.policy import PolicyError
-from .sketch import Calibration, OnlineSplit, Settle, calibrate_split, sketch_render
+from .sketch import Calibration, OnlineSplit, Settle, calibrate_split, refuse_split, sketch_render
 from .teacache import fit_teacache
 
 __all__ = ["mixcache", "explain", "stats", "reset", "wait_for_compiles", "export", "load", "Exported", "lower_moe", "register_moe", "restore_moe",
@@ -45,6 +46,7 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     or where the timestep rises (``timestep="rising"``, or learned under ``"auto"``) the top of
     its scale (1, or 1000 for Mochi's) minus its smallest. Each thread that generates keeps its
     own state: this is the calling thread's where it has one, else the one that ran last."""
+    refuse_split(model, "stats")
     options = compiled_options(model)
     if options is not None and Options.parse(options).cache is None:
         # Its states, if any, are another compile's of the same model (kept on its parameters).
@@ -69,7 +71,14 @@ def reset(model: torch.nn.Module) -> None:
     Each thread that generates keeps its own state, and a reset is the calling thread's: the
     README's own loops, one a thread, each reset between their generations, never in the middle of
     another's (a reset there restarted it, and one under its running call raised). A thread that
-    has not called the model has nothing to reset; its first call starts a generation anyway."""
+    has not called the model has nothing to reset; its first call starts a generation anyway.
+    An ``OnlineSplit`` resets both its models and its clock."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, OnlineSplit):
+        reset(model.large)
+        reset(model.small)
+        model.clock.reset()
+        return
     for state in model_states(model, threading.current_thread()):
         state.reset()
         state.clear_stats()
@@ -79,9 +88,15 @@ def wait_for_compiles(model: torch.nn.Module, timeout: float | None = None) -> i
     """Block until the regions of ``model`` that compile in the background (option
     ``background_compile``) are compiled, and switch them in; returns how many were. For timing the
     compiled model, or a deployment that wants its first request fast: a model runs its regions
-    uncompiled until then. ``timeout`` in seconds (``subprocess.TimeoutExpired`` past it)."""
+    uncompiled until then. ``timeout`` in seconds (``subprocess.TimeoutExpired`` past it). An
+    ``OnlineSplit`` waits for both its models."""
     expect_module(getattr(model, "_orig_mod", model), "wait_for_compiles waits for the compiles of")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
                                 or not timeout >= 0):
         raise ValueError(f"wait_for_compiles: timeout={timeout!r}: seconds (a number >= 0) or None")
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, OnlineSplit):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return sum(wait_for_compiles(m, None if deadline is None else max(0.0, deadline - time.monotonic()))
+                   for m in (model.large, model.small))
     return background.wait(model, float(timeout) if timeout is not None else None)

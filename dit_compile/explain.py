@@ -161,11 +161,8 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
         raise TypeError("dit_compile.explain traces a model's forward to find its regions; a "
                         "loaded export is rewritten already (its manifest.json lists its programs "
                         "and blocks), and dit_compile.stats shows what it caches")
-    from .sketch import OnlineSplit
-    if isinstance(getattr(model, "_orig_mod", model), OnlineSplit):
-        # It places each call in Python (never traced): nothing of its own to report.
-        raise TypeError("dit_compile.explain: an OnlineSplit runs its two models as they are, "
-                        "each compiled (or not) on its own: explain split.large and split.small")
+    from .sketch import refuse_split
+    refuse_split(model, "explain")    # it places each call in Python: nothing of its own to report
     target = getattr(model, "_orig_mod", model)
     report = Report(type(target).__name__)
     report.moe = find_moe(target)

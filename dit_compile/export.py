@@ -84,6 +84,8 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
     Leaves Dynamo nothing of its trace: the model's forward code is forgotten, so a compiled model
     sharing that code (the same class, or diffusers' decorator around ``forward``) traces again at
     its next call; other compiled code keeps its graphs."""
+    from .sketch import refuse_split
+    refuse_split(model, "export")
     opts = Options.parse(options)
     if not isinstance(kwargs, dict):
         raise TypeError(f"dit_compile.export: kwargs must be a dict of the forward's keyword "

@@ -108,7 +108,8 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
     ``runs``: keyword arguments of ``pipe(...)``, one dict per calibration case (prompt embeddings,
     latents or generator, steps, guidance); each must run the same timesteps. ``tolerance``: the
     summed cost (distance times step length) allowed over the steps the small model takes. Both
-    models run eagerly (``torch.compile``'s wrapper is looked through), so no cache reuses
+    models run eagerly (``torch.compile``'s wrapper is looked through, a compile in place set
+    aside), so no cache reuses
     anything while they are measured; a loaded export (``dit_compile.load``) runs uncached, its
     cache left as it was. A step where a prediction is not finite (NaN, inf) is infinitely far:
     neither it nor any step above it goes to the small model, and a warning names them."""
@@ -129,19 +130,26 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
     large = _plain(pipe.transformer)
     small = _plain(small)
     check_compatible(large, small)
+    _warn_if_an_expert_goes(pipe, small, "calibration measures `transformer` at every step "
+                            "against `small`")
     with _uncached(large, small):
         return _calibrate(pipe, large, small, runs, tolerance)
 
 
 @contextlib.contextmanager
 def _uncached(*models: torch.nn.Module) -> Iterator[None]:
-    """A loaded export runs through its cache, which ``_plain`` cannot look through: its
-    distances would be its cache's, and calibration's calls would count as a generation of it."""
+    """What ``_plain`` cannot look through, run uncached: a loaded export runs through its
+    cache, and a model compiled in place (``model.compile(...)``, diffusers' way) runs its compiled
+    call: their distances would be their caches', and calibration's calls would count as a
+    generation of them (and Dynamo would trace the recording hook)."""
     from .export import Exported
     with contextlib.ExitStack() as stack:
         for m in models:
             if isinstance(m, Exported):
                 stack.enter_context(m.uncached())
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                stack.callback(setattr, m, "_compiled_call_impl", m._compiled_call_impl)
+                m._compiled_call_impl = None
         yield
 
 
@@ -212,6 +220,7 @@ def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibrati
         raise ValueError(f"sketch_render: boundary={b!r} must be a noise level >= 0 (0: the small "
                          "model never runs; above the first step's: it takes every step)")
     check_compatible(_plain(pipe.transformer), _plain(small))
+    _warn_if_an_expert_goes(pipe, small, "the split pipeline has `small` in its place")
     params = inspect.signature(type(pipe).__init__).parameters
     components = {**_own_schedulers(pipe.components), "transformer_2": small}
     config = {k: pipe.config[k] for k in params if k in pipe.config and k not in components}
@@ -273,7 +282,9 @@ class OnlineSplit(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("large", "_modules", "_parameters", "_buffers"):
+            # Not ``_orig_mod``: read through, it made the split look like torch.compile's wrapper
+            # of the large model, and stats, reset, explain and export took that model alone.
+            if name in ("large", "_modules", "_parameters", "_buffers", "_orig_mod"):
                 raise
             return getattr(self.large, name)
 
@@ -417,6 +428,15 @@ def _served_from_cache(model: torch.nn.Module, since: int) -> bool:
     return record.action != "compute" or record.reused is not None
 
 
+def refuse_split(model: Any, name: str) -> None:
+    """A TypeError where ``model`` is an ``OnlineSplit``: ``dit_compile.<name>`` of one model
+    would tell, or save, half of it."""
+    if isinstance(getattr(model, "_orig_mod", model), OnlineSplit):
+        raise TypeError(f"dit_compile.{name}: an OnlineSplit runs its two models as they are, each "
+                        f"compiled (or not) and cached on its own: {name} split.large and "
+                        "split.small")
+
+
 def _compiled_whole(split: OnlineSplit, depth: int = 12) -> bool:
     """Whether ``split`` is being called through ``torch.compile``'s wrapper of it: an
     ``OptimizedModule`` whose model it is, a few frames up."""
@@ -466,6 +486,17 @@ def _check_pipeline(pipe: Any) -> None:
                         f"dit_compile.Settle, switches inside any pipeline")
     if getattr(pipe, "transformer", None) is None:
         raise ValueError("sketch/render: the pipeline's `transformer` (the large model) is missing")
+
+
+def _warn_if_an_expert_goes(pipe: Any, small: torch.nn.Module, what: str) -> None:
+    """Wan 2.2's pipelines hold a low-noise expert in ``transformer_2``, which a split replaces
+    (Settle refuses such a pipeline; a noise-level split of one split before is at home there)."""
+    expert = getattr(pipe, "transformer_2", None)
+    if expert is not None and _plain(expert) is not _plain(small):
+        warnings.warn(f"sketch/render: {type(pipe).__name__} already switches to its own "
+                      f"transformer_2 (a low-noise expert, as Wan 2.2's) below boundary_ratio="
+                      f"{pipe.config.boundary_ratio}; {what}, and the expert takes no step",
+                      stacklevel=3)
 
 
 def _as_tuples(value: Any) -> Any:

@@ -34,6 +34,8 @@ def fit_teacache(model: torch.nn.Module, run: Callable[[], Any], degree: int = 4
     The model's cache and counters are dropped before and after (as ``dit_compile.reset``). Where
     the model has not run in this configuration yet (not at all, or another compile of the same
     module ran since), ``run`` is called once more, first, to make its state."""
+    from .sketch import refuse_split
+    refuse_split(model, "fit_teacache")
     # A NumPy integer is an integer (a degree taken from np.arange), as in the options.
     if not isinstance(degree, numbers.Integral) or isinstance(degree, bool) or not 1 <= degree <= 7:
         raise ValueError(f"degree={degree!r}: must be an integer from 1 to 7 (the rule takes up to "

@@ -289,6 +289,48 @@ def test_calibration_leaves_a_compiled_transformer_and_the_pipelines_own_boundar
     assert split.transformer is compiled and split.config.boundary_ratio == 0.5
 
 
+def test_calibration_measures_a_model_compiled_in_place_uncached(models):
+    """diffusers' way to compile, ``transformer.compile(...)``, leaves no wrapper to look through:
+    calibration measured the large model through its cache (distances 0.03 off where its schedule
+    reused a step, the calls counted as a generation of it), and Dynamo traced the recording hook.
+    It runs both models as they are."""
+    large, small, pipe = models
+    runs = [wan_kwargs(1, steps=4)]
+    expected = dit_compile.calibrate_split(pipe, small, runs, 0.1)
+    for m in (large, small):
+        m.compile(backend="mixcache", options={"regions": "eager",
+                                               "cache": {"rule": "schedule", "step": [1, 2, 3]}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # no graph-break or fallback warning: nothing traced
+        cal = dit_compile.calibrate_split(pipe, small, runs, 0.1)
+    assert cal.distances == expected.distances and cal.boundary == expected.boundary
+    for m in (large, small):
+        assert m._compiled_call_impl is not None
+        with pytest.raises(ValueError, match="no mixcache state"):
+            dit_compile.stats(m)                    # neither ran compiled
+    with torch.no_grad():
+        pipe(**runs[0])
+    assert dit_compile.stats(large)["reused"] == {"step": 6}   # compiled again after
+
+
+def test_a_split_of_a_pipeline_with_its_own_low_noise_expert_is_told(models):
+    """Wan 2.2's pipelines hold a second expert in ``transformer_2``: a split at a noise level
+    replaced it, and calibration measured the first expert at every step, without a word (Settle
+    refuses such a pipeline). A split of a split pipeline, at another boundary, is not told."""
+    large, small, pipe = models
+    expert = copy.deepcopy(large)
+    two = pipelines.wan_pipeline(large)
+    two.register_modules(transformer_2=expert)
+    two.register_to_config(boundary_ratio=0.875)
+    with pytest.warns(UserWarning, match="already switches to its own transformer_2"):
+        dit_compile.calibrate_split(two, small, [wan_kwargs(1, steps=2)], 0.0)
+    with pytest.warns(UserWarning, match="transformer_2 .*small. in its place"):
+        split = dit_compile.sketch_render(two, small, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dit_compile.sketch_render(split, small, 0.3).transformer_2 is small
+
+
 def test_a_step_at_the_boundary_is_the_large_models():
     """diffusers' switch runs ``transformer`` where the timestep is >= the boundary's: a
     calibrated step exactly at the boundary is not one of the small model's."""
@@ -440,6 +482,34 @@ def test_online_split_starts_each_generation_on_the_large_model(models):
     # Nothing of its own to explain (it reported 'no graph', warning of a compile never asked).
     with pytest.raises(TypeError, match="explain split.large and split.small"):
         dit_compile.explain(split.transformer, hidden_states=torch.zeros(1))
+
+
+def test_reports_of_an_online_split_are_of_both_models_or_refused(models, tmp_path):
+    """The split read ``_orig_mod`` through to the large model, so it passed for torch.compile's
+    wrapper of it: ``stats`` told the large model's calls alone (10 of 16), ``reset`` left the small
+    one's cache, ``explain`` explained the large model and ``export`` saved it alone. The reports
+    are refused, naming the two models; ``reset`` and ``wait_for_compiles`` take both."""
+    large, small, pipe = models
+    opts = {"regions": "eager", "cache": {"rule": "schedule", "step": [2]}}
+    pipe.transformer = torch.compile(large, backend="mixcache", options=opts)
+    split = dit_compile.sketch_render(pipe, torch.compile(small, backend="mixcache", options=opts),
+                                      dit_compile.Settle(float("inf"), 0.3))
+    with torch.no_grad():
+        split(**wan_kwargs(0, 8))
+    online = split.transformer
+    (k, _), = online.switches
+    assert 0 < k < 8
+    for report in (dit_compile.stats, lambda m: dit_compile.explain(m, **wan_kwargs(0)),
+                   lambda m: dit_compile.export(m, str(tmp_path / "x"), {}),
+                   lambda m: dit_compile.fit_teacache(m, lambda: None)):
+        with pytest.raises(TypeError, match=r"OnlineSplit .* split.large and split.small"):
+            report(online)
+    assert dit_compile.stats(large)["calls"] == 2 * k
+    assert dit_compile.stats(small)["calls"] == 2 * (8 - k)
+    assert dit_compile.wait_for_compiles(online) == 0
+    dit_compile.reset(online)
+    for m in (large, small):
+        assert dit_compile.stats(m)["calls"] == 0 and dit_compile.stats(m)["cached_bytes"] == 0
 
 
 def test_online_split_through_mixcache_matches_eager(models):
