@@ -546,12 +546,12 @@ class Exported(torch.nn.Module):
                 raise TypeError(f"{self.model_name} (exported): it was exported without {name!r}, "
                                 f"so the programs would ignore it; export again with it (it was "
                                 f"exported with {sorted(self.keywords)})")
-            if kind is not None and "structure" in kind and (
-                    _structure(value) != kind["structure"]):
+            if kind is not None and "structure" in kind and not _same_structure(
+                    _structure(value), kind["structure"]):
                 raise ValueError(f"{self.model_name} (exported): {name} is "
                                  f"{_structure_shown(_structure(value))}; it was exported as "
                                  f"{_structure_shown(kind['structure'])}, which the programs "
-                                 "were traced for (export again for another structure)")
+                                 "were traced for (export again for another structure or value)")
             if kind is not None and "value" in kind and not (
                     _unset(value) and _unset(kind["value"])) and (
                     not _plain(value) or json.loads(json.dumps(value)) != kind["value"]):
@@ -673,18 +673,50 @@ def _holds_tensors(value: Any) -> bool:
 def _structure(value: Any) -> Any:
     """The containers around an argument's tensors, as JSON: the input signature checks the
     tensors the graph read, not how many a list holds (Z-Image's samples): a longer list's
-    extra items would be ignored."""
+    extra items would be ignored. A plain value beside them is kept as ``{"value": v}``: the
+    programs were traced for it (a LoRA ``scale`` beside an IP-adapter's embeddings in
+    ``joint_attention_kwargs``), and a call with another one ran them at the export's, silently."""
     if isinstance(value, (list, tuple)):
         return {type(value).__name__: [_structure(v) for v in value]}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {"dict": {k: _structure(v) for k, v in value.items()}}
-    return "tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": json.loads(json.dumps(value))}
+    return type(value).__name__
+
+
+def _same_structure(now: Any, exported: Any) -> bool:
+    """A call's structure against the export's; an export saved before plain values were kept
+    (their type names in their place) is compared by type."""
+    return now == exported or (not _holds_values(exported) and _types_only(now) == exported)
+
+
+def _holds_values(structure: Any) -> bool:
+    if isinstance(structure, dict):
+        return "value" in structure or any(_holds_values(v) for v in structure.values())
+    if isinstance(structure, list):
+        return any(_holds_values(v) for v in structure)
+    return False
+
+
+def _types_only(structure: Any) -> Any:
+    if isinstance(structure, dict):
+        if "value" in structure:
+            return type(structure["value"]).__name__
+        return {k: _types_only(v) for k, v in structure.items()}
+    if isinstance(structure, list):
+        return [_types_only(v) for v in structure]
+    return structure
 
 
 def _structure_shown(structure: Any) -> str:
     if isinstance(structure, str):
         return structure
     (kind, items), = structure.items()
+    if kind == "value":
+        return repr(items)
     if kind == "dict":
         return "{" + ", ".join(f"{k!r}: {_structure_shown(v)}" for k, v in items.items()) + "}"
     inner = ", ".join(_structure_shown(v) for v in items)

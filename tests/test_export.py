@@ -259,6 +259,33 @@ def test_a_last_block_read_in_part_runs_its_mates_program(tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_a_plain_value_beside_tensors_in_a_keyword_is_checked(tmp_path):
+    """A LoRA ``scale`` beside a tensor in ``joint_attention_kwargs`` was checked by its type
+    alone: a call at scale 1.0 ran the programs traced at 0.5 (0.03 off eager with an adapter),
+    silently, where without the tensor the same call is refused."""
+    model, kw = tiny_models.flux()
+    tokens = kw["hidden_states"].shape[1] + kw["encoder_hidden_states"].shape[1]
+    mask = torch.ones(1, 1, 1, tokens, dtype=torch.bool)
+    kw = {**kw, "return_dict": False,
+          "joint_attention_kwargs": {"scale": 0.5, "attention_mask": mask}}
+    dit_compile.export(model, str(tmp_path), kw, {"cache": None})
+    loaded = dit_compile.load(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kw)[0], model(**kw)[0], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"is \{'scale': 1.0, 'attention_mask': tensor\}; it "
+                                             r"was exported as \{'scale': 0.5, 'attention_mask'"):
+            loaded(**{**kw, "joint_attention_kwargs": {"scale": 1.0, "attention_mask": mask}})
+    # An export saved before the values were kept (type names in their place) is read by type.
+    manifest = tmp_path / "manifest.json"
+    m = json.loads(manifest.read_text())
+    (name, kind), = [(k, v) for k, v in m["keywords"].items() if k == "joint_attention_kwargs"]
+    kind["structure"] = {"dict": {"scale": "float", "attention_mask": "tensor"}}
+    manifest.write_text(json.dumps(m))
+    with torch.no_grad():
+        dit_compile.load(str(tmp_path))(
+            **{**kw, "joint_attention_kwargs": {"scale": 1.0, "attention_mask": mask}})
+
+
 def test_moe_model_exports_with_its_dispatch_lowered(tmp_path):
     """HiDream's MoE dispatch would break the trace: export lowers it for the export (the programs
     hold the fused op) and leaves the model as it was; the loaded model computes what it does."""
