@@ -436,7 +436,13 @@ def _stack_projection(module: nn.Module, spec: _MoESpec, k: int,
     params = [assigned[1] if assigned and layer is assigned[0] else layer.weight
               for layer in layers]
     module._buffers.pop(_STACK_BUFFERS[k], None)
-    stack = torch.stack([p.detach() for p in params])
+    device = params[0].device.type
+    # Not under the caller's autocast (lowering runs at a compile's start, inside the call): its
+    # type promotion of torch.stack refuses fp8 (layerwise casting's storage), and the stack
+    # keeps the weights' own dtype anyway.
+    with (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+          else contextlib.nullcontext()):
+        stack = torch.stack([p.detach() for p in params])
     for i, param in enumerate(params):
         param.data = stack[i]
     module.register_buffer(_STACK_BUFFERS[k], stack, persistent=False)

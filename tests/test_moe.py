@@ -928,6 +928,15 @@ def test_experts_with_hooks_are_not_lowered_unless_the_hook_is_layerwise_casting
     assert model._moe_w1.dtype == torch.float8_e4m3fn
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    # Stacked under autocast (a mixcache compile lowers at its start, inside the call): its type
+    # promotion of torch.stack refused fp8 ('Unexpected floating ScalarType'), and HiDream's
+    # compile failed where eager ran.
+    under = _UserMoE()
+    apply_layerwise_casting(under.experts, storage_dtype=torch.float8_e4m3fn,
+                            compute_dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        register_moe(under, "dispatch", experts="experts", projections=("gate", "up", "down"))
+    assert under._moe_w1.dtype == torch.float8_e4m3fn
     partly = _UserMoE()
     apply_layerwise_casting(partly.experts[0].gate, storage_dtype=torch.bfloat16,
                             compute_dtype=torch.float32)
