@@ -335,9 +335,16 @@ class CacheState:
         same_t = t == self._last_t
         repeat = same_t and signature == self._last_signature
         own = signature == self._signature      # branch 0's shape: not a pass
-        branch = repeat and (latent is None or _same(self._latent if own else self._pass_latent,
-                                                     latent))
         new_run = run is not None and (self._run is None or self._run() is not run)
+        branch = repeat and (latent is None or _same(self._latent if own else self._pass_latent,
+                                                     latent)
+                             # Within a sampler run, another text than the step's first call's
+                             # is a guidance branch even on another latent: Cosmos' video-to-world
+                             # noises its condition frames afresh for each branch. (A second-order
+                             # sampler's next evaluation at the level keeps the first's text.)
+                             or (run is not None and not new_run and text is not None
+                                 and (first := self.branches.get(0)) is not None
+                                 and first.text is not None and not _same(first.text, text)))
         next_b = self._branch + 1
         # A guidance pass of another batch (see the module doc): only within a sampler run,
         # whose timesteps say that the same timestep is the same step.

@@ -203,6 +203,28 @@ def test_guidance_passes_of_another_shape_at_one_timestep_are_branches_of_the_st
         (0, 0, 0, True), (1, 0, 0, False)]
 
 
+def test_another_text_at_the_timestep_of_a_sampler_run_is_a_branch_even_on_another_latent():
+    """CosmosVideoToWorldPipeline noises its condition frames afresh for each guidance call: the
+    unconditional call comes at the step's timestep on another latent, and was read as the next
+    step (six steps counted as twelve of one branch, each dropping the other text's cache:
+    nothing ever reused). Within a sampler run another text than the step's first call's is the
+    next branch; the same text on another latent is still the next step (Heun evaluating again
+    at the level), and outside a run nothing tells it from a new generation's call."""
+    cond, uncond = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+
+    def place(st, calls, run):
+        return [(c.generation, c.step, c.branch) for c in (
+            st.begin(t, "sig", text=text, latent=torch.randn(1, 4), run=run)
+            for t, text in calls)]
+
+    run = torch.tensor([900.0, 600.0, 600.0, 300.0])
+    calls = [(900.0, cond), (900.0, uncond), (600.0, cond), (600.0, uncond),
+             (600.0, cond), (600.0, uncond), (300.0, cond), (300.0, uncond)]
+    assert place(CacheState(), calls, run) == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (0, 3, 0), (0, 3, 1)]
+    assert place(CacheState(), calls[:2], None) == [(0, 0, 0), (1, 0, 0)]
+
+
 def test_the_noise_level_is_read_again_once_the_timestep_changes():
     """A timestep tensor passed again unmodified keeps its noise level without another host read;
     one written to in place since, or another tensor, or the same read in the other direction,
