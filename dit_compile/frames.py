@@ -408,13 +408,16 @@ def forward_forgotten(model: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def shape_history_kept() -> Iterator[None]:
-    """Undo what a trace of one's own teaches Dynamo about input shapes. Dynamo remembers each code
-    object's shapes across torch.compile calls (its automatic-dynamic state), so a later compile at
-    another size would otherwise get a dynamic-shape graph: explain and export must not change
-    what compiles."""
+    """A trace of one's own that neither learns from nor teaches Dynamo's shape history. Dynamo
+    remembers each code object's shapes across torch.compile calls (its automatic-dynamic state):
+    a later compile at another size would otherwise get a dynamic-shape graph (explain and export
+    must not change what compiles), and the trace itself, after the model ran at two sizes, would
+    be one of symbolic sizes (explain reported a stream of 's22*((s18//2))*((s42//2))' tokens for
+    a model compiled with dynamic=False). Traced as a first compile is, at the call's sizes."""
     try:
         from torch._dynamo import pgo
         saved = copy.deepcopy(pgo.get_code_state())
+        pgo.get_code_state().clear()
     except Exception:  # a torch without this state has nothing to undo
         saved = None
     try:

@@ -816,6 +816,31 @@ def test_explain_leaves_later_compiles_static(monkeypatch):
     assert all(isinstance(d, int) for x in inputs for d in x.shape)
 
 
+def test_explain_reports_the_calls_sizes_whatever_ran_before():
+    """After the model ran at two sizes (Dynamo's shape history then marks its sizes dynamic),
+    explain traced symbolic sizes: a stream of 's22*((s18//2))*((s42//2))' tokens, for a model
+    compiled with dynamic=False. It reports the call's own, and leaves the history as it was: the
+    compiled model's next trace (explain makes it trace again) is of dynamic sizes still."""
+    model, kw = tiny_models.wan(layers=2)
+
+    def at(frames, size):
+        return dict(kw, hidden_states=torch.randn(1, 4, frames, size, size), return_dict=False)
+    first = dit_compile.explain(model, **at(2, 8)).streams
+    compiled = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})
+    with torch.no_grad():
+        compiled(**at(2, 8))
+        compiled(**at(3, 12))       # a dynamic-shape graph from here
+    assert dit_compile.explain(compiled, **at(2, 8)).streams == first == {"blocks": [(1, 32, 16)]}
+    graphs = []
+    real = backend.find_regions
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(backend, "find_regions", lambda gm: graphs.append(gm) or real(gm))
+        compiled(**at(4, 16))
+    sizes = [d for n in graphs[0].graph.nodes if n.op == "placeholder"
+             and isinstance(n.meta["example_value"], torch.Tensor) for d in n.meta["example_value"].shape]
+    assert len(graphs) == 1 and any(isinstance(d, torch.SymInt) for d in sizes)
+
+
 @pytest.mark.parametrize("name,n", [("hidream", 4), ("nucleus", 2)])
 def test_moe_lowered_under_the_backend_then_one_graph(name, n):
     """Compiled as it is, the first call breaks at the MoE dispatches; the backend lowers them in
