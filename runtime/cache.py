@@ -446,7 +446,11 @@ class CacheState:
         old = self._latent[0]
         return (2 * latent.shape[0] == old.shape[0] and latent.shape[1:] == old.shape[1:]
                 and latent.dtype == old.dtype and latent.device == old.device
-                and (self._halves or _equal_halves(self._latent)))
+                and (self._halves or _equal_halves(self._latent))
+                # Still batched guidance, of fewer prompts (a callback dropped one): a new
+                # layout, not guidance ended (which would go on without cfg reuse to its end).
+                and not (latent.shape[0] % 2 == 0 and bool(torch.equal(
+                    *latent.tensor_split(2)))))
 
     def _fell_below_max(self, timestep: torch.Tensor | None) -> bool:
         """Whether some of the call's per-token (or per-sample) timesteps fell since the last call

@@ -1482,6 +1482,14 @@ def test_guidance_cut_off_goes_on_with_the_generation_under_every_policy():
     state = CacheState()
     state.begin(900.0, "batch 2", latent=torch.cat([x, -x]))
     assert state.begin(750.0, "batch 1", latent=x).generation == 1
+    # Batched guidance of two prompts, then of one (a callback dropped a sample: [n0, n1, p0, p1]
+    # to [n0, p0]): still guidance, a new layout. It was taken for guidance ended, and the steps
+    # left ran without cfg reuse (all computed, 0.77 off the reference).
+    y = torch.randn(1, 4, 2, 8, 8)
+    state = CacheState()
+    state.begin(900.0, "batch 4", halves=True, latent=torch.cat([x, y, x, y]))
+    step = state.begin(750.0, "batch 2", halves=True, latent=torch.cat([x, x]))
+    assert (step.generation, step.halves) == (1, True)
 
 
 def test_a_copy_or_a_saved_model_carries_no_cache_state():
