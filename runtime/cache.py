@@ -134,6 +134,9 @@ class Record:
     halves: bool = False         # the call carried both guidance branches as batch halves
     groups: int = 1              # guidance branches batched as equal groups (Step's)
     switched: tuple[bool, ...] | None = None  # samples whose other conditions switched (MixCache)
+    # A dynamic-shape graph's call: (executor, sizes, work), its ``flops`` read at its sizes when
+    # ``stats`` asks; ``flops`` above is at the compile's.
+    sized: tuple | None = None
 
 
 @dataclass
@@ -655,7 +658,7 @@ class CacheState:
             if self.records[0].generation < oldest:
                 self.records = [r for r in self.records if r.generation >= oldest]
         self.records.append(Record(step.generation, step.step, step.branch, step.t, action, flops,
-                                   signal, spent, reused, step.halves, step.groups, switched))
+                                   signal, spent, reused, step.halves, step.groups, switched, sized))
         counts = self.partial if reused is not None and flops >= 1.0 else self.counts
         counts[action] = counts.get(action, 0) + 1
         if sized is None:
@@ -692,8 +695,19 @@ class CacheState:
             "partial": partial,
             "flops_fraction": self._flops_fraction(),
             "cached_bytes": self.bytes(),
-            "trace": [r.__dict__.copy() for r in list(self.records)],
+            "trace": [_traced(r) for r in list(self.records)],
         }
+
+
+def _traced(record: Record) -> dict[str, Any]:
+    """A record as ``stats`` shows it: a dynamic-shape graph's call's ``flops`` at its sizes."""
+    shown = record.__dict__.copy()
+    sized = shown.pop("sized")
+    if sized is not None:
+        executor, sizes, work = sized
+        done, full = executor.flops_at(sizes, work, 1)
+        shown["flops"] = done / full
+    return shown
 
 
 class StateFactory:

@@ -741,7 +741,7 @@ def test_a_block_reuse_at_other_sizes_weighs_the_span_at_those_sizes():
     block-reused call was weighed by the span's share of the forward at the compile's sizes
     (0.63 at 64 pixels, 0.60 at 32), so the fraction ``stats`` reports was 0.631 where the
     FLOPs counted call by call, a full forward and one of the blocks before the span (the probe)
-    at each call's sizes, give 0.627."""
+    at each call's sizes, give 0.627; the trace's per-call fractions were the compile's too."""
     import copy
     from dit_compile.flops import flop_counter
     model = tiny_models.wan(layers=3)[0]
@@ -764,8 +764,12 @@ def test_a_block_reuse_at_other_sizes_weighs_the_span_at_those_sizes():
             with torch.no_grad(), flop_counter() as counter:
                 m(**x)
             costs.append(counter.get_total_flops())
-        actions = [r["action"] for r in stats["trace"] if r["generation"] == sizes.index(size)]
+        records = [r for r in stats["trace"] if r["generation"] == sizes.index(size)]
+        actions = [r["action"] for r in records]
         assert actions.count("block") == 6, actions   # steps 1 to 3, both guidance branches
+        # The trace's own fraction for each call, at its sizes too.
+        assert [r["flops"] for r in records] == pytest.approx(
+            [1.0 if a == "compute" else costs[1] / costs[0] for a in actions], rel=1e-6)
         done += costs[0] * actions.count("compute") + costs[1] * actions.count("block")
         full += costs[0] * len(actions)
     assert stats["flops_fraction"] == pytest.approx(done / full, rel=1e-6)
