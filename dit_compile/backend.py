@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from .flops import piece_flops, sized_flops
-from .frames import (compiled_model, forward_head, forward_tail, in_forward_wrapper,
+from .frames import (compiled_model, diffusers_caches, forward_head, forward_tail, in_forward_wrapper,
                      install_trace_hook, is_fragment, lower_moe_and_retrace, model_name,
                      retrace_once_after_break, traced_locals, traced_module, warn_fallback,
                      watch_wrappers)
@@ -183,12 +183,14 @@ def _uncacheable(gm: fx.GraphModule, rmap: RegionMap, model: torch.nn.Module | N
                       "transformer itself (pipe.transformer = torch.compile(pipe.transformer, "
                       "backend='mixcache')) to cache", stacklevel=3)
         return True
-    if getattr(model, "is_cache_enabled", False):
+    if diffusers_caches(model):
         # A hook that traces (PyramidAttentionBroadcast) reuses attention inside the graph, by
         # counters a reused call would not advance: two caches would reuse each other's results.
-        warnings.warn(f"mixcache: {model_name()}: diffusers' own cache hooks are on (enable_cache), "
-                      "so this backend caches nothing: call disable_cache() before torch.compile "
-                      "to let mixcache cache", stacklevel=3)
+        warnings.warn(f"mixcache: {model_name()}: diffusers' own cache hooks are on (enable_cache, "
+                      "or an apply_* function such as apply_pyramid_attention_broadcast), so this "
+                      "backend caches nothing: remove them (disable_cache()) before torch.compile "
+                      "to let mixcache cache (after a call with them, torch._dynamo.reset() too: "
+                      "the graphs traced with them stay valid without them)", stacklevel=3)
         return True
     if is_fragment(gm) and not tail:
         # One graph of a forward that breaks: its inputs may be any intermediates, named like the

@@ -10,7 +10,7 @@ import torch
 from .backend import carriers, computed_outputs, half_batch, head_slots, output_shapes
 from .inductor import shared_blocks
 from .export import Exported
-from .frames import (breaking_hooks, compiled_options, forget_forward, forward_forgotten,
+from .frames import (breaking_hooks, compiled_options, diffusers_caches, forget_forward, forward_forgotten,
                      forward_tail, is_fragment, shape_history_kept, traced_module)
 from .options import Options
 from .passes.casting import find_casts, functional_casting
@@ -357,10 +357,11 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
         # and the timestep, nor on per-sample latents that cannot be stacked.
         report.fallback = (writes[found.index(rmap)] or (None if relayed else
                            missing_inputs(rmap.inputs) or rmap.samples_why))
-    if report.fallback is None and getattr(target, "is_cache_enabled", False):
-        report.fallback = ("diffusers' own cache hooks are on (enable_cache), and two caches on "
-                           "one forward would reuse each other's results: call disable_cache() "
-                           "before torch.compile to let mixcache cache")
+    if report.fallback is None and diffusers_caches(target):
+        report.fallback = ("diffusers' own cache hooks are on (enable_cache, or an apply_* "
+                           "function), and two caches on one forward would reuse each other's "
+                           "results: remove them (disable_cache()) before torch.compile to let "
+                           "mixcache cache")
     plan = plans[found.index(rmap)]
     mod = modulated_input(plan)
     if mod is not None:

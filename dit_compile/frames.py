@@ -479,11 +479,13 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
         hooks = breaking_hooks(root)
         if hooks:
             reason += f"; {hooks}"
-        if getattr(root, "is_cache_enabled", False):
+        if diffusers_caches(root):
             # diffusers' cache hooks keep Python state per call: the likeliest break, and a second
             # cache on top of the one this backend is for.
-            reason += ("; diffusers' own cache hooks are on (enable_cache): call "
-                       f"{name}.disable_cache() before torch.compile and let mixcache cache")
+            reason += ("; diffusers' own cache hooks are on (enable_cache, or an apply_* "
+                       f"function): remove them ({name}.disable_cache()) before torch.compile "
+                       "and let mixcache cache (after a call with them, torch._dynamo.reset() "
+                       "too: the graphs traced with them stay valid without them)")
     else:
         reason = str(why)
     eager = isinstance(config, dict) and config.get("regions") == "eager"
@@ -528,6 +530,26 @@ def _around_forward(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
         return False
     return not any(isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)
                    for n in gm.graph.find_nodes(op="placeholder"))
+
+
+# diffusers' cache hooks, by the module defining them: each reuses results across calls by Python
+# state of its own, which a second cache on the same forward would defeat.
+_CACHE_HOOKS = frozenset(f"diffusers.hooks.{m}" for m in (
+    "pyramid_attention_broadcast", "faster_cache", "first_block_cache", "mag_cache",
+    "taylorseer_cache", "sea_cache"))
+
+
+def diffusers_caches(model: torch.nn.Module | None) -> bool:
+    """Whether diffusers' own cache hooks are on ``model``: by ``enable_cache``, or put on its
+    layers by the ``apply_*`` functions (``apply_pyramid_attention_broadcast``: the only way for a
+    model without ``enable_cache``, PixArt's), which ``is_cache_enabled`` does not see."""
+    if model is None:
+        return False
+    if getattr(model, "is_cache_enabled", False):
+        return True
+    return any(type(hook).__module__ in _CACHE_HOOKS
+               for m in model.modules()
+               for hook in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).values())
 
 
 def breaking_hooks(model: torch.nn.Module | None) -> str | None:

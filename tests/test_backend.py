@@ -398,17 +398,25 @@ def _mixcache_warnings(record) -> list[str]:
     return [str(w.message) for w in record if str(w.message).startswith("mixcache")]
 
 
-def test_diffusers_cache_hooks_turn_mixcache_caching_off_saying_so():
+@pytest.mark.parametrize("put_on", ["enable_cache", "apply"])
+def test_diffusers_cache_hooks_turn_mixcache_caching_off_saying_so(put_on):
     """PyramidAttentionBroadcast's hooks trace into the graph (no break), reusing attention by
     counters a reused call would not advance: two caches on one forward. The backend caches
-    nothing and says why; the output is the hooked model's."""
+    nothing and says why; the output is the hooked model's. Put on by diffusers'
+    ``apply_pyramid_attention_broadcast`` (the only way on a model without ``enable_cache``, such
+    as PixArt), the hooks went unseen (``is_cache_enabled`` False): both caches reused, 0.3 off."""
     import copy
     from diffusers import PyramidAttentionBroadcastConfig
+    from diffusers.hooks import apply_pyramid_attention_broadcast
     model, kw = tiny_models.wan(layers=3)
     now = {"t": 900}
-    model.enable_cache(PyramidAttentionBroadcastConfig(
+    config = PyramidAttentionBroadcastConfig(
         spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(0, 1000),
-        current_timestep_callback=lambda: now["t"]))
+        current_timestep_callback=lambda: now["t"])
+    if put_on == "apply":
+        apply_pyramid_attention_broadcast(model, config)
+    else:
+        model.enable_cache(config)
     eager = copy.deepcopy(model)
     f = torch.compile(model, backend="mixcache",
                       options={"regions": "eager", "cache": {"rule": "schedule", "step": [1, 2]}})
