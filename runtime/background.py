@@ -242,9 +242,21 @@ def register(model: torch.nn.Module, fns: Sequence[Callable[..., Any]]) -> None:
     graph Dynamo drops takes its pieces with it."""
     pieces = [f for f in fns if isinstance(f, Swapping)]
     if pieces:
-        model.__dict__.setdefault("_mixcache_background", weakref.WeakSet()).update(pieces)
+        model.__dict__.setdefault("_mixcache_background", _Pieces()).update(pieces)
     for piece in pieces:
         piece.job.forward = type(model).forward
+
+
+class _Pieces(weakref.WeakSet):
+    """A model's pieces compiling in the background. A copy of the model (``copy.deepcopy``,
+    ``torch.save``) gets none: they hold the child's pipe, which neither copies nor pickles (both
+    raised), and the graphs are Dynamo's, found again through the model's class (``wait``)."""
+
+    def __deepcopy__(self, memo: dict) -> _Pieces:
+        return _Pieces()
+
+    def __reduce__(self) -> tuple:
+        return (_Pieces, ())
 
 
 def wait(model: torch.nn.Module, timeout: float | None = None) -> int:

@@ -74,6 +74,15 @@ def test_regions_run_uncompiled_until_the_child_is_done_then_compiled(monkeypatc
     torch.testing.assert_close(hd_first, hd_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hd_later, hd_ref, rtol=1e-5, atol=1e-5)
     assert dit_compile.wait_for_compiles(torch.nn.Linear(2, 2)) == 0     # nothing to wait for
+    # A model compiled in the background copies and saves (its pieces hold the child's pipe:
+    # deepcopy raised 'cannot pickle _io.BufferedWriter'), the copy holding none of them.
+    import copy
+    import io
+    twin = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    assert len(twin.__dict__["_mixcache_background"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**kw, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_a_failed_child_is_a_warning_and_the_piece_compiles_here(monkeypatch):
