@@ -586,10 +586,15 @@ def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
     """Whether this graph is only part of the model's forward: it ends at a graph break, resumes
     after one, or comes from a frame the forward calls while itself running eagerly (Dynamo gives
     up tracing a forward that breaks inside a loop, and compiles each submodule, helper or method
-    it calls apart)."""
+    it calls apart). Not a graph of a hook's frame (``_around_forward``), even one that breaks
+    (a hook reading the timestep on the host): counted as the forward's, it spent the forward's
+    one retrace before the forward had traced, and warned of a fallback that never happened."""
+    tx = _current_tx()
+    if (root is not None and tx is not None and _around_forward(gm, root)
+            and not any(_resumes(tx.f_code, code) for code in _forward_codes(root))):
+        return False
     if _ends_at_break(gm):
         return True
-    tx = _current_tx()
     if tx is None:
         return False
     code = tx.f_code

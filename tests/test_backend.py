@@ -730,6 +730,28 @@ def test_a_hook_added_after_compile_is_not_said_to_leave_the_model_uncached():
         "compute", "compute", "step"]
 
 
+def test_a_hook_that_reads_the_host_neither_spends_the_retrace_nor_warns():
+    """A pre-hook reading the timestep on the host (a logging or progress hook), added after
+    torch.compile: its frame's graph ends at that break, and was counted as a fragment of the
+    forward, so a fallback was warned of while the forward cached, and the forward's one retrace
+    was spent on it (Z-Image, whose first call breaks, then never cached). A hook's frame is
+    not the forward's."""
+    from dit_compile.frames import _retraced
+    model, kw = tiny_models.wan(layers=2)
+    compiled = torch.compile(model, backend="mixcache",
+                             options={"regions": "eager", "cache": {"rule": "schedule", "step": [2]}})
+    seen = []
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(float(kwargs["timestep"].max())), with_kwargs=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        for t in (900.0, 800.0, 700.0):
+            compiled(**dict(kw, timestep=torch.tensor([t])), return_dict=False)
+    assert seen == [900.0, 800.0, 700.0] and not _retraced(model)
+    assert [r["action"] for r in dit_compile.stats(compiled)["trace"]] == [
+        "compute", "compute", "step"]
+
+
 def test_explain_leaves_dynamo_nothing_of_its_trace():
     """Each explain compiles with a backend of its own, and Dynamo kept every one's graphs on the
     forward's code: eight explains reached its recompile limit, after which a fullgraph=True
