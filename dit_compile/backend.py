@@ -14,7 +14,7 @@ import torch.fx as fx
 from .flops import piece_flops, sized_flops
 from .frames import (compiled_model, diffusers_caches, forward_head, forward_tail, in_forward_wrapper,
                      install_trace_hook, is_fragment, lower_moe_and_retrace, model_name,
-                     retrace_once_after_break, traced_locals, traced_module, warn_fallback,
+                     retrace_once_after_break, stored_tensors, traced_locals, traced_module, warn_fallback,
                      watch_wrappers)
 from .inductor import compile_graph, compile_pieces, records_autograd
 from .options import Options
@@ -203,6 +203,13 @@ def _uncacheable(gm: fx.GraphModule, rmap: RegionMap, model: torch.nn.Module | N
     if writes:
         warnings.warn(f"mixcache: {model_name()}: {writes}: this graph runs without caching (the "
                       "model's graphs that write nothing are cached as usual)", stacklevel=3)
+        return True
+    stores = stored_tensors()
+    if stores:
+        warnings.warn(f"mixcache: {model_name()}: its forward stores tensors it computes into "
+                      f"{', '.join(stores[:3])}{' and more' if len(stores) > 3 else ''} besides "
+                      "returning them, and a reused call would store the cached ones: this graph "
+                      "runs without caching", stacklevel=3)
         return True
     missing = None if tail else missing_inputs(rmap.inputs) or rmap.samples_why
     if missing:

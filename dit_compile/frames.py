@@ -532,6 +532,40 @@ def _around_forward(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
                    for n in gm.graph.find_nodes(op="placeholder"))
 
 
+def stored_tensors() -> list[str]:
+    """Where the frame Dynamo is compiling stores tensors the graph computes into objects that
+    outlive the call, besides returning them: an attribute of an existing object (a module's
+    ``self.last = x``), a registered buffer reassigned (``self.calls = self.calls + 1``). Those
+    are graph outputs the bytecode stores after the call; a reused call would store the cached
+    ones (a counter went backwards, a cfg reuse stored branch 0's value plus a difference). Empty
+    where Dynamo's bookkeeping cannot be read (its internals moved)."""
+    tx = _current_tx()
+    try:
+        from torch._dynamo.variables import ConstDictVariable, TensorVariable
+        from torch._dynamo.variables.base import AttributeMutationExisting
+        effects = tx.output.side_effects
+
+        def computed(v: Any) -> bool:
+            return isinstance(v, TensorVariable) and v.as_proxy().node.op != "placeholder"
+        stores = [f"{type(getattr(var, 'value', var)).__name__}.{name}"
+                  for var, attrs in effects.store_attr_mutations.items()
+                  if isinstance(getattr(var, "mutation_type", None), AttributeMutationExisting)
+                  for name, v in attrs.items() if computed(v)]
+        stores += [_source_name(var.source) for var in effects.id_to_variable.values()
+                   if isinstance(var, ConstDictVariable) and effects.is_modified(var)
+                   and any(computed(v) for v in var.items.values())]
+    except Exception:  # noqa: BLE001 - Dynamo's internals moved: nothing known
+        return []
+    return stores
+
+
+def _source_name(source: Any) -> str:
+    if source is None:
+        return "a dict"
+    name = source.name      # a method on torch 2.11, a property on 2.13
+    return (name() if callable(name) else name).replace("L['self']", "self")
+
+
 # diffusers' cache hooks, by the module defining them: each reuses results across calls by Python
 # state of its own, which a second cache on the same forward would defeat.
 _CACHE_HOOKS = frozenset(f"diffusers.hooks.{m}" for m in (

@@ -190,6 +190,28 @@ def test_a_call_that_fills_a_kv_cache_is_never_reused():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"denoising call {i}")
 
 
+def test_a_forward_that_stores_what_it_computes_is_never_reused():
+    """A forward hook put on a block before the compile (a user keeping a block's features) is
+    traced into the forward, whose bytecode stores the block's output into the block after the
+    graph runs: a reused call stored the cached value instead (a step reuse stored branch 0's
+    old features, a cfg reuse branch 0's plus a difference). Such a graph runs uncached, said."""
+    import tiny_models
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    eager = copy.deepcopy(model)
+    for m in (model, eager):
+        m.blocks[1].register_forward_hook(lambda mod, args, out: setattr(mod, "features", out * 1))
+    f = compiled(model, {"rule": "schedule", "step": [1, 2], "cfg": [1, 2]})
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"stores tensors it computes into "
+                                                          r"WanTransformerBlock.features"):
+        for t in (900.0, 700.0, 500.0):
+            for text in (kw["encoder_hidden_states"], -kw["encoder_hidden_states"]):
+                call = dict(kw, timestep=torch.tensor([t]), encoder_hidden_states=text)
+                torch.testing.assert_close(f(**call)[0], eager(**call)[0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(model.blocks[1].features, eager.blocks[1].features,
+                                           rtol=1e-5, atol=1e-5)
+
+
 def test_explain_names_the_writes():
     model, (text, first, _) = anyflow_far()
     kv = {i: {"full_cache": torch.zeros(2, 1, 2, 48, 12), "compressed_cache": torch.zeros(2, 1, 2, 4, 12)}
