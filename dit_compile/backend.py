@@ -272,8 +272,10 @@ def modulation_of(plan: Plan, policy: Any, name: str) -> Modulation | None:
     found = modulated_input(plan)
     if found is None:
         warnings.warn(f"mixcache: {name}: teacache signal 'modulated': no linear layer of "
-                      "the first block reads both the latent and the timestep (or the block is "
-                      "one opaque call); deciding on the input latent's change instead "
+                      "the first block reads both the latent and the timestep as this graph has "
+                      "them (a forward broken before its blocks hands them over as other "
+                      "values), or the block writes in place into what that layer reads, or it "
+                      "is one opaque call; deciding on the input latent's change instead "
                       "(signal 'input')", stacklevel=2)
         policy.teacache_signal = "input"
     return found

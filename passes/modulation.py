@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .mutation import written
 from .split import Plan
 
 # The layers whose input is the modulated activation: linear projections (matmul-shaped).
@@ -54,10 +55,35 @@ def modulated_input(plan: Plan) -> Modulation | None:
     target = next((n.args[0] for n in gm.graph.nodes
                    if n.op == "call_function" and n.target in _LINEAR and n.args
                    and isinstance(n.args[0], fx.Node) and within[n.args[0]] >= set(_ROLES)), None)
-    if target is None:
+    if target is None or _written_before(gm, target):
         return None
     module, args = _cone(gm, target, block.args)
     return Modulation(module, args, piece)
+
+
+def _written_before(gm: fx.GraphModule, target: fx.Node) -> bool:
+    """Whether the block writes in place, before ``target``, into a value ``target`` is computed
+    from (a custom block's ``x += bias`` ahead of its norm): the cone, run on its own ahead of the
+    block, would write it once more (the block's output 1.65 off), or, leaving a write whose result
+    nothing reads, read the value unwritten."""
+    cone = _cone_nodes(target)
+    for n in gm.graph.nodes:
+        if n is target:
+            return False
+        if written(n) in cone:
+            return True
+    return False
+
+
+def _cone_nodes(target: fx.Node) -> set[fx.Node]:
+    cone: set[fx.Node] = set()
+    todo = [target]
+    while todo:
+        n = todo.pop()
+        if n not in cone:
+            cone.add(n)
+            todo.extend(n.all_input_nodes)
+    return cone
 
 
 # Ops whose arguments after the first lend only their dtype, device or shape, and ops that read
@@ -102,13 +128,7 @@ def _propagate(gm: fx.GraphModule, placeholder_deps: list[frozenset[str]]) -> li
 def _cone(gm: fx.GraphModule, target: fx.Node, slots: tuple[int, ...]
           ) -> tuple[fx.GraphModule, tuple[int, ...]]:
     """``target`` and what it is computed from inside ``gm``, as a graph of its own."""
-    cone: set[fx.Node] = set()
-    todo = [target]
-    while todo:
-        n = todo.pop()
-        if n not in cone:
-            cone.add(n)
-            todo.extend(n.all_input_nodes)
+    cone = _cone_nodes(target)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     args = []

@@ -90,6 +90,25 @@ def test_a_cast_to_the_latents_dtype_is_no_dependence_on_the_latent():
                                rtol=1e-6, atol=1e-6)
 
 
+def test_a_first_block_writing_into_its_input_decides_on_the_latent():
+    """A pre-hook on the first block adding to its input in place (traced into the block): the
+    modulated input, computed ahead of the block from the values as they were, missed the write
+    (the signal was not what the attention projects); where the write's result feeds the norm,
+    the block got it twice (a custom block's ``x += b``: 1.65 off eager). The rule decides on
+    the latent, saying why."""
+    import copy
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    def add(mod, args, kwargs):
+        (args[0] if args else kwargs["hidden_states"]).add_(0.5)
+    model.blocks[0].register_forward_pre_hook(add, with_kwargs=True)
+    eager = copy.deepcopy(model)
+    f = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "teacache", "threshold": 0.1}})
+    with torch.no_grad(), pytest.warns(UserWarning, match="writes in place into what that layer"):
+        torch.testing.assert_close(f(**kw)[0], eager(**kw)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_no_modulated_input_warns_and_decides_on_the_latent():
     """A model whose blocks the timestep does not modulate: a warning naming the fallback, and
     the rule then behaves as signal 'input' does."""
