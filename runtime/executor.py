@@ -309,6 +309,9 @@ class GuardedExecutor(Executor):
             return self._finish(st, env, step, bc, outs, STEP, flops, signal, x, reused, spanned)
 
         outs, kind, flops, bsig, mask = self._compute(env, st, step, bc, ran)
+        if (bsig is not None and signal is not None and kind == "compute"
+                and getattr(self.policy, "signals_are_errors", False)):
+            bsig = min(bsig, signal)    # the smallest estimate that did not fit
         return self._finish(st, env, step, bc, outs, kind, flops,
                             bsig if bsig is not None else signal, x, mask)
 

@@ -112,6 +112,9 @@ class MixCache:
     span: tuple[int | None, int | None] = (None, None)     # as Policy's
     step_mode: str = "output"
     extrapolate: int = 2
+    # Its step and block decisions' signals are both estimated errors: a computed call shows the
+    # smaller (the executor compares them).
+    signals_are_errors = True
 
     @property
     def reuses_blocks(self) -> bool:
@@ -313,10 +316,12 @@ class MixCache:
         if sig.get("moved") is not None:
             settled = settled & ~sig["moved"]
         settled = torch.tensor(settled, device=change.device)
+        # The signal, as the step decision's: the estimated error of the reuse taken, or where
+        # none is, the smallest that was not (the probe's change alone is no error).
         err = change * self._step_length(s, st, bc)
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
                 or s.t > (1.0 - self.warmup) * st.t_first or not bool(settled.any())):
-            return False, float(change.max())
+            return False, float(err.min())
         left = torch.tensor(_per_sample(self._left(bc), n), device=change.device)
         below = torch.as_tensor(bc.below(self.max_reuse)).to(change.device)
         mask = tie_groups(s, settled & (err <= left) & below)
@@ -325,10 +330,10 @@ class MixCache:
         if not self.per_sample:
             mask = mask.all().expand_as(mask)
         if not bool(mask.any()):
-            return False, float(change.max())
+            return False, float(err.min())
         sig["mask"] = mask
         self._spend(bc, _host(torch.where(mask, err, torch.zeros_like(err))), n)
-        return (True if bool(mask.all()) else mask), float(change.max())
+        return (True if bool(mask.all()) else mask), float(err[mask].max())
 
     def observe(self, s: Step, st: CacheState, bc: BranchCache, outs: list[torch.Tensor],
                 kind: str) -> None:

@@ -523,3 +523,30 @@ def test_on_batch_halves_a_step_reuse_that_fits_wins_over_a_cfg_reuse_of_half_th
     assert action == "cfg"
     for share in (0.7, 0.1):    # the cfg estimate, as a share of the step's
         assert decide(["step", "cfg"], 1e-6 * share * step_err / per_rate)[0] == "step"
+
+
+def test_a_block_reuse_shows_the_error_it_spent():
+    """The trace's signal of a MixCache block reuse was the probe's change (0.17 on a reuse
+    within a budget of 0.05), not its estimated error, the change times the step's length, which
+    is what the budget is charged and what a step reuse shows: now each block reuse's signal is
+    what it added to ``spent``, within the budget."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import pipelines
+    model = tiny_models.wan(layers=3)[0]
+    compiled = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": {
+        "rule": "mixcache", "granularities": ["block"], "budget": 0.05, "settle": 50.0,
+        "max_reuse": 2}})
+    pipe = pipelines.wan_pipeline(compiled)
+    pipe.set_progress_bar_config(disable=True)
+    pipelines.run_wan(pipe, steps=8, size=16, frames=1)
+    trace = dit_compile.stats(compiled)["trace"]
+    spent, reuses = {}, 0
+    for r in trace:
+        if r["action"] == "block":
+            reuses += 1
+            assert r["signal"] == pytest.approx(r["spent"] - spent.get(r["branch"], 0.0), rel=1e-5)
+            assert r["spent"] <= 0.05
+        spent[r["branch"]] = r["spent"]
+    assert reuses >= 4, trace
