@@ -625,7 +625,8 @@ def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
     one retrace before the forward had traced, and warned of a fallback that never happened."""
     tx = _current_tx()
     if (root is not None and tx is not None and _around_forward(gm, root)
-            and not any(_resumes(tx.f_code, code) for code in _forward_codes(root))):
+            and not any(_resumes(tx.f_code, code) for code in _forward_codes(root))
+            and not _forward_runs_eagerly(root)):   # else a frame the forward calls, a fragment
         return False
     if _ends_at_break(gm):
         return True

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import dit_compile
 import random_dits
 import tiny_models
-from dit_compile.runtime.cache import BranchCache, CacheState, Step
+from dit_compile.runtime.cache import CacheState, Step
 from dit_compile.runtime.mixcache import _fold_pending, make_mixcache
 from dit_compile.runtime.policy import PolicyError, make_policy
 from test_cache import compiled, generation

@@ -267,12 +267,14 @@ def test_a_call_of_another_graph_never_takes_its_cached_values(reuse):
     """The capture call comes as the fourth step of the block's generation, in a graph of its own.
     Reused (a forced schedule naming that step) it took the Euler steps' graph's cached values: one
     output for its seven (the pairs came back None) or span residuals of other blocks' layout
-    (a TypeError in a layer norm). It computes, as the first call of its graph in this branch, and
-    the pairs it captures are eager's."""
+    (a TypeError in a layer norm). It computes, and the pairs it captures are eager's: its graph
+    stores them into the pipeline's cache besides returning its output, so it runs uncached (said),
+    not a step of the generation."""
     model, x, text = sana_wm_refiner()
     theirs, pairs = refine(model, model, x, text)
     f = compiled(model, {"rule": "schedule", reuse: [3]})
-    ours, our_pairs = refine(f, model, x, text)
-    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute"] * 4
+    with pytest.warns(UserWarning, match="stores tensors it computes into"):
+        ours, our_pairs = refine(f, model, x, text)
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute"] * 3
     for i, (a, b) in enumerate(zip(ours + our_pairs, theirs + pairs)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"value {i}")
