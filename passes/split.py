@@ -292,7 +292,10 @@ def graph_signature(gm: fx.GraphModule, example_inputs: list[Any]) -> str:
             # the first block of a batch-1 call, handed a slice, is its mates' graph.
             strides = tuple(None if isinstance(d, int) and d == 1 else st
                             for d, st in zip(v.shape, v.stride()))
-            h.update(named(repr((tuple(v.shape), strides, v.dtype, v.device.type))).encode())
+            # Whether it requires grad: AOTAutograd compiles a frozen block's graph without a
+            # backward, and a trainable mate running it would get no gradients.
+            h.update(named(repr((tuple(v.shape), strides, v.dtype, v.device.type,
+                                 v.requires_grad))).encode())
         else:
             h.update(repr(type(v)).encode())
     return h.hexdigest()

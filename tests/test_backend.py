@@ -1155,6 +1155,23 @@ def test_where_autograd_records_nothing_is_cached_and_gradients_match_eager():
     assert dit_compile.stats(f)["reused"]["step"] == 6     # 3 steps x 2 branches
 
 
+def test_a_trainable_block_beside_frozen_mates_compiles_apart_and_gets_its_gradients():
+    """Fine-tuning one block of a stack: its graph is its frozen mates' op for op, but
+    AOTAutograd compiles the frozen one's without a backward. Shared, the trainable block ran it
+    and its parameters got no gradient at all, silently."""
+    model, kw = tiny_models.wan(layers=2)
+    model.requires_grad_(False)
+    model.blocks[1].requires_grad_(True)
+    f = torch.compile(model, backend="mixcache", options={"regions": "inductor", "cache": None})
+    f(**kw, return_dict=False)[0].square().mean().backward()
+    ours = [p.grad for p in model.blocks[1].parameters()]
+    model.zero_grad()
+    model(**kw, return_dict=False)[0].square().mean().backward()
+    for g, p in zip(ours, model.blocks[1].parameters()):
+        assert g is not None
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_a_compiled_function_that_computes_outside_the_model_caches_nothing():
     """torch.compile of a whole denoising step (the model, then the sampler's update): the
     graph's output is the next latent, not the model's output, and step reuse of it returned the
