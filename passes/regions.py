@@ -253,6 +253,15 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
     Raises ``NoBlockStructure`` when there is no stack, or when block nodes interleave in a way
     that contiguous regions cannot express.
     """
+    constants = [n.target for n in gm.graph.find_nodes(op="get_attr")
+                 if isinstance(getattr(gm, n.target, None), torch.Tensor)]
+    if constants:
+        # Where weights are inputs, stack-mates are one graph and the runtime finds the model's
+        # cache state by them; as constants each block is a graph of its own weights.
+        raise NoBlockStructure(
+            f"the graph holds {len(constants)} tensors as constants ({constants[0]}, ...), not as "
+            "inputs: torch._dynamo.config.install_free_tensors=True installs the model's weights "
+            "into the graph; set it to False (torch's default) to cache")
     nodes = _compute_nodes(gm)
     stacks = _find_stacks(nodes)
     if not stacks and (gaps := _skipped_blocks(nodes)):
