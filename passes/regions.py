@@ -258,10 +258,15 @@ def find_regions(gm: fx.GraphModule) -> RegionMap:
     if constants:
         # Where weights are inputs, stack-mates are one graph and the runtime finds the model's
         # cache state by them; as constants each block is a graph of its own weights.
+        settings = [f"torch.{name}=True" for name, on in (
+            ("_inductor.config.freezing", torch._inductor.config.freezing),
+            ("_dynamo.config.prepare_freezing", torch._dynamo.config.prepare_freezing),
+            ("_dynamo.config.install_free_tensors", torch._dynamo.config.install_free_tensors))
+            if on] or ["a setting of Dynamo's"]
         raise NoBlockStructure(
             f"the graph holds {len(constants)} tensors as constants ({constants[0]}, ...), not as "
-            "inputs: torch._dynamo.config.install_free_tensors=True installs the model's weights "
-            "into the graph; set it to False (torch's default) to cache")
+            f"inputs: {' and '.join(settings)} installs the model's weights into the graph; "
+            "unset it (torch's default) to cache")
     nodes = _compute_nodes(gm)
     stacks = _find_stacks(nodes)
     if not stacks and (gaps := _skipped_blocks(nodes)):

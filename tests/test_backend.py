@@ -690,15 +690,19 @@ def test_graph_break_before_the_blocks_warns_of_nothing_with_caching_on_or_off()
         torch.testing.assert_close(out, model(**kw, return_dict=False)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_weights_installed_as_graph_constants_fall_back_with_the_setting_named():
-    """Dynamo's install_free_tensors puts every weight into the graph as an attribute: the
-    split failed on them with an internal AssertionError, whatever the options."""
+@pytest.mark.parametrize("setting", ["dynamo.install_free_tensors", "inductor.freezing"])
+def test_weights_installed_as_graph_constants_fall_back_with_the_setting_named(setting):
+    """Dynamo's install_free_tensors, and Inductor's freezing (an inference setting) under
+    no_grad, put every weight into the graph as an attribute: the split failed on them with an
+    internal AssertionError, whatever the options."""
     model, kw = tiny_models.wan(layers=2)
     with torch.no_grad():
         ref = model(**kw, return_dict=False)[0]
-    with torch._dynamo.config.patch(install_free_tensors=True), torch.no_grad():
+    module, name = setting.split(".")
+    config = torch._dynamo.config if module == "dynamo" else torch._inductor.config
+    with config.patch(**{name: True}), torch.no_grad():
         f = torch.compile(model, backend="mixcache", options={"regions": "eager"})
-        with pytest.warns(UserWarning, match="install_free_tensors=True installs the model"):
+        with pytest.warns(UserWarning, match=f"{name}=True installs the model"):
             out = f(**kw, return_dict=False)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
