@@ -452,6 +452,8 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
     root = compiled_model() or traced_module()
     if root is None and _pipeline_code():
         return
+    if root is not None and _stance_delays(_forward_codes(root)):
+        return
     fragment = why is None or _is_fragment(gm, root)
     if fragment and why is not None and _between_forward_graphs(root):
         return
@@ -623,6 +625,8 @@ def _is_fragment(gm: fx.GraphModule, root: torch.nn.Module | None) -> bool:
     it calls apart). Not a graph of a hook's frame (``_around_forward``), even one that breaks
     (a hook reading the timestep on the host): counted as the forward's, it spent the forward's
     one retrace before the forward had traced, and warned of a fallback that never happened."""
+    if root is not None and _stance_delays(_forward_codes(root)):
+        return False
     tx = _current_tx()
     if (root is not None and tx is not None and _around_forward(gm, root)
             and not any(_resumes(tx.f_code, code) for code in _forward_codes(root))
@@ -731,6 +735,19 @@ def _forward_runs_eagerly(model: torch.nn.Module) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _stance_delays(codes: list) -> bool:
+    """Whether Dynamo's stance runs these codes' frame eagerly, not yet having seen it twice: a
+    forward's first call under ``set_stance("eager_then_compile")``, which compiles the frames it
+    calls from their second call (a block's, at the second block). Their graphs are no fragments
+    of a broken forward, and have nothing to cache: the forward's own graph, traced at its
+    second call, does."""
+    from torch._dynamo import eval_frame
+    if eval_frame._stance.stance not in ("eager_then_compile", "aot_eager_then_compile"):
+        return False
+    return all(len(eval_frame.get_example_inputs(f"{c.co_filename}{c.co_firstlineno}")) < 2
+               for c in codes)
 
 
 def _one_of(code: Any, codes: list) -> bool:

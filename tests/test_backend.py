@@ -1189,6 +1189,22 @@ def test_a_trainable_block_beside_frozen_mates_compiles_apart_and_gets_its_gradi
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_the_eager_first_call_of_eager_then_compile_is_no_broken_forward():
+    """set_stance("eager_then_compile") runs the forward's first call eagerly and compiles the
+    blocks' frames from the second block on: those graphs were taken for fragments of a forward
+    broken by graph breaks, with a warning that nothing would be cached."""
+    from test_cache import generation
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [2, 3]}})
+    with torch.compiler.set_stance("eager_then_compile"), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="mixcache")
+        generation(f, kw)
+        generation(f, kw)
+    assert dit_compile.stats(f)["reused"]["step"] > 0
+
+
 def test_a_compiled_function_that_computes_outside_the_model_caches_nothing():
     """torch.compile of a whole denoising step (the model, then the sampler's update): the
     graph's output is the next latent, not the model's output, and step reuse of it returned the
