@@ -11,7 +11,8 @@ from .backend import carriers, computed_outputs, half_batch, head_slots, output_
 from .inductor import shared_blocks
 from .export import Exported
 from .frames import (breaking_hooks, compiled_options, diffusers_caches, forget_forward, forward_forgotten,
-                     forward_tail, is_fragment, shape_history_kept, traced_module)
+                     forward_tail, is_fragment, recompiles_allowed, shape_history_kept,
+                     traced_module)
 from .options import Options
 from .passes.casting import find_casts, functional_casting
 from .passes.modulation import modulated_input
@@ -250,7 +251,7 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
 
     from torch._dynamo.utils import counters
     seen = _break_counts(counters)
-    with torch.no_grad(), shape_history_kept(), forward_forgotten(target):
+    with torch.no_grad(), shape_history_kept(), recompiles_allowed(), forward_forgotten(target):
         # Twice where the first trace broke, as the backend retraces once: a break only a first
         # call makes (a table built lazily) is gone the second time, and a forward Dynamo gave up
         # on earlier (under other settings) is looked at afresh. A new backend object each time,

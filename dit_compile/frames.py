@@ -407,6 +407,15 @@ def forward_forgotten(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def recompiles_allowed() -> Iterator[None]:
+    """A trace of one's own under Dynamo's defaults for recompiles: it is one of the forward's
+    code (whose earlier graphs it sets aside), and ``error_on_recompile`` or
+    ``set_stance("fail_on_recompile")``, set for the user's compiled calls, raised at it."""
+    with torch.compiler.set_stance("default"), torch._dynamo.config.patch(error_on_recompile=False):
+        yield
+
+
+@contextlib.contextmanager
 def shape_history_kept() -> Iterator[None]:
     """A trace of one's own that neither learns from nor teaches Dynamo's shape history. Dynamo
     remembers each code object's shapes across torch.compile calls (its automatic-dynamic state):

@@ -888,6 +888,18 @@ def test_explain_reports_the_calls_sizes_whatever_ran_before():
     assert len(graphs) == 1 and any(isinstance(d, torch.SymInt) for d in sizes)
 
 
+def test_explain_traces_under_error_on_recompile():
+    """explain's trace is one more of the forward's code: with error_on_recompile set for the
+    user's compiled calls, Dynamo raised at it, naming diffusers' wrapper, not explain."""
+    model, kw = tiny_models.wan(layers=2)
+    kw["return_dict"] = False
+    compiled = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})
+    with torch.no_grad():
+        compiled(**kw)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert dit_compile.explain(model, **kw).streams == {"blocks": [(1, 32, 16)]}
+
+
 @pytest.mark.parametrize("name,n", [("hidream", 4), ("nucleus", 2)])
 def test_moe_lowered_under_the_backend_then_one_graph(name, n):
     """Compiled as it is, the first call breaks at the MoE dispatches; the backend lowers them in
