@@ -96,7 +96,14 @@ def restamp(model: nn.Module, on: bool = True) -> int:
         return 0        # never stamped: nothing to undo
     on = on and bool(model.__dict__[STAMPED])
     n = 0
-    for stack in block_stacks(model).values():
+    stacks = block_stacks(model).values()
+    # A block out of every stack now (its stack's classes mixed since: one block wrapped) keeps
+    # no stamp of before: its traced wrapper would still hand it over as its first's nodes.
+    held = {id(b) for stack in stacks for b in stack}
+    for m in model.modules():
+        if id(m) not in held:
+            m.__dict__.pop(STAMP, None)
+    for stack in stacks:
         if not on or len(stack) < 2 or not all(NESTED_FROM in type(b).__dict__ for b in stack):
             for b in stack:
                 b.__dict__.pop(STAMP, None)
@@ -147,6 +154,10 @@ def _watch(block: nn.Module) -> None:
 
 
 def _assigned(module: nn.Module, name: str, value: Any) -> None:
+    if torch.compiler.is_compiling():
+        # A container a forward builds as it runs (Motif-Video slices its stack): traced into,
+        # its table lookups gave the blocks it holds a source in the table, not in the model.
+        return
     owner = _owners.get(module)
     block = owner() if owner is not None else None
     if block is not None:
@@ -168,6 +179,9 @@ def unlike(a: nn.Module, b: nn.Module) -> str | None:
     ma, mb = list(a.named_modules()), list(b.named_modules())
     if [(n, type(m)) for n, m in ma] != [(n, type(m)) for n, m in mb]:
         return "its submodules differ"
+    if _ties(a) != _ties(b):
+        # A stamped call hands the weights on once each (``state``), by position.
+        return "its weights are shared among its layers otherwise"
     # A submodule of one block stands for the other's at its path (an MoE lowering's bound
     # dispatch holds its own module).
     pairs: dict[int, Any] = {id(x): y for (_, x), (_, y) in zip(ma, mb)}
@@ -188,6 +202,15 @@ def unlike(a: nn.Module, b: nn.Module) -> str | None:
             elif attr != "_modules" and not _same_value(v, w, pairs):
                 return f"{where} differs"
     return None
+
+
+def _ties(block: nn.Module) -> list[str]:
+    """For each weight's name (a weight under several names: each), the first name of its
+    tensor: which of a block's layers share one."""
+    first: dict[int, str] = {}
+    named = itertools.chain(block.named_parameters(remove_duplicate=False),
+                            block.named_buffers(remove_duplicate=False))
+    return [first.setdefault(id(t), n) for n, t in named if t is not None]
 
 
 def _same_tensor(x: Any, y: Any) -> bool:
@@ -295,17 +318,30 @@ def _(key: int, spec: str, leaves: list[torch.Tensor], tensors: list[torch.Tenso
     stamp = getattr(block, STAMP, None)
     layout = _layout([*leaves, *tensors])
     if stamp is None or layout is None:
-        return _run(key, spec, leaves, tensors)
+        return _fake_run(key, spec, leaves, tensors)
     first = _blocks.get(stamp[1])
     seen = _fake_outputs.setdefault(first, {}) if first is not None else {}
     if (spec, layout) not in seen:
-        outs = _run(key, spec, leaves, tensors)
+        outs = _fake_run(key, spec, leaves, tensors)
         kept = _layout(outs)
         if kept is None:
             return outs
         seen[spec, layout] = kept
     return [torch.empty_strided(size, stride, dtype=dtype, device=device)
             for size, stride, dtype, device in seen[spec, layout]]
+
+
+def _fake_run(key: int, spec: str, leaves: list[torch.Tensor],
+              tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The block run on fake tensors. Sizes it computes from data inside (Mochi's attention
+    selects its text tokens with ``nonzero``) stay inside: Dynamo fails an op whose fake makes a
+    size its outputs do not hold, and the call is replaced by the first block's nodes, which
+    compute their own."""
+    mode = torch._guards.detect_fake_mode([*leaves, *tensors])
+    shape_env = getattr(mode, "shape_env", None)
+    with (shape_env.ignore_fresh_unbacked_symbols() if shape_env is not None
+          else contextlib.nullcontext()):
+        return _run(key, spec, leaves, tensors)
 
 
 # The first block of a stack -> {(spec, layout of a call's tensors): its outputs' layouts}.

@@ -106,15 +106,19 @@ CHANGES = {
                                  b.ffn.net[2].weight.data.t().contiguous().t()),
     "submodule": lambda b: setattr(b, "extra", torch.nn.Identity()),
     "training": lambda b: b.ffn.train(),
+    # A stamped call hands the weights on once each, by position: a block sharing one among its
+    # layers (and its mates not) was stamped, and read another layer's weight (1.2 off eager),
+    # or failed Dynamo's trace.
+    "tied": lambda b: setattr(b.attn1.to_k, "weight", b.attn1.to_q.weight),
 }
 
 
-@pytest.mark.parametrize("compiled", ["eps", "hook"])
+@pytest.mark.parametrize("compiled", ["eps", "hook", "tied"])
 def test_a_block_unlike_the_first_is_traced_not_stamped(compiled):
     """A block that might compute otherwise than the first block on the same inputs (a constant,
     a hook, another attention processor, a tensor attribute, a weight laid out otherwise (Inductor
-    compiles for the traced strides), another submodule, train mode) is not alike to it; two of
-    them compiled: that block is not stamped, Dynamo traces it, and the outputs are eager's."""
+    compiles for the traced strides), another submodule, train mode, weights shared among its
+    layers) is not alike to it; three of them compiled: that block is not stamped, Dynamo traces it, and the outputs are eager's."""
     for change, make in CHANGES.items():
         model, kw = tiny_models.wan(layers=4)
         assert unlike(model.blocks[0], model.blocks[2]) is None
@@ -131,6 +135,72 @@ def test_a_block_unlike_the_first_is_traced_not_stamped(compiled):
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         out = _compiled(model, traced=traced, mp=mp)(**kw)[0]
     assert traced == [2]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_block_out_of_its_stack_since_stamping_keeps_no_stamp(recwarn):
+    """A block wrapped after nest_blocks(stamp=True) mixes its stack's classes: no stack is
+    found, and the stamps of before stayed on the others, so a block changed since (another
+    eps) still ran as the first block's nodes."""
+    class Doubled(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *args, **kwargs):
+            return 2 * self.block(*args, **kwargs)
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(model, stamp=True)
+    model.blocks[3] = Doubled(model.blocks[3])
+    model.blocks[2].norm2.eps = 0.5
+    with torch.no_grad():
+        ref = model(**kw)[0]
+        out = _compiled(model)(**kw)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert not [m for m in model.modules() if STAMP in m.__dict__]
+
+
+def test_stacks_a_forward_slices_as_it_runs_are_found_stamped():
+    """Motif-Video slices its block list in its forward, which registers the blocks in a new
+    container: stamping's registration hook, traced, gave the single-stream blocks a source in
+    its own table, not in the model, and their stack was not found."""
+    from tiny_models import seeded
+    stacks = []
+    for stamp in (False, True):
+        torch._dynamo.reset()
+        install_trace_hook()
+        model = seeded("MotifVideoTransformer3DModel", in_channels=4, out_channels=4,
+                       num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                       num_single_layers=3, num_decoder_layers=0, patch_size=2, text_embed_dim=16,
+                       rope_axes_dim=(4, 2, 2))
+        kw = dict(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=torch.full((1,), 500.0),
+                  encoder_hidden_states=torch.randn(1, 6, 16),
+                  encoder_attention_mask=torch.ones(1, 6), return_dict=False)
+        if stamp:
+            dit_compile.nest_blocks(model, stamp=True)
+        found = []
+        real = backend.find_regions
+        with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+            mp.setattr(backend, "find_regions", lambda gm: found.append(real(gm)) or found[-1])
+            _compiled(model)(**kw)
+        stacks.append(dict(found[-1].stacks))
+    assert stacks[1] == stacks[0] == {"transformer_blocks": 2, "single_transformer_blocks": 3}
+
+
+def test_a_block_computing_sizes_from_data_is_stamped_under_fullgraph():
+    """Mochi's attention selects its text tokens with nonzero: the op's fake run made a size
+    its outputs did not hold, and Dynamo failed the compile (fullgraph=True, as Mochi compiles)."""
+    from test_zoo import mochi
+    model, kw = mochi()
+    kw["return_dict"] = False
+    with torch.no_grad():
+        ref = model(**kw)[0]
+    dit_compile.nest_blocks(model, stamp=True)
+    traced = []
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        out = _compiled(model, traced=traced, mp=mp)(**kw)[0]
+    assert traced == [1]        # the second block; the last is of another kind
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
