@@ -30,7 +30,7 @@ from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.halves import HalfBatch
 from .runtime.policy import PolicyError, make_policy
-from .runtime.relay import Head, RelayedExecutor
+from .runtime.relay import UNCACHED_TAIL, Head, RelayedExecutor
 
 # Compile-time breakdown at INFO (`logging.getLogger("dit_compile").setLevel(logging.INFO)`): a
 # first generation's cost is Dynamo's trace plus these compiles, and only the backend sees them.
@@ -93,6 +93,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
         return Executor(plan, fns)
     tail = forward_tail(gm, model) and bool(model.__dict__.get("_mixcache_head"))
     if _uncacheable(gm, rmap, model, example_inputs, options, tail):
+        if tail:    # said why here: the first graph, its record untaken, has nothing to add
+            model.__dict__[UNCACHED_TAIL] = True
         return Executor(plan, fns)
     # Keyed by the configuration as given, not as resolved for this graph's blocks: a model's
     # graphs with fewer blocks (a guider's hook that skips one for its branch) share the state.
@@ -128,7 +130,7 @@ def _relay_head(gm: fx.GraphModule, example_inputs: list[Any], opts: Options,
               if getattr(make_policy(opts.cache, None), "reuses_cfg", False) else None)
     return Head(compile_graph(gm, example_inputs, inductor, opts, model)
                 if opts.regions == "inductor" else gm.forward, slots, computed_outputs(gm),
-                model_name(), halves)
+                model_name(), halves, model)
 
 
 def _policy(opts: Options, rmap: RegionMap, model: torch.nn.Module | None) -> Any:

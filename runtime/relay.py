@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -35,6 +36,9 @@ TAG = "_mixcache_call"      # the attribute a head's output tensors carry their 
 # Calls of a head whose records no graph took before the runtime says that nothing is cached (the
 # first may be retraced: a break that only a first call's lazy setup makes).
 UNTAKEN_AFTER = 3
+# On a model: a graph holding its blocks after the break was compiled uncached, and said why
+# (autograd recording the call, a write into an input): its records go untaken for that reason.
+UNCACHED_TAIL = "_mixcache_uncached_tail"
 
 
 @dataclass(eq=False)
@@ -58,9 +62,10 @@ class Head:
 
     def __init__(self, fn: Callable[..., Any], slots: tuple[int, int, int | None],
                  tagged: Sequence[int], name: str = "the model",
-                 halves: HalfBatch | str | None = None):
+                 halves: HalfBatch | str | None = None, model: Any = None):
         self.fn, self.slots, self.tagged, self.name = fn, slots, list(tagged), name
         self.halves = halves
+        self._model = weakref.ref(model) if model is not None else lambda: None
         self._last = threading.local()
         self.calls = 0
         self.taken = False      # a graph holding the blocks took a record (RelayedExecutor)
@@ -69,7 +74,8 @@ class Head:
         latent, t, text = (None if s is None else args[s] for s in self.slots)
         record = CallInputs(latent, t, text, self, args)
         self.calls += 1
-        if self.calls == UNTAKEN_AFTER and not self.taken:
+        if (self.calls == UNTAKEN_AFTER and not self.taken
+                and not getattr(self._model(), "__dict__", {}).get(UNCACHED_TAIL)):
             # The forward broke again after this graph, inside its block loop (HunyuanVideo
             # FramePack's text cut by .item()): each block is a graph of its own, no graph runs
             # the blocks whole, and each of those graphs alone was left quiet for this one to

@@ -110,6 +110,21 @@ def test_captured_data_dependent_operators_leave_a_break_before_the_blocks_only(
     assert _mixcache_warnings(rec) == []
 
 
+def test_a_relayed_forward_under_autograd_is_said_uncached_once():
+    """Lumina 2 (broken before its blocks) in a training loop: its graph after the break runs
+    uncached, saying autograd is why; the first graph, whose records no graph took, then also
+    warned of a break inside the block loop, which there is not."""
+    model, kw = tiny_models.lumina2()
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(4):
+            call = dict(kw, timestep=torch.full((1,), 0.9 - 0.1 * i), return_dict=False)
+            f(**call)[0].square().mean().backward()
+    said = [str(w.message) for w in caught if "mixcache" in str(w.message)]
+    assert len(said) == 1 and "autograd records" in said[0], said
+
+
 def test_lumina2_pipeline_reuses_as_the_reference():
     """Lumina2Pipeline (one call per guidance branch, a timestep that rises: 1 - sigma) around
     Lumina 2, whose rotary embedder breaks the trace before the blocks: the pipeline's output
