@@ -390,6 +390,7 @@ class Exported(torch.nn.Module):
         self.keywords = m.get("keywords")     # None: saved before keywords were
         self.autocast: dict[str, str | None] = m.get("autocast", {})   # {}: saved before it was
         self._told_autograd = False
+        self._aoti = bool(m.get("aoti"))
         self._uncached: set[threading.Thread] = set()     # see ``uncached``
         # Saved before positional arguments were: none taken.
         self.positional: list[str] = m.get("positional", [])
@@ -486,6 +487,14 @@ class Exported(torch.nn.Module):
                              f"exported in ({exported}, there): model.to({self.dtype}) casts "
                              "each back to its own, or export again in the dtype you want")
         args = [_at(kwargs, a) if a is not None else self.weights[t] for a, t in self.sources]
+        if self._aoti and torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # A package's outputs are detached: gradients through it would be lost, silently.
+            raise RuntimeError(
+                f"{self.model_name} (exported with aoti=True): an input requires grad, and "
+                "AOTInductor's packages compute no gradients: call it under torch.no_grad() "
+                "or torch.inference_mode(), or export without aoti (torch.export's programs "
+                "differentiate)")
         for i, stride in self.strides.items():
             if args[i].stride() != stride:
                 args[i] = torch.empty_strided(args[i].shape, stride, dtype=args[i].dtype,

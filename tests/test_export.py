@@ -642,6 +642,11 @@ def test_aoti_packages_run_as_the_programs_do(tmp_path):
             torch.testing.assert_close(loaded(**call, return_dict=False)[0],
                                        model(**call, return_dict=False)[0],
                                        rtol=1e-4, atol=1e-4)
+    # A package's outputs are detached: a latent that requires grad (gradient guidance) got an
+    # output without a graph, its gradient silently lost.
+    latent = kw["hidden_states"].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="AOTInductor's packages compute no gradients"):
+        loaded(**{**kw, "hidden_states": latent}, return_dict=False)
 
 
 # Torch's own AOTInductor path alone, with no dit_compile in the process: on the H200 (torch
