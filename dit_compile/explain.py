@@ -11,8 +11,8 @@ from .backend import carriers, computed_outputs, half_batch, head_slots, output_
 from .inductor import shared_blocks
 from .export import Exported
 from .frames import (breaking_hooks, compiled_options, diffusers_caches, forget_forward, forward_forgotten,
-                     forward_tail, is_fragment, recompiles_allowed, shape_history_kept,
-                     traced_module)
+                     forward_tail, is_fragment, own_backends, recompiles_allowed,
+                     shape_history_kept, traced_module)
 from .options import Options
 from .passes.casting import find_casts, functional_casting
 from .passes.modulation import modulated_input
@@ -251,7 +251,8 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
 
     from torch._dynamo.utils import counters
     seen = _break_counts(counters)
-    with torch.no_grad(), shape_history_kept(), recompiles_allowed(), forward_forgotten(target):
+    with (torch.no_grad(), shape_history_kept(), recompiles_allowed(), forward_forgotten(target),
+          own_backends() as backend):
         # Twice where the first trace broke, as the backend retraces once: a break only a first
         # call makes (a table built lazily) is gone the second time, and a forward Dynamo gave up
         # on earlier (under other settings) is looked at afresh. A new backend object each time,
@@ -264,7 +265,7 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
             heads.clear(), reached.clear(), tails.clear(), held.clear(), framed.clear()
             halves.clear(), head_halves.clear(), tail_outputs.clear()
             try:
-                torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw))(
+                torch.compile(target, backend=backend(record))(
                     *args, **kwargs)
             except torch._dynamo.exc.UncapturedHigherOrderOpError as why:
                 if not _marked(target):
@@ -296,7 +297,7 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
             found.clear(), plans.clear(), nested.clear(), writes.clear(), partial.clear()
             halves.clear()
             try:
-                torch.compile(target, backend=lambda gm, inputs, **kw: record(gm, inputs, **kw),
+                torch.compile(target, backend=backend(record),
                               fullgraph=True)(*args, **kwargs)
             except Exception:
                 found.clear()
@@ -310,8 +311,7 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
                 found.clear(), heads.clear(), reached.clear()
                 try:
                     with torch._dynamo.config.patch(**CAPTURE):
-                        torch.compile(target, backend=lambda gm, inputs, **kw: record(
-                            gm, inputs, **kw))(*args, **kwargs)
+                        torch.compile(target, backend=backend(record))(*args, **kwargs)
                 except Exception:
                     found.clear()
                 relay_if_captured = _relayed(found, heads, reached)

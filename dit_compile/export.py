@@ -53,7 +53,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .frames import forget_forward, forward_forgotten, recompiles_allowed, shape_history_kept
+from .frames import (forget_forward, forward_forgotten, own_backends, recompiles_allowed,
+                     shape_history_kept)
 from .options import Options
 from .passes.casting import functional_casting
 from .passes.modulation import Modulation
@@ -826,13 +827,15 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
     # Only this model's forward is traced afresh and forgotten after (torch._dynamo.reset() would
     # make every other compiled model in the process compile again).
     root = getattr(model, "_orig_mod", model)
-    with torch.no_grad(), shape_history_kept(), recompiles_allowed(), forward_forgotten(root):
+    with (torch.no_grad(), shape_history_kept(), recompiles_allowed(), forward_forgotten(root),
+          own_backends() as backend):
         for attempt in range(2):
             if not forget_forward(root):    # a fresh trace: the recording backend sees the graph
                 torch._dynamo.reset()       # (Dynamo's internals moved: all of it, then)
             traced.clear()
             try:
-                result = torch.compile(model, backend=record, fullgraph=True, dynamic=False)(
+                result = torch.compile(model, backend=backend(record), fullgraph=True,
+                                       dynamic=False)(
                     **kwargs)
                 break
             except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:

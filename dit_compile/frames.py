@@ -406,6 +406,29 @@ def forward_forgotten(model: torch.nn.Module) -> Iterator[None]:
         forget_forward(model, resumes=True)
 
 
+class _OwnBackend:
+    """A backend of a trace of one's own, a shell around the recorder: torch keeps every backend
+    it is given until ``torch._dynamo.reset()`` (``cached_backends``), and a recorder holds the
+    traced model's graphs and weights (a deleted model stayed alive, one more per explain)."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn: Callable[..., Any] | None = fn
+
+    def __call__(self, gm: fx.GraphModule, inputs: list[Any], **kwargs: Any) -> Any:
+        return self.fn(gm, inputs, **kwargs)
+
+
+@contextlib.contextmanager
+def own_backends() -> Iterator[Callable[[Callable[..., Any]], _OwnBackend]]:
+    """``backend(fn)`` makes a backend running ``fn``, emptied when the block ends."""
+    made: list[_OwnBackend] = []
+    try:
+        yield lambda fn: made.append(_OwnBackend(fn)) or made[-1]
+    finally:
+        for b in made:
+            b.fn = None
+
+
 @contextlib.contextmanager
 def recompiles_allowed() -> Iterator[None]:
     """A trace of one's own under Dynamo's defaults for recompiles: it is one of the forward's

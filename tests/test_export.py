@@ -608,6 +608,24 @@ def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path):
         loaded(kw["x"] * 2, kw["t"], kw["cap_feats"] * 2, return_dict=False)
 
 
+def test_explain_and_export_let_the_model_go(tmp_path):
+    """torch keeps every backend it is given until torch._dynamo.reset(), and explain's and
+    export's recorders held the traced model's graphs and weights: a deleted model stayed
+    alive, weights and all (the deployment flow exports, deletes the model, then loads)."""
+    import gc
+    import weakref
+    for what in ("explain", "export"):
+        model, kw = tiny_models.wan(layers=2)
+        if what == "explain":
+            dit_compile.explain(model, **kw)
+        else:
+            dit_compile.export(model, str(tmp_path / what), {**kw, "return_dict": False})
+        weights = [weakref.ref(p) for p in model.parameters()]
+        del model
+        gc.collect()
+        assert not [w for w in weights if w() is not None], what
+
+
 def test_aoti_packages_run_as_the_programs_do(tmp_path):
     """AOTInductor compiles each distinct program once at export; load runs the packages under the
     exported cache schedule, as the backend runs it.
