@@ -89,11 +89,14 @@ class Head:
         outs = self.fn(*args)
         for i in self.tagged:
             setattr(outs[i], TAG, record)
-        self._last.record = record
+        # Weakly: the record lives on the outputs it tags, as long as the call does; held here,
+        # it kept the graph's inputs, the model's weights among them, past the model's deletion.
+        self._last.record = weakref.ref(record)
         return outs
 
     def last(self) -> CallInputs | None:
-        return getattr(self._last, "record", None)
+        ref = getattr(self._last, "record", None)
+        return ref() if ref is not None else None
 
 
 def received(values: Sequence[Any]) -> CallInputs | None:
@@ -149,7 +152,10 @@ class RelayedExecutor(GuardedExecutor):
             self._checked = True
         text = (record.text if record.text is not None else
                 args[self.own_text] if self.own_text is not None else self._no_text)
-        return self._call([*args, *self._pad, record.latent, record.timestep, text])
+        try:
+            return self._call([*args, *self._pad, record.latent, record.timestep, text])
+        finally:
+            self.halves = None      # the call's head inputs: not kept past it
 
     @property
     def halves(self) -> "_Recorded | None":
