@@ -666,9 +666,23 @@ class CacheState:
             self.flops_full += forward_flops
         else:
             executor, sizes, work = sized
+            if not any(held[0] is executor for held in self._sized.values()):
+                self._fold_unrecorded()
             held = self._sized.setdefault((id(executor), sizes), [executor, sizes, [0.0] * len(work), 0])
             held[2] = [h + w for h, w in zip(held[2], work)]
             held[3] += 1
+
+    def _fold_unrecorded(self) -> None:
+        """Count the work of executors no kept record holds, and let them go: each recompile
+        (a torch._dynamo.reset(), new sizes) made one more, held here for ``stats`` until a
+        ``reset``, graphs and compiled pieces and all. Those the trace holds stay, so the
+        executors kept are those of its last ``TRACE_GENERATIONS`` generations."""
+        kept = {id(r.sized[0]) for r in self.records if r.sized is not None}
+        for key, (executor, sizes, work, calls) in list(self._sized.items()):
+            if id(executor) not in kept:
+                done, full = executor.flops_at(sizes, tuple(work), calls)
+                self.flops, self.flops_full = self.flops + done, self.flops_full + full
+                del self._sized[key]
 
     def clear_stats(self) -> None:
         self.records.clear()

@@ -147,6 +147,30 @@ def test_rising_timestep_seen_under_the_default_says_so_once():
         assert dit_compile.stats(f)["reused"] == {}
 
 
+def test_executors_past_the_trace_are_counted_and_let_go():
+    """A dynamic-shape graph's calls are weighed at their sizes when stats asks, by the executor
+    that ran them: each recompile (a torch._dynamo.reset() between requests) left one more
+    executor held for that, graphs and compiled pieces, until dit_compile.reset. Those no kept
+    record holds are counted as a new one comes, and let go; the fraction is the same."""
+    import gc
+    import weakref
+    from dit_compile.runtime.cache import TRACE_GENERATIONS
+
+    class Executor:         # an executor's part the count reads: 2 of 4 units a call computed
+        def flops_at(self, sizes, work, calls):
+            return work[0] * 4.0, calls * 4.0
+    st, refs = CacheState(), []
+    for g in range(TRACE_GENERATIONS + 8):
+        ex = Executor()
+        refs.append(weakref.ref(ex))
+        for step in range(2):
+            st.record(Step(g, step, 0, 1.0 - step / 2), "compute", 1.0, sized=(ex, (5,), (0.5, 0.0, 0.0)))
+        del ex
+    gc.collect()
+    assert sum(r() is not None for r in refs) == TRACE_GENERATIONS
+    assert st.stats()["flops_fraction"] == pytest.approx(0.5)
+
+
 def test_a_run_of_rising_calls_is_never_taken_for_steps():
     """Under the default, each call of a rising timestep starts a generation, and so does the next
     generation's first call, lower, however short the generations (three steps: below the hint,
