@@ -147,6 +147,18 @@ def test_rising_timestep_seen_under_the_default_says_so_once():
         assert dit_compile.stats(f)["reused"] == {}
 
 
+def test_first_block_reuses_at_exactly_its_threshold():
+    """The README: the first block's output changed by at most the threshold (relative to the
+    last computed) reuses; at exactly it, too."""
+    from dit_compile.runtime.cache import BranchCache
+    policy = make_policy({"rule": "first_block", "threshold": 0.5}, 4)
+    bc = BranchCache()
+    bc.span, bc.probe = [torch.zeros(1, 4, 8)], torch.ones(1, 4, 8)
+    step = Step(0, 3, 0, 500.0)
+    assert policy.block(step, CacheState(), bc, torch.full((1, 4, 8), 1.5)) == (True, 0.5)
+    assert not policy.block(step, CacheState(), bc, torch.full((1, 4, 8), 1.51))[0]
+
+
 def test_executors_past_the_trace_are_counted_and_let_go():
     """A dynamic-shape graph's calls are weighed at their sizes when stats asks, by the executor
     that ran them: each recompile (a torch._dynamo.reset() between requests) left one more

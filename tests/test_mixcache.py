@@ -550,3 +550,15 @@ def test_a_block_reuse_shows_the_error_it_spent():
             assert r["spent"] <= 0.05
         spent[r["branch"]] = r["spent"]
     assert reuses >= 4, trace
+
+
+def test_reuse_is_allowed_from_exactly_the_end_of_the_warm_up():
+    """The README: reuse from the first step at or below (1 - warmup) of the generation's
+    first timestep; not above it."""
+    from dit_compile.runtime.cache import BranchCache
+    policy = make_mixcache({"budget": 1.0, "warmup": 0.5, "settle": 10.0})
+    st, bc = CacheState(), BranchCache()
+    st.t_first = 1000.0
+    bc.signals["settled"] = True
+    assert policy._allowed(Step(0, 5, 0, 500.0), st, bc, 1).tolist() == [True]
+    assert policy._allowed(Step(0, 4, 0, 500.5), st, bc, 1).tolist() == [False]

@@ -110,6 +110,7 @@ CHANGES = {
     # layers (and its mates not) was stamped, and read another layer's weight (1.2 off eager),
     # or failed Dynamo's trace.
     "tied": lambda b: setattr(b.attn1.to_k, "weight", b.attn1.to_q.weight),
+    "dtype": lambda b: b.ffn.net[2].to(torch.float64),
 }
 
 
