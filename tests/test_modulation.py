@@ -243,3 +243,17 @@ def test_an_op_that_reads_the_latents_shape_only_is_no_dependence_on_the_latent(
     kw = dict(hidden_states=torch.randn(1, 4, 4), timestep=torch.tensor([0.5]))
     seen = _seen_by(model.blocks[0].qkv, model, kw)
     torch.testing.assert_close(_found_and_value(model, kw), seen, rtol=0, atol=0)
+
+
+def test_a_teacache_reuse_counts_the_modulation_it_computed():
+    """A modulated-signal reuse computes the forward up to the first block's modulated input
+    (its signal): stats counts that share, not nothing, nor the whole forward."""
+    import tiny_models
+    from test_cache import generation
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = torch.compile(model, backend="mixcache", fullgraph=True, options={
+        "regions": "eager", "cache": {"rule": "teacache", "signal": "modulated", "threshold": 10.0}})
+    generation(f, kw)
+    reused = [r["flops"] for r in dit_compile.stats(f)["trace"] if r["action"] == "step"]
+    assert reused and all(0.0 < x < 0.2 for x in reused) and len(set(reused)) == 1, reused
