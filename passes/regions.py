@@ -477,6 +477,14 @@ def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], 
     where = _list_element(next(n for n in ins if n.name == latent))
     if where is None:
         return [], [], None
+    nested = None
+    if _ELEMENT.match(where[0]):
+        # Z-Image Omni's ``x=[[condition image, ..., noisy latent], ...]``: which element is a
+        # sample's latent, and which a clean condition, the dataflow alone does not tell; one
+        # sample's list of one latent is a list of per-sample tensors as any other.
+        nested = (f"the latent comes as an element of a list of lists ({where[0]}[{where[1]}]), "
+                  "per sample its condition images, if any, and its noisy latent, which cannot be "
+                  "decided on as one batch")
     elements = {}
     for n in ins:
         k = _list_element(n)
@@ -488,9 +496,9 @@ def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], 
     names = [n.name for n in order]
     shapes = {_shape(n) for n in order}
     if len(shapes) > 1 and all(isinstance(d, int) for sh in shapes for d in sh):
-        return names, [], (f"the latent comes as a list of {len(order)} per-sample tensors of "
-                           f"different shapes {sorted(map(str, shapes))}, which cannot be "
-                           "decided on as one batch")
+        return names, [], nested or (
+            f"the latent comes as a list of {len(order)} per-sample tensors of different shapes "
+            f"{sorted(map(str, shapes))}, which cannot be decided on as one batch")
     # Symbolic sizes (dynamic shapes) may be equal or not at a call: the runtime stacks the
     # samples where they are, and computes the call uncached where they are not.
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -507,9 +515,9 @@ def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], 
                      and x.meta["example_value"].dim() == rank for x in c)]
         outs = lists[0] if len(lists) == 1 else outs
     if len(outs) != len(order) or sorted(elements) != list(range(len(order))):
-        return names, [], (f"the latent comes as a list of {len(order)} per-sample tensors, and "
-                           f"the output has {len(outs)} tensor(s) like them: which output is "
-                           "which sample's is unknown")
+        return names, [], nested or (
+            f"the latent comes as a list of {len(order)} per-sample tensors, and the output has "
+            f"{len(outs)} tensor(s) like them: which output is which sample's is unknown")
     return names, outs, None
 
 

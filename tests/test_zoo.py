@@ -339,3 +339,26 @@ def test_framepack_caches_a_size_its_blocks_pass_on():
     assert "HunyuanVideoFramepackTransformer3DModel" in said[0]
     for x, y in zip(ours, theirs):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_zimage_omni_lists_of_lists_are_named_in_the_warning():
+    """Z-Image Omni passes per sample a list of its condition images and its noisy latent: the
+    latent's list (one sample's) was taken for the samples, and the warning counted the
+    condition image as a sample ("a list of 2 per-sample tensors"). It runs uncached, saying
+    what the latent came as, with eager's outputs."""
+    from diffusers import ZImageTransformer2DModel
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, siglip_feat_dim=8,
+        rope_theta=256.0, axes_dims=[4, 2, 2], axes_lens=[64, 16, 16]).eval()
+    kw = dict(x=[[torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)]], t=torch.tensor([0.3]),
+              cap_feats=[[torch.randn(3, 16), torch.randn(5, 16), torch.randn(2, 16)]],
+              siglip_feats=[[torch.randn(2, 2, 8), None]], image_noise_mask=[[0, 1]],
+              return_dict=False)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+        f = torch.compile(model, backend="mixcache", options={"regions": "eager"})
+        with pytest.warns(UserWarning, match=r"an element of a list of lists \(L\['kwargs'\]\['x'\]\[0\]\[1\]\)"):
+            out = f(**kw)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
