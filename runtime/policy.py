@@ -171,6 +171,17 @@ class Policy:
                      "there is no other branch to rebuild one from")
             warnings.warn(f"mixcache: cfg reuse is asked for, but the generation that just ended "
                           f"{calls}, so it never applied", stacklevel=4)
+            return
+        guided = {r.step for r in ended if r.branch or r.halves}
+        missed = sorted(v for v in self.cfg_steps if v <= last.step)
+        if missed and not guided & set(missed):
+            # Guidance on for some steps only (Z-Image's cfg_truncation, Lumina 2's
+            # cfg_trunc_ratio): each named step fell where it was off.
+            self._told_schedule = True
+            warnings.warn(f"mixcache: the forced schedule's cfg steps {missed} fell where the "
+                          "generation that just ended called the transformer with one guidance "
+                          f"branch (guidance on at steps {sorted(guided)} only, e.g. truncated): "
+                          "they never applied", stacklevel=4)
 
     def block(self, s: Step, st: CacheState, bc: BranchCache, probe: torch.Tensor
               ) -> tuple[bool | torch.Tensor, float | None]:

@@ -103,6 +103,27 @@ def test_default_cache_runs_in_every_pipeline(name):
     assert [r["action"] for r in trace[:calls]] == ["compute"] * calls
 
 
+def test_forced_cfg_steps_where_guidance_is_truncated_are_said_not_to_apply():
+    """ZImagePipeline's cfg_truncation turns guidance off for the last steps: a schedule whose
+    cfg steps all fall there reused nothing, and nothing said so (a warning did only where no
+    step had two branches). Steps where guidance is on apply, without a word."""
+    model, _ = tiny_models.zimage()
+    pipe = pipelines.zimage_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    for cfg, said in (([4], True), ([1, 2], False)):
+        pipe.transformer = torch.compile(model, backend="mixcache", options={
+            "regions": "eager", "cache": {"rule": "schedule", "cfg": cfg}})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipelines.run_zimage(pipe, steps=6, cfg_truncation=0.5)
+            pipelines.run_zimage(pipe, steps=6, seed=1, cfg_truncation=0.5)
+        told = [w for w in caught if "fell where the generation" in str(w.message)]
+        assert bool(told) == said, cfg
+        assert bool(dit_compile.stats(pipe.transformer)["reused"]) != said, cfg
+        torch._dynamo.reset()
+        dit_compile.frames.install_trace_hook()
+
+
 def test_rising_timestep_in_zimage_pipeline():
     """ZImagePipeline passes 1 - sigma, rising through a generation, and batches CFG into one call
     of lists. With timestep='rising' a forced schedule reuses what it says in each of two
