@@ -17,10 +17,10 @@ see is the graph an inlined model gives.
 
 Alike, standing in for the guards Dynamo would have checked had it traced each block (``unlike``):
 the same class, the same submodules by name and class, parameters and buffers of the same names,
-shapes, strides, dtypes, devices and ``requires_grad``, shared among its layers alike, no hooks, and every other attribute
-of every submodule equal (numbers, strings, dtypes; objects of one class by their own attributes,
-the corresponding module for a module; a tensor attribute, or a function that is not the same
-object, is not alike). Decided as each mixcache compile starts (``restamp``); a block that is not
+shapes, strides, dtypes, devices and ``requires_grad``, shared among its layers alike, no hooks,
+and every other attribute of every submodule equal (numbers, strings, dtypes; objects of one class
+by their own attributes, the corresponding module for a module; a tensor attribute, or a function
+that is not the same object, is not alike). Decided as each mixcache compile starts (``restamp``); a block that is not
 alike is traced as a nested region, as without ``stamp``. What Dynamo's guards would do and this
 does not: notice a stamped block's attribute changed after the compile while the first block's
 did not (the first block's are guarded). A weight, buffer or submodule *assigned* inside a stamped
