@@ -11,6 +11,7 @@ import time
 import warnings
 from typing import Any, Callable
 
+import sympy
 import torch
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
@@ -202,7 +203,21 @@ def _in_background(graphs: list[tuple[fx.GraphModule, list[Any], Callable[..., A
 def _compile_here(gm: fx.GraphModule, inputs: list[Any],
                   inductor: dict[str, Any]) -> Callable[..., Any]:
     # compile_fx owns and may mutate the graph it is given.
-    return compile_fx(copy.deepcopy(gm), inputs, config_patches=inductor)
+    return compile_fx(copy.deepcopy(gm), [_canonical_size(x) for x in inputs],
+                      config_patches=inductor)
+
+
+def _canonical_size(x: Any) -> Any:
+    """A size input as the symbol its shape environment reduced it to. Inductor binds a size
+    input by the symbol it was made as (``s50``), and the sizes of a piece's tensors are in the
+    reduced one (``s28 + 6``): a piece holding no tensor of size ``s28`` itself (Flux 2 Klein's
+    KV-cached blocks, past the reference tokens) failed its codegen. Dynamo's whole graph holds
+    one, so plain Inductor never met this."""
+    if isinstance(x, torch.SymInt):
+        node = x.node
+        if isinstance(node.expr, sympy.Symbol) and node.expr != node._expr:
+            return node.shape_env.create_symintnode(node.expr, hint=node.hint)
+    return x
 
 
 def _as_traced(artifact: Callable[..., Any], piece: Piece) -> Callable[..., Any]:

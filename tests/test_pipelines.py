@@ -816,3 +816,38 @@ def test_torch_compile_of_a_pipeline_says_its_code_is_no_models():
     said = [str(w.message) for w in caught if "mixcache" in str(w.message)]
     assert said and all("was given a diffusers pipeline's code" in m for m in said), said
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flux2_klein_kv_pipeline_compiles_by_regions_as_plain_inductor():
+    """Flux2KleinKVPipeline's first step runs the reference image's tokens with the latent's and
+    keeps their keys and values; its later steps, the latent's alone, make Dynamo recompile with
+    dynamic sizes. A block's tokens are then ``s28 + 6`` and the size it is handed was made as
+    another symbol (``s50``) that the shape environment reduced to ``s28``: Inductor bound the
+    one, needed the other, and the compile of the regions failed where plain Inductor's ran.
+    (An Inductor cache filled by a compile that worked hides it: checked with an empty
+    TORCHINDUCTOR_CACHE_DIR, as CI's clean clone has.)"""
+    import numpy as np
+    from PIL import Image
+    kv = pytest.importorskip("diffusers.pipelines.flux2.pipeline_flux2_klein_kv")
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
+    from tiny_models import seeded
+    model = seeded("Flux2Transformer2DModel", patch_size=1, in_channels=16, num_layers=1,
+                   num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                   joint_attention_dim=16, timestep_guidance_channels=16,
+                   axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                             layers_per_block=1, latent_channels=4, norm_num_groups=4).eval()
+
+    def run(transformer):
+        pipe = kv.Flux2KleinKVPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                       text_encoder=None, tokenizer=None, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(0)
+        image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8))
+        return pipe(image=[image], prompt_embeds=torch.randn(1, 6, 16, generator=g), height=32,
+                    width=32, num_inference_steps=3, output_type="latent", generator=g).images
+    ref = run(model)
+    out = run(torch.compile(model, backend="mixcache", options={"cache": None}))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
