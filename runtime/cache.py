@@ -666,8 +666,9 @@ class CacheState:
             self.flops_full += forward_flops
         else:
             executor, sizes, work = sized
-            if not any(held[0] is executor for held in self._sized.values()):
-                self._fold_unrecorded()
+            if (id(executor), sizes) not in self._sized and not any(
+                    held[0] is executor for held in self._sized.values()):
+                self._fold_unrecorded()     # a new executor: its first call (a recompile's)
             held = self._sized.setdefault((id(executor), sizes), [executor, sizes, [0.0] * len(work), 0])
             held[2] = [h + w for h, w in zip(held[2], work)]
             held[3] += 1
