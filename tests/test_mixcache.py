@@ -391,6 +391,17 @@ def test_cfg_reuse_where_its_estimate_fits_and_the_timestep_moved(t_diff, cfg_ra
     assert pol.step(s, st_, torch.zeros(1))[0] == action
 
 
+@pytest.mark.parametrize("spent,action", [((0.0, 0.0), "cfg"), ((0.0, 0.01), "compute")])
+def test_a_cfg_reuse_fits_the_budget_of_every_sample(spent, action):
+    """The batch's guidance branch is rebuilt or computed as one: where one sample has spent its
+    whole budget, the estimate that fits the other's does not let it reuse."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "granularities": ["cfg"]})
+    probe = torch.zeros(2, 4, 5)
+    st_, bc, s, _ = _state_with_signals(0.0, 1e-5, probe, probe, t=500.0, t_last=600.0)
+    bc.signals["spent"] = np.array(spent)
+    assert pol.step(s, st_, torch.zeros(2))[0] == action
+
+
 @pytest.mark.parametrize("warmup,per_sample,reused", [
     (0.0, True, [True, True, False]), (0.0, False, False), (0.6, True, False)])
 def test_block_reuse_per_sample_and_after_the_warmup(warmup, per_sample, reused):
