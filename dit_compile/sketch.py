@@ -49,9 +49,18 @@ from .runtime.cache import CacheState, find_state
 from .runtime.policy import rel_l1
 from .runtime.sampler import sampler_run
 
-# What the small model must share with the large one to take over its latent mid-trajectory (and
-# the image condition of Wan's image-to-video models, which the pipeline hands to both).
-_SHARED = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim")
+# What the small model must share with the large one to take over its latent mid-trajectory, and
+# the widths of the conditions the pipeline hands to both, under each family's name for them
+# (Wan's text_dim and image_dim, Flux's joint_attention_dim and pooled_projection_dim, PixArt's
+# and HiDream's caption_channels, ...). A family whose name is not here is caught at the switch:
+# see ``OnlineSplit._run_small``.
+_SHARED = ("in_channels", "out_channels", "patch_size", "patch_size_t", "text_dim", "image_dim",
+           "image_embed_dim", "joint_attention_dim", "pooled_projection_dim", "caption_channels",
+           "text_embed_dim", "text_embed_2_dim", "text_emb_dim", "cap_feat_dim", "context_in_dim",
+           "text_in_dim", "in_text_dim", "text_encoder_dim", "text_hidden_dim", "condition_dim")
+# The latent's and the timestep's names in each family's forward (HiDream's `timesteps`,
+# Z-Image's `x` and `t`), first found first.
+_LATENT, _TIMESTEP = ("hidden_states", "x", "sample"), ("timestep", "timesteps", "t")
 
 
 @dataclass
@@ -277,6 +286,7 @@ class OnlineSplit(torch.nn.Module):
         self._change: dict[int, tuple[float, torch.Tensor] | None] = {}
         self.clock = _Clock(self._last)
         self._told = False
+        self._names = _argument_names(large)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -302,14 +312,16 @@ class OnlineSplit(torch.nn.Module):
     # inside the clock. Compiled models called from here run compiled all the same.
     @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        latent, timestep = (kwargs[k] if k in kwargs else args[i] if len(args) > i else None
-                            for i, k in enumerate(("hidden_states", "timestep")))
+        given = {**dict(zip(self._names, args)), **kwargs}
+        latent, timestep = (next((given[k] for k in keys if k in given), None)
+                            for keys in (_LATENT, _TIMESTEP))
         latents = _tensors(latent)
         if latents is None or not isinstance(timestep, torch.Tensor):
             raise TypeError("OnlineSplit: the pipeline called the transformer without tensors as "
-                            "`hidden_states` (a tensor, or a list of one per sample) and "
-                            "`timestep` (or its first two arguments); the online rule reads both "
-                            "to place the call in its step")
+                            f"its latent ({' or '.join(f'`{k}`' for k in _LATENT)}: a tensor, or "
+                            "a list of one per sample) and its timestep "
+                            f"({' or '.join(f'`{k}`' for k in _TIMESTEP)}); the online rule reads "
+                            "both to place the call in its step")
         # A list is one batch to the clock, stacked as the executor stacks it: guidance turned
         # off mid-generation (Z-Image's cfg_truncation) halves it, which the clock tells from a
         # new generation only on a batch (else the rest of the generation would go back to the
@@ -333,7 +345,8 @@ class OnlineSplit(torch.nn.Module):
         if self.switches[-1] is None and step.branch == 0 and self._settled(step.t):
             self.switches[-1] = (step.step, step.t)
         if self.switches[-1] is not None:
-            return self.small(*args, **kwargs)
+            return self._run_small(step.step == self.switches[-1][0] and step.branch == 0,
+                                   args, kwargs)
         start = time.monotonic_ns()
         out = self.large(*args, **kwargs)
         if _served_from_cache(self.large, start):
@@ -365,6 +378,23 @@ class OnlineSplit(torch.nn.Module):
         self._last[step.branch] = (step.t, [x.detach().clone() for x in samples])
         return out
 
+    def _run_small(self, first: bool, args: tuple, kwargs: dict) -> Any:
+        """The small model's call; its first in a generation failing on inputs made for the large
+        one is told as the two configs' differences (a condition width under a name
+        ``check_compatible`` does not know), not as a shape error deep inside the small model."""
+        if not first:
+            return self.small(*args, **kwargs)
+        try:
+            return self.small(*args, **kwargs)
+        except RuntimeError as e:
+            a, b = _plain(self.large).config, _plain(self.small).config
+            differ = [f"{k}: {a[k]!r} vs {b.get(k)!r}" for k in a
+                      if not k.startswith("_") and _as_tuples(a[k]) != _as_tuples(b.get(k))]
+            raise ValueError("sketch/render: the small model failed on its first call, on the "
+                             "inputs the pipeline made for the large one; their configs differ "
+                             f"in {'; '.join(differ) or 'nothing'} (large vs small): one of "
+                             "these is a width the two must share") from e
+
     def _settled(self, t: float) -> bool:
         """At a step's first call: below the warm-up, with every branch's last change per unit
         of the noise range under the rule's rate (one host read). A branch whose change a reuse
@@ -375,6 +405,23 @@ class OnlineSplit(torch.nn.Module):
             return False
         rates = torch.stack([c / (dt / span) for dt, c in self._change.values()])
         return float(rates.max()) < self.rule.rate
+
+
+def _argument_names(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s forward arguments in order (a loaded export's as its model's
+    forward named them), for the calls that pass some by position."""
+    plain = _plain(model)
+    if hasattr(plain, "positional"):    # dit_compile.load's model
+        names = list(plain.positional)
+    else:
+        try:
+            names = [k for k, p in inspect.signature(plain.forward).parameters.items()
+                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            names = []
+    # A forward of ``*args`` (a wrapper's): latent and timestep first, as diffusers' forwards
+    # mostly take them.
+    return names or [_LATENT[0], _TIMESTEP[0]]
 
 
 def _tensors(x: Any) -> list[torch.Tensor] | None:

@@ -586,6 +586,47 @@ class _FirstK(torch.nn.Module):
 
 
 
+def test_online_split_reads_the_latent_and_timestep_under_the_forwards_own_names():
+    """HiDreamImagePipeline passes its timestep as ``timesteps``: every call of the split was
+    refused (a TypeError asking for ``timestep``), though Settle is for any pipeline. The image
+    is the one a model that runs large for the first k calls and small after gives."""
+    large = tiny_models.hidream()[0]
+    torch.manual_seed(1)
+    # One llama layer per block, as HiDream reads them.
+    small = type(large).from_config({**large.config, "num_layers": 1, "num_single_layers": 1,
+                                     "llama_layers": (1, 3)}).eval()
+    pipe = pipelines.hidream_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.4))
+    with torch.no_grad():
+        out = pipelines.run_hidream(split, steps=4, size=64)
+    k = split.transformer.switches[0][0]
+    assert 2 <= k < 4
+    pipe.transformer = _FirstK(large, small, k)
+    with torch.no_grad():
+        assert torch.equal(out, pipelines.run_hidream(pipe, steps=4, size=64))
+
+
+def test_a_small_model_of_another_condition_width_is_refused_naming_it(monkeypatch):
+    """Flux's text and pooled widths were not compared (only Wan's names were): the split ran
+    the large model's steps and failed at the switch on a matrix product. Refused up front now;
+    a family whose name for a width is not known fails at its first small call with an error
+    naming the configs' differences, the width among them."""
+    large = tiny_models.flux()[0]
+    pipe = pipelines.flux_pipeline(large)
+    pipe.set_progress_bar_config(disable=True)
+    for key in ("joint_attention_dim", "pooled_projection_dim"):
+        small = type(large).from_config({**large.config, "num_layers": 1, key: 16}).eval()
+        with pytest.raises(ValueError, match=f"{key}: 32 vs 16"):
+            dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.4))
+    monkeypatch.setattr(dit_compile.sketch, "_SHARED", ("in_channels", "out_channels"))
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.4))
+    with torch.no_grad(), pytest.raises(ValueError, match="first call.*pooled_projection_dim: "
+                                                          "32 vs 16") as told:
+        pipelines.run_flux(split, steps=6)
+    assert isinstance(told.value.__cause__, RuntimeError)
+
+
 def test_compiling_the_online_split_itself_is_told_and_runs_the_models_as_they_are(models):
     """torch.compile on the OnlineSplit (the pipeline's transformer) would trace its Python clock
     and fail deep inside it: it is never traced, the user is told once to compile the two
