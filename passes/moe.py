@@ -229,13 +229,15 @@ class _PlainRoute:
                             f"route=, takes exactly (x, expert_ids, routing_weights), by position or as "
                             f"{self.names[:3]}; got {len(args)} positional argument(s) and keywords "
                             f"{sorted(kwargs)}: pass route= to adapt other arguments")
-        if values[1].is_floating_point() and not values[2].is_floating_point():
-            # Said here, where the order is known to be the cause; the op's own check would only say
+        if ([isinstance(v, Tensor) and v.is_floating_point() for v in values] != [True, False, True]):
+            # Said here, where the order is the likely cause; the op's own check would only say
             # that expert_ids must be integer.
+            got = ", ".join(str(v.dtype) if isinstance(v, Tensor) else type(v).__name__
+                            for v in values)
             raise TypeError(f"{type(module).__name__}.{self.method}, lowered by register_moe without "
-                            f"route=, was called with float expert ids and integer routing weights: it "
-                            f"takes (x, expert_ids, routing_weights) in that order; pass route= to "
-                            f"adapt another order")
+                            f"route=, takes (x, expert_ids, routing_weights) in that order: float, "
+                            f"integer, float tensors; it was called with {got} (another order? "
+                            f"route= adapts it)")
         return values
 
 

@@ -1133,17 +1133,20 @@ def _nucleus_experts_and_a_doubling_hook():
 
 
 
-def test_register_moe_names_swapped_arguments():
-    """A dispatch that takes its routing weights before its expert ids, registered without
-    ``route=``, failed inside the op with "moe_ffn: expert_ids must be integer", which names
-    neither the order nor ``route=``."""
+@pytest.mark.parametrize("order", [(0, 2, 1), (1, 2, 0), (2, 0, 1)])
+def test_register_moe_names_swapped_arguments(order):
+    """A dispatch that takes its arguments in another order, registered without ``route=``,
+    failed inside the op with "moe_ffn: expert_ids must be integer", which names neither the
+    order nor ``route=`` (the ids first or last, too)."""
     model, x = _UserMoE(), torch.randn(13, 16)
     weights, ids = model.router(x).softmax(-1).topk(2, dim=-1)
     register_moe(model, "dispatch", experts="experts", projections=("gate", "up", "down"))
-    with torch.no_grad(), pytest.raises(TypeError, match=r"float expert ids and integer routing weights: "
-                                                          r"it takes \(x, expert_ids, routing_weights\) in "
-                                                          r"that order; pass route="):
-        model.dispatch(x, weights, ids)
+    args = [(x, ids, weights)[i] for i in order]
+    got = ", ".join(str(a.dtype) for a in args)
+    with torch.no_grad(), pytest.raises(TypeError, match=r"takes \(x, expert_ids, routing_weights\) in "
+                                                          r"that order: float, integer, float tensors; "
+                                                          rf"it was called with {got} \(another order\? route="):
+        model.dispatch(*args)
 
 
 def test_a_method_a_hook_replaced_on_the_instance_is_not_lowered():
@@ -1254,8 +1257,8 @@ class _KeywordOnlyMoE(_UserMoE):
 
 def test_register_moe_plain_route_binds_keyword_only_parameters_and_refuses_extra_arguments():
     """The plain route reads keyword-only parameters under their names too, and a call with more
-    than the three arguments is refused (never silently cut to three); float ids with float
-    weights are left to the op's own check (they are not the swapped order)."""
+    than the three arguments is refused (never silently cut to three), and so are float ids
+    (not only beside integer weights: the message names the three dtypes)."""
     torch.manual_seed(0)
     model, x = _KeywordOnlyMoE(), torch.randn(13, 16)
     with torch.no_grad():
@@ -1269,7 +1272,8 @@ def test_register_moe_plain_route_binds_keyword_only_parameters_and_refuses_extr
         for args, kwargs in (((x, ids, weights, None), {}), ((x, ids), {"weights": weights, "scale": 2.0})):
             with pytest.raises(TypeError, match=r"takes exactly \(x, expert_ids, routing_weights\)"):
                 user.dispatch(*args, **kwargs)
-        with pytest.raises(RuntimeError, match="expert_ids must be integer"):
+        with pytest.raises(TypeError, match="called with torch.float32, torch.float32, "
+                                            "torch.float32"):
             user.dispatch(x, weights, weights)
 
 
