@@ -470,33 +470,46 @@ class CacheState:
         the first step of a run to the second it is ``1 - sigma``, read as rising from there on,
         and where it falls, as falling; where that turns the direction, the levels the first step
         left are read again (``_flip_noise_levels``). Between those calls, and with no run to
-        ask, the last direction holds (falling at first). Only a timestep the same for every
-        sample and token, in [0, 1] or [0, 1000] (Mochi's), is read as rising, on the smaller
-        scale that holds both steps' (``_level_of`` moves to the larger one if a later step
-        passes 1). The batch may change there (guidance turned off after one step)."""
+        ask, the last direction holds (falling at first). A timestep in [0, 1] or [0, 1000]
+        (Mochi's) whose smallest value rose and largest did not fall is read as rising, on the
+        smaller scale that holds both steps' (``_level_of`` moves to the larger one if a later
+        step passes 1). The batch may change there (guidance turned off after one step)."""
         if (run is None or self._run is None or self._run() is not run or self._step != 0
-                or self._last_t is None or t == self._last_t):
+                or self._last_t is None):
             return t
-        rose = (t > self._last_t) != self.rising        # the timestep itself, not its level
-        if rose == self.rising:
-            return t
-        if not rose:
+        if self.rising:
+            if t <= self._last_t:
+                return t
+            # Its level rose: its smallest value fell, a falling timestep after all.
             self.rising = False
             self._flip_noise_levels()
             return float(timestep.max()) if timestep is not None else self.top - t
+        # Falling so far. Read no values (a host sync) where they cannot show a rise: a largest
+        # value that fell, or one that stayed on the same timestep (the step's next branch) or
+        # on a single value.
+        if (timestep is None or t < self._last_t
+                or (t == self._last_t and (timestep.numel() == 1 or self._timestep is None
+                                           or _same(self._timestep, timestep)))):
+            return t
         last = None
         if self._timestep is not None:     # a per-sample or per-token one (kept as in begin)
             old, _, copy = self._timestep
             last = old if copy is None else copy
-        values = [self._last_t] + [_uniform_value(x) for x in (timestep, last) if x is not None]
-        if timestep is None or None in values or min(values) < 0.0:
+        lo, hi = torch.stack(timestep.aminmax()).tolist()
+        lo0, hi0 = (torch.stack(last.aminmax()).tolist() if last is not None
+                    else (self._last_t, self._last_t))
+        # Rising where the smallest value rose and the largest did not fall: a per-row timestep
+        # (MiniMax-H3's, its conditioning rows held at 1, clean) keeps its largest value, and
+        # a falling one never raises its smallest (Wan 2.2's conditioning frame stays at 0).
+        if not (lo > lo0 and hi >= hi0) or lo0 < 0.0:
             return t
-        top = next((top for top in RISING_TOPS if max(values) <= top), None)
+        top = next((top for top in RISING_TOPS if max(hi, hi0) <= top), None)
         if top is None:
             return t
         self.rising, self.top, self._rising_run = True, top, weakref.ref(run)
-        self._flip_noise_levels()
-        return top - t
+        # The first step's levels, read as its largest value, become one minus its smallest.
+        self._map_noise_levels(lambda x: top - lo0 if x == hi0 else top - x)
+        return top - lo
 
     def _flip_noise_levels(self) -> None:
         """Read every noise level kept as ``top - `` itself. Where the direction turned at a run's
@@ -820,12 +833,6 @@ def sample_times(t: float | tuple[float, ...], n: int) -> np.ndarray:
     if isinstance(t, tuple):
         return np.array(t, dtype=np.float64)
     return np.full(n, t, dtype=np.float64)
-
-
-def _uniform_value(timestep: torch.Tensor) -> float | None:
-    """The one value of every sample and token, or None where they differ."""
-    lo, hi = torch.stack(timestep.aminmax()).tolist()
-    return lo if lo == hi else None
 
 
 def push_outputs(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, outs: list[torch.Tensor],

@@ -496,6 +496,72 @@ def test_mochis_rising_timestep_caches():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _minimax_h3_denoise(model, conditioning: tuple[int, int], steps: int = 10) -> torch.Tensor:
+    """MiniMax-H3's modular denoise loop (no VAEs or text encoders): its own schedulers (video
+    and audio shifts 12 and 3) and its own row-timestep step, whose timestep is the rows'
+    distinct values, 1 - sigma, rising (``conditioning`` video and audio rows held near 1,
+    clean); latents stepped in place, one call a step, from a caller holding ``scheduler``."""
+    import zoo_video
+    from diffusers.modular_pipelines.minimax_h3.before_denoise import MiniMaxH3SetTimestepsStep
+    from diffusers.schedulers.scheduling_minimax_h3 import MiniMaxH3Scheduler
+
+    kw = zoo_video.minimax_h3()[1]
+    rows = {k: kw[k] for k in ("token_tags", "position_ids", "video_indices", "audio_indices",
+                               "text_indices")}
+
+    class Loop:
+        scheduler, audio_scheduler = MiniMaxH3Scheduler(shift=12.0), MiniMaxH3Scheduler(shift=3.0)
+
+        def __call__(self):
+            g = torch.Generator().manual_seed(0)
+            self.scheduler.set_timesteps(steps)
+            self.audio_scheduler.set_timesteps(steps)
+            video, audio = torch.randn(8, 16, generator=g), torch.randn(4, 4, generator=g)
+            text = torch.randn(1, 6, 16, generator=g)
+            cv, ca = conditioning
+            for t, ta in zip(self.scheduler.timesteps, self.audio_scheduler.timesteps):
+                timestep, index = MiniMaxH3SetTimestepsStep.build_row_timesteps(
+                    rows["video_indices"], rows["audio_indices"], cv, ca, rows["text_indices"].numel(),
+                    float(t), float(ta), max(float(t), 0.999), 1.0)
+                with torch.no_grad():
+                    v, a = model(hidden_states=video[None], audio_hidden_states=audio[None],
+                                 encoder_hidden_states=text, timestep=timestep,
+                                 timestep_indices=index, return_dict=False, **rows)
+                video[cv:] = self.scheduler.step(v[0, cv:], t, video[cv:], return_dict=False)[0]
+                audio[ca:] = self.audio_scheduler.step(a[0, ca:], ta, audio[ca:],
+                                                       return_dict=False)[0]
+            return torch.cat([video.flatten(), audio.flatten()])
+
+    return Loop()()
+
+
+@pytest.mark.parametrize("conditioning", [(0, 0), (4, 1)], ids=["t2va", "keyframes_and_audio"])
+def test_minimax_h3s_per_row_timestep_is_learned_rising(conditioning):
+    """MiniMax-H3 passes its rows' distinct timesteps (1 - sigma, rising; conditioning rows held
+    at 0.999 and 1). Under the default the rise was never learned, since those values differ:
+    text-to-video made every call a generation (a hint said so); with conditioning rows, whose 1
+    is the largest value at every step, every call was read at one level, as another guidance
+    pass of the first step, and nothing was reused, without a word. Now read as rising, as under
+    timestep='rising': the same decisions and levels, and reuse. (The timestep's length changes
+    after the first step, one distinct value becoming two: that step is a generation of its own.)"""
+    import zoo_video
+    model = zoo_video.minimax_h3()[0]
+    traces, outs = [], []
+    for options in ({}, {"timestep": "rising"}):
+        torch._dynamo.reset()
+        dit_compile.frames.install_trace_hook()
+        f = torch.compile(model, backend="mixcache",
+                          options={"regions": "eager", "cache": "balanced", **options})
+        outs.append(_minimax_h3_denoise(f, conditioning))
+        traces.append([(r["generation"], r["step"], r["action"], round(r["t"], 6))
+                       for r in dit_compile.stats(f)["trace"]])
+    assert traces[0] == traces[1]
+    assert [g for g, *_ in traces[0]] == [0] + [1] * (len(traces[0]) - 1)
+    assert sum(a != "compute" for _, _, a, _ in traces[0]) >= 3
+    assert all(a > b for (*_, a), (*_, b) in zip(traces[0][1:], traces[0][2:]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
 def test_mochis_first_generation_decides_as_every_later_one():
     """At 64 steps Mochi's timestep (1000 (1 - sigma)) stays below 1 over its first two steps, so
     a fresh state reads it on [0, 1] until the third shows the scale. MixCache's trigger compared
