@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="small")
     ap.add_argument("--preset", default="balanced")
-    ap.add_argument("--cases", type=int, default=4)
+    ap.add_argument("--cases", type=train.positive, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", type=train.device_arg, default="cpu")
     args = ap.parse_args(argv)

@@ -81,6 +81,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("names", nargs="*", help="models (default: all)")
     names = ap.parse_args().names
+    unknown = sorted(set(names) - set(models()))
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(models())}")
     warnings.filterwarnings("ignore")
     logging.getLogger("torch").setLevel(logging.ERROR)
     log = _Compiles()

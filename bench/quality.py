@@ -594,7 +594,8 @@ def _platform(meta: dict[str, Any]) -> str:
     """Where a run ran, for headers: device (its name on a GPU), dtype, versions, threads."""
     device = f"{meta['device_name']} ({meta['device']})" if _on_gpu(meta) else "cpu"
     diffusers = f", diffusers {meta['diffusers']}" if "diffusers" in meta else ""
-    return (f"{device}, {meta.get('dtype', 'float32')}, torch {meta['torch']}{diffusers}, "
+    storage = f" (weights stored in {meta['storage']})" if meta.get("storage") else ""
+    return (f"{device}, {meta.get('dtype', 'float32')}{storage}, torch {meta['torch']}{diffusers}, "
             f"{meta['threads']} CPU thread(s)")
 
 
@@ -764,6 +765,8 @@ def main(argv: list[str] | None = None) -> None:
     def on_row(rows: list[Row], meta: dict[str, Any]) -> None:
         # A run cut short (a device call's time limit) keeps every method it finished.
         meta["command"] = command
+        if args.storage is not None:
+            meta["storage"] = args.storage
         if args.json:
             save_json(args.json, rows, meta)
         if args.no_progress:

@@ -85,6 +85,13 @@ def device_arg(name: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def positive(text: str) -> int:
+    """An argparse ``type`` for counts: 0 steps ran a default, 0 cases failed on an empty list."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously; a no-op on the CPU)."""
     if device.type == "cuda":
@@ -716,7 +723,8 @@ def main(argv: list[str] | None = None) -> None:
     di.add_argument("--name", required=True, help="directory name under bench/models")
     di.add_argument("--steps", type=int, default=600)
     di.add_argument("--lr", type=float, default=3e-4)
-    ck = sub.add_parser("check", help="re-run the condition check of a saved model")
+    ck = sub.add_parser("check", help="re-run the condition check of a saved model (rewrites its "
+                        "samples.png/gif/txt and the check in model.json)")
     ck.add_argument("--name", required=True)
     for p in (tr, di, ck):
         p.add_argument("--threads", type=int, default=1,
