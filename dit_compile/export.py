@@ -222,7 +222,9 @@ def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[Any]:
     a piece that computes nothing (Motif-Video's glue between its stacks: no outputs, no writes
     into its inputs), which torch.export.save cannot save and the loaded model need not run. A
     last block that returns some of what a mate returns (``split.pruned_twins``) runs the
-    mate's program, keeping those outputs: ``[program, outputs kept, returns one value]``."""
+    mate's program, keeping those outputs: ``[program, outputs kept, returns one value]``; so
+    does a piece that only writes into its inputs (glue filling a KV cache), keeping none of the
+    one output it is saved with (``_with_an_output``)."""
     twins = pruned_twins(traced.plan)
     programs: dict[str, int] = {}
     uses: list[Any] = []
@@ -234,10 +236,24 @@ def _save_programs(traced: "_Traced", path: str, aoti: bool) -> list[Any]:
         key = saved.signature()
         if key not in programs:
             programs[key] = len(programs)
-            _save_program(traced, saved.module, saved.args, path, programs[key], aoti)
+            module = saved.module if saved.outs else _with_an_output(saved.module)
+            _save_program(traced, module, saved.args, path, programs[key], aoti)
         uses.append([programs[key], list(twins[i][1]), piece.single] if i in twins
-                    else programs[key])
+                    else [programs[key], [], False] if not saved.outs else programs[key])
     return uses
+
+
+def _with_an_output(module: fx.GraphModule) -> fx.GraphModule:
+    """``module``, which returns nothing, returning an empty tensor as well: torch.export.save
+    fails on a program without outputs ("not enough values to unpack"), which a piece that only
+    writes into its inputs is."""
+    gm = fx.GraphModule(module, copy.deepcopy(module.graph))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        empty = gm.graph.call_function(torch.empty, ((0,),))
+    out.args = ((empty,),)
+    gm.recompile()
+    return gm
 
 
 def _save_program(traced: "_Traced", module: fx.GraphModule, slots: tuple[int, ...], path: str,

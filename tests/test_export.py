@@ -608,6 +608,52 @@ def test_a_break_only_the_first_call_makes_does_not_stop_export(tmp_path):
         loaded(kw["x"] * 2, kw["t"], kw["cap_feats"] * 2, return_dict=False)
 
 
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.lin(x)
+
+
+class _FillsItsKV(torch.nn.Module):
+    """Two stacks, the glue between them filling a KV buffer the caller passes and returning
+    nothing of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.ModuleList([_Block(), _Block()])
+        self.b = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, hidden_states, timestep, kv):
+        h = hidden_states * timestep
+        for block in self.a:
+            h = block(h)
+        kv.copy_(h)
+        for block in self.b:
+            h = block(h)
+        return (h,)
+
+
+def test_glue_that_only_writes_into_an_input_is_exported(tmp_path):
+    """A piece with no outputs that writes into its input: torch.export.save failed on its
+    program ("not enough values to unpack", nothing saying why). It is saved returning an
+    empty tensor the loaded model drops, and the loaded model writes what the model writes."""
+    torch.manual_seed(0)
+    model = _FillsItsKV().eval()
+    x, t = torch.randn(1, 4, 8), torch.ones(1, 1, 1)
+    dit_compile.export(model, str(tmp_path), dict(hidden_states=x, timestep=t,
+                                                  kv=torch.zeros(1, 4, 8)), {"cache": None})
+    loaded = dit_compile.load(str(tmp_path))
+    kv, kv_loaded = torch.zeros(1, 4, 8), torch.zeros(1, 4, 8)
+    with torch.no_grad():
+        out = model(hidden_states=x, timestep=t, kv=kv)[0]
+        torch.testing.assert_close(loaded(hidden_states=x, timestep=t, kv=kv_loaded)[0], out)
+    assert kv.abs().sum() > 0
+    torch.testing.assert_close(kv_loaded, kv)
+
+
 def test_explain_and_export_let_the_model_go(tmp_path):
     """torch keeps every backend it is given until torch._dynamo.reset(), and explain's and
     export's recorders held the traced model's graphs and weights: a deleted model stayed
