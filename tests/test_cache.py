@@ -348,6 +348,24 @@ def test_wan_forced_schedule_matches_reference_and_counts():
     assert 0 < s["flops_fraction"] < 1
 
 
+def test_a_block_reuse_saves_the_flops_of_every_block_of_its_span():
+    """A block reuse's FLOPs are the call's less those of the span it skips, its first block
+    included: over Wan's alike blocks the saving is proportional to the span's length (the
+    first block left out, a span of one block saved nothing)."""
+    model, kw = tiny_models.wan(layers=4)
+    kw["return_dict"] = False
+    saved = {}
+    for n in (1, 2, 3):
+        torch._dynamo.reset()
+        f = compiled(model, {"rule": "schedule", "block": [2], "span": [1, 1 + n]})
+        generation(f, kw, steps=STEPS[:3], branches=1)
+        flops = [r["flops"] for r in dit_compile.stats(f)["trace"] if r["action"] == "block"]
+        assert len(flops) == 1
+        saved[n] = 1.0 - flops[0]
+    assert saved[1] > 0
+    assert saved[2] == pytest.approx(2 * saved[1]) and saved[3] == pytest.approx(3 * saved[1])
+
+
 @pytest.mark.parametrize("order", [True, 2])
 def test_extrapolated_step_reuse_matches_reference(order):
     """Steps 3 and 5 reused after three computed steps: first order reads two, second order
@@ -1860,6 +1878,27 @@ def test_memory_bound_is_a_clear_error():
     assert stats["calls"] == 0 and stats["cached_bytes"] <= 64
 
 
+def test_a_cache_of_exactly_the_memory_bound_fits():
+    """``cache_memory`` is a bound the cache may reach: only exceeding it raises. A generation
+    whose cache comes to exactly the bound runs (it raised at the bound) and one byte less does
+    not."""
+    cache = {"rule": "schedule", "step": [1]}
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, cache)
+    generation(f, kw, steps=STEPS[:2])
+    need = dit_compile.stats(f)["cached_bytes"]
+    assert need > 0
+    torch._dynamo.reset()
+    f = compiled(tiny_models.wan(layers=3)[0], cache, cache_memory=need)
+    generation(f, kw, steps=STEPS[:2])
+    assert dit_compile.stats(f)["cached_bytes"] == need
+    torch._dynamo.reset()
+    f = compiled(tiny_models.wan(layers=3)[0], cache, cache_memory=need - 1)
+    with pytest.raises(dit_compile.CacheMemoryError, match=f"cache_memory={need - 1}"):
+        generation(f, kw, steps=STEPS[:2])
+
+
 def test_copies_kept_under_inference_mode_count_against_the_bound():
     """An inference tensor has no version counter, so the text a branch is compared with is kept
     as a copy: 2 branches x 512 tokens x 16 floats, 64 KiB that cached_bytes (and cache_memory)
@@ -2216,6 +2255,25 @@ def test_prompt_or_latent_changed_in_place_is_a_change(mode):
                 f(**dict(kw, hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=e))
     seen = [(r["generation"], r["step"], r["branch"]) for r in dit_compile.stats(f)["trace"]]
     assert seen == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1)]
+
+
+def test_a_prompt_written_into_the_kept_tensor_then_passed_as_a_copy_is_a_new_prompt():
+    """The runtime keeps the prompt tensor it last saw, not a copy. Written in place after that
+    call, it no longer holds the old prompt: another tensor equal to it now is a new prompt, never
+    the old one (compared by its new value, the old prompt's cache was served for the new one)."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "schedule", "step": [1]})
+    text = kw["encoder_hidden_states"].clone()
+    with torch.no_grad():
+        f(**dict(kw, encoder_hidden_states=text,
+                 timestep=torch.full_like(kw["timestep"], STEPS[0])))
+        text.copy_(-text)               # a new prompt written into the tensor the runtime kept
+        call = dict(kw, encoder_hidden_states=text.clone(),
+                    timestep=torch.full_like(kw["timestep"], STEPS[1]))
+        y, ref = f(**call)[0], model(**call)[0]
+    assert [r["action"] for r in dit_compile.stats(f)["trace"]] == ["compute", "compute"]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rule,reused", [

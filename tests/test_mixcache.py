@@ -120,6 +120,74 @@ def test_a_partial_step_reuse_leaves_the_branch_difference_as_it_was(monkeypatch
     torch.testing.assert_close(outs[9], outs[8] + (outs[5] - outs[4]), rtol=1e-5, atol=1e-5)
 
 
+def test_a_partial_step_reuse_of_residuals_keeps_each_samples_own_latent(monkeypatch):
+    """``step_mode="residual"``, decisions forced: at step 3 sample 0 reuses the step while sample
+    1 computes, at step 4 both reuse. Each sample's residual is over the latent of its own last
+    compute: sample 0's is step 2's, not step 3's (taken with the batch's, its residual mixed step
+    2's output with step 3's latent)."""
+    from dit_compile.runtime.mixcache import MixCache
+
+    def forced(self, s, st_, latent):
+        st_.branch(s.branch).signals.pop("step_mask", None)
+        if s.step == 3:
+            st_.branch(s.branch).signals["step_mask"] = np.array([True, False])
+        return ("step", 0.0) if s.step in (3, 4) else ("compute", None)
+    monkeypatch.setattr(MixCache, "step", forced)
+    model, kw = tiny_models.wan(layers=2, batch=2)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "mixcache", "granularities": ["step"], "step_mode": "residual"})
+    x, xs, outs = kw["hidden_states"].clone(), [], []
+    with torch.no_grad():
+        for t in STEPS[:5]:
+            xs.append(x.clone())
+            call = dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t))
+            outs.append(f(**call)[0])
+            x = x - 0.1 * outs[-1]
+    assert [r["reused"] for r in dit_compile.stats(f)["trace"][3:]] == [(True, False), None]
+    for i, last in ((0, 2), (1, 3)):      # each sample's last compute
+        torch.testing.assert_close(outs[4][i], xs[4][i] + (outs[last][i] - xs[last][i]),
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"sample {i}: {m}")
+
+
+def test_a_sample_reusing_the_step_keeps_its_span_residual_where_the_others_reuse_the_span(
+        monkeypatch):
+    """Decisions forced: at step 3 sample 0 reuses the step and sample 1 the block span, so nobody
+    computes the span and the call costs less than a full one; sample 0's span residual stays
+    step 2's, so its block reuse at step 4 comes out as it does alone (the samples that reused the
+    step ignored, the span computed, and sample 0 took step 3's residual of a predicted output)."""
+    from dit_compile.runtime.mixcache import MixCache
+    alone = False
+
+    def step(self, s, st_, latent):
+        st_.branch(s.branch).signals.pop("step_mask", None)
+        if s.step == 3:
+            if not alone:
+                st_.branch(s.branch).signals["step_mask"] = np.array([True, False])
+            return "step", 0.0
+        return "compute", None
+
+    def block(self, s, st_, bc, probe):
+        if s.step == 3 and not alone:
+            return torch.tensor([False, True]), 0.0
+        return s.step == 4, (0.0 if s.step == 4 else None)
+    monkeypatch.setattr(MixCache, "step", step)
+    monkeypatch.setattr(MixCache, "block", block)
+    model, kw = tiny_models.wan(layers=4, batch=2)
+    kw["return_dict"] = False
+    kw["encoder_hidden_states"][1] *= 10.0     # another prompt: the samples part ways
+    cache = {"rule": "mixcache", "granularities": ["step", "block"]}
+    f = compiled(model, cache)
+    both = generation(f, kw, steps=STEPS[:5], branches=1)
+    stats = dit_compile.stats(f)
+    alone = True
+    torch._dynamo.reset()       # the batch of one traced as it would be alone, not dynamic
+    one = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ones = generation(compiled(model, cache), one, steps=STEPS[:5], branches=1)
+    for k, (y, z) in enumerate(zip(both, ones)):
+        torch.testing.assert_close(y[:1], z, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {k}: {m}")
+    assert stats["trace"][3]["flops"] < 1.0 and not stats["partial"], "nobody computes the span"
+
+
 def test_samples_of_a_latent_list_decide_as_each_alone():
     """Z-Image takes one latent of [C, F, H, W] per sample, the batch being the list. Decided
     along dim 0 of one element, "per sample" was per channel: a sample took some channels from
@@ -561,6 +629,29 @@ def test_a_block_reuse_shows_the_error_it_spent():
             assert r["spent"] <= 0.05
         spent[r["branch"]] = r["spent"]
     assert reuses >= 4, trace
+
+
+def test_a_computed_call_shows_the_smallest_estimate_that_did_not_fit(monkeypatch):
+    """The README: on a computed call the trace's signal is the smallest of MixCache's estimates
+    (step, block) that did not fit, whichever granularity gave it: how far the call was from
+    reusing (the largest overstated it)."""
+    from dit_compile.runtime.mixcache import MixCache
+    estimates = {2: (0.3, 0.1), 3: (0.1, 0.3)}      # step -> (step's estimate, block's)
+
+    def step(self, s, st_, latent):
+        return "compute", estimates.get(s.step, (None, None))[0]
+
+    def block(self, s, st_, bc, probe):
+        return False, estimates.get(s.step, (None, None))[1]
+    monkeypatch.setattr(MixCache, "step", step)
+    monkeypatch.setattr(MixCache, "block", block)
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    f = compiled(model, {"rule": "mixcache", "granularities": ["step", "block"]})
+    generation(f, kw, steps=STEPS[:4], branches=1)
+    trace = dit_compile.stats(f)["trace"]
+    assert [r["action"] for r in trace] == ["compute"] * 4
+    assert [r["signal"] for r in trace[2:]] == [pytest.approx(0.1), pytest.approx(0.1)]
 
 
 def test_reuse_is_allowed_from_exactly_the_end_of_the_warm_up():

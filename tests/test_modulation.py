@@ -245,14 +245,16 @@ def test_an_op_that_reads_the_latents_shape_only_is_no_dependence_on_the_latent(
     torch.testing.assert_close(_found_and_value(model, kw), seen, rtol=0, atol=0)
 
 
-def test_a_teacache_reuse_counts_the_modulation_it_computed():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_a_teacache_reuse_counts_the_modulation_it_computed(dynamic):
     """A modulated-signal reuse computes the forward up to the first block's modulated input
-    (its signal): stats counts that share, not nothing, nor the whole forward."""
+    (its signal): stats counts that share, not nothing, nor the whole forward. A dynamic-shape
+    graph weighs it at each call's sizes, as a static one does (its share was once left out)."""
     import tiny_models
     from test_cache import generation
     model, kw = tiny_models.wan(layers=3)
     kw["return_dict"] = False
-    f = torch.compile(model, backend="mixcache", fullgraph=True, options={
+    f = torch.compile(model, backend="mixcache", fullgraph=True, dynamic=dynamic, options={
         "regions": "eager", "cache": {"rule": "teacache", "signal": "modulated", "threshold": 10.0}})
     generation(f, kw)
     reused = [r["flops"] for r in dit_compile.stats(f)["trace"] if r["action"] == "step"]
