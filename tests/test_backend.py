@@ -1053,6 +1053,26 @@ def test_piece_flops_are_counted_not_guessed():
     assert blocks[0] == pytest.approx(blocks[-1]) and blocks[0] != pytest.approx(1 / 3), shares
 
 
+def test_piece_flops_that_cannot_be_counted_weigh_the_blocks_equally_and_the_rest_nothing(
+        monkeypatch):
+    """Where fake execution cannot count the pieces, each block weighs one and the prologue and
+    epilogue nothing: a span of blocks reused is then its share of the blocks, not of every
+    piece, and a call of that graph weighs nothing beside a counted graph's in ``stats``."""
+    from conftest import capture
+    from dit_compile.passes.regions import find_regions
+    from dit_compile.passes.split import split
+
+    def uncountable():
+        raise RuntimeError("no counting here")
+    model, kw = tiny_models.wan(layers=3)
+    gm = capture(model, kw)
+    plan = split(gm, find_regions(gm))
+    monkeypatch.setattr(flops, "flop_counter", uncountable)
+    assert [p.region.kind for p in plan.pieces] == [
+        "prologue", "block", "block", "block", "epilogue"]
+    assert flops.piece_flops(plan) == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
 def test_piece_flops_count_attention_on_the_cpu():
     """torch's FlopCounterMode counts the CUDA kernels of scaled_dot_product_attention but not the
     CPU's flash kernel, which the CPU runs for it: on the CPU a block's attention weighed nothing,

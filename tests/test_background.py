@@ -169,6 +169,28 @@ def test_a_child_compiles_as_this_process_would_for_every_model_and_ends_with_it
     assert not os.path.exists(job.folder.name)
 
 
+def test_a_call_autograd_records_compiles_here_and_its_gradients_are_eagers():
+    """The child compiles inference graphs: where autograd records the call (training), a piece
+    it compiled would switch in with no backward (the loss then has no grad_fn). Such pieces
+    compile in this process, nothing is left to wait for, and the gradients are eager's."""
+    import copy
+    model, kw, compiled = _blocks_in_background()
+    model.train()
+    ref = copy.deepcopy(model)
+    compiled(**kw, return_dict=False)[0].square().mean().backward()
+    assert dit_compile.wait_for_compiles(compiled) == 0
+    assert "_mixcache_background" not in model.__dict__
+    model.zero_grad(set_to_none=True)
+    out = compiled(**kw, return_dict=False)[0]
+    out.square().mean().backward()
+    want = ref(**kw, return_dict=False)[0]
+    want.square().mean().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.gpu
 def test_a_cuda_model_compiles_in_the_background_as_in_the_process():
     """The child compiles for the device the pieces' inputs are on (Triton there), bf16."""

@@ -1280,8 +1280,9 @@ def test_register_moe_plain_route_binds_keyword_only_parameters_and_refuses_extr
 def test_register_moe_refuses_what_the_op_cannot_compute():
     """Each structural refusal of register_moe, before anything changes: both experts= and
     weights=, projections that are not three names, no experts at all, a down projection of
-    another shape, experts unlike expert 0 (a dtype), and a hook on an expert itself or a
-    diffusers hook (which replaces forward) on one of its layers."""
+    another shape, experts unlike expert 0 (a dtype, of all its layers or of its down projection
+    alone), and a hook on an expert itself or a diffusers hook (which replaces forward) on one of
+    its layers."""
     from diffusers.hooks import HookRegistry, ModelHook
 
     class Keep(ModelHook):
@@ -1305,6 +1306,9 @@ def test_register_moe_refuses_what_the_op_cannot_compute():
     mixed = _UserMoE()
     mixed.experts[1].double()
     cases.append((mixed, {}, "expert 1: shape, dtype or device differs from expert 0"))
+    down_only = _UserMoE()          # its down projection alone: stacked, it promoted every expert
+    down_only.experts[1].down.double()
+    cases.append((down_only, {}, "expert 1: shape, dtype or device differs from expert 0"))
     hooked = _UserMoE()
     hooked.experts[0].register_forward_hook(lambda m, args, out: out)
     cases.append((hooked, {}, "expert 0 has forward hooks"))

@@ -34,6 +34,23 @@ def test_written_inputs_follow_views_not_copies():
     assert sorted(p.name for p in written_inputs(gm)) == ["l_cache_", "l_out_", "l_stream_"]
 
 
+class OutTuple(torch.nn.Module):
+    """A write into a tuple given as out=: Dynamo records no fake value for its target."""
+
+    def forward(self, x, values, indices):
+        torch.max(x, 1, out=(values, indices))
+        return x * 2
+
+
+def test_a_write_into_a_value_with_no_fake_tensor_counts_against_every_input():
+    """Where the written value's memory is unknown, no input is known to be spared: taken for a
+    pure function, the forward would be reused and its writes into ``values`` and ``indices``
+    skipped."""
+    gm = capture(OutTuple(), {"x": torch.randn(3, 4), "values": torch.empty(3),
+                              "indices": torch.empty(3, dtype=torch.long)})
+    assert sorted(p.name for p in written_inputs(gm)) == ["l_indices_", "l_values_", "l_x_"]
+
+
 class Masks(torch.nn.Module):
     """Boolean masks combined with operators whose functions end in an underscore
     (operator.and_, or_; not_ on a size under dynamic shapes, which torch 2.15 records as

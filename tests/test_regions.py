@@ -266,6 +266,33 @@ def test_blocks_of_one_graph_but_other_weight_dtypes_do_not_share():
     sigs = [p.signature() for p in plan.pieces if p.region.kind == BLOCK]
     assert len(sigs) == 3 and sigs[0] == sigs[1] != sigs[2]
 
+
+class SlopeBlock(torch.nn.Module):
+    def __init__(self, slope: float):
+        super().__init__()
+        self.lin, self.slope = torch.nn.Linear(8, 8), slope
+
+    def forward(self, x):
+        return x + torch.nn.functional.leaky_relu(self.lin(x), negative_slope=self.slope)
+
+
+def test_blocks_differing_in_a_keyword_constant_do_not_share():
+    """A per-block constant passed by keyword (``negative_slope=self.slope``) is part of the
+    function the block computes, as a positional one is: blocks differing only there must not
+    share one compiled piece, or every block runs the first one's slope."""
+    torch.manual_seed(0)
+    model = WidthNet(()).eval()
+    model.blocks = torch.nn.ModuleList(SlopeBlock(s) for s in (0.01, 0.5, 0.5))
+    kw = {"hidden_states": torch.randn(1, 4, 8)}
+    plan = split(gm := capture(model, kw), find_regions(gm))
+    sigs = [p.signature() for p in plan.pieces if p.region.kind == BLOCK]
+    assert len(sigs) == 3 and sigs[0] != sigs[1] == sigs[2]
+    torch._dynamo.reset()
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})
+    with torch.no_grad():
+        torch.testing.assert_close(f(**kw), model(**kw))
+
+
 def test_constants_inside_a_piece_are_told_apart_by_value():
     """A tensor constant baked into a piece (``get_attr``) is part of the function it computes."""
     def traced(value):
@@ -326,6 +353,37 @@ def test_a_call_that_skips_layers_falls_back_saying_so(skipped):
     assert [(r["generation"], r["action"]) for r in dit_compile.stats(f)["trace"]] == [
         (0, "compute"), (0, "compute"), (0, "step")]
     assert torch.equal(outs[2], outs[1])
+
+
+def test_a_forward_that_stops_early_in_a_sequential_stack_falls_back_too():
+    """A stack held in an nn.Sequential is as whole or not as one in an nn.ModuleList: a call
+    that runs its first blocks only would pass for a whole stack of fewer blocks, and cached as
+    one it would start a new generation at each call alternating with the full forward's."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, t):
+            return x + self.lin(x) * t
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(Block(), Block(), Block())
+
+        def forward(self, hidden_states, timestep, upto=3):
+            t = timestep.sin()[:, None, None]
+            for i in range(upto):
+                hidden_states = self.blocks[i](hidden_states, t)
+            return hidden_states
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    kw = dict(hidden_states=torch.randn(1, 4, 8), timestep=torch.ones(1))
+    assert dit_compile.explain(model, **kw).fallback is None
+    report = dit_compile.explain(model, **kw, upto=2)
+    assert report.fallback and "blocks [2] of blocks were not traced" in report.fallback
 
 
 class CondBlock(torch.nn.Module):
@@ -476,14 +534,21 @@ def test_computation_key_tells_graphs_returning_other_values_apart():
 
 def test_residual_sources_find_the_stream_on_either_side_of_the_add():
     """A block's output is a residual update of the argument reached through residual adds and
-    casts: the stream may be either operand (``x + f(x)``, ``attn(txt) + txt``)."""
+    casts, ``.to(dtype)`` among them (a block computing its residual in float32): the stream may
+    be either operand (``x + f(x)``, ``attn(txt) + txt``)."""
     from dit_compile.passes.split import residual_sources
 
     class Block(torch.nn.Module):
         def forward(self, x, txt):
             return x + torch.tanh(x), (torch.tanh(txt) + txt.float()).type_as(txt)
 
+    class ToBlock(torch.nn.Module):
+        def forward(self, x, txt):
+            return ((x.float() + torch.tanh(x)).to(x.dtype),
+                    (torch.tanh(txt) + txt).to(torch.float32))
+
     assert residual_sources(torch.fx.symbolic_trace(Block())) == [0, 1]
+    assert residual_sources(torch.fx.symbolic_trace(ToBlock())) == [0, 1]
 
 
 def test_output_keys_tell_the_same_computation_of_other_arguments_apart():

@@ -795,6 +795,25 @@ def test_online_rule_under_a_second_order_sampler_reads_changes_between_levels(m
     assert split.transformer.switches == [(k, levels[k])]
 
 
+def test_online_warm_up_ends_at_the_first_level_fallen_by_exactly_the_warm_up(models):
+    """The warm-up lasts until the noise level has fallen by ``warmup`` of the first level: a
+    step landing on that bound (500 of 1000 at warm-up 0.5) is past it, so at rate inf the small
+    model takes over there, not a step later."""
+    from dit_compile.sketch import OnlineSplit
+    large, small, _ = models
+    _, kw = tiny_models.wan(layers=3)
+    split = OnlineSplit(large, small, dit_compile.Settle(float("inf"), 0.5))
+    negative = torch.randn_like(kw["encoder_hidden_states"])
+    x = kw["hidden_states"]
+    with torch.no_grad():
+        for t in (1000.0, 750.0, 500.0, 250.0):
+            for text in (kw["encoder_hidden_states"], negative):
+                split(hidden_states=x, timestep=torch.tensor([t]), encoder_hidden_states=text,
+                      return_dict=False)
+            x = 0.9 * x
+    assert split.switches == [(2, 500.0)]
+
+
 def test_online_rate_zero_never_hands_over(models):
     """The change must be below the rate: at rate 0 the large model takes every step, even one
     whose output does not change at all (its output projection zeroed but its bias)."""
