@@ -474,6 +474,12 @@ class GuardedExecutor(Executor):
             return [torch.cat([c, c - d]) for c, d in zip(cond, diff)]
         return [torch.cat([c + d, c]) for c, d in zip(cond, diff)]
 
+    def _conditional(self, n: int, device: torch.device) -> torch.Tensor:
+        """Which samples of a batch of guidance halves are the conditional half (computed on a
+        cfg reuse)."""
+        half = torch.arange(n, device=device) < n // 2
+        return half if self.halves.conditional_first else ~half
+
     def _reuse_step(self, bc: BranchCache, x: torch.Tensor, t: float) -> list[torch.Tensor]:
         if self.policy.step_mode == "residual":
             return [x + (o - bc.latent) for o in bc.outputs[-1][1]]
@@ -489,6 +495,11 @@ class GuardedExecutor(Executor):
         ``spanned``: after a partial step reuse, the others that reused the block span.
         ``work``: what the call computed (``Work``)."""
         fresh = ~mask if kind == STEP and mask is not None else None
+        if kind == CFG and step.halves:
+            # The half-batch forward computed the conditional half: it enters the history, as a
+            # conditional branch computed alone would (a step reuse next extrapolates from it);
+            # the rebuilt half does not.
+            fresh = self._conditional(outs[0].shape[0], outs[0].device)
         computed = kind in ("compute", "block") or fresh is not None
         # Copies: what a call returns is the caller's, who may write into it (a buffer reused
         # once the sampler has stepped), as under plain torch.compile; under CUDA graphs the next
@@ -507,7 +518,8 @@ class GuardedExecutor(Executor):
             if self._keep_latent:       # a copy: a sampler may update its latent in place
                 bc.latent = (x.clone() if fresh is None else
                              torch.where(_bcast(fresh, x), x, bc.latent))
-            bc.accumulated = None
+            if kind != CFG:
+                bc.accumulated = None
         if computed and fresh is None:
             # The branch difference is of whole calls: a partial step reuse leaves it as it was.
             # Kept only where cfg reuse may read it (it is a whole output's worth of memory).

@@ -4,6 +4,7 @@ On a reuse step the runtime computes the cond half alone and rebuilds the uncond
 difference cached at the last full compute; checked against an eager reference of the same rule
 inside diffusers' own pipeline, and for what must never share anything.
 """
+import copy
 import dataclasses
 import gc
 import os
@@ -766,6 +767,34 @@ def test_mixcache_reuses_cfg_on_batch_halves_as_its_forced_schedule_would():
     assert chosen and all(r["flops"] == 0.5 for r in trace if r["action"] == "cfg")
     torch.testing.assert_close(ours, _reference(model, chosen), rtol=1e-5, atol=1e-5)
     _check_trace(trace, chosen, generations=1)
+
+
+def test_a_step_reused_after_a_cfg_step_on_halves_is_the_per_branch_pipelines():
+    """A cfg reuse on batch halves computes the conditional half: a step reused next takes it, as a
+    pipeline calling each branch alone gets its computed conditional branch. The history kept
+    only full computes: the batched pipeline's step 3 was step 1's output (0.27 off the
+    per-branch one on SD3)."""
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    g = torch.Generator().manual_seed(0)
+    uncond = torch.randn(kw["encoder_hidden_states"].shape, generator=g)
+    levels = [1000.0, 800.0, 600.0, 400.0, 200.0]
+    xs = [torch.randn(kw["hidden_states"].shape, generator=g) for _ in levels]
+    schedule = {"rule": "schedule", "cfg": [2], "step": [3]}
+    batched = _compile(model, schedule)
+    with torch.no_grad():
+        outs = [batched(**dict(kw, hidden_states=torch.cat([x, x]), timestep=torch.full((2,), t),
+                               encoder_hidden_states=torch.cat([uncond, kw["encoder_hidden_states"]])
+                               ))[0] for x, t in zip(xs, levels)]
+        branches = _compile(copy.deepcopy(model), schedule)     # a state of its own
+        per = [torch.cat([branches(**dict(kw, hidden_states=x, timestep=torch.full((1,), t),
+                                          encoder_hidden_states=text))[0]
+                          for text in (kw["encoder_hidden_states"], uncond)][::-1])
+               for x, t in zip(xs, levels)]
+    assert [r["action"] for r in dit_compile.stats(batched)["trace"]] == [
+        "compute", "compute", "cfg", "step", "compute"]
+    for step, (a, b) in enumerate(zip(outs, per)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
 
 
 @pytest.mark.parametrize("granularities,expected", [(["step", "cfg", "block"], {"step"}),
