@@ -474,10 +474,10 @@ class GuardedExecutor(Executor):
             return [torch.cat([c, c - d]) for c, d in zip(cond, diff)]
         return [torch.cat([c + d, c]) for c, d in zip(cond, diff)]
 
-    def _conditional(self, n: int, device: torch.device) -> torch.Tensor:
+    def _conditional(self, n: int) -> torch.Tensor:
         """Which samples of a batch of guidance halves are the conditional half (computed on a
-        cfg reuse)."""
-        half = torch.arange(n, device=device) < n // 2
+        cfg reuse); on the host, where the history reads it (no device read)."""
+        half = torch.arange(n) < n // 2
         return half if self.halves.conditional_first else ~half
 
     def _reuse_step(self, bc: BranchCache, x: torch.Tensor, t: float) -> list[torch.Tensor]:
@@ -499,7 +499,7 @@ class GuardedExecutor(Executor):
             # The half-batch forward computed the conditional half: it enters the history, as a
             # conditional branch computed alone would (a step reuse next extrapolates from it);
             # the rebuilt half does not.
-            fresh = self._conditional(outs[0].shape[0], outs[0].device)
+            fresh = self._conditional(outs[0].shape[0])
         computed = kind in ("compute", "block") or fresh is not None
         # Copies: what a call returns is the caller's, who may write into it (a buffer reused
         # once the sampler has stepped), as under plain torch.compile; under CUDA graphs the next
@@ -517,7 +517,7 @@ class GuardedExecutor(Executor):
                                       self._n_outputs, fresh)
             if self._keep_latent:       # a copy: a sampler may update its latent in place
                 bc.latent = (x.clone() if fresh is None else
-                             torch.where(_bcast(fresh, x), x, bc.latent))
+                             torch.where(_bcast(fresh.to(x.device), x), x, bc.latent))
             if kind != CFG:
                 bc.accumulated = None
         if computed and fresh is None:
