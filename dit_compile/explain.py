@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from .backend import carriers, computed_outputs, half_batch, head_slots, output_shapes
 from .inductor import shared_blocks
 from .export import Exported
 from .frames import (breaking_hooks, compiled_options, diffusers_caches, forget_forward, forward_forgotten,
@@ -25,6 +24,7 @@ from .passes.regions import (BLOCK, NoBlockStructure, RegionMap, block_container
 from .passes.split import Plan, split
 from .runtime.halves import HalfBatch, guidance_groups, is_batched_cfg
 from .runtime.relay import Head, fit_to_tail, received
+from .slots import carriers, computed_outputs, half_batch, head_slots, output_shapes
 
 
 @dataclass

@@ -65,6 +65,7 @@ from .passes.split import pruned_twins, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor, kept_outputs
 from .runtime.policy import make_policy
+from .slots import anchor_slot, modulation_of
 
 FORMAT = 2
 READS = (1, 2)      # 2: a piece may run another's program, keeping some outputs
@@ -306,7 +307,6 @@ def _executor(traced: "_Traced", opts: Options, name: str) -> Executor:
     if missing:
         raise ValueError(f"dit_compile.export: {missing}, so nothing can be cached; "
                          "export with options={'cache': None}")
-    from .backend import modulation_of
     from .flops import piece_flops
     states = StateFactory(None, False, timestep=opts.timestep)
     return GuardedExecutor(traced.plan, fns, policy, states, traced.anchor,
@@ -818,7 +818,6 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
     """Dynamo's graph of ``model(**kwargs)`` (one graph: a break is an error), read while Dynamo
     still holds what each input is (its sources go when the compile ends): the regions, the plan,
     and which keyword argument each user input came from."""
-    from .backend import anchor_slot
     traced: list[_Traced] = []
 
     def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
