@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .backend import mixcache
+from .checks import expect_module
 from .explain import Report, explain
 from .export import Exported, export, load
 from .frames import compiled_options
@@ -24,7 +25,6 @@ from .options import OptionError, Options
 from .passes.casting import functional_casting
 from .passes.moe import lower_moe, register_moe, restore_moe
 from .passes.nesting import nest_blocks, unnest_blocks
-from .passes.regions import expect_module
 from .runtime import background
 from .runtime.cache import CacheMemoryError, find_state, model_states
 from .runtime.policy import PolicyError

@@ -16,9 +16,10 @@ from .frames import (compiled_model, diffusers_caches, forward_tail, install_tra
                      traced_module, warn_fallback, watch_wrappers)
 from .inductor import compile_graph, compile_pieces, records_autograd
 from .options import Options
+from .passes.inputs import missing_inputs, named_inputs
 from .passes.mutation import writes_inputs
-from .passes.regions import (NoBlockStructure, RegionMap, check_whole_stacks,
-                             find_regions, missing_inputs, named_inputs, outside_model)
+from .passes.regions import (NoBlockStructure, RegionMap, check_whole_stacks, find_regions,
+                             outside_model)
 from .passes.split import split
 from .passes.stamping import stamp_blocks
 from .runtime import background

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .checks import expect_module, is_torch_nn
 from .inductor import shared_blocks
 from .export import Exported
 from .frames import (breaking_hooks, compiled_options, diffusers_caches, forget_forward, forward_forgotten,
@@ -14,13 +15,14 @@ from .frames import (breaking_hooks, compiled_options, diffusers_caches, forget_
                      shape_history_kept, traced_module)
 from .options import Options
 from .passes.casting import find_casts, functional_casting
+from .passes.inputs import missing_inputs, named_inputs
 from .passes.modulation import modulated_input
 from .passes.moe import find_moe, lowered_meanwhile
 from .passes.mutation import writes_inputs
 from .passes.nesting import NESTED_FROM, reuses_nested_regions
 from .passes.stamping import restamp
 from .passes.regions import (BLOCK, NoBlockStructure, RegionMap, block_containers, check_whole_stacks,
-                             expect_module, find_regions, is_torch_nn, missing_inputs, named_inputs)
+                             find_regions)
 from .passes.split import Plan, split
 from .runtime.halves import HalfBatch, guidance_groups, is_batched_cfg
 from .runtime.relay import Head, fit_to_tail, received

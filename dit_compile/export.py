@@ -53,14 +53,15 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from .checks import expect_module
 from .frames import (forget_forward, forward_forgotten, own_backends, recompiles_allowed,
                      shape_history_kept)
 from .options import Options
 from .passes.casting import functional_casting
+from .passes.inputs import missing_inputs, source_name, user_inputs
 from .passes.modulation import Modulation
 from .passes.moe import lowered_meanwhile
-from .passes.regions import (NoBlockStructure, expect_module, find_regions, missing_inputs, source_name,
-                             user_inputs)
+from .passes.regions import NoBlockStructure, find_regions
 from .passes.split import pruned_twins, split
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor, kept_outputs

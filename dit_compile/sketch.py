@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .passes.regions import expect_module
+from .checks import expect_module
 from .runtime.cache import CacheState, find_state
 from .runtime.policy import rel_l1
 from .runtime.sampler import sampler_run

@@ -12,9 +12,10 @@ import torch
 import torch.fx as fx
 
 from .frames import compiled_model, forward_head, in_forward_wrapper, traced_locals, traced_module
+from .passes.inputs import named_inputs, source_name, user_inputs
 from .passes.modulation import Modulation, modulated_input
 from .passes.mutation import example_value
-from .passes.regions import NoBlockStructure, find_regions, named_inputs, source_name, user_inputs
+from .passes.regions import NoBlockStructure, find_regions
 from .passes.split import Plan
 from .runtime.halves import HalfBatch
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .regions import expect_module
+from ..checks import expect_module
 
 try:    # private, though torch.func.functional_call's own (torch 2.0 to 2.15 at least)
     from torch.nn.utils.stateless import _reparametrize_module

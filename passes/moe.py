@@ -126,7 +126,7 @@ from torch import Tensor, nn
 
 from ..kernels.moe_op import moe_ffn
 from .casting import cast_only
-from .regions import expect_module
+from ..checks import expect_module
 
 __all__ = ["count_moe_ops", "find_moe", "lower_moe", "lowered_meanwhile", "register_moe", "restore_moe"]
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .regions import expect_module, is_torch_nn
+from ..checks import expect_module, is_torch_nn
 from .stamping import (OUT, STAMP, STAMPED, flat_output, restamp, stamp_mark, stamped_block,
                        stamping, tensor_leaves)
 

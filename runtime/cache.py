@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from ..passes.regions import expect_module
+from ..checks import expect_module
 
 
 # A tensor as the runtime keeps it to recognise its value later: (tensor, in-place version,

@@ -134,13 +134,13 @@ class GuardedExecutor(Executor):
     _pre_flops = 0.0
     forward_flops = 1.0     # a full forward's FLOPs (an export saved before it was: one)
     sized: Any = None       # not part of the layout: an exported graph's shapes are static
-    # A latent given as a list of per-sample tensors (passes.regions.sample_list): the list's
+    # A latent given as a list of per-sample tensors (passes.inputs.sample_list): the list's
     # input slots, and the positions in out_slots of the per-sample outputs. The policy sees
     # both stacked, so that dim 0 is the samples there too. Empty: the latent is one tensor.
     sample_slots: Sequence[int] = ()
     sample_outs: Sequence[int] = ()
     text_slots: Sequence[int] = ()     # the text condition as a list beside them, or empty
-    # The other conditions (regions.conditions) where the policy watches them for a switch.
+    # The other conditions (inputs.conditions) where the policy watches them for a switch.
     cond_slots: Sequence[int] = ()
     _held_conditions: tuple | None = None   # (batch, [(weakref, version)], magnitudes): _conditions
     # The parameter inputs: two models that share the anchor's module share its state, and

@@ -606,7 +606,7 @@ def test_no_timestep_input_is_said_by_explain_and_the_backend_alike():
 
 def test_a_latent_list_of_unequal_shapes_is_not_cached_and_said_so():
     """Z-Image takes a latent per sample, as a list, of any size each: samples of unequal shapes
-    cannot be stacked into one batch to decide on (passes.regions.sample_list). explain says so,
+    cannot be stacked into one batch to decide on (passes.inputs.sample_list). explain says so,
     the backend warns the same and computes every call, as eager does."""
     model, kw = tiny_models.zimage(batch=2)
     kw["x"][1] = torch.randn(4, 1, 8, 12)

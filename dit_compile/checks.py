@@ -1,0 +1,24 @@
+"""Checks shared across the package: ``expect_module``, the one error every public function gives
+for what is not a model, and ``is_torch_nn``, the classes a stack of blocks is not made of."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def expect_module(obj: Any, doing: str, note: str = "") -> None:
+    """A ``TypeError`` where ``obj`` is not an ``nn.Module``: "``doing`` an nn.Module``note``, not"
+    what it is (a function by its name; a pipeline with the module to pass instead)."""
+    if isinstance(obj, torch.nn.Module):
+        return
+    name = getattr(obj, "__qualname__", None)
+    what = type(obj).__name__ + (f" {name!r}" if name else "")
+    if isinstance(getattr(obj, "transformer", None), torch.nn.Module):
+        what += " (a pipeline: pass its model, pipe.transformer)"
+    raise TypeError(f"{doing} an nn.Module{note}, not {what}")
+
+
+def is_torch_nn(cls: type) -> bool:
+    """One of ``torch.nn``'s own classes: a list of those (``nn.Linear``s) is no stack of blocks."""
+    return getattr(cls, "__module__", "").startswith("torch.nn")
