@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .backend import mixcache
-from .checks import expect_module
+from .checks import expect_module, unwrap
 from .explain import Report, explain
 from .export import Exported, export, load
 from .frames import compiled_options
@@ -73,7 +73,7 @@ def reset(model: torch.nn.Module) -> None:
     another's (a reset there restarted it, and one under its running call raised). A thread that
     has not called the model has nothing to reset; its first call starts a generation anyway.
     An ``OnlineSplit`` resets both its models and its clock."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     if isinstance(model, OnlineSplit):
         reset(model.large)
         reset(model.small)
@@ -90,11 +90,11 @@ def wait_for_compiles(model: torch.nn.Module, timeout: float | None = None) -> i
     compiled model, or a deployment that wants its first request fast: a model runs its regions
     uncompiled until then. ``timeout`` in seconds (``subprocess.TimeoutExpired`` past it). An
     ``OnlineSplit`` waits for both its models."""
-    expect_module(getattr(model, "_orig_mod", model), "wait_for_compiles waits for the compiles of")
+    model = unwrap(model)
+    expect_module(model, "wait_for_compiles waits for the compiles of")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
                                 or not timeout >= 0):
         raise ValueError(f"wait_for_compiles: timeout={timeout!r}: seconds (a number >= 0) or None")
-    model = getattr(model, "_orig_mod", model)
     if isinstance(model, OnlineSplit):
         deadline = None if timeout is None else time.monotonic() + timeout
         return sum(wait_for_compiles(m, None if deadline is None else max(0.0, deadline - time.monotonic()))

@@ -1,5 +1,6 @@
-"""Checks shared across the package: ``expect_module``, the one error every public function gives
-for what is not a model, and ``is_torch_nn``, the classes a stack of blocks is not made of."""
+"""What the public functions share in reading their model argument: ``expect_module``, the one
+error for what is not a model, and ``unwrap``, torch.compile's wrapper looked through; and
+``is_torch_nn``, the classes a stack of blocks is not made of."""
 from __future__ import annotations
 
 from typing import Any
@@ -22,3 +23,10 @@ def expect_module(obj: Any, doing: str, note: str = "") -> None:
 def is_torch_nn(cls: type) -> bool:
     """One of ``torch.nn``'s own classes: a list of those (``nn.Linear``s) is no stack of blocks."""
     return getattr(cls, "__module__", "").startswith("torch.nn")
+
+
+def unwrap(model: Any) -> Any:
+    """The module torch.compile's wrapper (``OptimizedModule``) holds, its ``_orig_mod``: one level,
+    as the public functions take a compiled model; anything else as it is. (``frames._innermost``
+    looks through wrappers of wrappers.)"""
+    return getattr(model, "_orig_mod", model)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .checks import expect_module, is_torch_nn
+from .checks import expect_module, is_torch_nn, unwrap
 from .inductor import shared_blocks
 from .export import Exported
 from .frames import (breaking_hooks, compiled_options, diffusers_caches, forget_forward, forward_forgotten,
@@ -157,16 +157,16 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     again at its next call). Gives diffusers' layerwise casting hooks the traceable form the
     backend gives them (``passes.casting``: no result changes), so it traces what mixcache would.
     """
-    expect_module(getattr(model, "_orig_mod", model), "dit_compile.explain traces",
+    target = unwrap(model)
+    expect_module(target, "dit_compile.explain traces",
                   " (for a compiled function, the model it calls)")
-    if isinstance(getattr(model, "_orig_mod", model), Exported):
+    if isinstance(target, Exported):
         # Tracing it would run its cached runtime: two calls counted as steps of a generation.
         raise TypeError("dit_compile.explain traces a model's forward to find its regions; a "
                         "loaded export is rewritten already (its manifest.json lists its programs "
                         "and blocks), and dit_compile.stats shows what it caches")
     from .sketch import refuse_split
     refuse_split(model, "explain")    # it places each call in Python: nothing of its own to report
-    target = getattr(model, "_orig_mod", model)
     report = Report(type(target).__name__)
     report.moe = find_moe(target)
     # As the backend traces it: diffusers' layerwise casting in its traceable form (no result

@@ -53,7 +53,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .checks import expect_module
+from .checks import expect_module, unwrap
 from .frames import (forget_forward, forward_forgotten, own_backends, recompiles_allowed,
                      shape_history_kept)
 from .options import Options
@@ -96,7 +96,7 @@ def export(model: torch.nn.Module, path: str, kwargs: dict[str, Any],
                         f"{type(kwargs).__name__}")
     # A compiled model (pipe.transformer once torch.compile'd) is exported as the model itself:
     # its name, forward signature, config and attributes are the model's, not the wrapper's.
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     expect_module(model, "dit_compile.export exports")
     if isinstance(model, Exported):
         raise ValueError(f"dit_compile.export: this is a loaded export (of {model.model_name}), "
@@ -842,7 +842,7 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
     graph_out: list[Any] = []
     # Only this model's forward is traced afresh and forgotten after (torch._dynamo.reset() would
     # make every other compiled model in the process compile again).
-    root = getattr(model, "_orig_mod", model)
+    root = unwrap(model)
     with (torch.no_grad(), shape_history_kept(), recompiles_allowed(), forward_forgotten(root),
           own_backends() as backend):
         for attempt in range(2):

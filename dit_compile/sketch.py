@@ -44,7 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .checks import expect_module
+from .checks import expect_module, unwrap
 from .runtime.cache import CacheState, find_state
 from .runtime.policy import rel_l1
 from .runtime.sampler import sampler_run
@@ -136,8 +136,8 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
         raise ValueError("calibrate_split: a calibration run gives guidance_scale_2; the large "
                          "model takes every step while calibrating, at the run's guidance_scale: "
                          "drop guidance_scale_2 from the runs")
-    large = _plain(pipe.transformer)
-    small = _plain(small)
+    large = unwrap(pipe.transformer)
+    small = unwrap(small)
     check_compatible(large, small)
     _warn_if_an_expert_goes(pipe, small, "calibration measures `transformer` at every step "
                             "against `small`")
@@ -147,7 +147,7 @@ def calibrate_split(pipe: Any, small: torch.nn.Module, runs: Sequence[dict[str, 
 
 @contextlib.contextmanager
 def _uncached(*models: torch.nn.Module) -> Iterator[None]:
-    """What ``_plain`` cannot look through, run uncached: a loaded export runs through its
+    """What ``unwrap`` cannot look through, run uncached: a loaded export runs through its
     cache, and a model compiled in place (``model.compile(...)``, diffusers' way) runs its compiled
     call: their distances would be their caches', and calibration's calls would count as a
     generation of them (and Dynamo would trace the recording hook)."""
@@ -228,7 +228,7 @@ def sketch_render(pipe: Any, small: torch.nn.Module, boundary: float | Calibrati
     if not (isinstance(b, numbers.Real) and not isinstance(b, bool) and b >= 0):
         raise ValueError(f"sketch_render: boundary={b!r} must be a noise level >= 0 (0: the small "
                          "model never runs; above the first step's: it takes every step)")
-    check_compatible(_plain(pipe.transformer), _plain(small))
+    check_compatible(unwrap(pipe.transformer), unwrap(small))
     _warn_if_an_expert_goes(pipe, small, "the split pipeline has `small` in its place")
     params = inspect.signature(type(pipe).__init__).parameters
     components = {**_own_schedulers(pipe.components), "transformer_2": small}
@@ -254,7 +254,7 @@ def _online(pipe: Any, small: torch.nn.Module, rule: Settle) -> Any:
     if getattr(pipe, "transformer_2", None) is not None:
         raise ValueError("sketch/render: the pipeline already switches to its transformer_2 at a "
                          "noise boundary; Settle replaces that switch: pass a pipeline without one")
-    check_compatible(_plain(large), _plain(small))
+    check_compatible(unwrap(large), unwrap(small))
     params = inspect.signature(type(pipe).__init__).parameters
     components = {**_own_schedulers(pipe.components),
                   "transformer": OnlineSplit(large, small, rule)}
@@ -387,7 +387,7 @@ class OnlineSplit(torch.nn.Module):
         try:
             return self.small(*args, **kwargs)
         except RuntimeError as e:
-            a, b = _plain(self.large).config, _plain(self.small).config
+            a, b = unwrap(self.large).config, unwrap(self.small).config
             differ = [f"{k}: {a[k]!r} vs {b.get(k)!r}" for k in a
                       if not k.startswith("_") and _as_tuples(a[k]) != _as_tuples(b.get(k))]
             raise ValueError("sketch/render: the small model failed on its first call, on the "
@@ -410,7 +410,7 @@ class OnlineSplit(torch.nn.Module):
 def _argument_names(model: torch.nn.Module) -> list[str]:
     """The names of ``model``'s forward arguments in order (a loaded export's as its model's
     forward named them), for the calls that pass some by position."""
-    plain = _plain(model)
+    plain = unwrap(model)
     if hasattr(plain, "positional"):    # dit_compile.load's model
         names = list(plain.positional)
     else:
@@ -478,7 +478,7 @@ def _served_from_cache(model: torch.nn.Module, since: int) -> bool:
 def refuse_split(model: Any, name: str) -> None:
     """A TypeError where ``model`` is an ``OnlineSplit``: ``dit_compile.<name>`` of one model
     would tell, or save, half of it."""
-    if isinstance(getattr(model, "_orig_mod", model), OnlineSplit):
+    if isinstance(unwrap(model), OnlineSplit):
         raise TypeError(f"dit_compile.{name}: an OnlineSplit runs its two models as they are, each "
                         f"compiled (or not) and cached on its own: {name} split.large and "
                         "split.small")
@@ -506,7 +506,7 @@ def check_compatible(large: torch.nn.Module, small: torch.nn.Module) -> None:
     a, b = getattr(large, "config", None), getattr(small, "config", None)
     if a is None or b is None:
         raise TypeError("sketch/render: both models must be diffusers transformers (with a config)")
-    if _plain(small) is _plain(large):
+    if unwrap(small) is unwrap(large):
         raise ValueError("sketch/render: the small model is the pipeline's transformer itself")
     kinds = [getattr(m, "model_name", type(m).__name__) for m in (large, small)]  # load()'s too
     if kinds[0] != kinds[1]:
@@ -539,7 +539,7 @@ def _warn_if_an_expert_goes(pipe: Any, small: torch.nn.Module, what: str) -> Non
     """Wan 2.2's pipelines hold a low-noise expert in ``transformer_2``, which a split replaces
     (Settle refuses such a pipeline; a noise-level split of one split before is at home there)."""
     expert = getattr(pipe, "transformer_2", None)
-    if expert is not None and _plain(expert) is not _plain(small):
+    if expert is not None and unwrap(expert) is not unwrap(small):
         warnings.warn(f"sketch/render: {type(pipe).__name__} already switches to its own "
                       f"transformer_2 (a low-noise expert, as Wan 2.2's) below boundary_ratio="
                       f"{pipe.config.boundary_ratio}; {what}, and the expert takes no step",
@@ -548,10 +548,6 @@ def _warn_if_an_expert_goes(pipe: Any, small: torch.nn.Module, what: str) -> Non
 
 def _as_tuples(value: Any) -> Any:
     return tuple(map(_as_tuples, value)) if isinstance(value, (list, tuple)) else value
-
-
-def _plain(m: torch.nn.Module) -> torch.nn.Module:
-    return getattr(m, "_orig_mod", m)
 
 
 def _sample(output: Any) -> torch.Tensor:

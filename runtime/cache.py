@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from ..checks import expect_module
+from ..checks import expect_module, unwrap
 
 
 # A tensor as the runtime keeps it to recognise its value later: (tensor, in-place version,
@@ -814,7 +814,7 @@ def model_states(model: torch.nn.Module, thread: threading.Thread | None = None
                  ) -> list[CacheState]:
     """Every CacheState attached to ``model``'s parameters (all threads', or ``thread``'s), once
     each."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     # torch.compile of a function returns a function: the state is on the model it calls.
     expect_module(model, "mixcache keeps its cache state on the model's parameters: pass",
                   " (for a compiled function, the model it calls)")
