@@ -402,7 +402,7 @@ def _cfg_halves(gm: torch.fx.GraphModule, example_inputs: list[Any], inputs: dic
     text two different ones), the half-batch forward the backend builds for it, or why there is
     none; None for any other call, or where the graph does not take the latent, timestep and
     text."""
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     take = {n: x for n, x in zip(names, example_inputs)}
     latents = [take[n] for n in samples] if samples else [take.get(inputs.get("latent"))]
     t, text = take.get(inputs.get("timestep")), ([take[n] for n in texts] if texts

@@ -250,7 +250,7 @@ def _with_an_output(module: fx.GraphModule) -> fx.GraphModule:
     fails on a program without outputs ("not enough values to unpack"), which a piece that only
     writes into its inputs is."""
     gm = fx.GraphModule(module, copy.deepcopy(module.graph))
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = gm.graph.output_node()
     with gm.graph.inserting_before(out):
         empty = gm.graph.call_function(torch.empty, ((0,),))
     out.args = ((empty,),)
@@ -824,7 +824,7 @@ def _capture(model: torch.nn.Module, kwargs: dict[str, Any]) -> _Traced:
     def record(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
         user = {n.name for n in user_inputs(gm)}
         keywords = [_keyword_path(n) if n.name in user else None
-                    for n in gm.graph.nodes if n.op == "placeholder"]
+                    for n in gm.graph.find_nodes(op="placeholder")]
         t = _Traced(list(example_inputs), keywords, anchor_slot(gm))
         try:
             t.rmap = find_regions(gm)

@@ -237,7 +237,7 @@ def in_traced_strides(fn: Callable[..., Any], piece: Piece) -> Callable[..., Any
     graph's strides are expressions of each call's sizes: a traced value that is dense is laid out
     by its order of dimensions at the call's sizes (one that is not is left as it comes).
     """
-    out = next(n for n in reversed(piece.module.graph.nodes) if n.op == "output").args[0]
+    out = piece.module.graph.output_node().args[0]
     single = piece.single
     examples = [example_value(x) if isinstance(x, fx.Node) else None
                 for x in ((out,) if single else out)]

@@ -36,7 +36,7 @@ def head_slots(gm: fx.GraphModule,
         return None
     except NoBlockStructure:
         pass
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     return (names.index(roles["latent"]), names.index(roles["timestep"]),
             names.index(roles["text"]) if "text" in roles else None)
 
@@ -44,14 +44,14 @@ def head_slots(gm: fx.GraphModule,
 def named_slot(gm: fx.GraphModule, role: str) -> int | None:
     """The graph input that takes ``role`` (``named_inputs``) by name, or None."""
     name = named_inputs(gm).get(role)
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     return None if name is None else names.index(name)
 
 
 def computed_outputs(gm: fx.GraphModule) -> list[int]:
     """The positions of the graph's outputs that are tensors it computes (not inputs it returns
     as they are, nor numbers)."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    out = gm.graph.output_node().args[0]
     return [i for i, o in enumerate(out) if isinstance(o, fx.Node) and o.op != "placeholder"
             and isinstance(example_value(o), torch.Tensor)]
 
@@ -59,7 +59,7 @@ def computed_outputs(gm: fx.GraphModule) -> list[int]:
 def carriers(gm: fx.GraphModule) -> list[int]:
     """The graph inputs that may carry a head's record: the tensors passed to the graph, not
     the model's parameters and buffers."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    phs = gm.graph.find_nodes(op="placeholder")
     return [phs.index(n) for n in user_inputs(gm)]
 
 
@@ -84,7 +84,7 @@ def parameter_slots(gm: fx.GraphModule) -> list[int]:
     """The graph inputs that are the model's parameters. Dynamo reuses one graph for every
     instance of a model class (parameters are inputs), so the runtime finds the model's cache
     state on one of them, and tells models apart by all of them."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    phs = gm.graph.find_nodes(op="placeholder")
     return [i for i, n in enumerate(phs)
             if isinstance(getattr(n.meta.get("grapharg"), "example", None), torch.nn.Parameter)]
 
@@ -104,7 +104,7 @@ def half_batch(gm: fx.GraphModule, example_inputs: list[Any], inputs: Mapping[st
 
     Built here because only compile time sees both sides: Dynamo's frame (the module and the real
     arguments of the first call) and the graph (which input each argument became)."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    phs = gm.graph.find_nodes(op="placeholder")
     if len(phs) != len(example_inputs):
         return "the graph's inputs do not line up with the example inputs"
     if in_forward_wrapper(compiled_model()):
@@ -137,7 +137,7 @@ def output_shapes(gm: fx.GraphModule, symbol: Any = None,
     """The shape of each of the graph's node outputs (the executor's outputs; constants stay in
     the output spec), None where not a tensor. Under dynamic shapes the batch is a symbol: a dim
     that is the latent's ``symbol`` is the ``batch``, as a number of the first call."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = gm.graph.output_node()
     return [_static_shape(x.meta.get("example_value"), symbol, batch)
             for x in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
 

@@ -126,7 +126,7 @@ def sample_list(gm: fx.GraphModule, latent: str) -> tuple[list[str], list[int], 
             f"{sorted(map(str, shapes))}, which cannot be decided on as one batch")
     # Symbolic sizes (dynamic shapes) may be equal or not at a call: the runtime stacks the
     # samples where they are, and computes the call uncached where they are not.
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = gm.graph.output_node()
     leaves = [x for x in pytree.tree_leaves(out.args[0]) if isinstance(x, fx.Node)]
     outs = [j for j, x in enumerate(leaves) if _known_same_shape(x, order[0])]
     if len(outs) != len(order):
@@ -184,7 +184,7 @@ def conditions(gm: fx.GraphModule, rmap: RegionMap) -> list[str]:
     model's ``timestep_r``, and position ids), and inputs of an output's shape (a second latent,
     such as LTX-2's audio): both move with the sampler at every step, by design."""
     taken = {*rmap.inputs.values(), *rmap.samples, *rmap.texts}
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = gm.graph.output_node()
     out_shapes = {_shape(o) for o in out.all_input_nodes}
     candidates = [n for n in user_inputs(gm) if n.name not in taken
                   and n.meta["example_value"].is_floating_point()
@@ -262,7 +262,7 @@ def identify_inputs(gm: fx.GraphModule) -> tuple[dict[str, str], str]:
         cands = [n for n in free if val[n].dim() <= 2 and n in sinusoid]
         if cands:
             roles["timestep"] = min(cands, key=lambda n: (val[n].dim(), val[n].numel())).name
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    out_node = gm.graph.output_node()
     out_shapes = {_shape(o) for o in out_node.all_input_nodes}
     rest = [n for n in free if n.name not in roles.values() and val[n].is_floating_point()
             and val[n].dim() >= 3]

@@ -120,7 +120,7 @@ def _node_depends(gm: fx.GraphModule, placeholder_deps: list[frozenset[str]]
 def _propagate(gm: fx.GraphModule, placeholder_deps: list[frozenset[str]]) -> list[frozenset[str]]:
     """Per output of ``gm`` (as the split plan numbers them), what it depends on."""
     deps = _node_depends(gm, placeholder_deps)
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = gm.graph.output_node()
     rets = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
     return [deps[r] if isinstance(r, fx.Node) else frozenset() for r in rets]
 

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..checks import expect_module, is_torch_nn
+from .mutation import example_value
 from .stamping import (OUT, STAMP, STAMPED, flat_output, restamp, stamp_mark, stamped_block,
                        stamping, tensor_leaves)
 
@@ -299,7 +300,7 @@ def inline_nested(gm: fx.GraphModule) -> fx.GraphModule:
             if n.target is invoke:
                 region = getattr(source, n.args[0].target)
                 operands = [env[a] if isinstance(a, fx.Node) else a for a in n.args[2:]]
-                phs = [p for p in region.graph.nodes if p.op == "placeholder"]
+                phs = region.graph.find_nodes(op="placeholder")
                 results[n] = list(copy(region, dict(zip(phs, operands))))
             elif n.op == "get_attr" and n.users and all(u.target is invoke for u in n.users):
                 continue        # a region's graph, inlined where it is called
@@ -323,7 +324,7 @@ def inline_nested(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _number(x: Any) -> bool:
     if isinstance(x, fx.Node):
-        x = x.meta.get("example_value", x.meta.get("val"))
+        x = example_value(x)
     return isinstance(x, (int, float, torch.SymInt, torch.SymFloat))
 
 

@@ -72,7 +72,7 @@ class Plan:
 def _number(n: Any) -> bool:
     """Whether ``n`` computes a float: a tensor read with ``.item()``, or arithmetic on one."""
     return (isinstance(n, fx.Node) and n.op in ("call_method", "call_function")
-            and isinstance(n.meta.get("example_value", n.meta.get("val")), (float, torch.SymFloat)))
+            and isinstance(example_value(n), (float, torch.SymFloat)))
 
 
 def localize_numbers(gm: fx.GraphModule, rmap: RegionMap) -> None:
@@ -136,13 +136,13 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
             sub = inline_nested(getattr(parent, node.target))
             _drop_unread_attributes(sub)
             idx = int(node.target.rsplit("_", 1)[1])
-            sub_out = next(n for n in sub.graph.nodes if n.op == "output")
+            sub_out = sub.graph.output_node()
             single = not isinstance(sub_out.args[0], (tuple, list))
             n_out = 1 if single else len(sub_out.args[0])
             calls[node] = tuple(range(next_slot, next_slot + n_out))
             next_slot += n_out
             outs = calls[node] if single else _canonical_outputs(sub, sub_out, calls[node])
-            phs = [p for p in sub.graph.nodes if p.op == "placeholder"]
+            phs = sub.graph.find_nodes(op="placeholder")
             piece = Piece(rmap.regions[idx], sub, tuple(slot[a] for a in node.args), outs,
                           [examples[p.target] for p in phs], single)
             if single:
@@ -160,7 +160,7 @@ def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
     leaves, spec = pytree.tree_flatten(out_node.args[0])
     out_leaves = [slot[x] if isinstance(x, fx.Node) else ("const", x) for x in leaves]
     # split_module keeps the output's structure: leaf i here is leaf i of the traced graph's.
-    gm_out = next(n for n in gm.graph.nodes if n.op == "output")
+    gm_out = gm.graph.output_node()
     for x, g in zip(leaves, pytree.tree_leaves(gm_out.args[0])):
         if isinstance(x, fx.Node) and isinstance(g, fx.Node):
             slot_examples.setdefault(slot[x], example_value(g))
@@ -355,7 +355,7 @@ def output_keys(gm: fx.GraphModule) -> list[str]:
     arguments (by position), blind to node names and to everything else in the graph. Equal keys in
     two graphs: the same function of the same argument positions, even where one graph lost other
     outputs (the last block of a stack, whose unused outputs were pruned)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = gm.graph.output_node()
     rets = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
     position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     keys = []
@@ -398,7 +398,7 @@ def residual_sources(gm: fx.GraphModule) -> list[int | None]:
     the output through residual adds and casts only, one argument and no other; else None.
     Read off the block's own graph, so that a block computing something its neighbours do not (a
     LoRA on one block's projection) still says which stream each output carries."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = gm.graph.output_node()
     rets = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
     position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
 
