@@ -17,6 +17,7 @@ import logging
 import sys
 import warnings
 import weakref
+from types import FrameType
 from typing import Any, Callable, Iterator
 
 import torch
@@ -61,24 +62,36 @@ def traced_locals() -> dict[str, Any] | None:
     return None if tx is None else dict(tx.f_locals)
 
 
+def _frame_owners(start: int = 1, depth: int | None = None) -> Iterator[tuple[FrameType, Any]]:
+    """Each frame up the Python stack, from ``start`` frames above the caller's own (1: the frame
+    that called the caller) on, ``depth`` frames at most, with its ``self``: None where the frame's
+    code has no local of that name. The first frame is taken at this call, not at the first
+    ``next``."""
+    return _owners_from(sys._getframe(start + 1), depth)
+
+
+def _owners_from(frame: FrameType | None, depth: int | None) -> Iterator[tuple[FrameType, Any]]:
+    while frame is not None and (depth is None or depth > 0):
+        yield frame, frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        frame = frame.f_back
+        if depth is not None:
+            depth -= 1
+
+
 def compiled_model() -> torch.nn.Module | None:
     """The model torch.compile was called on, found on the Python stack: the outermost
     ``OptimizedModule`` (its ``_orig_mod``) or module compiled in place (``model.compile()``).
     Dynamo's own frame is no guide after a graph break: it may be a submodule's or a helper's."""
     from torch._dynamo.eval_frame import OptimizedModule
     found = None
-    frame = sys._getframe(1)
-    while frame is not None:
-        if "self" in frame.f_code.co_varnames:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, OptimizedModule):
-                found = owner._orig_mod
-                while isinstance(found, OptimizedModule):   # torch.compile of a compiled model
-                    found = found._orig_mod
-            elif (isinstance(owner, torch.nn.Module)
-                  and getattr(owner, "_compiled_call_impl", None) is not None):
-                found = owner
-        frame = frame.f_back
+    for _, owner in _frame_owners():
+        if isinstance(owner, OptimizedModule):
+            found = owner._orig_mod
+            while isinstance(found, OptimizedModule):   # torch.compile of a compiled model
+                found = found._orig_mod
+        elif (isinstance(owner, torch.nn.Module)
+              and getattr(owner, "_compiled_call_impl", None) is not None):
+            found = owner
     return found
 
 
@@ -141,13 +154,10 @@ def mixcache_options() -> dict | None:
     """The options of the compile starting now, where its backend is mixcache; None for any other.
     Dynamo's frame converter, on the stack, holds the backend, inside Dynamo's wrappers and
     torch.compile's (which holds the options)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+    for _, owner in _frame_owners():
         backend = getattr(owner, "_torchdynamo_orig_backend", None)
         if backend is not None:
             return _options_of(backend)
-        frame = frame.f_back
     return None
 
 
@@ -187,12 +197,7 @@ def _warn_unused_wrapper(model: torch.nn.Module, options: dict | None, depth: in
     """The check of ``watch_wrappers``: a wrapper of ``model`` a few frames up (a stack walk of
     ``depth`` frames at most, a few microseconds a call)."""
     from torch._dynamo.eval_frame import OptimizedModule
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return
-        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-        frame = frame.f_back
+    for _, owner in _frame_owners(2, depth):
         if isinstance(owner, OptimizedModule) and _innermost(owner) is model:
             break
     else:
