@@ -278,7 +278,7 @@ class MixCache:
         cfg, refused = st.signals.get("cfg", {}).get(s.branch, {}), []
         if ("cfg" in self.granularities and allowed.all() and cfg_ready(s, st)
                 and "rate" in cfg and cfg["t"] != s.t):
-            estimate = cfg["rate"] * abs(s.t - cfg["t"]) * self._step_length(s, st, bc)
+            estimate = _rate(cfg) * abs(s.t - cfg["t"]) * self._step_length(s, st, bc)
             if estimate <= float(_per_sample(self._left(bc), n).min()):
                 self._spend(bc, estimate, n)
                 return CFG, estimate
@@ -373,7 +373,7 @@ class MixCache:
             for key in ("out_rate", "curvature", "slope"):
                 sig.pop(key, None)
         if computed and len(bc.outputs) >= 2:
-            self._observe_rates(st, bc, None if kind == "block" or reused is None else ~reused)
+            self._observe_rates(bc, None if kind == "block" or reused is None else ~reused)
         if (st.cfg_step.get(s.branch) == s.step and (s.branch >= 1 or s.halves)
                 and kind in ("compute", "block")):
             # Per branch, in the shared signals: a new prompt on any branch clears them. On batch
@@ -385,10 +385,12 @@ class MixCache:
                 dims = tuple(range(1, d.dim()))
                 num = (d.float() - cfg["prev"].float()).abs().mean(dims)
                 den = out.float().abs().mean(dims).clamp_min(1e-12)
-                cfg["rate"] = float((num / den).max()) / abs(cfg["t"] - s.t)
+                # Read at the next cfg decision, not now: a read here would make the host wait
+                # for this call's kernels at every step that computes both branches.
+                cfg["rate"] = _to_host((num / den).max() / abs(cfg["t"] - s.t))
             cfg["prev"], cfg["t"] = d, s.t
 
-    def _observe_rates(self, st: CacheState, bc: BranchCache, fresh: np.ndarray | None) -> None:
+    def _observe_rates(self, bc: BranchCache, fresh: np.ndarray | None) -> None:
         """The output's rate, the trigger and the curvature from each sample's last two computed
         outputs; only for the samples in ``fresh`` (None: all), whose history just moved on.
 
@@ -439,16 +441,33 @@ class _Pending:
     @classmethod
     def start(cls, change: torch.Tensor, curvature: torch.Tensor | None, valid: np.ndarray,
               dt: np.ndarray, settle: float) -> "_Pending":
-        values = torch.stack([change] if curvature is None else [change, curvature]).detach()
-        if values.device.type != "cuda":
-            return cls(values.cpu(), None, valid, dt, settle)
-        # The copy runs on the current stream of the outputs' device (not necessarily the
-        # current device): the event marks that stream.
-        stream = torch.cuda.current_stream(values.device)
-        values = values.to("cpu", non_blocking=True)     # into pinned memory
-        event = torch.cuda.Event()
-        event.record(stream)
-        return cls(values, event, valid, dt, settle)
+        values = torch.stack([change] if curvature is None else [change, curvature])
+        return cls(*_to_host(values), valid, dt, settle)
+
+
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+    """``values`` copied to the host without waiting: on CUDA into pinned memory, valid once the
+    event has passed (None off CUDA, where the copy is made at once)."""
+    values = values.detach()
+    if values.device.type != "cuda":
+        return values.cpu(), None
+    # The copy runs on the current stream of the values' device (not necessarily the current
+    # device): the event marks that stream.
+    stream = torch.cuda.current_stream(values.device)
+    values = values.to("cpu", non_blocking=True)     # into pinned memory
+    event = torch.cuda.Event()
+    event.record(stream)
+    return values, event
+
+
+def _rate(cfg: dict) -> float:
+    """The guidance difference's rate of change, on the host: waits, once, for its copy alone."""
+    if isinstance(cfg["rate"], tuple):
+        values, event = cfg["rate"]
+        if event is not None:
+            event.synchronize()
+        cfg["rate"] = float(values.numpy())
+    return cfg["rate"]
 
 
 def _fold_pending(sig: dict, st: CacheState) -> None:

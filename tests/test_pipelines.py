@@ -622,6 +622,27 @@ def test_a_reused_call_decides_on_the_host(monkeypatch):
     assert all(set(ops) <= allowed and len(ops) <= 7 for ops in reused), reused
 
 
+def test_mixcache_deciding_cfg_reuse_reads_only_its_timesteps():
+    """MixCache given the cfg granularity measures the guidance difference's rate at each step
+    that computes both branches, and reads it at the next cfg decision: copied to the host then,
+    not read as the step computes (that read would make the host wait for the step's kernels on
+    a GPU). A generation of WanPipeline that reuses cfg still reads only its timesteps."""
+    steps = 8
+    model = tiny_models.wan(layers=3)[0]
+    pipe = pipelines.wan_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer = torch.compile(model, backend="mixcache", options={
+        "regions": "eager", "cache": {"rule": "mixcache", "granularities": ["cfg"],
+                                      "budget": 1.0, "warmup": 0.0, "settle": 10.0}})
+    pipelines.run_wan(pipe, steps)          # traced and warm
+    with pytest.MonkeyPatch.context() as mp:
+        reads = _count_host_reads(mp)
+        pipelines.run_wan(pipe, steps)
+    actions = [r["action"] for r in dit_compile.stats(pipe.transformer)["trace"][-2 * steps:]]
+    assert "cfg" in actions, actions
+    assert reads[0] == 1, f"{reads[0]} host reads in {2 * steps} calls"
+
+
 @pytest.mark.gpu
 def test_a_balanced_generation_syncs_once_on_gpu():
     """On the GPU, under the default policy: the only host sync inside the executor in a
