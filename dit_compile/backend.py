@@ -11,16 +11,17 @@ import torch
 import torch.fx as fx
 
 from .flops import piece_flops, sized_flops
-from .frames import (compiled_model, diffusers_caches, forward_tail, install_trace_hook, is_fragment,
-                     lower_moe_and_retrace, model_name, retrace_once_after_break, stored_tensors,
-                     traced_module, warn_fallback, watch_wrappers)
+from .frames import (compiled_model, diffusers_caches, diffusers_caches_said, forward_tail,
+                     install_trace_hook, is_fragment, lower_moe_and_retrace, model_name,
+                     retrace_once_after_break, stored_tensors, traced_module, warn_fallback,
+                     watch_wrappers)
 from .inductor import compile_graph, compile_pieces, records_autograd
 from .options import Options
 from .passes.inputs import missing_inputs, named_inputs
 from .passes.mutation import writes_inputs
 from .passes.regions import (NoBlockStructure, RegionMap, check_whole_stacks, find_regions,
                              outside_model)
-from .passes.split import split
+from .passes.split import Plan, split
 from .passes.stamping import stamp_blocks
 from .runtime import background
 from .runtime.cache import StateFactory
@@ -56,6 +57,9 @@ def mixcache(gm: fx.GraphModule, example_inputs: list[Any], *, options: dict | N
 
 def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, options: dict | None,
              mode: str | None, model: torch.nn.Module | None) -> Callable[..., Any]:
+    """One Dynamo graph of ``model``'s forward as the executor that runs it: regions found, split
+    into pieces at their boundaries, each piece compiled, stitched under the cache policy. Where
+    the graph has no block structure: compiled whole, said in a warning."""
     start = time.perf_counter()
     inductor = _inductor_config(mode or opts.mode)
     #    A forward cut by a graph break before its blocks: its first graph records the call's
@@ -78,14 +82,28 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
     plan = split(gm, rmap)
 
     # 3. compile: each distinct piece once; identical blocks share the artifact.
-    fns = compile_pieces(plan, opts, inductor, example_inputs)
-    if model is not None:
-        background.register(model, fns)     # for dit_compile.wait_for_compiles
+    fns = _compile_pieces(plan, opts, inductor, example_inputs, model)
     log.info("mixcache: %s: %d pieces; backend %.2f s", model_name(), len(plan.pieces),
              time.perf_counter() - start)
 
-    # 4. stitch: the executor runs the pieces, asking the policy at each guard point; a graph
-    #    no reuse rule can be trusted with (said why) runs them in turn.
+    # 4. stitch: the executor runs the pieces, asking the policy at each guard point.
+    return _stitch(gm, example_inputs, plan, fns, rmap, opts, options, inductor, model)
+
+
+def _compile_pieces(plan: Plan, opts: Options, inductor: dict[str, Any], example_inputs: list[Any],
+                    model: torch.nn.Module | None) -> list[Callable[..., Any]]:
+    fns = compile_pieces(plan, opts, inductor, example_inputs)
+    if model is not None:
+        background.register(model, fns)     # for dit_compile.wait_for_compiles
+    return fns
+
+
+def _stitch(gm: fx.GraphModule, example_inputs: list[Any], plan: Plan,
+            fns: list[Callable[..., Any]], rmap: RegionMap, opts: Options, options: dict | None,
+            inductor: dict[str, Any], model: torch.nn.Module | None) -> Executor:
+    """The executor of ``plan``'s compiled pieces: guarded by the cache option's policy, or, where
+    none is asked for or no reuse rule can be trusted with this graph (said why), running them
+    in turn."""
     policy = _policy(opts, rmap, model)
     if policy is None:
         return Executor(plan, fns)
@@ -98,20 +116,18 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
     # graphs with fewer blocks (a guider's hook that skips one for its branch) share the state.
     state = StateFactory(opts.cache_memory, clone=bool(inductor.get("triton.cudagraphs")),
                          key=repr(make_policy(opts.cache, None)), timestep=opts.timestep)
-    if tail:
-        return RelayedExecutor(plan, fns, policy, state, anchor_slot(gm),
-                               piece_flops(plan, example_inputs), None,
-                               modulation_of(plan, policy, model_name()),
-                               partners=parameter_slots(gm), carriers=carriers(gm),
-                               text=named_slot(gm, "text"), out_shapes=output_shapes(gm),
-                               sized=sized_flops(plan, example_inputs))
+    flops = piece_flops(plan, example_inputs)
+    shared = dict(partners=parameter_slots(gm), sized=sized_flops(plan, example_inputs))
+    modulation = modulation_of(plan, policy, model_name())
+    if tail:    # the latent, timestep and text are the first graph's record (runtime.relay)
+        return RelayedExecutor(plan, fns, policy, state, anchor_slot(gm), flops, None, modulation,
+                               carriers=carriers(gm), text=named_slot(gm, "text"),
+                               out_shapes=output_shapes(gm), **shared)
     halves = (half_batch(gm, example_inputs, rmap.inputs, _half_backend(opts), rmap.samples,
                          rmap.sample_outs)
               if getattr(policy, "reuses_cfg", False) else None)
-    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm),
-                           piece_flops(plan, example_inputs), halves,
-                           modulation_of(plan, policy, model_name()),
-                           partners=parameter_slots(gm), sized=sized_flops(plan, example_inputs))
+    return GuardedExecutor(plan, fns, policy, state, anchor_slot(gm), flops, halves, modulation,
+                           **shared)
 
 
 def _relay_head(gm: fx.GraphModule, example_inputs: list[Any], opts: Options,
@@ -186,11 +202,8 @@ def _uncacheable(gm: fx.GraphModule, rmap: RegionMap, model: torch.nn.Module | N
     if diffusers_caches(model):
         # A hook that traces (PyramidAttentionBroadcast) reuses attention inside the graph, by
         # counters a reused call would not advance: two caches would reuse each other's results.
-        warnings.warn(f"mixcache: {model_name()}: diffusers' own cache hooks are on (enable_cache, "
-                      "or an apply_* function such as apply_pyramid_attention_broadcast), so this "
-                      "backend caches nothing: remove them (disable_cache()) before torch.compile "
-                      "to let mixcache cache (after a call with them, torch._dynamo.reset() too: "
-                      "the graphs traced with them stay valid without them)", stacklevel=3)
+        warnings.warn(f"mixcache: {model_name()}: {diffusers_caches_said()}. This graph runs "
+                      "without caching", stacklevel=3)
         return True
     if is_fragment(gm) and not tail:
         # One graph of a forward that breaks: its inputs may be any intermediates, named like the
@@ -226,15 +239,12 @@ def compile_regions(gm: fx.GraphModule, example_inputs: list[Any], model: torch.
     """``gm`` compiled region by region and stitched, caching nothing: the half-batch forward's
     graph (runtime.halves). Plain Inductor where it has no block structure (no warning: the
     model's own graph had one, and said nothing)."""
-    inductor: dict[str, Any] = {}   # plain Inductor's, as before: no CUDA graphs in a cfg step
+    inductor: dict[str, Any] = {}   # Inductor's defaults, not the mode's: no CUDA graphs in a cfg step
     try:
         plan = split(gm, find_regions(gm))
     except NoBlockStructure:
         return compile_graph(gm, example_inputs, inductor, opts, model)
-    fns = compile_pieces(plan, opts, inductor, example_inputs)
-    if model is not None:
-        background.register(model, fns)
-    return Executor(plan, fns)
+    return Executor(plan, _compile_pieces(plan, opts, inductor, example_inputs, model))
 
 
 def _half_backend(opts: Options) -> Callable[..., Callable[..., Any]] | None:

@@ -10,9 +10,9 @@ import torch
 from .checks import expect_module, is_torch_nn, unwrap
 from .inductor import shared_blocks
 from .export import Exported
-from .frames import (breaking_hooks, compiled_options, diffusers_caches, forget_forward, forward_forgotten,
-                     forward_tail, is_fragment, own_backends, recompiles_allowed,
-                     shape_history_kept, traced_module)
+from .frames import (breaking_hooks, compiled_options, diffusers_caches, diffusers_caches_said,
+                     forget_forward, forward_forgotten, forward_tail, is_fragment, own_backends,
+                     recompiles_allowed, shape_history_kept, traced_module)
 from .options import Options
 from .passes.casting import find_casts, functional_casting
 from .passes.inputs import missing_inputs, named_inputs
@@ -361,10 +361,7 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
         report.fallback = (writes[found.index(rmap)] or (None if relayed else
                            missing_inputs(rmap.inputs) or rmap.samples_why))
     if report.fallback is None and diffusers_caches(target):
-        report.fallback = ("diffusers' own cache hooks are on (enable_cache, or an apply_* "
-                           "function), and two caches on one forward would reuse each other's "
-                           "results: remove them (disable_cache()) before torch.compile to let "
-                           "mixcache cache")
+        report.fallback = diffusers_caches_said()
     plan = plans[found.index(rmap)]
     mod = modulated_input(plan)
     if mod is not None:

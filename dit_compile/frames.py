@@ -3,9 +3,10 @@
 The backend sees one graph at a time; which model it belongs to, what arguments the traced forward
 got, and whether the graph is the whole forward or one fragment of a broken one are only on the
 stack. Warnings that name the model are said once per model (a flag on the model itself: state
-lives with the model, never in a module global). The one thing the backend does before a trace,
-lowering a model's MoE dispatches as its compile starts, also reads the stack (which backend and
-options, which model): Dynamo's start-of-compile callback is the only hook it has there.
+lives with the model, never in a module global). What the backend does before a trace, as a
+mixcache compile starts (layerwise casting made traceable, MoE dispatches lowered, stamped blocks
+restamped), also reads the stack (which backend and options, which model): Dynamo's
+start-of-compile callback is the only hook it has there.
 """
 from __future__ import annotations
 
@@ -109,7 +110,9 @@ def lower_before_trace(_: Any = None) -> None:
     break at every layer diffusers' layerwise casting hooks, or at MoE dispatches that sync to the
     host (HiDream's, NucleusMoE's), rewrite those in place before Dynamo traces it, so the trace is
     whole from the first call and ``fullgraph=True`` works. ``lower_moe=False`` leaves the MoE
-    dispatches as they are; the casting's rewrite changes no result (``passes.casting``). Any other
+    dispatches as they are; the casting's rewrite changes no result (``passes.casting``). Blocks
+    stamped by ``nest_blocks(model, stamp=True)`` are restamped after both rewrites, which change
+    what the blocks hold (``passes.stamping.restamp``). Any other
     backend's compile, and a model that is not on the stack (a compiled function that calls it),
     are left to the backend (``lower_moe_and_retrace``, ``retrace_once_after_break``). Never fails
     a compile."""
@@ -521,10 +524,7 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
         if diffusers_caches(root):
             # diffusers' cache hooks keep Python state per call: the likeliest break, and a second
             # cache on top of the one this backend is for.
-            reason += ("; diffusers' own cache hooks are on (enable_cache, or an apply_* "
-                       f"function): remove them ({name}.disable_cache()) before torch.compile "
-                       "and let mixcache cache (after a call with them, torch._dynamo.reset() "
-                       "too: the graphs traced with them stay valid without them)")
+            reason += "; " + diffusers_caches_said(name)
     else:
         reason = str(why)
     eager = isinstance(config, dict) and config.get("regions") == "eager"
@@ -623,6 +623,16 @@ def diffusers_caches(model: torch.nn.Module | None) -> bool:
     return any(type(hook).__module__ in _CACHE_HOOKS
                for m in model.modules()
                for hook in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}).values())
+
+
+def diffusers_caches_said(name: str | None = None) -> str:
+    """What the backend's warnings and explain say where ``diffusers_caches``: the hooks and the
+    fix (``name``: the model's class, for ``<name>.disable_cache()``)."""
+    return ("diffusers' own cache hooks are on (enable_cache, or an apply_* function such as "
+            "apply_pyramid_attention_broadcast): two caches on one forward would reuse each "
+            f"other's results. Remove them ({name + '.' if name else ''}disable_cache()) before "
+            "torch.compile to let mixcache cache (after a call with them, torch._dynamo.reset() "
+            "too: the graphs traced with them stay valid without them)")
 
 
 def breaking_hooks(model: torch.nn.Module | None) -> str | None:

@@ -4,7 +4,9 @@ Contract: ``split(gm, rmap)`` returns a ``Plan`` whose pieces are the regions of
 ``GraphModule``s of their own (made by ``torch.fx.passes.split_module``; a nested block's
 ``invoke_subgraph`` call inlined, see ``nesting.inline_nested``), each with the slots it reads and
 writes in one value table. Running the pieces in order over that table computes exactly
-what ``gm`` computes: this is the invariant the property tests check. ``gm`` is left untouched.
+what ``gm`` computes: this is the invariant the property tests check. ``gm`` computes the same
+after as before, but is rewritten in place by ``localize_numbers`` first: a float read in a region
+other than its own is computed again there, and that region of ``rmap`` gains the node.
 
 The table is the executor's whole state per call: slot ``i < n_inputs`` is graph input ``i``
 (Dynamo's calling convention), later slots are region outputs. Resolving names to slots here, once,
@@ -113,6 +115,8 @@ def localize_numbers(gm: fx.GraphModule, rmap: RegionMap) -> None:
 
 
 def split(gm: fx.GraphModule, rmap: RegionMap) -> Plan:
+    """``gm`` as pieces, one per region of ``rmap``, over one value table (the module's
+    contract)."""
     localize_numbers(gm, rmap)
     region_of = rmap.region_of()
     parent = split_module(gm, None, lambda n: region_of[n], keep_original_order=True)
