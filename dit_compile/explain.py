@@ -224,7 +224,8 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
         slots = head_slots(gm, target)
         if slots is not None:
             heads.append(named_inputs(gm))
-            head_halves.append(_cfg_halves(gm, example_inputs, heads[-1], before_break=True))
+            head_halves.append(_half_batch_for_report(gm, example_inputs, heads[-1],
+                                                      before_break=True))
             fn = Head(gm.forward, slots, computed_outputs(gm))
         elif forward_tail(gm, target):
             taken = carriers(gm)
@@ -247,8 +248,8 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
         writes[i] = writes_inputs(gm)
         plans[i] = split(gm, found[-1])
         if i not in tails:
-            halves[i] = _cfg_halves(gm, example_inputs, rmap.inputs, rmap.samples, rmap.texts,
-                                    rmap.sample_outs)
+            halves[i] = _half_batch_for_report(gm, example_inputs, rmap.inputs, rmap.samples,
+                                               rmap.texts, rmap.sample_outs)
         return fn
 
     from torch._dynamo.utils import counters
@@ -392,9 +393,10 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
     return report
 
 
-def _cfg_halves(gm: torch.fx.GraphModule, example_inputs: list[Any], inputs: dict[str, str],
-                samples: list[str] | tuple = (), texts: list[str] | tuple = (),
-                sample_outs: Any = (), before_break: bool = False) -> HalfBatch | str | None:
+def _half_batch_for_report(gm: torch.fx.GraphModule, example_inputs: list[Any],
+                           inputs: dict[str, str], samples: list[str] | tuple = (),
+                           texts: list[str] | tuple = (), sample_outs: Any = (),
+                           before_break: bool = False) -> HalfBatch | str | None:
     """Where the traced call batches both guidance branches (its latent two equal halves, its
     text two different ones), the half-batch forward the backend builds for it, or why there is
     none; None for any other call, or where the graph does not take the latent, timestep and

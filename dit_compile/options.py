@@ -57,6 +57,9 @@ class Options:
 
     @classmethod
     def parse(cls, options: "dict[str, Any] | Options | None") -> "Options":
+        """``torch.compile``'s ``options`` for this backend checked and completed with the
+        defaults (the cache option parsed too): an ``OptionError`` names what is wrong and lists
+        what is valid."""
         if isinstance(options, Options):
             options = dataclasses.asdict(options)      # checked again, as given
         if options is not None and not isinstance(options, dict):

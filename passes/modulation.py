@@ -31,12 +31,18 @@ _ROLES = ("latent", "timestep")
 
 @dataclass
 class Modulation:
+    """The first guarded block's timestep-modulated input as a graph of its own (TeaCache's
+    signal): run over the value table before that block's piece."""
     module: fx.GraphModule
     args: tuple[int, ...]       # slots read, in the module's placeholder order
     piece: int                  # the block's piece: the pieces before it run first
 
 
 def modulated_input(plan: Plan) -> Modulation | None:
+    """The first guarded block's modulated input: the input of its first linear layer that is
+    computed from both the latent and the timestep (adaLN's normed, shifted and scaled tokens).
+    None where the plan has no latent, timestep or guarded block, no such input, or the block
+    writes in place into what that input is computed from."""
     roles = plan.rmap.inputs
     if any(r not in roles for r in _ROLES) or not plan.rmap.guarded:
         return None

@@ -39,6 +39,8 @@ class NoBlockStructure(Exception):
 
 @dataclass
 class Region:
+    """One region of a graph: its nodes, contiguous in graph order (``find_regions`` makes it;
+    ``split`` makes it a piece of its own)."""
     name: str                      # "prologue", "blocks.3", "glue.0", "epilogue"
     kind: str                      # PROLOGUE | BLOCK | GLUE | EPILOGUE
     nodes: list[fx.Node]
@@ -48,6 +50,9 @@ class Region:
 
 @dataclass
 class RegionMap:
+    """What the region pass found in a graph (``find_regions``): its regions, which cover every
+    node once, the block stacks and their residual streams, and which graph inputs play which
+    role. Read by ``split``, the backend, explain and export."""
     regions: list[Region]
     stacks: dict[str, int]                         # stack path -> number of blocks
     inputs: dict[str, str]                         # role -> placeholder name

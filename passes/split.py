@@ -37,6 +37,7 @@ from .regions import BLOCK, RegionMap, Region
 
 @dataclass
 class Piece:
+    """One region as a graph of its own, with the value-table slots it reads and writes."""
     region: Region
     module: fx.GraphModule
     args: tuple[int, ...]           # slots read, in the piece's placeholder order
@@ -60,6 +61,8 @@ class Piece:
 
 @dataclass
 class Plan:
+    """A graph as pieces over one value table (``split``): running them in order computes what
+    the graph computes. The executor is built from it; export saves its layout."""
     n_inputs: int
     n_slots: int
     pieces: list[Piece]

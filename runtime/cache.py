@@ -122,6 +122,7 @@ class Step:
 
 @dataclass
 class Record:
+    """One call as the trace keeps it (``stats(model)["trace"]``): where it fell and what ran."""
     generation: int
     step: int
     branch: int
@@ -141,6 +142,7 @@ class Record:
 
 @dataclass
 class BranchCache:
+    """What one guidance branch of a generation keeps for reuse (the state holds one a branch)."""
     # The last computed outputs, oldest first, with their timestep: one for the batch, or one per
     # sample once samples have computed at different steps (see push_outputs).
     outputs: list[tuple[float | tuple[float, ...], list[torch.Tensor]]] = field(default_factory=list)
@@ -168,6 +170,10 @@ class BranchCache:
 
 
 class CacheState:
+    """One model's cache for one thread: the generation and step it is at, each branch's
+    ``BranchCache``, the trace, the memory bound (the module's docstring gives its lifecycle).
+    ``begin`` places each call; the executor stores and reads through it."""
+
     def __init__(self, memory: int | None = None, clone: bool = False, key: Any = None,
                  timestep: str = "auto"):
         self.memory = memory
@@ -853,7 +859,7 @@ def push_outputs(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, outs: 
     for (tn, yn), (to, yo) in zip(pushed, kept):
         n = yn[0].shape[0]
         times = np.where(fresh.numpy(), sample_times(tn, n), sample_times(to, n)).tolist()
-        mask = fresh.to(yn[0].device).reshape(-1, *([1] * (yn[0].dim() - 1)))
+        mask = per_sample_view(fresh.to(yn[0].device), yn[0])
         history.append((times[0] if len(set(times)) == 1 else tuple(times),
                         [torch.where(mask, a, b) for a, b in zip(yn, yo)]))
     return history
@@ -897,7 +903,7 @@ def extrapolate(outputs: list[tuple[Any, list[torch.Tensor]]], t: float, order: 
             y = outputs[i][1][k]
             if per_sample:
                 w = torch.tensor(weights[i], dtype=torch.float32, device=y.device)
-                term = y * w.reshape(-1, *([1] * (y.dim() - 1)))
+                term = y * per_sample_view(w, y)
                 acc = term if acc is None else acc.add_(term)
             elif acc is None:
                 acc = y.to(torch.promote_types(y.dtype, torch.float32)) * weights[i][0]
@@ -946,3 +952,8 @@ def _same(kept: Held | None, x: torch.Tensor) -> bool:
         copy = old
     return (copy.shape == x.shape and copy.dtype == x.dtype and copy.device == x.device
             and torch.equal(copy, x))
+
+
+def per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``v`` (one value per sample) viewed to broadcast over ``like``'s other dimensions."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))

@@ -19,7 +19,8 @@ from torch.utils import _pytree as pytree
 from ..passes.modulation import Modulation
 from ..passes.regions import BLOCK
 from ..passes.split import Plan, output_keys, residual_sources
-from .cache import BranchCache, CacheState, StateFactory, Step, extrapolate, push_outputs
+from .cache import (BranchCache, CacheState, StateFactory, Step, extrapolate, per_sample_view,
+                    push_outputs)
 from .halves import HalfBatch, guidance_groups, is_batched_cfg
 from .policy import CFG, COMPUTE, STEP, Policy, PolicyError
 from .sampler import sampler_run
@@ -48,6 +49,9 @@ def kept_outputs(fn: Callable[..., Any], keep: tuple[int, ...], single: bool) ->
 
 
 class Executor:
+    """A plan's compiled pieces run in order over one value table per call: the stitched graph,
+    caching nothing (``GuardedExecutor`` asks a cache policy at each guard point)."""
+
     # What __init__ decides from the plan, all of it plain data (slot numbers, flags, FLOP shares):
     # an exported model (dit_compile.export) saves it and is rebuilt from it, with no graph.
     LAYOUT: tuple[str, ...] = ("wiring", "n_pad", "out_leaves")
@@ -77,9 +81,6 @@ class Executor:
         self.fns = list(fns)
         self._pad = [None] * self.n_pad
         self.calls = [(fn, *w) for fn, w in zip(self.fns, self.wiring)]
-        # This graph's values in a cache state are its own: another graph's are not reused here.
-        # A rebuilt (exported) executor has no graph to key, so it is a graph of its own.
-        self.token: object = object()
 
     def layout(self) -> dict[str, Any]:
         """The compile-time decisions (``LAYOUT``), for ``rebuild``."""
@@ -93,6 +94,9 @@ class Executor:
         ex = cls.__new__(cls)
         ex.__dict__.update(layout, out_spec=out_spec, **runtime)
         ex._bind(fns)
+        # This graph's values in a cache state are its own: another graph's are not reused here.
+        # A rebuilt (exported) executor has no graph to key, so it is a graph of its own.
+        ex.token = object()
         return ex
 
     def run(self, env: list[Any], start: int = 0, stop: int | None = None) -> None:
@@ -246,13 +250,14 @@ class GuardedExecutor(Executor):
             return self._unstackable(env, st)
         x = (torch.stack([env[i] for i in self.sample_slots]) if self.sample_slots
              else env[self.latent])
-        groups = guidance_groups(x, env[self.t], self._texts(env)) if self._detect else 1
+        groups = (guidance_groups(x, env[self.t], self._per_sample_text(env)) if self._detect
+                  else 1)
         placement = st.placement()
         run = sampler_run()
         step = st.begin(st.noise_level(env[self.t], run), tuple(
             (tuple(env[i].shape), env[i].dtype, env[i].device) for i in self.sig_slots),
             halves=groups == 2 and self._halves_call(env, x.shape[0]), groups=groups,
-            text=self._text(env), latent=x, timestep=env[self.t],
+            text=self._text_key(env), latent=x, timestep=env[self.t],
             # A model sharing the anchor's module with this one (Wan 2.2's experts, sharing
             # their patch embedding; a copy with one layer of its own) runs the same graph on
             # other weights: to the branch's cache, that is another graph, and nothing it holds
@@ -305,7 +310,7 @@ class GuardedExecutor(Executor):
             # included), and those take their prediction.
             reused = torch.from_numpy(reused).to(x.device)
             computed, _, flops, _, spanned = self._compute(env, st, step, bc, ran, reused)
-            outs = [torch.where(_bcast(reused, p), p, o) for p, o in zip(outs, computed)]
+            outs = [torch.where(per_sample_view(reused, p), p, o) for p, o in zip(outs, computed)]
             return self._finish(st, env, step, bc, outs, STEP, flops, signal, x, reused, spanned)
 
         outs, kind, flops, bsig, mask = self._compute(env, st, step, bc, ran)
@@ -357,11 +362,11 @@ class GuardedExecutor(Executor):
                         # Per sample: the samples that may reuse take the cached residual and
                         # keep it; the others take and cache what was just computed, as alone
                         # they would. The batch computed the span: block reuse at full FLOPs.
-                        fresh = [_laid_out_as(f, torch.where, _bcast(skip, f), r, f)
+                        fresh = [_laid_out_as(f, torch.where, per_sample_view(skip, f), r, f)
                                  for f, r in zip(fresh, bc.span)]
                         for (o, _), v, f in zip(self.span_pairs, ins, fresh):
                             env[o] = f if v is None else _laid_out_as(f, torch.add, v, f)
-                        probe = torch.where(_bcast(skip, probe), bc.probe, probe)
+                        probe = torch.where(per_sample_view(skip, probe), bc.probe, probe)
                         kind = "block" if mask is not None else kind
                     bc.span = [st.keep(f) for f in fresh]
                 # The probe is compared with its value when the cached residual was taken (as
@@ -402,7 +407,7 @@ class GuardedExecutor(Executor):
         samples = dict(zip(self.sample_outs, outs[0].unbind(0)))
         return [samples[j] if j in samples else next(rest) for j in range(len(self.out_slots))]
 
-    def _text(self, env: list[Any]) -> torch.Tensor | None:
+    def _text_key(self, env: list[Any]) -> torch.Tensor | None:
         """The text condition, compared from call to call: a list's captions as one flat tensor
         (each of its own length; a new one compares unequal by size or value)."""
         if self.text_slots:
@@ -436,7 +441,7 @@ class GuardedExecutor(Executor):
             n, [(weakref.ref(v), v._version) for v in now], result)
         return result
 
-    def _texts(self, env: list[Any]) -> torch.Tensor | list[torch.Tensor]:
+    def _per_sample_text(self, env: list[Any]) -> torch.Tensor | list[torch.Tensor]:
         """The text condition per sample: one tensor, or a list of one per sample."""
         return [env[i] for i in self.text_slots] if self.text_slots else env[self.text]
 
@@ -444,7 +449,7 @@ class GuardedExecutor(Executor):
         """A batched-CFG call: both guidance branches as the halves of one batch. Without a
         half-batch forward (the user is told why, once) cfg reuse cannot take it, and no branch
         difference is kept for it; its halves still decide as one."""
-        if not is_batched_cfg(self._texts(env), batch):
+        if not is_batched_cfg(self._per_sample_text(env), batch):
             return False
         if self.halves is None and self._no_halves is not None:
             warnings.warn(f"mixcache: a batched-CFG call (both guidance branches in one batch), "
@@ -517,7 +522,7 @@ class GuardedExecutor(Executor):
                                       self._n_outputs, fresh)
             if self._keep_latent:       # a copy: a sampler may update its latent in place
                 bc.latent = (x.clone() if fresh is None else
-                             torch.where(_bcast(fresh.to(x.device), x), x, bc.latent))
+                             torch.where(per_sample_view(fresh.to(x.device), x), x, bc.latent))
             if kind != CFG:
                 bc.accumulated = None
         if computed and fresh is None:
@@ -587,9 +592,6 @@ def _laid_out_as(like: torch.Tensor, op: Callable[..., torch.Tensor], *args: Any
     return op(*args, out=torch.empty_strided(like.shape, like.stride(), dtype=like.dtype,
                                              device=like.device))
 
-
-def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 class Streams:

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import RUN_ROUNDING, BranchCache, CacheState, Step, sample_times
+from .cache import RUN_ROUNDING, BranchCache, CacheState, Step, per_sample_view, sample_times
 from .policy import (CFG, COMPUTE, STEP, PolicyError, cfg_ready, rel_l1, tie_groups,
                      warn_unread_keys)
 
@@ -411,9 +411,8 @@ class MixCache:
         sig = bc.signals
         change = rel_l1(a[0], b[0])
         uniform = bool((dt == dt[0]).all())
-        slope = (a[0] - b[0]) / (float(dt[0]) if uniform else
-                                 _bcast(torch.tensor(dt, device=a[0].device, dtype=a[0].dtype),
-                                        a[0]))
+        slope = (a[0] - b[0]) / (float(dt[0]) if uniform else per_sample_view(
+            torch.tensor(dt, device=a[0].device, dtype=a[0].dtype), a[0]))
         curvature = None
         if "slope" in sig:
             dims = tuple(range(1, slope.dim()))
@@ -421,8 +420,8 @@ class MixCache:
             den = a[0].abs().mean(dims, dtype=torch.float32).clamp_min(1e-12)
             curvature = num / den
         if not valid.all() and "slope" in sig:
-            slope = torch.where(_bcast(torch.tensor(valid, device=slope.device), slope), slope,
-                                sig["slope"])
+            slope = torch.where(per_sample_view(torch.tensor(valid, device=slope.device), slope),
+                                slope, sig["slope"])
         sig["slope"] = slope
         sig["pending"] = _Pending.start(change, curvature, valid, dt, self.settle)
 
@@ -513,9 +512,6 @@ def _host(x: "np.ndarray | torch.Tensor | bool") -> np.ndarray:
     read already, and the consecutive-reuse counts after a reuse by only some samples)."""
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _latch(sig: dict, settled: np.ndarray) -> np.ndarray:

@@ -18,12 +18,15 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .cache import BranchCache, CacheState, Step
+
+if TYPE_CHECKING:
+    from .mixcache import MixCache
 
 COMPUTE, STEP, CFG = "compute", "step", "cfg"
 RULES = ("mixcache", "schedule", "first_block", "teacache", "fastercache")

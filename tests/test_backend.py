@@ -1172,7 +1172,7 @@ def test_where_autograd_records_nothing_is_cached_and_gradients_match_eager():
     forced schedule that reuses from the second call: where autograd records, a reused output
     would be another batch's and carry its graph. Nothing is cached, the user is told why once,
     and outputs and gradients equal eager's. Under no_grad the same compiled model caches."""
-    from test_cache import STEPS, generation
+    from test_cache import generation
     model, kw = tiny_models.wan(layers=3)
     model.train()
     f = torch.compile(model, backend="mixcache", fullgraph=True,

@@ -561,6 +561,7 @@ def test_controlnet_samples_per_block_are_sliced_to_the_half():
                  block_controlnet_hidden_states=[torch.randn(2, 16, 16, generator=g)
                                                  for _ in range(3)], return_dict=False)
     f = _compile(model, {"rule": "schedule", "cfg": [2, 3]})
+    diff = None     # the guidance difference of the last step computed
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("error", message="mixcache")
         for step, t in enumerate((900.0, 700.0, 500.0, 300.0)):

@@ -846,7 +846,7 @@ def test_per_token_timesteps_give_the_noise_level():
         for t in STEPS[:3]:
             ts = torch.full((1, tokens), t)
             ts[:, :16] = 0.0        # the first frame is the condition
-            y = f(**dict(kw, timestep=ts))[0]
+            f(**dict(kw, timestep=ts))
     trace = dit_compile.stats(f)["trace"]
     assert [(r["generation"], r["step"], r["t"], r["action"]) for r in trace] == [
         (0, 0, STEPS[0], "compute"), (0, 1, STEPS[1], "compute"), (0, 2, STEPS[2], "step")]
@@ -1059,7 +1059,7 @@ def test_reset_and_two_models_share_nothing():
     dit_compile.reset(f1)
     assert dit_compile.stats(f1)["cached_bytes"] == 0
     with torch.no_grad():   # after reset, the same timestep is a fresh generation, not a branch
-        y = f1(**dict(kw, timestep=torch.tensor([STEPS[1]])))[0]
+        f1(**dict(kw, timestep=torch.tensor([STEPS[1]])))
     assert dit_compile.stats(f1)["trace"][-1]["action"] == "compute"
 
 
