@@ -227,6 +227,7 @@ class CacheState:
         self.computed: set[int] = set()                    # branches computed (not reused) this step
         self.signals: dict[str, Any] = {}                  # the policy's own cross-branch signals
         self.t_first = 0.0                                 # timestep of the generation's first call
+        self._lowest = 0.0                                 # see t_floor
         self.last_call = 0                                 # monotonic ns of the last call begun
         # While dit_compile.fit_teacache records: per call, the (signal's, output's) relative
         # change since the branch's last call; None otherwise. A new generation keeps it.
@@ -321,6 +322,21 @@ class CacheState:
                              "that falls through a generation needs no option (timestep='falling')")
         return self.top - lo
 
+    @property
+    def t_floor(self) -> float:
+        """The lowest noise level of the generation: 0 (a timestep, sigma or 1 - sigma that falls
+        to 0), or below, where its sampler run's timesteps go below 0 (EDM's ``ln(sigma) / 4``:
+        StableAudioPipeline's run ends at -1.55), or a call's did. The noise range the policies
+        measure steps against is [t_floor, t_first]."""
+        return 0.0 if self.rising else self._lowest
+
+    def _run_floor(self, t: float, run: torch.Tensor | None) -> float:
+        """The lowest of 0, ``t`` and ``run``'s timesteps where its host copy is held (read for the
+        noise level: no host read here)."""
+        held = self._run_values
+        values = held[2] if run is not None and held is not None and held[0]() is run else ()
+        return min(0.0, t, *values)
+
     def begin(self, t: float, signature: Any, halves: bool = False, groups: int = 1,
               text: torch.Tensor | None = None, latent: torch.Tensor | None = None,
               timestep: torch.Tensor | None = None, graph: object | None = None,
@@ -382,6 +398,7 @@ class CacheState:
             self.generation += 1
             self._step, self._branch = 0, 0
             self.t_first = t
+            self._lowest = self._run_floor(t, run)
             own = True
         elif branch or passes:
             self._branch += 1
@@ -401,6 +418,7 @@ class CacheState:
             self.cfg_step.clear()
             self.signals.clear()
         self._last_t = t
+        self._lowest = min(self._lowest, t)
         # Only a per-sample or per-token timestep is compared later (_fell_below_max).
         self._timestep = None if timestep is None or timestep.numel() == 1 else _held(timestep)
         if latent is not None and (self._branch == 0 or not own):
@@ -420,8 +438,8 @@ class CacheState:
         """Where the calls so far left the generation (``begin`` moves it on), for ``abandon``."""
         return (self.generation, self._step, self._branch, self._last_t, self._signature,
                 self._signatures, self._last_signature, self._halves, self._latent,
-                self._pass_latent, self._timestep, self._run, self.t_first, self._rises,
-                self.top, self.rising)
+                self._pass_latent, self._timestep, self._run, self.t_first, self._lowest,
+                self._rises, self.top, self.rising)
 
     def abandon(self, placement: tuple, step: Step) -> None:
         """The call ``begin`` placed at ``step`` raised before it finished. The generation goes
@@ -432,7 +450,8 @@ class CacheState:
             self._flip_noise_levels()
         (self.generation, self._step, self._branch, self._last_t, self._signature,
          self._signatures, self._last_signature, self._halves, self._latent, self._pass_latent,
-         self._timestep, self._run, self.t_first, self._rises, self.top, self.rising) = placement
+         self._timestep, self._run, self.t_first, self._lowest, self._rises, self.top,
+         self.rising) = placement
         # The branch's own state only: the other branches' differences were taken against
         # branch 0's outputs of the same prompt, which its retry computes again (a new prompt on
         # branch 0 voids them, _drop_branch).

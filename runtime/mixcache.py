@@ -164,23 +164,28 @@ class MixCache:
         _fold_pending(bc.signals, st)
         settled = _host(bc.signals.get("settled_mask", bc.signals.get("settled", False)))
         below = bc.below(self.max_reuse)    # a bool while the batch reused alike
-        if (s.t > (1.0 - self.warmup) * st.t_first or settled.size not in (1, n)
-                or below is False):
+        if self._warming_up(s, st) or settled.size not in (1, n) or below is False:
             return np.zeros(n, dtype=bool)
         settled = settled if settled.shape == (n,) else np.full(n, settled.item())
         return settled if below is True else settled & _host(below)
 
+    def _warming_up(self, s: Step, st: CacheState) -> bool:
+        """Whether the noise level has not yet fallen by ``warmup`` of the generation's range."""
+        return s.t > st.t_first - self.warmup * (st.t_first - st.t_floor)
+
     @staticmethod
     def _step_length(s: Step, st: CacheState, bc: BranchCache) -> float:
         """The sampler step about to use this call's output, as a fraction of the noise range: the
-        last spacing of timesteps, capped at ``t`` (no step goes below zero). A second call at one
-        timestep (Heun's corrector evaluates there again, on the corrected latent) steps on from
-        there: its spacing is the last one that was not zero. A call at ``t`` = 0 (DDPM's last)
+        last spacing of timesteps, capped at what is left above the range's floor
+        (``CacheState.t_floor``: no step goes below it). A second call at one timestep (Heun's
+        corrector evaluates there again, on the corrected latent) steps on from there: its
+        spacing is the last one that was not zero. A call at ``t`` = 0 (DDPM's last)
         still has its output used, for x0: its step is the spacing, never free."""
         last = bc.outputs[-1][0] if bc.outputs else s.t
         prev = bc.signals.get("prev_t", max(last) if isinstance(last, tuple) else last)
         spacing = abs(s.t - prev) or bc.signals.get("spacing", 0.0)
-        return (min(spacing, abs(s.t)) or spacing) / max(abs(st.t_first), 1e-12)
+        return ((min(spacing, s.t - st.t_floor) or spacing)
+                / max(st.t_first - st.t_floor, 1e-12))
 
     def _left(self, bc: BranchCache) -> np.ndarray | float:
         return self.budget - bc.signals.get("spent", 0.0)
@@ -320,7 +325,7 @@ class MixCache:
         # none is, the smallest that was not (the probe's change alone is no error).
         err = change * self._step_length(s, st, bc)
         if ("block" not in self.granularities or self.budget <= 0 or bc.span is None
-                or s.t > (1.0 - self.warmup) * st.t_first or not bool(settled.any())):
+                or self._warming_up(s, st) or not bool(settled.any())):
             return False, float(err.min())
         left = torch.tensor(_per_sample(self._left(bc), n), device=change.device)
         below = torch.as_tensor(bc.below(self.max_reuse)).to(change.device)
@@ -491,7 +496,7 @@ def _fold_pending(sig: dict, st: CacheState) -> None:
     # again over the last, longest steps, and re-arming there would compute the final step on top
     # of a forced compute before it (with the probe as the signal, 0.003-0.019 more of the FLOPs
     # for at most 0.8 dB; bench/RESULTS.md).
-    _latch(sig, valid & (change * abs(st.t_first) / np.abs(dt) < pending.settle))
+    _latch(sig, valid & (change * (st.t_first - st.t_floor) / np.abs(dt) < pending.settle))
     if values.shape[0] == 2:
         sig["curvature"] = np.where(valid, values[1], _per_sample(sig.get("curvature", np.nan), n))
 
