@@ -2388,6 +2388,30 @@ def test_a_sample_reusing_the_span_beside_one_computing_keeps_its_probe():
         torch.testing.assert_close(y[:1], z, rtol=1e-5, atol=1e-5, msg=f"step {k}")
 
 
+def test_a_scheduled_step_reuse_of_a_branch_with_no_output_yet_computes():
+    """A forced schedule's step reuse needs an output of the branch to reuse: a guidance branch
+    first called at a scheduled step (guidance switched on late) computes there."""
+    pol = make_policy({"rule": "schedule", "step": [2]}, 4)
+    st_ = CacheState()
+    st_.begin(1000.0, "sig")
+    st_.t_first = 1000.0
+    assert pol.step(Step(0, 2, 1, 500.0), st_, torch.zeros(1))[0] == "compute"
+
+
+def test_a_scheduled_cfg_reuse_needs_this_steps_first_branch():
+    """A guidance branch is rebuilt from its difference and this step's branch 0: where branch 0
+    has no output at this step, the scheduled cfg reuse computes instead."""
+    pol = make_policy({"rule": "schedule", "cfg": [2]}, 4)
+    st_ = CacheState()
+    st_.begin(1000.0, "sig")
+    st_.t_first = 1000.0
+    st_.cfg_diff[1] = [torch.zeros(1, 2)]
+    s = Step(0, 2, 1, 500.0)
+    assert pol.step(s, st_, torch.zeros(1))[0] == "compute"
+    st_.current[0] = [torch.zeros(1, 2)]
+    assert pol.step(s, st_, torch.zeros(1))[0] == "cfg"
+
+
 def test_first_block_rule_reuses_nothing_before_its_start():
     """``start``: no threshold rule reuses before that step, First-Block-Cache's block reuse
     included: a threshold every probe passes reuses the span from ``start`` on only."""

@@ -9,7 +9,7 @@ import dit_compile
 import random_dits
 import tiny_models
 from dit_compile.runtime.cache import CacheState, Step
-from dit_compile.runtime.mixcache import _fold_pending, make_mixcache
+from dit_compile.runtime.mixcache import _fold_pending, _rate, make_mixcache
 from dit_compile.runtime.policy import PolicyError, make_policy
 from test_cache import compiled, generation
 
@@ -367,6 +367,55 @@ def test_a_sample_without_a_curvature_yet_extrapolates_on_its_rate():
     assert "step_mask" not in st_.branch(0).signals, "both samples reuse: the call is skipped"
 
 
+def test_without_extrapolation_the_estimate_is_the_rate_whatever_curvature_was_measured():
+    """``extrapolate=0`` hands back the last output as it is: it is off by the output's rate
+    times the distance (1e-3 * 100 * 0.1 = 0.01, over the budget), not by the curvature the
+    branch measured all the same (1e-6), which only a linear predictor's error is."""
+    pol = make_mixcache({"budget": 0.005, "warmup": 0.0, "settle": 10.0, "extrapolate": 0})
+    st_, steps = _two_branches((1e-3,))
+    st_.branch(0).signals["curvature"] = torch.tensor([1e-6], dtype=torch.float64)
+    assert pol.step(steps[0], st_, torch.zeros(1)) == ("compute", pytest.approx(0.01))
+
+
+def test_a_second_call_at_the_timestep_last_computed_at_computes():
+    """Heun's corrector calls again at the timestep the branch computed at, on another latent:
+    the estimate measures how far the timestep moved (here not at all, an estimate of 0), so
+    nothing says what a reuse would cost, and the call computes."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "extrapolate": 0})
+    st_, steps = _two_branches((1e-4,), t_last=500.0, t=500.0)
+    st_.branch(0).signals["spacing"] = 100.0
+    assert pol.step(steps[0], st_, torch.zeros(1)) == ("compute", None)
+
+
+def test_two_computed_calls_at_one_timestep_leave_the_rate_as_it_was():
+    """Heun's predictor and corrector at one timestep: their outputs' change is over no change
+    of timestep and says nothing of the rate (read as one, it is infinite, and the branch never
+    reuses again): the rate measured before stands, and the next step may reuse on it."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0})
+    st_, steps = _two_branches((1e-4,), t_last=500.0, t=500.0)
+    bc = st_.branch(0)
+    bc.outputs = [(500.0, [torch.ones(1, 2)]), (500.0, [torch.full((1, 2), 1.1)])]
+    pol.observe(steps[0], st_, bc, [torch.full((1, 2), 1.1)], "compute")
+    _fold_pending(bc.signals, st_)
+    assert np.all(bc.signals["out_rate"] == 1e-4)
+    assert pol.step(Step(0, 6, 0, 400.0), st_, torch.zeros(1))[0] == "step"
+
+
+def test_after_a_partial_step_reuse_only_the_computed_samples_rates_move_on():
+    """Sample 0 took its prediction, sample 1 computed: sample 1's rate is its change over the
+    100 of timestep (0.02 / 100), and sample 0 keeps the rate it had (its output is no new
+    measurement)."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0})
+    st_, steps = _two_branches((1e-4,))
+    bc = st_.branch(0)
+    bc.signals.update(out_rate=np.array([1e-4, 1e-4]), step_mask=np.array([True, False]))
+    out = torch.tensor([[1.01, 1.01], [1.02, 1.02]])
+    bc.outputs = [(600.0, [torch.ones(2, 2)]), (500.0, [out])]
+    pol.observe(steps[0], st_, bc, [out], "step")
+    _fold_pending(bc.signals, st_)
+    assert bc.signals["out_rate"].tolist() == pytest.approx([1e-4, 2e-4], rel=1e-4)
+
+
 def test_a_branch_not_called_at_the_last_step_is_not_tied():
     """Branches are tied where both were called at the last step. Guidance off at that step (a
     guidance interval) left branch 1 behind: its estimate, from an older step, does not hold
@@ -396,6 +445,7 @@ def test_one_step_decision_for_the_batch_where_asked(per_sample):
 @pytest.mark.parametrize("now,action,reused", [
     ([[1.0, 1.0]], "step", [True, True]),          # as at the last compute
     ([[0.9, 1.15]], "step", [True, True]),         # drifted by less than a fifth
+    ([[1.0, 1.22]], "step", [True, True]),         # up by 0.18 of the larger value (0.22 of the smaller)
     ([[0.0, 1.0]], "step", [False, True]),         # switched off for the first sample only
     ([[0.0, 1.0], [2.0, 9.0]], "compute", [False, False])])   # off for one, on for the other
 def test_a_sample_whose_conditions_switched_computes(now, action, reused):
@@ -422,6 +472,23 @@ def test_a_sample_whose_conditions_switched_computes(now, action, reused):
     assert len(bc.outputs) == (1 if switched else 2)
     _fold_pending(bc.signals, st_)
     assert ("out_rate" in bc.signals) != switched
+
+
+def test_a_block_reuse_judges_the_next_call_against_the_conditions_it_computed_under():
+    """A call that reused the span computed the rest under its own conditions: a condition
+    drifting 1.0 -> 1.1 (that call) -> 1.3 moved by 0.2 since, less than a fifth of 1.3, and is
+    no switch (against 1.0, before the block reuse, it would be)."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0})
+    st_, steps = _two_branches((1e-4,))
+    bc, s = st_.branch(0), steps[0]
+    bc.signals["conditions"] = np.array([[1.0]])
+    s.conditions = np.array([[1.1]])
+    bc.outputs.append((500.0, [torch.zeros(1, 2)]))      # what _finish pushes before observing
+    pol.observe(s, st_, bc, [torch.zeros(1, 2)], "block")
+    s2 = Step(0, 6, 0, 400.0)
+    s2.conditions = np.array([[1.3]])
+    assert pol.step(s2, st_, torch.zeros(1))[0] == "step"
+    assert bc.signals["moved"].tolist() == [False]
 
 
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
@@ -459,6 +526,21 @@ def test_cfg_reuse_where_its_estimate_fits_and_the_timestep_moved(t_diff, cfg_ra
     assert pol.step(s, st_, torch.zeros(1))[0] == action
 
 
+def test_the_cfg_rate_of_a_batch_is_its_fastest_samples():
+    """A cfg reuse rebuilds the branch of the whole batch at once, so its rate is the largest
+    sample's: the difference moved by 1 (relative to the output) over 100 in sample 1 and not at
+    all in sample 0, a rate of 0.01, not their mean."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "granularities": ["cfg"]})
+    st_, steps = _two_branches((1e-4, 1e-4))
+    s, bc = steps[1], st_.branch(1)
+    st_.cfg_step[1] = s.step
+    st_.signals["cfg"] = {1: {"prev": torch.zeros(2, 4), "t": 600.0}}
+    st_.cfg_diff[1] = [torch.tensor([[0.0] * 4, [1.0] * 4])]
+    bc.outputs = [(500.0, [torch.ones(2, 4)])]
+    pol.observe(s, st_, bc, [torch.ones(2, 4)], "compute")
+    assert _rate(st_.signals["cfg"][1]) == pytest.approx(0.01)
+
+
 @pytest.mark.parametrize("spent,action", [((0.0, 0.0), "cfg"), ((0.0, 0.01), "compute")])
 def test_a_cfg_reuse_fits_the_budget_of_every_sample(spent, action):
     """The batch's guidance branch is rebuilt or computed as one: where one sample has spent its
@@ -484,6 +566,32 @@ def test_block_reuse_per_sample_and_after_the_warmup(warmup, per_sample, reused)
     st_, bc, s, probe = _state_with_signals(0.0, 0.0, prev, now, t=500.0, t_last=600.0)
     decision, _ = pol.block(s, st_, bc, probe)
     assert (decision.tolist() if torch.is_tensor(decision) else decision) == reused
+
+
+def test_block_reuse_stops_per_sample_at_the_bound_on_consecutive_reuse():
+    """``max_reuse`` bounds a sample's consecutive reuses of the span too: the sample that reused
+    it twice in a row computes it, the others, whose probes did not move either, reuse it."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0, "max_reuse": 2,
+                         "granularities": ["block"]})
+    prev = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    st_, bc, s, probe = _state_with_signals(0.0, 0.0, prev, prev.clone(), t=500.0, t_last=600.0)
+    bc.reused_in_a_row = torch.tensor([2, 1, 0])
+    decision, _ = pol.block(s, st_, bc, probe)
+    assert torch.is_tensor(decision) and decision.tolist() == [False, True, True]
+
+
+def test_a_sample_that_reused_the_span_in_a_partial_step_reuse_keeps_its_spend():
+    """A call where sample 0 reused the step and sample 1 computed it but reused the span: only
+    a full compute clears what a sample spent, so sample 1's span reuse stays charged."""
+    pol = make_mixcache({"budget": 0.01, "warmup": 0.0, "settle": 10.0,
+                         "granularities": ["step", "block"]})
+    st_, steps = _two_branches((1e-4,))
+    bc = st_.branch(0)
+    bc.signals.update(step_mask=np.array([True, False]), mask=torch.tensor([False, True]),
+                      spent=np.array([0.004, 0.006]))
+    bc.outputs.append((500.0, [torch.zeros(2, 2)]))      # what _finish pushes before observing
+    pol.observe(steps[0], st_, bc, [torch.zeros(2, 2)], "step")
+    assert bc.signals["spent"].tolist() == [0.004, 0.006]
 
 
 def test_branches_reuse_at_the_same_steps_in_a_generation():

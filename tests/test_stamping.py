@@ -225,6 +225,49 @@ def test_weights_assigned_after_the_compile_are_the_ones_computed_with():
         torch.testing.assert_close(f(**kw)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_restamping_takes_a_weight_put_in_place_without_a_registration():
+    """A weight put straight into a block's ``_parameters`` (accelerate's
+    set_module_tensor_to_device does) fires no registration hook: the next stamping (each
+    compile's start) sees the block's tensors are no longer its stamp's and stamps it anew."""
+    from dit_compile.passes.stamping import restamp
+    model, _ = tiny_models.wan(layers=3)
+    dit_compile.nest_blocks(model, stamp=True)
+    restamp(model)
+    lin = model.blocks[2].ffn.net[2]
+    new = torch.nn.Parameter(torch.randn_like(lin.weight))
+    lin._parameters["weight"] = new
+    restamp(model)
+    assert any(t is new for t in model.blocks[2].__dict__[STAMP][2])
+
+
+def test_a_tensor_attribute_held_apart_from_the_weights_makes_blocks_unlike():
+    """A tensor an attention processor holds (not a parameter or buffer) is read as a constant
+    of the traced first block: blocks whose processors hold different ones are not alike."""
+    model, _ = tiny_models.wan(layers=2)
+    model.blocks[0].attn1.processor.table = torch.zeros(3)
+    model.blocks[1].attn1.processor.table = torch.ones(3)
+    assert unlike(model.blocks[0], model.blocks[1]) == "attn1.processor differs"
+
+
+def test_a_block_with_frozen_weights_is_unlike_one_that_trains():
+    """Weights that record no gradient in one block and do in the first are told apart: the
+    stamped call would hand them on as the traced first block's, which record one."""
+    model, _ = tiny_models.wan(layers=2)
+    model.blocks[1].ffn.requires_grad_(False)
+    assert "other names, shapes, strides or dtypes" in unlike(model.blocks[0], model.blocks[1])
+
+
+def test_a_set_held_apart_from_the_weights_makes_blocks_unlike_where_it_differs():
+    """Plain values a processor holds are compared, sets among them: two blocks whose
+    processors hold different sets may compute differently and are not alike."""
+    model, _ = tiny_models.wan(layers=2)
+    model.blocks[0].attn1.processor.skip = {"a"}
+    model.blocks[1].attn1.processor.skip = {"b"}
+    assert unlike(model.blocks[0], model.blocks[1]) == "attn1.processor differs"
+    model.blocks[1].attn1.processor.skip = {"a"}
+    assert unlike(model.blocks[0], model.blocks[1]) is None
+
+
 def test_the_opaque_call_runs_the_block_and_its_fake_gives_the_shapes(monkeypatch):
     """``dit_compile::stamped_block`` run eagerly is the block's forward on the weights it is
     handed (another block's, here); its fake gives the output's shape and dtype, running the block
