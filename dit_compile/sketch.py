@@ -399,8 +399,10 @@ class OnlineSplit(torch.nn.Module):
         """At a step's first call: below the warm-up, with every branch's last change per unit
         of the noise range under the rule's rate (one host read). A branch whose change a reuse
         left unknown is not settled."""
-        span = abs(self.clock.t_first) or 1.0
-        if (abs(t) > (1.0 - self.rule.warmup) * abs(self.clock.t_first) or not self._change
+        # The noise range: the first call's level down to 0, or to the sampler run's lowest
+        # where its timesteps go below 0 (EDM's ln(sigma) / 4: CacheState.t_floor).
+        span = (self.clock.t_first - self.clock.t_floor) or 1.0
+        if (t > self.clock.t_first - self.rule.warmup * span or not self._change
                 or None in self._change.values()):
             return False
         rates = torch.stack([c / (dt / span) for dt, c in self._change.values()])

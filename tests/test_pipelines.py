@@ -948,35 +948,13 @@ def test_mixcache_measures_a_step_against_a_range_that_falls_below_zero():
     for the step before) and ``balanced`` reused it: 0.48 off full compute, where reusing the
     step before costs 0.05. Measured against the run's own range, the estimates grow with the
     steps, and that step is computed."""
-    from diffusers import AutoencoderOobleck, EDMDPMSolverMultistepScheduler, StableAudioPipeline
-    from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
-    model = tiny_models.seeded(
-        "StableAudioDiTModel", sample_size=8, in_channels=4, num_layers=3, attention_head_dim=8,
-        num_attention_heads=2, num_key_value_attention_heads=1, out_channels=4,
-        cross_attention_dim=16, time_proj_dim=8, global_states_input_dim=16,
-        cross_attention_input_dim=8)
-    torch.manual_seed(1)
-    projection = StableAudioProjectionModel(text_encoder_dim=12, conditioning_dim=8, min_value=0,
-                                            max_value=512)
-    vae = AutoencoderOobleck(encoder_hidden_size=4, downsampling_ratios=[2, 2],
-                             channel_multiples=[1, 2], decoder_channels=4,
-                             decoder_input_channels=4, audio_channels=2, sampling_rate=32)
-    pipe = StableAudioPipeline(vae=vae, text_encoder=None, projection_model=projection,
-                               tokenizer=None, transformer=model,
-                               scheduler=EDMDPMSolverMultistepScheduler())
-    pipe.set_progress_bar_config(disable=True)
-
-    def run():
-        g = torch.Generator().manual_seed(0)
-        text, negative = torch.randn(1, 6, 12, generator=g), torch.randn(1, 6, 12, generator=g)
-        with torch.no_grad():
-            return pipe(prompt_embeds=text, negative_prompt_embeds=negative, guidance_scale=7.0,
-                        num_inference_steps=6, output_type="latent", generator=g).audios
-
-    full = run()
+    import zoo_image
+    pipe = zoo_image.stable_audio_edm()
+    model = pipe.transformer
+    full = zoo_image.run_stable_audio(pipe)
     pipe.transformer = torch.compile(model, backend="mixcache",
                                      options={"regions": "eager", "cache": "balanced"})
-    out = run()
+    out = zoo_image.run_stable_audio(pipe)
     trace = dit_compile.stats(pipe.transformer)["trace"]
     assert [round(r["t"], 2) for r in trace] == [1.1, 0.8, 0.44, -0.01, -0.62, -1.55]
     assert trace[3]["action"] == "compute" and trace[3]["signal"] > trace[2]["signal"], trace

@@ -937,3 +937,18 @@ def test_online_rule_never_decides_on_a_change_read_before_a_reuse(models):
     k = next((k for k in range(reused + 3, 8) if levels[k] <= (1 - warmup) * levels[0]
               and rate(calls, k - 1) < rule.rate), None)
     assert split.transformer.switches == [None if k is None else (k, levels[k])]
+
+
+def test_online_split_warms_up_over_a_range_that_falls_below_zero():
+    """Settle's warm-up is a share of the noise range, as mixcache's: where the sampler run's
+    timesteps fall below zero (StableAudioPipeline's EDM scheduler, ``ln(sigma) / 4``: 1.10, 0.80,
+    0.44, -0.01, -0.62, -1.55), the range reaches the run's lowest. Half of it has fallen at
+    -0.62 (step 4); read against [0, 1.10] by magnitude, the switch came at 0.44 (step 2), a
+    quarter of the way down."""
+    import zoo_image
+    pipe = zoo_image.stable_audio_edm(layers=3)
+    small = zoo_image.stable_audio_edm(layers=2).transformer
+    split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.5))
+    zoo_image.run_stable_audio(split)
+    [(step, level)] = split.transformer.switches
+    assert step == 4 and level == pytest.approx(-0.616, abs=1e-3)

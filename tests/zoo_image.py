@@ -120,6 +120,38 @@ def stable_audio():
                                                             repeat_interleave_real=False))
 
 
+def stable_audio_edm(layers: int = 3):
+    """StableAudioDiTModel inside StableAudioPipeline with its EDM scheduler, whose timestep
+    (``ln(sigma) / 4``) falls below zero mid-run; no text encoder: pass prompt embeddings of width
+    12. Returns the pipeline."""
+    from diffusers import AutoencoderOobleck, EDMDPMSolverMultistepScheduler, StableAudioPipeline
+    from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+    model = seeded("StableAudioDiTModel", sample_size=8, in_channels=4, num_layers=layers,
+                   attention_head_dim=8, num_attention_heads=2, num_key_value_attention_heads=1,
+                   out_channels=4, cross_attention_dim=16, time_proj_dim=8,
+                   global_states_input_dim=16, cross_attention_input_dim=8)
+    torch.manual_seed(1)
+    projection = StableAudioProjectionModel(text_encoder_dim=12, conditioning_dim=8, min_value=0,
+                                            max_value=512)
+    vae = AutoencoderOobleck(encoder_hidden_size=4, downsampling_ratios=[2, 2],
+                             channel_multiples=[1, 2], decoder_channels=4,
+                             decoder_input_channels=4, audio_channels=2, sampling_rate=32)
+    pipe = StableAudioPipeline(vae=vae, text_encoder=None, projection_model=projection,
+                               tokenizer=None, transformer=model,
+                               scheduler=EDMDPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_stable_audio(pipe, steps: int = 6) -> torch.Tensor:
+    """One generation of ``stable_audio_edm``'s pipeline, seeded, as latents."""
+    g = torch.Generator().manual_seed(0)
+    text, negative = torch.randn(1, 6, 12, generator=g), torch.randn(1, 6, 12, generator=g)
+    with torch.no_grad():
+        return pipe(prompt_embeds=text, negative_prompt_embeds=negative, guidance_scale=7.0,
+                    num_inference_steps=steps, output_type="latent", generator=g).audios
+
+
 def krea2():
     """Text-fusion blocks (one of each kind) on the text before the joint stack."""
     m = seeded("Krea2Transformer2DModel", in_channels=4, num_layers=2, attention_head_dim=16,
