@@ -16,7 +16,7 @@ from .frames import (compiled_model, diffusers_caches, diffusers_caches_said, fo
                      retrace_once_after_break, stored_tensors, traced_module, warn_fallback,
                      watch_wrappers)
 from .inductor import compile_graph, compile_pieces, records_autograd
-from .options import Options
+from .options import Options, inductor_config
 from .passes.inputs import missing_inputs, named_inputs
 from .passes.mutation import writes_inputs
 from .passes.regions import (NoBlockStructure, RegionMap, check_whole_stacks, find_regions,
@@ -61,7 +61,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list[Any], opts: Options, optio
     into pieces at their boundaries, each piece compiled, stitched under the cache policy. Where
     the graph has no block structure: compiled whole, said in a warning."""
     start = time.perf_counter()
-    inductor = _inductor_config(mode or opts.mode)
+    inductor = inductor_config(mode or opts.mode)
     #    A forward cut by a graph break before its blocks: its first graph records the call's
     #    latent, timestep and text for the graph that runs the blocks (runtime.relay).
     head = head_slots(gm, model) if opts.cache is not None else None
@@ -251,12 +251,6 @@ def _half_backend(opts: Options) -> Callable[..., Callable[..., Any]] | None:
     """How a half-batch forward compiles: region by region, as the model's graphs do (None:
     eager, under ``regions="eager"``)."""
     return None if opts.regions == "eager" else functools.partial(compile_regions, opts=opts)
-
-
-def _inductor_config(mode: str | None) -> dict[str, Any]:
-    if mode is None or mode == "default":
-        return {}
-    return dict(torch._inductor.list_mode_options(mode))
 
 
 install_trace_hook()   # loaded by the entry point as torch.compile names the backend

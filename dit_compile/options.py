@@ -97,9 +97,16 @@ class Options:
         return opts
 
 
-def _records_cuda_graphs(mode: str) -> bool:
+def inductor_config(mode: str | None) -> dict[str, Any]:
+    """Inductor's config patches for ``mode`` (None or "default": none)."""
+    if mode is None or mode == "default":
+        return {}
     import torch._inductor
-    return bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs"))
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def _records_cuda_graphs(mode: str) -> bool:
+    return bool(inductor_config(mode).get("triton.cudagraphs"))
 
 
 def _byte_count(value: Any) -> int:
