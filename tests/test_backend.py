@@ -616,6 +616,8 @@ def test_a_latent_list_of_unequal_shapes_is_not_cached_and_said_so():
     report = dit_compile.explain(model, **kw)
     assert report.fallback.startswith("the latent comes as a list of 2 per-sample tensors of "
                                       "different shapes"), report
+    # Not stacked: no "latent: a list of 2 per-sample tensors, decided on as one batch" line.
+    assert report.samples == 0 and "latent: a list of" not in str(report), str(report)
     compiled = torch.compile(model, backend="mixcache", fullgraph=True,
                              options={"regions": "eager", "cache": "fast", "timestep": "rising"})
     with torch.no_grad(), pytest.warns(UserWarning, match="mixcache") as rec:
@@ -843,6 +845,21 @@ def test_explain_names_graph_breaks_when_no_graph_has_blocks():
     assert "graph break: " in str(report)
     again = dit_compile.explain(model, **kw, return_dict=False)
     assert [b.splitlines()[0] for b in again.breaks] == [b.splitlines()[0] for b in report.breaks]
+
+
+def test_explain_of_a_forward_broken_between_stacks_is_of_the_graph_with_more_blocks():
+    """Kandinsky 5 broken between its text stack (2 blocks, the first graph) and its visual stack
+    (3 blocks, a later graph): the report is of the graph with the most blocks, the visual one,
+    with its own inputs and regions, not of the first graph that holds blocks."""
+    model, kw = tiny_models.kandinsky5()
+    model.visual_rope_embeddings.register_forward_pre_hook(
+        lambda mod, args: torch._dynamo.graph_break())
+    report = dit_compile.explain(model, **kw)
+    assert report.graphs > 1 and report.fallback.startswith("the forward traced as"), str(report)
+    assert report.stacks == {"visual_transformer_blocks": 3}, str(report)
+    assert [n for n, _ in report.regions if n.startswith("visual")] == [
+        f"visual_transformer_blocks.{i}" for i in range(3)], report.regions
+    assert "block graphs compiled: 1 for 3 blocks" in str(report), str(report)
 
 
 def test_explain_leaves_later_compiles_static(monkeypatch):

@@ -493,6 +493,32 @@ def test_explain_says_a_batched_cfg_call_computes_one_half():
     assert off.fallback and off.cfg_halves is None, str(off)
 
 
+def test_explain_says_nothing_of_cfg_steps_where_the_call_is_not_cached():
+    """A batched-CFG call ([uncond, cond] on one latent) on a model mixcache does not cache, for a
+    reason found in the trace (diffusers' own cache hooks on a whole graph; a graph break after
+    the blocks): no cfg reuse step runs, so the report says nothing of one (cfg_halves None), as
+    where the model is compiled with cache=None."""
+    from diffusers import PyramidAttentionBroadcastConfig
+    x = torch.randn(1, 4, 2, 8, 8)
+    call = dict(hidden_states=torch.cat([x, x]), encoder_hidden_states=torch.randn(2, 5, 16),
+                timestep=torch.full((2,), 900.0), return_dict=False)
+    model, _ = tiny_models.wan(layers=2)
+    cached = dit_compile.explain(model, **call)     # the same call, cached: one half said
+    assert cached.fallback is None and cached.cfg_halves == "", str(cached)
+    model.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(0, 1000),
+        current_timestep_callback=lambda: 900))
+    with model.cache_context("cond"):
+        hooked = dit_compile.explain(model, **call)
+    assert hooked.graphs == 1 and "own cache hooks are on" in (hooked.fallback or ""), str(hooked)
+    assert hooked.cfg_halves is None and "guidance branches" not in str(hooked), str(hooked)
+    model, _ = tiny_models.wan(layers=2)
+    model.norm_out.register_forward_pre_hook(lambda mod, args: torch._dynamo.graph_break())
+    broken = dit_compile.explain(model, **call)
+    assert broken.stacks == {"blocks": 2} and "graph breaks" in (broken.fallback or ""), str(broken)
+    assert broken.cfg_halves is None and "guidance branches" not in str(broken), str(broken)
+
+
 def test_half_forward_under_dynamic_shapes_matches_reference():
     """dynamic=True makes the batch a symbol (the graph's outputs carry it as an expression) and
     every module float (a norm's eps) a graph input, a new tensor at every call: the half forward
