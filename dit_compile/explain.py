@@ -33,7 +33,10 @@ from .slots import carriers, computed_outputs, half_batch, head_slots, output_sh
 class Report:
     model: str
     graphs: int = 0                                        # Dynamo graphs traced (>1: graph breaks)
-    stacks: dict[str, int] = field(default_factory=dict)   # stack -> block count
+    stacks: dict[str, int] = field(default_factory=dict)   # stack -> block count, of every graph
+    # Graphs holding blocks (>1: a break between stacks); inputs, conditions and regions are of
+    # the one with the most blocks.
+    graphs_with_blocks: int = 0
     streams: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)   # role -> graph input
     input_rule: str = ""
@@ -87,6 +90,9 @@ class Report:
                          "its weights in the graph (dit_compile.passes.casting)")
         for s, k in self.stacks.items():
             lines.append(f"  stack {s}: {k} blocks, residual stream(s) {self.streams.get(s, [])}")
+        if self.graphs_with_blocks > 1:
+            lines.append(f"  blocks in {self.graphs_with_blocks} graphs, each compiled region by "
+                         "region: the inputs and regions below are of the one with the most blocks")
         if any(re.fullmatch(r"u\d+", str(d)) for shapes in self.streams.values()
                for shape in shapes for d in shape):
             lines.append("  sizes u0, u1, ...: known only at run time (data-dependent: a mask's "
@@ -367,14 +373,21 @@ def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) 
     mod = modulated_input(plan)
     if mod is not None:
         report.modulated = tuple(mod.module.graph.output_node().args[0].meta["example_value"].shape)
-    calls = nested[found.index(rmap)]
+    # A forward broken between its stacks: each graph's blocks compile (uncached), all reported.
+    with_blocks = [i for i, f in enumerate(found) if isinstance(f, RegionMap)]
+    report.graphs_with_blocks = len(with_blocks)
+    calls = [c for i in with_blocks for c in nested[i]]
     report.nested, report.nested_regions = len(calls), len(set(calls))
     report.marked = _marked(target)
     report.stamped = restamp(target)
     # Stamped blocks compile as inlined ones do: the backend puts the first block's graph in
     # place of each, which is the graph this trace inlines for it.
-    report.block_graphs, report.twins = _block_graphs(plan)
-    report.stacks, report.streams = rmap.stacks, rmap.streams
+    counts = [_block_graphs(plans[i]) for i in with_blocks]
+    report.block_graphs, report.twins = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    for i in with_blocks:
+        for s, k in found[i].stacks.items():
+            report.stacks[s] = report.stacks.get(s, 0) + k
+            report.streams.setdefault(s, []).extend(found[i].streams.get(s, []))
     cfg = (fit_to_tail(head_halves[0], tail_outputs.get(found.index(rmap), []))
            if relayed and head_halves else halves.get(found.index(rmap)))
     if cfg is not None and (report.fallback is None or whole):    # said where cfg is reused

@@ -847,19 +847,21 @@ def test_explain_names_graph_breaks_when_no_graph_has_blocks():
     assert [b.splitlines()[0] for b in again.breaks] == [b.splitlines()[0] for b in report.breaks]
 
 
-def test_explain_of_a_forward_broken_between_stacks_is_of_the_graph_with_more_blocks():
+def test_explain_of_a_forward_broken_between_stacks_reports_both_stacks():
     """Kandinsky 5 broken between its text stack (2 blocks, the first graph) and its visual stack
-    (3 blocks, a later graph): the report is of the graph with the most blocks, the visual one,
-    with its own inputs and regions, not of the first graph that holds blocks."""
+    (3 blocks, a later graph): both stacks are reported, and the block graphs of both graphs (each
+    compiles its own), as the backend compiles them; the inputs and regions are of the graph with
+    the most blocks, the visual one, not of the first graph that holds blocks."""
     model, kw = tiny_models.kandinsky5()
     model.visual_rope_embeddings.register_forward_pre_hook(
         lambda mod, args: torch._dynamo.graph_break())
     report = dit_compile.explain(model, **kw)
     assert report.graphs > 1 and report.fallback.startswith("the forward traced as"), str(report)
-    assert report.stacks == {"visual_transformer_blocks": 3}, str(report)
-    assert [n for n, _ in report.regions if n.startswith("visual")] == [
+    assert report.stacks == {"text_transformer_blocks": 2, "visual_transformer_blocks": 3}, str(report)
+    assert report.graphs_with_blocks == 2 and "blocks in 2 graphs" in str(report), str(report)
+    assert [n for n, _ in report.regions if "blocks" in n] == [
         f"visual_transformer_blocks.{i}" for i in range(3)], report.regions
-    assert "block graphs compiled: 1 for 3 blocks" in str(report), str(report)
+    assert "block graphs compiled: 2 for 5 blocks" in str(report), str(report)
 
 
 def test_explain_leaves_later_compiles_static(monkeypatch):
