@@ -197,205 +197,213 @@ def explain(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Report:
     return report
 
 
-def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) -> Report:
-    """``report`` completed from Dynamo's trace of ``target(*args, **kwargs)``."""
-    found: list[RegionMap | NoBlockStructure] = []
-    plans: dict[int, Plan] = {}                    # the split of each graph with blocks
-    nested: dict[int, list[str]] = {}              # invoke_subgraph calls' regions, by graph
-    held: set[str] = set()                         # containers whose blocks a graph ran
-    framed: list[Any] = []                         # the module whose frame each graph is of
-    writes: dict[int, str | None] = {}             # why its writes into its inputs bar reuse
-    # Per graph, whether it is only part of the forward: one graph may be all Dynamo hands the
-    # backend, the rest running eagerly after a break (HiDream's unpatchify and its .item()),
-    # and the backend caches no such graph.
-    partial: list[bool] = []
-    # A forward cut before its blocks (runtime.relay): the roles its first graph takes by name,
-    # and the graphs that got that graph's record of the call, as the backend's would.
-    heads: list[dict[str, str]] = []
-    reached: set[int] = set()
-    tails: dict[int, dict[str, str]] = {}          # a tail's roles by name, by graph
-    # A batched-CFG call's half-batch forward as the backend builds it (None: not such a call):
-    # by graph with blocks; each head's recipe, and each tail's outputs it is fitted to.
-    halves: dict[int, HalfBatch | str | None] = {}
-    head_halves: list[HalfBatch | str | None] = []
-    tail_outputs: dict[int, list] = {}
+@dataclass
+class _Graph:
+    """What explain's trace saw of one Dynamo graph of the forward, as the backend would see it."""
+    found: RegionMap | NoBlockStructure | None = None
+    # Only part of the forward: it may be all Dynamo hands the backend, the rest running eagerly
+    # after a break (HiDream's unpatchify and its .item()), and the backend caches no such graph.
+    partial: bool = False
+    containers: set[str] = field(default_factory=set)     # whose blocks it ran
+    module: Any = None                                     # whose frame it is of
+    nested: list[str] = field(default_factory=list)        # invoke_subgraph calls' regions
+    plan: Plan | None = None                               # its split, where it has blocks
+    writes: str | None = None          # why its writes into its inputs bar reuse
+    # A forward cut before its blocks (runtime.relay): its first graph's roles by name, and its
+    # last graph's, which gets the first one's record of the call as the backend's would.
+    head: dict[str, str] | None = None
+    tail: dict[str, str] | None = None
+    tail_outputs: list = field(default_factory=list)       # the shapes a head's recipe fits
+    reached: bool = False
+    # A batched-CFG call's half-batch forward as the backend builds it (None: not such a call).
+    half: HalfBatch | str | None = None
 
-    def record(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
-        i = len(found)
-        partial.append(is_fragment(gm))
-        held.update(block_containers(gm))
-        framed.append(traced_module())
-        nested[i] = [n.args[1] for n in gm.graph.nodes
-                     if n.target is torch.ops.higher_order.invoke_subgraph]
-        slots = head_slots(gm, target)
+
+class _Recorder:
+    """A backend function keeping a ``_Graph`` of each graph Dynamo hands it, in ``graphs``."""
+
+    def __init__(self, target: torch.nn.Module):
+        self.target, self.graphs = target, []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any):
+        g = _Graph(partial=is_fragment(gm), containers=block_containers(gm),
+                   module=traced_module(), nested=[n.args[1] for n in gm.graph.nodes if
+                                                   n.target is torch.ops.higher_order.invoke_subgraph])
+        self.graphs.append(g)
+        slots = head_slots(gm, self.target)
         if slots is not None:
-            heads.append(named_inputs(gm))
-            head_halves.append(_half_batch_for_report(gm, example_inputs, heads[-1],
-                                                      before_break=True))
+            g.head = named_inputs(gm)
+            g.half = _half_batch_for_report(gm, example_inputs, g.head, before_break=True)
             fn = Head(gm.forward, slots, computed_outputs(gm))
-        elif forward_tail(gm, target):
+        elif forward_tail(gm, self.target):
             taken = carriers(gm)
-            tails[i] = named_inputs(gm)
-            tail_outputs[i] = output_shapes(gm)
+            g.tail, g.tail_outputs = named_inputs(gm), output_shapes(gm)
 
             def fn(*a: Any) -> Any:
-                if received([a[k] for k in taken]) is not None:
-                    reached.add(i)
+                g.reached = g.reached or received([a[k] for k in taken]) is not None
                 return gm.forward(*a)
         else:
             fn = gm.forward
         try:
-            rmap = find_regions(gm)
-            check_whole_stacks(rmap, target)
-            found.append(rmap)
+            g.found = find_regions(gm)
+            check_whole_stacks(g.found, self.target)
         except NoBlockStructure as why:
-            found.append(why)
+            g.found = why
             return fn
-        writes[i] = writes_inputs(gm)
-        plans[i] = split(gm, found[-1])
-        if i not in tails:
-            halves[i] = _half_batch_for_report(gm, example_inputs, rmap.inputs, rmap.samples,
-                                               rmap.texts, rmap.sample_outs)
+        g.writes, g.plan = writes_inputs(gm), split(gm, g.found)
+        if g.tail is None:
+            g.half = _half_batch_for_report(gm, example_inputs, g.found.inputs, g.found.samples,
+                                            g.found.texts, g.found.sample_outs)
         return fn
 
+    def trace(self, backend: Any, args: tuple, kwargs: dict, **compile_kw: Any) -> list[_Graph]:
+        """The graphs of one trace of the forward (a new backend object each time, so Dynamo
+        does not serve an earlier trace's graphs); Dynamo's errors are the caller's."""
+        self.graphs = []
+        torch.compile(self.target, backend=backend(self), **compile_kw)(*args, **kwargs)
+        return self.graphs
+
+
+def _traced(target: torch.nn.Module, report: Report, args: tuple, kwargs: dict) -> Report:
+    """``report`` completed from Dynamo's trace of ``target(*args, **kwargs)``."""
     from torch._dynamo.utils import counters
+    rec = _Recorder(target)
     seen = _break_counts(counters)
     with (torch.no_grad(), shape_history_kept(), recompiles_allowed(), forward_forgotten(target),
           own_backends() as backend):
-        # Twice where the first trace broke, as the backend retraces once: a break only a first
-        # call makes (a table built lazily) is gone the second time, and a forward Dynamo gave up
-        # on earlier (under other settings) is looked at afresh. A new backend object each time,
-        # so Dynamo does not serve the first trace's graphs.
-        nested_break = None
-        for attempt in range(2):
-            if attempt:
-                forget_forward(target)
-            found.clear(), plans.clear(), nested.clear(), writes.clear(), partial.clear()
-            heads.clear(), reached.clear(), tails.clear(), held.clear(), framed.clear()
-            halves.clear(), head_halves.clear(), tail_outputs.clear()
-            try:
-                torch.compile(target, backend=backend(record))(
-                    *args, **kwargs)
-            except torch._dynamo.exc.UncapturedHigherOrderOpError as why:
-                if not _marked(target):
-                    raise
-                # A break inside a nested region fails the whole compile, with any backend.
-                nested_break = _region_break(why)
-                found.clear()
-                break
-            if len(found) == 1 and not partial[0]:
-                break
-        report.graphs = len(found)
-        broke = len(found) > 1 or any(partial)
-        whole = False       # one graph of the whole forward under fullgraph=True
+        graphs, nested_break = _traced_as_the_backend_would(rec, backend, args, kwargs)
+        report.graphs = len(graphs)
+        broke = len(graphs) > 1 or any(g.partial for g in graphs)
         # Broken before the blocks only: the graph after the break is cached (runtime.relay).
-        relayed = broke and not nested_break and _relayed(found, heads, reached)
-        relay_if_captured = False   # cached by the relay once data-dependent operators are captured
+        relayed = broke and not nested_break and _relayed(graphs)
         if broke or nested_break:
             report.breaks = ([nested_break] if nested_break
                              else _new_breaks(seen, _break_counts(counters)))
         if broke and not relayed:
-            report.loose = _loose_stacks(held, framed, target)
+            report.loose = _loose_stacks(graphs, target)
+        whole = relay_if_captured = False
         if (broke or nested_break) and not relayed:
-            # Would fullgraph=True make it one graph? Dynamo then captures the data-dependent
-            # operators (.item(), nonzero, a boolean mask's index) that break a trace otherwise,
-            # and raises at any other break.
-            broken = (list(found), dict(plans), dict(nested), dict(writes), list(heads),
-                      set(reached), dict(halves))
+            # Would fullgraph=True make it one graph (the report is then of that graph)? Dynamo
+            # then captures the data-dependent operators (.item(), nonzero, a boolean mask's
+            # index) that break a trace otherwise, and raises at any other break.
             forget_forward(target)
-            found.clear(), plans.clear(), nested.clear(), writes.clear(), partial.clear()
-            halves.clear()
-            try:
-                torch.compile(target, backend=backend(record),
-                              fullgraph=True)(*args, **kwargs)
-            except Exception:
-                found.clear()
-            whole = len(found) == 1 and isinstance(found[0], RegionMap) and not partial[0]
-            if whole:   # the report is of that graph, which holds every block
-                report.loose = []
-            if not whole and not nested_break:
+            one = _or_none(lambda: rec.trace(backend, args, kwargs, fullgraph=True))
+            whole = len(one) == 1 and isinstance(one[0].found, RegionMap) and not one[0].partial
+            if whole:
+                graphs, report.loose = one, []
+            elif not nested_break:
                 # Would capturing the data-dependent operators without fullgraph leave a break
                 # before the blocks only, which the relay caches (HunyuanVideo 1.5)?
                 forget_forward(target, resumes=True)
-                found.clear(), heads.clear(), reached.clear()
-                try:
-                    with torch._dynamo.config.patch(**CAPTURE):
-                        torch.compile(target, backend=backend(record))(*args, **kwargs)
-                except Exception:
-                    found.clear()
-                relay_if_captured = _relayed(found, heads, reached)
-            if not whole:
-                found[:] = broken[0]
-                plans.update(broken[1]), nested.update(broken[2]), writes.update(broken[3])
-                heads[:], reached = broken[4], broken[5]
-                halves.clear(), halves.update(broken[6])
-    rmap = _block_graph(found)
+                with torch._dynamo.config.patch(**CAPTURE):
+                    relay_if_captured = _relayed(_or_none(lambda: rec.trace(backend, args, kwargs)))
+    main = _block_graph(graphs)
+    report.relayed, report.marked = relayed, bool(nested_break)
+    report.fallback = _fallback(graphs, main, target, report.graphs, nested_break, whole, relayed,
+                                broke, relay_if_captured)
+    if main is None or (nested_break and not whole):
+        return report
+    return _regions_of(report, graphs, main, target, relayed, whole)
+
+
+def _traced_as_the_backend_would(rec: _Recorder, backend: Any, args: tuple,
+                                 kwargs: dict) -> tuple[list[_Graph], str | None]:
+    """The forward's graphs, and where a nested region breaks (which fails the whole compile,
+    with any backend), Dynamo's reason. Traced twice where the first trace broke, as the backend
+    retraces once: a break only a first call makes (a table built lazily) is gone the second
+    time, and a forward Dynamo gave up on earlier (under other settings) is looked at afresh."""
+    graphs: list[_Graph] = []
+    for attempt in range(2):
+        if attempt:
+            forget_forward(rec.target)
+        try:
+            graphs = rec.trace(backend, args, kwargs)
+        except torch._dynamo.exc.UncapturedHigherOrderOpError as why:
+            if not _marked(rec.target):
+                raise
+            return [], _region_break(why)
+        if len(graphs) == 1 and not graphs[0].partial:
+            break
+    return graphs, None
+
+
+def _or_none(trace: Any) -> list[_Graph]:
+    """``trace()``'s graphs, or none where Dynamo raised (a break under fullgraph=True)."""
+    try:
+        return trace()
+    except Exception:
+        return []
+
+
+def _fallback(graphs: list[_Graph], main: _Graph | None, target: torch.nn.Module, traced: int,
+              nested_break: str | None, whole: bool, relayed: bool, broke: bool,
+              relay_if_captured: bool) -> str | None:
+    """Why mixcache would not cache this forward, as its backend would say; None: it caches.
+    ``traced``: how many graphs the forward traced as (``graphs`` may be fullgraph's one)."""
     captured = ("torch.compile(..., fullgraph=True) captures those operators, and the forward is "
                 "one graph that caches (the report is of that graph)")
     if nested_break:
-        report.marked = True
-        report.fallback = "a nested block does not trace whole, so torch.compile fails on this model"
-        report.fallback += (f" without fullgraph=True (it breaks at data-dependent operators): "
-                            f"{captured}" if whole else
-                            ": nest_blocks needs blocks with no graph break inside "
-                            "(dit_compile.unnest_blocks(model) undoes it)")
-        if not whole:
-            return report
-    elif whole:
-        report.fallback = (f"{_traced_as(report.graphs)} (graph breaks at data-dependent "
-                           f"operators), and step and cfg guards need one graph: {captured}")
-    elif relayed:
-        report.relayed = True
-    elif broke:
-        report.fallback = (f"{_traced_as(report.graphs)} (graph breaks): step and cfg guards "
-                           "need one graph")
+        return ("a nested block does not trace whole, so torch.compile fails on this model" +
+                (f" without fullgraph=True (it breaks at data-dependent operators): {captured}"
+                 if whole else ": nest_blocks needs blocks with no graph break inside "
+                 "(dit_compile.unnest_blocks(model) undoes it)"))
+    if whole:
+        return (f"{_traced_as(traced)} (graph breaks at data-dependent operators), and "
+                f"step and cfg guards need one graph: {captured}")
+    if broke and not relayed:
+        why = f"{_traced_as(traced)} (graph breaks): step and cfg guards need one graph"
         if relay_if_captured:
-            report.fallback += (f"; with {CAPTURED} set, Dynamo captures the data-dependent "
-                                "operators and the only break left is before the blocks: the "
-                                "graph after it is cached by the call's inputs (runtime.relay)")
+            why += (f"; with {CAPTURED} set, Dynamo captures the data-dependent operators and the "
+                    "only break left is before the blocks: the graph after it is cached by the "
+                    "call's inputs (runtime.relay)")
         hooks = breaking_hooks(target)
-        if hooks:
-            report.fallback += f"; {hooks}"
-    elif len(found) == 1 and isinstance(found[0], NoBlockStructure):
-        report.fallback = str(found[0])
-    elif not found:
-        report.fallback = "Dynamo traced no graph"
-    if rmap is None:
-        return report
-    if report.fallback is None:
-        # As the backend: no reuse of a call that writes into its inputs, nor without the latent
-        # and the timestep, nor on per-sample latents that cannot be stacked.
-        report.fallback = (writes[found.index(rmap)] or (None if relayed else
-                           missing_inputs(rmap.inputs) or rmap.samples_why))
-    if report.fallback is None and diffusers_caches(target):
-        report.fallback = diffusers_caches_said()
-    plan = plans[found.index(rmap)]
-    mod = modulated_input(plan)
+        return why + (f"; {hooks}" if hooks else "")
+    if len(graphs) == 1 and isinstance(graphs[0].found, NoBlockStructure):
+        return str(graphs[0].found)
+    if not graphs:
+        return "Dynamo traced no graph"
+    if main is None:
+        return None
+    # As the backend: no reuse of a call that writes into its inputs, nor without the latent
+    # and the timestep, nor on per-sample latents that cannot be stacked.
+    rmap = main.found
+    why = main.writes or (None if relayed else missing_inputs(rmap.inputs) or rmap.samples_why)
+    if why is None and diffusers_caches(target):
+        why = diffusers_caches_said()
+    return why
+
+
+def _regions_of(report: Report, graphs: list[_Graph], main: _Graph, target: torch.nn.Module,
+                relayed: bool, whole: bool) -> Report:
+    """``report``'s regions, stacks, inputs and compiles, from the graph with the most blocks
+    (``main``); stacks and block graphs from every graph holding blocks (a forward broken between
+    its stacks compiles each graph's)."""
+    rmap = main.found
+    mod = modulated_input(main.plan)
     if mod is not None:
         report.modulated = tuple(mod.module.graph.output_node().args[0].meta["example_value"].shape)
-    # A forward broken between its stacks: each graph's blocks compile (uncached), all reported.
-    with_blocks = [i for i, f in enumerate(found) if isinstance(f, RegionMap)]
+    with_blocks = [g for g in graphs if isinstance(g.found, RegionMap)]
     report.graphs_with_blocks = len(with_blocks)
-    calls = [c for i in with_blocks for c in nested[i]]
+    calls = [c for g in with_blocks for c in g.nested]
     report.nested, report.nested_regions = len(calls), len(set(calls))
     report.marked = _marked(target)
     report.stamped = restamp(target)
     # Stamped blocks compile as inlined ones do: the backend puts the first block's graph in
     # place of each, which is the graph this trace inlines for it.
-    counts = [_block_graphs(plans[i]) for i in with_blocks]
+    counts = [_block_graphs(g.plan) for g in with_blocks]
     report.block_graphs, report.twins = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    for i in with_blocks:
-        for s, k in found[i].stacks.items():
+    for g in with_blocks:
+        for s, k in g.found.stacks.items():
             report.stacks[s] = report.stacks.get(s, 0) + k
-            report.streams.setdefault(s, []).extend(found[i].streams.get(s, []))
-    cfg = (fit_to_tail(head_halves[0], tail_outputs.get(found.index(rmap), []))
-           if relayed and head_halves else halves.get(found.index(rmap)))
+            report.streams.setdefault(s, []).extend(g.found.streams.get(s, []))
+    heads = [g for g in graphs if g.head is not None]
+    cfg = fit_to_tail(heads[0].half, main.tail_outputs) if relayed and heads else main.half
     if cfg is not None and (report.fallback is None or whole):    # said where cfg is reused
         report.cfg_halves = "" if isinstance(cfg, HalfBatch) else cfg
     if relayed:     # the call's own inputs, in the first graph; the last one's are intermediates
-        report.inputs, report.input_rule = dict(heads[0]), "names"
+        report.inputs, report.input_rule = dict(heads[0].head), "names"
         # A text the first graph does not take: the blocks' graph's own, by name (RelayedExecutor).
-        text = tails.get(found.index(rmap), {}).get("text")
+        text = (main.tail or {}).get("text")
         if "text" not in report.inputs and text is not None:
             report.inputs["text"] = text
     else:
@@ -432,10 +440,10 @@ CAPTURE = dict(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=Tru
 CAPTURED = " and ".join(f"torch._dynamo.config.{k}" for k in CAPTURE)
 
 
-def _block_graph(found: list) -> RegionMap | None:
-    """The region map of the graph with the most blocks: the one the report is of."""
-    maps = [f for f in found if isinstance(f, RegionMap)]
-    return max(maps, key=lambda m: sum(m.stacks.values())) if maps else None
+def _block_graph(graphs: list[_Graph]) -> _Graph | None:
+    """The graph with the most blocks: the one the report is of."""
+    maps = [g for g in graphs if isinstance(g.found, RegionMap)]
+    return max(maps, key=lambda g: sum(g.found.stacks.values())) if maps else None
 
 
 def _block_graphs(plan: Plan) -> tuple[int, int]:
@@ -447,11 +455,12 @@ def _block_graphs(plan: Plan) -> tuple[int, int]:
     return len(own), len(dense) + len(pruned)
 
 
-def _loose_stacks(held: set[str], framed: list[Any], model: torch.nn.Module) -> list[str]:
+def _loose_stacks(graphs: list[_Graph], model: torch.nn.Module) -> list[str]:
     """The block stacks of ``model`` (module lists of two or more of one class not torch.nn's)
-    none of whose blocks' modules ran in a graph (``held``: those that did) while Dynamo traced
-    their forwards as frames of their own (``framed``)."""
-    frames = {id(m) for m in framed if m is not None}
+    none of whose blocks' modules ran in a graph while Dynamo traced their forwards as frames of
+    their own."""
+    held = {c for g in graphs for c in g.containers}
+    frames = {id(g.module) for g in graphs if g.module is not None}
     loose = []
     for head, container in model.named_modules():
         blocks = list(container.children())
@@ -463,11 +472,11 @@ def _loose_stacks(held: set[str], framed: list[Any], model: torch.nn.Module) -> 
     return loose
 
 
-def _relayed(found: list, heads: list, reached: set) -> bool:
+def _relayed(graphs: list[_Graph]) -> bool:
     """Whether the graph with the most blocks got a head's record of the call (runtime.relay):
     the broken forward is then cached as a whole one."""
-    rmap = _block_graph(found)
-    return bool(heads) and rmap is not None and found.index(rmap) in reached
+    main = _block_graph(graphs)
+    return any(g.head is not None for g in graphs) and main is not None and main.reached
 
 
 def _break_counts(counters: Any) -> dict[str, int]:
