@@ -19,6 +19,7 @@ import functools
 import inspect
 import itertools
 import operator
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -345,7 +346,26 @@ def _nested(cls: type) -> type:
             "forward": _flat_region(cls.forward),
             "__reduce_ex__": _reduce_nested, NESTED_FORWARD: forward, STAMP: None,
             NESTED_FROM: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _register_with_diffusers(_subclasses[cls], cls)
     return _subclasses[cls]
+
+
+def _register_with_diffusers(nested: type, cls: type) -> None:
+    """``nested`` takes ``cls``'s entry in diffusers' block registry. diffusers' hooks that act on
+    a whole block (layer skip, which its skip-layer guiders apply at every such step;
+    First-Block-Cache; MagCache) look a block's metadata up by its exact class, and a nested block
+    raised "not registered" there. The registry is filled once, on its first use; a diffusers
+    model imported has imported every class it names, so filling it here costs nothing more."""
+    if "diffusers" not in sys.modules:
+        return      # no diffusers block, and no registry to find it in
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+        TransformerBlockRegistry._register()
+        metadata = TransformerBlockRegistry._registry.get(cls)
+    except (ImportError, AttributeError):        # a diffusers without the registry
+        return
+    if metadata is not None:
+        TransformerBlockRegistry._registry[nested] = metadata
 
 
 def _nested_region(forward: Callable[..., Any]) -> Callable[..., Any]:

@@ -225,6 +225,28 @@ def test_weights_assigned_after_the_compile_are_the_ones_computed_with():
         torch.testing.assert_close(f(**kw)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_diffusers_layer_skip_applied_after_the_compile_finds_the_nested_blocks():
+    """diffusers' skip-layer guiders hook a block away at each such step, and its hooks find the
+    block's metadata in diffusers' registry by the block's exact class: a nested block raised
+    "not registered" there. Applied after the compile, then removed, each call computes what
+    eager does. (Not under fullgraph=True: Dynamo cannot trace the hook's signature lookup, a
+    model not nested included.)"""
+    from diffusers.hooks import HookRegistry, LayerSkipConfig
+    from diffusers.hooks.layer_skip import _apply_layer_skip_hook
+    model, kw = tiny_models.wan(layers=3)
+    kw["return_dict"] = False
+    dit_compile.nest_blocks(model, stamp=True)
+    f = torch.compile(model, backend="mixcache", options={"regions": "eager", "cache": None})
+    with torch.no_grad():
+        full = f(**kw)[0]
+        _apply_layer_skip_hook(model, LayerSkipConfig(indices=[1], fqn="blocks"), name="skip")
+        skipped = f(**kw)[0]
+        torch.testing.assert_close(skipped, model(**kw)[0], rtol=1e-6, atol=1e-6)
+        HookRegistry.check_if_exists_or_initialize(model).remove_hook("skip", recurse=True)
+        torch.testing.assert_close(f(**kw)[0], model(**kw)[0], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(skipped, full, atol=1e-3)
+
+
 def test_restamping_takes_a_weight_put_in_place_without_a_registration():
     """A weight put straight into a block's ``_parameters`` (accelerate's
     set_module_tensor_to_device does) fires no registration hook: the next stamping (each
