@@ -106,6 +106,23 @@ def test_modules_inside_a_nested_block_are_left_as_they_are():
     assert not [(a, b) for a in marked for b in marked if b.startswith(a + ".")]
 
 
+@pytest.mark.parametrize("stamp", [False, True])
+def test_a_block_put_unnested_into_a_nested_stack_is_one_of_its_blocks(stamp):
+    """A block of another model put into a nested stack after nest_blocks (a copy of a nested
+    block comes back nested; this one does not) runs as it is beside its nested mates: the stack
+    is still one of blocks of one kind, and is cached. The region pass told the block's class
+    from theirs, found no stack, and the model ran uncached with a warning that none was traced."""
+    model, kw = tiny_models.wan(layers=3)
+    dit_compile.nest_blocks(model, stamp=stamp)
+    model.blocks[2] = tiny_models.wan(layers=3)[0].blocks[2]
+    assert dit_compile.explain(model, **kw, return_dict=False).stacks == {"blocks": 3}
+    install_trace_hook()
+    f = torch.compile(model, backend="mixcache",
+                      options={"regions": "eager", "cache": {"rule": "schedule", "step": [2]}})
+    _generation(f, kw)
+    assert dit_compile.stats(f)["reused"] == {"step": 1}
+
+
 @pytest.mark.parametrize("reuses", [True, False])
 def test_nest_blocks_warns_where_dynamo_traces_every_nested_call(monkeypatch, reuses, recwarn):
     import dit_compile.passes.nesting as nesting
