@@ -16,6 +16,7 @@ from .frames import (compiled_model, diffusers_caches, diffusers_caches_said, fo
                      retrace_once_after_break, stored_tensors, traced_module, warn_fallback,
                      watch_wrappers)
 from .inductor import compile_graph, compile_pieces, records_autograd
+from .notes import notes
 from .options import Options, inductor_config
 from .passes.inputs import missing_inputs, named_inputs
 from .passes.mutation import writes_inputs
@@ -27,7 +28,7 @@ from .runtime import background
 from .runtime.cache import StateFactory
 from .runtime.executor import Executor, GuardedExecutor
 from .runtime.policy import PolicyError, make_policy
-from .runtime.relay import UNCACHED_TAIL, Head, RelayedExecutor
+from .runtime.relay import Head, RelayedExecutor
 from .slots import (anchor_slot, carriers, computed_outputs, half_batch, head_slots, modulation_of,
                     named_slot, output_shapes, parameter_slots)
 
@@ -107,10 +108,10 @@ def _stitch(gm: fx.GraphModule, example_inputs: list[Any], plan: Plan,
     policy = _policy(opts, rmap, model)
     if policy is None:
         return Executor(plan, fns)
-    tail = forward_tail(gm, model) and bool(model.__dict__.get("_mixcache_head"))
+    tail = forward_tail(gm, model) and notes(model).head
     if _uncacheable(gm, rmap, model, example_inputs, options, tail):
         if tail:    # said why here: the first graph, its record untaken, has nothing to add
-            model.__dict__[UNCACHED_TAIL] = True
+            notes(model).uncached_tail = True
         return Executor(plan, fns)
     # Keyed by the configuration as given, not as resolved for this graph's blocks: a model's
     # graphs with fewer blocks (a guider's hook that skips one for its branch) share the state.
@@ -137,8 +138,7 @@ def _relay_head(gm: fx.GraphModule, example_inputs: list[Any], opts: Options,
     inputs at ``slots``: no blocks in it, so compiled whole, as a prologue is (``regions="blocks"``
     leaves it as it is). It holds the half-batch recipe: only its compile sees the forward's
     arguments."""
-    # Written while Dynamo traces, as frames' flags are: the guards it builds afterwards see it.
-    model._mixcache_head = True     # a later graph of this forward may take the record
+    notes(model).head = True     # a later graph of this forward may take the record
     halves = (half_batch(gm, example_inputs, named_inputs(gm), _half_backend(opts),
                          before_break=True)
               if getattr(make_policy(opts.cache, None), "reuses_cfg", False) else None)
@@ -155,7 +155,7 @@ def _policy(opts: Options, rmap: RegionMap, model: torch.nn.Module | None) -> An
     try:
         policy = make_policy(opts.cache, n_blocks)
     except PolicyError as why:
-        most = 0 if model is None else model.__dict__.get("_mixcache_blocks", 0)
+        most = 0 if model is None else notes(model).blocks
         if n_blocks >= most:
             raise
         # A graph of fewer blocks than the model's first (a guider's hook that skips some for
@@ -166,7 +166,7 @@ def _policy(opts: Options, rmap: RegionMap, model: torch.nn.Module | None) -> An
                       f"fit ({why}): such calls run without caching", stacklevel=3)
         return None
     if model is not None:
-        model._mixcache_blocks = max(n_blocks, model.__dict__.get("_mixcache_blocks", 0))
+        notes(model).blocks = max(n_blocks, notes(model).blocks)
     return policy
 
 

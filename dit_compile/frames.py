@@ -2,8 +2,8 @@
 
 The backend sees one graph at a time; which model it belongs to, what arguments the traced forward
 got, and whether the graph is the whole forward or one fragment of a broken one are only on the
-stack. Warnings that name the model are said once per model (a flag on the model itself: state
-lives with the model, never in a module global). What the backend does before a trace, as a
+stack. Warnings that name the model are said once per model (in the model's own notes:
+state lives with the model, never in a module global). What the backend does before a trace, as a
 mixcache compile starts (layerwise casting made traceable, MoE dispatches lowered, stamped blocks
 restamped), also reads the stack (which backend and options, which model): Dynamo's
 start-of-compile callback is the only hook it has there.
@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 
+from .notes import notes
 from .options import Options
 from .passes.casting import find_casts, functional_casting
 from .passes.moe import find_moe, lower_moe
@@ -205,9 +206,10 @@ def _warn_unused_wrapper(model: torch.nn.Module, options: dict | None, depth: in
             break
     else:
         return
-    if owner.__dict__.get("_mixcache_checked"):
+    noted = notes(owner)    # the wrapper's own, not the model's it hands attributes on to
+    if noted.checked:
         return
-    owner.__dict__["_mixcache_checked"] = True      # once per wrapper, told or not
+    noted.checked = True      # once per wrapper, told or not
     theirs = _wrapper_options(owner)
     try:
         if theirs is not None and Options.parse(theirs) == Options.parse(options):
@@ -277,7 +279,7 @@ def lower_moe_and_retrace(model: torch.nn.Module | None, enabled: bool) -> None:
     if model is None:
         return
     pending = [path for path, lowered in find_moe(model).items() if not lowered]
-    if not pending or not _first_time(model, "_mixcache_moe_seen"):
+    if not pending or not _first_time(model, "moe_seen"):
         return
     name = f"mixcache: {type(model).__name__}: {len(pending)} MoE dispatch(es) " \
            f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''})"
@@ -290,7 +292,7 @@ def lower_moe_and_retrace(model: torch.nn.Module | None, enabled: bool) -> None:
         return
     lowered = lower_moe(model)
     forget_forward(model)
-    model._mixcache_retrace = True      # this call's other graphs: fragments of a forward now gone
+    notes(model).retrace = True      # this call's other graphs: fragments of a forward now gone
     warnings.warn(f"{name} broke the graph: lowered {lowered} in place to one fused op "
                   "(dit_compile::moe_ffn, as dit_compile.lower_moe does). This first call runs in "
                   "fragments, the next ones as one graph. dit_compile.restore_moe(model) undoes it; "
@@ -350,7 +352,7 @@ def _retraced(model: torch.nn.Module) -> bool:
     gives up on each frame an exception leaves (a wrong input: a float timestep) and runs it
     eagerly from then on, the forward's among them, so the next good call's graphs would be
     fragments, though the forward itself does not break."""
-    spent = model.__dict__.get("_mixcache_retraced")
+    spent = notes(model).retraced
     return spent is not None and spent == _raised_calls()
 
 
@@ -364,8 +366,7 @@ def _raised_calls() -> int:
 def _forget_once(model: torch.nn.Module) -> None:
     if _retraced(model):
         return
-    # Written while Dynamo traces: the guards it builds afterwards see it, so no recompile.
-    model._mixcache_retraced = _raised_calls()
+    notes(model).retraced = _raised_calls()
     if forget_forward(model):
         log.info("mixcache: %s: a graph break split the forward; tracing it again at the next "
                  "call", type(model).__name__)
@@ -503,7 +504,7 @@ def warn_fallback(gm: fx.GraphModule, why: NoBlockStructure | None, config: Any 
         return
     if fragment and isinstance(config, dict) and "cache" in config and config["cache"] is None:
         return      # caching was not asked for, and each graph is compiled by regions as it is
-    if _retrace_pending(root) or not _first_time(root, "_mixcache_fallback_warned", config):
+    if _retrace_pending(root) or not _first_time(root, "fallback_warned", config):
         return
     name = type(root).__name__ if root is not None else "the traced function"
     if fragment:
@@ -545,7 +546,7 @@ def _pipeline_code() -> bool:
     if "/diffusers/" not in path or "/diffusers/models/" in path or "/diffusers/hooks/" in path:
         return False
     owner = getattr(tx, "f_locals", {}).get("self")
-    if owner is None or _first_time(owner, "_mixcache_pipeline_told"):
+    if owner is None or _first_time(owner, "pipeline_told"):
         warnings.warn("mixcache: torch.compile was given a diffusers pipeline's code (its "
                       "sampler, its scheduler's step): its graphs around the "
                       "transformer run as Inductor compiles them, uncached; the transformer's "
@@ -824,25 +825,25 @@ def _retrace_pending(model: torch.nn.Module | None) -> bool:
     """Whether ``model``'s MoE was lowered during this call (``lower_moe_and_retrace``): its graphs
     are fragments of a forward that the next call traces again, so no fallback to warn of yet. The
     next trace of the forward itself ends the wait."""
-    if model is None or not model.__dict__.get("_mixcache_retrace"):
+    if model is None or not notes(model).retrace:
         return False
     if not _tracing(_forward_codes(model)):
         return True
-    del model._mixcache_retrace
+    notes(model).retrace = False
     return False
 
 
-def _first_time(model: torch.nn.Module | None, flag: str, config: Any = None) -> bool:
-    """True the first time ``flag`` is asked of ``model`` for ``config`` (always, with no model to
-    hold it): every graph-break fragment and every recompile reaches the backend, the user needs to
-    hear it once, and again if the model is compiled anew with other options."""
+def _first_time(model: Any, said: str, config: Any = None) -> bool:
+    """True the first time ``said`` (a field of ``Notes``) is asked of ``model`` for ``config``
+    (always, with no model to hold it): every graph-break fragment and every recompile reaches the
+    backend, the user needs to hear it once, and again if the model is compiled anew with other
+    options."""
     if model is None:
         return True
-    key = repr(config)
-    if getattr(model, flag, None) == key:
+    noted, key = notes(model), repr(config)
+    if getattr(noted, said) == key:
         return False
-    # Written while Dynamo traces: the guards it builds afterwards see it, so no recompile.
-    setattr(model, flag, key)
+    setattr(noted, said, key)
     return True
 
 

@@ -29,8 +29,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..checks import expect_module, is_torch_nn
+from ..notes import notes
 from .mutation import example_value
-from .stamping import (OUT, STAMP, STAMPED, flat_output, restamp, stamp_mark, stamped_block,
+from .stamping import (OUT, STAMP, flat_output, restamp, stamp_mark, stamped_block,
                        stamping, tensor_leaves)
 
 NESTED_FROM = "_dit_compile_nested_from"    # on a nested subclass: the class it stands in for
@@ -85,7 +86,7 @@ def nest_blocks(model: nn.Module, stamp: bool = False) -> int:
         for block in stack:
             block.__class__ = _nested(_original(type(block)))
             n += 1
-    model.__dict__[STAMPED] = stamp
+    notes(model).stamp = stamp
     restamp(model)
     return n
 
@@ -95,7 +96,7 @@ def unnest_blocks(model: nn.Module) -> int:
     many were marked."""
     expect_module(model, "unnest_blocks unmarks the blocks of")
     restamp(model, on=False)
-    model.__dict__.pop(STAMPED, None)
+    notes(model).stamp = None
     n = 0
     for module in model.modules():
         original = type(module).__dict__.get(NESTED_FROM)

@@ -31,8 +31,9 @@ backend's trace (a user's ``torch.compile``, ``export``, ``explain``, the half-b
 forward's Inductor) takes the blocks as nested regions. The op's real implementation runs the block
 eagerly, what a call that was not replaced does (with a warning).
 
-State: the op is handed a block by a number, so the stamped blocks live in one process-wide table
-of weak references (``_blocks``): a custom op takes tensors and numbers, never a module.
+State: what ``nest_blocks`` asked is the model's (``notes(model).stamp``). The op is handed a
+block by a number, so the stamped blocks live in one process-wide table of weak references
+(``_blocks``): a custom op takes tensors and numbers, never a module.
 """
 from __future__ import annotations
 
@@ -53,10 +54,11 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ..notes import notes
+
 log = logging.getLogger("dit_compile")
 
 STAMP = "_dit_compile_stamp"    # on a block: (its key, its stack's first block's key, its state)
-STAMPED = "_dit_compile_stamped"    # on a model: nest_blocks(model, stamp=True) asked for it
 UNSTAMPABLE = "_dit_compile_unstampable"    # on a block: why stamp_blocks could not replace it
 _OURS = frozenset({STAMP, UNSTAMPABLE})
 _blocks: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
@@ -92,9 +94,10 @@ def restamp(model: nn.Module, on: bool = True) -> int:
     block's stamp is kept, the same object, where nothing in it changed: Dynamo guards on it,
     and each compile of the model (the half-batch forward's too) starts here."""
     from .nesting import NESTED_FROM, block_stacks
-    if STAMPED not in model.__dict__:
-        return 0        # never stamped: nothing to undo
-    on = on and bool(model.__dict__[STAMPED])
+    asked = notes(model).stamp
+    if asked is None:
+        return 0        # never nested: nothing to undo
+    on = on and asked
     n = 0
     stacks = block_stacks(model).values()
     # A block out of every stack now (its stack's classes mixed since: one block wrapped) keeps

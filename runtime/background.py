@@ -240,9 +240,13 @@ class Swapping:
 def register(model: torch.nn.Module, fns: Sequence[Callable[..., Any]]) -> None:
     """Note ``fns``' pieces compiling in the background on ``model``, for ``wait``; weakly, so a
     graph Dynamo drops takes its pieces with it."""
+    from ..notes import notes    # not at the top: the child runs this file alone (WORKER)
     pieces = [f for f in fns if isinstance(f, Swapping)]
     if pieces:
-        model.__dict__.setdefault("_mixcache_background", _Pieces()).update(pieces)
+        noted = notes(model)
+        if noted.background is None:
+            noted.background = _Pieces()
+        noted.background.update(pieces)
     for piece in pieces:
         piece.job.forward = type(model).forward
 
@@ -263,8 +267,9 @@ def wait(model: torch.nn.Module, timeout: float | None = None) -> int:
     """Wait for ``model``'s child processes and swap in what they compiled; the number of pieces
     swapped in. A failed child's pieces stay uncompiled until their next call compiles them here
     (with the warning)."""
+    from ..notes import notes    # not at the top: the child runs this file alone (WORKER)
     model = getattr(model, "_orig_mod", model)
-    pieces = list(model.__dict__.get("_mixcache_background", ()))
+    pieces = list(notes(model).background or ())
     # A graph serves every instance of the class (Dynamo keeps it on the forward's code): Wan
     # 2.2's two experts run the pieces the first one's call compiled.
     pieces += [p for job in list(_children) if job.forward is type(model).forward

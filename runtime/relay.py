@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..notes import notes
 from ..passes.split import Plan
 from .executor import Executor, GuardedExecutor, check_residual_shapes
 from .halves import HalfBatch
@@ -36,9 +37,6 @@ TAG = "_mixcache_call"      # the attribute a head's output tensors carry their 
 # Calls of a head whose records no graph took before the runtime says that nothing is cached (the
 # first may be retraced: a break that only a first call's lazy setup makes).
 UNTAKEN_AFTER = 3
-# On a model: a graph holding its blocks after the break was compiled uncached, and said why
-# (autograd recording the call, a write into an input): its records go untaken for that reason.
-UNCACHED_TAIL = "_mixcache_uncached_tail"
 
 
 @dataclass(eq=False)
@@ -74,8 +72,7 @@ class Head:
         latent, t, text = (None if s is None else args[s] for s in self.slots)
         record = CallInputs(latent, t, text, self, args)
         self.calls += 1
-        if (self.calls == UNTAKEN_AFTER and not self.taken
-                and not getattr(self._model(), "__dict__", {}).get(UNCACHED_TAIL)):
+        if (self.calls == UNTAKEN_AFTER and not self.taken and not self._uncached_tail()):
             # The forward broke again after this graph, inside its block loop (HunyuanVideo
             # FramePack's text cut by .item()): each block is a graph of its own, no graph runs
             # the blocks whole, and each of those graphs alone was left quiet for this one to
@@ -93,6 +90,13 @@ class Head:
         # it kept the graph's inputs, the model's weights among them, past the model's deletion.
         self._last.record = weakref.ref(record)
         return outs
+
+    def _uncached_tail(self) -> bool:
+        """Whether the graph holding the blocks after the break was compiled uncached and said
+        why (autograd recording the call, a write into an input): the records go untaken for that
+        reason."""
+        model = self._model()
+        return model is not None and notes(model).uncached_tail
 
     def last(self) -> CallInputs | None:
         ref = getattr(self._last, "record", None)

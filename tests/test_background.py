@@ -9,11 +9,12 @@ import torch
 
 import dit_compile
 import tiny_models
+from dit_compile.notes import notes
 from dit_compile.runtime import background
 
 
 def _pieces(model):
-    return sorted(model.__dict__["_mixcache_background"], key=lambda p: p.index)
+    return sorted(notes(model).background, key=lambda p: p.index)
 
 
 def _blocks_in_background():
@@ -57,7 +58,7 @@ def test_regions_run_uncompiled_until_the_child_is_done_then_compiled(monkeypatc
         assert all(p.fn is None for p in pieces)
         torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mlp_first, mlp(x))
-        (mlp_piece,) = mlp.__dict__["_mixcache_background"]
+        (mlp_piece,) = notes(mlp).background
         assert mlp_piece.eager_calls == 1 and mlp_piece.fn is None
 
         assert dit_compile.wait_for_compiles(compiled) == 3
@@ -79,8 +80,12 @@ def test_regions_run_uncompiled_until_the_child_is_done_then_compiled(monkeypatc
     import copy
     import io
     twin = copy.deepcopy(model)
-    torch.save(model, io.BytesIO())
-    assert len(twin.__dict__["_mixcache_background"]) == 0
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    assert len(notes(twin).background) == len(notes(loaded).background) == 0
+    assert notes(twin).blocks == notes(loaded).blocks == notes(model).blocks == 3     # the rest go along
     with torch.no_grad():
         torch.testing.assert_close(twin(**kw, return_dict=False)[0], ref, rtol=1e-5, atol=1e-5)
 
@@ -113,7 +118,7 @@ def test_a_graph_that_cannot_go_to_a_child_or_finds_no_room_compiles_now(monkeyp
         ref = model(**kw, return_dict=False)[0]
     assert any("cannot compile in the background (TypeError: cannot pickle 'Thing' object); "
                "compiling now" in str(w.message) for w in caught)
-    assert "_mixcache_background" not in model.__dict__          # nothing left to wait for
+    assert notes(model).background is None          # nothing left to wait for
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
     # Nor past the children that may compile at once: silently, as without the option.
@@ -125,7 +130,7 @@ def test_a_graph_that_cannot_go_to_a_child_or_finds_no_room_compiles_now(monkeyp
         warnings.simplefilter("always")
         out = compiled(**kw, return_dict=False)[0]
     assert not [w for w in caught if "mixcache" in str(w.message)]
-    assert "_mixcache_background" not in model.__dict__
+    assert notes(model).background is None
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -179,7 +184,7 @@ def test_a_call_autograd_records_compiles_here_and_its_gradients_are_eagers():
     ref = copy.deepcopy(model)
     compiled(**kw, return_dict=False)[0].square().mean().backward()
     assert dit_compile.wait_for_compiles(compiled) == 0
-    assert "_mixcache_background" not in model.__dict__
+    assert notes(model).background is None
     model.zero_grad(set_to_none=True)
     out = compiled(**kw, return_dict=False)[0]
     out.square().mean().backward()
