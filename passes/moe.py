@@ -415,7 +415,7 @@ class _Stacked:
         return False
 
 
-_STACKED = _Stacked()
+_STACKED = _Stacked()    # a constant, no state: the mark is its identity, which a copy lacks
 _STACKED_ATTR = "_dit_moe_stacked"
 
 
@@ -458,7 +458,10 @@ def _stack_projection(module: nn.Module, spec: _MoESpec, k: int,
 # process-wide (installed at the first stack: then a dictionary lookup per parameter registered
 # anywhere), and runs before the assignment, handed the new parameter. A weight the stack cannot
 # take (another shape, dtype or device than its experts') undoes the lowering, with a warning: the
-# module's own loop then runs it.
+# module's own loop then runs it. Handed only the layer, the hook finds its module in a global
+# table: a reference held on each layer instead would copy and pickle with it (a weakref does not
+# pickle, and a copy's would name the original module) and be among the attributes that stamping
+# compares between blocks.
 _projections: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, int]]" = \
     weakref.WeakKeyDictionary()     # projection layer -> (its dispatching module, which stack)
 _hook: list = []

@@ -31,9 +31,11 @@ backend's trace (a user's ``torch.compile``, ``export``, ``explain``, the half-b
 forward's Inductor) takes the blocks as nested regions. The op's real implementation runs the block
 eagerly, what a call that was not replaced does (with a warning).
 
-State: what ``nest_blocks`` asked is the model's (``notes(model).stamp``). The op is handed a
-block by a number, so the stamped blocks live in one process-wide table of weak references
-(``_blocks``): a custom op takes tensors and numbers, never a module.
+State: what ``nest_blocks`` asked is the model's (``notes(model).stamp``), a block's stamp and its
+stack's fake layouts the block's own. Two tables are process-wide, each because what reads it is
+handed no model: the op gets a block by a number (a custom op takes tensors and numbers, never a
+module), so the stamped blocks are found by key in ``_blocks``; torch's registration hooks get
+the submodule assigned into, and find its stamped block in ``_owners``. Both hold weakly.
 """
 from __future__ import annotations
 
@@ -60,7 +62,10 @@ log = logging.getLogger("dit_compile")
 
 STAMP = "_dit_compile_stamp"    # on a block: (its key, its stack's first block's key, its state)
 UNSTAMPABLE = "_dit_compile_unstampable"    # on a block: why stamp_blocks could not replace it
-_OURS = frozenset({STAMP, UNSTAMPABLE})
+# On a stack's first block: the layouts of its stamped calls' outputs, by the calls' (``_fake``).
+FAKE_LAYOUTS = "_dit_compile_fake_layouts"
+_OURS = frozenset({STAMP, UNSTAMPABLE, FAKE_LAYOUTS})
+# Key -> stamped block: global, as the op is handed a number, never the block (module docstring).
 _blocks: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
 _keys = itertools.count()
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
@@ -115,7 +120,7 @@ def restamp(model: nn.Module, on: bool = True) -> int:
         _set(stack[0], (keys[0], keys[0], ()))
         # The layouts a stamped call's fake kept are this compile's: an attribute of every block
         # changed since (Dynamo's guard on the first block made this compile) may change them.
-        _fake_outputs.pop(stack[0], None)
+        stack[0].__dict__.pop(FAKE_LAYOUTS, None)
         for block, key in zip(list(stack)[1:], keys[1:]):
             why = block.__dict__.get(UNSTAMPABLE) or unlike(stack[0], block)
             if why is None:
@@ -140,7 +145,10 @@ def _set(block: nn.Module, stamp: tuple) -> None:
 # loaded with ``assign=True``, an adapter injected into some blocks): Dynamo guards the first
 # block's, not the stamped ones'. Dropping the block's stamp fails the guard on it, so the next
 # call traces again, and the compile's start stamps the block anew, or not where it is no longer
-# alike. torch's registration hooks are process-wide; installed at the first stamp.
+# alike. torch's registration hooks are process-wide; installed at the first stamp. Handed only the
+# submodule, they find its block in a global table: a reference held on each submodule instead
+# would be among the attributes ``unlike`` compares, and copy and pickle with it (a weakref does
+# not pickle, and a copy's would name the original's block).
 _owners: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _hooks: list = []
 
@@ -323,7 +331,7 @@ def _(key: int, spec: str, leaves: list[torch.Tensor], tensors: list[torch.Tenso
     if stamp is None or layout is None:
         return _fake_run(key, spec, leaves, tensors)
     first = _blocks.get(stamp[1])
-    seen = _fake_outputs.setdefault(first, {}) if first is not None else {}
+    seen = first.__dict__.setdefault(FAKE_LAYOUTS, _Layouts()) if first is not None else {}
     if (spec, layout) not in seen:
         outs = _fake_run(key, spec, leaves, tensors)
         kept = _layout(outs)
@@ -347,8 +355,12 @@ def _fake_run(key: int, spec: str, leaves: list[torch.Tensor],
         return _run(key, spec, leaves, tensors)
 
 
-# The first block of a stack -> {(spec, layout of a call's tensors): its outputs' layouts}.
-_fake_outputs: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+class _Layouts(dict):
+    """``FAKE_LAYOUTS``: {(spec, layout of a call's tensors): its outputs' layouts}. A compile's,
+    not the model's: a copy of the model (``copy.deepcopy``, ``torch.save``) gets none."""
+
+    def __reduce__(self) -> tuple:
+        return _Layouts, ()
 
 
 def _layout(xs: list[torch.Tensor]) -> tuple | None:
