@@ -138,107 +138,37 @@ class HalfBatch:
         (``for_outputs``)."""
         if module is None or frame is None:
             return "the traced module or its call arguments are unknown"
-        try:
-            sig = inspect.signature(module.forward)
-            bound = _bind(sig, frame)
-        except (TypeError, ValueError) as e:
-            return f"cannot read the arguments of {type(module).__name__}.forward ({e})"
-        if bound is None:
-            return f"cannot read the arguments of {type(module).__name__}.forward"
-
+        forward = _bind_forward(module, frame)
+        if isinstance(forward, str):
+            return forward
+        sig, bound = forward
+        # Arguments are matched to graph inputs by identity: Dynamo hands the backend the real
+        # tensors of the first call, which fake ones are not.
         if any(isinstance(x, torch._subclasses.FakeTensor) for x in example_inputs):
             return "the backend was given fake example inputs, so arguments cannot be matched"
         index = {id(x): i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor)}
-        args: dict[str, tuple[pytree.TreeSpec, list[tuple[str, Any]]]] = {}
-        covered: set[int] = set()
-        per_sample: set[int] = set()
+        # A batch given as lists of per-sample tensors (Z-Image) is halved as lists: their
+        # elements are whole samples, neither per-sample leaves nor halved themselves.
         lists = {name for name, value in bound.items() if samples and _sample_list(value, index, batch)}
-        # Numbers the call passes as arguments of their own that Dynamo made dynamic (LTX's
-        # height and width, once a generation at another size recompiled): graph inputs, taken
-        # from each call as tensors are.
-        number_inputs = {name: i for i, ((source, _), x) in enumerate(zip(placeholders, example_inputs))
-                         if isinstance(x, (int, float, torch.SymInt, torch.SymFloat))
-                         for name in [_argument(source, frame, bound)] if name}
-        for name, value in bound.items():
-            leaves, spec = pytree.tree_flatten(value)
-            recipe = []
-            if (name in number_inputs and isinstance(value, (int, float))
-                    and not isinstance(value, bool)):
-                covered.add(number_inputs[name])
-                args[name] = (spec, [(_IN, number_inputs[name])])
-                continue
-            for leaf in leaves:
-                if isinstance(leaf, torch.Tensor) and id(leaf) in index:
-                    recipe.append((_IN, index[id(leaf)]))
-                    covered.add(index[id(leaf)])
-                elif isinstance(leaf, torch.Tensor) and before_break:
-                    return (f"the argument {name} of {type(module).__name__}.forward is read "
-                            "only after the graph break, where the half forward cannot be "
-                            "handed it")
-                elif isinstance(leaf, torch.Tensor):
-                    recipe.append((_UNUSED, (tuple(leaf.shape), leaf.dtype, leaf.device,
-                                             leaf.dim() >= 1 and leaf.shape[0] == batch)))
-                else:
-                    recipe.append((_CONST, leaf))
-            if isinstance(value, torch.Tensor):
-                if id(value) in index:
-                    per_sample.add(index[id(value)])
-            elif name not in lists:
-                per_sample |= _per_sample_leaves(value, index, batch)
-            args[name] = (spec, recipe)
+        taken = _argument_recipes(type(module).__name__, bound, frame, placeholders, example_inputs,
+                                  index, lists, batch, before_break)
+        if isinstance(taken, str):
+            return taken
+        args, covered, per_sample = taken
         if samples and not any(set(samples) <= {index[id(x)] for x in bound[n]} for n in lists):
             return "the per-sample latents are not one list argument of forward"
-
-        named = {id(t): n for n, t in (*module.named_parameters(remove_duplicate=False),
-                                       *module.named_buffers(remove_duplicate=False))}
-        state = []
-        for i, ((source, from_module), x) in enumerate(zip(placeholders, example_inputs)):
-            if (isinstance(x, (int, float, torch.SymInt, torch.SymFloat)) and i not in covered
-                    and not source.startswith(("L['self']", "self")) and not _DERIVED.search(source)):
-                # A dynamic number the call passes inside another argument: the recipe would hold
-                # this call's value as a constant, and a later call at another value get it.
-                return (f"graph input {source} is a number the call passes, which this graph "
-                        "takes at any value, and the half forward would replay the compiling "
-                        "call's")
-            if not isinstance(x, torch.Tensor) or i in covered or (from_module and i in numbers):
-                continue
-            if not from_module and isinstance(_resolve(source, frame), (int, float)):
-                # A float inside an argument (a LoRA scale in attention_kwargs), which Dynamo
-                # passes as a tensor once a second value made it dynamic.
-                return (f"graph input {source} is a number the call passes inside an argument, "
-                        "which this graph takes at any value, and the half forward would replay "
-                        "the compiling call's")
-            if not from_module:
-                return f"graph input {source} is not a tensor argument of forward"
-            if id(x) in named:
-                state.append((named[id(x)], i))
-            # Any other tensor of the module's (a table kept as a plain attribute) is read by the
-            # forward from the instance called, which is where Dynamo took this input from.
-        if batch < 2 or batch % 2:
-            return f"the batch ({batch}) is not two halves"
-        one_run = range(min(sample_outs, default=0), max(sample_outs, default=-1) + 1)
-        if list(sample_outs) != list(one_run) or (samples and len(one_run) != batch):
-            return "the per-sample outputs are not one list of the graph's outputs"
-        # The region pass's latent/text/timestep, any other tensor passed as an argument of its
-        # own, and the batch-sized tensors inside an argument (see _per_sample_leaves): all carry
-        # the batch when their dim 0 is 2k. Elements of a per-sample list are whole samples.
+        # What no argument covers is the module's own, taken from the instance called.
+        state = _state_inputs(module, frame, placeholders, example_inputs, covered, numbers)
+        if isinstance(state, str):
+            return state
+        one_run = _one_run(batch, samples, sample_outs)
+        if isinstance(one_run, str):
+            return one_run
         listed = {index[id(x)] for n in lists for x in bound[n]}
-        batch_inputs = dict.fromkeys(sorted((set(batch_roles) | per_sample) - listed), 0)
-        for i in batch_inputs.keys() - set(batch_roles):
-            # A tensor whose batch is in another dim: passed whole, the forward's view to its
-            # batch would fold both prompts into one sample. Halved in dim 1 where the graph
-            # takes it one index of dim 0 at a time (HiDream's Llama states), else refused.
-            x = example_inputs[i]
-            if i in layered and isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[1] == batch:
-                batch_inputs[i] = 1     # dim 0 indexes layers, even where it is as long
-                continue
-            if (isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] != batch
-                    and batch in x.shape[1:]):
-                dim = list(x.shape).index(batch, 1)
-                return (f"graph input {placeholders[i][0]} {tuple(x.shape)} carries the batch "
-                        f"({batch}) in dim {dim}, not dim 0, where the graph does not take it one "
-                        "index of dim 0 at a time, so the half forward cannot tell which dim to "
-                        "halve")
+        batch_inputs = _batch_dims(placeholders, example_inputs, batch_roles, per_sample, listed,
+                                   layered, batch)
+        if isinstance(batch_inputs, str):
+            return batch_inputs
         recipe = cls(type(module), sig, args, state, batch_inputs, [], backend, frozenset(lists),
                      one_run, batch=batch)
         return recipe if before_break else recipe.for_outputs(out_shapes)
@@ -345,6 +275,149 @@ class HalfBatch:
             warnings.warn(f"mixcache: {self.owner.__name__}: batched-CFG call: {why}; computing "
                           "the full batch instead of one half", stacklevel=3)
         return None
+
+
+# The recipe's steps (``HalfBatch.build`` calls them in order): each returns its part of the recipe,
+# or, as a str, why there is none.
+
+_Recipes = dict[str, tuple[pytree.TreeSpec, list[tuple[str, Any]]]]
+
+
+def _bind_forward(module: torch.nn.Module, frame: Mapping[str, Any]
+                  ) -> tuple[inspect.Signature, dict[str, Any]] | str:
+    """The signature of ``module``'s bound forward and the traced call's arguments by parameter
+    name (``_bind``), or why they cannot be read."""
+    try:
+        sig = inspect.signature(module.forward)
+        bound = _bind(sig, frame)
+    except (TypeError, ValueError) as e:
+        return f"cannot read the arguments of {type(module).__name__}.forward ({e})"
+    if bound is None:
+        return f"cannot read the arguments of {type(module).__name__}.forward"
+    return sig, bound
+
+
+def _argument_recipes(owner: str, bound: Mapping[str, Any], frame: Mapping[str, Any],
+                      placeholders: Sequence[tuple[str, bool]], example_inputs: Sequence[Any],
+                      index: Mapping[int, int], lists: set[str], batch: int, before_break: bool
+                      ) -> tuple[_Recipes, set[int], set[int]] | str:
+    """Each argument of forward (``bound``) as a pytree spec and leaf recipes: a graph input
+    (``index``: tensor id -> graph input), a constant, or an unused tensor's shape (passed as
+    zeros). Returns the recipes, the graph inputs they cover, and the graph inputs of the
+    batch-sized tensors inside an argument (``_per_sample_leaves``; not of the per-sample
+    ``lists``); or, under ``before_break``, why an unused tensor argument cannot be passed
+    (``owner``: the module's class name, for that reason)."""
+    args: _Recipes = {}
+    covered: set[int] = set()
+    per_sample: set[int] = set()
+    # Numbers the call passes as arguments of their own that Dynamo made dynamic (LTX's
+    # height and width, once a generation at another size recompiled): graph inputs, taken
+    # from each call as tensors are.
+    number_inputs = {name: i for i, ((source, _), x) in enumerate(zip(placeholders, example_inputs))
+                     if isinstance(x, (int, float, torch.SymInt, torch.SymFloat))
+                     for name in [_argument(source, frame, bound)] if name}
+    for name, value in bound.items():
+        leaves, spec = pytree.tree_flatten(value)
+        recipe = []
+        if (name in number_inputs and isinstance(value, (int, float))
+                and not isinstance(value, bool)):
+            covered.add(number_inputs[name])
+            args[name] = (spec, [(_IN, number_inputs[name])])
+            continue
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and id(leaf) in index:
+                recipe.append((_IN, index[id(leaf)]))
+                covered.add(index[id(leaf)])
+            elif isinstance(leaf, torch.Tensor) and before_break:
+                return (f"the argument {name} of {owner}.forward is read "
+                        "only after the graph break, where the half forward cannot be "
+                        "handed it")
+            elif isinstance(leaf, torch.Tensor):
+                recipe.append((_UNUSED, (tuple(leaf.shape), leaf.dtype, leaf.device,
+                                         leaf.dim() >= 1 and leaf.shape[0] == batch)))
+            else:
+                recipe.append((_CONST, leaf))
+        if isinstance(value, torch.Tensor):
+            if id(value) in index:
+                per_sample.add(index[id(value)])
+        elif name not in lists:
+            per_sample |= _per_sample_leaves(value, index, batch)
+        args[name] = (spec, recipe)
+    return args, covered, per_sample
+
+
+def _state_inputs(module: torch.nn.Module, frame: Mapping[str, Any],
+                  placeholders: Sequence[tuple[str, bool]], example_inputs: Sequence[Any],
+                  covered: set[int], numbers: frozenset[int]) -> list[tuple[str, int]] | str:
+    """The graph inputs the arguments do not cover (``covered``) that are the module's parameters
+    or buffers, by name, for ``functional_call``; or why a graph input is neither an argument's
+    nor the module's (``numbers``: see ``HalfBatch.build``)."""
+    named = {id(t): n for n, t in (*module.named_parameters(remove_duplicate=False),
+                                   *module.named_buffers(remove_duplicate=False))}
+    state = []
+    for i, ((source, from_module), x) in enumerate(zip(placeholders, example_inputs)):
+        if (isinstance(x, (int, float, torch.SymInt, torch.SymFloat)) and i not in covered
+                and not source.startswith(("L['self']", "self")) and not _DERIVED.search(source)):
+            # A dynamic number the call passes inside another argument: the recipe would hold
+            # this call's value as a constant, and a later call at another value get it.
+            return (f"graph input {source} is a number the call passes, which this graph "
+                    "takes at any value, and the half forward would replay the compiling "
+                    "call's")
+        if not isinstance(x, torch.Tensor) or i in covered or (from_module and i in numbers):
+            continue
+        if not from_module and isinstance(_resolve(source, frame), (int, float)):
+            # A float inside an argument (a LoRA scale in attention_kwargs), which Dynamo
+            # passes as a tensor once a second value made it dynamic.
+            return (f"graph input {source} is a number the call passes inside an argument, "
+                    "which this graph takes at any value, and the half forward would replay "
+                    "the compiling call's")
+        if not from_module:
+            return f"graph input {source} is not a tensor argument of forward"
+        if id(x) in named:
+            state.append((named[id(x)], i))
+        # Any other tensor of the module's (a table kept as a plain attribute) is read by the
+        # forward from the instance called, which is where Dynamo took this input from.
+    return state
+
+
+def _one_run(batch: int, samples: Sequence[int], sample_outs: Sequence[int]) -> range | str:
+    """The graph outputs of the per-sample results (empty where the latent is one tensor), or why
+    the batch is not two halves or those outputs are not one run of ``batch`` of them."""
+    if batch < 2 or batch % 2:
+        return f"the batch ({batch}) is not two halves"
+    one_run = range(min(sample_outs, default=0), max(sample_outs, default=-1) + 1)
+    if list(sample_outs) != list(one_run) or (samples and len(one_run) != batch):
+        return "the per-sample outputs are not one list of the graph's outputs"
+    return one_run
+
+
+def _batch_dims(placeholders: Sequence[tuple[str, bool]], example_inputs: Sequence[Any],
+                batch_roles: Sequence[int], per_sample: set[int], listed: set[int],
+                layered: frozenset[int], batch: int) -> dict[int, int] | str:
+    """The graph inputs that carry the batch, each with the dim it is in (halved there by the
+    half forward), from the region pass's ``batch_roles`` and the arguments' ``per_sample``
+    tensors, less the ``listed`` elements of per-sample lists; or why a tensor's batch is in a
+    dim that cannot be told (``layered``: see ``HalfBatch.build``)."""
+    # The region pass's latent/text/timestep, any other tensor passed as an argument of its
+    # own, and the batch-sized tensors inside an argument (see _per_sample_leaves): all carry
+    # the batch when their dim 0 is 2k. Elements of a per-sample list are whole samples.
+    batch_inputs = dict.fromkeys(sorted((set(batch_roles) | per_sample) - listed), 0)
+    for i in batch_inputs.keys() - set(batch_roles):
+        # A tensor whose batch is in another dim: passed whole, the forward's view to its
+        # batch would fold both prompts into one sample. Halved in dim 1 where the graph
+        # takes it one index of dim 0 at a time (HiDream's Llama states), else refused.
+        x = example_inputs[i]
+        if i in layered and isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[1] == batch:
+            batch_inputs[i] = 1     # dim 0 indexes layers, even where it is as long
+            continue
+        if (isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] != batch
+                and batch in x.shape[1:]):
+            dim = list(x.shape).index(batch, 1)
+            return (f"graph input {placeholders[i][0]} {tuple(x.shape)} carries the batch "
+                    f"({batch}) in dim {dim}, not dim 0, where the graph does not take it one "
+                    "index of dim 0 at a time, so the half forward cannot tell which dim to "
+                    "halve")
+    return batch_inputs
 
 
 def _called(owner: type) -> torch.nn.Module | None:
