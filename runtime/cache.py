@@ -354,31 +354,70 @@ class CacheState:
         if self._guidance_ended(t, signature, latent):
             # The pipeline stopped guidance mid-generation (Z-Image's cfg_truncation): the same
             # generation goes on at half the batch, with nothing cached under the old layout.
-            self._drop_cache()
-            self._signature, self._halves = signature, False
-            self._signatures, self._last_signature = (signature,), None
+            self._end_guidance(signature)
         same_t = t == self._last_t
         repeat = same_t and signature == self._last_signature
         own = signature == self._signature      # branch 0's shape: not a pass
         new_run = run is not None and (self._run is None or self._run() is not run)
-        branch = repeat and (latent is None or _same(self._latent if own else self._pass_latent,
-                                                     latent)
-                             # Within a sampler run, another text than the step's first call's
-                             # is a guidance branch even on another latent: Cosmos' video-to-world
-                             # noises its condition frames afresh for each branch. (A second-order
-                             # sampler's next evaluation at the level keeps the first's text.)
-                             or (run is not None and not new_run and text is not None
-                                 and (first := self.branches.get(0)) is not None
-                                 and first.text is not None and not _same(first.text, text)))
+        branch = repeat and self._is_branch(own, text, latent, run, new_run)
         next_b = self._branch + 1
-        # A guidance pass of another batch (see the module doc): only within a sampler run,
-        # whose timesteps say that the same timestep is the same step.
-        passes = (same_t and run is not None and not new_run and self._signature is not None
-                  and signature != self._last_signature and next_b < MAX_BRANCHES
-                  and (signature == self._signatures[next_b] if next_b < len(self._signatures)
-                       else self._step == 0))
+        passes = same_t and self._is_pass(signature, run, new_run, next_b)
         self._run = None if run is None else weakref.ref(run)
-        if ((not own and not passes and not branch) or self._last_t is None
+        if self._starts_generation(t, signature, timestep, run, new_run, own, repeat, branch,
+                                   passes, next_b):
+            self._note_rise(t, new_run)
+            self._start_generation(t, signature, halves, run)
+            own = True
+        elif branch or passes:
+            self._branch += 1
+        else:
+            self._next_step()
+        self._settle_layout(signature, halves, own)
+        self._remember(t, timestep, latent, own)
+        self._check_branch(graph, text, latent)
+        return Step(self.generation, self._step, self._branch, t, self._halves and own, groups)
+
+    # -- begin's steps: each reads or moves the placement, as ``begin`` calls it -------------
+    def _end_guidance(self, signature: Any) -> None:
+        """Go on with the generation under the layout of ``signature`` (half the batch, no
+        halves), nothing cached under the old one: the calls so far were its first step."""
+        self._drop_cache()
+        self._signature, self._halves = signature, False
+        self._signatures, self._last_signature = (signature,), None
+
+    def _is_branch(self, own: bool, text: torch.Tensor | None, latent: torch.Tensor | None,
+                   run: torch.Tensor | None, new_run: bool) -> bool:
+        """Whether a call that repeats the last one's timestep and signature is the step's next
+        guidance branch rather than another step: on the step's latent (the pass's, ``own``
+        False), or on any latent where its text differs within a sampler run."""
+        return (latent is None or _same(self._latent if own else self._pass_latent, latent)
+                # Within a sampler run, another text than the step's first call's
+                # is a guidance branch even on another latent: Cosmos' video-to-world
+                # noises its condition frames afresh for each branch. (A second-order
+                # sampler's next evaluation at the level keeps the first's text.)
+                or (run is not None and not new_run and text is not None
+                    and (first := self.branches.get(0)) is not None
+                    and first.text is not None and not _same(first.text, text)))
+
+    def _is_pass(self, signature: Any, run: torch.Tensor | None, new_run: bool,
+                 next_b: int) -> bool:
+        """Whether a call at the last one's timestep, of another signature, is the step's
+        guidance pass of another batch (see the module doc) at branch ``next_b``: where the
+        first step gave that position this signature, or at the first step itself."""
+        # Only within a sampler run, whose timesteps say that the same timestep is the same step.
+        return (run is not None and not new_run and self._signature is not None
+                and signature != self._last_signature and next_b < MAX_BRANCHES
+                and (signature == self._signatures[next_b] if next_b < len(self._signatures)
+                     else self._step == 0))
+
+    def _starts_generation(self, t: float, signature: Any, timestep: torch.Tensor | None,
+                           run: torch.Tensor | None, new_run: bool, own: bool, repeat: bool,
+                           branch: bool, passes: bool, next_b: int) -> bool:
+        """Whether the call is a new generation's first: of another signature than branch 0's
+        and neither a pass nor a branch, the first call, a rise in the noise level, another
+        sampler run, or one of the cases below. Evaluated in order: the later clauses may
+        compare tensors."""
+        return ((not own and not passes and not branch) or self._last_t is None
                 or self._rose(t, run, new_run) or new_run
                 # Below a run of one-step generations: the next one's first call, unless the
                 # sampler says this run goes on (Wan 2.2's low-noise expert after one step).
@@ -391,22 +430,29 @@ class CacheState:
                 # ask: the next one-step generation's call. A sampler's run says whether it is
                 # (a flow-shifted UniPC run may start 999, 999, 997 over 85 steps).
                 or (repeat and not branch and self._step == 0 and run is None
-                    and not self._fell_below_max(timestep))):
-            self._note_rise(t, new_run)
-            self.reset()
-            self._signature, self._halves = signature, halves
-            self.generation += 1
-            self._step, self._branch = 0, 0
-            self.t_first = t
-            self._lowest = self._run_floor(t, run)
-            own = True
-        elif branch or passes:
-            self._branch += 1
-        else:
-            self._step += 1
-            self._branch = 0
-            self.current.clear()
-            self.computed.clear()
+                    and not self._fell_below_max(timestep)))
+
+    def _start_generation(self, t: float, signature: Any, halves: bool,
+                          run: torch.Tensor | None) -> None:
+        """Nothing cached, the placement at a new generation's first step and branch, of
+        ``signature``'s layout, its noise range begun at ``t``."""
+        self.reset()
+        self._signature, self._halves = signature, halves
+        self.generation += 1
+        self._step, self._branch = 0, 0
+        self.t_first = t
+        self._lowest = self._run_floor(t, run)
+
+    def _next_step(self) -> None:
+        """The placement at the generation's next step, its branch 0, nothing of this step's."""
+        self._step += 1
+        self._branch = 0
+        self.current.clear()
+        self.computed.clear()
+
+    def _settle_layout(self, signature: Any, halves: bool, own: bool) -> None:
+        """Record the call's signature (at the first step, as its branch position's), and drop
+        the generation's halves layout where a call of branch 0's signature has none."""
         if self._step == 0 and self._branch == len(self._signatures):
             self._signatures += (signature,)
         self._last_signature = signature
@@ -417,6 +463,11 @@ class CacheState:
             self.cfg_diff.clear()
             self.cfg_step.clear()
             self.signals.clear()
+
+    def _remember(self, t: float, timestep: torch.Tensor | None, latent: torch.Tensor | None,
+                  own: bool) -> None:
+        """Keep what the next call is placed against: the noise level, the timestep, and the
+        step's latent (branch 0's) or the pass's (``own`` False)."""
         self._last_t = t
         self._lowest = min(self._lowest, t)
         # Only a per-sample or per-token timestep is compared later (_fell_below_max).
@@ -426,13 +477,17 @@ class CacheState:
                 self._latent = _held(latent)
             else:
                 self._pass_latent = _held(latent)
+
+    def _check_branch(self, graph: object | None, text: torch.Tensor | None,
+                      latent: torch.Tensor | None) -> None:
+        """Drop the placed branch's cache where its graph or its text condition changed
+        (``_check_graph``, ``_check_text``); note its batch."""
         if graph is not None:
             self._check_graph(self._branch, graph)
         if text is not None:
             self._check_text(self._branch, text)
         if latent is not None:
             self.branch(self._branch).samples = latent.shape[0]
-        return Step(self.generation, self._step, self._branch, t, self._halves and own, groups)
 
     def placement(self) -> tuple:
         """Where the calls so far left the generation (``begin`` moves it on), for ``abandon``."""
