@@ -54,7 +54,7 @@ def block_stacks(model: nn.Module) -> dict[str, nn.ModuleList | nn.Sequential]:
         if not name or any(name.startswith(f"{s}.") for s in stacks):
             continue
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            classes = {_original(type(b)) for b in module}
+            classes = {original_class(type(b)) for b in module}
             if len(classes) == 1 and not is_torch_nn(classes.pop()):
                 stacks[name] = module
     return stacks
@@ -84,7 +84,7 @@ def nest_blocks(model: nn.Module, stamp: bool = False) -> int:
     n = 0
     for stack in block_stacks(model).values():
         for block in stack:
-            block.__class__ = _nested(_original(type(block)))
+            block.__class__ = _nested(original_class(type(block)))
             n += 1
     notes(model).stamp = stamp
     restamp(model)
@@ -330,7 +330,8 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float, torch.SymInt, torch.SymFloat))
 
 
-def _original(cls: type) -> type:
+def original_class(cls: type) -> type:
+    """The class a nested subclass stands in for; any other class itself."""
     return cls.__dict__.get(NESTED_FROM, cls)
 
 
@@ -381,7 +382,7 @@ def _reduce_nested(self: nn.Module, protocol: int) -> tuple:
     is stamped anew as mixcache's compile of it starts."""
     _, _, state, *rest = object.__reduce_ex__(self, max(protocol, 2))   # (__newobj__, (cls,), state, ...)
     state = {k: v for k, v in state.items() if k != STAMP}
-    return (_new_nested, (_original(type(self)),), state, *rest)
+    return (_new_nested, (original_class(type(self)),), state, *rest)
 
 
 def _new_nested(cls: type) -> nn.Module:

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..checks import is_torch_nn
-from .nesting import NESTED_FROM
+from .nesting import original_class
 from .inputs import _shape, conditions, identify_inputs, sample_list, text_list
 
 PROLOGUE, BLOCK, GLUE, EPILOGUE = "prologue", "block", "glue", "epilogue"
@@ -106,7 +106,7 @@ def _stack_entries(node: fx.Node) -> list[tuple[str, type]]:
     stack = node.meta.get("nn_module_stack") or {}
     # A nested block (passes.nesting) by the class it stands in for: a block put into a nested
     # stack afterwards (built anew, not copied from a nested one) is of the same kind.
-    return [(module_path(path), cls.__dict__.get(NESTED_FROM, cls) if isinstance(cls, type) else cls)
+    return [(module_path(path), original_class(cls) if isinstance(cls, type) else cls)
             for path, cls in stack.values()]
 
 
