@@ -241,7 +241,7 @@ def sweep_kernel(layer: Layer, bias: Tensor | None, x: Tensor) -> str:
     from dit_compile.kernels.moe import MoEConfig, choose_config, moe_ffn_triton
 
     w, ids = route(x, layer, bias)
-    default = choose_config(ids.numel(), layer.shape.num_experts, layer.shape.hidden, x.dtype)
+    default = choose_config(ids.numel(), layer.shape.num_experts, x.dtype)
     configs = {default} | {MoEConfig(*c) for c in SWEEP}
     ref = moe_ffn_reference(x.float(), ids, w.float(), layer.w1.float(), layer.w3.float(), layer.w2.float())
     times = {}

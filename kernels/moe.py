@@ -303,7 +303,7 @@ class MoEConfig:
     tma: bool = False
 
 
-def choose_config(num_rows: int, num_experts: int, hidden_dim: int, dtype: torch.dtype) -> MoEConfig:
+def choose_config(num_rows: int, num_experts: int, dtype: torch.dtype) -> MoEConfig:
     """A fixed table, not an autotuner: the task map depends on BLOCK_M, so BLOCK_M must be known
     before the map is built. fp32 halves the pipeline depth to fit shared memory (two weight tiles
     per stage in the gate/up kernel) and reads by pointers (true fp32 products).
@@ -578,7 +578,7 @@ def moe_ffn_triton(
     num_rows = num_tokens * top_k
     if num_rows == 0:
         return x.new_zeros(num_tokens, dim)
-    cfg = config or choose_config(num_rows, num_experts, hidden_dim, x.dtype)
+    cfg = config or choose_config(num_rows, num_experts, x.dtype)
     ids = expert_ids.reshape(-1).contiguous()  # row t * k + j; read by the task map and the combine
     task = build_task_map(ids, num_experts, cfg.block_m)
     num_tiles = task.tile_expert.numel()

@@ -103,9 +103,8 @@ def main() -> None:
             for dtype in dtypes:
                 # The configs choose_config picks for HiDream (4 experts, H 6912, k=2) at 256 and
                 # 16384 tokens, and for NucleusMoE (128 experts, H 1344, k=8) at 256 and 4096.
-                for rows, experts, hidden, k in ((512, 4, 6912, 2), (32768, 4, 6912, 2),
-                                                 (2048, 128, 1344, 8), (32768, 128, 1344, 8)):
-                    cfg = dataclasses.replace(moe.choose_config(rows, experts, hidden, dtype), tma=tma)
+                for rows, experts, k in ((512, 4, 2), (32768, 4, 2), (2048, 128, 8), (32768, 128, 8)):
+                    cfg = dataclasses.replace(moe.choose_config(rows, experts, dtype), tma=tma)
                     for fn in (moe._gate_up_kernel, moe._down_kernel):
                         ptx = compile_sm90(fn, dtype, cfg, layout, top_k=k).asm["ptx"]
                         print(json.dumps({"kernel": fn.fn.__name__, "layout": layout,

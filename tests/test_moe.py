@@ -348,8 +348,7 @@ def test_kernel_default_config_and_half_precision():
 
 # One (rows, experts, hidden) per branch of choose_config's table: few rows per expert, many, many
 # rows over many experts, and the rest. The configs, not the sizes, are what these tests vary.
-TABLE = {"few rows": (128, 16, 512), "many per expert": (2**20, 4, 512), "many experts": (8192, 128, 512),
-         "middle": (600, 4, 512)}
+TABLE = {"few rows": (128, 16), "many per expert": (2**20, 4), "many experts": (8192, 128), "middle": (600, 4)}
 
 
 @kernel_test
@@ -1431,7 +1430,7 @@ def test_choose_config_branches_at_their_documented_edges():
     from dit_compile.kernels.moe import choose_config
 
     def tiles(rows, experts, dtype=torch.float16):
-        cfg = choose_config(rows, experts, 512, dtype)
+        cfg = choose_config(rows, experts, dtype)
         return cfg.block_m, cfg.block_n, cfg.down_block_n, cfg.num_stages
 
     few, many, wide, middle = (64, 64, 128, 4), (128, 128, 256, 3), (128, 64, 128, 3), (128, 128, 128, 4)
