@@ -28,17 +28,14 @@ def head_slots(gm: fx.GraphModule,
     unpatchify) is a fragment as before: uncached, and said so."""
     if not forward_head(gm, model):
         return None
-    roles = named_inputs(gm)
-    if "latent" not in roles or "timestep" not in roles:
+    latent, timestep, text = (named_slot(gm, role) for role in ("latent", "timestep", "text"))
+    if latent is None or timestep is None:
         return None
     try:
         find_regions(gm)
         return None
     except NoBlockStructure:
-        pass
-    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-    return (names.index(roles["latent"]), names.index(roles["timestep"]),
-            names.index(roles["text"]) if "text" in roles else None)
+        return latent, timestep, text
 
 
 def named_slot(gm: fx.GraphModule, role: str) -> int | None:
