@@ -138,7 +138,7 @@ def _cone(gm: fx.GraphModule, target: fx.Node, slots: tuple[int, ...]
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     args = []
-    for i, n in enumerate(p for p in gm.graph.nodes if p.op == "placeholder"):
+    for i, n in enumerate(gm.graph.find_nodes(op="placeholder")):
         if n in cone:
             env[n] = graph.node_copy(n, env.__getitem__)
             args.append(slots[i])

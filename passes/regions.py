@@ -341,7 +341,7 @@ def latent_stacks(gm: fx.GraphModule, latent: str | None, stacks: list[str]) -> 
     read off the latent does not count). A stack over the text alone (Kandinsky 5's text blocks,
     Lumina 2's context refiner) says nothing of how the latent moves, so the block guard's probe
     must not sit there. All stacks where the latent is not known."""
-    reached = {n for n in gm.graph.nodes if n.op == "placeholder" and n.name == latent}
+    reached = {n for n in gm.graph.find_nodes(op="placeholder") if n.name == latent}
     for n in gm.graph.nodes:
         if (n not in reached and any(u in reached for u in n.all_input_nodes)
                 and any(isinstance(v, torch.Tensor)

@@ -364,7 +364,7 @@ def output_keys(gm: fx.GraphModule) -> list[str]:
     outputs (the last block of a stack, whose unused outputs were pruned)."""
     out = gm.graph.output_node()
     rets = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
-    position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    position = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
     keys = []
     for r in rets:
         cone: set[fx.Node] = set()
@@ -407,7 +407,7 @@ def residual_sources(gm: fx.GraphModule) -> list[int | None]:
     LoRA on one block's projection) still says which stream each output carries."""
     out = gm.graph.output_node()
     rets = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
-    position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    position = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
 
     def reached(n: Any, seen: set) -> set[int]:
         if not isinstance(n, fx.Node) or n in seen:
