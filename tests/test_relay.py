@@ -202,13 +202,16 @@ def test_residual_step_mode_names_the_output_not_shaped_like_the_latent():
 
 @pytest.mark.parametrize("dynamic,regions", [
     (False, "eager"), (True, "eager"),
-    pytest.param(False, "inductor", marks=pytest.mark.inductor)])
+    pytest.param(False, "blocks", marks=pytest.mark.inductor)])
 def test_both_guidance_branches_in_one_call_compute_one_half_at_cfg_steps(dynamic, regions):
     """OmniGenPipeline batches its branches ``[cond, uncond]`` into one call: at a cfg step the
     forward runs whole (break included) on one half, its other half rebuilt as the eager
     reference of the same rule rebuilds it, and nothing warns. Under dynamic shapes the graph
     holding the blocks has a batch of its own, a symbol. Through Inductor the half forward is
-    compiled as the model's graphs are, the head's graph whole and the blocks' region by region."""
+    compiled as the model's graphs are, the head's graph whole (no blocks in it: plain
+    Inductor's compile, whatever ``regions`` says) and the blocks' region by region. (Inductor for
+    the blocks alone: the full batch's head, prologue and epilogue compiles, and the half
+    forward's prologue and epilogue, add nothing the half forward's path needs.)"""
     model, kw = omnigen()
     cfg = [1, 3, 4]
     reference = BatchedCfgReference(model, cfg=cfg, cond="input_ids").model
