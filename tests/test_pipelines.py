@@ -110,6 +110,10 @@ def test_forced_cfg_steps_where_guidance_is_truncated_are_said_not_to_apply():
     model, _ = tiny_models.zimage()
     pipe = pipelines.zimage_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
+    # Eager first: the model builds its rotary table at its first call, a graph break of that
+    # call alone (test_export's test_a_break_only_the_first_call_makes_does_not_stop_export),
+    # which made the first compile trace the forward's broken frames, then the whole forward.
+    pipelines.run_zimage(pipe, steps=1)
     for cfg, said in (([4], True), ([1, 2], False)):
         pipe.transformer = torch.compile(model, backend="mixcache", options={
             "regions": "eager", "cache": {"rule": "schedule", "cfg": cfg}})
@@ -936,7 +940,9 @@ def test_flux2_klein_kv_pipeline_compiles_by_regions_as_plain_inductor():
         return pipe(image=[image], prompt_embeds=torch.randn(1, 6, 16, generator=g), height=32,
                     width=32, num_inference_steps=3, output_type="latent", generator=g).images
     ref = run(model)
-    out = run(torch.compile(model, backend="mixcache", options={"cache": None}))
+    # The blocks are the pieces that failed: they compile through Inductor, the rest runs eager.
+    out = run(torch.compile(model, backend="mixcache",
+                            options={"cache": None, "regions": "blocks"}))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
