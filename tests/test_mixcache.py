@@ -611,7 +611,7 @@ def test_presets_reuse_steps_from_quality_to_fast():
     flops = {}
     for preset in ("quality", "balanced", "fast"):
         torch._dynamo.reset()
-        model, kw = tiny_models.wan(layers=3)     # two blocks: quality reuses no step there
+        model, kw = tiny_models.wan(layers=3)     # three: on two, quality reuses no step
         kw["return_dict"] = False
         f = compiled(model, preset)
         generation(f, kw, steps=tuple(float(t) for t in range(1000, 0, -50)))
