@@ -123,6 +123,9 @@ def hidream_pipeline(transformer: torch.nn.Module):
 
 def run_hidream(pipe, steps: int = 4, seed: int = 0, size: int = 128) -> torch.Tensor:
     """Batched CFG, the Llama states ``(layers, batch, tokens, dim)`` batched in dim 1."""
+    # HiDreamImagePipeline rescales every image to the area of its default size (1024 x 1024:
+    # 4096 tokens, seconds an attention call on CPU); this makes ``size`` the size it runs.
+    pipe.default_sample_size = size // pipe.vae_scale_factor
     g = torch.Generator().manual_seed(seed)
     cfg = pipe.transformer.config
     t5, llama = cfg.caption_channels

@@ -429,9 +429,6 @@ def test_llama_states_batched_in_dim_1_are_halved_there():
     def pipe(transformer):
         p = pipelines.hidream_pipeline(transformer)
         p.set_progress_bar_config(disable=True)
-        # The pipeline scales every image to default_sample_size latents a side (128: 4096
-        # tokens, seconds an attention call on CPU); 16 makes it 64 tokens.
-        p.default_sample_size = 16
         return p
     with torch.no_grad():
         full = pipelines.run_hidream(pipe(model))

@@ -598,10 +598,6 @@ def test_online_split_reads_the_latent_and_timestep_under_the_forwards_own_names
     pipe = pipelines.hidream_pipeline(large)
     pipe.set_progress_bar_config(disable=True)
     split = dit_compile.sketch_render(pipe, small, dit_compile.Settle(float("inf"), 0.4))
-    # HiDreamImagePipeline scales every image to the area of its default size (1024 x 1024: 4096
-    # tokens, seconds a call eagerly); at the 64 x 64 asked for, the tiny model's 16 tokens.
-    for p in (pipe, split):
-        p.default_sample_size = 64 // p.vae_scale_factor
     with torch.no_grad():
         out = pipelines.run_hidream(split, steps=4, size=64)
     k = split.transformer.switches[0][0]
